@@ -1,0 +1,1 @@
+//! Embarcadero-rs broker core.

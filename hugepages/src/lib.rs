@@ -1,0 +1,1 @@
+//! Shared and private memory regions backed by hugepages.

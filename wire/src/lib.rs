@@ -1,0 +1,1 @@
+//! The Embarcadero-rs wire protocol.
