@@ -1,0 +1,332 @@
+//! The coherence interface: every access to the shared pool goes through [`SharedMemory`].
+//!
+//! CXL 2.0 memory shared between hosts is not cache-coherent. A writer's stores sit in its
+//! own cache until it writes them back; a reader keeps serving a line from its cache until it
+//! drops it. The discipline (DESIGN.md section 3) is therefore, on every path:
+//!
+//! * writer: store the data, [`SharedMemory::flush`] it, [`SharedMemory::fence`], then store
+//!   the ready flag (last) and flush its line;
+//! * reader: [`SharedMemory::invalidate`] the lines, [`SharedMemory::fence`], then read the
+//!   flag and, when it says ready, the data. Every time, with no "skip it for N polls".
+//!
+//! Three implementations of the one interface:
+//! * [`PoolMemory`] in [`CoherenceMode::Coherent`]: flush and invalidate are no-ops (one
+//!   host, or CXL 3 with hardware coherence);
+//! * [`PoolMemory`] in [`CoherenceMode::NonCoherent`] (the default): `clwb` to write back,
+//!   `clflushopt` to invalidate, `mfence` to order them;
+//! * [`crate::sim::SimAgent`]: a software model in which each agent reads its own stale copy
+//!   of a line until it invalidates, and others see its writes only after it flushes. The
+//!   simulation uses it to prove that no path forgets a flush or an invalidation.
+
+use std::fmt;
+
+/// Bytes in one cache line, the unit of flushing and invalidation.
+pub const CACHE_LINE_BYTES: u64 = 64;
+
+/// One agent's (a broker thread's, the sequencer's, a reader's) access to the shared pool.
+///
+/// Offsets are relative to the start of the pool; callers stay in bounds (the pool layout
+/// checks every offset it computes). Methods take `&self`: an agent is single-threaded,
+/// and implementations with private state use interior mutability.
+pub trait SharedMemory {
+    /// Size of the pool in bytes.
+    fn len_bytes(&self) -> u64;
+
+    /// Copies `out.len()` bytes at `offset` into `out`, from this agent's view.
+    fn read(&self, offset: u64, out: &mut [u8]);
+
+    /// Stores `data` at `offset` into this agent's view; others see it after [`Self::flush`].
+    fn write(&self, offset: u64, data: &[u8]);
+
+    /// Loads an aligned `u64` (a flag or a frontier) from this agent's view.
+    fn load_u64(&self, offset: u64) -> u64;
+
+    /// Stores an aligned `u64` (a flag or a frontier) into this agent's view.
+    fn store_u64(&self, offset: u64, value: u64);
+
+    /// Calls `f` with the `len` bytes at `offset` as seen by this agent, without copying where
+    /// the implementation allows it. The bytes are only as fresh as the lines are (invalidate
+    /// first) and may change under a concurrent writer: callers re-validate afterwards.
+    fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R;
+
+    /// Calls `f` to fill the `len` bytes at `offset` in place (the receive path writes network
+    /// payload straight into the pool this way). Flush afterwards to publish.
+    fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R;
+
+    /// Writes the lines covering `[offset, offset + len)` back to memory so others can see them.
+    fn flush(&self, offset: u64, len: u64);
+
+    /// Drops this agent's cached copies of the lines covering `[offset, offset + len)` so the
+    /// next read fetches what memory holds now.
+    fn invalidate(&self, offset: u64, len: u64);
+
+    /// Orders every flush, invalidation, load and store before it against those after it.
+    fn fence(&self);
+}
+
+/// How the pool memory behaves, chosen per deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CoherenceMode {
+    /// Hardware keeps caches coherent (one host, CXL 3): flush and invalidate are no-ops.
+    Coherent,
+    /// Caches are not coherent (CXL 2.0 across hosts): real `clwb`/`clflushopt`/`mfence`.
+    #[default]
+    NonCoherent,
+}
+
+impl fmt::Display for CoherenceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoherenceMode::Coherent => f.write_str("coherent"),
+            CoherenceMode::NonCoherent => f.write_str("noncoherent"),
+        }
+    }
+}
+
+impl std::str::FromStr for CoherenceMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "coherent" => Ok(CoherenceMode::Coherent),
+            "noncoherent" => Ok(CoherenceMode::NonCoherent),
+            other => Err(format!(
+                "unknown coherence mode {other:?}: expected \"coherent\" or \"noncoherent\""
+            )),
+        }
+    }
+}
+
+/// The mapped pool, accessed with real instructions.
+///
+/// Holds a raw pointer into a mapping owned elsewhere (a `hugepages::SharedRegion`, or a
+/// test buffer); the owner must outlive every `PoolMemory` made from it, which
+/// [`PoolMemory::new`] makes the caller promise.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolMemory {
+    base: *mut u8,
+    len_bytes: u64,
+    mode: CoherenceMode,
+}
+
+// SAFETY: `PoolMemory` is an address and a length; all accesses go through the methods
+// below, which use raw-pointer copies and atomics, never references that assume exclusivity.
+// Cross-thread visibility is what the coherence discipline (flags, fences) provides.
+unsafe impl Send for PoolMemory {}
+// SAFETY: as above; `&PoolMemory` exposes no interior state besides the mapped memory.
+unsafe impl Sync for PoolMemory {}
+
+impl PoolMemory {
+    /// Wraps a mapping of `len_bytes` bytes at `base`, 64-byte aligned.
+    ///
+    /// # Safety
+    /// `base` must point to `len_bytes` bytes that stay mapped and writable for as long as this
+    /// value or any copy of it is used, and that are only ever accessed through the coherence
+    /// discipline (no Rust references held across concurrent writers).
+    ///
+    /// # Panics
+    /// When `base` is not cache-line aligned, or non-coherent mode is asked for on a CPU
+    /// without `clflushopt` and `clwb` (checked once here, so the hot path never checks).
+    pub unsafe fn new(base: *mut u8, len_bytes: u64, mode: CoherenceMode) -> PoolMemory {
+        assert_eq!(
+            base as u64 % CACHE_LINE_BYTES,
+            0,
+            "pool base must be cache-line aligned"
+        );
+        if mode == CoherenceMode::NonCoherent {
+            assert!(
+                cpu_has_flush_instructions(),
+                "non-coherent mode needs clflushopt and clwb, which this CPU lacks"
+            );
+        }
+        PoolMemory {
+            base,
+            len_bytes,
+            mode,
+        }
+    }
+
+    /// The coherence mode this view runs in.
+    pub fn mode(&self) -> CoherenceMode {
+        self.mode
+    }
+
+    fn ptr(&self, offset: u64, len: u64) -> *mut u8 {
+        debug_assert!(
+            offset
+                .checked_add(len)
+                .is_some_and(|end| end <= self.len_bytes),
+            "access [{offset}, +{len}) outside the pool of {} bytes",
+            self.len_bytes
+        );
+        // `wrapping_add` keeps this function safe; the bound is checked above and by the layout.
+        self.base.wrapping_add(offset as usize)
+    }
+
+    fn atomic_u64(&self, offset: u64) -> &std::sync::atomic::AtomicU64 {
+        debug_assert_eq!(offset % 8, 0, "u64 flag at unaligned offset {offset}");
+        let ptr = self.ptr(offset, 8).cast::<u64>();
+        // SAFETY: the pointer is in bounds, 8-byte aligned (checked above, and the layout only
+        // places flags at aligned offsets) and valid for the life of the mapping, which
+        // outlives `self` by the contract of `new`. All concurrent accesses to flag words go
+        // through atomics.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(ptr) }
+    }
+}
+
+/// True when this CPU has the instructions non-coherent mode needs.
+pub fn cpu_has_flush_instructions() -> bool {
+    x86::has_clflushopt_and_clwb()
+}
+
+impl SharedMemory for PoolMemory {
+    fn len_bytes(&self) -> u64 {
+        self.len_bytes
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) {
+        let src = self.ptr(offset, out.len() as u64);
+        // SAFETY: `src` is valid for `out.len()` bytes (bounds checked by the layout and
+        // `ptr`), `out` is a distinct private buffer, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let dst = self.ptr(offset, data.len() as u64);
+        // SAFETY: `dst` is valid for `data.len()` bytes of the mapping; `data` is private
+        // memory, so the ranges do not overlap. This agent is the single writer of the range.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+    }
+
+    fn load_u64(&self, offset: u64) -> u64 {
+        self.atomic_u64(offset)
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn store_u64(&self, offset: u64, value: u64) {
+        self.atomic_u64(offset)
+            .store(value, std::sync::atomic::Ordering::Release);
+    }
+
+    fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R {
+        let ptr = self.ptr(offset, len);
+        // SAFETY: the range is in bounds and mapped for the life of `self`. The data was
+        // published (flag seen after invalidate + fence) and its writer only rewrites it after
+        // moving a frontier that callers re-check after `f` returns, as documented on the trait.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
+        f(bytes)
+    }
+
+    fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let ptr = self.ptr(offset, len);
+        // SAFETY: the range is in bounds and this agent is its single writer: it reserved the
+        // range in its own payload log, which no other agent writes and which readers do not
+        // read until the ready flag that follows the flush is set.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, len as usize) };
+        f(bytes)
+    }
+
+    fn flush(&self, offset: u64, len: u64) {
+        if self.mode == CoherenceMode::Coherent || len == 0 {
+            return;
+        }
+        for line in lines(offset, len) {
+            let ptr = self.ptr(line, CACHE_LINE_BYTES);
+            // SAFETY: `new` checked that the CPU has clwb; `ptr` is a mapped address.
+            unsafe { x86::clwb(ptr) };
+        }
+    }
+
+    fn invalidate(&self, offset: u64, len: u64) {
+        if self.mode == CoherenceMode::Coherent || len == 0 {
+            return;
+        }
+        for line in lines(offset, len) {
+            let ptr = self.ptr(line, CACHE_LINE_BYTES);
+            // SAFETY: `new` checked that the CPU has clflushopt; `ptr` is a mapped address.
+            unsafe { x86::clflushopt(ptr) };
+        }
+    }
+
+    fn fence(&self) {
+        // mfence in both modes: it orders clflushopt/clwb (lfence does not), and in coherent
+        // mode it is the release/acquire point between a data copy and its flag.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Start offsets of the cache lines covering `[offset, offset + len)`.
+pub fn lines(offset: u64, len: u64) -> impl Iterator<Item = u64> {
+    let first = offset - offset % CACHE_LINE_BYTES;
+    let end = if len == 0 { first } else { offset + len };
+    (first..end).step_by(CACHE_LINE_BYTES as usize)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    /// CPUID leaf 7 EBX: bit 23 is CLFLUSHOPT, bit 24 is CLWB.
+    pub fn has_clflushopt_and_clwb() -> bool {
+        const CLFLUSHOPT: u32 = 1 << 23;
+        const CLWB: u32 = 1 << 24;
+        #[allow(unused_unsafe)]
+        // SAFETY: CPUID leaf 7 exists on every x86_64 CPU that runs a current kernel; the
+        // instruction has no side effects.
+        let leaf = unsafe { core::arch::x86_64::__cpuid_count(7, 0) };
+        leaf.ebx & CLFLUSHOPT != 0 && leaf.ebx & CLWB != 0
+    }
+
+    /// Writes a line back to memory, keeping it cached.
+    ///
+    /// # Safety
+    /// The CPU must support `clwb` and `ptr` must be a mapped address.
+    pub unsafe fn clwb(ptr: *mut u8) {
+        // SAFETY: the caller guarantees support and a mapped address; clwb writes no register
+        // and reads only the line's address.
+        unsafe { core::arch::asm!("clwb [{0}]", in(reg) ptr, options(nostack, preserves_flags)) }
+    }
+
+    /// Writes a line back if dirty and evicts it from every cache level.
+    ///
+    /// # Safety
+    /// The CPU must support `clflushopt` and `ptr` must be a mapped address.
+    pub unsafe fn clflushopt(ptr: *mut u8) {
+        // SAFETY: as for clwb.
+        unsafe {
+            core::arch::asm!("clflushopt [{0}]", in(reg) ptr, options(nostack, preserves_flags))
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    pub fn has_clflushopt_and_clwb() -> bool {
+        false
+    }
+    pub unsafe fn clwb(_ptr: *mut u8) {
+        unreachable!("PoolMemory::new refuses non-coherent mode off x86_64")
+    }
+    pub unsafe fn clflushopt(_ptr: *mut u8) {
+        unreachable!("PoolMemory::new refuses non-coherent mode off x86_64")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_cover_unaligned_ranges() {
+        assert_eq!(lines(0, 64).collect::<Vec<_>>(), vec![0]);
+        assert_eq!(lines(60, 8).collect::<Vec<_>>(), vec![0, 64]);
+        assert_eq!(lines(64, 129).collect::<Vec<_>>(), vec![64, 128, 192]);
+        assert_eq!(lines(10, 0).count(), 0);
+    }
+
+    #[test]
+    fn mode_parses_and_prints() {
+        for mode in [CoherenceMode::Coherent, CoherenceMode::NonCoherent] {
+            assert_eq!(mode.to_string().parse::<CoherenceMode>(), Ok(mode));
+        }
+        assert!("simulated".parse::<CoherenceMode>().is_err());
+    }
+}

@@ -1,0 +1,458 @@
+//! The shared pool: formatting, attaching (with the layout checks), the topic table, and
+//! the two halves of the coherence discipline for fixed records.
+
+use bytemuck::Zeroable;
+
+use crate::Order;
+use crate::coherence::SharedMemory;
+use crate::layout::{
+    Geometry, GeometryError, LAYOUT_VERSION, POOL_FORMATTED, POOL_MAGIC, PoolHeader, Record,
+    TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
+};
+
+/// Why a pool cannot be formatted or attached, or a topic not created or found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    /// The geometry is invalid or does not fit.
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    /// The region does not start with the pool magic: it is not an Embarcadero pool.
+    #[error(
+        "not an Embarcadero pool: magic is {found:#018x}, expected {POOL_MAGIC:#018x} \
+         (format it with `broker --format`)"
+    )]
+    BadMagic {
+        /// The first eight bytes found.
+        found: u64,
+    },
+    /// The pool was formatted with another layout version.
+    #[error(
+        "pool layout version {found} is not supported: this build reads version {expected} \
+         only (stop every broker and re-format the pool, or run a matching build)"
+    )]
+    LayoutVersion {
+        /// Version in the pool.
+        found: u32,
+        /// Version of this build.
+        expected: u32,
+    },
+    /// The header is of another size, so the layout differs despite the version.
+    #[error("pool header is {found} bytes, this build expects {expected}")]
+    HeaderSize {
+        /// Size recorded in the pool.
+        found: u32,
+        /// Size this build uses.
+        expected: u32,
+    },
+    /// Formatting never completed (the formatter died, or is still running).
+    #[error("pool has a valid header but formatting never completed: re-format it")]
+    NotFormatted,
+    /// The mapping is smaller than the pool it holds.
+    #[error("pool was formatted for {formatted_bytes} bytes but only {mapped_bytes} are mapped")]
+    Truncated {
+        /// Size recorded in the header.
+        formatted_bytes: u64,
+        /// Size of this mapping.
+        mapped_bytes: u64,
+    },
+    /// The stored layout size does not match the one computed from the stored geometry.
+    #[error("pool header says the layout needs {stored} bytes, the geometry gives {computed}")]
+    LayoutMismatch {
+        /// Size stored in the header.
+        stored: u64,
+        /// Size computed here.
+        computed: u64,
+    },
+    /// A topic name is empty, too long, or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid topic name {name:?}: {reason}")]
+    TopicNameInvalid {
+        /// The name (lossily decoded).
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Every topic slot is taken.
+    #[error("topic table is full ({topics_max} topics): format a pool with more topics")]
+    TopicTableFull {
+        /// Topics the pool holds.
+        topics_max: u32,
+    },
+    /// The topic exists with another configuration.
+    #[error("topic {name:?} exists with order {order}, ack {ack}, rf {replication_factor}")]
+    TopicConflict {
+        /// Topic name.
+        name: String,
+        /// Its order level.
+        order: u8,
+        /// Its ack level.
+        ack: u8,
+        /// Its replication factor.
+        replication_factor: u8,
+    },
+    /// A topic id beyond the table, or a slot that holds no topic.
+    #[error("no topic with id {topic}")]
+    NoSuchTopic {
+        /// The id asked for.
+        topic: u32,
+    },
+    /// A topic entry holds an order level this build does not know.
+    #[error("topic {topic} has unknown order level {order}")]
+    CorruptTopic {
+        /// Topic id.
+        topic: u32,
+        /// Order found.
+        order: u8,
+    },
+    /// A broker id at or above the pool's broker count.
+    #[error("broker id {broker} is outside this pool's {brokers_max} brokers")]
+    NoSuchBroker {
+        /// Broker id.
+        broker: u16,
+        /// Brokers the pool holds.
+        brokers_max: u32,
+    },
+}
+
+/// Configuration of a topic, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Ordering level.
+    pub order: Order,
+    /// Default acknowledgement level (0, 1 or 2).
+    pub ack: u8,
+    /// Replication factor, counting the pool copy.
+    pub replication_factor: u8,
+}
+
+/// Index of a topic in the pool's topic table.
+pub type TopicId = u32;
+
+/// One agent's handle on the pool: its memory view plus the geometry read from the header.
+#[derive(Debug, Clone)]
+pub struct Pool<M> {
+    mem: M,
+    geometry: Geometry,
+    creation_epoch_ns: u64,
+}
+
+impl<M: SharedMemory> Pool<M> {
+    /// Formats the memory as an empty pool of `geometry`, replacing whatever it held.
+    ///
+    /// Zeroes every ring, completion array, frontier, GOI and topic entry (so no ready word
+    /// of an earlier pool survives), then publishes the header, ready word last.
+    pub fn format(
+        mem: M,
+        geometry: Geometry,
+        creation_epoch_ns: u64,
+    ) -> Result<Pool<M>, PoolError> {
+        geometry.check_fits(mem.len_bytes())?;
+        let header_bytes = std::mem::size_of::<PoolHeader>() as u64;
+        // Unpublish first, so a concurrent attach fails cleanly instead of reading a half pool.
+        mem.store_u64(PoolHeader::READY_OFFSET, 0);
+        mem.flush(PoolHeader::READY_OFFSET, 8);
+        mem.fence();
+        let pool = Pool {
+            mem,
+            geometry,
+            creation_epoch_ns,
+        };
+        pool.zero(header_bytes, geometry.topic_table_offset() - header_bytes);
+        for topic in 0..geometry.topics_max {
+            pool.zero(
+                geometry.topic_meta_offset(topic),
+                std::mem::size_of::<TopicMeta>() as u64,
+            );
+            let metadata_end = geometry.blog_base(topic, 0);
+            let start = geometry.seq_state_offset(topic);
+            pool.zero(start, metadata_end - start);
+        }
+        let header = PoolHeader {
+            magic: POOL_MAGIC,
+            layout_version: LAYOUT_VERSION,
+            header_bytes: header_bytes as u32,
+            pool_bytes: pool.mem.len_bytes(),
+            creation_epoch_ns,
+            brokers_max: geometry.brokers_max,
+            topics_max: geometry.topics_max,
+            ring_slots: geometry.ring_slots,
+            reserved0: 0,
+            goi_entries: geometry.goi_entries,
+            blog_bytes: geometry.blog_bytes,
+            layout_bytes: geometry.layout_bytes(),
+            reserved1: [0; 6],
+            ready: POOL_FORMATTED,
+        };
+        pool.mem.fence();
+        publish(&pool.mem, 0, &header);
+        Ok(pool)
+    }
+
+    fn zero(&self, offset: u64, len: u64) {
+        const CHUNK_BYTES: u64 = 64 * 1024;
+        let zeros = [0u8; CHUNK_BYTES as usize];
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK_BYTES.min(len - done);
+            self.mem.write(offset + done, &zeros[..n as usize]);
+            self.mem.flush(offset + done, n);
+            done += n;
+        }
+    }
+
+    /// Attaches to a formatted pool, checking magic, layout version, sizes and geometry.
+    pub fn attach(mem: M) -> Result<Pool<M>, PoolError> {
+        let mapped_bytes = mem.len_bytes();
+        let header_bytes = std::mem::size_of::<PoolHeader>() as u64;
+        if mapped_bytes < header_bytes {
+            return Err(PoolError::Truncated {
+                formatted_bytes: header_bytes,
+                mapped_bytes,
+            });
+        }
+        mem.invalidate(0, header_bytes);
+        mem.fence();
+        let mut header = PoolHeader::zeroed();
+        mem.read(0, bytemuck::bytes_of_mut(&mut header));
+        if header.magic != POOL_MAGIC {
+            return Err(PoolError::BadMagic {
+                found: header.magic,
+            });
+        }
+        if header.layout_version != LAYOUT_VERSION {
+            return Err(PoolError::LayoutVersion {
+                found: header.layout_version,
+                expected: LAYOUT_VERSION,
+            });
+        }
+        if u64::from(header.header_bytes) != header_bytes {
+            return Err(PoolError::HeaderSize {
+                found: header.header_bytes,
+                expected: header_bytes as u32,
+            });
+        }
+        if header.ready != POOL_FORMATTED {
+            return Err(PoolError::NotFormatted);
+        }
+        if header.pool_bytes > mapped_bytes {
+            return Err(PoolError::Truncated {
+                formatted_bytes: header.pool_bytes,
+                mapped_bytes,
+            });
+        }
+        let geometry = Geometry {
+            brokers_max: header.brokers_max,
+            topics_max: header.topics_max,
+            ring_slots: header.ring_slots,
+            goi_entries: header.goi_entries,
+            blog_bytes: header.blog_bytes,
+        };
+        geometry.check_fits(header.pool_bytes)?;
+        let computed = geometry.layout_bytes();
+        if computed != header.layout_bytes {
+            return Err(PoolError::LayoutMismatch {
+                stored: header.layout_bytes,
+                computed,
+            });
+        }
+        Ok(Pool {
+            mem,
+            geometry,
+            creation_epoch_ns: header.creation_epoch_ns,
+        })
+    }
+
+    /// The pool's geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// This agent's memory view.
+    pub fn mem(&self) -> &M {
+        &self.mem
+    }
+
+    /// When the pool was formatted (nanoseconds since the Unix epoch).
+    pub fn creation_epoch_ns(&self) -> u64 {
+        self.creation_epoch_ns
+    }
+
+    /// Checks that `broker` exists in this pool.
+    pub fn check_broker(&self, broker: u16) -> Result<(), PoolError> {
+        if u32::from(broker) >= self.geometry.brokers_max {
+            return Err(PoolError::NoSuchBroker {
+                broker,
+                brokers_max: self.geometry.brokers_max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates a topic, or returns the existing one when its configuration matches.
+    ///
+    /// Only one agent (the head broker) creates topics: the table has a single writer.
+    pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicId, PoolError> {
+        validate_topic_name(name)?;
+        let mut free = None;
+        for topic in 0..self.geometry.topics_max {
+            match self.read_topic(topic) {
+                Some(meta) if topic_name(&meta) == name.as_bytes() => {
+                    let existing = config_of(topic, &meta)?;
+                    if existing != config {
+                        return Err(PoolError::TopicConflict {
+                            name: name.to_owned(),
+                            order: existing.order as u8,
+                            ack: existing.ack,
+                            replication_factor: existing.replication_factor,
+                        });
+                    }
+                    return Ok(topic);
+                }
+                Some(_) => {}
+                None => {
+                    free.get_or_insert(topic);
+                }
+            }
+        }
+        let topic = free.ok_or(PoolError::TopicTableFull {
+            topics_max: self.geometry.topics_max,
+        })?;
+        let mut meta = TopicMeta::zeroed();
+        meta.name[..name.len()].copy_from_slice(name.as_bytes());
+        meta.name_bytes = name.len() as u32;
+        meta.order = config.order as u8;
+        meta.ack = config.ack;
+        meta.replication_factor = config.replication_factor;
+        meta.ready = TOPIC_CREATED;
+        publish(&self.mem, self.geometry.topic_meta_offset(topic), &meta);
+        Ok(topic)
+    }
+
+    /// Finds a topic by name.
+    pub fn find_topic(&self, name: &str) -> Result<Option<(TopicId, TopicConfig)>, PoolError> {
+        for topic in 0..self.geometry.topics_max {
+            if let Some(meta) = self.read_topic(topic) {
+                if topic_name(&meta) == name.as_bytes() {
+                    return Ok(Some((topic, config_of(topic, &meta)?)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The configuration of topic `topic`.
+    pub fn topic_config(&self, topic: TopicId) -> Result<TopicConfig, PoolError> {
+        if topic >= self.geometry.topics_max {
+            return Err(PoolError::NoSuchTopic { topic });
+        }
+        let meta = self
+            .read_topic(topic)
+            .ok_or(PoolError::NoSuchTopic { topic })?;
+        config_of(topic, &meta)
+    }
+
+    /// Ids of every created topic.
+    pub fn topics(&self) -> Vec<TopicId> {
+        (0..self.geometry.topics_max)
+            .filter(|&topic| self.read_topic(topic).is_some())
+            .collect()
+    }
+
+    fn read_topic(&self, topic: TopicId) -> Option<TopicMeta> {
+        let offset = self.geometry.topic_meta_offset(topic);
+        invalidate_and_fence(&self.mem, offset, std::mem::size_of::<TopicMeta>() as u64);
+        read_if_ready::<M, TopicMeta>(&self.mem, offset, TOPIC_CREATED)
+    }
+
+    /// Reads a frontier word pair (`value`, `aux`) written by another agent.
+    pub fn read_frontier(&self, offset: u64) -> (u64, u64) {
+        invalidate_and_fence(&self.mem, offset, 16);
+        (self.mem.load_u64(offset), self.mem.load_u64(offset + 8))
+    }
+
+    /// Publishes a frontier word pair this agent owns.
+    pub fn write_frontier(&self, offset: u64, value: u64, aux: u64) {
+        self.mem.store_u64(offset + 8, aux);
+        self.mem.store_u64(offset, value);
+        self.mem.flush(offset, 16);
+    }
+}
+
+fn topic_name(meta: &TopicMeta) -> &[u8] {
+    let len = (meta.name_bytes as usize).min(TOPIC_NAME_BYTES_MAX);
+    &meta.name[..len]
+}
+
+fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError> {
+    let order = Order::try_from(meta.order).map_err(|_| PoolError::CorruptTopic {
+        topic,
+        order: meta.order,
+    })?;
+    Ok(TopicConfig {
+        order,
+        ack: meta.ack,
+        replication_factor: meta.replication_factor,
+    })
+}
+
+/// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+pub fn validate_topic_name(name: &str) -> Result<(), PoolError> {
+    let reason = if name.is_empty() {
+        Some("empty")
+    } else if name.len() > TOPIC_NAME_BYTES_MAX {
+        Some("longer than 64 bytes")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        Some("only A-Z, a-z, 0-9, '.', '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(PoolError::TopicNameInvalid {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Reader half of the discipline: drop cached copies of the lines, then fence.
+pub fn invalidate_and_fence<M: SharedMemory>(mem: &M, offset: u64, len: u64) {
+    mem.invalidate(offset, len);
+    mem.fence();
+}
+
+/// Reads the record at `offset` if its ready word equals `expected`. The caller has
+/// invalidated the record's lines and fenced.
+pub fn read_if_ready<M: SharedMemory, R: Record>(mem: &M, offset: u64, expected: u64) -> Option<R> {
+    if mem.load_u64(offset + R::READY_OFFSET) != expected {
+        return None;
+    }
+    let mut record = R::zeroed();
+    let bytes = bytemuck::bytes_of_mut(&mut record);
+    mem.read(offset, &mut bytes[..R::READY_OFFSET as usize]);
+    let ready = &mut bytes[R::READY_OFFSET as usize..];
+    ready.copy_from_slice(&expected.to_le_bytes());
+    Some(record)
+}
+
+/// Writer half, step 1: store everything but the ready word, and flush it.
+pub fn write_body<M: SharedMemory, R: Record>(mem: &M, offset: u64, record: &R) {
+    let body = &bytemuck::bytes_of(record)[..R::READY_OFFSET as usize];
+    mem.write(offset, body);
+    mem.flush(offset, body.len() as u64);
+}
+
+/// Writer half, step 2 (after a fence): store the ready word last, and flush it.
+pub fn set_ready<M: SharedMemory, R: Record>(mem: &M, offset: u64, ready: u64) {
+    mem.store_u64(offset + R::READY_OFFSET, ready);
+    mem.flush(offset + R::READY_OFFSET, 8);
+}
+
+/// The whole writer half for one record: body, flush, fence, ready word, flush.
+pub fn publish<M: SharedMemory, R: Record>(mem: &M, offset: u64, record: &R) {
+    write_body(mem, offset, record);
+    mem.fence();
+    set_ready::<M, R>(mem, offset, record.ready());
+}

@@ -1,0 +1,271 @@
+//! Reading a topic in global order: GOI entries, then each batch's payload from its broker's
+//! payload log, with the reader half of the coherence discipline on both.
+//!
+//! The GOI and the payload logs are rings: old entries and bytes are overwritten as new ones
+//! arrive. A reader that falls a whole ring behind gets [`ReadError::Truncated`]; a payload
+//! overwritten while it was being handed out is reported as [`ReadError::Overwritten`] after
+//! the fact (a seqlock-style re-check of the writer's overwrite limit), so no torn batch is
+//! ever passed off as good.
+
+use crate::coherence::SharedMemory;
+use crate::layout::{FRONTIER_WRITTEN, GoiEntry};
+use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, read_if_ready};
+
+/// Why the log cannot be read at a position.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The topic does not exist.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The position was overwritten: the reader fell behind by more than the log holds.
+    #[error(
+        "batch {ordinal} (from position {global_start}) was overwritten; the log is retained from ordinal {earliest_ordinal}"
+    )]
+    Truncated {
+        /// Ordinal asked for.
+        ordinal: u64,
+        /// Its first global position, when known.
+        global_start: u64,
+        /// Oldest ordinal the GOI still holds.
+        earliest_ordinal: u64,
+    },
+    /// The payload was overwritten while it was being read: discard the last batch handed out.
+    #[error("batch {ordinal} was overwritten while it was read: discard it")]
+    Overwritten {
+        /// Ordinal of the torn batch.
+        ordinal: u64,
+    },
+    /// The position is past the end of the log.
+    #[error("position {position} is beyond the end of the log ({end})")]
+    BeyondEnd {
+        /// Position asked for.
+        position: u64,
+        /// First position not yet written.
+        end: u64,
+    },
+    /// The payload does not match its entry (checksum or message framing).
+    #[error("batch {ordinal} is corrupt: {what}")]
+    Corrupt {
+        /// Ordinal of the batch.
+        ordinal: u64,
+        /// What did not match.
+        what: String,
+    },
+}
+
+/// One batch in global order, with its payload borrowed from the pool.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderedBatch<'a> {
+    /// Place of the batch in the topic's order (0, 1, 2, ...).
+    pub ordinal: u64,
+    /// Global position of the first message.
+    pub global_start: u64,
+    /// Messages in the batch.
+    pub message_count: u32,
+    /// Broker that received it.
+    pub broker: u16,
+    /// Publisher id.
+    pub client_id: u64,
+    /// Publisher session epoch.
+    pub session_epoch: u32,
+    /// Publisher batch sequence.
+    pub batch_seq: u64,
+    /// CRC-32C of the payload.
+    pub checksum: u32,
+    /// The payload: length-prefixed messages (see `wire::payload`).
+    pub payload: &'a [u8],
+}
+
+impl<'a> OrderedBatch<'a> {
+    /// The batch's messages. The payload was validated before it was handed out.
+    pub fn messages(&self) -> impl Iterator<Item = &'a [u8]> {
+        wire::payload::messages(self.payload).map_while(Result::ok)
+    }
+}
+
+/// A cursor over one topic in global order.
+#[derive(Debug)]
+pub struct LogReader<M> {
+    pool: Pool<M>,
+    topic: TopicId,
+    next_ordinal: u64,
+    verify_checksums: bool,
+}
+
+impl<M: SharedMemory> LogReader<M> {
+    /// A reader of `topic` from its first batch. With `verify_checksums`, every payload's
+    /// CRC-32C is checked against its GOI entry before it is handed out.
+    pub fn new(
+        pool: Pool<M>,
+        topic: TopicId,
+        verify_checksums: bool,
+    ) -> Result<LogReader<M>, ReadError> {
+        pool.topic_config(topic)?;
+        Ok(LogReader {
+            pool,
+            topic,
+            next_ordinal: 0,
+            verify_checksums,
+        })
+    }
+
+    /// (batches committed, next global position): the current end of the log.
+    pub fn log_end(&self) -> (u64, u64) {
+        self.pool
+            .read_frontier(self.pool.geometry().seq_state_offset(self.topic))
+    }
+
+    /// Ordinal of the next batch this reader hands out.
+    pub fn next_ordinal(&self) -> u64 {
+        self.next_ordinal
+    }
+
+    fn earliest_ordinal(&self, committed: u64) -> u64 {
+        committed.saturating_sub(self.pool.geometry().goi_entries)
+    }
+
+    fn read_entry(&self, ordinal: u64) -> Option<GoiEntry> {
+        let offset = self.pool.geometry().goi_offset(self.topic, ordinal);
+        invalidate_and_fence(
+            self.pool.mem(),
+            offset,
+            std::mem::size_of::<GoiEntry>() as u64,
+        );
+        read_if_ready::<M, GoiEntry>(self.pool.mem(), offset, ordinal + 1)
+    }
+
+    /// Moves the cursor to the batch that holds global position `position`.
+    pub fn seek(&mut self, position: u64) -> Result<(), ReadError> {
+        let (committed, end) = self.log_end();
+        if position > end {
+            return Err(ReadError::BeyondEnd { position, end });
+        }
+        if position == end {
+            self.next_ordinal = committed;
+            return Ok(());
+        }
+        let earliest = self.earliest_ordinal(committed);
+        let truncated = |ordinal| ReadError::Truncated {
+            ordinal,
+            global_start: position,
+            earliest_ordinal: earliest,
+        };
+        // Binary search for the last entry whose start is <= position.
+        let (mut low, mut high) = (earliest, committed);
+        let first = self.read_entry(low).ok_or_else(|| truncated(low))?;
+        if first.global_start > position {
+            return Err(truncated(low));
+        }
+        while high - low > 1 {
+            let mid = low + (high - low) / 2;
+            let entry = self.read_entry(mid).ok_or_else(|| truncated(mid))?;
+            if entry.global_start <= position {
+                low = mid;
+            } else {
+                high = mid;
+            }
+        }
+        self.next_ordinal = low;
+        Ok(())
+    }
+
+    fn overwrite_limit(&self, broker: u16) -> u64 {
+        let geometry = self.pool.geometry();
+        self.pool
+            .read_frontier(geometry.frontier_offset(self.topic, broker, FRONTIER_WRITTEN))
+            .1
+    }
+
+    /// Hands the next batches in order to `f`, at most `max_batches`; returns how many.
+    ///
+    /// On [`ReadError::Overwritten`] the last batch handed to `f` must be discarded; the
+    /// cursor stays on it.
+    pub fn poll(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&OrderedBatch<'_>),
+    ) -> Result<usize, ReadError> {
+        let (committed, _) = self.log_end();
+        let mut delivered = 0;
+        while delivered < max_batches && self.next_ordinal < committed {
+            let ordinal = self.next_ordinal;
+            let earliest = self.earliest_ordinal(committed);
+            let truncated = |global_start| ReadError::Truncated {
+                ordinal,
+                global_start,
+                earliest_ordinal: earliest,
+            };
+            if ordinal < earliest {
+                return Err(truncated(u64::MAX));
+            }
+            let entry = self
+                .read_entry(ordinal)
+                .ok_or_else(|| truncated(u64::MAX))?;
+            let broker = entry.broker;
+            if self.pool.check_broker(broker).is_err() {
+                return Err(ReadError::Corrupt {
+                    ordinal,
+                    what: format!("GOI entry names broker {broker}"),
+                });
+            }
+            if entry.blog_offset < self.overwrite_limit(broker) {
+                return Err(truncated(entry.global_start));
+            }
+            let geometry = *self.pool.geometry();
+            let offset = geometry.blog_offset(self.topic, broker, entry.blog_offset);
+            let len = u64::from(entry.payload_bytes);
+            if entry.blog_offset % geometry.blog_bytes + len > geometry.blog_bytes {
+                return Err(ReadError::Corrupt {
+                    ordinal,
+                    what: format!(
+                        "payload at {} (+{len}) crosses the log end",
+                        entry.blog_offset
+                    ),
+                });
+            }
+            invalidate_and_fence(self.pool.mem(), offset, len);
+            let verify = self.verify_checksums;
+            self.pool
+                .mem()
+                .with_bytes(offset, len, |payload| {
+                    if verify {
+                        let computed = wire::payload::checksum(payload);
+                        if computed != entry.checksum {
+                            return Err(format!(
+                                "checksum {computed:#010x}, entry says {:#010x}",
+                                entry.checksum
+                            ));
+                        }
+                    }
+                    wire::payload::validate(payload, entry.message_count)
+                        .map_err(|e| e.to_string())?;
+                    f(&OrderedBatch {
+                        ordinal,
+                        global_start: entry.global_start,
+                        message_count: entry.message_count,
+                        broker,
+                        client_id: entry.client_id,
+                        session_epoch: entry.session_epoch,
+                        batch_seq: entry.batch_seq,
+                        checksum: entry.checksum,
+                        payload,
+                    });
+                    Ok(())
+                })
+                .map_err(|what| {
+                    // A mismatch on bytes that were overwritten meanwhile is a truncation.
+                    if entry.blog_offset < self.overwrite_limit(broker) {
+                        truncated(entry.global_start)
+                    } else {
+                        ReadError::Corrupt { ordinal, what }
+                    }
+                })?;
+            if entry.blog_offset < self.overwrite_limit(broker) {
+                return Err(ReadError::Overwritten { ordinal });
+            }
+            self.next_ordinal += 1;
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+}

@@ -1,0 +1,761 @@
+//! The sequencer: one polling agent (on the head broker) that gives every complete batch a
+//! contiguous range of global positions.
+//!
+//! Each [`Sequencer::poll`] round, for every topic:
+//! 1. reads each broker's `written` frontier (invalidate, fence, load), then invalidates the
+//!    ring slots below it, fences, and reads them, checking each slot's ready word;
+//! 2. validates each header, then decides it: order it, recognise it as a duplicate, hold it
+//!    (order 5, a gap in its session), or reject it with a typed status;
+//! 3. resolves gaps whose oldest held batch waited past the hold timeout (the gap rule below);
+//! 4. publishes, each step fenced from the next: GOI entry and completion bodies, GOI ready
+//!    words, the topic's committed count and next position, completion ready words, and the
+//!    per-ring `ordered` frontier (ring slots released, always a gap-free prefix).
+//!
+//! # Order 5 and the gap rule
+//! A session (client id, session epoch) starts at batch sequence 0. A batch whose sequence is
+//! ahead of the session's next expected one waits in a hold buffer of at most
+//! `hold_batches_max` batches. When the oldest held batch has waited `hold_timeout_ns`, or a
+//! newly held batch takes the buffer over its limit, the sequencer gives up on that session's
+//! missing sequences: the session's next expected sequence jumps to its lowest held batch,
+//! which is then ordered with every held batch that follows without a gap. A skipped
+//! sequence that arrives later is never ordered: its completion is
+//! [`CompletionStatus::RejectedGap`], which the broker reports to the publisher as an error.
+//! Nothing is lost silently: every batch gets exactly one completion.
+//!
+//! # Deduplication
+//! Each session remembers the positions of its last `dedup_window` ordered batches. A batch
+//! seen again within the window completes as [`CompletionStatus::Duplicate`] with the
+//! original position; one older than the window completes as
+//! [`CompletionStatus::RejectedOutsideWindow`]. At most `sessions_max` sessions are tracked;
+//! beyond that the least recently active session without held batches is forgotten.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::Order;
+use crate::coherence::SharedMemory;
+use crate::layout::{
+    BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry, PAYLOAD_ALIGN_BYTES,
+    Record, SequencerLease,
+};
+use crate::pool::{
+    Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
+};
+
+/// What became of a committed batch; stored as a `u32` code in its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CompletionStatus {
+    /// Placed in the total order.
+    Ordered,
+    /// Already in the log (or held for ordering) under the same session and sequence.
+    Duplicate,
+    /// Order 5: the session's sequence was skipped by the gap rule before it arrived.
+    RejectedGap,
+    /// Older than the session's deduplication window: cannot tell whether it is a duplicate.
+    RejectedOutsideWindow,
+    /// The batch header is impossible (sizes, offsets, order); see the sequencer's log.
+    RejectedInvalid,
+    /// A code this build does not know (a pool written by a newer sequencer).
+    Unknown(u32),
+}
+
+impl CompletionStatus {
+    /// The code stored in the pool.
+    pub fn code(self) -> u32 {
+        match self {
+            CompletionStatus::Ordered => 0,
+            CompletionStatus::Duplicate => 1,
+            CompletionStatus::RejectedGap => 2,
+            CompletionStatus::RejectedOutsideWindow => 3,
+            CompletionStatus::RejectedInvalid => 4,
+            CompletionStatus::Unknown(code) => code,
+        }
+    }
+
+    /// The status for a stored code.
+    pub fn from_code(code: u32) -> CompletionStatus {
+        match code {
+            0 => CompletionStatus::Ordered,
+            1 => CompletionStatus::Duplicate,
+            2 => CompletionStatus::RejectedGap,
+            3 => CompletionStatus::RejectedOutsideWindow,
+            4 => CompletionStatus::RejectedInvalid,
+            other => CompletionStatus::Unknown(other),
+        }
+    }
+
+    /// True when the batch is in the log (ordered now or before).
+    pub fn is_in_log(self) -> bool {
+        matches!(
+            self,
+            CompletionStatus::Ordered | CompletionStatus::Duplicate
+        )
+    }
+}
+
+/// Why a batch header was rejected as impossible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidHeader {
+    /// No messages, or fewer payload bytes than the messages' length prefixes need.
+    #[error("{message_count} messages cannot fit in {payload_bytes} payload bytes")]
+    MessageCount {
+        /// Messages announced.
+        message_count: u32,
+        /// Payload bytes announced.
+        payload_bytes: u32,
+    },
+    /// Empty or larger than the pool allows.
+    #[error("payload of {payload_bytes} bytes is outside 1..={batch_bytes_max}")]
+    PayloadSize {
+        /// Payload bytes announced.
+        payload_bytes: u32,
+        /// The pool's limit.
+        batch_bytes_max: u64,
+    },
+    /// The payload would not lie inside the broker's payload log.
+    #[error(
+        "payload at log offset {blog_offset} (+{payload_bytes}) is unaligned or crosses the log's end"
+    )]
+    PayloadPlacement {
+        /// Logical offset announced.
+        blog_offset: u64,
+        /// Payload bytes announced.
+        payload_bytes: u32,
+    },
+    /// The batch asks for another order than the topic's.
+    #[error("batch asks for order {batch}, the topic has order {topic}")]
+    OrderMismatch {
+        /// Order in the header.
+        batch: u8,
+        /// The topic's order.
+        topic: u8,
+    },
+}
+
+/// Sequencer tuning. Every queue has a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequencerConfig {
+    /// Most ring slots read per ring per poll (fairness between brokers).
+    pub scan_slots_max: u32,
+    /// Most batches held for gaps per topic.
+    pub hold_batches_max: usize,
+    /// How long a gap may stay open before the gap rule resolves it.
+    pub hold_timeout_ns: u64,
+    /// Ordered batches remembered per session for deduplication.
+    pub dedup_window: usize,
+    /// Sessions remembered per topic.
+    pub sessions_max: usize,
+    /// Heartbeat published every this many polls.
+    pub heartbeat_polls: u64,
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        SequencerConfig {
+            scan_slots_max: 256,
+            hold_batches_max: 4096,
+            hold_timeout_ns: 100_000_000,
+            dedup_window: 1024,
+            sessions_max: 65_536,
+            heartbeat_polls: 1024,
+        }
+    }
+}
+
+/// Counters, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SequencerStats {
+    /// Poll rounds run.
+    pub polls: u64,
+    /// Batches placed in the order.
+    pub batches_ordered: u64,
+    /// Messages placed in the order.
+    pub messages_ordered: u64,
+    /// Batches recognised as duplicates.
+    pub duplicates: u64,
+    /// Batches rejected because the gap rule skipped their sequence.
+    pub rejected_gap: u64,
+    /// Batches rejected as older than the dedup window.
+    pub rejected_outside_window: u64,
+    /// Batches rejected for an impossible header.
+    pub rejected_invalid: u64,
+    /// Sequences given up on by the gap rule.
+    pub sequences_skipped: u64,
+    /// Gaps resolved by the gap rule.
+    pub gaps_resolved: u64,
+    /// Batches held right now.
+    pub held: u64,
+    /// Slots whose ready word disagreed with the writer's frontier (retried next poll).
+    pub stale_slots: u64,
+    /// Sessions forgotten to stay within `sessions_max`.
+    pub sessions_evicted: u64,
+}
+
+type SessionKey = (u64, u32);
+
+#[derive(Debug, Default)]
+struct Session {
+    /// Order 5: the next sequence to order.
+    next_expected: u64,
+    /// Sequence -> global start of recently ordered batches.
+    ordered: BTreeMap<u64, u64>,
+    /// Sequences below this are outside the dedup window.
+    window_floor: u64,
+    held: usize,
+    last_active: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    broker: u16,
+    slot: u64,
+    header: BatchHeader,
+}
+
+#[derive(Debug, Default)]
+struct RingState {
+    next_read: u64,
+    released: u64,
+    /// Decided flags of slots `released..next_read`.
+    decided: VecDeque<bool>,
+    ordered_batches: u64,
+    frontier_dirty: bool,
+}
+
+#[derive(Debug)]
+struct TopicState {
+    topic: TopicId,
+    order: Order,
+    next_ordinal: u64,
+    next_position: u64,
+    rings: Vec<RingState>,
+    sessions: HashMap<SessionKey, Session>,
+    held: BTreeMap<(SessionKey, u64), Held>,
+    /// Hold times in arrival order; entries whose batch left the buffer are skipped lazily.
+    hold_queue: VecDeque<(u64, SessionKey, u64)>,
+    /// GOI ordinals and completions written this round, ready words pending.
+    pending_goi: Vec<u64>,
+    pending_completions: Vec<(u16, u64)>,
+    activity: u64,
+}
+
+/// The sequencer. See the module docs.
+#[derive(Debug)]
+pub struct Sequencer<M> {
+    pool: Pool<M>,
+    config: SequencerConfig,
+    broker: u16,
+    epoch: u64,
+    topics: Vec<TopicState>,
+    stats: SequencerStats,
+    heartbeat: u64,
+}
+
+pub use crate::layout::LEASE_OFFSET;
+
+impl<M: SharedMemory> Sequencer<M> {
+    /// Starts sequencing on `broker` under `epoch`, publishing the lease, and picks up
+    /// every topic that exists now. The pool's rings must be fresh.
+    pub fn new(
+        pool: Pool<M>,
+        broker: u16,
+        epoch: u64,
+        config: SequencerConfig,
+    ) -> Result<Sequencer<M>, PoolError> {
+        pool.check_broker(broker)?;
+        let mut sequencer = Sequencer {
+            pool,
+            config,
+            broker,
+            epoch,
+            topics: Vec::new(),
+            stats: SequencerStats::default(),
+            heartbeat: 0,
+        };
+        sequencer.publish_lease();
+        sequencer.refresh_topics()?;
+        Ok(sequencer)
+    }
+
+    fn publish_lease(&self) {
+        let lease = SequencerLease {
+            holder_broker: u32::from(self.broker),
+            reserved0: 0,
+            epoch: self.epoch,
+            heartbeat: self.heartbeat,
+            lease_ms: self.config.hold_timeout_ns / 1_000_000,
+            reserved1: [0; 3],
+            ready: self.epoch + 1,
+        };
+        publish(self.pool.mem(), LEASE_OFFSET, &lease);
+    }
+
+    /// Adds topics created since the last call.
+    pub fn refresh_topics(&mut self) -> Result<(), PoolError> {
+        let brokers = self.pool.geometry().brokers_max as usize;
+        for topic in self.pool.topics() {
+            if self.topics.iter().any(|t| t.topic == topic) {
+                continue;
+            }
+            let config = self.pool.topic_config(topic)?;
+            self.topics.push(TopicState {
+                topic,
+                order: config.order,
+                next_ordinal: 0,
+                next_position: 0,
+                rings: (0..brokers).map(|_| RingState::default()).collect(),
+                sessions: HashMap::new(),
+                held: BTreeMap::new(),
+                hold_queue: VecDeque::new(),
+                pending_goi: Vec::new(),
+                pending_completions: Vec::new(),
+                activity: 0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SequencerStats {
+        self.stats
+    }
+
+    /// One polling round at time `now_ns` (any monotonic clock). Returns the batches
+    /// decided (ordered, duplicate or rejected) in this round.
+    pub fn poll(&mut self, now_ns: u64) -> u64 {
+        self.stats.polls += 1;
+        if self.stats.polls % self.config.heartbeat_polls == 0 {
+            self.heartbeat += 1;
+            let offset = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
+            self.pool.mem().store_u64(offset, self.heartbeat);
+            self.pool.mem().flush(offset, 8);
+        }
+        let mut decided = 0;
+        for index in 0..self.topics.len() {
+            decided += self.poll_topic(index, now_ns);
+        }
+        decided
+    }
+
+    fn poll_topic(&mut self, index: usize, now_ns: u64) -> u64 {
+        let geometry = *self.pool.geometry();
+        let topic = self.topics[index].topic;
+        let mut decided = 0;
+        let brokers = geometry.brokers_max as u16;
+        // Step 1: how far each ring is written.
+        let mem = self.pool.mem();
+        for broker in 0..brokers {
+            mem.invalidate(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN), 8);
+        }
+        mem.fence();
+        let mut windows = Vec::with_capacity(brokers as usize);
+        for broker in 0..brokers {
+            let written = mem.load_u64(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN));
+            let ring = &self.topics[index].rings[broker as usize];
+            let end = written.min(ring.next_read + u64::from(self.config.scan_slots_max));
+            windows.push((ring.next_read, end.max(ring.next_read)));
+        }
+        for (broker, &(start, end)) in windows.iter().enumerate() {
+            for slot in start..end {
+                let offset = geometry.ring_slot_offset(topic, broker as u16, slot);
+                mem.invalidate(offset, std::mem::size_of::<BatchHeader>() as u64);
+            }
+        }
+        mem.fence();
+        // Step 2: read and decide.
+        for (broker, &(start, end)) in windows.iter().enumerate() {
+            for slot in start..end {
+                let offset = geometry.ring_slot_offset(topic, broker as u16, slot);
+                let Some(header) =
+                    read_if_ready::<M, BatchHeader>(self.pool.mem(), offset, slot + 1)
+                else {
+                    self.stats.stale_slots += 1;
+                    break;
+                };
+                let ring = &mut self.topics[index].rings[broker as usize];
+                ring.next_read += 1;
+                ring.decided.push_back(false);
+                decided += self.decide(index, broker as u16, slot, header, now_ns);
+            }
+        }
+        // Step 3: the gap rule.
+        decided += self.resolve_expired_gaps(index, now_ns);
+        // Step 4: publish.
+        self.publish_round(index);
+        decided
+    }
+
+    fn validate(&self, order: Order, header: &BatchHeader) -> Result<(), InvalidHeader> {
+        let geometry = self.pool.geometry();
+        let batch_bytes_max = geometry.batch_bytes_max();
+        if header.payload_bytes == 0 || u64::from(header.payload_bytes) > batch_bytes_max {
+            return Err(InvalidHeader::PayloadSize {
+                payload_bytes: header.payload_bytes,
+                batch_bytes_max,
+            });
+        }
+        if header.message_count == 0
+            || u64::from(header.message_count) * wire::payload::MESSAGE_PREFIX_BYTES as u64
+                > u64::from(header.payload_bytes)
+        {
+            return Err(InvalidHeader::MessageCount {
+                message_count: header.message_count,
+                payload_bytes: header.payload_bytes,
+            });
+        }
+        let placement = header.blog_offset % geometry.blog_bytes;
+        if header.blog_offset % PAYLOAD_ALIGN_BYTES != 0
+            || placement + u64::from(header.payload_bytes) > geometry.blog_bytes
+        {
+            return Err(InvalidHeader::PayloadPlacement {
+                blog_offset: header.blog_offset,
+                payload_bytes: header.payload_bytes,
+            });
+        }
+        if header.order != order as u8 {
+            return Err(InvalidHeader::OrderMismatch {
+                batch: header.order,
+                topic: order as u8,
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides one batch just read from a ring; returns how many batches got decided.
+    fn decide(
+        &mut self,
+        index: usize,
+        broker: u16,
+        slot: u64,
+        header: BatchHeader,
+        now_ns: u64,
+    ) -> u64 {
+        let order = self.topics[index].order;
+        if let Err(why) = self.validate(order, &header) {
+            log::warn!(
+                "sequencer: topic {} broker {broker} slot {slot}: rejected batch: {why}",
+                self.topics[index].topic
+            );
+            self.stats.rejected_invalid += 1;
+            self.complete(index, broker, slot, CompletionStatus::RejectedInvalid, None);
+            return 1;
+        }
+        let key = (header.client_id, header.session_epoch);
+        let seq = header.batch_seq;
+        self.touch_session(index, key);
+        let state = &mut self.topics[index];
+        let session = state.sessions.get_mut(&key).expect("touched above");
+        if seq < session.window_floor {
+            self.stats.rejected_outside_window += 1;
+            self.complete(
+                index,
+                broker,
+                slot,
+                CompletionStatus::RejectedOutsideWindow,
+                None,
+            );
+            return 1;
+        }
+        if let Some(&position) = session.ordered.get(&seq) {
+            self.stats.duplicates += 1;
+            self.complete(
+                index,
+                broker,
+                slot,
+                CompletionStatus::Duplicate,
+                Some(position),
+            );
+            return 1;
+        }
+        if order != Order::TotalSessionFifo {
+            self.order_batch(index, broker, slot, header);
+            return 1;
+        }
+        if seq < session.next_expected {
+            self.stats.rejected_gap += 1;
+            self.complete(index, broker, slot, CompletionStatus::RejectedGap, None);
+            return 1;
+        }
+        if state.held.contains_key(&(key, seq)) {
+            self.stats.duplicates += 1;
+            self.complete(index, broker, slot, CompletionStatus::Duplicate, None);
+            return 1;
+        }
+        if seq == session.next_expected {
+            self.order_batch(index, broker, slot, header);
+            return 1 + self.drain_session(index, key);
+        }
+        let state = &mut self.topics[index];
+        state.held.insert(
+            (key, seq),
+            Held {
+                broker,
+                slot,
+                header,
+            },
+        );
+        state.hold_queue.push_back((now_ns, key, seq));
+        state.sessions.get_mut(&key).expect("touched above").held += 1;
+        // Over the limit: the oldest gap gives way (this batch is held first, so the gap
+        // rule sees it and never skips past it).
+        let mut decided = 0;
+        while self.topics[index].held.len() > self.config.hold_batches_max {
+            let resolved = self.resolve_oldest_gap(index);
+            debug_assert!(resolved > 0, "every held batch has a hold-queue entry");
+            if resolved == 0 {
+                break;
+            }
+            decided += resolved;
+        }
+        self.stats.held = self.topics[index].held.len() as u64;
+        decided
+    }
+
+    fn touch_session(&mut self, index: usize, key: SessionKey) {
+        let sessions_max = self.config.sessions_max;
+        let state = &mut self.topics[index];
+        state.activity += 1;
+        let activity = state.activity;
+        if !state.sessions.contains_key(&key) && state.sessions.len() >= sessions_max {
+            let victim = state
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.held == 0)
+                .min_by_key(|(_, s)| s.last_active)
+                .map(|(k, _)| *k);
+            if let Some(victim) = victim {
+                state.sessions.remove(&victim);
+                self.stats.sessions_evicted += 1;
+            }
+        }
+        state.sessions.entry(key).or_default().last_active = activity;
+    }
+
+    /// Orders the held batches of `key` that now follow without a gap.
+    fn drain_session(&mut self, index: usize, key: SessionKey) -> u64 {
+        let mut decided = 0;
+        loop {
+            let state = &mut self.topics[index];
+            let next = state.sessions[&key].next_expected;
+            let Some(held) = state.held.remove(&(key, next)) else {
+                break;
+            };
+            state
+                .sessions
+                .get_mut(&key)
+                .expect("session of a held batch")
+                .held -= 1;
+            self.stats.held = state.held.len() as u64;
+            self.order_batch(index, held.broker, held.slot, held.header);
+            decided += 1;
+        }
+        decided
+    }
+
+    /// The gap rule for one session: jump to its lowest held batch and drain.
+    fn skip_gap(&mut self, index: usize, key: SessionKey) -> u64 {
+        let state = &mut self.topics[index];
+        let Some((&(_, lowest), _)) = state.held.range((key, 0)..=(key, u64::MAX)).next() else {
+            return 0;
+        };
+        let session = state
+            .sessions
+            .get_mut(&key)
+            .expect("session of a held batch");
+        let skipped = lowest - session.next_expected;
+        log::warn!(
+            "sequencer: topic {} session {key:?}: gap of {skipped} batches from seq {} \
+             given up; later arrivals of them are rejected",
+            state.topic,
+            session.next_expected
+        );
+        session.next_expected = lowest;
+        self.stats.sequences_skipped += skipped;
+        self.stats.gaps_resolved += 1;
+        self.drain_session(index, key)
+    }
+
+    fn resolve_expired_gaps(&mut self, index: usize, now_ns: u64) -> u64 {
+        let mut decided = 0;
+        loop {
+            let state = &mut self.topics[index];
+            let Some(&(since_ns, key, seq)) = state.hold_queue.front() else {
+                break;
+            };
+            if !state.held.contains_key(&(key, seq)) {
+                state.hold_queue.pop_front();
+                continue;
+            }
+            if now_ns.saturating_sub(since_ns) < self.config.hold_timeout_ns {
+                break;
+            }
+            decided += self.skip_gap(index, key);
+        }
+        decided
+    }
+
+    fn resolve_oldest_gap(&mut self, index: usize) -> u64 {
+        loop {
+            let state = &mut self.topics[index];
+            let Some(&(_, key, seq)) = state.hold_queue.front() else {
+                return 0;
+            };
+            if state.held.contains_key(&(key, seq)) {
+                return self.skip_gap(index, key);
+            }
+            state.hold_queue.pop_front();
+        }
+    }
+
+    fn order_batch(&mut self, index: usize, broker: u16, slot: u64, header: BatchHeader) {
+        let geometry = *self.pool.geometry();
+        let window = self.config.dedup_window;
+        let state = &mut self.topics[index];
+        let ordinal = state.next_ordinal;
+        let global_start = state.next_position;
+        state.next_ordinal += 1;
+        state.next_position += u64::from(header.message_count);
+        let entry = GoiEntry {
+            global_start,
+            blog_offset: header.blog_offset,
+            client_id: header.client_id,
+            batch_seq: header.batch_seq,
+            payload_bytes: header.payload_bytes,
+            message_count: header.message_count,
+            session_epoch: header.session_epoch,
+            checksum: header.checksum,
+            broker,
+            reserved0: 0,
+            reserved1: 0,
+            ready: ordinal + 1,
+        };
+        write_body(
+            self.pool.mem(),
+            geometry.goi_offset(state.topic, ordinal),
+            &entry,
+        );
+        state.pending_goi.push(ordinal);
+        let key = (header.client_id, header.session_epoch);
+        let session = state
+            .sessions
+            .get_mut(&key)
+            .expect("session of an ordered batch");
+        session.ordered.insert(header.batch_seq, global_start);
+        if session.ordered.len() > window {
+            let (oldest, _) = session.ordered.pop_first().expect("non-empty");
+            session.window_floor = session.window_floor.max(oldest + 1);
+        }
+        if state.order == Order::TotalSessionFifo {
+            session.next_expected = header.batch_seq + 1;
+        }
+        state.rings[broker as usize].ordered_batches += 1;
+        self.stats.batches_ordered += 1;
+        self.stats.messages_ordered += u64::from(header.message_count);
+        self.complete(
+            index,
+            broker,
+            slot,
+            CompletionStatus::Ordered,
+            Some(global_start),
+        );
+    }
+
+    fn complete(
+        &mut self,
+        index: usize,
+        broker: u16,
+        slot: u64,
+        status: CompletionStatus,
+        global_start: Option<u64>,
+    ) {
+        let geometry = *self.pool.geometry();
+        let state = &mut self.topics[index];
+        let completion = Completion {
+            global_start: global_start.unwrap_or(u64::MAX),
+            status: status.code(),
+            reserved0: 0,
+            reserved1: 0,
+            ready: slot + 1,
+        };
+        write_body(
+            self.pool.mem(),
+            geometry.completion_offset(state.topic, broker, slot),
+            &completion,
+        );
+        state.pending_completions.push((broker, slot));
+        let ring = &mut state.rings[broker as usize];
+        let at = (slot - ring.released) as usize;
+        ring.decided[at] = true;
+        while ring.decided.front() == Some(&true) {
+            ring.decided.pop_front();
+            ring.released += 1;
+        }
+        ring.frontier_dirty = true;
+    }
+
+    fn publish_round(&mut self, index: usize) {
+        let geometry = *self.pool.geometry();
+        let state = &mut self.topics[index];
+        if state.pending_goi.is_empty() && state.pending_completions.is_empty() {
+            return;
+        }
+        let mem = self.pool.mem();
+        let topic = state.topic;
+        // Bodies were written and flushed as they were decided.
+        mem.fence();
+        if !state.pending_goi.is_empty() {
+            for &ordinal in &state.pending_goi {
+                set_ready::<M, GoiEntry>(mem, geometry.goi_offset(topic, ordinal), ordinal + 1);
+            }
+            state.pending_goi.clear();
+            mem.fence();
+            self.pool.write_frontier(
+                geometry.seq_state_offset(topic),
+                state.next_ordinal,
+                state.next_position,
+            );
+            mem.fence();
+        }
+        for &(broker, slot) in &state.pending_completions {
+            set_ready::<M, Completion>(
+                mem,
+                geometry.completion_offset(topic, broker, slot),
+                slot + 1,
+            );
+        }
+        state.pending_completions.clear();
+        for (broker, ring) in state.rings.iter_mut().enumerate() {
+            if ring.frontier_dirty {
+                ring.frontier_dirty = false;
+                self.pool.write_frontier(
+                    geometry.frontier_offset(topic, broker as u16, FRONTIER_ORDERED),
+                    ring.released,
+                    ring.ordered_batches,
+                );
+            }
+        }
+    }
+
+    /// The next global position of `topic` (messages ordered so far).
+    pub fn next_position(&self, topic: TopicId) -> Option<u64> {
+        self.topics
+            .iter()
+            .find(|t| t.topic == topic)
+            .map(|t| t.next_position)
+    }
+}
+
+/// Reads the lease record: (holder broker, epoch, heartbeat), when published.
+pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<(u16, u64, u64)> {
+    let mem = pool.mem();
+    invalidate_and_fence(
+        mem,
+        LEASE_OFFSET,
+        std::mem::size_of::<SequencerLease>() as u64,
+    );
+    let ready = mem.load_u64(LEASE_OFFSET + SequencerLease::READY_OFFSET);
+    if ready == 0 {
+        return None;
+    }
+    let lease = read_if_ready::<M, SequencerLease>(mem, LEASE_OFFSET, ready)?;
+    Some((lease.holder_broker as u16, lease.epoch, lease.heartbeat))
+}

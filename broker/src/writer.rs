@@ -1,0 +1,384 @@
+//! The broker side of one (topic, broker) ring: reserve payload log space, fill it (straight
+//! from the network), commit a batch header, and read the sequencer's completions back.
+//!
+//! Single writer: the broker that owns the ring. Several reservations may be outstanding at
+//! once (one per connection receiving a batch); ring slots are assigned at commit, so a slow
+//! connection never holds back the sequencing of others. Payload log space is reclaimed in
+//! allocation order once a batch is both committed and completed.
+
+use std::collections::VecDeque;
+
+use crate::Order;
+use crate::coherence::{CACHE_LINE_BYTES, SharedMemory};
+use crate::layout::{BatchHeader, Completion, FRONTIER_WRITTEN, PAYLOAD_ALIGN_BYTES, Record};
+use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
+use crate::sequencer::CompletionStatus;
+
+/// Why a batch cannot be appended now or ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// Every ring slot is in flight: poll completions and retry (backpressure, not loss).
+    #[error("ring full: {in_flight} of {ring_slots} slots in flight")]
+    RingFull {
+        /// Slots reserved or committed and not yet completed.
+        in_flight: u64,
+        /// Ring size.
+        ring_slots: u32,
+    },
+    /// Not enough free payload log space: poll completions and retry.
+    #[error("payload log full: {needed} bytes needed, {free} free")]
+    LogFull {
+        /// Bytes the batch needs (with alignment and wrap padding).
+        needed: u64,
+        /// Bytes free now.
+        free: u64,
+    },
+    /// The batch can never fit: it is larger than half the payload log.
+    #[error("batch of {payload_bytes} bytes exceeds the pool's limit of {batch_bytes_max}")]
+    TooLarge {
+        /// Payload size.
+        payload_bytes: u64,
+        /// Largest payload this pool takes.
+        batch_bytes_max: u64,
+    },
+    /// A batch must hold at least one message.
+    #[error("empty batch: a batch holds at least one message")]
+    Empty,
+}
+
+/// Why a ring writer cannot start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriterError {
+    /// Pool-level problem (unknown topic or broker).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The ring already holds batches from an earlier run of this broker.
+    #[error(
+        "ring of broker {broker} for topic {topic} already holds {written_slots} batches from an \
+         earlier run; rejoining an existing pool is not supported yet: re-format the pool"
+    )]
+    RingNotEmpty {
+        /// Broker id.
+        broker: u16,
+        /// Topic id.
+        topic: TopicId,
+        /// Slots the earlier run published.
+        written_slots: u64,
+    },
+}
+
+/// Space reserved in the payload log for one batch, to be filled and then committed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reservation {
+    allocation: u64,
+    blog_offset: u64,
+    payload_bytes: u64,
+}
+
+impl Reservation {
+    /// Logical payload log offset of the payload.
+    pub fn blog_offset(&self) -> u64 {
+        self.blog_offset
+    }
+
+    /// Payload bytes reserved.
+    pub fn payload_bytes(&self) -> u64 {
+        self.payload_bytes
+    }
+}
+
+/// What the publisher said about a batch, stored in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchMeta {
+    /// Publisher id.
+    pub client_id: u64,
+    /// Publisher session epoch.
+    pub session_epoch: u32,
+    /// Batch sequence within the session.
+    pub batch_seq: u64,
+    /// Messages in the payload.
+    pub message_count: u32,
+    /// CRC-32C of the payload.
+    pub checksum: u32,
+}
+
+/// The sequencer's decision on one committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotOutcome {
+    /// Ring slot sequence number, as returned by [`TopicWriter::commit`].
+    pub slot: u64,
+    /// What became of the batch.
+    pub status: CompletionStatus,
+    /// First global position, when known.
+    pub global_start: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Allocation {
+    /// Start of the space taken (before any skip to the log's start).
+    start: u64,
+    done: bool,
+}
+
+/// The broker's writer for one (topic, broker) ring. See the module docs.
+#[derive(Debug)]
+pub struct TopicWriter<M> {
+    pool: Pool<M>,
+    topic: TopicId,
+    broker: u16,
+    order: Order,
+    ring_slots: u64,
+    blog_bytes: u64,
+    batch_bytes_max: u64,
+    next_slot: u64,
+    completed_slots: u64,
+    uncommitted: u64,
+    /// Allocation id of `allocations[0]`.
+    first_allocation: u64,
+    allocations: VecDeque<Allocation>,
+    /// Allocation id of each committed, not yet completed slot, in slot order.
+    committed: VecDeque<u64>,
+    blog_head: u64,
+    overwrite_limit: u64,
+}
+
+impl<M: SharedMemory> TopicWriter<M> {
+    /// A writer for `broker`'s ring of `topic`, which must be fresh.
+    pub fn new(pool: Pool<M>, topic: TopicId, broker: u16) -> Result<TopicWriter<M>, WriterError> {
+        pool.check_broker(broker)?;
+        let config = pool.topic_config(topic)?;
+        let geometry = *pool.geometry();
+        let (written_slots, _) =
+            pool.read_frontier(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN));
+        if written_slots != 0 {
+            return Err(WriterError::RingNotEmpty {
+                broker,
+                topic,
+                written_slots,
+            });
+        }
+        Ok(TopicWriter {
+            pool,
+            topic,
+            broker,
+            order: config.order,
+            ring_slots: u64::from(geometry.ring_slots),
+            blog_bytes: geometry.blog_bytes,
+            batch_bytes_max: geometry.batch_bytes_max(),
+            next_slot: 0,
+            completed_slots: 0,
+            uncommitted: 0,
+            first_allocation: 0,
+            allocations: VecDeque::new(),
+            committed: VecDeque::new(),
+            blog_head: 0,
+            overwrite_limit: 0,
+        })
+    }
+
+    /// The topic's ordering level.
+    pub fn order(&self) -> Order {
+        self.order
+    }
+
+    /// Slots committed and not yet completed, plus reservations not yet committed.
+    pub fn in_flight(&self) -> u64 {
+        self.next_slot - self.completed_slots + self.uncommitted
+    }
+
+    /// Largest payload this ring takes.
+    pub fn batch_bytes_max(&self) -> u64 {
+        self.batch_bytes_max
+    }
+
+    fn blog_tail(&self) -> u64 {
+        self.allocations.front().map_or(self.blog_head, |a| a.start)
+    }
+
+    /// Reserves log space and a ring slot for a payload of `payload_bytes`.
+    pub fn reserve(&mut self, payload_bytes: u64) -> Result<Reservation, AppendError> {
+        if payload_bytes > self.batch_bytes_max {
+            return Err(AppendError::TooLarge {
+                payload_bytes,
+                batch_bytes_max: self.batch_bytes_max,
+            });
+        }
+        if payload_bytes == 0 {
+            return Err(AppendError::Empty);
+        }
+        if self.in_flight() >= self.ring_slots {
+            return Err(AppendError::RingFull {
+                in_flight: self.in_flight(),
+                ring_slots: self.ring_slots as u32,
+            });
+        }
+        let start = self.blog_head;
+        let mut payload_start = start;
+        if payload_start % self.blog_bytes + payload_bytes > self.blog_bytes {
+            payload_start = payload_start.next_multiple_of(self.blog_bytes);
+        }
+        let end = (payload_start + payload_bytes).next_multiple_of(PAYLOAD_ALIGN_BYTES);
+        let tail = self.blog_tail();
+        let used = start - tail;
+        if end - tail > self.blog_bytes {
+            return Err(AppendError::LogFull {
+                needed: end - start,
+                free: self.blog_bytes - used,
+            });
+        }
+        // Readers may still be reading old bytes where this payload goes: tell them first.
+        let overwritten = end.saturating_sub(self.blog_bytes);
+        if overwritten > self.overwrite_limit {
+            // Publish in chunks of 1/16 of the log, never past data that is still live.
+            self.overwrite_limit = (overwritten + self.blog_bytes / 16)
+                .min(tail)
+                .max(overwritten);
+            let geometry = self.pool.geometry();
+            let offset = geometry.frontier_offset(self.topic, self.broker, FRONTIER_WRITTEN);
+            self.pool
+                .write_frontier(offset, self.next_slot, self.overwrite_limit);
+            self.pool.mem().fence();
+        }
+        self.blog_head = end;
+        let allocation = self.first_allocation + self.allocations.len() as u64;
+        self.allocations
+            .push_back(Allocation { start, done: false });
+        self.uncommitted += 1;
+        Ok(Reservation {
+            allocation,
+            blog_offset: payload_start,
+            payload_bytes,
+        })
+    }
+
+    /// Fills a reservation's payload in place with `f` (the network receive path).
+    pub fn fill<R>(&self, reservation: &Reservation, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let offset =
+            self.pool
+                .geometry()
+                .blog_offset(self.topic, self.broker, reservation.blog_offset);
+        self.pool
+            .mem()
+            .fill_bytes(offset, reservation.payload_bytes, f)
+    }
+
+    /// Copies `payload` into a reservation (which must be exactly its size).
+    pub fn write_payload(&self, reservation: &Reservation, payload: &[u8]) {
+        assert_eq!(payload.len() as u64, reservation.payload_bytes);
+        let offset =
+            self.pool
+                .geometry()
+                .blog_offset(self.topic, self.broker, reservation.blog_offset);
+        self.pool.mem().write(offset, payload);
+    }
+
+    /// Publishes a filled reservation as the next ring slot: flushes the payload, fences,
+    /// then publishes the header, ready word last. Returns the slot sequence number.
+    pub fn commit(&mut self, reservation: Reservation, meta: BatchMeta) -> u64 {
+        let geometry = *self.pool.geometry();
+        let mem = self.pool.mem();
+        let payload_offset = geometry.blog_offset(self.topic, self.broker, reservation.blog_offset);
+        mem.flush(payload_offset, reservation.payload_bytes);
+        let slot = self.next_slot;
+        let header = BatchHeader {
+            blog_offset: reservation.blog_offset,
+            client_id: meta.client_id,
+            batch_seq: meta.batch_seq,
+            payload_bytes: reservation.payload_bytes as u32,
+            message_count: meta.message_count,
+            session_epoch: meta.session_epoch,
+            checksum: meta.checksum,
+            order: self.order as u8,
+            reserved: [0; 15],
+            ready: slot + 1,
+        };
+        publish(
+            mem,
+            geometry.ring_slot_offset(self.topic, self.broker, slot),
+            &header,
+        );
+        self.next_slot += 1;
+        self.uncommitted -= 1;
+        self.committed.push_back(reservation.allocation);
+        let frontier = geometry.frontier_offset(self.topic, self.broker, FRONTIER_WRITTEN);
+        self.pool
+            .write_frontier(frontier, self.next_slot, self.overwrite_limit);
+        slot
+    }
+
+    /// Gives a reservation back without publishing it (the connection went away mid-batch).
+    pub fn abort(&mut self, reservation: Reservation) {
+        self.uncommitted -= 1;
+        self.finish_allocation(reservation.allocation);
+    }
+
+    /// Reserves, copies and commits in one step.
+    pub fn append(&mut self, meta: BatchMeta, payload: &[u8]) -> Result<u64, AppendError> {
+        let reservation = self.reserve(payload.len() as u64)?;
+        self.write_payload(&reservation, payload);
+        Ok(self.commit(reservation, meta))
+    }
+
+    fn finish_allocation(&mut self, allocation: u64) {
+        let index = (allocation - self.first_allocation) as usize;
+        self.allocations[index].done = true;
+        while self.allocations.front().is_some_and(|a| a.done) {
+            self.allocations.pop_front();
+            self.first_allocation += 1;
+        }
+    }
+
+    /// Reads up to `max` completions in slot order (stopping at the first undecided slot),
+    /// frees their space, and hands each to `f`. Returns how many it read.
+    pub fn poll_completions(&mut self, max: usize, mut f: impl FnMut(SlotOutcome)) -> usize {
+        let geometry = *self.pool.geometry();
+        let pending = (self.next_slot - self.completed_slots).min(max as u64);
+        if pending == 0 {
+            return 0;
+        }
+        let entry_bytes = std::mem::size_of::<Completion>() as u64;
+        // Invalidate the whole run (at most up to the ring's end), fence once, then read.
+        let first = self.completed_slots;
+        let run = pending.min(self.ring_slots - first % self.ring_slots);
+        let run_offset = geometry.completion_offset(self.topic, self.broker, first);
+        invalidate_and_fence(self.pool.mem(), run_offset, run * entry_bytes);
+        let mut read = 0;
+        for slot in first..first + run {
+            let offset = geometry.completion_offset(self.topic, self.broker, slot);
+            let Some(completion) =
+                read_if_ready::<M, Completion>(self.pool.mem(), offset, slot + 1)
+            else {
+                break;
+            };
+            debug_assert_eq!(completion.ready(), slot + 1);
+            let status = CompletionStatus::from_code(completion.status);
+            self.completed_slots += 1;
+            let allocation = self
+                .committed
+                .pop_front()
+                .expect("a committed slot has an allocation");
+            self.finish_allocation(allocation);
+            f(SlotOutcome {
+                slot,
+                status,
+                global_start: (completion.global_start != u64::MAX)
+                    .then_some(completion.global_start),
+            });
+            read += 1;
+        }
+        read
+    }
+
+    /// Slots committed so far.
+    pub fn committed_slots(&self) -> u64 {
+        self.next_slot
+    }
+
+    /// Slots whose completion has been read.
+    pub fn completed_slots(&self) -> u64 {
+        self.completed_slots
+    }
+}
+
+const _: () = assert!(CACHE_LINE_BYTES % std::mem::size_of::<Completion>() as u64 == 0);
+const _: () = assert!(BatchHeader::READY_OFFSET == 56);
