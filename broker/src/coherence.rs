@@ -97,19 +97,27 @@ impl std::str::FromStr for CoherenceMode {
     }
 }
 
+/// Memory that holds a pool: a mapping that stays put while the value lives.
+pub trait MappedRegion: Send + Sync + std::fmt::Debug {
+    /// First byte, page aligned.
+    fn base(&self) -> *mut u8;
+    /// Size in bytes.
+    fn len_bytes(&self) -> u64;
+}
+
 /// The mapped pool, accessed with real instructions.
 ///
-/// Holds a raw pointer into a mapping owned elsewhere (a `hugepages::SharedRegion`, or a
-/// test buffer); the owner must outlive every `PoolMemory` made from it, which
-/// [`PoolMemory::new`] makes the caller promise.
-#[derive(Debug, Clone, Copy)]
+/// Holds a raw pointer into a mapping and, when made by [`PoolMemory::from_region`], a
+/// reference that keeps the mapping alive for as long as any clone of this view exists.
+#[derive(Debug, Clone)]
 pub struct PoolMemory {
     base: *mut u8,
     len_bytes: u64,
     mode: CoherenceMode,
+    _owner: Option<std::sync::Arc<dyn MappedRegion>>,
 }
 
-// SAFETY: `PoolMemory` is an address and a length; all accesses go through the methods
+// SAFETY: `PoolMemory` is an address, a length and an owner that is Send + Sync; all accesses go through the methods
 // below, which use raw-pointer copies and atomics, never references that assume exclusivity.
 // Cross-thread visibility is what the coherence discipline (flags, fences) provides.
 unsafe impl Send for PoolMemory {}
@@ -143,7 +151,20 @@ impl PoolMemory {
             base,
             len_bytes,
             mode,
+            _owner: None,
         }
+    }
+
+    /// A view of `region` that keeps it mapped while any clone of the view lives.
+    ///
+    /// # Panics
+    /// As [`PoolMemory::new`].
+    pub fn from_region(region: std::sync::Arc<dyn MappedRegion>, mode: CoherenceMode) -> PoolMemory {
+        // SAFETY: the region's memory stays mapped while `region` lives, and the view holds
+        // it. Access is only through this view's methods.
+        let mut memory = unsafe { PoolMemory::new(region.base(), region.len_bytes(), mode) };
+        memory._owner = Some(region);
+        memory
     }
 
     /// The coherence mode this view runs in.

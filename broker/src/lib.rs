@@ -5,6 +5,7 @@
 //! [`coherence::SharedMemory`]. That is what lets [`sim`] drive it deterministically.
 
 pub mod coherence;
+pub mod heap;
 pub mod layout;
 pub mod pool;
 pub mod reader;
