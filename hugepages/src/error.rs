@@ -22,6 +22,15 @@ pub enum Error {
         page_size: PageSize,
     },
 
+    /// An existing region is larger than this process's address space.
+    #[error("{path:?} holds {bytes} bytes, more than this process can address")]
+    Unaddressable {
+        /// The region file or device.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
+
     /// The path names no file (it is `/` or ends in `..`).
     #[error("{path:?} names no file; give a file path such as /dev/hugepages/embarcadero-pool")]
     InvalidPath {

@@ -57,9 +57,10 @@ impl SharedRegion {
     /// Creates (replacing any old file) a region of `bytes` (rounded up to the page size) at
     /// `path`.
     ///
-    /// On hugetlbfs the old file is removed first and [`crate::preflight`] runs before the new
-    /// one is created; when pages are short this fails with [`Error::HugepagesShort`], or, with
-    /// `allow_fallback`, creates `/dev/shm/<file name>` instead and warns once. A path on tmpfs
+    /// On hugetlbfs the old file (and, with `allow_fallback`, an old `/dev/shm/<file name>`)
+    /// is removed first and [`crate::preflight`] runs before the new one is created; when pages
+    /// are short this fails with [`Error::HugepagesShort`], or, with `allow_fallback`, creates
+    /// `/dev/shm/<file name>` instead and warns once. A path on tmpfs
     /// needs `allow_fallback`. A `/dev/daxX.Y` device is mapped as it is: its old contents
     /// are not cleared.
     pub fn create(
@@ -74,17 +75,21 @@ impl SharedRegion {
         match classify(path, options.page_size)? {
             BackingKind::Hugetlbfs(page_size) => {
                 let len = round_up(page_size, bytes)?;
+                let shm_path = Path::new(SHM_DIR).join(name);
                 remove_old(path)?;
+                if options.allow_fallback {
+                    // A fallback region left by an earlier run is an old region too, and
+                    // `open` would find it if this one is ever missing.
+                    remove_old(&shm_path)?;
+                }
                 match preflight(page_size, len) {
                     Ok(_) => create_file(path, len, BackingKind::Hugetlbfs(page_size), options),
                     Err(error @ Error::HugepagesShort { .. }) if options.allow_fallback => {
-                        let shm_path = Path::new(SHM_DIR).join(name);
                         log::warn!(
                             "{error}; falling back to {}, which is NOT hugepage-backed \
                              (development only)",
                             shm_path.display()
                         );
-                        remove_old(&shm_path)?;
                         create_file(&shm_path, len, BackingKind::Shm, options)
                     }
                     Err(error) => Err(error),
@@ -278,9 +283,9 @@ fn open_existing(
             path: path.to_path_buf(),
         });
     }
-    let len = usize::try_from(size).map_err(|_| Error::TooLarge {
-        bytes: usize::MAX,
-        page_size: options.page_size,
+    let len = usize::try_from(size).map_err(|_| Error::Unaddressable {
+        path: path.to_path_buf(),
+        bytes: size,
     })?;
     map_file(&file, path, len, backing, options)
 }
@@ -311,9 +316,9 @@ fn map_dax(
             });
         }
         Some(bytes) => bytes,
-        None => usize::try_from(device_bytes).map_err(|_| Error::TooLarge {
-            bytes: usize::MAX,
-            page_size: options.page_size,
+        None => usize::try_from(device_bytes).map_err(|_| Error::Unaddressable {
+            path: path.to_path_buf(),
+            bytes: device_bytes,
         })?,
     };
     let file = OpenOptions::new()
@@ -403,6 +408,13 @@ fn map_error(error: io::Error, path: &Path, len: usize, backing: BackingKind) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<SharedRegion>();
+        send_sync::<crate::PrivateBuffer>();
+    }
 
     #[test]
     fn defaults() {

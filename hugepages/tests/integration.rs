@@ -337,6 +337,17 @@ fn short_hugepages_fail_or_fall_back_to_shm() {
         SharedRegion::open(&path, &strict),
         Err(Error::RegionMissing { .. })
     ));
+
+    // Once pages are there, a new region goes to hugetlbfs and the old fallback is removed.
+    drop(reopened);
+    drop(region);
+    assert!(
+        ensure_available(PageSize::Huge2M, 1),
+        "kernel gave too few 2 MiB pages"
+    );
+    let region = SharedRegion::create(&path, 1, &lenient).unwrap();
+    assert_eq!(region.backing(), BackingKind::Hugetlbfs(PageSize::Huge2M));
+    assert!(!shm_path.exists(), "the stale fallback region is removed");
 }
 
 #[test]
