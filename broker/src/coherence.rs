@@ -159,7 +159,10 @@ impl PoolMemory {
     ///
     /// # Panics
     /// As [`PoolMemory::new`].
-    pub fn from_region(region: std::sync::Arc<dyn MappedRegion>, mode: CoherenceMode) -> PoolMemory {
+    pub fn from_region(
+        region: std::sync::Arc<dyn MappedRegion>,
+        mode: CoherenceMode,
+    ) -> PoolMemory {
         // SAFETY: the region's memory stays mapped while `region` lives, and the view holds
         // it. Access is only through this view's methods.
         let mut memory = unsafe { PoolMemory::new(region.base(), region.len_bytes(), mode) };

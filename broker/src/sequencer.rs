@@ -371,7 +371,7 @@ impl<M: SharedMemory> Sequencer<M> {
                     self.stats.stale_slots += 1;
                     break;
                 };
-                let ring = &mut self.topics[index].rings[broker as usize];
+                let ring = &mut self.topics[index].rings[broker];
                 ring.next_read += 1;
                 ring.decided.push_back(false);
                 decided += self.decide(index, broker as u16, slot, header, now_ns);

@@ -1,0 +1,471 @@
+//! The log core on real memory with the real non-coherent instructions: ordering, ACK
+//! outcomes, backpressure, and every bad input named in the design (each gives a specific
+//! error and corrupts nothing).
+
+use std::sync::Arc;
+
+use broker::Order;
+use broker::coherence::{CoherenceMode, PoolMemory, SharedMemory};
+use broker::heap::HeapRegion;
+use broker::layout::{BatchHeader, FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader, Record};
+use broker::pool::{Pool, PoolError, TopicConfig, publish};
+use broker::reader::{LogReader, ReadError};
+use broker::sequencer::{CompletionStatus, Sequencer, SequencerConfig};
+use broker::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter, WriterError};
+
+const MODE: CoherenceMode = CoherenceMode::NonCoherent;
+
+fn geometry() -> Geometry {
+    Geometry {
+        brokers_max: 4,
+        topics_max: 2,
+        ring_slots: 8,
+        goi_entries: 256,
+        blog_bytes: 64 * 1024,
+    }
+}
+
+fn new_pool(geometry: Geometry) -> (Arc<HeapRegion>, Pool<PoolMemory>) {
+    let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+    let pool = Pool::format(region.memory(MODE), geometry, 7).unwrap();
+    (region, pool)
+}
+
+fn config(order: Order) -> TopicConfig {
+    TopicConfig {
+        order,
+        ack: 1,
+        replication_factor: 1,
+    }
+}
+
+fn payload(tag: u8, messages: usize) -> Vec<u8> {
+    let mut payload = Vec::new();
+    for i in 0..messages {
+        wire::payload::push_message(&mut payload, &vec![tag.wrapping_add(i as u8); 10 + i]);
+    }
+    payload
+}
+
+fn meta(client_id: u64, batch_seq: u64, payload: &[u8], messages: u32) -> BatchMeta {
+    BatchMeta {
+        client_id,
+        session_epoch: 1,
+        batch_seq,
+        message_count: messages,
+        checksum: wire::payload::checksum(payload),
+    }
+}
+
+fn outcomes<M: SharedMemory>(writer: &mut TopicWriter<M>) -> Vec<SlotOutcome> {
+    let mut out = Vec::new();
+    writer.poll_completions(usize::MAX, |o| out.push(o));
+    out
+}
+
+fn read_all(pool: &Pool<PoolMemory>, topic: u32) -> Vec<(u64, u64, u64, Vec<u8>)> {
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    let mut batches = Vec::new();
+    reader
+        .poll(usize::MAX, |b| {
+            batches.push((b.global_start, b.client_id, b.batch_seq, b.payload.to_vec()))
+        })
+        .unwrap();
+    batches
+}
+
+#[test]
+fn four_brokers_one_total_order_with_intact_bytes() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("orders", config(Order::Total)).unwrap();
+    let mut writers: Vec<_> = (0..4)
+        .map(|b| TopicWriter::new(pool.clone(), topic, b).unwrap())
+        .collect();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut sent = Vec::new();
+    for seq in 0..6u64 {
+        for (b, writer) in writers.iter_mut().enumerate() {
+            let client = b as u64;
+            let data = payload(seq as u8 * 16 + b as u8, 1 + b);
+            writer
+                .append(meta(client, seq, &data, 1 + b as u32), &data)
+                .unwrap();
+            sent.push((client, seq, data));
+        }
+    }
+    assert_eq!(sequencer.poll(1), 24);
+    let log = read_all(&pool, topic);
+    assert_eq!(log.len(), 24);
+    let mut position = 0;
+    for (start, client, seq, bytes) in &log {
+        assert_eq!(*start, position, "no gaps in global positions");
+        let (_, _, data) = sent
+            .iter()
+            .find(|(c, s, _)| c == client && s == seq)
+            .expect("every batch in the log was sent");
+        assert_eq!(bytes, data, "bytes intact");
+        position += *client + 1;
+    }
+    // Every broker learns the position of each of its batches, in its ring's order.
+    for writer in &mut writers {
+        let done = outcomes(writer);
+        assert_eq!(done.len(), 6);
+        assert!(done.iter().all(|o| o.status == CompletionStatus::Ordered));
+        assert!(
+            done.windows(2)
+                .all(|w| w[0].global_start < w[1].global_start)
+        );
+    }
+    // A second reader (another agent) sees the same order.
+    assert_eq!(read_all(&pool, topic), log);
+}
+
+#[test]
+fn duplicate_is_acknowledged_with_the_original_position_and_not_ordered_twice() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("dups", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut first = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let mut second = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let data = payload(1, 2);
+    first.append(meta(9, 0, &data, 2), &data).unwrap();
+    sequencer.poll(0);
+    second.append(meta(9, 0, &data, 2), &data).unwrap();
+    sequencer.poll(0);
+    assert_eq!(
+        outcomes(&mut first),
+        vec![SlotOutcome {
+            slot: 0,
+            status: CompletionStatus::Ordered,
+            global_start: Some(0)
+        }]
+    );
+    assert_eq!(
+        outcomes(&mut second),
+        vec![SlotOutcome {
+            slot: 0,
+            status: CompletionStatus::Duplicate,
+            global_start: Some(0)
+        }]
+    );
+    assert_eq!(read_all(&pool, topic).len(), 1);
+}
+
+#[test]
+fn order5_holds_a_gap_then_applies_the_gap_rule_and_rejects_the_late_batch() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("fifo", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let config = SequencerConfig {
+        hold_timeout_ns: 1_000,
+        ..SequencerConfig::default()
+    };
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    let (one, two) = (payload(1, 1), payload(2, 1));
+    writer.append(meta(5, 1, &one, 1), &one).unwrap();
+    writer.append(meta(5, 2, &two, 1), &two).unwrap();
+    sequencer.poll(0);
+    assert_eq!(sequencer.stats().held, 2, "seq 1 and 2 wait for seq 0");
+    assert!(outcomes(&mut writer).is_empty());
+    sequencer.poll(999);
+    assert_eq!(sequencer.stats().held, 2, "not yet timed out");
+    sequencer.poll(1_000);
+    assert_eq!(sequencer.stats().gaps_resolved, 1);
+    assert_eq!(sequencer.stats().sequences_skipped, 1);
+    let log = read_all(&pool, topic);
+    assert_eq!(
+        log.iter().map(|b| b.2).collect::<Vec<_>>(),
+        vec![1, 2],
+        "held batches ordered in session order"
+    );
+    let zero = payload(0, 1);
+    writer.append(meta(5, 0, &zero, 1), &zero).unwrap();
+    sequencer.poll(2_000);
+    let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        vec![
+            CompletionStatus::Ordered,
+            CompletionStatus::Ordered,
+            CompletionStatus::RejectedGap
+        ]
+    );
+    assert_eq!(
+        read_all(&pool, topic).len(),
+        2,
+        "the skipped batch is never ordered"
+    );
+}
+
+#[test]
+fn full_ring_and_full_log_push_back_and_recover_after_completions() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("pressure", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let data = payload(3, 1);
+    for seq in 0..8 {
+        writer.append(meta(1, seq, &data, 1), &data).unwrap();
+    }
+    assert!(matches!(
+        writer.append(meta(1, 8, &data, 1), &data),
+        Err(AppendError::RingFull {
+            in_flight: 8,
+            ring_slots: 8
+        })
+    ));
+    sequencer.poll(0);
+    assert_eq!(outcomes(&mut writer).len(), 8);
+    writer.append(meta(1, 8, &data, 1), &data).unwrap();
+    // A 64 KiB payload log holds two 30 KiB batches; a third waits for completions.
+    let big = {
+        let mut p = Vec::new();
+        wire::payload::push_message(&mut p, &vec![7; 30 * 1024]);
+        p
+    };
+    writer.append(meta(1, 9, &big, 1), &big).unwrap();
+    writer.append(meta(1, 10, &big, 1), &big).unwrap();
+    assert!(matches!(
+        writer.append(meta(1, 11, &big, 1), &big),
+        Err(AppendError::LogFull { .. })
+    ));
+    sequencer.poll(0);
+    outcomes(&mut writer);
+    writer.append(meta(1, 11, &big, 1), &big).unwrap();
+    sequencer.poll(0);
+    outcomes(&mut writer);
+    // The log wrapped: the oldest batches are gone, and a reader from 0 is told so.
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    assert!(matches!(
+        reader.poll(usize::MAX, |_| {}),
+        Err(ReadError::Truncated { ordinal: 0, .. })
+    ));
+    assert_eq!(reader.log_end(), (12, 12));
+    reader.seek(11).unwrap();
+    let mut last = Vec::new();
+    reader
+        .poll(usize::MAX, |b| last.push(b.payload.to_vec()))
+        .unwrap();
+    assert_eq!(last, vec![big], "the batch that waited for room is intact");
+    assert!(matches!(
+        writer.reserve(40 * 1024),
+        Err(AppendError::TooLarge {
+            payload_bytes: 40960,
+            batch_bytes_max: 32768
+        })
+    ));
+}
+
+#[test]
+fn impossible_batch_header_is_rejected_and_corrupts_nothing() {
+    let g = geometry();
+    let (_region, pool) = new_pool(g);
+    let topic = pool.create_topic("bad", config(Order::Total)).unwrap();
+    let mut good = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    // A buggy or malicious writer on broker 0 publishes impossible headers.
+    let mem = pool.mem();
+    let impossible = [
+        (u32::MAX, 1, 0, Order::Total), // payload larger than the log
+        (64, 100, 0, Order::Total),     // 100 messages in 64 bytes
+        (64, 1, g.blog_bytes - 32, Order::Total), // crosses the log end
+        (64, 1, 3, Order::Total),       // unaligned
+        (64, 1, 0, Order::TotalSessionFifo), // order of another topic
+        (0, 0, 0, Order::Total),        // empty
+    ];
+    for (slot, &(payload_bytes, message_count, blog_offset, order)) in impossible.iter().enumerate()
+    {
+        let header = BatchHeader {
+            blog_offset,
+            client_id: 66,
+            batch_seq: slot as u64,
+            payload_bytes,
+            message_count,
+            session_epoch: 1,
+            checksum: 0,
+            order: order as u8,
+            reserved: [0; 15],
+            ready: slot as u64 + 1,
+        };
+        publish(mem, g.ring_slot_offset(topic, 0, slot as u64), &header);
+    }
+    pool.write_frontier(
+        g.frontier_offset(topic, 0, FRONTIER_WRITTEN),
+        impossible.len() as u64,
+        0,
+    );
+    let data = payload(4, 3);
+    good.append(meta(2, 0, &data, 3), &data).unwrap();
+    sequencer.poll(0);
+    assert_eq!(sequencer.stats().rejected_invalid, impossible.len() as u64);
+    assert_eq!(sequencer.stats().batches_ordered, 1);
+    let mut completions = Vec::new();
+    for slot in 0..impossible.len() as u64 {
+        let offset = g.completion_offset(topic, 0, slot);
+        mem.invalidate(offset, 32);
+        mem.fence();
+        completions.push(mem.load_u64(offset + 8) as u32);
+    }
+    assert!(
+        completions
+            .iter()
+            .all(|&c| c == CompletionStatus::RejectedInvalid.code())
+    );
+    let log = read_all(&pool, topic);
+    assert_eq!(
+        log,
+        vec![(0, 2, 0, data)],
+        "only the good batch is in the log"
+    );
+    assert_eq!(outcomes(&mut good)[0].status, CompletionStatus::Ordered);
+}
+
+#[test]
+fn attaching_checks_magic_version_readiness_and_size() {
+    let g = geometry();
+    let region = Arc::new(HeapRegion::new(g.layout_bytes()));
+    let mem = region.memory(MODE);
+    assert!(matches!(
+        Pool::attach(mem.clone()),
+        Err(PoolError::BadMagic { found: 0 })
+    ));
+    Pool::format(mem.clone(), g, 1).unwrap();
+    Pool::attach(mem.clone()).unwrap();
+
+    // Another layout version.
+    let version_offset = std::mem::offset_of!(PoolHeader, layout_version) as u64;
+    mem.write(version_offset, &(LAYOUT_VERSION + 1).to_le_bytes());
+    assert_eq!(
+        Pool::attach(mem.clone()).unwrap_err(),
+        PoolError::LayoutVersion {
+            found: LAYOUT_VERSION + 1,
+            expected: LAYOUT_VERSION
+        }
+    );
+    let message = Pool::attach(mem.clone()).unwrap_err().to_string();
+    assert!(message.contains("re-format"), "{message}");
+    mem.write(version_offset, &LAYOUT_VERSION.to_le_bytes());
+
+    // Formatting that never completed.
+    mem.store_u64(PoolHeader::READY_OFFSET, 0);
+    assert_eq!(
+        Pool::attach(mem.clone()).unwrap_err(),
+        PoolError::NotFormatted
+    );
+    Pool::format(mem.clone(), g, 1).unwrap();
+
+    // A mapping smaller than the pool in it.
+    let short = region.memory(MODE);
+    // SAFETY: a prefix of a live region, kept alive by `region` for the rest of the test.
+    let short = unsafe { PoolMemory::new(region_base(&short), g.layout_bytes() / 2, MODE) };
+    assert!(matches!(
+        Pool::attach(short),
+        Err(PoolError::Truncated { .. })
+    ));
+
+    // A pool too small for the geometry asked for.
+    let tiny = Arc::new(HeapRegion::new(64 * 1024));
+    let err = Pool::format(tiny.memory(MODE), g, 1).unwrap_err();
+    assert!(matches!(err, PoolError::Geometry(_)), "{err}");
+    assert!(err.to_string().contains("too small"), "{err}");
+}
+
+fn region_base(mem: &PoolMemory) -> *mut u8 {
+    let mut base = std::ptr::null_mut();
+    mem.with_bytes(0, 1, |bytes| base = bytes.as_ptr().cast_mut());
+    base
+}
+
+#[test]
+fn topics_are_validated_and_unique() {
+    let (_region, pool) = new_pool(geometry());
+    let a = pool.create_topic("a", config(Order::Total)).unwrap();
+    assert_eq!(pool.create_topic("a", config(Order::Total)).unwrap(), a);
+    assert!(matches!(
+        pool.create_topic("a", config(Order::Unordered)),
+        Err(PoolError::TopicConflict { order: 2, .. })
+    ));
+    assert!(matches!(
+        pool.create_topic("no spaces", config(Order::Total)),
+        Err(PoolError::TopicNameInvalid { .. })
+    ));
+    assert!(matches!(
+        pool.create_topic(&"x".repeat(65), config(Order::Total)),
+        Err(PoolError::TopicNameInvalid { .. })
+    ));
+    pool.create_topic("b", config(Order::BrokerFifo)).unwrap();
+    assert_eq!(
+        pool.create_topic("c", config(Order::Total)),
+        Err(PoolError::TopicTableFull { topics_max: 2 })
+    );
+    assert_eq!(
+        pool.find_topic("b").unwrap().unwrap().1.order,
+        Order::BrokerFifo
+    );
+    assert_eq!(pool.find_topic("zzz").unwrap(), None);
+    assert!(matches!(
+        TopicWriter::new(pool.clone(), a, 9),
+        Err(WriterError::Pool(PoolError::NoSuchBroker {
+            broker: 9,
+            brokers_max: 4
+        }))
+    ));
+}
+
+#[test]
+fn a_writer_refuses_a_ring_left_by_an_earlier_run() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("t", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let data = payload(1, 1);
+    writer.append(meta(1, 0, &data, 1), &data).unwrap();
+    assert!(matches!(
+        TopicWriter::new(pool.clone(), topic, 0),
+        Err(WriterError::RingNotEmpty {
+            written_slots: 1,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn reader_seeks_by_position_and_refuses_beyond_the_end() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("seek", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 2).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    for seq in 0..5 {
+        let data = payload(seq as u8, 3);
+        writer.append(meta(1, seq, &data, 3), &data).unwrap();
+    }
+    sequencer.poll(0);
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    assert_eq!(reader.log_end(), (5, 15));
+    reader.seek(7).unwrap();
+    let mut starts = Vec::new();
+    reader.poll(10, |b| starts.push(b.global_start)).unwrap();
+    assert_eq!(
+        starts,
+        vec![6, 9, 12],
+        "from the batch that holds position 7"
+    );
+    reader.seek(15).unwrap();
+    assert_eq!(reader.poll(10, |_| {}).unwrap(), 0);
+    assert_eq!(
+        reader.seek(16),
+        Err(ReadError::BeyondEnd {
+            position: 16,
+            end: 15
+        })
+    );
+    let mut messages = Vec::new();
+    reader.seek(0).unwrap();
+    reader
+        .poll(1, |b| messages.extend(b.messages().map(<[u8]>::len)))
+        .unwrap();
+    assert_eq!(messages, vec![10, 11, 12]);
+}
