@@ -608,3 +608,170 @@ impl HelloOkRepr {
         ok.set_log_end(self.log_end);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topic() -> Topic {
+        Topic::new("orders").unwrap()
+    }
+
+    fn encode(repr: &HelloRepr) -> Vec<u8> {
+        let mut bytes = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut Hello::new_unchecked(&mut bytes[..]));
+        bytes
+    }
+
+    fn parse(bytes: &[u8]) -> Result<HelloRepr, Error> {
+        HelloRepr::parse(&Hello::new_checked(bytes)?, &Limits::default())
+    }
+
+    fn publisher() -> HelloRepr {
+        HelloRepr {
+            role: Role::Publish,
+            order: Order::TotalSessionFifo,
+            ack: AckLevel::Replicated,
+            client_id: 0xfeed,
+            session_epoch: 3,
+            topic: topic(),
+        }
+    }
+
+    #[test]
+    fn round_trip_both_roles() {
+        let publisher = publisher();
+        let bytes = encode(&publisher);
+        assert_eq!(bytes.len(), 36 + 6);
+        assert_eq!(&bytes[..4], b"EMBR");
+        assert_eq!(parse(&bytes), Ok(publisher));
+        let subscriber = HelloRepr {
+            role: Role::Subscribe {
+                from_position: FROM_END,
+                batch_bytes_max: 1 << 20,
+            },
+            ack: AckLevel::FireAndForget,
+            ..publisher
+        };
+        assert_eq!(parse(&encode(&subscriber)), Ok(subscriber));
+    }
+
+    #[test]
+    fn magic_and_version_come_first() {
+        let mut bytes = encode(&publisher());
+        bytes[4] = 2;
+        // A version-2 client's Hello is refused for its version even when its layout differs.
+        assert_eq!(
+            parse(&bytes[..10]),
+            Err(Error::UnsupportedVersion {
+                got: 2,
+                supported: 1
+            })
+        );
+        bytes[0] = b'X';
+        assert_eq!(parse(&bytes), Err(Error::BadMagic { got: *b"XMBR" }));
+        assert!(matches!(
+            parse(&bytes[..5]),
+            Err(Error::Truncated {
+                needed: 6,
+                got: 5,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn field_rules() {
+        let good = encode(&publisher());
+        let with = |at: usize, value: u8| {
+            let mut bytes = good.clone();
+            bytes[at] = value;
+            parse(&bytes)
+        };
+        assert_eq!(with(6, 3), Err(Error::InvalidRole(3)));
+        assert_eq!(with(7, 3), Err(Error::InvalidOrder(3)));
+        assert_eq!(with(8, 3), Err(Error::InvalidAckLevel(3)));
+        assert!(matches!(with(10, 1), Err(Error::NonZeroReserved { .. })));
+        assert_eq!(
+            with(24, 1),
+            Err(Error::SubscriberFieldOnPublisher {
+                field: "from_position",
+                value: 1
+            })
+        );
+        assert_eq!(
+            with(36, b' '),
+            Err(Error::InvalidTopicByte {
+                byte: b' ',
+                index: 0
+            })
+        );
+        assert_eq!(
+            with(9, 7),
+            Err(Error::LengthMismatch {
+                what: "hello body",
+                expected: 43,
+                actual: 42
+            })
+        );
+        let mut subscriber = good.clone();
+        subscriber[6] = 2;
+        subscriber[32..36].copy_from_slice(&(65u32 << 20).to_le_bytes());
+        assert_eq!(
+            parse(&subscriber).unwrap_err().to_string(),
+            "subscriber batch_bytes_max of 68157440 is outside 4..=67108864"
+        );
+        let short = Limits::default().with_topic_bytes_max(4).unwrap();
+        assert_eq!(
+            HelloRepr::parse(&Hello::new_checked(&good[..]).unwrap(), &short),
+            Err(Error::TopicTooLong { len: 6, max: 4 })
+        );
+    }
+
+    #[test]
+    fn hello_ok_round_trip_and_rules() {
+        let repr = HelloOkRepr {
+            broker_id: 2,
+            batch_bytes_max: 16 << 20,
+            order: Order::Total,
+            ack: AckLevel::Ordered,
+            next_batch_seq: 41,
+            log_start: 10,
+            log_end: 99,
+        };
+        let mut bytes = [0u8; HELLO_OK_BYTES];
+        repr.emit(&mut HelloOk::new_unchecked(&mut bytes[..]));
+        let parse = |bytes: &[u8]| HelloOkRepr::parse(&HelloOk::new_checked(bytes)?);
+        assert_eq!(parse(&bytes), Ok(repr));
+
+        let mut inverted = bytes;
+        inverted[24..32].copy_from_slice(&100u64.to_le_bytes());
+        assert_eq!(
+            parse(&inverted),
+            Err(Error::LogRangeInverted {
+                log_start: 100,
+                log_end: 99
+            })
+        );
+        let mut zero_limit = bytes;
+        zero_limit[4..8].fill(0);
+        assert!(matches!(
+            parse(&zero_limit),
+            Err(Error::OutOfRange { value: 0, .. })
+        ));
+        let mut version = bytes;
+        version[0] = 9;
+        assert_eq!(
+            parse(&version[..3]),
+            Err(Error::UnsupportedVersion {
+                got: 9,
+                supported: 1
+            })
+        );
+        assert!(matches!(parse(&bytes[..39]), Err(Error::Truncated { .. })));
+        assert!(matches!(
+            parse(&[bytes.as_slice(), &[0]].concat()),
+            Err(Error::LengthMismatch { .. })
+        ));
+    }
+}

@@ -8,7 +8,8 @@
 //! Batch and Delivery frames carry a payload ([`payload`]: length-prefixed messages, the
 //! format the broker stores verbatim). Their fixed headers ([`BatchHeader`], 32 bytes;
 //! [`DeliveryHeader`], 48 bytes) let a receiver read the payload straight into its
-//! destination and check it afterwards with [`verify_payload`].
+//! destination and check it afterwards with [`verify_payload`]. [`FrameDecoder`] drives this
+//! over a byte stream without doing any I/O.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -16,6 +17,7 @@
 mod ack;
 mod batch;
 mod bytes;
+mod decoder;
 mod delivery;
 mod error;
 mod error_frame;
@@ -34,6 +36,7 @@ pub use batch::{
     BATCH_HEADER_BYTES, BATCH_PREFIX_BYTES, BatchHeader, BatchHeaderRepr, PayloadHeader,
     verify_payload,
 };
+pub use decoder::{Decoded, FrameDecoder};
 pub use delivery::{
     DELIVERY_HEADER_BYTES, DELIVERY_PREFIX_BYTES, DeliveryHeader, DeliveryHeaderRepr,
 };

@@ -415,3 +415,67 @@ impl TopicOkRepr {
         ok.set_topic(&self.topic);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_topic_round_trip_and_rules() {
+        let limits = Limits::default();
+        let repr = CreateTopicRepr {
+            topic: Topic::new("t-1").unwrap(),
+            order: Order::TotalSessionFifo,
+            ack: AckLevel::Replicated,
+            replication_factor: 2,
+        };
+        let mut bytes = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut CreateTopic::new_unchecked(&mut bytes[..]));
+        let parse =
+            |bytes: &[u8]| CreateTopicRepr::parse(&CreateTopic::new_checked(bytes)?, &limits);
+        assert_eq!(parse(&bytes), Ok(repr));
+
+        let mut no_replicas = bytes.clone();
+        no_replicas[8] = 0;
+        assert_eq!(parse(&no_replicas), Err(Error::ReplicationFactorZero));
+        let mut bad_magic = bytes.clone();
+        bad_magic[3] = b'X';
+        assert_eq!(parse(&bad_magic), Err(Error::BadMagic { got: *b"EMBX" }));
+        let mut empty_topic = bytes[..12].to_vec();
+        empty_topic[9] = 0;
+        assert_eq!(parse(&empty_topic), Err(Error::EmptyTopic));
+    }
+
+    #[test]
+    fn topic_ok_round_trip_and_rules() {
+        let limits = Limits::default();
+        let repr = TopicOkRepr {
+            broker_id: 7,
+            topic: Topic::new("t_2").unwrap(),
+            order: Order::Unordered,
+            ack: AckLevel::Ordered,
+            replication_factor: 0,
+            created: true,
+        };
+        let mut bytes = vec![0u8; repr.buffer_len()];
+        repr.emit(&mut TopicOk::new_unchecked(&mut bytes[..]));
+        let parse = |bytes: &[u8]| TopicOkRepr::parse(&TopicOk::new_checked(bytes)?, &limits);
+        assert_eq!(parse(&bytes), Ok(repr));
+
+        let mut bad_bool = bytes.clone();
+        bad_bool[5] = 2;
+        assert_eq!(
+            parse(&bad_bool),
+            Err(Error::InvalidBool {
+                field: "topic-ok created",
+                value: 2
+            })
+        );
+        let mut reserved = bytes.clone();
+        reserved[7] = 1;
+        assert!(matches!(
+            parse(&reserved),
+            Err(Error::NonZeroReserved { .. })
+        ));
+    }
+}
