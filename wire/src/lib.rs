@@ -28,6 +28,9 @@ pub mod payload;
 mod topic;
 mod types;
 
+#[cfg(test)]
+mod proptests;
+
 pub use ack::{
     ACK_BODY_BYTES_MAX, ACK_ENTRIES_MAX, ACK_ENTRY_BYTES, ACK_FIXED_BYTES, Ack, AckEntry, AckRepr,
     AckStatus,
