@@ -1,44 +1,4 @@
 //! [`FrameDecoder`]: a sans-IO stream decoder that hands payloads to the caller.
-//!
-//! The decoder works in steps of known size: the 8-byte frame header, then either a control
-//! frame's body (buffered, at most `frame_bytes_max`) or the fixed header of a Batch (32 B)
-//! or Delivery (48 B). After a Batch or Delivery header it reports the header and the payload
-//! length; the caller then either receives the payload itself (straight into its destination)
-//! and reports it with [`FrameDecoder::payload_received`], or keeps feeding bytes through
-//! [`FrameDecoder::decode`], which passes them back as [`Decoded::Payload`] slices.
-//! [`FrameDecoder::wanted`] is always the exact number of bytes that completes the current
-//! step, so a reader that never reads past a step never reads past a frame.
-//!
-//! ```
-//! use wire::{BatchHeaderRepr, Decoded, FrameDecoder, Limits, payload, verify_payload};
-//!
-//! // A publisher's stream: one batch of two messages.
-//! let mut body = Vec::new();
-//! payload::push_message(&mut body, b"hello");
-//! payload::push_message(&mut body, b"world");
-//! let header = BatchHeaderRepr::for_payload(0, 2, &body, &Limits::default()).unwrap();
-//! let mut stream = header.frame_prefix().to_vec();
-//! stream.extend_from_slice(&body);
-//!
-//! // A broker reading exactly what the decoder wants.
-//! let mut decoder = FrameDecoder::new(Limits::default());
-//! let mut at = 0;
-//! let batch = loop {
-//!     let want = decoder.wanted();
-//!     match decoder.decode(&stream[at..at + want]).unwrap() {
-//!         (used, Decoded::NeedMore(_)) => at += used,
-//!         (used, Decoded::Batch(batch)) => { at += used; break batch }
-//!         (_, other) => panic!("unexpected {other:?}"),
-//!     }
-//! };
-//! // Receive the payload straight into the destination (here: a slice of "shared memory").
-//! let mut pool = vec![0u8; 4096];
-//! let len = batch.payload_bytes as usize;
-//! pool[..len].copy_from_slice(&stream[at..at + len]);
-//! decoder.payload_received(len).unwrap();
-//! verify_payload(&batch, &pool[..len]).unwrap();
-//! assert!(decoder.at_frame_boundary());
-//! ```
 
 use crate::batch::{BatchHeader, BatchHeaderRepr};
 use crate::delivery::{DeliveryHeader, DeliveryHeaderRepr};
@@ -96,7 +56,45 @@ fn after_payload(remaining: u32) -> State {
     }
 }
 
-/// Incremental frame decoder; see the [module documentation](self).
+/// The decoder works in steps of known size: the 8-byte frame header, then either a control
+/// frame's body (buffered, at most `frame_bytes_max`) or the fixed header of a Batch (32 B)
+/// or Delivery (48 B). After a Batch or Delivery header it reports the header and the payload
+/// length; the caller then either receives the payload itself (straight into its destination)
+/// and reports it with [`FrameDecoder::payload_received`], or keeps feeding bytes through
+/// [`FrameDecoder::decode`], which passes them back as [`Decoded::Payload`] slices.
+/// [`FrameDecoder::wanted`] is always the exact number of bytes that completes the current
+/// step, so a reader that never reads past a step never reads past a frame.
+///
+/// ```
+/// use wire::{BatchHeaderRepr, Decoded, FrameDecoder, Limits, payload, verify_payload};
+///
+/// // A publisher's stream: one batch of two messages.
+/// let mut body = Vec::new();
+/// payload::push_message(&mut body, b"hello");
+/// payload::push_message(&mut body, b"world");
+/// let header = BatchHeaderRepr::for_payload(0, 2, &body, &Limits::default()).unwrap();
+/// let mut stream = header.frame_prefix().to_vec();
+/// stream.extend_from_slice(&body);
+///
+/// // A broker reading exactly what the decoder wants.
+/// let mut decoder = FrameDecoder::new(Limits::default());
+/// let mut at = 0;
+/// let batch = loop {
+///     let want = decoder.wanted();
+///     match decoder.decode(&stream[at..at + want]).unwrap() {
+///         (used, Decoded::NeedMore(_)) => at += used,
+///         (used, Decoded::Batch(batch)) => { at += used; break batch }
+///         (_, other) => panic!("unexpected {other:?}"),
+///     }
+/// };
+/// // Receive the payload straight into the destination (here: a slice of "shared memory").
+/// let mut pool = vec![0u8; 4096];
+/// let len = batch.payload_bytes as usize;
+/// pool[..len].copy_from_slice(&stream[at..at + len]);
+/// decoder.payload_received(len).unwrap();
+/// verify_payload(&batch, &pool[..len]).unwrap();
+/// assert!(decoder.at_frame_boundary());
+/// ```
 ///
 /// After an error the stream is out of step: every later call returns the same error.
 #[derive(Debug, Clone)]
