@@ -48,14 +48,39 @@ fn setup(mode: CoherenceMode, blog_bytes: u64) -> Setup {
     let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
     let pool = Pool::format(region.memory(mode), geometry, 1).expect("format");
     let topic = pool
-        .create_topic("bench", TopicConfig { order: Order::TotalSessionFifo, ack: 1, replication_factor: 1 })
+        .create_topic(
+            "bench",
+            TopicConfig {
+                order: Order::TotalSessionFifo,
+                ack: 1,
+                replication_factor: 1,
+            },
+        )
         .expect("topic");
     let writers = (0..BROKERS)
-        .map(|b| TopicWriter::new(Pool::attach(region.memory(mode)).expect("attach"), topic, b).expect("writer"))
+        .map(|b| {
+            TopicWriter::new(Pool::attach(region.memory(mode)).expect("attach"), topic, b)
+                .expect("writer")
+        })
         .collect();
-    let config = SequencerConfig { scan_slots_max: RING_SLOTS, ..SequencerConfig::default() };
-    let sequencer = Sequencer::new(Pool::attach(region.memory(mode)).expect("attach"), 0, 1, config).expect("sequencer");
-    Setup { _region: region, pool, writers, sequencer, topic }
+    let config = SequencerConfig {
+        scan_slots_max: RING_SLOTS,
+        ..SequencerConfig::default()
+    };
+    let sequencer = Sequencer::new(
+        Pool::attach(region.memory(mode)).expect("attach"),
+        0,
+        1,
+        config,
+    )
+    .expect("sequencer");
+    Setup {
+        _region: region,
+        pool,
+        writers,
+        sequencer,
+        topic,
+    }
 }
 
 fn payload(message_bytes: usize, messages: usize) -> Vec<u8> {
@@ -77,7 +102,13 @@ fn sequencing_rate(mode: CoherenceMode) -> f64 {
     while spent < MEASURE {
         for (b, writer) in s.writers.iter_mut().enumerate() {
             for _ in 0..RING_SLOTS {
-                let meta = BatchMeta { client_id: b as u64, session_epoch: 1, batch_seq: seqs[b], message_count: 1, checksum };
+                let meta = BatchMeta {
+                    client_id: b as u64,
+                    session_epoch: 1,
+                    batch_seq: seqs[b],
+                    message_count: 1,
+                    checksum,
+                };
                 writer.append(meta, &data).expect("room after completions");
                 seqs[b] += 1;
             }
@@ -108,9 +139,15 @@ fn payload_path(mode: CoherenceMode, verify_checksums: bool) -> f64 {
     while started.elapsed() < MEASURE {
         for (b, writer) in s.writers.iter_mut().enumerate() {
             for _ in 0..32 {
-                let meta = BatchMeta { client_id: b as u64, session_epoch: 1, batch_seq: seqs[b], message_count: BIG_MESSAGES as u32, checksum };
-                let reservation = writer.reserve(data.len() as u64).expect("room");
-                writer.write_payload(&reservation, &data);
+                let meta = BatchMeta {
+                    client_id: b as u64,
+                    session_epoch: 1,
+                    batch_seq: seqs[b],
+                    message_count: BIG_MESSAGES as u32,
+                    checksum,
+                };
+                let mut reservation = writer.reserve(data.len() as u64).expect("room");
+                writer.write_payload(&mut reservation, &data);
                 writer.commit(reservation, meta);
                 seqs[b] += 1;
             }
@@ -126,7 +163,10 @@ fn payload_path(mode: CoherenceMode, verify_checksums: bool) -> f64 {
         }
         bytes += 32 * u64::from(BROKERS) * data.len() as u64;
     }
-    assert_eq!(message_bytes_seen, bytes / data.len() as u64 * (BIG_MESSAGES * BIG_MESSAGE_BYTES) as u64);
+    assert_eq!(
+        message_bytes_seen,
+        bytes / data.len() as u64 * (BIG_MESSAGES * BIG_MESSAGE_BYTES) as u64
+    );
     bytes as f64 / started.elapsed().as_secs_f64()
 }
 
@@ -170,15 +210,31 @@ fn main() {
     }
     println!(
         "{:<12} {:>20} {:>24} {:>9} {:>24} {:>9}",
-        "mode", "batches sequenced/s", "write+seq+read GB/s", "x memcpy", "same + read CRC GB/s", "x memcpy"
+        "mode",
+        "batches sequenced/s",
+        "write+seq+read GB/s",
+        "x memcpy",
+        "same + read CRC GB/s",
+        "x memcpy"
     );
     for (mode, rate, plain, checked) in &rows {
         println!(
             "{:<12} {:>20.0} {:>24.2} {:>9.2} {:>24.2} {:>9.2}",
-            mode.to_string(), rate, plain / 1e9, plain / memcpy, checked / 1e9, checked / memcpy
+            mode.to_string(),
+            rate,
+            plain / 1e9,
+            plain / memcpy,
+            checked / 1e9,
+            checked / memcpy
         );
     }
-    println!("{:<12} {:>20} {:>24.2} {:>9.2}", "memcpy", "-", memcpy / 1e9, 1.0);
+    println!(
+        "{:<12} {:>20} {:>24.2} {:>9.2}",
+        "memcpy",
+        "-",
+        memcpy / 1e9,
+        1.0
+    );
     let json_rows: Vec<String> = rows
         .iter()
         .map(|(mode, rate, plain, checked)| {
@@ -195,7 +251,8 @@ fn main() {
         json_rows.join(",")
     );
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("core.json"), json).is_ok() {
+    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join("core.json"), json).is_ok()
+    {
         println!("wrote target/bench/core.json");
     }
 }

@@ -38,6 +38,14 @@ pub trait SharedMemory {
     /// Stores `data` at `offset` into this agent's view; others see it after [`Self::flush`].
     fn write(&self, offset: u64, data: &[u8]);
 
+    /// Stores a large `data` (a payload) at `offset`. Returns true when the bytes went
+    /// straight to memory (streaming stores), so that a fence alone publishes them and the
+    /// flush may be skipped; false when the caller must flush as after [`Self::write`].
+    fn write_bulk(&self, offset: u64, data: &[u8]) -> bool {
+        self.write(offset, data);
+        false
+    }
+
     /// Loads an aligned `u64` (a flag or a frontier) from this agent's view.
     fn load_u64(&self, offset: u64) -> u64;
 
@@ -219,14 +227,25 @@ impl SharedMemory for PoolMemory {
         unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
     }
 
+    fn write_bulk(&self, offset: u64, data: &[u8]) -> bool {
+        if !self.stream_writes || data.len() < STREAM_WRITE_BYTES_MIN {
+            self.write(offset, data);
+            return false;
+        }
+        let dst = self.ptr(offset, data.len() as u64);
+        // SAFETY: `new` checked AVX2; `dst` is valid for `data.len()` bytes, `data` is private
+        // memory, and this agent is the single writer of the range.
+        unsafe { x86::stream_copy(dst, data) };
+        // The ends are copied through the cache: write back the (at most two) lines they touch.
+        let head_line = offset - offset % CACHE_LINE_BYTES;
+        let end = offset + data.len() as u64;
+        self.flush(head_line, CACHE_LINE_BYTES);
+        self.flush(end - 1, 1);
+        true
+    }
+
     fn write(&self, offset: u64, data: &[u8]) {
         let dst = self.ptr(offset, data.len() as u64);
-        if self.stream_writes && data.len() >= STREAM_WRITE_BYTES_MIN {
-            // SAFETY: `new` checked AVX2; `dst` is valid for `data.len()` bytes, `data` is
-            // private memory, and this agent is the single writer of the range.
-            unsafe { x86::stream_copy(dst, data) };
-            return;
-        }
         // SAFETY: `dst` is valid for `data.len()` bytes of the mapping; `data` is private
         // memory, so the ranges do not overlap. This agent is the single writer of the range.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
@@ -289,8 +308,8 @@ impl SharedMemory for PoolMemory {
     }
 }
 
-/// Writes at least this large are streamed in non-coherent mode; smaller ones (headers,
-/// flags) stay in the cache, where the writer's own flush handles them.
+/// Bulk writes at least this large are streamed in non-coherent mode; smaller ones stay in
+/// the cache, where the writer's own flush handles them.
 const STREAM_WRITE_BYTES_MIN: usize = 1024;
 
 /// Start offsets of the cache lines covering `[offset, offset + len)`.

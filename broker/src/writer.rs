@@ -73,6 +73,8 @@ pub struct Reservation {
     allocation: u64,
     blog_offset: u64,
     payload_bytes: u64,
+    /// The payload went to memory with streaming stores: no flush needed before the fence.
+    streamed: bool,
 }
 
 impl Reservation {
@@ -248,6 +250,7 @@ impl<M: SharedMemory> TopicWriter<M> {
             allocation,
             blog_offset: payload_start,
             payload_bytes,
+            streamed: false,
         })
     }
 
@@ -277,8 +280,11 @@ impl<M: SharedMemory> TopicWriter<M> {
     pub fn commit(&mut self, reservation: Reservation, meta: BatchMeta) -> u64 {
         let geometry = *self.pool.geometry();
         let mem = self.pool.mem();
-        let payload_offset = geometry.blog_offset(self.topic, self.broker, reservation.blog_offset);
-        mem.flush(payload_offset, reservation.payload_bytes);
+        if !reservation.streamed {
+            let payload_offset =
+                geometry.blog_offset(self.topic, self.broker, reservation.blog_offset);
+            mem.flush(payload_offset, reservation.payload_bytes);
+        }
         let slot = self.next_slot;
         let header = BatchHeader {
             blog_offset: reservation.blog_offset,
@@ -314,8 +320,8 @@ impl<M: SharedMemory> TopicWriter<M> {
 
     /// Reserves, copies and commits in one step.
     pub fn append(&mut self, meta: BatchMeta, payload: &[u8]) -> Result<u64, AppendError> {
-        let reservation = self.reserve(payload.len() as u64)?;
-        self.write_payload(&reservation, payload);
+        let mut reservation = self.reserve(payload.len() as u64)?;
+        self.write_payload(&mut reservation, payload);
         Ok(self.commit(reservation, meta))
     }
 
