@@ -354,14 +354,17 @@ mod x86 {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, head) };
         let mut at = head;
         while at < head + body {
+            let from = src.as_ptr().wrapping_add(at).cast::<__m256i>();
+            let to = dst.wrapping_add(at).cast::<__m256i>();
             // SAFETY: `at + 32 <= len`; an unaligned load from the private source.
-            let value = unsafe { _mm256_loadu_si256(src.as_ptr().add(at).cast::<__m256i>()) };
-            // SAFETY: `dst + at` is 32-byte aligned (head aligned it) and `at + 32 <= len`.
-            unsafe { _mm256_stream_si256(dst.add(at).cast::<__m256i>(), value) };
+            let value = unsafe { _mm256_loadu_si256(from) };
+            // SAFETY: `to` is 32-byte aligned (the head aligned it) and `at + 32 <= len`.
+            unsafe { _mm256_stream_si256(to, value) };
             at += 32;
         }
+        let (from, to) = (src.as_ptr().wrapping_add(at), dst.wrapping_add(at));
         // SAFETY: the last `len - at` bytes of both ranges are valid and do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), dst.add(at), len - at) };
+        unsafe { std::ptr::copy_nonoverlapping(from, to, len - at) };
         _mm_sfence();
     }
 

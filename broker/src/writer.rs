@@ -265,14 +265,13 @@ impl<M: SharedMemory> TopicWriter<M> {
             .fill_bytes(offset, reservation.payload_bytes, f)
     }
 
-    /// Copies `payload` into a reservation (which must be exactly its size).
-    pub fn write_payload(&self, reservation: &Reservation, payload: &[u8]) {
+    /// Copies `payload` into a reservation (which must be exactly its size), with streaming
+    /// stores where the memory supports them.
+    pub fn write_payload(&self, reservation: &mut Reservation, payload: &[u8]) {
         assert_eq!(payload.len() as u64, reservation.payload_bytes);
-        let offset =
-            self.pool
-                .geometry()
-                .blog_offset(self.topic, self.broker, reservation.blog_offset);
-        self.pool.mem().write(offset, payload);
+        let geometry = self.pool.geometry();
+        let offset = geometry.blog_offset(self.topic, self.broker, reservation.blog_offset);
+        reservation.streamed = self.pool.mem().write_bulk(offset, payload);
     }
 
     /// Publishes a filled reservation as the next ring slot: flushes the payload, fences,
