@@ -28,6 +28,7 @@ mod mounts;
 mod page;
 mod private;
 mod region;
+pub mod setup;
 mod sysfs;
 
 pub use backing::backing_of;

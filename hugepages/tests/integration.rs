@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hugepages::{
     BackingKind, Error, PageSize, PrivateBuffer, RegionOptions, SharedRegion, backing_of,
-    default_pool_dir, hugetlbfs_mounts, preflight,
+    default_pool_dir, hugetlbfs_mounts, preflight, setup,
 };
 
 const SYSFS: &str = "/sys/kernel/mm/hugepages";
@@ -29,13 +29,7 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Whether we run as root; prints the skip line when not.
 fn root_or_skip() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    let euid = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .unwrap();
-    if euid != "0" {
+    if !setup::is_root() {
         eprintln!("skipped: needs root to reserve hugepages");
         return false;
     }
@@ -55,59 +49,12 @@ fn available(page_size: PageSize) -> u64 {
 /// Raises the pool (never lowers it) until `pages` are available; false if the kernel
 /// could not find the memory.
 fn ensure_available(page_size: PageSize, pages: u64) -> bool {
-    let have = available(page_size);
-    if have < pages {
-        let total = counter(page_size, "nr_hugepages");
-        let path = Path::new(SYSFS)
-            .join(page_size.sysfs_dir())
-            .join("nr_hugepages");
-        fs::write(&path, (total + pages - have).to_string()).unwrap();
-    }
-    available(page_size) >= pages
+    setup::ensure_free_pages(page_size, pages).is_ok()
 }
 
-/// A hugetlbfs mounted on a fresh temporary directory; unmounted and removed on drop.
-struct TestMount {
-    dir: tempfile::TempDir,
-}
-
-impl TestMount {
-    fn new(page_size: PageSize) -> TestMount {
-        let dir = tempfile::Builder::new()
-            .prefix("hugepages-test-")
-            .tempdir()
-            .unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "hugetlbfs", "-o"])
-            .arg(format!("pagesize={}", page_size.mount_option()))
-            .arg("none")
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount hugetlbfs on {:?}", dir.path());
-        TestMount { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for TestMount {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount")
-            .arg(self.dir.path())
-            .status()
-            .is_ok_and(|status| status.success());
-        if !unmounted {
-            // Something still maps a file there (a failed test); detach it anyway so no
-            // mount outlives the test.
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.dir.path())
-                .status();
-        }
-    }
+/// A hugetlbfs on a fresh temporary directory, removed on drop.
+fn test_mount(page_size: PageSize) -> setup::TempMount {
+    setup::TempMount::new(page_size).expect("mount hugetlbfs on a temporary directory")
 }
 
 /// Removes a file on drop.
@@ -224,7 +171,7 @@ fn region_on_hugetlbfs_is_shared_across_processes() {
         ensure_available(PageSize::Huge2M, 3),
         "kernel gave too few 2 MiB pages"
     );
-    let mount = TestMount::new(PageSize::Huge2M);
+    let mount = test_mount(PageSize::Huge2M);
     let path = mount.path().join("pool");
     let options = RegionOptions::default();
 
@@ -293,7 +240,7 @@ fn short_hugepages_fail_or_fall_back_to_shm() {
     if !root_or_skip() {
         return;
     }
-    let mount = TestMount::new(PageSize::Huge2M);
+    let mount = test_mount(PageSize::Huge2M);
     let name = format!("hugepages-test-short-{}", std::process::id());
     let path = mount.path().join(&name);
     let shm_path = Path::new("/dev/shm").join(&name);
@@ -356,7 +303,7 @@ fn opening_a_missing_region_says_so() {
     if !root_or_skip() {
         return;
     }
-    let mount = TestMount::new(PageSize::Huge2M);
+    let mount = test_mount(PageSize::Huge2M);
     let path = mount.path().join("never-created");
     let lenient = RegionOptions {
         allow_fallback: true,
