@@ -9,6 +9,7 @@ pub mod heap;
 pub mod layout;
 pub mod pool;
 pub mod reader;
+pub mod region;
 pub mod sequencer;
 pub mod sim;
 pub mod writer;
