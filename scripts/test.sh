@@ -28,7 +28,7 @@ sim=target/release/examples/sim
 "$sim" --seeds 1000 --quiet
 
 for fault in skip-invalidate skip-flush; do
-    echo "== simulation with --fault $fault: must fail"
+    echo "== simulation with --fault $fault: must fail (the FAIL lines below are the expected catches)"
     if "$sim" --seeds 50 --quiet --fault "$fault"; then
         echo "the simulation did not catch --fault $fault" >&2
         exit 1
