@@ -14,36 +14,5 @@ pub mod sequencer;
 pub mod sim;
 pub mod writer;
 
-/// Ordering levels (DESIGN.md section 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Order {
-    /// No global order promised; per-broker arrival order.
-    Unordered = 0,
-    /// Per-broker FIFO per publisher.
-    BrokerFifo = 1,
-    /// One total order over all brokers.
-    Total = 2,
-    /// Total order, and each publisher session's batches in the order it sent them.
-    TotalSessionFifo = 5,
-}
-
-impl TryFrom<u8> for Order {
-    type Error = u8;
-
-    fn try_from(value: u8) -> Result<Self, Self::Error> {
-        match value {
-            0 => Ok(Order::Unordered),
-            1 => Ok(Order::BrokerFifo),
-            2 => Ok(Order::Total),
-            5 => Ok(Order::TotalSessionFifo),
-            other => Err(other),
-        }
-    }
-}
-
-impl std::fmt::Display for Order {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", *self as u8)
-    }
-}
+/// Ordering levels (DESIGN.md section 4), shared with the wire protocol.
+pub use wire::Order;

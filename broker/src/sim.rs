@@ -414,7 +414,7 @@ impl World {
         for t in 0..topic_count {
             let order = [
                 Order::Unordered,
-                Order::BrokerFifo,
+                Order::PerBrokerFifo,
                 Order::Total,
                 Order::TotalSessionFifo,
             ][rng.range(0..4) as usize];

@@ -397,14 +397,14 @@ fn topics_are_validated_and_unique() {
         pool.create_topic(&"x".repeat(65), config(Order::Total)),
         Err(PoolError::TopicNameInvalid { .. })
     ));
-    pool.create_topic("b", config(Order::BrokerFifo)).unwrap();
+    pool.create_topic("b", config(Order::PerBrokerFifo)).unwrap();
     assert_eq!(
         pool.create_topic("c", config(Order::Total)),
         Err(PoolError::TopicTableFull { topics_max: 2 })
     );
     assert_eq!(
         pool.find_topic("b").unwrap().unwrap().1.order,
-        Order::BrokerFifo
+        Order::PerBrokerFifo
     );
     assert_eq!(pool.find_topic("zzz").unwrap(), None);
     assert!(matches!(
