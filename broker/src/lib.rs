@@ -7,10 +7,12 @@
 pub mod coherence;
 pub mod heap;
 pub mod layout;
+pub mod metrics;
 pub mod pool;
 pub mod reader;
 pub mod region;
 pub mod sequencer;
+pub mod server;
 pub mod sim;
 pub mod writer;
 

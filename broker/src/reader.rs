@@ -115,6 +115,17 @@ impl<M: SharedMemory> LogReader<M> {
             .read_frontier(self.pool.geometry().seq_state_offset(self.topic))
     }
 
+    /// First global position still held (the start of the oldest GOI entry kept).
+    pub fn log_start(&self) -> u64 {
+        let (committed, end) = self.log_end();
+        let earliest = self.earliest_ordinal(committed);
+        if earliest == committed {
+            return end;
+        }
+        self.read_entry(earliest)
+            .map_or(end, |entry| entry.global_start)
+    }
+
     /// Ordinal of the next batch this reader hands out.
     pub fn next_ordinal(&self) -> u64 {
         self.next_ordinal

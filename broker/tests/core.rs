@@ -397,7 +397,8 @@ fn topics_are_validated_and_unique() {
         pool.create_topic(&"x".repeat(65), config(Order::Total)),
         Err(PoolError::TopicNameInvalid { .. })
     ));
-    pool.create_topic("b", config(Order::PerBrokerFifo)).unwrap();
+    pool.create_topic("b", config(Order::PerBrokerFifo))
+        .unwrap();
     assert_eq!(
         pool.create_topic("c", config(Order::Total)),
         Err(PoolError::TopicTableFull { topics_max: 2 })

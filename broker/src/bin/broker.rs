@@ -1,0 +1,289 @@
+//! The Embarcadero-rs broker. See `broker --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use broker::coherence::CoherenceMode;
+use broker::layout::Geometry;
+use broker::sequencer::SequencerConfig;
+use broker::server::state::BrokerSettings;
+use broker::server::{BrokerOptions, IdleStrategy, PoolSpec, open_pool, start};
+use clap::Parser;
+
+/// An Embarcadero-rs broker: receives publishers' batches over TCP straight into the shared
+/// pool, acknowledges them once the sequencer has placed them in the total order, and serves
+/// subscribers in that order. All brokers of a cluster map the same pool file; exactly one,
+/// started with --head, runs the sequencer and creates topics.
+///
+/// Every flag can also be set in a TOML file given with --config (keys are the flag names
+/// with '_' for '-', e.g. `pool_bytes = "1G"`); flags on the command line win.
+#[derive(Debug, Parser, serde::Deserialize, Default)]
+#[command(name = "broker", version, about, long_about)]
+#[serde(deny_unknown_fields, default)]
+struct Args {
+    /// TOML file with settings (command-line flags override it).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// This broker's id: 0 .. brokers-max - 1, unique in the cluster (its rings in the pool).
+    #[arg(long)]
+    id: Option<u16>,
+    /// Pool file: on hugetlbfs (e.g. /dev/hugepages/embarcadero), a /dev/daxX.Y device, or a
+    /// /dev/shm file together with --allow-shm-fallback.
+    #[arg(long)]
+    pool: Option<PathBuf>,
+    /// Create and format the pool (replacing the file). Usually given to the head only;
+    /// the other brokers wait for it and attach.
+    #[arg(long)]
+    #[serde(default)]
+    format: bool,
+    /// Size of a pool created with --format: bytes, or with a K, M or G suffix.
+    #[arg(long)]
+    pool_bytes: Option<String>,
+    /// Brokers the pool has rings for (with --format).
+    #[arg(long)]
+    brokers_max: Option<u32>,
+    /// Topics the pool has room for (with --format).
+    #[arg(long)]
+    topics_max: Option<u32>,
+    /// Batch-header ring slots per broker per topic, a power of two (with --format).
+    #[arg(long)]
+    ring_slots: Option<u32>,
+    /// Global order index entries per topic, a power of two (with --format).
+    #[arg(long)]
+    goi_entries: Option<u64>,
+    /// Address to accept clients on, e.g. 127.0.0.1:9000.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Run the sequencer and create topics (exactly one broker of a cluster).
+    #[arg(long)]
+    #[serde(default)]
+    head: bool,
+    /// Refuse Hellos for unknown topics instead of creating them on the head.
+    #[arg(long)]
+    #[serde(default)]
+    no_auto_create_topics: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// coherent (one host, CXL 3) or noncoherent (CXL 2.0: clwb/clflushopt/mfence).
+    #[arg(long)]
+    coherence: Option<String>,
+    /// Use /dev/shm when hugepages are missing (for development; announced with a warning).
+    #[arg(long)]
+    #[serde(default)]
+    allow_shm_fallback: bool,
+    /// SO_RCVBUF/SO_SNDBUF for accepted sockets, in bytes.
+    #[arg(long)]
+    socket_buffer_bytes: Option<usize>,
+    /// Largest batch payload accepted, in bytes (also bounded by half a payload log).
+    #[arg(long)]
+    batch_bytes_max: Option<u32>,
+    /// What polling threads do when idle: spin, yield, or sleep (backoff, for shared cores).
+    #[arg(long, value_enum)]
+    idle: Option<IdleStrategy>,
+    /// Order 5: how long a gap in a session may stay open before the sequencer gives up on
+    /// it (the skipped batch is reported to its publisher), in milliseconds.
+    #[arg(long)]
+    hold_timeout_ms: Option<u64>,
+    /// How long a broker without --format waits for the pool to appear and be formatted.
+    #[arg(long)]
+    attach_timeout_ms: Option<u64>,
+}
+
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, multiplier) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("{text:?} is not a size (bytes, or a number with K, M or G)"))
+}
+
+/// Command-line values win over the file's.
+fn merge(cli: Args, file: Args) -> Args {
+    Args {
+        config: cli.config,
+        id: cli.id.or(file.id),
+        pool: cli.pool.or(file.pool),
+        format: cli.format || file.format,
+        pool_bytes: cli.pool_bytes.or(file.pool_bytes),
+        brokers_max: cli.brokers_max.or(file.brokers_max),
+        topics_max: cli.topics_max.or(file.topics_max),
+        ring_slots: cli.ring_slots.or(file.ring_slots),
+        goi_entries: cli.goi_entries.or(file.goi_entries),
+        listen: cli.listen.or(file.listen),
+        head: cli.head || file.head,
+        no_auto_create_topics: cli.no_auto_create_topics || file.no_auto_create_topics,
+        metrics: cli.metrics.or(file.metrics),
+        coherence: cli.coherence.or(file.coherence),
+        allow_shm_fallback: cli.allow_shm_fallback || file.allow_shm_fallback,
+        socket_buffer_bytes: cli.socket_buffer_bytes.or(file.socket_buffer_bytes),
+        batch_bytes_max: cli.batch_bytes_max.or(file.batch_bytes_max),
+        idle: cli.idle.or(file.idle),
+        hold_timeout_ms: cli.hold_timeout_ms.or(file.hold_timeout_ms),
+        attach_timeout_ms: cli.attach_timeout_ms.or(file.attach_timeout_ms),
+    }
+}
+
+fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
+    let args = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+            let file: Args =
+                toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))?;
+            merge(cli, file)
+        }
+        None => cli,
+    };
+    let id = args.id.ok_or("--id is required")?;
+    let pool = args
+        .pool
+        .ok_or("--pool is required (e.g. /dev/hugepages/embarcadero)")?;
+    let listen = args
+        .listen
+        .ok_or("--listen is required (e.g. 127.0.0.1:9000)")?;
+    let mode = match args.coherence.as_deref() {
+        None => CoherenceMode::default(),
+        Some(text) => text.parse()?,
+    };
+    let format = if args.format {
+        let pool_bytes = parse_bytes(args.pool_bytes.as_deref().unwrap_or("1G"))?;
+        let geometry = Geometry::fit(
+            pool_bytes,
+            args.brokers_max.unwrap_or(4),
+            args.topics_max.unwrap_or(4),
+            args.ring_slots.unwrap_or(1024),
+            args.goi_entries.unwrap_or(1 << 18),
+        )
+        .map_err(|e| format!("pool geometry: {e}"))?;
+        Some((geometry, pool_bytes))
+    } else {
+        None
+    };
+    let spec = PoolSpec {
+        path: pool,
+        format,
+        allow_fallback: args.allow_shm_fallback,
+        mode,
+        attach_timeout: Duration::from_millis(args.attach_timeout_ms.unwrap_or(10_000)),
+    };
+    let defaults = SequencerConfig::default();
+    let options = BrokerOptions {
+        settings: BrokerSettings {
+            broker_id: id,
+            head: args.head,
+            auto_create_topics: !args.no_auto_create_topics,
+            batch_bytes_max: args.batch_bytes_max.unwrap_or(wire::BATCH_BYTES_DEFAULT),
+            frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+        },
+        listen,
+        socket_buffer_bytes: args.socket_buffer_bytes.unwrap_or(4 << 20),
+        idle: args.idle.unwrap_or_default(),
+        sequencer: SequencerConfig {
+            hold_timeout_ns: args
+                .hold_timeout_ms
+                .map_or(defaults.hold_timeout_ns, |ms| ms * 1_000_000),
+            ..defaults
+        },
+        metrics_listen: args.metrics,
+    };
+    Ok((spec, options))
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_signal: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT and SIGTERM stop the broker cleanly. (SIGPIPE is already ignored by the Rust
+/// runtime, so a vanished peer gives EPIPE on its connection instead of killing the broker.)
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe.
+        let previous = unsafe { libc::signal(signal, handler) };
+        if previous == libc::SIG_ERR {
+            log::warn!("cannot install the handler for signal {signal}");
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let (spec, options) = match configure(Args::parse()) {
+        Ok(configured) => configured,
+        Err(message) => {
+            eprintln!("broker: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    install_signal_handlers();
+    let pool = match open_pool(&spec) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("broker {}: {e}", options.settings.broker_id);
+            return ExitCode::FAILURE;
+        }
+    };
+    let running = match start(pool, options) {
+        Ok(running) => running,
+        Err(e) => {
+            eprintln!("broker: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("listening on {}", running.local_addr());
+    while !STOP.load(Ordering::Relaxed) && running.is_running() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let crashed = !running.is_running();
+    running.stop();
+    if crashed {
+        eprintln!("broker: a broker thread ended unexpectedly");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_refuse_garbage() {
+        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
+        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("12X").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_missing_ones_are_named() {
+        let file: Args =
+            toml::from_str("id = 3\npool = \"/p\"\nlisten = \"127.0.0.1:1\"\nidle = \"spin\"")
+                .unwrap();
+        let cli = Args::parse_from(["broker", "--id", "1"]);
+        let merged = merge(cli, file);
+        assert_eq!(merged.id, Some(1));
+        assert_eq!(merged.idle, Some(IdleStrategy::Spin));
+        let error = configure(Args::parse_from(["broker", "--id", "1"])).unwrap_err();
+        assert!(error.contains("--pool is required"), "{error}");
+        assert!(
+            toml::from_str::<Args>("nonsense = 1").is_err(),
+            "unknown keys are refused"
+        );
+    }
+}

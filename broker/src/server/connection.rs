@@ -1,0 +1,921 @@
+//! One client connection: the protocol of `docs/protocol.md` as a state machine over a byte
+//! stream, with no I/O of its own. The network backend hands it a [`ByteStream`] (a kernel
+//! socket, or a smoltcp socket on the bypass path) and calls it when the stream is readable
+//! or writable; time comes in as an argument.
+//!
+//! Publishers' payloads are received straight into a reservation in the pool; when the pool
+//! is full the connection stops reading (TCP backpressure) and never closes for it.
+
+use std::collections::VecDeque;
+use std::io;
+use std::time::{Duration, Instant};
+
+use wire::{
+    AckEntry, AckLevel, AckRepr, AckStatus, BatchHeaderRepr, Decoded, DeliveryHeaderRepr,
+    ErrorCode, ErrorFrameRepr, Frame, FrameDecoder, HelloOkRepr, HelloRepr, Limits, Order,
+    TopicOkRepr,
+};
+
+use crate::coherence::SharedMemory;
+use crate::metrics::Metrics;
+use crate::pool::{PoolError, TopicConfig, TopicId};
+use crate::reader::{LogReader, ReadError};
+use crate::sequencer::CompletionStatus;
+use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
+use crate::writer::{AppendError, BatchMeta, Reservation};
+
+/// A byte stream the connection reads and writes (non-blocking: `WouldBlock` means "later").
+pub trait ByteStream {
+    /// Reads into `buf`; `Ok(0)` is the peer's end of stream.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes from `buf`; returns how much was taken.
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize>;
+}
+
+impl<T: io::Read + io::Write> ByteStream for T {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write(buf)
+    }
+}
+
+/// Bytes of read-ahead for frame headers and small frames.
+const INPUT_BUFFER_BYTES: usize = 64 * 1024;
+/// Subscribers get no more deliveries while this much output is queued.
+const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
+/// Deliveries produced per call, so one subscriber cannot starve the loop.
+const DELIVERIES_PER_POLL: usize = 64;
+/// Waiting this long for pool room counts as a receive stall in the metrics.
+const STALL: Duration = Duration::from_millis(50);
+
+/// What a call to [`Connection::on_readable`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputState {
+    /// The stream has no more bytes now.
+    Drained,
+    /// The connection does not want to read now (pool full, closing): call again later.
+    Paused,
+    /// The peer closed its end, or the stream failed: drop the connection.
+    Ended,
+}
+
+#[derive(Debug)]
+enum Receiving {
+    Idle,
+    /// A batch header arrived; the payload waits for room in the pool.
+    WaitingForRoom {
+        header: BatchHeaderRepr,
+        /// When the first attempt found the pool full (`None`: not tried yet).
+        full_since: Option<Instant>,
+        stalled: bool,
+    },
+    /// Receiving a payload into the pool.
+    Payload {
+        header: BatchHeaderRepr,
+        reservation: Reservation,
+        received: u64,
+    },
+}
+
+#[derive(Debug)]
+struct InFlight {
+    batch_seq: u64,
+    message_count: u32,
+}
+
+#[derive(Debug)]
+struct Publisher {
+    topic: TopicId,
+    order: Order,
+    ack: AckLevel,
+    client_id: u64,
+    session_epoch: u32,
+    receiving: Receiving,
+    in_flight: VecDeque<InFlight>,
+    last_seq: Option<u64>,
+    acked_through: Option<u64>,
+    ack_entries: Vec<AckEntry>,
+    ack_dirty: bool,
+    goodbye: bool,
+}
+
+#[derive(Debug)]
+struct Subscriber<M> {
+    reader: LogReader<M>,
+    batch_bytes_max: u32,
+}
+
+#[derive(Debug)]
+enum Peer<M> {
+    Handshake,
+    Publisher(Box<Publisher>),
+    Subscriber(Box<Subscriber<M>>),
+    Admin,
+}
+
+/// One client connection. See the module docs.
+#[derive(Debug)]
+pub struct Connection<M> {
+    id: ConnId,
+    decoder: FrameDecoder,
+    input: Vec<u8>,
+    input_start: usize,
+    input_end: usize,
+    output: Vec<u8>,
+    output_start: usize,
+    role: Peer<M>,
+    /// Set once the connection must end after its output is sent (error or goodbye).
+    closing: bool,
+}
+
+fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
+    Limits::default()
+        .with_batch_bytes_max(settings.batch_bytes_max)
+        .and_then(|l| l.with_frame_bytes_max(settings.frame_bytes_max))
+        .unwrap_or_default()
+}
+
+impl<M: SharedMemory + Clone> Connection<M> {
+    /// A new connection awaiting its first frame.
+    pub fn new(id: ConnId, state: &BrokerState<M>) -> Connection<M> {
+        Connection {
+            id,
+            decoder: FrameDecoder::new(limits(&state.settings)),
+            input: vec![0; INPUT_BUFFER_BYTES],
+            input_start: 0,
+            input_end: 0,
+            output: Vec::new(),
+            output_start: 0,
+            role: Peer::Handshake,
+            closing: false,
+        }
+    }
+
+    /// The connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// True once everything owed was sent and the connection should be closed.
+    pub fn is_finished(&self) -> bool {
+        self.closing && !self.has_output()
+    }
+
+    /// True when output is queued.
+    pub fn has_output(&self) -> bool {
+        self.output_start < self.output.len()
+    }
+
+    /// True when the connection waits for pool room (the loop should retry soon).
+    pub fn waits_for_room(&self) -> bool {
+        matches!(&self.role, Peer::Publisher(p) if matches!(p.receiving, Receiving::WaitingForRoom { .. }))
+    }
+
+    /// True for subscribers, which the loop polls for new deliveries.
+    pub fn is_subscriber(&self) -> bool {
+        matches!(self.role, Peer::Subscriber(_))
+    }
+
+    fn send_frame(&mut self, frame: &Frame) {
+        frame.encode(&mut self.output);
+    }
+
+    /// Queues an Error frame; a closing code ends the connection once it is sent.
+    fn send_error(
+        &mut self,
+        metrics: &Metrics,
+        code: ErrorCode,
+        batch_seq: Option<u64>,
+        reason: &str,
+    ) {
+        Metrics::inc(&metrics.errors_sent);
+        log::info!("connection {}: error {code}: {reason}", self.id);
+        self.send_frame(&Frame::Error(ErrorFrameRepr::new(code, batch_seq, reason)));
+        if code.closes_connection() {
+            self.closing = true;
+        }
+    }
+
+    fn protocol_error(&mut self, metrics: &Metrics, error: &wire::Error) {
+        Metrics::inc(&metrics.errors_sent);
+        log::info!("connection {}: protocol error: {error}", self.id);
+        self.send_frame(&Frame::Error(ErrorFrameRepr::from_error(error)));
+        self.closing = true;
+    }
+
+    /// Reads and handles as much input as the stream and the pool allow.
+    pub fn on_readable<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &mut BrokerState<M>,
+        now: Instant,
+    ) -> InputState {
+        loop {
+            if self.closing || matches!(&self.role, Peer::Publisher(p) if p.goodbye) {
+                return InputState::Paused;
+            }
+            if let Some(result) = self.continue_batch(stream, state, now) {
+                match result {
+                    Step::Continue => continue,
+                    Step::Stop(input) => return input,
+                }
+            }
+            if self.input_start == self.input_end {
+                self.input_start = 0;
+                self.input_end = 0;
+                match stream.recv(&mut self.input) {
+                    Ok(0) => return InputState::Ended,
+                    Ok(n) => self.input_end = n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return InputState::Drained,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::info!("connection {}: receive failed: {e}", self.id);
+                        return InputState::Ended;
+                    }
+                }
+            }
+            let decoded = self
+                .decoder
+                .decode(&self.input[self.input_start..self.input_end]);
+            match decoded {
+                Err(error) => {
+                    self.protocol_error(&state.metrics, &error);
+                    return InputState::Paused;
+                }
+                Ok((consumed, decoded)) => {
+                    self.input_start += consumed;
+                    match decoded {
+                        Decoded::NeedMore(_) => {}
+                        Decoded::Frame(frame) => self.on_frame(frame, state),
+                        Decoded::Batch(header) => self.on_batch_header(header, state),
+                        Decoded::Delivery(_) => self.send_error(
+                            &state.metrics,
+                            ErrorCode::BadRole,
+                            None,
+                            "brokers send Delivery frames, they do not receive them",
+                        ),
+                        Decoded::Payload { .. } => self.send_error(
+                            &state.metrics,
+                            ErrorCode::Internal,
+                            None,
+                            "payload bytes reached the frame decoder",
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Advances a batch being received; `None` when no batch is in progress.
+    fn continue_batch<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &mut BrokerState<M>,
+        now: Instant,
+    ) -> Option<Step> {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return None;
+        };
+        match &mut publisher.receiving {
+            Receiving::Idle => None,
+            Receiving::WaitingForRoom {
+                header,
+                full_since,
+                stalled,
+            } => {
+                let header = *header;
+                let topic = state
+                    .topics
+                    .get_mut(&publisher.topic)
+                    .expect("publisher's topic state");
+                match topic.writer.reserve(u64::from(header.payload_bytes)) {
+                    Ok(reservation) => {
+                        publisher.receiving = Receiving::Payload {
+                            header,
+                            reservation,
+                            received: 0,
+                        };
+                        Some(Step::Continue)
+                    }
+                    Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
+                        match full_since {
+                            None => {
+                                *full_since = Some(now);
+                                Metrics::inc(&state.metrics.ring_full_waits);
+                            }
+                            Some(since) if !*stalled && now.duration_since(*since) > STALL => {
+                                *stalled = true;
+                                Metrics::inc(&state.metrics.receive_stalls_over_50ms);
+                            }
+                            Some(_) => {}
+                        }
+                        Some(Step::Stop(InputState::Paused))
+                    }
+                    Err(other) => {
+                        publisher.receiving = Receiving::Idle;
+                        let reason = other.to_string();
+                        self.send_error(
+                            &state.metrics,
+                            ErrorCode::BatchTooLarge,
+                            Some(header.batch_seq),
+                            &reason,
+                        );
+                        Some(Step::Stop(InputState::Paused))
+                    }
+                }
+            }
+            Receiving::Payload {
+                header,
+                reservation,
+                received,
+            } => {
+                let total = u64::from(header.payload_bytes);
+                let topic = state
+                    .topics
+                    .get_mut(&publisher.topic)
+                    .expect("publisher's topic state");
+                let buffered = (self.input_end - self.input_start) as u64;
+                let got = if buffered > 0 {
+                    let n = buffered.min(total - *received) as usize;
+                    let from = &self.input[self.input_start..self.input_start + n];
+                    let at = *received as usize;
+                    topic.writer.fill(reservation, |payload| {
+                        payload[at..at + n].copy_from_slice(from)
+                    });
+                    self.input_start += n;
+                    n
+                } else {
+                    let at = *received as usize;
+                    match topic
+                        .writer
+                        .fill(reservation, |payload| stream.recv(&mut payload[at..]))
+                    {
+                        Ok(0) => return Some(Step::Stop(InputState::Ended)),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Some(Step::Stop(InputState::Drained));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                            return Some(Step::Continue);
+                        }
+                        Err(e) => {
+                            log::info!("connection {}: receive failed mid-batch: {e}", self.id);
+                            return Some(Step::Stop(InputState::Ended));
+                        }
+                    }
+                };
+                *received += got as u64;
+                if let Err(error) = self.decoder.payload_received(got) {
+                    self.protocol_error(&state.metrics, &error);
+                    return Some(Step::Stop(InputState::Paused));
+                }
+                if *received == total {
+                    self.finish_batch(state, now);
+                }
+                Some(Step::Continue)
+            }
+        }
+    }
+
+    fn on_batch_header(&mut self, header: BatchHeaderRepr, state: &mut BrokerState<M>) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            let reason = "Batch frames are only accepted after a publisher Hello";
+            self.send_error(
+                &state.metrics,
+                ErrorCode::UnexpectedFrame,
+                Some(header.batch_seq),
+                reason,
+            );
+            return;
+        };
+        if publisher
+            .last_seq
+            .is_some_and(|last| header.batch_seq <= last)
+        {
+            let reason = format!(
+                "batch_seq {} does not follow {} on this connection: sequences must increase",
+                header.batch_seq,
+                publisher.last_seq.unwrap_or_default()
+            );
+            self.send_error(
+                &state.metrics,
+                ErrorCode::InvalidBatchHeader,
+                Some(header.batch_seq),
+                &reason,
+            );
+            return;
+        }
+        publisher.last_seq = Some(header.batch_seq);
+        // `continue_batch` reserves the room (and counts a wait only if there is none).
+        publisher.receiving = Receiving::WaitingForRoom {
+            header,
+            full_since: None,
+            stalled: false,
+        };
+    }
+
+    fn finish_batch(&mut self, state: &mut BrokerState<M>, now: Instant) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        let Receiving::Payload {
+            header,
+            reservation,
+            ..
+        } = std::mem::replace(&mut publisher.receiving, Receiving::Idle)
+        else {
+            return;
+        };
+        let topic = state
+            .topics
+            .get_mut(&publisher.topic)
+            .expect("publisher's topic state");
+        let verdict = topic.writer.fill(&reservation, |payload| {
+            wire::verify_payload(&header, payload)
+        });
+        if let Err(error) = verdict {
+            topic.writer.abort(reservation);
+            self.protocol_error(&state.metrics, &error);
+            return;
+        }
+        let meta = BatchMeta {
+            client_id: publisher.client_id,
+            session_epoch: publisher.session_epoch,
+            batch_seq: header.batch_seq,
+            message_count: header.message_count,
+            checksum: header.checksum,
+        };
+        topic.writer.commit(reservation, meta);
+        topic.pending.push_back(PendingSlot {
+            conn: self.id,
+            batch_seq: header.batch_seq,
+            message_count: header.message_count,
+            received_at: now,
+        });
+        publisher.in_flight.push_back(InFlight {
+            batch_seq: header.batch_seq,
+            message_count: header.message_count,
+        });
+        let next = state
+            .next_batch_seq
+            .entry((publisher.client_id, publisher.session_epoch))
+            .or_default();
+        *next = (*next).max(header.batch_seq + 1);
+        Metrics::inc(&state.metrics.batches_received);
+        state.metrics.bytes_received.fetch_add(
+            u64::from(header.payload_bytes),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>) {
+        match (&self.role, frame) {
+            (Peer::Handshake, Frame::Hello(hello)) => self.on_hello(hello, state),
+            (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
+                self.role = Peer::Admin;
+                self.on_create_topic(create, state);
+            }
+            (Peer::Handshake, _) => self.send_error(
+                &state.metrics,
+                ErrorCode::UnexpectedFrame,
+                None,
+                "the first frame must be Hello or CreateTopic",
+            ),
+            (Peer::Publisher(_), Frame::Goodbye) => {
+                if let Peer::Publisher(p) = &mut self.role {
+                    p.goodbye = true;
+                }
+            }
+            (Peer::Subscriber(_) | Peer::Admin, Frame::Goodbye) => {
+                self.send_frame(&Frame::Goodbye);
+                self.closing = true;
+            }
+            (_, frame) => {
+                let reason = format!(
+                    "a {:?} frame is not valid on this connection now",
+                    frame.kind()
+                );
+                self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
+            }
+        }
+    }
+
+    fn on_create_topic(&mut self, create: wire::CreateTopicRepr, state: &mut BrokerState<M>) {
+        if !state.settings.head {
+            let reason = "topics are created by the head broker: send CreateTopic to it";
+            self.send_error(&state.metrics, ErrorCode::UnknownTopic, None, reason);
+            return;
+        }
+        if create.ack == AckLevel::Replicated {
+            let reason = "ack 2 (replication) is not available in this build";
+            self.send_error(&state.metrics, ErrorCode::AckLevelUnsupported, None, reason);
+            return;
+        }
+        let config = TopicConfig {
+            order: create.order,
+            ack: create.ack as u8,
+            replication_factor: create.replication_factor.max(1),
+        };
+        let existed = matches!(state.pool.find_topic(create.topic.as_str()), Ok(Some(_)));
+        match state.pool.create_topic(create.topic.as_str(), config) {
+            Ok(_) => self.send_frame(&Frame::TopicOk(TopicOkRepr {
+                broker_id: state.settings.broker_id,
+                topic: create.topic,
+                order: config.order,
+                ack: create.ack,
+                replication_factor: config.replication_factor,
+                created: !existed,
+            })),
+            Err(PoolError::TopicConflict { .. }) => {
+                let reason = format!(
+                    "topic {:?} exists with other settings",
+                    create.topic.as_str()
+                );
+                self.send_error(&state.metrics, ErrorCode::TopicExists, None, &reason);
+            }
+            Err(other) => self.send_error(
+                &state.metrics,
+                ErrorCode::Internal,
+                None,
+                &other.to_string(),
+            ),
+        }
+    }
+
+    fn on_hello(&mut self, hello: HelloRepr, state: &mut BrokerState<M>) {
+        let metrics = std::sync::Arc::clone(&state.metrics);
+        let name = hello.topic.as_str().to_owned();
+        let resolved = match hello.role {
+            wire::Role::Publish => state.resolve_topic(&name, hello.order, hello.ack as u8),
+            wire::Role::Subscribe { .. } => state.pool.find_topic(&name),
+        };
+        let (topic, config) = match resolved {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                let reason = format!("topic {name:?} does not exist: create it on the head broker");
+                return self.send_error(&metrics, ErrorCode::UnknownTopic, None, &reason);
+            }
+            Err(e) => return self.send_error(&metrics, ErrorCode::Internal, None, &e.to_string()),
+        };
+        if config.order != hello.order {
+            let reason = format!(
+                "topic {name:?} has order {}, not {}",
+                config.order as u8, hello.order as u8
+            );
+            return self.send_error(&metrics, ErrorCode::OrderMismatch, None, &reason);
+        }
+        let mut reader = match LogReader::new(state.pool.clone(), topic, false) {
+            Ok(reader) => reader,
+            Err(e) => return self.send_error(&metrics, ErrorCode::Internal, None, &e.to_string()),
+        };
+        let (_, log_end) = reader.log_end();
+        let log_start = reader.log_start();
+        let batch_bytes_max = state.settings.batch_bytes_max;
+        match hello.role {
+            wire::Role::Publish => {
+                if hello.ack as u8 > config.ack {
+                    let reason = format!(
+                        "topic {name:?} offers ack levels up to {}, not {}",
+                        config.ack, hello.ack as u8
+                    );
+                    return self.send_error(
+                        &metrics,
+                        ErrorCode::AckLevelUnsupported,
+                        None,
+                        &reason,
+                    );
+                }
+                let seen = state
+                    .epochs
+                    .entry(hello.client_id)
+                    .or_insert(hello.session_epoch);
+                if hello.session_epoch < *seen {
+                    let reason = format!(
+                        "client {} already used session epoch {}; epoch {} is stale",
+                        hello.client_id, *seen, hello.session_epoch
+                    );
+                    return self.send_error(&metrics, ErrorCode::StaleSession, None, &reason);
+                }
+                *seen = hello.session_epoch;
+                let batch_bytes_max = match state.topic(topic) {
+                    Ok(topic_state) => {
+                        batch_bytes_max.min(topic_state.writer.batch_bytes_max() as u32)
+                    }
+                    Err(e) => {
+                        return self.send_error(&metrics, ErrorCode::Internal, None, &e.to_string());
+                    }
+                };
+                let next_batch_seq = state
+                    .next_batch_seq
+                    .get(&(hello.client_id, hello.session_epoch))
+                    .copied()
+                    .unwrap_or(0);
+                self.send_frame(&Frame::HelloOk(HelloOkRepr {
+                    broker_id: state.settings.broker_id,
+                    batch_bytes_max,
+                    order: config.order,
+                    ack: hello.ack,
+                    next_batch_seq,
+                    log_start,
+                    log_end,
+                }));
+                self.role = Peer::Publisher(Box::new(Publisher {
+                    topic,
+                    order: config.order,
+                    ack: hello.ack,
+                    client_id: hello.client_id,
+                    session_epoch: hello.session_epoch,
+                    receiving: Receiving::Idle,
+                    in_flight: VecDeque::new(),
+                    last_seq: None,
+                    acked_through: None,
+                    ack_entries: Vec::new(),
+                    ack_dirty: false,
+                    goodbye: false,
+                }));
+            }
+            wire::Role::Subscribe {
+                from_position,
+                batch_bytes_max: wanted,
+            } => {
+                let start = if from_position == wire::FROM_END {
+                    log_end
+                } else {
+                    from_position
+                };
+                if start > log_end {
+                    let reason =
+                        format!("position {start} is beyond the end of the log ({log_end})");
+                    return self.send_error(&metrics, ErrorCode::PositionBeyondEnd, None, &reason);
+                }
+                if start < log_start {
+                    let reason = format!(
+                        "position {start} is no longer retained; the log starts at {log_start}"
+                    );
+                    return self.send_error(&metrics, ErrorCode::PositionTruncated, None, &reason);
+                }
+                if let Err(e) = reader.seek(start) {
+                    let code = match e {
+                        ReadError::BeyondEnd { .. } => ErrorCode::PositionBeyondEnd,
+                        ReadError::Truncated { .. } => ErrorCode::PositionTruncated,
+                        _ => ErrorCode::Internal,
+                    };
+                    return self.send_error(&metrics, code, None, &e.to_string());
+                }
+                self.send_frame(&Frame::HelloOk(HelloOkRepr {
+                    broker_id: state.settings.broker_id,
+                    batch_bytes_max,
+                    order: config.order,
+                    ack: AckLevel::FireAndForget,
+                    next_batch_seq: 0,
+                    log_start,
+                    log_end,
+                }));
+                let limit = if wanted == 0 {
+                    batch_bytes_max
+                } else {
+                    wanted.min(batch_bytes_max)
+                };
+                self.role = Peer::Subscriber(Box::new(Subscriber {
+                    reader,
+                    batch_bytes_max: limit,
+                }));
+            }
+        }
+    }
+
+    /// Takes the sequencer's decision on this connection's oldest batch in flight.
+    pub fn on_outcome(&mut self, outcome: &RoutedOutcome, metrics: &Metrics, now: Instant) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        let Some(batch) = publisher.in_flight.pop_front() else {
+            log::error!(
+                "connection {}: outcome for batch {} that is not in flight",
+                self.id,
+                outcome.slot.batch_seq
+            );
+            Metrics::inc(&metrics.batches_dropped);
+            return;
+        };
+        debug_assert_eq!(
+            batch.batch_seq, outcome.slot.batch_seq,
+            "outcomes arrive in commit order"
+        );
+        let global_start = if publisher.order == Order::Unordered {
+            None
+        } else {
+            outcome.global_start
+        };
+        match outcome.status {
+            CompletionStatus::Ordered | CompletionStatus::Duplicate => {
+                Metrics::inc(&metrics.batches_acked);
+                metrics
+                    .observe_ack_latency(now.saturating_duration_since(outcome.slot.received_at));
+                publisher.ack_entries.push(AckEntry {
+                    batch_seq: batch.batch_seq,
+                    global_start,
+                    message_count: batch.message_count,
+                    status: if outcome.status == CompletionStatus::Ordered {
+                        AckStatus::Ordered
+                    } else {
+                        AckStatus::Duplicate
+                    },
+                });
+                publisher.acked_through = Some(batch.batch_seq);
+                publisher.ack_dirty = true;
+            }
+            CompletionStatus::RejectedGap | CompletionStatus::RejectedOutsideWindow => {
+                Metrics::inc(&metrics.batches_rejected);
+                let reason = if outcome.status == CompletionStatus::RejectedGap {
+                    "the sequencer gave up waiting for an earlier batch of this session and skipped this one: it is not in the log"
+                } else {
+                    "this batch is older than the session's deduplication window: it is not in the log"
+                };
+                publisher.acked_through = Some(batch.batch_seq);
+                publisher.ack_dirty = true;
+                let batch_seq = batch.batch_seq;
+                self.flush_acks();
+                self.send_error(
+                    metrics,
+                    ErrorCode::SessionGapSkipped,
+                    Some(batch_seq),
+                    reason,
+                );
+            }
+            other => {
+                let reason = format!(
+                    "the sequencer rejected batch {} ({other:?})",
+                    batch.batch_seq
+                );
+                self.send_error(metrics, ErrorCode::Internal, Some(batch.batch_seq), &reason);
+            }
+        }
+    }
+
+    /// Queues an Ack frame for the decisions taken since the last call (none for ack 0),
+    /// and the Goodbye owed to a publisher that said goodbye once nothing is in flight.
+    pub fn flush_acks(&mut self) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        if publisher.ack_dirty {
+            publisher.ack_dirty = false;
+            let entries = std::mem::take(&mut publisher.ack_entries);
+            if publisher.ack != AckLevel::FireAndForget {
+                let through = publisher.acked_through.expect("set with every entry");
+                // At most 1024 entries a frame; every frame but the last acknowledges through
+                // its own last entry, the last one through everything decided.
+                let chunks: Vec<&[AckEntry]> = entries.chunks(wire::ACK_ENTRIES_MAX).collect();
+                let frames = (0..chunks.len().max(1)).map(|i| match chunks.get(i) {
+                    Some(chunk) if i + 1 < chunks.len() => {
+                        AckRepr::new(chunk[chunk.len() - 1].batch_seq, chunk.to_vec())
+                    }
+                    Some(chunk) => AckRepr::new(through, chunk.to_vec()),
+                    None => AckRepr::new(through, Vec::new()),
+                });
+                for frame in frames {
+                    match frame {
+                        Ok(ack) => Frame::Ack(ack).encode(&mut self.output),
+                        Err(e) => {
+                            log::error!("connection {}: could not build an Ack: {e}", self.id)
+                        }
+                    }
+                }
+            }
+        }
+        if let Peer::Publisher(publisher) = &self.role {
+            if publisher.goodbye && publisher.in_flight.is_empty() && !self.closing {
+                self.send_frame(&Frame::Goodbye);
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Queues deliveries for a subscriber while its output has room.
+    pub fn produce_deliveries(&mut self, state: &BrokerState<M>) {
+        if self.closing || self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+            return;
+        }
+        let Peer::Subscriber(subscriber) = &mut self.role else {
+            return;
+        };
+        if self.output_start > 0 && self.output_start == self.output.len() {
+            self.output.clear();
+            self.output_start = 0;
+        }
+        let limit = subscriber.batch_bytes_max as usize;
+        let output = &mut self.output;
+        let mut last_batch_start = output.len();
+        let mut oversize = None;
+        let result = subscriber.reader.poll(DELIVERIES_PER_POLL, |batch| {
+            last_batch_start = output.len();
+            let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
+                let header = DeliveryHeaderRepr {
+                    global_start: Some(global_start),
+                    message_count,
+                    payload_bytes: payload.len() as u32,
+                    checksum: if payload.len() == batch.payload.len() {
+                        batch.checksum
+                    } else {
+                        wire::payload::checksum(payload)
+                    },
+                    broker_id: batch.broker,
+                    client_id: batch.client_id,
+                    batch_seq: batch.batch_seq,
+                    session_epoch: batch.session_epoch,
+                };
+                output.extend_from_slice(&header.frame_prefix());
+                output.extend_from_slice(payload);
+            };
+            if batch.payload.len() <= limit {
+                emit(batch.payload, batch.message_count, batch.global_start);
+                return;
+            }
+            // Split at message boundaries into deliveries of at most `limit` bytes.
+            let (mut from, mut count, mut position, mut start_position) =
+                (0usize, 0u32, batch.global_start, batch.global_start);
+            let mut at = 0usize;
+            for message in batch.messages() {
+                let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
+                if size > limit {
+                    oversize = Some(size);
+                    return;
+                }
+                if at + size - from > limit {
+                    emit(&batch.payload[from..at], count, start_position);
+                    from = at;
+                    count = 0;
+                    start_position = position;
+                }
+                at += size;
+                count += 1;
+                position += 1;
+            }
+            emit(&batch.payload[from..at], count, start_position);
+        });
+        let metrics = &state.metrics;
+        match result {
+            Ok(delivered) => {
+                metrics
+                    .batches_delivered
+                    .fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+                if let Some(size) = oversize {
+                    self.output.truncate(last_batch_start);
+                    let reason = format!(
+                        "a message of {size} bytes exceeds the subscriber's limit of {limit}"
+                    );
+                    self.send_error(metrics, ErrorCode::BatchTooLarge, None, &reason);
+                }
+            }
+            Err(ReadError::Overwritten { .. } | ReadError::Truncated { .. }) => {
+                self.output.truncate(last_batch_start);
+                let reason = "the subscriber fell behind the retained log";
+                self.send_error(metrics, ErrorCode::PositionTruncated, None, reason);
+            }
+            Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
+        }
+    }
+
+    /// Sends queued output; returns false when the stream failed.
+    pub fn on_writable<S: ByteStream>(&mut self, stream: &mut S) -> bool {
+        while self.output_start < self.output.len() {
+            match stream.send(&self.output[self.output_start..]) {
+                Ok(0) => return false,
+                Ok(n) => self.output_start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("connection {}: send failed: {e}", self.id);
+                    return false;
+                }
+            }
+        }
+        if self.output_start == self.output.len() {
+            self.output.clear();
+            self.output_start = 0;
+        }
+        true
+    }
+
+    /// Releases what the connection holds in the pool (a half-received batch) when it ends.
+    pub fn on_closed(&mut self, state: &mut BrokerState<M>) {
+        if let Peer::Publisher(publisher) = &mut self.role {
+            if let Receiving::Payload { reservation, .. } =
+                std::mem::replace(&mut publisher.receiving, Receiving::Idle)
+            {
+                if let Some(topic) = state.topics.get_mut(&publisher.topic) {
+                    topic.writer.abort(reservation);
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    Stop(InputState),
+}

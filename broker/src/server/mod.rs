@@ -1,0 +1,390 @@
+//! A running broker: the network loop (kernel TCP backend), the sequencer thread on the head
+//! broker, and the metrics endpoint. The same [`start`] serves the broker binary and the
+//! in-process clusters of the tests.
+
+pub mod connection;
+pub mod kernel;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::coherence::{CoherenceMode, PoolMemory};
+use crate::layout::Geometry;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolError};
+use crate::sequencer::{Sequencer, SequencerConfig};
+use state::BrokerSettings;
+
+/// How a polling thread waits when it finds no work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdleStrategy {
+    /// Never wait: lowest latency, burns the core.
+    Spin,
+    /// Yield the core to other threads between polls.
+    Yield,
+    /// Spin briefly, then sleep with a backoff up to 1 ms (for shared cores).
+    #[default]
+    Sleep,
+}
+
+/// The backoff of one polling thread.
+#[derive(Debug)]
+pub struct Idle {
+    strategy: IdleStrategy,
+    empty_polls: u32,
+}
+
+/// Polls spun before yielding or sleeping.
+const SPIN_POLLS: u32 = 64;
+/// Longest sleep of the backoff.
+const SLEEP_MAX: Duration = Duration::from_millis(1);
+
+impl Idle {
+    /// A fresh backoff.
+    pub fn new(strategy: IdleStrategy) -> Idle {
+        Idle {
+            strategy,
+            empty_polls: 0,
+        }
+    }
+
+    /// Records whether the last poll found work.
+    pub fn record(&mut self, worked: bool) {
+        self.empty_polls = if worked {
+            0
+        } else {
+            self.empty_polls.saturating_add(1)
+        };
+    }
+
+    /// How long the next wait may block (zero: poll again at once).
+    pub fn timeout(&self) -> Duration {
+        match self.strategy {
+            IdleStrategy::Spin | IdleStrategy::Yield => Duration::ZERO,
+            IdleStrategy::Sleep if self.empty_polls < SPIN_POLLS => Duration::ZERO,
+            IdleStrategy::Sleep => {
+                let doublings = (self.empty_polls - SPIN_POLLS).min(5);
+                Duration::from_micros(32 << doublings).min(SLEEP_MAX)
+            }
+        }
+    }
+
+    /// Waits as the strategy says (for threads without an event source).
+    pub fn wait(&self) {
+        match self.strategy {
+            IdleStrategy::Spin => std::hint::spin_loop(),
+            IdleStrategy::Yield => std::thread::yield_now(),
+            IdleStrategy::Sleep => match self.timeout() {
+                Duration::ZERO => std::hint::spin_loop(),
+                timeout => std::thread::sleep(timeout),
+            },
+        }
+    }
+}
+
+/// Everything a broker needs to start.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// Protocol settings (id, head, limits).
+    pub settings: BrokerSettings,
+    /// Address to accept clients on.
+    pub listen: SocketAddr,
+    /// SO_RCVBUF and SO_SNDBUF set on every accepted socket.
+    pub socket_buffer_bytes: usize,
+    /// Idle strategy of the network loop and the sequencer.
+    pub idle: IdleStrategy,
+    /// Sequencer tuning (used on the head).
+    pub sequencer: SequencerConfig,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The pool could not be opened, formatted or attached.
+    #[error("pool {path}: {reason}")]
+    Pool {
+        /// The pool path.
+        path: String,
+        /// What went wrong, with the fix where there is one.
+        reason: String,
+    },
+    /// A listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The metrics endpoint could not be bound.
+    #[error("{0}")]
+    Metrics(String),
+    /// The sequencer could not start.
+    #[error("sequencer: {0}")]
+    Sequencer(PoolError),
+}
+
+/// A broker running on its threads; [`RunningBroker::stop`] ends them.
+#[derive(Debug)]
+pub struct RunningBroker {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+}
+
+impl RunningBroker {
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The metrics endpoint's address, if one was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The broker's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// True while every thread runs.
+    pub fn is_running(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Asks every thread to stop, then waits for them. The network loop first lets batches
+    /// in flight be decided (for at most two seconds) so their ACKs go out.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a broker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts a broker on an attached pool: the network loop, the sequencer (head only) and the
+/// metrics endpoint, each on its own thread.
+pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBroker, StartError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
+    let mut threads = Vec::new();
+    let broker_id = options.settings.broker_id;
+    pool.check_broker(broker_id).map_err(|e| StartError::Pool {
+        path: String::new(),
+        reason: e.to_string(),
+    })?;
+    let listener =
+        mio::net::TcpListener::bind(options.listen).map_err(|source| StartError::Listen {
+            addr: options.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: options.listen,
+        source,
+    })?;
+    let metrics_addr = match options.metrics_listen {
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr).map_err(StartError::Metrics)?;
+            let bound = listener.local_addr().ok();
+            let (metrics, stop) = (Arc::clone(&metrics), Arc::clone(&stop));
+            threads.push(spawn("metrics", move || {
+                crate::metrics::serve(listener, metrics, broker_id, stop)
+            }));
+            bound
+        }
+        None => None,
+    };
+    if options.settings.head {
+        let sequencer = Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
+            .map_err(StartError::Sequencer)?;
+        let (metrics, stop) = (Arc::clone(&metrics), Arc::clone(&stop));
+        let idle = options.idle;
+        threads.push(spawn("sequencer", move || {
+            run_sequencer(sequencer, idle, &metrics, &stop)
+        }));
+    }
+    let loop_state = kernel::KernelLoop::new(
+        pool,
+        listener,
+        &options,
+        Arc::clone(&metrics),
+        Arc::clone(&stop),
+    );
+    threads.push(spawn("network", move || loop_state.run()));
+    log::info!(
+        "broker {broker_id} listening on {local_addr}{}{}",
+        if options.settings.head {
+            " (head, sequencer running)"
+        } else {
+            ""
+        },
+        metrics_addr
+            .map(|a| format!(", metrics on http://{a}/metrics"))
+            .unwrap_or_default()
+    );
+    Ok(RunningBroker {
+        stop,
+        threads,
+        local_addr,
+        metrics_addr,
+        metrics,
+    })
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .expect("spawn a broker thread")
+}
+
+/// Polls between clock reads (reading the clock on every spin costs half a core).
+const POLLS_PER_CLOCK_READ: u64 = 64;
+/// Polls between looks at the topic table for new topics.
+const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
+
+fn run_sequencer(
+    mut sequencer: Sequencer<PoolMemory>,
+    idle: IdleStrategy,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) {
+    let started = Instant::now();
+    let mut idle = Idle::new(idle);
+    let mut now_ns = 0;
+    let mut polls = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        if polls % POLLS_PER_CLOCK_READ == 0 {
+            now_ns = started.elapsed().as_nanos() as u64;
+        }
+        if polls % POLLS_PER_TOPIC_REFRESH == 0 {
+            if let Err(e) = sequencer.refresh_topics() {
+                log::error!("sequencer: cannot read the topic table: {e}");
+            }
+            let stats = sequencer.stats();
+            metrics
+                .sequencer_batches_ordered
+                .store(stats.batches_ordered, Ordering::Relaxed);
+            metrics
+                .sequencer_gaps_resolved
+                .store(stats.gaps_resolved, Ordering::Relaxed);
+            metrics.sequencer_held.store(stats.held, Ordering::Relaxed);
+        }
+        polls += 1;
+        let decided = sequencer.poll(now_ns);
+        idle.record(decided > 0);
+        if decided == 0 {
+            idle.wait();
+            // After a sleep the cached clock is stale: read it on the next poll.
+            if idle.timeout() > Duration::ZERO {
+                polls = polls.next_multiple_of(POLLS_PER_CLOCK_READ);
+            }
+        }
+    }
+}
+
+/// How to open the pool.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// File on hugetlbfs, `/dev/daxX.Y`, or a `/dev/shm` file (with `allow_fallback`).
+    pub path: std::path::PathBuf,
+    /// Format a new pool of this geometry and size, replacing the file; else attach.
+    pub format: Option<(Geometry, u64)>,
+    /// Allow `/dev/shm` when hugepages are missing (announced with a warning).
+    pub allow_fallback: bool,
+    /// Coherence mode of this process's accesses.
+    pub mode: CoherenceMode,
+    /// How long to wait for another process to create and format the pool.
+    pub attach_timeout: Duration,
+}
+
+/// Opens (or creates and formats) the pool a broker runs on.
+pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
+    let fail = |reason: String| StartError::Pool {
+        path: spec.path.display().to_string(),
+        reason,
+    };
+    let options = hugepages::RegionOptions {
+        page_size: hugepages::PageSize::Huge2M,
+        allow_fallback: spec.allow_fallback,
+        prefault: true,
+    };
+    if let Some((geometry, pool_bytes)) = spec.format {
+        let region = hugepages::SharedRegion::create(&spec.path, pool_bytes as usize, &options)
+            .map_err(|e| fail(e.to_string()))?;
+        log::info!(
+            "pool {}: {} MiB on {}, pre-faulted in {:?}",
+            spec.path.display(),
+            region.len() >> 20,
+            region.backing(),
+            region.prefault_time()
+        );
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return Pool::format(
+            crate::region::pool_memory(region, spec.mode),
+            geometry,
+            now_ns,
+        )
+        .map_err(|e| fail(e.to_string()));
+    }
+    let started = Instant::now();
+    loop {
+        let attempt = hugepages::SharedRegion::open(&spec.path, &options)
+            .map_err(|e| e.to_string())
+            .and_then(|region| {
+                Pool::attach(crate::region::pool_memory(region, spec.mode)).map_err(|e| match e {
+                    PoolError::NotFormatted | PoolError::BadMagic { found: 0 } => String::new(),
+                    other => other.to_string(),
+                })
+            });
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            // Not formatted yet (empty reason): the head may still be formatting it.
+            Err(reason) if reason.is_empty() && started.elapsed() < spec.attach_timeout => {}
+            Err(reason)
+                if started.elapsed() >= spec.attach_timeout || !is_transient(&spec.path) =>
+            {
+                let reason = if reason.is_empty() {
+                    format!(
+                        "not formatted after {:?}: start the head broker with --format",
+                        spec.attach_timeout
+                    )
+                } else {
+                    reason
+                };
+                return Err(fail(reason));
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A missing pool file is worth waiting for (the head creates it); other errors are not.
+fn is_transient(path: &Path) -> bool {
+    !path.exists()
+}

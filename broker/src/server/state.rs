@@ -1,0 +1,179 @@
+//! What one broker's network loop owns besides its connections: the pool view, one ring
+//! writer per topic in use, the slots awaiting the sequencer's decision, and sessions.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::Order;
+use crate::coherence::SharedMemory;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, PoolError, TopicConfig, TopicId};
+use crate::sequencer::CompletionStatus;
+use crate::writer::{SlotOutcome, TopicWriter, WriterError};
+
+/// Identifies a connection within one broker.
+pub type ConnId = u64;
+
+/// Broker settings that the protocol handling needs.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// This broker's id (its rings in the pool).
+    pub broker_id: u16,
+    /// Whether this broker is the head (creates topics, runs the sequencer).
+    pub head: bool,
+    /// Create a topic on the head when a publisher names one that does not exist.
+    pub auto_create_topics: bool,
+    /// Largest batch payload accepted (also bounded by the pool).
+    pub batch_bytes_max: u32,
+    /// Largest control frame body accepted.
+    pub frame_bytes_max: u32,
+}
+
+/// A committed batch waiting for the sequencer's decision.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingSlot {
+    /// Connection that sent it (may have closed since).
+    pub conn: ConnId,
+    /// The publisher's batch sequence.
+    pub batch_seq: u64,
+    /// Messages in the batch.
+    pub message_count: u32,
+    /// When its payload was fully received (for the ACK latency).
+    pub received_at: Instant,
+}
+
+/// A decision for a batch, routed to the connection that sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutedOutcome {
+    /// The batch as it was committed.
+    pub slot: PendingSlot,
+    /// What the sequencer decided.
+    pub status: CompletionStatus,
+    /// Its first global position, when known.
+    pub global_start: Option<u64>,
+}
+
+/// One topic this broker writes.
+#[derive(Debug)]
+pub struct TopicState<M> {
+    /// The topic's configuration.
+    pub config: TopicConfig,
+    /// This broker's ring writer for it.
+    pub writer: TopicWriter<M>,
+    /// Committed slots not yet decided, in slot order.
+    pub pending: VecDeque<PendingSlot>,
+}
+
+/// The broker-wide state the connections share.
+#[derive(Debug)]
+pub struct BrokerState<M> {
+    /// This agent's view of the pool.
+    pub pool: Pool<M>,
+    /// Settings.
+    pub settings: BrokerSettings,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Topics this broker writes, by id.
+    pub topics: HashMap<TopicId, TopicState<M>>,
+    /// Highest session epoch seen per client.
+    pub epochs: HashMap<u64, u32>,
+    /// First batch sequence not yet seen per session.
+    pub next_batch_seq: HashMap<(u64, u32), u64>,
+}
+
+impl<M: SharedMemory + Clone> BrokerState<M> {
+    /// State for broker `settings.broker_id` on `pool`.
+    pub fn new(pool: Pool<M>, settings: BrokerSettings, metrics: Arc<Metrics>) -> BrokerState<M> {
+        BrokerState {
+            pool,
+            settings,
+            metrics,
+            topics: HashMap::new(),
+            epochs: HashMap::new(),
+            next_batch_seq: HashMap::new(),
+        }
+    }
+
+    /// The writer state of `topic`, created on first use.
+    pub fn topic(&mut self, topic: TopicId) -> Result<&mut TopicState<M>, WriterError> {
+        if !self.topics.contains_key(&topic) {
+            let config = self.pool.topic_config(topic)?;
+            let writer = TopicWriter::new(self.pool.clone(), topic, self.settings.broker_id)?;
+            self.topics.insert(
+                topic,
+                TopicState {
+                    config,
+                    writer,
+                    pending: VecDeque::new(),
+                },
+            );
+        }
+        Ok(self.topics.get_mut(&topic).expect("inserted above"))
+    }
+
+    /// Finds a topic, or creates it when this is the head and auto-creation is on.
+    pub fn resolve_topic(
+        &mut self,
+        name: &str,
+        order: Order,
+        ack: u8,
+    ) -> Result<Option<(TopicId, TopicConfig)>, PoolError> {
+        if let Some(found) = self.pool.find_topic(name)? {
+            return Ok(Some(found));
+        }
+        if !(self.settings.head && self.settings.auto_create_topics) {
+            return Ok(None);
+        }
+        let config = TopicConfig {
+            order,
+            ack: ack.max(1),
+            replication_factor: 1,
+        };
+        let topic = self.pool.create_topic(name, config)?;
+        log::info!(
+            "created topic {name:?} (order {}, ack {}) on first use",
+            order as u8,
+            config.ack
+        );
+        Ok(Some((topic, config)))
+    }
+
+    /// Reads every available decision and routes it; returns how many were read.
+    pub fn poll_outcomes(&mut self, out: &mut Vec<RoutedOutcome>) -> usize {
+        let mut read = 0;
+        let mut lag = 0;
+        for state in self.topics.values_mut() {
+            let pending = &mut state.pending;
+            let metrics = &self.metrics;
+            read += state
+                .writer
+                .poll_completions(usize::MAX, |outcome: SlotOutcome| {
+                    match pending.pop_front() {
+                        Some(slot) => out.push(RoutedOutcome {
+                            slot,
+                            status: outcome.status,
+                            global_start: outcome.global_start,
+                        }),
+                        None => {
+                            log::error!(
+                                "completion for slot {} that no connection committed",
+                                outcome.slot
+                            );
+                            Metrics::inc(&metrics.batches_dropped);
+                        }
+                    }
+                });
+            lag += state.pending.len() as u64;
+        }
+        self.metrics
+            .sequencer_lag_batches
+            .store(lag, std::sync::atomic::Ordering::Relaxed);
+        read
+    }
+
+    /// Batches committed and not yet decided, over all topics.
+    pub fn undecided(&self) -> usize {
+        self.topics.values().map(|t| t.pending.len()).sum()
+    }
+}
