@@ -605,7 +605,12 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         batch_bytes_max.min(topic_state.writer.batch_bytes_max() as u32)
                     }
                     Err(e) => {
-                        return self.send_error(&metrics, ErrorCode::Internal, None, &e.to_string());
+                        return self.send_error(
+                            &metrics,
+                            ErrorCode::Internal,
+                            None,
+                            &e.to_string(),
+                        );
                     }
                 };
                 let next_batch_seq = state

@@ -1,0 +1,454 @@
+//! Brokers on kernel TCP (in-process, sharing one pool, real loopback sockets), driven by a
+//! minimal client written with the `wire` crate: the happy path, and every bad input the
+//! protocol names. Each bad input gets a specific Error frame; other connections and the log
+//! are unaffected.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use broker::coherence::CoherenceMode;
+use broker::heap::HeapRegion;
+use broker::layout::Geometry;
+use broker::pool::Pool;
+use broker::sequencer::SequencerConfig;
+use broker::server::state::BrokerSettings;
+use broker::server::{BrokerOptions, IdleStrategy, RunningBroker, start};
+use wire::{
+    AckLevel, BatchHeaderRepr, Decoded, ErrorCode, Frame, FrameDecoder, HelloRepr, Limits, Order,
+    Role, Topic,
+};
+
+struct Cluster {
+    _region: Arc<HeapRegion>,
+    brokers: Vec<RunningBroker>,
+}
+
+fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> Cluster {
+    let geometry = Geometry {
+        brokers_max: u32::from(brokers),
+        topics_max: 4,
+        ring_slots,
+        goi_entries: 1 << 14,
+        blog_bytes,
+    };
+    let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+    let mode = CoherenceMode::NonCoherent;
+    Pool::format(region.memory(mode), geometry, 1).unwrap();
+    let running = (0..brokers)
+        .map(|id| {
+            let pool = Pool::attach(region.memory(mode)).unwrap();
+            let options = BrokerOptions {
+                settings: BrokerSettings {
+                    broker_id: id,
+                    head: id == 0,
+                    auto_create_topics: true,
+                    batch_bytes_max: 1 << 20,
+                    frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+                },
+                listen: "127.0.0.1:0".parse().unwrap(),
+                socket_buffer_bytes: 1 << 20,
+                idle: IdleStrategy::Sleep,
+                sequencer: SequencerConfig {
+                    hold_timeout_ns: 50_000_000,
+                    ..SequencerConfig::default()
+                },
+                metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            };
+            start(pool, options).unwrap()
+        })
+        .collect();
+    Cluster {
+        _region: region,
+        brokers: running,
+    }
+}
+
+/// A blocking test client that speaks the protocol frame by frame.
+struct Client {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    buffer: Vec<u8>,
+}
+
+enum Received {
+    Frame(Frame),
+    Delivery(wire::DeliveryHeaderRepr, Vec<u8>),
+    Closed,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Client {
+            stream,
+            decoder: FrameDecoder::new(Limits::default()),
+            buffer: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    fn hello(
+        &mut self,
+        topic: &str,
+        role: Role,
+        order: Order,
+        ack: AckLevel,
+        client_id: u64,
+    ) -> Frame {
+        let hello = HelloRepr {
+            role,
+            order,
+            ack,
+            client_id,
+            session_epoch: 1,
+            topic: Topic::new(topic).unwrap(),
+        };
+        self.send(&Frame::Hello(hello).to_bytes());
+        self.frame()
+    }
+
+    fn batch(&mut self, seq: u64, messages: &[&[u8]]) {
+        let mut payload = Vec::new();
+        for m in messages {
+            wire::payload::push_message(&mut payload, m);
+        }
+        let header =
+            BatchHeaderRepr::for_payload(seq, messages.len() as u32, &payload, &Limits::default())
+                .unwrap();
+        let mut frame = header.frame_prefix().to_vec();
+        frame.extend_from_slice(&payload);
+        self.send(&frame);
+    }
+
+    fn receive(&mut self) -> Received {
+        let mut payload_header = None;
+        let mut payload = Vec::new();
+        loop {
+            while !self.buffer.is_empty() {
+                let (consumed, decoded) = self
+                    .decoder
+                    .decode(&self.buffer)
+                    .expect("broker sends valid frames");
+                let decoded = match decoded {
+                    Decoded::Payload { bytes, remaining } => {
+                        payload.extend_from_slice(bytes);
+                        self.buffer.drain(..consumed);
+                        if remaining == 0 {
+                            return Received::Delivery(payload_header.take().unwrap(), payload);
+                        }
+                        continue;
+                    }
+                    Decoded::Frame(frame) => Some(Received::Frame(frame)),
+                    Decoded::Delivery(header) => {
+                        payload_header = Some(header);
+                        None
+                    }
+                    Decoded::NeedMore(_) => None,
+                    Decoded::Batch(_) => panic!("brokers do not send batches"),
+                };
+                self.buffer.drain(..consumed);
+                if let Some(received) = decoded {
+                    return received;
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Received::Closed,
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    return Received::Closed;
+                }
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    fn frame(&mut self) -> Frame {
+        match self.receive() {
+            Received::Frame(frame) => frame,
+            Received::Delivery(..) => panic!("expected a control frame, got a delivery"),
+            Received::Closed => panic!("broker closed the connection"),
+        }
+    }
+
+    fn expect_error(&mut self, code: ErrorCode) -> String {
+        match self.frame() {
+            Frame::Error(error) => {
+                assert_eq!(error.code, code, "reason: {}", error.reason());
+                error.reason().to_owned()
+            }
+            other => panic!("expected Error {code:?}, got {other:?}"),
+        }
+    }
+
+    fn expect_closed(&mut self) {
+        assert!(
+            matches!(self.receive(), Received::Closed),
+            "the broker should close the connection"
+        );
+    }
+
+    /// Reads Acks until `through` is acknowledged; returns every entry.
+    fn acks_through(&mut self, through: u64) -> Vec<wire::AckEntry> {
+        let mut entries = Vec::new();
+        loop {
+            match self.frame() {
+                Frame::Ack(ack) => {
+                    entries.extend_from_slice(ack.entries());
+                    if ack.acked_through_seq() >= through {
+                        return entries;
+                    }
+                }
+                other => panic!("expected an Ack, got {other:?}"),
+            }
+        }
+    }
+}
+
+fn publisher(addr: SocketAddr, topic: &str, order: Order, client_id: u64) -> Client {
+    let mut client = Client::connect(addr);
+    match client.hello(topic, Role::Publish, order, AckLevel::Ordered, client_id) {
+        Frame::HelloOk(ok) => assert_eq!(ok.order, order),
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+    client
+}
+
+fn subscriber(addr: SocketAddr, topic: &str, order: Order, from_position: u64) -> Client {
+    let mut client = Client::connect(addr);
+    let role = Role::Subscribe {
+        from_position,
+        batch_bytes_max: 0,
+    };
+    match client.hello(topic, role, order, AckLevel::FireAndForget, 999) {
+        Frame::HelloOk(_) => client,
+        other => panic!("expected HelloOk, got {other:?}"),
+    }
+}
+
+#[test]
+fn publishers_on_every_broker_are_acknowledged_and_a_subscriber_reads_one_order() {
+    let cluster = cluster(4, 64, 1 << 20);
+    let addrs: Vec<_> = cluster
+        .brokers
+        .iter()
+        .map(RunningBroker::local_addr)
+        .collect();
+    // One session (client 7) spread over all four brokers, seq 0..40 round-robin.
+    let mut publishers_of_7: Vec<_> = addrs
+        .iter()
+        .map(|&a| publisher(a, "events", Order::TotalSessionFifo, 7))
+        .collect();
+    for seq in 0..40u64 {
+        let text = format!("message {seq}");
+        publishers_of_7[(seq % 4) as usize].batch(seq, &[text.as_bytes(), b"second"]);
+    }
+    let mut positions = Vec::new();
+    for (i, client) in publishers_of_7.iter_mut().enumerate() {
+        let last = 36 + i as u64;
+        for entry in client.acks_through(last) {
+            assert_eq!(entry.status, wire::AckStatus::Ordered);
+            positions.push((entry.global_start.unwrap(), entry.batch_seq));
+        }
+    }
+    positions.sort();
+    let seqs: Vec<u64> = positions.iter().map(|p| p.1).collect();
+    assert_eq!(
+        seqs,
+        (0..40).collect::<Vec<_>>(),
+        "order 5: the session's batches in send order"
+    );
+    assert!(
+        positions.windows(2).all(|w| w[1].0 == w[0].0 + 2),
+        "contiguous positions"
+    );
+
+    let mut sub = subscriber(addrs[2], "events", Order::TotalSessionFifo, 0);
+    for seq in 0..40u64 {
+        match sub.receive() {
+            Received::Delivery(header, payload) => {
+                assert_eq!(header.batch_seq, seq);
+                assert_eq!(header.global_start, Some(seq * 2));
+                wire::verify_payload(&header, &payload).unwrap();
+                let first = wire::payload::messages(&payload).next().unwrap().unwrap();
+                assert_eq!(first, format!("message {seq}").as_bytes());
+            }
+            _ => panic!("expected a delivery"),
+        }
+    }
+    for client in &mut publishers_of_7 {
+        client.send(&Frame::Goodbye.to_bytes());
+        assert!(matches!(client.frame(), Frame::Goodbye));
+        client.expect_closed();
+    }
+    for broker in &cluster.brokers {
+        assert_eq!(broker.metrics().batches_dropped.load(Ordering::Relaxed), 0);
+    }
+    let head_metrics = http_get(cluster.brokers[0].metrics_addr().unwrap(), "/metrics");
+    assert!(
+        head_metrics.contains("embarcadero_batches_dropped_total{broker=\"0\"} 0"),
+        "{head_metrics}"
+    );
+    assert!(
+        head_metrics.contains("embarcadero_sequencer_batches_ordered_total"),
+        "{head_metrics}"
+    );
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn each_bad_input_gets_a_specific_error_and_harms_nobody_else() {
+    let cluster = cluster(2, 64, 1 << 20);
+    let addr = cluster.brokers[1].local_addr();
+    let head = cluster.brokers[0].local_addr();
+    let mut good = publisher(head, "safe", Order::Total, 1);
+    good.batch(0, &[b"before"]);
+    good.acks_through(0);
+
+    // Garbage bytes.
+    let mut client = Client::connect(addr);
+    client.send(b"GET / HTTP/1.1\r\n\r\n");
+    client.expect_error(ErrorCode::Malformed);
+    client.expect_closed();
+
+    // A frame of an unknown protocol version.
+    let mut client = Client::connect(addr);
+    let mut hello = Frame::Hello(HelloRepr {
+        role: Role::Publish,
+        order: Order::Total,
+        ack: AckLevel::Ordered,
+        client_id: 5,
+        session_epoch: 1,
+        topic: Topic::new("safe").unwrap(),
+    })
+    .to_bytes();
+    hello[wire::FRAME_HEADER_BYTES + 4] = 9;
+    client.send(&hello);
+    let reason = client.expect_error(ErrorCode::UnsupportedVersion);
+    assert!(
+        reason.contains('1'),
+        "the reason names the supported version: {reason}"
+    );
+
+    // A truncated frame, then the peer goes away: nothing is left behind.
+    let mut client = publisher(addr, "safe", Order::Total, 2);
+    let mut payload = Vec::new();
+    wire::payload::push_message(&mut payload, &[7u8; 1000]);
+    let header = BatchHeaderRepr::for_payload(0, 1, &payload, &Limits::default()).unwrap();
+    client.send(&header.frame_prefix());
+    client.send(&payload[..300]);
+    drop(client);
+
+    // A frame larger than the limit.
+    let mut client = publisher(addr, "safe", Order::Total, 3);
+    let mut prefix = BatchHeaderRepr::for_payload(0, 1, &payload, &Limits::default()).unwrap();
+    prefix.payload_bytes = 32 << 20;
+    client.send(&prefix.frame_prefix());
+    client.expect_error(ErrorCode::BatchTooLarge);
+    client.expect_closed();
+
+    // A wrong checksum.
+    let mut client = publisher(addr, "safe", Order::Total, 4);
+    let mut header = BatchHeaderRepr::for_payload(0, 1, &payload, &Limits::default()).unwrap();
+    header.checksum ^= 1;
+    client.send(&header.frame_prefix());
+    client.send(&payload);
+    client.expect_error(ErrorCode::ChecksumMismatch);
+    client.expect_closed();
+
+    // Unknown topic on a broker that does not create topics, and an order mismatch.
+    let mut client = Client::connect(addr);
+    assert!(matches!(
+        client.hello("nope", Role::Publish, Order::Total, AckLevel::Ordered, 6),
+        Frame::Error(e) if e.code == ErrorCode::UnknownTopic
+    ));
+    let mut client = Client::connect(addr);
+    assert!(matches!(
+        client.hello("safe", Role::Publish, Order::Unordered, AckLevel::Ordered, 6),
+        Frame::Error(e) if e.code == ErrorCode::OrderMismatch
+    ));
+
+    // A subscriber asking beyond the log end.
+    let mut client = Client::connect(addr);
+    let role = Role::Subscribe {
+        from_position: 1_000,
+        batch_bytes_max: 0,
+    };
+    assert!(matches!(
+        client.hello("safe", role, Order::Total, AckLevel::FireAndForget, 8),
+        Frame::Error(e) if e.code == ErrorCode::PositionBeyondEnd
+    ));
+
+    // The good publisher never noticed, and the log holds exactly its batches.
+    good.batch(1, &[b"after"]);
+    good.acks_through(1);
+    let mut sub = subscriber(addr, "safe", Order::Total, 0);
+    for expected in [&b"before"[..], b"after"] {
+        match sub.receive() {
+            Received::Delivery(_, payload) => {
+                assert_eq!(
+                    wire::payload::messages(&payload).next().unwrap().unwrap(),
+                    expected
+                );
+            }
+            _ => panic!("expected a delivery"),
+        }
+    }
+    for broker in &cluster.brokers {
+        assert_eq!(broker.metrics().batches_dropped.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[test]
+fn a_full_pool_pushes_back_without_closing_and_loses_nothing() {
+    // 4 ring slots and a 64 KiB payload log per broker: publishing 2 MiB must wait often.
+    let cluster = cluster(1, 4, 64 * 1024);
+    let addr = cluster.brokers[0].local_addr();
+    let mut client = publisher(addr, "tight", Order::Total, 1);
+    let message = vec![0xabu8; 8 * 1024];
+    let batches = 256u64;
+    let writer_stream = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut stream = writer_stream;
+        for seq in 0..batches {
+            let mut payload = Vec::new();
+            wire::payload::push_message(&mut payload, &message);
+            let header =
+                BatchHeaderRepr::for_payload(seq, 1, &payload, &Limits::default()).unwrap();
+            stream.write_all(&header.frame_prefix()).unwrap();
+            stream.write_all(&payload).unwrap();
+        }
+    });
+    let entries = client.acks_through(batches - 1);
+    sender.join().unwrap();
+    assert_eq!(entries.len() as u64, batches);
+    let metrics = cluster.brokers[0].metrics();
+    assert!(
+        metrics.ring_full_waits.load(Ordering::Relaxed) > 0,
+        "the pool never filled: the test proves nothing"
+    );
+    assert_eq!(metrics.batches_dropped.load(Ordering::Relaxed), 0);
+    client.send(&Frame::Goodbye.to_bytes());
+    assert!(
+        matches!(client.frame(), Frame::Goodbye),
+        "the connection stayed open to the end"
+    );
+}
