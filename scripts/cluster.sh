@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# A local Embarcadero-rs cluster: N broker processes on loopback sharing one pool.
+#
+#   scripts/cluster.sh run [options] -- COMMAND...   start, run COMMAND, stop (also on Ctrl-C)
+#   scripts/cluster.sh start [options]               start in the background
+#   scripts/cluster.sh stop [--dir DIR]              stop what `start` started
+#
+# Options:
+#   --brokers N        brokers to start (default 4); broker 0 is the head (sequencer)
+#   --base-port P      broker i listens on 127.0.0.1:P+i, metrics on :P+100+i (default 9100)
+#   --pool-bytes SIZE  pool size (default 1G)
+#   --dir DIR          logs, PIDs and the address list (default target/cluster)
+#   --coherence MODE   noncoherent (default) or coherent
+#
+# The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
+# /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set.
+# Broker binaries come from target/release (build them first: cargo build --release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "cluster: $*" >&2; exit 1; }
+
+action=${1:-}
+[[ -n $action ]] || { usage; exit 2; }
+shift
+brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent
+command=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --brokers) brokers=$2; shift 2 ;;
+        --base-port) base_port=$2; shift 2 ;;
+        --pool-bytes) pool_bytes=$2; shift 2 ;;
+        --dir) dir=$2; shift 2 ;;
+        --coherence) coherence=$2; shift 2 ;;
+        --) shift; command=("$@"); break ;;
+        -h|--help) usage; exit 0 ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+[[ $brokers =~ ^[0-9]+$ && $brokers -ge 1 ]] || die "--brokers needs a positive number"
+binary=target/release/broker
+addresses() {
+    local list=()
+    for ((i = 0; i < brokers; i++)); do list+=("127.0.0.1:$((base_port + i))"); done
+    (IFS=,; echo "${list[*]}")
+}
+
+pool_path() {
+    if mount | grep -q " /dev/hugepages type hugetlbfs"; then
+        echo /dev/hugepages/embarcadero-cluster
+    else
+        echo /dev/shm/embarcadero-cluster
+    fi
+}
+
+stop_cluster() {
+    [[ -f $dir/pids ]] || return 0
+    local pids
+    pids=$(cat "$dir/pids")
+    for pid in $pids; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        local alive=0
+        for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [[ $alive -eq 0 ]] && break
+        sleep 0.1
+    done
+    for pid in $pids; do
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "cluster: broker pid $pid did not stop in 5 s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    rm -f "$dir/pids" "$(cat "$dir/pool" 2>/dev/null || echo /nonexistent)" "$dir/pool"
+    echo "cluster: stopped"
+}
+
+start_cluster() {
+    [[ -x $binary ]] || die "$binary not found: run cargo build --release first"
+    [[ -f $dir/pids ]] && stop_cluster
+    mkdir -p "$dir"
+    local pool fallback=()
+    pool=$(pool_path)
+    if [[ $pool == /dev/shm/* ]]; then
+        echo "cluster: WARNING: no hugetlbfs at /dev/hugepages; the pool is a /dev/shm file (run scripts/setup-hugepages.sh as root for hugepages)" >&2
+        fallback=(--allow-shm-fallback)
+    fi
+    echo "$pool" > "$dir/pool"
+    : > "$dir/pids"
+    for ((i = 0; i < brokers; i++)); do
+        local args=(--id "$i" --pool "$pool" --listen "127.0.0.1:$((base_port + i))"
+            --metrics "127.0.0.1:$((base_port + 100 + i))" --coherence "$coherence" "${fallback[@]}")
+        if [[ $i -eq 0 ]]; then
+            args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
+        fi
+        RUST_LOG=${RUST_LOG:-info} "$binary" "${args[@]}" > "$dir/broker-$i.log" 2>&1 &
+        echo $! >> "$dir/pids"
+        if [[ $i -eq 0 ]]; then wait_listening 0; fi
+    done
+    for ((i = 1; i < brokers; i++)); do wait_listening "$i"; done
+    addresses > "$dir/brokers"
+    echo "cluster: $brokers brokers on $(addresses), pool $pool, logs in $dir"
+}
+
+# Waits until broker $1 prints its listening line; fails with its log if it exits.
+wait_listening() {
+    local i=$1 pid
+    pid=$(sed -n "$((i + 1))p" "$dir/pids")
+    for _ in $(seq 1 300); do
+        grep -q "^listening on" "$dir/broker-$i.log" 2>/dev/null && return 0
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "cluster: broker $i exited during start-up:" >&2
+            tail -5 "$dir/broker-$i.log" >&2
+            stop_cluster
+            exit 1
+        fi
+        sleep 0.1
+    done
+    stop_cluster
+    die "broker $i did not start listening within 30 s (see $dir/broker-$i.log)"
+}
+
+case $action in
+    start) start_cluster ;;
+    stop) stop_cluster ;;
+    run)
+        [[ ${#command[@]} -gt 0 ]] || die "run needs a command after --"
+        trap stop_cluster EXIT
+        trap 'exit 130' INT TERM
+        start_cluster
+        BROKERS=$(addresses) "${command[@]}"
+        ;;
+    *) usage; exit 2 ;;
+esac
