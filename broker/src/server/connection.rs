@@ -106,6 +106,8 @@ struct Publisher {
 struct Subscriber<M> {
     reader: LogReader<M>,
     batch_bytes_max: u32,
+    /// Order 0 promises no position, so deliveries carry none.
+    positions: bool,
 }
 
 #[derive(Debug)]
@@ -687,6 +689,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 self.role = Peer::Subscriber(Box::new(Subscriber {
                     reader,
                     batch_bytes_max: limit,
+                    positions: config.order != Order::Unordered,
                 }));
             }
         }
@@ -813,6 +816,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             self.output_start = 0;
         }
         let limit = subscriber.batch_bytes_max as usize;
+        let positions = subscriber.positions;
         let output = &mut self.output;
         let mut last_batch_start = output.len();
         let mut oversize = None;
@@ -820,7 +824,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             last_batch_start = output.len();
             let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
                 let header = DeliveryHeaderRepr {
-                    global_start: Some(global_start),
+                    global_start: positions.then_some(global_start),
                     message_count,
                     payload_bytes: payload.len() as u32,
                     checksum: if payload.len() == batch.payload.len() {
