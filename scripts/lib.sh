@@ -12,8 +12,9 @@ ensure_packages() {
         return 1
     fi
     echo "installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Wait for another apt run (unattended upgrades, a parallel job) instead of failing.
+    apt-get -o DPkg::Lock::Timeout=300 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${missing[@]}" >/dev/null
 }
 
 # Fails with a clear message when cargo is not there (the toolchain comes from rustup).
