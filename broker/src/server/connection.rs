@@ -228,7 +228,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
             if self.input_start == self.input_end {
                 self.input_start = 0;
                 self.input_end = 0;
-                match stream.recv(&mut self.input) {
+                // Read no further than a batch's prefix: its payload then goes from the socket
+                // straight into the pool instead of through this buffer.
+                let want = self
+                    .decoder
+                    .wanted()
+                    .max(wire::BATCH_PREFIX_BYTES)
+                    .min(self.input.len());
+                match stream.recv(&mut self.input[..want]) {
                     Ok(0) => return InputState::Ended,
                     Ok(n) => self.input_end = n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return InputState::Drained,
