@@ -616,3 +616,616 @@ fn unmatched(addr: SocketAddr, entry: &AckEntry) -> ClientError {
         problem: "is not awaiting an ack on this connection",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::{Decoded, FrameDecoder, HelloOkRepr, Limits, Order, verify_payload};
+
+    const MESSAGE: &[u8] = b"0123456789";
+    /// One 10-byte message with its 4-byte prefix.
+    const ONE: usize = 14;
+
+    fn addr(index: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9000 + index as u16))
+    }
+
+    struct Setup {
+        connections: usize,
+        batch_bytes_max: usize,
+        linger_us: u64,
+        window: usize,
+        ack: AckLevel,
+        first_seq: u64,
+    }
+
+    impl Default for Setup {
+        fn default() -> Self {
+            Setup {
+                connections: 1,
+                batch_bytes_max: ONE,
+                linger_us: 1_000_000,
+                window: 8,
+                ack: AckLevel::Ordered,
+                first_seq: 0,
+            }
+        }
+    }
+
+    impl Setup {
+        fn core(self) -> PublisherCore {
+            PublisherCore::new(CoreParams {
+                connections: (0..self.connections).map(addr).collect(),
+                batch_bytes_max: self.batch_bytes_max,
+                linger: Duration::from_micros(self.linger_us),
+                in_flight_batches_max: self.window,
+                ack: self.ack,
+                first_seq: self.first_seq,
+                report_acks: true,
+            })
+        }
+    }
+
+    fn transmitted(core: &mut PublisherCore) -> Vec<SealedBatch> {
+        std::iter::from_fn(|| core.take_transmit()).collect()
+    }
+
+    fn seqs_and_connections(batches: &[SealedBatch]) -> Vec<(u64, usize)> {
+        batches.iter().map(|b| (b.seq, b.connection)).collect()
+    }
+
+    fn entry(batch_seq: u64, global_start: Option<u64>, message_count: u32) -> AckEntry {
+        AckEntry {
+            batch_seq,
+            global_start,
+            message_count,
+            status: AckStatus::Ordered,
+        }
+    }
+
+    fn ack(through: u64, entries: Vec<AckEntry>) -> Frame {
+        Frame::Ack(AckRepr::new(through, entries).unwrap())
+    }
+
+    fn error(code: ErrorCode, batch_seq: Option<u64>) -> Frame {
+        Frame::Error(ErrorFrameRepr::new(code, batch_seq, "test reason"))
+    }
+
+    /// Publishes `count` one-message batches (with the default one-message batch limit)
+    /// and seals the last one.
+    fn publish_batches(core: &mut PublisherCore, count: usize, now: Instant) {
+        for _ in 0..count {
+            core.publish(MESSAGE, now).unwrap();
+        }
+        core.seal(now).unwrap();
+    }
+
+    #[test]
+    fn sealed_batches_are_valid_frames_in_sequence() {
+        let mut core = Setup {
+            batch_bytes_max: 3 * ONE,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        for _ in 0..7 {
+            core.publish(MESSAGE, now).unwrap();
+        }
+        core.seal(now).unwrap();
+        let batches = transmitted(&mut core);
+        let counts: Vec<u32> = batches.iter().map(|b| b.message_count).collect();
+        assert_eq!(counts, [3, 3, 1]);
+        for (index, batch) in batches.iter().enumerate() {
+            let mut decoder = FrameDecoder::new(Limits::default());
+            let Ok((40, Decoded::Batch(header))) = decoder.decode(&batch.bytes) else {
+                panic!("batch {index} does not start with a batch prefix");
+            };
+            assert_eq!(header.batch_seq, index as u64);
+            verify_payload(&header, &batch.bytes[40..]).unwrap();
+            assert_eq!(batch.first_message_index, 3 * index as u64);
+        }
+    }
+
+    #[test]
+    fn size_seals_before_the_message_that_would_overflow() {
+        let mut core = Setup {
+            batch_bytes_max: 2 * ONE + 3,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        core.publish(MESSAGE, now).unwrap();
+        core.publish(MESSAGE, now).unwrap();
+        assert!(core.take_transmit().is_none(), "two messages fit");
+        core.publish(MESSAGE, now).unwrap();
+        let sealed = transmitted(&mut core);
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(sealed[0].message_count, 2);
+        assert_eq!(sealed[0].message_bytes, 20);
+        assert!(
+            !core.is_flushed(),
+            "the third message waits in the open batch"
+        );
+    }
+
+    #[test]
+    fn linger_seals_on_publish_and_poll_with_injected_time() {
+        let mut core = Setup {
+            batch_bytes_max: 100 * ONE,
+            linger_us: 500,
+            ..Setup::default()
+        }
+        .core();
+        let t0 = Instant::now();
+        core.publish(MESSAGE, t0).unwrap();
+        assert_eq!(
+            core.linger_deadline(),
+            Some(t0 + Duration::from_micros(500))
+        );
+        core.poll(t0 + Duration::from_micros(499));
+        assert!(core.take_transmit().is_none());
+        core.poll(t0 + Duration::from_micros(500));
+        assert_eq!(transmitted(&mut core).len(), 1);
+        assert_eq!(core.linger_deadline(), None);
+
+        // A publish after the linger time seals the batch including that message.
+        let t1 = t0 + Duration::from_millis(1);
+        core.publish(MESSAGE, t1).unwrap();
+        core.publish(MESSAGE, t1 + Duration::from_micros(600))
+            .unwrap();
+        let sealed = transmitted(&mut core);
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(sealed[0].message_count, 2);
+    }
+
+    #[test]
+    fn linger_zero_seals_every_message() {
+        let mut core = Setup {
+            batch_bytes_max: 100 * ONE,
+            linger_us: 0,
+            ..Setup::default()
+        }
+        .core();
+        publish_batches(&mut core, 3, Instant::now());
+        let counts: Vec<u32> = transmitted(&mut core)
+            .iter()
+            .map(|b| b.message_count)
+            .collect();
+        assert_eq!(counts, [1, 1, 1]);
+    }
+
+    #[test]
+    fn batches_go_round_robin_over_all_connections() {
+        let mut core = Setup {
+            connections: 3,
+            ..Setup::default()
+        }
+        .core();
+        publish_batches(&mut core, 8, Instant::now());
+        let batches = transmitted(&mut core);
+        assert_eq!(
+            seqs_and_connections(&batches),
+            [
+                (0, 0),
+                (1, 1),
+                (2, 2),
+                (3, 0),
+                (4, 1),
+                (5, 2),
+                (6, 0),
+                (7, 1)
+            ]
+        );
+        assert_eq!(core.stats().batches_per_connection, [3, 3, 2]);
+    }
+
+    #[test]
+    fn numbering_starts_at_the_resumed_sequence() {
+        let mut core = Setup {
+            connections: 2,
+            first_seq: 10,
+            ..Setup::default()
+        }
+        .core();
+        publish_batches(&mut core, 3, Instant::now());
+        assert_eq!(
+            seqs_and_connections(&transmitted(&mut core)),
+            [(10, 0), (11, 1), (12, 0)]
+        );
+    }
+
+    #[test]
+    fn full_window_gives_would_block_and_keeps_the_message_out() {
+        let mut core = Setup {
+            connections: 2,
+            window: 2,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        // Batches 0..3 fill both windows (one message per batch); message 5 opens a batch.
+        for _ in 0..5 {
+            core.publish(MESSAGE, now).unwrap();
+        }
+        assert_eq!(transmitted(&mut core).len(), 4);
+        assert_eq!((core.in_flight(0), core.in_flight(1)), (2, 2));
+        let error = core.publish(MESSAGE, now).unwrap_err();
+        assert!(matches!(
+            error,
+            ClientError::WouldBlock {
+                connection: 0,
+                in_flight_batches: 2,
+                in_flight_batches_max: 2,
+            }
+        ));
+        assert_eq!(
+            core.stats().messages_published,
+            5,
+            "the message was not taken"
+        );
+        assert!(core.seal(now).unwrap_err().is_would_block());
+
+        // An ack on connection 0 frees one slot: the open batch goes out as seq 4.
+        core.on_frame(0, ack(0, vec![entry(0, Some(0), 1)]), now);
+        core.publish(MESSAGE, now).unwrap();
+        assert_eq!(seqs_and_connections(&transmitted(&mut core)), [(4, 0)]);
+        assert_eq!(core.stats().messages_published, 6);
+        // The next batch belongs to connection 1, still full.
+        assert!(core.seal(now).unwrap_err().is_would_block());
+        assert!(core.failure().is_none());
+    }
+
+    #[test]
+    fn cumulative_acks_with_entries_complete_batches() {
+        let mut core = Setup::default().core();
+        let t0 = Instant::now();
+        publish_batches(&mut core, 5, t0);
+        transmitted(&mut core);
+        let t1 = t0 + Duration::from_micros(250);
+        core.on_frame(
+            0,
+            ack(
+                2,
+                vec![
+                    entry(0, Some(100), 1),
+                    entry(1, Some(101), 1),
+                    entry(2, Some(102), 1),
+                ],
+            ),
+            t1,
+        );
+        assert_eq!(core.outstanding_batches(), 2);
+        let stats = core.stats();
+        assert_eq!(
+            (stats.batches_acked, stats.messages_acked, stats.bytes_acked),
+            (3, 3, 30)
+        );
+        assert_eq!(stats.ack_latency_us.count, 3);
+        assert!((249..=251).contains(&stats.ack_latency_us.p50), "{stats:?}");
+        // Batch 3 without an entry is acknowledged without a position; batch 4 is a duplicate.
+        let duplicate = AckEntry {
+            status: AckStatus::Duplicate,
+            ..entry(4, Some(7), 1)
+        };
+        core.on_frame(0, ack(4, vec![duplicate]), t1);
+        assert!(core.is_flushed());
+        let stats = core.stats();
+        assert_eq!(stats.batches_acked, 5);
+        assert_eq!(stats.batches_unpositioned, 1);
+        assert_eq!(stats.batches_duplicate, 1);
+        let events = core.take_events();
+        assert_eq!(events.len(), 5);
+        assert_eq!(
+            events[1],
+            PublisherEvent::Acked {
+                batch_seq: 1,
+                first_message_index: 1,
+                message_count: 1,
+                global_start: Some(101),
+                duplicate: false,
+                latency_us: 250,
+            }
+        );
+        assert!(matches!(
+            events[4],
+            PublisherEvent::Acked {
+                duplicate: true,
+                ..
+            }
+        ));
+        // A repeated cumulative ack with no entries changes nothing.
+        core.on_frame(0, ack(4, vec![]), t1);
+        assert!(core.failure().is_none());
+    }
+
+    #[test]
+    fn acks_are_per_connection() {
+        let mut core = Setup {
+            connections: 2,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        publish_batches(&mut core, 4, now);
+        // Connection 1 carries batches 1 and 3; "through 3" on it leaves 0 and 2 alone.
+        core.on_frame(
+            1,
+            ack(3, vec![entry(1, Some(0), 1), entry(3, Some(1), 1)]),
+            now,
+        );
+        assert_eq!((core.in_flight(0), core.in_flight(1)), (2, 0));
+        core.on_frame(
+            0,
+            ack(2, vec![entry(0, Some(2), 1), entry(2, Some(3), 1)]),
+            now,
+        );
+        assert!(core.is_flushed());
+        assert!(core.failure().is_none());
+    }
+
+    fn failed_after(frames: Vec<(usize, Frame)>) -> ClientError {
+        let mut core = Setup {
+            connections: 2,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        publish_batches(&mut core, 4, now);
+        for (connection, frame) in frames {
+            core.on_frame(connection, frame, now);
+        }
+        let failure = core
+            .failure()
+            .cloned()
+            .expect("the core should have failed");
+        // Every later call reports the same failure.
+        let again = core.publish(MESSAGE, now).unwrap_err();
+        assert_eq!(again.to_string(), failure.to_string());
+        failure
+    }
+
+    #[test]
+    fn inconsistent_acks_fail_the_publisher() {
+        // Entry for batch 1, which went to connection 1, arriving on connection 0.
+        let error = failed_after(vec![(0, ack(1, vec![entry(1, Some(0), 1)]))]);
+        assert!(
+            matches!(error, ClientError::AckMismatch { batch_seq: 1, .. }),
+            "{error}"
+        );
+        // Cumulative ack beyond the last batch sent.
+        let error = failed_after(vec![(0, ack(9, vec![]))]);
+        assert!(
+            matches!(error, ClientError::AckMismatch { batch_seq: 9, .. }),
+            "{error}"
+        );
+        // Going backwards.
+        let error = failed_after(vec![(0, ack(2, vec![])), (0, ack(0, vec![]))]);
+        assert!(matches!(
+            error,
+            ClientError::AckRegressed {
+                previous: 2,
+                got: 0,
+                ..
+            }
+        ));
+        // Message count differing from what was sent.
+        let error = failed_after(vec![(0, ack(0, vec![entry(0, Some(0), 2)]))]);
+        assert!(
+            error.to_string().contains("different message count"),
+            "{error}"
+        );
+        // A frame a broker does not send after the handshake.
+        let hello_ok = Frame::HelloOk(HelloOkRepr {
+            broker_id: 0,
+            batch_bytes_max: 1024,
+            order: Order::Total,
+            ack: AckLevel::Ordered,
+            next_batch_seq: 0,
+            log_start: 0,
+            log_end: 0,
+        });
+        let error = failed_after(vec![(0, hello_ok)]);
+        assert!(matches!(
+            error,
+            ClientError::UnexpectedFrame {
+                got: FrameKind::HelloOk,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn closing_error_frames_fail_with_their_code() {
+        let error = failed_after(vec![(1, error(ErrorCode::ChecksumMismatch, Some(3)))]);
+        assert_eq!(error.broker_code(), Some(ErrorCode::ChecksumMismatch));
+        assert_eq!(
+            error.to_string(),
+            "127.0.0.1:9001 refused: checksum mismatch (7) for batch 3: test reason"
+        );
+    }
+
+    #[test]
+    fn pool_full_is_only_a_notice() {
+        let mut core = Setup::default().core();
+        core.on_frame(0, error(ErrorCode::PoolFull, None), Instant::now());
+        assert!(core.failure().is_none());
+        assert!(matches!(
+            core.take_events()[..],
+            [PublisherEvent::PoolFull { .. }]
+        ));
+    }
+
+    #[test]
+    fn session_gap_skipped_rejects_the_batch_and_keeps_going() {
+        let mut core = Setup {
+            connections: 2,
+            batch_bytes_max: 2 * ONE,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        // Four batches of two messages: 0 and 2 on connection 0, 1 and 3 on connection 1.
+        for _ in 0..8 {
+            core.publish(MESSAGE, now).unwrap();
+        }
+        core.seal(now).unwrap();
+        assert_eq!(transmitted(&mut core).len(), 4);
+        // Batch 2 (connection 0) is reported on connection 1, where the sequencer noticed.
+        core.on_frame(1, error(ErrorCode::SessionGapSkipped, Some(2)), now);
+        assert!(core.failure().is_none());
+        assert_eq!(core.in_flight(0), 1, "the rejected batch left the window");
+        let events = core.take_events();
+        assert!(matches!(
+            &events[..],
+            [PublisherEvent::Rejected {
+                batch_seq: 2,
+                first_message_index: Some(4),
+                message_count: Some(2),
+                ..
+            }]
+        ));
+        // The late arrival of batch 2 is reported again: not counted twice.
+        core.on_frame(0, error(ErrorCode::SessionGapSkipped, Some(2)), now);
+        let stats = core.stats();
+        assert_eq!((stats.batches_rejected, stats.messages_rejected), (1, 2));
+        // The cumulative ack passes the rejected batch without an entry for it.
+        core.on_frame(0, ack(2, vec![entry(0, Some(0), 2)]), now);
+        core.on_frame(
+            1,
+            ack(3, vec![entry(1, Some(2), 2), entry(3, Some(4), 2)]),
+            now,
+        );
+        assert!(core.is_flushed(), "acked or rejected: nothing outstanding");
+        assert!(core.failure().is_none());
+        assert_eq!(core.stats().messages_acked, 6);
+    }
+
+    #[test]
+    fn session_gap_skipped_for_impossible_batches_fails() {
+        let error = failed_after(vec![(
+            0,
+            self::error(ErrorCode::SessionGapSkipped, Some(99)),
+        )]);
+        assert!(error.to_string().contains("never sent"), "{error}");
+        let error = failed_after(vec![
+            (0, ack(0, vec![entry(0, Some(0), 1)])),
+            (0, self::error(ErrorCode::SessionGapSkipped, Some(0))),
+        ]);
+        assert!(error.to_string().contains("acknowledged before"), "{error}");
+        // An entry for a batch reported as skipped.
+        let error = failed_after(vec![
+            (1, self::error(ErrorCode::SessionGapSkipped, Some(0))),
+            (0, ack(0, vec![entry(0, Some(0), 1)])),
+        ]);
+        assert!(
+            error.to_string().contains("SessionGapSkipped before"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn ack_level_zero_completes_on_write_and_refuses_acks() {
+        let mut core = Setup {
+            ack: AckLevel::FireAndForget,
+            window: 1,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        core.publish(MESSAGE, now).unwrap();
+        core.publish(MESSAGE, now).unwrap();
+        assert!(core.publish(MESSAGE, now).unwrap_err().is_would_block());
+        let batch = core.take_transmit().unwrap();
+        core.on_written(0, batch.seq, batch.message_count, batch.message_bytes);
+        assert_eq!(core.in_flight(0), 0);
+        let stats = core.stats();
+        assert_eq!(
+            (stats.batches_sent, stats.messages_sent, stats.bytes_sent),
+            (1, 1, 10)
+        );
+        assert_eq!(stats.batches_acked, 0);
+        core.publish(MESSAGE, now).unwrap();
+        core.on_frame(0, ack(0, vec![]), now);
+        assert!(matches!(
+            core.failure(),
+            Some(ClientError::UnexpectedFrame {
+                got: FrameKind::Ack,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn flush_state_follows_the_open_batch_and_outstanding_acks() {
+        let mut core = Setup {
+            batch_bytes_max: 10 * ONE,
+            ..Setup::default()
+        }
+        .core();
+        let now = Instant::now();
+        assert!(core.is_flushed());
+        core.publish(MESSAGE, now).unwrap();
+        assert!(!core.is_flushed(), "a message in the open batch");
+        core.seal(now).unwrap();
+        assert!(!core.is_flushed(), "a batch awaiting its ack");
+        assert_eq!(core.outstanding_batches(), 1);
+        core.on_frame(0, ack(0, vec![entry(0, Some(0), 1)]), now);
+        assert!(core.is_flushed());
+        // Sealing an empty batch is a no-op.
+        core.seal(now).unwrap();
+        assert!(core.take_transmit().is_some());
+        assert!(core.take_transmit().is_none());
+    }
+
+    #[test]
+    fn goodbye_and_end_of_stream() {
+        // Unrequested Goodbye fails the publisher.
+        let mut core = Setup::default().core();
+        let now = Instant::now();
+        publish_batches(&mut core, 1, now);
+        core.on_frame(0, Frame::Goodbye, now);
+        assert!(matches!(
+            core.failure(),
+            Some(ClientError::ConnectionClosed {
+                how: "unrequested Goodbye",
+                outstanding_batches: 1,
+                ..
+            })
+        ));
+
+        // The answer to our Goodbye, after every ack, finishes the connection cleanly.
+        let mut core = Setup::default().core();
+        publish_batches(&mut core, 1, now);
+        core.on_goodbye_sent(0);
+        assert!(!core.connection_finished(0));
+        core.on_frame(0, ack(0, vec![entry(0, Some(0), 1)]), now);
+        core.on_frame(0, Frame::Goodbye, now);
+        core.on_connection_ended(0, None);
+        assert!(core.connection_finished(0));
+        assert!(core.failure().is_none());
+
+        // End of stream with batches unacknowledged is a failure.
+        let mut core = Setup::default().core();
+        publish_batches(&mut core, 1, now);
+        core.on_connection_ended(0, None);
+        assert!(matches!(
+            core.failure(),
+            Some(ClientError::ConnectionClosed {
+                how: "end of stream",
+                outstanding_batches: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn oversized_messages_are_refused() {
+        let mut core = Setup::default().core();
+        let error = core.publish(&[0; ONE], Instant::now()).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "message of 14 bytes plus its 4-byte length prefix exceeds the batch limit of 14 bytes"
+        );
+        assert!(core.failure().is_none());
+    }
+}
