@@ -513,14 +513,14 @@ mod tests {
             },
             Expectation {
                 messages: 10,
-                excluded: vec![3..6],
+                excluded: vec![Range { start: 3, end: 6 }],
             },
         ];
         assert_eq!(verifier.lost(&expectations), 4 + 7);
         // Excluding a range that holds a lost message and a delivered one.
         let expectations = [Expectation {
             messages: 200,
-            excluded: vec![5..9],
+            excluded: vec![Range { start: 5, end: 9 }],
         }];
         assert_eq!(verifier.lost(&expectations), 3);
         // Messages delivered beyond what was acknowledged do not make `lost` negative.

@@ -335,3 +335,20 @@ fn create_topic_is_idempotent_and_refuses_other_settings() {
             && s.goodbyes_received == 2)
     );
 }
+
+#[test]
+fn linger_zero_sends_one_message_per_batch() {
+    let peers = TestPeer::cluster(1, |_| {});
+    let mut publisher = Publisher::connect(config(&peers)).unwrap();
+    for i in 0..50u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    publisher.close().unwrap();
+    let stats = publisher.stats();
+    assert_eq!(
+        (stats.batches_acked, stats.ack_latency_us.count),
+        (50, 50),
+        "{stats:?}"
+    );
+}

@@ -112,7 +112,13 @@ enum ProgressMode {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about = ABOUT, after_long_help = AFTER_HELP)]
+#[command(
+    name = "loadgen",
+    version,
+    about = ABOUT,
+    after_help = "Run with --help for the test modes, message format, order checks, JSON fields and exit codes.",
+    after_long_help = AFTER_HELP
+)]
 struct Cli {
     /// Broker addresses, comma separated (HOST:PORT,...). The first is the head broker: it
     /// receives CreateTopic and serves the subscriber.

@@ -203,6 +203,8 @@ impl Connection {
         number: usize,
     ) -> Self {
         stream.set_nonblocking(false).unwrap();
+        // Without it, Nagle holds small Acks behind the client's delayed TCP ack (~40 ms).
+        stream.set_nodelay(true).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_millis(10)))
             .unwrap();
