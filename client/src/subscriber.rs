@@ -92,7 +92,7 @@ pub struct PositionReport {
 }
 
 impl PositionReport {
-    /// Whether any gap, duplicate or missing position was seen.
+    /// Whether no gap, duplicate or unpositioned delivery was seen.
     pub fn is_clean(&self) -> bool {
         self.gaps == 0 && self.duplicates == 0 && self.unpositioned == 0
     }

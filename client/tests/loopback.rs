@@ -352,3 +352,11 @@ fn linger_zero_sends_one_message_per_batch() {
         "{stats:?}"
     );
 }
+
+#[test]
+fn publisher_and_subscriber_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Publisher>();
+    assert_send::<Subscriber>();
+    assert_send::<ClientError>();
+}
