@@ -128,7 +128,7 @@ struct Cli {
     #[arg(long, default_value = "loadgen")]
     topic: String,
     /// Send CreateTopic (with --order, --ack, --replication-factor) to the head broker
-    /// first; a topic that exists with the same settings is fine, with other settings the
+    /// before publishing (not in the subscribe test); a topic that exists with the same settings is fine, with other settings the
     /// run stops. `--create-topic false` skips it.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     create_topic: bool,
@@ -519,6 +519,8 @@ struct PublisherOutcome {
     latency_us: Histogram<u64>,
     expectation: Expectation,
     connections: usize,
+    /// When every batch was acknowledged (before Goodbye and closing the sockets).
+    flushed_at: Instant,
     error: Option<String>,
 }
 
@@ -575,7 +577,12 @@ fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
             Err(_) => summary.errors.push("a publisher thread panicked".into()),
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = outcomes
+        .iter()
+        .map(|o| o.flushed_at.saturating_duration_since(started))
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
     let mut histogram = latency_histogram();
     for outcome in &outcomes {
         let stats = &outcome.stats;
@@ -708,6 +715,7 @@ fn publish(
         latency_us: latency_histogram(),
         expectation: Expectation::default(),
         connections: 0,
+        flushed_at: Instant::now(),
         error: Some(format!("publisher {index}: {error}")),
     };
     let mut publisher = match connection {
@@ -760,7 +768,10 @@ fn publish(
             acked.absorb(publisher.take_events());
         }
     }
-    if let Err(e) = publisher.close()
+    // The measured phase ends at the flush; the Goodbye exchange is not throughput.
+    let flushed = publisher.flush();
+    let flushed_at = Instant::now();
+    if let Err(e) = flushed.and_then(|()| publisher.close())
         && error.is_none()
     {
         error = Some(e);
@@ -784,6 +795,7 @@ fn publish(
         stats,
         expectation,
         connections,
+        flushed_at,
         error: error.map(|e| format!("publisher {index}: {e}")),
     }
 }
