@@ -1,0 +1,343 @@
+//! [`PublisherConfig`] and [`SubscriberConfig`], with their defaults and validation.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use wire::{AckLevel, BATCH_BYTES_HARD_MAX, BATCH_BYTES_MIN, FROM_END, Order, Topic};
+
+use crate::error::ClientError;
+
+/// Default batch payload limit asked for by a publisher (the broker's HelloOk may lower it).
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 << 10;
+/// Default time an open batch may wait for more messages before it is sealed.
+pub const LINGER_US_DEFAULT: u64 = 500;
+/// Default number of unacknowledged batches per connection.
+pub const IN_FLIGHT_BATCHES_MAX_DEFAULT: usize = 64;
+/// Default `SO_SNDBUF` / `SO_RCVBUF` asked for on every connection (the kernel may cap it at
+/// `net.core.wmem_max` / `rmem_max`).
+pub const SOCKET_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
+/// Default bound on connecting plus the Hello/HelloOk exchange.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Default bound on a blocking publish waiting for window space.
+pub const PUBLISH_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default bound on [`Publisher::flush`](crate::Publisher::flush).
+pub const FLUSH_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default time to wait for the broker's Goodbye after sending ours.
+pub const GOODBYE_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+
+/// Settings of a [`Publisher`](crate::Publisher). Build with [`PublisherConfig::new`] and
+/// change the public fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublisherConfig {
+    /// Brokers to publish to; the publisher opens `connections_per_broker` connections to
+    /// each and spreads batches over all of them round-robin.
+    pub brokers: Vec<SocketAddr>,
+    /// Topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+    pub topic: String,
+    /// The order the topic is expected to have: 0, 1, 2 or 5 (the broker refuses a mismatch).
+    pub order: u8,
+    /// Ack level asked for: 0 (none), 1 (ordered), 2 (replicated).
+    pub ack: u8,
+    /// Client identity, stable across reconnects; default: derived from the clock and pid.
+    pub client_id: u64,
+    /// Session epoch; a new epoch starts a new session at batch sequence 0. Default: the
+    /// current Unix time in seconds, so a restarted client never reuses an older epoch.
+    pub session_epoch: u32,
+    /// TCP connections opened to each broker (at least 1).
+    pub connections_per_broker: usize,
+    /// Largest batch payload (length prefixes included) the publisher builds; capped by the
+    /// smallest `batch_bytes_max` in the brokers' HelloOk. Default 64 KiB.
+    pub batch_bytes_max: usize,
+    /// How long an open batch waits for more messages before it is sealed; 0 seals every
+    /// message on its own. Checked by `publish`, `poll` and `flush`. Default 500 us.
+    pub linger_us: u64,
+    /// Unacknowledged batches allowed per connection (at least 1). Default 64.
+    pub in_flight_batches_max: usize,
+    /// When the window of the next connection is full: `true` waits for acks (up to
+    /// `publish_timeout_ms`), `false` returns [`ClientError::WouldBlock`].
+    pub blocking: bool,
+    /// Bound on connecting plus the Hello/HelloOk exchange, per connection.
+    pub connect_timeout_ms: u64,
+    /// Bound on a blocking publish waiting for window space.
+    pub publish_timeout_ms: u64,
+    /// Bound on [`Publisher::flush`](crate::Publisher::flush) waiting for acks.
+    pub flush_timeout_ms: u64,
+    /// Bound on waiting for the broker's Goodbye when closing.
+    pub goodbye_timeout_ms: u64,
+    /// `SO_SNDBUF` and `SO_RCVBUF` asked for on each connection.
+    pub socket_buffer_bytes: usize,
+    /// Record an [`PublisherEvent::Acked`](crate::PublisherEvent::Acked) for every
+    /// acknowledged batch (drained with `take_events`); off by default because a caller
+    /// that never drains them would grow the queue without bound.
+    pub report_acks: bool,
+}
+
+impl PublisherConfig {
+    /// A configuration with the defaults: order 2, ack 1, one connection per broker, 64 KiB
+    /// batches, 500 us linger, 64 batches in flight per connection, blocking.
+    pub fn new(brokers: Vec<SocketAddr>, topic: impl Into<String>) -> Self {
+        PublisherConfig {
+            brokers,
+            topic: topic.into(),
+            order: 2,
+            ack: 1,
+            client_id: default_client_id(),
+            session_epoch: default_session_epoch(),
+            connections_per_broker: 1,
+            batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
+            linger_us: LINGER_US_DEFAULT,
+            in_flight_batches_max: IN_FLIGHT_BATCHES_MAX_DEFAULT,
+            blocking: true,
+            connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            publish_timeout_ms: PUBLISH_TIMEOUT_MS_DEFAULT,
+            flush_timeout_ms: FLUSH_TIMEOUT_MS_DEFAULT,
+            goodbye_timeout_ms: GOODBYE_TIMEOUT_MS_DEFAULT,
+            socket_buffer_bytes: SOCKET_BUFFER_BYTES_DEFAULT,
+            report_acks: false,
+        }
+    }
+
+    /// Checks every field and converts the protocol ones to their wire types.
+    pub(crate) fn validate(&self) -> Result<ValidPublisher, ClientError> {
+        if self.brokers.is_empty() {
+            return Err(invalid("brokers", "[]", "at least one broker address"));
+        }
+        let topic = topic(&self.topic)?;
+        let order = order(self.order)?;
+        let ack =
+            AckLevel::try_from(self.ack).map_err(|_| invalid("ack", self.ack, "0, 1 or 2"))?;
+        if self.connections_per_broker == 0 {
+            return Err(invalid("connections_per_broker", 0, "at least 1"));
+        }
+        let batch_range = BATCH_BYTES_MIN as usize..=BATCH_BYTES_HARD_MAX as usize;
+        if !batch_range.contains(&self.batch_bytes_max) {
+            return Err(invalid(
+                "batch_bytes_max",
+                self.batch_bytes_max,
+                "4..=67108864 (64 MiB)",
+            ));
+        }
+        if self.in_flight_batches_max == 0 {
+            return Err(invalid("in_flight_batches_max", 0, "at least 1"));
+        }
+        for (field, value) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("publish_timeout_ms", self.publish_timeout_ms),
+            ("flush_timeout_ms", self.flush_timeout_ms),
+            ("goodbye_timeout_ms", self.goodbye_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, 0, "at least 1 ms"));
+            }
+        }
+        if self.socket_buffer_bytes == 0 || self.socket_buffer_bytes > i32::MAX as usize {
+            return Err(invalid(
+                "socket_buffer_bytes",
+                self.socket_buffer_bytes,
+                "1..=2147483647",
+            ));
+        }
+        Ok(ValidPublisher { topic, order, ack })
+    }
+}
+
+/// The protocol fields of a validated [`PublisherConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ValidPublisher {
+    pub topic: Topic,
+    pub order: Order,
+    pub ack: AckLevel,
+}
+
+/// Settings of a [`Subscriber`](crate::Subscriber).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberConfig {
+    /// The broker to read from.
+    pub broker: SocketAddr,
+    /// Topic name.
+    pub topic: String,
+    /// The order the topic is expected to have: 0, 1, 2 or 5.
+    pub order: u8,
+    /// First global position wanted; `u64::MAX` ([`wire::FROM_END`]) = only new messages.
+    pub from_position: u64,
+    /// Largest Delivery payload wanted; 0 = the broker's limit, else 4..=64 MiB.
+    pub batch_bytes_max: u32,
+    /// Client identity sent in Hello (informational for subscribers).
+    pub client_id: u64,
+    /// Bound on connecting plus the Hello/HelloOk exchange.
+    pub connect_timeout_ms: u64,
+    /// Bound on waiting for the broker's Goodbye when closing.
+    pub goodbye_timeout_ms: u64,
+    /// `SO_SNDBUF` and `SO_RCVBUF` asked for.
+    pub socket_buffer_bytes: usize,
+}
+
+impl SubscriberConfig {
+    /// A configuration with the defaults: order 2, from position 0, the broker's batch limit.
+    pub fn new(broker: SocketAddr, topic: impl Into<String>) -> Self {
+        SubscriberConfig {
+            broker,
+            topic: topic.into(),
+            order: 2,
+            from_position: 0,
+            batch_bytes_max: 0,
+            client_id: default_client_id(),
+            connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            goodbye_timeout_ms: GOODBYE_TIMEOUT_MS_DEFAULT,
+            socket_buffer_bytes: SOCKET_BUFFER_BYTES_DEFAULT,
+        }
+    }
+
+    /// Checks every field and converts the protocol ones to their wire types.
+    pub(crate) fn validate(&self) -> Result<(Topic, Order), ClientError> {
+        let topic = topic(&self.topic)?;
+        let order = order(self.order)?;
+        if self.batch_bytes_max != 0
+            && !(BATCH_BYTES_MIN..=BATCH_BYTES_HARD_MAX).contains(&self.batch_bytes_max)
+        {
+            return Err(invalid(
+                "batch_bytes_max",
+                self.batch_bytes_max,
+                "0 (the broker's limit) or 4..=67108864",
+            ));
+        }
+        for (field, value) in [
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("goodbye_timeout_ms", self.goodbye_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, 0, "at least 1 ms"));
+            }
+        }
+        if self.socket_buffer_bytes == 0 || self.socket_buffer_bytes > i32::MAX as usize {
+            return Err(invalid(
+                "socket_buffer_bytes",
+                self.socket_buffer_bytes,
+                "1..=2147483647",
+            ));
+        }
+        Ok((topic, order))
+    }
+
+    /// Whether the subscription starts at the end of the log.
+    pub fn from_end(&self) -> bool {
+        self.from_position == FROM_END
+    }
+}
+
+pub(crate) fn invalid(
+    field: &'static str,
+    value: impl ToString,
+    expected: &'static str,
+) -> ClientError {
+    ClientError::InvalidConfig {
+        field,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+pub(crate) fn topic(name: &str) -> Result<Topic, ClientError> {
+    Topic::new(name).map_err(|source| ClientError::InvalidTopic {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+pub(crate) fn order(order: u8) -> Result<Order, ClientError> {
+    Order::try_from(order).map_err(|_| invalid("order", order, "0, 1, 2 or 5"))
+}
+
+pub(crate) fn millis(ms: u64) -> Duration {
+    Duration::from_millis(ms)
+}
+
+/// A client id unlikely to collide with another process's: the clock's nanoseconds mixed
+/// with the process id and a per-process counter (so two calls in one process always
+/// differ), through the splitmix64 finaliser so nearby inputs give unrelated ids.
+pub fn default_client_id() -> u64 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 40) ^ call.rotate_right(8);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The current Unix time in seconds (wrapping into u32), a session epoch that grows with
+/// every restart of a client.
+pub fn default_session_epoch() -> u32 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PublisherConfig {
+        PublisherConfig::new(vec!["127.0.0.1:9000".parse().unwrap()], "orders")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let valid = config().validate().unwrap();
+        assert_eq!(valid.order, Order::Total);
+        assert_eq!(valid.ack, AckLevel::Ordered);
+        let sub = SubscriberConfig::new("127.0.0.1:9000".parse().unwrap(), "orders");
+        assert!(sub.validate().is_ok());
+        assert!(!sub.from_end());
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_number() {
+        let mut c = config();
+        c.order = 3;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid configuration: order = 3; 0, 1, 2 or 5"
+        );
+        let mut c = config();
+        c.connections_per_broker = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("connections_per_broker = 0")
+        );
+        let mut c = config();
+        c.batch_bytes_max = 70 << 20;
+        assert!(c.validate().unwrap_err().to_string().contains("73400320"));
+        let mut c = config();
+        c.topic = "bad topic".into();
+        assert!(matches!(
+            c.validate(),
+            Err(ClientError::InvalidTopic { .. })
+        ));
+        let mut c = config();
+        c.brokers.clear();
+        assert!(c.validate().is_err());
+        let mut c = config();
+        c.in_flight_batches_max = 0;
+        assert!(c.validate().is_err());
+        let mut sub = SubscriberConfig::new("127.0.0.1:9000".parse().unwrap(), "orders");
+        sub.batch_bytes_max = 2;
+        assert!(
+            sub.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("batch_bytes_max = 2")
+        );
+    }
+
+    #[test]
+    fn client_ids_differ() {
+        assert_ne!(default_client_id(), default_client_id());
+    }
+}

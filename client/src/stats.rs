@@ -1,0 +1,102 @@
+//! Publisher statistics: counters and the ack latency histogram.
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Largest latency the histogram records exactly (one minute); larger values are clamped.
+pub const LATENCY_US_MAX: u64 = 60_000_000;
+
+/// A histogram of latencies in microseconds, 3 significant digits, 1 us to one minute.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3)
+        .expect("constant bounds satisfy hdrhistogram: low >= 1, high >= 2 * low, sigfig <= 5")
+}
+
+/// Percentiles of a latency histogram, in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest sample.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl LatencySummary {
+    /// Summarises a histogram (all zero when it is empty).
+    pub fn of(histogram: &Histogram<u64>) -> Self {
+        if histogram.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: histogram.len(),
+            p50: histogram.value_at_quantile(0.50),
+            p99: histogram.value_at_quantile(0.99),
+            p999: histogram.value_at_quantile(0.999),
+            max: histogram.max(),
+            mean: histogram.mean(),
+        }
+    }
+}
+
+/// What a publisher has done so far. Byte counts are message bytes, without the 4-byte
+/// length prefixes and frame headers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PublisherStats {
+    /// Messages accepted by `publish` (including those still in the open batch).
+    pub messages_published: u64,
+    /// Batches sealed and assigned to a connection.
+    pub batches_sealed: u64,
+    /// Batches sealed per connection, in connection order (the round-robin spread).
+    pub batches_per_connection: Vec<u64>,
+    /// Batches written completely to their socket.
+    pub batches_sent: u64,
+    /// Messages in those batches.
+    pub messages_sent: u64,
+    /// Message bytes in those batches.
+    pub bytes_sent: u64,
+    /// Batches acknowledged (ack >= 1), duplicates included.
+    pub batches_acked: u64,
+    /// Messages in acknowledged batches.
+    pub messages_acked: u64,
+    /// Message bytes in acknowledged batches.
+    pub bytes_acked: u64,
+    /// Acknowledged batches whose status was `Duplicate` (already in the log).
+    pub batches_duplicate: u64,
+    /// Acknowledged batches whose ack entry carried no global position.
+    pub batches_unpositioned: u64,
+    /// Batches the broker reported as not ordered (order 5, `SessionGapSkipped`).
+    pub batches_rejected: u64,
+    /// Messages in those batches (unknown, hence not counted, at ack 0 when the batch was
+    /// already written and forgotten).
+    pub messages_rejected: u64,
+    /// Ack latency, from sealing a batch to receiving its acknowledgement.
+    pub ack_latency_us: LatencySummary,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_of_empty_and_filled_histograms() {
+        let mut histogram = latency_histogram();
+        assert_eq!(LatencySummary::of(&histogram), LatencySummary::default());
+        for value in 1..=1000 {
+            histogram.saturating_record(value);
+        }
+        histogram.saturating_record(LATENCY_US_MAX * 10);
+        let summary = LatencySummary::of(&histogram);
+        assert_eq!(summary.count, 1001);
+        assert!((499..=501).contains(&summary.p50), "{summary:?}");
+        assert!((989..=991).contains(&summary.p99), "{summary:?}");
+        assert!(summary.max >= LATENCY_US_MAX && summary.max < LATENCY_US_MAX * 2);
+    }
+}

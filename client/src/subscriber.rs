@@ -1,0 +1,468 @@
+//! [`Subscriber`]: reads Deliveries in global order from one broker, verifies each payload
+//! and checks that positions follow each other without gaps or repeats
+//! ([`PositionChecker`]).
+
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use wire::{
+    AckLevel, DeliveryHeaderRepr, Frame, HelloOkRepr, HelloRepr, Limits, Order, Role,
+    verify_payload,
+};
+
+use crate::config::{SubscriberConfig, millis};
+use crate::error::ClientError;
+use crate::net::{FrameReader, Inbound, ReadOutcome, connect_and_hello, write_frame};
+
+/// One Delivery: a publisher's batch (or a contiguous slice of it), verified against its
+/// header's length, CRC-32C and message count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredBatch {
+    /// Global position of the first message; `None` for order 0 topics.
+    pub global_start: Option<u64>,
+    /// Messages in the delivery.
+    pub message_count: u32,
+    /// Publisher of the batch.
+    pub client_id: u64,
+    /// Publisher's session epoch.
+    pub session_epoch: u32,
+    /// Publisher's batch sequence.
+    pub batch_seq: u64,
+    /// Broker that received the batch.
+    pub broker_id: u16,
+    payload: Vec<u8>,
+}
+
+impl DeliveredBatch {
+    /// The messages, in order.
+    pub fn messages(&self) -> impl Iterator<Item = &[u8]> {
+        // The payload was verified on arrival, so every item is Ok.
+        wire::payload::messages(&self.payload).map_while(Result::ok)
+    }
+
+    /// The raw payload (length-prefixed messages).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Global position just past the last message, when the topic has positions.
+    pub fn global_end(&self) -> Option<u64> {
+        self.global_start
+            .map(|start| start + u64::from(self.message_count))
+    }
+}
+
+/// What [`PositionChecker::observe`] concluded about one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionCheck {
+    /// Starts exactly where the previous one ended (or is the first one).
+    InOrder,
+    /// Starts after the expected position: `missing` positions were skipped.
+    Gap {
+        /// Positions skipped.
+        missing: u64,
+    },
+    /// Starts before the expected position: `repeated` positions were delivered again.
+    Duplicate {
+        /// Positions delivered a second time.
+        repeated: u64,
+    },
+    /// The topic has positions but the delivery carries none.
+    Unpositioned,
+    /// Order 0: positions are not defined, nothing to check.
+    Unchecked,
+}
+
+/// Counts of [`PositionChecker`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PositionReport {
+    /// Deliveries that started after the expected position.
+    pub gaps: u64,
+    /// Positions skipped by those gaps.
+    pub missing_positions: u64,
+    /// Deliveries that started before the expected position.
+    pub duplicates: u64,
+    /// Positions delivered more than once.
+    pub duplicate_positions: u64,
+    /// Deliveries without a position on a topic that has positions.
+    pub unpositioned: u64,
+    /// The position the next delivery should start at, once known.
+    pub next_position: Option<u64>,
+}
+
+impl PositionReport {
+    /// Whether no gap, duplicate or unpositioned delivery was seen.
+    pub fn is_clean(&self) -> bool {
+        self.gaps == 0 && self.duplicates == 0 && self.unpositioned == 0
+    }
+}
+
+/// Checks that deliveries of a positioned topic (order > 0) tile the global positions:
+/// each `global_start` must equal the previous `global_start + message_count`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PositionChecker {
+    positioned: bool,
+    report: PositionReport,
+}
+
+impl PositionChecker {
+    /// A checker for a topic of this order, expecting the first delivery at `first` (or
+    /// accepting any first position when `None`).
+    pub fn new(order: Order, first: Option<u64>) -> Self {
+        PositionChecker {
+            positioned: order != Order::Unordered,
+            report: PositionReport {
+                next_position: first,
+                ..PositionReport::default()
+            },
+        }
+    }
+
+    /// Checks one delivery and advances the expected position.
+    pub fn observe(&mut self, global_start: Option<u64>, message_count: u32) -> PositionCheck {
+        if !self.positioned {
+            return PositionCheck::Unchecked;
+        }
+        let Some(start) = global_start else {
+            self.report.unpositioned += 1;
+            return PositionCheck::Unpositioned;
+        };
+        let end = start.saturating_add(u64::from(message_count));
+        let report = &mut self.report;
+        let expected = report.next_position.unwrap_or(start);
+        let check = if start == expected {
+            PositionCheck::InOrder
+        } else if start > expected {
+            let missing = start - expected;
+            report.gaps += 1;
+            report.missing_positions += missing;
+            PositionCheck::Gap { missing }
+        } else {
+            let repeated = (expected - start).min(u64::from(message_count));
+            report.duplicates += 1;
+            report.duplicate_positions += repeated;
+            PositionCheck::Duplicate { repeated }
+        };
+        report.next_position = Some(end.max(expected));
+        check
+    }
+
+    /// The counts so far.
+    pub fn report(&self) -> PositionReport {
+        self.report
+    }
+}
+
+/// What a subscriber has received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriberStats {
+    /// Deliveries that passed verification.
+    pub batches: u64,
+    /// Messages in them.
+    pub messages: u64,
+    /// Message bytes in them (without length prefixes).
+    pub message_bytes: u64,
+    /// Deliveries whose payload failed verification.
+    pub corrupt_batches: u64,
+    /// Position checks.
+    pub positions: PositionReport,
+}
+
+/// A subscription to one topic on one broker.
+///
+/// Dropping a subscriber without [`close`](Subscriber::close) still says Goodbye and
+/// closes the socket.
+#[derive(Debug)]
+pub struct Subscriber {
+    addr: SocketAddr,
+    stream: TcpStream,
+    reader: FrameReader,
+    hello_ok: HelloOkRepr,
+    checker: PositionChecker,
+    stats: SubscriberStats,
+    goodbye_timeout: Duration,
+    failure: Option<ClientError>,
+    closed: bool,
+}
+
+impl Subscriber {
+    /// Connects, sends Hello (role subscribe) and checks HelloOk. The broker refuses a
+    /// start before the log start (`PositionTruncated`) or after its end
+    /// (`PositionBeyondEnd`), reported as [`ClientError::Broker`].
+    pub fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
+        let (topic, order) = config.validate()?;
+        let hello = HelloRepr {
+            role: Role::Subscribe {
+                from_position: config.from_position,
+                batch_bytes_max: config.batch_bytes_max,
+            },
+            order,
+            ack: AckLevel::FireAndForget,
+            client_id: config.client_id,
+            session_epoch: 0,
+            topic,
+        };
+        let addr = config.broker;
+        let (stream, mut reader, hello_ok) = connect_and_hello(
+            addr,
+            &hello,
+            millis(config.connect_timeout_ms),
+            config.socket_buffer_bytes,
+        )?;
+        let wanted = match config.batch_bytes_max {
+            0 => hello_ok.batch_bytes_max,
+            own => own,
+        };
+        // Both values are within 4..=64 MiB (validated config, parsed HelloOk).
+        if let Ok(limits) = Limits::default().with_batch_bytes_max(wanted) {
+            reader.set_limits(limits);
+        }
+        let first = if config.from_end() {
+            hello_ok.log_end
+        } else {
+            config.from_position
+        };
+        Ok(Subscriber {
+            addr,
+            stream,
+            reader,
+            hello_ok,
+            checker: PositionChecker::new(order, Some(first)),
+            stats: SubscriberStats::default(),
+            goodbye_timeout: millis(config.goodbye_timeout_ms),
+            failure: None,
+            closed: false,
+        })
+    }
+
+    /// The broker's HelloOk (log start and end, broker id, limits).
+    pub fn hello_ok(&self) -> &HelloOkRepr {
+        &self.hello_ok
+    }
+
+    /// What was received so far, with the position checks.
+    pub fn stats(&self) -> SubscriberStats {
+        SubscriberStats {
+            positions: self.checker.report(),
+            ..self.stats
+        }
+    }
+
+    /// Waits up to `timeout` for the next Delivery; `Ok(None)` when none completed in
+    /// time. A delivery that fails verification is counted and returned as
+    /// [`ClientError::CorruptDelivery`]; the stream stays usable. Connection errors,
+    /// closing Error frames and an unexpected end of stream fail the subscriber.
+    pub fn next_batch(&mut self, timeout: Duration) -> Result<Option<DeliveredBatch>, ClientError> {
+        if self.closed {
+            return Err(ClientError::Closed { what: "subscriber" });
+        }
+        if let Some(error) = &self.failure {
+            return Err(error.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            // A zero read timeout means "block forever" to the OS, hence the 1 ms floor.
+            let set = self
+                .stream
+                .set_read_timeout(Some(remaining.max(Duration::from_millis(1))));
+            if let Err(error) = set {
+                return Err(self.fail(ClientError::io(
+                    self.addr,
+                    "setting the read timeout",
+                    error,
+                )));
+            }
+            let outcome = match self.reader.next(&mut &self.stream) {
+                Ok(outcome) => outcome,
+                Err(error) => return Err(self.fail(error)),
+            };
+            match outcome {
+                ReadOutcome::Item(Inbound::Delivery(header, payload)) => {
+                    return self.accept(header, payload).map(Some);
+                }
+                ReadOutcome::Item(Inbound::Frame(Frame::Error(error)))
+                    if !error.code.closes_connection() =>
+                {
+                    log::info!("{}: {}: {}", self.addr, error.code, error.reason());
+                }
+                ReadOutcome::Item(Inbound::Frame(Frame::Error(error))) => {
+                    return Err(self.fail(ClientError::broker(self.addr, &error)));
+                }
+                ReadOutcome::Item(Inbound::Frame(Frame::Goodbye)) => {
+                    return Err(self.fail(ClientError::ConnectionClosed {
+                        addr: self.addr,
+                        how: "unrequested Goodbye",
+                        outstanding_batches: 0,
+                    }));
+                }
+                ReadOutcome::Item(Inbound::Frame(other)) => {
+                    return Err(self.fail(ClientError::UnexpectedFrame {
+                        addr: self.addr,
+                        got: other.kind(),
+                        expected: "Delivery, Error or Goodbye",
+                    }));
+                }
+                ReadOutcome::Eof => {
+                    return Err(self.fail(ClientError::ConnectionClosed {
+                        addr: self.addr,
+                        how: "end of stream",
+                        outstanding_batches: 0,
+                    }));
+                }
+                ReadOutcome::TimedOut if Instant::now() >= deadline => return Ok(None),
+                ReadOutcome::TimedOut => {}
+            }
+        }
+    }
+
+    fn fail(&mut self, error: ClientError) -> ClientError {
+        self.failure.get_or_insert(error).clone()
+    }
+
+    fn accept(
+        &mut self,
+        header: DeliveryHeaderRepr,
+        payload: Vec<u8>,
+    ) -> Result<DeliveredBatch, ClientError> {
+        if let Err(source) = verify_payload(&header, &payload) {
+            self.stats.corrupt_batches += 1;
+            return Err(ClientError::CorruptDelivery {
+                batch_seq: header.batch_seq,
+                client_id: header.client_id,
+                broker_id: header.broker_id,
+                source,
+            });
+        }
+        let check = self
+            .checker
+            .observe(header.global_start, header.message_count);
+        if !matches!(check, PositionCheck::InOrder | PositionCheck::Unchecked) {
+            log::warn!(
+                "{}: delivery of batch {} from client {} at {:?}: {check:?}",
+                self.addr,
+                header.batch_seq,
+                header.client_id,
+                header.global_start
+            );
+        }
+        let batch = DeliveredBatch {
+            global_start: header.global_start,
+            message_count: header.message_count,
+            client_id: header.client_id,
+            session_epoch: header.session_epoch,
+            batch_seq: header.batch_seq,
+            broker_id: header.broker_id,
+            payload,
+        };
+        self.stats.batches += 1;
+        self.stats.messages += u64::from(header.message_count);
+        self.stats.message_bytes += batch.messages().map(|m| m.len() as u64).sum::<u64>();
+        Ok(batch)
+    }
+
+    /// Sends Goodbye, reads (and drops) what the broker still sends until its Goodbye or
+    /// the end of stream, up to `goodbye_timeout_ms`, and closes the socket.
+    pub fn close(&mut self) -> Result<(), ClientError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let said = write_frame(&self.stream, &Frame::Goodbye, self.addr, "sending Goodbye");
+        if said.is_ok() && self.failure.is_none() {
+            let deadline = Instant::now() + self.goodbye_timeout;
+            while let Some(remaining) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            {
+                if self.stream.set_read_timeout(Some(remaining)).is_err() {
+                    break;
+                }
+                match self.reader.next(&mut &self.stream) {
+                    Ok(ReadOutcome::Item(Inbound::Frame(Frame::Goodbye)) | ReadOutcome::Eof)
+                    | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        said
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Err(error) = self.close() {
+            log::debug!("closing subscriber: {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_positions_are_clean() {
+        let mut checker = PositionChecker::new(Order::Total, Some(100));
+        assert_eq!(checker.observe(Some(100), 3), PositionCheck::InOrder);
+        assert_eq!(checker.observe(Some(103), 1), PositionCheck::InOrder);
+        let report = checker.report();
+        assert!(report.is_clean());
+        assert_eq!(report.next_position, Some(104));
+    }
+
+    #[test]
+    fn gaps_and_duplicates_are_counted_with_their_sizes() {
+        let mut checker = PositionChecker::new(Order::TotalSessionFifo, Some(0));
+        assert_eq!(checker.observe(Some(0), 5), PositionCheck::InOrder);
+        assert_eq!(
+            checker.observe(Some(8), 2),
+            PositionCheck::Gap { missing: 3 }
+        );
+        // A full repeat of 8..10, then a partial overlap 9..12.
+        assert_eq!(
+            checker.observe(Some(8), 2),
+            PositionCheck::Duplicate { repeated: 2 }
+        );
+        assert_eq!(
+            checker.observe(Some(9), 3),
+            PositionCheck::Duplicate { repeated: 1 }
+        );
+        assert_eq!(checker.observe(None, 1), PositionCheck::Unpositioned);
+        assert_eq!(checker.observe(Some(12), 1), PositionCheck::InOrder);
+        let report = checker.report();
+        assert_eq!(
+            report,
+            PositionReport {
+                gaps: 1,
+                missing_positions: 3,
+                duplicates: 2,
+                duplicate_positions: 3,
+                unpositioned: 1,
+                next_position: Some(13),
+            }
+        );
+        assert!(!report.is_clean());
+    }
+
+    #[test]
+    fn first_delivery_is_checked_against_the_start_position() {
+        let mut checker = PositionChecker::new(Order::Total, Some(50));
+        assert_eq!(
+            checker.observe(Some(60), 1),
+            PositionCheck::Gap { missing: 10 }
+        );
+        let mut any_start = PositionChecker::new(Order::Total, None);
+        assert_eq!(any_start.observe(Some(60), 1), PositionCheck::InOrder);
+    }
+
+    #[test]
+    fn order_zero_is_not_checked() {
+        let mut checker = PositionChecker::new(Order::Unordered, Some(0));
+        assert_eq!(checker.observe(None, 4), PositionCheck::Unchecked);
+        assert_eq!(checker.observe(Some(99), 4), PositionCheck::Unchecked);
+        assert!(checker.report().is_clean());
+    }
+}

@@ -1,0 +1,138 @@
+//! The load generator's JSON summary ([`Summary`]), shared so that test scripts and the
+//! broker's end-to-end tests can read it with the same types.
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::LatencySummary;
+
+/// Result of one load generator run (`loadgen --json FILE`). Rates use decimal megabytes
+/// (10^6 bytes) of message content (length prefixes and headers excluded).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Test mode: `publish`, `subscribe`, `end-to-end` or `latency`.
+    pub test: String,
+    /// Label of the broker backend under test (`--backend-label`, default `kernel`).
+    pub backend: String,
+    /// Broker addresses, head broker first.
+    pub brokers: Vec<String>,
+    /// Topic name.
+    pub topic: String,
+    /// TCP connections each publisher opened to each broker.
+    pub connections_per_broker: usize,
+    /// TCP connections opened by all publishers together (publishers x brokers x
+    /// connections per broker).
+    pub connections: usize,
+    /// Publisher threads, each with its own client id.
+    pub publishers: usize,
+    /// Topic order.
+    pub order: u8,
+    /// Ack level.
+    pub ack: u8,
+    /// Size of each message.
+    pub message_bytes: usize,
+    /// Batch payload limit in effect.
+    pub batch_bytes: usize,
+    /// Linger time.
+    pub linger_us: u64,
+    /// Target rate (0 = unlimited).
+    pub rate_msgs_per_s: u64,
+    /// Messages written to sockets.
+    pub messages_sent: u64,
+    /// Messages acknowledged (ack >= 1).
+    pub messages_acked: u64,
+    /// Message bytes acknowledged (ack >= 1).
+    pub bytes_acked: u64,
+    /// Message bytes written to sockets.
+    pub bytes_sent: u64,
+    /// Messages read by the subscriber (subscribe and end-to-end tests).
+    pub messages_received: u64,
+    /// Message bytes read by the subscriber.
+    pub bytes_received: u64,
+    /// Wall time of the measured phase.
+    pub seconds: f64,
+    /// Throughput in 10^6 bytes per second: acknowledged bytes (sent bytes at ack 0;
+    /// received bytes in the subscribe test).
+    pub mb_per_s: f64,
+    /// Throughput in messages per second, counted like `mb_per_s`.
+    pub msgs_per_s: f64,
+    /// Ack latency percentiles over all publishers, from sealing a batch to its ack.
+    pub ack_latency_us: LatencySummary,
+    /// Messages in batches the brokers reported as not ordered (SessionGapSkipped).
+    pub rejected: u64,
+    /// Acknowledged (ack 0: written) messages never delivered within the drain timeout.
+    pub lost: u64,
+    /// Repeated deliveries of a message.
+    pub duplicates: u64,
+    /// Messages delivered out of the order the topic promises (see `order_check`).
+    pub order_violations: u64,
+    /// What the order check compared: `none`, `per_connection` or `per_publisher`.
+    pub order_check: String,
+    /// Delivered messages whose content failed its checksum.
+    pub corrupt: u64,
+    /// Deliveries that skipped global positions.
+    pub position_gaps: u64,
+    /// Deliveries that repeated global positions.
+    pub position_duplicates: u64,
+    /// Messages from other runs' publishers on the same topic (ignored).
+    pub foreign: u64,
+    /// Errors that stopped a publisher or the subscriber.
+    pub errors: Vec<String>,
+    /// Whether the run met its checks (the exit code is 0 exactly when this is true).
+    pub passed: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_the_documented_fields() {
+        let summary = Summary {
+            test: "end-to-end".into(),
+            backend: "kernel".into(),
+            brokers: vec!["127.0.0.1:9000".into()],
+            connections: 4,
+            publishers: 2,
+            ack_latency_us: LatencySummary {
+                count: 3,
+                p50: 10,
+                p99: 20,
+                p999: 30,
+                max: 40,
+                mean: 15.0,
+            },
+            passed: true,
+            ..Summary::default()
+        };
+        let value = serde_json::to_value(&summary).unwrap();
+        for field in [
+            "backend",
+            "brokers",
+            "connections",
+            "order",
+            "ack",
+            "message_bytes",
+            "messages_sent",
+            "messages_acked",
+            "bytes_acked",
+            "seconds",
+            "mb_per_s",
+            "msgs_per_s",
+            "lost",
+            "duplicates",
+            "order_violations",
+            "publishers",
+            "rejected",
+            "passed",
+        ] {
+            assert!(value.get(field).is_some(), "missing {field}");
+        }
+        for percentile in ["p50", "p99", "p999", "max"] {
+            assert!(value["ack_latency_us"][percentile].is_u64(), "{percentile}");
+        }
+        assert_eq!(value["ack_latency_us"]["p999"], 30);
+        assert_eq!(value["backend"], "kernel");
+        let back: Summary = serde_json::from_value(value).unwrap();
+        assert_eq!(back, summary);
+    }
+}

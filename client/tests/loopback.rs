@@ -1,0 +1,362 @@
+//! The socket adapters against the loopback test peer (`support/mod.rs`): connections,
+//! round-robin spread, acks, flush and close, Goodbye on close and on drop, refusals,
+//! errors, gap skips, the subscriber, and topic creation.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use client::verify::{DeliveryContext, MessageFactory, OrderCheck, Verdict, Verifier};
+use client::{
+    ClientError, Publisher, PublisherConfig, PublisherEvent, Subscriber, SubscriberConfig,
+    TopicSpec, create_topic,
+};
+use support::TestPeer;
+use wire::ErrorCode;
+
+fn config(peers: &[TestPeer]) -> PublisherConfig {
+    let mut config = PublisherConfig::new(peers.iter().map(|p| p.addr).collect(), "loopback");
+    config.linger_us = 0;
+    config.connect_timeout_ms = 2_000;
+    config.flush_timeout_ms = 3_000;
+    config.goodbye_timeout_ms = 500;
+    config
+}
+
+#[test]
+fn batches_spread_over_every_connection_of_every_broker() {
+    let peers = TestPeer::cluster(2, |_| {});
+    let mut config = config(&peers);
+    config.connections_per_broker = 2;
+    let mut publisher = Publisher::connect(config).unwrap();
+    assert_eq!(publisher.connection_count(), 4);
+    for i in 0..40u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.close().unwrap();
+    let stats = publisher.stats();
+    assert_eq!((stats.messages_acked, stats.batches_acked), (40, 40));
+    assert_eq!(stats.batches_per_connection, [10, 10, 10, 10]);
+    assert!(stats.ack_latency_us.count == 40 && stats.ack_latency_us.max > 0);
+    let peer = &peers[0];
+    assert_eq!(peer.state(|s| s.hellos), 4);
+    let spread = peer.state(|s| {
+        let mut counts: Vec<_> = s
+            .batches_per_connection
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        counts.sort();
+        counts
+    });
+    assert_eq!(
+        spread,
+        [((0, 0), 10), ((0, 1), 10), ((1, 0), 10), ((1, 1), 10)]
+    );
+    // Every connection said Goodbye and was closed.
+    assert!(
+        peer.wait_for(Duration::from_secs(2), |s| s.goodbyes_received == 4
+            && s.connections_closed == 4)
+    );
+    assert!(matches!(
+        publisher.publish(b"late"),
+        Err(ClientError::Closed { .. })
+    ));
+}
+
+#[test]
+fn subscriber_reads_every_message_in_global_order() {
+    let peers = TestPeer::cluster(2, |_| {});
+    let mut config = config(&peers);
+    // The test peer is no sequencer: positions follow arrival, so across two brokers only
+    // the per-connection order (orders 1 and 2) holds.
+    config.order = 2;
+    config.batch_bytes_max = 1_000;
+    config.linger_us = 200;
+    let client_id = config.client_id;
+    let mut publisher = Publisher::connect(config).unwrap();
+    let mut factory = MessageFactory::new(0, 100).unwrap();
+    for seq in 0..500 {
+        publisher.publish(factory.message(seq)).unwrap();
+    }
+    publisher.close().unwrap();
+
+    let mut sub_config = SubscriberConfig::new(peers[1].addr, "loopback");
+    sub_config.order = 2;
+    let mut subscriber = Subscriber::connect(sub_config).unwrap();
+    let mut verifier = Verifier::new(OrderCheck::for_order(2, 2), &[client_id]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while subscriber.stats().messages < 500 && Instant::now() < deadline {
+        let Some(batch) = subscriber.next_batch(Duration::from_millis(200)).unwrap() else {
+            continue;
+        };
+        assert_eq!(batch.client_id, client_id);
+        let context = DeliveryContext {
+            client_id: batch.client_id,
+            batch_seq: batch.batch_seq,
+        };
+        for message in batch.messages() {
+            assert_eq!(verifier.on_message(&context, message), Verdict::Ok);
+        }
+    }
+    let stats = subscriber.stats();
+    assert_eq!(stats.messages, 500);
+    assert_eq!(stats.message_bytes, 50_000);
+    assert!(stats.positions.is_clean(), "{stats:?}");
+    assert_eq!(stats.positions.next_position, Some(500));
+    // Nothing more arrives; the timeout is honoured.
+    let started = Instant::now();
+    assert!(
+        subscriber
+            .next_batch(Duration::from_millis(100))
+            .unwrap()
+            .is_none()
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    subscriber.close().unwrap();
+    assert!(peers[1].wait_for(Duration::from_secs(2), |s| s.goodbyes_received == 3));
+}
+
+#[test]
+fn subscriber_counts_position_gaps() {
+    let peers = TestPeer::cluster(1, |b| b.drop_batch = Some(2));
+    let mut publisher = Publisher::connect(config(&peers)).unwrap();
+    for i in 0..5u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.close().unwrap();
+    let mut subscriber =
+        Subscriber::connect(SubscriberConfig::new(peers[0].addr, "loopback")).unwrap();
+    while subscriber
+        .next_batch(Duration::from_millis(200))
+        .unwrap()
+        .is_some()
+    {}
+    let positions = subscriber.stats().positions;
+    assert_eq!((positions.gaps, positions.missing_positions), (1, 1));
+}
+
+#[test]
+fn refused_hello_is_a_typed_error_and_closes_what_was_opened() {
+    let peers = TestPeer::cluster(1, |b| b.refuse_hello = Some(ErrorCode::UnknownTopic));
+    let error = Publisher::connect(config(&peers)).unwrap_err();
+    assert_eq!(error.broker_code(), Some(ErrorCode::UnknownTopic));
+    assert!(peers[0].wait_for(Duration::from_secs(2), |s| s.connections_closed == 1));
+}
+
+#[test]
+fn nothing_listening_fails_fast() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = PublisherConfig::new(vec![addr], "loopback");
+    config.connect_timeout_ms = 1_000;
+    let started = Instant::now();
+    assert!(matches!(
+        Publisher::connect(config),
+        Err(ClientError::Connect { .. } | ClientError::HandshakeTimeout { .. })
+    ));
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn non_blocking_window_gives_would_block_and_close_still_closes() {
+    let peers = TestPeer::cluster(1, |b| b.ack = false);
+    let mut config = config(&peers);
+    config.blocking = false;
+    config.in_flight_batches_max = 3;
+    config.batch_bytes_max = 8;
+    config.flush_timeout_ms = 300;
+    let mut publisher = Publisher::connect(config).unwrap();
+    let mut published = 0;
+    let error = loop {
+        match publisher.publish(&[7; 4]) {
+            Ok(()) => published += 1,
+            Err(error) => break error,
+        }
+        assert!(published < 100, "the window never filled");
+    };
+    assert!(error.is_would_block(), "{error}");
+    // Three batches in flight plus the message held in the open batch.
+    assert_eq!(published, 4);
+    assert_eq!(publisher.in_flight(0), 3);
+    let started = Instant::now();
+    let error = publisher.close().unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::Timeout {
+                what: "flush",
+                outstanding_batches: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(peers[0].wait_for(Duration::from_secs(2), |s| s.connections_closed == 1));
+}
+
+#[test]
+fn blocking_publish_times_out_when_acks_never_come() {
+    let peers = TestPeer::cluster(1, |b| b.ack = false);
+    let mut config = config(&peers);
+    config.in_flight_batches_max = 1;
+    config.batch_bytes_max = 8;
+    config.publish_timeout_ms = 200;
+    let mut publisher = Publisher::connect(config).unwrap();
+    publisher.publish(&[1; 4]).unwrap();
+    publisher.publish(&[2; 4]).unwrap();
+    let error = publisher.publish(&[3; 4]).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ClientError::Timeout {
+                what: "blocking publish waiting for window space",
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn drop_without_close_closes_every_connection() {
+    let peers = TestPeer::cluster(2, |_| {});
+    let mut config = config(&peers);
+    config.connections_per_broker = 3;
+    let mut publisher = Publisher::connect(config).unwrap();
+    publisher.publish(b"one").unwrap();
+    publisher.poll().unwrap();
+    let started = Instant::now();
+    drop(publisher);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        peers[0].wait_for(Duration::from_secs(2), |s| s.goodbyes_received == 6
+            && s.connections_closed == 6)
+    );
+}
+
+#[test]
+fn gap_skipped_batches_are_reported_not_lost_silently() {
+    let peers = TestPeer::cluster(1, |b| b.gap_skip = Some(3));
+    let mut config = config(&peers);
+    config.order = 5;
+    let mut publisher = Publisher::connect(config).unwrap();
+    for i in 0..6u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.flush().unwrap();
+    let stats = publisher.stats();
+    assert_eq!(
+        (
+            stats.batches_acked,
+            stats.batches_rejected,
+            stats.messages_rejected
+        ),
+        (5, 1, 1)
+    );
+    let events = publisher.take_events();
+    assert!(matches!(
+        &events[..],
+        [PublisherEvent::Rejected {
+            batch_seq: 3,
+            first_message_index: Some(3),
+            message_count: Some(1),
+            ..
+        }]
+    ));
+    publisher.close().unwrap();
+}
+
+#[test]
+fn closing_error_fails_the_publisher_with_its_code() {
+    let peers = TestPeer::cluster(1, |b| b.fail_batch = Some((2, ErrorCode::PayloadMalformed)));
+    let mut publisher = Publisher::connect(config(&peers)).unwrap();
+    for i in 0..4u32 {
+        // The failure may surface on a publish or only at the flush.
+        if publisher.publish(&i.to_le_bytes()).is_err() {
+            break;
+        }
+    }
+    let error = publisher.flush().unwrap_err();
+    assert_eq!(
+        error.broker_code(),
+        Some(ErrorCode::PayloadMalformed),
+        "{error}"
+    );
+    assert!(error.to_string().contains("for batch 2"), "{error}");
+    let again = publisher.publish(b"x").unwrap_err();
+    assert_eq!(again.broker_code(), Some(ErrorCode::PayloadMalformed));
+}
+
+#[test]
+fn ack_zero_is_done_once_written() {
+    let peers = TestPeer::cluster(1, |_| {});
+    let mut config = config(&peers);
+    config.ack = 0;
+    let mut publisher = Publisher::connect(config).unwrap();
+    for i in 0..20u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.close().unwrap();
+    let stats = publisher.stats();
+    assert_eq!((stats.messages_sent, stats.messages_acked), (20, 0));
+    assert!(peers[0].wait_for(Duration::from_secs(2), |s| s.log.len() == 20));
+}
+
+#[test]
+fn batch_limit_is_capped_by_hello_ok() {
+    let peers = TestPeer::cluster(2, |b| b.batch_bytes_max = 4096 + u32::from(b.broker_id));
+    let mut config = config(&peers);
+    config.batch_bytes_max = 1 << 20;
+    let publisher = Publisher::connect(config).unwrap();
+    assert_eq!(publisher.batch_bytes_max(), 4096);
+}
+
+#[test]
+fn create_topic_is_idempotent_and_refuses_other_settings() {
+    let peers = TestPeer::cluster(1, |_| {});
+    let spec = TopicSpec {
+        topic: "created".into(),
+        order: 5,
+        ack: 1,
+        replication_factor: 0,
+    };
+    let timeout = Duration::from_secs(2);
+    assert!(create_topic(peers[0].addr, &spec, timeout).unwrap().created);
+    assert!(!create_topic(peers[0].addr, &spec, timeout).unwrap().created);
+    let other = TopicSpec { order: 2, ..spec };
+    let error = create_topic(peers[0].addr, &other, timeout).unwrap_err();
+    assert_eq!(error.broker_code(), Some(ErrorCode::TopicExists));
+    assert!(
+        peers[0].wait_for(Duration::from_secs(2), |s| s.connections_closed == 3
+            && s.goodbyes_received == 2)
+    );
+}
+
+#[test]
+fn linger_zero_sends_one_message_per_batch() {
+    let peers = TestPeer::cluster(1, |_| {});
+    let mut publisher = Publisher::connect(config(&peers)).unwrap();
+    for i in 0..50u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    publisher.close().unwrap();
+    let stats = publisher.stats();
+    assert_eq!(
+        (stats.batches_acked, stats.ack_latency_us.count),
+        (50, 50),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn publisher_and_subscriber_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Publisher>();
+    assert_send::<Subscriber>();
+    assert_send::<ClientError>();
+}
