@@ -523,10 +523,16 @@ impl<M: SharedMemory + Clone> Connection<M> {
             self.send_error(&state.metrics, ErrorCode::AckLevelUnsupported, None, reason);
             return;
         }
+        // The wire counts replicas besides the pool copy; the pool counts the pool copy too.
+        let Some(replication_factor) = create.replication_factor.checked_add(1) else {
+            let reason = "replication factor 255 is more than a pool can hold";
+            self.send_error(&state.metrics, ErrorCode::Malformed, None, reason);
+            return;
+        };
         let config = TopicConfig {
             order: create.order,
             ack: create.ack as u8,
-            replication_factor: create.replication_factor.max(1),
+            replication_factor,
         };
         let existed = matches!(state.pool.find_topic(create.topic.as_str()), Ok(Some(_)));
         match state.pool.create_topic(create.topic.as_str(), config) {
@@ -535,7 +541,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 topic: create.topic,
                 order: config.order,
                 ack: create.ack,
-                replication_factor: config.replication_factor,
+                replication_factor: create.replication_factor,
                 created: !existed,
             })),
             Err(PoolError::TopicConflict { .. }) => {
