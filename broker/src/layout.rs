@@ -13,7 +13,7 @@ use crate::coherence::CACHE_LINE_BYTES;
 /// "EMBRCDRO": the first eight bytes of every pool.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBRCDRO");
 /// Version of this layout; a pool of another version is refused on attach.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Value of the header's ready word once formatting is complete.
 pub const POOL_FORMATTED: u64 = u64::from_le_bytes(*b"FORMATED");
 /// Alignment of the large regions (rings, GOI, payload logs).
@@ -183,8 +183,9 @@ pub struct Completion {
     pub status: u32,
     /// Reserved, zero.
     pub reserved0: u32,
-    /// Reserved, zero.
-    pub reserved1: u64,
+    /// The batch's ordinal in the GOI when ordered now, else `u64::MAX` (its payload is
+    /// then not part of the log and may be reclaimed at once).
+    pub ordinal: u64,
     /// Slot sequence number plus one.
     pub ready: u64,
 }
@@ -334,7 +335,7 @@ struct TopicOffsets {
 }
 
 /// Frontier lines per broker per topic, in this order.
-const FRONTIERS_PER_BROKER: u64 = 3;
+const FRONTIERS_PER_BROKER: u64 = 4;
 /// Broker-written: `value` = ring slots published, `aux` = payload bytes below which the log
 /// may already be overwritten (the overwrite limit readers check).
 pub const FRONTIER_WRITTEN: u64 = 0;
@@ -343,6 +344,10 @@ pub const FRONTIER_WRITTEN: u64 = 0;
 pub const FRONTIER_ORDERED: u64 = 1;
 /// Replica-written: `value` = ordinals durably replicated.
 pub const FRONTIER_REPLICATED: u64 = 2;
+/// Broker-written: `value` = 0 when none of this broker's subscribers holds the topic, else
+/// one more than the lowest ordinal they still need. Writers keep those payloads and the
+/// sequencer keeps those GOI entries (retention follows the slowest connected subscriber).
+pub const FRONTIER_SUBSCRIBED: u64 = 3;
 
 fn align_up(value: u64, align: u64) -> u64 {
     value.div_ceil(align) * align

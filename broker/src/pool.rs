@@ -6,8 +6,8 @@ use bytemuck::Zeroable;
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    Geometry, GeometryError, LAYOUT_VERSION, POOL_FORMATTED, POOL_MAGIC, PoolHeader, Record,
-    TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
+    FRONTIER_SUBSCRIBED, Geometry, GeometryError, LAYOUT_VERSION, POOL_FORMATTED, POOL_MAGIC,
+    PoolHeader, Record, TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
 };
 
 /// Why a pool cannot be formatted or attached, or a topic not created or found.
@@ -367,6 +367,32 @@ impl<M: SharedMemory> Pool<M> {
     pub fn read_frontier(&self, offset: u64) -> (u64, u64) {
         invalidate_and_fence(&self.mem, offset, 16);
         (self.mem.load_u64(offset), self.mem.load_u64(offset + 8))
+    }
+
+    /// The lowest ordinal any broker's subscribers still need in `topic` (`u64::MAX` when
+    /// none holds anything): payloads and GOI entries from it on must be kept.
+    pub fn retention_floor(&self, topic: TopicId) -> u64 {
+        (0..self.geometry.brokers_max as u16)
+            .map(|broker| {
+                let offset = self
+                    .geometry
+                    .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
+                match self.read_frontier(offset).0 {
+                    0 => u64::MAX,
+                    needed_plus_one => needed_plus_one - 1,
+                }
+            })
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Publishes the lowest ordinal `broker`'s subscribers still need in `topic` (`None`:
+    /// they hold nothing). Only that broker calls this (single writer of the line).
+    pub fn publish_subscribed(&self, topic: TopicId, broker: u16, lowest_needed: Option<u64>) {
+        let offset = self
+            .geometry
+            .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
+        self.write_frontier(offset, lowest_needed.map_or(0, |ordinal| ordinal + 1), 0);
     }
 
     /// Publishes a frontier word pair this agent owns.

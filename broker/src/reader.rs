@@ -126,6 +126,16 @@ impl<M: SharedMemory> LogReader<M> {
             .map_or(end, |entry| entry.global_start)
     }
 
+    /// This reader's view of the pool.
+    pub fn pool(&self) -> &Pool<M> {
+        &self.pool
+    }
+
+    /// The topic read.
+    pub fn topic(&self) -> TopicId {
+        self.topic
+    }
+
     /// Ordinal of the next batch this reader hands out.
     pub fn next_ordinal(&self) -> u64 {
         self.next_ordinal

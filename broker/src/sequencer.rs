@@ -41,6 +41,9 @@ use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
 };
 
+/// Polls between looks at the subscribers' retention floor.
+const FLOOR_REFRESH_POLLS: u32 = 16;
+
 /// What became of a committed batch; stored as a `u32` code in its completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CompletionStatus {
@@ -153,7 +156,7 @@ impl Default for SequencerConfig {
         SequencerConfig {
             scan_slots_max: 256,
             hold_batches_max: 4096,
-            hold_timeout_ns: 100_000_000,
+            hold_timeout_ns: 1_000_000_000,
             dedup_window: 1024,
             sessions_max: 65_536,
             heartbeat_polls: 1024,
@@ -188,6 +191,8 @@ pub struct SequencerStats {
     pub stale_slots: u64,
     /// Sessions forgotten to stay within `sessions_max`.
     pub sessions_evicted: u64,
+    /// Rounds cut short because a subscriber still needs the GOI entries next in line.
+    pub retention_waits: u64,
 }
 
 type SessionKey = (u64, u32);
@@ -236,6 +241,10 @@ struct TopicState {
     pending_goi: Vec<u64>,
     pending_completions: Vec<(u16, u64)>,
     activity: u64,
+    /// Lowest ordinal a subscriber still needs (cached; refreshed every few polls and
+    /// whenever ordering would reach it): GOI entries from it on are never overwritten.
+    retention_floor: u64,
+    polls_since_floor: u32,
 }
 
 /// The sequencer. See the module docs.
@@ -309,6 +318,8 @@ impl<M: SharedMemory> Sequencer<M> {
                 pending_goi: Vec::new(),
                 pending_completions: Vec::new(),
                 activity: 0,
+                retention_floor: 0,
+                polls_since_floor: u32::MAX,
             });
         }
         Ok(())
@@ -361,9 +372,30 @@ impl<M: SharedMemory> Sequencer<M> {
             }
         }
         mem.fence();
+        // A subscriber may still need old GOI entries: never order into them.
+        let goi_entries = geometry.goi_entries;
+        let window_total: u64 = windows.iter().map(|(start, end)| end - start).sum();
+        let state = &mut self.topics[index];
+        state.polls_since_floor = state.polls_since_floor.saturating_add(1);
+        let reach = state.next_ordinal + state.held.len() as u64 + window_total;
+        if state.polls_since_floor >= FLOOR_REFRESH_POLLS
+            || reach >= state.retention_floor.saturating_add(goi_entries)
+        {
+            state.retention_floor = self.pool.retention_floor(topic);
+            state.polls_since_floor = 0;
+        }
+        let goi_limit = self.topics[index]
+            .retention_floor
+            .saturating_add(goi_entries);
         // Step 2: read and decide.
-        for (broker, &(start, end)) in windows.iter().enumerate() {
+        'rings: for (broker, &(start, end)) in windows.iter().enumerate() {
             for slot in start..end {
+                // Each slot read may order itself and every held batch.
+                let state = &self.topics[index];
+                if state.next_ordinal + state.held.len() as u64 + 1 > goi_limit {
+                    self.stats.retention_waits += 1;
+                    break 'rings;
+                }
                 let offset = geometry.ring_slot_offset(topic, broker as u16, slot);
                 let Some(header) =
                     read_if_ready::<M, BatchHeader>(self.pool.mem(), offset, slot + 1)
@@ -650,12 +682,13 @@ impl<M: SharedMemory> Sequencer<M> {
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
-        self.complete(
+        self.complete_with_ordinal(
             index,
             broker,
             slot,
             CompletionStatus::Ordered,
             Some(global_start),
+            ordinal,
         );
     }
 
@@ -667,13 +700,25 @@ impl<M: SharedMemory> Sequencer<M> {
         status: CompletionStatus,
         global_start: Option<u64>,
     ) {
+        self.complete_with_ordinal(index, broker, slot, status, global_start, u64::MAX);
+    }
+
+    fn complete_with_ordinal(
+        &mut self,
+        index: usize,
+        broker: u16,
+        slot: u64,
+        status: CompletionStatus,
+        global_start: Option<u64>,
+        ordinal: u64,
+    ) {
         let geometry = *self.pool.geometry();
         let state = &mut self.topics[index];
         let completion = Completion {
             global_start: global_start.unwrap_or(u64::MAX),
             status: status.code(),
             reserved0: 0,
-            reserved1: 0,
+            ordinal,
             ready: slot + 1,
         };
         write_body(

@@ -708,8 +708,7 @@ impl World {
 
     fn sequencer_step(&mut self) -> Result<(), Violation> {
         self.sequencer.poll(self.now_ns);
-        // Fast subscribers catch up right after the sequencer, so they never fall behind.
-        self.fast_read_step()
+        Ok(())
     }
 
     fn fast_read_step(&mut self) -> Result<(), Violation> {
@@ -748,6 +747,13 @@ impl World {
                 }
                 result.map_err(|e| violation(seed, format!("reader {r} of topic {t}: {e}")))?;
             }
+            // Both fast readers are registered subscribers (on broker 0's line): writers and
+            // the sequencer must keep what they have not read. The slow reader is not.
+            let pair = &self.fast_readers[t];
+            let lowest = pair[0].next_ordinal().min(pair[1].next_ordinal());
+            pair[0]
+                .pool()
+                .publish_subscribed(self.topics[t].0, 0, Some(lowest));
         }
         Ok(())
     }
@@ -833,6 +839,7 @@ impl World {
                 self.broker_step(b)?;
             }
             self.sequencer_step()?;
+            self.fast_read_step()?;
             self.release_late();
         }
         self.fast_read_step()?;

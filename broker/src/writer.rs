@@ -119,7 +119,17 @@ pub struct SlotOutcome {
 struct Allocation {
     /// Start of the space taken (before any skip to the log's start).
     start: u64,
-    done: bool,
+    state: AllocationState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AllocationState {
+    /// Reserved or committed, not yet decided.
+    InUse,
+    /// Decided; `Some(ordinal)` when its payload is part of the log.
+    Decided(Option<u64>),
+    /// Given back without being committed.
+    Aborted,
 }
 
 /// The broker's writer for one (topic, broker) ring. See the module docs.
@@ -220,6 +230,11 @@ impl<M: SharedMemory> TopicWriter<M> {
             payload_start = payload_start.next_multiple_of(self.blog_bytes);
         }
         let end = (payload_start + payload_bytes).next_multiple_of(PAYLOAD_ALIGN_BYTES);
+        if end - self.blog_tail() > self.blog_bytes {
+            // Space is reclaimed only here, when it is needed, against the subscribers' floor
+            // as it is now: a subscriber that just connected is protected too.
+            self.reclaim();
+        }
         let tail = self.blog_tail();
         let used = start - tail;
         if end - tail > self.blog_bytes {
@@ -243,8 +258,10 @@ impl<M: SharedMemory> TopicWriter<M> {
         }
         self.blog_head = end;
         let allocation = self.first_allocation + self.allocations.len() as u64;
-        self.allocations
-            .push_back(Allocation { start, done: false });
+        self.allocations.push_back(Allocation {
+            start,
+            state: AllocationState::InUse,
+        });
         self.uncommitted += 1;
         Ok(Reservation {
             allocation,
@@ -314,7 +331,7 @@ impl<M: SharedMemory> TopicWriter<M> {
     /// Gives a reservation back without publishing it (the connection went away mid-batch).
     pub fn abort(&mut self, reservation: Reservation) {
         self.uncommitted -= 1;
-        self.finish_allocation(reservation.allocation);
+        self.finish_allocation(reservation.allocation, AllocationState::Aborted);
     }
 
     /// Reserves, copies and commits in one step.
@@ -324,10 +341,24 @@ impl<M: SharedMemory> TopicWriter<M> {
         Ok(self.commit(reservation, meta))
     }
 
-    fn finish_allocation(&mut self, allocation: u64) {
+    fn finish_allocation(&mut self, allocation: u64, state: AllocationState) {
         let index = (allocation - self.first_allocation) as usize;
-        self.allocations[index].done = true;
-        while self.allocations.front().is_some_and(|a| a.done) {
+        self.allocations[index].state = state;
+    }
+
+    /// Frees, in order, the oldest allocations whose payload nobody needs any more: aborted,
+    /// not part of the log, or below the lowest ordinal a connected subscriber still needs.
+    fn reclaim(&mut self) {
+        let floor = self.pool.retention_floor(self.topic);
+        while let Some(front) = self.allocations.front() {
+            let reclaimable = match front.state {
+                AllocationState::InUse => false,
+                AllocationState::Aborted | AllocationState::Decided(None) => true,
+                AllocationState::Decided(Some(ordinal)) => ordinal < floor,
+            };
+            if !reclaimable {
+                break;
+            }
             self.allocations.pop_front();
             self.first_allocation += 1;
         }
@@ -362,7 +393,8 @@ impl<M: SharedMemory> TopicWriter<M> {
                 .committed
                 .pop_front()
                 .expect("a committed slot has an allocation");
-            self.finish_allocation(allocation);
+            let ordinal = (completion.ordinal != u64::MAX).then_some(completion.ordinal);
+            self.finish_allocation(allocation, AllocationState::Decided(ordinal));
             f(SlotOutcome {
                 slot,
                 status,

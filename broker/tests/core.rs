@@ -470,3 +470,44 @@ fn reader_seeks_by_position_and_refuses_beyond_the_end() {
         .unwrap();
     assert_eq!(messages, vec![10, 11, 12]);
 }
+
+#[test]
+fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("held", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let big = {
+        let mut p = Vec::new();
+        wire::payload::push_message(&mut p, &vec![5; 30 * 1024]);
+        p
+    };
+    // A subscriber on broker 3 still needs ordinal 0.
+    pool.publish_subscribed(topic, 3, Some(0));
+    writer.append(meta(1, 0, &big, 1), &big).unwrap();
+    writer.append(meta(1, 1, &big, 1), &big).unwrap();
+    sequencer.poll(0);
+    assert_eq!(outcomes(&mut writer).len(), 2, "both ordered and completed");
+    assert!(
+        matches!(
+            writer.append(meta(1, 2, &big, 1), &big),
+            Err(AppendError::LogFull { .. })
+        ),
+        "completed batches the subscriber has not read are not overwritten"
+    );
+    // It read ordinal 0: that batch's room is reused, ordinal 1 is still kept.
+    pool.publish_subscribed(topic, 3, Some(1));
+    writer.append(meta(1, 2, &big, 1), &big).unwrap();
+    sequencer.poll(0);
+    outcomes(&mut writer);
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    reader.seek(1).unwrap();
+    assert_eq!(
+        reader.poll(usize::MAX, |_| {}).unwrap(),
+        2,
+        "ordinals 1 and 2 intact"
+    );
+    // The subscriber leaves: nothing is held any more.
+    pool.publish_subscribed(topic, 3, None);
+    writer.append(meta(1, 3, &big, 1), &big).unwrap();
+}

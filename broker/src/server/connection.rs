@@ -176,6 +176,16 @@ impl<M: SharedMemory + Clone> Connection<M> {
         matches!(&self.role, Peer::Publisher(p) if matches!(p.receiving, Receiving::WaitingForRoom { .. }))
     }
 
+    /// For a subscriber: its topic and the ordinal of the next batch it needs.
+    pub fn subscription(&self) -> Option<(TopicId, u64)> {
+        match &self.role {
+            Peer::Subscriber(subscriber) if !self.closing => {
+                Some((subscriber.reader.topic(), subscriber.reader.next_ordinal()))
+            }
+            _ => None,
+        }
+    }
+
     /// True for subscribers, which the loop polls for new deliveries.
     pub fn is_subscriber(&self) -> bool {
         matches!(self.role, Peer::Subscriber(_))
@@ -756,8 +766,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 } else {
                     "this batch is older than the session's deduplication window: it is not in the log"
                 };
-                publisher.acked_through = Some(batch.batch_seq);
-                publisher.ack_dirty = true;
+                // The Error must precede any Ack whose cumulative sequence covers the batch.
                 let batch_seq = batch.batch_seq;
                 self.flush_acks();
                 self.send_error(
@@ -766,6 +775,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     Some(batch_seq),
                     reason,
                 );
+                if let Peer::Publisher(publisher) = &mut self.role {
+                    publisher.acked_through = Some(batch_seq);
+                    publisher.ack_dirty = true;
+                }
             }
             other => {
                 let reason = format!(
@@ -893,10 +906,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     self.send_error(metrics, ErrorCode::BatchTooLarge, None, &reason);
                 }
             }
-            Err(ReadError::Overwritten { .. } | ReadError::Truncated { .. }) => {
+            Err(e @ (ReadError::Overwritten { .. } | ReadError::Truncated { .. })) => {
                 self.output.truncate(last_batch_start);
-                let reason = "the subscriber fell behind the retained log";
-                self.send_error(metrics, ErrorCode::PositionTruncated, None, reason);
+                let reason = format!("the subscriber fell behind the retained log: {e}");
+                self.send_error(metrics, ErrorCode::PositionTruncated, None, &reason);
             }
             Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
         }

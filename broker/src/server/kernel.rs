@@ -139,6 +139,11 @@ impl KernelLoop {
                 self.route(outcome, now);
             }
             worked |= self.drive_clients(&poll, now);
+            let subscriptions = self
+                .clients
+                .values()
+                .filter_map(|c| c.connection.subscription());
+            self.state.publish_subscriptions(subscriptions);
             self.idle.record(worked);
         }
         let open = self.clients.len();
@@ -146,6 +151,7 @@ impl KernelLoop {
             client.connection.on_closed(&mut self.state);
             let _ = poll.registry().deregister(&mut client.stream);
         }
+        self.state.publish_subscriptions(std::iter::empty());
         self.state
             .metrics
             .connections_open

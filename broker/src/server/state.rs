@@ -80,6 +80,8 @@ pub struct BrokerState<M> {
     pub epochs: HashMap<u64, u32>,
     /// First batch sequence not yet seen per session.
     pub next_batch_seq: HashMap<(u64, u32), u64>,
+    /// Per topic, the lowest ordinal this broker's subscribers need, as last published.
+    subscribed: HashMap<TopicId, u64>,
 }
 
 impl<M: SharedMemory + Clone> BrokerState<M> {
@@ -92,6 +94,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             topics: HashMap::new(),
             epochs: HashMap::new(),
             next_batch_seq: HashMap::new(),
+            subscribed: HashMap::new(),
         }
     }
 
@@ -170,6 +173,29 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             .sequencer_lag_batches
             .store(lag, std::sync::atomic::Ordering::Relaxed);
         read
+    }
+
+    /// Publishes, per topic, the lowest ordinal this broker's subscribers still need, so that
+    /// no writer reclaims those payloads and the sequencer keeps those GOI entries. Topics no
+    /// subscriber reads any more are released. Only changes are written.
+    pub fn publish_subscriptions(&mut self, subscriptions: impl Iterator<Item = (TopicId, u64)>) {
+        let mut lowest: HashMap<TopicId, u64> = HashMap::new();
+        for (topic, ordinal) in subscriptions {
+            let entry = lowest.entry(topic).or_insert(ordinal);
+            *entry = (*entry).min(ordinal);
+        }
+        let broker = self.settings.broker_id;
+        for (&topic, &ordinal) in &lowest {
+            if self.subscribed.get(&topic) != Some(&ordinal) {
+                self.pool.publish_subscribed(topic, broker, Some(ordinal));
+            }
+        }
+        for topic in self.subscribed.keys() {
+            if !lowest.contains_key(topic) {
+                self.pool.publish_subscribed(*topic, broker, None);
+            }
+        }
+        self.subscribed = lowest;
     }
 
     /// Batches committed and not yet decided, over all topics.
