@@ -563,15 +563,22 @@ pub fn attached_counters(ifname: &str) -> Result<Counters, XdpError> {
     Err(foreign())
 }
 
-/// The number of rx queues of `ifname`, from `/sys/class/net/IF/queues`. That sysfs must
-/// belong to the calling thread's network namespace (`ip netns exec` mounts it so).
+/// The number of rx queues of `ifname`, from `/sys/class/net/IF/queues`.
+///
+/// sysfs shows the network namespace it was mounted in, which is the process's under
+/// `ip netns exec`. So this refuses ([`XdpError::SysfsOtherNamespace`]) when the calling
+/// thread has entered another namespace than the process's (`setns` on one thread), or when
+/// sysfs's entry for `ifname` has another interface index than `ifname` has here.
 pub fn queue_count(ifname: &str) -> Result<u32, XdpError> {
     let ifindex = ifindex_of(ifname)?;
+    let netns = |path| std::fs::read_link(path).ok();
     let dir = format!("/sys/class/net/{ifname}");
     let sysfs_ifindex = std::fs::read_to_string(format!("{dir}/ifindex"))
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok());
-    if sysfs_ifindex != Some(ifindex) {
+    if netns("/proc/thread-self/ns/net") != netns("/proc/self/ns/net")
+        || sysfs_ifindex != Some(ifindex)
+    {
         return Err(XdpError::SysfsOtherNamespace {
             ifname: ifname.to_string(),
         });
