@@ -6,15 +6,17 @@
 //! passes. Each test makes its own namespaces (`xdpt-PID-N-c`/`-b`), never the lab's, and
 //! removes them when it ends, also on failure.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod fixtures;
 
 use std::io::ErrorKind;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{
-    BROKER_IP, OTHER_IP, Pair, XskSocket, at, ethernet, in_netns, ip, ipv4_header, logged,
-    record_logs, root_or_skip,
+use common::{in_netns, ip, root_or_skip};
+use fixtures::{
+    BROKER_IP, OTHER_IP, Pair, XskSocket, at, ethernet, ipv4_header, logged, record_logs,
 };
 use xdp_prog::{
     AttachMode, AttachedMode, Counters, SteerConfig, XdpError, XdpSteering, attached_counters,
@@ -68,7 +70,7 @@ fn driver_mode_attaches_and_drop_detaches() {
         let steering = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
             .expect("driver-mode attach on veth");
         assert_eq!(steering.mode(), AttachMode::Driver);
-        assert_eq!(steering.ifindex(), common::ifindex(&pair.broker_if));
+        assert_eq!(steering.ifindex(), fixtures::ifindex(&pair.broker_if));
         let link = pair.broker_link();
         assert!(link.contains("prog/xdp id"), "{link}");
         let attached = status(&pair.broker_if).unwrap().expect("attached");
