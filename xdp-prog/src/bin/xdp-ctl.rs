@@ -85,8 +85,29 @@ fn run(command: Command) -> Result<ExitCode, xdp_prog::XdpError> {
     }
 }
 
+/// Prints log records (this crate's and libbpf's) to stderr, info and above.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            eprintln!("xdp-ctl: {}: {}", record.level(), record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLogger = StderrLogger;
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Only fails if a logger is already set, which cannot happen this early.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Info);
     let cli = Cli::parse();
     match run(cli.command) {
         Ok(code) => code,
