@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# The network-namespace lab for the kernel-bypass (XDP + AF_XDP) data path.
+#
+#   scripts/lab.sh up [options]        (re)create the lab, removing leftovers of a crash first
+#   scripts/lab.sh down [--prefix P]   remove everything (idempotent)
+#   scripts/lab.sh status [--prefix P] show it; exit 0 up, 3 down, 1 partly there
+#   scripts/lab.sh exec client|broker COMMAND...   run COMMAND in that namespace
+#
+# Options of `up`:
+#   --mtu N          MTU of both veth ends (default 3500: driver-mode XDP on veth needs one
+#                    frame per 4 KiB page, i.e. at most ~3.5 KB)
+#   --brokers N      broker processes the lab is for (default 4); they all live in the broker
+#                    namespace on 10.77.0.2, ports BASE..BASE+N-1 (they share one hugetlbfs
+#                    pool, a file on the host's /dev/hugepages, visible from every namespace)
+#   --base-port P    first broker port (default 9100, as scripts/cluster.sh)
+#   --gso on|off     GSO/TSO/GRO of the client end (default on); generic-mode XDP on the
+#                    broker end needs off, else 64 KB frames are dropped
+#   --prefix P       name prefix (default emb); tests use their own so they never touch a
+#                    running lab
+#
+# Topology (see docs/xdp.md):
+#   namespace P-client                  namespace P-broker
+#   P-c0 10.77.0.1/24  <==== veth ====>  P-b0 10.77.0.2/24   (1 rx and 1 tx queue each)
+#   lo up in both; IPv6 off (the lab is IPv4 only, and quiet).
+# `up` writes the lab's settings to /run/embarcadero-lab/P.env (source it for BROKERS=...).
+#
+# Sourced (`. scripts/lab.sh`), this file only defines functions, among them
+# ensure_xdp_build_deps, which installs the Debian packages that building xdp-prog and
+# running this lab need (only the missing ones).
+
+# Debian packages that building xdp-prog (clang for the BPF program; a C toolchain, make,
+# pkg-config, libelf and zlib headers for libbpf-sys's vendored libbpf; kernel UAPI headers)
+# and running this lab and its tests (ip, ethtool) need.
+XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool)
+
+# Installs whatever of XDP_BUILD_PACKAGES is missing (dpkg -s, then apt-get install -y).
+# Idempotent: does nothing, and needs no root, when everything is there.
+ensure_xdp_build_deps() {
+    local missing=() package
+    for package in "${XDP_BUILD_PACKAGES[@]}"; do
+        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    done
+    [[ ${#missing[@]} -eq 0 ]] && return 0
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "xdp-prog needs these Debian packages: ${missing[*]}; as root run: apt-get update && apt-get install -y ${missing[*]}" >&2
+        return 1
+    fi
+    echo "installing for xdp-prog: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+lab_usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+lab_die() { echo "lab: $*" >&2; exit 2; }
+
+# Prints a command, then runs it.
+lab_run() {
+    echo "+ $*"
+    "$@"
+}
+
+lab_names() {
+    client_ns=$prefix-client
+    broker_ns=$prefix-broker
+    client_if=$prefix-c0
+    broker_if=$prefix-b0
+    state=/run/embarcadero-lab/$prefix.env
+}
+
+lab_ns_exists() { ip netns list | awk -v name="$1" '$1 == name {found = 1} END {exit !found}'; }
+
+# Removes the lab's namespaces, links left in the root namespace, XDP programs on the
+# broker end, and the state file. Quiet about what is not there.
+lab_remove() {
+    local details
+    if lab_ns_exists "$broker_ns" && details=$(ip -n "$broker_ns" -d link show "$broker_if" 2>/dev/null); then
+        if grep -q 'prog/xdp' <<<"$details"; then
+            lab_run ip -n "$broker_ns" link set dev "$broker_if" xdpgeneric off
+            lab_run ip -n "$broker_ns" link set dev "$broker_if" xdpdrv off
+        fi
+    fi
+    local ns link
+    for ns in "$client_ns" "$broker_ns"; do
+        if lab_ns_exists "$ns"; then lab_run ip netns del "$ns"; fi
+    done
+    for link in "$client_if" "$broker_if"; do
+        if ip link show "$link" >/dev/null 2>&1; then lab_run ip link del "$link"; fi
+    done
+    if [[ -f $state ]]; then lab_run rm -f "$state"; fi
+}
+
+lab_up() {
+    [[ $(id -u) -eq 0 ]] || lab_die "needs root (creates network namespaces)"
+    command -v ip >/dev/null || lab_die "ip not found: apt-get install -y iproute2"
+    if [[ $gso == off ]]; then
+        command -v ethtool >/dev/null || lab_die "--gso off needs ethtool: apt-get install -y ethtool"
+    fi
+    echo "== lab $prefix: removing leftovers"
+    lab_remove
+    echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers)"
+    local ns
+    for ns in "$client_ns" "$broker_ns"; do
+        lab_run ip netns add "$ns"
+        lab_run ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+        lab_run ip -n "$ns" link set lo up
+    done
+    lab_run ip -n "$broker_ns" link add "$broker_if" numrxqueues 1 numtxqueues 1 mtu "$mtu" type veth \
+        peer name "$client_if" numrxqueues 1 numtxqueues 1 mtu "$mtu" netns "$client_ns"
+    lab_run ip -n "$client_ns" addr add 10.77.0.1/24 dev "$client_if"
+    lab_run ip -n "$broker_ns" addr add 10.77.0.2/24 dev "$broker_if"
+    if [[ $gso == off ]]; then
+        lab_run ip netns exec "$client_ns" ethtool -K "$client_if" gso off tso off gro off
+    fi
+    lab_run ip -n "$client_ns" link set "$client_if" up
+    lab_run ip -n "$broker_ns" link set "$broker_if" up
+
+    local list=() i
+    for ((i = 0; i < brokers; i++)); do list+=("10.77.0.2:$((base_port + i))"); done
+    mkdir -p "$(dirname "$state")"
+    cat >"$state" <<EOF
+LAB_PREFIX=$prefix
+LAB_CLIENT_NS=$client_ns
+LAB_BROKER_NS=$broker_ns
+LAB_CLIENT_IF=$client_if
+LAB_BROKER_IF=$broker_if
+LAB_CLIENT_IP=10.77.0.1
+LAB_BROKER_IP=10.77.0.2
+LAB_MTU=$mtu
+LAB_GSO=$gso
+LAB_BROKERS=$brokers
+BROKERS=$(IFS=,; echo "${list[*]}")
+EOF
+    echo "== lab $prefix is up; settings in $state"
+    lab_status
+}
+
+# Prints the state of the lab; returns 0 up, 3 down, 1 partly there.
+lab_status() {
+    local have=0 ns
+    for ns in "$client_ns" "$broker_ns"; do
+        if lab_ns_exists "$ns"; then
+            have=$((have + 1))
+        else
+            echo "namespace $ns: missing"
+        fi
+    done
+    if [[ $have -eq 0 ]]; then
+        echo "lab $prefix: down"
+        return 3
+    fi
+    local complete=1 side ns_name link address details xdp gso_state
+    for side in client broker; do
+        if [[ $side == client ]]; then ns_name=$client_ns link=$client_if; else ns_name=$broker_ns link=$broker_if; fi
+        lab_ns_exists "$ns_name" || { complete=0; continue; }
+        if ! details=$(ip -n "$ns_name" -d link show "$link" 2>/dev/null); then
+            echo "$ns_name: $link missing"
+            complete=0
+            continue
+        fi
+        address=$(ip -n "$ns_name" -br -4 addr show "$link" | awk '{print $3}')
+        xdp=none
+        if grep -q 'prog/xdp' <<<"$details"; then
+            xdp="$(grep -o 'xdp[a-z]*' <<<"$details" | head -1) $(grep -o 'prog/xdp id [0-9]*' <<<"$details")"
+        fi
+        gso_state=""
+        if command -v ethtool >/dev/null; then
+            gso_state=$(ip netns exec "$ns_name" ethtool -k "$link" 2>/dev/null |
+                awk -F': ' '/^(generic-segmentation-offload|tcp-segmentation-offload):/ {printf ", %s %s", ($1 ~ /generic/ ? "gso" : "tso"), $2}')
+        fi
+        printf '%s: %s %s, mtu %s, %s%s, rx queues %s, xdp: %s\n' "$ns_name" "$link" "${address:-no-address}" \
+            "$(grep -o 'mtu [0-9]*' <<<"$details" | head -1 | cut -d' ' -f2)" \
+            "$(grep -q 'state UP' <<<"$details" && echo up || echo down)" "$gso_state" \
+            "$(grep -o 'numrxqueues [0-9]*' <<<"$details" | cut -d' ' -f2)" "$xdp"
+        [[ -n $address ]] || complete=0
+    done
+    if [[ -f $state ]]; then
+        echo "brokers: $(grep '^BROKERS=' "$state" | cut -d= -f2)"
+    else
+        complete=0
+    fi
+    if [[ $complete -eq 1 ]]; then
+        echo "lab $prefix: up"
+        return 0
+    fi
+    echo "lab $prefix: partly there (run: scripts/lab.sh up, or scripts/lab.sh down)"
+    return 1
+}
+
+lab_main() {
+    set -euo pipefail
+    local action=${1:-}
+    [[ -n $action ]] || { lab_usage; exit 2; }
+    [[ $action == -h || $action == --help ]] && { lab_usage; exit 0; }
+    shift
+    prefix=emb mtu=3500 brokers=4 base_port=9100 gso=on
+    if [[ $action == exec ]]; then
+        local side=${1:-}
+        [[ $side == client || $side == broker ]] || lab_die "exec needs client or broker, then a command"
+        shift
+        [[ ${1:-} == --prefix ]] && { prefix=$2; shift 2; }
+        [[ $# -gt 0 ]] || lab_die "exec $side needs a command"
+        lab_names
+        local ns=$client_ns
+        [[ $side == broker ]] && ns=$broker_ns
+        lab_ns_exists "$ns" || lab_die "namespace $ns does not exist: run scripts/lab.sh up first"
+        exec ip netns exec "$ns" "$@"
+    fi
+    while [[ $# -gt 0 ]]; do
+        case $1 in
+            --mtu) mtu=${2:-}; shift 2 ;;
+            --brokers) brokers=${2:-}; shift 2 ;;
+            --base-port) base_port=${2:-}; shift 2 ;;
+            --gso) gso=${2:-}; shift 2 ;;
+            --prefix) prefix=${2:-}; shift 2 ;;
+            -h|--help) lab_usage; exit 0 ;;
+            *) lab_die "unknown option $1 (see --help)" ;;
+        esac
+    done
+    [[ $mtu =~ ^[0-9]+$ && $mtu -ge 68 && $mtu -le 65535 ]] || lab_die "--mtu needs a number from 68 to 65535, got '$mtu'"
+    [[ $brokers =~ ^[0-9]+$ && $brokers -ge 1 ]] || lab_die "--brokers needs a positive number, got '$brokers'"
+    [[ $base_port =~ ^[0-9]+$ && $base_port -ge 1 && $((base_port + brokers - 1)) -le 65535 ]] ||
+        lab_die "--base-port needs a port such that base-port + brokers - 1 <= 65535, got '$base_port'"
+    [[ $gso == on || $gso == off ]] || lab_die "--gso needs on or off, got '$gso'"
+    [[ $prefix =~ ^[a-z][a-z0-9]{0,11}$ ]] || lab_die "--prefix needs 1 to 12 lower-case letters or digits, starting with a letter (interface names are at most 15 characters), got '$prefix'"
+    if [[ $mtu -gt 3500 ]]; then
+        echo "note: driver-mode XDP on veth refuses an MTU above ~3.5 KB; the broker will fall back to generic mode (which needs --gso off)"
+    fi
+    lab_names
+    case $action in
+        up) lab_up ;;
+        down)
+            [[ $(id -u) -eq 0 ]] || lab_die "needs root (removes network namespaces)"
+            echo "== lab $prefix: removing"
+            lab_remove
+            echo "lab $prefix: down"
+            ;;
+        status) lab_status ;;
+        *) lab_die "unknown action $action (up, down, status, exec; see --help)" ;;
+    esac
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    lab_main "$@"
+fi

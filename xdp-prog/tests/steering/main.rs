@@ -1,0 +1,488 @@
+//! The steering program on real veth pairs in private network namespaces: attach modes and
+//! fallback, detach on drop, what is steered and what is passed (counters), socket
+//! registration, errors, leftover clean-up, and the `xdp-ctl` tool.
+//!
+//! Needs root (namespaces, XDP); without it every test prints `skipped: needs root` and
+//! passes. Each test makes its own namespaces (`xdpt-PID-N-c`/`-b`), never the lab's, and
+//! removes them when it ends, also on failure.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod fixtures;
+
+use std::io::ErrorKind;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{in_netns, ip, root_or_skip};
+use fixtures::{
+    BROKER_IP, OTHER_IP, Pair, XskSocket, at, ethernet, ipv4_header, logged, record_logs,
+};
+use xdp_prog::{
+    AttachMode, AttachedMode, Counters, SteerConfig, XdpError, XdpSteering, attached_counters,
+    detach, queue_count, status,
+};
+
+const STEERED_PORT: u16 = 9100;
+const OTHER_PORT: u16 = 9200;
+/// Long enough for a refused connect on veth; short enough that a SYN is sent only once.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn config() -> SteerConfig {
+    SteerConfig {
+        ports: vec![STEERED_PORT, STEERED_PORT + 1],
+        ips: vec![BROKER_IP],
+    }
+}
+
+fn delta(before: Counters, after: Counters) -> Counters {
+    Counters {
+        redirected: after.redirected - before.redirected,
+        passed: after.passed - before.passed,
+        no_socket: after.no_socket - before.no_socket,
+        malformed: after.malformed - before.malformed,
+    }
+}
+
+fn counts(redirected: u64, passed: u64, no_socket: u64, malformed: u64) -> Counters {
+    Counters {
+        redirected,
+        passed,
+        no_socket,
+        malformed,
+    }
+}
+
+/// Runs `step` and returns how the counters moved meanwhile.
+fn measure(steering: &XdpSteering, step: impl FnOnce()) -> Counters {
+    let before = steering.counters().expect("counters");
+    step();
+    delta(before, steering.counters().expect("counters"))
+}
+
+#[test]
+fn driver_mode_attaches_and_drop_detaches() {
+    if !root_or_skip("driver_mode_attaches_and_drop_detaches") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let steering = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
+            .expect("driver-mode attach on veth");
+        assert_eq!(steering.mode(), AttachMode::Driver);
+        assert_eq!(steering.ifindex(), fixtures::ifindex(&pair.broker_if));
+        let link = pair.broker_link();
+        assert!(link.contains("prog/xdp id"), "{link}");
+        let attached = status(&pair.broker_if).unwrap().expect("attached");
+        assert_eq!(attached.mode, AttachedMode::Driver);
+        assert_eq!(attached.name, xdp_prog::PROGRAM_NAME);
+        assert_eq!(attached.prog_id, steering.prog_id());
+        drop(steering);
+        assert_eq!(status(&pair.broker_if).unwrap(), None);
+    });
+    let link = pair.broker_link();
+    assert!(
+        !link.contains("prog/xdp"),
+        "a program is left after drop: {link}"
+    );
+}
+
+#[test]
+fn generic_mode_attaches_and_drop_detaches() {
+    if !root_or_skip("generic_mode_attaches_and_drop_detaches") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let steering = XdpSteering::attach(&pair.broker_if, AttachMode::Generic, &config())
+            .expect("generic-mode attach on veth");
+        assert_eq!(steering.mode(), AttachMode::Generic);
+        let link = pair.broker_link();
+        assert!(
+            link.contains("prog/xdp id") && link.contains("xdpgeneric"),
+            "{link}"
+        );
+        let attached = status(&pair.broker_if).unwrap().expect("attached");
+        assert_eq!(attached.mode, AttachedMode::Generic);
+    });
+    let link = pair.broker_link();
+    assert!(
+        !link.contains("prog/xdp"),
+        "a program is left after drop: {link}"
+    );
+}
+
+#[test]
+fn auto_falls_back_to_generic_where_driver_mode_is_refused() {
+    if !root_or_skip("auto_falls_back_to_generic_where_driver_mode_is_refused") {
+        return;
+    }
+    record_logs();
+    // veth refuses driver-mode XDP (without multi-buffer support) when the peer's MTU
+    // exceeds what fits in one page; generic mode does not care.
+    let pair = Pair::new(9000);
+    in_netns(&pair.broker, || {
+        let refused = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
+            .expect_err("driver mode with MTU 9000 on veth must be refused");
+        let text = refused.to_string();
+        assert!(matches!(refused, XdpError::AttachRefused { .. }), "{text}");
+        assert!(text.contains(&pair.broker_if), "{text}");
+        assert!(text.contains("driver mode: "), "{text}");
+        // The kernel's own explanation (netlink extack), e.g. "veth: Peer MTU is too large
+        // to set XDP", is part of the message.
+        assert!(text.contains("(kernel: "), "{text}");
+        assert!(text.contains("generic mode was not tried"), "{text}");
+
+        let steering = XdpSteering::attach(&pair.broker_if, AttachMode::Auto, &config())
+            .expect("auto mode falls back to generic");
+        assert_eq!(steering.mode(), AttachMode::Generic);
+        assert_eq!(
+            status(&pair.broker_if).unwrap().map(|program| program.mode),
+            Some(AttachedMode::Generic)
+        );
+        let warnings = logged(log::Level::Warn, &pair.broker_if);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("driver-mode XDP refused") && w.contains("generic")),
+            "no fallback warning among {warnings:?}"
+        );
+
+        // lo has no driver mode at all.
+        let on_lo = XdpSteering::attach("lo", AttachMode::Auto, &config()).expect("auto on lo");
+        assert_eq!(on_lo.mode(), AttachMode::Generic);
+        let warnings = logged(log::Level::Warn, "driver-mode XDP refused on lo:");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+    });
+}
+
+#[test]
+fn counters_show_what_is_steered_and_what_is_passed() {
+    if !root_or_skip("counters_show_what_is_steered_and_what_is_passed") {
+        return;
+    }
+    for mode in [AttachMode::Driver, AttachMode::Generic] {
+        let pair = Pair::new(1500);
+        in_netns(&pair.broker, || {
+            let mut steering =
+                XdpSteering::attach(&pair.broker_if, mode, &config()).expect("attach");
+
+            // A SYN to a steered port and address, no socket: counted, and the kernel
+            // answers it (nothing listens: refused).
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::ConnectionRefused, "{mode}");
+            });
+            assert_eq!(moved, counts(0, 0, 1, 0), "{mode}: SYN to a steered port");
+
+            // Another port: passed.
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(BROKER_IP, OTHER_PORT), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::ConnectionRefused, "{mode}");
+            });
+            assert_eq!(moved, counts(0, 1, 0, 0), "{mode}: SYN to another port");
+
+            // A steered port on an address that is not steered: the ARP for it and the
+            // SYN are both passed.
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(OTHER_IP, STEERED_PORT), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::ConnectionRefused, "{mode}");
+            });
+            assert_eq!(
+                moved,
+                counts(0, 2, 0, 0),
+                "{mode}: ARP + SYN to another address"
+            );
+
+            // The ARP request for the broker address is steered (no socket: no_socket);
+            // the SYN that follows goes to another port (passed).
+            ip(&[
+                "-n",
+                &pair.client,
+                "neigh",
+                "del",
+                &BROKER_IP.to_string(),
+                "dev",
+                &pair.client_if,
+            ]);
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(BROKER_IP, OTHER_PORT), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::ConnectionRefused, "{mode}");
+            });
+            assert_eq!(
+                moved,
+                counts(0, 1, 1, 0),
+                "{mode}: ARP for the broker + SYN"
+            );
+            // Back to a static entry, so that no reachability probe adds an ARP later.
+            ip(&[
+                "-n",
+                &pair.client,
+                "neigh",
+                "replace",
+                &BROKER_IP.to_string(),
+                "lladdr",
+                "02:00:00:99:00:02",
+                "dev",
+                &pair.client_if,
+                "nud",
+                "permanent",
+            ]);
+
+            // Truncated and bogus headers: counted as malformed, passed.
+            let moved = measure(&steering, || {
+                let mut truncated_ip = ethernet(0x0800);
+                truncated_ip.extend_from_slice(&[0x45; 10]);
+                pair.send_frame(&truncated_ip);
+                let mut short_ihl = ethernet(0x0800);
+                short_ihl.extend(ipv4_header(0x44, 6, BROKER_IP));
+                pair.send_frame(&short_ihl);
+                let mut truncated_tcp = ethernet(0x0800);
+                truncated_tcp.extend(ipv4_header(0x45, 6, BROKER_IP));
+                truncated_tcp.extend_from_slice(&STEERED_PORT.to_be_bytes()); // only 2 bytes
+                pair.send_frame(&truncated_tcp);
+                let mut truncated_arp = ethernet(0x0806);
+                truncated_arp.extend_from_slice(&[0, 1, 8, 0]);
+                pair.send_frame(&truncated_arp);
+                // A UDP datagram to the broker is well-formed, and passed.
+                let mut udp = ethernet(0x0800);
+                udp.extend(ipv4_header(0x45, 17, BROKER_IP));
+                udp.extend_from_slice(&[0; 8]);
+                pair.send_frame(&udp);
+            });
+            assert_eq!(moved, counts(0, 1, 0, 4), "{mode}: malformed frames");
+
+            // With a socket bound to queue 0: the SYN is redirected to it (the socket has
+            // no fill-ring frames, so it drops it and counts that; the connect times out).
+            let socket = XskSocket::bound(&pair.broker_if, 0);
+            steering.register_socket(0, socket.fd()).expect("register");
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(BROKER_IP, STEERED_PORT + 1), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::TimedOut, "{mode}");
+            });
+            assert_eq!(moved, counts(1, 0, 0, 0), "{mode}: SYN into the socket");
+            assert_eq!(socket.dropped(), 1, "{mode}: the socket saw the SYN");
+
+            // Unregistered again: back to the kernel.
+            steering.unregister_socket(0).expect("unregister");
+            let moved = measure(&steering, || {
+                let end = pair.connect(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT);
+                assert_eq!(end, ErrorKind::ConnectionRefused, "{mode}");
+            });
+            assert_eq!(moved, counts(0, 0, 1, 0), "{mode}: after unregister");
+        });
+    }
+}
+
+#[test]
+fn socket_registration_errors() {
+    if !root_or_skip("socket_registration_errors") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let mut steering =
+            XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config()).expect("attach");
+        let first = XskSocket::unbound();
+        let second = XskSocket::unbound();
+        steering
+            .register_socket(0, first.fd())
+            .expect("first socket");
+        steering
+            .register_socket(0, first.fd())
+            .expect("the same socket again is fine");
+        let taken = steering.register_socket(0, second.fd()).unwrap_err();
+        assert!(
+            matches!(taken, XdpError::QueueTaken { queue: 0, .. }),
+            "{taken}"
+        );
+        assert!(taken.to_string().contains("second broker"), "{taken}");
+        steering
+            .register_socket(1, second.fd())
+            .expect("another queue");
+
+        let out_of_range = steering.register_socket(64, second.fd()).unwrap_err();
+        assert!(
+            matches!(out_of_range, XdpError::QueueOutOfRange { queue: 64, .. }),
+            "{out_of_range}"
+        );
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP socket");
+        let not_xdp = steering
+            .register_socket(2, std::os::fd::AsRawFd::as_raw_fd(&tcp))
+            .unwrap_err();
+        assert!(
+            matches!(not_xdp, XdpError::RegisterSocket { queue: 2, .. }),
+            "{not_xdp}"
+        );
+        assert!(not_xdp.to_string().contains("AF_XDP"), "{not_xdp}");
+
+        steering.unregister_socket(0).expect("unregister");
+        steering
+            .unregister_socket(0)
+            .expect("unregister twice is fine");
+        steering
+            .register_socket(0, second.fd())
+            .expect("the queue is free again");
+        drop(first);
+        // Closing a socket removes it from the map (here from queues 0 and 1).
+        let third = XskSocket::unbound();
+        steering.register_socket(0, third.fd()).unwrap_err();
+        drop(second);
+        steering
+            .register_socket(0, third.fd())
+            .expect("closing the socket freed the queue");
+    });
+}
+
+#[test]
+fn attach_errors_name_what_is_wrong() {
+    if !root_or_skip("attach_errors_name_what_is_wrong") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let missing = XdpSteering::attach("nosuch0", AttachMode::Auto, &config()).unwrap_err();
+        let text = missing.to_string();
+        assert!(
+            matches!(missing, XdpError::InterfaceMissing { .. }),
+            "{text}"
+        );
+        assert!(text.contains("\"nosuch0\""), "{text}");
+        assert!(
+            text.contains(&pair.broker_if) && text.contains("lo"),
+            "{text}"
+        );
+
+        let empty = SteerConfig {
+            ports: vec![],
+            ips: vec![BROKER_IP],
+        };
+        let invalid = XdpSteering::attach(&pair.broker_if, AttachMode::Auto, &empty).unwrap_err();
+        assert!(
+            matches!(invalid, XdpError::InvalidConfig { .. }),
+            "{invalid}"
+        );
+
+        let _first =
+            XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config()).expect("attach");
+        for mode in [AttachMode::Driver, AttachMode::Generic, AttachMode::Auto] {
+            let second = XdpSteering::attach(&pair.broker_if, mode, &config()).unwrap_err();
+            let text = second.to_string();
+            assert!(
+                matches!(
+                    second,
+                    XdpError::AlreadyAttached {
+                        mode: AttachedMode::Driver,
+                        ..
+                    }
+                ),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("xdp-ctl detach {}", pair.broker_if)),
+                "{text}"
+            );
+        }
+    });
+}
+
+#[test]
+fn detach_removes_a_leftover_program() {
+    if !root_or_skip("detach_removes_a_leftover_program") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    for mode in [AttachMode::Driver, AttachMode::Generic] {
+        in_netns(&pair.broker, || {
+            let steering = XdpSteering::attach(&pair.broker_if, mode, &config()).expect("attach");
+            // A crash: the handle never drops, the program stays attached.
+            std::mem::forget(steering);
+            assert!(status(&pair.broker_if).unwrap().is_some());
+            assert!(detach(&pair.broker_if).expect("detach"), "{mode}");
+            assert_eq!(status(&pair.broker_if).unwrap(), None, "{mode}");
+            assert!(!detach(&pair.broker_if).expect("detach again"), "{mode}");
+        });
+        let link = pair.broker_link();
+        assert!(!link.contains("prog/xdp"), "{mode}: {link}");
+    }
+}
+
+#[test]
+fn xdp_ctl_status_counters_queues_and_detach() {
+    if !root_or_skip("xdp_ctl_status_counters_queues_and_detach") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    let ctl = |args: &[&str]| {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &pair.broker, env!("CARGO_BIN_EXE_xdp-ctl")])
+            .args(args)
+            .output()
+            .expect("run xdp-ctl");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let ifname = pair.broker_if.as_str();
+    let (code, out, _) = ctl(&["status", ifname]);
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("no XDP program"), "{out}");
+    let (code, out, err) = ctl(&["queues", ifname]);
+    assert_eq!((code, out.trim()), (Some(0), "1"), "{err}");
+    let (code, _, err) = ctl(&["counters", ifname]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no XDP program attached"), "{err}");
+    let (code, _, err) = ctl(&["status", "nosuch0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("\"nosuch0\"") && err.contains(ifname), "{err}");
+
+    in_netns(&pair.broker, || {
+        let steering = XdpSteering::attach(ifname, AttachMode::Driver, &config()).expect("attach");
+        let end = pair.connect(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT);
+        assert_eq!(end, ErrorKind::ConnectionRefused);
+        assert_eq!(
+            attached_counters(ifname).unwrap(),
+            steering.counters().unwrap()
+        );
+        std::mem::forget(steering);
+    });
+    let (code, out, err) = ctl(&["status", ifname]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("xdp_steer") && out.contains("mode driver"),
+        "{out}"
+    );
+    let (code, out, err) = ctl(&["counters", ifname]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("no_socket 1\n") && out.contains("redirected 0\n"),
+        "{out}"
+    );
+    let (code, out, err) = ctl(&["detach", ifname]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("detached"), "{out}");
+    let (code, out, _) = ctl(&["status", ifname]);
+    assert_eq!(code, Some(3), "{out}");
+    let (code, out, _) = ctl(&["detach", ifname]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("no XDP program was attached"), "{out}");
+}
+
+#[test]
+fn queue_count_reads_this_namespaces_sysfs_only() {
+    if !root_or_skip("queue_count_reads_this_namespaces_sysfs_only") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    // This thread's /sys is the root namespace's: the broker's veth is not in it.
+    in_netns(&pair.broker, || {
+        let error = queue_count(&pair.broker_if).unwrap_err();
+        assert!(
+            matches!(error, XdpError::SysfsOtherNamespace { .. }),
+            "{error}"
+        );
+        assert!(error.to_string().contains("ip netns exec"), "{error}");
+    });
+}
