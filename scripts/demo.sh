@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 
 ensure_cargo
 ensure_packages build-essential pkg-config util-linux
+. scripts/lab.sh
+ensure_xdp_build_deps
 prepare_hugepages 64
 
 echo "== simulation: 200 seeds of brokers, sequencer and readers on the simulated coherence model"

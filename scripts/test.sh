@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 
 ensure_cargo
 ensure_packages build-essential pkg-config util-linux
+. scripts/lab.sh
+ensure_xdp_build_deps
 prepare_hugepages 64
 
 echo "== lint"
