@@ -35,19 +35,11 @@ XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux
 
 # Installs whatever of XDP_BUILD_PACKAGES is missing (dpkg -s, then apt-get install -y).
 # Idempotent: does nothing, and needs no root, when everything is there.
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 ensure_xdp_build_deps() {
-    local missing=() package
-    for package in "${XDP_BUILD_PACKAGES[@]}"; do
-        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-    done
-    [[ ${#missing[@]} -eq 0 ]] && return 0
-    if [[ $(id -u) -ne 0 ]]; then
-        echo "xdp-prog needs these Debian packages: ${missing[*]}; as root run: apt-get update && apt-get install -y ${missing[*]}" >&2
-        return 1
-    fi
-    echo "installing for xdp-prog: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    ensure_packages "${XDP_BUILD_PACKAGES[@]}"
 }
 
 lab_usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
