@@ -11,20 +11,22 @@
 #   --pool-bytes SIZE  pool size (default 1G)
 #   --dir DIR          logs, PIDs and the address list (default target/cluster)
 #   --coherence MODE   noncoherent (default) or coherent
+#   --cpus LIST        pin every broker to these CPUs (taskset list, e.g. 1 or 0-1)
 #
 # The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
-# /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set.
+# /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set, and
+# an argument of COMMAND that is exactly {brokers} is replaced by that list.
 # Broker binaries come from target/release (build them first: cargo build --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
 [[ -n $action ]] || { usage; exit 2; }
 shift
-brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent
+brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -33,6 +35,7 @@ while [[ $# -gt 0 ]]; do
         --pool-bytes) pool_bytes=$2; shift 2 ;;
         --dir) dir=$2; shift 2 ;;
         --coherence) coherence=$2; shift 2 ;;
+        --cpus) cpus=$2; shift 2 ;;
         --) shift; command=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -93,7 +96,9 @@ start_cluster() {
         if [[ $i -eq 0 ]]; then
             args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
         fi
-        RUST_LOG=${RUST_LOG:-info} "$binary" "${args[@]}" > "$dir/broker-$i.log" 2>&1 &
+        local pin=()
+        [[ -n $cpus ]] && pin=(taskset -c "$cpus")
+        RUST_LOG=${RUST_LOG:-info} "${pin[@]}" "$binary" "${args[@]}" > "$dir/broker-$i.log" 2>&1 &
         echo $! >> "$dir/pids"
         if [[ $i -eq 0 ]]; then wait_listening 0; fi
     done
@@ -128,7 +133,12 @@ case $action in
         trap stop_cluster EXIT
         trap 'exit 130' INT TERM
         start_cluster
-        BROKERS=$(addresses) "${command[@]}"
+        # An argument that is exactly {brokers} becomes the address list.
+        list=$(addresses)
+        for i in "${!command[@]}"; do
+            [[ ${command[$i]} == "{brokers}" ]] && command[i]=$list
+        done
+        BROKERS=$list "${command[@]}"
         ;;
     *) usage; exit 2 ;;
 esac

@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
-# Runs the Embarcadero-rs demonstration, installing what is missing first.
+# The Embarcadero-rs demonstration, installing what is missing first.
 #
-#   ./scripts/demo.sh
+#   ./scripts/demo.sh [LOADGEN ARGS...]
 #
-# Today this runs the log core in one process (the brokers' network front ends and the load
-# generator arrive with the kernel-TCP issue): the deterministic simulation of brokers,
-# sequencer and readers on the simulated coherence model, and the core benchmark on real
-# memory with the real cache-line instructions, pinned to one core. Figures are printed and
-# left in target/bench/core.json.
+# Builds in release, reserves hugepages when it can (and says so when it cannot), starts a
+# local cluster of 4 broker processes on loopback sharing one pool, and runs the load
+# generator end to end against it: 1 KiB messages, order 5, ack 1, 3 connections per broker,
+# a subscriber verifying every message (content, exactly once, order). Prints the table and
+# leaves the JSON summary at target/demo/summary.json. Extra arguments go to the load
+# generator (see target/release/loadgen --help), e.g. --duration-s 30 or --order 2.
+# Exits non-zero when the run lost, duplicated or misordered anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_cargo
-ensure_packages build-essential pkg-config util-linux
+ensure_packages build-essential pkg-config util-linux curl
 . scripts/lab.sh
 ensure_xdp_build_deps
-prepare_hugepages 64
+# 1 GiB pool: 512 pages of 2 MiB, and some room.
+prepare_hugepages 600
 
-echo "== simulation: 200 seeds of brokers, sequencer and readers on the simulated coherence model"
-cargo run --release -q -p broker --example sim -- --seeds 200
-echo "== log core benchmark (noncoherent: real clwb/clflushopt/mfence)"
-cargo bench -q -p broker --bench core
+echo "== building (release)"
+cargo build --release -q -p broker -p client
+
+mkdir -p target/demo
+defaults=()
+if [[ " $* " != *" --total-bytes "* && " $* " != *" --duration-s "* ]]; then
+    defaults+=(--total-bytes 512MiB)
+fi
+echo "== 4 brokers, load generator end to end"
+./scripts/cluster.sh run --brokers 4 --dir target/demo/cluster -- \
+    ./target/release/loadgen --brokers '{brokers}' --test end-to-end --order 5 --ack 1 \
+    --message-bytes 1024 --connections-per-broker 3 --json target/demo/summary.json \
+    "${defaults[@]}" "$@"
+echo "== summary: target/demo/summary.json; broker logs: target/demo/cluster/"

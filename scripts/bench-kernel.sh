@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Benchmark of the kernel-TCP brokers on loopback, against iperf3 in the same run.
+#
+#   ./scripts/bench-kernel.sh [--duration-s N]
+#
+# Runs, pinned (brokers on CPU 1, load generator and iperf3 client on CPU 0, iperf3 server
+# on CPU 1):
+#   1. iperf3 -P 12 on loopback: the ceiling of kernel TCP here;
+#   2. the load generator against 4 brokers: 1 KiB messages, order 5, ack 1, publish test,
+#      with 1 and with 3 connections per broker (4 and 12 connections);
+#   3. ack latency at about 10% of the 12-connection throughput (paced).
+# Prints a table and writes target/bench/kernel.json. A benchmark, not a test: it asserts
+# nothing about speed, it reports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+duration=10
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --duration-s) duration=$2; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "bench-kernel: unknown option $1" >&2; exit 2 ;;
+    esac
+done
+
+ensure_cargo
+ensure_packages iperf3 util-linux python3
+. scripts/lab.sh
+ensure_xdp_build_deps
+prepare_hugepages 600
+cargo build --release -q -p broker -p client
+out=target/bench
+mkdir -p "$out"
+
+echo "== iperf3 -P 12, loopback, ${duration}s (server CPU 1, client CPU 0)"
+taskset -c 1 iperf3 -s -1 -p 5299 >/dev/null 2>&1 &
+iperf_server=$!
+sleep 0.5
+taskset -c 0 iperf3 -c 127.0.0.1 -p 5299 -P 12 -t "$duration" -J > "$out/iperf3.json"
+wait "$iperf_server" || true
+
+run_loadgen() {  # name, extra loadgen args...
+    local name=$1; shift
+    echo "== loadgen $name"
+    ./scripts/cluster.sh run --brokers 4 --cpus 1 --dir "$out/cluster-$name" -- \
+        taskset -c 0 ./target/release/loadgen --brokers '{brokers}' --test publish --order 5 --ack 1 \
+        --message-bytes 1024 --duration-s "$duration" --progress none --json "$out/$name.json" "$@" \
+        | grep -E "connections \(total\)|throughput MB|ack latency"
+}
+run_loadgen conn4 --connections-per-broker 1
+run_loadgen conn12 --connections-per-broker 3
+peak_msgs=$(python3 -c "import json; print(int(json.load(open('$out/conn12.json'))['msgs_per_s']))")
+rate=$((peak_msgs / 10))
+echo "== loadgen latency at ~10% of peak ($rate msgs/s)"
+./scripts/cluster.sh run --brokers 4 --cpus 1 --dir "$out/cluster-latency" -- \
+    taskset -c 0 ./target/release/loadgen --brokers '{brokers}' --test publish --order 5 --ack 1 \
+    --message-bytes 1024 --duration-s "$duration" --connections-per-broker 3 --rate-msgs-per-s "$rate" \
+    --progress none --json "$out/latency.json" | grep -E "throughput MB|ack latency"
+
+python3 - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+iperf = json.load(open(f"{out}/iperf3.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
+rows = {name: json.load(open(f"{out}/{name}.json")) for name in ("conn4", "conn12", "latency")}
+result = {
+    "pinning": "brokers and iperf3 server on CPU 1; loadgen and iperf3 client on CPU 0",
+    "iperf3_p12_mb_per_s": round(iperf, 1),
+    "runs": [],
+}
+print(f"\n{'run':<34} {'MB/s':>9} {'x iperf3':>9} {'ack p50 us':>11} {'ack p99 us':>11}")
+print(f"{'iperf3 -P 12 loopback':<34} {iperf:>9.1f} {1.0:>9.2f} {'-':>11} {'-':>11}")
+for name, label in (("conn4", "4 brokers x 1 conn (4)"), ("conn12", "4 brokers x 3 conns (12)"), ("latency", "12 conns, paced at ~10% of peak")):
+    r = rows[name]
+    lat = r["ack_latency_us"]
+    print(f"{label:<34} {r['mb_per_s']:>9.1f} {r['mb_per_s'] / iperf:>9.2f} {lat['p50']:>11} {lat['p99']:>11}")
+    result["runs"].append({"run": name, "connections": r["connections"], "mb_per_s": r["mb_per_s"],
+                           "ratio_to_iperf3": round(r["mb_per_s"] / iperf, 3), "msgs_per_s": r["msgs_per_s"],
+                           "ack_latency_us": lat, "order": r["order"], "ack": r["ack"], "message_bytes": r["message_bytes"]})
+json.dump(result, open(f"{out}/kernel.json", "w"), indent=2)
+print(f"\nwrote {out}/kernel.json")
+PY
