@@ -287,6 +287,12 @@ impl Publisher {
         self.core.latency_histogram()
     }
 
+    /// Messages acknowledged so far: a counter read, cheap enough for progress reporting
+    /// (unlike [`Self::stats`], which computes latency percentiles).
+    pub fn messages_acked(&self) -> u64 {
+        self.core.messages_acked()
+    }
+
     /// Drains the events recorded so far (rejected batches, pool-full notices and, with
     /// `report_acks`, every acknowledged batch).
     pub fn take_events(&mut self) -> Vec<PublisherEvent> {

@@ -587,6 +587,11 @@ impl PublisherCore {
         &self.latency_us
     }
 
+    /// Messages acknowledged so far (cheap, unlike [`Self::stats`]).
+    pub fn messages_acked(&self) -> u64 {
+        self.counters.messages_acked
+    }
+
     /// A snapshot of the counters and latency percentiles.
     pub fn stats(&self) -> PublisherStats {
         let c = self.counters;
