@@ -28,7 +28,7 @@ pub enum IdleStrategy {
     Spin,
     /// Yield the core to other threads between polls.
     Yield,
-    /// Spin briefly, then sleep with a backoff up to 1 ms (for shared cores).
+    /// Spin briefly, then sleep with a backoff up to 200 us (for shared cores).
     #[default]
     Sleep,
 }
@@ -43,7 +43,7 @@ pub struct Idle {
 /// Polls spun before yielding or sleeping.
 const SPIN_POLLS: u32 = 64;
 /// Longest sleep of the backoff.
-const SLEEP_MAX: Duration = Duration::from_millis(1);
+const SLEEP_MAX: Duration = Duration::from_micros(200);
 
 impl Idle {
     /// A fresh backoff.
