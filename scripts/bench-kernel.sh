@@ -33,6 +33,11 @@ cargo build --release -q -p broker -p client
 out=target/bench
 mkdir -p "$out"
 
+# Steal time (the hypervisor running other guests on our CPUs) makes figures meaningless;
+# it is measured over the whole run and reported with them.
+steal_before=$(awk '/^cpu /{print $9; exit}' /proc/stat)
+total_before=$(awk '/^cpu /{s=0; for(i=2;i<=NF;i++) s+=$i; print s; exit}' /proc/stat)
+
 echo "== iperf3 -P 12, loopback, ${duration}s (server CPU 1, client CPU 0)"
 taskset -c 1 iperf3 -s -1 -p 5299 >/dev/null 2>&1 &
 iperf_server=$!
@@ -58,14 +63,19 @@ echo "== loadgen latency at ~10% of peak ($rate msgs/s)"
     --message-bytes 1024 --duration-s "$duration" --connections-per-broker 3 --rate-msgs-per-s "$rate" \
     --progress none --json "$out/latency.json" | grep -E "throughput MB|ack latency"
 
-python3 - "$out" <<'PY'
+steal_after=$(awk '/^cpu /{print $9; exit}' /proc/stat)
+total_after=$(awk '/^cpu /{s=0; for(i=2;i<=NF;i++) s+=$i; print s; exit}' /proc/stat)
+steal_pct=$(( 100 * (steal_after - steal_before) / (total_after - total_before) ))
+
+python3 - "$out" "$steal_pct" <<'PY'
 import json, sys
-out = sys.argv[1]
+out, steal = sys.argv[1], int(sys.argv[2])
 iperf = json.load(open(f"{out}/iperf3.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
 rows = {name: json.load(open(f"{out}/{name}.json")) for name in ("conn4", "conn12", "latency")}
 result = {
     "pinning": "brokers and iperf3 server on CPU 1; loadgen and iperf3 client on CPU 0",
     "iperf3_p12_mb_per_s": round(iperf, 1),
+    "cpu_steal_percent": steal,
     "runs": [],
 }
 print(f"\n{'run':<34} {'MB/s':>9} {'x iperf3':>9} {'ack p50 us':>11} {'ack p99 us':>11}")
@@ -77,6 +87,7 @@ for name, label in (("conn4", "4 brokers x 1 conn (4)"), ("conn12", "4 brokers x
     result["runs"].append({"run": name, "connections": r["connections"], "mb_per_s": r["mb_per_s"],
                            "ratio_to_iperf3": round(r["mb_per_s"] / iperf, 3), "msgs_per_s": r["msgs_per_s"],
                            "ack_latency_us": lat, "order": r["order"], "ack": r["ack"], "message_bytes": r["message_bytes"]})
+print(f"CPU steal during the run: {steal}%" + ("  (above 10%: the host is busy, figures are not trustworthy)" if steal > 10 else ""))
 json.dump(result, open(f"{out}/kernel.json", "w"), indent=2)
 print(f"\nwrote {out}/kernel.json")
 PY
