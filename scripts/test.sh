@@ -11,10 +11,11 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_cargo
-ensure_packages build-essential pkg-config util-linux
+ensure_packages build-essential pkg-config util-linux python3
 . scripts/lab.sh
 ensure_xdp_build_deps
-prepare_hugepages 64
+# 64 pages for the tests, 128 for the 256 MiB cluster pool.
+prepare_hugepages 256
 
 echo "== lint"
 cargo fmt --all -- --check
@@ -36,4 +37,20 @@ for fault in skip-invalidate skip-flush; do
         exit 1
     fi
 done
+echo "== 4 broker processes on one hugetlbfs pool, loadgen end to end (order 5, ack 1)"
+cargo build --release -q -p broker -p client
+summary=target/test/cluster-e2e.json
+mkdir -p target/test
+rm -f "$summary"
+./scripts/cluster.sh run --brokers 4 --pool-bytes 256M --base-port 9300 --dir target/test/cluster -- \
+    ./target/release/loadgen --brokers '{brokers}' --test end-to-end --order 5 --ack 1 \
+    --message-bytes 1024 --total-bytes 64MiB --connections-per-broker 3 --progress none --json "$summary" >/dev/null
+python3 - "$summary" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+bad = {k: s[k] for k in ("lost", "duplicates", "order_violations", "corrupt", "position_gaps") if s[k]}
+assert s["passed"] and not bad and s["messages_received"] == s["messages_sent"] > 0, (bad, s["errors"])
+print(f"cluster end to end: {s['messages_sent']} messages sent, acked and delivered in order; lost 0, duplicates 0")
+PY
+
 echo "== all tests passed"
