@@ -5,28 +5,18 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
-use broker::heap::HeapRegion;
 use broker::layout::Geometry;
-use broker::pool::Pool;
-use broker::sequencer::SequencerConfig;
-use broker::server::state::BrokerSettings;
-use broker::server::{BrokerOptions, IdleStrategy, RunningBroker, start};
+use broker::server::in_process::InProcessCluster;
 use wire::{
     AckLevel, BatchHeaderRepr, Decoded, ErrorCode, Frame, FrameDecoder, HelloRepr, Limits, Order,
     Role, Topic,
 };
 
-struct Cluster {
-    _region: Arc<HeapRegion>,
-    brokers: Vec<RunningBroker>,
-}
-
-fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> Cluster {
+fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> InProcessCluster {
     let geometry = Geometry {
         brokers_max: u32::from(brokers),
         topics_max: 4,
@@ -34,36 +24,11 @@ fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> Cluster {
         goi_entries: 1 << 14,
         blog_bytes,
     };
-    let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-    let mode = CoherenceMode::NonCoherent;
-    Pool::format(region.memory(mode), geometry, 1).unwrap();
-    let running = (0..brokers)
-        .map(|id| {
-            let pool = Pool::attach(region.memory(mode)).unwrap();
-            let options = BrokerOptions {
-                settings: BrokerSettings {
-                    broker_id: id,
-                    head: id == 0,
-                    auto_create_topics: true,
-                    batch_bytes_max: 1 << 20,
-                    frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
-                },
-                listen: "127.0.0.1:0".parse().unwrap(),
-                socket_buffer_bytes: 1 << 20,
-                idle: IdleStrategy::Sleep,
-                sequencer: SequencerConfig {
-                    hold_timeout_ns: 50_000_000,
-                    ..SequencerConfig::default()
-                },
-                metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-            };
-            start(pool, options).unwrap()
-        })
-        .collect();
-    Cluster {
-        _region: region,
-        brokers: running,
-    }
+    InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.sequencer.hold_timeout_ns = 50_000_000;
+        options.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .unwrap()
 }
 
 /// A blocking test client that speaks the protocol frame by frame.
@@ -238,11 +203,7 @@ fn subscriber(addr: SocketAddr, topic: &str, order: Order, from_position: u64) -
 #[test]
 fn publishers_on_every_broker_are_acknowledged_and_a_subscriber_reads_one_order() {
     let cluster = cluster(4, 64, 1 << 20);
-    let addrs: Vec<_> = cluster
-        .brokers
-        .iter()
-        .map(RunningBroker::local_addr)
-        .collect();
+    let addrs = cluster.addresses();
     // One session (client 7) spread over all four brokers, seq 0..40 round-robin.
     let mut publishers_of_7: Vec<_> = addrs
         .iter()
@@ -290,10 +251,8 @@ fn publishers_on_every_broker_are_acknowledged_and_a_subscriber_reads_one_order(
         assert!(matches!(client.frame(), Frame::Goodbye));
         client.expect_closed();
     }
-    for broker in &cluster.brokers {
-        assert_eq!(broker.metrics().batches_dropped.load(Ordering::Relaxed), 0);
-    }
-    let head_metrics = http_get(cluster.brokers[0].metrics_addr().unwrap(), "/metrics");
+    assert_eq!(cluster.batches_dropped(), 0);
+    let head_metrics = http_get(cluster.brokers()[0].metrics_addr().unwrap(), "/metrics");
     assert!(
         head_metrics.contains("embarcadero_batches_dropped_total{broker=\"0\"} 0"),
         "{head_metrics}"
@@ -317,8 +276,8 @@ fn http_get(addr: SocketAddr, path: &str) -> String {
 #[test]
 fn each_bad_input_gets_a_specific_error_and_harms_nobody_else() {
     let cluster = cluster(2, 64, 1 << 20);
-    let addr = cluster.brokers[1].local_addr();
-    let head = cluster.brokers[0].local_addr();
+    let addr = cluster.brokers()[1].local_addr();
+    let head = cluster.brokers()[0].local_addr();
     let mut good = publisher(head, "safe", Order::Total, 1);
     good.batch(0, &[b"before"]);
     good.acks_through(0);
@@ -412,16 +371,14 @@ fn each_bad_input_gets_a_specific_error_and_harms_nobody_else() {
             _ => panic!("expected a delivery"),
         }
     }
-    for broker in &cluster.brokers {
-        assert_eq!(broker.metrics().batches_dropped.load(Ordering::Relaxed), 0);
-    }
+    assert_eq!(cluster.batches_dropped(), 0);
 }
 
 #[test]
 fn a_full_pool_pushes_back_without_closing_and_loses_nothing() {
     // 4 ring slots and a 64 KiB payload log per broker: publishing 2 MiB must wait often.
     let cluster = cluster(1, 4, 64 * 1024);
-    let addr = cluster.brokers[0].local_addr();
+    let addr = cluster.brokers()[0].local_addr();
     let mut client = publisher(addr, "tight", Order::Total, 1);
     let message = vec![0xabu8; 8 * 1024];
     let batches = 256u64;
@@ -440,7 +397,7 @@ fn a_full_pool_pushes_back_without_closing_and_loses_nothing() {
     let entries = client.acks_through(batches - 1);
     sender.join().unwrap();
     assert_eq!(entries.len() as u64, batches);
-    let metrics = cluster.brokers[0].metrics();
+    let metrics = cluster.brokers()[0].metrics();
     assert!(
         metrics.ring_full_waits.load(Ordering::Relaxed) > 0,
         "the pool never filled: the test proves nothing"

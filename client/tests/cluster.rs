@@ -3,74 +3,25 @@
 //! for every order (0, 1, 2, 5) and ack level (0, 1). A subscriber verifies every message;
 //! the assertions read the loadgen's JSON summary, never its log text.
 
-use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
-use broker::heap::HeapRegion;
 use broker::layout::Geometry;
-use broker::pool::Pool;
-use broker::sequencer::SequencerConfig;
-use broker::server::state::BrokerSettings;
-use broker::server::{BrokerOptions, IdleStrategy, RunningBroker, start};
+use broker::server::in_process::InProcessCluster;
 use client::summary::Summary;
 
-struct Cluster {
-    _region: Arc<HeapRegion>,
-    brokers: Vec<RunningBroker>,
+fn start(geometry: Geometry) -> InProcessCluster {
+    InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |_| {}).expect("start 4 brokers")
 }
 
-impl Cluster {
-    fn start(brokers: u16, geometry: Geometry) -> Cluster {
-        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let mode = CoherenceMode::NonCoherent;
-        Pool::format(region.memory(mode), geometry, 1).expect("format the pool");
-        let brokers = (0..brokers)
-            .map(|id| {
-                let options = BrokerOptions {
-                    settings: BrokerSettings {
-                        broker_id: id,
-                        head: id == 0,
-                        auto_create_topics: true,
-                        batch_bytes_max: 1 << 20,
-                        frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
-                    },
-                    listen: "127.0.0.1:0".parse().expect("address"),
-                    socket_buffer_bytes: 1 << 20,
-                    idle: IdleStrategy::Sleep,
-                    sequencer: SequencerConfig::default(),
-                    metrics_listen: None,
-                };
-                start(Pool::attach(region.memory(mode)).expect("attach"), options)
-                    .expect("start a broker")
-            })
-            .collect();
-        Cluster {
-            _region: region,
-            brokers,
-        }
-    }
-
-    fn addresses(&self) -> String {
-        let addrs: Vec<SocketAddr> = self.brokers.iter().map(RunningBroker::local_addr).collect();
-        addrs
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn assert_nothing_dropped(&self) {
-        for broker in &self.brokers {
-            let dropped = broker
-                .metrics()
-                .batches_dropped
-                .load(std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(dropped, 0, "a broker lost track of an accepted batch");
-        }
-    }
+fn addresses(cluster: &InProcessCluster) -> String {
+    let addrs: Vec<String> = cluster
+        .addresses()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    addrs.join(",")
 }
 
 fn geometry(ring_slots: u32, blog_bytes: u64) -> Geometry {
@@ -117,11 +68,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 fn end_to_end(order: u8, ack: u8) {
     let _serial = serial();
-    let cluster = Cluster::start(4, geometry(256, 8 << 20));
+    let cluster = start(geometry(256, 8 << 20));
     let topic = format!("e2e-{order}-{ack}");
     let (order_text, ack_text) = (order.to_string(), ack.to_string());
     let (summary, status) = loadgen(
-        &cluster.addresses(),
+        &addresses(&cluster),
         &[
             "--test",
             "end-to-end",
@@ -170,7 +121,11 @@ fn end_to_end(order: u8, ack: u8) {
         ),
         (0, 0, 0)
     );
-    cluster.assert_nothing_dropped();
+    assert_eq!(
+        cluster.batches_dropped(),
+        0,
+        "a broker lost track of an accepted batch"
+    );
 }
 
 #[test]
@@ -217,9 +172,9 @@ fn order_5_ack_1() {
 fn a_pool_that_fills_during_the_run_pushes_back_and_delivers_everything() {
     let _serial = serial();
     // 8 ring slots and 256 KiB payload logs per broker against 16 MiB of traffic.
-    let cluster = Cluster::start(4, geometry(8, 256 * 1024));
+    let cluster = start(geometry(8, 256 * 1024));
     let (summary, status) = loadgen(
-        &cluster.addresses(),
+        &addresses(&cluster),
         &[
             "--test",
             "end-to-end",
@@ -246,7 +201,7 @@ fn a_pool_that_fills_during_the_run_pushes_back_and_delivers_everything() {
         (0, 0, 0)
     );
     let waits: u64 = cluster
-        .brokers
+        .brokers()
         .iter()
         .map(|b| {
             b.metrics()
@@ -258,6 +213,10 @@ fn a_pool_that_fills_during_the_run_pushes_back_and_delivers_everything() {
         waits > 0,
         "the pool never filled: this test would prove nothing"
     );
-    cluster.assert_nothing_dropped();
+    assert_eq!(
+        cluster.batches_dropped(),
+        0,
+        "a broker lost track of an accepted batch"
+    );
     std::thread::sleep(Duration::from_millis(10));
 }

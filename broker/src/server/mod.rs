@@ -3,6 +3,7 @@
 //! in-process clusters of the tests.
 
 pub mod connection;
+pub mod in_process;
 pub mod kernel;
 pub mod state;
 

@@ -1,0 +1,85 @@
+//! A local cluster inside one process: N brokers on loopback sharing one heap-backed pool,
+//! for tests and experiments that want real sockets and real broker code without
+//! separate processes or hugepages (`scripts/cluster.sh` runs separate processes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::coherence::CoherenceMode;
+use crate::heap::HeapRegion;
+use crate::layout::Geometry;
+use crate::pool::Pool;
+use crate::sequencer::SequencerConfig;
+use crate::server::state::BrokerSettings;
+use crate::server::{BrokerOptions, IdleStrategy, RunningBroker, StartError, start};
+
+/// N running brokers and the pool they share.
+#[derive(Debug)]
+pub struct InProcessCluster {
+    brokers: Vec<RunningBroker>,
+    // Dropped after the brokers (fields drop in declaration order).
+    _region: Arc<HeapRegion>,
+}
+
+impl InProcessCluster {
+    /// Formats a pool of `geometry` and starts brokers `0..geometry.brokers_max` on
+    /// `127.0.0.1:0` (broker 0 is the head). `configure` may adjust each broker's options.
+    pub fn start(
+        geometry: Geometry,
+        mode: CoherenceMode,
+        configure: impl Fn(&mut BrokerOptions),
+    ) -> Result<InProcessCluster, StartError> {
+        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+        let pool_error = |e: crate::pool::PoolError| StartError::Pool {
+            path: "(in-process heap pool)".to_owned(),
+            reason: e.to_string(),
+        };
+        Pool::format(region.memory(mode), geometry, 1).map_err(pool_error)?;
+        let mut brokers = Vec::new();
+        for id in 0..geometry.brokers_max as u16 {
+            let mut options = BrokerOptions {
+                settings: BrokerSettings {
+                    broker_id: id,
+                    head: id == 0,
+                    auto_create_topics: true,
+                    batch_bytes_max: 1 << 20,
+                    frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+                },
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                socket_buffer_bytes: 1 << 20,
+                idle: IdleStrategy::Sleep,
+                sequencer: SequencerConfig::default(),
+                metrics_listen: None,
+            };
+            configure(&mut options);
+            let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;
+            brokers.push(start(pool, options)?);
+        }
+        Ok(InProcessCluster {
+            brokers,
+            _region: region,
+        })
+    }
+
+    /// The running brokers, by id.
+    pub fn brokers(&self) -> &[RunningBroker] {
+        &self.brokers
+    }
+
+    /// The brokers' client addresses, by id.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.brokers.iter().map(RunningBroker::local_addr).collect()
+    }
+
+    /// Batches any broker lost track of (must be 0).
+    pub fn batches_dropped(&self) -> u64 {
+        self.brokers
+            .iter()
+            .map(|b| {
+                b.metrics()
+                    .batches_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    }
+}
