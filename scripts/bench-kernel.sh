@@ -6,8 +6,9 @@
 # Runs, pinned (brokers on CPU 1, load generator and iperf3 client on CPU 0, iperf3 server
 # on CPU 1):
 #   1. iperf3 -P 12 on loopback: the ceiling of kernel TCP here;
-#   2. the load generator against 4 brokers: 1 KiB messages, order 5, ack 1, publish test,
-#      with 1 and with 3 connections per broker (4 and 12 connections);
+#   2. the load generator against a 4-broker cluster: 1 KiB messages, order 5, ack 1,
+#      publish test, over 1 connection (to the head), 4 (one per broker) and 12 (three per
+#      broker);
 #   3. ack latency at about 10% of the 12-connection throughput (paced).
 # Prints a table and writes target/bench/kernel.json. A benchmark, not a test: it asserts
 # nothing about speed, it reports.
@@ -45,14 +46,20 @@ sleep 0.5
 taskset -c 0 iperf3 -c 127.0.0.1 -p 5299 -P 12 -t "$duration" -J > "$out/iperf3.json"
 wait "$iperf_server" || true
 
-run_loadgen() {  # name, extra loadgen args...
+run_loadgen() {  # name, extra loadgen args... (--single-broker: publish to the head only)
     local name=$1; shift
+    local targets='{brokers}'
+    if [[ ${1:-} == --single-broker ]]; then
+        targets=127.0.0.1:9100
+        shift
+    fi
     echo "== loadgen $name"
     ./scripts/cluster.sh run --brokers 4 --cpus 1 --dir "$out/cluster-$name" -- \
-        taskset -c 0 ./target/release/loadgen --brokers '{brokers}' --test publish --order 5 --ack 1 \
+        taskset -c 0 ./target/release/loadgen --brokers "$targets" --test publish --order 5 --ack 1 \
         --message-bytes 1024 --duration-s "$duration" --progress none --json "$out/$name.json" "$@" \
         | grep -E "connections \(total\)|throughput MB|ack latency"
 }
+run_loadgen conn1 --connections-per-broker 1 --single-broker
 run_loadgen conn4 --connections-per-broker 1
 run_loadgen conn12 --connections-per-broker 3
 peak_msgs=$(python3 -c "import json; print(int(json.load(open('$out/conn12.json'))['msgs_per_s']))")
@@ -71,7 +78,7 @@ python3 - "$out" "$steal_pct" <<'PY'
 import json, sys
 out, steal = sys.argv[1], int(sys.argv[2])
 iperf = json.load(open(f"{out}/iperf3.json"))["end"]["sum_received"]["bits_per_second"] / 8e6
-rows = {name: json.load(open(f"{out}/{name}.json")) for name in ("conn4", "conn12", "latency")}
+rows = {name: json.load(open(f"{out}/{name}.json")) for name in ("conn1", "conn4", "conn12", "latency")}
 result = {
     "pinning": "brokers and iperf3 server on CPU 1; loadgen and iperf3 client on CPU 0",
     "iperf3_p12_mb_per_s": round(iperf, 1),
@@ -80,7 +87,7 @@ result = {
 }
 print(f"\n{'run':<34} {'MB/s':>9} {'x iperf3':>9} {'ack p50 us':>11} {'ack p99 us':>11}")
 print(f"{'iperf3 -P 12 loopback':<34} {iperf:>9.1f} {1.0:>9.2f} {'-':>11} {'-':>11}")
-for name, label in (("conn4", "4 brokers x 1 conn (4)"), ("conn12", "4 brokers x 3 conns (12)"), ("latency", "12 conns, paced at ~10% of peak")):
+for name, label in (("conn1", "1 broker x 1 conn (1)"), ("conn4", "4 brokers x 1 conn (4)"), ("conn12", "4 brokers x 3 conns (12)"), ("latency", "12 conns, paced at ~10% of peak")):
     r = rows[name]
     lat = r["ack_latency_us"]
     print(f"{label:<34} {r['mb_per_s']:>9.1f} {r['mb_per_s'] / iperf:>9.2f} {lat['p50']:>11} {lat['p99']:>11}")
