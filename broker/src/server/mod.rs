@@ -8,7 +8,6 @@ pub mod kernel;
 pub mod state;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -352,40 +351,37 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         )
         .map_err(|e| fail(e.to_string()));
     }
+    // The head may not have created or formatted the pool yet: wait for the file, open it
+    // once, then wait for the formatted header.
     let started = Instant::now();
-    loop {
-        let attempt = hugepages::SharedRegion::open(&spec.path, &options)
-            .map_err(|e| e.to_string())
-            .and_then(|region| {
-                Pool::attach(crate::region::pool_memory(region, spec.mode)).map_err(|e| match e {
-                    PoolError::NotFormatted | PoolError::BadMagic { found: 0 } => String::new(),
-                    other => other.to_string(),
-                })
-            });
-        match attempt {
-            Ok(pool) => return Ok(pool),
-            // Not formatted yet (empty reason): the head may still be formatting it.
-            Err(reason) if reason.is_empty() && started.elapsed() < spec.attach_timeout => {}
-            Err(reason)
-                if started.elapsed() >= spec.attach_timeout || !is_transient(&spec.path) =>
-            {
-                let reason = if reason.is_empty() {
-                    format!(
-                        "not formatted after {:?}: start the head broker with --format",
-                        spec.attach_timeout
-                    )
-                } else {
-                    reason
-                };
-                return Err(fail(reason));
-            }
-            Err(_) => {}
+    while !spec.path.exists() {
+        if started.elapsed() >= spec.attach_timeout {
+            return Err(fail(format!(
+                "no pool file after {:?}: start the head broker with --format on this path, \
+                 and give every broker the same --pool",
+                spec.attach_timeout
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// A missing pool file is worth waiting for (the head creates it); other errors are not.
-fn is_transient(path: &Path) -> bool {
-    !path.exists()
+    let region =
+        hugepages::SharedRegion::open(&spec.path, &options).map_err(|e| fail(e.to_string()))?;
+    let mem = crate::region::pool_memory(region, spec.mode);
+    loop {
+        match Pool::attach(mem.clone()) {
+            Ok(pool) => return Ok(pool),
+            Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 })
+                if started.elapsed() < spec.attach_timeout =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 }) => {
+                return Err(fail(format!(
+                    "not formatted after {:?}: start the head broker with --format",
+                    spec.attach_timeout
+                )));
+            }
+            Err(other) => return Err(fail(other.to_string())),
+        }
+    }
 }
