@@ -51,9 +51,9 @@ addresses() {
 
 pool_path() {
     if mount | grep -q " /dev/hugepages type hugetlbfs"; then
-        echo /dev/hugepages/embarcadero-cluster
+        echo "/dev/hugepages/embarcadero-cluster-$base_port"
     else
-        echo /dev/shm/embarcadero-cluster
+        echo "/dev/shm/embarcadero-cluster-$base_port"
     fi
 }
 
