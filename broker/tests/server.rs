@@ -56,6 +56,7 @@ fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> Cluster {
                     ..SequencerConfig::default()
                 },
                 metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+                net: broker::server::NetBackend::Kernel,
             };
             start(pool, options).unwrap()
         })

@@ -42,6 +42,7 @@ impl Cluster {
                     idle: IdleStrategy::Sleep,
                     sequencer: SequencerConfig::default(),
                     metrics_listen: None,
+                    net: broker::server::NetBackend::Kernel,
                 };
                 start(Pool::attach(region.memory(mode)).expect("attach"), options)
                     .expect("start a broker")
