@@ -120,7 +120,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         match self.steering.counters() {
             Ok(c) => log::info!(
-                "XDP program on {}: redirected {}, passed {}, no_socket {}, malformed {}",
+                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}",
                 self.steering.ifindex(),
                 c.redirected,
                 c.passed,
