@@ -33,7 +33,7 @@
 # Debian packages that building xdp-prog (clang for the BPF program; a C toolchain, make,
 # pkg-config, libelf and zlib headers for libbpf-sys's vendored libbpf; kernel UAPI headers)
 # and running this lab and its tests (ip, ethtool) need.
-XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool)
+XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool nftables jq)
 
 # Installs whatever of XDP_BUILD_PACKAGES is missing (dpkg -s, then apt-get install -y).
 # Idempotent: does nothing, and needs no root, when everything is there.
