@@ -12,7 +12,7 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use super::device::Burst;
 use crate::coherence::PoolMemory;
@@ -129,7 +129,7 @@ impl<D: Device + Burst> BypassLoop<D> {
             .map_or(1, |d| d.as_nanos() as u64);
         let mut iface = Interface::new(config, &mut device, Instant::ZERO);
         iface.update_ip_addrs(|addrs| {
-            let cidr = IpCidr::new(Ipv4Address::from(endpoint.ip).into(), endpoint.prefix);
+            let cidr = IpCidr::new(endpoint.ip.into(), endpoint.prefix);
             if addrs.push(cidr).is_err() {
                 log::error!("smoltcp interface has no room for {cidr}");
             }
