@@ -4,24 +4,26 @@
 #   scripts/lab.sh up [options]        (re)create the lab, removing leftovers of a crash first
 #   scripts/lab.sh down [--prefix P]   remove everything (idempotent)
 #   scripts/lab.sh status [--prefix P] show it; exit 0 up, 3 down, 1 partly there
-#   scripts/lab.sh exec client|broker COMMAND...   run COMMAND in that namespace
+#   scripts/lab.sh exec client|brokerN COMMAND...  run COMMAND in that namespace
+#                                      (broker is broker0)
 #
 # Options of `up`:
 #   --mtu N          MTU of both veth ends (default 3500: driver-mode XDP on veth needs one
 #                    frame per 4 KiB page, i.e. at most ~3.5 KB)
-#   --brokers N      broker processes the lab is for (default 4); they all live in the broker
-#                    namespace on 10.77.0.2, ports BASE..BASE+N-1 (they share one hugetlbfs
-#                    pool, a file on the host's /dev/hugepages, visible from every namespace)
+#   --brokers N      brokers (default 4): one namespace and one veth pair each (an AF_XDP
+#                    socket owns its interface's rx queue, so brokers cannot share one);
+#                    broker i is 10.77.i.2, port BASE+i; they share one hugetlbfs pool, a
+#                    file on the host's /dev/hugepages, visible from every namespace
 #   --base-port P    first broker port (default 9100, as scripts/cluster.sh)
 #   --gso on|off     GSO/TSO/GRO of the client end (default on); generic-mode XDP on the
 #                    broker end needs off, else 64 KB frames are dropped
 #   --prefix P       name prefix (default emb); tests use their own so they never touch a
 #                    running lab
 #
-# Topology (see docs/xdp.md):
-#   namespace P-client                  namespace P-broker
-#   P-c0 10.77.0.1/24  <==== veth ====>  P-b0 10.77.0.2/24   (1 rx and 1 tx queue each)
-#   lo up in both; IPv6 off (the lab is IPv4 only, and quiet).
+# Topology (see docs/xdp.md), for i in 0..N-1:
+#   namespace P-client                  namespace P-broker<i>
+#   P-c<i> 10.77.<i>.1/24 <== veth ==>  P-b<i> 10.77.<i>.2/24   (1 rx and 1 tx queue each)
+#   lo up everywhere; IPv6 off (the lab is IPv4 only, and quiet).
 # `up` writes the lab's settings to /run/embarcadero-lab/P.env (source it for BROKERS=...).
 #
 # Sourced (`. scripts/lab.sh`), this file only defines functions, among them
@@ -31,7 +33,7 @@
 # Debian packages that building xdp-prog (clang for the BPF program; a C toolchain, make,
 # pkg-config, libelf and zlib headers for libbpf-sys's vendored libbpf; kernel UAPI headers)
 # and running this lab and its tests (ip, ethtool) need.
-XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool)
+XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool nftables jq)
 
 # Installs whatever of XDP_BUILD_PACKAGES is missing (dpkg -s, then apt-get install -y).
 # Idempotent: does nothing, and needs no root, when everything is there.
@@ -42,7 +44,7 @@ ensure_xdp_build_deps() {
     ensure_packages "${XDP_BUILD_PACKAGES[@]}"
 }
 
-lab_usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+lab_usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 lab_die() { echo "lab: $*" >&2; exit 2; }
 
 # Prints a command, then runs it.
@@ -53,32 +55,37 @@ lab_run() {
 
 lab_names() {
     client_ns=$prefix-client
-    broker_ns=$prefix-broker
-    client_if=$prefix-c0
-    broker_if=$prefix-b0
     state=/run/embarcadero-lab/$prefix.env
 }
 
 lab_ns_exists() { ip netns list | awk -v name="$1" '$1 == name {found = 1} END {exit !found}'; }
 
+# Broker namespaces of this prefix that exist now (whatever N they were created with).
+lab_broker_namespaces() { ip netns list | awk -v re="^$prefix-broker[0-9]+\$" '$1 ~ re {print $1}' | sort -V; }
+
 # Removes the lab's namespaces, links left in the root namespace, XDP programs on the
-# broker end, and the state file. Quiet about what is not there.
+# broker ends, and the state file. Quiet about what is not there.
 lab_remove() {
-    local details
-    if lab_ns_exists "$broker_ns" && details=$(ip -n "$broker_ns" -d link show "$broker_if" 2>/dev/null); then
-        if grep -q 'prog/xdp' <<<"$details"; then
-            lab_run ip -n "$broker_ns" link set dev "$broker_if" xdpgeneric off
-            lab_run ip -n "$broker_ns" link set dev "$broker_if" xdpdrv off
+    local ns i details link
+    for ns in $(lab_broker_namespaces); do
+        i=${ns#"$prefix-broker"}
+        if details=$(ip -n "$ns" -d link show "$prefix-b$i" 2>/dev/null) && grep -q 'prog/xdp' <<<"$details"; then
+            lab_run ip -n "$ns" link set dev "$prefix-b$i" xdpgeneric off
+            lab_run ip -n "$ns" link set dev "$prefix-b$i" xdpdrv off
         fi
-    fi
-    local ns link
-    for ns in "$client_ns" "$broker_ns"; do
-        if lab_ns_exists "$ns"; then lab_run ip netns del "$ns"; fi
+        lab_run ip netns del "$ns"
     done
-    for link in "$client_if" "$broker_if"; do
-        if ip link show "$link" >/dev/null 2>&1; then lab_run ip link del "$link"; fi
+    if lab_ns_exists "$client_ns"; then lab_run ip netns del "$client_ns"; fi
+    for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^$prefix-[bc][0-9]+\$"); do
+        lab_run ip link del "$link"
     done
     if [[ -f $state ]]; then lab_run rm -f "$state"; fi
+}
+
+lab_quiet_ns() {
+    lab_run ip netns add "$1"
+    lab_run ip netns exec "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    lab_run ip -n "$1" link set lo up
 }
 
 lab_up() {
@@ -90,85 +97,87 @@ lab_up() {
     echo "== lab $prefix: removing leftovers"
     lab_remove
     echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers)"
-    local ns
-    for ns in "$client_ns" "$broker_ns"; do
-        lab_run ip netns add "$ns"
-        lab_run ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
-        lab_run ip -n "$ns" link set lo up
+    lab_quiet_ns "$client_ns"
+    local i ns list=()
+    for ((i = 0; i < brokers; i++)); do
+        ns=$prefix-broker$i
+        lab_quiet_ns "$ns"
+        lab_run ip -n "$ns" link add "$prefix-b$i" numrxqueues 1 numtxqueues 1 mtu "$mtu" type veth \
+            peer name "$prefix-c$i" numrxqueues 1 numtxqueues 1 mtu "$mtu" netns "$client_ns"
+        lab_run ip -n "$client_ns" addr add "10.77.$i.1/24" dev "$prefix-c$i"
+        lab_run ip -n "$ns" addr add "10.77.$i.2/24" dev "$prefix-b$i"
+        if [[ $gso == off ]]; then
+            lab_run ip netns exec "$client_ns" ethtool -K "$prefix-c$i" gso off tso off gro off
+        fi
+        lab_run ip -n "$client_ns" link set "$prefix-c$i" up
+        lab_run ip -n "$ns" link set "$prefix-b$i" up
+        list+=("10.77.$i.2:$((base_port + i))")
     done
-    lab_run ip -n "$broker_ns" link add "$broker_if" numrxqueues 1 numtxqueues 1 mtu "$mtu" type veth \
-        peer name "$client_if" numrxqueues 1 numtxqueues 1 mtu "$mtu" netns "$client_ns"
-    lab_run ip -n "$client_ns" addr add 10.77.0.1/24 dev "$client_if"
-    lab_run ip -n "$broker_ns" addr add 10.77.0.2/24 dev "$broker_if"
-    if [[ $gso == off ]]; then
-        lab_run ip netns exec "$client_ns" ethtool -K "$client_if" gso off tso off gro off
-    fi
-    lab_run ip -n "$client_ns" link set "$client_if" up
-    lab_run ip -n "$broker_ns" link set "$broker_if" up
-
-    local list=() i
-    for ((i = 0; i < brokers; i++)); do list+=("10.77.0.2:$((base_port + i))"); done
     mkdir -p "$(dirname "$state")"
     cat >"$state" <<EOF
 LAB_PREFIX=$prefix
 LAB_CLIENT_NS=$client_ns
-LAB_BROKER_NS=$broker_ns
-LAB_CLIENT_IF=$client_if
-LAB_BROKER_IF=$broker_if
-LAB_CLIENT_IP=10.77.0.1
-LAB_BROKER_IP=10.77.0.2
+LAB_BROKER_NS_PREFIX=$prefix-broker
+LAB_CLIENT_IF_PREFIX=$prefix-c
+LAB_BROKER_IF_PREFIX=$prefix-b
 LAB_MTU=$mtu
 LAB_GSO=$gso
 LAB_BROKERS=$brokers
+LAB_BASE_PORT=$base_port
 BROKERS=$(IFS=,; echo "${list[*]}")
 EOF
     echo "== lab $prefix is up; settings in $state"
     lab_status
 }
 
+# Prints one end of a veth; returns 1 when it is missing or has no address.
+lab_show_end() {
+    local ns_name=$1 link=$2 details address xdp gso_state
+    if ! details=$(ip -n "$ns_name" -d link show "$link" 2>/dev/null); then
+        echo "$ns_name: $link missing"
+        return 1
+    fi
+    address=$(ip -n "$ns_name" -br -4 addr show "$link" | awk '{print $3}')
+    xdp=none
+    if grep -q 'prog/xdp' <<<"$details"; then
+        xdp="$(grep -o 'xdp[a-z]*' <<<"$details" | head -1) $(grep -o 'prog/xdp id [0-9]*' <<<"$details")"
+    fi
+    gso_state=""
+    if command -v ethtool >/dev/null; then
+        gso_state=$(ip netns exec "$ns_name" ethtool -k "$link" 2>/dev/null |
+            awk -F': ' '/^(generic-segmentation-offload|tcp-segmentation-offload):/ {printf ", %s %s", ($1 ~ /generic/ ? "gso" : "tso"), $2}')
+    fi
+    printf '%s: %s %s, mtu %s, %s%s, rx queues %s, xdp: %s\n' "$ns_name" "$link" "${address:-no-address}" \
+        "$(grep -o 'mtu [0-9]*' <<<"$details" | head -1 | cut -d' ' -f2)" \
+        "$(grep -q 'state UP' <<<"$details" && echo up || echo down)" "$gso_state" \
+        "$(grep -o 'numrxqueues [0-9]*' <<<"$details" | cut -d' ' -f2)" "$xdp"
+    [[ -n $address ]]
+}
+
 # Prints the state of the lab; returns 0 up, 3 down, 1 partly there.
 lab_status() {
-    local have=0 ns
-    for ns in "$client_ns" "$broker_ns"; do
-        if lab_ns_exists "$ns"; then
-            have=$((have + 1))
-        else
-            echo "namespace $ns: missing"
-        fi
-    done
-    if [[ $have -eq 0 ]]; then
+    local namespaces ns i complete=1 expected=0
+    namespaces=$(lab_broker_namespaces)
+    if ! lab_ns_exists "$client_ns" && [[ -z $namespaces ]]; then
         echo "lab $prefix: down"
         return 3
     fi
-    local complete=1 side ns_name link address details xdp gso_state
-    for side in client broker; do
-        if [[ $side == client ]]; then ns_name=$client_ns link=$client_if; else ns_name=$broker_ns link=$broker_if; fi
-        lab_ns_exists "$ns_name" || { complete=0; continue; }
-        if ! details=$(ip -n "$ns_name" -d link show "$link" 2>/dev/null); then
-            echo "$ns_name: $link missing"
-            complete=0
-            continue
-        fi
-        address=$(ip -n "$ns_name" -br -4 addr show "$link" | awk '{print $3}')
-        xdp=none
-        if grep -q 'prog/xdp' <<<"$details"; then
-            xdp="$(grep -o 'xdp[a-z]*' <<<"$details" | head -1) $(grep -o 'prog/xdp id [0-9]*' <<<"$details")"
-        fi
-        gso_state=""
-        if command -v ethtool >/dev/null; then
-            gso_state=$(ip netns exec "$ns_name" ethtool -k "$link" 2>/dev/null |
-                awk -F': ' '/^(generic-segmentation-offload|tcp-segmentation-offload):/ {printf ", %s %s", ($1 ~ /generic/ ? "gso" : "tso"), $2}')
-        fi
-        printf '%s: %s %s, mtu %s, %s%s, rx queues %s, xdp: %s\n' "$ns_name" "$link" "${address:-no-address}" \
-            "$(grep -o 'mtu [0-9]*' <<<"$details" | head -1 | cut -d' ' -f2)" \
-            "$(grep -q 'state UP' <<<"$details" && echo up || echo down)" "$gso_state" \
-            "$(grep -o 'numrxqueues [0-9]*' <<<"$details" | cut -d' ' -f2)" "$xdp"
-        [[ -n $address ]] || complete=0
+    lab_ns_exists "$client_ns" || { echo "namespace $client_ns: missing"; complete=0; }
+    if [[ -f $state ]]; then
+        expected=$(grep '^LAB_BROKERS=' "$state" | cut -d= -f2)
+    else
+        complete=0
+    fi
+    for ((i = 0; i < expected; i++)); do
+        lab_ns_exists "$prefix-broker$i" || { echo "namespace $prefix-broker$i: missing"; complete=0; }
+    done
+    for ns in $namespaces; do
+        i=${ns#"$prefix-broker"}
+        lab_show_end "$ns" "$prefix-b$i" || complete=0
+        if lab_ns_exists "$client_ns"; then lab_show_end "$client_ns" "$prefix-c$i" || complete=0; fi
     done
     if [[ -f $state ]]; then
         echo "brokers: $(grep '^BROKERS=' "$state" | cut -d= -f2)"
-    else
-        complete=0
     fi
     if [[ $complete -eq 1 ]]; then
         echo "lab $prefix: up"
@@ -187,13 +196,14 @@ lab_main() {
     prefix=emb mtu=3500 brokers=4 base_port=9100 gso=on
     if [[ $action == exec ]]; then
         local side=${1:-}
-        [[ $side == client || $side == broker ]] || lab_die "exec needs client or broker, then a command"
+        [[ $side == broker ]] && side=broker0
+        [[ $side == client || $side =~ ^broker[0-9]+$ ]] || lab_die "exec needs client or brokerN (broker is broker0), then a command"
         shift
         [[ ${1:-} == --prefix ]] && { prefix=$2; shift 2; }
         [[ $# -gt 0 ]] || lab_die "exec $side needs a command"
         lab_names
         local ns=$client_ns
-        [[ $side == broker ]] && ns=$broker_ns
+        [[ $side != client ]] && ns=$prefix-$side
         lab_ns_exists "$ns" || lab_die "namespace $ns does not exist: run scripts/lab.sh up first"
         exec ip netns exec "$ns" "$@"
     fi
@@ -210,6 +220,7 @@ lab_main() {
     done
     [[ $mtu =~ ^[0-9]+$ && $mtu -ge 68 && $mtu -le 65535 ]] || lab_die "--mtu needs a number from 68 to 65535, got '$mtu'"
     [[ $brokers =~ ^[0-9]+$ && $brokers -ge 1 ]] || lab_die "--brokers needs a positive number, got '$brokers'"
+    [[ $brokers -le 250 ]] || lab_die "--brokers is at most 250 (10.77.i.0/24 per broker), got '$brokers'"
     [[ $base_port =~ ^[0-9]+$ && $base_port -ge 1 && $((base_port + brokers - 1)) -le 65535 ]] ||
         lab_die "--base-port needs a port such that base-port + brokers - 1 <= 65535, got '$base_port'"
     [[ $gso == on || $gso == off ]] || lab_die "--gso needs on or off, got '$gso'"

@@ -67,7 +67,7 @@ fn lab_up_status_exec_up_again_down_leave_nothing_behind() {
         prefix: prefix.clone(),
     };
     let p = prefix.as_str();
-    let (client_ns, broker_ns) = (format!("{p}-client"), format!("{p}-broker"));
+    let (client_ns, broker_ns) = (format!("{p}-client"), format!("{p}-broker0"));
     let (client_if, broker_if) = (format!("{p}-c0"), format!("{p}-b0"));
 
     let (code, out) = lab(&["status", "--prefix", p]);
@@ -91,7 +91,7 @@ fn lab_up_status_exec_up_again_down_leave_nothing_behind() {
     assert!(ip(&["-n", &broker_ns, "link", "show", "lo"]).contains("UP"));
     let state = std::fs::read_to_string(format!("/run/embarcadero-lab/{p}.env")).unwrap();
     assert!(
-        state.contains("BROKERS=10.77.0.2:9100,10.77.0.2:9101,10.77.0.2:9102\n"),
+        state.contains("BROKERS=10.77.0.2:9100,10.77.1.2:9101,10.77.2.2:9102\n"),
         "{state}"
     );
     let (code, out) = lab(&["status", "--prefix", p]);

@@ -9,9 +9,13 @@ use std::time::Duration;
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::sequencer::SequencerConfig;
+use broker::server::bypass::XdpOptions;
+use broker::server::bypass::device::FaultConfig;
+use broker::server::bypass::xsk::XskGeometry;
 use broker::server::state::BrokerSettings;
-use broker::server::{BrokerOptions, IdleStrategy, PoolSpec, open_pool, start};
+use broker::server::{BrokerOptions, IdleStrategy, NetBackend, PoolSpec, open_pool, start};
 use clap::Parser;
+use xdp_prog::AttachMode;
 
 /// An Embarcadero-rs broker: receives publishers' batches over TCP straight into the shared
 /// pool, acknowledges them once the sequencer has placed them in the total order, and serves
@@ -92,6 +96,74 @@ struct Args {
     /// How long a broker without --format waits for the pool to appear and be formatted.
     #[arg(long)]
     attach_timeout_ms: Option<u64>,
+    /// Network backend: kernel (TCP sockets, epoll) or xdp (XDP steering into an AF_XDP
+    /// socket, smoltcp on a pinned core; needs root, --iface, and --listen on the
+    /// interface's IPv4 address). xdp never falls back to kernel TCP.
+    #[arg(long, value_enum)]
+    net: Option<NetKind>,
+    /// Interface whose rx queue the xdp backend takes (e.g. emb-b0).
+    #[arg(long)]
+    iface: Option<String>,
+    /// Rx queues the xdp backend serves (only 1 is implemented).
+    #[arg(long)]
+    queues: Option<u32>,
+    /// Cores for the xdp poll threads, e.g. "1" or "0,1" or "0-1" (the first is used).
+    #[arg(long)]
+    cores: Option<String>,
+    /// How the xdp backend attaches its XDP program: auto (driver, else generic), driver,
+    /// or generic (the client's GSO/TSO must then be off).
+    #[arg(long, value_enum)]
+    xdp_mode: Option<XdpMode>,
+    /// smoltcp TCP sockets of the xdp backend (the most connections at a time).
+    #[arg(long)]
+    xdp_sockets: Option<usize>,
+    /// Receive and send buffer of each smoltcp socket, in bytes.
+    #[arg(long)]
+    xdp_socket_buffer_bytes: Option<usize>,
+    /// DEBUG ONLY, hidden: inject faults into the xdp backend's device, e.g.
+    /// drop=1,duplicate=1,reorder=1,corrupt=1,seed=7 (percent). Not in the config file.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    debug_inject_faults: Option<String>,
+}
+
+/// The network backend, as the CLI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum NetKind {
+    Kernel,
+    Xdp,
+}
+
+/// XDP attach modes, as the CLI names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum XdpMode {
+    Auto,
+    Driver,
+    Generic,
+}
+
+/// Parses "0,2" or "0-3" or "1".
+fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("--cores {text:?}: expected core numbers like 1, 0,1 or 0-3");
+    let mut cores = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (usize, usize) = (
+                    first.parse().map_err(|_| bad())?,
+                    last.parse().map_err(|_| bad())?,
+                );
+                if first > last {
+                    return Err(bad());
+                }
+                cores.extend(first..=last);
+            }
+            None => cores.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(cores)
 }
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -132,6 +204,14 @@ fn merge(cli: Args, file: Args) -> Args {
         idle: cli.idle.or(file.idle),
         hold_timeout_ms: cli.hold_timeout_ms.or(file.hold_timeout_ms),
         attach_timeout_ms: cli.attach_timeout_ms.or(file.attach_timeout_ms),
+        net: cli.net.or(file.net),
+        iface: cli.iface.or(file.iface),
+        queues: cli.queues.or(file.queues),
+        cores: cli.cores.or(file.cores),
+        xdp_mode: cli.xdp_mode.or(file.xdp_mode),
+        xdp_sockets: cli.xdp_sockets.or(file.xdp_sockets),
+        xdp_socket_buffer_bytes: cli.xdp_socket_buffer_bytes.or(file.xdp_socket_buffer_bytes),
+        debug_inject_faults: cli.debug_inject_faults,
     }
 }
 
@@ -178,6 +258,41 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
         mode,
         attach_timeout: Duration::from_millis(args.attach_timeout_ms.unwrap_or(10_000)),
     };
+    let net = match args.net.unwrap_or(NetKind::Kernel) {
+        NetKind::Kernel => {
+            if args.iface.is_some() || args.debug_inject_faults.is_some() {
+                return Err("--iface and --debug-inject-faults need --net xdp".into());
+            }
+            NetBackend::Kernel
+        }
+        NetKind::Xdp => NetBackend::Xdp(XdpOptions {
+            iface: args
+                .iface
+                .ok_or("--net xdp needs --iface (the interface to take, e.g. emb-b0)")?,
+            queues: args.queues.unwrap_or(1),
+            cores: args
+                .cores
+                .as_deref()
+                .map(parse_cores)
+                .transpose()?
+                .unwrap_or_default(),
+            mode: match args.xdp_mode.unwrap_or(XdpMode::Auto) {
+                XdpMode::Auto => AttachMode::Auto,
+                XdpMode::Driver => AttachMode::Driver,
+                XdpMode::Generic => AttachMode::Generic,
+            },
+            sockets: args.xdp_sockets.unwrap_or(32),
+            socket_buffer_bytes: args.xdp_socket_buffer_bytes.unwrap_or(1 << 20),
+            geometry: XskGeometry::default(),
+            allow_small_pages: args.allow_shm_fallback,
+            faults: args
+                .debug_inject_faults
+                .as_deref()
+                .map(str::parse::<FaultConfig>)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+        }),
+    };
     let defaults = SequencerConfig::default();
     let options = BrokerOptions {
         settings: BrokerSettings {
@@ -197,6 +312,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
             ..defaults
         },
         metrics_listen: args.metrics,
+        net,
     };
     Ok((spec, options))
 }
@@ -268,6 +384,54 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("12X").is_err());
         assert!(parse_bytes("99999999999G").is_err());
+    }
+
+    #[test]
+    fn core_lists_parse() {
+        assert_eq!(parse_cores("1"), Ok(vec![1]));
+        assert_eq!(parse_cores("0,2"), Ok(vec![0, 2]));
+        assert_eq!(parse_cores("0-3"), Ok(vec![0, 1, 2, 3]));
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("x").is_err());
+    }
+
+    #[test]
+    fn xdp_flags_are_checked() {
+        let base = [
+            "broker",
+            "--id",
+            "0",
+            "--pool",
+            "/p",
+            "--listen",
+            "10.0.0.2:1",
+        ];
+        let with = |extra: &[&str]| configure(Args::parse_from(base.iter().chain(extra)));
+        let error = with(&["--net", "xdp"]).unwrap_err();
+        assert!(error.contains("needs --iface"), "{error}");
+        let error = with(&["--iface", "eth0"]).unwrap_err();
+        assert!(error.contains("need --net xdp"), "{error}");
+        let error = with(&[
+            "--net",
+            "xdp",
+            "--iface",
+            "x",
+            "--debug-inject-faults",
+            "melt=1",
+        ])
+        .unwrap_err();
+        assert!(error.contains("unknown fault"), "{error}");
+        let (_, options) = with(&["--net", "xdp", "--iface", "x", "--cores", "1"]).unwrap();
+        match options.net {
+            NetBackend::Xdp(xdp) => {
+                assert_eq!(
+                    (xdp.iface.as_str(), xdp.cores, xdp.queues),
+                    ("x", vec![1], 1)
+                );
+                assert_eq!(xdp.faults, None);
+            }
+            NetBackend::Kernel => panic!("--net xdp gave the kernel backend"),
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::layout::Geometry;
 use crate::pool::Pool;
 use crate::sequencer::SequencerConfig;
 use crate::server::state::BrokerSettings;
-use crate::server::{BrokerOptions, IdleStrategy, RunningBroker, StartError, start};
+use crate::server::{BrokerOptions, IdleStrategy, NetBackend, RunningBroker, StartError, start};
 
 /// N running brokers and the pool they share.
 #[derive(Debug)]
@@ -50,6 +50,7 @@ impl InProcessCluster {
                 idle: IdleStrategy::Sleep,
                 sequencer: SequencerConfig::default(),
                 metrics_listen: None,
+                net: NetBackend::Kernel,
             };
             configure(&mut options);
             let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;

@@ -2,6 +2,7 @@
 //! broker, and the metrics endpoint. The same [`start`] serves the broker binary and the
 //! in-process clusters of the tests.
 
+pub mod bypass;
 pub mod connection;
 pub mod in_process;
 pub mod kernel;
@@ -103,6 +104,18 @@ pub struct BrokerOptions {
     pub sequencer: SequencerConfig,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Which network backend serves clients.
+    pub net: NetBackend,
+}
+
+/// The network backend of a broker.
+#[derive(Debug, Clone, Default)]
+pub enum NetBackend {
+    /// Kernel TCP (epoll).
+    #[default]
+    Kernel,
+    /// XDP + AF_XDP + smoltcp on a pinned core. Never falls back to kernel TCP.
+    Xdp(bypass::XdpOptions),
 }
 
 /// Why a broker could not start.
@@ -130,6 +143,9 @@ pub enum StartError {
     /// The sequencer could not start.
     #[error("sequencer: {0}")]
     Sequencer(PoolError),
+    /// The kernel-bypass backend could not start (no fallback to kernel TCP).
+    #[error("--net xdp: {0}")]
+    Bypass(#[from] bypass::BypassError),
 }
 
 /// A broker running on its threads; [`RunningBroker::stop`] ends them.
@@ -140,6 +156,8 @@ pub struct RunningBroker {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
+    /// The XDP program of the bypass backend; dropped (detached) after the threads end.
+    xdp: Option<bypass::Attached>,
 }
 
 impl RunningBroker {
@@ -158,6 +176,11 @@ impl RunningBroker {
         &self.metrics
     }
 
+    /// The XDP program's counters (bypass backend only).
+    pub fn xdp_counters(&self) -> Option<Result<xdp_prog::Counters, xdp_prog::XdpError>> {
+        self.xdp.as_ref().map(bypass::Attached::counters)
+    }
+
     /// True while every thread runs.
     pub fn is_running(&self) -> bool {
         self.threads.iter().all(|t| !t.is_finished())
@@ -172,6 +195,7 @@ impl RunningBroker {
                 log::error!("a broker thread panicked");
             }
         }
+        self.xdp = None;
     }
 }
 
@@ -181,6 +205,7 @@ impl Drop for RunningBroker {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.xdp = None;
     }
 }
 
@@ -195,15 +220,22 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         path: String::new(),
         reason: e.to_string(),
     })?;
-    let listener =
-        mio::net::TcpListener::bind(options.listen).map_err(|source| StartError::Listen {
+    let listener = match options.net {
+        NetBackend::Kernel => Some(mio::net::TcpListener::bind(options.listen).map_err(
+            |source| StartError::Listen {
+                addr: options.listen,
+                source,
+            },
+        )?),
+        NetBackend::Xdp(_) => None,
+    };
+    let local_addr = match &listener {
+        Some(listener) => listener.local_addr().map_err(|source| StartError::Listen {
             addr: options.listen,
             source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
-        addr: options.listen,
-        source,
-    })?;
+        })?,
+        None => options.listen,
+    };
     let metrics_addr = match options.metrics_listen {
         Some(addr) => {
             let listener = crate::metrics::bind(addr).map_err(StartError::Metrics)?;
@@ -225,14 +257,39 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
             run_sequencer(sequencer, idle, &metrics, &stop)
         }));
     }
-    let loop_state = kernel::KernelLoop::new(
-        pool,
-        listener,
-        &options,
-        Arc::clone(&metrics),
-        Arc::clone(&stop),
-    );
-    threads.push(spawn("network", move || loop_state.run()));
+    let mut xdp = None;
+    if let NetBackend::Xdp(xdp_options) = &options.net {
+        let started = bypass::spawn(
+            pool,
+            &options,
+            xdp_options,
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+        );
+        match started {
+            Ok((thread, attached)) => {
+                threads.push(thread);
+                xdp = Some(attached);
+            }
+            Err(e) => {
+                // Stop the threads started so far before reporting.
+                stop.store(true, Ordering::Relaxed);
+                for thread in threads {
+                    let _ = thread.join();
+                }
+                return Err(e.into());
+            }
+        }
+    } else if let Some(listener) = listener {
+        let loop_state = kernel::KernelLoop::new(
+            pool,
+            listener,
+            &options,
+            Arc::clone(&metrics),
+            Arc::clone(&stop),
+        );
+        threads.push(spawn("network", move || loop_state.run()));
+    }
     log::info!(
         "broker {broker_id} listening on {local_addr}{}{}",
         if options.settings.head {
@@ -250,6 +307,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         local_addr,
         metrics_addr,
         metrics,
+        xdp,
     })
 }
 

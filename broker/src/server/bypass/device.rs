@@ -1,0 +1,646 @@
+//! smoltcp devices: [`XskDevice`] over an AF_XDP socket, and [`FaultyDevice`], a wrapper
+//! that drops, duplicates, reorders and corrupts frames for the tests.
+
+use std::cell::{Cell, RefCell};
+use std::str::FromStr;
+
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::time::Instant;
+
+use super::xsk::{FRAME_BYTES, FramePool, RxFrame, Umem, Xsk, XskStats};
+
+/// Bytes of an Ethernet header (smoltcp's MTU for Ethernet includes it).
+const ETHERNET_HEADER: usize = 14;
+
+/// A device that works in bursts: the poll loop calls [`Burst::begin`] before polling the
+/// interface and [`Burst::end`] after, once per iteration.
+pub trait Burst {
+    /// Reaps tx completions, refills the fill ring, and opens a receive budget.
+    fn begin(&mut self);
+    /// Hands received ring slots back, refills, and flushes (kicks) the frames queued for
+    /// transmission.
+    fn end(&mut self);
+    /// The socket's counters.
+    fn stats(&self) -> XskStats;
+}
+
+/// A smoltcp device over an AF_XDP socket. Received frames are read in place in the UMEM
+/// (the rx token borrows the frame and returns it to the pool after smoltcp consumed it);
+/// transmitted frames are written in place into a free UMEM frame posted to the tx ring.
+#[derive(Debug)]
+pub struct XskDevice {
+    // Declared before `umem` so the socket closes before its UMEM is freed.
+    xsk: RefCell<Xsk>,
+    umem: Umem,
+    pool: RefCell<FramePool>,
+    /// Where a frame goes when no UMEM frame or tx slot is free (it is then dropped).
+    scratch: RefCell<Vec<u8>>,
+    tx_dropped: Cell<u64>,
+    mtu: usize,
+    rx_burst: u32,
+    rx_budget: u32,
+    tx_reserve: usize,
+}
+
+impl XskDevice {
+    /// A device over `xsk` for an interface of IP MTU `mtu`, taking at most `rx_burst` frames
+    /// per poll.
+    pub fn new(xsk: Xsk, umem: Umem, pool: FramePool, mtu: usize, rx_burst: u32) -> XskDevice {
+        let tx_reserve = pool.len() / 4;
+        let mut device = XskDevice {
+            xsk: RefCell::new(xsk),
+            umem,
+            pool: RefCell::new(pool),
+            scratch: RefCell::new(vec![0; FRAME_BYTES]),
+            tx_dropped: Cell::new(0),
+            mtu,
+            rx_burst,
+            rx_budget: 0,
+            tx_reserve,
+        };
+        let (xsk, pool) = (device.xsk.get_mut(), device.pool.get_mut());
+        xsk.refill(pool, tx_reserve);
+        device
+    }
+
+    /// Frames smoltcp sent while no UMEM frame or tx slot was free (dropped; TCP resends).
+    pub fn tx_dropped(&self) -> u64 {
+        self.tx_dropped.get()
+    }
+
+    fn tx_token(&self) -> XskTxToken<'_> {
+        XskTxToken {
+            xsk: &self.xsk,
+            umem: &self.umem,
+            pool: &self.pool,
+            scratch: &self.scratch,
+            dropped: &self.tx_dropped,
+        }
+    }
+}
+
+impl Burst for XskDevice {
+    fn begin(&mut self) {
+        let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
+        xsk.reap_completions(pool);
+        xsk.refill(pool, self.tx_reserve);
+        self.rx_budget = self.rx_burst;
+    }
+
+    fn end(&mut self) {
+        let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
+        xsk.rx_release();
+        xsk.refill(pool, self.tx_reserve);
+        xsk.tx_flush();
+        xsk.reap_completions(pool);
+    }
+
+    fn stats(&self) -> XskStats {
+        self.xsk.borrow().stats()
+    }
+}
+
+impl Device for XskDevice {
+    type RxToken<'a> = XskRxToken<'a>;
+    type TxToken<'a> = XskTxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(XskRxToken<'_>, XskTxToken<'_>)> {
+        if self.rx_budget == 0 {
+            return None;
+        }
+        let xsk = self.xsk.get_mut();
+        if xsk.rx_available() == 0 {
+            return None;
+        }
+        let frame = xsk.rx_take();
+        self.rx_budget -= 1;
+        let rx = XskRxToken {
+            frame,
+            umem: &self.umem,
+            pool: &self.pool,
+        };
+        Some((rx, self.tx_token()))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<XskTxToken<'_>> {
+        if self.pool.get_mut().is_empty() || !self.xsk.get_mut().tx_has_room() {
+            return None;
+        }
+        Some(self.tx_token())
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + ETHERNET_HEADER;
+        caps.max_burst_size = Some(self.rx_burst as usize);
+        // veth hands frames over with CHECKSUM_PARTIAL: the TCP checksum of a received frame
+        // is not filled in, so it cannot be verified. Sent frames get full checksums.
+        caps.checksum.ipv4 = Checksum::Both;
+        caps.checksum.tcp = Checksum::Tx;
+        caps.checksum.udp = Checksum::Tx;
+        caps.checksum.icmpv4 = Checksum::Both;
+        caps
+    }
+}
+
+/// A received frame, read in place; back to the pool after smoltcp consumed it.
+#[derive(Debug)]
+pub struct XskRxToken<'a> {
+    frame: RxFrame,
+    umem: &'a Umem,
+    pool: &'a RefCell<FramePool>,
+}
+
+impl RxToken for XskRxToken<'_> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        let RxFrame { frame, offset, len } = self.frame;
+        match self.umem.frame(&frame, offset, len) {
+            Some(bytes) => {
+                let result = f(bytes);
+                self.pool.borrow_mut().give(frame);
+                result
+            }
+            // A descriptor outside its frame: the kernel misbehaved; keep the frame out of
+            // circulation and give smoltcp nothing to parse.
+            None => f(&[]),
+        }
+    }
+}
+
+/// A frame to send, written in place into a free UMEM frame and posted to the tx ring.
+#[derive(Debug)]
+pub struct XskTxToken<'a> {
+    xsk: &'a RefCell<Xsk>,
+    umem: &'a Umem,
+    pool: &'a RefCell<FramePool>,
+    scratch: &'a RefCell<Vec<u8>>,
+    dropped: &'a Cell<u64>,
+}
+
+impl TxToken for XskTxToken<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let frame = if len <= FRAME_BYTES && self.xsk.borrow_mut().tx_has_room() {
+            self.pool.borrow_mut().take()
+        } else {
+            None
+        };
+        if let Some(mut frame) = frame {
+            let result = match self.umem.frame_mut(&mut frame, len) {
+                Some(bytes) => f(bytes),
+                None => return self.drop_frame(len, f),
+            };
+            self.xsk.borrow_mut().tx_post(frame, len);
+            return result;
+        }
+        self.drop_frame(len, f)
+    }
+}
+
+impl XskTxToken<'_> {
+    fn drop_frame<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        self.dropped.set(self.dropped.get() + 1);
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        f(&mut scratch[..len])
+    }
+}
+
+/// Fault rates of a [`FaultyDevice`], each in percent of frames, and the RNG seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FaultConfig {
+    /// Received and sent frames dropped.
+    pub drop: u8,
+    /// Received frames delivered twice.
+    pub duplicate: u8,
+    /// Received frames held back and delivered after the next one.
+    pub reorder: u8,
+    /// Received and sent frames with one bit of the IPv4 header flipped (the IPv4 checksum
+    /// catches it: TCP checksums of received frames cannot be verified on veth, see
+    /// docs/xdp.md, so payload corruption would not be caught by anybody).
+    pub corrupt: u8,
+    /// Seed of the deterministic RNG.
+    pub seed: u64,
+}
+
+/// Why a fault specification was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "bad fault specification {spec:?}: {reason} (expected e.g. drop=1,duplicate=1,reorder=1,corrupt=1,seed=7; rates in percent, 0 to 100)"
+)]
+pub struct FaultSpecError {
+    spec: String,
+    reason: String,
+}
+
+impl FromStr for FaultConfig {
+    type Err = FaultSpecError;
+
+    fn from_str(spec: &str) -> Result<FaultConfig, FaultSpecError> {
+        let fail = |reason: String| FaultSpecError {
+            spec: spec.to_owned(),
+            reason,
+        };
+        let mut config = FaultConfig::default();
+        for item in spec.split(',').filter(|item| !item.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| fail(format!("{item:?} has no '='")))?;
+            if key == "seed" {
+                config.seed = value
+                    .parse()
+                    .map_err(|_| fail(format!("seed {value:?} is not a number")))?;
+                continue;
+            }
+            let rate: u8 = value
+                .parse()
+                .ok()
+                .filter(|rate| *rate <= 100)
+                .ok_or_else(|| fail(format!("{key} rate {value:?} is not 0 to 100")))?;
+            match key {
+                "drop" => config.drop = rate,
+                "duplicate" | "dup" => config.duplicate = rate,
+                "reorder" => config.reorder = rate,
+                "corrupt" => config.corrupt = rate,
+                other => return Err(fail(format!("unknown fault {other:?}"))),
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Frames held by a [`FaultyDevice`]: what it did, for the tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Frames dropped (both directions).
+    pub dropped: u64,
+    /// Frames delivered twice.
+    pub duplicated: u64,
+    /// Frames delivered after their successor.
+    pub reordered: u64,
+    /// Frames corrupted (both directions).
+    pub corrupted: u64,
+}
+
+/// What the held frame is waiting for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Nothing held.
+    Empty,
+    /// Deliver it on the next receive (a duplicate).
+    Next,
+    /// Deliver it after one more frame (reordering).
+    AfterNext,
+}
+
+/// A device wrapper that injects faults with a seeded, deterministic RNG. Only reachable
+/// through the broker's hidden `--debug-inject-faults` flag (see docs/xdp.md).
+#[derive(Debug)]
+pub struct FaultyDevice<D> {
+    inner: D,
+    config: FaultConfig,
+    rng: u64,
+    held: Vec<u8>,
+    held_state: Held,
+    scratch: Vec<u8>,
+    counts: Cell<FaultCounts>,
+    rng_tx: Cell<u64>,
+}
+
+impl<D> FaultyDevice<D> {
+    /// Wraps `inner`.
+    pub fn new(inner: D, config: FaultConfig) -> FaultyDevice<D> {
+        FaultyDevice {
+            inner,
+            config,
+            rng: config.seed | 1,
+            held: Vec::with_capacity(FRAME_BYTES),
+            held_state: Held::Empty,
+            scratch: Vec::with_capacity(FRAME_BYTES),
+            counts: Cell::new(FaultCounts::default()),
+            rng_tx: Cell::new(config.seed.rotate_left(17) | 1),
+        }
+    }
+
+    /// What was done so far.
+    pub fn counts(&self) -> FaultCounts {
+        self.counts.get()
+    }
+}
+
+/// xorshift64*: a percentage roll in 0..100.
+fn roll(state: &mut u64) -> u8 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32).wrapping_rem(100) as u8
+}
+
+/// Flips one bit of the IPv4 header of an Ethernet frame (or of the frame's last byte when
+/// it is too short to have one).
+fn corrupt(frame: &mut [u8], bit: u8) {
+    const IPV4: std::ops::Range<usize> = ETHERNET_HEADER..ETHERNET_HEADER + 20;
+    let index = if frame.len() >= IPV4.end {
+        IPV4.start + usize::from(bit) % IPV4.len()
+    } else {
+        frame.len().wrapping_sub(1)
+    };
+    if let Some(byte) = frame.get_mut(index) {
+        *byte ^= 1 << (bit % 8);
+    }
+}
+
+fn copy_into(buffer: &mut Vec<u8>, frame: &[u8]) {
+    buffer.clear();
+    buffer.extend_from_slice(frame);
+}
+
+impl<D: Burst> Burst for FaultyDevice<D> {
+    fn begin(&mut self) {
+        self.inner.begin();
+    }
+
+    fn end(&mut self) {
+        self.inner.end();
+    }
+
+    fn stats(&self) -> XskStats {
+        self.inner.stats()
+    }
+}
+
+impl<D: Device> Device for FaultyDevice<D> {
+    type RxToken<'a>
+        = FaultyRxToken<'a, D>
+    where
+        D: 'a;
+    type TxToken<'a>
+        = FaultyTxToken<'a, D>
+    where
+        D: 'a;
+
+    fn receive(&mut self, timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        if self.held_state == Held::Next {
+            self.held_state = Held::Empty;
+            let tx = self.inner.transmit(timestamp)?;
+            return Some((
+                FaultyRxToken::Copy(&self.held),
+                FaultyTxToken::wrap(tx, &self.config, &self.rng_tx, &self.counts),
+            ));
+        }
+        let (rx, tx) = match self.inner.receive(timestamp) {
+            Some(tokens) => tokens,
+            None => {
+                // Nothing came after a held frame: deliver it on the next receive rather
+                // than never.
+                if self.held_state == Held::AfterNext {
+                    self.held_state = Held::Next;
+                }
+                return None;
+            }
+        };
+        if self.held_state == Held::AfterNext {
+            self.held_state = Held::Next;
+            return Some((
+                FaultyRxToken::Inner(rx),
+                FaultyTxToken::wrap(tx, &self.config, &self.rng_tx, &self.counts),
+            ));
+        }
+        let config = self.config;
+        let mut counts = self.counts.get();
+        let token = if roll(&mut self.rng) < config.drop {
+            rx.consume(|_| ());
+            counts.dropped += 1;
+            self.counts.set(counts);
+            return None;
+        } else if roll(&mut self.rng) < config.duplicate {
+            rx.consume(|frame| copy_into(&mut self.held, frame));
+            self.held_state = Held::Next;
+            counts.duplicated += 1;
+            FaultyRxToken::Copy(&self.held)
+        } else if roll(&mut self.rng) < config.reorder {
+            rx.consume(|frame| copy_into(&mut self.held, frame));
+            self.held_state = Held::AfterNext;
+            counts.reordered += 1;
+            self.counts.set(counts);
+            return None;
+        } else if roll(&mut self.rng) < config.corrupt {
+            let bit = roll(&mut self.rng);
+            rx.consume(|frame| copy_into(&mut self.scratch, frame));
+            corrupt(&mut self.scratch, bit);
+            counts.corrupted += 1;
+            FaultyRxToken::Copy(&self.scratch)
+        } else {
+            FaultyRxToken::Inner(rx)
+        };
+        self.counts.set(counts);
+        Some((
+            token,
+            FaultyTxToken::wrap(tx, &self.config, &self.rng_tx, &self.counts),
+        ))
+    }
+
+    fn transmit(&mut self, timestamp: Instant) -> Option<Self::TxToken<'_>> {
+        let tx = self.inner.transmit(timestamp)?;
+        Some(FaultyTxToken::wrap(
+            tx,
+            &self.config,
+            &self.rng_tx,
+            &self.counts,
+        ))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        self.inner.capabilities()
+    }
+}
+
+/// A received frame of a [`FaultyDevice`]: the inner device's, or a copy it made.
+#[derive(Debug)]
+pub enum FaultyRxToken<'a, D: Device + 'a> {
+    /// Passed through untouched.
+    Inner(D::RxToken<'a>),
+    /// A duplicated, reordered or corrupted copy.
+    Copy(&'a [u8]),
+}
+
+impl<'a, D: Device + 'a> RxToken for FaultyRxToken<'a, D> {
+    fn consume<R, F>(self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        match self {
+            FaultyRxToken::Inner(token) => token.consume(f),
+            FaultyRxToken::Copy(frame) => f(frame),
+        }
+    }
+}
+
+/// A frame to send through a [`FaultyDevice`]: maybe dropped, maybe corrupted.
+#[derive(Debug)]
+pub struct FaultyTxToken<'a, D: Device + 'a> {
+    inner: D::TxToken<'a>,
+    config: &'a FaultConfig,
+    rng: &'a Cell<u64>,
+    counts: &'a Cell<FaultCounts>,
+}
+
+impl<'a, D: Device + 'a> FaultyTxToken<'a, D> {
+    fn wrap(
+        inner: D::TxToken<'a>,
+        config: &'a FaultConfig,
+        rng: &'a Cell<u64>,
+        counts: &'a Cell<FaultCounts>,
+    ) -> FaultyTxToken<'a, D> {
+        FaultyTxToken {
+            inner,
+            config,
+            rng,
+            counts,
+        }
+    }
+}
+
+impl<'a, D: Device + 'a> TxToken for FaultyTxToken<'a, D> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let mut state = self.rng.get();
+        let (drop, corrupt_it, bit) = (
+            roll(&mut state) < self.config.drop,
+            roll(&mut state) < self.config.corrupt,
+            roll(&mut state),
+        );
+        self.rng.set(state);
+        let mut counts = self.counts.get();
+        if drop {
+            counts.dropped += 1;
+        } else if corrupt_it {
+            counts.corrupted += 1;
+        }
+        self.counts.set(counts);
+        self.inner.consume(len, |frame| {
+            let result = f(frame);
+            if drop {
+                // An invalid Ethernet frame (zero destination and type): nobody accepts it.
+                frame.fill(0);
+            } else if corrupt_it {
+                corrupt(frame, bit);
+            }
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::{Loopback, Medium};
+
+    #[test]
+    fn fault_specs_parse_and_refuse_nonsense() {
+        let config: FaultConfig = "drop=1,dup=2,reorder=3,corrupt=4,seed=9".parse().unwrap();
+        assert_eq!(
+            config,
+            FaultConfig {
+                drop: 1,
+                duplicate: 2,
+                reorder: 3,
+                corrupt: 4,
+                seed: 9
+            }
+        );
+        assert!("drop=101".parse::<FaultConfig>().is_err());
+        assert!("melt=1".parse::<FaultConfig>().is_err());
+        assert!("drop".parse::<FaultConfig>().is_err());
+    }
+
+    #[test]
+    fn the_rng_is_deterministic_and_roughly_uniform() {
+        let (mut a, mut b) = (7u64, 7u64);
+        let rolls: Vec<u8> = (0..10_000).map(|_| roll(&mut a)).collect();
+        assert!(rolls.iter().all(|r| *r < 100));
+        assert_eq!(rolls, (0..10_000).map(|_| roll(&mut b)).collect::<Vec<_>>());
+        let below_10 = rolls.iter().filter(|r| **r < 10).count();
+        assert!((800..1200).contains(&below_10), "{below_10}");
+    }
+
+    #[test]
+    fn corruption_flips_one_bit_of_the_ipv4_header() {
+        let mut frame = [0u8; 60];
+        corrupt(&mut frame, 42);
+        let flipped: Vec<usize> = (0..60).filter(|i| frame[*i] != 0).collect();
+        assert_eq!(flipped.len(), 1);
+        assert!((14..34).contains(&flipped[0]));
+        assert_eq!(frame[flipped[0]].count_ones(), 1);
+    }
+
+    fn send(device: &mut impl Device, byte: u8) {
+        let token = device.transmit(Instant::ZERO).unwrap();
+        token.consume(60, |frame| frame.fill(byte));
+    }
+
+    fn receive_all(device: &mut impl Device) -> Vec<u8> {
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            if let Some((rx, _tx)) = device.receive(Instant::ZERO) {
+                rx.consume(|frame| got.push(frame[0]));
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn duplicates_and_reordering_deliver_every_frame() {
+        let config = FaultConfig {
+            duplicate: 30,
+            reorder: 30,
+            seed: 3,
+            ..FaultConfig::default()
+        };
+        let mut device = FaultyDevice::new(Loopback::new(Medium::Ethernet), config);
+        for byte in 1..=50 {
+            send(&mut device.inner, byte);
+        }
+        let got = receive_all(&mut device);
+        let counts = device.counts();
+        assert!(counts.duplicated > 0 && counts.reordered > 0, "{counts:?}");
+        assert_eq!(got.len() as u64, 50 + counts.duplicated);
+        let mut unique = got.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique, (1..=50).collect::<Vec<u8>>());
+        assert_ne!(got, unique, "some frames are out of order");
+    }
+
+    #[test]
+    fn drops_lose_frames_in_both_directions() {
+        let config = FaultConfig {
+            drop: 50,
+            seed: 5,
+            ..FaultConfig::default()
+        };
+        let mut device = FaultyDevice::new(Loopback::new(Medium::Ethernet), config);
+        for byte in 1..=40 {
+            send(&mut device, byte);
+        }
+        let got = receive_all(&mut device);
+        let zeroed = got.iter().filter(|b| **b == 0).count() as u64;
+        let counts = device.counts();
+        assert!(counts.dropped > 0);
+        assert!(zeroed > 0, "dropped tx frames are blanked");
+        assert!((got.len() as u64) < 40);
+    }
+}

@@ -1,0 +1,292 @@
+//! The kernel-bypass backend: an XDP program steers the broker's TCP port (and ARP for its
+//! address) into an AF_XDP socket ([`xsk`]), a smoltcp device runs over it ([`device`]), and
+//! a pinned poll loop ([`poll_loop`]) drives the same protocol state machine as the kernel
+//! backend. See docs/xdp.md.
+
+pub mod device;
+pub mod poll_loop;
+pub mod xsk;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::thread::JoinHandle;
+
+use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
+
+use crate::coherence::PoolMemory;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::server::BrokerOptions;
+use device::{Burst, FaultConfig, FaultyDevice, XskDevice};
+use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
+use xsk::{FRAME_BYTES, Xsk, XskError, XskGeometry};
+
+/// Frames taken from the rx ring per loop iteration.
+const RX_BURST: u32 = 64;
+
+/// Settings of the bypass backend.
+#[derive(Debug, Clone)]
+pub struct XdpOptions {
+    /// The interface whose queue the broker takes.
+    pub iface: String,
+    /// Rx queues to serve (only 1 is implemented).
+    pub queues: u32,
+    /// Cores for the poll threads (the first one is used); empty: not pinned.
+    pub cores: Vec<usize>,
+    /// How to attach the XDP program.
+    pub mode: AttachMode,
+    /// smoltcp TCP sockets (the most connections at a time).
+    pub sockets: usize,
+    /// Receive and send buffer of each smoltcp socket, in bytes.
+    pub socket_buffer_bytes: usize,
+    /// UMEM frames and ring sizes.
+    pub geometry: XskGeometry,
+    /// Put the UMEM on 4 KiB pages (with a warning) when hugepages are short.
+    pub allow_small_pages: bool,
+    /// Debug only: inject faults into the device (see `--debug-inject-faults`).
+    pub faults: Option<FaultConfig>,
+}
+
+/// Why the bypass backend could not start. The broker never falls back to kernel TCP.
+#[derive(Debug, thiserror::Error)]
+pub enum BypassError {
+    /// More than one queue was asked for.
+    #[error(
+        "--queues {0}: only one rx queue per broker is implemented; give the interface one rx queue (ip link add ... numrxqueues 1, as scripts/lab.sh does) and use --queues 1"
+    )]
+    Queues(u32),
+    /// The listen address does not suit the bypass backend.
+    #[error(
+        "--listen {0}: the xdp backend needs the interface's own IPv4 address (e.g. 10.77.0.2:9100), not a wildcard or IPv6 address"
+    )]
+    ListenAddress(SocketAddr),
+    /// The listen address is not on the interface.
+    #[error(
+        "{ip} is not an address of {iface} (it has: {existing}); listen on one of them or add it (ip addr add {ip}/24 dev {iface})"
+    )]
+    AddressNotOnInterface {
+        /// The address.
+        ip: Ipv4Addr,
+        /// The interface.
+        iface: String,
+        /// Its IPv4 addresses.
+        existing: String,
+    },
+    /// The interface's settings could not be read.
+    #[error("cannot read {what} of {iface}: {reason}")]
+    Interface {
+        /// The interface.
+        iface: String,
+        /// What was read.
+        what: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The MTU does not fit a UMEM frame.
+    #[error(
+        "{iface} has MTU {mtu}, but a frame of {FRAME_BYTES} bytes holds at most {max}: lower the MTU (ip link set {iface} mtu 3500)"
+    )]
+    Mtu {
+        /// The interface.
+        iface: String,
+        /// Its MTU.
+        mtu: usize,
+        /// The largest that fits.
+        max: usize,
+    },
+    /// The XDP program could not be attached or the socket not registered.
+    #[error("{0}")]
+    Xdp(#[from] XdpError),
+    /// The AF_XDP socket could not be set up.
+    #[error("{0}")]
+    Xsk(#[from] XskError),
+}
+
+/// The attached XDP program; dropping it detaches the program (after the loop has ended).
+#[derive(Debug)]
+pub struct Attached {
+    steering: XdpSteering,
+}
+
+impl Attached {
+    /// The program's counters.
+    pub fn counters(&self) -> Result<xdp_prog::Counters, XdpError> {
+        self.steering.counters()
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        match self.steering.counters() {
+            Ok(c) => log::info!(
+                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}",
+                self.steering.ifindex(),
+                c.redirected,
+                c.passed,
+                c.no_socket,
+                c.malformed
+            ),
+            Err(e) => log::warn!("cannot read the XDP counters: {e}"),
+        }
+    }
+}
+
+fn read_sysfs(iface: &str, what: &'static str) -> Result<String, BypassError> {
+    let path = format!("/sys/class/net/{iface}/{what}");
+    std::fs::read_to_string(&path)
+        .map(|text| text.trim().to_owned())
+        .map_err(|e| BypassError::Interface {
+            iface: iface.to_owned(),
+            what,
+            reason: format!("{path}: {e}"),
+        })
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Attaches the XDP program, binds the AF_XDP socket and starts the poll thread. The
+/// returned handle detaches the program when dropped; drop it after joining the thread.
+pub fn spawn(
+    pool: Pool<PoolMemory>,
+    options: &BrokerOptions,
+    xdp: &XdpOptions,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<(JoinHandle<()>, Attached), BypassError> {
+    if xdp.queues != 1 {
+        return Err(BypassError::Queues(xdp.queues));
+    }
+    let (ip, port) = match options.listen {
+        SocketAddr::V4(v4) if !v4.ip().is_unspecified() => (*v4.ip(), v4.port()),
+        other => return Err(BypassError::ListenAddress(other)),
+    };
+    let iface = xdp.iface.as_str();
+    xsk::ifindex(iface)?;
+    let addresses = xsk::interface_ipv4(iface).map_err(|e| BypassError::Interface {
+        iface: iface.to_owned(),
+        what: "the addresses",
+        reason: e.to_string(),
+    })?;
+    let Some(&(_, prefix)) = addresses.iter().find(|(a, _)| *a == ip) else {
+        return Err(BypassError::AddressNotOnInterface {
+            ip,
+            iface: iface.to_owned(),
+            existing: addresses
+                .iter()
+                .map(|(a, p)| format!("{a}/{p}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let mac_text = read_sysfs(iface, "address")?;
+    let mac = parse_mac(&mac_text).ok_or_else(|| BypassError::Interface {
+        iface: iface.to_owned(),
+        what: "the MAC address",
+        reason: format!("{mac_text:?} is not a MAC address"),
+    })?;
+    let mtu_text = read_sysfs(iface, "mtu")?;
+    let mtu: usize = mtu_text.parse().map_err(|_| BypassError::Interface {
+        iface: iface.to_owned(),
+        what: "the MTU",
+        reason: format!("{mtu_text:?} is not a number"),
+    })?;
+    // The kernel puts a packet in a frame after up to 256 bytes of headroom.
+    let max = FRAME_BYTES - 256 - 14;
+    if mtu > max {
+        return Err(BypassError::Mtu {
+            iface: iface.to_owned(),
+            mtu,
+            max,
+        });
+    }
+    let mut steering = XdpSteering::attach(
+        iface,
+        xdp.mode,
+        &SteerConfig {
+            ports: vec![port],
+            ips: vec![ip],
+        },
+    )?;
+    let (socket, umem, frames) = Xsk::new(iface, 0, xdp.geometry, xdp.allow_small_pages)?;
+    steering.register_socket(0, socket.fd())?;
+    log::info!(
+        "broker {}: XDP program on {iface} in {} mode, AF_XDP socket on queue 0 (copy mode, {} frames of {FRAME_BYTES} B), {ip}/{prefix} port {port}, MTU {mtu}",
+        options.settings.broker_id,
+        steering.mode(),
+        xdp.geometry.frames
+    );
+    let device = XskDevice::new(socket, umem, frames, mtu, RX_BURST);
+    let endpoint = Endpoint {
+        mac,
+        ip,
+        prefix,
+        port,
+    };
+    let sockets = SocketPoolConfig {
+        sockets: xdp.sockets,
+        buffer_bytes: xdp.socket_buffer_bytes,
+    };
+    let core = xdp.cores.first().copied();
+    let broker = options.settings.broker_id;
+    let thread = match xdp.faults {
+        None => {
+            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, stop);
+            super::spawn("network-xdp", move || {
+                pin(core, broker);
+                report(broker, &poll.run());
+            })
+        }
+        Some(faults) => {
+            log::warn!(
+                "broker {broker}: DEBUG fault injection on (--debug-inject-faults {faults:?}): frames are dropped, duplicated, reordered and corrupted on purpose; never use this in production"
+            );
+            let device = FaultyDevice::new(device, faults);
+            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, stop);
+            super::spawn("network-xdp", move || {
+                pin(core, broker);
+                let device = poll.run();
+                log::info!("broker {broker}: faults injected: {:?}", device.counts());
+                report(broker, &device);
+            })
+        }
+    };
+    Ok((thread, Attached { steering }))
+}
+
+fn pin(core: Option<usize>, broker: u16) {
+    if let Some(id) = core {
+        if core_affinity::set_for_current(core_affinity::CoreId { id }) {
+            log::info!("broker {broker}: network loop pinned to core {id}");
+        } else {
+            log::warn!("broker {broker}: cannot pin the network loop to core {id}");
+        }
+    }
+}
+
+fn report(broker: u16, device: &impl Burst) {
+    log::info!("broker {broker}: AF_XDP socket: {:?}", device.stats());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_garbage_does_not() {
+        assert_eq!(
+            parse_mac("02:aa:0b:cc:0d:ff"),
+            Some([2, 0xaa, 0x0b, 0xcc, 0x0d, 0xff])
+        );
+        assert_eq!(parse_mac("02:aa:0b:cc:0d"), None);
+        assert_eq!(parse_mac("02:aa:0b:cc:0d:ff:00"), None);
+        assert_eq!(parse_mac("zz:aa:0b:cc:0d:ff"), None);
+    }
+}

@@ -1,0 +1,334 @@
+//! The bypass network loop: one pinned thread running rx burst -> smoltcp poll -> protocol
+//! -> tx burst, with the same [`Connection`] state machine, outcome routing, ACK flushing,
+//! deliveries and subscription publishing as the kernel loop (`kernel.rs`).
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant as StdInstant};
+
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+
+use super::device::Burst;
+use crate::coherence::PoolMemory;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::server::connection::{ByteStream, Connection, InputState};
+use crate::server::state::{BrokerState, RoutedOutcome};
+use crate::server::{BrokerOptions, Idle};
+
+/// How a stopping broker waits for batches in flight to be decided.
+const DRAIN: Duration = Duration::from_secs(2);
+/// Loop iterations between clock reads (reading it on every spin cost half the core).
+const ITERATIONS_PER_CLOCK_READ: u32 = 32;
+
+/// Where the loop's interface is and what it listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint {
+    /// The interface's MAC address.
+    pub mac: [u8; 6],
+    /// The broker's address and prefix length.
+    pub ip: Ipv4Addr,
+    /// Prefix length of the interface's subnet.
+    pub prefix: u8,
+    /// TCP port.
+    pub port: u16,
+}
+
+/// smoltcp socket pool settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketPoolConfig {
+    /// TCP sockets (the most connections at a time).
+    pub sockets: usize,
+    /// Receive and send buffer of each socket, in bytes.
+    pub buffer_bytes: usize,
+}
+
+/// A `ByteStream` over a smoltcp TCP socket: no data is `WouldBlock`, a peer that has
+/// closed its side is `Ok(0)`.
+struct SmolStream<'a, 'b>(&'a mut tcp::Socket<'b>);
+
+impl ByteStream for SmolStream<'_, '_> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.0.recv_slice(buf) {
+            Ok(0) if !self.0.may_recv() => Ok(0),
+            Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+            Ok(n) => Ok(n),
+            Err(tcp::RecvError::Finished) => Ok(0),
+            Err(tcp::RecvError::InvalidState) => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.send_slice(buf) {
+            Ok(0) if buf.is_empty() => Ok(0),
+            Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+            Ok(n) => Ok(n),
+            Err(tcp::SendError::InvalidState) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+}
+
+/// What one socket of the pool is doing.
+enum Slot {
+    /// Listening (or completing a handshake) on the broker port.
+    Listening,
+    /// An established connection.
+    Active(Box<Connection<PoolMemory>>),
+    /// Closed by us; re-armed once smoltcp has finished with it.
+    Closing,
+}
+
+/// The bypass network loop of one broker.
+pub struct BypassLoop<D> {
+    state: BrokerState<PoolMemory>,
+    device: D,
+    iface: Interface,
+    sockets: SocketSet<'static>,
+    slots: Vec<(SocketHandle, Slot, u64)>,
+    port: u16,
+    idle: Idle,
+    stop: Arc<AtomicBool>,
+    next_id: u64,
+}
+
+impl<D> std::fmt::Debug for BypassLoop<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BypassLoop")
+            .field("broker", &self.state.settings.broker_id)
+            .field("sockets", &self.slots.len())
+            .finish()
+    }
+}
+
+fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+    if let Err(e) = socket.listen(port) {
+        log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
+    }
+}
+
+impl<D: Device + Burst> BypassLoop<D> {
+    /// A loop over `device` for the broker described by `options`.
+    pub fn new(
+        pool: Pool<PoolMemory>,
+        mut device: D,
+        endpoint: Endpoint,
+        sockets: SocketPoolConfig,
+        options: &BrokerOptions,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> BypassLoop<D> {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(endpoint.mac)));
+        config.random_seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let mut iface = Interface::new(config, &mut device, Instant::ZERO);
+        iface.update_ip_addrs(|addrs| {
+            let cidr = IpCidr::new(endpoint.ip.into(), endpoint.prefix);
+            if addrs.push(cidr).is_err() {
+                log::error!("smoltcp interface has no room for {cidr}");
+            }
+        });
+        let mut set = SocketSet::new(Vec::with_capacity(sockets.sockets));
+        let mut slots = Vec::with_capacity(sockets.sockets);
+        for _ in 0..sockets.sockets {
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
+                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
+            );
+            socket.set_nagle_enabled(false);
+            socket.set_ack_delay(None);
+            socket.set_congestion_control(tcp::CongestionControl::Reno);
+            listen(&mut socket, endpoint.port);
+            slots.push((set.add(socket), Slot::Listening, 0));
+        }
+        BypassLoop {
+            state: BrokerState::new(pool, options.settings.clone(), metrics),
+            device,
+            iface,
+            sockets: set,
+            slots,
+            port: endpoint.port,
+            idle: Idle::new(options.idle),
+            stop,
+            next_id: 1,
+        }
+    }
+
+    /// Runs until the stop flag is set, then drains and closes every connection. Returns the
+    /// device (its counters are the caller's to report).
+    pub fn run(mut self) -> D {
+        let started = StdInstant::now();
+        let mut now = started;
+        let mut outcomes = Vec::new();
+        let mut stopping_since = None;
+        let mut iterations = 0u32;
+        loop {
+            if iterations % ITERATIONS_PER_CLOCK_READ == 0 {
+                now = StdInstant::now();
+                if self.stop.load(Ordering::Relaxed) {
+                    let since = *stopping_since.get_or_insert(now);
+                    if self.state.undecided() == 0 || now.duration_since(since) > DRAIN {
+                        break;
+                    }
+                }
+            }
+            iterations = iterations.wrapping_add(1);
+            let timestamp = Instant::from_micros(now.duration_since(started).as_micros() as i64);
+            self.device.begin();
+            let mut worked = self
+                .iface
+                .poll(timestamp, &mut self.device, &mut self.sockets)
+                != PollResult::None;
+            outcomes.clear();
+            worked |= self.state.poll_outcomes(&mut outcomes) > 0;
+            for outcome in &outcomes {
+                self.route(outcome, now);
+            }
+            worked |= self.drive(now);
+            // Send what the protocol produced in this iteration at once.
+            worked |= self
+                .iface
+                .poll(timestamp, &mut self.device, &mut self.sockets)
+                != PollResult::None;
+            self.device.end();
+            let subscriptions = self.slots.iter().filter_map(|(_, slot, _)| match slot {
+                Slot::Active(connection) => connection.subscription(),
+                _ => None,
+            });
+            self.state.publish_subscriptions(subscriptions);
+            self.idle.record(worked);
+            if !worked {
+                self.idle.wait();
+                if self.idle.timeout() > Duration::ZERO {
+                    // After a sleep the cached clock is stale.
+                    iterations = iterations.next_multiple_of(ITERATIONS_PER_CLOCK_READ);
+                }
+            }
+        }
+        let mut open = 0;
+        for (handle, slot, _) in &mut self.slots {
+            if let Slot::Active(connection) = slot {
+                connection.on_closed(&mut self.state);
+                self.sockets.get_mut::<tcp::Socket<'_>>(*handle).abort();
+                open += 1;
+            }
+        }
+        // Let the RSTs out.
+        let timestamp = Instant::from_micros(started.elapsed().as_micros() as i64);
+        self.device.begin();
+        self.iface
+            .poll(timestamp, &mut self.device, &mut self.sockets);
+        self.device.end();
+        self.state.publish_subscriptions(std::iter::empty());
+        self.state
+            .metrics
+            .connections_open
+            .store(0, Ordering::Relaxed);
+        log::info!(
+            "broker {}: bypass network loop stopped ({open} connections closed)",
+            self.state.settings.broker_id
+        );
+        self.device
+    }
+
+    fn route(&mut self, outcome: &RoutedOutcome, now: StdInstant) {
+        // A closed connection's batches are in the log all the same; only the ACK is moot.
+        for (_, slot, id) in &mut self.slots {
+            if let Slot::Active(connection) = slot {
+                if *id == outcome.slot.conn {
+                    connection.on_outcome(outcome, &self.state.metrics, now);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Attaches connections to newly established sockets, drives the active ones, and
+    /// re-arms closed ones. Returns whether anything happened.
+    fn drive(&mut self, now: StdInstant) -> bool {
+        let mut worked = false;
+        let broker = self.state.settings.broker_id;
+        for (handle, slot, id) in &mut self.slots {
+            let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+            match slot {
+                Slot::Listening => {
+                    if matches!(
+                        socket.state(),
+                        tcp::State::Established | tcp::State::CloseWait
+                    ) {
+                        *id = self.next_id;
+                        self.next_id += 1;
+                        *slot = Slot::Active(Box::new(Connection::new(*id, &self.state)));
+                        self.state
+                            .metrics
+                            .connections_open
+                            .fetch_add(1, Ordering::Relaxed);
+                        log::debug!(
+                            "broker {broker}: connection {id} from {:?}",
+                            socket.remote_endpoint()
+                        );
+                        worked = true;
+                    } else if socket.state() == tcp::State::Closed {
+                        // A handshake that failed (RST): listen again.
+                        listen(socket, self.port);
+                        continue;
+                    } else {
+                        continue;
+                    }
+                }
+                Slot::Closing => {
+                    if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                        socket.abort();
+                        listen(socket, self.port);
+                        *slot = Slot::Listening;
+                        worked = true;
+                    }
+                    continue;
+                }
+                Slot::Active(_) => {}
+            }
+            let Slot::Active(connection) = slot else {
+                continue;
+            };
+            let mut ended = false;
+            if socket.can_recv() || !socket.may_recv() || connection.waits_for_room() {
+                match connection.on_readable(&mut SmolStream(socket), &mut self.state, now) {
+                    InputState::Drained | InputState::Paused => {}
+                    InputState::Ended => ended = true,
+                }
+                worked = true;
+            }
+            connection.flush_acks();
+            if connection.is_subscriber() {
+                connection.produce_deliveries(&self.state);
+            }
+            if connection.has_output() && socket.can_send() {
+                if !connection.on_writable(&mut SmolStream(socket)) {
+                    ended = true;
+                }
+                worked = true;
+            }
+            if !socket.is_active() {
+                ended = true;
+            }
+            if ended || connection.is_finished() {
+                connection.on_closed(&mut self.state);
+                socket.close();
+                *slot = Slot::Closing;
+                self.state
+                    .metrics
+                    .connections_open
+                    .fetch_sub(1, Ordering::Relaxed);
+                log::debug!("broker {broker}: connection {id} closed");
+                worked = true;
+            }
+        }
+        worked
+    }
+}

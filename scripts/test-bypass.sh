@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Tests of the kernel-bypass backend (broker --net xdp), end to end, as root:
+#
+#   scripts/test-bypass.sh [e2e|loss|faults|errors|all]     (default all)
+#
+#   e2e     4 brokers over XDP/AF_XDP/smoltcp in a lab of the test's own; loadgen end-to-end
+#           order 5, ack 1; asserts on the loadgen's JSON and on the XDP counters (no broker
+#           packet passed to the kernel, no_socket 0)
+#   loss    the same with 1% random loss in both directions (nftables in the client namespace)
+#   faults  the same with the broker-side fault-injecting device (hidden debug flag
+#           --debug-inject-faults drop=1,duplicate=1,reorder=1,corrupt=1,seed=N)
+#   errors  missing interface, attach refused (MTU too large for driver mode), a second
+#           broker on a taken interface: each exits non-zero with its error, leaves no program
+#
+# Each case is bounded (timeout 60 s). Builds nothing: run
+#   cargo build --release -p broker -p client -p xdp-prog
+# first (CARGO_TARGET_DIR honoured). Without root it prints "skipped: needs root" and exits 0.
+# Assertions are on exit codes and JSON, never on log text.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target=${CARGO_TARGET_DIR:-target}/release
+if [[ $(id -u) -ne 0 ]]; then
+    echo "skipped: needs root (network namespaces, XDP)"
+    exit 0
+fi
+for bin in broker loadgen xdp-ctl; do
+    [[ -x $target/$bin ]] || { echo "missing $target/$bin: cargo build --release -p broker -p client -p xdp-prog" >&2; exit 2; }
+done
+command -v jq >/dev/null || { echo "needs jq (apt-get install -y jq)" >&2; exit 2; }
+
+prefix=bt$$
+prefix=${prefix:0:8}
+pool=/dev/hugepages/$prefix-pool
+work=$(mktemp -d /tmp/test-bypass.XXXXXX)
+pids=()
+brokers=4
+base_port=9300
+
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    pids=()
+    scripts/lab.sh down --prefix "$prefix" >/dev/null 2>&1 || true
+    rm -f "$pool"
+}
+trap 'cleanup; rm -rf "$work"' EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+lab_up() { scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" "$@" >"$work/lab.log" 2>&1 || { cat "$work/lab.log"; fail "lab up"; }; }
+
+# Starts broker i over XDP; extra flags after i.
+start_broker() {
+    local i=$1; shift
+    local head=()
+    [[ $i -eq 0 ]] && head=(--head --format --pool-bytes 256M)
+    ip netns exec "$prefix-broker$i" "$target/broker" --net xdp --iface "$prefix-b$i" \
+        --id "$i" --pool "$pool" --listen "10.77.$i.2:$((base_port + i))" --cores $((i % 2)) \
+        --idle sleep "${head[@]}" "$@" >"$work/broker$i.log" 2>&1 &
+    pids+=($!)
+}
+
+start_cluster() {
+    local i
+    start_broker 0 "$@"
+    sleep 1
+    for ((i = 1; i < brokers; i++)); do start_broker "$i" "$@"; done
+    # Every broker attaches its program once it is up.
+    for _ in $(seq 100); do
+        local up=0
+        for ((i = 0; i < brokers; i++)); do
+            ip netns exec "$prefix-broker$i" "$target/xdp-ctl" status "$prefix-b$i" >/dev/null 2>&1 && up=$((up + 1))
+        done
+        [[ $up -eq $brokers ]] && return 0
+        sleep 0.1
+    done
+    tail -n 5 "$work"/broker*.log
+    fail "brokers did not start"
+}
+
+run_loadgen() {
+    local list=() i
+    for ((i = 0; i < brokers; i++)); do list+=("10.77.$i.2:$((base_port + i))"); done
+    ip netns exec "$prefix-client" timeout 50 "$target/loadgen" --test end-to-end --order 5 --ack 1 \
+        --brokers "$(IFS=,; echo "${list[*]}")" --total-bytes "$1" --json "$work/result.json" \
+        >"$work/loadgen.log" 2>&1 || { tail -n 30 "$work/loadgen.log"; tail -n 5 "$work"/broker*.log; fail "loadgen exited non-zero"; }
+    jq -e '.passed == true and .lost == 0 and .duplicates == 0 and .order_violations == 0
+        and .messages_received == .messages_sent and .messages_sent > 0' "$work/result.json" >/dev/null ||
+        { cat "$work/result.json"; fail "loadgen result"; }
+    echo "  loadgen: $(jq -c '{messages_sent, messages_received, lost, duplicates, order_violations, passed}' "$work/result.json")"
+}
+
+check_counters() {
+    local i counters
+    for ((i = 0; i < brokers; i++)); do
+        counters=$(ip netns exec "$prefix-broker$i" "$target/xdp-ctl" counters "$prefix-b$i")
+        echo "  $prefix-b$i: $(tr "\n" " " <<<"$counters")"
+        # Broker traffic never reached the kernel: all of it was redirected.
+        [[ $(awk '/no_socket/ {print $2}' <<<"$counters") == 0 ]] || fail "no_socket not 0 on $prefix-b$i"
+        [[ $(awk '/passed/ {print $2}' <<<"$counters") == 0 ]] || fail "packets passed to the kernel on $prefix-b$i"
+        [[ $(awk '/redirected/ {print $2}' <<<"$counters") -gt 0 ]] || fail "nothing redirected on $prefix-b$i"
+    done
+}
+
+stop_cluster() {
+    local pid
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" || fail "a broker exited with $? on SIGTERM"; done
+    pids=()
+    local i
+    for ((i = 0; i < brokers; i++)); do
+        if ip netns exec "$prefix-broker$i" "$target/xdp-ctl" status "$prefix-b$i" >/dev/null 2>&1; then
+            fail "XDP program left on $prefix-b$i"
+        fi
+    done
+}
+
+case_e2e() {
+    echo "== e2e: 4 brokers over XDP, order 5, ack 1"
+    lab_up
+    start_cluster
+    run_loadgen 64MB
+    check_counters
+    stop_cluster
+    cleanup
+}
+
+case_loss() {
+    echo "== loss: 1% random loss both ways (nftables in the client namespace)"
+    lab_up
+    ip netns exec "$prefix-client" nft -f - <<EOF
+table inet lossy {
+    chain in { type filter hook input priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 drop; }
+    chain out { type filter hook output priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 drop; }
+}
+EOF
+    start_cluster
+    run_loadgen 16MB
+    check_counters
+    stop_cluster
+    cleanup
+}
+
+case_faults() {
+    echo "== faults: broker-side FaultyDevice, 1% each of drop/duplicate/reorder/corrupt, seeded"
+    lab_up
+    start_cluster --debug-inject-faults "drop=1,duplicate=1,reorder=1,corrupt=1,seed=$$"
+    run_loadgen 16MB
+    stop_cluster
+    cleanup
+}
+
+# Runs a broker that must fail to start (exit 1) with its error on the one line starting
+# "broker: --net xdp:"; $1 names the case, $2 the namespace, $3 a phrase of the error.
+expect_failure() {
+    local name=$1 ns=$2 phrase=$3; shift 3
+    local code=0 line
+    ip netns exec "$ns" timeout 20 "$target/broker" --net xdp --id 0 --head --format --pool-bytes 128M \
+        --pool "$pool" "$@" >"$work/$name.log" 2>&1 || code=$?
+    line=$(grep -m1 '^broker: --net xdp:' "$work/$name.log" || true)
+    [[ $code -eq 1 && $line == *"$phrase"* ]] || { cat "$work/$name.log"; fail "$name: exit $code, error line '$line'"; }
+    echo "  $name: exit $code: $line"
+}
+
+case_errors() {
+    echo "== errors"
+    brokers=1
+    lab_up
+    expect_failure missing-interface "$prefix-broker0" "does not exist" --iface nosuch0 --listen 10.77.0.2:9300
+    ip -n "$prefix-broker0" link set "$prefix-b0" mtu 3700
+    ip -n "$prefix-client" link set "$prefix-c0" mtu 3700
+    expect_failure attach-refused "$prefix-broker0" "too large" --iface "$prefix-b0" --xdp-mode driver --listen 10.77.0.2:9300
+    ip -n "$prefix-broker0" link set "$prefix-b0" mtu 3500
+    ip -n "$prefix-client" link set "$prefix-c0" mtu 3500
+    start_broker 0
+    for _ in $(seq 100); do
+        ip netns exec "$prefix-broker0" "$target/xdp-ctl" status "$prefix-b0" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    pool=$pool-2 expect_failure queue-taken "$prefix-broker0" "xdp-ctl detach" --iface "$prefix-b0" --listen 10.77.0.2:9301
+    rm -f "$pool-2"
+    expect_failure two-queues "$prefix-broker0" "only one rx queue" --iface "$prefix-b0" --queues 2 --listen 10.77.0.2:9301
+    stop_cluster
+    ip netns exec "$prefix-broker0" "$target/xdp-ctl" status "$prefix-b0" >/dev/null 2>&1 && fail "program left"
+    cleanup
+    brokers=4
+}
+
+what=${1:-all}
+case $what in
+    e2e) case_e2e ;;
+    loss) case_loss ;;
+    faults) case_faults ;;
+    errors) case_errors ;;
+    all) case_e2e; case_loss; case_faults; case_errors ;;
+    *) echo "unknown case $what (e2e, loss, faults, errors, all)" >&2; exit 2 ;;
+esac
+echo "PASS: $what"
