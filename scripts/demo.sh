@@ -9,6 +9,8 @@
 # a subscriber verifying every message (content, exactly once, order). Prints the table and
 # leaves the JSON summary at target/demo/summary.json. Extra arguments go to the load
 # generator (see target/release/loadgen --help), e.g. --duration-s 30 or --order 2.
+# As root it then runs the kernel-bypass path too (4 brokers over XDP in network
+# namespaces, end to end).
 # Exits non-zero when the run lost, duplicated or misordered anything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +37,13 @@ echo "== 4 brokers, load generator end to end"
     --message-bytes 1024 --connections-per-broker 3 --json target/demo/summary.json \
     "${defaults[@]}" "$@"
 echo "== summary: target/demo/summary.json; broker logs: target/demo/cluster/"
+
+# The kernel-bypass path: 4 brokers, each in its own network namespace, taking publisher
+# traffic through XDP + AF_XDP + smoltcp.
+if [[ $(id -u) -eq 0 ]]; then
+    echo "== the same over the kernel-bypass path (XDP, AF_XDP, smoltcp), in network namespaces"
+    cargo build --release -q -p xdp-prog
+    ./scripts/test-bypass.sh e2e
+else
+    echo "== skipping the kernel-bypass path: it needs root (network namespaces, XDP)"
+fi

@@ -131,13 +131,20 @@ case_loss() {
     lab_up
     ip netns exec "$prefix-client" nft -f - <<EOF
 table inet lossy {
-    chain in { type filter hook input priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 drop; }
-    chain out { type filter hook output priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 drop; }
+    chain in { type filter hook input priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 counter drop; }
+    chain out { type filter hook output priority 0; policy accept; meta l4proto tcp numgen random mod 100 < 1 counter drop; }
 }
 EOF
     start_cluster
     run_loadgen 16MB
     check_counters
+    # The run must really have lost packets, in both directions.
+    local drops
+    drops=$(ip netns exec "$prefix-client" nft -j list table inet lossy |
+        jq -c '[.nftables[] | select(.rule) | .rule.expr[] | select(.counter) | .counter.packets]')
+    jq -e 'length == 2 and all(. > 0)' <<<"$drops" >/dev/null ||
+        fail "nftables did not drop packets in both directions: $drops"
+    echo "  nftables dropped (in, out): $drops"
     stop_cluster
     cleanup
 }
@@ -148,6 +155,14 @@ case_faults() {
     start_cluster --debug-inject-faults "drop=1,duplicate=1,reorder=1,corrupt=1,seed=$$"
     run_loadgen 16MB
     stop_cluster
+    # Each broker prints a JSON summary of what it injected when it stops: every kind of
+    # fault must have happened somewhere, or this case proved nothing.
+    local kind total
+    for kind in dropped duplicated reordered corrupted; do
+        total=$(grep -h '^{"debug_faults"' "$work"/broker*.log | jq -s "map(.debug_faults.$kind) | add // 0")
+        [[ $total -gt 0 ]] || fail "no frame was $kind: the fault injector did not run"
+        echo "  frames $kind: $total"
+    done
     cleanup
 }
 

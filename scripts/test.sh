@@ -53,4 +53,8 @@ assert s["passed"] and not bad and s["messages_received"] == s["messages_sent"] 
 print(f"cluster end to end: {s['messages_sent']} messages sent, acked and delivered in order; lost 0, duplicates 0")
 PY
 
+echo "== kernel-bypass backend (XDP + AF_XDP + smoltcp) in network namespaces"
+cargo build --release -q -p xdp-prog
+./scripts/test-bypass.sh all
+
 echo "== all tests passed"

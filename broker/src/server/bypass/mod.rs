@@ -253,7 +253,13 @@ pub fn spawn(
             super::spawn("network-xdp", move || {
                 pin(core, broker);
                 let device = poll.run();
-                log::info!("broker {broker}: faults injected: {:?}", device.counts());
+                let counts = device.counts();
+                log::info!("broker {broker}: faults injected: {counts:?}");
+                // A JSON summary on stdout, for the tests that must prove faults happened.
+                println!(
+                    "{{\"debug_faults\":{{\"broker\":{broker},\"dropped\":{},\"duplicated\":{},\"reordered\":{},\"corrupted\":{}}}}}",
+                    counts.dropped, counts.duplicated, counts.reordered, counts.corrupted
+                );
                 report(broker, &device);
             })
         }
