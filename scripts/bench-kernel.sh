@@ -59,7 +59,7 @@ run_loadgen() {  # name, extra loadgen args... (--single-broker: publish to the 
         --message-bytes 1024 --duration-s "$duration" --progress none --json "$out/$name.json" "$@" \
         | grep -E "connections \(total\)|throughput MB|ack latency"
 }
-run_loadgen conn1 --connections-per-broker 1 --single-broker
+run_loadgen conn1 --single-broker --connections-per-broker 1
 run_loadgen conn4 --connections-per-broker 1
 run_loadgen conn12 --connections-per-broker 3
 peak_msgs=$(python3 -c "import json; print(int(json.load(open('$out/conn12.json'))['msgs_per_s']))")
