@@ -10,7 +10,8 @@
 #   faults  the same with the broker-side fault-injecting device (hidden debug flag
 #           --debug-inject-faults drop=1,duplicate=1,reorder=1,corrupt=1,seed=N)
 #   errors  missing interface, attach refused (MTU too large for driver mode), a second
-#           broker on a taken interface: each exits non-zero with its error, leaves no program
+#           broker on a taken interface, hugepages missing for the UMEM: each exits non-zero
+#           with its error, leaves no program
 #
 # Each case is bounded (timeout 60 s). Builds nothing: run
 #   cargo build --release -p broker -p client -p xdp-prog
@@ -198,6 +199,21 @@ case_errors() {
     expect_failure two-queues "$prefix-broker0" "only one rx queue" --iface "$prefix-b0" --queues 2 --listen 10.77.0.2:9301
     stop_cluster
     ip netns exec "$prefix-broker0" "$target/xdp-ctl" status "$prefix-b0" >/dev/null 2>&1 && fail "program left"
+    # Hugepages missing for the UMEM: the pool exists (formatted above), then every free
+    # 2 MiB page is reserved by a file on hugetlbfs, so the UMEM cannot get its pages.
+    local sysfs=/sys/kernel/mm/hugepages/hugepages-2048kB available hog=/dev/hugepages/$prefix-hog
+    available=$(( $(cat $sysfs/free_hugepages) - $(cat $sysfs/resv_hugepages) ))
+    fallocate -l "$((available * 2))M" "$hog"
+    local code=0
+    ip netns exec "$prefix-broker0" timeout 20 "$target/broker" --net xdp --id 0 --pool "$pool" \
+        --iface "$prefix-b0" --listen 10.77.0.2:9300 >"$work/umem.log" 2>&1 || code=$?
+    rm -f "$hog"
+    local line
+    line=$(grep -m1 '^broker: --net xdp:' "$work/umem.log" || true)
+    [[ $code -eq 1 && $line == *"UMEM"* && $line == *"nr_hugepages"* ]] ||
+        { cat "$work/umem.log"; fail "umem-without-hugepages: exit $code, error line '$line'"; }
+    echo "  umem-without-hugepages: exit $code: $line"
+    ip netns exec "$prefix-broker0" "$target/xdp-ctl" status "$prefix-b0" >/dev/null 2>&1 && fail "program left after the UMEM failure"
     cleanup
     brokers=4
 }

@@ -82,6 +82,8 @@ pub struct BrokerState<M> {
     pub next_batch_seq: HashMap<(u64, u32), u64>,
     /// Per topic, the lowest ordinal this broker's subscribers need, as last published.
     subscribed: HashMap<TopicId, u64>,
+    /// Scratch map for [`Self::publish_subscriptions`], reused so the loop does not allocate.
+    subscribed_next: HashMap<TopicId, u64>,
 }
 
 impl<M: SharedMemory + Clone> BrokerState<M> {
@@ -95,6 +97,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             epochs: HashMap::new(),
             next_batch_seq: HashMap::new(),
             subscribed: HashMap::new(),
+            subscribed_next: HashMap::new(),
         }
     }
 
@@ -179,7 +182,8 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     /// no writer reclaims those payloads and the sequencer keeps those GOI entries. Topics no
     /// subscriber reads any more are released. Only changes are written.
     pub fn publish_subscriptions(&mut self, subscriptions: impl Iterator<Item = (TopicId, u64)>) {
-        let mut lowest: HashMap<TopicId, u64> = HashMap::new();
+        let mut lowest = std::mem::take(&mut self.subscribed_next);
+        lowest.clear();
         for (topic, ordinal) in subscriptions {
             let entry = lowest.entry(topic).or_insert(ordinal);
             *entry = (*entry).min(ordinal);
@@ -195,7 +199,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
                 self.pool.publish_subscribed(*topic, broker, None);
             }
         }
-        self.subscribed = lowest;
+        self.subscribed_next = std::mem::replace(&mut self.subscribed, lowest);
     }
 
     /// Batches committed and not yet decided, over all topics.
