@@ -22,6 +22,9 @@ pub trait Burst {
     fn end(&mut self);
     /// The socket's counters.
     fn stats(&self) -> XskStats;
+    /// Blocks until a frame arrives or `timeout` passes: the idle wait of the poll loop,
+    /// which unlike a blind sleep lets a frame (a TCP segment, an ACK) wake it at once.
+    fn wait_for_frames(&self, timeout: std::time::Duration);
 }
 
 /// A smoltcp device over an AF_XDP socket. Received frames are read in place in the UMEM
@@ -80,6 +83,10 @@ impl XskDevice {
 }
 
 impl Burst for XskDevice {
+    fn wait_for_frames(&self, timeout: std::time::Duration) {
+        self.xsk.borrow().wait_readable(timeout);
+    }
+
     fn begin(&mut self) {
         let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
         xsk.reap_completions(pool);
@@ -369,6 +376,10 @@ fn copy_into(buffer: &mut Vec<u8>, frame: &[u8]) {
 impl<D: Burst> Burst for FaultyDevice<D> {
     fn begin(&mut self) {
         self.inner.begin();
+    }
+
+    fn wait_for_frames(&self, timeout: std::time::Duration) {
+        self.inner.wait_for_frames(timeout);
     }
 
     fn end(&mut self) {

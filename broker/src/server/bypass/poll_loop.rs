@@ -204,7 +204,10 @@ impl<D: Device + Burst> BypassLoop<D> {
             self.state.publish_subscriptions(subscriptions);
             self.idle.record(worked);
             if !worked {
-                self.idle.wait();
+                match self.idle.timeout() {
+                    Duration::ZERO => self.idle.wait(),
+                    timeout => self.device.wait_for_frames(timeout),
+                }
                 if self.idle.timeout() > Duration::ZERO {
                     // After a sleep the cached clock is stale.
                     iterations = iterations.next_multiple_of(ITERATIONS_PER_CLOCK_READ);

@@ -619,6 +619,23 @@ impl Xsk {
         self.fd.as_raw_fd()
     }
 
+    /// Blocks until the rx ring has a frame or `timeout` passes (`ppoll`, so sub-millisecond
+    /// timeouts are honoured; the kernel also services a pending need-wakeup).
+    pub fn wait_readable(&self, timeout: std::time::Duration) {
+        let mut poll = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: one valid pollfd for an open descriptor, a valid timespec, and no signal
+        // mask; ppoll writes only `poll.revents`. An error (EINTR) just ends the wait early.
+        unsafe { libc::ppoll(&mut poll, 1, &timeout, std::ptr::null()) };
+    }
+
     /// Moves free frames to the fill ring, keeping `reserve` in the pool for transmission;
     /// one publish for the whole batch. Returns how many were posted.
     pub fn refill(&mut self, pool: &mut FramePool, reserve: usize) -> u32 {
