@@ -151,15 +151,7 @@ impl KernelLoop {
             client.connection.on_closed(&mut self.state);
             let _ = poll.registry().deregister(&mut client.stream);
         }
-        self.state.publish_subscriptions(std::iter::empty());
-        self.state
-            .metrics
-            .connections_open
-            .store(0, Ordering::Relaxed);
-        log::info!(
-            "broker {}: network loop stopped ({open} connections closed)",
-            self.state.settings.broker_id
-        );
+        self.state.on_loop_stopped("network loop", open);
     }
 
     fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {

@@ -202,6 +202,19 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         self.subscribed_next = std::mem::replace(&mut self.subscribed, lowest);
     }
 
+    /// Bookkeeping when a network loop stops: subscriptions released, connections gauge
+    /// zeroed, one log line naming the loop and how many connections it closed.
+    pub fn on_loop_stopped(&mut self, loop_name: &str, connections_closed: usize) {
+        self.publish_subscriptions(std::iter::empty());
+        self.metrics
+            .connections_open
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        log::info!(
+            "broker {}: {loop_name} stopped ({connections_closed} connections closed)",
+            self.settings.broker_id
+        );
+    }
+
     /// Batches committed and not yet decided, over all topics.
     pub fn undecided(&self) -> usize {
         self.topics.values().map(|t| t.pending.len()).sum()

@@ -228,15 +228,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         self.iface
             .poll(timestamp, &mut self.device, &mut self.sockets);
         self.device.end();
-        self.state.publish_subscriptions(std::iter::empty());
-        self.state
-            .metrics
-            .connections_open
-            .store(0, Ordering::Relaxed);
-        log::info!(
-            "broker {}: bypass network loop stopped ({open} connections closed)",
-            self.state.settings.broker_id
-        );
+        self.state.on_loop_stopped("bypass network loop", open);
         self.device
     }
 
