@@ -106,6 +106,11 @@ impl<D> std::fmt::Debug for BypassLoop<D> {
     }
 }
 
+/// Idle time after which a connection is probed.
+const SOCKET_KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
+/// Time without any answer from the peer after which its connection is aborted.
+const SOCKET_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(30);
+
 fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
     if let Err(e) = socket.listen(port) {
         log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
@@ -144,6 +149,10 @@ impl<D: Device + Burst> BypassLoop<D> {
             socket.set_nagle_enabled(false);
             socket.set_ack_delay(None);
             socket.set_congestion_control(tcp::CongestionControl::Reno);
+            // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool
+            // for ever: keep-alive probes an idle connection, the timeout aborts a silent one.
+            socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
+            socket.set_timeout(Some(SOCKET_TIMEOUT));
             listen(&mut socket, endpoint.port);
             slots.push((set.add(socket), Slot::Listening, 0));
         }
