@@ -736,6 +736,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
             batch.batch_seq, outcome.slot.batch_seq,
             "outcomes arrive in commit order"
         );
+        if self.closing {
+            // A closing Error (or our Goodbye) was the last frame: nothing follows it. The
+            // batch is in the log all the same; a resend after reconnecting is deduplicated.
+            return;
+        }
         let global_start = if publisher.order == Order::Unordered {
             None
         } else {
@@ -796,6 +801,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
+        if self.closing {
+            return;
+        }
         if publisher.ack_dirty {
             publisher.ack_dirty = false;
             let entries = std::mem::take(&mut publisher.ack_entries);
