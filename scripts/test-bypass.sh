@@ -204,7 +204,15 @@ case_errors() {
     # Hugepages missing for the UMEM: the pool exists (formatted above), then every free
     # 2 MiB page is reserved by a file on hugetlbfs, so the UMEM cannot get its pages.
     local sysfs=/sys/kernel/mm/hugepages/hugepages-2048kB available hog=/dev/hugepages/$prefix-hog
-    available=$(( $(cat $sysfs/free_hugepages) - $(cat $sysfs/resv_hugepages) ))
+    # The kernel frees a closed AF_XDP socket's UMEM pages a little later (deferred work):
+    # wait until the count of free pages stops moving before taking them all.
+    local previous=-1 _
+    for _ in $(seq 50); do
+        available=$(( $(cat $sysfs/free_hugepages) - $(cat $sysfs/resv_hugepages) ))
+        [[ $available -eq $previous ]] && break
+        previous=$available
+        sleep 0.2
+    done
     fallocate -l "$((available * 2))M" "$hog"
     local code=0
     ip netns exec "$prefix-broker0" timeout 20 "$target/broker" --net xdp --id 0 --pool "$pool" \
