@@ -214,6 +214,15 @@ case_errors() {
         sleep 0.2
     done
     fallocate -l "$((available * 2))M" "$hog"
+    # Pages freed late are taken too: extend the hog until none stays free.
+    local taken=$available
+    for _ in $(seq 5); do
+        sleep 0.2
+        available=$(( $(cat $sysfs/free_hugepages) - $(cat $sysfs/resv_hugepages) ))
+        [[ $available -gt 0 ]] || continue
+        fallocate -o "$((taken * 2))M" -l "$((available * 2))M" "$hog"
+        taken=$((taken + available))
+    done
     local code=0
     ip netns exec "$prefix-broker0" timeout 20 "$target/broker" --net xdp --id 0 --pool "$pool" \
         --iface "$prefix-b0" --listen 10.77.0.2:9300 >"$work/umem.log" 2>&1 || code=$?
