@@ -12,6 +12,7 @@
 #   --dir DIR          logs, PIDs and the address list (default target/cluster)
 #   --coherence MODE   noncoherent (default) or coherent
 #   --cpus LIST        pin every broker to these CPUs (taskset list, e.g. 1 or 0-1)
+#   --hold-timeout-ms N  order-5 gap hold timeout of the brokers (default: the broker's)
 #
 # The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
 # /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set, and
@@ -20,13 +21,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
 [[ -n $action ]] || { usage; exit 2; }
 shift
-brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus=
+brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus= hold_ms=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -36,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --dir) dir=$2; shift 2 ;;
         --coherence) coherence=$2; shift 2 ;;
         --cpus) cpus=$2; shift 2 ;;
+        --hold-timeout-ms) hold_ms=$2; shift 2 ;;
         --) shift; command=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -96,6 +98,7 @@ start_cluster() {
         if [[ $i -eq 0 ]]; then
             args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
         fi
+        [[ -n $hold_ms ]] && args+=(--hold-timeout-ms "$hold_ms")
         local pin=()
         [[ -n $cpus ]] && pin=(taskset -c "$cpus")
         RUST_LOG=${RUST_LOG:-info} "${pin[@]}" "$binary" "${args[@]}" > "$dir/broker-$i.log" 2>&1 &

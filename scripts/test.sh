@@ -42,7 +42,8 @@ cargo build --release -q -p broker -p client
 summary=target/test/cluster-e2e.json
 mkdir -p target/test
 rm -f "$summary"
-./scripts/cluster.sh run --brokers 4 --pool-bytes 256M --base-port 9300 --dir target/test/cluster -- \
+./scripts/cluster.sh run --brokers 4 --pool-bytes 256M --base-port 9300 --dir target/test/cluster \
+    --hold-timeout-ms 10000 -- \
     ./target/release/loadgen --brokers '{brokers}' --test end-to-end --order 5 --ack 1 \
     --message-bytes 1024 --total-bytes 64MiB --connections-per-broker 3 --progress none --json "$summary" >/dev/null
 python3 - "$summary" <<'PY'
