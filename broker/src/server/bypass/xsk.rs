@@ -266,6 +266,12 @@ impl<T: Copy> Ring<T> {
         self.local = self.local.wrapping_add(1);
     }
 
+    /// Published entries the kernel has not consumed yet (refreshes the consumer index).
+    fn unconsumed(&mut self) -> u32 {
+        self.cached = self.consumer().load(Ordering::Acquire);
+        ring_entries(self.local, self.cached)
+    }
+
     /// Publishes the entries pushed so far (Release: their contents are visible first).
     fn publish(&mut self) {
         self.producer().store(self.local, Ordering::Release);
@@ -701,10 +707,13 @@ impl Xsk {
         self.stats.tx_frames += 1;
     }
 
-    /// Publishes posted frames and kicks the kernel with `sendto` when the ring asks for it.
+    /// Publishes posted frames and kicks the kernel with `sendto` when the ring holds frames
+    /// it has not consumed and asks for a wakeup. Frames already consumed but not yet
+    /// completed need no kick: re-kicking for them cost a syscall and a hypervisor wake-up
+    /// per loop iteration.
     pub fn tx_flush(&mut self) {
         self.tx.publish();
-        if self.tx_in_flight > 0 && self.tx.needs_wakeup() {
+        if self.tx.unconsumed() > 0 && self.tx.needs_wakeup() {
             self.stats.tx_kicks += 1;
             // SAFETY: a zero-length sendto on our socket: the AF_XDP tx wakeup.
             let ret = unsafe {
