@@ -51,6 +51,24 @@ const DELIVERIES_PER_POLL: usize = 64;
 /// Waiting this long for pool room counts as a receive stall in the metrics.
 const STALL: Duration = Duration::from_millis(50);
 
+/// What one [`Connection::service`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Service {
+    /// What reading found, when the connection read.
+    pub input: Option<InputState>,
+    /// Whether it wrote output.
+    pub wrote: bool,
+    /// The connection is over (peer gone, stream failed, or everything owed was sent).
+    pub ended: bool,
+}
+
+impl Service {
+    /// Whether anything happened.
+    pub fn worked(&self) -> bool {
+        self.input.is_some() || self.wrote
+    }
+}
+
 /// What a call to [`Connection::on_readable`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputState {
@@ -921,6 +939,40 @@ impl<M: SharedMemory + Clone> Connection<M> {
             }
             Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
         }
+    }
+
+    /// One turn of a network loop for this connection: read (when the stream is readable,
+    /// or to retry a batch waiting for pool room), queue ACKs and deliveries, write (when
+    /// the stream is writable), and say whether the connection is over. Both backends drive
+    /// connections through this.
+    pub fn service<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &mut BrokerState<M>,
+        now: Instant,
+        readable: bool,
+        writable: bool,
+    ) -> Service {
+        let mut service = Service {
+            input: None,
+            wrote: false,
+            ended: false,
+        };
+        if readable || self.waits_for_room() {
+            let input = self.on_readable(stream, state, now);
+            service.ended |= input == InputState::Ended;
+            service.input = Some(input);
+        }
+        self.flush_acks();
+        if self.is_subscriber() {
+            self.produce_deliveries(state);
+        }
+        if self.has_output() && writable {
+            service.ended |= !self.on_writable(stream);
+            service.wrote = true;
+        }
+        service.ended |= self.is_finished();
+        service
     }
 
     /// Sends queued output; returns false when the stream failed.

@@ -248,30 +248,22 @@ impl KernelLoop {
         let mut worked = false;
         let mut finished = Vec::new();
         for (token, client) in &mut self.clients {
-            let mut ended = false;
-            if client.readable || client.connection.waits_for_room() {
-                match client
-                    .connection
-                    .on_readable(&mut client.stream, &mut self.state, now)
-                {
-                    InputState::Drained => client.readable = false,
-                    InputState::Paused => {}
-                    InputState::Ended => ended = true,
-                }
-                worked = true;
+            let service = client.connection.service(
+                &mut client.stream,
+                &mut self.state,
+                now,
+                client.readable,
+                client.writable,
+            );
+            if service.input == Some(InputState::Drained) {
+                client.readable = false;
             }
-            client.connection.flush_acks();
-            if client.connection.is_subscriber() {
-                client.connection.produce_deliveries(&self.state);
-            }
-            if client.connection.has_output() && client.writable {
-                if !client.connection.on_writable(&mut client.stream) {
-                    ended = true;
-                }
+            if service.wrote {
+                // Edge-triggered: writable again only after the next event.
                 client.writable = !client.connection.has_output();
-                worked = true;
             }
-            if ended || client.connection.is_finished() {
+            worked |= service.worked();
+            if service.ended {
                 finished.push(*token);
             }
         }

@@ -18,7 +18,7 @@ use super::device::Burst;
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::server::connection::{ByteStream, Connection, InputState};
+use crate::server::connection::{ByteStream, Connection};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -300,28 +300,17 @@ impl<D: Device + Burst> BypassLoop<D> {
             let Slot::Active(connection) = slot else {
                 continue;
             };
-            let mut ended = false;
-            if socket.can_recv() || !socket.may_recv() || connection.waits_for_room() {
-                match connection.on_readable(&mut SmolStream(socket), &mut self.state, now) {
-                    InputState::Drained | InputState::Paused => {}
-                    InputState::Ended => ended = true,
-                }
-                worked = true;
-            }
-            connection.flush_acks();
-            if connection.is_subscriber() {
-                connection.produce_deliveries(&self.state);
-            }
-            if connection.has_output() && socket.can_send() {
-                if !connection.on_writable(&mut SmolStream(socket)) {
-                    ended = true;
-                }
-                worked = true;
-            }
-            if !socket.is_active() {
-                ended = true;
-            }
-            if ended || connection.is_finished() {
+            let readable = socket.can_recv() || !socket.may_recv();
+            let writable = socket.can_send();
+            let service = connection.service(
+                &mut SmolStream(socket),
+                &mut self.state,
+                now,
+                readable,
+                writable,
+            );
+            worked |= service.worked();
+            if service.ended || !socket.is_active() {
                 connection.on_closed(&mut self.state);
                 socket.close();
                 *slot = Slot::Closing;
