@@ -219,6 +219,8 @@ struct Held {
 #[derive(Debug, Default)]
 struct RingState {
     next_read: u64,
+    /// End (exclusive) of the slots this poll round reads: the written frontier, capped.
+    scan_end: u64,
     released: u64,
     /// Decided flags of slots `released..next_read`.
     decided: VecDeque<bool>,
@@ -358,23 +360,21 @@ impl<M: SharedMemory> Sequencer<M> {
             mem.invalidate(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN), 8);
         }
         mem.fence();
-        let mut windows = Vec::with_capacity(brokers as usize);
+        let mut window_total = 0;
         for broker in 0..brokers {
             let written = mem.load_u64(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN));
-            let ring = &self.topics[index].rings[broker as usize];
+            let ring = &mut self.topics[index].rings[broker as usize];
             let end = written.min(ring.next_read + u64::from(self.config.scan_slots_max));
-            windows.push((ring.next_read, end.max(ring.next_read)));
-        }
-        for (broker, &(start, end)) in windows.iter().enumerate() {
-            for slot in start..end {
-                let offset = geometry.ring_slot_offset(topic, broker as u16, slot);
+            ring.scan_end = end.max(ring.next_read);
+            for slot in ring.next_read..ring.scan_end {
+                let offset = geometry.ring_slot_offset(topic, broker, slot);
                 mem.invalidate(offset, std::mem::size_of::<BatchHeader>() as u64);
             }
+            window_total += ring.scan_end - ring.next_read;
         }
         mem.fence();
         // A subscriber may still need old GOI entries: never order into them.
         let goi_entries = geometry.goi_entries;
-        let window_total: u64 = windows.iter().map(|(start, end)| end - start).sum();
         let state = &mut self.topics[index];
         state.polls_since_floor = state.polls_since_floor.saturating_add(1);
         let reach = state.next_ordinal + state.held.len() as u64 + window_total;
@@ -388,8 +388,13 @@ impl<M: SharedMemory> Sequencer<M> {
             .retention_floor
             .saturating_add(goi_entries);
         // Step 2: read and decide.
-        'rings: for (broker, &(start, end)) in windows.iter().enumerate() {
-            for slot in start..end {
+        'rings: for broker in 0..brokers as usize {
+            loop {
+                let ring = &self.topics[index].rings[broker];
+                let slot = ring.next_read;
+                if slot >= ring.scan_end {
+                    break;
+                }
                 // Each slot read may order itself and every held batch.
                 let state = &self.topics[index];
                 if state.next_ordinal + state.held.len() as u64 + 1 > goi_limit {
