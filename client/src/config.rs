@@ -121,23 +121,15 @@ impl PublisherConfig {
         if self.in_flight_batches_max == 0 {
             return Err(invalid("in_flight_batches_max", 0, "at least 1"));
         }
-        for (field, value) in [
-            ("connect_timeout_ms", self.connect_timeout_ms),
-            ("publish_timeout_ms", self.publish_timeout_ms),
-            ("flush_timeout_ms", self.flush_timeout_ms),
-            ("goodbye_timeout_ms", self.goodbye_timeout_ms),
-        ] {
-            if value == 0 {
-                return Err(invalid(field, 0, "at least 1 ms"));
-            }
-        }
-        if self.socket_buffer_bytes == 0 || self.socket_buffer_bytes > i32::MAX as usize {
-            return Err(invalid(
-                "socket_buffer_bytes",
-                self.socket_buffer_bytes,
-                "1..=2147483647",
-            ));
-        }
+        check_timeouts_and_buffer(
+            &[
+                ("connect_timeout_ms", self.connect_timeout_ms),
+                ("publish_timeout_ms", self.publish_timeout_ms),
+                ("flush_timeout_ms", self.flush_timeout_ms),
+                ("goodbye_timeout_ms", self.goodbye_timeout_ms),
+            ],
+            self.socket_buffer_bytes,
+        )?;
         Ok(ValidPublisher { topic, order, ack })
     }
 }
@@ -202,21 +194,13 @@ impl SubscriberConfig {
                 "0 (the broker's limit) or 4..=67108864",
             ));
         }
-        for (field, value) in [
-            ("connect_timeout_ms", self.connect_timeout_ms),
-            ("goodbye_timeout_ms", self.goodbye_timeout_ms),
-        ] {
-            if value == 0 {
-                return Err(invalid(field, 0, "at least 1 ms"));
-            }
-        }
-        if self.socket_buffer_bytes == 0 || self.socket_buffer_bytes > i32::MAX as usize {
-            return Err(invalid(
-                "socket_buffer_bytes",
-                self.socket_buffer_bytes,
-                "1..=2147483647",
-            ));
-        }
+        check_timeouts_and_buffer(
+            &[
+                ("connect_timeout_ms", self.connect_timeout_ms),
+                ("goodbye_timeout_ms", self.goodbye_timeout_ms),
+            ],
+            self.socket_buffer_bytes,
+        )?;
         Ok((topic, order))
     }
 
@@ -224,6 +208,26 @@ impl SubscriberConfig {
     pub fn from_end(&self) -> bool {
         self.from_position == FROM_END
     }
+}
+
+/// Every timeout at least 1 ms, and a socket buffer size the kernel takes (an `int`).
+fn check_timeouts_and_buffer(
+    timeouts: &[(&'static str, u64)],
+    socket_buffer_bytes: usize,
+) -> Result<(), ClientError> {
+    for &(field, value) in timeouts {
+        if value == 0 {
+            return Err(invalid(field, 0, "at least 1 ms"));
+        }
+    }
+    if socket_buffer_bytes == 0 || socket_buffer_bytes > i32::MAX as usize {
+        return Err(invalid(
+            "socket_buffer_bytes",
+            socket_buffer_bytes,
+            "1..=2147483647",
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn invalid(
