@@ -10,7 +10,9 @@ use std::collections::VecDeque;
 
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory};
-use crate::layout::{BatchHeader, Completion, FRONTIER_WRITTEN, PAYLOAD_ALIGN_BYTES, Record};
+use crate::layout::{
+    BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, PAYLOAD_ALIGN_BYTES, Record,
+};
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
 use crate::sequencer::CompletionStatus;
 
@@ -52,18 +54,22 @@ pub enum WriterError {
     /// Pool-level problem (unknown topic or broker).
     #[error(transparent)]
     Pool(#[from] PoolError),
-    /// The ring already holds batches from an earlier run of this broker.
+    /// A slot the earlier run published is not readable: the pool is damaged.
     #[error(
-        "ring of broker {broker} for topic {topic} already holds {written_slots} batches from an \
-         earlier run; rejoining an existing pool is not supported yet: re-format the pool"
+        "ring of broker {broker} for topic {topic}: slot {slot}, published by an earlier run, \
+         is not readable (ready word {ready}, expected {expected}); the pool is damaged"
     )]
-    RingNotEmpty {
+    RingDamaged {
         /// Broker id.
         broker: u16,
         /// Topic id.
         topic: TopicId,
-        /// Slots the earlier run published.
-        written_slots: u64,
+        /// Slot sequence number.
+        slot: u64,
+        /// Ready word found.
+        ready: u64,
+        /// Ready word expected.
+        expected: u64,
     },
 }
 
@@ -152,24 +158,18 @@ pub struct TopicWriter<M> {
     committed: VecDeque<u64>,
     blog_head: u64,
     overwrite_limit: u64,
+    /// Undecided slots of an earlier run (see [`TopicWriter::recovered_in_flight`]).
+    recovered: u64,
 }
 
 impl<M: SharedMemory> TopicWriter<M> {
-    /// A writer for `broker`'s ring of `topic`, which must be fresh.
+    /// A writer for `broker`'s ring of `topic`. A ring an earlier run of this broker left
+    /// (a crash or a restart) is picked up where it stopped, see [`TopicWriter::recovered`].
     pub fn new(pool: Pool<M>, topic: TopicId, broker: u16) -> Result<TopicWriter<M>, WriterError> {
         pool.check_broker(broker)?;
         let config = pool.topic_config(topic)?;
         let geometry = *pool.geometry();
-        let (written_slots, _) =
-            pool.read_frontier(geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN));
-        if written_slots != 0 {
-            return Err(WriterError::RingNotEmpty {
-                broker,
-                topic,
-                written_slots,
-            });
-        }
-        Ok(TopicWriter {
+        let mut writer = TopicWriter {
             pool,
             topic,
             broker,
@@ -185,7 +185,95 @@ impl<M: SharedMemory> TopicWriter<M> {
             committed: VecDeque::new(),
             blog_head: 0,
             overwrite_limit: 0,
-        })
+            recovered: 0,
+        };
+        writer.recover()?;
+        Ok(writer)
+    }
+
+    /// Rebuilds the writer's state from what an earlier run published: the `written`
+    /// frontier, the sequencer's `ordered` frontier, and the headers and completions of the
+    /// slots still in the ring. Slots the sequencer has released are decided (their
+    /// completions are read for the payload's ordinal); later ones are still in flight and
+    /// their completions arrive as usual (no connection waits for them: their publishers
+    /// resend, and the sequencer answers the resend as a duplicate). Payloads of batches
+    /// older than one ring lap are not tracked any more and may be overwritten: a subscriber
+    /// still reading them gets `Overwritten`, never wrong bytes.
+    fn recover(&mut self) -> Result<(), WriterError> {
+        let geometry = *self.pool.geometry();
+        let (written, overwrite_limit) = self.pool.read_frontier(geometry.frontier_offset(
+            self.topic,
+            self.broker,
+            FRONTIER_WRITTEN,
+        ));
+        if written == 0 {
+            return Ok(());
+        }
+        let (released, _) = self.pool.read_frontier(geometry.frontier_offset(
+            self.topic,
+            self.broker,
+            FRONTIER_ORDERED,
+        ));
+        let released = released.min(written);
+        let first = written.saturating_sub(self.ring_slots);
+        let mem = self.pool.mem();
+        let mut slots = Vec::with_capacity((written - first) as usize);
+        for slot in first..written {
+            let offset = geometry.ring_slot_offset(self.topic, self.broker, slot);
+            invalidate_and_fence(mem, offset, std::mem::size_of::<BatchHeader>() as u64);
+            let Some(header) = read_if_ready::<M, BatchHeader>(mem, offset, slot + 1) else {
+                return Err(WriterError::RingDamaged {
+                    broker: self.broker,
+                    topic: self.topic,
+                    slot,
+                    ready: mem.load_u64(offset + BatchHeader::READY_OFFSET),
+                    expected: slot + 1,
+                });
+            };
+            let state = if slot < released {
+                let offset = geometry.completion_offset(self.topic, self.broker, slot);
+                invalidate_and_fence(mem, offset, std::mem::size_of::<Completion>() as u64);
+                let ordinal = read_if_ready::<M, Completion>(mem, offset, slot + 1)
+                    .map_or(u64::MAX, |completion| completion.ordinal);
+                let ordinal = (ordinal != u64::MAX).then_some(ordinal);
+                AllocationState::Decided(ordinal)
+            } else {
+                AllocationState::InUse
+            };
+            let end = (header.blog_offset + u64::from(header.payload_bytes))
+                .next_multiple_of(PAYLOAD_ALIGN_BYTES);
+            slots.push((header.blog_offset, end, slot, state));
+        }
+        // Allocations are kept in payload log order; slots were committed in any order.
+        slots.sort_unstable_by_key(|&(start, ..)| start);
+        let mut in_flight = Vec::new();
+        for (index, &(start, end, slot, state)) in slots.iter().enumerate() {
+            self.allocations.push_back(Allocation { start, state });
+            self.blog_head = self.blog_head.max(end);
+            if state == AllocationState::InUse {
+                in_flight.push((slot, index as u64));
+            }
+        }
+        in_flight.sort_unstable();
+        self.committed = in_flight.into_iter().map(|(_, id)| id).collect();
+        self.next_slot = written;
+        self.completed_slots = released;
+        self.overwrite_limit = overwrite_limit;
+        self.recovered = written - released;
+        log::info!(
+            "broker {} topic {}: picked up the ring an earlier run left: {written} slots \
+             written, {released} decided, payload log at byte {}",
+            self.broker,
+            self.topic,
+            self.blog_head
+        );
+        Ok(())
+    }
+
+    /// Slots an earlier run committed that were still undecided when this writer started:
+    /// their completions come first and belong to no connection of this run.
+    pub fn recovered_in_flight(&self) -> u64 {
+        self.recovered
     }
 
     /// The topic's ordering level.

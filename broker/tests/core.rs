@@ -418,19 +418,43 @@ fn topics_are_validated_and_unique() {
 }
 
 #[test]
-fn a_writer_refuses_a_ring_left_by_an_earlier_run() {
+fn a_restarted_writer_picks_up_its_ring_and_loses_nothing() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("t", config(Order::Total)).unwrap();
-    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
-    let data = payload(1, 1);
-    writer.append(meta(1, 0, &data, 1), &data).unwrap();
-    assert!(matches!(
-        TopicWriter::new(pool.clone(), topic, 0),
-        Err(WriterError::RingNotEmpty {
-            written_slots: 1,
-            ..
-        })
-    ));
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let mut sent = Vec::new();
+    for seq in 0..3u64 {
+        let data = payload(seq as u8, 2);
+        writer.append(meta(1, seq, &data, 2), &data).unwrap();
+        sent.push(data);
+    }
+    assert_eq!(sequencer.poll(1), 3);
+    // Two more batches are committed but not decided when the broker dies.
+    for seq in 3..5u64 {
+        let data = payload(seq as u8, 2);
+        writer.append(meta(1, seq, &data, 2), &data).unwrap();
+        sent.push(data);
+    }
+    drop(writer);
+    let mut restarted = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    assert_eq!(restarted.committed_slots(), 5);
+    assert_eq!(restarted.completed_slots(), 3);
+    assert_eq!(restarted.recovered_in_flight(), 2);
+    for seq in 5..7u64 {
+        let data = payload(seq as u8, 2);
+        assert_eq!(
+            restarted.append(meta(1, seq, &data, 2), &data).unwrap(),
+            seq
+        );
+        sent.push(data);
+    }
+    assert_eq!(sequencer.poll(2), 4);
+    let decided: Vec<u64> = outcomes(&mut restarted).iter().map(|o| o.slot).collect();
+    assert_eq!(decided, vec![3, 4, 5, 6]);
+    let log = read_all(&pool, topic);
+    let bytes: Vec<Vec<u8>> = log.into_iter().map(|(.., data)| data).collect();
+    assert_eq!(bytes, sent, "every batch once, in order, bytes intact");
 }
 
 #[test]

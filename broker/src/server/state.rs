@@ -63,6 +63,9 @@ pub struct TopicState<M> {
     pub writer: TopicWriter<M>,
     /// Committed slots not yet decided, in slot order.
     pub pending: VecDeque<PendingSlot>,
+    /// Undecided slots an earlier run of this broker committed: their completions come
+    /// before those of `pending` and have no connection to go to (their publishers resend).
+    pub orphaned: u64,
 }
 
 /// The broker-wide state the connections share.
@@ -106,12 +109,14 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         if !self.topics.contains_key(&topic) {
             let config = self.pool.topic_config(topic)?;
             let writer = TopicWriter::new(self.pool.clone(), topic, self.settings.broker_id)?;
+            let recovered = writer.recovered_in_flight();
             self.topics.insert(
                 topic,
                 TopicState {
                     config,
                     writer,
                     pending: VecDeque::new(),
+                    orphaned: recovered,
                 },
             );
         }
@@ -151,10 +156,15 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         let mut lag = 0;
         for state in self.topics.values_mut() {
             let pending = &mut state.pending;
+            let orphaned = &mut state.orphaned;
             let metrics = &self.metrics;
             read += state
                 .writer
                 .poll_completions(usize::MAX, |outcome: SlotOutcome| {
+                    if *orphaned > 0 {
+                        *orphaned -= 1;
+                        return;
+                    }
                     match pending.pop_front() {
                         Some(slot) => out.push(RoutedOutcome {
                             slot,
