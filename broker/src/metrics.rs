@@ -47,6 +47,12 @@ pub struct Metrics {
     pub sequencer_gaps_resolved: AtomicU64,
     /// Sequencer (head only), gauge: batches held for gaps.
     pub sequencer_held: AtomicU64,
+    /// Batches copied to this broker's replica files.
+    pub replica_batches: AtomicU64,
+    /// Replication errors (each stops replication for a second; see the log).
+    pub replica_errors: AtomicU64,
+    /// Sequencer: times this broker took the sequencer lease over from an expired holder.
+    pub sequencer_takeovers: AtomicU64,
 }
 
 impl Metrics {
@@ -70,7 +76,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 14] = [
+        let series: [(&str, &str, &str, &AtomicU64); 17] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -130,6 +136,24 @@ impl Metrics {
                 "gauge",
                 "Batches in this broker's rings not yet decided by the sequencer.",
                 &self.sequencer_lag_batches,
+            ),
+            (
+                "embarcadero_replica_batches_total",
+                "counter",
+                "Batches copied to this broker's replica files.",
+                &self.replica_batches,
+            ),
+            (
+                "embarcadero_replica_errors_total",
+                "counter",
+                "Replication errors (replication pauses for a second after each).",
+                &self.replica_errors,
+            ),
+            (
+                "embarcadero_sequencer_takeovers_total",
+                "counter",
+                "Times this broker took over the sequencer lease from an expired holder.",
+                &self.sequencer_takeovers,
             ),
             (
                 "embarcadero_batches_delivered_total",

@@ -6,8 +6,8 @@ use bytemuck::Zeroable;
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    FRONTIER_SUBSCRIBED, Geometry, GeometryError, LAYOUT_VERSION, POOL_FORMATTED, POOL_MAGIC,
-    PoolHeader, Record, TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
+    FRONTIER_REPLICATED, FRONTIER_SUBSCRIBED, Geometry, GeometryError, LAYOUT_VERSION,
+    POOL_FORMATTED, POOL_MAGIC, PoolHeader, Record, TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
 };
 
 /// Why a pool cannot be formatted or attached, or a topic not created or found.
@@ -369,14 +369,14 @@ impl<M: SharedMemory> Pool<M> {
         (self.mem.load_u64(offset), self.mem.load_u64(offset + 8))
     }
 
-    /// The lowest ordinal any broker's subscribers still need in `topic` (`u64::MAX` when
-    /// none holds anything): payloads and GOI entries from it on must be kept.
+    /// The lowest ordinal any broker's subscribers or running replica still need in
+    /// `topic` (`u64::MAX` when none holds anything): payloads and GOI entries from it on
+    /// must be kept.
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
         (0..self.geometry.brokers_max as u16)
-            .map(|broker| {
-                let offset = self
-                    .geometry
-                    .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
+            .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
+            .map(|(broker, frontier)| {
+                let offset = self.geometry.frontier_offset(topic, broker, frontier);
                 match self.read_frontier(offset).0 {
                     0 => u64::MAX,
                     needed_plus_one => needed_plus_one - 1,
@@ -384,6 +384,38 @@ impl<M: SharedMemory> Pool<M> {
             })
             .min()
             .unwrap_or(u64::MAX)
+    }
+
+    /// The global position below which every message of `topic` is durable in at least
+    /// `replicas` brokers' replica files (the ack level 2 frontier): the `replicas`-th
+    /// largest replicated position over all brokers, 0 when fewer brokers replicate.
+    pub fn replicated_position(&self, topic: TopicId, replicas: usize) -> u64 {
+        if replicas == 0 {
+            return u64::MAX;
+        }
+        let mut positions = [0u64; crate::layout::BROKERS_MAX as usize];
+        let brokers = self.geometry.brokers_max as usize;
+        for (broker, position) in positions.iter_mut().enumerate().take(brokers) {
+            let offset = self
+                .geometry
+                .frontier_offset(topic, broker as u16, FRONTIER_REPLICATED);
+            *position = self.read_frontier(offset).1;
+        }
+        let positions = &mut positions[..brokers];
+        positions.sort_unstable_by(|a, b| b.cmp(a));
+        positions.get(replicas - 1).copied().unwrap_or(0)
+    }
+
+    /// The name and configuration of topic `topic`.
+    pub fn topic_entry(&self, topic: TopicId) -> Result<(String, TopicConfig), PoolError> {
+        if topic >= self.geometry.topics_max {
+            return Err(PoolError::NoSuchTopic { topic });
+        }
+        let meta = self
+            .read_topic(topic)
+            .ok_or(PoolError::NoSuchTopic { topic })?;
+        let name = String::from_utf8_lossy(topic_name(&meta)).into_owned();
+        Ok((name, config_of(topic, &meta)?))
     }
 
     /// Publishes the lowest ordinal `broker`'s subscribers still need in `topic` (`None`:

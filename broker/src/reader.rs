@@ -141,6 +141,11 @@ impl<M: SharedMemory> LogReader<M> {
         self.next_ordinal
     }
 
+    /// Moves the cursor to batch `ordinal` (a replica resuming after its last record).
+    pub fn set_next_ordinal(&mut self, ordinal: u64) {
+        self.next_ordinal = ordinal;
+    }
+
     fn earliest_ordinal(&self, committed: u64) -> u64 {
         committed.saturating_sub(self.pool.geometry().goi_entries)
     }

@@ -94,6 +94,7 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
         auto_create_topics: true,
         batch_bytes_max: 16 * 1024,
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+        replication_factor: 1,
     };
     let metrics = Arc::new(Metrics::default());
     let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));

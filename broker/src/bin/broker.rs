@@ -12,6 +12,7 @@ use broker::sequencer::SequencerConfig;
 use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
+use broker::server::replica::ReplicaConfig;
 use broker::server::state::BrokerSettings;
 use broker::server::{BrokerOptions, IdleStrategy, NetBackend, PoolSpec, open_pool, start};
 use clap::Parser;
@@ -120,6 +121,20 @@ struct Args {
     /// Receive and send buffer of each smoltcp socket, in bytes.
     #[arg(long)]
     xdp_socket_buffer_bytes: Option<usize>,
+    /// Replicate topics whose replication factor is 2 or more to files in this directory
+    /// (this broker's own disk); ack level 2 waits for replicas to sync.
+    #[arg(long)]
+    replica_dir: Option<PathBuf>,
+    /// Replicas sync (fdatasync) once this many bytes are pending (K, M or G suffix).
+    #[arg(long)]
+    replica_sync_bytes: Option<String>,
+    /// Replicas sync once the oldest pending byte is this old, in microseconds.
+    #[arg(long)]
+    replica_sync_interval_us: Option<u64>,
+    /// Replication factor (counting the pool copy) of topics the head creates on first use;
+    /// ack level 2 needs 2 or more.
+    #[arg(long)]
+    replication_factor: Option<u8>,
     /// DEBUG ONLY, hidden: inject faults into the xdp backend's device, e.g.
     /// drop=1,duplicate=1,reorder=1,corrupt=1,seed=7 (percent). Not in the config file.
     #[arg(long, hide = true)]
@@ -211,6 +226,12 @@ fn merge(cli: Args, file: Args) -> Args {
         xdp_mode: cli.xdp_mode.or(file.xdp_mode),
         xdp_sockets: cli.xdp_sockets.or(file.xdp_sockets),
         xdp_socket_buffer_bytes: cli.xdp_socket_buffer_bytes.or(file.xdp_socket_buffer_bytes),
+        replica_dir: cli.replica_dir.or(file.replica_dir),
+        replica_sync_bytes: cli.replica_sync_bytes.or(file.replica_sync_bytes),
+        replica_sync_interval_us: cli
+            .replica_sync_interval_us
+            .or(file.replica_sync_interval_us),
+        replication_factor: cli.replication_factor.or(file.replication_factor),
         debug_inject_faults: cli.debug_inject_faults,
     }
 }
@@ -301,6 +322,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
             auto_create_topics: !args.no_auto_create_topics,
             batch_bytes_max: args.batch_bytes_max.unwrap_or(wire::BATCH_BYTES_DEFAULT),
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+            replication_factor: args.replication_factor.unwrap_or(1).max(1),
         },
         listen,
         socket_buffer_bytes: args.socket_buffer_bytes.unwrap_or(4 << 20),
@@ -313,6 +335,14 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
         },
         metrics_listen: args.metrics,
         net,
+        replica: match args.replica_dir {
+            Some(dir) => Some(ReplicaConfig {
+                dir,
+                sync_bytes: parse_bytes(args.replica_sync_bytes.as_deref().unwrap_or("1M"))?,
+                sync_interval_us: args.replica_sync_interval_us.unwrap_or(2_000),
+            }),
+            None => None,
+        },
     };
     Ok((spec, options))
 }

@@ -58,6 +58,8 @@ pub struct Service {
     pub input: Option<InputState>,
     /// Whether it wrote output.
     pub wrote: bool,
+    /// Whether decisions that waited for replicas were released.
+    pub released: bool,
     /// The connection is over (peer gone, stream failed, or everything owed was sent).
     pub ended: bool,
 }
@@ -65,7 +67,7 @@ pub struct Service {
 impl Service {
     /// Whether anything happened.
     pub fn worked(&self) -> bool {
-        self.input.is_some() || self.wrote
+        self.input.is_some() || self.wrote || self.released
     }
 }
 
@@ -98,7 +100,7 @@ enum Receiving {
     },
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct InFlight {
     batch_seq: u64,
     message_count: u32,
@@ -118,6 +120,10 @@ struct Publisher {
     ack_entries: Vec<AckEntry>,
     ack_dirty: bool,
     goodbye: bool,
+    /// Ack level 2: replica files (besides the pool) that must hold a batch.
+    replicas: usize,
+    /// Ack level 2: decisions waiting for the replicas, in commit order.
+    durable_wait: VecDeque<(RoutedOutcome, InFlight)>,
 }
 
 #[derive(Debug)]
@@ -546,11 +552,6 @@ impl<M: SharedMemory + Clone> Connection<M> {
             self.send_error(&state.metrics, ErrorCode::UnknownTopic, None, reason);
             return;
         }
-        if create.ack == AckLevel::Replicated {
-            let reason = "ack 2 (replication) is not available in this build";
-            self.send_error(&state.metrics, ErrorCode::AckLevelUnsupported, None, reason);
-            return;
-        }
         // The wire counts replicas besides the pool copy; the pool counts the pool copy too.
         let Some(replication_factor) = create.replication_factor.checked_add(1) else {
             let reason = "replication factor 255 is more than a pool can hold";
@@ -619,10 +620,15 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let batch_bytes_max = state.settings.batch_bytes_max;
         match hello.role {
             wire::Role::Publish => {
-                if hello.ack as u8 > config.ack {
+                if hello.ack as u8 > config.ack
+                    || (hello.ack == AckLevel::Replicated && config.replication_factor < 2)
+                {
                     let reason = format!(
-                        "topic {name:?} offers ack levels up to {}, not {}",
-                        config.ack, hello.ack as u8
+                        "topic {name:?} offers ack levels up to {} with replication factor \
+                         {}, not {} (ack 2 needs a replication factor of 2 or more: \
+                         CreateTopic, or the head's --replication-factor for topics created on \
+                         first use)",
+                        config.ack, config.replication_factor, hello.ack as u8
                     );
                     return self.send_error(
                         &metrics,
@@ -683,6 +689,8 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     ack_entries: Vec::new(),
                     ack_dirty: false,
                     goodbye: false,
+                    replicas: usize::from(config.replication_factor.saturating_sub(1)),
+                    durable_wait: VecDeque::new(),
                 }));
             }
             wire::Role::Subscribe {
@@ -754,6 +762,61 @@ impl<M: SharedMemory + Clone> Connection<M> {
             batch.batch_seq, outcome.slot.batch_seq,
             "outcomes arrive in commit order"
         );
+        if publisher.ack == AckLevel::Replicated {
+            // Decisions leave in order, each once the replicas hold it (see release_durable).
+            publisher.durable_wait.push_back((*outcome, batch));
+            return;
+        }
+        self.apply_outcome(outcome, batch, metrics, now);
+    }
+
+    /// Ack level 2: passes on, in order, the decisions whose batches the replicas now hold
+    /// durably (and the rejections queued behind them). Returns whether any left.
+    fn release_durable(&mut self, state: &BrokerState<M>, now: Instant) -> bool {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return false;
+        };
+        if publisher.durable_wait.is_empty() {
+            return false;
+        }
+        let durable = state
+            .pool
+            .replicated_position(publisher.topic, publisher.replicas);
+        let mut released = false;
+        while let Peer::Publisher(publisher) = &mut self.role
+            && let Some((outcome, batch)) = publisher.durable_wait.front().copied()
+        {
+            let waits = matches!(
+                outcome.status,
+                CompletionStatus::Ordered | CompletionStatus::Duplicate
+            ) && outcome
+                .global_start
+                .is_some_and(|start| start + u64::from(batch.message_count) > durable);
+            if waits {
+                break;
+            }
+            publisher.durable_wait.pop_front();
+            self.apply_outcome(&outcome, batch, &state.metrics, now);
+            released = true;
+        }
+        released
+    }
+
+    /// True while decisions wait for replicas (the loop should look again soon).
+    pub fn awaits_durability(&self) -> bool {
+        matches!(&self.role, Peer::Publisher(p) if !p.durable_wait.is_empty())
+    }
+
+    fn apply_outcome(
+        &mut self,
+        outcome: &RoutedOutcome,
+        batch: InFlight,
+        metrics: &Metrics,
+        now: Instant,
+    ) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
         if self.closing {
             // A closing Error (or our Goodbye) was the last frame: nothing follows it. The
             // batch is in the log all the same; a resend after reconnecting is deduplicated.
@@ -848,7 +911,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
             }
         }
         if let Peer::Publisher(publisher) = &self.role {
-            if publisher.goodbye && publisher.in_flight.is_empty() && !self.closing {
+            if publisher.goodbye
+                && publisher.in_flight.is_empty()
+                && publisher.durable_wait.is_empty()
+                && !self.closing
+            {
                 self.send_frame(&Frame::Goodbye);
                 self.closing = true;
             }
@@ -956,6 +1023,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let mut service = Service {
             input: None,
             wrote: false,
+            released: false,
             ended: false,
         };
         if readable || self.waits_for_room() {
@@ -963,6 +1031,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             service.ended |= input == InputState::Ended;
             service.input = Some(input);
         }
+        service.released = self.release_durable(state, now);
         self.flush_acks();
         if self.is_subscriber() {
             self.produce_deliveries(state);

@@ -44,6 +44,7 @@ impl InProcessCluster {
                     auto_create_topics: true,
                     batch_bytes_max: 1 << 20,
                     frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+                    replication_factor: 1,
                 },
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 socket_buffer_bytes: 1 << 20,
@@ -51,6 +52,7 @@ impl InProcessCluster {
                 sequencer: SequencerConfig::default(),
                 metrics_listen: None,
                 net: NetBackend::Kernel,
+                replica: None,
             };
             configure(&mut options);
             let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;

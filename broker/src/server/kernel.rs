@@ -104,10 +104,11 @@ impl KernelLoop {
                 }
             }
             let pending = self.state.undecided() > 0
-                || self
-                    .clients
-                    .values()
-                    .any(|c| c.connection.is_subscriber() || c.connection.waits_for_room());
+                || self.clients.values().any(|c| {
+                    c.connection.is_subscriber()
+                        || c.connection.waits_for_room()
+                        || c.connection.awaits_durability()
+                });
             let timeout = if pending {
                 self.idle.timeout()
             } else {

@@ -6,6 +6,7 @@ pub mod bypass;
 pub mod connection;
 pub mod in_process;
 pub mod kernel;
+pub mod replica;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -106,6 +107,8 @@ pub struct BrokerOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Which network backend serves clients.
     pub net: NetBackend,
+    /// Replicate topics with a replication factor of 2 or more to files here (ack level 2).
+    pub replica: Option<replica::ReplicaConfig>,
 }
 
 /// The network backend of a broker.
@@ -257,6 +260,12 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
             run_sequencer(sequencer, idle, &metrics, &stop)
         }));
     }
+    if let Some(config) = options.replica.clone() {
+        let (pool, metrics, stop) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&stop));
+        threads.push(spawn("replica", move || {
+            run_replica(&pool, broker_id, &config, &metrics, &stop)
+        }));
+    }
     let mut xdp = None;
     if let NetBackend::Xdp(xdp_options) = &options.net {
         let started = bypass::spawn(
@@ -358,6 +367,58 @@ fn run_sequencer(
             // After a sleep the cached clock is stale: read it on the next poll.
             if idle.timeout() > Duration::ZERO {
                 polls = polls.next_multiple_of(POLLS_PER_CLOCK_READ);
+            }
+        }
+    }
+}
+
+/// Pause after a replication error before the files are opened again.
+const REPLICA_RETRY: Duration = Duration::from_secs(1);
+
+/// The replica thread: copies and syncs until stopped; on an error it says why, counts it,
+/// and starts over from its files after a pause (ack level 2 waits meanwhile).
+fn run_replica(
+    pool: &Pool<PoolMemory>,
+    broker_id: u16,
+    config: &replica::ReplicaConfig,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) {
+    let report = |e: replica::ReplicaError| {
+        log::error!("broker {broker_id}: replication stopped: {e}; retrying in 1 s");
+        Metrics::inc(&metrics.replica_errors);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let mut replicator = match replica::Replicator::new(pool.clone(), broker_id, config.clone())
+        {
+            Ok(replicator) => replicator,
+            Err(e) => {
+                report(e);
+                std::thread::sleep(REPLICA_RETRY);
+                continue;
+            }
+        };
+        let mut idle = Idle::new(IdleStrategy::Sleep);
+        let result = loop {
+            if stop.load(Ordering::Relaxed) {
+                break replicator.stop();
+            }
+            match replicator.poll(Instant::now()) {
+                Ok(copied) => {
+                    metrics
+                        .replica_batches
+                        .fetch_add(copied as u64, Ordering::Relaxed);
+                    idle.record(copied > 0);
+                    idle.wait();
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                report(e);
+                std::thread::sleep(REPLICA_RETRY);
             }
         }
     }

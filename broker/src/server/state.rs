@@ -28,6 +28,8 @@ pub struct BrokerSettings {
     pub batch_bytes_max: u32,
     /// Largest control frame body accepted.
     pub frame_bytes_max: u32,
+    /// Replication factor (counting the pool copy) of topics created on first use.
+    pub replication_factor: u8,
 }
 
 /// A committed batch waiting for the sequencer's decision.
@@ -139,7 +141,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         let config = TopicConfig {
             order,
             ack: ack.max(1),
-            replication_factor: 1,
+            replication_factor: self.settings.replication_factor,
         };
         let topic = self.pool.create_topic(name, config)?;
         log::info!(

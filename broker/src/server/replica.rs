@@ -1,0 +1,536 @@
+//! Replication to local files (ack level 2).
+//!
+//! A broker started with a replica directory copies every topic whose replication factor
+//! is 2 or more from the pool to a file of its own, in global order: one record per batch
+//! (a 64-byte header with its own CRC-32C, then the payload), appended, and made durable
+//! with `fdatasync` once `sync_bytes` are pending or `sync_interval_us` has passed since the
+//! first of them. After each sync it publishes its replicated frontier: batches (ordinals)
+//! and messages (positions) on disk. A batch acknowledged at level 2 is on disk at
+//! `replication_factor - 1` brokers besides the pool.
+//!
+//! The replica's read position holds the topic's retention (like a subscriber's), so a
+//! payload is never reclaimed before every running replica copied it.
+//!
+//! Opening a file checks every record and cuts a torn tail (a crash between append and
+//! sync), so a restarted broker resumes from its last durable record.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::coherence::SharedMemory;
+use crate::layout::FRONTIER_REPLICATED;
+use crate::pool::{Pool, TopicConfig, TopicId};
+use crate::reader::{LogReader, OrderedBatch, ReadError};
+
+/// Magic of a replica record header.
+const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
+/// Bytes of a record header.
+pub const RECORD_HEADER_BYTES: usize = 64;
+/// Batches copied per topic per poll, so one busy topic cannot starve the others.
+const BATCHES_PER_POLL_MAX: usize = 256;
+
+/// Header of one replicated batch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// [`RECORD_MAGIC`].
+    pub magic: u32,
+    /// CRC-32C of the header's bytes after this field.
+    pub header_crc: u32,
+    /// Place of the batch in the topic's order.
+    pub ordinal: u64,
+    /// Global position of its first message.
+    pub global_start: u64,
+    /// Publisher id.
+    pub client_id: u64,
+    /// Publisher's batch sequence.
+    pub batch_seq: u64,
+    /// Publisher's session epoch.
+    pub session_epoch: u32,
+    /// Payload bytes that follow.
+    pub payload_bytes: u32,
+    /// Messages in the payload.
+    pub message_count: u32,
+    /// CRC-32C of the payload.
+    pub checksum: u32,
+    /// Broker whose payload log held the batch.
+    pub broker: u16,
+    /// Reserved, zero.
+    pub reserved: [u8; 6],
+}
+
+const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
+
+impl RecordHeader {
+    fn crc(&self) -> u32 {
+        crc32c::crc32c(&bytemuck::bytes_of(self)[8..])
+    }
+}
+
+/// Replication settings of one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// Where this broker's replica files live (its own disk).
+    pub dir: PathBuf,
+    /// Sync once this many bytes are pending.
+    pub sync_bytes: u64,
+    /// Sync once the oldest pending byte is this old.
+    pub sync_interval_us: u64,
+}
+
+/// Why replication cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// A file operation failed.
+    #[error("replica file {path}: {what}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file holds a different log than the pool (another pool, or a re-formatted one).
+    #[error(
+        "replica file {path} disagrees with the pool at batch {ordinal}: {what}; move the file \
+         away to start a fresh replica"
+    )]
+    Diverged {
+        /// The file.
+        path: PathBuf,
+        /// First batch that differs.
+        ordinal: u64,
+        /// What differs.
+        what: String,
+    },
+    /// The pool no longer holds a batch the replica needs.
+    #[error("replica of topic {topic} cannot continue: {source}")]
+    Read {
+        /// Topic.
+        topic: TopicId,
+        /// Reader error.
+        source: ReadError,
+    },
+    /// A topic description file cannot be read.
+    #[error("topic description {path}: {what}")]
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+fn io_error(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ReplicaError {
+    let path = path.to_owned();
+    move |source| ReplicaError::Io { path, what, source }
+}
+
+/// Path of the replica file of `topic` in `dir`.
+pub fn log_path(dir: &Path, topic: TopicId) -> PathBuf {
+    dir.join(format!("topic-{topic}.log"))
+}
+
+/// Path of the description (name and settings) of `topic` in `dir`.
+pub fn meta_path(dir: &Path, topic: TopicId) -> PathBuf {
+    dir.join(format!("topic-{topic}.toml"))
+}
+
+/// A topic's name and settings, kept beside its replica so a lost pool can be rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopicDescription {
+    /// Topic id in the pool.
+    pub id: TopicId,
+    /// Topic name.
+    pub name: String,
+    /// Ordering level.
+    pub order: u8,
+    /// Default ack level.
+    pub ack: u8,
+    /// Replication factor, counting the pool copy.
+    pub replication_factor: u8,
+}
+
+impl TopicDescription {
+    /// Reads a description file.
+    pub fn load(path: &Path) -> Result<TopicDescription, ReplicaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ReplicaError::Meta {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ReplicaError::Meta {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })
+    }
+
+    /// The settings as the pool stores them.
+    pub fn config(&self) -> Result<TopicConfig, ReplicaError> {
+        let order = crate::Order::try_from(self.order).map_err(|e| ReplicaError::Meta {
+            path: PathBuf::new(),
+            what: e.to_string(),
+        })?;
+        Ok(TopicConfig {
+            order,
+            ack: self.ack,
+            replication_factor: self.replication_factor,
+        })
+    }
+}
+
+/// One batch read back from a replica file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// Its header.
+    pub header: RecordHeader,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads the valid records of a replica file from the start; stops at the first torn or
+/// damaged one. Returns the records and the byte length of the valid prefix.
+pub fn read_records(path: &Path) -> Result<(Vec<ReplicaRecord>, u64), ReplicaError> {
+    let mut records = Vec::new();
+    let valid = scan(path, |record| records.push(record))?;
+    Ok((records, valid.bytes))
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Scanned {
+    bytes: u64,
+    batches: u64,
+    next_position: u64,
+}
+
+fn scan(path: &Path, mut f: impl FnMut(ReplicaRecord)) -> Result<Scanned, ReplicaError> {
+    let mut file = match File::open(path) {
+        Ok(file) => std::io::BufReader::new(file),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scanned::default()),
+        Err(e) => return Err(io_error(path, "open")(e)),
+    };
+    let mut scanned = Scanned::default();
+    loop {
+        let mut header = RecordHeader::zeroed();
+        if read_full(&mut file, bytemuck::bytes_of_mut(&mut header), path)? {
+            break;
+        }
+        if header.magic != RECORD_MAGIC
+            || header.header_crc != header.crc()
+            || header.ordinal != scanned.batches
+        {
+            break;
+        }
+        let mut payload = vec![0; header.payload_bytes as usize];
+        if read_full(&mut file, &mut payload, path)? || crc32c::crc32c(&payload) != header.checksum
+        {
+            break;
+        }
+        scanned.bytes += (RECORD_HEADER_BYTES + payload.len()) as u64;
+        scanned.batches += 1;
+        scanned.next_position = header.global_start + u64::from(header.message_count);
+        f(ReplicaRecord { header, payload });
+    }
+    Ok(scanned)
+}
+
+/// Fills `buf`; returns true when the file ended first (a torn or absent record).
+fn read_full(file: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool, ReplicaError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read(&mut buf[done..]) {
+            Ok(0) => return Ok(true),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, "read")(e)),
+        }
+    }
+    Ok(false)
+}
+
+/// An append-only replica file of one topic.
+#[derive(Debug)]
+pub struct ReplicaFile {
+    path: PathBuf,
+    file: File,
+    /// Records in the file (durable or pending).
+    batches: u64,
+    next_position: u64,
+    /// Records and positions known durable.
+    durable_batches: u64,
+    durable_position: u64,
+    pending: Vec<u8>,
+    pending_since: Option<Instant>,
+}
+
+impl ReplicaFile {
+    /// Opens (or creates) the file of `topic` in `dir`, keeping its valid prefix and
+    /// cutting anything after it.
+    pub fn open(dir: &Path, topic: TopicId) -> Result<ReplicaFile, ReplicaError> {
+        std::fs::create_dir_all(dir).map_err(io_error(dir, "create directory"))?;
+        let path = log_path(dir, topic);
+        let scanned = scan(&path, |_| {})?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path, "open"))?;
+        let len = file.metadata().map_err(io_error(&path, "stat"))?.len();
+        if len != scanned.bytes {
+            log::warn!(
+                "replica {}: cutting {} bytes after the last valid record (batch {})",
+                path.display(),
+                len - scanned.bytes,
+                scanned.batches
+            );
+            file.set_len(scanned.bytes)
+                .map_err(io_error(&path, "truncate"))?;
+            file.sync_data().map_err(io_error(&path, "fdatasync"))?;
+        }
+        file.seek(SeekFrom::Start(scanned.bytes))
+            .map_err(io_error(&path, "seek"))?;
+        Ok(ReplicaFile {
+            path,
+            file,
+            batches: scanned.batches,
+            next_position: scanned.next_position,
+            durable_batches: scanned.batches,
+            durable_position: scanned.next_position,
+            pending: Vec::new(),
+            pending_since: None,
+        })
+    }
+
+    /// Batches in the file, durable or not.
+    pub fn batches(&self) -> u64 {
+        self.batches
+    }
+
+    /// (batches, next position) known durable.
+    pub fn durable(&self) -> (u64, u64) {
+        (self.durable_batches, self.durable_position)
+    }
+
+    /// Appends one batch (it must be the next ordinal) to the pending bytes.
+    pub fn append(&mut self, batch: &OrderedBatch<'_>, now: Instant) -> Result<(), ReplicaError> {
+        if batch.ordinal != self.batches || batch.global_start != self.next_position {
+            return Err(ReplicaError::Diverged {
+                path: self.path.clone(),
+                ordinal: batch.ordinal,
+                what: format!(
+                    "the file continues at batch {} position {}, the pool offers batch {} \
+                     position {}",
+                    self.batches, self.next_position, batch.ordinal, batch.global_start
+                ),
+            });
+        }
+        let mut header = RecordHeader {
+            magic: RECORD_MAGIC,
+            header_crc: 0,
+            ordinal: batch.ordinal,
+            global_start: batch.global_start,
+            client_id: batch.client_id,
+            batch_seq: batch.batch_seq,
+            session_epoch: batch.session_epoch,
+            payload_bytes: batch.payload.len() as u32,
+            message_count: batch.message_count,
+            checksum: batch.checksum,
+            broker: batch.broker,
+            reserved: [0; 6],
+        };
+        header.header_crc = header.crc();
+        self.pending.extend_from_slice(bytemuck::bytes_of(&header));
+        self.pending.extend_from_slice(batch.payload);
+        self.batches += 1;
+        self.next_position = batch.global_start + u64::from(batch.message_count);
+        self.pending_since.get_or_insert(now);
+        Ok(())
+    }
+
+    /// Whether the pending bytes are due for a sync under `config` at `now`.
+    pub fn sync_due(&self, config: &ReplicaConfig, now: Instant) -> bool {
+        self.pending_since.is_some_and(|since| {
+            self.pending.len() as u64 >= config.sync_bytes
+                || now.saturating_duration_since(since)
+                    >= Duration::from_micros(config.sync_interval_us)
+        })
+    }
+
+    /// Writes the pending bytes and makes them durable (`fdatasync`).
+    pub fn sync(&mut self) -> Result<(), ReplicaError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(&self.pending)
+            .map_err(io_error(&self.path, "write"))?;
+        self.file
+            .sync_data()
+            .map_err(io_error(&self.path, "fdatasync"))?;
+        self.pending.clear();
+        self.pending_since = None;
+        self.durable_batches = self.batches;
+        self.durable_position = self.next_position;
+        Ok(())
+    }
+}
+
+struct TopicReplica<M> {
+    topic: TopicId,
+    reader: LogReader<M>,
+    file: ReplicaFile,
+}
+
+/// Copies every replicated topic of the pool to this broker's files. Run
+/// [`Replicator::poll`] in a loop (its own thread).
+pub struct Replicator<M> {
+    pool: Pool<M>,
+    broker: u16,
+    config: ReplicaConfig,
+    topics: Vec<TopicReplica<M>>,
+    /// Topics seen that are not replicated (rf 1).
+    skipped: Vec<TopicId>,
+}
+
+impl<M: SharedMemory> std::fmt::Debug for Replicator<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicator")
+            .field("broker", &self.broker)
+            .field("config", &self.config)
+            .field("topics", &self.topics.len())
+            .finish()
+    }
+}
+
+impl<M: SharedMemory + Clone> Replicator<M> {
+    /// A replicator for `broker` writing under `config.dir`.
+    pub fn new(pool: Pool<M>, broker: u16, config: ReplicaConfig) -> Result<Self, ReplicaError> {
+        std::fs::create_dir_all(&config.dir).map_err(io_error(&config.dir, "create directory"))?;
+        Ok(Replicator {
+            pool,
+            broker,
+            config,
+            topics: Vec::new(),
+            skipped: Vec::new(),
+        })
+    }
+
+    fn refresh_topics(&mut self) -> Result<(), ReplicaError> {
+        for topic in self.pool.topics() {
+            if self.skipped.contains(&topic) || self.topics.iter().any(|t| t.topic == topic) {
+                continue;
+            }
+            let (name, config) = match self.pool.topic_entry(topic) {
+                Ok(entry) => entry,
+                Err(_) => continue,
+            };
+            if config.replication_factor < 2 {
+                self.skipped.push(topic);
+                continue;
+            }
+            let description = TopicDescription {
+                id: topic,
+                name,
+                order: config.order as u8,
+                ack: config.ack,
+                replication_factor: config.replication_factor,
+            };
+            let meta = meta_path(&self.config.dir, topic);
+            let text = toml::to_string(&description).expect("a description serializes");
+            std::fs::write(&meta, text).map_err(io_error(&meta, "write"))?;
+            let file = ReplicaFile::open(&self.config.dir, topic)?;
+            let mut reader = LogReader::new(self.pool.clone(), topic, true)
+                .map_err(|source| ReplicaError::Read { topic, source })?;
+            reader.set_next_ordinal(file.batches());
+            log::info!(
+                "broker {}: replicating topic {topic} ({:?}) to {} from batch {}",
+                self.broker,
+                description.name,
+                file.path.display(),
+                file.batches()
+            );
+            let replica = TopicReplica {
+                topic,
+                reader,
+                file,
+            };
+            self.publish(&replica);
+            self.topics.push(replica);
+        }
+        Ok(())
+    }
+
+    fn publish(&self, replica: &TopicReplica<M>) {
+        let (batches, position) = replica.file.durable();
+        let offset =
+            self.pool
+                .geometry()
+                .frontier_offset(replica.topic, self.broker, FRONTIER_REPLICATED);
+        self.pool.write_frontier(offset, batches + 1, position);
+        self.pool.mem().fence();
+    }
+
+    /// Copies what is new, syncs what is due, publishes the frontiers; returns the batches
+    /// copied.
+    pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicaError> {
+        self.refresh_topics()?;
+        let mut copied = 0;
+        for index in 0..self.topics.len() {
+            let replica = &mut self.topics[index];
+            let mut failed = None;
+            let result = replica.reader.poll(BATCHES_PER_POLL_MAX, |batch| {
+                if failed.is_none()
+                    && let Err(e) = replica.file.append(batch, now)
+                {
+                    failed = Some(e);
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            match result {
+                Ok(n) => copied += n,
+                // Copied from a payload that changed under us: the append is undone by the
+                // reader staying on it; this cannot happen while our position holds
+                // retention, so it is reported.
+                Err(source) => {
+                    return Err(ReplicaError::Read {
+                        topic: replica.topic,
+                        source,
+                    });
+                }
+            }
+            if replica.file.sync_due(&self.config, now) {
+                replica.file.sync()?;
+                let replica = &self.topics[index];
+                self.publish(replica);
+            }
+        }
+        Ok(copied)
+    }
+
+    /// Syncs everything pending (on a clean stop) and marks this replica as stopped, so
+    /// it no longer holds retention.
+    pub fn stop(&mut self) -> Result<(), ReplicaError> {
+        for replica in &mut self.topics {
+            replica.file.sync()?;
+        }
+        for replica in &self.topics {
+            let offset = self.pool.geometry().frontier_offset(
+                replica.topic,
+                self.broker,
+                FRONTIER_REPLICATED,
+            );
+            let (_, position) = replica.file.durable();
+            self.pool.write_frontier(offset, 0, position);
+        }
+        self.pool.mem().fence();
+        Ok(())
+    }
+}
