@@ -4,6 +4,9 @@
 #   scripts/cluster.sh run [options] -- COMMAND...   start, run COMMAND, stop (also on Ctrl-C)
 #   scripts/cluster.sh start [options]               start in the background
 #   scripts/cluster.sh stop [--dir DIR]              stop what `start` started
+#   scripts/cluster.sh signal I SIG [--dir DIR]      send SIG (KILL, STOP, CONT...) to broker I
+#   scripts/cluster.sh restart I [--dir DIR]         start broker I again (same id and flags,
+#                                                    never --format), after a kill
 #
 # Options:
 #   --brokers N        brokers to start (default 4); broker 0 is the head (sequencer)
@@ -13,6 +16,9 @@
 #   --coherence MODE   noncoherent (default) or coherent
 #   --cpus LIST        pin every broker to these CPUs (taskset list, e.g. 1 or 0-1)
 #   --hold-timeout-ms N  order-5 gap hold timeout of the brokers (default: the broker's)
+#   --replicas         broker i replicates to DIR/replica-i; the head creates topics with
+#                      replication factor 2 (ack level 2)
+#   --broker-args "A"  extra arguments for every broker (word-split)
 #
 # The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
 # /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set, and
@@ -21,13 +27,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
 [[ -n $action ]] || { usage; exit 2; }
 shift
+target_broker= target_signal=
+case $action in
+    signal) target_broker=${1:?signal needs a broker index}; target_signal=${2:?signal needs a signal}; shift 2 ;;
+    restart) target_broker=${1:?restart needs a broker index}; shift ;;
+esac
 brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus= hold_ms=
+replicas=0 broker_args=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -38,6 +50,8 @@ while [[ $# -gt 0 ]]; do
         --coherence) coherence=$2; shift 2 ;;
         --cpus) cpus=$2; shift 2 ;;
         --hold-timeout-ms) hold_ms=$2; shift 2 ;;
+        --replicas) replicas=1; shift ;;
+        --broker-args) broker_args=$2; shift 2 ;;
         --) shift; command=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
@@ -99,8 +113,14 @@ start_cluster() {
             args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
         fi
         [[ -n $hold_ms ]] && args+=(--hold-timeout-ms "$hold_ms")
+        if [[ $replicas -eq 1 ]]; then
+            args+=(--replica-dir "$dir/replica-$i" --replication-factor 2)
+        fi
+        # shellcheck disable=SC2206 # word-splitting the extra arguments is the point
+        [[ -n $broker_args ]] && args+=($broker_args)
         local pin=()
         [[ -n $cpus ]] && pin=(taskset -c "$cpus")
+        printf '%s\n' "${pin[@]}" "$binary" "${args[@]}" > "$dir/cmd-$i"
         RUST_LOG=${RUST_LOG:-info} "${pin[@]}" "$binary" "${args[@]}" > "$dir/broker-$i.log" 2>&1 &
         echo $! >> "$dir/pids"
         if [[ $i -eq 0 ]]; then wait_listening 0; fi
@@ -108,6 +128,37 @@ start_cluster() {
     for ((i = 1; i < brokers; i++)); do wait_listening "$i"; done
     addresses > "$dir/brokers"
     echo "cluster: $brokers brokers on $(addresses), pool $pool, logs in $dir"
+}
+
+broker_pid() { sed -n "$(($1 + 1))p" "$dir/pids"; }
+
+signal_broker() {
+    local pid
+    pid=$(broker_pid "$target_broker")
+    [[ -n $pid ]] || die "no broker $target_broker in $dir/pids"
+    kill -s "$target_signal" "$pid"
+    echo "cluster: sent SIG$target_signal to broker $target_broker (pid $pid)"
+}
+
+# Starts broker $target_broker again with the flags it had, minus --format (the pool stays).
+restart_broker() {
+    local i=$target_broker old cmd=()
+    old=$(broker_pid "$i")
+    [[ -n $old ]] || die "no broker $i in $dir/pids"
+    if kill -0 "$old" 2>/dev/null; then die "broker $i (pid $old) still runs: signal it first"; fi
+    local skip=0 word
+    while IFS= read -r word; do
+        if [[ $skip -gt 0 ]]; then skip=$((skip - 1)); continue; fi
+        case $word in
+            --format) continue ;;
+            --pool-bytes | --brokers-max) skip=1; continue ;;
+        esac
+        cmd+=("$word")
+    done < "$dir/cmd-$i"
+    RUST_LOG=${RUST_LOG:-info} "${cmd[@]}" >> "$dir/broker-$i.log" 2>&1 &
+    local pid=$!
+    sed -i "$((i + 1))s/.*/$pid/" "$dir/pids"
+    echo "cluster: restarted broker $i (pid $pid)"
 }
 
 # Waits until broker $1 prints its listening line; fails with its log if it exits.
@@ -131,6 +182,8 @@ wait_listening() {
 case $action in
     start) start_cluster ;;
     stop) stop_cluster ;;
+    signal) signal_broker ;;
+    restart) restart_broker ;;
     run)
         [[ ${#command[@]} -gt 0 ]] || die "run needs a command after --"
         trap stop_cluster EXIT

@@ -70,6 +70,12 @@ pub trait SharedMemory {
 
     /// Orders every flush, invalidation, load and store before it against those after it.
     fn fence(&self);
+
+    /// Atomically replaces the `u64` at `offset` in memory (not a cached copy) with `new` if
+    /// it equals `current`; returns the value found. Only the sequencer lease uses it, to
+    /// let exactly one standby take over. Across hosts on CXL 2.0 this needs the device's
+    /// atomics (or a lease service outside the pool); on one host it is `lock cmpxchg`.
+    fn compare_exchange_u64(&self, offset: u64, current: u64, new: u64) -> Result<u64, u64>;
 }
 
 /// How the pool memory behaves, chosen per deployment.
@@ -259,6 +265,20 @@ impl SharedMemory for PoolMemory {
     fn store_u64(&self, offset: u64, value: u64) {
         self.atomic_u64(offset)
             .store(value, std::sync::atomic::Ordering::Release);
+    }
+
+    fn compare_exchange_u64(&self, offset: u64, current: u64, new: u64) -> Result<u64, u64> {
+        self.invalidate(offset, 8);
+        self.fence();
+        let result = self.atomic_u64(offset).compare_exchange(
+            current,
+            new,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+        self.flush(offset, 8);
+        self.fence();
+        result
     }
 
     fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R {

@@ -13,6 +13,17 @@ use crate::layout::{
 /// Why a pool cannot be formatted or attached, or a topic not created or found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
+    /// Another broker took the sequencer lease first.
+    #[error(
+        "the sequencer lease moved on: expected epoch {expected}, found {found} (another \
+         broker took over)"
+    )]
+    LeaseTaken {
+        /// The epoch this broker expected to replace.
+        expected: u64,
+        /// The epoch found.
+        found: u64,
+    },
     /// The geometry is invalid or does not fit.
     #[error(transparent)]
     Geometry(#[from] GeometryError),
@@ -425,6 +436,16 @@ impl<M: SharedMemory> Pool<M> {
             .geometry
             .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
         self.write_frontier(offset, lowest_needed.map_or(0, |ordinal| ordinal + 1), 0);
+    }
+
+    /// Clears the sequencer lease, so the head takes epoch 1 as on a fresh pool. Only for a
+    /// pool no other broker has attached yet (after a restore from replicas).
+    pub fn reset_lease(&self) {
+        self.zero(
+            crate::layout::LEASE_OFFSET,
+            std::mem::size_of::<crate::layout::SequencerLease>() as u64,
+        );
+        self.mem.fence();
     }
 
     /// Publishes a frontier word pair this agent owns.

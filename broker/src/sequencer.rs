@@ -147,8 +147,9 @@ pub struct SequencerConfig {
     pub dedup_window: usize,
     /// Sessions remembered per topic.
     pub sessions_max: usize,
-    /// Heartbeat published every this many polls.
-    pub heartbeat_polls: u64,
+    /// How long a standby waits for the heartbeat to move before it takes the lease over
+    /// (published in the lease record).
+    pub lease_ns: u64,
 }
 
 impl Default for SequencerConfig {
@@ -159,7 +160,7 @@ impl Default for SequencerConfig {
             hold_timeout_ns: 1_000_000_000,
             dedup_window: 1024,
             sessions_max: 65_536,
-            heartbeat_polls: 1024,
+            lease_ns: 1_000_000_000,
         }
     }
 }
@@ -193,6 +194,8 @@ pub struct SequencerStats {
     pub sessions_evicted: u64,
     /// Rounds cut short because a subscriber still needs the GOI entries next in line.
     pub retention_waits: u64,
+    /// After a takeover: ring slots found already ordered by the previous holder.
+    pub batches_recovered: u64,
 }
 
 type SessionKey = (u64, u32);
@@ -247,6 +250,18 @@ struct TopicState {
     /// whenever ordering would reach it): GOI entries from it on are never overwritten.
     retention_floor: u64,
     polls_since_floor: u32,
+    /// After a takeover: batches the previous holder ordered, by payload place, so that
+    /// their ring slots, read again, keep their ordinal and position.
+    recovered: HashMap<(u16, u64), Recovered>,
+}
+
+/// A batch ordered by a previous lease holder (see [`TopicState::recovered`]).
+#[derive(Debug, Clone, Copy)]
+struct Recovered {
+    ordinal: u64,
+    global_start: u64,
+    key: SessionKey,
+    batch_seq: u64,
 }
 
 /// The sequencer. See the module docs.
@@ -259,13 +274,20 @@ pub struct Sequencer<M> {
     topics: Vec<TopicState>,
     stats: SequencerStats,
     heartbeat: u64,
+    last_heartbeat_ns: u64,
+    /// Set once a higher epoch took the lease: this sequencer writes nothing any more.
+    fenced: bool,
 }
 
 pub use crate::layout::LEASE_OFFSET;
 
+/// Offset of the lease's epoch word (the one word standbys compare-and-swap).
+const LEASE_EPOCH_OFFSET: u64 = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, epoch) as u64;
+
 impl<M: SharedMemory> Sequencer<M> {
-    /// Starts sequencing on `broker` under `epoch`, publishing the lease, and picks up
-    /// every topic that exists now. The pool's rings must be fresh.
+    /// Takes the lease for `broker` under `epoch` (which must be one above the lease's
+    /// current epoch: 1 on a fresh pool), publishes it, and picks up every topic where the
+    /// pool says the previous holder stopped (see [`Sequencer::refresh_topics`]).
     pub fn new(
         pool: Pool<M>,
         broker: u16,
@@ -273,6 +295,10 @@ impl<M: SharedMemory> Sequencer<M> {
         config: SequencerConfig,
     ) -> Result<Sequencer<M>, PoolError> {
         pool.check_broker(broker)?;
+        let expected = epoch.saturating_sub(1);
+        pool.mem()
+            .compare_exchange_u64(LEASE_EPOCH_OFFSET, expected, epoch)
+            .map_err(|found| PoolError::LeaseTaken { expected, found })?;
         let mut sequencer = Sequencer {
             pool,
             config,
@@ -281,6 +307,8 @@ impl<M: SharedMemory> Sequencer<M> {
             topics: Vec::new(),
             stats: SequencerStats::default(),
             heartbeat: 0,
+            last_heartbeat_ns: 0,
+            fenced: false,
         };
         sequencer.publish_lease();
         sequencer.refresh_topics()?;
@@ -293,11 +321,44 @@ impl<M: SharedMemory> Sequencer<M> {
             reserved0: 0,
             epoch: self.epoch,
             heartbeat: self.heartbeat,
-            lease_ms: self.config.hold_timeout_ns / 1_000_000,
+            lease_ms: self.config.lease_ns / 1_000_000,
             reserved1: [0; 3],
             ready: self.epoch + 1,
         };
         publish(self.pool.mem(), LEASE_OFFSET, &lease);
+    }
+
+    /// The epoch this sequencer holds.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// True once a higher epoch took the lease: this sequencer stopped writing for good.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// Re-reads the lease epoch from memory; fences this sequencer when it moved on.
+    fn still_holds(&mut self) -> bool {
+        if self.fenced {
+            return false;
+        }
+        invalidate_and_fence(self.pool.mem(), LEASE_EPOCH_OFFSET, 8);
+        let epoch = self.pool.mem().load_u64(LEASE_EPOCH_OFFSET);
+        if epoch != self.epoch {
+            log::warn!(
+                "sequencer on broker {}: fenced: the lease is at epoch {epoch}, this sequencer \
+                 held epoch {}; it stops writing",
+                self.broker,
+                self.epoch
+            );
+            self.fenced = true;
+            for state in &mut self.topics {
+                state.pending_goi.clear();
+                state.pending_completions.clear();
+            }
+        }
+        !self.fenced
     }
 
     /// Adds topics created since the last call.
@@ -308,7 +369,7 @@ impl<M: SharedMemory> Sequencer<M> {
                 continue;
             }
             let config = self.pool.topic_config(topic)?;
-            self.topics.push(TopicState {
+            let mut state = TopicState {
                 topic,
                 order: config.order,
                 next_ordinal: 0,
@@ -322,9 +383,80 @@ impl<M: SharedMemory> Sequencer<M> {
                 activity: 0,
                 retention_floor: 0,
                 polls_since_floor: u32::MAX,
-            });
+                recovered: HashMap::new(),
+            };
+            self.recover_topic(&mut state);
+            self.topics.push(state);
         }
         Ok(())
+    }
+
+    /// Picks a topic up where the pool says the previous holder stopped: the committed GOI
+    /// count and next position, each ring's released slots, and the sessions (dedup window
+    /// and, for order 5, the next expected sequence) from the GOI entries still held. Slots
+    /// past a ring's released frontier are read again; one the previous holder had already
+    /// ordered (found by its payload's place) keeps its ordinal and position. On a fresh
+    /// pool this finds nothing.
+    fn recover_topic(&mut self, state: &mut TopicState) {
+        let geometry = *self.pool.geometry();
+        let topic = state.topic;
+        let (committed, next_position) = self.pool.read_frontier(geometry.seq_state_offset(topic));
+        state.next_ordinal = committed;
+        state.next_position = next_position;
+        for (broker, ring) in state.rings.iter_mut().enumerate() {
+            let (released, ordered_batches) = self.pool.read_frontier(geometry.frontier_offset(
+                topic,
+                broker as u16,
+                FRONTIER_ORDERED,
+            ));
+            ring.next_read = released;
+            ring.scan_end = released;
+            ring.released = released;
+            ring.ordered_batches = ordered_batches;
+        }
+        if committed == 0 {
+            return;
+        }
+        // A ring slot past `released` was committed within the last lap of its ring.
+        let recent = committed
+            .saturating_sub(u64::from(geometry.brokers_max) * u64::from(geometry.ring_slots));
+        let window = self.config.dedup_window;
+        let mem = self.pool.mem();
+        for ordinal in committed.saturating_sub(geometry.goi_entries)..committed {
+            let offset = geometry.goi_offset(topic, ordinal);
+            invalidate_and_fence(mem, offset, std::mem::size_of::<GoiEntry>() as u64);
+            let Some(entry) = read_if_ready::<M, GoiEntry>(mem, offset, ordinal + 1) else {
+                continue;
+            };
+            let key = (entry.client_id, entry.session_epoch);
+            let session = state.sessions.entry(key).or_default();
+            session.ordered.insert(entry.batch_seq, entry.global_start);
+            if session.ordered.len() > window {
+                let (oldest, _) = session.ordered.pop_first().expect("non-empty");
+                session.window_floor = session.window_floor.max(oldest + 1);
+            }
+            if state.order == Order::TotalSessionFifo {
+                session.next_expected = session.next_expected.max(entry.batch_seq + 1);
+            }
+            if ordinal >= recent {
+                state.recovered.insert(
+                    (entry.broker, entry.blog_offset),
+                    Recovered {
+                        ordinal,
+                        global_start: entry.global_start,
+                        key,
+                        batch_seq: entry.batch_seq,
+                    },
+                );
+            }
+        }
+        log::info!(
+            "sequencer on broker {} (epoch {}): topic {topic} resumes at batch {committed}, \
+             position {next_position}, with {} sessions",
+            self.broker,
+            self.epoch,
+            state.sessions.len()
+        );
     }
 
     /// Counters so far.
@@ -334,9 +466,16 @@ impl<M: SharedMemory> Sequencer<M> {
 
     /// One polling round at time `now_ns` (any monotonic clock). Returns the batches
     /// decided (ordered, duplicate or rejected) in this round.
+    ///
+    /// Each round first re-reads the lease epoch, and again before it publishes: once a
+    /// standby has taken over (a higher epoch), this sequencer writes nothing more.
     pub fn poll(&mut self, now_ns: u64) -> u64 {
+        if !self.still_holds() {
+            return 0;
+        }
         self.stats.polls += 1;
-        if self.stats.polls % self.config.heartbeat_polls == 0 {
+        if now_ns.saturating_sub(self.last_heartbeat_ns) >= self.config.lease_ns / 8 {
+            self.last_heartbeat_ns = now_ns;
             self.heartbeat += 1;
             let offset = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
             self.pool.mem().store_u64(offset, self.heartbeat);
@@ -478,6 +617,22 @@ impl<M: SharedMemory> Sequencer<M> {
         }
         let key = (header.client_id, header.session_epoch);
         let seq = header.batch_seq;
+        if let Some(done) = self.topics[index]
+            .recovered
+            .remove(&(broker, header.blog_offset))
+            .filter(|done| done.key == key && done.batch_seq == seq)
+        {
+            self.stats.batches_recovered += 1;
+            self.complete_with_ordinal(
+                index,
+                broker,
+                slot,
+                CompletionStatus::Ordered,
+                Some(done.global_start),
+                done.ordinal,
+            );
+            return 1;
+        }
         self.touch_session(index, key);
         let state = &mut self.topics[index];
         let session = state.sessions.get_mut(&key).expect("touched above");
@@ -748,6 +903,10 @@ impl<M: SharedMemory> Sequencer<M> {
         if state.pending_goi.is_empty() && state.pending_completions.is_empty() {
             return;
         }
+        if !self.still_holds() {
+            return;
+        }
+        let state = &mut self.topics[index];
         let mem = self.pool.mem();
         let topic = state.topic;
         // Bodies were written and flushed as they were decided.
@@ -794,8 +953,21 @@ impl<M: SharedMemory> Sequencer<M> {
     }
 }
 
-/// Reads the lease record: (holder broker, epoch, heartbeat), when published.
-pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<(u16, u64, u64)> {
+/// The published lease record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Broker holding the lease.
+    pub holder: u16,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its heartbeat counter.
+    pub heartbeat: u64,
+    /// How long the heartbeat may stay still before a standby takes over.
+    pub lease_ms: u64,
+}
+
+/// Reads the lease record, when one is published.
+pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<Lease> {
     let mem = pool.mem();
     invalidate_and_fence(
         mem,
@@ -807,5 +979,10 @@ pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<(u16, u64, u64)> {
         return None;
     }
     let lease = read_if_ready::<M, SequencerLease>(mem, LEASE_OFFSET, ready)?;
-    Some((lease.holder_broker as u16, lease.epoch, lease.heartbeat))
+    Some(Lease {
+        holder: lease.holder_broker as u16,
+        epoch: lease.epoch,
+        heartbeat: lease.heartbeat,
+        lease_ms: lease.lease_ms,
+    })
 }

@@ -141,6 +141,20 @@ impl SharedMemory for SimAgent {
         self.write(offset, &value.to_le_bytes());
     }
 
+    fn compare_exchange_u64(&self, offset: u64, current: u64, new: u64) -> Result<u64, u64> {
+        // Straight on memory, as a device atomic would be; this agent's copy is dropped.
+        let line = offset - offset % CACHE_LINE_BYTES;
+        self.cache.borrow_mut().remove(&line);
+        let mut bytes = self.memory.bytes.borrow_mut();
+        let word = &mut bytes[offset as usize..offset as usize + 8];
+        let found = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+        if found != current {
+            return Err(found);
+        }
+        word.copy_from_slice(&new.to_le_bytes());
+        Ok(found)
+    }
+
     fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R {
         let mut copy = vec![0; len as usize];
         self.read(offset, &mut copy);
@@ -472,7 +486,7 @@ impl World {
             hold_timeout_ns: rng.range(200_000..2_000_000),
             dedup_window: rng.range(8..65) as usize,
             sessions_max: 64,
-            heartbeat_polls: 64,
+            lease_ns: 1_000_000_000,
         };
         let sequencer = Sequencer::new(
             attach(SimAgent::with_skips(&memory, sequencer_skips))?,

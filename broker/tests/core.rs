@@ -458,6 +458,60 @@ fn a_restarted_writer_picks_up_its_ring_and_loses_nothing() {
 }
 
 #[test]
+fn a_standby_takes_the_lease_over_fences_the_old_sequencer_and_continues_the_order() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("t", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut old = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let mut sent = Vec::new();
+    for seq in 0..3u64 {
+        let data = payload(seq as u8, 2);
+        writer.append(meta(1, seq, &data, 2), &data).unwrap();
+        sent.push(data);
+    }
+    assert_eq!(old.poll(1), 3);
+    for seq in 3..5u64 {
+        let data = payload(seq as u8, 2);
+        writer.append(meta(1, seq, &data, 2), &data).unwrap();
+        sent.push(data);
+    }
+    // A second standby that saw epoch 1 loses the race to the first.
+    let mut new = Sequencer::new(pool.clone(), 2, 2, SequencerConfig::default()).unwrap();
+    assert!(matches!(
+        Sequencer::new(pool.clone(), 3, 2, SequencerConfig::default()),
+        Err(PoolError::LeaseTaken {
+            expected: 1,
+            found: 2
+        })
+    ));
+    // The old holder wakes up (a paused process): it must not write anything.
+    assert_eq!(old.poll(2), 0);
+    assert!(old.is_fenced());
+    assert_eq!(
+        pool.read_frontier(pool.geometry().seq_state_offset(topic))
+            .0,
+        3
+    );
+    // The new holder continues the session (order 5: seq 3 is next) and deduplicates a
+    // resend of seq 1 on another broker with its original position.
+    let mut other = TopicWriter::new(pool.clone(), topic, 3).unwrap();
+    other.append(meta(1, 1, &sent[1], 2), &sent[1]).unwrap();
+    assert_eq!(new.poll(3), 3);
+    let resend = outcomes(&mut other);
+    assert_eq!(resend[0].status, CompletionStatus::Duplicate);
+    assert_eq!(resend[0].global_start, Some(2));
+    let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
+    assert_eq!(statuses, vec![CompletionStatus::Ordered; 5]);
+    let log = read_all(&pool, topic);
+    let bytes: Vec<Vec<u8>> = log.iter().map(|(.., data)| data.clone()).collect();
+    assert_eq!(bytes, sent, "every batch once, in order, bytes intact");
+    let positions: Vec<u64> = log.iter().map(|(start, ..)| *start).collect();
+    assert_eq!(positions, vec![0, 2, 4, 6, 8]);
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();

@@ -135,6 +135,21 @@ struct Args {
     /// ack level 2 needs 2 or more.
     #[arg(long)]
     replication_factor: Option<u8>,
+    /// Do not stand by for the sequencer: by default every broker watches the sequencer
+    /// lease and one of them takes it over when the holder's heartbeat stops.
+    #[arg(long)]
+    #[serde(default)]
+    no_standby: bool,
+    /// How long the sequencer's heartbeat may stay still before a standby takes over, in
+    /// milliseconds (published by the holder).
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// Rebuild a lost pool's log from these replica directories (comma separated; needs
+    /// --head and --format): the longest replica of each topic is ordered again, every
+    /// batch at the position it had. Used files are moved to DIR/restored-<ns>/.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default)]
+    recover_from: Vec<PathBuf>,
     /// DEBUG ONLY, hidden: inject faults into the xdp backend's device, e.g.
     /// drop=1,duplicate=1,reorder=1,corrupt=1,seed=7 (percent). Not in the config file.
     #[arg(long, hide = true)]
@@ -232,11 +247,18 @@ fn merge(cli: Args, file: Args) -> Args {
             .replica_sync_interval_us
             .or(file.replica_sync_interval_us),
         replication_factor: cli.replication_factor.or(file.replication_factor),
+        no_standby: cli.no_standby || file.no_standby,
+        recover_from: if cli.recover_from.is_empty() {
+            file.recover_from
+        } else {
+            cli.recover_from
+        },
+        lease_ms: cli.lease_ms.or(file.lease_ms),
         debug_inject_faults: cli.debug_inject_faults,
     }
 }
 
-fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
+fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), String> {
     let args = match &cli.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -248,6 +270,9 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
         None => cli,
     };
     let id = args.id.ok_or("--id is required")?;
+    if !(args.recover_from.is_empty() || (args.head && args.format)) {
+        return Err("--recover-from rebuilds a new pool: it needs --head and --format".into());
+    }
     let pool = args
         .pool
         .ok_or("--pool is required (e.g. /dev/hugepages/embarcadero)")?;
@@ -331,6 +356,9 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
             hold_timeout_ns: args
                 .hold_timeout_ms
                 .map_or(defaults.hold_timeout_ns, |ms| ms * 1_000_000),
+            lease_ns: args
+                .lease_ms
+                .map_or(defaults.lease_ns, |ms| ms.max(10) * 1_000_000),
             ..defaults
         },
         metrics_listen: args.metrics,
@@ -343,8 +371,9 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions), String> {
             }),
             None => None,
         },
+        standby: !args.no_standby,
     };
-    Ok((spec, options))
+    Ok((spec, options, args.recover_from))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -368,7 +397,7 @@ fn install_signal_handlers() {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let (spec, options) = match configure(Args::parse()) {
+    let (spec, options, recover_from) = match configure(Args::parse()) {
         Ok(configured) => configured,
         Err(message) => {
             eprintln!("broker: {message}");
@@ -383,6 +412,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !recover_from.is_empty() {
+        match broker::server::replica::restore(&pool, options.settings.broker_id, &recover_from) {
+            Ok(restored) => {
+                for (name, batches, messages, from) in restored.topics {
+                    log::info!(
+                        "restored topic {name:?}: {batches} batches, {messages} messages, \
+                         from {}",
+                        from.display()
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("broker: restoring from replicas: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let running = match start(pool, options) {
         Ok(running) => running,
         Err(e) => {
@@ -451,7 +497,7 @@ mod tests {
         ])
         .unwrap_err();
         assert!(error.contains("unknown fault"), "{error}");
-        let (_, options) = with(&["--net", "xdp", "--iface", "x", "--cores", "1"]).unwrap();
+        let (_, options, _) = with(&["--net", "xdp", "--iface", "x", "--cores", "1"]).unwrap();
         match options.net {
             NetBackend::Xdp(xdp) => {
                 assert_eq!(

@@ -53,6 +53,7 @@ impl InProcessCluster {
                 metrics_listen: None,
                 net: NetBackend::Kernel,
                 replica: None,
+                standby: false,
             };
             configure(&mut options);
             let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;

@@ -19,7 +19,7 @@ use crate::coherence::{CoherenceMode, PoolMemory};
 use crate::layout::Geometry;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolError};
-use crate::sequencer::{Sequencer, SequencerConfig};
+use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
 
 /// How a polling thread waits when it finds no work.
@@ -109,6 +109,9 @@ pub struct BrokerOptions {
     pub net: NetBackend,
     /// Replicate topics with a replication factor of 2 or more to files here (ack level 2).
     pub replica: Option<replica::ReplicaConfig>,
+    /// Watch the sequencer lease and take it over when its holder goes silent (the head
+    /// always does once it has lost the lease, e.g. after a restart).
+    pub standby: bool,
 }
 
 /// The network backend of a broker.
@@ -251,13 +254,31 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         }
         None => None,
     };
-    if options.settings.head {
-        let sequencer = Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
-            .map_err(StartError::Sequencer)?;
-        let (metrics, stop) = (Arc::clone(&metrics), Arc::clone(&stop));
-        let idle = options.idle;
+    // The head takes the lease of a fresh pool at once; on a pool that already has a holder
+    // (a restart) it waits like any standby.
+    let holder = if options.settings.head && read_lease(&pool).is_none() {
+        Some(
+            Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
+                .map_err(StartError::Sequencer)?,
+        )
+    } else {
+        None
+    };
+    let standby = options.standby || options.settings.head;
+    if holder.is_some() || standby {
+        let (pool, metrics, stop) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&stop));
+        let (idle, config) = (options.idle, options.sequencer);
         threads.push(spawn("sequencer", move || {
-            run_sequencer(sequencer, idle, &metrics, &stop)
+            let mut holder = holder;
+            loop {
+                if let Some(sequencer) = holder.take() {
+                    run_sequencer(sequencer, idle, &metrics, &stop);
+                }
+                if !standby || stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                holder = watch_lease(&pool, broker_id, config, &metrics, &stop);
+            }
         }));
     }
     if let Some(config) = options.replica.clone() {
@@ -361,6 +382,9 @@ fn run_sequencer(
         }
         polls += 1;
         let decided = sequencer.poll(now_ns);
+        if sequencer.is_fenced() {
+            return;
+        }
         idle.record(decided > 0);
         if decided == 0 {
             idle.wait();
@@ -370,6 +394,60 @@ fn run_sequencer(
             }
         }
     }
+}
+
+/// A standby: watches the lease's heartbeat and, once it has not moved for the lease time
+/// the holder published, takes the lease over (one epoch up; exactly one standby wins).
+/// Returns the new sequencer, or `None` when stopped.
+fn watch_lease(
+    pool: &Pool<PoolMemory>,
+    broker_id: u16,
+    config: SequencerConfig,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) -> Option<Sequencer<PoolMemory>> {
+    let mut seen: Option<(u64, u64)> = None;
+    let mut moved_at = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let lease = read_lease(pool);
+        let now = Instant::now();
+        let (epoch, lease_ms) = match lease {
+            Some(lease) => {
+                let heard = (lease.epoch, lease.heartbeat);
+                if seen != Some(heard) {
+                    seen = Some(heard);
+                    moved_at = now;
+                }
+                (lease.epoch, lease.lease_ms.max(1))
+            }
+            // No holder yet (the head has not started): wait for one.
+            None => {
+                moved_at = now;
+                (0, config.lease_ns / 1_000_000)
+            }
+        };
+        let silent = now.saturating_duration_since(moved_at);
+        if epoch > 0 && silent >= Duration::from_millis(lease_ms) {
+            match Sequencer::new(pool.clone(), broker_id, epoch + 1, config) {
+                Ok(sequencer) => {
+                    Metrics::inc(&metrics.sequencer_takeovers);
+                    log::warn!(
+                        "broker {broker_id}: took the sequencer lease over at epoch {} (the \
+                         holder's heartbeat was silent for {} ms)",
+                        epoch + 1,
+                        silent.as_millis()
+                    );
+                    return Some(sequencer);
+                }
+                Err(e) => {
+                    log::info!("broker {broker_id}: lease takeover not needed: {e}");
+                    moved_at = now;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis((lease_ms / 16).clamp(1, 50)));
+    }
+    None
 }
 
 /// Pause after a replication error before the files are opened again.

@@ -534,3 +534,136 @@ impl<M: SharedMemory + Clone> Replicator<M> {
         Ok(())
     }
 }
+
+/// What [`restore`] rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Per topic: name, batches, messages, and the replica file they came from.
+    pub topics: Vec<(String, u64, u64, PathBuf)>,
+}
+
+/// Rebuilds a lost pool's log from replica files: for every topic described in `dirs`, the
+/// longest replica (every batch acknowledged at level 2 is in it) is written back through
+/// broker `broker`'s ring and ordered again by a sequencer that never holds a gap open, so
+/// every batch gets the position it had. The pool must be freshly formatted and no other
+/// broker attached yet. The files used are moved aside (`DIR/restored-<ns>/`), because the
+/// rebuilt pool's replicas start over from its first batch.
+pub fn restore<M: SharedMemory + Clone>(
+    pool: &Pool<M>,
+    broker: u16,
+    dirs: &[PathBuf],
+) -> Result<Restored, ReplicaError> {
+    use crate::sequencer::{Sequencer, SequencerConfig};
+    use crate::writer::{AppendError, BatchMeta, TopicWriter};
+
+    let mut descriptions: Vec<(TopicDescription, PathBuf, u64)> = Vec::new();
+    for dir in dirs {
+        let entries = std::fs::read_dir(dir).map_err(io_error(dir, "list"))?;
+        for entry in entries {
+            let path = entry.map_err(io_error(dir, "list"))?.path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let description = TopicDescription::load(&path)?;
+            let log = log_path(dir, description.id);
+            let batches = scan(&log, |_| {})?.batches;
+            match descriptions
+                .iter_mut()
+                .find(|(d, ..)| d.id == description.id)
+            {
+                Some(best) if best.2 >= batches => {}
+                Some(best) => *best = (description, log, batches),
+                None => descriptions.push((description, log, batches)),
+            }
+        }
+    }
+    descriptions.sort_by_key(|(d, ..)| d.id);
+    let config = SequencerConfig {
+        hold_timeout_ns: 0,
+        ..SequencerConfig::default()
+    };
+    let mut sequencer = Sequencer::new(pool.clone(), broker, 1, config)
+        .map_err(|e| meta_error(Path::new("(pool)"), e.to_string()))?;
+    let mut restored = Restored { topics: Vec::new() };
+    for (description, log, _) in &descriptions {
+        let topic = pool
+            .create_topic(&description.name, description.config()?)
+            .map_err(|e| meta_error(log, e.to_string()))?;
+        let mut writer = TopicWriter::new(pool.clone(), topic, broker)
+            .map_err(|e| meta_error(log, e.to_string()))?;
+        sequencer
+            .refresh_topics()
+            .map_err(|e| meta_error(log, e.to_string()))?;
+        let (records, _) = read_records(log)?;
+        let mut messages = 0;
+        for (index, record) in records.iter().enumerate() {
+            let meta = BatchMeta {
+                client_id: record.header.client_id,
+                session_epoch: record.header.session_epoch,
+                batch_seq: record.header.batch_seq,
+                message_count: record.header.message_count,
+                checksum: record.header.checksum,
+            };
+            let mut now_ns = index as u64;
+            loop {
+                match writer.append(meta, &record.payload) {
+                    Ok(_) => break,
+                    Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
+                        now_ns += 1;
+                        sequencer.poll(now_ns);
+                        writer.poll_completions(usize::MAX, |_| {});
+                    }
+                    Err(e) => return Err(meta_error(log, e.to_string())),
+                }
+            }
+            sequencer.poll(now_ns);
+            let mut placed = None;
+            writer.poll_completions(usize::MAX, |outcome| placed = outcome.global_start);
+            if placed != Some(record.header.global_start) {
+                return Err(ReplicaError::Diverged {
+                    path: log.clone(),
+                    ordinal: record.header.ordinal,
+                    what: format!(
+                        "batch placed at {placed:?} on restore, the replica says {}",
+                        record.header.global_start
+                    ),
+                });
+            }
+            messages += u64::from(record.header.message_count);
+        }
+        restored.topics.push((
+            description.name.clone(),
+            records.len() as u64,
+            messages,
+            log.clone(),
+        ));
+    }
+    drop(sequencer);
+    pool.reset_lease();
+    let aside = format!(
+        "restored-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    for dir in dirs {
+        let target = dir.join(&aside);
+        std::fs::create_dir_all(&target).map_err(io_error(&target, "create directory"))?;
+        for entry in std::fs::read_dir(dir).map_err(io_error(dir, "list"))? {
+            let path = entry.map_err(io_error(dir, "list"))?.path();
+            if path.is_file()
+                && let Some(name) = path.file_name()
+            {
+                std::fs::rename(&path, target.join(name)).map_err(io_error(&path, "move aside"))?;
+            }
+        }
+    }
+    Ok(restored)
+}
+
+fn meta_error(path: &Path, what: String) -> ReplicaError {
+    ReplicaError::Meta {
+        path: path.to_owned(),
+        what,
+    }
+}
