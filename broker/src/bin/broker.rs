@@ -396,7 +396,9 @@ fn install_signal_handlers() {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     let (spec, options, recover_from) = match configure(Args::parse()) {
         Ok(configured) => configured,
         Err(message) => {

@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# The fault matrix of Embarcadero-rs: 4 broker processes on one hugetlbfs pool, each
+# replicating to its own directory (replication factor 2), driven by the load generator with
+# order 5 and ack 2 while a fault is injected. A subscriber on a broker that stays up verifies
+# every message (exactly once, in order, bytes intact).
+#
+#   ./scripts/faults.sh [--total-bytes SIZE] [SCENARIO...]
+#
+# Scenarios (default: all):
+#   baseline         no fault
+#   kill-nonhead     kill -9 broker 2 mid-run; its publishers reconnect and resend
+#   kill-head        kill -9 broker 0 (the sequencer) mid-run; a standby takes the lease over
+#   pause-head       SIGSTOP broker 0 past its lease, then SIGCONT: it must stay fenced
+#   restart-nonhead  kill -9 broker 2, restart it with the same id 2 s later
+#   pool-loss        run, stop every broker, delete the pool, rebuild it from the replica
+#                    files (--recover-from): the log must be the same, batch for batch
+#
+# Writes target/faults/summary.json: one entry per scenario with scenario, completed,
+# messages_acked, lost, duplicates, order_violations and failover_ms (kill to the standby's
+# takeover, where the sequencer changed). Also target/faults/figures.json: throughput at ack 2
+# and ack 1 in the same run, and the disk's fdatasync bandwidth (dd oflag=dsync), the ceiling
+# of ack 2. Exits non-zero when any scenario lost, duplicated or misordered a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+total_bytes=64MiB
+scenarios=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --total-bytes) total_bytes=$2; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "faults: unknown option $1" >&2; exit 2 ;;
+        *) scenarios+=("$1"); shift ;;
+    esac
+done
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(baseline kill-nonhead kill-head pause-head restart-nonhead pool-loss)
+
+ensure_cargo
+ensure_packages python3 coreutils
+prepare_hugepages 600
+cargo build --release -q -p broker -p client
+cargo build --release -q -p broker --example log_digest
+
+out=target/faults
+mkdir -p "$out"
+results=$out/results.jsonl
+: > "$results"
+lease_ms=1000
+base_port=9600
+
+now_ms() { date +%s%3N; }
+
+start_cluster() {
+    local dir=$1
+    rm -rf "$dir"
+    ./scripts/cluster.sh start --brokers 4 --pool-bytes 512M --base-port "$base_port" --dir "$dir" \
+        --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" >/dev/null
+}
+
+# Runs the load generator against the cluster in $1 (extra arguments follow), subscriber on
+# broker 3, which no scenario disturbs.
+run_loadgen() {
+    local dir=$1; shift
+    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --subscriber-broker 3 \
+        --test end-to-end --order 5 --ack 2 --message-bytes 1024 --connections-per-broker 1 \
+        --reconnect-timeout-ms 30000 --drain-timeout-s 60 --progress none \
+        --json "$dir/summary.json" "$@" > "$dir/loadgen.log" 2>&1
+}
+
+# Prints the milliseconds from $2 (epoch ms) to the first takeover line in the logs of $1.
+takeover_ms() {
+    python3 - "$1" "$2" <<'PY'
+import datetime, glob, re, sys
+dir, killed = sys.argv[1], int(sys.argv[2])
+times = []
+for path in glob.glob(f"{dir}/broker-*.log"):
+    for line in open(path, errors="replace"):
+        if "took the sequencer lease over" in line:
+            stamp = re.match(r"\[(\S+)", line).group(1).rstrip("Z")
+            t = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc)
+            times.append(int(t.timestamp() * 1000))
+later = [t - killed for t in times if t >= killed]
+print(min(later) if later else "null")
+PY
+}
+
+record() {
+    local scenario=$1 dir=$2 failover=$3 extra=${4:-}
+    python3 - "$scenario" "$dir/summary.json" "$failover" "$extra" >> "$results" <<'PY'
+import json, os, sys
+scenario, path, failover, extra = sys.argv[1:]
+entry = {"scenario": scenario, "completed": False, "messages_acked": 0, "lost": None,
+         "duplicates": None, "order_violations": None,
+         "failover_ms": None if failover == "null" else int(failover)}
+if os.path.exists(path):
+    s = json.load(open(path))
+    entry.update(completed=bool(s["passed"]), messages_acked=s["messages_acked"],
+                 lost=s["lost"], duplicates=s["duplicates"],
+                 order_violations=s["order_violations"], errors=s["errors"][:5],
+                 reconnects=s.get("reconnects"), batches_resent=s.get("batches_resent"),
+                 mb_per_s=s.get("mb_per_s"))
+if extra:
+    entry.update(json.loads(extra))
+    if entry.get("log_matches") is False:
+        entry["completed"] = False
+print(json.dumps(entry))
+PY
+    tail -1 "$results"
+}
+
+fault_run() {
+    local scenario=$1 dir=$out/$1 failover=null killed
+    start_cluster "$dir"
+    run_loadgen "$dir" --total-bytes "$total_bytes" &
+    local loadgen=$!
+    sleep 2
+    killed=$(now_ms)
+    case $scenario in
+        kill-nonhead) ./scripts/cluster.sh signal 2 KILL --dir "$dir" ;;
+        kill-head) ./scripts/cluster.sh signal 0 KILL --dir "$dir" ;;
+        pause-head)
+            ./scripts/cluster.sh signal 0 STOP --dir "$dir"
+            sleep $((lease_ms * 3 / 1000 + 1))
+            ./scripts/cluster.sh signal 0 CONT --dir "$dir" ;;
+        restart-nonhead)
+            ./scripts/cluster.sh signal 2 KILL --dir "$dir"
+            sleep 2
+            ./scripts/cluster.sh restart 2 --dir "$dir" ;;
+    esac
+    wait "$loadgen" || true
+    case $scenario in kill-head | pause-head) failover=$(takeover_ms "$dir" "$killed") ;; esac
+    ./scripts/cluster.sh stop --dir "$dir" >/dev/null
+    record "$scenario" "$dir" "$failover"
+}
+
+pool_loss() {
+    local dir=$out/pool-loss
+    start_cluster "$dir"
+    run_loadgen "$dir" --total-bytes "$total_bytes" || true
+    local pool before after
+    pool=$(cat "$dir/pool")
+    before=$(./target/release/examples/log_digest "$pool" loadgen)
+    # Losing the pool: every broker stops, the pool file is deleted (cluster.sh stop does).
+    ./scripts/cluster.sh stop --dir "$dir" >/dev/null
+    [[ ! -e $pool ]]
+    local dirs
+    dirs=$(printf '%s,' "$dir"/replica-{0,1,2,3}); dirs=${dirs%,}
+    RUST_LOG=info ./target/release/broker --id 0 --head --format --pool "$pool" --pool-bytes 512M \
+        --brokers-max 4 --listen "127.0.0.1:$base_port" --recover-from "$dirs" \
+        > "$dir/restore.log" 2>&1 &
+    local head=$!
+    for _ in $(seq 1 300); do
+        grep -q "^listening on" "$dir/restore.log" && break
+        kill -0 "$head" 2>/dev/null || break
+        sleep 0.1
+    done
+    after=$(./target/release/examples/log_digest "$pool" loadgen || echo '{}')
+    kill "$head" 2>/dev/null || true
+    wait "$head" 2>/dev/null || true
+    rm -f "$pool"
+    local extra
+    extra=$(python3 -c '
+import json, sys
+b, a = json.loads(sys.argv[1]), json.loads(sys.argv[2] or "{}")
+print(json.dumps({"log_before": b, "log_after": a, "log_matches": b == a}))' "$before" "$after")
+    record pool-loss "$dir" null "$extra"
+}
+
+for scenario in "${scenarios[@]}"; do
+    echo "== fault scenario: $scenario"
+    case $scenario in
+        baseline | kill-nonhead | kill-head | pause-head | restart-nonhead) fault_run "$scenario" ;;
+        pool-loss) pool_loss ;;
+        *) echo "faults: unknown scenario $scenario" >&2; exit 2 ;;
+    esac
+done
+
+echo "== figures: ack 2 against ack 1 in the same run, and the disk's fdatasync bandwidth"
+dir=$out/figures
+start_cluster "$dir"
+for ack in 1 2; do
+    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --test throughput --order 5 \
+        --ack "$ack" --message-bytes 1024 --connections-per-broker 1 --duration-s 5 \
+        --topic "figures-ack$ack" --progress none --json "$dir/ack$ack.json" > "$dir/ack$ack.log" 2>&1 || true
+done
+./scripts/cluster.sh stop --dir "$dir" >/dev/null
+dd if=/dev/zero of="$out/dsync.bin" bs=1M count=64 oflag=dsync 2> "$dir/dd.log" >/dev/null || true
+rm -f "$out/dsync.bin"
+
+python3 - "$results" "$out/summary.json" "$dir" "$out/figures.json" <<'PY'
+import json, re, sys, os
+results, summary_path, dir, figures_path = sys.argv[1:]
+entries = [json.loads(line) for line in open(results) if line.strip()]
+json.dump(entries, open(summary_path, "w"), indent=2)
+def mb(ack):
+    path = f"{dir}/ack{ack}.json"
+    return json.load(open(path)).get("mb_per_s") if os.path.exists(path) else None
+dd = open(f"{dir}/dd.log").read()
+m = re.search(r"([\d.,]+) ([kMG]?B)/s", dd)
+scale = {"kB": 1e-3, "MB": 1, "GB": 1e3, "B": 1e-6}
+dsync = float(m.group(1).replace(",", ".")) * scale[m.group(2)] if m else None
+figures = {"ack1_mb_per_s": mb(1), "ack2_mb_per_s": mb(2), "fdatasync_mb_per_s": dsync,
+           "settings": "4 brokers, 1 KiB messages, order 5, 1 connection per broker, 5 s, replicas on every broker (rf 2), dd bs=1M oflag=dsync"}
+json.dump(figures, open(figures_path, "w"), indent=2)
+print(json.dumps(figures))
+bad = [e["scenario"] for e in entries
+       if not e["completed"] or e["lost"] or e["duplicates"] or e["order_violations"]]
+print(f"faults: {len(entries)} scenarios, {len(entries) - len(bad)} clean" + (f"; failed: {bad}" if bad else ""))
+sys.exit(1 if bad else 0)
+PY
