@@ -544,13 +544,13 @@ pub struct Restored {
 
 /// Rebuilds a lost pool's log from replica files: for every topic described in `dirs`, the
 /// longest replica (every batch acknowledged at level 2 is in it) is written back through
-/// broker `broker`'s ring and ordered again by a sequencer that never holds a gap open, so
-/// every batch gets the position it had. The pool must be freshly formatted and no other
+/// the ring of the broker that first took each batch and ordered again, by a sequencer on
+/// broker `head` that never holds a gap open, so every batch gets the position it had. The pool must be freshly formatted and no other
 /// broker attached yet. The files used are moved aside (`DIR/restored-<ns>/`), because the
 /// rebuilt pool's replicas start over from its first batch.
 pub fn restore<M: SharedMemory + Clone>(
     pool: &Pool<M>,
-    broker: u16,
+    head: u16,
     dirs: &[PathBuf],
 ) -> Result<Restored, ReplicaError> {
     use crate::sequencer::{Sequencer, SequencerConfig};
@@ -582,15 +582,24 @@ pub fn restore<M: SharedMemory + Clone>(
         hold_timeout_ns: 0,
         ..SequencerConfig::default()
     };
-    let mut sequencer = Sequencer::new(pool.clone(), broker, 1, config)
+    let mut sequencer = Sequencer::new(pool.clone(), head, 1, config)
         .map_err(|e| meta_error(Path::new("(pool)"), e.to_string()))?;
     let mut restored = Restored { topics: Vec::new() };
     for (description, log, _) in &descriptions {
         let topic = pool
             .create_topic(&description.name, description.config()?)
             .map_err(|e| meta_error(log, e.to_string()))?;
-        let mut writer = TopicWriter::new(pool.clone(), topic, broker)
-            .map_err(|e| meta_error(log, e.to_string()))?;
+        // Each batch goes back to the ring of the broker that first took it, so the rebuilt
+        // log spreads over the payload logs as the original did; those brokers pick their
+        // rings up when they start.
+        let brokers = pool.geometry().brokers_max as u16;
+        let mut writers = Vec::with_capacity(usize::from(brokers));
+        for ring in 0..brokers {
+            writers.push(
+                TopicWriter::new(pool.clone(), topic, ring)
+                    .map_err(|e| meta_error(log, e.to_string()))?,
+            );
+        }
         sequencer
             .refresh_topics()
             .map_err(|e| meta_error(log, e.to_string()))?;
@@ -604,6 +613,7 @@ pub fn restore<M: SharedMemory + Clone>(
                 message_count: record.header.message_count,
                 checksum: record.header.checksum,
             };
+            let writer = &mut writers[usize::from(record.header.broker % brokers)];
             let mut now_ns = index as u64;
             loop {
                 match writer.append(meta, &record.payload) {
