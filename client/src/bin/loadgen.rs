@@ -135,6 +135,10 @@ struct Cli {
     /// Replication factor for CreateTopic (default: 1 at --ack 2, else 0).
     #[arg(long)]
     replication_factor: Option<u8>,
+    /// Which broker of --brokers (0-based index) serves the subscriber (fault runs put it on
+    /// a broker they leave alone).
+    #[arg(long, default_value_t = 0)]
+    subscriber_broker: usize,
     /// Size of each message in bytes, header included (at least 16).
     #[arg(long, default_value_t = 1024, value_parser = parse_message_bytes)]
     message_bytes: usize,
@@ -265,6 +269,7 @@ enum Stop {
 struct Plan {
     test: TestMode,
     brokers: Vec<SocketAddr>,
+    subscriber_broker: SocketAddr,
     topic: String,
     create_topic: bool,
     replication_factor: u8,
@@ -302,6 +307,13 @@ impl Plan {
                 cli.message_bytes
             ));
         }
+        let subscriber_broker = *cli.brokers.get(cli.subscriber_broker).ok_or_else(|| {
+            format!(
+                "--subscriber-broker {} is not an index into the {} brokers of --brokers",
+                cli.subscriber_broker,
+                cli.brokers.len()
+            )
+        })?;
         let replication_factor = cli.replication_factor.unwrap_or(u8::from(cli.ack == 2));
         if cli.ack == 2 && replication_factor == 0 {
             return Err("--ack 2 needs --replication-factor of at least 1".into());
@@ -317,6 +329,7 @@ impl Plan {
             topic: cli.topic,
             create_topic: cli.create_topic,
             replication_factor,
+            subscriber_broker,
             message_bytes: cli.message_bytes,
             stop,
             connections_per_broker: cli.connections_per_broker as usize,
@@ -853,7 +866,7 @@ fn check_deliveries(
         stats: client::SubscriberStats::default(),
         error: None,
     };
-    let mut config = SubscriberConfig::new(plan.brokers[0], plan.topic.clone());
+    let mut config = SubscriberConfig::new(plan.subscriber_broker, plan.topic.clone());
     config.order = plan.order;
     config.from_position = 0;
     let mut subscriber = match Subscriber::connect(config) {
@@ -921,7 +934,7 @@ fn check_deliveries(
 
 fn run_subscribe(plan: &Plan, progress: &Progress) -> Summary {
     let mut summary = plan.summary();
-    let mut config = SubscriberConfig::new(plan.brokers[0], plan.topic.clone());
+    let mut config = SubscriberConfig::new(plan.subscriber_broker, plan.topic.clone());
     config.order = plan.order;
     config.from_position = plan.from_position;
     let mut subscriber = match Subscriber::connect(config) {
