@@ -124,6 +124,9 @@ pub enum InvalidHeader {
         /// Payload bytes announced.
         payload_bytes: u32,
     },
+    /// The batch sequence is `u64::MAX`, which the wire protocol reserves for "none".
+    #[error("batch sequence {} is reserved (it means none)", u64::MAX)]
+    BatchSeqReserved,
     /// The batch asks for another order than the topic's.
     #[error("batch asks for order {batch}, the topic has order {topic}")]
     OrderMismatch {
@@ -587,6 +590,9 @@ impl<M: SharedMemory> Sequencer<M> {
                 payload_bytes: header.payload_bytes,
             });
         }
+        if header.batch_seq == u64::MAX {
+            return Err(InvalidHeader::BatchSeqReserved);
+        }
         if header.order != order as u8 {
             return Err(InvalidHeader::OrderMismatch {
                 batch: header.order,
@@ -761,7 +767,8 @@ impl<M: SharedMemory> Sequencer<M> {
             session.next_expected
         );
         session.next_expected = lowest;
-        self.stats.sequences_skipped += skipped;
+        // A publisher chooses its sequences: a skip may be almost 2^64 long.
+        self.stats.sequences_skipped = self.stats.sequences_skipped.saturating_add(skipped);
         self.stats.gaps_resolved += 1;
         self.drain_session(index, key)
     }

@@ -181,6 +181,25 @@ fn messages() -> impl Strategy<Value = Vec<Vec<Vec<u8>>>> {
     )
 }
 
+#[test]
+fn a_batch_numbered_u64_max_is_refused() {
+    // Found by the `connection` fuzz target: the broker's next-sequence bookkeeping for the
+    // session overflowed on it.
+    let mut input = valid_stream(&[vec![b"x".to_vec()]]);
+    let hello_bytes = input.len() - wire::BATCH_PREFIX_BYTES - 5 - wire::FRAME_HEADER_BYTES;
+    let seq = hello_bytes + wire::FRAME_HEADER_BYTES;
+    input[seq..seq + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let frames = run(input, Vec::new());
+    assert!(
+        matches!(frames.first(), Some(Frame::HelloOk(_))),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(frames.last(), Some(Frame::Error(e)) if e.code == wire::ErrorCode::InvalidBatchHeader),
+        "{frames:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 

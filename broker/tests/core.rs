@@ -325,6 +325,60 @@ fn impossible_batch_header_is_rejected_and_corrupts_nothing() {
 }
 
 #[test]
+fn a_batch_numbered_u64_max_in_a_ring_is_rejected_not_ordered() {
+    // Order 5 would hold it, then (after the gap rule) expect sequence u64::MAX + 1 next.
+    let g = geometry();
+    let (_region, pool) = new_pool(g);
+    let topic = pool
+        .create_topic("max", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let config = SequencerConfig {
+        hold_timeout_ns: 10,
+        ..SequencerConfig::default()
+    };
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    let data = payload(1, 1);
+    writer.append(meta(4, u64::MAX, &data, 1), &data).unwrap();
+    writer.append(meta(4, 0, &data, 1), &data).unwrap();
+    sequencer.poll(0);
+    sequencer.poll(100);
+    let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        vec![CompletionStatus::RejectedInvalid, CompletionStatus::Ordered]
+    );
+    assert_eq!(sequencer.stats().rejected_invalid, 1);
+    assert_eq!(read_all(&pool, topic).len(), 1);
+}
+
+#[test]
+fn skipped_sequence_counts_saturate() {
+    // Found by fuzzing: publishers choose their sequences, so the gaps the gap rule skips
+    // can add up past u64::MAX.
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("skips", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let config = SequencerConfig {
+        hold_timeout_ns: 10,
+        ..SequencerConfig::default()
+    };
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    let data = payload(1, 1);
+    writer
+        .append(meta(1, u64::MAX - 1, &data, 1), &data)
+        .unwrap();
+    writer.append(meta(2, 5, &data, 1), &data).unwrap();
+    sequencer.poll(0);
+    sequencer.poll(100);
+    assert_eq!(sequencer.stats().gaps_resolved, 2);
+    assert_eq!(sequencer.stats().sequences_skipped, u64::MAX);
+    assert_eq!(read_all(&pool, topic).len(), 2);
+}
+
+#[test]
 fn attaching_checks_magic_version_readiness_and_size() {
     let g = geometry();
     let region = Arc::new(HeapRegion::new(g.layout_bytes()));

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! offset size field
-//!      0    8 batch_seq      per-session sequence, from 0, +1 per batch
+//!      0    8 batch_seq      per-session sequence, from 0, +1 per batch (not u64::MAX)
 //!      8    4 message_count  1..=payload_bytes/4
 //!     12    4 payload_bytes  <= batch_bytes_max; frame body_bytes = 32 + payload_bytes
 //!     16    4 checksum       CRC-32C of the payload
@@ -233,6 +233,10 @@ impl BatchHeaderRepr {
         limits: &Limits,
     ) -> Result<Self, Error> {
         let batch_seq = header.batch_seq();
+        // Checked first, so that every other header error names a real batch.
+        if batch_seq == u64::MAX {
+            return Err(Error::BatchSeqReserved);
+        }
         check_payload_fields(
             batch_seq,
             header.message_count(),
@@ -306,6 +310,7 @@ impl PayloadHeader for BatchHeaderRepr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorCode;
     use crate::payload::{PayloadError, push_message};
 
     fn payload(messages: &[&[u8]]) -> Vec<u8> {
@@ -394,6 +399,24 @@ mod tests {
                 value: 1
             })
         );
+    }
+
+    #[test]
+    fn batch_seq_max_is_refused_as_none() {
+        // Found by fuzzing the broker's connection: a batch numbered u64::MAX (the wire's
+        // "none") overflowed the broker's next-sequence bookkeeping.
+        let limits = Limits::default();
+        let good = payload(&[b"abc"]);
+        let repr = BatchHeaderRepr::for_payload(u64::MAX, 1, &good, &limits).unwrap();
+        let error = parse(&repr, repr.frame_body_bytes(), &limits).unwrap_err();
+        assert_eq!(error, Error::BatchSeqReserved);
+        assert_eq!(error.code(), ErrorCode::InvalidBatchHeader);
+        assert_eq!(error.batch_seq(), None);
+        let last = BatchHeaderRepr {
+            batch_seq: u64::MAX - 1,
+            ..repr
+        };
+        assert_eq!(parse(&last, last.frame_body_bytes(), &limits), Ok(last));
     }
 
     #[test]

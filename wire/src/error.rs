@@ -185,6 +185,12 @@ pub enum Error {
         /// Payload length announced.
         payload_bytes: u32,
     },
+    /// A batch header's sequence is `u64::MAX`, which means "none" on the wire.
+    #[error(
+        "batch_seq {} is reserved: it means \"no batch\" on the wire",
+        u64::MAX
+    )]
+    BatchSeqReserved,
     /// A reserved byte of a batch or delivery header is not zero.
     #[error("batch {batch_seq}: reserved header byte {offset} is {value:#04x}; it must be 0")]
     BatchReservedNonZero {
@@ -294,6 +300,7 @@ impl Error {
             | Error::BatchLengthMismatch { .. }
             | Error::EmptyBatch { .. }
             | Error::TooManyMessages { .. }
+            | Error::BatchSeqReserved
             | Error::BatchReservedNonZero { .. } => ErrorCode::InvalidBatchHeader,
             Error::ChecksumMismatch { .. } => ErrorCode::ChecksumMismatch,
             Error::PayloadLengthMismatch { .. } | Error::Payload(_) => ErrorCode::PayloadMalformed,

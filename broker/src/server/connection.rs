@@ -852,9 +852,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 } else {
                     "this batch is older than the session's deduplication window: it is not in the log"
                 };
-                // The Error must precede any Ack whose cumulative sequence covers the batch.
+                // The Error must precede any Ack whose cumulative sequence covers the batch,
+                // and the Goodbye owed after the last batch (sent by the next `flush_acks`).
                 let batch_seq = batch.batch_seq;
-                self.flush_acks();
+                self.queue_acks();
                 self.send_error(
                     metrics,
                     ErrorCode::SessionGapSkipped,
@@ -879,6 +880,21 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// Queues an Ack frame for the decisions taken since the last call (none for ack 0),
     /// and the Goodbye owed to a publisher that said goodbye once nothing is in flight.
     pub fn flush_acks(&mut self) {
+        self.queue_acks();
+        if let Peer::Publisher(publisher) = &self.role {
+            if publisher.goodbye
+                && publisher.in_flight.is_empty()
+                && publisher.durable_wait.is_empty()
+                && !self.closing
+            {
+                self.send_frame(&Frame::Goodbye);
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Queues Ack frames for the decisions taken since the last call (none for ack 0).
+    fn queue_acks(&mut self) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
@@ -908,16 +924,6 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         }
                     }
                 }
-            }
-        }
-        if let Peer::Publisher(publisher) = &self.role {
-            if publisher.goodbye
-                && publisher.in_flight.is_empty()
-                && publisher.durable_wait.is_empty()
-                && !self.closing
-            {
-                self.send_frame(&Frame::Goodbye);
-                self.closing = true;
             }
         }
     }
@@ -1082,4 +1088,150 @@ impl<M: SharedMemory + Clone> Connection<M> {
 enum Step {
     Continue,
     Stop(InputState),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use wire::{BatchHeaderRepr, HelloRepr, Role, Topic};
+
+    use super::*;
+    use crate::coherence::{CoherenceMode, PoolMemory};
+    use crate::heap::HeapRegion;
+    use crate::layout::Geometry;
+    use crate::pool::Pool;
+    use crate::sequencer::{Sequencer, SequencerConfig};
+    use crate::server::state::BrokerSettings;
+
+    /// Everything to read at once, then `WouldBlock`; takes all output.
+    struct Pipe {
+        input: Vec<u8>,
+        output: Vec<u8>,
+    }
+
+    impl ByteStream for Pipe {
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.input.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.input.len());
+            buf[..n].copy_from_slice(&self.input[..n]);
+            self.input.drain(..n);
+            Ok(n)
+        }
+
+        fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.output.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+    }
+
+    fn publisher_stream(seq: u64, goodbye: bool) -> Vec<u8> {
+        let hello = HelloRepr {
+            role: Role::Publish,
+            order: Order::TotalSessionFifo,
+            ack: AckLevel::Ordered,
+            client_id: 7,
+            session_epoch: 1,
+            topic: Topic::new("gaps").unwrap(),
+        };
+        let mut payload = Vec::new();
+        wire::payload::push_message(&mut payload, b"message");
+        let header = BatchHeaderRepr::for_payload(seq, 1, &payload, &Limits::default()).unwrap();
+        let mut bytes = Frame::Hello(hello).to_bytes();
+        bytes.extend_from_slice(&header.frame_prefix());
+        bytes.extend_from_slice(&payload);
+        if goodbye {
+            bytes.extend_from_slice(&Frame::Goodbye.to_bytes());
+        }
+        bytes
+    }
+
+    fn frames(bytes: &[u8]) -> Vec<Frame> {
+        let mut decoder = FrameDecoder::new(Limits::default());
+        let mut at = 0;
+        let mut frames = Vec::new();
+        while at < bytes.len() {
+            let (used, decoded) = decoder.decode(&bytes[at..]).unwrap();
+            at += used;
+            if let Decoded::Frame(frame) = decoded {
+                frames.push(frame);
+            }
+        }
+        frames
+    }
+
+    #[test]
+    fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
+        // Found by fuzzing: the Goodbye owed after the last batch went out before the
+        // SessionGapSkipped Error for that batch, so the Error followed the Goodbye.
+        let geometry = Geometry {
+            brokers_max: 1,
+            topics_max: 1,
+            ring_slots: 8,
+            goi_entries: 64,
+            blog_bytes: 64 * 1024,
+        };
+        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+        let pool: Pool<PoolMemory> =
+            Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let settings = BrokerSettings {
+            broker_id: 0,
+            head: true,
+            auto_create_topics: true,
+            batch_bytes_max: 16 * 1024,
+            frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+            replication_factor: 1,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
+        let config = SequencerConfig {
+            hold_timeout_ns: 1_000,
+            ..SequencerConfig::default()
+        };
+        let mut sequencer = Sequencer::new(pool, 0, 1, config).unwrap();
+        let now = Instant::now();
+        // Batch 1 of the session arrives first and is ordered once the gap rule gives up on 0.
+        let mut first = Connection::new(1, &state);
+        let mut first_pipe = Pipe {
+            input: publisher_stream(1, false),
+            output: Vec::new(),
+        };
+        first.service(&mut first_pipe, &mut state, now, true, true);
+        sequencer.refresh_topics().unwrap();
+        sequencer.poll(0);
+        sequencer.poll(10_000);
+        // Batch 0 arrives late on another connection that then says goodbye.
+        let mut late = Connection::new(2, &state);
+        let mut late_pipe = Pipe {
+            input: publisher_stream(0, true),
+            output: Vec::new(),
+        };
+        late.service(&mut late_pipe, &mut state, now, true, true);
+        sequencer.poll(20_000);
+        let mut outcomes = Vec::new();
+        state.poll_outcomes(&mut outcomes);
+        for outcome in &outcomes {
+            let connection = if outcome.slot.conn == 1 {
+                &mut first
+            } else {
+                &mut late
+            };
+            connection.on_outcome(outcome, &metrics, now);
+        }
+        let service = late.service(&mut late_pipe, &mut state, now, false, true);
+        assert!(service.ended);
+        let frames = frames(&late_pipe.output);
+        assert!(matches!(frames[0], Frame::HelloOk(_)), "{frames:?}");
+        assert!(
+            matches!(&frames[1], Frame::Error(e) if e.code == ErrorCode::SessionGapSkipped && e.batch_seq == Some(0)),
+            "{frames:?}"
+        );
+        assert!(
+            matches!(&frames[2], Frame::Ack(ack) if ack.acked_through_seq() == 0 && ack.entries().is_empty()),
+            "{frames:?}"
+        );
+        assert_eq!(frames[3..], [Frame::Goodbye], "{frames:?}");
+    }
 }
