@@ -280,6 +280,23 @@ pub struct Sequencer<M> {
     last_heartbeat_ns: u64,
     /// Set once a higher epoch took the lease: this sequencer writes nothing any more.
     fenced: bool,
+    /// The pause guard's clock, when one is set (see [`Sequencer::set_pause_guard`]).
+    guard: Option<PauseGuard>,
+}
+
+/// A monotonic clock (nanoseconds) read before every store of the sequencer.
+pub struct PauseGuard {
+    clock: Box<dyn FnMut() -> u64 + Send>,
+    /// When the lease epoch was last read.
+    checked_at_ns: u64,
+}
+
+impl std::fmt::Debug for PauseGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseGuard")
+            .field("checked_at_ns", &self.checked_at_ns)
+            .finish()
+    }
 }
 
 pub use crate::layout::LEASE_OFFSET;
@@ -312,6 +329,7 @@ impl<M: SharedMemory> Sequencer<M> {
             heartbeat: 0,
             last_heartbeat_ns: 0,
             fenced: false,
+            guard: None,
         };
         sequencer.publish_lease();
         sequencer.refresh_topics()?;
@@ -341,10 +359,42 @@ impl<M: SharedMemory> Sequencer<M> {
         self.fenced
     }
 
+    /// Reads `clock` (monotonic nanoseconds) before every store to the pool: when more than
+    /// an eighth of the lease passed since the epoch was last read (this process was paused
+    /// or starved in the middle of a round), the epoch is read again before the store, so a
+    /// holder that resumes after a standby took over stops instead of finishing its round.
+    /// Without it (the deterministic simulation), the epoch is read twice per round.
+    pub fn set_pause_guard(&mut self, clock: Box<dyn FnMut() -> u64 + Send>) {
+        let mut guard = PauseGuard {
+            clock,
+            checked_at_ns: 0,
+        };
+        guard.checked_at_ns = (guard.clock)();
+        self.guard = Some(guard);
+    }
+
+    /// Whether the next store may go ahead (see [`Sequencer::set_pause_guard`]).
+    fn may_write(&mut self) -> bool {
+        if self.fenced {
+            return false;
+        }
+        let Some(guard) = &mut self.guard else {
+            return true;
+        };
+        let now_ns = (guard.clock)();
+        if now_ns.saturating_sub(guard.checked_at_ns) <= self.config.lease_ns / 8 {
+            return true;
+        }
+        self.still_holds()
+    }
+
     /// Re-reads the lease epoch from memory; fences this sequencer when it moved on.
     fn still_holds(&mut self) -> bool {
         if self.fenced {
             return false;
+        }
+        if let Some(guard) = &mut self.guard {
+            guard.checked_at_ns = (guard.clock)();
         }
         invalidate_and_fence(self.pool.mem(), LEASE_EPOCH_OFFSET, 8);
         let epoch = self.pool.mem().load_u64(LEASE_EPOCH_OFFSET);
@@ -806,6 +856,9 @@ impl<M: SharedMemory> Sequencer<M> {
     }
 
     fn order_batch(&mut self, index: usize, broker: u16, slot: u64, header: BatchHeader) {
+        if !self.may_write() {
+            return;
+        }
         let geometry = *self.pool.geometry();
         let window = self.config.dedup_window;
         let state = &mut self.topics[index];
@@ -879,6 +932,9 @@ impl<M: SharedMemory> Sequencer<M> {
         global_start: Option<u64>,
         ordinal: u64,
     ) {
+        if !self.may_write() {
+            return;
+        }
         let geometry = *self.pool.geometry();
         let state = &mut self.topics[index];
         let completion = Completion {
@@ -913,32 +969,42 @@ impl<M: SharedMemory> Sequencer<M> {
         if !self.still_holds() {
             return;
         }
-        let state = &mut self.topics[index];
-        let mem = self.pool.mem();
-        let topic = state.topic;
+        let topic = self.topics[index].topic;
         // Bodies were written and flushed as they were decided.
-        mem.fence();
-        if !state.pending_goi.is_empty() {
-            for &ordinal in &state.pending_goi {
-                set_ready::<M, GoiEntry>(mem, geometry.goi_offset(topic, ordinal), ordinal + 1);
+        self.pool.mem().fence();
+        let goi = std::mem::take(&mut self.topics[index].pending_goi);
+        if !goi.is_empty() {
+            for &ordinal in &goi {
+                if !self.may_write() {
+                    return;
+                }
+                let offset = geometry.goi_offset(topic, ordinal);
+                set_ready::<M, GoiEntry>(self.pool.mem(), offset, ordinal + 1);
             }
-            state.pending_goi.clear();
-            mem.fence();
+            self.pool.mem().fence();
+            if !self.may_write() {
+                return;
+            }
+            let state = &self.topics[index];
             self.pool.write_frontier(
                 geometry.seq_state_offset(topic),
                 state.next_ordinal,
                 state.next_position,
             );
-            mem.fence();
+            self.pool.mem().fence();
         }
-        for &(broker, slot) in &state.pending_completions {
-            set_ready::<M, Completion>(
-                mem,
-                geometry.completion_offset(topic, broker, slot),
-                slot + 1,
-            );
+        let completions = std::mem::take(&mut self.topics[index].pending_completions);
+        for &(broker, slot) in &completions {
+            if !self.may_write() {
+                return;
+            }
+            let offset = geometry.completion_offset(topic, broker, slot);
+            set_ready::<M, Completion>(self.pool.mem(), offset, slot + 1);
         }
-        state.pending_completions.clear();
+        if !self.may_write() {
+            return;
+        }
+        let state = &mut self.topics[index];
         for (broker, ring) in state.rings.iter_mut().enumerate() {
             if ring.frontier_dirty {
                 ring.frontier_dirty = false;
@@ -949,6 +1015,12 @@ impl<M: SharedMemory> Sequencer<M> {
                 );
             }
         }
+        // Keep the allocations for the next round.
+        let state = &mut self.topics[index];
+        state.pending_goi = goi;
+        state.pending_goi.clear();
+        state.pending_completions = completions;
+        state.pending_completions.clear();
     }
 
     /// The next global position of `topic` (messages ordered so far).

@@ -566,6 +566,55 @@ fn a_standby_takes_the_lease_over_fences_the_old_sequencer_and_continues_the_ord
 }
 
 #[test]
+fn a_holder_paused_in_the_middle_of_a_round_stops_before_its_next_store() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("t", config(Order::Total)).unwrap();
+    let config = SequencerConfig::default();
+    let mut old = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    for seq in 0..4u64 {
+        let data = payload(seq as u8, 1);
+        writer.append(meta(1, seq, &data, 1), &data).unwrap();
+    }
+    // The clock stands for the process being stopped right after the round's first store:
+    // while it is stopped, a standby takes the lease over; when it resumes, its clock has
+    // jumped by two leases.
+    let standby_pool = pool.clone();
+    let taken = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let taken_by_clock = std::sync::Arc::clone(&taken);
+    let mut reads = 0u64;
+    old.set_pause_guard(Box::new(move || {
+        reads += 1;
+        if reads == 4 {
+            let standby = Sequencer::new(standby_pool.clone(), 2, 2, config).unwrap();
+            *taken_by_clock.lock().unwrap() = Some(standby);
+        }
+        if reads >= 4 { 2 * config.lease_ns } else { 0 }
+    }));
+    old.poll(1);
+    assert!(old.is_fenced(), "the holder noticed the new epoch");
+    assert!(
+        taken.lock().unwrap().is_some(),
+        "the standby took over mid-round"
+    );
+    // It wrote at most the stores before the pause and published nothing.
+    let (committed, _) = pool.read_frontier(pool.geometry().seq_state_offset(topic));
+    assert_eq!(committed, 0, "no commit after the takeover");
+    assert_eq!(outcomes(&mut writer).len(), 0, "no completion published");
+    let mut body = [0u8; 56];
+    let second = pool.geometry().goi_offset(topic, 1);
+    pool.mem().invalidate(second, 64);
+    pool.mem().fence();
+    pool.mem().read(second, &mut body);
+    assert_eq!(body, [0; 56], "no GOI entry written after the pause");
+    // The new holder orders all four, once each.
+    let mut new = taken.lock().unwrap().take().unwrap();
+    assert_eq!(new.poll(2), 4);
+    assert_eq!(read_all(&pool, topic).len(), 4);
+    assert_eq!(outcomes(&mut writer).len(), 4);
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();

@@ -360,6 +360,7 @@ fn run_sequencer(
     stop: &AtomicBool,
 ) {
     let started = Instant::now();
+    sequencer.set_pause_guard(Box::new(move || started.elapsed().as_nanos() as u64));
     let mut idle = Idle::new(idle);
     let mut now_ns = 0;
     let mut polls = 0u64;
