@@ -51,7 +51,8 @@ ORDER CHECK (end-to-end)
   order 0     none: only content and exactly-once are checked.
   order 1, 2  per connection: the messages one publisher sent over one connection
               (batch_seq % connections) are delivered in send order. With one connection
-              per broker this is per-broker FIFO per publisher.
+              per broker this is per-broker FIFO per publisher. A connection that replaces
+              a failed one carries on its stream, so the check holds across a failover.
   order 5     per publisher: each publisher session's messages in send order, across all
               brokers (gaps left by rejected batches are not violations).
 
