@@ -410,3 +410,66 @@ fn a_full_pool_pushes_back_without_closing_and_loses_nothing() {
         "the connection stayed open to the end"
     );
 }
+
+#[test]
+fn a_killed_broker_drops_every_connection_and_a_resend_elsewhere_is_deduplicated() {
+    let mut cluster = cluster(3, 64, 1 << 20);
+    let addrs = cluster.addresses();
+    // The head creates the topic on first use.
+    let mut creator = publisher(addrs[0], "crash", Order::TotalSessionFifo, 10);
+    creator.send(&Frame::Goodbye.to_bytes());
+    assert!(matches!(creator.frame(), Frame::Goodbye));
+    let mut doomed = publisher(addrs[1], "crash", Order::TotalSessionFifo, 11);
+    doomed.batch(0, &[b"zero"]);
+    let original = doomed.acks_through(0);
+    assert_eq!(original.len(), 1);
+    let position = original[0].global_start.expect("order 5 has positions");
+    // Batch 1 is in flight when the broker dies: committed or not, it is not acknowledged.
+    doomed.batch(1, &[b"one"]);
+
+    let killed_at = std::time::Instant::now();
+    assert!(cluster.kill_broker(1));
+    assert!(!cluster.kill_broker(7), "no broker 7");
+    assert!(!cluster.brokers()[1].is_running());
+    // The connection ends without Goodbye (end of stream or reset), at once.
+    loop {
+        match doomed.receive() {
+            Received::Closed => break,
+            Received::Frame(Frame::Ack(_)) => {}
+            Received::Frame(other) => panic!("a crash says nothing, got {other:?}"),
+            Received::Delivery(..) => panic!("a publisher gets no deliveries"),
+        }
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(2));
+    assert!(
+        TcpStream::connect(addrs[1]).is_err(),
+        "the listener is closed"
+    );
+
+    // The same session resumes on another broker and resends both batches.
+    let mut survivor = publisher(addrs[2], "crash", Order::TotalSessionFifo, 11);
+    survivor.batch(0, &[b"zero"]);
+    survivor.batch(1, &[b"one"]);
+    survivor.batch(2, &[b"two"]);
+    let entries = survivor.acks_through(2);
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[0].status, wire::AckStatus::Duplicate);
+    assert_eq!(
+        entries[0].global_start,
+        Some(position),
+        "a duplicate carries the original position"
+    );
+    assert_eq!(entries[2].status, wire::AckStatus::Ordered);
+
+    // Each batch is in the log once, in session order.
+    let mut sub = subscriber(addrs[0], "crash", Order::TotalSessionFifo, 0);
+    for seq in 0..3u64 {
+        match sub.receive() {
+            Received::Delivery(header, _) => assert_eq!(header.batch_seq, seq),
+            _ => panic!("expected a delivery"),
+        }
+    }
+    sub.send(&Frame::Goodbye.to_bytes());
+    assert!(matches!(sub.frame(), Frame::Goodbye));
+    assert_eq!(cluster.batches_dropped(), 0);
+}

@@ -13,7 +13,7 @@ use wire::{BATCH_PREFIX_BYTES, BatchHeaderRepr};
 pub(crate) struct SealedBatch {
     /// Session-wide batch sequence.
     pub seq: u64,
-    /// Index of the connection it must go to.
+    /// Index of the connection slot it goes to.
     pub connection: usize,
     /// Frame header, batch header and payload.
     pub bytes: Vec<u8>,

@@ -25,6 +25,13 @@ pub const PUBLISH_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 pub const FLUSH_TIMEOUT_MS_DEFAULT: u64 = 30_000;
 /// Default time to wait for the broker's Goodbye after sending ours.
 pub const GOODBYE_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+/// Default time a publisher may go without any connection before it gives up.
+pub const RECONNECT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default bound on how often one batch is resent.
+pub const RESENDS_MAX_DEFAULT: u32 = 8;
+/// Default number of batch sequences a session uses before the next epoch starts: all of
+/// them (`u64::MAX` itself means "none" on the wire and is never used).
+pub const SESSION_BATCHES_MAX_DEFAULT: u64 = u64::MAX;
 
 /// Settings of a [`Publisher`](crate::Publisher). Build with [`PublisherConfig::new`] and
 /// change the public fields.
@@ -65,6 +72,21 @@ pub struct PublisherConfig {
     pub flush_timeout_ms: u64,
     /// Bound on waiting for the broker's Goodbye when closing.
     pub goodbye_timeout_ms: u64,
+    /// How long the publisher may go without any connection before it fails with
+    /// [`ClientError::Unreachable`]: while at least one connection is up, a lost one is
+    /// replaced and its broker probed again in the background, for as long as it takes. It
+    /// also bounds how long a silent broker (TCP data or keep-alive probes unacknowledged,
+    /// `TCP_USER_TIMEOUT`, at least 1 s) keeps a connection before it counts as failed.
+    /// Default 10 s.
+    pub reconnect_timeout_ms: u64,
+    /// How often one batch may be resent after connection failures before the publisher
+    /// fails with [`ClientError::ResendLimit`]. Default 8.
+    pub resends_max: u32,
+    /// Batch sequences a session uses (`0..session_batches_max`, at least 1). A publisher
+    /// that reaches it waits until every batch of the session is acknowledged, then starts
+    /// session epoch + 1 at sequence 0 on new connections; `batch_seq` never wraps. Default
+    /// `u64::MAX` (no roll-over in practice).
+    pub session_batches_max: u64,
     /// `SO_SNDBUF` and `SO_RCVBUF` asked for on each connection.
     pub socket_buffer_bytes: usize,
     /// Record an [`PublisherEvent::Acked`](crate::PublisherEvent::Acked) for every
@@ -93,6 +115,9 @@ impl PublisherConfig {
             publish_timeout_ms: PUBLISH_TIMEOUT_MS_DEFAULT,
             flush_timeout_ms: FLUSH_TIMEOUT_MS_DEFAULT,
             goodbye_timeout_ms: GOODBYE_TIMEOUT_MS_DEFAULT,
+            reconnect_timeout_ms: RECONNECT_TIMEOUT_MS_DEFAULT,
+            resends_max: RESENDS_MAX_DEFAULT,
+            session_batches_max: SESSION_BATCHES_MAX_DEFAULT,
             socket_buffer_bytes: SOCKET_BUFFER_BYTES_DEFAULT,
             report_acks: false,
         }
@@ -121,12 +146,16 @@ impl PublisherConfig {
         if self.in_flight_batches_max == 0 {
             return Err(invalid("in_flight_batches_max", 0, "at least 1"));
         }
+        if self.session_batches_max == 0 {
+            return Err(invalid("session_batches_max", 0, "at least 1"));
+        }
         check_timeouts_and_buffer(
             &[
                 ("connect_timeout_ms", self.connect_timeout_ms),
                 ("publish_timeout_ms", self.publish_timeout_ms),
                 ("flush_timeout_ms", self.flush_timeout_ms),
                 ("goodbye_timeout_ms", self.goodbye_timeout_ms),
+                ("reconnect_timeout_ms", self.reconnect_timeout_ms),
             ],
             self.socket_buffer_bytes,
         )?;
@@ -330,6 +359,22 @@ mod tests {
         let mut c = config();
         c.in_flight_batches_max = 0;
         assert!(c.validate().is_err());
+        let mut c = config();
+        c.session_batches_max = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("session_batches_max = 0")
+        );
+        let mut c = config();
+        c.reconnect_timeout_ms = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("reconnect_timeout_ms = 0")
+        );
         let mut sub = SubscriberConfig::new("127.0.0.1:9000".parse().unwrap(), "orders");
         sub.batch_bytes_max = 2;
         assert!(

@@ -134,8 +134,9 @@ pub enum ClientError {
         /// The new, smaller one.
         got: u64,
     },
-    /// Non-blocking mode: the connection the next batch must go to has its window full.
-    /// The message was **not** taken: the caller still owns it and publishes it again later
+    /// Non-blocking mode: the connection the next batch must go to has its window full (or
+    /// the session is draining before it rolls over to a new epoch). The message was **not**
+    /// taken: the caller still owns it and publishes it again later
     /// (after [`Publisher::poll`](crate::Publisher::poll)); nothing is lost.
     #[error(
         "connection {connection} has {in_flight_batches} batches in flight, the window is {in_flight_batches_max}; the message was not taken, publish it again later"
@@ -169,6 +170,37 @@ pub enum ClientError {
         timeout_ms: u64,
         /// Batches not yet acknowledged.
         outstanding_batches: usize,
+    },
+    /// No connection to any broker could be established for `reconnect_timeout_ms`: every
+    /// connection had failed and every attempt to open one failed.
+    #[error(
+        "none of the {brokers} brokers could be reached for {timeout_ms} ms ({outstanding_batches} batches still unacknowledged); last attempt: {last_error}"
+    )]
+    Unreachable {
+        /// Brokers configured.
+        brokers: usize,
+        /// The `reconnect_timeout_ms` that passed.
+        timeout_ms: u64,
+        /// Batches not yet acknowledged.
+        outstanding_batches: usize,
+        /// Why the last connection attempt failed.
+        last_error: String,
+    },
+    /// A batch had to be resent more than `resends_max` times (its connections kept failing).
+    #[error("batch {batch_seq} is still unacknowledged after {resends_max} resends; giving up")]
+    ResendLimit {
+        /// The batch.
+        batch_seq: u64,
+        /// The configured bound.
+        resends_max: u32,
+    },
+    /// The session epoch cannot grow any further, so no new session can start.
+    #[error(
+        "session epoch {epoch} is the last one there is; no new session can start (use another client id)"
+    )]
+    EpochExhausted {
+        /// The epoch in use.
+        epoch: u32,
     },
     /// The publisher or subscriber was closed.
     #[error("the {what} is closed")]

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
 use wire::{
     AckLevel, Decoded, DeliveryHeaderRepr, Frame, FrameDecoder, FrameKind, HelloOkRepr, HelloRepr,
     Limits, Order,
@@ -54,6 +54,29 @@ pub(crate) fn open_stream(
         );
     }
     Ok(socket.into())
+}
+
+/// Shortest time [`detect_dead_peer`] gives a silent peer.
+const DEAD_PEER_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// Makes a vanished peer (host down, network cut) end the connection instead of leaving
+/// reads and writes blocked forever: keep-alive probes every second while the connection is
+/// idle, and `TCP_USER_TIMEOUT`, so that data or probes left unacknowledged for `timeout` (at
+/// least 1 s) make the kernel fail the socket with `ETIMEDOUT`. A peer that merely stops
+/// reading (zero window, backpressure) still acknowledges probes and is not affected.
+pub(crate) fn detect_dead_peer(
+    stream: &TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(), ClientError> {
+    let socket = SockRef::from(stream);
+    let keepalive = TcpKeepalive::new()
+        .with_time(DEAD_PEER_TIMEOUT_MIN)
+        .with_interval(DEAD_PEER_TIMEOUT_MIN);
+    socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(timeout.max(DEAD_PEER_TIMEOUT_MIN))))
+        .map_err(|error| ClientError::io(addr, "setting keep-alive and TCP_USER_TIMEOUT", error))
 }
 
 /// Writes a whole control frame.

@@ -1,47 +1,64 @@
 //! [`Publisher`]: the socket adapter around [`PublisherCore`].
 //!
-//! Each connection has a writer thread (writes sealed batches, in order, one `write_all`
-//! each) and a reader thread (decodes Acks, Errors and Goodbye, and timestamps them on
-//! arrival). Both report to the publisher over one channel; the publisher's own thread owns
-//! the protocol state and is the only one that changes it.
+//! Each connection has a writer thread (writes batches, in order, one `write_all` each) and a
+//! reader thread (decodes Acks, Errors and Goodbye, and timestamps them on arrival). A
+//! connection the core asks for is opened by a short-lived connector thread (one round over
+//! the candidate brokers). All of them report to the publisher over one channel; the
+//! publisher's own thread owns the protocol state and is the only one that changes it.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use wire::{Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
 
-use crate::batcher::SealedBatch;
 use crate::config::{PublisherConfig, millis};
 use crate::error::ClientError;
-use crate::net::{FrameReader, Inbound, ReadOutcome, connect_and_hello, write_frame};
-use crate::session::{CoreParams, PublisherCore, PublisherEvent};
+use crate::net::{
+    FrameReader, Inbound, ReadOutcome, connect_and_hello, detect_dead_peer, write_frame,
+};
+use crate::session::{
+    Command, ConnId, ConnectRequest, CoreParams, PublisherCore, PublisherEvent, Transmit,
+};
 use crate::stats::PublisherStats;
 
 enum WriteCommand {
-    Batch(SealedBatch),
+    Batch(Transmit),
     Goodbye,
+}
+
+/// A connection that completed its handshake.
+struct Opened {
+    addr: SocketAddr,
+    stream: TcpStream,
+    reader: FrameReader,
+    hello_ok: HelloOkRepr,
 }
 
 enum IoEvent {
     Frame {
-        connection: usize,
+        conn: ConnId,
         frame: Frame,
         at: Instant,
     },
     Written {
-        connection: usize,
+        conn: ConnId,
         seq: u64,
-        message_count: u32,
-        message_bytes: u64,
-        buffer: Vec<u8>,
     },
     Ended {
-        connection: usize,
+        conn: ConnId,
         error: Option<ClientError>,
+    },
+    Connected {
+        slot: usize,
+        attempt: u64,
+        result: Result<Box<Opened>, ClientError>,
     },
 }
 
@@ -54,72 +71,97 @@ struct ConnectionIo {
     reader: Option<JoinHandle<()>>,
 }
 
+/// How the publisher opens connections.
+#[derive(Debug, Clone, Copy)]
+struct Dialer {
+    hello: HelloRepr,
+    connect_timeout: Duration,
+    socket_buffer_bytes: usize,
+    dead_peer_timeout: Duration,
+}
+
+impl Dialer {
+    /// Connects, says Hello with `session_epoch`, and arms dead-peer detection.
+    fn open(&self, addr: SocketAddr, session_epoch: u32) -> Result<Opened, ClientError> {
+        let hello = HelloRepr {
+            session_epoch,
+            ..self.hello
+        };
+        let (stream, reader, hello_ok) =
+            connect_and_hello(addr, &hello, self.connect_timeout, self.socket_buffer_bytes)?;
+        if let Err(error) = detect_dead_peer(&stream, addr, self.dead_peer_timeout) {
+            say_goodbye_and_close(addr, &stream);
+            return Err(error);
+        }
+        Ok(Opened {
+            addr,
+            stream,
+            reader,
+            hello_ok,
+        })
+    }
+}
+
 /// A publisher session over `connections_per_broker` connections to each broker.
 ///
 /// Messages are appended to an open batch; sealed batches are numbered 0, 1, 2, ... and
-/// sent round-robin over all connections (connection `i` goes to broker `i % brokers`), so
+/// sent round-robin over all connection slots (slot `i` belongs to broker `i % brokers`), so
 /// consecutive batches land on different brokers. See the [crate docs](crate) for an
-/// example. Dropping a publisher without [`close`](Publisher::close) still says Goodbye
-/// and closes every socket (without waiting for outstanding acks).
+/// example and for what happens when a connection fails. Dropping a publisher without
+/// [`close`](Publisher::close) still says Goodbye and closes every socket (without waiting
+/// for outstanding acks).
 #[derive(Debug)]
 pub struct Publisher {
     core: PublisherCore,
-    connections: Vec<ConnectionIo>,
+    connections: BTreeMap<ConnId, ConnectionIo>,
     events: Receiver<IoEvent>,
+    event_sender: Sender<IoEvent>,
+    dialer: Dialer,
+    /// Tells connector threads still running that the publisher is gone.
+    closing: Arc<AtomicBool>,
     blocking: bool,
     publish_timeout: Duration,
     flush_timeout: Duration,
     goodbye_timeout: Duration,
     client_id: u64,
-    session_epoch: u32,
     closed: bool,
-}
-
-impl std::fmt::Debug for IoEvent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            IoEvent::Frame {
-                connection, frame, ..
-            } => {
-                write!(f, "Frame({connection}, {:?})", frame.kind())
-            }
-            IoEvent::Written {
-                connection, seq, ..
-            } => write!(f, "Written({connection}, {seq})"),
-            IoEvent::Ended { connection, error } => write!(f, "Ended({connection}, {error:?})"),
-        }
-    }
 }
 
 impl Publisher {
     /// Opens `connections_per_broker` connections to every broker (`TCP_NODELAY`, explicit
-    /// socket buffers) and performs Hello/HelloOk on each. If any connection fails, the
-    /// ones already open are closed with Goodbye and the error is returned.
+    /// socket buffers, keep-alive and `TCP_USER_TIMEOUT`) and performs Hello/HelloOk on each.
+    /// If any connection fails, the ones already open are closed with Goodbye and the error
+    /// is returned: a publisher starts with every broker reachable.
     ///
     /// The effective batch limit is the smallest of `batch_bytes_max` and every broker's
     /// HelloOk limit. Batch numbering starts at the largest HelloOk `next_batch_seq` (0 for
     /// a new session).
     pub fn connect(config: PublisherConfig) -> Result<Publisher, ClientError> {
         let valid = config.validate()?;
-        let hello = HelloRepr {
-            role: Role::Publish,
-            order: valid.order,
-            ack: valid.ack,
-            client_id: config.client_id,
-            session_epoch: config.session_epoch,
-            topic: valid.topic,
+        let reconnect_timeout = millis(config.reconnect_timeout_ms);
+        let dialer = Dialer {
+            hello: HelloRepr {
+                role: Role::Publish,
+                order: valid.order,
+                ack: valid.ack,
+                client_id: config.client_id,
+                session_epoch: config.session_epoch,
+                topic: valid.topic,
+            },
+            connect_timeout: millis(config.connect_timeout_ms),
+            socket_buffer_bytes: config.socket_buffer_bytes,
+            dead_peer_timeout: reconnect_timeout,
         };
-        let timeout = millis(config.connect_timeout_ms);
         // Slot-major order, so connection i belongs to broker i % brokers and round-robin
         // over connections alternates brokers.
         let mut opened = Vec::new();
         for _slot in 0..config.connections_per_broker {
             for &addr in &config.brokers {
-                match connect_and_hello(addr, &hello, timeout, config.socket_buffer_bytes) {
-                    Ok(connection) => opened.push((addr, connection)),
+                match dialer.open(addr, config.session_epoch) {
+                    Ok(connection) => opened.push(connection),
                     Err(error) => {
-                        for (addr, (stream, _, _)) in &opened {
-                            say_goodbye_and_close(*addr, stream);
+                        for connection in &opened {
+                            say_goodbye_and_close(connection.addr, &connection.stream);
                         }
                         return Err(error);
                     }
@@ -128,50 +170,53 @@ impl Publisher {
         }
         let batch_bytes_max = opened
             .iter()
-            .map(|(_, (_, _, ok))| ok.batch_bytes_max as usize)
+            .map(|o| o.hello_ok.batch_bytes_max as usize)
             .fold(config.batch_bytes_max, usize::min);
         let first_seq = opened
             .iter()
-            .map(|(_, (_, _, ok))| ok.next_batch_seq)
+            .map(|o| o.hello_ok.next_batch_seq)
             .max()
             .unwrap_or(0);
         let core = PublisherCore::new(CoreParams {
-            connections: opened.iter().map(|(addr, _)| *addr).collect(),
+            brokers: config.brokers.clone(),
+            connections_per_broker: config.connections_per_broker,
             batch_bytes_max,
             linger: Duration::from_micros(config.linger_us),
             in_flight_batches_max: config.in_flight_batches_max,
             ack: valid.ack,
+            session_epoch: config.session_epoch,
             first_seq,
+            session_batches_max: config.session_batches_max,
+            reconnect_timeout,
+            resends_max: config.resends_max,
             report_acks: config.report_acks,
         });
         let (event_sender, events) = crossbeam_channel::unbounded();
         let mut publisher = Publisher {
             core,
-            connections: Vec::with_capacity(opened.len()),
+            connections: BTreeMap::new(),
             events,
+            event_sender,
+            dialer,
+            closing: Arc::new(AtomicBool::new(false)),
             blocking: config.blocking,
             publish_timeout: millis(config.publish_timeout_ms),
             flush_timeout: millis(config.flush_timeout_ms),
             goodbye_timeout: millis(config.goodbye_timeout_ms),
             client_id: config.client_id,
-            session_epoch: config.session_epoch,
             closed: false,
         };
         let mut spawn_error = None;
-        for (index, (addr, (stream, reader, hello_ok))) in opened.into_iter().enumerate() {
-            let mut connection = ConnectionIo {
-                stream,
-                hello_ok,
-                commands: None,
-                writer: None,
-                reader: None,
-            };
-            if spawn_error.is_none()
-                && let Err(error) = start_io(index, addr, &mut connection, reader, &event_sender)
-            {
-                spawn_error = Some(error);
+        for (index, connection) in opened.into_iter().enumerate() {
+            let id = index as ConnId;
+            match spawn_error {
+                None => {
+                    if let Err(error) = publisher.install(id, connection) {
+                        spawn_error = Some(error);
+                    }
+                }
+                Some(_) => say_goodbye_and_close(connection.addr, &connection.stream),
             }
-            publisher.connections.push(connection);
         }
         match spawn_error {
             // Dropping the publisher says Goodbye and joins what was started.
@@ -180,9 +225,11 @@ impl Publisher {
         }
     }
 
-    /// Number of open connections: `connections_per_broker` times the number of brokers.
+    /// Number of connection slots: `connections_per_broker` times the number of brokers.
+    /// Each slot normally holds one open connection to its broker; after a failure it holds
+    /// one to another broker until its own is back.
     pub fn connection_count(&self) -> usize {
-        self.connections.len()
+        self.core.slot_count()
     }
 
     /// The effective batch payload limit (after capping by the brokers' HelloOk).
@@ -195,14 +242,20 @@ impl Publisher {
         self.client_id
     }
 
-    /// The session epoch sent in Hello.
+    /// The session epoch of the current session: the configured one, plus one for every
+    /// roll-over (see [`PublisherConfig::session_batches_max`]).
     pub fn session_epoch(&self) -> u32 {
-        self.session_epoch
+        self.core.session_epoch()
     }
 
-    /// The HelloOk each connection received, in connection order.
+    /// The HelloOk of each slot's current connection, in slot order (slots without a
+    /// connection at the moment are left out).
     pub fn hello_oks(&self) -> Vec<HelloOkRepr> {
-        self.connections.iter().map(|c| c.hello_ok).collect()
+        (0..self.core.slot_count())
+            .filter_map(|slot| self.core.slot_connection(slot))
+            .filter_map(|id| self.connections.get(&id))
+            .map(|c| c.hello_ok)
+            .collect()
     }
 
     /// When the open batch's linger time ends, if it holds messages: a caller that stops
@@ -211,7 +264,8 @@ impl Publisher {
         self.core.linger_deadline()
     }
 
-    /// Batches sent on `connection` and not yet acknowledged.
+    /// Batches of connection slot `connection` not yet acknowledged (in flight, or waiting
+    /// for a resend).
     pub fn in_flight(&self, connection: usize) -> usize {
         self.core.in_flight(connection)
     }
@@ -234,6 +288,7 @@ impl Publisher {
                     return Ok(());
                 }
                 Err(error) if error.is_would_block() && self.blocking => {
+                    self.dispatch();
                     let deadline = *deadline.get_or_insert(now + self.publish_timeout);
                     if !self.wait_event(deadline) {
                         return Err(ClientError::Timeout {
@@ -243,13 +298,17 @@ impl Publisher {
                         });
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.dispatch();
+                    return Err(error);
+                }
             }
         }
     }
 
-    /// Processes what the connections reported and seals the open batch if its linger time
-    /// has passed. Call it when not publishing for a while, so lingering messages go out.
+    /// Processes what the connections reported, runs due reconnection attempts, and seals
+    /// the open batch if its linger time has passed. Call it when not publishing for a
+    /// while, so lingering messages go out and lost connections get replaced.
     pub fn poll(&mut self) -> Result<(), ClientError> {
         self.ensure_open()?;
         self.drain_events();
@@ -259,7 +318,8 @@ impl Publisher {
     }
 
     /// Seals the open batch and waits until every batch is acknowledged or rejected (at ack
-    /// 0: written), up to `flush_timeout_ms`.
+    /// 0: written), up to `flush_timeout_ms`, resending over other connections what a failed
+    /// connection left unacknowledged.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         self.ensure_open()?;
         self.flush_within(self.flush_timeout)
@@ -337,79 +397,177 @@ impl Publisher {
         }
     }
 
-    /// Hands sealed batches to their connection's writer.
+    /// Carries out what the core asked for.
     fn dispatch(&mut self) {
-        while let Some(batch) = self.core.take_transmit() {
-            let connection = batch.connection;
-            let sent = self.connections[connection]
-                .commands
-                .as_ref()
-                .is_some_and(|commands| commands.send(WriteCommand::Batch(batch)).is_ok());
-            if !sent {
-                // The writer is gone; it reported why (or the publisher is shutting down).
-                self.core.on_connection_ended(
-                    connection,
-                    Some(ClientError::Closed { what: "publisher" }),
-                );
+        while let Some(command) = self.core.take_command() {
+            match command {
+                Command::Transmit(batch) => {
+                    // A writer that is gone has reported (or is about to report) why; the
+                    // core then takes the batch back for a resend.
+                    self.send(batch.conn, WriteCommand::Batch(batch));
+                }
+                Command::Connect(request) => self.start_connect(request),
+                Command::Goodbye(conn) => {
+                    self.send(conn, WriteCommand::Goodbye);
+                    if let Some(connection) = self.connections.get_mut(&conn) {
+                        connection.commands = None;
+                    }
+                }
+                Command::Close(conn) => self.release(conn),
             }
         }
+    }
+
+    fn send(&self, conn: ConnId, command: WriteCommand) -> bool {
+        self.connections
+            .get(&conn)
+            .and_then(|c| c.commands.as_ref())
+            .is_some_and(|commands| commands.send(command).is_ok())
+    }
+
+    /// Opens a connection in the background: one round over the request's candidates.
+    fn start_connect(&mut self, request: ConnectRequest) {
+        let (slot, attempt) = (request.slot, request.attempt);
+        let dialer = self.dialer;
+        let closing = Arc::clone(&self.closing);
+        let events = self.event_sender.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("pub-connect-{slot}"))
+            .spawn(move || connect_round(&request, &dialer, &closing, &events));
+        if let Err(error) = spawned {
+            let addr = self.core.slot_home(slot);
+            let error = ClientError::io(addr, "starting a connection thread", error);
+            self.core
+                .on_connect_failed(slot, attempt, error, Instant::now());
+        }
+    }
+
+    /// Starts the I/O threads of a connection the core accepted as `id`.
+    fn install(&mut self, id: ConnId, opened: Opened) -> Result<(), ClientError> {
+        let Opened {
+            addr,
+            stream,
+            reader,
+            hello_ok,
+        } = opened;
+        let mut connection = ConnectionIo {
+            stream,
+            hello_ok,
+            commands: None,
+            writer: None,
+            reader: None,
+        };
+        let started = start_io(id, addr, &mut connection, reader, &self.event_sender);
+        // Registered even when a thread failed to start, so that release() joins the other.
+        self.connections.insert(id, connection);
+        started
     }
 
     fn handle(&mut self, event: IoEvent) {
         match event {
-            IoEvent::Frame {
-                connection,
-                frame,
-                at,
-            } => self.core.on_frame(connection, frame, at),
-            IoEvent::Written {
-                connection,
-                seq,
-                message_count,
-                message_bytes,
-                buffer,
+            IoEvent::Frame { conn, frame, at } => self.core.on_frame(conn, frame, at),
+            IoEvent::Written { conn, seq } => self.core.on_written(conn, seq, Instant::now()),
+            IoEvent::Ended { conn, error } => {
+                self.core.on_connection_ended(conn, error, Instant::now());
+                self.release(conn);
+            }
+            IoEvent::Connected {
+                slot,
+                attempt,
+                result: Ok(opened),
+            } => {
+                let now = Instant::now();
+                let accepted =
+                    self.core
+                        .on_connected(slot, attempt, opened.addr, &opened.hello_ok, now);
+                match accepted {
+                    Some(id) => {
+                        if let Err(error) = self.install(id, *opened) {
+                            self.core.on_connection_ended(id, Some(error), now);
+                            self.release(id);
+                        }
+                    }
+                    None => say_goodbye_and_close(opened.addr, &opened.stream),
+                }
+            }
+            IoEvent::Connected {
+                slot,
+                attempt,
+                result: Err(error),
             } => {
                 self.core
-                    .on_written(connection, seq, message_count, message_bytes);
-                self.core.recycle(buffer);
-            }
-            IoEvent::Ended { connection, error } => {
-                self.core.on_connection_ended(connection, error);
+                    .on_connect_failed(slot, attempt, error, Instant::now());
             }
         }
     }
 
+    /// Handles every event that is waiting, then carries out what the core asked for.
     fn drain_events(&mut self) {
         while let Ok(event) = self.events.try_recv() {
             self.handle(event);
         }
+        self.dispatch();
     }
 
-    /// Waits for at least one event until `deadline`; false when none came.
+    /// Waits for at least one event until `deadline`, running the core's timers (connection
+    /// attempts, the give-up deadline) meanwhile; false when the deadline passed without an
+    /// event and without the publisher failing.
     fn wait_event(&mut self, deadline: Instant) -> bool {
-        match self.events.recv_deadline(deadline) {
-            Ok(event) => {
+        loop {
+            let wake = self
+                .core
+                .next_wakeup()
+                .map_or(deadline, |at| at.min(deadline));
+            if let Ok(event) = self.events.recv_deadline(wake) {
                 self.handle(event);
                 self.drain_events();
-                true
+                return true;
             }
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => false,
+            let now = Instant::now();
+            self.core.tick(now);
+            self.dispatch();
+            if self.core.failure().is_some() {
+                return true;
+            }
+            if now >= deadline {
+                return false;
+            }
+        }
+    }
+
+    /// Closes a connection's socket (which also wakes threads blocked in reads or writes)
+    /// and joins its threads.
+    fn release(&mut self, conn: ConnId) {
+        let Some(mut connection) = self.connections.remove(&conn) else {
+            return;
+        };
+        // Already closed by the peer is fine: the goal is that nothing stays open.
+        let _ = connection.stream.shutdown(Shutdown::Both);
+        connection.commands = None;
+        for handle in [connection.writer.take(), connection.reader.take()]
+            .into_iter()
+            .flatten()
+        {
+            if handle.join().is_err() {
+                log::error!("a publisher I/O thread panicked");
+            }
         }
     }
 
     /// Goodbye on every connection, a bounded wait for the brokers' Goodbye, then close the
-    /// sockets (which also wakes threads blocked in reads or writes) and join the threads.
+    /// sockets and join the threads. Connections still being opened close themselves.
     fn shut_down(&mut self) {
         self.closed = true;
-        for (index, connection) in self.connections.iter_mut().enumerate() {
-            if let Some(commands) = connection.commands.take()
-                && commands.send(WriteCommand::Goodbye).is_ok()
-            {
-                self.core.on_goodbye_sent(index);
-            }
+        self.closing.store(true, Ordering::Relaxed);
+        for conn in self.core.start_shutdown() {
+            self.send(conn, WriteCommand::Goodbye);
         }
         let deadline = Instant::now() + self.goodbye_timeout;
-        while !(0..self.connections.len()).all(|i| self.core.connection_finished(i)) {
+        while !self
+            .connections
+            .keys()
+            .all(|&conn| self.core.connection_finished(conn))
+        {
             if !self.wait_event(deadline) {
                 log::warn!(
                     "not every broker answered Goodbye within {} ms; closing anyway",
@@ -418,17 +576,9 @@ impl Publisher {
                 break;
             }
         }
-        for connection in &mut self.connections {
-            // Already closed by the peer is fine: the goal is that nothing stays open.
-            let _ = connection.stream.shutdown(Shutdown::Both);
-            for handle in [connection.writer.take(), connection.reader.take()]
-                .into_iter()
-                .flatten()
-            {
-                if handle.join().is_err() {
-                    log::error!("a publisher I/O thread panicked");
-                }
-            }
+        let open: Vec<ConnId> = self.connections.keys().copied().collect();
+        for conn in open {
+            self.release(conn);
         }
         self.drain_events();
     }
@@ -442,7 +592,7 @@ impl Drop for Publisher {
     }
 }
 
-/// Sends Goodbye and closes a connection that never became part of a publisher.
+/// Sends Goodbye and closes a connection that is not (or no longer) part of a publisher.
 fn say_goodbye_and_close(addr: SocketAddr, stream: &TcpStream) {
     if let Err(error) = write_frame(stream, &Frame::Goodbye, addr, "sending Goodbye") {
         log::debug!("{error}");
@@ -450,8 +600,61 @@ fn say_goodbye_and_close(addr: SocketAddr, stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
+/// One connection attempt: each candidate once, in order, until one completes the
+/// handshake; the result goes to the publisher (or, when it is gone, the connection is
+/// closed again).
+fn connect_round(
+    request: &ConnectRequest,
+    dialer: &Dialer,
+    closing: &AtomicBool,
+    events: &Sender<IoEvent>,
+) {
+    let mut last_error = None;
+    for &addr in &request.candidates {
+        if closing.load(Ordering::Relaxed) {
+            return;
+        }
+        match dialer.open(addr, request.session_epoch) {
+            Ok(opened) => {
+                let event = IoEvent::Connected {
+                    slot: request.slot,
+                    attempt: request.attempt,
+                    result: Ok(Box::new(opened)),
+                };
+                if closing.load(Ordering::Relaxed) {
+                    return close_unwanted(event);
+                }
+                if let Err(unsent) = events.send(event) {
+                    close_unwanted(unsent.into_inner());
+                }
+                return;
+            }
+            Err(error) => {
+                log::debug!("slot {}: {error}", request.slot);
+                last_error = Some(error);
+            }
+        }
+    }
+    if let Some(error) = last_error {
+        let _ = events.send(IoEvent::Connected {
+            slot: request.slot,
+            attempt: request.attempt,
+            result: Err(error),
+        });
+    }
+}
+
+fn close_unwanted(event: IoEvent) {
+    if let IoEvent::Connected {
+        result: Ok(opened), ..
+    } = event
+    {
+        say_goodbye_and_close(opened.addr, &opened.stream);
+    }
+}
+
 fn start_io(
-    index: usize,
+    id: ConnId,
     addr: SocketAddr,
     connection: &mut ConnectionIo,
     reader: FrameReader,
@@ -464,23 +667,23 @@ fn start_io(
     let writer_events = events.clone();
     connection.writer = Some(
         thread::Builder::new()
-            .name(format!("pub-write-{index}"))
-            .spawn(move || write_loop(index, addr, write_stream, &queue, &writer_events))
+            .name(format!("pub-write-{id}"))
+            .spawn(move || write_loop(id, addr, write_stream, &queue, &writer_events))
             .map_err(spawn_error)?,
     );
     connection.commands = Some(commands);
     let reader_events = events.clone();
     connection.reader = Some(
         thread::Builder::new()
-            .name(format!("pub-read-{index}"))
-            .spawn(move || read_loop(index, addr, reader, &read_stream, &reader_events))
+            .name(format!("pub-read-{id}"))
+            .spawn(move || read_loop(id, addr, reader, &read_stream, &reader_events))
             .map_err(spawn_error)?,
     );
     Ok(())
 }
 
 fn write_loop(
-    connection: usize,
+    conn: ConnId,
     addr: SocketAddr,
     mut stream: TcpStream,
     queue: &Receiver<WriteCommand>,
@@ -494,21 +697,17 @@ fn write_loop(
         };
         if let Err(error) = stream.write_all(bytes) {
             let _ = events.send(IoEvent::Ended {
-                connection,
+                conn,
                 error: Some(ClientError::io(addr, doing, error)),
             });
             return;
         }
         match command {
             WriteCommand::Batch(batch) => {
-                let written = IoEvent::Written {
-                    connection,
-                    seq: batch.seq,
-                    message_count: batch.message_count,
-                    message_bytes: batch.message_bytes,
-                    buffer: batch.bytes,
-                };
-                if events.send(written).is_err() {
+                let seq = batch.seq;
+                // The bytes go back to the core's pool only once nobody else holds them.
+                drop(batch);
+                if events.send(IoEvent::Written { conn, seq }).is_err() {
                     return;
                 }
             }
@@ -518,7 +717,7 @@ fn write_loop(
 }
 
 fn read_loop(
-    connection: usize,
+    conn: ConnId,
     addr: SocketAddr,
     mut reader: FrameReader,
     stream: &TcpStream,
@@ -527,7 +726,7 @@ fn read_loop(
     loop {
         let event = match reader.next(&mut &*stream) {
             Ok(ReadOutcome::Item(Inbound::Frame(frame))) => IoEvent::Frame {
-                connection,
+                conn,
                 frame,
                 at: Instant::now(),
             },
@@ -535,19 +734,16 @@ fn read_loop(
             // on is right if it does.
             Ok(ReadOutcome::TimedOut) => continue,
             Ok(ReadOutcome::Item(Inbound::Delivery(..))) => IoEvent::Ended {
-                connection,
+                conn,
                 error: Some(ClientError::UnexpectedFrame {
                     addr,
                     got: FrameKind::Delivery,
                     expected: "Ack, Error or Goodbye",
                 }),
             },
-            Ok(ReadOutcome::Eof) => IoEvent::Ended {
-                connection,
-                error: None,
-            },
+            Ok(ReadOutcome::Eof) => IoEvent::Ended { conn, error: None },
             Err(error) => IoEvent::Ended {
-                connection,
+                conn,
                 error: Some(error),
             },
         };

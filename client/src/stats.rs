@@ -54,9 +54,11 @@ pub struct PublisherStats {
     pub messages_published: u64,
     /// Batches sealed and assigned to a connection.
     pub batches_sealed: u64,
-    /// Batches sealed per connection, in connection order (the round-robin spread).
+    /// Batches sealed per connection slot, in slot order (the round-robin spread).
     pub batches_per_connection: Vec<u64>,
-    /// Batches written completely to their socket.
+    /// Batches written completely to a socket, each counted once (resends are counted in
+    /// `batches_resent`; a batch acknowledged after a resend counts as sent even when only
+    /// the resend was written completely).
     pub batches_sent: u64,
     /// Messages in those batches.
     pub messages_sent: u64,
@@ -68,7 +70,8 @@ pub struct PublisherStats {
     pub messages_acked: u64,
     /// Message bytes in acknowledged batches.
     pub bytes_acked: u64,
-    /// Acknowledged batches whose status was `Duplicate` (already in the log).
+    /// Acknowledged batches whose status was `Duplicate` (already in the log: a resend whose
+    /// first copy had arrived).
     pub batches_duplicate: u64,
     /// Acknowledged batches whose ack entry carried no global position.
     pub batches_unpositioned: u64,
@@ -77,7 +80,17 @@ pub struct PublisherStats {
     /// Messages in those batches (unknown, hence not counted, at ack 0 when the batch was
     /// already written and forgotten).
     pub messages_rejected: u64,
-    /// Ack latency, from sealing a batch to receiving its acknowledgement.
+    /// Connections that failed (end of stream, reset, write error, TCP timeout, unrequested
+    /// Goodbye) while they carried the publisher's batches.
+    pub connections_lost: u64,
+    /// Connections opened after the start to replace a failed one or to move back to a
+    /// broker that answers again (not those of a new session epoch).
+    pub reconnects: u64,
+    /// Batches sent again after the connection they were on failed (each resend counts).
+    pub batches_resent: u64,
+    /// New session epochs started because a session reached `session_batches_max`.
+    pub session_rollovers: u64,
+    /// Ack latency, from sealing a batch (the first time) to receiving its acknowledgement.
     pub ack_latency_us: LatencySummary,
 }
 

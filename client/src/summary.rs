@@ -75,6 +75,14 @@ pub struct Summary {
     pub position_duplicates: u64,
     /// Messages from other runs' publishers on the same topic (ignored).
     pub foreign: u64,
+    /// Connections the publishers opened again after one failed (to another broker, or back
+    /// to the one that failed once it answered again).
+    pub reconnects: u64,
+    /// Batches sent again because the connection they were on failed before their ack.
+    pub batches_resent: u64,
+    /// Acknowledged batches the brokers found already in the log (resends whose first copy
+    /// had arrived): acknowledged with the original position, not written twice.
+    pub duplicate_acks: u64,
     /// Errors that stopped a publisher or the subscriber.
     pub errors: Vec<String>,
     /// Whether the run met its checks (the exit code is 0 exactly when this is true).
@@ -123,6 +131,9 @@ mod tests {
             "order_violations",
             "publishers",
             "rejected",
+            "reconnects",
+            "batches_resent",
+            "duplicate_acks",
             "passed",
         ] {
             assert!(value.get(field).is_some(), "missing {field}");

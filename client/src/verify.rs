@@ -126,9 +126,10 @@ pub enum OrderCheck {
     None,
     /// Orders 1 and 2: messages a publisher sent over the same connection keep their
     /// order. The connection of a batch is `batch_seq % connections` (the publisher's
-    /// round-robin). With one connection per broker this is exactly "per-broker FIFO per
-    /// publisher"; with several, TCP gives no order between two connections to one broker,
-    /// so only the per-connection part of the promise is checked.
+    /// round-robin over its connection slots; a connection that replaces a failed one
+    /// carries on its slot's stream). With one connection per broker this is exactly
+    /// "per-broker FIFO per publisher"; with several, TCP gives no order between two
+    /// connections to one broker, so only the per-connection part of the promise is checked.
     PerConnection {
         /// Connections of each publisher (brokers times connections per broker).
         connections: u64,

@@ -1,9 +1,11 @@
 //! End to end against real brokers: four brokers (in this process, real loopback TCP, one
 //! shared pool in non-coherent mode) driven by the real `loadgen` binary in end-to-end mode,
-//! for every order (0, 1, 2, 5) and ack level (0, 1). A subscriber verifies every message;
-//! the assertions read the loadgen's JSON summary, never its log text.
+//! for every order (0, 1, 2, 5) and ack level (0, 1), and with a broker killed mid-run. A
+//! subscriber verifies every message; the assertions read the loadgen's JSON summary, never
+//! its log text.
 
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
@@ -39,29 +41,39 @@ fn geometry(ring_slots: u32, blog_bytes: u64) -> Geometry {
     }
 }
 
-/// Runs the loadgen binary and returns its summary.
-fn loadgen(brokers: &str, extra: &[&str]) -> (Summary, std::process::ExitStatus) {
+/// The loadgen command for these flags, and the summary file it writes.
+fn loadgen_command(brokers: &str, extra: &[&str]) -> (Command, PathBuf) {
     let dir = std::env::temp_dir().join(format!("embarcadero-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json = dir.join(format!(
         "summary-{}.json",
         extra.join("_").replace(['-', ' '], "")
     ));
-    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_loadgen"));
+    command
         .args(["--brokers", brokers, "--progress", "none", "--json"])
         .arg(&json)
-        .args(extra)
-        .output()
-        .expect("run loadgen");
-    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+        .args(extra);
+    (command, json)
+}
+
+/// Reads the summary a finished loadgen wrote.
+fn summary(json: &Path, output: &Output) -> Summary {
+    let text = std::fs::read_to_string(json).unwrap_or_else(|e| {
         panic!(
             "no summary ({e}); loadgen said:\n{}\n{}",
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         )
     });
-    let summary: Summary = serde_json::from_str(&text).expect("summary JSON");
-    (summary, output.status)
+    serde_json::from_str(&text).expect("summary JSON")
+}
+
+/// Runs the loadgen binary and returns its summary.
+fn loadgen(brokers: &str, extra: &[&str]) -> (Summary, std::process::ExitStatus) {
+    let (mut command, json) = loadgen_command(brokers, extra);
+    let output = command.output().expect("run loadgen");
+    (summary(&json, &output), output.status)
 }
 
 /// Each test runs four brokers and a loadgen: one at a time on a 2-core machine.
@@ -224,4 +236,83 @@ fn a_pool_that_fills_during_the_run_pushes_back_and_delivers_everything() {
         "a broker lost track of an accepted batch"
     );
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// A loadgen run at a paced rate (about 3 s) during which broker 2 is killed: the run
+/// passes, every acknowledged message delivered exactly once and in order.
+fn a_broker_killed_during_the_run(order: u8) {
+    let _serial = serial();
+    let mut cluster = start(geometry(256, 8 << 20));
+    let topic = format!("killed-{order}");
+    let order_text = order.to_string();
+    let (mut command, json) = loadgen_command(
+        &addresses(&cluster),
+        &[
+            "--test",
+            "end-to-end",
+            "--topic",
+            &topic,
+            "--order",
+            &order_text,
+            "--ack",
+            "1",
+            "--message-bytes",
+            "1024",
+            "--total-bytes",
+            "24MiB",
+            "--rate-msgs-per-s",
+            "8000",
+            "--connections-per-broker",
+            "2",
+            "--reconnect-timeout-ms",
+            "5000",
+            "--drain-timeout-s",
+            "20",
+        ],
+    );
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start loadgen");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(cluster.kill_broker(2));
+    let output = child.wait_with_output().expect("loadgen ends");
+    let summary = summary(&json, &output);
+    assert!(
+        output.status.success() && summary.passed,
+        "{:?}\n{}",
+        summary.errors,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(summary.messages_sent, 24 * 1024);
+    assert_eq!(summary.messages_acked, summary.messages_sent);
+    assert_eq!(summary.messages_received, summary.messages_sent);
+    assert_eq!(
+        (summary.lost, summary.duplicates, summary.order_violations),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (
+            summary.corrupt,
+            summary.position_gaps,
+            summary.position_duplicates
+        ),
+        (0, 0, 0)
+    );
+    assert!(
+        summary.reconnects >= 2,
+        "both connections to broker 2 were replaced: {summary:?}"
+    );
+    assert_eq!(cluster.batches_dropped(), 0);
+}
+
+#[test]
+fn order_5_loadgen_run_survives_a_killed_broker() {
+    a_broker_killed_during_the_run(5);
+}
+
+#[test]
+fn order_2_loadgen_run_survives_a_killed_broker() {
+    a_broker_killed_during_the_run(2);
 }

@@ -11,7 +11,7 @@ use client::{
     ClientError, Publisher, PublisherConfig, PublisherEvent, Subscriber, SubscriberConfig,
     TopicSpec, create_topic,
 };
-use support::TestPeer;
+use support::{Behaviour, TestPeer};
 use wire::ErrorCode;
 
 fn config(peers: &[TestPeer]) -> PublisherConfig {
@@ -359,4 +359,89 @@ fn publisher_and_subscriber_can_move_between_threads() {
     assert_send::<Publisher>();
     assert_send::<Subscriber>();
     assert_send::<ClientError>();
+}
+
+#[test]
+fn a_lost_broker_is_replaced_and_taken_back_once_it_restarts() {
+    let mut peers = TestPeer::cluster(2, |_| {});
+    let mut config = config(&peers);
+    config.reconnect_timeout_ms = 5_000;
+    let mut publisher = Publisher::connect(config).unwrap();
+    let batches_on_broker_1 = |peer: &TestPeer| {
+        peer.state(|s| {
+            s.batches_per_connection
+                .iter()
+                .filter(|(k, _)| k.0 == 1)
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        })
+    };
+    for i in 0..10u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.flush().unwrap();
+    assert_eq!(batches_on_broker_1(&peers[0]), 5);
+
+    // Broker 1 goes away: its slot moves to broker 0 and the publisher goes on.
+    let gone = peers.pop().unwrap();
+    let (addr, shared) = (gone.addr, gone.shared.clone());
+    drop(gone);
+    for i in 10..20u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.flush().unwrap();
+    let stats = publisher.stats();
+    assert_eq!(
+        (stats.connections_lost, stats.reconnects),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert_eq!(stats.messages_acked, 20);
+    assert_eq!(
+        batches_on_broker_1(&peers[0]),
+        5,
+        "nothing reached broker 1"
+    );
+    assert_eq!(
+        publisher.hello_oks().len(),
+        2,
+        "both slots have a connection"
+    );
+
+    // It restarts on the same address: the background probe finds it and the slot returns.
+    let revived = TestPeer::start_at(addr, Behaviour::new(1), shared);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while publisher
+        .hello_oks()
+        .iter()
+        .filter(|ok| ok.broker_id == 1)
+        .count()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the publisher never went back");
+        publisher.poll().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for i in 20..30u32 {
+        publisher.publish(&i.to_le_bytes()).unwrap();
+    }
+    publisher.close().unwrap();
+    let stats = publisher.stats();
+    assert_eq!(
+        (stats.reconnects, stats.messages_acked),
+        (2, 30),
+        "{stats:?}"
+    );
+    assert_eq!(
+        batches_on_broker_1(&revived),
+        10,
+        "5 before the crash, 5 after the slot went home"
+    );
+    // The peers share their counters: Goodbye on the stand-in connection to broker 0 when
+    // the slot went home, then on both connections at close.
+    assert!(
+        peers[0].wait_for(Duration::from_secs(2), |s| s.goodbyes_received == 3),
+        "{}",
+        peers[0].state(|s| s.goodbyes_received)
+    );
 }

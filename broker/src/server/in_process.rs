@@ -75,6 +75,22 @@ impl InProcessCluster {
         self.brokers.iter().map(RunningBroker::local_addr).collect()
     }
 
+    /// Kills broker `id` abruptly, as a crash would look to its clients (see
+    /// [`RunningBroker::kill`]): its listener and every connection close at once. The other
+    /// brokers go on; killing the head also ends the sequencer. Returns false when there is
+    /// no broker `id`. A killed broker stays in [`brokers`](Self::brokers) (its metrics are
+    /// still readable) and is not restarted: a broker cannot rejoin a pool whose rings it
+    /// already wrote.
+    pub fn kill_broker(&mut self, id: u16) -> bool {
+        match self.brokers.get_mut(usize::from(id)) {
+            Some(broker) => {
+                broker.kill();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Batches any broker lost track of (must be 0).
     pub fn batches_dropped(&self) -> u64 {
         self.brokers

@@ -36,6 +36,7 @@ pub struct KernelLoop {
     socket_buffer_bytes: usize,
     idle: Idle,
     stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
     clients: HashMap<Token, Client>,
     next_token: usize,
     logged_buffers: bool,
@@ -51,13 +52,16 @@ impl std::fmt::Debug for KernelLoop {
 }
 
 impl KernelLoop {
-    /// A loop over `listener` for the broker described by `options`.
+    /// A loop over `listener` for the broker described by `options`. `stop` ends it in
+    /// order (see [`KernelLoop::run`]); `crash` ends it at once, as a crash would (see
+    /// [`RunningBroker::kill`](crate::server::RunningBroker::kill)).
     pub fn new(
         pool: Pool<PoolMemory>,
         listener: TcpListener,
         options: &BrokerOptions,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
+        crash: Arc<AtomicBool>,
     ) -> KernelLoop {
         KernelLoop {
             state: BrokerState::new(pool, options.settings.clone(), metrics),
@@ -65,13 +69,16 @@ impl KernelLoop {
             socket_buffer_bytes: options.socket_buffer_bytes,
             idle: Idle::new(options.idle),
             stop,
+            crash,
             clients: HashMap::new(),
             next_token: 1,
             logged_buffers: false,
         }
     }
 
-    /// Runs until the stop flag is set, then drains and closes every connection.
+    /// Runs until the stop flag is set, then drains and closes every connection. When the
+    /// crash flag is set it returns at once instead: the listener and every socket are closed
+    /// as they are (no drain, no Goodbye, nothing more written to the pool).
     pub fn run(mut self) {
         let mut poll = match Poll::new() {
             Ok(poll) => poll,
@@ -97,6 +104,14 @@ impl KernelLoop {
         let mut outcomes = Vec::new();
         let mut stopping_since = None;
         loop {
+            if self.crash.load(Ordering::Relaxed) {
+                log::warn!(
+                    "broker {}: crashed on request ({} connections dropped)",
+                    self.state.settings.broker_id,
+                    self.clients.len()
+                );
+                return;
+            }
             if self.stop.load(Ordering::Relaxed) {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
                 if self.state.undecided() == 0 || since.elapsed() > DRAIN {

@@ -158,6 +158,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct RunningBroker {
     stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -187,9 +188,29 @@ impl RunningBroker {
         self.xdp.as_ref().map(bypass::Attached::counters)
     }
 
-    /// True while every thread runs.
+    /// True while every thread runs (false once [`kill`](Self::kill)ed).
     pub fn is_running(&self) -> bool {
-        self.threads.iter().all(|t| !t.is_finished())
+        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    /// Ends the broker abruptly, the way clients see a crash (`kill -9`): the kernel network
+    /// loop returns at once, closing its listener and every connection as they are (no
+    /// drain of batches in flight, no Goodbye, no ACK owed), and writes nothing more to the
+    /// pool; then every thread is joined. What the broker committed to its rings stays in the
+    /// pool, where the sequencer still orders it. Metrics and addresses stay readable; the
+    /// broker cannot be started again on the same pool (its rings are not empty).
+    ///
+    /// For the kernel backend (the one in-process clusters run); a bypass broker has no
+    /// abrupt mode and stops as with [`stop`](Self::stop). Killing twice does nothing.
+    pub fn kill(&mut self) {
+        self.crash.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                log::error!("a broker thread panicked");
+            }
+        }
+        self.xdp = None;
     }
 
     /// Asks every thread to stop, then waits for them. The network loop first lets batches
@@ -219,6 +240,7 @@ impl Drop for RunningBroker {
 /// metrics endpoint, each on its own thread.
 pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBroker, StartError> {
     let stop = Arc::new(AtomicBool::new(false));
+    let crash = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
     let broker_id = options.settings.broker_id;
@@ -317,6 +339,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
             &options,
             Arc::clone(&metrics),
             Arc::clone(&stop),
+            Arc::clone(&crash),
         );
         threads.push(spawn("network", move || loop_state.run()));
     }
@@ -333,6 +356,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
     );
     Ok(RunningBroker {
         stop,
+        crash,
         threads,
         local_addr,
         metrics_addr,

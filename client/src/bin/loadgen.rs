@@ -51,7 +51,8 @@ ORDER CHECK (end-to-end)
   order 0     none: only content and exactly-once are checked.
   order 1, 2  per connection: the messages one publisher sent over one connection
               (batch_seq % connections) are delivered in send order. With one connection
-              per broker this is per-broker FIFO per publisher.
+              per broker this is per-broker FIFO per publisher. A connection that replaces
+              a failed one carries on its stream, so the check holds across a failover.
   order 5     per publisher: each publisher session's messages in send order, across all
               brokers (gaps left by rejected batches are not violations).
 
@@ -67,10 +68,24 @@ JSON (--json FILE)
   SessionGapSkipped), lost (acknowledged, or written at ack 0, but never delivered within
   the drain timeout), duplicates, order_violations, order_check, corrupt (messages or
   deliveries failing their checksum), position_gaps, position_duplicates, foreign,
-  errors, passed.
+  reconnects (connections the publishers opened again after one failed), batches_resent
+  (batches sent again because their connection failed before the ack), duplicate_acks
+  (acknowledged batches a broker found already in the log: resends whose first copy had
+  arrived, acknowledged with the original position and not written twice), errors, passed.
+
+BROKER FAILURES
+  A publisher survives a broker that dies mid-run: the batches that were unacknowledged on
+  its connections are resent, with the same sequence numbers and bytes, on new connections
+  to the other brokers, and the dead broker is retried in the background. Resends of
+  batches that had reached the log are acknowledged as duplicates, so the end-to-end check
+  still finds every acknowledged message exactly once and in order. A publisher gives up
+  only when no broker can be reached for --reconnect-timeout-ms. The subscriber and
+  CreateTopic use the first broker, which must stay up.
 
 EXIT CODE
-  0 when the run passed; 1 when a publisher or the subscriber failed, or (end-to-end) when
+  0 when the run passed; 1 when a publisher or the subscriber failed (a publisher fails
+  when no broker answers for --reconnect-timeout-ms, not because one broker died), or
+  (end-to-end) when
   lost, duplicates, order_violations, corrupt or position gaps/duplicates are non-zero;
   2 for bad flags.";
 
@@ -179,6 +194,11 @@ struct Cli {
     /// Unacknowledged batches allowed per connection.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     in_flight_batches: u32,
+    /// How long a publisher may be without any broker connection before it gives up, in
+    /// milliseconds. While some broker answers, a failed connection is replaced at once and
+    /// its unacknowledged batches are resent (see BROKER FAILURES below).
+    #[arg(long, default_value_t = client::RECONNECT_TIMEOUT_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    reconnect_timeout_ms: u64,
     /// First global position read by --test subscribe.
     #[arg(long, default_value_t = 0)]
     from_position: u64,
@@ -283,6 +303,7 @@ struct Plan {
     linger_us: u64,
     publishers: usize,
     in_flight_batches: usize,
+    reconnect_timeout_ms: u64,
     from_position: u64,
     drain_timeout: Duration,
     json: Option<PathBuf>,
@@ -346,6 +367,7 @@ impl Plan {
             }),
             publishers: cli.publishers.unwrap_or(1) as usize,
             in_flight_batches: cli.in_flight_batches as usize,
+            reconnect_timeout_ms: cli.reconnect_timeout_ms,
             from_position: cli.from_position,
             drain_timeout: Duration::from_secs_f64(cli.drain_timeout_s),
             json: cli.json,
@@ -604,6 +626,9 @@ fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
         summary.messages_acked += stats.messages_acked;
         summary.bytes_acked += stats.bytes_acked;
         summary.rejected += stats.messages_rejected;
+        summary.reconnects += stats.reconnects;
+        summary.batches_resent += stats.batches_resent;
+        summary.duplicate_acks += stats.batches_duplicate;
         if let Err(error) = histogram.add(&outcome.latency_us) {
             log::warn!("merging latency histograms: {error}");
         }
@@ -656,6 +681,7 @@ fn publisher_config(plan: &Plan, client_id: u64) -> PublisherConfig {
     config.batch_bytes_max = plan.batch_bytes;
     config.linger_us = plan.linger_us;
     config.in_flight_batches_max = plan.in_flight_batches;
+    config.reconnect_timeout_ms = plan.reconnect_timeout_ms;
     config.blocking = true;
     // Every acked range is needed to tell lost messages from rejected ones.
     config.report_acks = plan.test == TestMode::EndToEnd;
@@ -1093,6 +1119,13 @@ fn table(summary: &Summary) -> String {
             ("bytes acked", summary.bytes_acked.to_string()),
             ("rejected (not ordered)", summary.rejected.to_string()),
             (
+                "reconnects / resent / duplicate acks",
+                format!(
+                    "{} / {} / {}",
+                    summary.reconnects, summary.batches_resent, summary.duplicate_acks
+                ),
+            ),
+            (
                 "ack latency us p50/p99/p99.9/max",
                 format!(
                     "{} / {} / {} / {}",
@@ -1185,6 +1218,18 @@ mod tests {
         assert_eq!(plan.topic, "loadgen");
         assert_eq!(plan.message_bytes, 1024);
         assert_eq!(plan.backend_label, "kernel");
+        assert_eq!(
+            plan.reconnect_timeout_ms,
+            client::RECONNECT_TIMEOUT_MS_DEFAULT
+        );
+        assert_eq!(
+            publisher_config(
+                &parse("--brokers 127.0.0.1:9000 --reconnect-timeout-ms 250").unwrap(),
+                1
+            )
+            .reconnect_timeout_ms,
+            250
+        );
         let latency = parse("--brokers 127.0.0.1:9000 --test latency").unwrap();
         assert_eq!(
             (
@@ -1278,6 +1323,10 @@ mod tests {
                 "--brokers 127.0.0.1:9000 --ack 2 --replication-factor 0",
                 "--replication-factor of at least 1",
             ),
+            (
+                "--brokers 127.0.0.1:9000 --reconnect-timeout-ms 0",
+                "0 is not in 1..",
+            ),
         ];
         for (args, expected) in cases {
             let error = parse(args).expect_err(args);
@@ -1308,6 +1357,7 @@ mod tests {
             "--json",
             "--progress",
             "--backend-label",
+            "--reconnect-timeout-ms",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
@@ -1318,6 +1368,9 @@ mod tests {
             "lost",
             "duplicates",
             "rejected",
+            "reconnects",
+            "batches_resent",
+            "duplicate_acks",
         ] {
             assert!(help.contains(field), "{field} missing from --help");
         }

@@ -89,7 +89,16 @@ pub struct TestPeer {
 
 impl TestPeer {
     pub fn start(behaviour: Behaviour, shared: Arc<Mutex<Shared>>) -> TestPeer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_at("127.0.0.1:0".parse().unwrap(), behaviour, shared)
+    }
+
+    /// A peer on `addr` (e.g. the address of a peer that was dropped: a restart).
+    pub fn start_at(
+        addr: SocketAddr,
+        behaviour: Behaviour,
+        shared: Arc<Mutex<Shared>>,
+    ) -> TestPeer {
+        let listener = TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
