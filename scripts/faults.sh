@@ -4,7 +4,7 @@
 # order 5 and ack 2 while a fault is injected. A subscriber on a broker that stays up verifies
 # every message (exactly once, in order, bytes intact).
 #
-#   ./scripts/faults.sh [--total-bytes SIZE] [SCENARIO...]
+#   ./scripts/faults.sh [--duration-s N] [SCENARIO...]
 #
 # Scenarios (default: all):
 #   baseline         no fault
@@ -24,11 +24,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-total_bytes=64MiB
+duration_s=8
 scenarios=()
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --total-bytes) total_bytes=$2; shift 2 ;;
+        --duration-s) duration_s=$2; shift 2 ;;
         -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "faults: unknown option $1" >&2; exit 2 ;;
         *) scenarios+=("$1"); shift ;;
@@ -51,9 +51,19 @@ base_port=9600
 
 now_ms() { date +%s%3N; }
 
+# Whatever happens, stop what this script started: the cluster of the current scenario and a
+# restoring head.
+current_dir= restore_pid=
+cleanup() {
+    [[ -n $restore_pid ]] && kill "$restore_pid" 2>/dev/null || true
+    [[ -n $current_dir ]] && ./scripts/cluster.sh stop --dir "$current_dir" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
 start_cluster() {
     local dir=$1
     rm -rf "$dir"
+    current_dir=$dir
     ./scripts/cluster.sh start --brokers 4 --pool-bytes 512M --base-port "$base_port" --dir "$dir" \
         --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" >/dev/null
 }
@@ -112,9 +122,10 @@ PY
 fault_run() {
     local scenario=$1 dir=$out/$1 failover=null killed
     start_cluster "$dir"
-    run_loadgen "$dir" --total-bytes "$total_bytes" &
+    run_loadgen "$dir" --duration-s "$duration_s" &
     local loadgen=$!
-    sleep 2
+    # The fault lands in the middle of the run (the brokers are up, the load is on).
+    sleep $((duration_s / 3 + 1))
     killed=$(now_ms)
     case $scenario in
         kill-nonhead) ./scripts/cluster.sh signal 2 KILL --dir "$dir" ;;
@@ -137,10 +148,11 @@ fault_run() {
 pool_loss() {
     local dir=$out/pool-loss
     start_cluster "$dir"
-    run_loadgen "$dir" --total-bytes "$total_bytes" || true
+    # The whole log must fit in the rebuilt pool (a longer one is restored up to its tail).
+    run_loadgen "$dir" --total-bytes 96MiB || true
     local pool before after
     pool=$(cat "$dir/pool")
-    before=$(./target/release/examples/log_digest "$pool" loadgen)
+    before=$(./target/release/examples/log_digest "$pool" loadgen || echo '{}')
     # Losing the pool: every broker stops, the pool file is deleted (cluster.sh stop does).
     ./scripts/cluster.sh stop --dir "$dir" >/dev/null
     [[ ! -e $pool ]]
@@ -150,6 +162,7 @@ pool_loss() {
         --brokers-max 4 --listen "127.0.0.1:$base_port" --recover-from "$dirs" \
         > "$dir/restore.log" 2>&1 &
     local head=$!
+    restore_pid=$head
     for _ in $(seq 1 300); do
         grep -q "^listening on" "$dir/restore.log" && break
         kill -0 "$head" 2>/dev/null || break
@@ -158,12 +171,13 @@ pool_loss() {
     after=$(./target/release/examples/log_digest "$pool" loadgen || echo '{}')
     kill "$head" 2>/dev/null || true
     wait "$head" 2>/dev/null || true
+    restore_pid=
     rm -f "$pool"
     local extra
     extra=$(python3 -c '
 import json, sys
 b, a = json.loads(sys.argv[1]), json.loads(sys.argv[2] or "{}")
-print(json.dumps({"log_before": b, "log_after": a, "log_matches": b == a}))' "$before" "$after")
+print(json.dumps({"log_before": b, "log_after": a, "log_matches": bool(b) and b == a}))' "$before" "$after")
     record pool-loss "$dir" null "$extra"
 }
 
@@ -180,7 +194,7 @@ echo "== figures: ack 2 against ack 1 in the same run, and the disk's fdatasync 
 dir=$out/figures
 start_cluster "$dir"
 for ack in 1 2; do
-    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --test throughput --order 5 \
+    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --test publish --order 5 \
         --ack "$ack" --message-bytes 1024 --connections-per-broker 1 --duration-s 5 \
         --topic "figures-ack$ack" --progress none --json "$dir/ack$ack.json" > "$dir/ack$ack.log" 2>&1 || true
 done

@@ -54,6 +54,9 @@ assert s["passed"] and not bad and s["messages_received"] == s["messages_sent"] 
 print(f"cluster end to end: {s['messages_sent']} messages sent, acked and delivered in order; lost 0, duplicates 0")
 PY
 
+echo "== fault matrix: kills, pause, restart and pool loss under order 5, ack 2 (scripts/faults.sh)"
+./scripts/faults.sh --duration-s 6
+
 echo "== kernel-bypass backend (XDP + AF_XDP + smoltcp) in network namespaces"
 cargo build --release -q -p xdp-prog
 ./scripts/test-bypass.sh all

@@ -380,21 +380,57 @@ impl<M: SharedMemory> Pool<M> {
         (self.mem.load_u64(offset), self.mem.load_u64(offset + 8))
     }
 
-    /// The lowest ordinal any broker's subscribers or running replica still need in
-    /// `topic` (`u64::MAX` when none holds anything): payloads and GOI entries from it on
-    /// must be kept.
+    /// The lowest ordinal any broker's subscribers or live replica still need in `topic`
+    /// (`u64::MAX` when none holds anything): payloads and GOI entries from it on must be
+    /// kept. A replica is live while the sequencer heartbeat it last saw is at most
+    /// [`REPLICA_STALE_HEARTBEATS`] behind the lease's: a crashed replica stops holding
+    /// retention after that (it may then find its next batch gone when it comes back).
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
+        let heartbeat = self.lease_heartbeat();
         (0..self.geometry.brokers_max as u16)
             .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
             .map(|(broker, frontier)| {
                 let offset = self.geometry.frontier_offset(topic, broker, frontier);
-                match self.read_frontier(offset).0 {
+                let (value, _) = self.read_frontier(offset);
+                let live = frontier != FRONTIER_REPLICATED
+                    || heartbeat.saturating_sub(self.mem.load_u64(offset + REPLICA_SEEN_OFFSET))
+                        <= REPLICA_STALE_HEARTBEATS;
+                match value {
                     0 => u64::MAX,
+                    _ if !live => u64::MAX,
                     needed_plus_one => needed_plus_one - 1,
                 }
             })
             .min()
             .unwrap_or(u64::MAX)
+    }
+
+    /// The sequencer lease's heartbeat counter as memory holds it now (the cluster's clock
+    /// for replica liveness; a new holder continues it).
+    pub fn lease_heartbeat(&self) -> u64 {
+        let offset = crate::layout::LEASE_OFFSET
+            + std::mem::offset_of!(crate::layout::SequencerLease, heartbeat) as u64;
+        invalidate_and_fence(&self.mem, offset, 8);
+        self.mem.load_u64(offset)
+    }
+
+    /// Publishes a replica's frontier: batches durable plus one (0: not replicating),
+    /// positions durable, and the lease heartbeat it saw (its liveness).
+    pub fn publish_replicated(
+        &self,
+        topic: TopicId,
+        broker: u16,
+        batches_plus_one: u64,
+        position: u64,
+        heartbeat_seen: u64,
+    ) {
+        let offset = self
+            .geometry
+            .frontier_offset(topic, broker, FRONTIER_REPLICATED);
+        self.mem
+            .store_u64(offset + REPLICA_SEEN_OFFSET, heartbeat_seen);
+        self.write_frontier(offset, batches_plus_one, position);
+        self.mem.flush(offset + REPLICA_SEEN_OFFSET, 8);
     }
 
     /// The global position below which every message of `topic` is durable in at least
@@ -472,6 +508,14 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
         replication_factor: meta.replication_factor,
     })
 }
+
+/// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
+/// Sequencer heartbeats (an eighth of a lease each) a replica may miss before it stops
+/// holding retention: two leases.
+pub const REPLICA_STALE_HEARTBEATS: u64 = 16;
+
+/// Offset, in a replicated frontier line, of the lease heartbeat the replica last saw.
+const REPLICA_SEEN_OFFSET: u64 = 16;
 
 /// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_topic_name(name: &str) -> Result<(), PoolError> {

@@ -319,6 +319,9 @@ impl<M: SharedMemory> Sequencer<M> {
         pool.mem()
             .compare_exchange_u64(LEASE_EPOCH_OFFSET, expected, epoch)
             .map_err(|found| PoolError::LeaseTaken { expected, found })?;
+        // The heartbeat goes on from where the previous holder left it: replicas measure
+        // their liveness against it.
+        let heartbeat = pool.lease_heartbeat();
         let mut sequencer = Sequencer {
             pool,
             config,
@@ -326,7 +329,7 @@ impl<M: SharedMemory> Sequencer<M> {
             epoch,
             topics: Vec::new(),
             stats: SequencerStats::default(),
-            heartbeat: 0,
+            heartbeat,
             last_heartbeat_ns: 0,
             fenced: false,
             guard: None,

@@ -514,7 +514,10 @@ fn run_replica(
                     idle.record(copied > 0);
                     idle.wait();
                 }
-                Err(e) => break Err(e),
+                Err(e) => {
+                    replicator.release();
+                    break Err(e);
+                }
             }
         };
         match result {

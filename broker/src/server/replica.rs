@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use bytemuck::{Pod, Zeroable};
 
 use crate::coherence::SharedMemory;
-use crate::layout::FRONTIER_REPLICATED;
 use crate::pool::{Pool, TopicConfig, TopicId};
 use crate::reader::{LogReader, OrderedBatch, ReadError};
 
@@ -109,7 +108,10 @@ pub enum ReplicaError {
         what: String,
     },
     /// The pool no longer holds a batch the replica needs.
-    #[error("replica of topic {topic} cannot continue: {source}")]
+    #[error(
+        "replica of topic {topic} cannot continue: {source}; if this broker was down while \
+         the log moved on, move its replica file aside to start a fresh replica"
+    )]
     Read {
         /// Topic.
         topic: TopicId,
@@ -385,6 +387,8 @@ struct TopicReplica<M> {
     topic: TopicId,
     reader: LogReader<M>,
     file: ReplicaFile,
+    /// Its frontier is published (and holds retention).
+    holding: bool,
 }
 
 /// Copies every replicated topic of the pool to this broker's files. Run
@@ -396,6 +400,8 @@ pub struct Replicator<M> {
     topics: Vec<TopicReplica<M>>,
     /// Topics seen that are not replicated (rf 1).
     skipped: Vec<TopicId>,
+    /// The sequencer heartbeat last published as this replica's liveness.
+    heartbeat_seen: u64,
 }
 
 impl<M: SharedMemory> std::fmt::Debug for Replicator<M> {
@@ -418,6 +424,7 @@ impl<M: SharedMemory + Clone> Replicator<M> {
             config,
             topics: Vec::new(),
             skipped: Vec::new(),
+            heartbeat_seen: 0,
         })
     }
 
@@ -455,24 +462,22 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 file.path.display(),
                 file.batches()
             );
-            let replica = TopicReplica {
+            // It holds retention only once it has read from the pool: a replica that comes
+            // back after its next batch was reclaimed must not pin the log where it is.
+            self.topics.push(TopicReplica {
                 topic,
                 reader,
                 file,
-            };
-            self.publish(&replica);
-            self.topics.push(replica);
+                holding: false,
+            });
         }
         Ok(())
     }
 
-    fn publish(&self, replica: &TopicReplica<M>) {
+    fn publish(&self, replica: &TopicReplica<M>, heartbeat: u64) {
         let (batches, position) = replica.file.durable();
-        let offset =
-            self.pool
-                .geometry()
-                .frontier_offset(replica.topic, self.broker, FRONTIER_REPLICATED);
-        self.pool.write_frontier(offset, batches + 1, position);
+        self.pool
+            .publish_replicated(replica.topic, self.broker, batches + 1, position, heartbeat);
         self.pool.mem().fence();
     }
 
@@ -480,6 +485,10 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     /// copied.
     pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicaError> {
         self.refresh_topics()?;
+        // Liveness: the sequencer's heartbeat seen, republished whenever it moves.
+        let heartbeat = self.pool.lease_heartbeat();
+        let beat = heartbeat != self.heartbeat_seen;
+        self.heartbeat_seen = heartbeat;
         let mut copied = 0;
         for index in 0..self.topics.len() {
             let replica = &mut self.topics[index];
@@ -506,32 +515,37 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                     });
                 }
             }
-            if replica.file.sync_due(&self.config, now) {
+            let synced = replica.file.sync_due(&self.config, now);
+            if synced {
                 replica.file.sync()?;
-                let replica = &self.topics[index];
-                self.publish(replica);
+            }
+            if synced || beat || !replica.holding {
+                replica.holding = true;
+                self.publish(&self.topics[index], heartbeat);
             }
         }
         Ok(copied)
     }
 
-    /// Syncs everything pending (on a clean stop) and marks this replica as stopped, so
-    /// it no longer holds retention.
+    /// Syncs everything pending (on a clean stop) and releases retention.
     pub fn stop(&mut self) -> Result<(), ReplicaError> {
         for replica in &mut self.topics {
             replica.file.sync()?;
         }
-        for replica in &self.topics {
-            let offset = self.pool.geometry().frontier_offset(
-                replica.topic,
-                self.broker,
-                FRONTIER_REPLICATED,
-            );
+        self.release();
+        Ok(())
+    }
+
+    /// Marks every topic's replica as not running, so it no longer holds retention (after
+    /// an error, and on a clean stop); what is durable keeps counting for ack level 2.
+    pub fn release(&mut self) {
+        for replica in &mut self.topics {
             let (_, position) = replica.file.durable();
-            self.pool.write_frontier(offset, 0, position);
+            self.pool
+                .publish_replicated(replica.topic, self.broker, 0, position, 0);
+            replica.holding = false;
         }
         self.pool.mem().fence();
-        Ok(())
     }
 }
 
