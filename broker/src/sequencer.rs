@@ -25,7 +25,9 @@
 //! # Deduplication
 //! Each session remembers the positions of its last `dedup_window` ordered batches. A batch
 //! seen again within the window completes as [`CompletionStatus::Duplicate`] with the
-//! original position; one older than the window completes as
+//! original position (a resend of a batch still held for a gap is answered when the held
+//! copy is ordered, so no answer runs ahead of the order); one older than the window
+//! completes as
 //! [`CompletionStatus::RejectedOutsideWindow`]. At most `sessions_max` sessions are tracked;
 //! beyond that the least recently active session without held batches is forgotten.
 
@@ -256,6 +258,10 @@ struct TopicState {
     /// After a takeover: batches the previous holder ordered, by payload place, so that
     /// their ring slots, read again, keep their ordinal and position.
     recovered: HashMap<(u16, u64), Recovered>,
+    /// Resends of held batches, answered (as duplicates, with the position) when the held
+    /// copy is ordered.
+    held_duplicates: HashMap<(SessionKey, u64), Vec<(u16, u64)>>,
+    held_duplicates_count: usize,
 }
 
 /// A batch ordered by a previous lease holder (see [`TopicState::recovered`]).
@@ -440,6 +446,8 @@ impl<M: SharedMemory> Sequencer<M> {
                 retention_floor: 0,
                 polls_since_floor: u32::MAX,
                 recovered: HashMap::new(),
+                held_duplicates: HashMap::new(),
+                held_duplicates_count: 0,
             };
             self.recover_topic(&mut state);
             self.topics.push(state);
@@ -728,6 +736,18 @@ impl<M: SharedMemory> Sequencer<M> {
         }
         if state.held.contains_key(&(key, seq)) {
             self.stats.duplicates += 1;
+            // The copy held is not in the order yet: this one is answered when it is, with
+            // its position (an ack must never run ahead of the order). Bounded: past the
+            // limit, it is answered at once without a position.
+            if state.held_duplicates_count < self.config.hold_batches_max {
+                state.held_duplicates_count += 1;
+                state
+                    .held_duplicates
+                    .entry((key, seq))
+                    .or_default()
+                    .push((broker, slot));
+                return 0;
+            }
             self.complete(index, broker, slot, CompletionStatus::Duplicate, None);
             return 1;
         }
@@ -913,6 +933,19 @@ impl<M: SharedMemory> Sequencer<M> {
             Some(global_start),
             ordinal,
         );
+        let state = &mut self.topics[index];
+        if let Some(copies) = state.held_duplicates.remove(&(key, header.batch_seq)) {
+            state.held_duplicates_count -= copies.len();
+            for (copy_broker, copy_slot) in copies {
+                self.complete(
+                    index,
+                    copy_broker,
+                    copy_slot,
+                    CompletionStatus::Duplicate,
+                    Some(global_start),
+                );
+            }
+        }
     }
 
     fn complete(

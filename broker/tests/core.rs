@@ -615,6 +615,38 @@ fn a_holder_paused_in_the_middle_of_a_round_stops_before_its_next_store() {
 }
 
 #[test]
+fn a_resend_of_a_held_batch_is_answered_only_once_the_batch_has_its_position() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("held", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut first = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let mut second = TopicWriter::new(pool.clone(), topic, 2).unwrap();
+    let zero = payload(0, 1);
+    let one = payload(1, 2);
+    // Seq 1 arrives before seq 0 and is held; its resend arrives on another broker.
+    first.append(meta(5, 1, &one, 2), &one).unwrap();
+    second.append(meta(5, 1, &one, 2), &one).unwrap();
+    sequencer.poll(1);
+    assert!(outcomes(&mut first).is_empty(), "held");
+    assert!(
+        outcomes(&mut second).is_empty(),
+        "no answer before the order has it"
+    );
+    second.append(meta(5, 0, &zero, 1), &zero).unwrap();
+    sequencer.poll(2);
+    let original = outcomes(&mut first);
+    let answers = outcomes(&mut second);
+    assert_eq!(original[0].status, CompletionStatus::Ordered);
+    assert_eq!(original[0].global_start, Some(1));
+    assert_eq!(answers[0].status, CompletionStatus::Duplicate);
+    assert_eq!(answers[0].global_start, Some(1), "the original's position");
+    assert_eq!(answers[1].global_start, Some(0));
+    assert_eq!(read_all(&pool, topic).len(), 2, "seq 1 once");
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();
