@@ -78,6 +78,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut failed = Vec::new();
     let (mut batches, mut acks, mut rejections, mut gaps, mut waits) = (0, 0, 0, 0, 0);
+    let mut takeovers = 0;
     for seed in args.first_seed..args.first_seed + args.seeds {
         let mut options = SimOptions::new(seed);
         options.fault = args.fault;
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
                 rejections += report.rejections;
                 gaps += report.gaps_resolved;
                 waits += report.backpressure_waits;
+                takeovers += report.takeovers;
                 if !args.quiet && args.seeds <= 10 {
                     println!("{report:?}");
                 }
@@ -112,7 +114,8 @@ fn main() -> ExitCode {
     }
     println!(
         "sim: {} seeds from {}, fault {:?}: {} passed, {} failed; {batches} batches in logs, {acks} acks, \
-         {rejections} explicit rejections, {gaps} gaps resolved, {waits} backpressure waits, {:.1}s",
+         {rejections} explicit rejections, {gaps} gaps resolved, {waits} backpressure waits, \
+         {takeovers} sequencer takeovers, {:.1}s",
         args.seeds,
         args.first_seed,
         args.fault,

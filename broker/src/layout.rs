@@ -13,7 +13,7 @@ use crate::coherence::CACHE_LINE_BYTES;
 /// "EMBRCDRO": the first eight bytes of every pool.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBRCDRO");
 /// Version of this layout; a pool of another version is refused on attach.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Value of the header's ready word once formatting is complete.
 pub const POOL_FORMATTED: u64 = u64::from_le_bytes(*b"FORMATED");
 /// Alignment of the large regions (rings, GOI, payload logs).
@@ -233,6 +233,33 @@ impl Record for GoiEntry {
     }
 }
 
+/// Session records per topic (a power of two): the sequencer's memory of publisher sessions
+/// beyond the GOI it keeps, for a standby that takes the lease over.
+pub const SESSION_RECORDS: u64 = 4096;
+
+/// What the sequencer knows of one publisher session, kept in the pool so that a standby
+/// taking the lease over can rebuild it (with the GOI entries still held). Written only by
+/// the sequencer; `next_seq == 0` marks a free record. Placed by a hash of the session,
+/// probing a few records; when all are taken, the least recently ordered one gives way.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Publisher id.
+    pub client_id: u64,
+    /// Publisher's session epoch.
+    pub session_epoch: u32,
+    /// Reserved, zero.
+    pub reserved0: u32,
+    /// Highest batch sequence ordered, plus one (0: free record).
+    pub next_seq: u64,
+    /// Sequences below this are outside the deduplication window.
+    pub window_floor: u64,
+    /// Ordinal of the session's last ordered batch (for replacement).
+    pub last_ordinal: u64,
+    /// Reserved, zero.
+    pub reserved1: [u64; 3],
+}
+
 /// A frontier word on a cache line of its own, with a single writer.
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -249,6 +276,7 @@ const _: () = {
     assert!(std::mem::size_of::<PoolHeader>() == 128);
     assert!(std::mem::align_of::<PoolHeader>() == 64);
     assert!(std::mem::size_of::<SequencerLease>() == 64);
+    assert!(std::mem::size_of::<SessionRecord>() == 64);
     assert!(std::mem::size_of::<TopicMeta>() == 128);
     assert!(std::mem::size_of::<BatchHeader>() == 64);
     assert!(std::mem::align_of::<BatchHeader>() == 64);
@@ -330,6 +358,7 @@ struct TopicOffsets {
     ring: u64,
     completions: u64,
     goi: u64,
+    sessions: u64,
     blogs: u64,
     topic_bytes: u64,
 }
@@ -404,7 +433,9 @@ impl Geometry {
         let broker_block_bytes = align_up(completions + completion_bytes, REGION_ALIGN_BYTES);
         let goi = broker_block + u64::from(self.brokers_max) * broker_block_bytes;
         let goi_bytes = self.goi_entries * std::mem::size_of::<GoiEntry>() as u64;
-        let blogs = align_up(goi + goi_bytes, REGION_ALIGN_BYTES);
+        let sessions = goi + goi_bytes;
+        let session_bytes = SESSION_RECORDS * std::mem::size_of::<SessionRecord>() as u64;
+        let blogs = align_up(sessions + session_bytes, REGION_ALIGN_BYTES);
         let topic_bytes = blogs + u64::from(self.brokers_max) * self.blog_bytes;
         TopicOffsets {
             seq_state,
@@ -414,6 +445,7 @@ impl Geometry {
             ring,
             completions,
             goi,
+            sessions,
             blogs,
             topic_bytes,
         }
@@ -532,6 +564,13 @@ impl Geometry {
             + index * std::mem::size_of::<GoiEntry>() as u64
     }
 
+    /// Offset of session record `index` (taken modulo [`SESSION_RECORDS`]).
+    pub fn session_record_offset(&self, topic: u32, index: u64) -> u64 {
+        self.topic_base(topic)
+            + self.topic_offsets().sessions
+            + (index & (SESSION_RECORDS - 1)) * std::mem::size_of::<SessionRecord>() as u64
+    }
+
     /// Offset of the first byte of a broker's payload log.
     pub fn blog_base(&self, topic: u32, broker: u16) -> u64 {
         self.topic_base(topic) + self.topic_offsets().blogs + u64::from(broker) * self.blog_bytes
@@ -573,6 +612,11 @@ mod tests {
             regions.push((g.topic_meta_offset(t), 128, format!("meta {t}")));
             regions.push((g.seq_state_offset(t), 64, format!("seq {t}")));
             regions.push((g.goi_offset(t, 0), g.goi_entries * 64, format!("goi {t}")));
+            regions.push((
+                g.session_record_offset(t, 0),
+                SESSION_RECORDS * 64,
+                format!("sessions {t}"),
+            ));
             for b in 0..g.brokers_max as u16 {
                 for f in 0..FRONTIERS_PER_BROKER {
                     regions.push((

@@ -33,11 +33,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use bytemuck::Zeroable;
+
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
     BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry, PAYLOAD_ALIGN_BYTES,
-    Record, SequencerLease,
+    Record, SESSION_RECORDS, SequencerLease, SessionRecord,
 };
 use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
@@ -215,6 +217,8 @@ struct Session {
     window_floor: u64,
     held: usize,
     last_active: u64,
+    /// Highest sequence ordered, plus one.
+    next_seq: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -262,6 +266,14 @@ struct TopicState {
     /// copy is ordered.
     held_duplicates: HashMap<(SessionKey, u64), Vec<(u16, u64)>>,
     held_duplicates_count: usize,
+    /// Per ring, the written frontier at the takeover: `recovered` is needed until every
+    /// ring has read that far (empty when nothing was recovered).
+    recovered_until: Vec<u64>,
+    /// Mirror of the pool's session records (this sequencer is their only writer): record
+    /// index -> (session, ordinal of its last ordered batch).
+    records: HashMap<u64, (SessionKey, u64)>,
+    /// Session -> its record index.
+    record_of: HashMap<SessionKey, u64>,
 }
 
 /// A batch ordered by a previous lease holder (see [`TopicState::recovered`]).
@@ -448,6 +460,9 @@ impl<M: SharedMemory> Sequencer<M> {
                 recovered: HashMap::new(),
                 held_duplicates: HashMap::new(),
                 held_duplicates_count: 0,
+                recovered_until: Vec::new(),
+                records: HashMap::new(),
+                record_of: HashMap::new(),
             };
             self.recover_topic(&mut state);
             self.topics.push(state);
@@ -481,9 +496,30 @@ impl<M: SharedMemory> Sequencer<M> {
         if committed == 0 {
             return;
         }
-        // A ring slot past `released` was committed within the last lap of its ring.
-        let recent = committed
-            .saturating_sub(u64::from(geometry.brokers_max) * u64::from(geometry.ring_slots));
+        let mem = self.pool.mem();
+        for index in 0..SESSION_RECORDS {
+            let offset = geometry.session_record_offset(topic, index);
+            invalidate_and_fence(mem, offset, std::mem::size_of::<SessionRecord>() as u64);
+            let mut record = SessionRecord::zeroed();
+            mem.read(offset, bytemuck::bytes_of_mut(&mut record));
+            if record.next_seq == 0 {
+                continue;
+            }
+            let key = (record.client_id, record.session_epoch);
+            state.records.insert(index, (key, record.last_ordinal));
+            state.record_of.insert(key, index);
+            let session = state.sessions.entry(key).or_default();
+            session.next_seq = record.next_seq;
+            session.window_floor = record.window_floor;
+        }
+        // Slots written by now and past `released` may hold batches already ordered; the
+        // map of those is dropped once every ring has read that far.
+        state.recovered_until = (0..geometry.brokers_max as u16)
+            .map(|broker| {
+                let offset = geometry.frontier_offset(topic, broker, FRONTIER_WRITTEN);
+                self.pool.read_frontier(offset).0
+            })
+            .collect();
         let window = self.config.dedup_window;
         let mem = self.pool.mem();
         for ordinal in committed.saturating_sub(geometry.goi_entries)..committed {
@@ -499,19 +535,27 @@ impl<M: SharedMemory> Sequencer<M> {
                 let (oldest, _) = session.ordered.pop_first().expect("non-empty");
                 session.window_floor = session.window_floor.max(oldest + 1);
             }
+            session.next_seq = session.next_seq.max(entry.batch_seq + 1);
+            state.recovered.insert(
+                (entry.broker, entry.blog_offset),
+                Recovered {
+                    ordinal,
+                    global_start: entry.global_start,
+                    key,
+                    batch_seq: entry.batch_seq,
+                },
+            );
+        }
+        // Below the lowest sequence whose position the GOI still gives, a resend cannot be
+        // told from a new batch: it is outside the window. Order 5 goes on after the highest.
+        for session in state.sessions.values_mut() {
+            let lowest_known = session
+                .ordered
+                .first_key_value()
+                .map_or(session.next_seq, |(&seq, _)| seq);
+            session.window_floor = session.window_floor.max(lowest_known);
             if state.order == Order::TotalSessionFifo {
-                session.next_expected = session.next_expected.max(entry.batch_seq + 1);
-            }
-            if ordinal >= recent {
-                state.recovered.insert(
-                    (entry.broker, entry.blog_offset),
-                    Recovered {
-                        ordinal,
-                        global_start: entry.global_start,
-                        key,
-                        batch_seq: entry.batch_seq,
-                    },
-                );
+                session.next_expected = session.next_seq;
             }
         }
         log::info!(
@@ -614,14 +658,48 @@ impl<M: SharedMemory> Sequencer<M> {
                 let ring = &mut self.topics[index].rings[broker];
                 ring.next_read += 1;
                 ring.decided.push_back(false);
+                if self.decided_before(index, broker as u16, slot) {
+                    self.mark_decided(index, broker as u16, slot);
+                    decided += 1;
+                    continue;
+                }
                 decided += self.decide(index, broker as u16, slot, header, now_ns);
             }
+        }
+        let state = &mut self.topics[index];
+        if !state.recovered_until.is_empty()
+            && state
+                .rings
+                .iter()
+                .zip(&state.recovered_until)
+                .all(|(ring, &until)| ring.next_read >= until)
+        {
+            state.recovered.clear();
+            state.recovered_until.clear();
         }
         // Step 3: the gap rule.
         decided += self.resolve_expired_gaps(index, now_ns);
         // Step 4: publish.
         self.publish_round(index);
         decided
+    }
+
+    /// After a takeover: whether the previous holder already published its decision on this
+    /// slot (the completion's ready word is this lap's). That decision stands.
+    fn decided_before(&self, index: usize, broker: u16, slot: u64) -> bool {
+        let state = &self.topics[index];
+        if state
+            .recovered_until
+            .get(usize::from(broker))
+            .is_none_or(|&until| slot >= until)
+        {
+            return false;
+        }
+        let geometry = self.pool.geometry();
+        let offset =
+            geometry.completion_offset(state.topic, broker, slot) + Completion::READY_OFFSET;
+        invalidate_and_fence(self.pool.mem(), offset, 8);
+        self.pool.mem().load_u64(offset) == slot + 1
     }
 
     fn validate(&self, order: Order, header: &BatchHeader) -> Result<(), InvalidHeader> {
@@ -798,7 +876,72 @@ impl<M: SharedMemory> Sequencer<M> {
                 self.stats.sessions_evicted += 1;
             }
         }
-        state.sessions.entry(key).or_default().last_active = activity;
+        let order = state.order;
+        let session = state.sessions.entry(key).or_insert_with(|| {
+            // A session this sequencer forgot (or never saw, before a takeover) may have a
+            // record: it goes on from there, with nothing below its next sequence in the
+            // window (their positions are not known here).
+            let mut session = Session::default();
+            if let Some(index) = state.record_of.get(&key) {
+                let offset = self
+                    .pool
+                    .geometry()
+                    .session_record_offset(state.topic, *index);
+                let mut record = SessionRecord::zeroed();
+                invalidate_and_fence(self.pool.mem(), offset, 64);
+                self.pool
+                    .mem()
+                    .read(offset, bytemuck::bytes_of_mut(&mut record));
+                if (record.client_id, record.session_epoch) == key {
+                    session.next_seq = record.next_seq;
+                    session.window_floor = record.window_floor.max(record.next_seq);
+                    if order == Order::TotalSessionFifo {
+                        session.next_expected = record.next_seq;
+                    }
+                }
+            }
+            session
+        });
+        session.last_active = activity;
+    }
+
+    /// Records a session's progress in the pool after one of its batches got `ordinal`.
+    fn write_session_record(&mut self, index: usize, key: SessionKey, ordinal: u64) {
+        const PROBES: u64 = 8;
+        let geometry = *self.pool.geometry();
+        let state = &mut self.topics[index];
+        let slot = match state.record_of.get(&key) {
+            Some(&slot) => slot,
+            None => {
+                let hash = (key.0 ^ (u64::from(key.1) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let first = hash >> 40;
+                let candidates = (first..first + PROBES).map(|i| i & (SESSION_RECORDS - 1));
+                let slot = candidates
+                    .clone()
+                    .find(|i| !state.records.contains_key(i))
+                    .or_else(|| candidates.min_by_key(|i| state.records.get(i).map_or(0, |r| r.1)))
+                    .expect("at least one probe");
+                if let Some((evicted, _)) = state.records.get(&slot) {
+                    state.record_of.remove(evicted);
+                }
+                state.record_of.insert(key, slot);
+                slot
+            }
+        };
+        state.records.insert(slot, (key, ordinal));
+        let session = &state.sessions[&key];
+        let record = SessionRecord {
+            client_id: key.0,
+            session_epoch: key.1,
+            reserved0: 0,
+            next_seq: session.next_seq,
+            window_floor: session.window_floor,
+            last_ordinal: ordinal,
+            reserved1: [0; 3],
+        };
+        let offset = geometry.session_record_offset(state.topic, slot);
+        self.pool.mem().write(offset, bytemuck::bytes_of(&record));
+        self.pool.mem().flush(offset, 64);
     }
 
     /// Orders the held batches of `key` that now follow without a gap.
@@ -922,9 +1065,11 @@ impl<M: SharedMemory> Sequencer<M> {
         if state.order == Order::TotalSessionFifo {
             session.next_expected = header.batch_seq + 1;
         }
+        session.next_seq = session.next_seq.max(header.batch_seq + 1);
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
+        self.write_session_record(index, key, ordinal);
         self.complete_with_ordinal(
             index,
             broker,
@@ -986,7 +1131,12 @@ impl<M: SharedMemory> Sequencer<M> {
             &completion,
         );
         state.pending_completions.push((broker, slot));
-        let ring = &mut state.rings[broker as usize];
+        self.mark_decided(index, broker, slot);
+    }
+
+    /// Records that `slot` is decided and releases the gap-free prefix of decided slots.
+    fn mark_decided(&mut self, index: usize, broker: u16, slot: u64) {
+        let ring = &mut self.topics[index].rings[broker as usize];
         let at = (slot - ring.released) as usize;
         ring.decided[at] = true;
         while ring.decided.front() == Some(&true) {

@@ -282,6 +282,8 @@ pub struct SimReport {
     pub gaps_resolved: u64,
     /// Errors the slow reader got for falling behind (allowed).
     pub slow_reader_truncations: u64,
+    /// Times a standby took the sequencer lease over (the old holder stays, paused).
+    pub takeovers: u64,
 }
 
 /// A broken contract, with enough detail to debug it from the seed.
@@ -375,6 +377,16 @@ struct World {
     topics: Vec<(TopicId, Order)>,
     brokers: Vec<BrokerAgent>,
     sequencer: Sequencer<SimAgent>,
+    /// Sequencers a standby took the lease from, "paused": each later poll of one must be
+    /// fenced and write nothing.
+    fenced: Vec<Sequencer<SimAgent>>,
+    memory: Rc<SimMemory>,
+    sequencer_skips: Skips,
+    sequencer_config: SequencerConfig,
+    /// Gaps resolved by the sequencers that lost the lease.
+    fenced_gaps: u64,
+    /// Whether standbys take the lease over now and then.
+    takeovers: bool,
     fast_readers: Vec<Vec<LogReader<SimAgent>>>,
     slow_readers: Vec<LogReader<SimAgent>>,
     sessions: Vec<SessionPlan>,
@@ -489,7 +501,7 @@ impl World {
             lease_ns: 1_000_000_000,
         };
         let sequencer = Sequencer::new(
-            attach(SimAgent::with_skips(&memory, sequencer_skips))?,
+            attach(SimAgent::with_skips(&memory, sequencer_skips.clone()))?,
             0,
             1,
             config,
@@ -529,6 +541,12 @@ impl World {
             topics,
             brokers: broker_agents,
             sequencer,
+            fenced: Vec::new(),
+            memory: Rc::clone(&memory),
+            sequencer_skips,
+            sequencer_config: config,
+            fenced_gaps: 0,
+            takeovers: options.fault.is_none(),
             fast_readers,
             slow_readers,
             sessions,
@@ -721,7 +739,48 @@ impl World {
     }
 
     fn sequencer_step(&mut self) -> Result<(), Violation> {
+        // Not with an injected coherence fault: a fresh sequencer cache would hide it.
+        if self.takeovers && self.rng.percent(1) {
+            self.take_over()?;
+        }
+        if !self.fenced.is_empty() && self.rng.percent(20) {
+            let at = self.rng.range(0..self.fenced.len() as u64) as usize;
+            let old = &mut self.fenced[at];
+            let decided = old.poll(self.now_ns);
+            if decided != 0 || !old.is_fenced() {
+                return Err(violation(
+                    self.seed,
+                    format!(
+                        "the sequencer of epoch {} decided {decided} batches after a standby \
+                         took the lease over",
+                        old.epoch()
+                    ),
+                ));
+            }
+        }
         self.sequencer.poll(self.now_ns);
+        Ok(())
+    }
+
+    /// A standby (with a cache of its own) takes the lease over from the current holder,
+    /// which stays around as if paused.
+    fn take_over(&mut self) -> Result<(), Violation> {
+        let agent = SimAgent::with_skips(&self.memory, self.sequencer_skips.clone());
+        let epoch = self.sequencer.epoch() + 1;
+        let standby = Sequencer::new(
+            Pool::attach(agent).map_err(|e| violation(self.seed, format!("attach: {e}")))?,
+            (epoch % self.brokers.len() as u64) as u16,
+            epoch,
+            self.sequencer_config,
+        )
+        .map_err(|e| violation(self.seed, format!("takeover at epoch {epoch}: {e}")))?;
+        let old = std::mem::replace(&mut self.sequencer, standby);
+        self.fenced_gaps += old.stats().gaps_resolved;
+        self.fenced.push(old);
+        if self.fenced.len() > 2 {
+            self.fenced.remove(0);
+        }
+        self.report.takeovers += 1;
         Ok(())
     }
 
@@ -988,12 +1047,16 @@ impl World {
             {
                 return Err(violation(
                     seed,
-                    format!("batch {key:?} is in the log but no broker was told it was ordered"),
+                    format!(
+                        "batch {key:?} is in the log but no broker was told it was ordered \
+                         (told: {:?})",
+                        self.acks.get(key)
+                    ),
                 ));
             }
         }
         let stats = self.sequencer.stats();
-        self.report.gaps_resolved = stats.gaps_resolved;
+        self.report.gaps_resolved = self.fenced_gaps + stats.gaps_resolved;
         let sent_keys: HashSet<&BatchKey> = self.sent.keys().collect();
         if let Some(phantom) = in_log.keys().find(|k| !sent_keys.contains(k)) {
             return Err(violation(

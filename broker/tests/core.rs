@@ -647,6 +647,38 @@ fn a_resend_of_a_held_batch_is_answered_only_once_the_batch_has_its_position() {
 }
 
 #[test]
+fn a_standby_remembers_sessions_older_than_the_goi_it_keeps() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("long", config(Order::TotalSessionFifo))
+        .unwrap();
+    let mut old = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 1).unwrap();
+    let data = payload(7, 1);
+    // Session 9 orders 10 batches, then session 10 orders 300: more than the 256 GOI
+    // entries kept, so nothing of session 9 is left in the GOI.
+    for (client, seqs) in [(9, 0..10u64), (10, 0..300)] {
+        for seq in seqs {
+            writer.append(meta(client, seq, &data, 1), &data).unwrap();
+            old.poll(seq);
+            writer.poll_completions(usize::MAX, |_| {});
+        }
+    }
+    let mut new = Sequencer::new(pool.clone(), 2, 2, SequencerConfig::default()).unwrap();
+    // A very late copy of seq 5 is rejected, never ordered again; seq 10 goes on at once
+    // (no gap from 0 is held open for a session the new holder never saw).
+    let mut other = TopicWriter::new(pool.clone(), topic, 2).unwrap();
+    other.append(meta(9, 5, &data, 1), &data).unwrap();
+    other.append(meta(9, 10, &data, 1), &data).unwrap();
+    new.poll(1);
+    let answers = outcomes(&mut other);
+    assert_eq!(answers.len(), 2, "both decided in one round, nothing held");
+    assert_eq!(answers[0].status, CompletionStatus::RejectedOutsideWindow);
+    assert_eq!(answers[1].status, CompletionStatus::Ordered);
+    assert_eq!(answers[1].global_start, Some(310));
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();
