@@ -5,7 +5,8 @@
 #
 # Lints (rustfmt, clippy with warnings as errors), the unit and integration tests of every
 # crate (as root also the hugepage and two-process tests), the deterministic simulation over
-# 1,000 seeds, and the proof that the simulation catches each injected coherence fault.
+# 1,000 seeds, the proof that the simulation catches each injected coherence fault, and a
+# short coverage-guided fuzzing run of every parser and the connection state machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -20,9 +21,14 @@ prepare_hugepages 256
 echo "== lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --release -- -D warnings
+# The fuzz crate is its own workspace (built instrumented by scripts/fuzz.sh): lint it too.
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
+cargo clippy --manifest-path fuzz/Cargo.toml --workspace --all-targets --release \
+    --target-dir target/fuzz/check -- -D warnings
 
 echo "== tests"
 cargo test --workspace --release
+cargo test --manifest-path fuzz/Cargo.toml -p fuzz-input --release --target-dir target/fuzz/seeds
 
 echo "== simulation: 1000 seeds must pass"
 # Built first, so that a build failure is never mistaken for a caught fault below.
@@ -37,6 +43,10 @@ for fault in skip-invalidate skip-flush; do
         exit 1
     fi
 done
+
+echo "== fuzz: the wire parsers and the connection state machine, 10 s per target (libFuzzer)"
+./scripts/fuzz.sh --seconds-per-target 10
+
 echo "== 4 broker processes on one hugetlbfs pool, loadgen end to end (order 5, ack 1)"
 cargo build --release -q -p broker -p client
 summary=target/test/cluster-e2e.json
