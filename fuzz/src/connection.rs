@@ -66,6 +66,7 @@ fn settings(config: u8) -> BrokerSettings {
             _ => wire::BATCH_BYTES_MIN,
         },
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+        replication_factor: 1 + (config & 1),
     }
 }
 
