@@ -17,7 +17,8 @@
 #
 # Writes target/faults/summary.json: one entry per scenario with scenario, completed,
 # messages_acked, lost, duplicates, order_violations and failover_ms (kill to the standby's
-# takeover, where the sequencer changed). Also target/faults/figures.json: throughput at ack 2
+# takeover, where the sequencer changed), and ack_gap_max_ms (the publishers' longest wait
+# for a new ack: after a head kill, the time to the first ack of the new sequencer). Also target/faults/figures.json: throughput at ack 2
 # and ack 1 in the same run, and the disk's fdatasync bandwidth (dd oflag=dsync), the ceiling
 # of ack 2. Exits non-zero when any scenario lost, duplicated or misordered a message.
 set -euo pipefail
@@ -109,7 +110,7 @@ if os.path.exists(path):
                  lost=s["lost"], duplicates=s["duplicates"],
                  order_violations=s["order_violations"], errors=s["errors"][:5],
                  reconnects=s.get("reconnects"), batches_resent=s.get("batches_resent"),
-                 mb_per_s=s.get("mb_per_s"))
+                 ack_gap_max_ms=s.get("ack_gap_max_ms"), mb_per_s=s.get("mb_per_s"))
 if extra:
     entry.update(json.loads(extra))
     if entry.get("log_matches") is False:

@@ -83,6 +83,10 @@ pub struct Summary {
     /// Acknowledged batches the brokers found already in the log (resends whose first copy
     /// had arrived): acknowledged with the original position, not written twice.
     pub duplicate_acks: u64,
+    /// The longest a publisher went without a new acknowledgement while it still had
+    /// messages to send, in milliseconds, looked at every 1,024 messages (a failover shows
+    /// here as the time until the first ack after it).
+    pub ack_gap_max_ms: u64,
     /// Errors that stopped a publisher or the subscriber.
     pub errors: Vec<String>,
     /// Whether the run met its checks (the exit code is 0 exactly when this is true).
@@ -134,6 +138,7 @@ mod tests {
             "reconnects",
             "batches_resent",
             "duplicate_acks",
+            "ack_gap_max_ms",
             "passed",
         ] {
             assert!(value.get(field).is_some(), "missing {field}");

@@ -71,7 +71,9 @@ JSON (--json FILE)
   reconnects (connections the publishers opened again after one failed), batches_resent
   (batches sent again because their connection failed before the ack), duplicate_acks
   (acknowledged batches a broker found already in the log: resends whose first copy had
-  arrived, acknowledged with the original position and not written twice), errors, passed.
+  arrived, acknowledged with the original position and not written twice), ack_gap_max_ms
+  (the longest a publisher waited for a new ack while sending, looked at every 1,024
+  messages: after a failover, the time to its first ack), errors, passed.
 
 BROKER FAILURES
   A publisher survives a broker that dies mid-run: the batches that were unacknowledged on
@@ -556,6 +558,8 @@ struct PublisherOutcome {
     connections: usize,
     /// When every batch was acknowledged (before Goodbye and closing the sockets).
     flushed_at: Instant,
+    /// Longest time without a new ack while publishing (see `Summary::ack_gap_max_ms`).
+    ack_gap_max: Duration,
     error: Option<String>,
 }
 
@@ -629,6 +633,9 @@ fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
         summary.reconnects += stats.reconnects;
         summary.batches_resent += stats.batches_resent;
         summary.duplicate_acks += stats.batches_duplicate;
+        summary.ack_gap_max_ms = summary
+            .ack_gap_max_ms
+            .max(outcome.ack_gap_max.as_millis() as u64);
         if let Err(error) = histogram.add(&outcome.latency_us) {
             log::warn!("merging latency histograms: {error}");
         }
@@ -755,6 +762,7 @@ fn publish(
         expectation: Expectation::default(),
         connections: 0,
         flushed_at: Instant::now(),
+        ack_gap_max: Duration::ZERO,
         error: Some(format!("publisher {index}: {error}")),
     };
     let mut publisher = match connection {
@@ -778,6 +786,8 @@ fn publish(
         .then(|| Duration::from_secs_f64(plan.publishers as f64 / plan.rate_msgs_per_s as f64));
     let mut acked = AckedRanges::default();
     let mut reported_acked = 0;
+    let mut acked_changed_at = start;
+    let mut ack_gap_max = Duration::ZERO;
     let mut error = None;
     let mut seq = 0u64;
     while seq < limit {
@@ -800,6 +810,11 @@ fn publish(
         progress.published.fetch_add(1, Ordering::Relaxed);
         if seq % 1024 == 0 {
             let messages_acked = publisher.messages_acked();
+            if messages_acked != reported_acked {
+                let now = Instant::now();
+                ack_gap_max = ack_gap_max.max(now.saturating_duration_since(acked_changed_at));
+                acked_changed_at = now;
+            }
             progress
                 .acked
                 .fetch_add(messages_acked - reported_acked, Ordering::Relaxed);
@@ -835,6 +850,7 @@ fn publish(
         expectation,
         connections,
         flushed_at,
+        ack_gap_max,
         error: error.map(|e| format!("publisher {index}: {e}")),
     }
 }
