@@ -15,7 +15,7 @@
 //! sync), so a restarted broker resumes from its last durable record.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,9 @@ use crate::reader::{LogReader, OrderedBatch, ReadError};
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
 /// Bytes of a record header.
 pub const RECORD_HEADER_BYTES: usize = 64;
-/// Batches copied per topic per poll, so one busy topic cannot starve the others.
-const BATCHES_PER_POLL_MAX: usize = 256;
+/// Batches copied per topic per poll, so one busy topic cannot starve the others and a sync
+/// is not held back behind a long copy.
+const BATCHES_PER_POLL_MAX: usize = 16;
 
 /// Header of one replicated batch.
 #[repr(C)]
@@ -254,8 +255,21 @@ fn read_full(file: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool, 
     Ok(false)
 }
 
+/// Block size of direct I/O: offsets, lengths and buffers of `O_DIRECT` writes align to it.
+const BLOCK_BYTES: usize = 4096;
+
+/// One block of the write buffer (its alignment is what `O_DIRECT` needs).
+#[repr(C, align(4096))]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Block([u8; BLOCK_BYTES]);
+
 /// An append-only replica file of one topic.
-#[derive(Debug)]
+///
+/// Records go to a block-aligned buffer that starts at the file's last partial block; a sync
+/// writes the buffer's blocks in place with one `O_DIRECT` write (the page cache copy cost
+/// more CPU than anything else on the replica path) and then `fdatasync`s. The last block is
+/// zero-padded on disk; the padding is cut when the file is opened again. Where the file
+/// system refuses `O_DIRECT` (tmpfs), the same writes go through the page cache.
 pub struct ReplicaFile {
     path: PathBuf,
     file: File,
@@ -265,28 +279,62 @@ pub struct ReplicaFile {
     /// Records and positions known durable.
     durable_batches: u64,
     durable_position: u64,
-    pending: Vec<u8>,
+    /// The file's bytes from `buffer_offset` on: its last partial block, then what is
+    /// pending; zero beyond `buffer_len`.
+    buffer: Vec<Block>,
+    buffer_offset: u64,
+    buffer_len: usize,
+    pending_bytes: usize,
     pending_since: Option<Instant>,
+    direct: bool,
+}
+
+impl std::fmt::Debug for ReplicaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaFile")
+            .field("path", &self.path)
+            .field("batches", &self.batches)
+            .field("durable_batches", &self.durable_batches)
+            .field("pending_bytes", &self.pending_bytes)
+            .field("direct", &self.direct)
+            .finish()
+    }
 }
 
 impl ReplicaFile {
     /// Opens (or creates) the file of `topic` in `dir`, keeping its valid prefix and
     /// cutting anything after it.
     pub fn open(dir: &Path, topic: TopicId) -> Result<ReplicaFile, ReplicaError> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
         std::fs::create_dir_all(dir).map_err(io_error(dir, "create directory"))?;
         let path = log_path(dir, topic);
         let scanned = scan(&path, |_| {})?;
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io_error(&path, "open"))?;
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(&path)
+        };
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::info!(
+                    "replica {}: the file system refuses O_DIRECT; writing through the page cache",
+                    path.display()
+                );
+                (open(0).map_err(io_error(&path, "open"))?, false)
+            }
+            Err(e) => return Err(io_error(&path, "open")(e)),
+        };
         let len = file.metadata().map_err(io_error(&path, "stat"))?.len();
         if len != scanned.bytes {
-            log::warn!(
-                "replica {}: cutting {} bytes after the last valid record (batch {})",
+            log::info!(
+                "replica {}: cutting {} bytes after the last valid record (batch {}): block \
+                 padding, or a write a crash tore",
                 path.display(),
                 len - scanned.bytes,
                 scanned.batches
@@ -295,18 +343,32 @@ impl ReplicaFile {
                 .map_err(io_error(&path, "truncate"))?;
             file.sync_data().map_err(io_error(&path, "fdatasync"))?;
         }
-        file.seek(SeekFrom::Start(scanned.bytes))
-            .map_err(io_error(&path, "seek"))?;
-        Ok(ReplicaFile {
+        let buffer_offset = scanned.bytes - scanned.bytes % BLOCK_BYTES as u64;
+        let buffer_len = (scanned.bytes - buffer_offset) as usize;
+        let mut replica = ReplicaFile {
             path,
             file,
             batches: scanned.batches,
             next_position: scanned.next_position,
             durable_batches: scanned.batches,
             durable_position: scanned.next_position,
-            pending: Vec::new(),
+            buffer: vec![Block([0; BLOCK_BYTES])],
+            buffer_offset,
+            buffer_len,
+            pending_bytes: 0,
             pending_since: None,
-        })
+            direct,
+        };
+        if buffer_len > 0 {
+            // The partial last block is read back through the page cache (a plain handle):
+            // it is written again, whole, with the next records.
+            let plain = File::open(&replica.path).map_err(io_error(&replica.path, "open"))?;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut replica.buffer);
+            plain
+                .read_exact_at(&mut bytes[..buffer_len], buffer_offset)
+                .map_err(io_error(&replica.path, "read"))?;
+        }
+        Ok(replica)
     }
 
     /// Batches in the file, durable or not.
@@ -317,6 +379,18 @@ impl ReplicaFile {
     /// (batches, next position) known durable.
     pub fn durable(&self) -> (u64, u64) {
         (self.durable_batches, self.durable_position)
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        let end = self.buffer_len + data.len();
+        let blocks = end.div_ceil(BLOCK_BYTES);
+        if blocks > self.buffer.len() {
+            self.buffer.resize(blocks, Block([0; BLOCK_BYTES]));
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut self.buffer);
+        bytes[self.buffer_len..end].copy_from_slice(data);
+        self.buffer_len = end;
+        self.pending_bytes += data.len();
     }
 
     /// Appends one batch (it must be the next ordinal) to the pending bytes.
@@ -347,35 +421,53 @@ impl ReplicaFile {
             reserved: [0; 6],
         };
         header.header_crc = header.crc();
-        self.pending.extend_from_slice(bytemuck::bytes_of(&header));
-        self.pending.extend_from_slice(batch.payload);
+        self.push(bytemuck::bytes_of(&header));
+        self.push(batch.payload);
         self.batches += 1;
         self.next_position = batch.global_start + u64::from(batch.message_count);
         self.pending_since.get_or_insert(now);
         Ok(())
     }
 
+    /// Bytes appended and not yet synced.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes as u64
+    }
+
     /// Whether the pending bytes are due for a sync under `config` at `now`.
     pub fn sync_due(&self, config: &ReplicaConfig, now: Instant) -> bool {
         self.pending_since.is_some_and(|since| {
-            self.pending.len() as u64 >= config.sync_bytes
+            self.pending_bytes as u64 >= config.sync_bytes
                 || now.saturating_duration_since(since)
                     >= Duration::from_micros(config.sync_interval_us)
         })
     }
 
-    /// Writes the pending bytes and makes them durable (`fdatasync`).
+    /// Writes the pending bytes (whole blocks, in place) and makes them durable
+    /// (`fdatasync`: the file's size changed, and the device may cache writes).
     pub fn sync(&mut self) -> Result<(), ReplicaError> {
-        if self.pending.is_empty() {
+        use std::os::unix::fs::FileExt;
+
+        if self.pending_bytes == 0 {
             return Ok(());
         }
+        let blocks = self.buffer_len.div_ceil(BLOCK_BYTES);
+        let bytes: &[u8] = bytemuck::cast_slice(&self.buffer[..blocks]);
         self.file
-            .write_all(&self.pending)
+            .write_all_at(bytes, self.buffer_offset)
             .map_err(io_error(&self.path, "write"))?;
         self.file
             .sync_data()
             .map_err(io_error(&self.path, "fdatasync"))?;
-        self.pending.clear();
+        // Keep the last partial block (rewritten with the next records), zero the rest.
+        let whole = self.buffer_len / BLOCK_BYTES;
+        self.buffer.copy_within(whole..blocks, 0);
+        self.buffer.truncate(1);
+        let tail = self.buffer_len - whole * BLOCK_BYTES;
+        self.buffer[0].0[tail..].fill(0);
+        self.buffer_offset += (whole * BLOCK_BYTES) as u64;
+        self.buffer_len = tail;
+        self.pending_bytes = 0;
         self.pending_since = None;
         self.durable_batches = self.batches;
         self.durable_position = self.next_position;
@@ -493,7 +585,12 @@ impl<M: SharedMemory + Clone> Replicator<M> {
         for index in 0..self.topics.len() {
             let replica = &mut self.topics[index];
             let mut failed = None;
-            let result = replica.reader.poll(BATCHES_PER_POLL_MAX, |batch| {
+            let room = self
+                .config
+                .sync_bytes
+                .saturating_sub(replica.file.pending_bytes());
+            let batches = if room == 0 { 0 } else { BATCHES_PER_POLL_MAX };
+            let result = replica.reader.poll(batches, |batch| {
                 if failed.is_none()
                     && let Err(e) = replica.file.append(batch, now)
                 {
@@ -689,5 +786,73 @@ fn meta_error(path: &Path, what: String) -> ReplicaError {
     ReplicaError::Meta {
         path: path.to_owned(),
         what,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(ordinal: u64, payload: &[u8]) -> OrderedBatch<'_> {
+        OrderedBatch {
+            ordinal,
+            global_start: ordinal * 2,
+            message_count: 2,
+            broker: 1,
+            client_id: 7,
+            session_epoch: 3,
+            batch_seq: ordinal,
+            checksum: crc32c::crc32c(payload),
+            payload,
+        }
+    }
+
+    fn payload(ordinal: u64, bytes: usize) -> Vec<u8> {
+        (0..bytes)
+            .map(|i| (i as u64 * 31 + ordinal) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn records_survive_syncs_reopens_and_a_torn_tail_across_block_boundaries() {
+        let dir = std::env::temp_dir().join(format!("embarcadero-replica-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let now = Instant::now();
+        // Sizes that straddle 4 KiB blocks, synced at odd points, reopened in between.
+        let sizes = [100usize, 5000, 4032, 1, 9000, 4096, 333];
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| payload(i as u64, n))
+            .collect();
+        let mut file = ReplicaFile::open(&dir, 0).unwrap();
+        for (i, data) in payloads.iter().enumerate().take(3) {
+            file.append(&batch(i as u64, data), now).unwrap();
+        }
+        file.sync().unwrap();
+        file.append(&batch(3, &payloads[3]), now).unwrap();
+        file.sync().unwrap();
+        assert_eq!(file.durable(), (4, 8));
+        drop(file);
+        let mut file = ReplicaFile::open(&dir, 0).unwrap();
+        assert_eq!(file.batches(), 4);
+        for (i, data) in payloads.iter().enumerate().skip(4) {
+            file.append(&batch(i as u64, data), now).unwrap();
+            file.sync().unwrap();
+        }
+        // An append that was never synced is not durable and not in the file.
+        file.append(&batch(7, b"lost"), now).unwrap();
+        drop(file);
+        // A torn write after the last record is cut on open.
+        let path = log_path(&dir, 0);
+        let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+        std::io::Write::write_all(&mut raw, &[0xEE; 100]).unwrap();
+        drop(raw);
+        let file = ReplicaFile::open(&dir, 0).unwrap();
+        assert_eq!(file.batches(), 7);
+        let (records, _) = read_records(&path).unwrap();
+        let read: Vec<Vec<u8>> = records.into_iter().map(|r| r.payload).collect();
+        assert_eq!(read, payloads, "every synced record, bytes intact");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
