@@ -511,8 +511,8 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
 
 /// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
 /// Sequencer heartbeats (an eighth of a lease each) a replica may miss before it stops
-/// holding retention: two leases.
-pub const REPLICA_STALE_HEARTBEATS: u64 = 16;
+/// holding retention: one lease.
+pub const REPLICA_STALE_HEARTBEATS: u64 = 8;
 
 /// Offset, in a replicated frontier line, of the lease heartbeat the replica last saw.
 const REPLICA_SEEN_OFFSET: u64 = 16;
