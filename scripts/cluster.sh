@@ -18,6 +18,7 @@
 #   --hold-timeout-ms N  order-5 gap hold timeout of the brokers (default: the broker's)
 #   --replicas         broker i replicates to DIR/replica-i; the head creates topics with
 #                      replication factor 2 (ack level 2)
+#   --replica-brokers "I J"  with --replicas: only these brokers replicate (default: all)
 #   --broker-args "A"  extra arguments for every broker (word-split)
 #
 # The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
@@ -27,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
@@ -39,7 +40,7 @@ case $action in
     restart) target_broker=${1:?restart needs a broker index}; shift ;;
 esac
 brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus= hold_ms=
-replicas=0 broker_args=
+replicas=0 replica_brokers= broker_args=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -51,6 +52,7 @@ while [[ $# -gt 0 ]]; do
         --cpus) cpus=$2; shift 2 ;;
         --hold-timeout-ms) hold_ms=$2; shift 2 ;;
         --replicas) replicas=1; shift ;;
+        --replica-brokers) replica_brokers=$2; shift 2 ;;
         --broker-args) broker_args=$2; shift 2 ;;
         --) shift; command=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
@@ -114,7 +116,10 @@ start_cluster() {
         fi
         [[ -n $hold_ms ]] && args+=(--hold-timeout-ms "$hold_ms")
         if [[ $replicas -eq 1 ]]; then
-            args+=(--replica-dir "$dir/replica-$i" --replication-factor 2)
+            args+=(--replication-factor 2)
+            if [[ -z $replica_brokers || " $replica_brokers " == *" $i "* ]]; then
+                args+=(--replica-dir "$dir/replica-$i")
+            fi
         fi
         # shellcheck disable=SC2206 # word-splitting the extra arguments is the point
         [[ -n $broker_args ]] && args+=($broker_args)
