@@ -637,18 +637,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         &reason,
                     );
                 }
-                let seen = state
-                    .epochs
-                    .entry(hello.client_id)
-                    .or_insert(hello.session_epoch);
-                if hello.session_epoch < *seen {
+                if let Err(seen) = state.enter_session(hello.client_id, hello.session_epoch) {
                     let reason = format!(
-                        "client {} already used session epoch {}; epoch {} is stale",
-                        hello.client_id, *seen, hello.session_epoch
+                        "client {} already used session epoch {seen}; epoch {} is stale",
+                        hello.client_id, hello.session_epoch
                     );
                     return self.send_error(&metrics, ErrorCode::StaleSession, None, &reason);
                 }
-                *seen = hello.session_epoch;
                 let batch_bytes_max = match state.topic(topic) {
                     Ok(topic_state) => {
                         batch_bytes_max.min(topic_state.writer.batch_bytes_max() as u32)
@@ -850,7 +845,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 let reason = if outcome.status == CompletionStatus::RejectedGap {
                     "the sequencer gave up waiting for an earlier batch of this session and skipped this one: it is not in the log"
                 } else {
-                    "this batch is older than the session's deduplication window: it is not in the log"
+                    "this batch is older than the session's deduplication window: an earlier copy may be in the log, and this one was not written"
                 };
                 // The Error must precede any Ack whose cumulative sequence covers the batch,
                 // and the Goodbye owed after the last batch (sent by the next `flush_acks`).

@@ -32,6 +32,9 @@ pub struct BrokerSettings {
     pub replication_factor: u8,
 }
 
+/// Publisher clients whose session epochs a broker remembers.
+pub const CLIENTS_REMEMBERED: usize = 65_536;
+
 /// A committed batch waiting for the sequencer's decision.
 #[derive(Debug, Clone, Copy)]
 pub struct PendingSlot {
@@ -81,9 +84,9 @@ pub struct BrokerState<M> {
     pub metrics: Arc<Metrics>,
     /// Topics this broker writes, by id.
     pub topics: HashMap<TopicId, TopicState<M>>,
-    /// Highest session epoch seen per client.
+    /// Highest session epoch seen per client (at most [`CLIENTS_REMEMBERED`]).
     pub epochs: HashMap<u64, u32>,
-    /// First batch sequence not yet seen per session.
+    /// First batch sequence not yet seen per session (only each client's latest epoch).
     pub next_batch_seq: HashMap<(u64, u32), u64>,
     /// Per topic, the lowest ordinal this broker's subscribers need, as last published.
     subscribed: HashMap<TopicId, u64>,
@@ -104,6 +107,32 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             subscribed: HashMap::new(),
             subscribed_next: HashMap::new(),
         }
+    }
+
+    /// A publisher starts (or resumes) session `epoch` of `client`: refused with the epoch
+    /// already used when `epoch` is older. A newer epoch ends the older one here (its
+    /// sequence bookkeeping is dropped); beyond [`CLIENTS_REMEMBERED`] clients, one other
+    /// client is forgotten (its stale epochs are then no longer refused by this broker; the
+    /// sequencer still deduplicates).
+    pub fn enter_session(&mut self, client: u64, epoch: u32) -> Result<(), u32> {
+        match self.epochs.get(&client).copied() {
+            Some(seen) if epoch < seen => return Err(seen),
+            Some(seen) if epoch > seen => {
+                self.next_batch_seq.remove(&(client, seen));
+            }
+            Some(_) => {}
+            None => {
+                if self.epochs.len() >= CLIENTS_REMEMBERED {
+                    let forgotten = self.epochs.iter().next().map(|(&c, &e)| (c, e));
+                    if let Some((other, other_epoch)) = forgotten {
+                        self.epochs.remove(&other);
+                        self.next_batch_seq.remove(&(other, other_epoch));
+                    }
+                }
+            }
+        }
+        self.epochs.insert(client, epoch);
+        Ok(())
     }
 
     /// The writer state of `topic`, created on first use.
@@ -230,5 +259,48 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     /// Batches committed and not yet decided, over all topics.
     pub fn undecided(&self) -> usize {
         self.topics.values().map(|t| t.pending.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coherence::CoherenceMode;
+    use crate::heap::HeapRegion;
+    use crate::layout::Geometry;
+
+    #[test]
+    fn sessions_refuse_stale_epochs_and_keep_only_the_latest_bookkeeping() {
+        let geometry = Geometry {
+            brokers_max: 1,
+            topics_max: 1,
+            ring_slots: 8,
+            goi_entries: 64,
+            blog_bytes: 64 * 1024,
+        };
+        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+        let pool = Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let settings = BrokerSettings {
+            broker_id: 0,
+            head: true,
+            auto_create_topics: true,
+            batch_bytes_max: 1024,
+            frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
+            replication_factor: 1,
+        };
+        let mut state = BrokerState::new(pool, settings, Arc::default());
+        assert_eq!(state.enter_session(7, 3), Ok(()));
+        state.next_batch_seq.insert((7, 3), 10);
+        assert_eq!(state.enter_session(7, 3), Ok(()), "the same epoch again");
+        assert_eq!(state.enter_session(7, 4), Ok(()));
+        assert!(
+            !state.next_batch_seq.contains_key(&(7, 3)),
+            "epoch 3 is over"
+        );
+        assert_eq!(state.enter_session(7, 3), Err(4), "stale");
+        for client in 0..CLIENTS_REMEMBERED as u64 + 10 {
+            state.enter_session(1000 + client, 1).unwrap();
+        }
+        assert_eq!(state.epochs.len(), CLIENTS_REMEMBERED, "bounded");
     }
 }
