@@ -53,6 +53,36 @@ pub struct Metrics {
     pub replica_errors: AtomicU64,
     /// Sequencer: times this broker took the sequencer lease over from an expired holder.
     pub sequencer_takeovers: AtomicU64,
+    /// Gauge, a [`SequencerRole`] code: whether this broker holds the sequencer lease.
+    pub sequencer_role: AtomicU64,
+}
+
+/// What a broker is to the sequencer lease (the `sequencer_role` gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequencerRole {
+    /// No sequencer agent runs here (a state built without a server, as in tests): the
+    /// `head` setting alone decides who creates topics.
+    Unmanaged = 0,
+    /// Holds the lease: sequences, and creates topics.
+    Holding = 1,
+    /// Stands by (or was fenced): creates no topics.
+    StandingBy = 2,
+}
+
+impl Metrics {
+    /// This broker's role, as last set by its sequencer agent.
+    pub fn sequencer_role(&self) -> SequencerRole {
+        match self.sequencer_role.load(Ordering::Relaxed) {
+            1 => SequencerRole::Holding,
+            2 => SequencerRole::StandingBy,
+            _ => SequencerRole::Unmanaged,
+        }
+    }
+
+    /// Records this broker's role.
+    pub fn set_sequencer_role(&self, role: SequencerRole) {
+        self.sequencer_role.store(role as u64, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -76,7 +106,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 17] = [
+        let series: [(&str, &str, &str, &AtomicU64); 18] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -154,6 +184,12 @@ impl Metrics {
                 "counter",
                 "Times this broker took over the sequencer lease from an expired holder.",
                 &self.sequencer_takeovers,
+            ),
+            (
+                "embarcadero_sequencer_role",
+                "gauge",
+                "1 while this broker holds the sequencer lease, 2 while it stands by.",
+                &self.sequencer_role,
             ),
             (
                 "embarcadero_batches_delivered_total",

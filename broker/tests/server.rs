@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
+use broker::metrics::SequencerRole;
 use broker::server::in_process::InProcessCluster;
 use wire::{
     AckLevel, BatchHeaderRepr, Decoded, ErrorCode, Frame, FrameDecoder, HelloRepr, Limits, Order,
@@ -472,4 +473,53 @@ fn a_killed_broker_drops_every_connection_and_a_resend_elsewhere_is_deduplicated
     sub.send(&Frame::Goodbye.to_bytes());
     assert!(matches!(sub.frame(), Frame::Goodbye));
     assert_eq!(cluster.batches_dropped(), 0);
+}
+
+#[test]
+fn a_standby_takes_over_when_the_head_dies_and_creates_topics_from_then_on() {
+    let geometry = Geometry {
+        brokers_max: 3,
+        topics_max: 4,
+        ring_slots: 64,
+        goi_entries: 1 << 12,
+        blog_bytes: 1 << 20,
+    };
+    let mut cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.sequencer.hold_timeout_ns = 10_000_000_000;
+        options.sequencer.lease_ns = 300_000_000;
+        options.standby = true;
+    })
+    .unwrap();
+    let addrs = cluster.addresses();
+    // Only the lease holder creates topics: the head does, broker 1 (standing by) does not.
+    let mut creator = publisher(addrs[0], "before", Order::Total, 1);
+    creator.send(&Frame::Goodbye.to_bytes());
+    assert!(matches!(creator.frame(), Frame::Goodbye));
+    let mut early = Client::connect(addrs[1]);
+    match early.hello("early", Role::Publish, Order::Total, AckLevel::Ordered, 2) {
+        Frame::Error(error) => assert_eq!(error.code, ErrorCode::UnknownTopic),
+        other => panic!("expected UnknownTopic, got {other:?}"),
+    }
+    let mut before = publisher(addrs[1], "before", Order::Total, 1);
+    before.batch(0, &[b"a"]);
+    assert_eq!(before.acks_through(0).len(), 1);
+
+    assert!(cluster.kill_broker(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        let holder = (1..3)
+            .find(|&b| cluster.brokers()[b].metrics().sequencer_role() == SequencerRole::Holding);
+        if let Some(holder) = holder {
+            break holder;
+        }
+        assert!(std::time::Instant::now() < deadline, "no standby took over");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The order goes on under the new holder, and it creates topics now.
+    before.batch(1, &[b"b"]);
+    let entries = before.acks_through(1);
+    assert_eq!(entries.last().unwrap().global_start, Some(1));
+    let mut after = publisher(addrs[holder], "after", Order::Total, 3);
+    after.batch(0, &[b"c"]);
+    assert_eq!(after.acks_through(0).len(), 1);
 }

@@ -547,8 +547,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 
     fn on_create_topic(&mut self, create: wire::CreateTopicRepr, state: &mut BrokerState<M>) {
-        if !state.settings.head {
-            let reason = "topics are created by the head broker: send CreateTopic to it";
+        if !state.creates_topics() {
+            let reason = "topics are created by the broker that holds the sequencer lease (the \
+                          head, or the standby that took over): send CreateTopic to it";
             self.send_error(&state.metrics, ErrorCode::UnknownTopic, None, reason);
             return;
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::coherence::{CoherenceMode, PoolMemory};
 use crate::layout::Geometry;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError};
 use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
@@ -197,8 +197,8 @@ impl RunningBroker {
     /// loop returns at once, closing its listener and every connection as they are (no
     /// drain of batches in flight, no Goodbye, no ACK owed), and writes nothing more to the
     /// pool; then every thread is joined. What the broker committed to its rings stays in the
-    /// pool, where the sequencer still orders it. Metrics and addresses stay readable; the
-    /// broker cannot be started again on the same pool (its rings are not empty).
+    /// pool, where the sequencer still orders it. Metrics and addresses stay readable; a
+    /// broker started again with the same id picks its ring up (see `TopicWriter::new`).
     ///
     /// For the kernel backend (the one in-process clusters run); a bypass broker has no
     /// abrupt mode and stops as with [`stop`](Self::stop). Killing twice does nothing.
@@ -287,6 +287,12 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         None
     };
     let standby = options.standby || options.settings.head;
+    // Set before any connection is served: it decides who creates topics.
+    metrics.set_sequencer_role(if holder.is_some() {
+        SequencerRole::Holding
+    } else {
+        SequencerRole::StandingBy
+    });
     if holder.is_some() || standby {
         let (pool, metrics, stop) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&stop));
         let (idle, config) = (options.idle, options.sequencer);
@@ -294,7 +300,9 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
             let mut holder = holder;
             loop {
                 if let Some(sequencer) = holder.take() {
+                    metrics.set_sequencer_role(SequencerRole::Holding);
                     run_sequencer(sequencer, idle, &metrics, &stop);
+                    metrics.set_sequencer_role(SequencerRole::StandingBy);
                 }
                 if !standby || stop.load(Ordering::Relaxed) {
                     return;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::Order;
 use crate::coherence::SharedMemory;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError, TopicConfig, TopicId};
 use crate::sequencer::CompletionStatus;
 use crate::writer::{SlotOutcome, TopicWriter, WriterError};
@@ -135,6 +135,18 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         Ok(())
     }
 
+    /// Whether this broker creates topics: while it holds the sequencer lease (so after a
+    /// failover the new holder does, and a fenced old head no longer does), or, where no
+    /// sequencer agent runs, when it is the head. One creator at a time keeps the topic
+    /// table single-writer.
+    pub fn creates_topics(&self) -> bool {
+        match self.metrics.sequencer_role() {
+            SequencerRole::Holding => true,
+            SequencerRole::StandingBy => false,
+            SequencerRole::Unmanaged => self.settings.head,
+        }
+    }
+
     /// The writer state of `topic`, created on first use.
     pub fn topic(&mut self, topic: TopicId) -> Result<&mut TopicState<M>, WriterError> {
         if !self.topics.contains_key(&topic) {
@@ -164,7 +176,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         if let Some(found) = self.pool.find_topic(name)? {
             return Ok(Some(found));
         }
-        if !(self.settings.head && self.settings.auto_create_topics) {
+        if !(self.creates_topics() && self.settings.auto_create_topics) {
             return Ok(None);
         }
         let config = TopicConfig {
