@@ -298,6 +298,8 @@ pub struct Sequencer<M> {
     last_heartbeat_ns: u64,
     /// Set once a higher epoch took the lease: this sequencer writes nothing any more.
     fenced: bool,
+    /// Whether the epoch was read since this poll round began.
+    round_checked: bool,
     /// The pause guard's clock, when one is set (see [`Sequencer::set_pause_guard`]).
     guard: Option<PauseGuard>,
 }
@@ -350,6 +352,7 @@ impl<M: SharedMemory> Sequencer<M> {
             heartbeat,
             last_heartbeat_ns: 0,
             fenced: false,
+            round_checked: false,
             guard: None,
         };
         sequencer.publish_lease();
@@ -399,6 +402,9 @@ impl<M: SharedMemory> Sequencer<M> {
         if self.fenced {
             return false;
         }
+        if !self.round_checked {
+            return self.still_holds();
+        }
         let Some(guard) = &mut self.guard else {
             return true;
         };
@@ -417,6 +423,7 @@ impl<M: SharedMemory> Sequencer<M> {
         if let Some(guard) = &mut self.guard {
             guard.checked_at_ns = (guard.clock)();
         }
+        self.round_checked = true;
         invalidate_and_fence(self.pool.mem(), LEASE_EPOCH_OFFSET, 8);
         let epoch = self.pool.mem().load_u64(LEASE_EPOCH_OFFSET);
         if epoch != self.epoch {
@@ -575,14 +582,20 @@ impl<M: SharedMemory> Sequencer<M> {
     /// One polling round at time `now_ns` (any monotonic clock). Returns the batches
     /// decided (ordered, duplicate or rejected) in this round.
     ///
-    /// Each round first re-reads the lease epoch, and again before it publishes: once a
-    /// standby has taken over (a higher epoch), this sequencer writes nothing more.
+    /// Each round re-reads the lease epoch before its first store, and again before it
+    /// publishes: once a standby has taken over (a higher epoch), this sequencer writes
+    /// nothing more. An idle round stores nothing and reads no epoch.
     pub fn poll(&mut self, now_ns: u64) -> u64 {
-        if !self.still_holds() {
+        if self.fenced {
             return 0;
         }
+        // The epoch is read before the round's first store, not on every (idle) poll.
+        self.round_checked = false;
         self.stats.polls += 1;
         if now_ns.saturating_sub(self.last_heartbeat_ns) >= self.config.lease_ns / 8 {
+            if !self.may_write() {
+                return 0;
+            }
             self.last_heartbeat_ns = now_ns;
             self.heartbeat += 1;
             let offset = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
@@ -593,7 +606,8 @@ impl<M: SharedMemory> Sequencer<M> {
         for index in 0..self.topics.len() {
             decided += self.poll_topic(index, now_ns);
         }
-        decided
+        // A holder fenced during the round published none of it.
+        if self.fenced { 0 } else { decided }
     }
 
     fn poll_topic(&mut self, index: usize, now_ns: u64) -> u64 {

@@ -64,6 +64,8 @@ pub struct SimAgent {
     memory: Rc<SimMemory>,
     cache: Rc<RefCell<HashMap<u64, CachedLine>>>,
     skips: Rc<Skips>,
+    /// Lines this agent wrote to memory (write-backs and compare-and-swaps).
+    written: Rc<std::cell::Cell<u64>>,
 }
 
 impl SimAgent {
@@ -73,6 +75,7 @@ impl SimAgent {
             memory: Rc::clone(memory),
             cache: Rc::default(),
             skips: Rc::default(),
+            written: Rc::default(),
         }
     }
 
@@ -81,6 +84,7 @@ impl SimAgent {
             memory: Rc::clone(memory),
             cache: Rc::default(),
             skips: Rc::new(skips),
+            written: Rc::default(),
         }
     }
 
@@ -95,7 +99,13 @@ impl SimAgent {
         f(cached)
     }
 
+    /// Lines this agent (and its clones) wrote to memory so far.
+    pub fn lines_written(&self) -> u64 {
+        self.written.get()
+    }
+
     fn write_back(&self, line: u64, cached: &CachedLine) {
+        self.written.set(self.written.get() + 1);
         let mut bytes = self.memory.bytes.borrow_mut();
         bytes[line as usize..(line + CACHE_LINE_BYTES) as usize].copy_from_slice(&cached.data);
     }
@@ -152,6 +162,7 @@ impl SharedMemory for SimAgent {
             return Err(found);
         }
         word.copy_from_slice(&new.to_le_bytes());
+        self.written.set(self.written.get() + 1);
         Ok(found)
     }
 
@@ -377,9 +388,11 @@ struct World {
     topics: Vec<(TopicId, Order)>,
     brokers: Vec<BrokerAgent>,
     sequencer: Sequencer<SimAgent>,
-    /// Sequencers a standby took the lease from, "paused": each later poll of one must be
-    /// fenced and write nothing.
-    fenced: Vec<Sequencer<SimAgent>>,
+    /// The current holder's view of memory (a clone shares its write count).
+    holder_agent: SimAgent,
+    /// Sequencers a standby took the lease from, "paused", with their agent and the lines
+    /// it had written at the takeover: no later poll of one may write anything.
+    fenced: Vec<(Sequencer<SimAgent>, SimAgent, u64)>,
     memory: Rc<SimMemory>,
     sequencer_skips: Skips,
     sequencer_config: SequencerConfig,
@@ -500,13 +513,9 @@ impl World {
             sessions_max: 64,
             lease_ns: 1_000_000_000,
         };
-        let sequencer = Sequencer::new(
-            attach(SimAgent::with_skips(&memory, sequencer_skips.clone()))?,
-            0,
-            1,
-            config,
-        )
-        .map_err(|e| violation(seed, format!("sequencer: {e}")))?;
+        let holder_agent = SimAgent::with_skips(&memory, sequencer_skips.clone());
+        let sequencer = Sequencer::new(attach(holder_agent.clone())?, 0, 1, config)
+            .map_err(|e| violation(seed, format!("sequencer: {e}")))?;
         let mut fast_readers = Vec::new();
         let mut slow_readers = Vec::new();
         for &(topic, _) in &topics {
@@ -541,6 +550,7 @@ impl World {
             topics,
             brokers: broker_agents,
             sequencer,
+            holder_agent,
             fenced: Vec::new(),
             memory: Rc::clone(&memory),
             sequencer_skips,
@@ -745,14 +755,16 @@ impl World {
         }
         if !self.fenced.is_empty() && self.rng.percent(20) {
             let at = self.rng.range(0..self.fenced.len() as u64) as usize;
-            let old = &mut self.fenced[at];
-            let decided = old.poll(self.now_ns);
-            if decided != 0 || !old.is_fenced() {
+            let (old, agent, written_at_takeover) = &mut self.fenced[at];
+            // It may still read and decide in its own memory; it must not write.
+            old.poll(self.now_ns);
+            let written = agent.lines_written() - *written_at_takeover;
+            if written != 0 {
                 return Err(violation(
                     self.seed,
                     format!(
-                        "the sequencer of epoch {} decided {decided} batches after a standby \
-                         took the lease over",
+                        "the sequencer of epoch {} wrote {written} lines after a standby took \
+                         the lease over",
                         old.epoch()
                     ),
                 ));
@@ -767,6 +779,8 @@ impl World {
     fn take_over(&mut self) -> Result<(), Violation> {
         let agent = SimAgent::with_skips(&self.memory, self.sequencer_skips.clone());
         let epoch = self.sequencer.epoch() + 1;
+        let old_agent = std::mem::replace(&mut self.holder_agent, agent.clone());
+        let written_at_takeover = old_agent.lines_written();
         let standby = Sequencer::new(
             Pool::attach(agent).map_err(|e| violation(self.seed, format!("attach: {e}")))?,
             (epoch % self.brokers.len() as u64) as u16,
@@ -776,7 +790,7 @@ impl World {
         .map_err(|e| violation(self.seed, format!("takeover at epoch {epoch}: {e}")))?;
         let old = std::mem::replace(&mut self.sequencer, standby);
         self.fenced_gaps += old.stats().gaps_resolved;
-        self.fenced.push(old);
+        self.fenced.push((old, old_agent, written_at_takeover));
         if self.fenced.len() > 2 {
             self.fenced.remove(0);
         }
