@@ -380,11 +380,12 @@ impl<M: SharedMemory> Pool<M> {
         (self.mem.load_u64(offset), self.mem.load_u64(offset + 8))
     }
 
-    /// The lowest ordinal any broker's subscribers or live replica still need in `topic`
+    /// The lowest ordinal any live broker's subscribers or replica still need in `topic`
     /// (`u64::MAX` when none holds anything): payloads and GOI entries from it on must be
-    /// kept. A replica is live while the sequencer heartbeat it last saw is at most
-    /// [`REPLICA_STALE_HEARTBEATS`] behind the lease's: a crashed replica stops holding
-    /// retention after that (it may then find its next batch gone when it comes back).
+    /// kept. A line is live while the sequencer heartbeat its writer last saw is at most
+    /// [`STALE_HEARTBEATS`] behind the lease's: a crashed broker or replica stops holding
+    /// retention after that (its subscribers, or the replica when it comes back, may then
+    /// find their next batch gone: an explicit error, never wrong bytes).
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
         let heartbeat = self.lease_heartbeat();
         (0..self.geometry.brokers_max as u16)
@@ -392,9 +393,8 @@ impl<M: SharedMemory> Pool<M> {
             .map(|(broker, frontier)| {
                 let offset = self.geometry.frontier_offset(topic, broker, frontier);
                 let (value, _) = self.read_frontier(offset);
-                let live = frontier != FRONTIER_REPLICATED
-                    || heartbeat.saturating_sub(self.mem.load_u64(offset + REPLICA_SEEN_OFFSET))
-                        <= REPLICA_STALE_HEARTBEATS;
+                let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
+                let live = heartbeat.saturating_sub(seen) <= STALE_HEARTBEATS;
                 match value {
                     0 => u64::MAX,
                     _ if !live => u64::MAX,
@@ -428,9 +428,9 @@ impl<M: SharedMemory> Pool<M> {
             .geometry
             .frontier_offset(topic, broker, FRONTIER_REPLICATED);
         self.mem
-            .store_u64(offset + REPLICA_SEEN_OFFSET, heartbeat_seen);
+            .store_u64(offset + HEARTBEAT_SEEN_OFFSET, heartbeat_seen);
         self.write_frontier(offset, batches_plus_one, position);
-        self.mem.flush(offset + REPLICA_SEEN_OFFSET, 8);
+        self.mem.flush(offset + HEARTBEAT_SEEN_OFFSET, 8);
     }
 
     /// The global position below which every message of `topic` is durable in at least
@@ -466,12 +466,17 @@ impl<M: SharedMemory> Pool<M> {
     }
 
     /// Publishes the lowest ordinal `broker`'s subscribers still need in `topic` (`None`:
-    /// they hold nothing). Only that broker calls this (single writer of the line).
+    /// they hold nothing), with the lease heartbeat seen now (its liveness: republish when
+    /// the heartbeat moves, see [`Pool::retention_floor`]). Only that broker calls this
+    /// (single writer of the line).
     pub fn publish_subscribed(&self, topic: TopicId, broker: u16, lowest_needed: Option<u64>) {
         let offset = self
             .geometry
             .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
+        self.mem
+            .store_u64(offset + HEARTBEAT_SEEN_OFFSET, self.lease_heartbeat());
         self.write_frontier(offset, lowest_needed.map_or(0, |ordinal| ordinal + 1), 0);
+        self.mem.flush(offset + HEARTBEAT_SEEN_OFFSET, 8);
     }
 
     /// Clears the sequencer lease, so the head takes epoch 1 as on a fresh pool. Only for a
@@ -510,12 +515,13 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
 }
 
 /// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
-/// Sequencer heartbeats (an eighth of a lease each) a replica may miss before it stops
-/// holding retention: one lease.
-pub const REPLICA_STALE_HEARTBEATS: u64 = 8;
+/// Sequencer heartbeats (an eighth of a lease each) a broker's subscribed line or a
+/// replica may miss before it stops holding retention: one lease.
+pub const STALE_HEARTBEATS: u64 = 8;
 
-/// Offset, in a replicated frontier line, of the lease heartbeat the replica last saw.
-const REPLICA_SEEN_OFFSET: u64 = 16;
+/// Offset, in a subscribed or replicated frontier line, of the lease heartbeat its writer
+/// last saw.
+const HEARTBEAT_SEEN_OFFSET: u64 = 16;
 
 /// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_topic_name(name: &str) -> Result<(), PoolError> {

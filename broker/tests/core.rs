@@ -679,6 +679,32 @@ fn a_standby_remembers_sessions_older_than_the_goi_it_keeps() {
 }
 
 #[test]
+fn a_silent_brokers_subscribers_stop_holding_the_log_after_a_lease() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("silent", config(Order::Total)).unwrap();
+    let config = SequencerConfig::default();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    // Broker 3 has a subscriber at ordinal 0, then stops publishing its line (it crashed).
+    pool.publish_subscribed(topic, 3, Some(0));
+    assert_eq!(pool.retention_floor(topic), 0);
+    // The sequencer's heartbeat goes on: 8 beats later the line still holds, 9 it does not.
+    let beat = config.lease_ns / 8;
+    for n in 1..=8 {
+        sequencer.poll(n * beat);
+    }
+    assert_eq!(pool.retention_floor(topic), 0, "within one lease");
+    sequencer.poll(9 * beat);
+    assert_eq!(
+        pool.retention_floor(topic),
+        u64::MAX,
+        "silent for more than a lease"
+    );
+    // A live broker republishes with the heartbeat it sees and holds again.
+    pool.publish_subscribed(topic, 3, Some(0));
+    assert_eq!(pool.retention_floor(topic), 0);
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();

@@ -92,7 +92,14 @@ pub struct BrokerState<M> {
     subscribed: HashMap<TopicId, u64>,
     /// Scratch map for [`Self::publish_subscriptions`], reused so the loop does not allocate.
     subscribed_next: HashMap<TopicId, u64>,
+    /// Calls of [`Self::publish_subscriptions`], and the lease heartbeat last published.
+    publish_calls: u64,
+    heartbeat_published: u64,
 }
+
+/// Calls of [`BrokerState::publish_subscriptions`] (one per loop iteration) between looks at
+/// the lease heartbeat.
+const LIVENESS_CALLS: u64 = 256;
 
 impl<M: SharedMemory + Clone> BrokerState<M> {
     /// State for broker `settings.broker_id` on `pool`.
@@ -106,6 +113,8 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             next_batch_seq: HashMap::new(),
             subscribed: HashMap::new(),
             subscribed_next: HashMap::new(),
+            publish_calls: 0,
+            heartbeat_published: 0,
         }
     }
 
@@ -242,8 +251,17 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             *entry = (*entry).min(ordinal);
         }
         let broker = self.settings.broker_id;
+        // Liveness: every few calls, when the sequencer's heartbeat moved, every line is
+        // published again with it (else a crashed broker's subscribers would hold the log).
+        self.publish_calls = self.publish_calls.wrapping_add(1);
+        let mut refresh = false;
+        if self.publish_calls % LIVENESS_CALLS == 0 && !lowest.is_empty() {
+            let heartbeat = self.pool.lease_heartbeat();
+            refresh = heartbeat != self.heartbeat_published;
+            self.heartbeat_published = heartbeat;
+        }
         for (&topic, &ordinal) in &lowest {
-            if self.subscribed.get(&topic) != Some(&ordinal) {
+            if refresh || self.subscribed.get(&topic) != Some(&ordinal) {
                 self.pool.publish_subscribed(topic, broker, Some(ordinal));
             }
         }
