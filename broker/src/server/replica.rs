@@ -199,7 +199,10 @@ pub struct ReplicaRecord {
 /// damaged one. Returns the records and the byte length of the valid prefix.
 pub fn read_records(path: &Path) -> Result<(Vec<ReplicaRecord>, u64), ReplicaError> {
     let mut records = Vec::new();
-    let valid = scan(path, |record| records.push(record))?;
+    let valid = scan(path, |record| {
+        records.push(record);
+        Ok(())
+    })?;
     Ok((records, valid.bytes))
 }
 
@@ -210,7 +213,12 @@ struct Scanned {
     next_position: u64,
 }
 
-fn scan(path: &Path, mut f: impl FnMut(ReplicaRecord)) -> Result<Scanned, ReplicaError> {
+/// Reads the file's valid prefix record by record, handing each to `f` (which may stop the
+/// scan with an error); returns what the prefix holds.
+fn scan(
+    path: &Path,
+    mut f: impl FnMut(ReplicaRecord) -> Result<(), ReplicaError>,
+) -> Result<Scanned, ReplicaError> {
     let mut file = match File::open(path) {
         Ok(file) => std::io::BufReader::new(file),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scanned::default()),
@@ -236,23 +244,18 @@ fn scan(path: &Path, mut f: impl FnMut(ReplicaRecord)) -> Result<Scanned, Replic
         scanned.bytes += (RECORD_HEADER_BYTES + payload.len()) as u64;
         scanned.batches += 1;
         scanned.next_position = header.global_start + u64::from(header.message_count);
-        f(ReplicaRecord { header, payload });
+        f(ReplicaRecord { header, payload })?;
     }
     Ok(scanned)
 }
 
 /// Fills `buf`; returns true when the file ended first (a torn or absent record).
 fn read_full(file: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool, ReplicaError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read(&mut buf[done..]) {
-            Ok(0) => return Ok(true),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(path, "read")(e)),
-        }
+    match file.read_exact(buf) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(true),
+        Err(e) => Err(io_error(path, "read")(e)),
     }
-    Ok(false)
 }
 
 /// Block size of direct I/O: offsets, lengths and buffers of `O_DIRECT` writes align to it.
@@ -309,7 +312,7 @@ impl ReplicaFile {
 
         std::fs::create_dir_all(dir).map_err(io_error(dir, "create directory"))?;
         let path = log_path(dir, topic);
-        let scanned = scan(&path, |_| {})?;
+        let scanned = scan(&path, |_| Ok(()))?;
         let open = |flags: i32| {
             OpenOptions::new()
                 .create(true)
@@ -677,7 +680,7 @@ pub fn restore<M: SharedMemory + Clone>(
             }
             let description = TopicDescription::load(&path)?;
             let log = log_path(dir, description.id);
-            let batches = scan(&log, |_| {})?.batches;
+            let batches = scan(&log, |_| Ok(()))?.batches;
             match descriptions
                 .iter_mut()
                 .find(|(d, ..)| d.id == description.id)
@@ -714,9 +717,9 @@ pub fn restore<M: SharedMemory + Clone>(
         sequencer
             .refresh_topics()
             .map_err(|e| meta_error(log, e.to_string()))?;
-        let (records, _) = read_records(log)?;
-        let mut messages = 0;
-        for (index, record) in records.iter().enumerate() {
+        // Streamed: the log may be far larger than memory.
+        let mut now_ns = 0;
+        let scanned = scan(log, |record| {
             let meta = BatchMeta {
                 client_id: record.header.client_id,
                 session_epoch: record.header.session_epoch,
@@ -725,12 +728,11 @@ pub fn restore<M: SharedMemory + Clone>(
                 checksum: record.header.checksum,
             };
             let writer = &mut writers[usize::from(record.header.broker % brokers)];
-            let mut now_ns = index as u64;
             loop {
+                now_ns += 1;
                 match writer.append(meta, &record.payload) {
                     Ok(_) => break,
                     Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
-                        now_ns += 1;
                         sequencer.poll(now_ns);
                         writer.poll_completions(usize::MAX, |_| {});
                     }
@@ -750,12 +752,12 @@ pub fn restore<M: SharedMemory + Clone>(
                     ),
                 });
             }
-            messages += u64::from(record.header.message_count);
-        }
+            Ok(())
+        })?;
         restored.topics.push((
             description.name.clone(),
-            records.len() as u64,
-            messages,
+            scanned.batches,
+            scanned.next_position,
             log.clone(),
         ));
     }
