@@ -383,7 +383,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 /// Polls between clock reads (reading the clock on every spin costs half a core).
 const POLLS_PER_CLOCK_READ: u64 = 64;
 /// Polls between looks at the topic table for new topics.
-const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
+pub(crate) const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
 
 fn run_sequencer(
     mut sequencer: Sequencer<PoolMemory>,
@@ -500,35 +500,7 @@ fn run_replica(
         Metrics::inc(&metrics.replica_errors);
     };
     while !stop.load(Ordering::Relaxed) {
-        let mut replicator = match replica::Replicator::new(pool.clone(), broker_id, config.clone())
-        {
-            Ok(replicator) => replicator,
-            Err(e) => {
-                report(e);
-                std::thread::sleep(REPLICA_RETRY);
-                continue;
-            }
-        };
-        let mut idle = Idle::new(IdleStrategy::Sleep);
-        let result = loop {
-            if stop.load(Ordering::Relaxed) {
-                break replicator.stop();
-            }
-            match replicator.poll(Instant::now()) {
-                Ok(copied) => {
-                    metrics
-                        .replica_batches
-                        .fetch_add(copied as u64, Ordering::Relaxed);
-                    idle.record(copied > 0);
-                    idle.wait();
-                }
-                Err(e) => {
-                    replicator.release();
-                    break Err(e);
-                }
-            }
-        };
-        match result {
+        match replicate(pool, broker_id, config, metrics, stop) {
             Ok(()) => return,
             Err(e) => {
                 report(e);
@@ -536,6 +508,35 @@ fn run_replica(
             }
         }
     }
+}
+
+/// Replicates until stopped (`Ok`, after a clean stop) or until an error, after which the
+/// replica no longer holds retention.
+fn replicate(
+    pool: &Pool<PoolMemory>,
+    broker_id: u16,
+    config: &replica::ReplicaConfig,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+) -> Result<(), replica::ReplicaError> {
+    let mut replicator = replica::Replicator::new(pool.clone(), broker_id, config.clone())?;
+    let mut idle = Idle::new(IdleStrategy::Sleep);
+    while !stop.load(Ordering::Relaxed) {
+        match replicator.poll(Instant::now()) {
+            Ok(copied) => {
+                metrics
+                    .replica_batches
+                    .fetch_add(copied as u64, Ordering::Relaxed);
+                idle.record(copied > 0);
+                idle.wait();
+            }
+            Err(e) => {
+                replicator.release();
+                return Err(e);
+            }
+        }
+    }
+    replicator.stop()
 }
 
 /// How to open the pool.
