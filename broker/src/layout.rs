@@ -26,6 +26,12 @@ pub const TOPICS_MAX: u32 = 256;
 pub const TOPIC_NAME_BYTES_MAX: usize = 64;
 /// Offset of the sequencer lease record (right after the pool header).
 pub const LEASE_OFFSET: u64 = std::mem::size_of::<PoolHeader>() as u64;
+/// Offset of the lease's epoch word (the one word standbys compare-and-swap).
+pub const LEASE_EPOCH_OFFSET: u64 =
+    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, epoch) as u64;
+/// Offset of the lease's heartbeat word.
+pub const LEASE_HEARTBEAT_OFFSET: u64 =
+    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
 /// Alignment of each batch's payload in a payload log, so two batches never share a line.
 pub const PAYLOAD_ALIGN_BYTES: u64 = CACHE_LINE_BYTES;
 

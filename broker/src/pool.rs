@@ -408,8 +408,7 @@ impl<M: SharedMemory> Pool<M> {
     /// The sequencer lease's heartbeat counter as memory holds it now (the cluster's clock
     /// for replica liveness; a new holder continues it).
     pub fn lease_heartbeat(&self) -> u64 {
-        let offset = crate::layout::LEASE_OFFSET
-            + std::mem::offset_of!(crate::layout::SequencerLease, heartbeat) as u64;
+        let offset = crate::layout::LEASE_HEARTBEAT_OFFSET;
         invalidate_and_fence(&self.mem, offset, 8);
         self.mem.load_u64(offset)
     }
@@ -427,9 +426,14 @@ impl<M: SharedMemory> Pool<M> {
         let offset = self
             .geometry
             .frontier_offset(topic, broker, FRONTIER_REPLICATED);
+        self.write_live_frontier(offset, batches_plus_one, position, heartbeat_seen);
+    }
+
+    /// Publishes a frontier that holds retention, with the lease heartbeat its writer saw.
+    fn write_live_frontier(&self, offset: u64, value: u64, aux: u64, heartbeat_seen: u64) {
         self.mem
             .store_u64(offset + HEARTBEAT_SEEN_OFFSET, heartbeat_seen);
-        self.write_frontier(offset, batches_plus_one, position);
+        self.write_frontier(offset, value, aux);
         self.mem.flush(offset + HEARTBEAT_SEEN_OFFSET, 8);
     }
 
@@ -473,10 +477,8 @@ impl<M: SharedMemory> Pool<M> {
         let offset = self
             .geometry
             .frontier_offset(topic, broker, FRONTIER_SUBSCRIBED);
-        self.mem
-            .store_u64(offset + HEARTBEAT_SEEN_OFFSET, self.lease_heartbeat());
-        self.write_frontier(offset, lowest_needed.map_or(0, |ordinal| ordinal + 1), 0);
-        self.mem.flush(offset + HEARTBEAT_SEEN_OFFSET, 8);
+        let value = lowest_needed.map_or(0, |ordinal| ordinal + 1);
+        self.write_live_frontier(offset, value, 0, self.lease_heartbeat());
     }
 
     /// Clears the sequencer lease, so the head takes epoch 1 as on a fresh pool. Only for a

@@ -38,8 +38,9 @@ use bytemuck::Zeroable;
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry, PAYLOAD_ALIGN_BYTES,
-    Record, SESSION_RECORDS, SequencerLease, SessionRecord,
+    BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry, LEASE_EPOCH_OFFSET,
+    LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES, Record, SESSION_RECORDS, SequencerLease,
+    SessionRecord,
 };
 use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
@@ -221,6 +222,19 @@ struct Session {
     next_seq: u64,
 }
 
+impl Session {
+    /// Remembers that `seq` was ordered at `global_start`: in the dedup window (the oldest
+    /// leaves past `window` entries, raising the floor) and in the highest sequence.
+    fn remember(&mut self, seq: u64, global_start: u64, window: usize) {
+        self.ordered.insert(seq, global_start);
+        if self.ordered.len() > window {
+            let (oldest, _) = self.ordered.pop_first().expect("non-empty");
+            self.window_floor = self.window_floor.max(oldest + 1);
+        }
+        self.next_seq = self.next_seq.max(seq + 1);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Held {
     broker: u16,
@@ -320,9 +334,6 @@ impl std::fmt::Debug for PauseGuard {
 }
 
 pub use crate::layout::LEASE_OFFSET;
-
-/// Offset of the lease's epoch word (the one word standbys compare-and-swap).
-const LEASE_EPOCH_OFFSET: u64 = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, epoch) as u64;
 
 impl<M: SharedMemory> Sequencer<M> {
     /// Takes the lease for `broker` under `epoch` (which must be one above the lease's
@@ -503,12 +514,8 @@ impl<M: SharedMemory> Sequencer<M> {
         if committed == 0 {
             return;
         }
-        let mem = self.pool.mem();
         for index in 0..SESSION_RECORDS {
-            let offset = geometry.session_record_offset(topic, index);
-            invalidate_and_fence(mem, offset, std::mem::size_of::<SessionRecord>() as u64);
-            let mut record = SessionRecord::zeroed();
-            mem.read(offset, bytemuck::bytes_of_mut(&mut record));
+            let record = read_session_record(&self.pool, topic, index);
             if record.next_seq == 0 {
                 continue;
             }
@@ -537,12 +544,7 @@ impl<M: SharedMemory> Sequencer<M> {
             };
             let key = (entry.client_id, entry.session_epoch);
             let session = state.sessions.entry(key).or_default();
-            session.ordered.insert(entry.batch_seq, entry.global_start);
-            if session.ordered.len() > window {
-                let (oldest, _) = session.ordered.pop_first().expect("non-empty");
-                session.window_floor = session.window_floor.max(oldest + 1);
-            }
-            session.next_seq = session.next_seq.max(entry.batch_seq + 1);
+            session.remember(entry.batch_seq, entry.global_start, window);
             state.recovered.insert(
                 (entry.broker, entry.blog_offset),
                 Recovered {
@@ -598,9 +600,10 @@ impl<M: SharedMemory> Sequencer<M> {
             }
             self.last_heartbeat_ns = now_ns;
             self.heartbeat += 1;
-            let offset = LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
-            self.pool.mem().store_u64(offset, self.heartbeat);
-            self.pool.mem().flush(offset, 8);
+            self.pool
+                .mem()
+                .store_u64(LEASE_HEARTBEAT_OFFSET, self.heartbeat);
+            self.pool.mem().flush(LEASE_HEARTBEAT_OFFSET, 8);
         }
         let mut decided = 0;
         for index in 0..self.topics.len() {
@@ -896,16 +899,8 @@ impl<M: SharedMemory> Sequencer<M> {
             // record: it goes on from there, with nothing below its next sequence in the
             // window (their positions are not known here).
             let mut session = Session::default();
-            if let Some(index) = state.record_of.get(&key) {
-                let offset = self
-                    .pool
-                    .geometry()
-                    .session_record_offset(state.topic, *index);
-                let mut record = SessionRecord::zeroed();
-                invalidate_and_fence(self.pool.mem(), offset, 64);
-                self.pool
-                    .mem()
-                    .read(offset, bytemuck::bytes_of_mut(&mut record));
+            if let Some(&index) = state.record_of.get(&key) {
+                let record = read_session_record(&self.pool, state.topic, index);
                 if (record.client_id, record.session_epoch) == key {
                     session.next_seq = record.next_seq;
                     session.window_floor = record.window_floor.max(record.next_seq);
@@ -1071,15 +1066,10 @@ impl<M: SharedMemory> Sequencer<M> {
             .sessions
             .get_mut(&key)
             .expect("session of an ordered batch");
-        session.ordered.insert(header.batch_seq, global_start);
-        if session.ordered.len() > window {
-            let (oldest, _) = session.ordered.pop_first().expect("non-empty");
-            session.window_floor = session.window_floor.max(oldest + 1);
-        }
+        session.remember(header.batch_seq, global_start, window);
         if state.order == Order::TotalSessionFifo {
             session.next_expected = header.batch_seq + 1;
         }
-        session.next_seq = session.next_seq.max(header.batch_seq + 1);
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
@@ -1230,6 +1220,20 @@ impl<M: SharedMemory> Sequencer<M> {
             .find(|t| t.topic == topic)
             .map(|t| t.next_position)
     }
+}
+
+/// Reads session record `index` of `topic` (invalidated first: a previous holder wrote it).
+fn read_session_record<M: SharedMemory>(
+    pool: &Pool<M>,
+    topic: TopicId,
+    index: u64,
+) -> SessionRecord {
+    let offset = pool.geometry().session_record_offset(topic, index);
+    let mut record = SessionRecord::zeroed();
+    let bytes = bytemuck::bytes_of_mut(&mut record);
+    invalidate_and_fence(pool.mem(), offset, bytes.len() as u64);
+    pool.mem().read(offset, bytes);
+    record
 }
 
 /// The published lease record.

@@ -164,7 +164,8 @@ pub struct TopicWriter<M> {
 
 impl<M: SharedMemory> TopicWriter<M> {
     /// A writer for `broker`'s ring of `topic`. A ring an earlier run of this broker left
-    /// (a crash or a restart) is picked up where it stopped, see [`TopicWriter::recovered`].
+    /// (a crash or a restart) is picked up where it stopped; its slots still undecided are
+    /// counted by [`TopicWriter::recovered_in_flight`].
     pub fn new(pool: Pool<M>, topic: TopicId, broker: u16) -> Result<TopicWriter<M>, WriterError> {
         pool.check_broker(broker)?;
         let config = pool.topic_config(topic)?;

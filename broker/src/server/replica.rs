@@ -37,7 +37,7 @@ const BATCHES_PER_POLL_MAX: usize = 16;
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable, PartialEq, Eq)]
 pub struct RecordHeader {
-    /// [`RECORD_MAGIC`].
+    /// `b"EMBR"` (little-endian `u32`).
     pub magic: u32,
     /// CRC-32C of the header's bytes after this field.
     pub header_crc: u32,
