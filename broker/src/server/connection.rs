@@ -768,16 +768,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// Ack level 2: passes on, in order, the decisions whose batches the replicas now hold
     /// durably (and the rejections queued behind them). Returns whether any left.
-    fn release_durable(&mut self, state: &BrokerState<M>, now: Instant) -> bool {
+    fn release_durable(&mut self, state: &mut BrokerState<M>, now: Instant) -> bool {
         let Peer::Publisher(publisher) = &mut self.role else {
             return false;
         };
         if publisher.durable_wait.is_empty() {
             return false;
         }
-        let durable = state
-            .pool
-            .replicated_position(publisher.topic, publisher.replicas);
+        let durable = state.replicated_position(publisher.topic, publisher.replicas);
         let mut released = false;
         while let Peer::Publisher(publisher) = &mut self.role
             && let Some((outcome, batch)) = publisher.durable_wait.front().copied()

@@ -92,6 +92,9 @@ pub struct BrokerState<M> {
     subscribed: HashMap<TopicId, u64>,
     /// Scratch map for [`Self::publish_subscriptions`], reused so the loop does not allocate.
     subscribed_next: HashMap<TopicId, u64>,
+    /// Ack level 2: replicated positions read this loop iteration, by (topic, replicas), so
+    /// that connections waiting on the same topic share one read of the frontier lines.
+    replicated: HashMap<(TopicId, usize), u64>,
     /// Calls of [`Self::publish_subscriptions`], and the lease heartbeat last published.
     publish_calls: u64,
     heartbeat_published: u64,
@@ -113,6 +116,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             next_batch_seq: HashMap::new(),
             subscribed: HashMap::new(),
             subscribed_next: HashMap::new(),
+            replicated: HashMap::new(),
             publish_calls: 0,
             heartbeat_published: 0,
         }
@@ -142,6 +146,15 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         }
         self.epochs.insert(client, epoch);
         Ok(())
+    }
+
+    /// The position below which `topic` is durable in `replicas` replica files, read once
+    /// per loop iteration (see [`Pool::replicated_position`]).
+    pub fn replicated_position(&mut self, topic: TopicId, replicas: usize) -> u64 {
+        *self
+            .replicated
+            .entry((topic, replicas))
+            .or_insert_with(|| self.pool.replicated_position(topic, replicas))
     }
 
     /// Whether this broker creates topics: while it holds the sequencer lease (so after a
@@ -204,6 +217,8 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
 
     /// Reads every available decision and routes it; returns how many were read.
     pub fn poll_outcomes(&mut self, out: &mut Vec<RoutedOutcome>) -> usize {
+        // A new loop iteration: replicated positions are read afresh.
+        self.replicated.clear();
         let mut read = 0;
         let mut lag = 0;
         for state in self.topics.values_mut() {
