@@ -76,6 +76,22 @@ fn loadgen(brokers: &str, extra: &[&str]) -> (Summary, std::process::ExitStatus)
     (summary(&json, &output), output.status)
 }
 
+/// Nothing lost, duplicated, misordered, corrupt, or at a wrong position.
+fn assert_delivered_cleanly(summary: &Summary) {
+    assert_eq!(
+        (summary.lost, summary.duplicates, summary.order_violations),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        (
+            summary.corrupt,
+            summary.position_gaps,
+            summary.position_duplicates
+        ),
+        (0, 0, 0)
+    );
+}
+
 /// Each test runs four brokers and a loadgen: one at a time on a 2-core machine.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -126,18 +142,7 @@ fn end_to_end(order: u8, ack: u8) {
             "every message acknowledged"
         );
     }
-    assert_eq!(
-        (summary.lost, summary.duplicates, summary.order_violations),
-        (0, 0, 0)
-    );
-    assert_eq!(
-        (
-            summary.corrupt,
-            summary.position_gaps,
-            summary.position_duplicates
-        ),
-        (0, 0, 0)
-    );
+    assert_delivered_cleanly(&summary);
     assert_eq!(
         cluster.batches_dropped(),
         0,
@@ -288,18 +293,7 @@ fn a_broker_killed_during_the_run(order: u8) {
     assert_eq!(summary.messages_sent, 24 * 1024);
     assert_eq!(summary.messages_acked, summary.messages_sent);
     assert_eq!(summary.messages_received, summary.messages_sent);
-    assert_eq!(
-        (summary.lost, summary.duplicates, summary.order_violations),
-        (0, 0, 0)
-    );
-    assert_eq!(
-        (
-            summary.corrupt,
-            summary.position_gaps,
-            summary.position_duplicates
-        ),
-        (0, 0, 0)
-    );
+    assert_delivered_cleanly(&summary);
     assert!(
         summary.reconnects >= 2,
         "both connections to broker 2 were replaced: {summary:?}"
