@@ -61,12 +61,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Starts the 4-broker cluster in $1; further arguments go to cluster.sh start.
 start_cluster() {
-    local dir=$1
+    local dir=$1; shift
     rm -rf "$dir"
     current_dir=$dir
     ./scripts/cluster.sh start --brokers 4 --pool-bytes 512M --base-port "$base_port" --dir "$dir" \
-        --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" >/dev/null
+        --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" "$@" >/dev/null
 }
 
 # Runs the load generator against the cluster in $1 (extra arguments follow), subscriber on
@@ -204,12 +205,8 @@ figure ack1 1
 figure ack2-all 2
 ./scripts/cluster.sh stop --dir "$dir" >/dev/null
 # The same with only brokers 1 and 2 replicating (rf 2 needs one): half the disk traffic.
-mkdir -p "$out/figures-two"
 dir=$out/figures-two
-rm -rf "$dir"
-current_dir=$dir
-./scripts/cluster.sh start --brokers 4 --pool-bytes 512M --base-port "$base_port" --dir "$dir" \
-    --hold-timeout-ms 10000 --replicas --replica-brokers "1 2" >/dev/null
+start_cluster "$dir" --replica-brokers "1 2"
 figure ack2-two 2
 ./scripts/cluster.sh stop --dir "$dir" >/dev/null
 cp "$dir/ack2-two.json" "$out/figures/" 2>/dev/null || true
