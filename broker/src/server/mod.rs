@@ -383,7 +383,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 /// Polls between clock reads (reading the clock on every spin costs half a core).
 const POLLS_PER_CLOCK_READ: u64 = 64;
 /// Polls between looks at the topic table for new topics.
-pub(crate) const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
+const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
 
 fn run_sequencer(
     mut sequencer: Sequencer<PoolMemory>,

@@ -497,8 +497,6 @@ pub struct Replicator<M> {
     skipped: Vec<TopicId>,
     /// The sequencer heartbeat last published as this replica's liveness.
     heartbeat_seen: u64,
-    /// Polls so far.
-    polls: u64,
 }
 
 impl<M: SharedMemory> std::fmt::Debug for Replicator<M> {
@@ -522,7 +520,6 @@ impl<M: SharedMemory + Clone> Replicator<M> {
             topics: Vec::new(),
             skipped: Vec::new(),
             heartbeat_seen: 0,
-            polls: 0,
         })
     }
 
@@ -582,11 +579,9 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     /// Copies what is new, syncs what is due, publishes the frontiers; returns the batches
     /// copied.
     pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicaError> {
-        // The topic table is looked at now and then, as the sequencer does, not every poll.
-        if self.polls % super::POLLS_PER_TOPIC_REFRESH == 0 {
-            self.refresh_topics()?;
-        }
-        self.polls += 1;
+        // Every poll: a replica must start on a new topic before its first batches can be
+        // reclaimed (it holds retention only from then on).
+        self.refresh_topics()?;
         // Liveness: the sequencer's heartbeat seen, republished whenever it moves.
         let heartbeat = self.pool.lease_heartbeat();
         let beat = heartbeat != self.heartbeat_seen;
