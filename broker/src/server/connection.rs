@@ -242,6 +242,44 @@ impl<M: SharedMemory + Clone> Connection<M> {
         self.closing = true;
     }
 
+    /// After a publisher's Goodbye nothing more may arrive, yet the stream is still read: the
+    /// Acks owed may wait for replicas for a long time (ack 2), and a publisher that gives up
+    /// waiting closes its end, which must end the connection here too.
+    fn watch_after_goodbye<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &BrokerState<M>,
+    ) -> InputState {
+        if self.input_start == self.input_end {
+            self.input_start = 0;
+            self.input_end = 0;
+            loop {
+                match stream.recv(&mut self.input) {
+                    Ok(0) => return InputState::Ended,
+                    Ok(n) => {
+                        self.input_end = n;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return InputState::Drained;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::info!("connection {}: receive failed: {e}", self.id);
+                        return InputState::Ended;
+                    }
+                }
+            }
+        }
+        let reason = format!(
+            "{} bytes arrived after the publisher's Goodbye",
+            self.input_end - self.input_start
+        );
+        self.input_start = self.input_end;
+        self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
+        InputState::Paused
+    }
+
     /// Reads and handles as much input as the stream and the pool allow.
     pub fn on_readable<S: ByteStream>(
         &mut self,
@@ -250,8 +288,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
         now: Instant,
     ) -> InputState {
         loop {
-            if self.closing || matches!(&self.role, Peer::Publisher(p) if p.goodbye) {
+            if self.closing {
                 return InputState::Paused;
+            }
+            if matches!(&self.role, Peer::Publisher(p) if p.goodbye) {
+                return self.watch_after_goodbye(stream, state);
             }
             if let Some(result) = self.continue_batch(stream, state, now) {
                 match result {
@@ -1098,16 +1139,32 @@ mod tests {
     use crate::sequencer::{Sequencer, SequencerConfig};
     use crate::server::state::BrokerSettings;
 
-    /// Everything to read at once, then `WouldBlock`; takes all output.
+    /// Everything to read at once, then `WouldBlock` (end of stream once `closed`); takes
+    /// all output.
     struct Pipe {
         input: Vec<u8>,
         output: Vec<u8>,
+        closed: bool,
+    }
+
+    impl Pipe {
+        fn new(input: Vec<u8>) -> Pipe {
+            Pipe {
+                input,
+                output: Vec::new(),
+                closed: false,
+            }
+        }
     }
 
     impl ByteStream for Pipe {
         fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
             if self.input.is_empty() {
-                return Err(io::ErrorKind::WouldBlock.into());
+                return if self.closed {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
             }
             let n = buf.len().min(self.input.len());
             buf[..n].copy_from_slice(&self.input[..n]);
@@ -1122,10 +1179,14 @@ mod tests {
     }
 
     fn publisher_stream(seq: u64, goodbye: bool) -> Vec<u8> {
+        publisher_stream_with_ack(seq, goodbye, AckLevel::Ordered)
+    }
+
+    fn publisher_stream_with_ack(seq: u64, goodbye: bool, ack: AckLevel) -> Vec<u8> {
         let hello = HelloRepr {
             role: Role::Publish,
             order: Order::TotalSessionFifo,
-            ack: AckLevel::Ordered,
+            ack,
             client_id: 7,
             session_epoch: 1,
             topic: Topic::new("gaps").unwrap(),
@@ -1156,10 +1217,11 @@ mod tests {
         frames
     }
 
-    #[test]
-    fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
-        // Found by fuzzing: the Goodbye owed after the last batch went out before the
-        // SessionGapSkipped Error for that batch, so the Error followed the Goodbye.
+    /// A head broker on a fresh one-broker heap pool whose topics are created on first use
+    /// with `replication_factor`, and its sequencer (hold timeout 1 us).
+    fn head_broker(
+        replication_factor: u8,
+    ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
         let geometry = Geometry {
             brokers_max: 1,
             topics_max: 1,
@@ -1176,32 +1238,80 @@ mod tests {
             auto_create_topics: true,
             batch_bytes_max: 16 * 1024,
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
-            replication_factor: 1,
+            replication_factor,
         };
         let metrics = Arc::new(Metrics::default());
-        let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
+        let state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
         let config = SequencerConfig {
             hold_timeout_ns: 1_000,
             ..SequencerConfig::default()
         };
-        let mut sequencer = Sequencer::new(pool, 0, 1, config).unwrap();
+        let sequencer = Sequencer::new(pool, 0, 1, config).unwrap();
+        (state, sequencer, metrics)
+    }
+
+    #[test]
+    fn a_publisher_closing_after_goodbye_ends_a_connection_waiting_for_replicas() {
+        // Found by fuzzing: after Goodbye the broker stopped reading, so a publisher whose
+        // ack-2 Acks waited for replicas that never came could close its end and the broker
+        // kept the connection forever.
+        let (mut state, mut sequencer, metrics) = head_broker(2);
+        let now = Instant::now();
+        let mut connection = Connection::new(1, &state);
+        let mut pipe = Pipe::new(publisher_stream_with_ack(0, true, AckLevel::Replicated));
+        let service = connection.service(&mut pipe, &mut state, now, true, true);
+        assert!(!service.ended);
+        sequencer.refresh_topics().unwrap();
+        sequencer.poll(0);
+        let mut outcomes = Vec::new();
+        state.poll_outcomes(&mut outcomes);
+        assert_eq!(outcomes.len(), 1, "the batch was ordered");
+        connection.on_outcome(&outcomes[0], &metrics, now);
+        let service = connection.service(&mut pipe, &mut state, now, true, true);
+        assert!(
+            !service.ended,
+            "no replica holds the batch: the Ack still waits"
+        );
+        assert!(connection.awaits_durability());
+        pipe.closed = true;
+        let service = connection.service(&mut pipe, &mut state, now, true, true);
+        assert!(service.ended, "the publisher closed its end");
+        connection.on_closed(&mut state);
+        let frames = frames(&pipe.output);
+        assert!(matches!(frames[..], [Frame::HelloOk(_)]), "{frames:?}");
+    }
+
+    #[test]
+    fn bytes_after_a_publishers_goodbye_are_refused() {
+        let (mut state, _sequencer, _metrics) = head_broker(2);
+        let mut input = publisher_stream_with_ack(0, true, AckLevel::Replicated);
+        input.extend_from_slice(&Frame::Goodbye.to_bytes());
+        let mut connection = Connection::new(1, &state);
+        let mut pipe = Pipe::new(input);
+        connection.service(&mut pipe, &mut state, Instant::now(), true, true);
+        let frames = frames(&pipe.output);
+        assert!(
+            matches!(&frames[..], [Frame::HelloOk(_), Frame::Error(e)] if e.code == ErrorCode::UnexpectedFrame),
+            "{frames:?}"
+        );
+    }
+
+    #[test]
+    fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
+        // Found by fuzzing: the Goodbye owed after the last batch went out before the
+        // SessionGapSkipped Error for that batch, so the Error followed the Goodbye.
+        let (mut state, mut sequencer, metrics) = head_broker(1);
         let now = Instant::now();
         // Batch 1 of the session arrives first and is ordered once the gap rule gives up on 0.
         let mut first = Connection::new(1, &state);
-        let mut first_pipe = Pipe {
-            input: publisher_stream(1, false),
-            output: Vec::new(),
-        };
+        let mut first_pipe = Pipe::new(publisher_stream(1, false));
         first.service(&mut first_pipe, &mut state, now, true, true);
         sequencer.refresh_topics().unwrap();
         sequencer.poll(0);
         sequencer.poll(10_000);
         // Batch 0 arrives late on another connection that then says goodbye.
         let mut late = Connection::new(2, &state);
-        let mut late_pipe = Pipe {
-            input: publisher_stream(0, true),
-            output: Vec::new(),
-        };
+        let mut late_pipe = Pipe::new(publisher_stream(0, true));
         late.service(&mut late_pipe, &mut state, now, true, true);
         sequencer.poll(20_000);
         let mut outcomes = Vec::new();
