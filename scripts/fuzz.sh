@@ -2,15 +2,22 @@
 # Coverage-guided fuzzing (libFuzzer) of the wire parsers and the broker's connection state
 # machine, on the stable toolchain.
 #
-#   ./scripts/fuzz.sh [--seconds-per-target N] [TARGET...]
+#   ./scripts/fuzz.sh [--seconds-per-target N | --runs-per-target N] [--seed S]
+#                     [--fresh-corpus] [TARGET...]
 #
 # Targets (fuzz/fuzz_targets/): frame_decoder, hello, control, ack, batch, delivery,
-# connection; all of them when none is named. Each runs for N seconds (default 60) with a
-# 5 s limit per input (a slower input is a hang, and fails like a crash). Corpora persist in
+# connection; all of them when none is named. Each runs for N seconds (default 60), or for
+# exactly N inputs with --runs-per-target, with a 5 s limit per input (a slower input is a
+# hang, and fails like a crash). --seed S fixes libFuzzer's random seed (default: a new one
+# each run). --fresh-corpus starts from the seed inputs alone (in target/fuzz/fresh-corpus,
+# emptied first) instead of the corpus earlier runs grew. test.sh uses all three: the same
+# amount of work on any machine, nearly the same inputs (not exactly: the broker's hash maps
+# iterate in a per-process order, which shows in the coverage that guides libFuzzer), and
+# any crash saved as an input that reproduces it. Corpora persist in
 # target/fuzz/corpus/<target>, seeded with valid inputs by fuzz/input's write-seeds; crashing
 # and hanging inputs land in target/fuzz/artifacts/<target>/ (reproduce one by passing its
 # path to the target binary). Prints one line per target, writes target/fuzz/summary.json
-# (a list of {"target", "seconds", "executions", "crashes", "timeouts", "coverage"}) and
+# (a list of {"target", "seconds", "executions", "seed", "crashes", "timeouts", "coverage"}) and
 # exits non-zero on any crash or hang.
 #
 # No nightly and no cargo-fuzz: the targets are built with stable rustc's own coverage
@@ -21,16 +28,30 @@ cd "$(dirname "$0")/.."
 
 ALL_TARGETS=(frame_decoder hello control ack batch delivery connection)
 seconds=60
+runs=
+seed=0
+corpus_dir=corpus
 targets=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --seconds-per-target) seconds=$2; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --runs-per-target) runs=$2; shift 2 ;;
+        --seed) seed=$2; shift 2 ;;
+        --fresh-corpus) corpus_dir=fresh-corpus; shift ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fuzz: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: --seconds-per-target needs a positive integer" >&2; exit 2; }
+[[ -z $runs || $runs =~ ^[1-9][0-9]*$ ]] || { echo "fuzz: --runs-per-target needs a positive integer" >&2; exit 2; }
+[[ $seed =~ ^[0-9]+$ ]] || { echo "fuzz: --seed needs a non-negative integer" >&2; exit 2; }
+# -seed=0 lets libFuzzer pick one; -max_total_time=0 means no time limit.
+if [[ -n $runs ]]; then
+    budget=(-runs="$runs" -max_total_time=0)
+else
+    budget=(-max_total_time="$seconds")
+fi
 [[ ${#targets[@]} -gt 0 ]] || targets=("${ALL_TARGETS[@]}")
 for target in "${targets[@]}"; do
     [[ " ${ALL_TARGETS[*]} " == *" $target "* ]] || { echo "fuzz: unknown target $target (known: ${ALL_TARGETS[*]})" >&2; exit 2; }
@@ -49,7 +70,9 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 echo "building the seed writer and the instrumented fuzz targets (stable rustc, sancov)"
 cargo build --release -q --manifest-path fuzz/Cargo.toml -p fuzz-input \
     --target-dir "$out/seeds"
-"$out/seeds/release/write-seeds" "$out/corpus"
+corpus=$out/$corpus_dir
+[[ $corpus_dir == corpus ]] || rm -rf "$corpus"
+"$out/seeds/release/write-seeds" "$corpus"
 # --target keeps these flags off build scripts and proc macros.
 RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
@@ -64,11 +87,13 @@ failed=0
 for target in "${targets[@]}"; do
     artifacts=$out/artifacts/$target
     log=$out/logs/$target.log
-    mkdir -p "$artifacts" "$out/corpus/$target"
+    mkdir -p "$artifacts" "$corpus/$target"
     before=$(find "$artifacts" -type f | sort)
     status=0
-    "$bin/$target" -max_total_time="$seconds" -timeout=5 -print_final_stats=1 \
-        -artifact_prefix="$artifacts/" "$out/corpus/$target" >"$log" 2>&1 || status=$?
+    started=$SECONDS
+    "$bin/$target" "${budget[@]}" -seed="$seed" -timeout=5 -print_final_stats=1 \
+        -artifact_prefix="$artifacts/" "$corpus/$target" >"$log" 2>&1 || status=$?
+    elapsed=$((SECONDS - started))
     new=$(comm -13 <(echo "$before") <(find "$artifacts" -type f | sort))
     crashes=$(grep -c -E '/(crash|oom|leak)-' <<<"$new" || true)
     timeouts=$(grep -c -E '/timeout-' <<<"$new" || true)
@@ -76,8 +101,10 @@ for target in "${targets[@]}"; do
     # The last "cov: N" libFuzzer printed: the code edges the inputs reached.
     coverage=$(awk '{ for (i = 1; i < NF; i++) if ($i == "cov:") c = $(i + 1) } END { print c + 0 }' "$log")
     executions=${executions:-0}
-    echo "fuzz $target: ${seconds} s, $executions executions, coverage $coverage, $crashes crashes, $timeouts timeouts"
-    entries+=("{\"target\": \"$target\", \"seconds\": $seconds, \"executions\": $executions, \"crashes\": $crashes, \"timeouts\": $timeouts, \"coverage\": $coverage}")
+    # The seed libFuzzer used, so that any run can be repeated.
+    used_seed=$(sed -n 's/.*Seed: \([0-9]*\).*/\1/p' "$log" | head -1)
+    echo "fuzz $target: ${elapsed} s, $executions executions, seed ${used_seed:-?}, coverage $coverage, $crashes crashes, $timeouts timeouts"
+    entries+=("{\"target\": \"$target\", \"seconds\": $elapsed, \"seed\": ${used_seed:-null}, \"executions\": $executions, \"crashes\": $crashes, \"timeouts\": $timeouts, \"coverage\": $coverage}")
     if [[ $crashes -gt 0 || $timeouts -gt 0 ]]; then
         failed=1
         echo "fuzz $target FAILED: input saved as $new (log: $log); reproduce with: $bin/$target $new" >&2

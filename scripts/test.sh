@@ -44,8 +44,8 @@ for fault in skip-invalidate skip-flush; do
     fi
 done
 
-echo "== fuzz: the wire parsers and the connection state machine, 10 s per target (libFuzzer)"
-./scripts/fuzz.sh --seconds-per-target 10
+echo "== fuzz: the wire parsers and the connection state machine, 300,000 inputs per target from the seed corpus, seed 1 (libFuzzer)"
+./scripts/fuzz.sh --runs-per-target 300000 --seed 1 --fresh-corpus
 
 echo "== 4 broker processes on one hugetlbfs pool, loadgen end to end (order 5, ack 1)"
 cargo build --release -q -p broker -p client
