@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark of the two network backends on the namespace lab link, in one run:
 #
-#   ./scripts/bench-lab.sh [--duration-s N]
+#   ./scripts/bench-lab.sh [--duration-s N] [--mtu "1500 3500"] [--gso "on off"]
+#                          [--backends "kernel xdp"] [--perf-dir DIR]
 #
-# For MTU 1500 and 3500, and the client's GSO/TSO on and off:
+# For MTU 1500 and 3500, and the client's GSO/TSO on and off (or the ones named):
 #   iperf3 from the client namespace to broker 0's namespace (-P 4): the link's ceiling;
 #   4 brokers with --net kernel, then 4 brokers with --net xdp (XDP + AF_XDP + smoltcp),
 #   each in its own namespace, driven by the same loadgen run (publish, 1 KiB messages,
@@ -11,6 +12,8 @@
 # Reports MB/s, ack latency p50/p99, broker CPU seconds per GB (utime + stime of the broker
 # processes over the run), lost/duplicates/order violations, and CPU steal; writes
 # target/bench/lab.json (a list of entries; the iperf3 ones have backend "iperf3").
+# --perf-dir DIR records `perf record -g` of the broker CPU during each broker run into
+# DIR/<backend>-<mtu>-<gso>.data (perf must be installed).
 # Needs root. A benchmark, not a test: it asserts nothing about speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +21,18 @@ cd "$(dirname "$0")/.."
 . scripts/lab.sh
 
 duration=5
+mtus="1500 3500"
+gsos="on off"
+backends="kernel xdp"
+perf_dir=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration-s) duration=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --mtu) mtus=$2; shift 2 ;;
+        --gso) gsos=$2; shift 2 ;;
+        --backends) backends=$2; shift 2 ;;
+        --perf-dir) perf_dir=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-lab: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -90,11 +101,18 @@ run_backend() {  # backend mtu gso
     start_brokers "$backend"
     local before after json=$work/$backend-$mtu-$gso.json
     before=$(cpu_ticks "${pids[@]}")
+    local perf_pid=
+    if [[ -n $perf_dir ]]; then
+        mkdir -p "$perf_dir"
+        perf record -q -g -C 1 -o "$perf_dir/$backend-$mtu-$gso.data" -- sleep "$duration" > /dev/null 2>&1 &
+        perf_pid=$!
+    fi
     ip netns exec "$prefix-client" taskset -c 0 target/release/loadgen --test publish --order 5 --ack 1 \
         --message-bytes 1024 --connections-per-broker 3 --duration-s "$duration" --progress none \
         --backend-label "$backend" --brokers "$(IFS=,; echo "${list[*]}")" --json "$json" > "$work/loadgen.log" 2>&1 ||
         echo "  (loadgen exited non-zero: see $work/loadgen.log)"
     after=$(cpu_ticks "${pids[@]}")
+    [[ -z $perf_pid ]] || wait "$perf_pid" || true
     stop_brokers
     rm -f "$pool"
     python3 - "$json" "$backend" "$mtu" "$gso" "$((after - before))" "$(getconf CLK_TCK)" >> "$entries" <<'PY'
@@ -131,14 +149,15 @@ PY
 }
 
 read -r steal0 total0 < <(steal_total)
-for mtu in 1500 3500; do
-    for gso in on off; do
+for mtu in $mtus; do
+    for gso in $gsos; do
         echo "== MTU $mtu, client GSO $gso"
         scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" --base-port "$base_port" --mtu "$mtu" --gso "$gso" > "$work/lab.log" 2>&1 ||
             { cat "$work/lab.log"; exit 1; }
         run_iperf "$mtu" "$gso"
-        run_backend kernel "$mtu" "$gso"
-        run_backend xdp "$mtu" "$gso"
+        for backend in $backends; do
+            run_backend "$backend" "$mtu" "$gso"
+        done
         scripts/lab.sh down --prefix "$prefix" > /dev/null 2>&1
     done
 done
@@ -155,8 +174,8 @@ for e in entries:
     lat = e["ack_latency_us"] or {}
     ratio = ""
     if e["backend"] == "xdp":
-        k = next(x for x in entries if x["backend"] == "kernel" and x["mtu"] == e["mtu"] and x["client_gso"] == e["client_gso"])
-        ratio = f"{e['mb_per_s'] / k['mb_per_s']:.2f}" if k["mb_per_s"] else "-"
+        k = next((x for x in entries if x["backend"] == "kernel" and x["mtu"] == e["mtu"] and x["client_gso"] == e["client_gso"]), None)
+        ratio = f"{e['mb_per_s'] / k['mb_per_s']:.2f}" if k and k["mb_per_s"] else "-"
     print(f"{e['backend']:<8} {e['mtu']:>5} {'on' if e['client_gso'] else 'off':>4} {e['mb_per_s']:>9.1f} "
           f"{str(lat.get('p50', '-')):>8} {str(lat.get('p99', '-')):>8} {str(e['broker_cpu_s_per_gb'] or '-'):>9} {ratio:>11}")
 print(f"CPU steal during the run: {steal}%" + ("  (above 10%: figures are not trustworthy)" if steal > 10 else ""))
