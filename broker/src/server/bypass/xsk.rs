@@ -75,10 +75,12 @@ pub struct XskGeometry {
 }
 
 impl Default for XskGeometry {
+    /// Rings of 4096 entries: the fill and rx rings are all that buffers frames while the
+    /// broker thread is not running (with 1024, brokers sharing a CPU dropped frames).
     fn default() -> XskGeometry {
         XskGeometry {
-            frames: 4096,
-            ring_size: 1024,
+            frames: 8192,
+            ring_size: 4096,
         }
     }
 }
