@@ -462,11 +462,24 @@ impl<M: SharedMemory> TopicWriter<M> {
             return 0;
         }
         let entry_bytes = std::mem::size_of::<Completion>() as u64;
-        // Invalidate the whole run (at most up to the ring's end), fence once, then read.
+        // Most calls find the oldest slot still undecided: look at its line alone first, and
+        // only once it is decided invalidate the whole run (at most up to the ring's end),
+        // fence once, and read on (each entry is checked by its own ready word).
         let first = self.completed_slots;
         let run = pending.min(self.ring_slots - first % self.ring_slots);
         let run_offset = geometry.completion_offset(self.topic, self.broker, first);
-        invalidate_and_fence(self.pool.mem(), run_offset, run * entry_bytes);
+        invalidate_and_fence(self.pool.mem(), run_offset, entry_bytes);
+        if self
+            .pool
+            .mem()
+            .load_u64(run_offset + Completion::READY_OFFSET)
+            != first + 1
+        {
+            return 0;
+        }
+        if run > 1 {
+            invalidate_and_fence(self.pool.mem(), run_offset, run * entry_bytes);
+        }
         let mut read = 0;
         for slot in first..first + run {
             let offset = geometry.completion_offset(self.topic, self.broker, slot);
