@@ -55,6 +55,9 @@ pub struct Metrics {
     pub sequencer_takeovers: AtomicU64,
     /// Gauge, a [`SequencerRole`] code: whether this broker holds the sequencer lease.
     pub sequencer_role: AtomicU64,
+    /// XDP backend: frames the kernel dropped before they reached the AF_XDP socket's rx
+    /// ring (rx ring full, no fill-ring frame, or larger than a UMEM frame).
+    pub xdp_rx_dropped: AtomicU64,
 }
 
 /// What a broker is to the sequencer lease (the `sequencer_role` gauge).
@@ -106,7 +109,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 18] = [
+        let series: [(&str, &str, &str, &AtomicU64); 19] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -214,6 +217,12 @@ impl Metrics {
                 "gauge",
                 "Batches held for order-5 gaps (head only).",
                 &self.sequencer_held,
+            ),
+            (
+                "embarcadero_xdp_rx_dropped_total",
+                "counter",
+                "Frames the kernel dropped before the AF_XDP socket (XDP backend; see the log).",
+                &self.xdp_rx_dropped,
             ),
         ];
         for (name, kind, help, counter) in series {

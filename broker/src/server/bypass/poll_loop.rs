@@ -15,6 +15,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
 
 use super::device::Burst;
+use super::xsk::{FRAME_BYTES, XskStats};
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -26,6 +27,77 @@ use crate::server::{BrokerOptions, Idle};
 const DRAIN: Duration = Duration::from_secs(2);
 /// Loop iterations between clock reads (reading it on every spin cost half the core).
 const ITERATIONS_PER_CLOCK_READ: u32 = 32;
+
+/// How often the loop reads the socket's drop counters.
+const DROP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two warnings about drops.
+const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Watches the kernel's drop counters of the AF_XDP socket: frames dropped there never
+/// reach smoltcp, so TCP sees loss (and backs off, or stalls when every large frame is
+/// dropped) without anything else saying why.
+#[derive(Debug)]
+struct DropWatch {
+    seen: XskStats,
+    checked_at: StdInstant,
+    warned_at: Option<StdInstant>,
+}
+
+impl DropWatch {
+    fn new(now: StdInstant) -> DropWatch {
+        DropWatch {
+            seen: XskStats::default(),
+            checked_at: now,
+            warned_at: None,
+        }
+    }
+
+    /// Takes the counters read at `now`; returns the new drops and, at most once per
+    /// [`DROP_WARNING_INTERVAL`], a warning that names the likely cause.
+    fn observe(&mut self, stats: XskStats, now: StdInstant) -> (u64, Option<String>) {
+        let dropped = stats.rx_dropped.saturating_sub(self.seen.rx_dropped);
+        let ring_full = stats.rx_ring_full.saturating_sub(self.seen.rx_ring_full);
+        let fill_empty = stats
+            .fill_ring_empty
+            .saturating_sub(self.seen.fill_ring_empty);
+        let rx_frames = stats.rx_frames.saturating_sub(self.seen.rx_frames);
+        self.seen = stats;
+        self.checked_at = now;
+        let new = dropped + ring_full;
+        if new == 0
+            || self
+                .warned_at
+                .is_some_and(|at| now.duration_since(at) < DROP_WARNING_INTERVAL)
+        {
+            return (new, None);
+        }
+        self.warned_at = Some(now);
+        let mut causes = Vec::new();
+        if ring_full > 0 {
+            causes.push(format!(
+                "{ring_full} with the rx ring full (this loop fell behind: give it a core of its own)"
+            ));
+        }
+        if dropped > 0 && fill_empty > 0 {
+            causes.push(format!(
+                "{dropped} without a free frame in the fill ring (empty {fill_empty} times: this loop fell behind)"
+            ));
+        } else if dropped > 0 {
+            causes.push(format!(
+                "{dropped} larger than a {FRAME_BYTES}-byte UMEM frame (in generic mode GSO/TSO on the sender or GRO on this interface make such packets: turn them off, or use driver mode)"
+            ));
+        }
+        let warning = format!(
+            "the kernel dropped {new} frames for the AF_XDP socket since the last check ({rx_frames} received): {}",
+            causes.join("; ")
+        );
+        (new, Some(warning))
+    }
+
+    fn due(&self, now: StdInstant) -> bool {
+        now.duration_since(self.checked_at) >= DROP_CHECK_INTERVAL
+    }
+}
 
 /// Where the loop's interface is and what it listens on.
 #[derive(Debug, Clone, Copy)]
@@ -177,9 +249,20 @@ impl<D: Device + Burst> BypassLoop<D> {
         let mut outcomes = Vec::new();
         let mut stopping_since = None;
         let mut iterations = 0u32;
+        let mut drops = DropWatch::new(started);
         loop {
             if iterations % ITERATIONS_PER_CLOCK_READ == 0 {
                 now = StdInstant::now();
+                if drops.due(now) {
+                    let (new, warning) = drops.observe(self.device.stats(), now);
+                    self.state
+                        .metrics
+                        .xdp_rx_dropped
+                        .fetch_add(new, Ordering::Relaxed);
+                    if let Some(warning) = warning {
+                        log::warn!("broker {}: {warning}", self.state.settings.broker_id);
+                    }
+                }
                 if self.stop.load(Ordering::Relaxed) {
                     let since = *stopping_since.get_or_insert(now);
                     if self.state.undecided() == 0 || now.duration_since(since) > DRAIN {
@@ -323,5 +406,47 @@ impl<D: Device + Burst> BypassLoop<D> {
             }
         }
         worked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(rx_frames: u64, rx_dropped: u64, rx_ring_full: u64, fill_ring_empty: u64) -> XskStats {
+        XskStats {
+            rx_frames,
+            rx_dropped,
+            rx_ring_full,
+            fill_ring_empty,
+            ..XskStats::default()
+        }
+    }
+
+    #[test]
+    fn drops_are_counted_once_and_warned_about_with_their_cause() {
+        let start = StdInstant::now();
+        let mut watch = DropWatch::new(start);
+        assert!(!watch.due(start));
+        let at = |s| start + Duration::from_secs(s);
+        assert!(watch.due(at(1)));
+        assert_eq!(watch.observe(stats(100, 0, 0, 0), at(1)), (0, None));
+        let (new, warning) = watch.observe(stats(200, 7, 0, 0), at(2));
+        assert_eq!(new, 7);
+        let warning = warning.expect("new drops are reported");
+        assert!(
+            warning.contains("7 larger than a 4096-byte UMEM frame"),
+            "{warning}"
+        );
+        // Within the warning interval: counted, not warned about again.
+        assert_eq!(watch.observe(stats(300, 9, 3, 0), at(3)), (5, None));
+        let (new, warning) = watch.observe(stats(400, 10, 4, 2), at(13));
+        assert_eq!(new, 2);
+        let warning = warning.expect("the interval has passed");
+        assert!(warning.contains("1 with the rx ring full"), "{warning}");
+        assert!(
+            warning.contains("1 without a free frame in the fill ring"),
+            "{warning}"
+        );
     }
 }

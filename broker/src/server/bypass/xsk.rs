@@ -365,8 +365,11 @@ pub struct XskStats {
     pub tx_frames: u64,
     /// `sendto` kicks.
     pub tx_kicks: u64,
-    /// Kernel: packets dropped for want of a fill-ring frame, and other rx drops.
+    /// Kernel: packets dropped for want of a fill-ring frame or because they do not fit a
+    /// UMEM frame (in generic mode: GSO/GRO packets).
     pub rx_dropped: u64,
+    /// Kernel: packets dropped because the rx ring was full (the broker fell behind).
+    pub rx_ring_full: u64,
     /// Kernel: tx descriptors it refused.
     pub tx_invalid: u64,
     /// Kernel: times the fill ring was empty.
@@ -788,7 +791,8 @@ impl Xsk {
         };
         let mut stats = self.stats;
         if getsockopt(self.fd.as_raw_fd(), libc::XDP_STATISTICS, &mut kernel).is_ok() {
-            stats.rx_dropped = kernel.rx_dropped + kernel.rx_ring_full;
+            stats.rx_dropped = kernel.rx_dropped;
+            stats.rx_ring_full = kernel.rx_ring_full;
             stats.tx_invalid = kernel.tx_invalid_descs;
             stats.fill_ring_empty = kernel.rx_fill_ring_empty_descs;
         }
