@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Tests of the kernel-bypass backend (broker --net xdp), end to end, as root:
 #
-#   scripts/test-bypass.sh [e2e|loss|faults|failover|errors|all]     (default all)
+#   scripts/test-bypass.sh [e2e|busy-poll|loss|faults|failover|errors|all]   (default all)
 #
 #   e2e     4 brokers over XDP/AF_XDP/smoltcp in a lab of the test's own; loadgen end-to-end
 #           order 5, ack 1; asserts on the loadgen's JSON and on the XDP counters (no broker
 #           packet passed to the kernel, no_socket 0)
+#   busy-poll  the same in driver mode with preferred busy polling (--xdp-busy-poll-us 50)
 #   loss    the same with 1% random loss in both directions (nftables in the client namespace)
 #   faults  the same with the broker-side fault-injecting device (hidden debug flag
 #           --debug-inject-faults drop=1,duplicate=1,reorder=1,corrupt=1,seed=N)
@@ -163,6 +164,16 @@ EOF
     cleanup
 }
 
+case_busy_poll() {
+    echo "== busy-poll: 4 brokers over XDP in driver mode, preferred busy polling, order 5, ack 1"
+    lab_up
+    start_cluster --hold-timeout-ms 10000 --xdp-mode driver --xdp-busy-poll-us 50
+    run_loadgen 32MB
+    check_counters
+    stop_cluster
+    cleanup
+}
+
 case_faults() {
     echo "== faults: broker-side FaultyDevice, 1% each of drop/duplicate/reorder/corrupt, seeded"
     lab_up
@@ -278,11 +289,12 @@ case_errors() {
 what=${1:-all}
 case $what in
     e2e) case_e2e ;;
+    busy-poll) case_busy_poll ;;
     loss) case_loss ;;
     faults) case_faults ;;
     errors) case_errors ;;
     failover) case_failover ;;
-    all) case_e2e; case_loss; case_faults; case_failover; case_errors ;;
-    *) echo "unknown case $what (e2e, loss, faults, failover, errors, all)" >&2; exit 2 ;;
+    all) case_e2e; case_busy_poll; case_loss; case_faults; case_failover; case_errors ;;
+    *) echo "unknown case $what (e2e, busy-poll, loss, faults, failover, errors, all)" >&2; exit 2 ;;
 esac
 echo "PASS: $what"

@@ -121,6 +121,11 @@ struct Args {
     /// Receive and send buffer of each smoltcp socket, in bytes.
     #[arg(long)]
     xdp_socket_buffer_bytes: Option<usize>,
+    /// Preferred busy polling on the AF_XDP socket (Linux 5.11+): the xdp backend's loop
+    /// runs the queue's NAPI itself for up to this many microseconds per call, instead of
+    /// softirqs on other CPUs. For driver mode on a dedicated core; off by default.
+    #[arg(long)]
+    xdp_busy_poll_us: Option<u32>,
     /// Replicate topics whose replication factor is 2 or more to files in this directory
     /// (this broker's own disk); ack level 2 waits for replicas to sync.
     #[arg(long)]
@@ -241,6 +246,7 @@ fn merge(cli: Args, file: Args) -> Args {
         xdp_mode: cli.xdp_mode.or(file.xdp_mode),
         xdp_sockets: cli.xdp_sockets.or(file.xdp_sockets),
         xdp_socket_buffer_bytes: cli.xdp_socket_buffer_bytes.or(file.xdp_socket_buffer_bytes),
+        xdp_busy_poll_us: cli.xdp_busy_poll_us.or(file.xdp_busy_poll_us),
         replica_dir: cli.replica_dir.or(file.replica_dir),
         replica_sync_bytes: cli.replica_sync_bytes.or(file.replica_sync_bytes),
         replica_sync_interval_us: cli
@@ -329,6 +335,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             },
             sockets: args.xdp_sockets.unwrap_or(32),
             socket_buffer_bytes: args.xdp_socket_buffer_bytes.unwrap_or(1 << 20),
+            busy_poll_us: args.xdp_busy_poll_us,
             geometry: XskGeometry::default(),
             allow_small_pages: args.allow_shm_fallback,
             faults: args

@@ -91,6 +91,7 @@ impl Burst for XskDevice {
         let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
         xsk.reap_completions(pool);
         xsk.refill(pool, self.tx_reserve);
+        xsk.busy_poll_rx();
         self.rx_budget = self.rx_burst;
     }
 

@@ -44,6 +44,9 @@ pub struct XdpOptions {
     pub geometry: XskGeometry,
     /// Put the UMEM on 4 KiB pages (with a warning) when hugepages are short.
     pub allow_small_pages: bool,
+    /// Preferred busy polling of the queue's NAPI for up to this many microseconds per call
+    /// (see [`Xsk::enable_busy_poll`]); `None`: off.
+    pub busy_poll_us: Option<u32>,
     /// Debug only: inject faults into the device (see `--debug-inject-faults`).
     pub faults: Option<FaultConfig>,
 }
@@ -101,6 +104,16 @@ pub enum BypassError {
     /// The AF_XDP socket could not be set up.
     #[error("{0}")]
     Xsk(#[from] XskError),
+    /// The busy-poll socket options were refused.
+    #[error(
+        "--xdp-busy-poll-us: the kernel refused the busy-poll options on the AF_XDP socket of {iface}: {source} (SO_PREFER_BUSY_POLL needs Linux 5.11 or later and SO_BUSY_POLL needs CAP_NET_ADMIN); run without --xdp-busy-poll-us"
+    )]
+    BusyPoll {
+        /// The interface.
+        iface: String,
+        /// What setsockopt said.
+        source: std::io::Error,
+    },
 }
 
 /// The attached XDP program; dropping it detaches the program (after the loop has ended).
@@ -215,10 +228,22 @@ pub fn spawn(
             ips: vec![ip],
         },
     )?;
-    let (socket, umem, frames) = Xsk::new(iface, 0, xdp.geometry, xdp.allow_small_pages)?;
+    let (mut socket, umem, frames) = Xsk::new(iface, 0, xdp.geometry, xdp.allow_small_pages)?;
+    if let Some(timeout_us) = xdp.busy_poll_us {
+        socket
+            .enable_busy_poll(timeout_us, RX_BURST)
+            .map_err(|source| BypassError::BusyPoll {
+                iface: iface.to_owned(),
+                source,
+            })?;
+    }
     steering.register_socket(0, socket.fd())?;
+    let busy_poll = match xdp.busy_poll_us {
+        Some(us) => format!(", preferred busy polling for {us} us"),
+        None => String::new(),
+    };
     log::info!(
-        "broker {}: XDP program on {iface} in {} mode, AF_XDP socket on queue 0 (copy mode, {} frames of {FRAME_BYTES} B), {ip}/{prefix} port {port}, MTU {mtu}",
+        "broker {}: XDP program on {iface} in {} mode, AF_XDP socket on queue 0 (copy mode, {} frames of {FRAME_BYTES} B{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
         options.settings.broker_id,
         steering.mode(),
         xdp.geometry.frames

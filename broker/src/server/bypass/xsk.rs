@@ -374,6 +374,8 @@ pub struct XskStats {
     pub tx_invalid: u64,
     /// Kernel: times the fill ring was empty.
     pub fill_ring_empty: u64,
+    /// Busy-poll `recvfrom` calls (with busy polling on).
+    pub busy_polls: u64,
 }
 
 /// An AF_XDP socket bound to one interface queue. Its UMEM is a separate [`Umem`] (so
@@ -392,18 +394,29 @@ pub struct Xsk {
     stats: XskStats,
     ifname: String,
     queue: u32,
+    /// Preferred busy polling is on (see [`Xsk::enable_busy_poll`]).
+    busy_poll: bool,
 }
 
 // SAFETY: the ring pointers point into mappings owned by the Xsk, used by one thread at a
 // time (the Xsk moves to the poll thread as a whole).
 unsafe impl Send for Xsk {}
 
+/// `SO_PREFER_BUSY_POLL` and `SO_BUSY_POLL_BUDGET` (asm-generic/socket.h, Linux 5.11); the
+/// libc crate does not export them on every target.
+const SO_PREFER_BUSY_POLL: i32 = 69;
+const SO_BUSY_POLL_BUDGET: i32 = 70;
+
 fn setsockopt<T>(fd: RawFd, option: i32, value: &T) -> io::Result<()> {
+    set_option(fd, libc::SOL_XDP, option, value)
+}
+
+fn set_option<T>(fd: RawFd, level: i32, option: i32, value: &T) -> io::Result<()> {
     // SAFETY: `value` points to a live T of the size given.
     let ret = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_XDP,
+            level,
             option,
             (value as *const T).cast(),
             size_of::<T>() as u32,
@@ -621,6 +634,7 @@ impl Xsk {
             stats: XskStats::default(),
             ifname: ifname.to_owned(),
             queue,
+            busy_poll: false,
         };
         Ok((xsk, Umem { buffer, frames }, FramePool::with_frames(frames)))
     }
@@ -628,6 +642,43 @@ impl Xsk {
     /// The socket's descriptor (for the XSKMAP).
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// Preferred busy polling (Linux 5.11): `recvfrom`, `sendto` and `poll` on this socket
+    /// then run the queue's NAPI in the calling thread for up to `timeout_us` (at most
+    /// `budget` packets a time) instead of leaving it to softirqs on whichever CPU. Useful in
+    /// driver mode (generic mode has no NAPI to poll); on a NIC pair it with the interface's
+    /// `napi_defer_hard_irqs` and `gro_flush_timeout`.
+    pub fn enable_busy_poll(&mut self, timeout_us: u32, budget: u32) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        let (prefer, timeout, budget) = (1i32, timeout_us as i32, budget as i32);
+        set_option(fd, libc::SOL_SOCKET, SO_PREFER_BUSY_POLL, &prefer)?;
+        set_option(fd, libc::SOL_SOCKET, libc::SO_BUSY_POLL, &timeout)?;
+        set_option(fd, libc::SOL_SOCKET, SO_BUSY_POLL_BUDGET, &budget)?;
+        self.busy_poll = true;
+        Ok(())
+    }
+
+    /// With busy polling on and nothing in the rx ring: a non-blocking `recvfrom`, which
+    /// polls the queue's NAPI in this thread (the kernel's way to drive it, see
+    /// Documentation/networking/af_xdp.rst).
+    pub fn busy_poll_rx(&mut self) {
+        if !self.busy_poll || self.rx.available() > 0 {
+            return;
+        }
+        self.stats.busy_polls += 1;
+        // SAFETY: a zero-length non-blocking recvfrom on our socket, with no buffer and no
+        // address: the kernel only runs the busy poll and returns.
+        unsafe {
+            libc::recvfrom(
+                self.fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
     }
 
     /// Blocks until the rx ring has a frame or `timeout` passes (`ppoll`, so sub-millisecond
