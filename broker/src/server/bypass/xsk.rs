@@ -667,18 +667,7 @@ impl Xsk {
             return;
         }
         self.stats.busy_polls += 1;
-        // SAFETY: a zero-length non-blocking recvfrom on our socket, with no buffer and no
-        // address: the kernel only runs the busy poll and returns.
-        unsafe {
-            libc::recvfrom(
-                self.fd.as_raw_fd(),
-                std::ptr::null_mut(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        };
+        self.wake_rx();
     }
 
     /// Blocks until the rx ring has a frame or `timeout` passes (`ppoll`, so sub-millisecond
@@ -815,6 +804,8 @@ impl Xsk {
         n
     }
 
+    /// A zero-length non-blocking `recvfrom`: the rx wakeup the kernel asks for with
+    /// need_wakeup, and the call that runs a busy poll when that is on.
     fn wake_rx(&self) {
         // SAFETY: a zero-length, non-blocking recvfrom on our socket: the AF_XDP rx wakeup.
         let ret = unsafe {
