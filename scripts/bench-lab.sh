@@ -4,7 +4,7 @@
 #   ./scripts/bench-lab.sh [--duration-s N] [--mtu "1500 3500"] [--gso "on off"]
 #                          [--backends "kernel xdp"] [--xdp-mode auto|driver|generic]
 #                          [--brokers N] [--client-cc NAME] [--in-flight-batches N]
-#                          [--xdp-busy-poll-us N] [--perf-dir DIR]
+#                          [--xdp-args "FLAGS"] [--perf-dir DIR]
 #
 # For MTU 1500 and 3500, and the client's GSO/TSO on and off (or the ones named):
 #   iperf3 from the client namespace to broker 0's namespace (-P 4): the link's ceiling;
@@ -25,7 +25,7 @@
 # client's GSO off (on veth, driver mode copies every frame once more and queues it through
 # a 256-entry ring that overflowed) and driver with GSO on (generic mode would get the
 # client's 64 KB GSO packets, which do not fit a UMEM frame); see docs/results.md.
-# --xdp-busy-poll-us N is passed to the XDP brokers (preferred busy polling; driver mode).
+# --xdp-args adds broker flags to the XDP brokers, e.g. "--xdp-busy-poll-us 50".
 # --perf-dir DIR records `perf record -g -a` (both CPUs) during each broker run into
 # DIR/<backend>-<mtu>-<gso>.data (perf must be installed).
 # Needs root. A benchmark, not a test: it asserts nothing about speed.
@@ -53,7 +53,8 @@ while [[ $# -gt 0 ]]; do
         --perf-dir) perf_dir=$2; shift 2 ;;
         --xdp-mode) xdp_mode=$2; shift 2 ;;
         --brokers) brokers=$2; shift 2 ;;
-        --xdp-busy-poll-us) xdp_extra+=(--xdp-busy-poll-us "$2"); shift 2 ;;
+        # shellcheck disable=SC2206 # the flags are separate words
+        --xdp-args) xdp_extra+=($2); shift 2 ;;
         --client-cc) client_cc=$2; shift 2 ;;
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
         -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
