@@ -17,12 +17,14 @@
 #   --base-port P    first broker port (default 9100, as scripts/cluster.sh)
 #   --gso on|off     GSO/TSO/GRO of the client end (default on); generic-mode XDP on the
 #                    broker end needs off, else 64 KB frames are dropped
+#   --queues N       rx and tx queues of each veth end (default 1); the client's flows are
+#                    spread over them, and a broker takes every queue of its end
 #   --prefix P       name prefix (default emb); tests use their own so they never touch a
 #                    running lab
 #
 # Topology (see docs/xdp.md), for i in 0..N-1:
 #   namespace P-client                  namespace P-broker<i>
-#   P-c<i> 10.77.<i>.1/24 <== veth ==>  P-b<i> 10.77.<i>.2/24   (1 rx and 1 tx queue each)
+#   P-c<i> 10.77.<i>.1/24 <== veth ==>  P-b<i> 10.77.<i>.2/24   (--queues rx and tx queues each)
 #   lo up everywhere; IPv6 off (the lab is IPv4 only, and quiet).
 # `up` writes the lab's settings to /run/embarcadero-lab/P.env (source it for BROKERS=...).
 #
@@ -44,7 +46,7 @@ ensure_xdp_build_deps() {
     ensure_packages "${XDP_BUILD_PACKAGES[@]}"
 }
 
-lab_usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+lab_usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 lab_die() { echo "lab: $*" >&2; exit 2; }
 
 # Prints a command, then runs it.
@@ -96,14 +98,14 @@ lab_up() {
     fi
     echo "== lab $prefix: removing leftovers"
     lab_remove
-    echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers)"
+    echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers, $queues queue(s) per veth end)"
     lab_quiet_ns "$client_ns"
     local i ns list=()
     for ((i = 0; i < brokers; i++)); do
         ns=$prefix-broker$i
         lab_quiet_ns "$ns"
-        lab_run ip -n "$ns" link add "$prefix-b$i" numrxqueues 1 numtxqueues 1 mtu "$mtu" type veth \
-            peer name "$prefix-c$i" numrxqueues 1 numtxqueues 1 mtu "$mtu" netns "$client_ns"
+        lab_run ip -n "$ns" link add "$prefix-b$i" numrxqueues "$queues" numtxqueues "$queues" mtu "$mtu" type veth \
+            peer name "$prefix-c$i" numrxqueues "$queues" numtxqueues "$queues" mtu "$mtu" netns "$client_ns"
         lab_run ip -n "$client_ns" addr add "10.77.$i.1/24" dev "$prefix-c$i"
         lab_run ip -n "$ns" addr add "10.77.$i.2/24" dev "$prefix-b$i"
         if [[ $gso == off ]]; then
@@ -193,7 +195,7 @@ lab_main() {
     [[ -n $action ]] || { lab_usage; exit 2; }
     [[ $action == -h || $action == --help ]] && { lab_usage; exit 0; }
     shift
-    prefix=emb mtu=3500 brokers=4 base_port=9100 gso=on
+    prefix=emb mtu=3500 brokers=4 base_port=9100 gso=on queues=1
     if [[ $action == exec ]]; then
         local side=${1:-}
         [[ $side == broker ]] && side=broker0
@@ -213,6 +215,7 @@ lab_main() {
             --brokers) brokers=${2:-}; shift 2 ;;
             --base-port) base_port=${2:-}; shift 2 ;;
             --gso) gso=${2:-}; shift 2 ;;
+            --queues) queues=${2:-}; shift 2 ;;
             --prefix) prefix=${2:-}; shift 2 ;;
             -h|--help) lab_usage; exit 0 ;;
             *) lab_die "unknown option $1 (see --help)" ;;
@@ -220,6 +223,7 @@ lab_main() {
     done
     [[ $mtu =~ ^[0-9]+$ && $mtu -ge 68 && $mtu -le 65535 ]] || lab_die "--mtu needs a number from 68 to 65535, got '$mtu'"
     [[ $brokers =~ ^[0-9]+$ && $brokers -ge 1 ]] || lab_die "--brokers needs a positive number, got '$brokers'"
+    [[ $queues =~ ^[0-9]+$ && $queues -ge 1 && $queues -le 64 ]] || lab_die "--queues needs a number from 1 to 64, got '$queues'"
     [[ $brokers -le 250 ]] || lab_die "--brokers is at most 250 (10.77.i.0/24 per broker), got '$brokers'"
     [[ $base_port =~ ^[0-9]+$ && $base_port -ge 1 && $((base_port + brokers - 1)) -le 65535 ]] ||
         lab_die "--base-port needs a port such that base-port + brokers - 1 <= 65535, got '$base_port'"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Tests of the kernel-bypass backend (broker --net xdp), end to end, as root:
 #
-#   scripts/test-bypass.sh [e2e|busy-poll|loss|faults|failover|errors|all]   (default all)
+#   scripts/test-bypass.sh [e2e|busy-poll|queues|loss|faults|failover|errors|all]  (default all)
 #
 #   e2e     4 brokers over XDP/AF_XDP/smoltcp in a lab of the test's own; loadgen end-to-end
 #           order 5, ack 1; asserts on the loadgen's JSON and on the XDP counters (no broker
 #           packet passed to the kernel, no_socket 0)
+#   queues  the same with 2 rx queues per broker interface (a socket on each, one loop),
+#           connections spread over both
 #   busy-poll  the same in driver mode with preferred busy polling (--xdp-busy-poll-us 50)
 #   loss    the same with 1% random loss in both directions (nftables in the client namespace)
 #   faults  the same with the broker-side fault-injecting device (hidden debug flag
@@ -91,7 +93,7 @@ run_loadgen() {
     local list=() i
     for ((i = 0; i < brokers; i++)); do list+=("10.77.$i.2:$((base_port + i))"); done
     ip netns exec "$prefix-client" timeout 50 "$target/loadgen" --test end-to-end --order 5 --ack 1 \
-        --brokers "$(IFS=,; echo "${list[*]}")" --total-bytes "$1" --json "$work/result.json" \
+        --brokers "$(IFS=,; echo "${list[*]}")" --total-bytes "$1" --json "$work/result.json" "${@:2}" \
         >"$work/loadgen.log" 2>&1 || { tail -n 30 "$work/loadgen.log"; tail -n 5 "$work"/broker*.log; fail "loadgen exited non-zero"; }
     jq -e '.passed == true and .lost == 0 and .duplicates == 0 and .order_violations == 0
         and .messages_received == .messages_sent and .messages_sent > 0' "$work/result.json" >/dev/null ||
@@ -174,6 +176,26 @@ case_busy_poll() {
     cleanup
 }
 
+case_queues() {
+    echo "== queues: 4 brokers over XDP, 2 rx queues per interface (one AF_XDP socket each), order 5, ack 1"
+    lab_up --queues 2
+    start_cluster --hold-timeout-ms 10000
+    # 16 connections per broker: the chance that the client's hash puts them all on one
+    # queue is 2^-15.
+    run_loadgen 32MB --connections-per-broker 16
+    check_counters
+    local i stats q0 q1
+    for ((i = 0; i < brokers; i++)); do
+        stats=$(ip netns exec "$prefix-broker$i" ethtool -S "$prefix-b$i")
+        q0=$(awk '/rx_queue_0_xdp_packets/ {print $2}' <<<"$stats")
+        q1=$(awk '/rx_queue_1_xdp_packets/ {print $2}' <<<"$stats")
+        echo "  $prefix-b$i: queue 0 ${q0:-?} frames, queue 1 ${q1:-?} frames"
+        [[ ${q0:-0} -gt 0 && ${q1:-0} -gt 0 ]] || fail "a queue of $prefix-b$i carried nothing"
+    done
+    stop_cluster
+    cleanup
+}
+
 case_faults() {
     echo "== faults: broker-side FaultyDevice, 1% each of drop/duplicate/reorder/corrupt, seeded"
     lab_up
@@ -247,7 +269,7 @@ case_errors() {
     done
     pool=$pool-2 expect_failure queue-taken "$prefix-broker0" "xdp-ctl detach" --iface "$prefix-b0" --listen 10.77.0.2:9301
     rm -f "$pool-2"
-    expect_failure two-queues "$prefix-broker0" "only one rx queue" --iface "$prefix-b0" --queues 2 --listen 10.77.0.2:9301
+    expect_failure two-queues "$prefix-broker0" "has 1 rx queue" --iface "$prefix-b0" --queues 2 --listen 10.77.0.2:9301
     stop_cluster
     ip netns exec "$prefix-broker0" "$target/xdp-ctl" status "$prefix-b0" >/dev/null 2>&1 && fail "program left"
     # Hugepages missing for the UMEM: the pool exists (formatted above), then every free
@@ -290,11 +312,12 @@ what=${1:-all}
 case $what in
     e2e) case_e2e ;;
     busy-poll) case_busy_poll ;;
+    queues) case_queues ;;
     loss) case_loss ;;
     faults) case_faults ;;
     errors) case_errors ;;
     failover) case_failover ;;
-    all) case_e2e; case_busy_poll; case_loss; case_faults; case_failover; case_errors ;;
-    *) echo "unknown case $what (e2e, busy-poll, loss, faults, failover, errors, all)" >&2; exit 2 ;;
+    all) case_e2e; case_busy_poll; case_queues; case_loss; case_faults; case_failover; case_errors ;;
+    *) echo "unknown case $what (e2e, busy-poll, queues, loss, faults, failover, errors, all)" >&2; exit 2 ;;
 esac
 echo "PASS: $what"

@@ -105,7 +105,8 @@ struct Args {
     /// Interface whose rx queue the xdp backend takes (e.g. emb-b0).
     #[arg(long)]
     iface: Option<String>,
-    /// Rx queues the xdp backend serves (only 1 is implemented).
+    /// Rx queues the xdp backend serves: one AF_XDP socket on each, all served by one
+    /// poll loop. It must be the interface's number of rx queues (the default).
     #[arg(long)]
     queues: Option<u32>,
     /// Cores for the xdp poll threads, e.g. "1" or "0,1" or "0-1" (the first is used).
@@ -321,7 +322,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             iface: args
                 .iface
                 .ok_or("--net xdp needs --iface (the interface to take, e.g. emb-b0)")?,
-            queues: args.queues.unwrap_or(1),
+            queues: args.queues,
             cores: args
                 .cores
                 .as_deref()
@@ -511,7 +512,7 @@ mod tests {
             NetBackend::Xdp(xdp) => {
                 assert_eq!(
                     (xdp.iface.as_str(), xdp.cores, xdp.queues),
-                    ("x", vec![1], 1)
+                    ("x", vec![1], None)
                 );
                 assert_eq!(xdp.faults, None);
             }

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 
-use super::xsk::{FRAME_BYTES, FramePool, RxFrame, Umem, Xsk, XskStats};
+use super::xsk::{self, FRAME_BYTES, FramePool, PollEntry, RxFrame, Umem, Xsk, XskStats};
 
 /// Bytes of an Ethernet header (smoltcp's MTU for Ethernet includes it).
 const ETHERNET_HEADER: usize = 14;
@@ -27,43 +27,76 @@ pub trait Burst {
     fn wait_for_frames(&self, timeout: std::time::Duration);
 }
 
-/// A smoltcp device over an AF_XDP socket. Received frames are read in place in the UMEM
-/// (the rx token borrows the frame and returns it to the pool after smoltcp consumed it);
-/// transmitted frames are written in place into a free UMEM frame posted to the tx ring.
+/// One AF_XDP socket of an [`XskDevice`]: bound to one rx queue, with its own UMEM.
 #[derive(Debug)]
-pub struct XskDevice {
+pub struct QueueSocket {
     // Declared before `umem` so the socket closes before its UMEM is freed.
     xsk: RefCell<Xsk>,
     umem: Umem,
     pool: RefCell<FramePool>,
+    /// Frames kept out of the fill ring for transmission.
+    tx_reserve: usize,
+}
+
+impl QueueSocket {
+    /// A socket with the UMEM and frames [`Xsk::new`] made for it.
+    pub fn new(xsk: Xsk, umem: Umem, pool: FramePool) -> QueueSocket {
+        let tx_reserve = pool.len() / 4;
+        let mut socket = QueueSocket {
+            xsk: RefCell::new(xsk),
+            umem,
+            pool: RefCell::new(pool),
+            tx_reserve,
+        };
+        let (xsk, pool) = (socket.xsk.get_mut(), socket.pool.get_mut());
+        xsk.refill(pool, tx_reserve);
+        socket
+    }
+
+    fn can_transmit(&mut self) -> bool {
+        !self.pool.get_mut().is_empty() && self.xsk.get_mut().tx_has_room()
+    }
+}
+
+/// A smoltcp device over the AF_XDP sockets of one or more rx queues of an interface (the
+/// NIC spreads flows over its queues; one loop serves them all, in turn). Received frames
+/// are read in place in the UMEM (the rx token borrows the frame and returns it to its
+/// socket's pool after smoltcp consumed it); transmitted frames are written in place into
+/// a free UMEM frame posted to a tx ring.
+#[derive(Debug)]
+pub struct XskDevice {
+    queues: Vec<QueueSocket>,
     /// Where a frame goes when no UMEM frame or tx slot is free (it is then dropped).
     scratch: RefCell<Vec<u8>>,
     tx_dropped: Cell<u64>,
     mtu: usize,
     rx_burst: u32,
     rx_budget: u32,
-    tx_reserve: usize,
+    /// The queue the next receive looks at first (round robin, so no queue starves).
+    next_rx: usize,
+    /// The queue the next transmit tries first.
+    next_tx: usize,
+    /// What the idle wait polls: every socket (made once; the sockets live as long).
+    poll_entries: RefCell<Vec<PollEntry>>,
 }
 
 impl XskDevice {
-    /// A device over `xsk` for an interface of IP MTU `mtu`, taking at most `rx_burst` frames
-    /// per poll.
-    pub fn new(xsk: Xsk, umem: Umem, pool: FramePool, mtu: usize, rx_burst: u32) -> XskDevice {
-        let tx_reserve = pool.len() / 4;
-        let mut device = XskDevice {
-            xsk: RefCell::new(xsk),
-            umem,
-            pool: RefCell::new(pool),
+    /// A device over `queues` (at least one) for an interface of IP MTU `mtu`, taking at
+    /// most `rx_burst` frames per poll.
+    pub fn new(queues: Vec<QueueSocket>, mtu: usize, rx_burst: u32) -> XskDevice {
+        assert!(!queues.is_empty(), "a device needs at least one socket");
+        let poll_entries = queues.iter().map(|q| q.xsk.borrow().poll_entry()).collect();
+        XskDevice {
+            poll_entries: RefCell::new(poll_entries),
+            queues,
             scratch: RefCell::new(vec![0; FRAME_BYTES]),
             tx_dropped: Cell::new(0),
             mtu,
             rx_burst,
             rx_budget: 0,
-            tx_reserve,
-        };
-        let (xsk, pool) = (device.xsk.get_mut(), device.pool.get_mut());
-        xsk.refill(pool, tx_reserve);
-        device
+            next_rx: 0,
+            next_tx: 0,
+        }
     }
 
     /// Frames smoltcp sent while no UMEM frame or tx slot was free (dropped; TCP resends).
@@ -71,40 +104,58 @@ impl XskDevice {
         self.tx_dropped.get()
     }
 
-    fn tx_token(&self) -> XskTxToken<'_> {
+    fn tx_token(&self, queue: usize) -> XskTxToken<'_> {
+        let socket = &self.queues[queue];
         XskTxToken {
-            xsk: &self.xsk,
-            umem: &self.umem,
-            pool: &self.pool,
+            xsk: &socket.xsk,
+            umem: &socket.umem,
+            pool: &socket.pool,
             scratch: &self.scratch,
             dropped: &self.tx_dropped,
         }
+    }
+
+    /// The first queue from `next_tx` on that can take a frame, if any.
+    fn queue_for_tx(&mut self) -> Option<usize> {
+        let n = self.queues.len();
+        let queue = (0..n)
+            .map(|i| (self.next_tx + i) % n)
+            .find(|&q| self.queues[q].can_transmit())?;
+        self.next_tx = (queue + 1) % n;
+        Some(queue)
     }
 }
 
 impl Burst for XskDevice {
     fn wait_for_frames(&self, timeout: std::time::Duration) {
-        self.xsk.borrow().wait_readable(timeout);
+        xsk::wait_readable(&mut self.poll_entries.borrow_mut(), timeout);
     }
 
     fn begin(&mut self) {
-        let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
-        xsk.reap_completions(pool);
-        xsk.refill(pool, self.tx_reserve);
-        xsk.busy_poll_rx();
+        for socket in &mut self.queues {
+            let (xsk, pool) = (socket.xsk.get_mut(), socket.pool.get_mut());
+            xsk.reap_completions(pool);
+            xsk.refill(pool, socket.tx_reserve);
+            xsk.busy_poll_rx();
+        }
         self.rx_budget = self.rx_burst;
     }
 
     fn end(&mut self) {
-        let (xsk, pool) = (self.xsk.get_mut(), self.pool.get_mut());
-        xsk.rx_release();
-        xsk.refill(pool, self.tx_reserve);
-        xsk.tx_flush();
-        xsk.reap_completions(pool);
+        for socket in &mut self.queues {
+            let (xsk, pool) = (socket.xsk.get_mut(), socket.pool.get_mut());
+            xsk.rx_release();
+            xsk.refill(pool, socket.tx_reserve);
+            xsk.tx_flush();
+            xsk.reap_completions(pool);
+        }
     }
 
     fn stats(&self) -> XskStats {
-        self.xsk.borrow().stats()
+        self.queues
+            .iter()
+            .map(|q| q.xsk.borrow().stats())
+            .fold(XskStats::default(), XskStats::plus)
     }
 }
 
@@ -116,25 +167,25 @@ impl Device for XskDevice {
         if self.rx_budget == 0 {
             return None;
         }
-        let xsk = self.xsk.get_mut();
-        if xsk.rx_available() == 0 {
-            return None;
-        }
-        let frame = xsk.rx_take();
+        let n = self.queues.len();
+        let queue = (0..n)
+            .map(|i| (self.next_rx + i) % n)
+            .find(|&q| self.queues[q].xsk.get_mut().rx_available() > 0)?;
+        self.next_rx = (queue + 1) % n;
+        let frame = self.queues[queue].xsk.get_mut().rx_take();
         self.rx_budget -= 1;
+        let socket = &self.queues[queue];
         let rx = XskRxToken {
             frame,
-            umem: &self.umem,
-            pool: &self.pool,
+            umem: &socket.umem,
+            pool: &socket.pool,
         };
-        Some((rx, self.tx_token()))
+        Some((rx, self.tx_token(queue)))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<XskTxToken<'_>> {
-        if self.pool.get_mut().is_empty() || !self.xsk.get_mut().tx_has_room() {
-            return None;
-        }
-        Some(self.tx_token())
+        let queue = self.queue_for_tx()?;
+        Some(self.tx_token(queue))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {

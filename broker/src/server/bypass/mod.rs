@@ -18,7 +18,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::BrokerOptions;
-use device::{Burst, FaultConfig, FaultyDevice, XskDevice};
+use device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
 use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
 use xsk::{FRAME_BYTES, Xsk, XskError, XskGeometry};
 
@@ -30,8 +30,9 @@ const RX_BURST: u32 = 64;
 pub struct XdpOptions {
     /// The interface whose queue the broker takes.
     pub iface: String,
-    /// Rx queues to serve (only 1 is implemented).
-    pub queues: u32,
+    /// Rx queues to serve, one socket each (`None`: all the interface has; another number
+    /// than that is refused).
+    pub queues: Option<u32>,
     /// Cores for the poll threads (the first one is used); empty: not pinned.
     pub cores: Vec<usize>,
     /// How to attach the XDP program.
@@ -54,11 +55,19 @@ pub struct XdpOptions {
 /// Why the bypass backend could not start. The broker never falls back to kernel TCP.
 #[derive(Debug, thiserror::Error)]
 pub enum BypassError {
-    /// More than one queue was asked for.
+    /// `--queues` does not match the interface's rx queues: frames on a queue without a
+    /// socket would miss the broker (the kernel would reset those connections).
     #[error(
-        "--queues {0}: only one rx queue per broker is implemented; give the interface one rx queue (ip link add ... numrxqueues 1, as scripts/lab.sh does) and use --queues 1"
+        "--queues {asked}: {iface} has {has} rx queue(s), and the broker must take every one (the NIC spreads connections over all of them); use --queues {has}, or change the interface's queues (ethtool -L {iface} combined {asked}; for veth: ip link add ... numrxqueues {asked})"
     )]
-    Queues(u32),
+    Queues {
+        /// The interface.
+        iface: String,
+        /// Queues asked for.
+        asked: u32,
+        /// Rx queues the interface has.
+        has: u32,
+    },
     /// The listen address does not suit the bypass backend.
     #[error(
         "--listen {0}: the xdp backend needs the interface's own IPv4 address (e.g. 10.77.0.2:9100), not a wildcard or IPv6 address"
@@ -156,6 +165,21 @@ fn read_sysfs(iface: &str, what: &'static str) -> Result<String, BypassError> {
         })
 }
 
+/// The interface's rx queues (`/sys/class/net/IF/queues/rx-N`).
+fn rx_queue_count(iface: &str) -> Result<u32, BypassError> {
+    let path = format!("/sys/class/net/{iface}/queues");
+    let entries = std::fs::read_dir(&path).map_err(|e| BypassError::Interface {
+        iface: iface.to_owned(),
+        what: "the rx queues",
+        reason: format!("{path}: {e}"),
+    })?;
+    let count = entries
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok(count as u32)
+}
+
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
@@ -174,9 +198,6 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> Result<(JoinHandle<()>, Attached), BypassError> {
-    if xdp.queues != 1 {
-        return Err(BypassError::Queues(xdp.queues));
-    }
     let (ip, port) = match options.listen {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => (*v4.ip(), v4.port()),
         other => return Err(BypassError::ListenAddress(other)),
@@ -199,6 +220,15 @@ pub fn spawn(
                 .join(", "),
         });
     };
+    let rx_queues = rx_queue_count(iface)?;
+    let queue_count = xdp.queues.unwrap_or(rx_queues);
+    if queue_count != rx_queues || queue_count == 0 {
+        return Err(BypassError::Queues {
+            iface: iface.to_owned(),
+            asked: queue_count,
+            has: rx_queues,
+        });
+    }
     let mac_text = read_sysfs(iface, "address")?;
     let mac = parse_mac(&mac_text).ok_or_else(|| BypassError::Interface {
         iface: iface.to_owned(),
@@ -228,27 +258,34 @@ pub fn spawn(
             ips: vec![ip],
         },
     )?;
-    let (mut socket, umem, frames) = Xsk::new(iface, 0, xdp.geometry, xdp.allow_small_pages)?;
-    if let Some(timeout_us) = xdp.busy_poll_us {
-        socket
-            .enable_busy_poll(timeout_us, RX_BURST)
-            .map_err(|source| BypassError::BusyPoll {
-                iface: iface.to_owned(),
-                source,
-            })?;
+    let mut queues = Vec::with_capacity(queue_count as usize);
+    for queue in 0..queue_count {
+        let (mut socket, umem, frames) =
+            Xsk::new(iface, queue, xdp.geometry, xdp.allow_small_pages)?;
+        if let Some(timeout_us) = xdp.busy_poll_us {
+            socket
+                .enable_busy_poll(timeout_us, RX_BURST)
+                .map_err(|source| BypassError::BusyPoll {
+                    iface: iface.to_owned(),
+                    source,
+                })?;
+        }
+        steering.register_socket(queue, socket.fd())?;
+        queues.push(QueueSocket::new(socket, umem, frames));
     }
-    steering.register_socket(0, socket.fd())?;
     let busy_poll = match xdp.busy_poll_us {
         Some(us) => format!(", preferred busy polling for {us} us"),
         None => String::new(),
     };
     log::info!(
-        "broker {}: XDP program on {iface} in {} mode, AF_XDP socket on queue 0 (copy mode, {} frames of {FRAME_BYTES} B{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
+        "broker {}: XDP program on {iface} in {} mode, {} AF_XDP socket(s) on queue(s) 0..{} (copy mode, {} frames of {FRAME_BYTES} B each{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
         options.settings.broker_id,
         steering.mode(),
+        queue_count,
+        queue_count - 1,
         xdp.geometry.frames
     );
-    let device = XskDevice::new(socket, umem, frames, mtu, RX_BURST);
+    let device = XskDevice::new(queues, mtu, RX_BURST);
     let endpoint = Endpoint {
         mac,
         ip,

@@ -356,7 +356,7 @@ pub struct RxFrame {
     pub len: usize,
 }
 
-/// Counters of one socket.
+/// Counters of one socket (or the sum over a device's sockets).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XskStats {
     /// Frames received.
@@ -376,6 +376,22 @@ pub struct XskStats {
     pub fill_ring_empty: u64,
     /// Busy-poll `recvfrom` calls (with busy polling on).
     pub busy_polls: u64,
+}
+
+impl XskStats {
+    /// The counters of two sockets together.
+    pub fn plus(self, other: XskStats) -> XskStats {
+        XskStats {
+            rx_frames: self.rx_frames + other.rx_frames,
+            tx_frames: self.tx_frames + other.tx_frames,
+            tx_kicks: self.tx_kicks + other.tx_kicks,
+            rx_dropped: self.rx_dropped + other.rx_dropped,
+            rx_ring_full: self.rx_ring_full + other.rx_ring_full,
+            tx_invalid: self.tx_invalid + other.tx_invalid,
+            fill_ring_empty: self.fill_ring_empty + other.fill_ring_empty,
+            busy_polls: self.busy_polls + other.busy_polls,
+        }
+    }
 }
 
 /// An AF_XDP socket bound to one interface queue. Its UMEM is a separate [`Umem`] (so
@@ -670,21 +686,13 @@ impl Xsk {
         self.wake_rx();
     }
 
-    /// Blocks until the rx ring has a frame or `timeout` passes (`ppoll`, so sub-millisecond
-    /// timeouts are honoured; the kernel also services a pending need-wakeup).
-    pub fn wait_readable(&self, timeout: std::time::Duration) {
-        let mut poll = libc::pollfd {
+    /// What [`wait_readable`] polls for this socket.
+    pub fn poll_entry(&self) -> PollEntry {
+        PollEntry(libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
-        };
-        let timeout = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
-        };
-        // SAFETY: one valid pollfd for an open descriptor, a valid timespec, and no signal
-        // mask; ppoll writes only `poll.revents`. An error (EINTR) just ends the wait early.
-        unsafe { libc::ppoll(&mut poll, 1, &timeout, std::ptr::null()) };
+        })
     }
 
     /// Moves free frames to the fill ring, keeping `reserve` in the pool for transmission;
@@ -840,6 +848,32 @@ impl Xsk {
         }
         stats
     }
+}
+
+/// One socket's entry for [`wait_readable`] (made by [`Xsk::poll_entry`]).
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+pub struct PollEntry(libc::pollfd);
+
+/// Blocks until the rx ring of one of the sockets in `entries` has a frame or `timeout`
+/// passes (`ppoll`, so sub-millisecond timeouts are honoured; the kernel also services a
+/// pending need-wakeup). The sockets must outlive the call.
+pub fn wait_readable(entries: &mut [PollEntry], timeout: std::time::Duration) {
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `PollEntry` is a transparent pollfd, made by `Xsk::poll_entry` for an open
+    // socket; the slice's length is given; a valid timespec and no signal mask; ppoll
+    // writes only the `revents` fields. An error (EINTR) just ends the wait early.
+    unsafe {
+        libc::ppoll(
+            entries.as_mut_ptr().cast::<libc::pollfd>(),
+            entries.len() as libc::nfds_t,
+            &timeout,
+            std::ptr::null(),
+        )
+    };
 }
 
 fn zero_offsets() -> libc::xdp_ring_offset {
