@@ -4,7 +4,7 @@
 #   ./scripts/bench-lab.sh [--duration-s N] [--mtu "1500 3500"] [--gso "on off"]
 #                          [--backends "kernel xdp"] [--xdp-mode auto|driver|generic]
 #                          [--brokers N] [--client-cc NAME] [--in-flight-batches N]
-#                          [--xdp-args "FLAGS"] [--perf-dir DIR]
+#                          [--xdp-args "FLAGS"] [--queues N] [--perf-dir DIR]
 #
 # For MTU 1500 and 3500, and the client's GSO/TSO on and off (or the ones named):
 #   iperf3 from the client namespace to broker 0's namespace (-P 4): the link's ceiling;
@@ -25,6 +25,7 @@
 # client's GSO off (on veth, driver mode copies every frame once more and queues it through
 # a 256-entry ring that overflowed) and driver with GSO on (generic mode would get the
 # client's 64 KB GSO packets, which do not fit a UMEM frame); see docs/results.md.
+# --queues N gives each veth end N queues (lab.sh up --queues; the XDP brokers take all).
 # --xdp-args adds broker flags to the XDP brokers, e.g. "--xdp-busy-poll-us 50".
 # --perf-dir DIR records `perf record -g -a` (both CPUs) during each broker run into
 # DIR/<backend>-<mtu>-<gso>.data (perf must be installed).
@@ -37,6 +38,7 @@ cd "$(dirname "$0")/.."
 duration=5
 brokers=4
 client_cc=cubic
+queues=1
 loadgen_extra=()
 xdp_extra=()
 mtus="1500 3500"
@@ -53,11 +55,12 @@ while [[ $# -gt 0 ]]; do
         --perf-dir) perf_dir=$2; shift 2 ;;
         --xdp-mode) xdp_mode=$2; shift 2 ;;
         --brokers) brokers=$2; shift 2 ;;
+        --queues) queues=$2; shift 2 ;;
         # shellcheck disable=SC2206 # the flags are separate words
         --xdp-args) xdp_extra+=($2); shift 2 ;;
         --client-cc) client_cc=$2; shift 2 ;;
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-lab: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -196,7 +199,7 @@ read -r steal0 total0 < <(steal_total)
 for mtu in $mtus; do
     for gso in $gsos; do
         echo "== MTU $mtu, client GSO $gso"
-        scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" --base-port "$base_port" --mtu "$mtu" --gso "$gso" > "$work/lab.log" 2>&1 ||
+        scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" --base-port "$base_port" --mtu "$mtu" --gso "$gso" --queues "$queues" > "$work/lab.log" 2>&1 ||
             { cat "$work/lab.log"; exit 1; }
         if [[ $client_cc != host ]]; then
             # Per route: a namespace may only pick from net.ipv4.tcp_allowed_congestion_control.
