@@ -119,7 +119,16 @@ if extra:
 print(json.dumps(entry))
 PY
     tail -1 "$results"
+    # The replica files hold the whole log once per broker (GBs per scenario): keep them
+    # only where something went wrong.
+    if tail -1 "$results" | grep -q '"completed": true'; then
+        drop_replicas "$dir"
+    else
+        echo "faults: $scenario: replica files kept in $dir for inspection"
+    fi
 }
+
+drop_replicas() { rm -rf "$1"/replica-*; }
 
 fault_run() {
     local scenario=$1 dir=$out/$1 failover=null killed
@@ -204,11 +213,13 @@ start_cluster "$dir"
 figure ack1 1
 figure ack2-all 2
 ./scripts/cluster.sh stop --dir "$dir" >/dev/null
+drop_replicas "$dir"
 # The same with only brokers 1 and 2 replicating (rf 2 needs one): half the disk traffic.
 dir=$out/figures-two
 start_cluster "$dir" --replica-brokers "1 2"
 figure ack2-two 2
 ./scripts/cluster.sh stop --dir "$dir" >/dev/null
+drop_replicas "$dir"
 cp "$dir/ack2-two.json" "$out/figures/" 2>/dev/null || true
 dir=$out/figures
 dd if=/dev/zero of="$out/dsync.bin" bs=1M count=64 oflag=dsync 2> "$dir/dd.log" >/dev/null || true
