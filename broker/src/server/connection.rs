@@ -250,26 +250,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
         stream: &mut S,
         state: &BrokerState<M>,
     ) -> InputState {
-        if self.input_start == self.input_end {
-            self.input_start = 0;
-            self.input_end = 0;
-            loop {
-                match stream.recv(&mut self.input) {
-                    Ok(0) => return InputState::Ended,
-                    Ok(n) => {
-                        self.input_end = n;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        return InputState::Drained;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log::info!("connection {}: receive failed: {e}", self.id);
-                        return InputState::Ended;
-                    }
-                }
-            }
+        if self.input_start == self.input_end
+            && let Err(input) = self.refill_input(stream, self.input.len())
+        {
+            return input;
         }
         let reason = format!(
             "{} bytes arrived after the publisher's Goodbye",
@@ -278,6 +262,32 @@ impl<M: SharedMemory + Clone> Connection<M> {
         self.input_start = self.input_end;
         self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
         InputState::Paused
+    }
+
+    /// Reads up to `want` bytes into the (consumed) input buffer; `Err` says why nothing
+    /// came: the stream has no bytes now, or it ended or failed.
+    fn refill_input<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        want: usize,
+    ) -> Result<(), InputState> {
+        self.input_start = 0;
+        self.input_end = 0;
+        loop {
+            match stream.recv(&mut self.input[..want]) {
+                Ok(0) => return Err(InputState::Ended),
+                Ok(n) => {
+                    self.input_end = n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(InputState::Drained),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("connection {}: receive failed: {e}", self.id);
+                    return Err(InputState::Ended);
+                }
+            }
+        }
     }
 
     /// Reads and handles as much input as the stream and the pool allow.
@@ -301,8 +311,6 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 }
             }
             if self.input_start == self.input_end {
-                self.input_start = 0;
-                self.input_end = 0;
                 // Read no further than a batch's prefix: its payload then goes from the socket
                 // straight into the pool instead of through this buffer.
                 let want = self
@@ -310,15 +318,8 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     .wanted()
                     .max(wire::BATCH_PREFIX_BYTES)
                     .min(self.input.len());
-                match stream.recv(&mut self.input[..want]) {
-                    Ok(0) => return InputState::Ended,
-                    Ok(n) => self.input_end = n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return InputState::Drained,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::info!("connection {}: receive failed: {e}", self.id);
-                        return InputState::Ended;
-                    }
+                if let Err(input) = self.refill_input(stream, want) {
+                    return input;
                 }
             }
             let decoded = self

@@ -857,15 +857,17 @@ pub struct PollEntry(libc::pollfd);
 
 /// Blocks until the rx ring of one of the sockets in `entries` has a frame or `timeout`
 /// passes (`ppoll`, so sub-millisecond timeouts are honoured; the kernel also services a
-/// pending need-wakeup). The sockets must outlive the call.
+/// pending need-wakeup).
 pub fn wait_readable(entries: &mut [PollEntry], timeout: std::time::Duration) {
     let timeout = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
     };
-    // SAFETY: `PollEntry` is a transparent pollfd, made by `Xsk::poll_entry` for an open
-    // socket; the slice's length is given; a valid timespec and no signal mask; ppoll
-    // writes only the `revents` fields. An error (EINTR) just ends the wait early.
+    // SAFETY: the pointer and length come from a live, exclusively borrowed slice of
+    // `PollEntry`, which is `repr(transparent)` over `pollfd`, so ppoll reads and writes (only
+    // `revents`) inside it; `timeout` is a live timespec and the signal mask is null. The
+    // descriptors are plain integers to the kernel: a closed one yields POLLNVAL, never a
+    // memory access. An error (EINTR) just ends the wait early.
     unsafe {
         libc::ppoll(
             entries.as_mut_ptr().cast::<libc::pollfd>(),
