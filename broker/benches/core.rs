@@ -54,6 +54,7 @@ fn setup(mode: CoherenceMode, blog_bytes: u64) -> Setup {
                 order: Order::TotalSessionFifo,
                 ack: 1,
                 replication_factor: 1,
+                retention: broker::Retention::StallLimited,
             },
         )
         .expect("topic");

@@ -125,8 +125,8 @@ pub struct TopicMeta {
     pub ack: u8,
     /// Replication factor, counting the pool copy.
     pub replication_factor: u8,
-    /// Reserved, zero.
-    pub reserved0: u8,
+    /// How subscribers hold the log, a `wire::Retention` value.
+    pub retention: u8,
     /// Reserved, zero.
     pub reserved1: [u64; 6],
     /// [`TOPIC_CREATED`] once the entry is published.

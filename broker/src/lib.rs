@@ -16,5 +16,7 @@ pub mod server;
 pub mod sim;
 pub mod writer;
 
-/// Ordering levels (DESIGN.md section 4), shared with the wire protocol.
+/// Ordering levels (docs/protocol.md), shared with the wire protocol.
 pub use wire::Order;
+/// How subscribers hold a topic's log (docs/protocol.md), shared with the wire protocol.
+pub use wire::Retention;

@@ -58,6 +58,22 @@ pub struct Metrics {
     /// XDP backend: frames the kernel dropped before they reached the AF_XDP socket's rx
     /// ring (rx ring full, no fill-ring frame, or larger than a UMEM frame).
     pub xdp_rx_dropped: AtomicU64,
+    /// Connections refused by the connection limits (in all, or per address).
+    pub connections_refused: AtomicU64,
+    /// Connections closed for sending no Hello (or CreateTopic) in time.
+    pub hello_deadlines_expired: AtomicU64,
+    /// Connections closed because a batch's payload arrived slower than the minimum rate.
+    pub batch_deadlines_expired: AtomicU64,
+    /// Slow batches moved out of the pool into staging, so their room could be reclaimed.
+    pub batches_staged: AtomicU64,
+    /// Slow batches left in the pool because staging was full.
+    pub staging_full: AtomicU64,
+    /// Gauge: bytes of slow batches held in staging.
+    pub staging_bytes: AtomicU64,
+    /// Subscribers that stopped holding the log because they took nothing for the stall limit.
+    pub subscribers_released: AtomicU64,
+    /// Topics not created: table full, or creation on first use not enabled.
+    pub topics_refused: AtomicU64,
 }
 
 /// What a broker is to the sequencer lease (the `sequencer_role` gauge).
@@ -109,7 +125,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 19] = [
+        let series: [(&str, &str, &str, &AtomicU64); 27] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -223,6 +239,54 @@ impl Metrics {
                 "counter",
                 "Frames the kernel dropped before the AF_XDP socket (XDP backend; see the log).",
                 &self.xdp_rx_dropped,
+            ),
+            (
+                "embarcadero_connections_refused_total",
+                "counter",
+                "Connections refused by --connections-max or --connections-per-address-max.",
+                &self.connections_refused,
+            ),
+            (
+                "embarcadero_hello_deadlines_expired_total",
+                "counter",
+                "Connections closed for sending no Hello within --hello-timeout-ms.",
+                &self.hello_deadlines_expired,
+            ),
+            (
+                "embarcadero_batch_deadlines_expired_total",
+                "counter",
+                "Connections closed for sending a batch slower than --batch-min-bytes-per-s.",
+                &self.batch_deadlines_expired,
+            ),
+            (
+                "embarcadero_batches_staged_total",
+                "counter",
+                "Slow batches moved out of the pool after --batch-hold-ms.",
+                &self.batches_staged,
+            ),
+            (
+                "embarcadero_staging_full_total",
+                "counter",
+                "Slow batches left in the pool because --staging-bytes-max was reached.",
+                &self.staging_full,
+            ),
+            (
+                "embarcadero_staging_bytes",
+                "gauge",
+                "Bytes of slow batches held in staging.",
+                &self.staging_bytes,
+            ),
+            (
+                "embarcadero_subscribers_released_total",
+                "counter",
+                "Subscribers that stopped holding the log after --subscriber-stall-ms without reading.",
+                &self.subscribers_released,
+            ),
+            (
+                "embarcadero_topics_refused_total",
+                "counter",
+                "Topics not created: the topic table is full, or creation on first use is off.",
+                &self.topics_refused,
             ),
         ];
         for (name, kind, help, counter) in series {

@@ -3,12 +3,12 @@
 
 use bytemuck::Zeroable;
 
-use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
     FRONTIER_REPLICATED, FRONTIER_SUBSCRIBED, Geometry, GeometryError, LAYOUT_VERSION,
     POOL_FORMATTED, POOL_MAGIC, PoolHeader, Record, TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
 };
+use crate::{Order, Retention};
 
 /// Why a pool cannot be formatted or attached, or a topic not created or found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -106,13 +106,15 @@ pub enum PoolError {
         /// The id asked for.
         topic: u32,
     },
-    /// A topic entry holds an order level this build does not know.
-    #[error("topic {topic} has unknown order level {order}")]
+    /// A topic entry holds a value this build does not know.
+    #[error("topic {topic} has unknown {field} {value}: the pool is damaged or of a newer build")]
     CorruptTopic {
         /// Topic id.
         topic: u32,
-        /// Order found.
-        order: u8,
+        /// Which setting.
+        field: &'static str,
+        /// The value found.
+        value: u8,
     },
     /// A broker id at or above the pool's broker count.
     #[error("broker id {broker} is outside this pool's {brokers_max} brokers")]
@@ -133,6 +135,8 @@ pub struct TopicConfig {
     pub ack: u8,
     /// Replication factor, counting the pool copy.
     pub replication_factor: u8,
+    /// How connected subscribers hold the topic's log.
+    pub retention: Retention,
 }
 
 /// Index of a topic in the pool's topic table.
@@ -333,6 +337,7 @@ impl<M: SharedMemory> Pool<M> {
         meta.order = config.order as u8;
         meta.ack = config.ack;
         meta.replication_factor = config.replication_factor;
+        meta.retention = config.retention as u8;
         meta.ready = TOPIC_CREATED;
         publish(&self.mem, self.geometry.topic_meta_offset(topic), &meta);
         Ok(topic)
@@ -505,14 +510,19 @@ fn topic_name(meta: &TopicMeta) -> &[u8] {
 }
 
 fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError> {
-    let order = Order::try_from(meta.order).map_err(|_| PoolError::CorruptTopic {
+    let corrupt = |field, value| PoolError::CorruptTopic {
         topic,
-        order: meta.order,
-    })?;
+        field,
+        value,
+    };
+    let order = Order::try_from(meta.order).map_err(|_| corrupt("order level", meta.order))?;
+    let retention =
+        Retention::try_from(meta.retention).map_err(|_| corrupt("retention", meta.retention))?;
     Ok(TopicConfig {
         order,
         ack: meta.ack,
         replication_factor: meta.replication_factor,
+        retention,
     })
 }
 

@@ -19,15 +19,15 @@ pub enum ReadError {
     Pool(#[from] PoolError),
     /// The position was overwritten: the reader fell behind by more than the log holds.
     #[error(
-        "batch {ordinal} (from position {global_start}) was overwritten; the log is retained from ordinal {earliest_ordinal}"
+        "batch {ordinal} (from position {global_start}) was overwritten; the log is readable from position {log_start}"
     )]
     Truncated {
         /// Ordinal asked for.
         ordinal: u64,
-        /// Its first global position, when known.
+        /// Its first global position (`u64::MAX` when its entry is gone too).
         global_start: u64,
-        /// Oldest ordinal the GOI still holds.
-        earliest_ordinal: u64,
+        /// First position still readable (see [`LogReader::log_start`]): resume there.
+        log_start: u64,
     },
     /// The payload was overwritten while it was being read: discard the last batch handed out.
     #[error("batch {ordinal} was overwritten while it was read: discard it")]
@@ -92,6 +92,9 @@ pub struct LogReader<M> {
     verify_checksums: bool,
 }
 
+/// Batches after a found boundary that [`LogReader::log_start`] checks for readability.
+const READABLE_CHECK_BATCHES: u64 = 4096;
+
 impl<M: SharedMemory> LogReader<M> {
     /// A reader of `topic` from its first batch. With `verify_checksums`, every payload's
     /// CRC-32C is checked against its GOI entry before it is handed out.
@@ -115,15 +118,63 @@ impl<M: SharedMemory> LogReader<M> {
             .read_frontier(self.pool.geometry().seq_state_offset(self.topic))
     }
 
-    /// First global position still held (the start of the oldest GOI entry kept).
+    /// First global position still readable: the start of the oldest batch from which on
+    /// every batch's GOI entry and payload are still held (the end of the log when none is).
+    /// A subscriber may start there.
     pub fn log_start(&self) -> u64 {
         let (committed, end) = self.log_end();
-        let earliest = self.earliest_ordinal(committed);
-        if earliest == committed {
+        let first = self.first_readable_ordinal(committed);
+        if first == committed {
             return end;
         }
-        self.read_entry(earliest)
+        self.read_entry(first)
             .map_or(end, |entry| entry.global_start)
+    }
+
+    /// Whether batch `ordinal`'s entry and payload are both still held.
+    fn readable(&self, ordinal: u64) -> bool {
+        self.read_entry(ordinal).is_some_and(|entry| {
+            self.pool.check_broker(entry.broker).is_ok()
+                && entry.blog_offset >= self.overwrite_limit(entry.broker)
+        })
+    }
+
+    /// The oldest ordinal from which on every batch is readable ([`Self::readable`]).
+    ///
+    /// Payload logs are overwritten oldest first, so readability grows with the ordinal, but
+    /// not strictly: each broker's log wraps at its own pace, and a batch reserved early may
+    /// be ordered late. So a binary search finds the boundary, and the batches after it are
+    /// checked (up to [`READABLE_CHECK_BATCHES`]); an unreadable one moves the search past it.
+    fn first_readable_ordinal(&self, committed: u64) -> u64 {
+        let mut low = self.earliest_ordinal(committed);
+        loop {
+            let mut high = committed;
+            while low < high {
+                let mid = low + (high - low) / 2;
+                if self.readable(mid) {
+                    high = mid;
+                } else {
+                    low = mid + 1;
+                }
+            }
+            let checked_end = committed.min(low.saturating_add(READABLE_CHECK_BATCHES));
+            match (low..checked_end)
+                .rev()
+                .find(|&ordinal| !self.readable(ordinal))
+            {
+                Some(unreadable) => low = unreadable + 1,
+                None => return low,
+            }
+        }
+    }
+
+    /// A [`ReadError::Truncated`] for `ordinal`, naming where the log is readable from now.
+    fn truncated(&self, ordinal: u64, global_start: u64) -> ReadError {
+        ReadError::Truncated {
+            ordinal,
+            global_start,
+            log_start: self.log_start(),
+        }
     }
 
     /// This reader's view of the pool.
@@ -171,11 +222,7 @@ impl<M: SharedMemory> LogReader<M> {
             return Ok(());
         }
         let earliest = self.earliest_ordinal(committed);
-        let truncated = |ordinal| ReadError::Truncated {
-            ordinal,
-            global_start: position,
-            earliest_ordinal: earliest,
-        };
+        let truncated = |ordinal| self.truncated(ordinal, position);
         // Binary search for the last entry whose start is <= position.
         let (mut low, mut high) = (earliest, committed);
         let first = self.read_entry(low).ok_or_else(|| truncated(low))?;
@@ -216,11 +263,7 @@ impl<M: SharedMemory> LogReader<M> {
         while delivered < max_batches && self.next_ordinal < committed {
             let ordinal = self.next_ordinal;
             let earliest = self.earliest_ordinal(committed);
-            let truncated = |global_start| ReadError::Truncated {
-                ordinal,
-                global_start,
-                earliest_ordinal: earliest,
-            };
+            let truncated = |global_start| self.truncated(ordinal, global_start);
             if ordinal < earliest {
                 return Err(truncated(u64::MAX));
             }

@@ -461,6 +461,7 @@ impl World {
                 order,
                 ack: 1,
                 replication_factor: 1,
+                retention: crate::Retention::StallLimited,
             };
             let id = pool
                 .create_topic(&format!("topic-{t}"), config)

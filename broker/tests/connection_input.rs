@@ -14,6 +14,7 @@ use broker::metrics::Metrics;
 use broker::pool::Pool;
 use broker::sequencer::{Sequencer, SequencerConfig};
 use broker::server::connection::{ByteStream, Connection, InputState};
+use broker::server::limits::ClientLimits;
 use broker::server::state::{BrokerSettings, BrokerState};
 use proptest::prelude::*;
 use wire::{
@@ -95,11 +96,13 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
         batch_bytes_max: 16 * 1024,
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
         replication_factor: 1,
+        limits: ClientLimits::default(),
     };
     let metrics = Arc::new(Metrics::default());
     let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
     let mut sequencer = Sequencer::new(pool, 0, 1, SequencerConfig::default()).unwrap();
-    let mut connection = Connection::new(1, &state);
+    let now = std::time::Instant::now();
+    let mut connection = Connection::new(1, &state, now);
     let mut chunks = VecDeque::new();
     let mut rest = &input[..];
     for cut in cuts.into_iter().chain(std::iter::repeat(usize::MAX)) {
@@ -115,7 +118,6 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
         chunks,
         output: Vec::new(),
     };
-    let now = std::time::Instant::now();
     let mut outcomes = Vec::new();
     for _ in 0..10_000 {
         let input = connection.on_readable(&mut stream, &mut state, now);

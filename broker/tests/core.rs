@@ -36,6 +36,7 @@ fn config(order: Order) -> TopicConfig {
         order,
         ack: 1,
         replication_factor: 1,
+        retention: broker::Retention::StallLimited,
     }
 }
 

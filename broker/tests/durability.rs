@@ -68,6 +68,7 @@ fn a_lost_pool_is_rebuilt_from_replicas_in_the_same_order() {
         order: Order::TotalSessionFifo,
         ack: 2,
         replication_factor: 2,
+        retention: broker::Retention::StallLimited,
     };
     let topic = pool.create_topic("kept", config).unwrap();
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();

@@ -107,6 +107,7 @@ impl Harness {
             order,
             ack: 1,
             replication_factor: 1,
+            retention: broker::Retention::StallLimited,
         };
         let topic = pool.create_topic("props", topic_config).unwrap();
         let writers = (0..BROKERS)

@@ -3,8 +3,10 @@
 //! protocol names. Each bad input gets a specific Error frame; other connections and the log
 //! are unaffected.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -12,10 +14,8 @@ use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::metrics::SequencerRole;
 use broker::server::in_process::InProcessCluster;
-use wire::{
-    AckLevel, BatchHeaderRepr, Decoded, ErrorCode, Frame, FrameDecoder, HelloRepr, Limits, Order,
-    Role, Topic,
-};
+use support::{Client, Received, http_get, publisher, subscriber};
+use wire::{AckLevel, BatchHeaderRepr, ErrorCode, Frame, HelloRepr, Limits, Order, Role, Topic};
 
 fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> InProcessCluster {
     let geometry = Geometry {
@@ -29,177 +29,10 @@ fn cluster(brokers: u16, ring_slots: u32, blog_bytes: u64) -> InProcessCluster {
         // Far above any delay a loaded machine causes: these tests do not test the gap rule.
         options.sequencer.hold_timeout_ns = 10_000_000_000;
         options.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        // These tests publish to topics their Hellos name (topic creation has its own test).
+        options.settings.auto_create_topics = true;
     })
     .unwrap()
-}
-
-/// A blocking test client that speaks the protocol frame by frame.
-struct Client {
-    stream: TcpStream,
-    decoder: FrameDecoder,
-    buffer: Vec<u8>,
-}
-
-enum Received {
-    Frame(Frame),
-    Delivery(wire::DeliveryHeaderRepr, Vec<u8>),
-    Closed,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Client {
-            stream,
-            decoder: FrameDecoder::new(Limits::default()),
-            buffer: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn hello(
-        &mut self,
-        topic: &str,
-        role: Role,
-        order: Order,
-        ack: AckLevel,
-        client_id: u64,
-    ) -> Frame {
-        let hello = HelloRepr {
-            role,
-            order,
-            ack,
-            client_id,
-            session_epoch: 1,
-            topic: Topic::new(topic).unwrap(),
-        };
-        self.send(&Frame::Hello(hello).to_bytes());
-        self.frame()
-    }
-
-    fn batch(&mut self, seq: u64, messages: &[&[u8]]) {
-        let mut payload = Vec::new();
-        for m in messages {
-            wire::payload::push_message(&mut payload, m);
-        }
-        let header =
-            BatchHeaderRepr::for_payload(seq, messages.len() as u32, &payload, &Limits::default())
-                .unwrap();
-        let mut frame = header.frame_prefix().to_vec();
-        frame.extend_from_slice(&payload);
-        self.send(&frame);
-    }
-
-    fn receive(&mut self) -> Received {
-        let mut payload_header = None;
-        let mut payload = Vec::new();
-        loop {
-            while !self.buffer.is_empty() {
-                let (consumed, decoded) = self
-                    .decoder
-                    .decode(&self.buffer)
-                    .expect("broker sends valid frames");
-                let decoded = match decoded {
-                    Decoded::Payload { bytes, remaining } => {
-                        payload.extend_from_slice(bytes);
-                        self.buffer.drain(..consumed);
-                        if remaining == 0 {
-                            return Received::Delivery(payload_header.take().unwrap(), payload);
-                        }
-                        continue;
-                    }
-                    Decoded::Frame(frame) => Some(Received::Frame(frame)),
-                    Decoded::Delivery(header) => {
-                        payload_header = Some(header);
-                        None
-                    }
-                    Decoded::NeedMore(_) => None,
-                    Decoded::Batch(_) => panic!("brokers do not send batches"),
-                };
-                self.buffer.drain(..consumed);
-                if let Some(received) = decoded {
-                    return received;
-                }
-            }
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Received::Closed,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                    return Received::Closed;
-                }
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-    }
-
-    fn frame(&mut self) -> Frame {
-        match self.receive() {
-            Received::Frame(frame) => frame,
-            Received::Delivery(..) => panic!("expected a control frame, got a delivery"),
-            Received::Closed => panic!("broker closed the connection"),
-        }
-    }
-
-    fn expect_error(&mut self, code: ErrorCode) -> String {
-        match self.frame() {
-            Frame::Error(error) => {
-                assert_eq!(error.code, code, "reason: {}", error.reason());
-                error.reason().to_owned()
-            }
-            other => panic!("expected Error {code:?}, got {other:?}"),
-        }
-    }
-
-    fn expect_closed(&mut self) {
-        assert!(
-            matches!(self.receive(), Received::Closed),
-            "the broker should close the connection"
-        );
-    }
-
-    /// Reads Acks until `through` is acknowledged; returns every entry.
-    fn acks_through(&mut self, through: u64) -> Vec<wire::AckEntry> {
-        let mut entries = Vec::new();
-        loop {
-            match self.frame() {
-                Frame::Ack(ack) => {
-                    entries.extend_from_slice(ack.entries());
-                    if ack.acked_through_seq() >= through {
-                        return entries;
-                    }
-                }
-                other => panic!("expected an Ack, got {other:?}"),
-            }
-        }
-    }
-}
-
-fn publisher(addr: SocketAddr, topic: &str, order: Order, client_id: u64) -> Client {
-    let mut client = Client::connect(addr);
-    match client.hello(topic, Role::Publish, order, AckLevel::Ordered, client_id) {
-        Frame::HelloOk(ok) => assert_eq!(ok.order, order),
-        other => panic!("expected HelloOk, got {other:?}"),
-    }
-    client
-}
-
-fn subscriber(addr: SocketAddr, topic: &str, order: Order, from_position: u64) -> Client {
-    let mut client = Client::connect(addr);
-    let role = Role::Subscribe {
-        from_position,
-        batch_bytes_max: 0,
-    };
-    match client.hello(topic, role, order, AckLevel::FireAndForget, 999) {
-        Frame::HelloOk(_) => client,
-        other => panic!("expected HelloOk, got {other:?}"),
-    }
 }
 
 #[test]
@@ -265,16 +98,6 @@ fn publishers_on_every_broker_are_acknowledged_and_a_subscriber_reads_one_order(
     );
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
 #[test]
 fn each_bad_input_gets_a_specific_error_and_harms_nobody_else() {
     let cluster = cluster(2, 64, 1 << 20);
@@ -305,7 +128,7 @@ fn each_bad_input_gets_a_specific_error_and_harms_nobody_else() {
     client.send(&hello);
     let reason = client.expect_error(ErrorCode::UnsupportedVersion);
     assert!(
-        reason.contains('1'),
+        reason.contains('2'),
         "the reason names the supported version: {reason}"
     );
 
@@ -439,6 +262,7 @@ fn a_killed_broker_drops_every_connection_and_a_resend_elsewhere_is_deduplicated
             Received::Frame(Frame::Ack(_)) => {}
             Received::Frame(other) => panic!("a crash says nothing, got {other:?}"),
             Received::Delivery(..) => panic!("a publisher gets no deliveries"),
+            Received::TimedOut => panic!("the connection was not ended"),
         }
     }
     assert!(killed_at.elapsed() < Duration::from_secs(2));
@@ -488,6 +312,7 @@ fn a_standby_takes_over_when_the_head_dies_and_creates_topics_from_then_on() {
         options.sequencer.hold_timeout_ns = 10_000_000_000;
         options.sequencer.lease_ns = 300_000_000;
         options.standby = true;
+        options.settings.auto_create_topics = true;
     })
     .unwrap();
     let addrs = cluster.addresses();

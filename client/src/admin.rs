@@ -3,7 +3,7 @@
 use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
-use wire::{AckLevel, CreateTopicRepr, Frame, FrameKind, TopicOkRepr};
+use wire::{AckLevel, CreateTopicRepr, Frame, FrameKind, Retention, TopicOkRepr};
 
 use crate::config::{SOCKET_BUFFER_BYTES_DEFAULT, invalid, order, topic};
 use crate::error::ClientError;
@@ -20,6 +20,9 @@ pub struct TopicSpec {
     pub ack: u8,
     /// Replicas besides the receiving broker; at least 1 when `ack` is 2.
     pub replication_factor: u8,
+    /// Publishers wait for every connected subscriber however long it takes (else a
+    /// subscriber that stops reading stops holding the log after the broker's stall limit).
+    pub hold_for_subscribers: bool,
 }
 
 /// The broker's answer to a successful CreateTopic.
@@ -47,6 +50,11 @@ impl TopicSpec {
             order: order(self.order)?,
             ack,
             replication_factor: self.replication_factor,
+            retention: if self.hold_for_subscribers {
+                Retention::HoldForSubscribers
+            } else {
+                Retention::StallLimited
+            },
         })
     }
 }
@@ -125,6 +133,7 @@ pub(crate) fn check_topic_answer(
             asked.replication_factor.into(),
             ok.replication_factor.into(),
         ),
+        ("retention", asked.retention as u64, ok.retention as u64),
     ] {
         if asked != got {
             return Err(ClientError::HandshakeMismatch {
@@ -163,6 +172,7 @@ mod tests {
             order: 5,
             ack: 1,
             replication_factor: 0,
+            hold_for_subscribers: false,
         }
     }
 
@@ -174,6 +184,7 @@ mod tests {
             ack: AckLevel::Ordered,
             replication_factor: 0,
             created,
+            retention: Retention::StallLimited,
         })))
     }
 

@@ -32,6 +32,8 @@ fn cluster(brokers: u32) -> InProcessCluster {
     // that is merely late must not be skipped by the gap rule.
     InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
         options.sequencer.hold_timeout_ns = 10_000_000_000;
+        // The publishers name their topics (creation is tested with the loadgen runs).
+        options.settings.auto_create_topics = true;
     })
     .expect("start the brokers")
 }

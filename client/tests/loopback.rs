@@ -323,6 +323,7 @@ fn create_topic_is_idempotent_and_refuses_other_settings() {
         order: 5,
         ack: 1,
         replication_factor: 0,
+        hold_for_subscribers: false,
     };
     let timeout = Duration::from_secs(2);
     assert!(create_topic(peers[0].addr, &spec, timeout).unwrap().created);

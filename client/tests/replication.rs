@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
@@ -129,10 +130,16 @@ fn ack_2_is_not_given_while_no_replica_holds_the_batch() {
     };
     // Replication factor 2, but no broker replicates: nothing may be acknowledged at ack 2,
     // while ack 1 on the same topic is.
-    let cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
-        options.settings.replication_factor = 2;
-    })
-    .expect("start 2 brokers");
+    let cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |_| {})
+        .expect("start 2 brokers");
+    let spec = client::TopicSpec {
+        topic: "unreplicated".into(),
+        order: 2,
+        ack: 2,
+        replication_factor: 1,
+        hold_for_subscribers: false,
+    };
+    client::create_topic(cluster.addresses()[0], &spec, Duration::from_secs(5)).expect("create");
     let connect = |ack: u8| {
         let mut config = client::PublisherConfig::new(cluster.addresses(), "unreplicated");
         config.ack = ack;

@@ -26,6 +26,7 @@ use broker::pool::Pool;
 use broker::reader::{LogReader, ReadError};
 use broker::sequencer::{Sequencer, SequencerConfig};
 use broker::server::connection::{ByteStream, Connection};
+use broker::server::limits::ClientLimits;
 use broker::server::state::{BrokerSettings, BrokerState};
 use fuzz_input::{ConnectionInput, REPAIR_BATCHES, Rng};
 use wire::{Decoded, Frame, FrameDecoder, Limits};
@@ -67,6 +68,19 @@ fn settings(config: u8) -> BrokerSettings {
         },
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
         replication_factor: 1 + (config & 1),
+        // Tight enough that the harness's clock (up to 0.2 ms a round) reaches them: slow
+        // batches move to a small staging area, silent clients and stalled subscribers hit
+        // their deadlines.
+        limits: ClientLimits {
+            hello_timeout_ms: 500,
+            batch_grace_ms: 100,
+            batch_min_bytes_per_s: 1 << 20,
+            batch_hold_ms: 1,
+            staging_bytes_max: 32 * 1024,
+            connections_max: 4,
+            connections_per_address_max: 4,
+            subscriber_stall_ms: 50,
+        },
     }
 }
 
@@ -266,6 +280,7 @@ pub fn run(input: &ConnectionInput<'_>) {
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, sequencer_config(config))
         .expect("a sequencer on a fresh pool");
     let mut rng = Rng::new(input.chunk_seed);
+    let start = Instant::now();
     let mut clients: Vec<Client> = input
         .streams
         .iter()
@@ -276,7 +291,7 @@ pub fn run(input: &ConnectionInput<'_>) {
                 fuzz_input::repair_batches(&mut bytes);
             }
             Client {
-                connection: Connection::new(index as u64, &state),
+                connection: Connection::new(index as u64, &state, start),
                 script: Script {
                     input: bytes,
                     at: 0,
@@ -290,7 +305,6 @@ pub fn run(input: &ConnectionInput<'_>) {
             }
         })
         .collect();
-    let start = Instant::now();
     let mut clock_ns = 0u64;
     let mut quiet = 0;
     let mut outcomes = Vec::new();

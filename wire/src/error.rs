@@ -79,6 +79,9 @@ pub enum Error {
     /// An ack level other than 0, 1 or 2.
     #[error("ack level {0} is not valid (0, 1 or 2)")]
     InvalidAckLevel(u8),
+    /// A retention value other than 0 or 1.
+    #[error("retention {0} is not valid (0 = stall-limited, 1 = hold for subscribers)")]
+    InvalidRetention(u8),
     /// A topic name of zero bytes.
     #[error("topic name is empty")]
     EmptyTopic,
@@ -312,6 +315,7 @@ impl Error {
             | Error::PayloadFrameKind(_)
             | Error::InvalidOrder(_)
             | Error::InvalidAckLevel(_)
+            | Error::InvalidRetention(_)
             | Error::EmptyTopic
             | Error::TopicTooLong { .. }
             | Error::InvalidTopicByte { .. }
@@ -389,11 +393,20 @@ pub enum ErrorCode {
     PoolFull = 19,
     /// The broker failed internally.
     Internal = 20,
+    /// A deadline passed: no Hello in time after connecting, or a batch's payload arrived
+    /// slower than the broker's minimum rate. Added in version 2.
+    DeadlineExpired = 21,
+    /// The broker serves no more connections, in all or from this address. Added in
+    /// version 2.
+    ConnectionLimit = 22,
+    /// The pool's topic table is full, or this broker does not create topics on first use.
+    /// Added in version 2.
+    TopicLimit = 23,
 }
 
 impl ErrorCode {
     /// Every defined code, in numeric order.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::Malformed,
         ErrorCode::UnsupportedVersion,
         ErrorCode::BadMagic,
@@ -414,6 +427,9 @@ impl ErrorCode {
         ErrorCode::SessionGapSkipped,
         ErrorCode::PoolFull,
         ErrorCode::Internal,
+        ErrorCode::DeadlineExpired,
+        ErrorCode::ConnectionLimit,
+        ErrorCode::TopicLimit,
     ];
 
     /// The numeric value on the wire.
@@ -451,6 +467,9 @@ impl ErrorCode {
             ErrorCode::SessionGapSkipped => "session gap skipped",
             ErrorCode::PoolFull => "pool full",
             ErrorCode::Internal => "internal error",
+            ErrorCode::DeadlineExpired => "deadline expired",
+            ErrorCode::ConnectionLimit => "connection limit reached",
+            ErrorCode::TopicLimit => "topic limit reached",
         }
     }
 }

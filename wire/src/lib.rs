@@ -58,4 +58,4 @@ pub use topic::{
     CREATE_TOPIC_FIXED_BYTES, CreateTopic, CreateTopicRepr, TOPIC_OK_FIXED_BYTES, TopicOk,
     TopicOkRepr,
 };
-pub use types::{AckLevel, Order, Topic};
+pub use types::{AckLevel, Order, Retention, Topic};

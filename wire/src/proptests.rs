@@ -140,19 +140,32 @@ fn error_frame() -> impl Strategy<Value = ErrorFrameRepr> {
 }
 
 fn create_topic() -> impl Strategy<Value = CreateTopicRepr> {
-    (topic(), order(), ack_level(), 1..=u8::MAX, any::<bool>()).prop_map(
-        |(topic, order, ack, replicas, zero)| CreateTopicRepr {
-            topic,
-            order,
-            ack,
-            // Zero replicas are allowed unless the ack level is 2.
-            replication_factor: if zero && ack != AckLevel::Replicated {
-                0
-            } else {
-                replicas
-            },
-        },
+    (
+        topic(),
+        order(),
+        ack_level(),
+        1..=u8::MAX,
+        any::<bool>(),
+        any::<bool>(),
     )
+        .prop_map(
+            |(topic, order, ack, replicas, zero, hold)| CreateTopicRepr {
+                topic,
+                order,
+                ack,
+                // Zero replicas are allowed unless the ack level is 2.
+                replication_factor: if zero && ack != AckLevel::Replicated {
+                    0
+                } else {
+                    replicas
+                },
+                retention: if hold {
+                    Retention::HoldForSubscribers
+                } else {
+                    Retention::StallLimited
+                },
+            },
+        )
 }
 
 fn topic_ok() -> impl Strategy<Value = TopicOkRepr> {
@@ -164,6 +177,7 @@ fn topic_ok() -> impl Strategy<Value = TopicOkRepr> {
             ack: create.ack,
             replication_factor: create.replication_factor,
             created,
+            retention: create.retention,
         }
     })
 }
@@ -359,7 +373,8 @@ fn touch_views(bytes: &[u8]) {
             view.order(),
             view.ack(),
         );
-        let _ = (view.replication_factor(), view.reserved(), view.topic());
+        let _ = (view.replication_factor(), view.retention(), view.reserved());
+        let _ = view.topic();
     }
     if let Ok(view) = TopicOk::new_checked(bytes) {
         let _ = (
@@ -368,7 +383,7 @@ fn touch_views(bytes: &[u8]) {
             view.ack(),
             view.replication_factor(),
         );
-        let _ = (view.created(), view.reserved(), view.topic());
+        let _ = (view.created(), view.retention(), view.topic());
     }
 }
 

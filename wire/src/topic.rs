@@ -11,7 +11,8 @@
 //!      7    1 ack                 highest ack level the topic offers: 0, 1 or 2
 //!      8    1 replication_factor  replicas besides the receiving broker; >= 1 if ack = 2
 //!      9    1 topic_len           1..=64
-//!     10    2 reserved            0
+//!     10    1 retention           0 stall-limited, 1 hold for subscribers (see `Retention`)
+//!     11    1 reserved            0
 //!     12    n topic
 //! ```
 //!
@@ -25,7 +26,7 @@
 //!      4    1 replication_factor
 //!      5    1 created             1 = created now, 0 = already existed with these settings
 //!      6    1 topic_len
-//!      7    1 reserved            0
+//!      7    1 retention           the topic's
 //!      8    n topic
 //! ```
 
@@ -33,7 +34,7 @@ use crate::bytes::{magic_at, put, set_u16, u16_at};
 use crate::error::Error;
 use crate::hello::{MAGIC, PROTOCOL_VERSION, check_exact, check_prelude};
 use crate::limits::Limits;
-use crate::types::{AckLevel, Order, Topic};
+use crate::types::{AckLevel, Order, Retention, Topic};
 
 /// Size of the fixed part of a CreateTopic body.
 pub const CREATE_TOPIC_FIXED_BYTES: usize = 12;
@@ -47,7 +48,8 @@ mod field {
     pub const ACK: usize = 7;
     pub const REPLICATION_FACTOR: usize = 8;
     pub const TOPIC_LEN: usize = 9;
-    pub const RESERVED: usize = 10;
+    pub const RETENTION: usize = 10;
+    pub const RESERVED: usize = 11;
     pub const TOPIC: usize = 12;
 }
 
@@ -58,7 +60,7 @@ mod ok_field {
     pub const REPLICATION_FACTOR: usize = 4;
     pub const CREATED: usize = 5;
     pub const TOPIC_LEN: usize = 6;
-    pub const RESERVED: usize = 7;
+    pub const RETENTION: usize = 7;
     pub const TOPIC: usize = 8;
 }
 
@@ -136,9 +138,14 @@ impl<T: AsRef<[u8]>> CreateTopic<T> {
         self.buffer.as_ref()[field::TOPIC_LEN]
     }
 
-    /// The reserved field.
-    pub fn reserved(&self) -> u16 {
-        u16_at(self.buffer.as_ref(), field::RESERVED)
+    /// The raw retention byte.
+    pub fn retention(&self) -> u8 {
+        self.buffer.as_ref()[field::RETENTION]
+    }
+
+    /// The reserved byte.
+    pub fn reserved(&self) -> u8 {
+        self.buffer.as_ref()[field::RESERVED]
     }
 
     /// The raw topic bytes.
@@ -174,9 +181,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> CreateTopic<T> {
         self.buffer.as_mut()[field::REPLICATION_FACTOR] = factor;
     }
 
-    /// Sets the reserved field.
-    pub fn set_reserved(&mut self, reserved: u16) {
-        set_u16(self.buffer.as_mut(), field::RESERVED, reserved);
+    /// Sets the retention byte.
+    pub fn set_retention(&mut self, retention: u8) {
+        self.buffer.as_mut()[field::RETENTION] = retention;
+    }
+
+    /// Sets the reserved byte.
+    pub fn set_reserved(&mut self, reserved: u8) {
+        self.buffer.as_mut()[field::RESERVED] = reserved;
     }
 
     /// Sets `topic_len` and the topic bytes.
@@ -198,6 +210,8 @@ pub struct CreateTopicRepr {
     pub ack: AckLevel,
     /// Replicas besides the receiving broker (at least 1 when `ack` is 2).
     pub replication_factor: u8,
+    /// How its subscribers hold the log.
+    pub retention: Retention,
 }
 
 impl CreateTopicRepr {
@@ -206,6 +220,7 @@ impl CreateTopicRepr {
         let order = Order::try_from(create.order())?;
         let ack = AckLevel::try_from(create.ack())?;
         check_settings(ack, create.replication_factor())?;
+        let retention = Retention::try_from(create.retention())?;
         if create.reserved() != 0 {
             return Err(Error::NonZeroReserved {
                 field: "create-topic reserved",
@@ -217,6 +232,7 @@ impl CreateTopicRepr {
             order,
             ack,
             replication_factor: create.replication_factor(),
+            retention,
         })
     }
 
@@ -232,6 +248,7 @@ impl CreateTopicRepr {
         create.set_order(self.order as u8);
         create.set_ack(self.ack as u8);
         create.set_replication_factor(self.replication_factor);
+        create.set_retention(self.retention as u8);
         create.set_reserved(0);
         create.set_topic(&self.topic);
     }
@@ -299,9 +316,9 @@ impl<T: AsRef<[u8]>> TopicOk<T> {
         self.buffer.as_ref()[ok_field::TOPIC_LEN]
     }
 
-    /// The reserved byte.
-    pub fn reserved(&self) -> u8 {
-        self.buffer.as_ref()[ok_field::RESERVED]
+    /// The raw retention byte.
+    pub fn retention(&self) -> u8 {
+        self.buffer.as_ref()[ok_field::RETENTION]
     }
 
     /// The raw topic bytes.
@@ -337,9 +354,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TopicOk<T> {
         self.buffer.as_mut()[ok_field::CREATED] = created;
     }
 
-    /// Sets the reserved byte.
-    pub fn set_reserved(&mut self, reserved: u8) {
-        self.buffer.as_mut()[ok_field::RESERVED] = reserved;
+    /// Sets the retention byte.
+    pub fn set_retention(&mut self, retention: u8) {
+        self.buffer.as_mut()[ok_field::RETENTION] = retention;
     }
 
     /// Sets `topic_len` and the topic bytes.
@@ -365,6 +382,8 @@ pub struct TopicOkRepr {
     pub replication_factor: u8,
     /// Whether this request created it (false: it existed with identical settings).
     pub created: bool,
+    /// How its subscribers hold the log.
+    pub retention: Retention,
 }
 
 impl TopicOkRepr {
@@ -383,12 +402,7 @@ impl TopicOkRepr {
                 });
             }
         };
-        if ok.reserved() != 0 {
-            return Err(Error::NonZeroReserved {
-                field: "topic-ok reserved",
-                value: ok.reserved().into(),
-            });
-        }
+        let retention = Retention::try_from(ok.retention())?;
         Ok(TopicOkRepr {
             broker_id: ok.broker_id(),
             topic: Topic::from_bytes(ok.topic(), limits.topic_bytes_max())?,
@@ -396,6 +410,7 @@ impl TopicOkRepr {
             ack,
             replication_factor: ok.replication_factor(),
             created,
+            retention,
         })
     }
 
@@ -411,7 +426,7 @@ impl TopicOkRepr {
         ok.set_ack(self.ack as u8);
         ok.set_replication_factor(self.replication_factor);
         ok.set_created(self.created.into());
-        ok.set_reserved(0);
+        ok.set_retention(self.retention as u8);
         ok.set_topic(&self.topic);
     }
 }
@@ -428,6 +443,7 @@ mod tests {
             order: Order::TotalSessionFifo,
             ack: AckLevel::Replicated,
             replication_factor: 2,
+            retention: Retention::HoldForSubscribers,
         };
         let mut bytes = vec![0u8; repr.buffer_len()];
         repr.emit(&mut CreateTopic::new_unchecked(&mut bytes[..]));
@@ -441,6 +457,15 @@ mod tests {
         let mut bad_magic = bytes.clone();
         bad_magic[3] = b'X';
         assert_eq!(parse(&bad_magic), Err(Error::BadMagic { got: *b"EMBX" }));
+        let mut bad_retention = bytes.clone();
+        bad_retention[10] = 2;
+        assert_eq!(parse(&bad_retention), Err(Error::InvalidRetention(2)));
+        let mut reserved = bytes.clone();
+        reserved[11] = 1;
+        assert!(matches!(
+            parse(&reserved),
+            Err(Error::NonZeroReserved { .. })
+        ));
         let mut empty_topic = bytes[..12].to_vec();
         empty_topic[9] = 0;
         assert_eq!(parse(&empty_topic), Err(Error::EmptyTopic));
@@ -456,6 +481,7 @@ mod tests {
             ack: AckLevel::Ordered,
             replication_factor: 0,
             created: true,
+            retention: Retention::StallLimited,
         };
         let mut bytes = vec![0u8; repr.buffer_len()];
         repr.emit(&mut TopicOk::new_unchecked(&mut bytes[..]));
@@ -471,11 +497,8 @@ mod tests {
                 value: 2
             })
         );
-        let mut reserved = bytes.clone();
-        reserved[7] = 1;
-        assert!(matches!(
-            parse(&reserved),
-            Err(Error::NonZeroReserved { .. })
-        ));
+        let mut bad_retention = bytes.clone();
+        bad_retention[7] = 9;
+        assert_eq!(parse(&bad_retention), Err(Error::InvalidRetention(9)));
     }
 }

@@ -58,6 +58,32 @@ impl TryFrom<u8> for AckLevel {
     }
 }
 
+/// How a topic's connected subscribers hold its log (the pool is a ring: what nobody holds is
+/// overwritten as new batches arrive).
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Retention {
+    /// 0: a subscriber holds what it has not read while it keeps reading; one that takes
+    /// nothing for the broker's stall limit stops holding, so publishers never wait on it
+    /// longer than that (it may then find its next batch overwritten: `PositionTruncated`).
+    #[default]
+    StallLimited = 0,
+    /// 1: publishers wait for every connected subscriber, however long it takes.
+    HoldForSubscribers = 1,
+}
+
+impl TryFrom<u8> for Retention {
+    type Error = Error;
+
+    fn try_from(value: u8) -> Result<Self, Error> {
+        match value {
+            0 => Ok(Retention::StallLimited),
+            1 => Ok(Retention::HoldForSubscribers),
+            other => Err(Error::InvalidRetention(other)),
+        }
+    }
+}
+
 /// A validated topic name: 1 to 64 bytes of `[A-Za-z0-9._-]` (hence ASCII and UTF-8).
 ///
 /// Stored inline, so it is `Copy` and never allocates.

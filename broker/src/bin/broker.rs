@@ -12,6 +12,7 @@ use broker::sequencer::SequencerConfig;
 use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
+use broker::server::limits::ClientLimits;
 use broker::server::replica::ReplicaConfig;
 use broker::server::state::BrokerSettings;
 use broker::server::{BrokerOptions, IdleStrategy, NetBackend, PoolSpec, open_pool, start};
@@ -67,10 +68,46 @@ struct Args {
     #[arg(long)]
     #[serde(default)]
     head: bool,
-    /// Refuse Hellos for unknown topics instead of creating them on the head.
+    /// Create a topic on the head when a publisher's Hello names one that does not exist
+    /// (with order and ack from the Hello, --replication-factor), within the pool's topic
+    /// table. Off by default: topics are created with CreateTopic (loadgen does), so that
+    /// clients cannot fill the table with made-up names.
     #[arg(long)]
     #[serde(default)]
-    no_auto_create_topics: bool,
+    auto_create_topics: bool,
+    /// A new connection must send Hello (or CreateTopic) within this time, in milliseconds;
+    /// else it gets DeadlineExpired and is closed. Also the longest pause between an admin
+    /// connection's frames.
+    #[arg(long)]
+    hello_timeout_ms: Option<u64>,
+    /// A started batch must arrive within this time plus its size at
+    /// --batch-min-bytes-per-s, in milliseconds; else the connection gets DeadlineExpired
+    /// and is closed (the partial batch is dropped, never written).
+    #[arg(long)]
+    batch_grace_ms: Option<u64>,
+    /// Slowest accepted arrival of a batch's payload, in bytes per second (K, M or G
+    /// suffix: binary units).
+    #[arg(long)]
+    batch_min_bytes_per_s: Option<String>,
+    /// A batch still arriving this long after it got its room in the pool moves to staging
+    /// outside the pool (one more copy), so that the topic's payload log can be reclaimed
+    /// past it: a slow client never holds other publishers back. In milliseconds.
+    #[arg(long)]
+    batch_hold_ms: Option<u64>,
+    /// Bytes all slow batches together may hold in staging (K, M or G suffix).
+    #[arg(long)]
+    staging_bytes_max: Option<String>,
+    /// Connections the broker serves at once; more are refused with ConnectionLimit.
+    #[arg(long)]
+    connections_max: Option<u32>,
+    /// Connections the broker serves at once from one IP address.
+    #[arg(long)]
+    connections_per_address_max: Option<u32>,
+    /// A subscriber that takes nothing for this long (ms) stops holding the log, so that
+    /// publishers never wait on it longer (it may then get PositionTruncated). Topics
+    /// created with retention "hold for subscribers" keep waiting for their subscribers.
+    #[arg(long)]
+    subscriber_stall_ms: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -231,7 +268,17 @@ fn merge(cli: Args, file: Args) -> Args {
         goi_entries: cli.goi_entries.or(file.goi_entries),
         listen: cli.listen.or(file.listen),
         head: cli.head || file.head,
-        no_auto_create_topics: cli.no_auto_create_topics || file.no_auto_create_topics,
+        auto_create_topics: cli.auto_create_topics || file.auto_create_topics,
+        hello_timeout_ms: cli.hello_timeout_ms.or(file.hello_timeout_ms),
+        batch_grace_ms: cli.batch_grace_ms.or(file.batch_grace_ms),
+        batch_min_bytes_per_s: cli.batch_min_bytes_per_s.or(file.batch_min_bytes_per_s),
+        batch_hold_ms: cli.batch_hold_ms.or(file.batch_hold_ms),
+        staging_bytes_max: cli.staging_bytes_max.or(file.staging_bytes_max),
+        connections_max: cli.connections_max.or(file.connections_max),
+        connections_per_address_max: cli
+            .connections_per_address_max
+            .or(file.connections_per_address_max),
+        subscriber_stall_ms: cli.subscriber_stall_ms.or(file.subscriber_stall_ms),
         metrics: cli.metrics.or(file.metrics),
         coherence: cli.coherence.or(file.coherence),
         allow_shm_fallback: cli.allow_shm_fallback || file.allow_shm_fallback,
@@ -348,14 +395,40 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         }),
     };
     let defaults = SequencerConfig::default();
+    let limit_defaults = ClientLimits::default();
+    let limits = ClientLimits {
+        hello_timeout_ms: args
+            .hello_timeout_ms
+            .unwrap_or(limit_defaults.hello_timeout_ms),
+        batch_grace_ms: args.batch_grace_ms.unwrap_or(limit_defaults.batch_grace_ms),
+        batch_min_bytes_per_s: match args.batch_min_bytes_per_s.as_deref() {
+            Some(text) => parse_bytes(text)?,
+            None => limit_defaults.batch_min_bytes_per_s,
+        },
+        batch_hold_ms: args.batch_hold_ms.unwrap_or(limit_defaults.batch_hold_ms),
+        staging_bytes_max: match args.staging_bytes_max.as_deref() {
+            Some(text) => parse_bytes(text)?,
+            None => limit_defaults.staging_bytes_max,
+        },
+        connections_max: args
+            .connections_max
+            .unwrap_or(limit_defaults.connections_max),
+        connections_per_address_max: args
+            .connections_per_address_max
+            .unwrap_or(limit_defaults.connections_per_address_max),
+        subscriber_stall_ms: args
+            .subscriber_stall_ms
+            .unwrap_or(limit_defaults.subscriber_stall_ms),
+    };
     let options = BrokerOptions {
         settings: BrokerSettings {
             broker_id: id,
             head: args.head,
-            auto_create_topics: !args.no_auto_create_topics,
+            auto_create_topics: args.auto_create_topics,
             batch_bytes_max: args.batch_bytes_max.unwrap_or(wire::BATCH_BYTES_DEFAULT),
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor: args.replication_factor.unwrap_or(1).max(1),
+            limits,
         },
         listen,
         socket_buffer_bytes: args.socket_buffer_bytes.unwrap_or(4 << 20),

@@ -4,10 +4,15 @@
 //! or writable; time comes in as an argument.
 //!
 //! Publishers' payloads are received straight into a reservation in the pool; when the pool
-//! is full the connection stops reading (TCP backpressure) and never closes for it.
+//! is full the connection stops reading (TCP backpressure) and never closes for it. A batch
+//! that arrives slowly does not keep its room: after `batch_hold_ms` what has arrived moves
+//! to staging outside the pool, and the batch is copied in once complete. Every connection
+//! has deadlines (docs/protocol.md, "Deadlines and limits"): Hello in time, every batch at a
+//! minimum rate; a subscriber that stops reading stops holding the log.
 
 use std::collections::VecDeque;
 use std::io;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use wire::{
@@ -16,11 +21,13 @@ use wire::{
     TopicOkRepr,
 };
 
+use crate::Retention;
 use crate::coherence::SharedMemory;
 use crate::metrics::Metrics;
 use crate::pool::{PoolError, TopicConfig, TopicId};
 use crate::reader::{LogReader, ReadError};
 use crate::sequencer::CompletionStatus;
+use crate::server::limits::ConnectionRefused;
 use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
 use crate::writer::{AppendError, BatchMeta, Reservation};
 
@@ -85,19 +92,46 @@ pub enum InputState {
 #[derive(Debug)]
 enum Receiving {
     Idle,
-    /// A batch header arrived; the payload waits for room in the pool.
+    /// A batch header arrived; the payload (or, when `staged`, the whole payload received
+    /// and checked in staging) waits for room in the pool.
     WaitingForRoom {
         header: BatchHeaderRepr,
         /// When the first attempt found the pool full (`None`: not tried yet).
         full_since: Option<Instant>,
         stalled: bool,
+        staged: Option<Vec<u8>>,
     },
     /// Receiving a payload into the pool.
     Payload {
         header: BatchHeaderRepr,
         reservation: Reservation,
         received: u64,
+        /// The whole payload must have arrived by then.
+        deadline: Instant,
+        /// Still arriving then, it moves to staging.
+        stage_at: Instant,
     },
+    /// Receiving a slow payload into staging (`staged` has the payload's size).
+    Staging {
+        header: BatchHeaderRepr,
+        staged: Vec<u8>,
+        received: u64,
+        deadline: Instant,
+    },
+}
+
+impl Receiving {
+    /// Staging bytes this state holds (to give back when it ends).
+    fn staged_bytes(&self) -> u64 {
+        match self {
+            Receiving::Staging { staged, .. }
+            | Receiving::WaitingForRoom {
+                staged: Some(staged),
+                ..
+            } => staged.len() as u64,
+            _ => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -132,6 +166,12 @@ struct Subscriber<M> {
     batch_bytes_max: u32,
     /// Order 0 promises no position, so deliveries carry none.
     positions: bool,
+    /// The topic's retention: whether a stalled subscriber stops holding the log.
+    retention: Retention,
+    /// Last time the subscriber took a delivery or was at the end of the log.
+    progress_at: Instant,
+    /// Whether its position holds the log (see [`Connection::subscription`]).
+    holding: bool,
 }
 
 #[derive(Debug)]
@@ -155,6 +195,8 @@ pub struct Connection<M> {
     role: Peer<M>,
     /// Set once the connection must end after its output is sent (error or goodbye).
     closing: bool,
+    /// Before Hello (and between an admin connection's frames): the next frame is due then.
+    handshake_deadline: Option<Instant>,
 }
 
 fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
@@ -165,8 +207,8 @@ fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
 }
 
 impl<M: SharedMemory + Clone> Connection<M> {
-    /// A new connection awaiting its first frame.
-    pub fn new(id: ConnId, state: &BrokerState<M>) -> Connection<M> {
+    /// A new connection, opened at `now`, awaiting its first frame.
+    pub fn new(id: ConnId, state: &BrokerState<M>, now: Instant) -> Connection<M> {
         Connection {
             id,
             decoder: FrameDecoder::new(limits(&state.settings)),
@@ -177,6 +219,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             output_start: 0,
             role: Peer::Handshake,
             closing: false,
+            handshake_deadline: Some(now + state.settings.limits.hello_timeout()),
         }
     }
 
@@ -200,10 +243,12 @@ impl<M: SharedMemory + Clone> Connection<M> {
         matches!(&self.role, Peer::Publisher(p) if matches!(p.receiving, Receiving::WaitingForRoom { .. }))
     }
 
-    /// For a subscriber: its topic and the ordinal of the next batch it needs.
+    /// For a subscriber that holds the log: its topic and the ordinal of the next batch it
+    /// needs. A subscriber that took nothing for the stall limit holds nothing (on topics
+    /// with [`Retention::StallLimited`]) until it reads again.
     pub fn subscription(&self) -> Option<(TopicId, u64)> {
         match &self.role {
-            Peer::Subscriber(subscriber) if !self.closing => {
+            Peer::Subscriber(subscriber) if !self.closing && subscriber.holding => {
                 Some((subscriber.reader.topic(), subscriber.reader.next_ordinal()))
             }
             _ => None,
@@ -334,7 +379,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     self.input_start += consumed;
                     match decoded {
                         Decoded::NeedMore(_) => {}
-                        Decoded::Frame(frame) => self.on_frame(frame, state),
+                        Decoded::Frame(frame) => self.on_frame(frame, state, now),
                         Decoded::Batch(header) => self.on_batch_header(header, state),
                         Decoded::Delivery(_) => self.send_error(
                             &state.metrics,
@@ -364,12 +409,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return None;
         };
+        let buffered = &self.input[self.input_start..self.input_end];
         match &mut publisher.receiving {
             Receiving::Idle => None,
             Receiving::WaitingForRoom {
                 header,
                 full_since,
                 stalled,
+                staged,
             } => {
                 let header = *header;
                 let topic = state
@@ -377,11 +424,26 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     .get_mut(&publisher.topic)
                     .expect("publisher's topic state");
                 match topic.writer.reserve(u64::from(header.payload_bytes)) {
-                    Ok(reservation) => {
+                    Ok(mut reservation) => {
+                        if let Some(staged) = staged.take() {
+                            // Received and checked in staging: into the pool in one copy.
+                            topic.writer.write_payload(&mut reservation, &staged);
+                            state.staging.give_back(staged.len() as u64);
+                            state
+                                .metrics
+                                .staging_bytes
+                                .store(state.staging.used_bytes(), Ordering::Relaxed);
+                            publisher.receiving = Receiving::Idle;
+                            self.commit_batch(state, reservation, header, now);
+                            return Some(Step::Continue);
+                        }
+                        let limits = &state.settings.limits;
                         publisher.receiving = Receiving::Payload {
                             header,
                             reservation,
                             received: 0,
+                            deadline: now + limits.batch_deadline(u64::from(header.payload_bytes)),
+                            stage_at: now + limits.batch_hold(),
                         };
                         Some(Step::Continue)
                     }
@@ -400,7 +462,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         Some(Step::Stop(InputState::Paused))
                     }
                     Err(other) => {
+                        let staged_bytes = publisher.receiving.staged_bytes();
                         publisher.receiving = Receiving::Idle;
+                        self.give_back_staging(state, staged_bytes);
                         let reason = other.to_string();
                         self.send_error(
                             &state.metrics,
@@ -416,52 +480,198 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 header,
                 reservation,
                 received,
+                ..
             } => {
                 let total = u64::from(header.payload_bytes);
-                let topic = state
+                let writer = &state
                     .topics
-                    .get_mut(&publisher.topic)
-                    .expect("publisher's topic state");
-                let buffered = (self.input_end - self.input_start) as u64;
-                let got = if buffered > 0 {
-                    let n = buffered.min(total - *received) as usize;
-                    let from = &self.input[self.input_start..self.input_start + n];
-                    let at = *received as usize;
-                    topic.writer.fill(reservation, |payload| {
-                        payload[at..at + n].copy_from_slice(from)
-                    });
-                    self.input_start += n;
-                    n
-                } else {
-                    let at = *received as usize;
-                    match topic
-                        .writer
-                        .fill(reservation, |payload| stream.recv(&mut payload[at..]))
-                    {
-                        Ok(0) => return Some(Step::Stop(InputState::Ended)),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            return Some(Step::Stop(InputState::Drained));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                            return Some(Step::Continue);
-                        }
-                        Err(e) => {
-                            log::info!("connection {}: receive failed mid-batch: {e}", self.id);
-                            return Some(Step::Stop(InputState::Ended));
-                        }
-                    }
-                };
-                *received += got as u64;
-                if let Err(error) = self.decoder.payload_received(got) {
-                    self.protocol_error(&state.metrics, &error);
-                    return Some(Step::Stop(InputState::Paused));
-                }
-                if *received == total {
-                    self.finish_batch(state, now);
-                }
-                Some(Step::Continue)
+                    .get(&publisher.topic)
+                    .expect("publisher's topic state")
+                    .writer;
+                let at = *received as usize;
+                let want = (total - *received) as usize;
+                let id = self.id;
+                let got = writer.fill(reservation, |payload| {
+                    receive_payload(buffered, stream, &mut payload[at..at + want], id)
+                });
+                self.payload_arrived(got, state, now)
             }
+            Receiving::Staging {
+                staged, received, ..
+            } => {
+                let at = *received as usize;
+                let got = receive_payload(buffered, stream, &mut staged[at..], self.id);
+                self.payload_arrived(got, state, now)
+            }
+        }
+    }
+
+    /// Books `got` payload bytes received by [`receive_payload`] into the batch in
+    /// progress, and finishes the batch once its payload is complete.
+    fn payload_arrived(
+        &mut self,
+        got: Result<PayloadRead, Step>,
+        state: &mut BrokerState<M>,
+        now: Instant,
+    ) -> Option<Step> {
+        let read = match got {
+            Ok(read) => read,
+            Err(step) => return Some(step),
+        };
+        if read.buffered {
+            self.input_start += read.bytes;
+        }
+        let complete = match &mut self.role {
+            Peer::Publisher(publisher) => match &mut publisher.receiving {
+                Receiving::Payload {
+                    header, received, ..
+                }
+                | Receiving::Staging {
+                    header, received, ..
+                } => {
+                    *received += read.bytes as u64;
+                    *received == u64::from(header.payload_bytes)
+                }
+                _ => false,
+            },
+            _ => false,
+        };
+        if let Err(error) = self.decoder.payload_received(read.bytes) {
+            self.protocol_error(&state.metrics, &error);
+            return Some(Step::Stop(InputState::Paused));
+        }
+        if complete {
+            self.finish_batch(state, now);
+        }
+        Some(Step::Continue)
+    }
+
+    /// Applies the batch deadline and the move to staging to the batch in progress, and the
+    /// handshake deadline before Hello. Called on every turn of the loop, read or not.
+    fn check_deadlines(&mut self, state: &mut BrokerState<M>, now: Instant) {
+        if self.closing {
+            return;
+        }
+        if let Some(deadline) = self.handshake_deadline
+            && now >= deadline
+        {
+            Metrics::inc(&state.metrics.hello_deadlines_expired);
+            let reason = format!(
+                "no Hello or CreateTopic within {} ms (--hello-timeout-ms)",
+                state.settings.limits.hello_timeout_ms
+            );
+            self.send_error(&state.metrics, ErrorCode::DeadlineExpired, None, &reason);
+            return;
+        }
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        let (header, received, deadline) = match &publisher.receiving {
+            Receiving::Payload {
+                header,
+                received,
+                deadline,
+                ..
+            }
+            | Receiving::Staging {
+                header,
+                received,
+                deadline,
+                ..
+            } => (*header, *received, *deadline),
+            _ => return,
+        };
+        if now >= deadline {
+            self.drop_batch(state);
+            Metrics::inc(&state.metrics.batch_deadlines_expired);
+            let limits = &state.settings.limits;
+            let reason = format!(
+                "batch {}: {received} of {} payload bytes arrived within {} ms; a batch must \
+                 arrive within {} ms plus its size at {} bytes/s (--batch-grace-ms, \
+                 --batch-min-bytes-per-s)",
+                header.batch_seq,
+                header.payload_bytes,
+                limits
+                    .batch_deadline(u64::from(header.payload_bytes))
+                    .as_millis(),
+                limits.batch_grace_ms,
+                limits.batch_min_bytes_per_s
+            );
+            self.send_error(
+                &state.metrics,
+                ErrorCode::DeadlineExpired,
+                Some(header.batch_seq),
+                &reason,
+            );
+            return;
+        }
+        self.stage_if_slow(state, now);
+    }
+
+    /// Moves a batch still arriving after `batch_hold_ms` out of the pool: what has arrived
+    /// is copied to staging and the reservation given back, so that reclaiming the topic's
+    /// payload log never waits on this connection.
+    fn stage_if_slow(&mut self, state: &mut BrokerState<M>, now: Instant) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        let Receiving::Payload {
+            header, stage_at, ..
+        } = &mut publisher.receiving
+        else {
+            return;
+        };
+        if now < *stage_at {
+            return;
+        }
+        let limits = state.settings.limits;
+        let payload_bytes = u64::from(header.payload_bytes);
+        if !state.staging.take(payload_bytes, &limits) {
+            // Staging is full: try again after another hold (the deadline still applies).
+            *stage_at = now + limits.batch_hold();
+            Metrics::inc(&state.metrics.staging_full);
+            return;
+        }
+        let Receiving::Payload {
+            header,
+            reservation,
+            received,
+            deadline,
+            ..
+        } = std::mem::replace(&mut publisher.receiving, Receiving::Idle)
+        else {
+            unreachable!("matched above");
+        };
+        let mut staged = vec![0u8; payload_bytes as usize];
+        let topic = state
+            .topics
+            .get_mut(&publisher.topic)
+            .expect("publisher's topic state");
+        let arrived = received as usize;
+        topic.writer.fill(&reservation, |payload| {
+            staged[..arrived].copy_from_slice(&payload[..arrived]);
+        });
+        topic.writer.abort(reservation);
+        publisher.receiving = Receiving::Staging {
+            header,
+            staged,
+            received,
+            deadline,
+        };
+        Metrics::inc(&state.metrics.batches_staged);
+        state
+            .metrics
+            .staging_bytes
+            .store(state.staging.used_bytes(), Ordering::Relaxed);
+    }
+
+    fn give_back_staging(&self, state: &mut BrokerState<M>, bytes: u64) {
+        if bytes > 0 {
+            state.staging.give_back(bytes);
+            state
+                .metrics
+                .staging_bytes
+                .store(state.staging.used_bytes(), Ordering::Relaxed);
         }
     }
 
@@ -499,33 +709,68 @@ impl<M: SharedMemory + Clone> Connection<M> {
             header,
             full_since: None,
             stalled: false,
+            staged: None,
         };
     }
 
+    /// A payload is complete: checks it (in the pool, or in staging) and commits it.
     fn finish_batch(&mut self, state: &mut BrokerState<M>, now: Instant) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
-        let Receiving::Payload {
-            header,
-            reservation,
-            ..
-        } = std::mem::replace(&mut publisher.receiving, Receiving::Idle)
-        else {
+        match std::mem::replace(&mut publisher.receiving, Receiving::Idle) {
+            Receiving::Payload {
+                header,
+                reservation,
+                ..
+            } => {
+                let topic = state
+                    .topics
+                    .get_mut(&publisher.topic)
+                    .expect("publisher's topic state");
+                let verdict = topic.writer.fill(&reservation, |payload| {
+                    wire::verify_payload(&header, payload)
+                });
+                if let Err(error) = verdict {
+                    topic.writer.abort(reservation);
+                    self.protocol_error(&state.metrics, &error);
+                    return;
+                }
+                self.commit_batch(state, reservation, header, now);
+            }
+            Receiving::Staging { header, staged, .. } => {
+                if let Err(error) = wire::verify_payload(&header, &staged) {
+                    self.give_back_staging(state, staged.len() as u64);
+                    self.protocol_error(&state.metrics, &error);
+                    return;
+                }
+                // Into the pool as soon as there is room (at once, unless it is full).
+                publisher.receiving = Receiving::WaitingForRoom {
+                    header,
+                    full_since: None,
+                    stalled: false,
+                    staged: Some(staged),
+                };
+            }
+            other => publisher.receiving = other,
+        }
+    }
+
+    /// Publishes a filled and checked reservation and books the batch as in flight.
+    fn commit_batch(
+        &mut self,
+        state: &mut BrokerState<M>,
+        reservation: Reservation,
+        header: BatchHeaderRepr,
+        now: Instant,
+    ) {
+        let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
         let topic = state
             .topics
             .get_mut(&publisher.topic)
             .expect("publisher's topic state");
-        let verdict = topic.writer.fill(&reservation, |payload| {
-            wire::verify_payload(&header, payload)
-        });
-        if let Err(error) = verdict {
-            topic.writer.abort(reservation);
-            self.protocol_error(&state.metrics, &error);
-            return;
-        }
         let meta = BatchMeta {
             client_id: publisher.client_id,
             session_epoch: publisher.session_epoch,
@@ -550,17 +795,22 @@ impl<M: SharedMemory + Clone> Connection<M> {
             .or_default();
         *next = (*next).max(header.batch_seq + 1);
         Metrics::inc(&state.metrics.batches_received);
-        state.metrics.bytes_received.fetch_add(
-            u64::from(header.payload_bytes),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        state
+            .metrics
+            .bytes_received
+            .fetch_add(u64::from(header.payload_bytes), Ordering::Relaxed);
     }
 
-    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>) {
+    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>, now: Instant) {
         match (&self.role, frame) {
-            (Peer::Handshake, Frame::Hello(hello)) => self.on_hello(hello, state),
+            (Peer::Handshake, Frame::Hello(hello)) => {
+                self.handshake_deadline = None;
+                self.on_hello(hello, state, now);
+            }
             (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
                 self.role = Peer::Admin;
+                // An admin connection's next frame is due within the same time.
+                self.handshake_deadline = Some(now + state.settings.limits.hello_timeout());
                 self.on_create_topic(create, state);
             }
             (Peer::Handshake, _) => self.send_error(
@@ -605,6 +855,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             order: create.order,
             ack: create.ack as u8,
             replication_factor,
+            retention: create.retention,
         };
         let existed = matches!(state.pool.find_topic(create.topic.as_str()), Ok(Some(_)));
         match state.pool.create_topic(create.topic.as_str(), config) {
@@ -615,6 +866,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 ack: create.ack,
                 replication_factor: create.replication_factor,
                 created: !existed,
+                retention: create.retention,
             })),
             Err(PoolError::TopicConflict { .. }) => {
                 let reason = format!(
@@ -622,6 +874,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     create.topic.as_str()
                 );
                 self.send_error(&state.metrics, ErrorCode::TopicExists, None, &reason);
+            }
+            Err(e @ PoolError::TopicTableFull { .. }) => {
+                Metrics::inc(&state.metrics.topics_refused);
+                self.send_error(&state.metrics, ErrorCode::TopicLimit, None, &e.to_string());
             }
             Err(other) => self.send_error(
                 &state.metrics,
@@ -632,7 +888,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
     }
 
-    fn on_hello(&mut self, hello: HelloRepr, state: &mut BrokerState<M>) {
+    fn on_hello(&mut self, hello: HelloRepr, state: &mut BrokerState<M>, now: Instant) {
         let metrics = std::sync::Arc::clone(&state.metrics);
         let name = hello.topic.as_str().to_owned();
         let resolved = match hello.role {
@@ -642,8 +898,16 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let (topic, config) = match resolved {
             Ok(Some(found)) => found,
             Ok(None) => {
-                let reason = format!("topic {name:?} does not exist: create it on the head broker");
+                let reason = format!(
+                    "topic {name:?} does not exist: create it with CreateTopic (loadgen does, \
+                     unless --create-topic false); brokers create topics on first use only \
+                     with --auto-create-topics"
+                );
                 return self.send_error(&metrics, ErrorCode::UnknownTopic, None, &reason);
+            }
+            Err(e @ PoolError::TopicTableFull { .. }) => {
+                Metrics::inc(&metrics.topics_refused);
+                return self.send_error(&metrics, ErrorCode::TopicLimit, None, &e.to_string());
             }
             Err(e) => return self.send_error(&metrics, ErrorCode::Internal, None, &e.to_string()),
         };
@@ -777,6 +1041,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     reader,
                     batch_bytes_max: limit,
                     positions: config.order != Order::Unordered,
+                    retention: config.retention,
+                    progress_at: now,
+                    holding: true,
                 }));
             }
         }
@@ -964,14 +1231,33 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
     }
 
-    /// Queues deliveries for a subscriber while its output has room.
-    pub fn produce_deliveries(&mut self, state: &BrokerState<M>) {
-        if self.closing || self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+    /// Queues deliveries for a subscriber while its output has room, and lets a subscriber
+    /// that took nothing for the stall limit stop holding the log.
+    pub fn produce_deliveries(&mut self, state: &BrokerState<M>, now: Instant) {
+        if self.closing {
             return;
         }
         let Peer::Subscriber(subscriber) = &mut self.role else {
             return;
         };
+        let stall = state.settings.limits.subscriber_stall();
+        if subscriber.holding
+            && subscriber.retention == Retention::StallLimited
+            && now.saturating_duration_since(subscriber.progress_at) >= stall
+        {
+            subscriber.holding = false;
+            Metrics::inc(&state.metrics.subscribers_released);
+            log::info!(
+                "connection {}: the subscriber took nothing for {} ms (--subscriber-stall-ms): \
+                 it no longer holds the log at batch {}",
+                self.id,
+                stall.as_millis(),
+                subscriber.reader.next_ordinal()
+            );
+        }
+        if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+            return;
+        }
         if self.output_start > 0 && self.output_start == self.output.len() {
             self.output.clear();
             self.output_start = 0;
@@ -1028,11 +1314,23 @@ impl<M: SharedMemory + Clone> Connection<M> {
             emit(&batch.payload[from..at], count, start_position);
         });
         let metrics = &state.metrics;
+        // Progress: it took deliveries, or has read everything there is.
+        if result.is_ok() {
+            subscriber.progress_at = now;
+            if !subscriber.holding {
+                subscriber.holding = true;
+                log::info!(
+                    "connection {}: the subscriber reads again: it holds the log from batch {}",
+                    self.id,
+                    subscriber.reader.next_ordinal()
+                );
+            }
+        }
         match result {
             Ok(delivered) => {
                 metrics
                     .batches_delivered
-                    .fetch_add(delivered as u64, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(delivered as u64, Ordering::Relaxed);
                 if let Some(size) = oversize {
                     self.output.truncate(last_batch_start);
                     let reason = format!(
@@ -1068,6 +1366,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             released: false,
             ended: false,
         };
+        self.check_deadlines(state, now);
         if readable || self.waits_for_room() {
             let input = self.on_readable(stream, state, now);
             service.ended |= input == InputState::Ended;
@@ -1076,7 +1375,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         service.released = self.release_durable(state, now);
         self.flush_acks();
         if self.is_subscriber() {
-            self.produce_deliveries(state);
+            self.produce_deliveries(state, now);
         }
         if self.has_output() && writable {
             service.ended |= !self.on_writable(stream);
@@ -1107,23 +1406,81 @@ impl<M: SharedMemory + Clone> Connection<M> {
         true
     }
 
-    /// Releases what the connection holds in the pool (a half-received batch) when it ends.
+    /// Releases what the connection holds (a half-received batch, in the pool or in
+    /// staging) when it ends.
     pub fn on_closed(&mut self, state: &mut BrokerState<M>) {
-        if let Peer::Publisher(publisher) = &mut self.role {
-            if let Receiving::Payload { reservation, .. } =
-                std::mem::replace(&mut publisher.receiving, Receiving::Idle)
-            {
-                if let Some(topic) = state.topics.get_mut(&publisher.topic) {
-                    topic.writer.abort(reservation);
-                }
-            }
-        }
+        self.drop_batch(state);
     }
+
+    /// Drops the batch being received, if any: its room in the pool or in staging is given
+    /// back, and nothing of it is written.
+    fn drop_batch(&mut self, state: &mut BrokerState<M>) {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return;
+        };
+        let receiving = std::mem::replace(&mut publisher.receiving, Receiving::Idle);
+        let staged_bytes = receiving.staged_bytes();
+        if let Receiving::Payload { reservation, .. } = receiving
+            && let Some(topic) = state.topics.get_mut(&publisher.topic)
+        {
+            topic.writer.abort(reservation);
+        }
+        self.give_back_staging(state, staged_bytes);
+    }
+}
+
+/// The bytes to send a peer whose connection the limits refuse, before closing it: an
+/// Error frame with code `ConnectionLimit` that says which limit.
+pub fn refusal_frame(refusal: &ConnectionRefused) -> Vec<u8> {
+    Frame::Error(ErrorFrameRepr::new(
+        ErrorCode::ConnectionLimit,
+        None,
+        &refusal.to_string(),
+    ))
+    .to_bytes()
 }
 
 enum Step {
     Continue,
     Stop(InputState),
+}
+
+/// Payload bytes taken by [`receive_payload`].
+struct PayloadRead {
+    bytes: usize,
+    /// Taken from the read-ahead buffer (which the caller then consumes), not the stream.
+    buffered: bool,
+}
+
+/// Takes payload bytes into `dest`: what the read-ahead buffer holds first, else one read
+/// straight from the stream (no copy through the buffer).
+fn receive_payload<S: ByteStream>(
+    buffered: &[u8],
+    stream: &mut S,
+    dest: &mut [u8],
+    id: ConnId,
+) -> Result<PayloadRead, Step> {
+    if !buffered.is_empty() {
+        let bytes = buffered.len().min(dest.len());
+        dest[..bytes].copy_from_slice(&buffered[..bytes]);
+        return Ok(PayloadRead {
+            bytes,
+            buffered: true,
+        });
+    }
+    match stream.recv(dest) {
+        Ok(0) => Err(Step::Stop(InputState::Ended)),
+        Ok(bytes) => Ok(PayloadRead {
+            bytes,
+            buffered: false,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(Step::Stop(InputState::Drained)),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Err(Step::Continue),
+        Err(e) => {
+            log::info!("connection {id}: receive failed mid-batch: {e}");
+            Err(Step::Stop(InputState::Ended))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1138,6 +1495,7 @@ mod tests {
     use crate::layout::Geometry;
     use crate::pool::Pool;
     use crate::sequencer::{Sequencer, SequencerConfig};
+    use crate::server::limits::ClientLimits;
     use crate::server::state::BrokerSettings;
 
     /// Everything to read at once, then `WouldBlock` (end of stream once `closed`); takes
@@ -1240,6 +1598,7 @@ mod tests {
             batch_bytes_max: 16 * 1024,
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor,
+            limits: ClientLimits::default(),
         };
         let metrics = Arc::new(Metrics::default());
         let state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
@@ -1258,7 +1617,7 @@ mod tests {
         // kept the connection forever.
         let (mut state, mut sequencer, metrics) = head_broker(2);
         let now = Instant::now();
-        let mut connection = Connection::new(1, &state);
+        let mut connection = Connection::new(1, &state, Instant::now());
         let mut pipe = Pipe::new(publisher_stream_with_ack(0, true, AckLevel::Replicated));
         let service = connection.service(&mut pipe, &mut state, now, true, true);
         assert!(!service.ended);
@@ -1287,7 +1646,7 @@ mod tests {
         let (mut state, _sequencer, _metrics) = head_broker(2);
         let mut input = publisher_stream_with_ack(0, true, AckLevel::Replicated);
         input.extend_from_slice(&Frame::Goodbye.to_bytes());
-        let mut connection = Connection::new(1, &state);
+        let mut connection = Connection::new(1, &state, Instant::now());
         let mut pipe = Pipe::new(input);
         connection.service(&mut pipe, &mut state, Instant::now(), true, true);
         let frames = frames(&pipe.output);
@@ -1304,14 +1663,14 @@ mod tests {
         let (mut state, mut sequencer, metrics) = head_broker(1);
         let now = Instant::now();
         // Batch 1 of the session arrives first and is ordered once the gap rule gives up on 0.
-        let mut first = Connection::new(1, &state);
+        let mut first = Connection::new(1, &state, Instant::now());
         let mut first_pipe = Pipe::new(publisher_stream(1, false));
         first.service(&mut first_pipe, &mut state, now, true, true);
         sequencer.refresh_topics().unwrap();
         sequencer.poll(0);
         sequencer.poll(10_000);
         // Batch 0 arrives late on another connection that then says goodbye.
-        let mut late = Connection::new(2, &state);
+        let mut late = Connection::new(2, &state, Instant::now());
         let mut late_pipe = Pipe::new(publisher_stream(0, true));
         late.service(&mut late_pipe, &mut state, now, true, true);
         sequencer.poll(20_000);

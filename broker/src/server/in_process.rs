@@ -10,6 +10,7 @@ use crate::heap::HeapRegion;
 use crate::layout::Geometry;
 use crate::pool::Pool;
 use crate::sequencer::SequencerConfig;
+use crate::server::limits::ClientLimits;
 use crate::server::state::BrokerSettings;
 use crate::server::{BrokerOptions, IdleStrategy, NetBackend, RunningBroker, StartError, start};
 
@@ -41,10 +42,11 @@ impl InProcessCluster {
                 settings: BrokerSettings {
                     broker_id: id,
                     head: id == 0,
-                    auto_create_topics: true,
+                    auto_create_topics: false,
                     batch_bytes_max: 1 << 20,
                     frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
                     replication_factor: 1,
+                    limits: ClientLimits::default(),
                 },
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 socket_buffer_bytes: 1 << 20,

@@ -2,6 +2,8 @@
 //! and every connection, driving the [`Connection`] state machines and the ACK path.
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::server::connection::{Connection, InputState};
+use crate::server::connection::{Connection, InputState, refusal_frame};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -24,6 +26,8 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 struct Client {
     stream: TcpStream,
+    /// The peer's address (its connections count against the per-address limit).
+    address: IpAddr,
     connection: Connection<PoolMemory>,
     readable: bool,
     writable: bool,
@@ -183,6 +187,11 @@ impl KernelLoop {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
+                    if let Err(refusal) = self.state.admit_connection(peer.ip()) {
+                        // Best effort: the socket is new, so its send buffer has room.
+                        let _ = stream.write(&refusal_frame(&refusal));
+                        continue;
+                    }
                     if let Err(e) = self.configure(&stream) {
                         log::warn!(
                             "broker {}: cannot configure the socket of {peer}: {e}",
@@ -200,22 +209,20 @@ impl KernelLoop {
                             "broker {}: cannot poll the connection of {peer}: {e}",
                             self.state.settings.broker_id
                         );
+                        self.state.release_connection(peer.ip());
                         continue;
                     }
-                    let connection = Connection::new(token.0 as u64, &self.state);
+                    let connection = Connection::new(token.0 as u64, &self.state, Instant::now());
                     self.clients.insert(
                         token,
                         Client {
                             stream,
+                            address: peer.ip(),
                             connection,
                             readable: true,
                             writable: true,
                         },
                     );
-                    self.state
-                        .metrics
-                        .connections_open
-                        .fetch_add(1, Ordering::Relaxed);
                     log::debug!(
                         "broker {}: connection {} from {peer}",
                         self.state.settings.broker_id,
@@ -288,10 +295,7 @@ impl KernelLoop {
                 client.connection.on_closed(&mut self.state);
                 let _ = poll.registry().deregister(&mut client.stream);
                 let _ = client.stream.shutdown(std::net::Shutdown::Both);
-                self.state
-                    .metrics
-                    .connections_open
-                    .fetch_sub(1, Ordering::Relaxed);
+                self.state.release_connection(client.address);
                 log::debug!(
                     "broker {}: connection {} closed",
                     self.state.settings.broker_id,

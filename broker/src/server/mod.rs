@@ -6,6 +6,7 @@ pub mod bypass;
 pub mod connection;
 pub mod in_process;
 pub mod kernel;
+pub mod limits;
 pub mod replica;
 pub mod state;
 

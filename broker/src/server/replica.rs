@@ -157,6 +157,10 @@ pub struct TopicDescription {
     pub ack: u8,
     /// Replication factor, counting the pool copy.
     pub replication_factor: u8,
+    /// How subscribers hold the log (a `wire::Retention` value; files written before it
+    /// existed hold none: 0).
+    #[serde(default)]
+    pub retention: u8,
 }
 
 impl TopicDescription {
@@ -174,14 +178,15 @@ impl TopicDescription {
 
     /// The settings as the pool stores them.
     pub fn config(&self) -> Result<TopicConfig, ReplicaError> {
-        let order = crate::Order::try_from(self.order).map_err(|e| ReplicaError::Meta {
+        let invalid = |e: wire::Error| ReplicaError::Meta {
             path: PathBuf::new(),
             what: e.to_string(),
-        })?;
+        };
         Ok(TopicConfig {
-            order,
+            order: crate::Order::try_from(self.order).map_err(invalid)?,
             ack: self.ack,
             replication_factor: self.replication_factor,
+            retention: crate::Retention::try_from(self.retention).map_err(invalid)?,
         })
     }
 }
@@ -542,6 +547,7 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 order: config.order as u8,
                 ack: config.ack,
                 replication_factor: config.replication_factor,
+                retention: config.retention as u8,
             };
             let meta = meta_path(&self.config.dir, topic);
             let text = toml::to_string(&description).expect("a description serializes");

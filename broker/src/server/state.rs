@@ -2,7 +2,9 @@
 //! writer per topic in use, the slots awaiting the sequencer's decision, and sessions.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::Order;
@@ -10,6 +12,7 @@ use crate::coherence::SharedMemory;
 use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError, TopicConfig, TopicId};
 use crate::sequencer::CompletionStatus;
+use crate::server::limits::{ClientLimits, ConnectionRefused, ConnectionTable, StagingBudget};
 use crate::writer::{SlotOutcome, TopicWriter, WriterError};
 
 /// Identifies a connection within one broker.
@@ -30,6 +33,8 @@ pub struct BrokerSettings {
     pub frame_bytes_max: u32,
     /// Replication factor (counting the pool copy) of topics created on first use.
     pub replication_factor: u8,
+    /// Deadlines and limits for clients.
+    pub limits: ClientLimits,
 }
 
 /// Publisher clients whose session epochs a broker remembers.
@@ -98,6 +103,10 @@ pub struct BrokerState<M> {
     /// Calls of [`Self::publish_subscriptions`], and the lease heartbeat last published.
     publish_calls: u64,
     heartbeat_published: u64,
+    /// Connections open, in all and per address.
+    connections: ConnectionTable,
+    /// Bytes of slow batches held outside the pool.
+    pub staging: StagingBudget,
 }
 
 /// Calls of [`BrokerState::publish_subscriptions`] (one per loop iteration) between looks at
@@ -119,7 +128,45 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             replicated: HashMap::new(),
             publish_calls: 0,
             heartbeat_published: 0,
+            connections: ConnectionTable::default(),
+            staging: StagingBudget::default(),
         }
+    }
+
+    /// Admits a new connection from `address` against the connection limits; a refusal is
+    /// counted and logged (the caller tells the peer and closes).
+    pub fn admit_connection(&mut self, address: IpAddr) -> Result<(), ConnectionRefused> {
+        let admitted = self.connections.admit(address, &self.settings.limits);
+        match admitted {
+            Ok(()) => {
+                self.metrics
+                    .connections_open
+                    .store(u64::from(self.connections.open()), Ordering::Relaxed);
+            }
+            Err(refusal) => {
+                let refused = self
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                // A flood of refusals would flood the log too: the first and every 1000th.
+                if refused % 1000 == 0 {
+                    log::warn!(
+                        "broker {}: connection refused: {refusal} ({} refused so far)",
+                        self.settings.broker_id,
+                        refused + 1
+                    );
+                }
+            }
+        }
+        admitted
+    }
+
+    /// A connection admitted by [`Self::admit_connection`] ended.
+    pub fn release_connection(&mut self, address: IpAddr) {
+        self.connections.release(address);
+        self.metrics
+            .connections_open
+            .store(u64::from(self.connections.open()), Ordering::Relaxed);
     }
 
     /// A publisher starts (or resumes) session `epoch` of `client`: refused with the epoch
@@ -205,6 +252,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             order,
             ack: ack.max(1),
             replication_factor: self.settings.replication_factor,
+            retention: crate::Retention::StallLimited,
         };
         let topic = self.pool.create_topic(name, config)?;
         log::info!(
@@ -251,7 +299,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         }
         self.metrics
             .sequencer_lag_batches
-            .store(lag, std::sync::atomic::Ordering::Relaxed);
+            .store(lag, Ordering::Relaxed);
         read
     }
 
@@ -292,9 +340,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     /// zeroed, one log line naming the loop and how many connections it closed.
     pub fn on_loop_stopped(&mut self, loop_name: &str, connections_closed: usize) {
         self.publish_subscriptions(std::iter::empty());
-        self.metrics
-            .connections_open
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.connections_open.store(0, Ordering::Relaxed);
         log::info!(
             "broker {}: {loop_name} stopped ({connections_closed} connections closed)",
             self.settings.broker_id
@@ -332,6 +378,7 @@ mod tests {
             batch_bytes_max: 1024,
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor: 1,
+            limits: ClientLimits::default(),
         };
         let mut state = BrokerState::new(pool, settings, Arc::default());
         assert_eq!(state.enter_session(7, 3), Ok(()));

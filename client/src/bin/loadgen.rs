@@ -152,6 +152,11 @@ struct Cli {
     /// Replication factor for CreateTopic (default: 1 at --ack 2, else 0).
     #[arg(long)]
     replication_factor: Option<u8>,
+    /// CreateTopic with retention "hold for subscribers": publishers wait for every
+    /// connected subscriber however long it takes. By default a subscriber that stops
+    /// reading stops holding the log after the broker's --subscriber-stall-ms.
+    #[arg(long)]
+    hold_for_subscribers: bool,
     /// Which broker of --brokers (0-based index) serves the subscriber (fault runs put it on
     /// a broker they leave alone).
     #[arg(long, default_value_t = 0)]
@@ -295,6 +300,7 @@ struct Plan {
     topic: String,
     create_topic: bool,
     replication_factor: u8,
+    hold_for_subscribers: bool,
     message_bytes: usize,
     stop: Stop,
     connections_per_broker: usize,
@@ -352,6 +358,7 @@ impl Plan {
             topic: cli.topic,
             create_topic: cli.create_topic,
             replication_factor,
+            hold_for_subscribers: cli.hold_for_subscribers,
             subscriber_broker,
             message_bytes: cli.message_bytes,
             stop,
@@ -457,6 +464,7 @@ fn main() -> ExitCode {
             order: plan.order,
             ack: plan.ack,
             replication_factor: plan.replication_factor,
+            hold_for_subscribers: plan.hold_for_subscribers,
         };
         match create_topic(plan.brokers[0], &spec, Duration::from_secs(10)) {
             Ok(created) => eprintln!(

@@ -358,6 +358,7 @@ impl Connection {
                     ack: create.ack,
                     replication_factor: create.replication_factor,
                     created: existing.is_none(),
+                    retention: create.retention,
                 }))?;
                 self.until_goodbye()
             }

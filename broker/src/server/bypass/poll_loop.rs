@@ -3,7 +3,7 @@
 //! deliveries and subscription publishing as the kernel loop (`kernel.rs`).
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant as StdInstant};
@@ -19,7 +19,7 @@ use super::xsk::{FRAME_BYTES, XskStats};
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::server::connection::{ByteStream, Connection};
+use crate::server::connection::{ByteStream, Connection, refusal_frame};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -150,8 +150,8 @@ impl ByteStream for SmolStream<'_, '_> {
 enum Slot {
     /// Listening (or completing a handshake) on the broker port.
     Listening,
-    /// An established connection.
-    Active(Box<Connection<PoolMemory>>),
+    /// An established connection, and its peer's address (for the per-address limit).
+    Active(Box<Connection<PoolMemory>>, IpAddr),
     /// Closed by us; re-armed once smoltcp has finished with it.
     Closing,
 }
@@ -290,7 +290,7 @@ impl<D: Device + Burst> BypassLoop<D> {
                 != PollResult::None;
             self.device.end();
             let subscriptions = self.slots.iter().filter_map(|(_, slot, _)| match slot {
-                Slot::Active(connection) => connection.subscription(),
+                Slot::Active(connection, _) => connection.subscription(),
                 _ => None,
             });
             self.state.publish_subscriptions(subscriptions);
@@ -308,7 +308,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         }
         let mut open = 0;
         for (handle, slot, _) in &mut self.slots {
-            if let Slot::Active(connection) = slot {
+            if let Slot::Active(connection, _) = slot {
                 connection.on_closed(&mut self.state);
                 self.sockets.get_mut::<tcp::Socket<'_>>(*handle).abort();
                 open += 1;
@@ -327,7 +327,7 @@ impl<D: Device + Burst> BypassLoop<D> {
     fn route(&mut self, outcome: &RoutedOutcome, now: StdInstant) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
         for (_, slot, id) in &mut self.slots {
-            if let Slot::Active(connection) = slot {
+            if let Slot::Active(connection, _) = slot {
                 if *id == outcome.slot.conn {
                     connection.on_outcome(outcome, &self.state.metrics, now);
                     return;
@@ -349,13 +349,22 @@ impl<D: Device + Burst> BypassLoop<D> {
                         socket.state(),
                         tcp::State::Established | tcp::State::CloseWait
                     ) {
+                        let Some(peer) = socket.remote_endpoint() else {
+                            continue;
+                        };
+                        let address = IpAddr::from(peer.addr);
+                        if let Err(refusal) = self.state.admit_connection(address) {
+                            // Best effort: a new socket's send buffer has room.
+                            let _ = socket.send_slice(&refusal_frame(&refusal));
+                            socket.close();
+                            *slot = Slot::Closing;
+                            worked = true;
+                            continue;
+                        }
                         *id = self.next_id;
                         self.next_id += 1;
-                        *slot = Slot::Active(Box::new(Connection::new(*id, &self.state)));
-                        self.state
-                            .metrics
-                            .connections_open
-                            .fetch_add(1, Ordering::Relaxed);
+                        *slot =
+                            Slot::Active(Box::new(Connection::new(*id, &self.state, now)), address);
                         log::debug!(
                             "broker {broker}: connection {id} from {:?}",
                             socket.remote_endpoint()
@@ -378,9 +387,9 @@ impl<D: Device + Burst> BypassLoop<D> {
                     }
                     continue;
                 }
-                Slot::Active(_) => {}
+                Slot::Active(..) => {}
             }
-            let Slot::Active(connection) = slot else {
+            let Slot::Active(connection, address) = slot else {
                 continue;
             };
             let readable = socket.can_recv() || !socket.may_recv();
@@ -395,12 +404,9 @@ impl<D: Device + Burst> BypassLoop<D> {
             worked |= service.worked();
             if service.ended || !socket.is_active() {
                 connection.on_closed(&mut self.state);
+                self.state.release_connection(*address);
                 socket.close();
                 *slot = Slot::Closing;
-                self.state
-                    .metrics
-                    .connections_open
-                    .fetch_sub(1, Ordering::Relaxed);
                 log::debug!("broker {broker}: connection {id} closed");
                 worked = true;
             }

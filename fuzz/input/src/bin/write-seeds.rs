@@ -8,8 +8,8 @@ use std::path::Path;
 use fuzz_input::{ConnectionInput, Prefixed, REPAIR_BATCHES};
 use wire::{
     AckEntry, AckLevel, AckRepr, AckStatus, BatchHeaderRepr, CreateTopicRepr, DeliveryHeaderRepr,
-    ErrorCode, ErrorFrameRepr, FROM_END, Frame, HelloOkRepr, HelloRepr, Limits, Order, Role, Topic,
-    TopicOkRepr,
+    ErrorCode, ErrorFrameRepr, FROM_END, Frame, HelloOkRepr, HelloRepr, Limits, Order, Retention,
+    Role, Topic, TopicOkRepr,
 };
 
 fn topic() -> Topic {
@@ -55,6 +55,7 @@ fn create_topic(order: Order) -> CreateTopicRepr {
         order,
         ack: AckLevel::Ordered,
         replication_factor: 1,
+        retention: Retention::StallLimited,
     }
 }
 
@@ -120,6 +121,7 @@ fn topic_ok() -> TopicOkRepr {
         ack: AckLevel::Ordered,
         replication_factor: 1,
         created: true,
+        retention: Retention::HoldForSubscribers,
     }
 }
 
