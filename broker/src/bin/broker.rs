@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
+use broker::metrics::EndpointLimits;
 use broker::sequencer::SequencerConfig;
 use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
@@ -74,6 +75,13 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Metrics connections open at a time (default 64); one more closes the oldest.
+    #[arg(long)]
+    metrics_connections_max: Option<usize>,
+    /// A metrics connection not served within this many milliseconds is closed (default
+    /// 2000): clients that connect and send nothing cannot keep scrapes out.
+    #[arg(long)]
+    metrics_deadline_ms: Option<u64>,
     /// coherent (one host, CXL 3) or noncoherent (CXL 2.0: clwb/clflushopt/mfence).
     #[arg(long)]
     coherence: Option<String>,
@@ -233,6 +241,8 @@ fn merge(cli: Args, file: Args) -> Args {
         head: cli.head || file.head,
         no_auto_create_topics: cli.no_auto_create_topics || file.no_auto_create_topics,
         metrics: cli.metrics.or(file.metrics),
+        metrics_connections_max: cli.metrics_connections_max.or(file.metrics_connections_max),
+        metrics_deadline_ms: cli.metrics_deadline_ms.or(file.metrics_deadline_ms),
         coherence: cli.coherence.or(file.coherence),
         allow_shm_fallback: cli.allow_shm_fallback || file.allow_shm_fallback,
         socket_buffer_bytes: cli.socket_buffer_bytes.or(file.socket_buffer_bytes),
@@ -348,6 +358,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         }),
     };
     let defaults = SequencerConfig::default();
+    let metrics_defaults = EndpointLimits::default();
     let options = BrokerOptions {
         settings: BrokerSettings {
             broker_id: id,
@@ -370,6 +381,14 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             ..defaults
         },
         metrics_listen: args.metrics,
+        metrics_limits: EndpointLimits {
+            connections_max: args
+                .metrics_connections_max
+                .unwrap_or(metrics_defaults.connections_max),
+            connection_deadline: args
+                .metrics_deadline_ms
+                .map_or(metrics_defaults.connection_deadline, Duration::from_millis),
+        },
         net,
         replica: match args.replica_dir {
             Some(dir) => Some(ReplicaConfig {
