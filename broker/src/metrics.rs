@@ -1,11 +1,16 @@
 //! Broker metrics: lock-free counters updated on the hot path, rendered as Prometheus text
-//! by a small HTTP endpoint (`GET /metrics`).
+//! by a small HTTP endpoint (`GET /metrics`, served by hyper on a single-threaded tokio
+//! runtime of its own).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Response, StatusCode};
 
 /// Upper bounds (microseconds) of the ACK latency histogram buckets.
 pub const ACK_LATENCY_BUCKETS_US: [u64; 12] = [
@@ -74,6 +79,12 @@ pub struct Metrics {
     pub subscribers_released: AtomicU64,
     /// Topics not created: table full, or creation on first use not enabled.
     pub topics_refused: AtomicU64,
+    /// Metrics endpoint: connections closed to make room for a newer one (the limit of
+    /// [`EndpointLimits::connections_max`] was reached).
+    pub metrics_connections_evicted: AtomicU64,
+    /// Metrics endpoint: connections closed because they had not been served by
+    /// [`EndpointLimits::connection_deadline`] (silent, trickling or not reading).
+    pub metrics_connections_timed_out: AtomicU64,
 }
 
 /// What a broker is to the sequencer lease (the `sequencer_role` gauge).
@@ -125,7 +136,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 27] = [
+        let series: [(&str, &str, &str, &AtomicU64); 29] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -288,6 +299,18 @@ impl Metrics {
                 "Topics not created: the topic table is full, or creation on first use is off.",
                 &self.topics_refused,
             ),
+            (
+                "embarcadero_metrics_connections_evicted_total",
+                "counter",
+                "Metrics endpoint connections closed to make room (over the connection limit).",
+                &self.metrics_connections_evicted,
+            ),
+            (
+                "embarcadero_metrics_connections_timed_out_total",
+                "counter",
+                "Metrics endpoint connections closed unserved at the connection deadline.",
+                &self.metrics_connections_timed_out,
+            ),
         ];
         for (name, kind, help, counter) in series {
             out.push_str(&format!(
@@ -321,44 +344,333 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` is set (checked every 100 ms).
-pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, broker: u16, stop: Arc<AtomicBool>) {
-    if let Err(e) = listener.set_nonblocking(true) {
-        log::error!("metrics endpoint: cannot poll the listener: {e}");
-        return;
-    }
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut request = [0u8; 1024];
-                let read = stream.read(&mut request).unwrap_or(0);
-                let head = String::from_utf8_lossy(&request[..read]);
-                let response = if head.starts_with("GET /metrics") {
-                    let body = metrics.render(broker);
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    let body = "only GET /metrics is served\n";
-                    format!(
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                };
-                let _ = stream.write_all(response.as_bytes());
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => log::warn!("metrics endpoint: accept failed: {e}"),
+/// How often the endpoint looks at the broker's stop flag.
+const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// At most one log line per this long about connections evicted over the limit.
+const EVICTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Request head buffer per connection (hyper's smallest): a scrape's request is a few
+/// hundred bytes; a larger one is answered 431.
+const REQUEST_BUFFER_BYTES: usize = 8192;
+
+/// Limits of the metrics endpoint, so that clients that connect and send nothing cannot
+/// keep scrapes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointLimits {
+    /// Connections open at a time. A connection beyond it closes the oldest open one,
+    /// so the newest (likely a scrape that has just sent its request) is served.
+    pub connections_max: usize,
+    /// A connection not served by then (its request fully read and the response written)
+    /// is closed.
+    pub connection_deadline: Duration,
+}
+
+impl Default for EndpointLimits {
+    fn default() -> Self {
+        EndpointLimits {
+            connections_max: 64,
+            connection_deadline: Duration::from_secs(2),
         }
     }
 }
 
-/// Binds the metrics endpoint; the error names the address.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen for metrics on {addr}: {source} (choose a free address with --metrics)")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The endpoint's event loop could not be created.
+    #[error(
+        "cannot create the metrics endpoint's event loop: {0} (raise the open files limit, ulimit -n)"
+    )]
+    Runtime(std::io::Error),
+    /// A limit that would refuse every scrape.
+    #[error("--metrics-connections-max must be at least 1 (it is {0})")]
+    NoConnections(usize),
+    /// A deadline that would close every connection unserved.
+    #[error("--metrics-deadline-ms must be at least 1")]
+    NoDeadline,
+}
+
+/// A bound metrics endpoint, not yet serving: [`Endpoint::serve`] runs it.
+#[derive(Debug)]
+pub struct Endpoint {
+    runtime: tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    limits: EndpointLimits,
+}
+
+impl Endpoint {
+    /// Binds the endpoint on `addr` (its event loop too, so that every error shows at start).
+    pub fn bind(addr: SocketAddr, limits: EndpointLimits) -> Result<Endpoint, EndpointError> {
+        if limits.connections_max == 0 {
+            return Err(EndpointError::NoConnections(limits.connections_max));
+        }
+        if limits.connection_deadline.is_zero() {
+            return Err(EndpointError::NoDeadline);
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(EndpointError::Runtime)?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .map_err(|source| EndpointError::Listen { addr, source })?;
+        Ok(Endpoint {
+            runtime,
+            listener,
+            limits,
+        })
+    }
+
+    /// The bound address (the port chosen when `addr` had port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves `GET /metrics` until `stop` is set (checked every 50 ms), on the calling
+    /// thread. Open connections are closed when it returns.
+    pub fn serve(self, metrics: Arc<Metrics>, broker: u16, stop: Arc<AtomicBool>) {
+        let Endpoint {
+            runtime,
+            listener,
+            limits,
+        } = self;
+        runtime.block_on(accept_until_stopped(
+            listener, limits, metrics, broker, stop,
+        ));
+        // Dropping the runtime drops every connection task, closing its socket.
+    }
+}
+
+async fn accept_until_stopped(
+    listener: tokio::net::TcpListener,
+    limits: EndpointLimits,
+    metrics: Arc<Metrics>,
+    broker: u16,
+    stop: Arc<AtomicBool>,
+) {
+    // Connection tasks in the order they were accepted: the front is the oldest.
+    let mut open: VecDeque<tokio::task::AbortHandle> = VecDeque::new();
+    let mut eviction_log = LogThrottle::new(EVICTION_LOG_INTERVAL);
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match tokio::time::timeout(STOP_POLL_INTERVAL, listener.accept()).await {
+            Err(_) => continue,
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => {
+                // E.g. out of file descriptors: pause rather than spin on the error.
+                log::warn!("metrics endpoint: accept failed: {e}");
+                tokio::time::sleep(STOP_POLL_INTERVAL).await;
+                continue;
+            }
+        };
+        open.retain(|task| !task.is_finished());
+        if open.len() >= limits.connections_max {
+            if let Some(oldest) = open.pop_front() {
+                oldest.abort();
+            }
+            Metrics::inc(&metrics.metrics_connections_evicted);
+            if let Some(evicted) = eviction_log.note(Instant::now()) {
+                log::warn!(
+                    "metrics endpoint: closed {evicted} connection(s) to make room, {} were open \
+                     (--metrics-connections-max); some client holds connections without asking",
+                    limits.connections_max
+                );
+            }
+        }
+        let task = tokio::spawn(serve_connection(
+            stream,
+            Arc::clone(&metrics),
+            broker,
+            limits.connection_deadline,
+        ));
+        open.push_back(task.abort_handle());
+    }
+}
+
+/// Serves one request on `stream`, then closes it; closes it unserved at `deadline`.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    metrics: Arc<Metrics>,
+    broker: u16,
+    deadline: Duration,
+) {
+    let counters = Arc::clone(&metrics);
+    let service = hyper::service::service_fn(move |request| {
+        let response = respond(request.method(), request.uri().path(), &metrics, broker);
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    // One request per connection (as a scrape needs), so that the deadline bounds the whole
+    // connection: silent, trickling and non-reading clients alike.
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .max_buf_size(REQUEST_BUFFER_BYTES)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    match tokio::time::timeout(deadline, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::debug!("metrics endpoint: connection ended: {e}"),
+        Err(_) => {
+            Metrics::inc(&counters.metrics_connections_timed_out);
+            log::debug!("metrics endpoint: closed a connection unserved after {deadline:?}");
+        }
+    }
+}
+
+/// The response to `method path`: the Prometheus text for `GET /metrics` (and HEAD).
+fn respond(method: &Method, path: &str, metrics: &Metrics, broker: u16) -> Response<String> {
+    let not_served = |status| {
+        let mut response = Response::new("only GET /metrics is served\n".to_owned());
+        *response.status_mut() = status;
+        response
+    };
+    if path != "/metrics" {
+        return not_served(StatusCode::NOT_FOUND);
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = not_served(StatusCode::METHOD_NOT_ALLOWED);
+        let allowed = HeaderValue::from_static("GET, HEAD");
+        response.headers_mut().insert(ALLOW, allowed);
+        return response;
+    }
+    let mut response = Response::new(metrics.render(broker));
+    let text = HeaderValue::from_static("text/plain; version=0.0.4");
+    response.headers_mut().insert(CONTENT_TYPE, text);
+    response
+}
+
+/// Rate limit for a log line about repeated events: the first event is logged at once, later
+/// ones at most once per interval, with the number of events since the last line.
+#[derive(Debug)]
+struct LogThrottle {
+    interval: Duration,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl LogThrottle {
+    fn new(interval: Duration) -> LogThrottle {
+        LogThrottle {
+            interval,
+            last_logged: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Notes one event at `now`; the number of events to log now, if a line is due.
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_some_and(|last| now.saturating_duration_since(last) < self.interval)
+        {
+            return None;
+        }
+        self.last_logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    #[test]
+    fn log_throttle_logs_the_first_event_then_one_line_per_interval_with_the_count() {
+        let start = Instant::now();
+        let mut throttle = LogThrottle::new(Duration::from_secs(10));
+        assert_eq!(throttle.note(start), Some(1));
+        assert_eq!(throttle.note(start + Duration::from_secs(1)), None);
+        assert_eq!(throttle.note(start + Duration::from_secs(9)), None);
+        assert_eq!(throttle.note(start + Duration::from_secs(10)), Some(3));
+        assert_eq!(throttle.note(start + Duration::from_secs(11)), None);
+        assert_eq!(throttle.note(start + Duration::from_secs(25)), Some(2));
+    }
+
+    #[test]
+    fn only_get_and_head_of_metrics_are_served() {
+        let metrics = Metrics::default();
+        metrics.batches_received.store(7, Ordering::Relaxed);
+        let response = respond(&Method::GET, "/metrics", &metrics, 3);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.body(), &metrics.render(3));
+        assert!(
+            response
+                .body()
+                .contains("embarcadero_batches_received_total{broker=\"3\"} 7\n")
+        );
+        assert_eq!(
+            response.headers()[CONTENT_TYPE],
+            "text/plain; version=0.0.4"
+        );
+        let head = respond(&Method::HEAD, "/metrics", &metrics, 3);
+        assert_eq!(head.status(), StatusCode::OK);
+        for path in ["/", "/metricsx", "/metrics/", ""] {
+            let response = respond(&Method::GET, path, &metrics, 3);
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
+        }
+        let post = respond(&Method::POST, "/metrics", &metrics, 3);
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[ALLOW], "GET, HEAD");
+    }
+
+    #[test]
+    fn limits_that_would_refuse_every_scrape_are_refused() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let no_connections = EndpointLimits {
+            connections_max: 0,
+            ..EndpointLimits::default()
+        };
+        assert!(matches!(
+            Endpoint::bind(addr, no_connections),
+            Err(EndpointError::NoConnections(0))
+        ));
+        let no_deadline = EndpointLimits {
+            connection_deadline: Duration::ZERO,
+            ..EndpointLimits::default()
+        };
+        assert!(matches!(
+            Endpoint::bind(addr, no_deadline),
+            Err(EndpointError::NoDeadline)
+        ));
+    }
+
+    #[test]
+    fn stops_within_100_ms_and_closes_open_connections() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        let endpoint = Endpoint::bind(addr, EndpointLimits::default()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let serving = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || endpoint.serve(Arc::default(), 0, stop))
+        };
+        let mut silent: Vec<TcpStream> =
+            (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // Let the endpoint take them before it stops.
+        std::thread::sleep(Duration::from_millis(200));
+        let stopping = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        serving.join().unwrap();
+        let stopped = stopping.elapsed();
+        // 50 ms between looks at the flag, and room for a loaded machine.
+        assert!(
+            stopped < Duration::from_millis(150),
+            "stopped after {stopped:?}"
+        );
+        for connection in &mut silent {
+            connection
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let mut buffer = [0u8; 16];
+            assert_eq!(connection.read(&mut buffer).unwrap(), 0);
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
+use broker::metrics::EndpointLimits;
 use broker::sequencer::SequencerConfig;
 use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
@@ -111,6 +112,13 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Metrics connections open at a time (default 64); one more closes the oldest.
+    #[arg(long)]
+    metrics_connections_max: Option<usize>,
+    /// A metrics connection not served within this many milliseconds is closed (default
+    /// 2000): clients that connect and send nothing cannot keep scrapes out.
+    #[arg(long)]
+    metrics_deadline_ms: Option<u64>,
     /// coherent (one host, CXL 3) or noncoherent (CXL 2.0: clwb/clflushopt/mfence).
     #[arg(long)]
     coherence: Option<String>,
@@ -280,6 +288,8 @@ fn merge(cli: Args, file: Args) -> Args {
             .or(file.connections_per_address_max),
         subscriber_stall_ms: cli.subscriber_stall_ms.or(file.subscriber_stall_ms),
         metrics: cli.metrics.or(file.metrics),
+        metrics_connections_max: cli.metrics_connections_max.or(file.metrics_connections_max),
+        metrics_deadline_ms: cli.metrics_deadline_ms.or(file.metrics_deadline_ms),
         coherence: cli.coherence.or(file.coherence),
         allow_shm_fallback: cli.allow_shm_fallback || file.allow_shm_fallback,
         socket_buffer_bytes: cli.socket_buffer_bytes.or(file.socket_buffer_bytes),
@@ -420,6 +430,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             .subscriber_stall_ms
             .unwrap_or(limit_defaults.subscriber_stall_ms),
     };
+    let metrics_defaults = EndpointLimits::default();
     let options = BrokerOptions {
         settings: BrokerSettings {
             broker_id: id,
@@ -443,6 +454,14 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             ..defaults
         },
         metrics_listen: args.metrics,
+        metrics_limits: EndpointLimits {
+            connections_max: args
+                .metrics_connections_max
+                .unwrap_or(metrics_defaults.connections_max),
+            connection_deadline: args
+                .metrics_deadline_ms
+                .map_or(metrics_defaults.connection_deadline, Duration::from_millis),
+        },
         net,
         replica: match args.replica_dir {
             Some(dir) => Some(ReplicaConfig {

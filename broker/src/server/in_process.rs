@@ -53,6 +53,7 @@ impl InProcessCluster {
                 idle: IdleStrategy::Sleep,
                 sequencer: SequencerConfig::default(),
                 metrics_listen: None,
+                metrics_limits: crate::metrics::EndpointLimits::default(),
                 net: NetBackend::Kernel,
                 replica: None,
                 standby: false,

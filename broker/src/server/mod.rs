@@ -108,6 +108,8 @@ pub struct BrokerOptions {
     pub sequencer: SequencerConfig,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Connection limit and deadline of the metrics endpoint.
+    pub metrics_limits: crate::metrics::EndpointLimits,
     /// Which network backend serves clients.
     pub net: NetBackend,
     /// Replicate topics with a replication factor of 2 or more to files here (ack level 2).
@@ -146,9 +148,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// The metrics endpoint could not be bound.
+    /// The metrics endpoint could not start.
     #[error("{0}")]
-    Metrics(String),
+    Metrics(#[from] crate::metrics::EndpointError),
     /// The sequencer could not start.
     #[error("sequencer: {0}")]
     Sequencer(PoolError),
@@ -269,11 +271,11 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
     };
     let metrics_addr = match options.metrics_listen {
         Some(addr) => {
-            let listener = crate::metrics::bind(addr).map_err(StartError::Metrics)?;
-            let bound = listener.local_addr().ok();
+            let endpoint = crate::metrics::Endpoint::bind(addr, options.metrics_limits)?;
+            let bound = endpoint.local_addr();
             let (metrics, stop) = (Arc::clone(&metrics), Arc::clone(&stop));
             threads.push(spawn("metrics", move || {
-                crate::metrics::serve(listener, metrics, broker_id, stop)
+                endpoint.serve(metrics, broker_id, stop)
             }));
             bound
         }
