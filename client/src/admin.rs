@@ -93,6 +93,36 @@ pub fn create_topic(
     result
 }
 
+/// Creates a topic on whichever of `brokers` creates topics (the one holding the sequencer
+/// lease: the head, or the standby that took over), trying them in order. Another broker
+/// answers `UnknownTopic`, and one that cannot be reached is skipped; any other refusal
+/// (`TopicExists`, `TopicLimit`, ...) ends the search. Returns the first success, or the last
+/// error.
+pub fn create_topic_on_cluster(
+    brokers: &[SocketAddr],
+    spec: &TopicSpec,
+    timeout: Duration,
+) -> Result<TopicCreated, ClientError> {
+    let mut last = None;
+    for &addr in brokers {
+        match create_topic(addr, spec, timeout) {
+            Ok(created) => return Ok(created),
+            Err(error)
+                if error.broker_code() == Some(wire::ErrorCode::UnknownTopic)
+                    || error.broker_code().is_none() =>
+            {
+                log::info!(
+                    "CreateTopic {}: {error}; trying the next broker",
+                    spec.topic
+                );
+                last = Some(error);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| invalid("brokers", "[]", "at least one broker address")))
+}
+
 /// Checks the answer to CreateTopic: a TopicOk naming the same topic and settings, or the
 /// broker's Error.
 pub(crate) fn check_topic_answer(

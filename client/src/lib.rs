@@ -125,7 +125,7 @@ mod subscriber;
 pub mod summary;
 pub mod verify;
 
-pub use admin::{TopicCreated, TopicSpec, create_topic};
+pub use admin::{TopicCreated, TopicSpec, create_topic, create_topic_on_cluster};
 pub use config::{
     BATCH_BYTES_MAX_DEFAULT, CONNECT_TIMEOUT_MS_DEFAULT, FLUSH_TIMEOUT_MS_DEFAULT,
     GOODBYE_TIMEOUT_MS_DEFAULT, IN_FLIGHT_BATCHES_MAX_DEFAULT, LINGER_US_DEFAULT,

@@ -19,7 +19,7 @@ use client::verify::{
 };
 use client::{
     ClientError, LatencySummary, Publisher, PublisherConfig, PublisherEvent, Subscriber,
-    SubscriberConfig, TopicSpec, create_topic, latency_histogram,
+    SubscriberConfig, TopicSpec, create_topic_on_cluster, latency_histogram,
 };
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
@@ -81,8 +81,9 @@ BROKER FAILURES
   to the other brokers, and the dead broker is retried in the background. Resends of
   batches that had reached the log are acknowledged as duplicates, so the end-to-end check
   still finds every acknowledged message exactly once and in order. A publisher gives up
-  only when no broker can be reached for --reconnect-timeout-ms. The subscriber and
-  CreateTopic use the first broker, which must stay up.
+  only when no broker can be reached for --reconnect-timeout-ms. The subscriber uses the
+  broker of --subscriber-broker, which must stay up; CreateTopic goes to the first broker
+  that creates topics (the holder of the sequencer lease).
 
 EXIT CODE
   0 when the run passed; 1 when a publisher or the subscriber failed (a publisher fails
@@ -137,14 +138,14 @@ enum ProgressMode {
     after_long_help = AFTER_HELP
 )]
 struct Cli {
-    /// Broker addresses, comma separated (HOST:PORT,...). The first is the head broker: it
-    /// receives CreateTopic and serves the subscriber.
+    /// Broker addresses, comma separated (HOST:PORT,...). CreateTopic goes to the first that
+    /// creates topics (the head, or the standby that took the sequencer lease over).
     #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
     brokers: Vec<SocketAddr>,
     /// Topic name (1 to 64 bytes of [A-Za-z0-9._-]).
     #[arg(long, default_value = "loadgen")]
     topic: String,
-    /// Send CreateTopic (with --order, --ack, --replication-factor) to the head broker
+    /// Send CreateTopic (with --order, --ack, --replication-factor) to the lease holder
     /// before publishing (not in the subscribe test); a topic that exists with the same settings is fine, with other settings the
     /// run stops. `--create-topic false` skips it.
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
@@ -466,7 +467,7 @@ fn main() -> ExitCode {
             replication_factor: plan.replication_factor,
             hold_for_subscribers: plan.hold_for_subscribers,
         };
-        match create_topic(plan.brokers[0], &spec, Duration::from_secs(10)) {
+        match create_topic_on_cluster(&plan.brokers, &spec, Duration::from_secs(10)) {
             Ok(created) => eprintln!(
                 "topic {}: {} on broker {}",
                 plan.topic,

@@ -1,0 +1,681 @@
+//! `hostile`: the attacks of a hostile client, for testing brokers (scripts/hostile.sh).
+//! Each subcommand runs one attack for a while against brokers the tester runs, and prints
+//! (or writes with --json) what the attacker got: per connection, the Error code the broker
+//! sent, a close, or nothing. It sends only to the addresses it is given.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use socket2::{Domain, SockRef, Socket, Type};
+use wire::{
+    AckLevel, BatchHeaderRepr, CreateTopicRepr, Decoded, FROM_END, Frame, FrameDecoder, HelloRepr,
+    Limits, Order, Retention, Role, Topic,
+};
+
+/// Attacks a broker the way a hostile client would, and reports what it got.
+#[derive(Debug, Parser)]
+#[command(name = "hostile", version, about)]
+struct Cli {
+    /// Write the result as JSON to this file (else it is printed).
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// Source address of the attack's connections (e.g. 127.0.0.2, so that on loopback
+    /// they count against another address than the tester's own clients).
+    #[arg(long, global = true)]
+    source_ip: Option<IpAddr>,
+    #[command(subcommand)]
+    attack: Attack,
+}
+
+#[derive(Debug, Subcommand)]
+enum Attack {
+    /// Publishers that send a Batch header and then trickle its payload, one byte per
+    /// --byte-interval-ms (slowloris).
+    Slowloris {
+        #[command(flatten)]
+        on: TopicArgs,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Announced payload size of each batch.
+        #[arg(long, default_value_t = 64 * 1024)]
+        payload_bytes: u32,
+        #[arg(long, default_value_t = 1000)]
+        byte_interval_ms: u64,
+        #[arg(long, default_value_t = 5.0)]
+        duration_s: f64,
+    },
+    /// Connections that never send a byte.
+    Silent {
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 8.0)]
+        duration_s: f64,
+    },
+    /// A subscriber from position 0 with a tiny receive buffer that reads nothing for
+    /// --duration-s, then reads what it is given.
+    StalledSubscriber {
+        #[command(flatten)]
+        on: TopicArgs,
+        #[arg(long, default_value_t = 5.0)]
+        duration_s: f64,
+    },
+    /// Publisher Hellos naming made-up topics.
+    TopicSpam {
+        #[arg(long)]
+        broker: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        count: usize,
+    },
+    /// Silent connections to the metrics endpoint while scraping it every 200 ms.
+    MetricsSilent {
+        #[arg(long)]
+        metrics: SocketAddr,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 5.0)]
+        duration_s: f64,
+    },
+    /// A subscriber from position 0 of a topic whose log has wrapped, then one from the
+    /// `log_start` the broker reports: the first must be told where the log starts, the
+    /// second must get that position first.
+    LateSubscriber {
+        #[command(flatten)]
+        on: TopicArgs,
+    },
+}
+
+/// The broker and topic of an attack.
+#[derive(Debug, clap::Args)]
+struct TopicArgs {
+    /// The broker attacked (HOST:PORT).
+    #[arg(long)]
+    broker: SocketAddr,
+    /// Topic (created first with order --order, ack 1, if missing).
+    #[arg(long)]
+    topic: String,
+    /// The topic's order: 0, 1, 2 or 5.
+    #[arg(long, default_value_t = 5)]
+    order: u8,
+}
+
+/// What one connection of an attack got.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    /// An Error frame with this code name.
+    Error(String),
+    /// The broker closed the connection without an Error.
+    Closed,
+    /// Still open when the attack ended.
+    Open,
+    /// The attack could not even connect.
+    ConnectFailed,
+}
+
+impl Outcome {
+    fn key(&self) -> String {
+        match self {
+            Outcome::Error(name) => name.clone(),
+            Outcome::Closed => "closed".into(),
+            Outcome::Open => "open".into(),
+            Outcome::ConnectFailed => "connect_failed".into(),
+        }
+    }
+}
+
+/// Counts of outcomes, as JSON.
+fn tally(outcomes: &[Outcome]) -> serde_json::Value {
+    let mut counts = BTreeMap::new();
+    for outcome in outcomes {
+        *counts.entry(outcome.key()).or_insert(0u64) += 1;
+    }
+    serde_json::json!(counts)
+}
+
+fn code_name(frame: &Frame) -> Option<String> {
+    match frame {
+        Frame::Error(error) => Some(format!("{:?}", error.code)),
+        _ => None,
+    }
+}
+
+/// Reads frames from a blocking stream with a read timeout.
+struct Peer {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    buffer: Vec<u8>,
+}
+
+enum Read1 {
+    Frame(Frame),
+    Delivery(wire::DeliveryHeaderRepr),
+    Closed,
+    Nothing,
+}
+
+impl Peer {
+    fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<Peer> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        if let Some(ip) = source {
+            socket.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+        socket.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        let stream: TcpStream = socket.into();
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(Peer {
+            stream,
+            decoder: FrameDecoder::new(Limits::default()),
+            buffer: Vec::new(),
+        })
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// Reads stop waiting: for loops that poll many peers in turn.
+    fn poll_mode(self) -> Peer {
+        let _ = self.stream.set_nonblocking(true);
+        self
+    }
+
+    /// The next frame or delivery header, `Closed`, or `Nothing` within the read timeout.
+    fn next(&mut self) -> Read1 {
+        loop {
+            while !self.buffer.is_empty() {
+                let Ok((used, decoded)) = self.decoder.decode(&self.buffer) else {
+                    return Read1::Closed;
+                };
+                let read = match decoded {
+                    Decoded::Frame(frame) => Some(Read1::Frame(frame)),
+                    Decoded::Delivery(header) => Some(Read1::Delivery(header)),
+                    Decoded::NeedMore(_) | Decoded::Payload { .. } | Decoded::Batch(_) => None,
+                };
+                self.buffer.drain(..used);
+                if let Some(read) = read {
+                    return read;
+                }
+                if used == 0 {
+                    break;
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Read1::Closed,
+                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Read1::Nothing;
+                }
+                Err(_) => return Read1::Closed,
+            }
+        }
+    }
+
+    /// What the broker has said so far: an Error, a close, or nothing (`Open`).
+    fn outcome(&mut self) -> Option<Outcome> {
+        match self.next() {
+            Read1::Frame(frame) => code_name(&frame).map(Outcome::Error),
+            Read1::Closed => Some(Outcome::Closed),
+            Read1::Delivery(_) | Read1::Nothing => None,
+        }
+    }
+}
+
+/// Where the attack goes, and from which address.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    broker: SocketAddr,
+    source: Option<IpAddr>,
+}
+
+impl Target {
+    fn connect(&self) -> std::io::Result<Peer> {
+        Peer::connect(self.broker, self.source)
+    }
+}
+
+fn topic(name: &str) -> Result<Topic, String> {
+    Topic::new(name).map_err(|e| format!("topic {name:?}: {e}"))
+}
+
+fn order(value: u8) -> Result<Order, String> {
+    Order::try_from(value).map_err(|e| e.to_string())
+}
+
+/// CreateTopic with ack 1, no replicas, default retention (idempotent for those settings).
+fn create_topic(target: Target, name: &str, order: Order) -> Result<(), String> {
+    let mut peer = target
+        .connect()
+        .map_err(|e| format!("connect {}: {e}", target.broker))?;
+    peer.send(
+        &Frame::CreateTopic(CreateTopicRepr {
+            topic: topic(name)?,
+            order,
+            ack: AckLevel::Ordered,
+            replication_factor: 0,
+            retention: Retention::StallLimited,
+        })
+        .to_bytes(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match peer.next() {
+            Read1::Frame(Frame::TopicOk(_)) => {
+                peer.send(&Frame::Goodbye.to_bytes());
+                return Ok(());
+            }
+            Read1::Frame(other) => return Err(format!("CreateTopic answered {other:?}")),
+            Read1::Closed => return Err("closed before TopicOk".into()),
+            Read1::Delivery(_) | Read1::Nothing => {}
+        }
+    }
+    Err("no TopicOk within 5 s".into())
+}
+
+fn hello(topic: Topic, role: Role, order: Order, client_id: u64) -> Vec<u8> {
+    let ack = match role {
+        Role::Publish => AckLevel::Ordered,
+        Role::Subscribe { .. } => AckLevel::FireAndForget,
+    };
+    Frame::Hello(HelloRepr {
+        role,
+        order,
+        ack,
+        client_id,
+        session_epoch: 1,
+        topic,
+    })
+    .to_bytes()
+}
+
+/// One connection of a many-connection attack.
+struct Attacker {
+    peer: Peer,
+    /// Payload bytes sent so far (slowloris).
+    sent: usize,
+    last_sent: Instant,
+    outcome: Option<Outcome>,
+    /// Seconds from the attack's start to the broker's answer.
+    answered_after_s: Option<f64>,
+}
+
+impl Attacker {
+    fn new(peer: Peer) -> Attacker {
+        Attacker {
+            peer: peer.poll_mode(),
+            sent: 0,
+            last_sent: Instant::now(),
+            outcome: None,
+            answered_after_s: None,
+        }
+    }
+}
+
+/// Polls every attacker until `until` or until each has an outcome; `tick` runs before each
+/// poll of an attacker still waiting.
+fn watch(
+    attackers: &mut [Attacker],
+    started: Instant,
+    until: Instant,
+    mut tick: impl FnMut(&mut Attacker),
+) {
+    while Instant::now() < until && attackers.iter().any(|a| a.outcome.is_none()) {
+        for attacker in attackers.iter_mut().filter(|a| a.outcome.is_none()) {
+            tick(attacker);
+            attacker.outcome = attacker.peer.outcome();
+            if attacker.outcome.is_some() {
+                attacker.answered_after_s = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The report of a many-connection attack.
+fn report(
+    attackers: Vec<Attacker>,
+    mut outcomes: Vec<Outcome>,
+    started: Instant,
+) -> serde_json::Value {
+    let last_answer_s = attackers
+        .iter()
+        .filter_map(|a| a.answered_after_s)
+        .fold(0.0, f64::max);
+    outcomes.extend(
+        attackers
+            .into_iter()
+            .map(|a| a.outcome.unwrap_or(Outcome::Open)),
+    );
+    serde_json::json!({
+        "outcomes": tally(&outcomes),
+        "last_answer_s": last_answer_s,
+        "seconds": started.elapsed().as_secs_f64(),
+    })
+}
+
+fn slowloris(
+    target: Target,
+    name: &str,
+    order_value: u8,
+    connections: usize,
+    payload_bytes: u32,
+    byte_interval: Duration,
+    duration: Duration,
+) -> Result<serde_json::Value, String> {
+    let order = order(order_value)?;
+    create_topic(target, name, order)?;
+    let mut payload = vec![0u8; payload_bytes as usize];
+    payload[..4].copy_from_slice(&(payload_bytes - 4).to_le_bytes());
+    let header = BatchHeaderRepr::for_payload(0, 1, &payload, &Limits::default())
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    let mut outcomes = Vec::new();
+    for index in 0..connections {
+        match target.connect() {
+            Ok(mut peer) => {
+                peer.send(&hello(
+                    topic(name)?,
+                    Role::Publish,
+                    order,
+                    900 + index as u64,
+                ));
+                peer.send(&header.frame_prefix());
+                attackers.push(Attacker::new(peer));
+            }
+            Err(_) => outcomes.push(Outcome::ConnectFailed),
+        }
+    }
+    watch(&mut attackers, started, started + duration, |attacker| {
+        if attacker.last_sent.elapsed() >= byte_interval && attacker.sent < payload.len() {
+            let byte = &payload[attacker.sent..=attacker.sent];
+            if attacker.peer.stream.write(byte).is_ok_and(|n| n == 1) {
+                attacker.sent += 1;
+            }
+            attacker.last_sent = Instant::now();
+        }
+    });
+    Ok(report(attackers, outcomes, started))
+}
+
+fn silent(
+    target: Target,
+    connections: usize,
+    duration: Duration,
+) -> Result<serde_json::Value, String> {
+    let started = Instant::now();
+    let mut attackers = Vec::new();
+    let mut outcomes = Vec::new();
+    for _ in 0..connections {
+        match target.connect() {
+            Ok(peer) => attackers.push(Attacker::new(peer)),
+            Err(_) => outcomes.push(Outcome::ConnectFailed),
+        }
+    }
+    watch(&mut attackers, started, started + duration, |_| {});
+    Ok(report(attackers, outcomes, started))
+}
+
+fn stalled_subscriber(
+    target: Target,
+    name: &str,
+    order_value: u8,
+    duration: Duration,
+) -> Result<serde_json::Value, String> {
+    let order = order(order_value)?;
+    create_topic(target, name, order)?;
+    let mut peer = target
+        .connect()
+        .map_err(|e| format!("connect {}: {e}", target.broker))?;
+    // As small a window as the kernel allows: the broker's output backs up at once.
+    let _ = SockRef::from(&peer.stream).set_recv_buffer_size(4096);
+    let role = Role::Subscribe {
+        from_position: 0,
+        batch_bytes_max: 0,
+    };
+    peer.send(&hello(topic(name)?, role, order, 950));
+    std::thread::sleep(duration);
+    // Now it reads: what was queued for it, then whatever the broker says next (until 3 s
+    // pass without a byte).
+    let mut deliveries = 0u64;
+    let mut quiet_since = Instant::now();
+    let outcome = loop {
+        match peer.next() {
+            Read1::Delivery(_) => {
+                deliveries += 1;
+                quiet_since = Instant::now();
+            }
+            Read1::Frame(frame) => {
+                if let Some(code) = code_name(&frame) {
+                    break Outcome::Error(code);
+                }
+            }
+            Read1::Closed => break Outcome::Closed,
+            Read1::Nothing if quiet_since.elapsed() > Duration::from_secs(3) => {
+                break Outcome::Open;
+            }
+            Read1::Nothing => {}
+        }
+    };
+    Ok(serde_json::json!({
+        "outcomes": tally(&[outcome]),
+        "deliveries_read": deliveries,
+    }))
+}
+
+fn topic_spam(target: Target, count: usize) -> Result<serde_json::Value, String> {
+    let mut outcomes = Vec::new();
+    for index in 0..count {
+        let name = format!("made-up-{}-{index}", std::process::id());
+        let Ok(mut peer) = target.connect() else {
+            outcomes.push(Outcome::ConnectFailed);
+            continue;
+        };
+        peer.send(&hello(
+            topic(&name)?,
+            Role::Publish,
+            Order::Total,
+            800 + index as u64,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let outcome = loop {
+            match peer.next() {
+                Read1::Frame(Frame::HelloOk(_)) => break Outcome::Open,
+                Read1::Frame(frame) => {
+                    break code_name(&frame).map_or(Outcome::Open, Outcome::Error);
+                }
+                Read1::Closed => break Outcome::Closed,
+                Read1::Delivery(_) | Read1::Nothing if Instant::now() >= deadline => {
+                    break Outcome::Open;
+                }
+                Read1::Delivery(_) | Read1::Nothing => {}
+            }
+        };
+        outcomes.push(outcome);
+    }
+    // "open" here means the made-up topic was accepted (created).
+    Ok(serde_json::json!({ "outcomes": tally(&outcomes) }))
+}
+
+/// One scrape with a 1 s deadline: whether it got a 200 with a body.
+fn scrape(metrics: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&metrics, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    response.starts_with(b"HTTP/1.1 200") && response.len() > 100
+}
+
+fn metrics_silent(
+    metrics: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> Result<serde_json::Value, String> {
+    let held: Vec<TcpStream> = (0..connections)
+        .filter_map(|_| TcpStream::connect_timeout(&metrics, Duration::from_secs(1)).ok())
+        .collect();
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    while started.elapsed() < duration {
+        if scrape(metrics) {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // How many of the silent connections the endpoint has closed by now.
+    let closed = held
+        .iter()
+        .filter(|stream| {
+            let _ = stream.set_nonblocking(true);
+            let mut byte = [0u8; 1];
+            !matches!((&**stream).read(&mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+        })
+        .count();
+    Ok(serde_json::json!({
+        "silent_connections": held.len(),
+        "silent_closed_by_endpoint": closed,
+        "scrapes_ok": ok,
+        "scrapes_failed": failed,
+    }))
+}
+
+fn late_subscriber(
+    target: Target,
+    name: &str,
+    order_value: u8,
+) -> Result<serde_json::Value, String> {
+    let order = order(order_value)?;
+    let subscribe = |from_position| -> Result<Peer, String> {
+        let mut peer = target
+            .connect()
+            .map_err(|e| format!("connect {}: {e}", target.broker))?;
+        let role = Role::Subscribe {
+            from_position,
+            batch_bytes_max: 0,
+        };
+        peer.send(&hello(topic(name)?, role, order, 960));
+        Ok(peer)
+    };
+    let first_frame = |peer: &mut Peer| -> Option<Frame> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            match peer.next() {
+                Read1::Frame(frame) => return Some(frame),
+                Read1::Closed => return None,
+                Read1::Delivery(_) | Read1::Nothing => {}
+            }
+        }
+        None
+    };
+    let log_start = match first_frame(&mut subscribe(FROM_END)?) {
+        Some(Frame::HelloOk(ok)) => ok.log_start,
+        other => return Err(format!("a subscriber from the end got {other:?}")),
+    };
+    let (from_zero, reason) = match first_frame(&mut subscribe(0)?) {
+        Some(Frame::HelloOk(_)) => ("HelloOk".to_owned(), String::new()),
+        Some(Frame::Error(error)) => (format!("{:?}", error.code), error.reason().to_owned()),
+        other => (format!("{other:?}"), String::new()),
+    };
+    let mut from_start = subscribe(log_start)?;
+    let mut first_delivery = None;
+    if let Some(Frame::HelloOk(_)) = first_frame(&mut from_start) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && first_delivery.is_none() {
+            match from_start.next() {
+                Read1::Delivery(header) => first_delivery = header.global_start,
+                Read1::Closed | Read1::Frame(_) => break,
+                Read1::Nothing => {}
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "log_start": log_start,
+        "from_zero": from_zero,
+        "from_zero_names_log_start": reason.contains(&format!("starts at {log_start}")),
+        "first_delivery_from_log_start": first_delivery,
+    }))
+}
+
+fn run(cli: &Cli) -> Result<serde_json::Value, String> {
+    let seconds = Duration::from_secs_f64;
+    let target = |broker: &SocketAddr| Target {
+        broker: *broker,
+        source: cli.source_ip,
+    };
+    match &cli.attack {
+        Attack::Slowloris {
+            on,
+            connections,
+            payload_bytes,
+            byte_interval_ms,
+            duration_s,
+        } => slowloris(
+            target(&on.broker),
+            &on.topic,
+            on.order,
+            *connections,
+            *payload_bytes,
+            Duration::from_millis(*byte_interval_ms),
+            seconds(*duration_s),
+        ),
+        Attack::Silent {
+            broker,
+            connections,
+            duration_s,
+        } => silent(target(broker), *connections, seconds(*duration_s)),
+        Attack::StalledSubscriber { on, duration_s } => stalled_subscriber(
+            target(&on.broker),
+            &on.topic,
+            on.order,
+            seconds(*duration_s),
+        ),
+        Attack::TopicSpam { broker, count } => topic_spam(target(broker), *count),
+        Attack::MetricsSilent {
+            metrics,
+            connections,
+            duration_s,
+        } => metrics_silent(*metrics, *connections, seconds(*duration_s)),
+        Attack::LateSubscriber { on } => late_subscriber(target(&on.broker), &on.topic, on.order),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(result) => {
+            let text = result.to_string();
+            match &cli.json {
+                Some(path) => {
+                    if let Err(e) = std::fs::write(path, &text) {
+                        eprintln!("error: cannot write {}: {e}", path.display());
+                        return ExitCode::from(1);
+                    }
+                }
+                None => println!("{text}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
