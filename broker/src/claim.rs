@@ -17,8 +17,9 @@ use crate::coherence::SharedMemory;
 use crate::layout::{BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, claim_offset};
 use crate::pool::{Pool, PoolError, invalidate_and_fence, publish};
 
-/// Shortest claim lease accepted, in milliseconds.
-pub const CLAIM_LEASE_MS_MIN: u64 = 10;
+/// Shortest claim lease accepted, in milliseconds (below it a busy machine's scheduling
+/// delays alone would make a live claim look dead).
+pub const CLAIM_LEASE_MS_MIN: u64 = 50;
 /// Longest claim lease accepted, in milliseconds: no watcher waits longer for a silent claim,
 /// whatever lease a (corrupt) line says.
 pub const CLAIM_LEASE_MS_MAX: u64 = 60_000;

@@ -642,9 +642,9 @@ mod tests {
         assert_eq!(options.claim_lease_ms, CLAIM_LEASE_MS_DEFAULT);
         let (_, options, _) = with(&["--claim-lease-ms", "300"]).unwrap();
         assert_eq!(options.claim_lease_ms, 300);
-        let error = with(&["--claim-lease-ms", "5"]).unwrap_err();
+        let error = with(&["--claim-lease-ms", "20"]).unwrap_err();
         assert!(
-            error.contains("--claim-lease-ms 5 is out of range"),
+            error.contains("--claim-lease-ms 20 is out of range"),
             "{error}"
         );
         let file: Args = toml::from_str("claim_lease_ms = 2500").unwrap();

@@ -213,8 +213,7 @@ const HEARTBEAT_NAP: Duration = Duration::from_millis(20);
 
 impl Heartbeat {
     fn run(self) {
-        let interval = Duration::from_millis(self.claimant.details.lease_ms / BEATS_PER_LEASE)
-            .max(HEARTBEAT_NAP);
+        let interval = Duration::from_millis(self.claimant.details.lease_ms / BEATS_PER_LEASE);
         let mut heartbeat = 0u64;
         let mut next_beat = Instant::now();
         let mut check_failed = false;
