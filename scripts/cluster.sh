@@ -11,6 +11,9 @@
 # Options:
 #   --brokers N        brokers to start (default 4); broker 0 is the head (sequencer)
 #   --base-port P      broker i listens on 127.0.0.1:P+i, metrics on :P+100+i (default 9100)
+#   --metrics-base-port M  metrics of broker i on :M+i instead of :P+100+i
+#   --pool PATH        pool file (default /dev/hugepages/embarcadero-cluster-P, or /dev/shm/...
+#                      without hugetlbfs)
 #   --pool-bytes SIZE  pool size (default 1G)
 #   --dir DIR          logs, PIDs and the address list (default target/cluster)
 #   --coherence MODE   noncoherent (default) or coherent
@@ -28,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
@@ -39,13 +42,15 @@ case $action in
     signal) target_broker=${1:?signal needs a broker index}; target_signal=${2:?signal needs a signal}; shift 2 ;;
     restart) target_broker=${1:?restart needs a broker index}; shift ;;
 esac
-brokers=4 base_port=9100 pool_bytes=1G dir=target/cluster coherence=noncoherent cpus= hold_ms=
-replicas=0 replica_brokers= broker_args=
+brokers=4 base_port=9100 metrics_base_port= pool_arg= pool_bytes=1G dir=target/cluster
+coherence=noncoherent cpus= hold_ms= replicas=0 replica_brokers= broker_args=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --brokers) brokers=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
+        --metrics-base-port) metrics_base_port=$2; shift 2 ;;
+        --pool) pool_arg=$2; shift 2 ;;
         --pool-bytes) pool_bytes=$2; shift 2 ;;
         --dir) dir=$2; shift 2 ;;
         --coherence) coherence=$2; shift 2 ;;
@@ -60,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ $brokers =~ ^[0-9]+$ && $brokers -ge 1 ]] || die "--brokers needs a positive number"
+[[ -n $metrics_base_port ]] || metrics_base_port=$((base_port + 100))
 binary=target/release/broker
 addresses() {
     local list=()
@@ -68,7 +74,9 @@ addresses() {
 }
 
 pool_path() {
-    if mount | grep -q " /dev/hugepages type hugetlbfs"; then
+    if [[ -n $pool_arg ]]; then
+        echo "$pool_arg"
+    elif mount | grep -q " /dev/hugepages type hugetlbfs"; then
         echo "/dev/hugepages/embarcadero-cluster-$base_port"
     else
         echo "/dev/shm/embarcadero-cluster-$base_port"
@@ -110,7 +118,7 @@ start_cluster() {
     : > "$dir/pids"
     for ((i = 0; i < brokers; i++)); do
         local args=(--id "$i" --pool "$pool" --listen "127.0.0.1:$((base_port + i))"
-            --metrics "127.0.0.1:$((base_port + 100 + i))" --coherence "$coherence" "${fallback[@]}")
+            --metrics "127.0.0.1:$((metrics_base_port + i))" --coherence "$coherence" "${fallback[@]}")
         if [[ $i -eq 0 ]]; then
             args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
         fi

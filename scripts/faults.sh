@@ -4,14 +4,19 @@
 # order 5 and ack 2 while a fault is injected. A subscriber on a broker that stays up verifies
 # every message (exactly once, in order, bytes intact).
 #
-#   ./scripts/faults.sh [--duration-s N] [SCENARIO...]
+#   ./scripts/faults.sh [--duration-s N] [--base-port P] [--metrics-base-port M] [--pool PATH]
+#                       [SCENARIO...]
+#
+# Brokers listen on 127.0.0.1:P+i (default 9600) with metrics on :M+i (default P+100); the
+# pool file is PATH (default: scripts/cluster.sh's, named after P).
 #
 # Scenarios (default: all):
 #   baseline         no fault
 #   kill-nonhead     kill -9 broker 2 mid-run; its publishers reconnect and resend
 #   kill-head        kill -9 broker 0 (the sequencer) mid-run; a standby takes the lease over
 #   pause-head       SIGSTOP broker 0 past its lease, then SIGCONT: it must stay fenced
-#   restart-nonhead  kill -9 broker 2, restart it with the same id 2 s later
+#   restart-nonhead  kill -9 broker 2, restart it with the same id 2 s later (it takes the
+#                    crashed claim on the id over once that stayed still for a lease)
 #   pool-loss        run, stop every broker, delete the pool, rebuild it from the replica
 #                    files (--recover-from): the log must be the same, batch for batch
 #
@@ -26,11 +31,15 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 duration_s=8
+base_port=9600
+cluster_args=()
 scenarios=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration-s) duration_s=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --base-port) base_port=$2; shift 2 ;;
+        --metrics-base-port | --pool) cluster_args+=("$1" "$2"); shift 2 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "faults: unknown option $1" >&2; exit 2 ;;
         *) scenarios+=("$1"); shift ;;
     esac
@@ -48,7 +57,6 @@ mkdir -p "$out"
 results=$out/results.jsonl
 : > "$results"
 lease_ms=1000
-base_port=9600
 
 now_ms() { date +%s%3N; }
 
@@ -67,7 +75,8 @@ start_cluster() {
     rm -rf "$dir"
     current_dir=$dir
     ./scripts/cluster.sh start --brokers 4 --pool-bytes 512M --base-port "$base_port" --dir "$dir" \
-        --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" "$@" >/dev/null
+        --hold-timeout-ms 10000 --replicas --broker-args "--lease-ms $lease_ms" \
+        "${cluster_args[@]}" "$@" >/dev/null
 }
 
 # Runs the load generator against the cluster in $1 (extra arguments follow), subscriber on

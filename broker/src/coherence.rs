@@ -117,6 +117,11 @@ pub trait MappedRegion: Send + Sync + std::fmt::Debug {
     fn base(&self) -> *mut u8;
     /// Size in bytes.
     fn len_bytes(&self) -> u64;
+    /// Checks that the file mapped is still the one its path names, whole (see
+    /// `hugepages::SharedRegion::check_backing`). Memory that no path names always is.
+    fn check_backing(&self) -> Result<(), hugepages::Error> {
+        Ok(())
+    }
 }
 
 /// The mapped pool, accessed with real instructions.
@@ -131,7 +136,7 @@ pub struct PoolMemory {
     /// Large writes use AVX2 streaming stores (non-coherent mode only, where readers fetch
     /// from memory anyway): they go straight to memory at about twice memcpy's rate.
     stream_writes: bool,
-    _owner: Option<std::sync::Arc<dyn MappedRegion>>,
+    owner: Option<std::sync::Arc<dyn MappedRegion>>,
 }
 
 // SAFETY: `PoolMemory` is an address, a length and an owner that is Send + Sync; all accesses go through the methods
@@ -169,7 +174,7 @@ impl PoolMemory {
             len_bytes,
             mode,
             stream_writes: mode == CoherenceMode::NonCoherent && x86::has_avx2(),
-            _owner: None,
+            owner: None,
         }
     }
 
@@ -184,13 +189,27 @@ impl PoolMemory {
         // SAFETY: the region's memory stays mapped while `region` lives, and the view holds
         // it. Access is only through this view's methods.
         let mut memory = unsafe { PoolMemory::new(region.base(), region.len_bytes(), mode) };
-        memory._owner = Some(region);
+        memory.owner = Some(region);
         memory
     }
 
     /// The coherence mode this view runs in.
     pub fn mode(&self) -> CoherenceMode {
         self.mode
+    }
+
+    /// The addresses the pool occupies in this process.
+    pub fn address_range(&self) -> std::ops::Range<usize> {
+        let start = self.base as usize;
+        start..start + self.len_bytes as usize
+    }
+
+    /// Checks that the memory is still what the pool's path names (see
+    /// [`MappedRegion::check_backing`]); a view made by [`PoolMemory::new`] always is.
+    pub fn check_backing(&self) -> Result<(), hugepages::Error> {
+        self.owner
+            .as_ref()
+            .map_or(Ok(()), |region| region.check_backing())
     }
 
     fn ptr(&self, offset: u64, len: u64) -> *mut u8 {

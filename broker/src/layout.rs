@@ -13,7 +13,7 @@ use crate::coherence::CACHE_LINE_BYTES;
 /// "EMBRCDRO": the first eight bytes of every pool.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBRCDRO");
 /// Version of this layout; a pool of another version is refused on attach.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Value of the header's ready word once formatting is complete.
 pub const POOL_FORMATTED: u64 = u64::from_le_bytes(*b"FORMATED");
 /// Alignment of the large regions (rings, GOI, payload logs).
@@ -32,6 +32,12 @@ pub const LEASE_EPOCH_OFFSET: u64 =
 /// Offset of the lease's heartbeat word.
 pub const LEASE_HEARTBEAT_OFFSET: u64 =
     LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
+/// Offset of the broker claims: one [`BrokerClaim`] per possible broker id
+/// ([`BROKERS_MAX`] of them, whatever the geometry), right after the lease.
+pub const CLAIMS_OFFSET: u64 = LEASE_OFFSET + std::mem::size_of::<SequencerLease>() as u64;
+/// Offset of the claims' end (the topic table follows).
+const CLAIMS_END: u64 =
+    CLAIMS_OFFSET + BROKERS_MAX as u64 * std::mem::size_of::<BrokerClaim>() as u64;
 /// Alignment of each batch's payload in a payload log, so two batches never share a line.
 pub const PAYLOAD_ALIGN_BYTES: u64 = CACHE_LINE_BYTES;
 
@@ -110,6 +116,51 @@ impl Record for SequencerLease {
         self.ready
     }
 }
+
+/// The claim on one broker id: which process runs as that broker, and a heartbeat that
+/// says it still does. A process claims the id by compare-and-swap of `owner` (from 0, or
+/// from the token of a claim whose heartbeat stayed still for its lease), then publishes
+/// the rest, `ready` last; from then on only it writes the line, until it sets `owner` back
+/// to 0 on an orderly stop. See `broker::claim`.
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BrokerClaim {
+    /// The claimant's token (a random nonzero nonce); 0 when the id is free.
+    pub owner: u64,
+    /// Incremented by the claimant every quarter of its lease while it runs.
+    pub heartbeat: u64,
+    /// Which kernel the claimant runs on (a hash of its boot id).
+    pub host_id: u64,
+    /// How long the heartbeat may stay still before the claim counts as dead.
+    pub lease_ms: u64,
+    /// Wall-clock time of the claim, milliseconds since the Unix epoch.
+    pub claimed_unix_ms: u64,
+    /// Process id of the claimant (in its own pid namespace).
+    pub pid: u32,
+    /// Reserved, zero.
+    pub reserved0: u32,
+    /// Reserved, zero.
+    pub reserved1: u64,
+    /// `owner` once the other fields are published.
+    pub ready: u64,
+}
+
+impl Record for BrokerClaim {
+    fn ready(&self) -> u64 {
+        self.ready
+    }
+}
+
+/// Offset of the claim on broker id `broker` (below [`BROKERS_MAX`]).
+pub fn claim_offset(broker: u16) -> u64 {
+    debug_assert!(u32::from(broker) < BROKERS_MAX);
+    CLAIMS_OFFSET + u64::from(broker) * std::mem::size_of::<BrokerClaim>() as u64
+}
+
+/// Offset of the claim's owner word (the one word claimants compare-and-swap).
+pub const CLAIM_OWNER_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, owner) as u64;
+/// Offset of the claim's heartbeat word.
+pub const CLAIM_HEARTBEAT_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, heartbeat) as u64;
 
 /// One entry of the topic table. Written once by the head broker when it creates the topic.
 #[repr(C, align(64))]
@@ -282,6 +333,9 @@ const _: () = {
     assert!(std::mem::size_of::<PoolHeader>() == 128);
     assert!(std::mem::align_of::<PoolHeader>() == 64);
     assert!(std::mem::size_of::<SequencerLease>() == 64);
+    assert!(std::mem::size_of::<BrokerClaim>() == 64);
+    assert!(std::mem::align_of::<BrokerClaim>() == 64);
+    assert!(CLAIMS_OFFSET % 64 == 0);
     assert!(std::mem::size_of::<SessionRecord>() == 64);
     assert!(std::mem::size_of::<TopicMeta>() == 128);
     assert!(std::mem::size_of::<BatchHeader>() == 64);
@@ -459,7 +513,7 @@ impl Geometry {
 
     /// Offset of the topic table.
     pub fn topic_table_offset(&self) -> u64 {
-        LEASE_OFFSET + std::mem::size_of::<SequencerLease>() as u64
+        CLAIMS_END
     }
 
     fn topics_offset(&self) -> u64 {
@@ -614,6 +668,11 @@ mod tests {
         g.validate().unwrap();
         let mut regions: Vec<(u64, u64, String)> = vec![(0, 128, "header".into())];
         regions.push((128, 64, "lease".into()));
+        regions.push((
+            claim_offset(0),
+            u64::from(BROKERS_MAX) * 64,
+            "claims".into(),
+        ));
         for t in 0..g.topics_max {
             regions.push((g.topic_meta_offset(t), 128, format!("meta {t}")));
             regions.push((g.seq_state_offset(t), 64, format!("seq {t}")));
@@ -651,6 +710,9 @@ mod tests {
         }
         let last = regions.last().unwrap();
         assert!(last.0 + last.1 <= g.layout_bytes());
+        assert_eq!(claim_offset(0), 192);
+        assert_eq!(claim_offset(1) - claim_offset(0), 64);
+        assert_eq!(claim_offset(63) + 64, g.topic_table_offset());
     }
 
     #[test]

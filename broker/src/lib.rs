@@ -4,6 +4,7 @@
 //! The core does no I/O and reads no clock: time comes in as an argument, memory through
 //! [`coherence::SharedMemory`]. That is what lets [`sim`] drive it deterministically.
 
+pub mod claim;
 pub mod coherence;
 pub mod heap;
 pub mod layout;

@@ -13,6 +13,10 @@ impl MappedRegion for hugepages::SharedRegion {
     fn len_bytes(&self) -> u64 {
         self.len() as u64
     }
+
+    fn check_backing(&self) -> Result<(), hugepages::Error> {
+        hugepages::SharedRegion::check_backing(self)
+    }
 }
 
 /// A view of a shared region that keeps it mapped while the view (or a clone) lives.

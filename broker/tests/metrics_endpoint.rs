@@ -95,7 +95,16 @@ fn scrape_beside_silent_connections(silent: usize) -> u64 {
             until - opened
         );
     }
+    // The endpoint counts a connection just after closing it: give the counters a moment.
     let metrics = broker.metrics();
+    let counted = || {
+        metrics.metrics_connections_evicted.load(Ordering::Relaxed)
+            + metrics.metrics_connections_timed_out.load(Ordering::Relaxed)
+    };
+    let counted_by = Instant::now() + Duration::from_secs(1);
+    while counted() < silent as u64 && Instant::now() < counted_by {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let evicted = metrics.metrics_connections_evicted.load(Ordering::Relaxed);
     let timed_out = metrics
         .metrics_connections_timed_out

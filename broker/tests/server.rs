@@ -348,3 +348,53 @@ fn a_standby_takes_over_when_the_head_dies_and_creates_topics_from_then_on() {
     after.batch(0, &[b"c"]);
     assert_eq!(after.acks_through(0).len(), 1);
 }
+
+#[test]
+fn a_broker_id_is_held_while_it_runs_kept_after_a_kill_and_given_back_by_a_stop() {
+    use broker::claim::ClaimError;
+    use broker::server::StartError;
+    let geometry = Geometry {
+        brokers_max: 2,
+        topics_max: 1,
+        ring_slots: 16,
+        goi_entries: 1 << 10,
+        blog_bytes: 1 << 16,
+    };
+    let lease = Duration::from_millis(300);
+    let mut cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.claim_lease_ms = lease.as_millis() as u64;
+    })
+    .unwrap();
+    // While broker 1 runs, a second broker 1 is refused (its heartbeat moves within a
+    // quarter of the lease), and the first goes on.
+    let started = std::time::Instant::now();
+    match cluster.restart_broker(1) {
+        Err(StartError::Claim(ClaimError::BrokerIdTaken { holder })) => {
+            assert_eq!(holder.broker, 1);
+            assert_eq!(holder.details.map(|d| d.pid), Some(std::process::id()));
+        }
+        other => panic!("expected BrokerIdTaken, got {other:?}"),
+    }
+    assert!(started.elapsed() < lease, "refused without waiting a lease");
+    assert!(cluster.brokers()[1].is_running());
+    // A killed broker keeps its claim: the next one takes it over after a silent lease.
+    assert!(cluster.kill_broker(1));
+    let started = std::time::Instant::now();
+    cluster.restart_broker(1).unwrap();
+    assert!(
+        started.elapsed() >= lease,
+        "took over after {:?}",
+        started.elapsed()
+    );
+    assert!(cluster.brokers()[1].is_running());
+    // A stopped broker gives its claim back: the next one starts at once.
+    assert!(cluster.stop_broker(1));
+    let started = std::time::Instant::now();
+    cluster.restart_broker(1).unwrap();
+    assert!(
+        started.elapsed() < lease,
+        "restarted after {:?}",
+        started.elapsed()
+    );
+    assert!(cluster.brokers()[1].failure().is_none());
+}

@@ -154,6 +154,63 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// The region file is mapped by other processes, so it is not replaced.
+    #[error(
+        "region {path:?} is in use: {} map it (they hold its shared lock); stop them before \
+         replacing it, or put the new region at another path",
+        describe_pids(holder_pids)
+    )]
+    RegionInUse {
+        /// The region path.
+        path: PathBuf,
+        /// Processes on this host holding the lock (from `/proc/locks`; may be empty).
+        holder_pids: Vec<u32>,
+    },
+
+    /// Another process holds the region file's lock exclusively: it is about to replace it.
+    #[error(
+        "region {path:?} is being replaced by another process (it holds the file's exclusive \
+         lock); open it again once that process has created the new one"
+    )]
+    RegionBeingReplaced {
+        /// The region path.
+        path: PathBuf,
+    },
+
+    /// The path names another file than the one opened or mapped.
+    #[error(
+        "{path:?} was removed and created again: it names another file than the one mapped \
+         here (the mapping holds the deleted file, which no other process will open)"
+    )]
+    RegionReplaced {
+        /// The region path.
+        path: PathBuf,
+    },
+
+    /// The mapped file was removed.
+    #[error(
+        "{path:?} was removed: the mapping holds the deleted file, which no other process \
+         will open"
+    )]
+    RegionRemoved {
+        /// The region path.
+        path: PathBuf,
+    },
+
+    /// The mapped file shrank below the mapping: the pages past its end are gone.
+    #[error(
+        "{path:?} was truncated to {file_bytes} bytes under a mapping of {mapped_bytes} bytes: \
+         the pages past its end are gone"
+    )]
+    RegionTruncated {
+        /// The region path.
+        path: PathBuf,
+        /// Size of the file now.
+        file_bytes: u64,
+        /// Size of the mapping.
+        mapped_bytes: u64,
+    },
+
     /// `open` found a region file of 0 bytes.
     #[error(
         "region file {path:?} is empty: its creator did not finish; \
@@ -249,6 +306,15 @@ pub enum Error {
         /// What it held.
         text: String,
     },
+}
+
+/// "processes 1, 2" or "processes on this host" when the pids are unknown.
+fn describe_pids(pids: &[u32]) -> String {
+    if pids.is_empty() {
+        return "processes on this host".to_owned();
+    }
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    format!("processes {}", list.join(", "))
 }
 
 /// The command that mounts hugetlbfs with `page_size` pages on `dir`.

@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -45,17 +45,33 @@ impl Default for RegionOptions {
 ///
 /// Other processes change this memory at any time, so it is exposed only as a raw pointer:
 /// callers access it with volatile or atomic operations at offsets they agree on.
+///
+/// Every region holds a shared `flock` on its file for as long as it lives, and
+/// [`SharedRegion::create`] takes the old file's lock exclusively before it replaces it: a
+/// region that some process on this host has mapped is never replaced under it.
 #[derive(Debug)]
 pub struct SharedRegion {
     mapping: Mapping,
     backing: BackingKind,
     path: PathBuf,
     prefault_time: Duration,
+    /// The file mapped, open for the lock and for [`SharedRegion::check_backing`].
+    file: File,
+}
+
+/// The `flock` a process holds on a region file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    /// Held by every process that maps the region.
+    Shared,
+    /// Taken (without waiting) by a process about to replace the region.
+    Exclusive,
 }
 
 impl SharedRegion {
     /// Creates (replacing any old file) a region of `bytes` (rounded up to the page size) at
-    /// `path`.
+    /// `path`. An old file that another process maps (it holds the file's shared lock) is
+    /// not replaced: that is [`Error::RegionInUse`], naming the processes.
     ///
     /// On hugetlbfs the old file (and, with `allow_fallback`, an old `/dev/shm/<file name>`)
     /// is removed first and [`crate::preflight`] runs before the new one is created; when pages
@@ -101,7 +117,24 @@ impl SharedRegion {
                 remove_old(path)?;
                 create_file(path, len, BackingKind::Shm, options)
             }
-            BackingKind::Dax => map_dax(path, Some(round_up(options.page_size, bytes)?), options),
+            BackingKind::Dax => {
+                // Nothing is removed, but the device's old contents are about to be
+                // overwritten: refuse while another process maps it.
+                let device = open_and_lock(
+                    path,
+                    Lock::Exclusive,
+                    Error::DaxDeviceMissing {
+                        path: path.to_path_buf(),
+                    },
+                )?;
+                drop(device);
+                map_dax(
+                    path,
+                    Some(round_up(options.page_size, bytes)?),
+                    Lock::Shared,
+                    options,
+                )
+            }
         }
     }
 
@@ -110,22 +143,41 @@ impl SharedRegion {
     ///
     /// With `allow_fallback`, a region missing on hugetlbfs is looked for in
     /// `/dev/shm/<file name>`, where [`SharedRegion::create`] puts it when pages are short.
+    ///
+    /// Takes the file's shared lock without waiting: [`Error::RegionBeingReplaced`] while a
+    /// process about to replace it holds the lock exclusively, and [`Error::RegionReplaced`]
+    /// when the path named another file by the time the lock was taken. Both pass: try again.
     pub fn open(path: &Path, options: &RegionOptions) -> Result<SharedRegion, Error> {
+        SharedRegion::open_locked(path, Lock::Shared, options)
+    }
+
+    /// Maps an existing region as [`SharedRegion::open`] does, but takes its lock
+    /// exclusively (without waiting): [`Error::RegionInUse`] when another process maps it.
+    /// For a process about to replace the region that wants to look at it first; drop it
+    /// before calling [`SharedRegion::create`].
+    pub fn open_exclusive(path: &Path, options: &RegionOptions) -> Result<SharedRegion, Error> {
+        SharedRegion::open_locked(path, Lock::Exclusive, options)
+    }
+
+    fn open_locked(
+        path: &Path,
+        lock: Lock,
+        options: &RegionOptions,
+    ) -> Result<SharedRegion, Error> {
         let name = file_name(path)?;
         match classify(path, options.page_size)? {
             BackingKind::Hugetlbfs(page_size) => {
                 let backing = BackingKind::Hugetlbfs(page_size);
-                match open_existing(path, backing, options) {
+                match open_existing(path, backing, lock, options) {
                     Err(Error::RegionMissing { .. }) if options.allow_fallback => {
                         let shm_path = Path::new(SHM_DIR).join(name);
-                        let region = open_existing(&shm_path, BackingKind::Shm, options).map_err(
-                            |error| match error {
+                        let region = open_existing(&shm_path, BackingKind::Shm, lock, options)
+                            .map_err(|error| match error {
                                 Error::RegionMissing { .. } => Error::RegionMissing {
                                     path: path.to_path_buf(),
                                 },
                                 other => other,
-                            },
-                        )?;
+                            })?;
                         log::warn!(
                             "no region at {}; using the fallback region {}, which is NOT \
                              hugepage-backed (development only)",
@@ -139,9 +191,9 @@ impl SharedRegion {
             }
             BackingKind::Shm => {
                 accept_shm(path, options)?;
-                open_existing(path, BackingKind::Shm, options)
+                open_existing(path, BackingKind::Shm, lock, options)
             }
-            BackingKind::Dax => map_dax(path, None, options),
+            BackingKind::Dax => map_dax(path, None, lock, options),
         }
     }
 
@@ -173,6 +225,46 @@ impl SharedRegion {
     /// Time spent faulting the pages in while mapping; zero when `prefault` was off.
     pub fn prefault_time(&self) -> Duration {
         self.prefault_time
+    }
+
+    /// Checks that [`SharedRegion::path`] still names the file mapped here, and that the
+    /// file still holds the whole mapping: [`Error::RegionRemoved`],
+    /// [`Error::RegionReplaced`] or [`Error::RegionTruncated`] when not (the mapping then
+    /// shows a deleted file nobody else will open, or pages that are gone). Other failures
+    /// to `stat` are [`Error::Io`].
+    pub fn check_backing(&self) -> Result<(), Error> {
+        let mapped = self
+            .file
+            .metadata()
+            .map_err(|error| io_error("fstat", &self.path, error))?;
+        let named = match fs::metadata(&self.path) {
+            Ok(named) => named,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::RegionRemoved {
+                    path: self.path.clone(),
+                });
+            }
+            Err(error) => return Err(io_error("stat", &self.path, error)),
+        };
+        if (named.dev(), named.ino()) != (mapped.dev(), mapped.ino()) {
+            return Err(Error::RegionReplaced {
+                path: self.path.clone(),
+            });
+        }
+        if mapped.nlink() == 0 {
+            return Err(Error::RegionRemoved {
+                path: self.path.clone(),
+            });
+        }
+        // A device's size is not its file size.
+        if self.backing != BackingKind::Dax && mapped.len() < self.len() as u64 {
+            return Err(Error::RegionTruncated {
+                path: self.path.clone(),
+                file_bytes: mapped.len(),
+                mapped_bytes: self.len() as u64,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -207,14 +299,108 @@ fn accept_shm(path: &Path, options: &RegionOptions) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes an old region file, if any.
+/// Removes an old region file, if any, holding its exclusive lock meanwhile: a file that
+/// another process maps is [`Error::RegionInUse`] and stays.
 fn remove_old(path: &Path) -> Result<(), Error> {
+    let old = match File::open(path) {
+        Ok(old) => old,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io_error("open the old region", path, error)),
+    };
+    lock(&old, path, Lock::Exclusive)?;
     match fs::remove_file(path) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => {
             Err(io_error("remove the old region", path, error))
         }
         _ => Ok(()),
     }
+}
+
+/// Takes a lock of `kind` on `file` without waiting.
+fn lock(file: &File, path: &Path, kind: Lock) -> Result<(), Error> {
+    let operation = match kind {
+        Lock::Shared => libc::LOCK_SH,
+        Lock::Exclusive => libc::LOCK_EX,
+    } | libc::LOCK_NB;
+    loop {
+        // SAFETY: flock only acts on the descriptor, which `file` keeps open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let error = io::Error::last_os_error();
+        match (error.raw_os_error(), kind) {
+            (Some(libc::EINTR), _) => {}
+            (Some(libc::EWOULDBLOCK), Lock::Shared) => {
+                return Err(Error::RegionBeingReplaced {
+                    path: path.to_path_buf(),
+                });
+            }
+            (Some(libc::EWOULDBLOCK), Lock::Exclusive) => {
+                return Err(Error::RegionInUse {
+                    path: path.to_path_buf(),
+                    holder_pids: lock_holders(file),
+                });
+            }
+            _ => return Err(io_error("lock", path, error)),
+        }
+    }
+}
+
+/// Opens `path` and takes a lock of `kind` on it; `missing` when there is no such file.
+fn open_and_lock(path: &Path, kind: Lock, missing: Error) -> Result<File, Error> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::NotFound => missing,
+            _ => io_error("open", path, error),
+        })?;
+    lock(&file, path, kind)?;
+    // Whoever replaced the file before the lock was taken has gone on: this one is stale.
+    let named = fs::metadata(path).map_err(|error| io_error("stat", path, error))?;
+    let opened = file
+        .metadata()
+        .map_err(|error| io_error("fstat", path, error))?;
+    if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
+        return Err(Error::RegionReplaced {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
+}
+
+/// Where the kernel lists every lock held on this host.
+const PROC_LOCKS: &str = "/proc/locks";
+
+/// Processes holding a `flock` on `file` (empty when `/proc/locks` cannot be read).
+fn lock_holders(file: &File) -> Vec<u32> {
+    let (Ok(metadata), Ok(text)) = (file.metadata(), fs::read_to_string(PROC_LOCKS)) else {
+        return Vec::new();
+    };
+    let dev = metadata.dev();
+    parse_lock_holders(&text, libc::major(dev), libc::minor(dev), metadata.ino())
+}
+
+/// The pids of `/proc/locks` lines for a `flock` held (not waited for) on the file
+/// `major:minor:inode` (device numbers in hex, as the kernel prints them).
+fn parse_lock_holders(text: &str, major: u32, minor: u32, inode: u64) -> Vec<u32> {
+    let wanted = format!("{major:02x}:{minor:02x}:{inode}");
+    let mut pids: Vec<u32> = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // "N: FLOCK ADVISORY READ PID MAJ:MIN:INODE START END"; waiters have "->" after N.
+            match fields.as_slice() {
+                [_, "FLOCK", _, _, pid, file, ..] if *file == wanted => pid.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
 }
 
 /// Removes a half-made region file unless disarmed.
@@ -250,30 +436,29 @@ fn create_file(
             _ => io_error("create", path, error),
         })?;
     let mut cleanup = RemoveOnFailure { path, armed: true };
+    lock(&file, path, Lock::Shared)?;
     // ftruncate reserves nothing on hugetlbfs; mmap does, so pages are checked there.
     file.set_len(len as u64)
         .map_err(|error| io_error("set the size of", path, error))?;
-    let region = map_file(&file, path, len, backing, options)?;
+    let region = map_file(file, path, len, backing, options)?;
     cleanup.armed = false;
     Ok(region)
 }
 
-/// Opens an existing region file and maps all of it.
+/// Opens an existing region file, takes `lock` on it, and maps all of it.
 fn open_existing(
     path: &Path,
     backing: BackingKind,
+    lock: Lock,
     options: &RegionOptions,
 ) -> Result<SharedRegion, Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|error| match error.kind() {
-            io::ErrorKind::NotFound => Error::RegionMissing {
-                path: path.to_path_buf(),
-            },
-            _ => io_error("open", path, error),
-        })?;
+    let file = open_and_lock(
+        path,
+        lock,
+        Error::RegionMissing {
+            path: path.to_path_buf(),
+        },
+    )?;
     let size = file
         .metadata()
         .map_err(|error| io_error("stat", path, error))?
@@ -287,13 +472,15 @@ fn open_existing(
         path: path.to_path_buf(),
         bytes: size,
     })?;
-    map_file(&file, path, len, backing, options)
+    map_file(file, path, len, backing, options)
 }
 
-/// Maps a DAX device: `len` bytes, or the whole device when `len` is `None`.
+/// Maps a DAX device (holding `lock` on it): `len` bytes, or the whole device when `len`
+/// is `None`.
 fn map_dax(
     path: &Path,
     len: Option<usize>,
+    lock: Lock,
     options: &RegionOptions,
 ) -> Result<SharedRegion, Error> {
     let missing = || Error::DaxDeviceMissing {
@@ -321,20 +508,14 @@ fn map_dax(
             bytes: device_bytes,
         })?,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|error| match error.kind() {
-            io::ErrorKind::NotFound => missing(),
-            _ => io_error("open", path, error),
-        })?;
-    map_file(&file, path, len, BackingKind::Dax, options)
+    let file = open_and_lock(path, lock, missing())?;
+    map_file(file, path, len, BackingKind::Dax, options)
 }
 
 /// Maps `len` bytes of `file` shared, pre-faulting them if asked, and logs the time taken.
+/// The region keeps `file` (and its lock).
 fn map_file(
-    file: &File,
+    file: File,
     path: &Path,
     len: usize,
     backing: BackingKind,
@@ -382,6 +563,7 @@ fn map_file(
         backing,
         path: path.to_path_buf(),
         prefault_time,
+        file,
     })
 }
 
@@ -456,6 +638,77 @@ mod tests {
             matches!(short, Error::HugepagesShort { ref fix, .. } if fix.contains("nr_hugepages")),
             "{short:?}"
         );
+    }
+
+    #[test]
+    fn lock_holders_are_read_from_proc_locks() {
+        let text = "\
+1: FLOCK  ADVISORY  READ  4242 00:2e:1234 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 5000 00:2e:1234 0 EOF
+2: FLOCK  ADVISORY  READ  77 00:2e:1234 0 EOF
+3: POSIX  ADVISORY  WRITE 88 00:2e:1234 0 EOF
+4: FLOCK  ADVISORY  READ  99 00:2e:12345 0 EOF
+5: FLOCK  ADVISORY  READ  4242 00:2e:1234 0 EOF
+6: FLOCK  ADVISORY  WRITE 11 fd:01:1234 0 EOF
+";
+        assert_eq!(parse_lock_holders(text, 0, 0x2e, 1234), vec![77, 4242]);
+        assert_eq!(parse_lock_holders(text, 0xfd, 1, 1234), vec![11]);
+        assert!(parse_lock_holders(text, 0, 0x2e, 1).is_empty());
+    }
+
+    #[test]
+    fn a_mapped_region_is_not_replaced_and_a_replaced_one_is_noticed() {
+        let path = PathBuf::from(format!(
+            "/dev/shm/hugepages-lock-test-{}",
+            std::process::id()
+        ));
+        let options = RegionOptions {
+            allow_fallback: true,
+            prefault: false,
+            ..RegionOptions::default()
+        };
+        let region = SharedRegion::create(&path, 4096, &options).expect("a /dev/shm region");
+        region
+            .check_backing()
+            .expect("the region backs its mapping");
+        match SharedRegion::create(&path, 4096, &options) {
+            Err(Error::RegionInUse { holder_pids, .. }) => {
+                assert!(holder_pids.contains(&std::process::id()), "{holder_pids:?}");
+            }
+            other => panic!("expected RegionInUse, got {other:?}"),
+        }
+        assert!(matches!(
+            SharedRegion::open_exclusive(&path, &options),
+            Err(Error::RegionInUse { .. })
+        ));
+        let second = SharedRegion::open(&path, &options).expect("shared locks go together");
+        drop(second);
+
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(0).unwrap();
+        assert!(matches!(
+            region.check_backing(),
+            Err(Error::RegionTruncated { file_bytes: 0, .. })
+        ));
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            region.check_backing(),
+            Err(Error::RegionRemoved { .. })
+        ));
+        fs::write(&path, [0u8; 64]).unwrap();
+        assert!(matches!(
+            region.check_backing(),
+            Err(Error::RegionReplaced { .. })
+        ));
+        // The region still holds the deleted file's lock, not the new file's.
+        let exclusive = SharedRegion::open_exclusive(&path, &options).expect("a free new file");
+        assert!(matches!(
+            SharedRegion::open(&path, &options),
+            Err(Error::RegionBeingReplaced { .. })
+        ));
+        drop(exclusive);
+        drop(region);
+        fs::remove_file(&path).unwrap();
     }
 
     #[test]

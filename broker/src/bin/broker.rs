@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use broker::claim::{CLAIM_LEASE_MS_MAX, CLAIM_LEASE_MS_MIN};
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::metrics::EndpointLimits;
@@ -14,9 +15,13 @@ use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
 use broker::server::limits::ClientLimits;
+use broker::server::ownership::HeldClaim;
 use broker::server::replica::ReplicaConfig;
 use broker::server::state::BrokerSettings;
-use broker::server::{BrokerOptions, IdleStrategy, NetBackend, PoolSpec, open_pool, start};
+use broker::server::{
+    BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, open_pool,
+    start_claimed,
+};
 use clap::Parser;
 use xdp_prog::AttachMode;
 
@@ -36,14 +41,20 @@ struct Args {
     #[serde(skip)]
     config: Option<PathBuf>,
     /// This broker's id: 0 .. brokers-max - 1, unique in the cluster (its rings in the pool).
+    /// A broker claims its id in the pool and refuses to start while a live broker holds it.
     #[arg(long)]
     id: Option<u16>,
+    /// How long this broker's claim on its id may go without a heartbeat before another
+    /// broker may take the id over, in milliseconds (default 1000). A broker restarted after
+    /// a crash waits this long for the old claim; after an orderly stop it starts at once.
+    #[arg(long)]
+    claim_lease_ms: Option<u64>,
     /// Pool file: on hugetlbfs (e.g. /dev/hugepages/embarcadero), a /dev/daxX.Y device, or a
     /// /dev/shm file together with --allow-shm-fallback.
     #[arg(long)]
     pool: Option<PathBuf>,
     /// Create and format the pool (replacing the file). Usually given to the head only;
-    /// the other brokers wait for it and attach.
+    /// the other brokers wait for it and attach. Refused while live brokers use the pool.
     #[arg(long)]
     #[serde(default)]
     format: bool,
@@ -267,6 +278,7 @@ fn merge(cli: Args, file: Args) -> Args {
     Args {
         config: cli.config,
         id: cli.id.or(file.id),
+        claim_lease_ms: cli.claim_lease_ms.or(file.claim_lease_ms),
         pool: cli.pool.or(file.pool),
         format: cli.format || file.format,
         pool_bytes: cli.pool_bytes.or(file.pool_bytes),
@@ -334,6 +346,13 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         None => cli,
     };
     let id = args.id.ok_or("--id is required")?;
+    let claim_lease_ms = args.claim_lease_ms.unwrap_or(CLAIM_LEASE_MS_DEFAULT);
+    if !(CLAIM_LEASE_MS_MIN..=CLAIM_LEASE_MS_MAX).contains(&claim_lease_ms) {
+        return Err(format!(
+            "--claim-lease-ms {claim_lease_ms} is out of range: give \
+             {CLAIM_LEASE_MS_MIN}..={CLAIM_LEASE_MS_MAX}"
+        ));
+    }
     if !(args.recover_from.is_empty() || (args.head && args.format)) {
         return Err("--recover-from rebuilds a new pool: it needs --head and --format".into());
     }
@@ -472,6 +491,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             None => None,
         },
         standby: !args.no_standby,
+        claim_lease_ms,
     };
     Ok((spec, options, args.recover_from))
 }
@@ -495,6 +515,80 @@ fn install_signal_handlers() {
     }
 }
 
+/// The pool's addresses and the message for a SIGBUS inside them, for [`on_sigbus`] (which
+/// may only read atomics). The message is leaked: it lives as long as the process.
+static POOL_START: AtomicUsize = AtomicUsize::new(0);
+static POOL_END: AtomicUsize = AtomicUsize::new(0);
+static SIGBUS_MESSAGE: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static SIGBUS_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// A SIGBUS at a pool address means the pages behind the mapping are gone (the pool file
+/// was truncated under this broker; the liveness check would say so at its next beat, but
+/// a subscriber's read or the sequencer faults first): say so and exit 1. Any other SIGBUS
+/// gets the default action. (This replaces std's SIGBUS handler, which only reports stack
+/// overflows, and those raise SIGSEGV on Linux.)
+extern "C" fn on_sigbus(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let info = unsafe { &*info };
+    // SAFETY: si_addr is set for SIGBUS.
+    let address = unsafe { info.si_addr() } as usize;
+    let in_pool =
+        (POOL_START.load(Ordering::Relaxed)..POOL_END.load(Ordering::Relaxed)).contains(&address);
+    let message = SIGBUS_MESSAGE.load(Ordering::Relaxed);
+    if !in_pool || message.is_null() {
+        // SAFETY: signal() is async-signal-safe.
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+        // A fault re-runs the faulting access on return, which then takes the default
+        // action; a SIGBUS sent by a process (si_code <= 0) is raised again instead.
+        if info.si_code <= 0 {
+            // SAFETY: raise() is async-signal-safe.
+            unsafe { libc::raise(signal) };
+        }
+        return;
+    }
+    let bytes = SIGBUS_MESSAGE_BYTES.load(Ordering::Relaxed);
+    // SAFETY: write() is async-signal-safe; `message` points to `bytes` leaked bytes.
+    let _ = unsafe { libc::write(libc::STDERR_FILENO, message.cast(), bytes) };
+    // SAFETY: _exit() is async-signal-safe and does not return.
+    unsafe { libc::_exit(1) };
+}
+
+/// Installs [`on_sigbus`] for the pool mapped at `range`.
+fn install_sigbus_handler(broker: u16, path: &std::path::Path, range: std::ops::Range<usize>) {
+    let message = format!(
+        "broker {broker}: pool {}: its pages are gone under this broker (SIGBUS): the pool \
+         file was truncated or its memory failed while the broker ran; exiting (never resize \
+         a pool file that brokers use)\n",
+        path.display()
+    )
+    .into_bytes()
+    .leak();
+    SIGBUS_MESSAGE_BYTES.store(message.len(), Ordering::Relaxed);
+    SIGBUS_MESSAGE.store(message.as_mut_ptr(), Ordering::Relaxed);
+    POOL_START.store(range.start, Ordering::Relaxed);
+    POOL_END.store(range.end, Ordering::Relaxed);
+    // SAFETY: an all-zero sigaction is a valid value to fill in.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigbus
+        as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+        as libc::sighandler_t;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `action.sa_mask` is a sigset_t owned here.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: `action` is initialised; the handler only uses async-signal-safe calls.
+    let rc = unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        log::warn!(
+            "cannot install the SIGBUS handler: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
@@ -507,15 +601,25 @@ fn main() -> ExitCode {
         }
     };
     install_signal_handlers();
+    let id = options.settings.broker_id;
     let pool = match open_pool(&spec) {
         Ok(pool) => pool,
         Err(e) => {
-            eprintln!("broker {}: {e}", options.settings.broker_id);
+            eprintln!("broker {id}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    install_sigbus_handler(id, &spec.path, pool.mem().address_range());
+    // Claimed (and beaten) before anything is written to the pool, a restore included.
+    let claim = match HeldClaim::take(&pool, id, options.claim_lease_ms) {
+        Ok(claim) => claim,
+        Err(e) => {
+            eprintln!("broker {id}: {e}");
             return ExitCode::FAILURE;
         }
     };
     if !recover_from.is_empty() {
-        match broker::server::replica::restore(&pool, options.settings.broker_id, &recover_from) {
+        match broker::server::replica::restore(&pool, id, &recover_from) {
             Ok(restored) => {
                 for (name, batches, messages, from) in restored.topics {
                     log::info!(
@@ -527,11 +631,12 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("broker: restoring from replicas: {e}");
+                claim.release();
                 return ExitCode::FAILURE;
             }
         }
     }
-    let running = match start(pool, options) {
+    let running = match start_claimed(pool, options, claim) {
         Ok(running) => running,
         Err(e) => {
             eprintln!("broker: {e}");
@@ -543,7 +648,12 @@ fn main() -> ExitCode {
         std::thread::sleep(Duration::from_millis(50));
     }
     let crashed = !running.is_running();
+    let failure = running.failure().map(ToString::to_string);
     running.stop();
+    if let Some(failure) = failure {
+        eprintln!("broker {id}: {failure}");
+        return ExitCode::FAILURE;
+    }
     if crashed {
         eprintln!("broker: a broker thread ended unexpectedly");
         return ExitCode::FAILURE;
@@ -573,8 +683,8 @@ mod tests {
         assert!(parse_cores("x").is_err());
     }
 
-    #[test]
-    fn xdp_flags_are_checked() {
+    /// `configure` of the required flags followed by `extra`.
+    fn configure_with(extra: &[&str]) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), String> {
         let base = [
             "broker",
             "--id",
@@ -584,7 +694,12 @@ mod tests {
             "--listen",
             "10.0.0.2:1",
         ];
-        let with = |extra: &[&str]| configure(Args::parse_from(base.iter().chain(extra)));
+        configure(Args::parse_from(base.iter().chain(extra)))
+    }
+
+    #[test]
+    fn xdp_flags_are_checked() {
+        let with = configure_with;
         let error = with(&["--net", "xdp"]).unwrap_err();
         assert!(error.contains("needs --iface"), "{error}");
         let error = with(&["--iface", "eth0"]).unwrap_err();
@@ -610,6 +725,22 @@ mod tests {
             }
             NetBackend::Kernel => panic!("--net xdp gave the kernel backend"),
         }
+    }
+
+    #[test]
+    fn the_claim_lease_is_read_and_checked() {
+        let with = configure_with;
+        let (_, options, _) = with(&[]).unwrap();
+        assert_eq!(options.claim_lease_ms, CLAIM_LEASE_MS_DEFAULT);
+        let (_, options, _) = with(&["--claim-lease-ms", "300"]).unwrap();
+        assert_eq!(options.claim_lease_ms, 300);
+        let error = with(&["--claim-lease-ms", "20"]).unwrap_err();
+        assert!(
+            error.contains("--claim-lease-ms 20 is out of range"),
+            "{error}"
+        );
+        let file: Args = toml::from_str("claim_lease_ms = 2500").unwrap();
+        assert_eq!(file.claim_lease_ms, Some(2500));
     }
 
     #[test]

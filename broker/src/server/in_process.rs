@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::coherence::CoherenceMode;
 use crate::heap::HeapRegion;
 use crate::layout::Geometry;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolError};
 use crate::sequencer::SequencerConfig;
 use crate::server::limits::ClientLimits;
 use crate::server::state::BrokerSettings;
@@ -18,8 +18,18 @@ use crate::server::{BrokerOptions, IdleStrategy, NetBackend, RunningBroker, Star
 #[derive(Debug)]
 pub struct InProcessCluster {
     brokers: Vec<RunningBroker>,
+    /// Each broker's options, to start it again.
+    options: Vec<BrokerOptions>,
+    mode: CoherenceMode,
     // Dropped after the brokers (fields drop in declaration order).
-    _region: Arc<HeapRegion>,
+    region: Arc<HeapRegion>,
+}
+
+fn pool_error(e: PoolError) -> StartError {
+    StartError::Pool {
+        path: "(in-process heap pool)".to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 impl InProcessCluster {
@@ -31,12 +41,9 @@ impl InProcessCluster {
         configure: impl Fn(&mut BrokerOptions),
     ) -> Result<InProcessCluster, StartError> {
         let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let pool_error = |e: crate::pool::PoolError| StartError::Pool {
-            path: "(in-process heap pool)".to_owned(),
-            reason: e.to_string(),
-        };
         Pool::format(region.memory(mode), geometry, 1).map_err(pool_error)?;
         let mut brokers = Vec::new();
+        let mut all_options = Vec::new();
         for id in 0..geometry.brokers_max as u16 {
             let mut options = BrokerOptions {
                 settings: BrokerSettings {
@@ -57,14 +64,18 @@ impl InProcessCluster {
                 net: NetBackend::Kernel,
                 replica: None,
                 standby: false,
+                claim_lease_ms: crate::server::CLAIM_LEASE_MS_DEFAULT,
             };
             configure(&mut options);
             let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;
-            brokers.push(start(pool, options)?);
+            brokers.push(start(pool, options.clone())?);
+            all_options.push(options);
         }
         Ok(InProcessCluster {
             brokers,
-            _region: region,
+            options: all_options,
+            mode,
+            region,
         })
     }
 
@@ -82,8 +93,7 @@ impl InProcessCluster {
     /// [`RunningBroker::kill`]): its listener and every connection close at once. The other
     /// brokers go on; killing the head also ends the sequencer. Returns false when there is
     /// no broker `id`. A killed broker stays in [`brokers`](Self::brokers) (its metrics are
-    /// still readable) and is not restarted: a broker cannot rejoin a pool whose rings it
-    /// already wrote.
+    /// still readable) until [`restart_broker`](Self::restart_broker).
     pub fn kill_broker(&mut self, id: u16) -> bool {
         match self.brokers.get_mut(usize::from(id)) {
             Some(broker) => {
@@ -92,6 +102,36 @@ impl InProcessCluster {
             }
             None => false,
         }
+    }
+
+    /// Stops broker `id` in order (see [`RunningBroker::shut_down`]): its claim on the id
+    /// is given back. Returns false when there is no broker `id`.
+    pub fn stop_broker(&mut self, id: u16) -> bool {
+        match self.brokers.get_mut(usize::from(id)) {
+            Some(broker) => {
+                broker.shut_down();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts broker `id` again with its options, on a new address (it picks up its ring).
+    /// Its claim on the id decides when: at once after a stop, after the claim lease after a
+    /// kill, and never while it runs (`StartError::Claim`, the running one stays).
+    pub fn restart_broker(&mut self, id: u16) -> Result<(), StartError> {
+        let index = usize::from(id);
+        let options = self
+            .options
+            .get(index)
+            .ok_or(pool_error(PoolError::NoSuchBroker {
+                broker: id,
+                brokers_max: self.options.len() as u32,
+            }))?
+            .clone();
+        let pool = Pool::attach(self.region.memory(self.mode)).map_err(pool_error)?;
+        self.brokers[index] = start(pool, options)?;
+        Ok(())
     }
 
     /// Batches any broker lost track of (must be 0).

@@ -7,6 +7,7 @@ pub mod connection;
 pub mod in_process;
 pub mod kernel;
 pub mod limits;
+pub mod ownership;
 pub mod replica;
 pub mod state;
 
@@ -16,11 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::claim::ClaimError;
 use crate::coherence::{CoherenceMode, PoolMemory};
 use crate::layout::Geometry;
 use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError};
 use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
+use ownership::{HeldClaim, LivenessError, PoolInUse};
 use state::BrokerSettings;
 
 /// How a polling thread waits when it finds no work.
@@ -117,7 +120,13 @@ pub struct BrokerOptions {
     /// Watch the sequencer lease and take it over when its holder goes silent (the head
     /// always does once it has lost the lease, e.g. after a restart).
     pub standby: bool,
+    /// How long this broker's claim on its id may go without a heartbeat before another
+    /// process may take the id over (the claim is beaten every quarter of it).
+    pub claim_lease_ms: u64,
 }
+
+/// Default of [`BrokerOptions::claim_lease_ms`].
+pub const CLAIM_LEASE_MS_DEFAULT: u64 = 1000;
 
 /// The network backend of a broker.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +149,12 @@ pub enum StartError {
         /// What went wrong, with the fix where there is one.
         reason: String,
     },
+    /// `--format` of a pool that live brokers use.
+    #[error(transparent)]
+    PoolInUse(#[from] PoolInUse),
+    /// The broker id is held by a live broker (or outside the pool).
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
     /// A listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -165,6 +180,8 @@ pub struct RunningBroker {
     stop: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// The claim on the broker id, beaten while the broker runs; `None` once it has ended.
+    claim: Option<HeldClaim>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
@@ -193,34 +210,52 @@ impl RunningBroker {
         self.xdp.as_ref().map(bypass::Attached::counters)
     }
 
-    /// True while every thread runs (false once [`kill`](Self::kill)ed).
+    /// True while every thread runs (false once [`kill`](Self::kill)ed, or once the broker
+    /// stopped on its own: see [`failure`](Self::failure)).
     pub fn is_running(&self) -> bool {
-        !self.threads.is_empty() && self.threads.iter().all(|t| !t.is_finished())
+        !self.threads.is_empty()
+            && self.threads.iter().all(|t| !t.is_finished())
+            && self.claim.as_ref().is_some_and(HeldClaim::is_beating)
+    }
+
+    /// Why the broker stopped on its own, if it did: its id was taken over (it had been
+    /// paused past its claim lease), or its pool file was removed, replaced or truncated.
+    /// It then ended as [`kill`](Self::kill) would, without writing more to the pool.
+    pub fn failure(&self) -> Option<&LivenessError> {
+        self.claim.as_ref().and_then(HeldClaim::failure)
     }
 
     /// Ends the broker abruptly, the way clients see a crash (`kill -9`): the kernel network
     /// loop returns at once, closing its listener and every connection as they are (no
     /// drain of batches in flight, no Goodbye, no ACK owed), and writes nothing more to the
     /// pool; then every thread is joined. What the broker committed to its rings stays in the
-    /// pool, where the sequencer still orders it. Metrics and addresses stay readable; a
-    /// broker started again with the same id picks its ring up (see `TopicWriter::new`).
+    /// pool, where the sequencer still orders it. Its claim on the id stays too, with a
+    /// heartbeat that no longer moves: a broker started again with the same id takes it over
+    /// after the claim lease and picks its ring up (see `TopicWriter::new`). Metrics and
+    /// addresses stay readable.
     ///
     /// For the kernel backend (the one in-process clusters run); a bypass broker has no
     /// abrupt mode and stops as with [`stop`](Self::stop). Killing twice does nothing.
     pub fn kill(&mut self) {
         self.crash.store(true, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            if thread.join().is_err() {
-                log::error!("a broker thread panicked");
-            }
-        }
-        self.xdp = None;
+        self.end(false);
     }
 
     /// Asks every thread to stop, then waits for them. The network loop first lets batches
-    /// in flight be decided (for at most two seconds) so their ACKs go out.
+    /// in flight be decided (for at most two seconds) so their ACKs go out. Then the claim
+    /// on the id is given back, so a broker started with it next starts at once.
     pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    /// Stops as [`stop`](Self::stop) does, keeping the value (its metrics stay readable).
+    /// Stopping twice, or after a kill, does nothing.
+    pub fn shut_down(&mut self) {
+        self.end(true);
+    }
+
+    /// Stops and joins every thread, then releases the claim (`release`) or leaves it.
+    fn end(&mut self, release: bool) {
         self.stop.store(true, Ordering::Relaxed);
         for thread in self.threads.drain(..) {
             if thread.join().is_err() {
@@ -228,31 +263,78 @@ impl RunningBroker {
             }
         }
         self.xdp = None;
+        if let Some(claim) = self.claim.take() {
+            if release {
+                claim.release();
+            } else {
+                claim.abandon();
+            }
+        }
     }
 }
 
 impl Drop for RunningBroker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-        self.xdp = None;
+        self.end(true);
     }
 }
 
-/// Starts a broker on an attached pool: the network loop, the sequencer (head only) and the
-/// metrics endpoint, each on its own thread.
+/// Starts a broker on an attached pool: claims its id (see [`HeldClaim::take`]), then runs
+/// [`start_claimed`].
 pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBroker, StartError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let crash = Arc::new(AtomicBool::new(false));
+    let claim = HeldClaim::take(&pool, options.settings.broker_id, options.claim_lease_ms)?;
+    start_claimed(pool, options, claim)
+}
+
+/// Starts a broker whose id is claimed: the network loop, the sequencer (head only), the
+/// replica and the metrics endpoint, each on its own thread. On an error the claim is given
+/// back.
+pub fn start_claimed(
+    pool: Pool<PoolMemory>,
+    options: BrokerOptions,
+    claim: HeldClaim,
+) -> Result<RunningBroker, StartError> {
+    let stop = Arc::clone(claim.stop_flag());
+    let crash = Arc::clone(claim.crash_flag());
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
+    match launch(pool, &options, &stop, &crash, &metrics, &mut threads) {
+        Ok((local_addr, metrics_addr, xdp)) => Ok(RunningBroker {
+            stop,
+            crash,
+            threads,
+            claim: Some(claim),
+            local_addr,
+            metrics_addr,
+            metrics,
+            xdp,
+        }),
+        Err(e) => {
+            // Stop the threads started so far before reporting.
+            stop.store(true, Ordering::Relaxed);
+            for thread in threads {
+                let _ = thread.join();
+            }
+            claim.release();
+            Err(e)
+        }
+    }
+}
+
+/// What [`launch`] started: the client address, the metrics address, the bypass backend's
+/// attached program.
+type Launched = (SocketAddr, Option<SocketAddr>, Option<bypass::Attached>);
+
+/// Starts the broker's threads into `threads`; returns the client and metrics addresses.
+fn launch(
+    pool: Pool<PoolMemory>,
+    options: &BrokerOptions,
+    stop: &Arc<AtomicBool>,
+    crash: &Arc<AtomicBool>,
+    metrics: &Arc<Metrics>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<Launched, StartError> {
     let broker_id = options.settings.broker_id;
-    pool.check_broker(broker_id).map_err(|e| StartError::Pool {
-        path: String::new(),
-        reason: e.to_string(),
-    })?;
     let listener = match options.net {
         NetBackend::Kernel => Some(mio::net::TcpListener::bind(options.listen).map_err(
             |source| StartError::Listen {
@@ -273,7 +355,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         Some(addr) => {
             let endpoint = crate::metrics::Endpoint::bind(addr, options.metrics_limits)?;
             let bound = endpoint.local_addr();
-            let (metrics, stop) = (Arc::clone(&metrics), Arc::clone(&stop));
+            let (metrics, stop) = (Arc::clone(metrics), Arc::clone(stop));
             threads.push(spawn("metrics", move || {
                 endpoint.serve(metrics, broker_id, stop)
             }));
@@ -299,7 +381,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         SequencerRole::StandingBy
     });
     if holder.is_some() || standby {
-        let (pool, metrics, stop) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&stop));
+        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
         let (idle, config) = (options.idle, options.sequencer);
         threads.push(spawn("sequencer", move || {
             let mut holder = holder;
@@ -317,42 +399,30 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
         }));
     }
     if let Some(config) = options.replica.clone() {
-        let (pool, metrics, stop) = (pool.clone(), Arc::clone(&metrics), Arc::clone(&stop));
+        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
         threads.push(spawn("replica", move || {
             run_replica(&pool, broker_id, &config, &metrics, &stop)
         }));
     }
     let mut xdp = None;
     if let NetBackend::Xdp(xdp_options) = &options.net {
-        let started = bypass::spawn(
+        let (thread, attached) = bypass::spawn(
             pool,
-            &options,
+            options,
             xdp_options,
-            Arc::clone(&metrics),
-            Arc::clone(&stop),
-        );
-        match started {
-            Ok((thread, attached)) => {
-                threads.push(thread);
-                xdp = Some(attached);
-            }
-            Err(e) => {
-                // Stop the threads started so far before reporting.
-                stop.store(true, Ordering::Relaxed);
-                for thread in threads {
-                    let _ = thread.join();
-                }
-                return Err(e.into());
-            }
-        }
+            Arc::clone(metrics),
+            Arc::clone(stop),
+        )?;
+        threads.push(thread);
+        xdp = Some(attached);
     } else if let Some(listener) = listener {
         let loop_state = kernel::KernelLoop::new(
             pool,
             listener,
-            &options,
-            Arc::clone(&metrics),
-            Arc::clone(&stop),
-            Arc::clone(&crash),
+            options,
+            Arc::clone(metrics),
+            Arc::clone(stop),
+            Arc::clone(crash),
         );
         threads.push(spawn("network", move || loop_state.run()));
     }
@@ -367,15 +437,7 @@ pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBr
             .map(|a| format!(", metrics on http://{a}/metrics"))
             .unwrap_or_default()
     );
-    Ok(RunningBroker {
-        stop,
-        crash,
-        threads,
-        local_addr,
-        metrics_addr,
-        metrics,
-        xdp,
-    })
+    Ok((local_addr, metrics_addr, xdp))
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
@@ -549,7 +611,8 @@ fn replicate(
 pub struct PoolSpec {
     /// File on hugetlbfs, `/dev/daxX.Y`, or a `/dev/shm` file (with `allow_fallback`).
     pub path: std::path::PathBuf,
-    /// Format a new pool of this geometry and size, replacing the file; else attach.
+    /// Format a new pool of this geometry and size, replacing the file (unless live brokers
+    /// use it: see [`ownership::refuse_live_pool`]); else attach.
     pub format: Option<(Geometry, u64)>,
     /// Allow `/dev/shm` when hugepages are missing (announced with a warning).
     pub allow_fallback: bool,
@@ -571,8 +634,15 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         prefault: true,
     };
     if let Some((geometry, pool_bytes)) = spec.format {
+        ownership::refuse_live_pool(&spec.path, &options, spec.mode)?;
+        // `create` takes the old file's lock again: a broker that attached since is refused.
         let region = hugepages::SharedRegion::create(&spec.path, pool_bytes as usize, &options)
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| match e {
+                hugepages::Error::RegionInUse { holder_pids, .. } => StartError::PoolInUse(
+                    ownership::pool_in_use(&spec.path, &options, spec.mode, holder_pids),
+                ),
+                other => fail(other.to_string()),
+            })?;
         log::info!(
             "pool {}: {} MiB on {}, pre-faulted in {:?}",
             spec.path.display(),
@@ -603,8 +673,20 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let region =
-        hugepages::SharedRegion::open(&spec.path, &options).map_err(|e| fail(e.to_string()))?;
+    // A formatter may be replacing the file right now: open the one that is there after.
+    let region = loop {
+        match hugepages::SharedRegion::open(&spec.path, &options) {
+            Ok(region) => break region,
+            Err(
+                hugepages::Error::RegionBeingReplaced { .. }
+                | hugepages::Error::RegionReplaced { .. }
+                | hugepages::Error::RegionMissing { .. },
+            ) if started.elapsed() < spec.attach_timeout => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        }
+    };
     let mem = crate::region::pool_memory(region, spec.mode);
     loop {
         match Pool::attach(mem.clone()) {
