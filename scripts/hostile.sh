@@ -57,19 +57,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Room for a topic per run; the deadlines of a broker facing the network, at their defaults
-# except the Hello deadline (2 s, so the run stays short).
+# Room for a topic per run (payload logs of ~10 MiB per broker); the deadlines of a broker
+# facing the network, at their defaults except the Hello deadline (2 s, so the run stays
+# short).
 scripts/cluster.sh start --brokers 2 --base-port "$base_port" --pool-bytes 256M \
     --dir "$cluster_dir" --hold-timeout-ms 10000 \
-    --broker-args "--topics-max 16 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
+    --broker-args "--topics-max 10 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
 brokers=$(cat "$cluster_dir/brokers")
 pool=$(cat "$cluster_dir/pool")
 
-# loadgen NAME TOPIC: an end-to-end run on TOPIC; its JSON in $out/NAME-loadgen.json.
+# loadgen NAME TOPIC: an end-to-end run on TOPIC; its JSON in $out/NAME-loadgen.json. At
+# order 5 a broker's payload log must hold what one session has in flight there (else a
+# batch that lost the race for room waits out the gap timeout): 16 batches of 64 KiB per
+# connection.
 loadgen() {
     timeout 120 "$target/loadgen" --brokers "$brokers" --topic "$2" --test end-to-end \
         --order 5 --ack 1 --message-bytes 1024 --duration-s "$duration" \
-        --connections-per-broker 2 --progress none --json "$out/$1-loadgen.json" \
+        --connections-per-broker 2 --in-flight-batches 16 --progress none \
+        --json "$out/$1-loadgen.json" \
         >"$out/$1-loadgen.log" 2>&1 || true
 }
 

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use wire::{
     AckLevel, BatchHeaderRepr, CreateTopicRepr, Decoded, FROM_END, Frame, FrameDecoder, HelloRepr,
     Limits, Order, Retention, Role, Topic,
@@ -58,8 +58,8 @@ enum Attack {
         #[arg(long, default_value_t = 8.0)]
         duration_s: f64,
     },
-    /// A subscriber from position 0 with a tiny receive buffer that reads nothing for
-    /// --duration-s, then reads what it is given.
+    /// A subscriber from position 0 that reads nothing for --duration-s (its socket buffers
+    /// fill, then the broker's output queue), then reads what it is given.
     StalledSubscriber {
         #[command(flatten)]
         on: TopicArgs,
@@ -434,8 +434,6 @@ fn stalled_subscriber(
     let mut peer = target
         .connect()
         .map_err(|e| format!("connect {}: {e}", target.broker))?;
-    // As small a window as the kernel allows: the broker's output backs up at once.
-    let _ = SockRef::from(&peer.stream).set_recv_buffer_size(4096);
     let role = Role::Subscribe {
         from_position: 0,
         batch_bytes_max: 0,
