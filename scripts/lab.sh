@@ -82,6 +82,19 @@ lab_remove() {
         lab_run ip link del "$link"
     done
     if [[ -f $state ]]; then lab_run rm -f "$state"; fi
+    rm -f "/run/embarcadero-lab/$prefix-xdp-pass.o"
+}
+
+# A program that passes every frame, for the client ends: veth delivers the frames an XDP
+# program sends back (XDP_TX: the brokers' SYN-cookie SYN-ACKs) only to a peer that has an
+# XDP program of its own in driver mode. Built with clang (in XDP_BUILD_PACKAGES).
+lab_pass_program() {
+    local object=/run/embarcadero-lab/$prefix-xdp-pass.o
+    mkdir -p "$(dirname "$object")"
+    printf '%s\n' '__attribute__((section("xdp"), used)) int xdp_pass(void *ctx) { return 2; /* XDP_PASS */ }' \
+        'char _license[] __attribute__((section("license"), used)) = "GPL";' |
+        clang -target bpf -O2 -c -x c - -o "$object" || lab_die "cannot build the client ends' XDP pass program (needs clang: . scripts/lab.sh && ensure_xdp_build_deps)"
+    echo "$object"
 }
 
 lab_quiet_ns() {
@@ -99,6 +112,8 @@ lab_up() {
     echo "== lab $prefix: removing leftovers"
     lab_remove
     echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers, $queues queue(s) per veth end)"
+    local pass
+    pass=$(lab_pass_program)
     lab_quiet_ns "$client_ns"
     local i ns list=()
     for ((i = 0; i < brokers; i++)); do
@@ -113,6 +128,9 @@ lab_up() {
         fi
         lab_run ip -n "$client_ns" link set "$prefix-c$i" up
         lab_run ip -n "$ns" link set "$prefix-b$i" up
+        if ! lab_run ip -n "$client_ns" link set dev "$prefix-c$i" xdpdrv obj "$pass" sec xdp; then
+            echo "note: no driver-mode XDP pass program on $prefix-c$i (MTU $mtu?): brokers in driver mode cannot answer SYNs there; use --xdp-mode generic" >&2
+        fi
         list+=("10.77.$i.2:$((base_port + i))")
     done
     mkdir -p "$(dirname "$state")"

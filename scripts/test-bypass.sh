@@ -37,13 +37,13 @@ for bin in broker loadgen xdp-ctl; do
 done
 command -v jq >/dev/null || { echo "needs jq (apt-get install -y jq)" >&2; exit 2; }
 
-prefix=bt$$
+prefix=${TEST_BYPASS_PREFIX:-bt$$}
 prefix=${prefix:0:8}
 pool=/dev/hugepages/$prefix-pool
 work=$(mktemp -d /tmp/test-bypass.XXXXXX)
 pids=()
 brokers=4
-base_port=9300
+base_port=${TEST_BYPASS_BASE_PORT:-9300}
 
 cleanup() {
     local pid

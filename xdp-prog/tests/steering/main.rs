@@ -29,10 +29,7 @@ const OTHER_PORT: u16 = 9200;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn config() -> SteerConfig {
-    SteerConfig {
-        ports: vec![STEERED_PORT, STEERED_PORT + 1],
-        ips: vec![BROKER_IP],
-    }
+    SteerConfig::new(vec![STEERED_PORT, STEERED_PORT + 1], vec![BROKER_IP])
 }
 
 fn delta(before: Counters, after: Counters) -> Counters {
@@ -41,6 +38,9 @@ fn delta(before: Counters, after: Counters) -> Counters {
         passed: after.passed - before.passed,
         no_socket: after.no_socket - before.no_socket,
         malformed: after.malformed - before.malformed,
+        syn_cookie_sent: after.syn_cookie_sent - before.syn_cookie_sent,
+        cookie_valid: after.cookie_valid - before.cookie_valid,
+        cookie_invalid: after.cookie_invalid - before.cookie_invalid,
     }
 }
 
@@ -50,6 +50,7 @@ fn counts(redirected: u64, passed: u64, no_socket: u64, malformed: u64) -> Count
         passed,
         no_socket,
         malformed,
+        ..Counters::default()
     }
 }
 
@@ -353,10 +354,7 @@ fn attach_errors_name_what_is_wrong() {
             "{text}"
         );
 
-        let empty = SteerConfig {
-            ports: vec![],
-            ips: vec![BROKER_IP],
-        };
+        let empty = SteerConfig::new(vec![], vec![BROKER_IP]);
         let invalid = XdpSteering::attach(&pair.broker_if, AttachMode::Auto, &empty).unwrap_err();
         assert!(
             matches!(invalid, XdpError::InvalidConfig { .. }),
