@@ -186,17 +186,7 @@ const SOCKET_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_se
 /// How often the device's hooks (neighbours from the kernel, cookie flows) are served.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(1);
 
-/// smoltcp's TCP timestamp clock: milliseconds since the first call. Timestamps must be on:
-/// the XDP program's SYN-ACK offers them, and the client then expects them on every segment.
-fn tsval_ms() -> u32 {
-    static START: std::sync::OnceLock<StdInstant> = std::sync::OnceLock::new();
-    START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
-}
-
 fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
-    // smoltcp drops the generator when a peer offers no timestamps: set it for every
-    // connection.
-    socket.set_tsval_generator(Some(tsval_ms));
     if let Err(e) = socket.listen(port) {
         log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
     }
