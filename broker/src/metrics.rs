@@ -62,8 +62,8 @@ pub struct Metrics {
     pub xdp_cookie_adopted: AtomicU64,
     /// XDP backend: SYN-cookie connections refused with a RST (every socket in use).
     pub xdp_cookie_refused: AtomicU64,
-    /// XDP backend: segments dropped while their connection was being adopted, and
-    /// adoptions given up.
+    /// XDP backend: segments dropped while their connection was being adopted or after it
+    /// was refused, and adoptions given up.
     pub xdp_cookie_dropped: AtomicU64,
     /// XDP backend: ARP replies from the kernel's neighbour table handed to the userspace
     /// stack.
@@ -251,7 +251,7 @@ impl Metrics {
             (
                 "embarcadero_xdp_cookie_dropped_total",
                 "counter",
-                "Segments dropped during an adoption, and adoptions given up (XDP backend).",
+                "Segments dropped during or after a refused adoption, and adoptions given up (XDP backend).",
                 &self.xdp_cookie_dropped,
             ),
             (

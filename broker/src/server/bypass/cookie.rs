@@ -34,10 +34,13 @@ const TS_MSS_CODE_MASK: u32 = 0x3f;
 const TS_MSS_UNIT: u32 = 64;
 /// The MSS every IPv4 host accepts: what a client without timestamps gets.
 const MSS_DEFAULT: u16 = 536;
+/// Bytes the timestamp option takes in every segment (NOP, NOP, kind, length, 8 bytes).
+const TIMESTAMP_OPTION_BYTES: u16 = 12;
 
-/// Segments of a flow kept while its adoption is under way (the ACK and the first data
-/// usually arrive together); more are dropped (TCP resends them).
-pub const HELD_PER_FLOW: usize = 4;
+/// Segments of a flow kept while its adoption is under way: the ACK and a first flight of
+/// data (Linux sends 10 segments at once) when smoltcp cannot answer the SYN at once (its
+/// neighbour is still being asked of the kernel). More are dropped (TCP resends them).
+pub const HELD_PER_FLOW: usize = 16;
 /// How long an adoption may wait for smoltcp's SYN-ACK before it is given up.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -173,7 +176,13 @@ fn fill_checksums(frame: &mut [u8], segment: &Segment) {
 
 /// The SYN the client would have sent, rebuilt from its first ACK: ISN = seq - 1, and the
 /// MSS and window scale the cookie's timestamp (echoed in the ACK) encodes.
-fn synthesize_syn(ack: &[u8], segment: &Segment) -> Vec<u8> {
+///
+/// The MSS given to smoltcp is at most `mss_max` (ours), less the timestamp option when
+/// the client uses timestamps: smoltcp 0.12 fills a segment up to the peer's MSS and its
+/// own MTU without counting TCP options (RFC 6691 says the sender must count them), so a
+/// full segment would be 12 bytes over the MTU; veth drops such a frame, and the connection
+/// stalls on its retransmissions.
+fn synthesize_syn(ack: &[u8], segment: &Segment, mss_max: u16) -> Vec<u8> {
     let timestamp = timestamp_at(ack, segment).map(|at| (be32(ack, at), be32(ack, at + 4)));
     let (mss, wscale) = match timestamp {
         Some((_, echo)) => {
@@ -186,6 +195,10 @@ fn synthesize_syn(ack: &[u8], segment: &Segment) -> Vec<u8> {
             )
         }
         None => (MSS_DEFAULT, None),
+    };
+    let mss = match timestamp {
+        Some(_) => mss.min(mss_max).saturating_sub(TIMESTAMP_OPTION_BYTES),
+        None => mss.min(mss_max),
     };
     let mut options = vec![OPTION_MSS, 4];
     options.extend_from_slice(&mss.to_be_bytes());
@@ -247,6 +260,12 @@ enum Flow {
         /// Client's view minus smoltcp's view of our timestamps.
         ts_delta: u32,
     },
+    /// smoltcp refused the adoption and the client got a RST; the segments it sent before
+    /// it saw the RST are dropped here (each would start a new adoption, refused again).
+    Refused {
+        /// When.
+        since: Instant,
+    },
 }
 
 /// What to do with a received frame.
@@ -256,6 +275,11 @@ pub enum Rx {
     Deliver,
     /// It was kept (copied) or dropped: do not hand it to smoltcp.
     Consumed,
+    /// It was kept and opened an adoption: hand smoltcp the synthesized SYN
+    /// ([`CookieFlows::next_injected`]) and end the receive burst there, so that smoltcp
+    /// answers it (the SYN-ACK the adoption waits for) before the flow's next segments are
+    /// read; they would only be held meanwhile.
+    Adopting,
 }
 
 /// What to do with a frame smoltcp sent.
@@ -281,12 +305,16 @@ pub struct CookieCounts {
     pub held_dropped: u64,
     /// Adoptions given up after [`PENDING_TIMEOUT`].
     pub timed_out: u64,
+    /// Segments of refused connections dropped (sent before the client saw the RST).
+    pub dropped_after_refusal: u64,
 }
 
 /// The adopted connections of one listening port.
 #[derive(Debug)]
 pub struct CookieFlows {
     port: u16,
+    /// Our MSS (the interface's MTU - 40).
+    mss_max: u16,
     flows: HashMap<Remote, Flow>,
     flows_max: usize,
     /// Frames for smoltcp, oldest first: synthesized SYNs and held segments.
@@ -294,18 +322,23 @@ pub struct CookieFlows {
     /// Flows that ended; the XDP program's table must forget them.
     closed: Vec<Remote>,
     counts: CookieCounts,
+    /// The time of the last received frame.
+    now: Instant,
 }
 
 impl CookieFlows {
-    /// Flows to `port`, at most `flows_max` at a time (pending and open).
-    pub fn new(port: u16, flows_max: usize) -> CookieFlows {
+    /// Flows to `port` of an interface whose MSS is `mss_max` (its MTU - 40), at most
+    /// `flows_max` at a time (pending and open).
+    pub fn new(port: u16, mss_max: u16, flows_max: usize) -> CookieFlows {
         CookieFlows {
             port,
+            mss_max,
             flows: HashMap::with_capacity(flows_max),
             flows_max,
             inject: VecDeque::with_capacity(flows_max),
             closed: Vec::new(),
             counts: CookieCounts::default(),
+            now: Instant::ZERO,
         }
     }
 
@@ -326,6 +359,7 @@ impl CookieFlows {
 
     /// Takes a received frame: translates it, or starts an adoption.
     pub fn on_rx(&mut self, frame: &mut [u8], now: Instant) -> Rx {
+        self.now = now;
         let Some(segment) = parse_segment(frame) else {
             return Rx::Deliver;
         };
@@ -348,13 +382,18 @@ impl CookieFlows {
                 }
                 Rx::Consumed
             }
+            Some(Flow::Refused { .. }) => {
+                self.counts.dropped_after_refusal += 1;
+                Rx::Consumed
+            }
             None if segment.flags & (ACK | SYN | RST) == ACK => {
                 if self.flows.len() >= self.flows_max {
                     self.counts.table_full += 1;
                     return Rx::Deliver;
                 }
                 let cookie_tsval = timestamp_at(frame, &segment).map(|at| be32(frame, at + 4));
-                self.inject.push_back(synthesize_syn(frame, &segment));
+                self.inject
+                    .push_back(synthesize_syn(frame, &segment, self.mss_max));
                 self.flows.insert(
                     segment.source,
                     Flow::Pending {
@@ -364,7 +403,7 @@ impl CookieFlows {
                         held: vec![frame.to_vec()],
                     },
                 );
-                Rx::Consumed
+                Rx::Adopting
             }
             None => Rx::Deliver,
         }
@@ -427,12 +466,11 @@ impl CookieFlows {
                 frame[segment.tcp + 8..segment.tcp + 12].fill(0);
                 frame[segment.tcp + 13] = RST;
                 fill_checksums(frame, &segment);
-                self.flows.remove(&remote);
-                self.closed.push(remote);
+                self.flows.insert(remote, Flow::Refused { since: self.now });
                 self.counts.refused += 1;
                 Tx::Send
             }
-            Some(Flow::Pending { .. }) => Tx::Swallow,
+            Some(Flow::Pending { .. } | Flow::Refused { .. }) => Tx::Swallow,
         }
     }
 
@@ -443,8 +481,8 @@ impl CookieFlows {
         }
     }
 
-    /// Forgets open flows without a socket (`has_socket` false) and adoptions older than
-    /// [`PENDING_TIMEOUT`]. Call it now and then (once a second).
+    /// Forgets open flows without a socket (`has_socket` false), and adoptions and refused
+    /// connections older than [`PENDING_TIMEOUT`]. Call it now and then.
     pub fn expire(&mut self, now: Instant, has_socket: impl Fn(&Remote) -> bool) {
         let closed = &mut self.closed;
         let counts = &mut self.counts;
@@ -458,6 +496,7 @@ impl CookieFlows {
                     }
                     keep
                 }
+                Flow::Refused { since } => now - *since < PENDING_TIMEOUT,
             };
             if !keep {
                 closed.push(*remote);
@@ -466,7 +505,7 @@ impl CookieFlows {
         });
     }
 
-    /// Flows pending or open.
+    /// Flows pending, open or refused.
     pub fn len(&self) -> usize {
         self.flows.len()
     }
@@ -505,3 +544,6 @@ pub fn window_shift(buffer_bytes: usize) -> u8 {
     let bits = usize::BITS - buffer_bytes.leading_zeros();
     bits.saturating_sub(16).min(14) as u8
 }
+
+#[cfg(test)]
+mod tests;

@@ -219,6 +219,11 @@ impl Device for XskDevice {
                 break (queue, frame);
             }
             socket.pool.borrow_mut().give(frame.frame);
+            if verdict == Rx::Adopting {
+                let syn = self.hooks.get_mut().next_injected()?;
+                self.rx_budget = 0;
+                return Some((XskRxToken::Injected(syn), self.tx_token(queue)));
+            }
         };
         let socket = &self.queues[queue];
         let rx = XskRxToken::Frame {

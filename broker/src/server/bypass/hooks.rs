@@ -36,7 +36,7 @@ pub struct Hooks {
 /// Settings of [`Hooks`].
 #[derive(Debug, Clone, Copy)]
 pub struct HookConfig {
-    /// The interface's index, MAC and the broker's address and port.
+    /// The interface's index.
     pub ifindex: u32,
     /// The interface's MAC address.
     pub mac: [u8; 6],
@@ -44,6 +44,8 @@ pub struct HookConfig {
     pub ip: Ipv4Addr,
     /// The broker's port.
     pub port: u16,
+    /// The interface's MSS (its MTU - 40).
+    pub mss: u16,
     /// Most adopted connections (pending and open) at a time.
     pub flows_max: usize,
     /// Most neighbours tracked (known, wanted).
@@ -59,7 +61,7 @@ impl Hooks {
         flows: Option<xdp_prog::Flows>,
     ) -> Hooks {
         Hooks {
-            cookies: CookieFlows::new(config.port, config.flows_max),
+            cookies: CookieFlows::new(config.port, config.mss, config.flows_max),
             neighbours: Neighbours::new(
                 config.ifindex,
                 config.mac,

@@ -268,8 +268,10 @@ pub fn spawn(
     }
     // Opened here, in the broker's network namespace, before anything is attached.
     let netlink = NeighbourSocket::open().map_err(BypassError::Netlink)?;
+    // The interface's MTU less the IPv4 and TCP headers.
+    let mss = u16::try_from(mtu.saturating_sub(40)).unwrap_or(u16::MAX);
     let config = SteerConfig {
-        mss: u16::try_from(mtu - 40).unwrap_or(u16::MAX),
+        mss,
         window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
         window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
         // Room for every socket's flow and those just closed whose segments still arrive.
@@ -311,6 +313,7 @@ pub fn spawn(
             mac,
             ip,
             port,
+            mss,
             flows_max: xdp.sockets * 2,
             neighbours_max: xdp.sockets.max(64),
         },

@@ -186,7 +186,34 @@ const SOCKET_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_se
 /// How often the device's hooks (neighbours from the kernel, cookie flows) are served.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(1);
 
-fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+/// A socket of the pool, with receive and send buffers of `buffer_bytes` each.
+pub(super) fn new_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
+        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket.set_congestion_control(tcp::CongestionControl::Reno);
+    // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool for
+    // ever: keep-alive probes an idle connection, the timeout aborts a silent one.
+    socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
+    socket.set_timeout(Some(SOCKET_TIMEOUT));
+    socket
+}
+
+/// smoltcp's TCP timestamp clock: milliseconds since the first call. Timestamps must be on:
+/// the XDP program's SYN-ACK offers them, and once they are agreed on, every segment must
+/// carry one (RFC 7323).
+fn tsval_ms() -> u32 {
+    static START: std::sync::OnceLock<StdInstant> = std::sync::OnceLock::new();
+    START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
+}
+
+pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+    // smoltcp drops the generator when a peer offers no timestamps: set it for every
+    // connection.
+    socket.set_tsval_generator(Some(tsval_ms));
     if let Err(e) = socket.listen(port) {
         log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
     }
@@ -217,17 +244,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         let mut set = SocketSet::new(Vec::with_capacity(sockets.sockets));
         let mut slots = Vec::with_capacity(sockets.sockets);
         for _ in 0..sockets.sockets {
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
-                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
-            );
-            socket.set_nagle_enabled(false);
-            socket.set_ack_delay(None);
-            socket.set_congestion_control(tcp::CongestionControl::Reno);
-            // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool
-            // for ever: keep-alive probes an idle connection, the timeout aborts a silent one.
-            socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
-            socket.set_timeout(Some(SOCKET_TIMEOUT));
+            let mut socket = new_socket(sockets.buffer_bytes);
             listen(&mut socket, endpoint.port);
             slots.push((set.add(socket), Slot::Listening, 0));
         }
@@ -355,9 +372,10 @@ impl<D: Device + Burst> BypassLoop<D> {
         metrics
             .xdp_cookie_refused
             .store(cookies.refused + cookies.table_full, Ordering::Relaxed);
-        metrics
-            .xdp_cookie_dropped
-            .store(cookies.held_dropped + cookies.timed_out, Ordering::Relaxed);
+        metrics.xdp_cookie_dropped.store(
+            cookies.held_dropped + cookies.timed_out + cookies.dropped_after_refusal,
+            Ordering::Relaxed,
+        );
         metrics
             .xdp_neighbour_replies
             .store(neighbours.replies, Ordering::Relaxed);
