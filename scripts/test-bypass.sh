@@ -372,11 +372,18 @@ case_host_traffic() {
     brokers=4
 }
 
-# A publish run of the syn-flood case: loadgen on $loadgen_core for $1 seconds, JSON to $2.
+# A publish run of the syn-flood case: loadgen on $loadgen_core for $1 seconds, JSON to $2;
+# more loadgen flags after.
 flood_case_loadgen() {
     ip netns exec "$prefix-client" taskset -c "$loadgen_core" timeout 50 "$target/loadgen" --test publish \
-        --brokers "10.77.0.2:$base_port" --duration-s "$1" --progress none --json "$2" >"$2.log" 2>&1 ||
+        --brokers "10.77.0.2:$base_port" --duration-s "$1" --progress none --json "$2" "${@:3}" >"$2.log" 2>&1 ||
         { tail -n 20 "$2.log"; fail "loadgen exited non-zero ($2)"; }
+}
+
+# The broker's metric $1 (empty if it cannot be read).
+flood_case_metric() {
+    ip netns exec "$prefix-broker0" curl -sf "http://127.0.0.1:$((base_port + 50))/metrics" |
+        awk -v name="$1" '$1 ~ "^" name "[{ ]" || $1 == name {print $2}' || true
 }
 
 # syn-flood on $flood_core for $1 seconds, JSON to $2.
@@ -408,11 +415,15 @@ case_syn_flood() {
             chrt -f -p 50 "$thread"
         done
     done
-    local runs=$work/syn-flood n reference=baseline
-    [[ $cores -lt 3 ]] && reference=cpu_hog
+    # With a core of its own for the flood, the established connections must keep 80% of
+    # their MB/s. On 2 cores the flood shares the loadgen's, and so do the veth NAPI threads
+    # that process its SYNs (the broker host's receive work, on a real network): the
+    # reference is then a run with a busy loop there, and the flood's packet processing
+    # takes a further ~20% of that core at ~110k SYN/s. What remains checkable there is
+    # that nothing collapses or stalls: 60% of the busy-loop run.
+    local runs=$work/syn-flood n reference=baseline min_ratio=0.8
+    [[ $cores -lt 3 ]] && reference=cpu_hog min_ratio=0.6
     mkdir -p "$runs"
-    # The flood alone: what one core sends here.
-    flood_case_flood 2 "$runs/alone.json"
     # Three rounds of every kind of run, interleaved so that other load on the machine
     # (it may be shared) weighs on all kinds alike; the best run of each kind counts.
     for n in 1 2 3; do
@@ -431,19 +442,27 @@ case_syn_flood() {
         sleep 1
         flood_case_loadgen 4 "$runs/fresh$n.json"
         wait "${helper_pids[-1]}" || fail "syn-flood (fresh run $n) failed"
-        # Connections opened before the flood starts.
-        flood_case_loadgen 6 "$runs/established$n.json" &
+        # A connection opened before the flood starts, flooded as soon as it is open (the
+        # topic exists: the publisher's is the only connection).
+        flood_case_loadgen 6 "$runs/established$n.json" --create-topic false &
         helper_pids+=($!)
-        sleep 1
-        flood_case_flood 5 "$runs/flood-established$n.json"
-        wait "${helper_pids[-1]}" || fail "loadgen (established run $n) failed"
+        local loadgen=${helper_pids[-1]} _
+        for _ in $(seq 500); do
+            [[ $(flood_case_metric embarcadero_connections_open) -ge 1 ]] && break
+            sleep 0.01
+        done
+        flood_case_flood 7 "$runs/flood-established$n.json"
+        wait "$loadgen" || fail "loadgen (established run $n) failed"
     done
-    local counters adopted
-    counters=$(ip netns exec "$prefix-broker0" "$target/xdp-ctl" counters "$prefix-b0")
-    adopted=$(ip netns exec "$prefix-broker0" curl -sf "http://127.0.0.1:$((base_port + 50))/metrics" |
-        awk '/^embarcadero_xdp_cookie_adopted_total/ {print $2}')
+    # The flood alone: what its core sends here.
+    flood_case_flood 2 "$runs/alone.json"
+    local counters adopted syn_cookie_sent cookie_valid
+    counters=$(ip netns exec "$prefix-broker0" "$target/xdp-ctl" counters "$prefix-b0" || true)
+    syn_cookie_sent=$(awk '/^syn_cookie_sent/ {print $2}' <<<"$counters")
+    cookie_valid=$(awk '/^cookie_valid/ {print $2}' <<<"$counters")
+    adopted=$(flood_case_metric embarcadero_xdp_cookie_adopted_total)
     local best='map(.mb_per_s) | max' all='map(.mb_per_s | floor)' result=$work/syn-flood.json
-    jq -n --argjson cores "$cores" --arg reference "$reference" \
+    jq -n --argjson cores "$cores" --arg reference "$reference" --argjson min_ratio "$min_ratio" \
         --argjson pinning "{\"broker\": $broker_core, \"loadgen\": $loadgen_core, \"flood\": $flood_core, \"napi_threads\": $flood_core}" \
         --argjson baseline "$(jq -s "$best" "$runs"/baseline?.json)" \
         --argjson reference_mb "$(jq -s "$best" "$runs/$reference"?.json)" \
@@ -452,17 +471,19 @@ case_syn_flood() {
         --argjson established "$(jq -s "{mb_per_s: ($best), runs: ($all)}" "$runs"/established?.json)" \
         --argjson flood "$(jq -s '{pps_mean: (map(.pps) | add / length), packets_sent: (map(.packets_sent) | add), send_errors: (map(.send_errors) | add)}' "$runs"/flood-*.json)" \
         --argjson alone "$(jq '{pps_alone: .pps, packets_sent_alone: .packets_sent}' "$runs/alone.json")" \
-        --argjson syn_cookie_sent "$(awk '/^syn_cookie_sent/ {print $2}' <<<"$counters")" \
-        --argjson cookie_valid "$(awk '/^cookie_valid/ {print $2}' <<<"$counters")" \
+        --argjson syn_cookie_sent "${syn_cookie_sent:-null}" \
+        --argjson cookie_valid "${cookie_valid:-null}" \
         --argjson adopted "${adopted:-null}" \
-        '{cores: $cores, pinning: $pinning, baseline_mb_per_s: $baseline, reference: $reference,
+        '{cores: $cores, pinning: $pinning, baseline_mb_per_s: $baseline, reference: $reference, min_ratio: $min_ratio,
           reference_mb_per_s: $reference_mb, reference_runs: $reference_runs, fresh: ($fresh + {ratio: ($fresh.mb_per_s / $reference_mb)}),
           established: ($established + {ratio: ($established.mb_per_s / $reference_mb)}), flood: ($flood + $alone),
           xdp: {syn_cookie_sent: $syn_cookie_sent, cookie_valid: $cookie_valid, adopted: $adopted}}' >"$result"
     echo "  $(jq -c . "$result")"
     jq -e '.fresh.connect_ms_max < 1000' "$result" >/dev/null || fail "a new connection under the flood took more than 1 s"
-    jq -e '.fresh.ratio >= 0.8' "$result" >/dev/null || fail "new connections under the flood got less than 80% of the $reference MB/s"
-    jq -e '.established.ratio >= 0.8' "$result" >/dev/null || fail "established connections under the flood got less than 80% of the $reference MB/s"
+    jq -e '.fresh.ratio >= .min_ratio' "$result" >/dev/null ||
+        fail "new connections under the flood got less than $min_ratio of the $reference MB/s"
+    jq -e '.established.ratio >= .min_ratio' "$result" >/dev/null ||
+        fail "established connections under the flood got less than $min_ratio of the $reference MB/s"
     jq -e '.xdp.syn_cookie_sent >= .flood.packets_sent + .flood.packets_sent_alone' "$result" >/dev/null ||
         fail "not every SYN of the flood was answered with a cookie"
     jq -e '.xdp.cookie_valid == .xdp.adopted and .xdp.cookie_valid < 100' "$result" >/dev/null ||
