@@ -278,6 +278,9 @@ case_errors() {
     brokers=1
     lab_up
     expect_failure missing-interface "$prefix-broker0" "does not exist" --iface nosuch0 --listen "10.77.0.2:$base_port"
+    # veth caps a peer's MTU while an end has a driver-mode program: the client end's goes
+    # (no client connects in this case).
+    ip -n "$prefix-client" link set dev "$prefix-c0" xdpdrv off
     ip -n "$prefix-broker0" link set "$prefix-b0" mtu 3700
     ip -n "$prefix-client" link set "$prefix-c0" mtu 3700
     expect_failure attach-refused "$prefix-broker0" "too large" --iface "$prefix-b0" --xdp-mode driver --listen "10.77.0.2:$base_port"
