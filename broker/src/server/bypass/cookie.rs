@@ -180,8 +180,10 @@ fn fill_checksums(frame: &mut [u8], segment: &Segment) {
 /// The MSS given to smoltcp is at most `mss_max` (ours), less the timestamp option when
 /// the client uses timestamps: smoltcp 0.12 fills a segment up to the peer's MSS and its
 /// own MTU without counting TCP options (RFC 6691 says the sender must count them), so a
-/// full segment would be 12 bytes over the MTU; veth drops such a frame, and the connection
-/// stalls on its retransmissions.
+/// full segment would be up to 12 bytes over the MTU: smoltcp then silently never sends it
+/// (without its fragmentation feature; the socket believes it sent it and retransmits it,
+/// unsent, for ever), or a client whose MTU is smaller drops it. Either way the connection
+/// stalls at its first full-size segment.
 fn synthesize_syn(ack: &[u8], segment: &Segment, mss_max: u16) -> Vec<u8> {
     let timestamp = timestamp_at(ack, segment).map(|at| (be32(ack, at), be32(ack, at + 4)));
     let (mss, wscale) = match timestamp {
