@@ -367,6 +367,39 @@ fn load(config: &SteerConfig) -> Result<Loaded, XdpError> {
     })
 }
 
+/// Puts socket `xsk_fd` into the socket map `xsks` at `queue` (see
+/// [`XdpSteering::register_socket`]).
+fn register(xsks: &MapHandle, ifname: &str, queue: u32, xsk_fd: RawFd) -> Result<(), XdpError> {
+    if queue >= MAX_QUEUES {
+        return Err(XdpError::QueueOutOfRange {
+            ifname: ifname.to_string(),
+            queue,
+        });
+    }
+    xsks.update(
+        &queue.to_ne_bytes(),
+        &xsk_fd.to_ne_bytes(),
+        MapFlags::NO_EXIST,
+    )
+    .map_err(|source| {
+        if source.kind() == libbpf_rs::ErrorKind::AlreadyExists {
+            XdpError::QueueTaken {
+                ifname: ifname.to_string(),
+                queue,
+            }
+        } else {
+            XdpError::RegisterSocket {
+                ifname: ifname.to_string(),
+                queue,
+                fd: xsk_fd,
+                source,
+            }
+        }
+    })?;
+    log::debug!("AF_XDP socket fd {xsk_fd} registered for {ifname} rx queue {queue}");
+    Ok(())
+}
+
 impl XdpSteering {
     /// Loads the program with `config` and attaches it to `ifname` in `mode`.
     ///
@@ -376,6 +409,19 @@ impl XdpSteering {
         ifname: &str,
         mode: AttachMode,
         config: &SteerConfig,
+    ) -> Result<XdpSteering, XdpError> {
+        XdpSteering::attach_with_sockets(ifname, mode, config, &[])
+    }
+
+    /// [`XdpSteering::attach`] with AF_XDP sockets, `(rx queue, fd)`, registered before the
+    /// program is attached: from its first packet on, no queue's broker traffic finds its
+    /// socket missing (the kernel would answer such a SYN with a RST). Errors as
+    /// [`XdpSteering::register_socket`]'s, nothing attached then.
+    pub fn attach_with_sockets(
+        ifname: &str,
+        mode: AttachMode,
+        config: &SteerConfig,
+        sockets: &[(u32, RawFd)],
     ) -> Result<XdpSteering, XdpError> {
         config.validate()?;
         let ifindex = ifindex_of(ifname)?;
@@ -390,6 +436,9 @@ impl XdpSteering {
             return Err(already(present, attached));
         }
         let loaded = load(config)?;
+        for &(queue, fd) in sockets {
+            register(&loaded.xsks, ifname, queue, fd)?;
+        }
         let attach_in = |flag: u32| {
             sys::xdp_attach(
                 ifindex,
@@ -491,33 +540,7 @@ impl XdpSteering {
     /// to it. Fails with [`XdpError::QueueTaken`] when another socket already has the
     /// queue; registering the same socket twice is fine. Closing the socket removes it.
     pub fn register_socket(&mut self, queue: u32, xsk_fd: RawFd) -> Result<(), XdpError> {
-        self.check_queue(queue)?;
-        self.xsks
-            .update(
-                &queue.to_ne_bytes(),
-                &xsk_fd.to_ne_bytes(),
-                MapFlags::NO_EXIST,
-            )
-            .map_err(|source| {
-                if source.kind() == libbpf_rs::ErrorKind::AlreadyExists {
-                    XdpError::QueueTaken {
-                        ifname: self.ifname.clone(),
-                        queue,
-                    }
-                } else {
-                    XdpError::RegisterSocket {
-                        ifname: self.ifname.clone(),
-                        queue,
-                        fd: xsk_fd,
-                        source,
-                    }
-                }
-            })?;
-        log::debug!(
-            "AF_XDP socket fd {xsk_fd} registered for {} rx queue {queue}",
-            self.ifname
-        );
-        Ok(())
+        register(&self.xsks, &self.ifname, queue, xsk_fd)
     }
 
     /// Removes the socket of rx queue `queue`, so that its broker traffic goes to the kernel

@@ -383,6 +383,42 @@ fn cookies_answer_syns_and_open_flows() {
 }
 
 #[test]
+fn sockets_given_at_attach_are_registered_before_the_program_runs() {
+    if !root_or_skip("sockets_given_at_attach_are_registered_before_the_program_runs") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let (first, second) = (XskSocket::unbound(), XskSocket::unbound());
+        let bad = XdpSteering::attach_with_sockets(
+            &pair.broker_if,
+            AttachMode::Driver,
+            &config(),
+            &[(0, first.fd()), (64, second.fd())],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(bad, XdpError::QueueOutOfRange { queue: 64, .. }),
+            "{bad}"
+        );
+        assert_eq!(status(&pair.broker_if).unwrap(), None, "nothing attached");
+
+        let mut steering = XdpSteering::attach_with_sockets(
+            &pair.broker_if,
+            AttachMode::Driver,
+            &config(),
+            &[(0, first.fd())],
+        )
+        .expect("attach with a socket");
+        let taken = steering.register_socket(0, second.fd()).unwrap_err();
+        assert!(
+            matches!(taken, XdpError::QueueTaken { queue: 0, .. }),
+            "queue 0 has its socket from the start: {taken}"
+        );
+    });
+}
+
+#[test]
 fn socket_registration_errors() {
     if !root_or_skip("socket_registration_errors") {
         return;

@@ -278,9 +278,21 @@ pub fn spawn(
         flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
         ..SteerConfig::new(vec![port], vec![ip])
     };
-    let mut steering = XdpSteering::attach(iface, xdp.mode, &config)?;
-    let flows = steering.flows()?;
+    // A program there already (another broker's, or a crashed one's leftover) is reported
+    // as such before any socket is bound to a queue that broker may hold.
+    if let Some(program) = xdp_prog::status(iface)? {
+        return Err(XdpError::AlreadyAttached {
+            ifname: iface.to_owned(),
+            prog_id: program.prog_id,
+            prog_name: program.name,
+            mode: program.mode,
+        }
+        .into());
+    }
+    // The sockets first: the program is attached with every queue's socket registered, so
+    // no early SYN finds a queue without one (the kernel would answer it with a RST).
     let mut queues = Vec::with_capacity(queue_count as usize);
+    let mut registered = Vec::with_capacity(queue_count as usize);
     for queue in 0..queue_count {
         let (mut socket, umem, frames) =
             Xsk::new(iface, queue, xdp.geometry, xdp.allow_small_pages)?;
@@ -292,9 +304,11 @@ pub fn spawn(
                     source,
                 })?;
         }
-        steering.register_socket(queue, socket.fd())?;
+        registered.push((queue, socket.fd()));
         queues.push(QueueSocket::new(socket, umem, frames));
     }
+    let steering = XdpSteering::attach_with_sockets(iface, xdp.mode, &config, &registered)?;
+    let flows = steering.flows()?;
     let busy_poll = match xdp.busy_poll_us {
         Some(us) => format!(", preferred busy polling for {us} us"),
         None => String::new(),
