@@ -433,10 +433,10 @@ case_syn_flood() {
     # their MB/s. On 2 cores the flood shares the loadgen's, and so do the veth NAPI threads
     # that process its SYNs (the broker host's receive work, on a real network): the
     # reference is then a run with a busy loop there, and the flood's packet processing
-    # takes a further ~20% of that core at ~110k SYN/s. What remains checkable there is
-    # that nothing collapses or stalls: 60% of the busy-loop run.
+    # takes a further 15-35% of that core at 110-170k SYN/s. What remains checkable there
+    # is that nothing collapses or stalls: half the busy-loop run.
     local runs=$work/syn-flood n reference=baseline min_ratio=0.8
-    [[ $cores -lt 3 ]] && reference=cpu_hog min_ratio=0.6
+    [[ $cores -lt 3 ]] && reference=cpu_hog min_ratio=0.5
     mkdir -p "$runs"
     # Three rounds of every kind of run, interleaved so that other load on the machine
     # (it may be shared) weighs on all kinds alike; the best run of each kind counts.
