@@ -34,8 +34,8 @@
 
 # Debian packages that building xdp-prog (clang for the BPF program; a C toolchain, make,
 # pkg-config, libelf and zlib headers for libbpf-sys's vendored libbpf; kernel UAPI headers)
-# and running this lab and its tests (ip, ethtool) need.
-XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool nftables jq)
+# and running this lab and its tests (ip, ethtool, ping, curl, python3, pgrep) need.
+XDP_BUILD_PACKAGES=(build-essential pkg-config clang libelf-dev zlib1g-dev linux-libc-dev iproute2 ethtool nftables jq iputils-ping curl python3 procps)
 
 # Installs whatever of XDP_BUILD_PACKAGES is missing (dpkg -s, then apt-get install -y).
 # Idempotent: does nothing, and needs no root, when everything is there.
@@ -82,6 +82,36 @@ lab_remove() {
         lab_run ip link del "$link"
     done
     if [[ -f $state ]]; then lab_run rm -f "$state"; fi
+    rm -f "/run/embarcadero-lab/$prefix-xdp-pass"-*.o
+}
+
+# The client ends' XDP program: veth delivers the frames an XDP program sends back
+# (XDP_TX: the brokers' SYN-cookie SYN-ACKs) only to a peer that has an XDP program of its
+# own in driver mode. It passes everything but IPv4 addressed to another host than client
+# end $1 (10.77.$1.1): the SYN-ACKs answering a flood of spoofed SYNs, which on a real
+# network go to the forged addresses, not back to the host that sent them (here they would
+# cost the client's core a trip through its IP stack each). Built with clang (in
+# XDP_BUILD_PACKAGES); prints the object's path.
+lab_pass_program() {
+    local object=/run/embarcadero-lab/$prefix-xdp-pass-$1.o
+    mkdir -p "$(dirname "$object")"
+    # The address in network byte order, as a little-endian load of the header sees it.
+    local address=$((($1 << 16) | (77 << 8) | 10 | (1 << 24)))
+    clang -target bpf -O2 -c -x c - -o "$object" -DCLIENT_ADDRESS="$address" <<'EOF_C' || lab_die "cannot build the client ends' XDP program (needs clang: . scripts/lab.sh && ensure_xdp_build_deps)"
+struct xdp_md { unsigned int data, data_end; };
+__attribute__((section("xdp"), used)) int xdp_client(struct xdp_md *ctx)
+{
+	unsigned char *frame = (unsigned char *)(long)ctx->data;
+	unsigned char *end = (unsigned char *)(long)ctx->data_end;
+	unsigned int destination;
+	if (frame + 34 > end || frame[12] != 0x08 || frame[13] != 0x00)
+		return 2; /* XDP_PASS: not IPv4 */
+	__builtin_memcpy(&destination, frame + 30, 4);
+	return destination == CLIENT_ADDRESS ? 2 : 1; /* XDP_PASS : XDP_DROP */
+}
+char _license[] __attribute__((section("license"), used)) = "GPL";
+EOF_C
+    echo "$object"
 }
 
 lab_quiet_ns() {
@@ -99,6 +129,7 @@ lab_up() {
     echo "== lab $prefix: removing leftovers"
     lab_remove
     echo "== lab $prefix: creating (MTU $mtu, GSO $gso, $brokers brokers, $queues queue(s) per veth end)"
+    local pass
     lab_quiet_ns "$client_ns"
     local i ns list=()
     for ((i = 0; i < brokers; i++)); do
@@ -113,6 +144,10 @@ lab_up() {
         fi
         lab_run ip -n "$client_ns" link set "$prefix-c$i" up
         lab_run ip -n "$ns" link set "$prefix-b$i" up
+        pass=$(lab_pass_program "$i")
+        if ! lab_run ip -n "$client_ns" link set dev "$prefix-c$i" xdpdrv obj "$pass" sec xdp; then
+            echo "note: no driver-mode XDP pass program on $prefix-c$i (MTU $mtu?): brokers in driver mode cannot answer SYNs there; use --xdp-mode generic" >&2
+        fi
         list+=("10.77.$i.2:$((base_port + i))")
     done
     mkdir -p "$(dirname "$state")"

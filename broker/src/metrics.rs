@@ -85,6 +85,18 @@ pub struct Metrics {
     /// Metrics endpoint: connections closed because they had not been served by
     /// [`EndpointLimits::connection_deadline`] (silent, trickling or not reading).
     pub metrics_connections_timed_out: AtomicU64,
+    /// XDP backend: SYN-cookie connections adopted into the userspace stack.
+    pub xdp_cookie_adopted: AtomicU64,
+    /// XDP backend: SYN-cookie connections refused with a RST (every socket in use).
+    pub xdp_cookie_refused: AtomicU64,
+    /// XDP backend: segments dropped while their connection was being adopted or after it
+    /// was refused, and adoptions given up.
+    pub xdp_cookie_dropped: AtomicU64,
+    /// XDP backend: ARP replies from the kernel's neighbour table handed to the userspace
+    /// stack.
+    pub xdp_neighbour_replies: AtomicU64,
+    /// XDP backend: neighbours not tracked because the table was full.
+    pub xdp_neighbour_table_full: AtomicU64,
 }
 
 /// What a broker is to the sequencer lease (the `sequencer_role` gauge).
@@ -136,7 +148,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 29] = [
+        let series: [(&str, &str, &str, &AtomicU64); 34] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -310,6 +322,36 @@ impl Metrics {
                 "counter",
                 "Metrics endpoint connections closed unserved at the connection deadline.",
                 &self.metrics_connections_timed_out,
+            ),
+            (
+                "embarcadero_xdp_cookie_adopted_total",
+                "counter",
+                "SYN-cookie connections adopted into the userspace stack (XDP backend).",
+                &self.xdp_cookie_adopted,
+            ),
+            (
+                "embarcadero_xdp_cookie_refused_total",
+                "counter",
+                "SYN-cookie connections refused with a RST: every socket in use (XDP backend).",
+                &self.xdp_cookie_refused,
+            ),
+            (
+                "embarcadero_xdp_cookie_dropped_total",
+                "counter",
+                "Segments dropped during or after a refused adoption, and adoptions given up (XDP backend).",
+                &self.xdp_cookie_dropped,
+            ),
+            (
+                "embarcadero_xdp_neighbour_replies_total",
+                "counter",
+                "Neighbours from the kernel's table handed to the userspace stack (XDP backend).",
+                &self.xdp_neighbour_replies,
+            ),
+            (
+                "embarcadero_xdp_neighbour_table_full_total",
+                "counter",
+                "Neighbours not tracked because the table was full (XDP backend).",
+                &self.xdp_neighbour_table_full,
             ),
         ];
         for (name, kind, help, counter) in series {

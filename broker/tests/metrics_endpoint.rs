@@ -99,7 +99,9 @@ fn scrape_beside_silent_connections(silent: usize) -> u64 {
     let metrics = broker.metrics();
     let counted = || {
         metrics.metrics_connections_evicted.load(Ordering::Relaxed)
-            + metrics.metrics_connections_timed_out.load(Ordering::Relaxed)
+            + metrics
+                .metrics_connections_timed_out
+                .load(Ordering::Relaxed)
     };
     let counted_by = Instant::now() + Duration::from_secs(1);
     while counted() < silent as u64 && Instant::now() < counted_by {

@@ -87,6 +87,9 @@ pub struct Summary {
     /// messages to send, in milliseconds, looked at every 1,024 messages (a failover shows
     /// here as the time until the first ack after it).
     pub ack_gap_max_ms: u64,
+    /// How long the publishers took to open their connections (TCP and Hello/HelloOk), from
+    /// the start of the publish phase until the last one was connected, in milliseconds.
+    pub connect_ms: u64,
     /// Errors that stopped a publisher or the subscriber.
     pub errors: Vec<String>,
     /// Whether the run met its checks (the exit code is 0 exactly when this is true).
@@ -139,6 +142,7 @@ mod tests {
             "batches_resent",
             "duplicate_acks",
             "ack_gap_max_ms",
+            "connect_ms",
             "passed",
         ] {
             assert!(value.get(field).is_some(), "missing {field}");

@@ -107,7 +107,7 @@ impl Counters {
         Ok(Counters {
             total: read_u64(&dir.join("nr_hugepages"))?,
             free: read_u64(&dir.join("free_hugepages"))?,
-            reserved: read_u64(&dir.join("resv_hugepages"))?,
+            reserved: reserved_pages(read_u64(&dir.join("resv_hugepages"))?),
         })
     }
 
@@ -124,6 +124,18 @@ impl Counters {
             self.total.saturating_add(missing),
             page_size.sysfs_dir()
         )
+    }
+}
+
+/// The reserved count as read: the kernel's counter can run below zero for a moment (seen
+/// right after an AF_XDP UMEM on hugepages was released), and then reads as a huge number
+/// (`18446744073709551600` for -16), which would make every free page look promised.
+/// A negative reservation promises nothing: it counts as 0.
+fn reserved_pages(read: u64) -> u64 {
+    if i64::try_from(read).is_err() {
+        0
+    } else {
+        read
     }
 }
 
@@ -231,6 +243,14 @@ mod tests {
         let root = fake_pool(4, 1, 3);
         let error = preflight_in(root.path(), PageSize::Huge2M, 1).unwrap_err();
         assert!(matches!(error, Error::HugepagesShort { pages_free: 0, .. }));
+    }
+
+    #[test]
+    fn a_reservation_below_zero_counts_as_none() {
+        // resv_hugepages as the kernel printed it at -16.
+        let root = fake_pool(600, 392, 18_446_744_073_709_551_600);
+        let report = preflight_in(root.path(), PageSize::Huge2M, 128 * (2 << 20)).unwrap();
+        assert_eq!(report.pages_free, 392);
     }
 
     #[test]

@@ -1,19 +1,21 @@
 //! The Embarcadero-rs XDP steering program and its loader.
 //!
-//! The program (`src/bpf/steer.bpf.c`) redirects, into the AF_XDP socket registered for the
-//! packet's rx queue:
-//! - IPv4 TCP packets (not fragmented) whose destination address is one of
-//!   [`SteerConfig::ips`] and whose destination port is one of [`SteerConfig::ports`];
-//! - ARP packets whose target protocol address is one of [`SteerConfig::ips`].
+//! The program (`src/bpf/steer.bpf.c`) handles IPv4 TCP segments (not fragmented) whose
+//! destination address is one of [`SteerConfig::ips`] and whose destination port is one of
+//! [`SteerConfig::ports`]: it answers SYNs itself with SYN cookies (`XDP_TX`, no state
+//! kept), opens a flow when an ACK carries a valid cookie, and redirects the segments of
+//! open flows into the AF_XDP socket registered for the packet's rx queue; other segments
+//! of unknown flows are dropped.
 //!
-//! Everything else goes to the kernel (`XDP_PASS`): ssh and the rest of the host keep
-//! working. Broker traffic that arrives on a queue without a registered socket goes to the
-//! kernel too (which answers TCP with a RST) and is counted as `no_socket`.
+//! Everything else goes to the kernel (`XDP_PASS`), ARP included: the kernel keeps
+//! neighbour resolution, and ssh and the rest of the host keep working. Broker traffic that
+//! arrives on a queue without a registered socket goes to the kernel too (which answers TCP
+//! with a RST) and is counted as `no_socket`.
 //!
 //! ```no_run
 //! use xdp_prog::{AttachMode, SteerConfig, XdpSteering};
 //! # fn main() -> Result<(), xdp_prog::XdpError> {
-//! let config = SteerConfig { ports: vec![9100], ips: vec!["10.77.0.2".parse().unwrap()] };
+//! let config = SteerConfig::new(vec![9100], vec!["10.77.0.2".parse().unwrap()]);
 //! let mut steering = XdpSteering::attach("emb-b0", AttachMode::Auto, &config)?;
 //! # let xsk_fd = 3;
 //! steering.register_socket(0, xsk_fd)?; // an AF_XDP socket bound to queue 0
@@ -86,16 +88,43 @@ impl fmt::Display for AttachMode {
     }
 }
 
-/// What the program steers into the AF_XDP sockets.
+/// Most open flows the `flows` map may hold ([`SteerConfig::flows_max`]).
+pub const MAX_FLOWS: u32 = 1 << 20;
+
+/// What the program steers into the AF_XDP sockets, and what its SYN-ACKs offer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SteerConfig {
     /// Broker TCP ports (destination ports), 1 to [`MAX_PORTS`] of them, none zero.
     pub ports: Vec<u16>,
-    /// Broker IPv4 addresses (destination of TCP, target of ARP), 1 to [`MAX_IPS`].
+    /// Broker IPv4 addresses (destination of TCP), 1 to [`MAX_IPS`].
     pub ips: Vec<Ipv4Addr>,
+    /// The MSS the SYN-ACK offers (the interface's MTU - 40).
+    pub mss: u16,
+    /// The window scale the SYN-ACK offers: it must be the one the userspace stack applies
+    /// to the windows it sends (smoltcp: log2 of the receive buffer - 16), or the client
+    /// misreads every window.
+    pub window_shift: u8,
+    /// The window of the SYN-ACK (never scaled).
+    pub window: u16,
+    /// Size of the `flows` map (open connections; least recently used ones are evicted
+    /// when it is full), 1 to [`MAX_FLOWS`].
+    pub flows_max: u32,
 }
 
 impl SteerConfig {
+    /// A configuration for `ports` on `ips` with MSS 1460, no window scaling, window
+    /// 65535 and room for 1024 flows.
+    pub fn new(ports: Vec<u16>, ips: Vec<Ipv4Addr>) -> SteerConfig {
+        SteerConfig {
+            ports,
+            ips,
+            mss: 1460,
+            window_shift: 0,
+            window: u16::MAX,
+            flows_max: 1024,
+        }
+    }
+
     fn validate(&self) -> Result<(), XdpError> {
         let reason = if self.ports.is_empty() {
             "no ports".to_string()
@@ -107,6 +136,12 @@ impl SteerConfig {
             "no addresses".to_string()
         } else if self.ips.len() > MAX_IPS {
             format!("{} addresses", self.ips.len())
+        } else if self.mss < 536 {
+            format!("MSS {} (below the 536 every IPv4 host accepts)", self.mss)
+        } else if self.window_shift > 14 {
+            format!("window shift {} (TCP allows 0 to 14)", self.window_shift)
+        } else if self.flows_max == 0 || self.flows_max > MAX_FLOWS {
+            format!("{} flows (1 to {MAX_FLOWS})", self.flows_max)
         } else {
             return Ok(());
         };
@@ -118,24 +153,34 @@ impl SteerConfig {
 /// increments exactly one of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Broker traffic handed to `bpf_redirect_map` with a socket registered for its queue.
+    /// Segments of open flows handed to `bpf_redirect_map`.
     pub redirected: u64,
-    /// Well-formed packets that are not broker traffic, passed to the kernel.
+    /// Well-formed packets that are not broker traffic (ARP, other ports, ...), passed to
+    /// the kernel.
     pub passed: u64,
     /// Broker traffic on a queue without a registered socket, passed to the kernel.
     pub no_socket: u64,
-    /// Packets too short to parse (truncated Ethernet, IPv4, TCP or ARP header, or an IPv4
+    /// Packets too short to parse (truncated Ethernet, IPv4 or TCP header, or an IPv4
     /// header length below 20 bytes), passed to the kernel.
     pub malformed: u64,
+    /// SYNs answered with a cookie SYN-ACK (`XDP_TX`).
+    pub syn_cookie_sent: u64,
+    /// ACKs with a valid cookie: the flow was opened and the ACK redirected.
+    pub cookie_valid: u64,
+    /// Other segments of unknown flows (invalid cookie, RST, SYN we cannot answer):
+    /// dropped.
+    pub cookie_invalid: u64,
 }
 
-/// Bytes per CPU in the `counters` map: four u64, as `struct counters` in steer.bpf.c.
-const COUNTERS_SIZE: usize = 4 * size_of::<u64>();
+/// Counters per CPU in the `counters` map, as `struct counters` in steer.bpf.c.
+const COUNTER_FIELDS: usize = 7;
+/// Bytes per CPU in the `counters` map.
+const COUNTERS_SIZE: usize = COUNTER_FIELDS * size_of::<u64>();
 
 impl Counters {
     /// Sums the per-CPU values of the `counters` map.
     fn from_per_cpu(per_cpu: &[Vec<u8>]) -> Result<Counters, XdpError> {
-        let mut sum = [0u64; 4];
+        let mut sum = [0u64; COUNTER_FIELDS];
         for value in per_cpu {
             if value.len() != COUNTERS_SIZE {
                 return Err(XdpError::CounterLayout {
@@ -149,12 +194,23 @@ impl Counters {
                 *total = total.wrapping_add(u64::from_ne_bytes(word));
             }
         }
-        let [redirected, passed, no_socket, malformed] = sum;
+        let [
+            redirected,
+            passed,
+            no_socket,
+            malformed,
+            syn_cookie_sent,
+            cookie_valid,
+            cookie_invalid,
+        ] = sum;
         Ok(Counters {
             redirected,
             passed,
             no_socket,
             malformed,
+            syn_cookie_sent,
+            cookie_valid,
+            cookie_invalid,
         })
     }
 
@@ -183,6 +239,7 @@ pub struct XdpSteering {
     prog: OwnedFd,
     xsks: MapHandle,
     counters: MapHandle,
+    flows: MapHandle,
 }
 
 fn ifindex_of(ifname: &str) -> Result<u32, XdpError> {
@@ -211,14 +268,33 @@ struct Loaded {
     prog: OwnedFd,
     xsks: MapHandle,
     counters: MapHandle,
+    flows: MapHandle,
+}
+
+/// `struct syncookie_values` of steer.bpf.c: mss, window (u16, host order), window shift,
+/// ttl, two bytes of padding.
+fn syncookie_values(config: &SteerConfig) -> [u8; 8] {
+    let mut value = [0u8; 8];
+    value[0..2].copy_from_slice(&config.mss.to_ne_bytes());
+    value[2..4].copy_from_slice(&config.window.to_ne_bytes());
+    value[4] = config.window_shift;
+    value[5] = 64;
+    value
 }
 
 fn load(config: &SteerConfig) -> Result<Loaded, XdpError> {
     let mut storage = MaybeUninit::uninit();
-    let open = skel::SteerSkelBuilder::default()
+    let mut open = skel::SteerSkelBuilder::default()
         .open(&mut storage)
         .map_err(|source| XdpError::Load {
             stage: "opening the BPF object",
+            source,
+        })?;
+    open.maps
+        .flows
+        .set_max_entries(config.flows_max)
+        .map_err(|source| XdpError::Load {
+            stage: "sizing the flows map",
             source,
         })?;
     let skel = open.load().map_err(|source| XdpError::Load {
@@ -247,6 +323,18 @@ fn load(config: &SteerConfig) -> Result<Loaded, XdpError> {
                 source,
             })?;
     }
+    skel.maps
+        .syncookie_config
+        .update(
+            &0u32.to_ne_bytes(),
+            &syncookie_values(config),
+            MapFlags::ANY,
+        )
+        .map_err(|source| XdpError::Map {
+            map: "syncookie_config",
+            op: "writing the SYN-ACK options".into(),
+            source,
+        })?;
     let duplicate = |what: &'static str| {
         move |error: std::io::Error| XdpError::Load {
             stage: what,
@@ -267,11 +355,49 @@ fn load(config: &SteerConfig) -> Result<Loaded, XdpError> {
         stage: "duplicating the counters fd",
         source,
     })?;
+    let flows = MapHandle::try_from(&skel.maps.flows).map_err(|source| XdpError::Load {
+        stage: "duplicating the flows fd",
+        source,
+    })?;
     Ok(Loaded {
         prog,
         xsks,
         counters,
+        flows,
     })
+}
+
+/// Puts socket `xsk_fd` into the socket map `xsks` at `queue` (see
+/// [`XdpSteering::register_socket`]).
+fn register(xsks: &MapHandle, ifname: &str, queue: u32, xsk_fd: RawFd) -> Result<(), XdpError> {
+    if queue >= MAX_QUEUES {
+        return Err(XdpError::QueueOutOfRange {
+            ifname: ifname.to_string(),
+            queue,
+        });
+    }
+    xsks.update(
+        &queue.to_ne_bytes(),
+        &xsk_fd.to_ne_bytes(),
+        MapFlags::NO_EXIST,
+    )
+    .map_err(|source| {
+        if source.kind() == libbpf_rs::ErrorKind::AlreadyExists {
+            XdpError::QueueTaken {
+                ifname: ifname.to_string(),
+                queue,
+            }
+        } else {
+            XdpError::RegisterSocket {
+                ifname: ifname.to_string(),
+                queue,
+                fd: xsk_fd,
+                source,
+            }
+        }
+    })?;
+    log::debug!("AF_XDP socket fd {xsk_fd} registered for {ifname} rx queue {queue}");
+    Ok(())
 }
 
 impl XdpSteering {
@@ -283,6 +409,19 @@ impl XdpSteering {
         ifname: &str,
         mode: AttachMode,
         config: &SteerConfig,
+    ) -> Result<XdpSteering, XdpError> {
+        XdpSteering::attach_with_sockets(ifname, mode, config, &[])
+    }
+
+    /// [`XdpSteering::attach`] with AF_XDP sockets, `(rx queue, fd)`, registered before the
+    /// program is attached: from its first packet on, no queue's broker traffic finds its
+    /// socket missing (the kernel would answer such a SYN with a RST). Errors as
+    /// [`XdpSteering::register_socket`]'s, nothing attached then.
+    pub fn attach_with_sockets(
+        ifname: &str,
+        mode: AttachMode,
+        config: &SteerConfig,
+        sockets: &[(u32, RawFd)],
     ) -> Result<XdpSteering, XdpError> {
         config.validate()?;
         let ifindex = ifindex_of(ifname)?;
@@ -297,6 +436,9 @@ impl XdpSteering {
             return Err(already(present, attached));
         }
         let loaded = load(config)?;
+        for &(queue, fd) in sockets {
+            register(&loaded.xsks, ifname, queue, fd)?;
+        }
         let attach_in = |flag: u32| {
             sys::xdp_attach(
                 ifindex,
@@ -357,6 +499,7 @@ impl XdpSteering {
             prog: loaded.prog,
             xsks: loaded.xsks,
             counters: loaded.counters,
+            flows: loaded.flows,
         };
         // From here on, an error drops `steering`, which detaches the program again.
         steering.prog_id = query(ifname, ifindex)?.prog_id;
@@ -397,33 +540,7 @@ impl XdpSteering {
     /// to it. Fails with [`XdpError::QueueTaken`] when another socket already has the
     /// queue; registering the same socket twice is fine. Closing the socket removes it.
     pub fn register_socket(&mut self, queue: u32, xsk_fd: RawFd) -> Result<(), XdpError> {
-        self.check_queue(queue)?;
-        self.xsks
-            .update(
-                &queue.to_ne_bytes(),
-                &xsk_fd.to_ne_bytes(),
-                MapFlags::NO_EXIST,
-            )
-            .map_err(|source| {
-                if source.kind() == libbpf_rs::ErrorKind::AlreadyExists {
-                    XdpError::QueueTaken {
-                        ifname: self.ifname.clone(),
-                        queue,
-                    }
-                } else {
-                    XdpError::RegisterSocket {
-                        ifname: self.ifname.clone(),
-                        queue,
-                        fd: xsk_fd,
-                        source,
-                    }
-                }
-            })?;
-        log::debug!(
-            "AF_XDP socket fd {xsk_fd} registered for {} rx queue {queue}",
-            self.ifname
-        );
-        Ok(())
+        register(&self.xsks, &self.ifname, queue, xsk_fd)
     }
 
     /// Removes the socket of rx queue `queue`, so that its broker traffic goes to the kernel
@@ -442,6 +559,78 @@ impl XdpSteering {
     /// The program's counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, XdpError> {
         Counters::read(&self.counters)
+    }
+
+    /// A handle on the program's open flows, for the thread that ends connections.
+    pub fn flows(&self) -> Result<Flows, XdpError> {
+        let map = MapHandle::try_from(&self.flows).map_err(|source| XdpError::Load {
+            stage: "duplicating the flows fd",
+            source,
+        })?;
+        Ok(Flows { map })
+    }
+}
+
+/// One open flow, as the client sends it: its address and port, and ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The client's address.
+    pub remote_ip: Ipv4Addr,
+    /// The client's port.
+    pub remote_port: u16,
+    /// The broker's address.
+    pub local_ip: Ipv4Addr,
+    /// The broker's port.
+    pub local_port: u16,
+}
+
+impl FlowKey {
+    /// `struct flow_key` of steer.bpf.c: addresses and ports in network byte order.
+    fn bytes(&self) -> [u8; 12] {
+        let mut key = [0u8; 12];
+        key[0..4].copy_from_slice(&self.remote_ip.octets());
+        key[4..8].copy_from_slice(&self.local_ip.octets());
+        key[8..10].copy_from_slice(&self.remote_port.to_be_bytes());
+        key[10..12].copy_from_slice(&self.local_port.to_be_bytes());
+        key
+    }
+}
+
+/// The program's table of open flows (an LRU hash: when it is full, the least recently
+/// used flow is evicted, and its next segment is dropped as an unknown flow).
+#[derive(Debug)]
+pub struct Flows {
+    map: MapHandle,
+}
+
+impl Flows {
+    /// Closes `flow`: its later segments are unknown again (a new SYN gets a new cookie).
+    /// Returns whether it was open.
+    pub fn remove(&self, flow: &FlowKey) -> Result<bool, XdpError> {
+        match self.map.delete(&flow.bytes()) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(XdpError::Map {
+                map: "flows",
+                op: format!(
+                    "removing {}:{} -> {}:{}",
+                    flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port
+                ),
+                source,
+            }),
+        }
+    }
+
+    /// Whether `flow` is open.
+    pub fn contains(&self, flow: &FlowKey) -> Result<bool, XdpError> {
+        self.map
+            .lookup(&flow.bytes(), MapFlags::ANY)
+            .map(|value| value.is_some())
+            .map_err(|source| XdpError::Map {
+                map: "flows",
+                op: "looking a flow up".into(),
+                source,
+            })
     }
 }
 
@@ -612,10 +801,7 @@ mod tests {
     use super::*;
 
     fn config() -> SteerConfig {
-        SteerConfig {
-            ports: vec![9100],
-            ips: vec![Ipv4Addr::new(10, 77, 0, 2)],
-        }
+        SteerConfig::new(vec![9100], vec![Ipv4Addr::new(10, 77, 0, 2)])
     }
 
     #[test]
@@ -642,6 +828,18 @@ mod tests {
                 ips: vec![Ipv4Addr::LOCALHOST; 17],
                 ..config()
             },
+            SteerConfig {
+                mss: 100,
+                ..config()
+            },
+            SteerConfig {
+                window_shift: 15,
+                ..config()
+            },
+            SteerConfig {
+                flows_max: 0,
+                ..config()
+            },
         ];
         for config in bad {
             let error = config.validate().unwrap_err();
@@ -651,15 +849,22 @@ mod tests {
 
     #[test]
     fn counters_sum_over_cpus() {
-        let cpu = |values: [u64; 4]| values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let sum = Counters::from_per_cpu(&[cpu([1, 2, 3, 4]), cpu([10, 20, 30, 40])]).unwrap();
+        let cpu = |values: [u64; 7]| values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let sum = Counters::from_per_cpu(&[
+            cpu([1, 2, 3, 4, 5, 6, 7]),
+            cpu([10, 20, 30, 40, 50, 60, 70]),
+        ])
+        .unwrap();
         assert_eq!(
             sum,
             Counters {
                 redirected: 11,
                 passed: 22,
                 no_socket: 33,
-                malformed: 44
+                malformed: 44,
+                syn_cookie_sent: 55,
+                cookie_valid: 66,
+                cookie_invalid: 77,
             }
         );
         let error = Counters::from_per_cpu(&[vec![0; 24]]).unwrap_err();

@@ -114,10 +114,7 @@ fn lab_up_status_exec_up_again_down_leave_nothing_behind() {
 
     // A crashed broker leaves its program attached; MTU 3500 allows driver mode on veth.
     in_netns(&broker_ns, || {
-        let config = SteerConfig {
-            ports: vec![9100, 9101, 9102],
-            ips: vec![[10, 77, 0, 2].into()],
-        };
+        let config = SteerConfig::new(vec![9100, 9101, 9102], vec![[10, 77, 0, 2].into()]);
         let steering =
             XdpSteering::attach(&broker_if, AttachMode::Driver, &config).expect("driver mode");
         std::mem::forget(steering);

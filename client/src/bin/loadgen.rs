@@ -73,7 +73,8 @@ JSON (--json FILE)
   (acknowledged batches a broker found already in the log: resends whose first copy had
   arrived, acknowledged with the original position and not written twice), ack_gap_max_ms
   (the longest a publisher waited for a new ack while sending, looked at every 1,024
-  messages: after a failover, the time to its first ack), errors, passed.
+  messages: after a failover, the time to its first ack), connect_ms (how long the
+  publishers took to open their connections, Hello/HelloOk included), errors, passed.
 
 BROKER FAILURES
   A publisher survives a broker that dies mid-run: the batches that were unacknowledged on
@@ -594,6 +595,7 @@ fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
     // connection set-up is not measured.
     let (connected_tx, connected_rx) = crossbeam_channel::unbounded::<()>();
     let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let connecting = Instant::now();
     let threads: Vec<_> = client_ids
         .iter()
         .enumerate()
@@ -616,6 +618,7 @@ fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
     for _ in 0..spawned {
         let _ = connected_rx.recv();
     }
+    summary.connect_ms = connecting.elapsed().as_millis() as u64;
     let started = Instant::now();
     drop(gate_tx);
     let mut outcomes = Vec::new();

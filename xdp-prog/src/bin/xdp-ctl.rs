@@ -76,6 +76,9 @@ fn run(command: Command) -> Result<ExitCode, xdp_prog::XdpError> {
             println!("passed {}", counters.passed);
             println!("no_socket {}", counters.no_socket);
             println!("malformed {}", counters.malformed);
+            println!("syn_cookie_sent {}", counters.syn_cookie_sent);
+            println!("cookie_valid {}", counters.cookie_valid);
+            println!("cookie_invalid {}", counters.cookie_invalid);
             Ok(ExitCode::SUCCESS)
         }
         Command::Queues { ifname } => {

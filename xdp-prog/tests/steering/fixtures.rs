@@ -186,6 +186,13 @@ impl Pair {
         })
     }
 
+    /// Connects from the client namespace to `addr` within `timeout`.
+    pub fn connect_stream(&self, addr: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+        in_netns(&self.client, || {
+            TcpStream::connect_timeout(&addr.into(), timeout)
+        })
+    }
+
     /// Sends `frame` (starting with the Ethernet header) out of the client end.
     pub fn send_frame(&self, frame: &[u8]) {
         in_netns(&self.client, || send_raw(&self.client_if, frame));
@@ -239,6 +246,26 @@ fn send_raw(ifname: &str, frame: &[u8]) {
         "sending a raw frame on {ifname}: {}",
         io::Error::last_os_error()
     );
+}
+
+/// Closes `stream` with a RST (SO_LINGER 0), so that nothing of it lingers on the wire.
+pub fn reset(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a live struct of the size given; the fd is the stream's, open.
+    let ret = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(ret, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(stream);
 }
 
 /// The index of `ifname` in the calling thread's namespace.

@@ -1,5 +1,6 @@
 //! The steering program on real veth pairs in private network namespaces: attach modes and
-//! fallback, detach on drop, what is steered and what is passed (counters), socket
+//! fallback, detach on drop, what is steered and what is passed (counters), SYN cookies
+//! (answered SYNs, flows opened by a valid cookie, unknown flows dropped), socket
 //! registration, errors, leftover clean-up, and the `xdp-ctl` tool.
 //!
 //! Needs root (namespaces, XDP); without it every test prints `skipped: needs root` and
@@ -29,10 +30,7 @@ const OTHER_PORT: u16 = 9200;
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn config() -> SteerConfig {
-    SteerConfig {
-        ports: vec![STEERED_PORT, STEERED_PORT + 1],
-        ips: vec![BROKER_IP],
-    }
+    SteerConfig::new(vec![STEERED_PORT, STEERED_PORT + 1], vec![BROKER_IP])
 }
 
 fn delta(before: Counters, after: Counters) -> Counters {
@@ -41,6 +39,9 @@ fn delta(before: Counters, after: Counters) -> Counters {
         passed: after.passed - before.passed,
         no_socket: after.no_socket - before.no_socket,
         malformed: after.malformed - before.malformed,
+        syn_cookie_sent: after.syn_cookie_sent - before.syn_cookie_sent,
+        cookie_valid: after.cookie_valid - before.cookie_valid,
+        cookie_invalid: after.cookie_invalid - before.cookie_invalid,
     }
 }
 
@@ -50,6 +51,7 @@ fn counts(redirected: u64, passed: u64, no_socket: u64, malformed: u64) -> Count
         passed,
         no_socket,
         malformed,
+        ..Counters::default()
     }
 }
 
@@ -58,6 +60,21 @@ fn measure(steering: &XdpSteering, step: impl FnOnce()) -> Counters {
     let before = steering.counters().expect("counters");
     step();
     delta(before, steering.counters().expect("counters"))
+}
+
+/// Runs `step`, then waits up to a second for the counters to move by `expected` (for
+/// packets `step` sends without waiting for an answer); returns how they moved.
+fn measure_until(steering: &XdpSteering, expected: Counters, step: impl FnOnce()) -> Counters {
+    let before = steering.counters().expect("counters");
+    step();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let moved = delta(before, steering.counters().expect("counters"));
+        if moved == expected || std::time::Instant::now() >= deadline {
+            return moved;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 #[test]
@@ -194,8 +211,8 @@ fn counters_show_what_is_steered_and_what_is_passed() {
                 "{mode}: ARP + SYN to another address"
             );
 
-            // The ARP request for the broker address is steered (no socket: no_socket);
-            // the SYN that follows goes to another port (passed).
+            // ARP is the kernel's, even for the broker address: the ARP request and the SYN
+            // to another port that follows are both passed.
             ip(&[
                 "-n",
                 &pair.client,
@@ -211,7 +228,7 @@ fn counters_show_what_is_steered_and_what_is_passed() {
             });
             assert_eq!(
                 moved,
-                counts(0, 1, 1, 0),
+                counts(0, 2, 0, 0),
                 "{mode}: ARP for the broker + SYN"
             );
             // Back to a static entry, so that no reachability probe adds an ARP later.
@@ -241,6 +258,7 @@ fn counters_show_what_is_steered_and_what_is_passed() {
                 truncated_tcp.extend(ipv4_header(0x45, 6, BROKER_IP));
                 truncated_tcp.extend_from_slice(&STEERED_PORT.to_be_bytes()); // only 2 bytes
                 pair.send_frame(&truncated_tcp);
+                // ARP is not looked into: even a truncated one is simply passed.
                 let mut truncated_arp = ethernet(0x0806);
                 truncated_arp.extend_from_slice(&[0, 1, 8, 0]);
                 pair.send_frame(&truncated_arp);
@@ -250,20 +268,12 @@ fn counters_show_what_is_steered_and_what_is_passed() {
                 udp.extend_from_slice(&[0; 8]);
                 pair.send_frame(&udp);
             });
-            assert_eq!(moved, counts(0, 1, 0, 4), "{mode}: malformed frames");
+            assert_eq!(moved, counts(0, 2, 0, 3), "{mode}: malformed frames");
 
-            // With a socket bound to queue 0: the SYN is redirected to it (the socket has
-            // no fill-ring frames, so it drops it and counts that; the connect times out).
+            // With a socket on queue 0, broker traffic is the program's (see
+            // cookies_answer_syns_and_open_flows); unregistered again, back to the kernel.
             let socket = XskSocket::bound(&pair.broker_if, 0);
             steering.register_socket(0, socket.fd()).expect("register");
-            let moved = measure(&steering, || {
-                let end = pair.connect(at(BROKER_IP, STEERED_PORT + 1), CONNECT_TIMEOUT);
-                assert_eq!(end, ErrorKind::TimedOut, "{mode}");
-            });
-            assert_eq!(moved, counts(1, 0, 0, 0), "{mode}: SYN into the socket");
-            assert_eq!(socket.dropped(), 1, "{mode}: the socket saw the SYN");
-
-            // Unregistered again: back to the kernel.
             steering.unregister_socket(0).expect("unregister");
             let moved = measure(&steering, || {
                 let end = pair.connect(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT);
@@ -272,6 +282,140 @@ fn counters_show_what_is_steered_and_what_is_passed() {
             assert_eq!(moved, counts(0, 0, 1, 0), "{mode}: after unregister");
         });
     }
+}
+
+/// Counters with only the cookie verdicts set.
+fn cookie_counts(syn_cookie_sent: u64, cookie_valid: u64, cookie_invalid: u64) -> Counters {
+    Counters {
+        syn_cookie_sent,
+        cookie_valid,
+        cookie_invalid,
+        ..Counters::default()
+    }
+}
+
+/// A TCP segment from the client's port 40000 to `port` of the broker with `flags`,
+/// sequence and acknowledgement numbers, no options, as an Ethernet frame.
+fn segment(port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    let mut frame = ethernet(0x0800);
+    frame.extend(ipv4_header(0x45, 6, BROKER_IP));
+    frame.extend_from_slice(&40_000u16.to_be_bytes());
+    frame.extend_from_slice(&port.to_be_bytes());
+    frame.extend_from_slice(&seq.to_be_bytes());
+    frame.extend_from_slice(&ack.to_be_bytes());
+    frame.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    frame
+}
+
+#[test]
+fn cookies_answer_syns_and_open_flows() {
+    if !root_or_skip("cookies_answer_syns_and_open_flows") {
+        return;
+    }
+    for mode in [AttachMode::Driver, AttachMode::Generic] {
+        let pair = Pair::new(1500);
+        // veth in driver mode delivers what a program sends back (XDP_TX) only to a peer
+        // with a driver-mode program of its own: the steering program for a port nobody
+        // uses passes everything at the client end.
+        in_netns(&pair.client, || {
+            let client_end = SteerConfig::new(vec![1], vec![fixtures::CLIENT_IP]);
+            let _pass = XdpSteering::attach(&pair.client_if, AttachMode::Driver, &client_end)
+                .expect("a program at the client end");
+            in_netns(&pair.broker, || {
+                let mut steering =
+                    XdpSteering::attach(&pair.broker_if, mode, &config()).expect("attach");
+                let socket = XskSocket::bound(&pair.broker_if, 0);
+                steering.register_socket(0, socket.fd()).expect("register");
+
+                // The SYN is answered here with a cookie; the client's ACK carries it back,
+                // opens the flow and is redirected into the socket (which drops it: no
+                // fill-ring frames).
+                let mut stream = None;
+                let moved = measure(&steering, || {
+                    stream = Some(
+                        pair.connect_stream(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT)
+                            .unwrap_or_else(|e| panic!("{mode}: connect: {e}")),
+                    );
+                });
+                assert_eq!(moved, cookie_counts(1, 1, 0), "{mode}: handshake");
+                assert_eq!(socket.dropped(), 1, "{mode}: the ACK reached the socket");
+                let local = stream.as_ref().and_then(|s| s.local_addr().ok());
+                let Some(std::net::SocketAddr::V4(local)) = local else {
+                    panic!("{mode}: the client's address: {local:?}");
+                };
+                let flow = xdp_prog::FlowKey {
+                    remote_ip: *local.ip(),
+                    remote_port: local.port(),
+                    local_ip: BROKER_IP,
+                    local_port: STEERED_PORT,
+                };
+                let flows = steering.flows().expect("the flows map");
+                assert_eq!(flows.contains(&flow).ok(), Some(true), "{mode}: flow open");
+
+                // The flow is open: its next segment (a RST) goes to the socket as well.
+                let moved = measure_until(&steering, counts(1, 0, 0, 0), || {
+                    fixtures::reset(stream.take().expect("connected"));
+                });
+                assert_eq!(moved, counts(1, 0, 0, 0), "{mode}: segment of an open flow");
+                assert_eq!(socket.dropped(), 2, "{mode}");
+                // Userspace closes flows (the LRU is only the fallback).
+                assert_eq!(flows.remove(&flow).ok(), Some(true), "{mode}: removed");
+                assert_eq!(flows.remove(&flow).ok(), Some(false), "{mode}: gone");
+                assert_eq!(flows.contains(&flow).ok(), Some(false), "{mode}");
+
+                // Segments of unknown flows: an ACK without a valid cookie, a RST, a
+                // SYN-ACK are dropped here (the kernel never sees them, so it sends no
+                // RST either).
+                let moved = measure(&steering, || {
+                    pair.send_frame(&segment(STEERED_PORT, 0x10, 1000, 0x1234_5678));
+                    pair.send_frame(&segment(STEERED_PORT, 0x04, 1000, 0));
+                    pair.send_frame(&segment(STEERED_PORT, 0x12, 1000, 1));
+                });
+                assert_eq!(moved, cookie_counts(0, 0, 3), "{mode}: unknown flows");
+                assert_eq!(
+                    socket.dropped(),
+                    2,
+                    "{mode}: nothing more reached the socket"
+                );
+            });
+        });
+    }
+}
+
+#[test]
+fn sockets_given_at_attach_are_registered_before_the_program_runs() {
+    if !root_or_skip("sockets_given_at_attach_are_registered_before_the_program_runs") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let (first, second) = (XskSocket::unbound(), XskSocket::unbound());
+        let bad = XdpSteering::attach_with_sockets(
+            &pair.broker_if,
+            AttachMode::Driver,
+            &config(),
+            &[(0, first.fd()), (64, second.fd())],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(bad, XdpError::QueueOutOfRange { queue: 64, .. }),
+            "{bad}"
+        );
+        assert_eq!(status(&pair.broker_if).unwrap(), None, "nothing attached");
+
+        let mut steering = XdpSteering::attach_with_sockets(
+            &pair.broker_if,
+            AttachMode::Driver,
+            &config(),
+            &[(0, first.fd())],
+        )
+        .expect("attach with a socket");
+        let taken = steering.register_socket(0, second.fd()).unwrap_err();
+        assert!(
+            matches!(taken, XdpError::QueueTaken { queue: 0, .. }),
+            "queue 0 has its socket from the start: {taken}"
+        );
+    });
 }
 
 #[test]
@@ -353,10 +497,7 @@ fn attach_errors_name_what_is_wrong() {
             "{text}"
         );
 
-        let empty = SteerConfig {
-            ports: vec![],
-            ips: vec![BROKER_IP],
-        };
+        let empty = SteerConfig::new(vec![], vec![BROKER_IP]);
         let invalid = XdpSteering::attach(&pair.broker_if, AttachMode::Auto, &empty).unwrap_err();
         assert!(
             matches!(invalid, XdpError::InvalidConfig { .. }),

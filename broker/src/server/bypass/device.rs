@@ -7,6 +7,9 @@ use std::str::FromStr;
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 
+use super::cookie::{CookieCounts, Remote, Rx, Tx};
+use super::hooks::Hooks;
+use super::neighbour::NeighbourCounts;
 use super::xsk::{self, FRAME_BYTES, FramePool, PollEntry, RxFrame, Umem, Xsk, XskStats};
 
 /// Bytes of an Ethernet header (smoltcp's MTU for Ethernet includes it).
@@ -25,6 +28,13 @@ pub trait Burst {
     /// Blocks until a frame arrives or `timeout` passes: the idle wait of the poll loop,
     /// which unlike a blind sleep lets a frame (a TCP segment, an ACK) wake it at once.
     fn wait_for_frames(&self, timeout: std::time::Duration);
+    /// Neighbours and cookie flows (see [`Hooks::housekeeping`]); `has_socket` says which
+    /// clients still have a smoltcp socket.
+    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool);
+    /// The connection with `remote` ended.
+    fn connection_closed(&mut self, remote: Remote);
+    /// What the hooks did, for the metrics.
+    fn hook_counts(&self) -> (CookieCounts, NeighbourCounts);
 }
 
 /// One AF_XDP socket of an [`XskDevice`]: bound to one rx queue, with its own UMEM.
@@ -78,15 +88,17 @@ pub struct XskDevice {
     next_tx: usize,
     /// What the idle wait polls: every socket (made once; the sockets live as long).
     poll_entries: RefCell<Vec<PollEntry>>,
+    hooks: RefCell<Hooks>,
 }
 
 impl XskDevice {
     /// A device over `queues` (at least one) for an interface of IP MTU `mtu`, taking at
     /// most `rx_burst` frames per poll.
-    pub fn new(queues: Vec<QueueSocket>, mtu: usize, rx_burst: u32) -> XskDevice {
+    pub fn new(queues: Vec<QueueSocket>, mtu: usize, rx_burst: u32, hooks: Hooks) -> XskDevice {
         assert!(!queues.is_empty(), "a device needs at least one socket");
         let poll_entries = queues.iter().map(|q| q.xsk.borrow().poll_entry()).collect();
         XskDevice {
+            hooks: RefCell::new(hooks),
             poll_entries: RefCell::new(poll_entries),
             queues,
             scratch: RefCell::new(vec![0; FRAME_BYTES]),
@@ -112,6 +124,7 @@ impl XskDevice {
             pool: &socket.pool,
             scratch: &self.scratch,
             dropped: &self.tx_dropped,
+            hooks: &self.hooks,
         }
     }
 
@@ -157,25 +170,63 @@ impl Burst for XskDevice {
             .map(|q| q.xsk.borrow().stats())
             .fold(XskStats::default(), XskStats::plus)
     }
+
+    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool) {
+        self.hooks.get_mut().housekeeping(now, has_socket);
+    }
+
+    fn connection_closed(&mut self, remote: Remote) {
+        self.hooks.get_mut().connection_closed(remote);
+    }
+
+    fn hook_counts(&self) -> (CookieCounts, NeighbourCounts) {
+        self.hooks.borrow().counts()
+    }
 }
 
 impl Device for XskDevice {
     type RxToken<'a> = XskRxToken<'a>;
     type TxToken<'a> = XskTxToken<'a>;
 
-    fn receive(&mut self, _timestamp: Instant) -> Option<(XskRxToken<'_>, XskTxToken<'_>)> {
+    fn receive(&mut self, timestamp: Instant) -> Option<(XskRxToken<'_>, XskTxToken<'_>)> {
         if self.rx_budget == 0 {
             return None;
         }
         let n = self.queues.len();
-        let queue = (0..n)
-            .map(|i| (self.next_rx + i) % n)
-            .find(|&q| self.queues[q].xsk.get_mut().rx_available() > 0)?;
-        self.next_rx = (queue + 1) % n;
-        let frame = self.queues[queue].xsk.get_mut().rx_take();
-        self.rx_budget -= 1;
+        if let Some(frame) = self.hooks.get_mut().next_injected() {
+            self.rx_budget -= 1;
+            return Some((XskRxToken::Injected(frame), self.tx_token(self.next_tx % n)));
+        }
+        let (queue, frame) = loop {
+            if self.rx_budget == 0 {
+                return None;
+            }
+            let queue = (0..n)
+                .map(|i| (self.next_rx + i) % n)
+                .find(|&q| self.queues[q].xsk.get_mut().rx_available() > 0)?;
+            self.next_rx = (queue + 1) % n;
+            let mut frame = self.queues[queue].xsk.get_mut().rx_take();
+            self.rx_budget -= 1;
+            let socket = &self.queues[queue];
+            let verdict = match socket
+                .umem
+                .frame_mut(&mut frame.frame, frame.offset, frame.len)
+            {
+                Some(bytes) => self.hooks.get_mut().on_rx(bytes, timestamp),
+                None => Rx::Deliver,
+            };
+            if verdict == Rx::Deliver {
+                break (queue, frame);
+            }
+            socket.pool.borrow_mut().give(frame.frame);
+            if verdict == Rx::Adopting {
+                let syn = self.hooks.get_mut().next_injected()?;
+                self.rx_budget = 0;
+                return Some((XskRxToken::Injected(syn), self.tx_token(queue)));
+            }
+        };
         let socket = &self.queues[queue];
-        let rx = XskRxToken {
+        let rx = XskRxToken::Frame {
             frame,
             umem: &socket.umem,
             pool: &socket.pool,
@@ -203,12 +254,21 @@ impl Device for XskDevice {
     }
 }
 
-/// A received frame, read in place; back to the pool after smoltcp consumed it.
+/// A received frame, read in place and back to the pool after smoltcp consumed it; or a
+/// frame the hooks made (an ARP reply, a synthesized SYN, a held segment).
 #[derive(Debug)]
-pub struct XskRxToken<'a> {
-    frame: RxFrame,
-    umem: &'a Umem,
-    pool: &'a RefCell<FramePool>,
+pub enum XskRxToken<'a> {
+    /// A frame of the rx ring.
+    Frame {
+        /// The frame.
+        frame: RxFrame,
+        /// Its UMEM.
+        umem: &'a Umem,
+        /// Where it goes back.
+        pool: &'a RefCell<FramePool>,
+    },
+    /// A frame made by the hooks.
+    Injected(Vec<u8>),
 }
 
 impl RxToken for XskRxToken<'_> {
@@ -216,11 +276,14 @@ impl RxToken for XskRxToken<'_> {
     where
         F: FnOnce(&[u8]) -> R,
     {
-        let RxFrame { frame, offset, len } = self.frame;
-        match self.umem.frame(&frame, offset, len) {
+        let (RxFrame { frame, offset, len }, umem, pool) = match self {
+            XskRxToken::Frame { frame, umem, pool } => (frame, umem, pool),
+            XskRxToken::Injected(bytes) => return f(&bytes),
+        };
+        match umem.frame(&frame, offset, len) {
             Some(bytes) => {
                 let result = f(bytes);
-                self.pool.borrow_mut().give(frame);
+                pool.borrow_mut().give(frame);
                 result
             }
             // A descriptor outside its frame: the kernel misbehaved; keep the frame out of
@@ -238,6 +301,7 @@ pub struct XskTxToken<'a> {
     pool: &'a RefCell<FramePool>,
     scratch: &'a RefCell<Vec<u8>>,
     dropped: &'a Cell<u64>,
+    hooks: &'a RefCell<Hooks>,
 }
 
 impl TxToken for XskTxToken<'_> {
@@ -251,11 +315,17 @@ impl TxToken for XskTxToken<'_> {
             None
         };
         if let Some(mut frame) = frame {
-            let result = match self.umem.frame_mut(&mut frame, len) {
-                Some(bytes) => f(bytes),
+            let (result, verdict) = match self.umem.frame_mut(&mut frame, 0, len) {
+                Some(bytes) => {
+                    let result = f(bytes);
+                    (result, self.hooks.borrow_mut().on_tx(bytes))
+                }
                 None => return self.drop_frame(len, f),
             };
-            self.xsk.borrow_mut().tx_post(frame, len);
+            match verdict {
+                Tx::Send => self.xsk.borrow_mut().tx_post(frame, len),
+                Tx::Swallow => self.pool.borrow_mut().give(frame),
+            }
             return result;
         }
         self.drop_frame(len, f)
@@ -267,12 +337,17 @@ impl XskTxToken<'_> {
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        self.dropped.set(self.dropped.get() + 1);
         let mut scratch = self.scratch.borrow_mut();
         if scratch.len() < len {
             scratch.resize(len, 0);
         }
-        f(&mut scratch[..len])
+        let result = f(&mut scratch[..len]);
+        // The hooks see it all the same: a captured SYN-ACK or an ARP request never goes
+        // on the wire anyway.
+        if self.hooks.borrow_mut().on_tx(&mut scratch[..len]) == Tx::Send {
+            self.dropped.set(self.dropped.get() + 1);
+        }
+        result
     }
 }
 
@@ -440,6 +515,18 @@ impl<D: Burst> Burst for FaultyDevice<D> {
 
     fn stats(&self) -> XskStats {
         self.inner.stats()
+    }
+
+    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool) {
+        self.inner.housekeeping(now, has_socket);
+    }
+
+    fn connection_closed(&mut self, remote: Remote) {
+        self.inner.connection_closed(remote);
+    }
+
+    fn hook_counts(&self) -> (CookieCounts, NeighbourCounts) {
+        self.inner.hook_counts()
     }
 }
 

@@ -1,9 +1,15 @@
-//! The kernel-bypass backend: an XDP program steers the broker's TCP port (and ARP for its
-//! address) into an AF_XDP socket ([`xsk`]), a smoltcp device runs over it ([`device`]), and
-//! a pinned poll loop ([`poll_loop`]) drives the same protocol state machine as the kernel
-//! backend. See docs/xdp.md.
+//! The kernel-bypass backend: an XDP program answers SYNs to the broker's port with SYN
+//! cookies and steers its established connections into an AF_XDP socket ([`xsk`]), a
+//! smoltcp device runs over it ([`device`]) with hooks that adopt the cookie connections
+//! ([`cookie`]) and take neighbours from the kernel ([`neighbour`], [`netlink`]; ARP stays
+//! with the kernel), and a pinned poll loop ([`poll_loop`]) drives the same protocol state
+//! machine as the kernel backend. See docs/xdp.md.
 
+pub mod cookie;
 pub mod device;
+pub mod hooks;
+pub mod neighbour;
+pub mod netlink;
 pub mod poll_loop;
 pub mod xsk;
 
@@ -19,6 +25,8 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::BrokerOptions;
 use device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
+use hooks::{HookConfig, Hooks};
+use netlink::NeighbourSocket;
 use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
 use xsk::{FRAME_BYTES, Xsk, XskError, XskGeometry};
 
@@ -113,6 +121,11 @@ pub enum BypassError {
     /// The AF_XDP socket could not be set up.
     #[error("{0}")]
     Xsk(#[from] XskError),
+    /// The netlink socket for the kernel's neighbour table could not be opened.
+    #[error(
+        "cannot open a netlink socket for the kernel's neighbour table ({0}); the XDP backend learns its neighbours there: run the broker as root (CAP_NET_ADMIN)"
+    )]
+    Netlink(std::io::Error),
     /// The busy-poll socket options were refused.
     #[error(
         "--xdp-busy-poll-us: the kernel refused the busy-poll options on the AF_XDP socket of {iface}: {source} (SO_PREFER_BUSY_POLL needs Linux 5.11 or later and SO_BUSY_POLL needs CAP_NET_ADMIN); run without --xdp-busy-poll-us"
@@ -142,12 +155,15 @@ impl Drop for Attached {
     fn drop(&mut self) {
         match self.steering.counters() {
             Ok(c) => log::info!(
-                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}",
+                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}, syn_cookie_sent {}, cookie_valid {}, cookie_invalid {}",
                 self.steering.ifindex(),
                 c.redirected,
                 c.passed,
                 c.no_socket,
-                c.malformed
+                c.malformed,
+                c.syn_cookie_sent,
+                c.cookie_valid,
+                c.cookie_invalid
             ),
             Err(e) => log::warn!("cannot read the XDP counters: {e}"),
         }
@@ -203,7 +219,7 @@ pub fn spawn(
         other => return Err(BypassError::ListenAddress(other)),
     };
     let iface = xdp.iface.as_str();
-    xsk::ifindex(iface)?;
+    let ifindex = xsk::ifindex(iface)?;
     let addresses = xsk::interface_ipv4(iface).map_err(|e| BypassError::Interface {
         iface: iface.to_owned(),
         what: "the addresses",
@@ -250,15 +266,33 @@ pub fn spawn(
             max,
         });
     }
-    let mut steering = XdpSteering::attach(
-        iface,
-        xdp.mode,
-        &SteerConfig {
-            ports: vec![port],
-            ips: vec![ip],
-        },
-    )?;
+    // Opened here, in the broker's network namespace, before anything is attached.
+    let netlink = NeighbourSocket::open().map_err(BypassError::Netlink)?;
+    // The interface's MTU less the IPv4 and TCP headers.
+    let mss = u16::try_from(mtu.saturating_sub(40)).unwrap_or(u16::MAX);
+    let config = SteerConfig {
+        mss,
+        window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
+        window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
+        // Room for every socket's flow and those just closed whose segments still arrive.
+        flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
+        ..SteerConfig::new(vec![port], vec![ip])
+    };
+    // A program there already (another broker's, or a crashed one's leftover) is reported
+    // as such before any socket is bound to a queue that broker may hold.
+    if let Some(program) = xdp_prog::status(iface)? {
+        return Err(XdpError::AlreadyAttached {
+            ifname: iface.to_owned(),
+            prog_id: program.prog_id,
+            prog_name: program.name,
+            mode: program.mode,
+        }
+        .into());
+    }
+    // The sockets first: the program is attached with every queue's socket registered, so
+    // no early SYN finds a queue without one (the kernel would answer it with a RST).
     let mut queues = Vec::with_capacity(queue_count as usize);
+    let mut registered = Vec::with_capacity(queue_count as usize);
     for queue in 0..queue_count {
         let (mut socket, umem, frames) =
             Xsk::new(iface, queue, xdp.geometry, xdp.allow_small_pages)?;
@@ -270,9 +304,11 @@ pub fn spawn(
                     source,
                 })?;
         }
-        steering.register_socket(queue, socket.fd())?;
+        registered.push((queue, socket.fd()));
         queues.push(QueueSocket::new(socket, umem, frames));
     }
+    let steering = XdpSteering::attach_with_sockets(iface, xdp.mode, &config, &registered)?;
+    let flows = steering.flows()?;
     let busy_poll = match xdp.busy_poll_us {
         Some(us) => format!(", preferred busy polling for {us} us"),
         None => String::new(),
@@ -285,7 +321,20 @@ pub fn spawn(
         queue_count - 1,
         xdp.geometry.frames
     );
-    let device = XskDevice::new(queues, mtu, RX_BURST);
+    let hooks = Hooks::new(
+        HookConfig {
+            ifindex,
+            mac,
+            ip,
+            port,
+            mss,
+            flows_max: xdp.sockets * 2,
+            neighbours_max: xdp.sockets.max(64),
+        },
+        Some(netlink),
+        Some(flows),
+    );
+    let device = XskDevice::new(queues, mtu, RX_BURST, hooks);
     let endpoint = Endpoint {
         mac,
         ip,

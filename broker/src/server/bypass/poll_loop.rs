@@ -12,7 +12,7 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr};
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use super::device::Burst;
 use super::xsk::{FRAME_BYTES, XskStats};
@@ -183,7 +183,37 @@ const SOCKET_KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from
 /// Time without any answer from the peer after which its connection is aborted.
 const SOCKET_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(30);
 
-fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+/// How often the device's hooks (neighbours from the kernel, cookie flows) are served.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A socket of the pool, with receive and send buffers of `buffer_bytes` each.
+pub(super) fn new_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
+    let mut socket = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
+        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
+    );
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket.set_congestion_control(tcp::CongestionControl::Reno);
+    // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool for
+    // ever: keep-alive probes an idle connection, the timeout aborts a silent one.
+    socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
+    socket.set_timeout(Some(SOCKET_TIMEOUT));
+    socket
+}
+
+/// smoltcp's TCP timestamp clock: milliseconds since the first call. Timestamps must be on:
+/// the XDP program's SYN-ACK offers them, and once they are agreed on, every segment must
+/// carry one (RFC 7323).
+fn tsval_ms() -> u32 {
+    static START: std::sync::OnceLock<StdInstant> = std::sync::OnceLock::new();
+    START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
+}
+
+pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
+    // smoltcp drops the generator when a peer offers no timestamps: set it for every
+    // connection.
+    socket.set_tsval_generator(Some(tsval_ms));
     if let Err(e) = socket.listen(port) {
         log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
     }
@@ -214,17 +244,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         let mut set = SocketSet::new(Vec::with_capacity(sockets.sockets));
         let mut slots = Vec::with_capacity(sockets.sockets);
         for _ in 0..sockets.sockets {
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
-                tcp::SocketBuffer::new(vec![0; sockets.buffer_bytes]),
-            );
-            socket.set_nagle_enabled(false);
-            socket.set_ack_delay(None);
-            socket.set_congestion_control(tcp::CongestionControl::Reno);
-            // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool
-            // for ever: keep-alive probes an idle connection, the timeout aborts a silent one.
-            socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
-            socket.set_timeout(Some(SOCKET_TIMEOUT));
+            let mut socket = new_socket(sockets.buffer_bytes);
             listen(&mut socket, endpoint.port);
             slots.push((set.add(socket), Slot::Listening, 0));
         }
@@ -250,9 +270,14 @@ impl<D: Device + Burst> BypassLoop<D> {
         let mut stopping_since = None;
         let mut iterations = 0u32;
         let mut drops = DropWatch::new(started);
+        let mut housekept_at = started;
         loop {
             if iterations % ITERATIONS_PER_CLOCK_READ == 0 {
                 now = StdInstant::now();
+                if now.duration_since(housekept_at) >= HOUSEKEEPING_INTERVAL {
+                    housekept_at = now;
+                    self.housekeeping(started, now);
+                }
                 if drops.due(now) {
                     let (new, warning) = drops.observe(self.device.stats(), now);
                     self.state
@@ -324,6 +349,41 @@ impl<D: Device + Burst> BypassLoop<D> {
         self.device
     }
 
+    /// Serves the device's hooks and copies their counts into the metrics.
+    fn housekeeping(&mut self, started: StdInstant, now: StdInstant) {
+        let timestamp = Instant::from_micros(now.duration_since(started).as_micros() as i64);
+        let sockets = &self.sockets;
+        let remotes: Vec<_> = self
+            .slots
+            .iter()
+            .filter_map(|(handle, _, _)| {
+                let endpoint = sockets.get::<tcp::Socket<'_>>(*handle).remote_endpoint()?;
+                let IpAddress::Ipv4(ip) = endpoint.addr;
+                Some((ip, endpoint.port))
+            })
+            .collect();
+        self.device
+            .housekeeping(timestamp, &|remote| remotes.contains(remote));
+        let (cookies, neighbours) = self.device.hook_counts();
+        let metrics = &self.state.metrics;
+        metrics
+            .xdp_cookie_adopted
+            .store(cookies.adopted, Ordering::Relaxed);
+        metrics
+            .xdp_cookie_refused
+            .store(cookies.refused + cookies.table_full, Ordering::Relaxed);
+        metrics.xdp_cookie_dropped.store(
+            cookies.held_dropped + cookies.timed_out + cookies.dropped_after_refusal,
+            Ordering::Relaxed,
+        );
+        metrics
+            .xdp_neighbour_replies
+            .store(neighbours.replies, Ordering::Relaxed);
+        metrics
+            .xdp_neighbour_table_full
+            .store(neighbours.table_full, Ordering::Relaxed);
+    }
+
     fn route(&mut self, outcome: &RoutedOutcome, now: StdInstant) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
         for (_, slot, id) in &mut self.slots {
@@ -380,6 +440,10 @@ impl<D: Device + Burst> BypassLoop<D> {
                 }
                 Slot::Closing => {
                     if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                        if let Some(endpoint) = socket.remote_endpoint() {
+                            let IpAddress::Ipv4(ip) = endpoint.addr;
+                            self.device.connection_closed((ip, endpoint.port));
+                        }
                         socket.abort();
                         listen(socket, self.port);
                         *slot = Slot::Listening;

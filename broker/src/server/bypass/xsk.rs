@@ -326,9 +326,14 @@ impl Umem {
         Some(unsafe { std::slice::from_raw_parts(start, range.len()) })
     }
 
-    /// A frame's bytes to write into.
-    pub fn frame_mut<'a>(&'a self, frame: &'a mut Frame, len: usize) -> Option<&'a mut [u8]> {
-        let range = self.range(frame, 0, len)?;
+    /// A frame's bytes to write into, `len` bytes from `offset`.
+    pub fn frame_mut<'a>(
+        &'a self,
+        frame: &'a mut Frame,
+        offset: usize,
+        len: usize,
+    ) -> Option<&'a mut [u8]> {
+        let range = self.range(frame, offset, len)?;
         let start = self.buffer.as_ptr().wrapping_add(range.start);
         // SAFETY: the range lies inside the buffer, and the `Frame` token, borrowed mutably for
         // 'a, guarantees no one else reads or writes that chunk meanwhile.
@@ -932,7 +937,7 @@ mod tests {
         assert!(umem.frame(&Frame { addr: 8192 }, 0, 1).is_none());
         let mut frame = Frame { addr: 0 };
         assert_eq!(
-            umem.frame_mut(&mut frame, 4096).map(|s| s.len()),
+            umem.frame_mut(&mut frame, 0, 4096).map(|s| s.len()),
             Some(4096)
         );
     }
