@@ -5,8 +5,10 @@
 #
 # Lints (rustfmt, clippy with warnings as errors), the unit and integration tests of every
 # crate (as root also the hugepage and two-process tests), the deterministic simulation over
-# 1,000 seeds, the proof that the simulation catches each injected coherence fault, and a
-# short coverage-guided fuzzing run of every parser and the connection state machine.
+# 1,000 seeds, the proof that the simulation catches each injected coherence fault, a short
+# coverage-guided fuzzing run of every parser and the connection state machine, a 4-process
+# cluster end to end, the fault matrix, the kernel-bypass tests, and the attacks of
+# scripts/hostile.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -70,5 +72,8 @@ echo "== fault matrix: kills, pause, restart and pool loss under order 5, ack 2 
 echo "== kernel-bypass backend (XDP + AF_XDP + smoltcp) in network namespaces"
 cargo build --release -q -p xdp-prog
 ./scripts/test-bypass.sh all
+
+echo "== hostile clients and operators against live clusters, each beside a checked loadgen run (scripts/hostile.sh)"
+./scripts/hostile.sh
 
 echo "== all tests passed"
