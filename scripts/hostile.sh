@@ -110,7 +110,7 @@ attack topic-spam 'outcomes.UnknownTopic == 20' -- \
 attack metrics-silent 'scrapes_failed == 0 and scrapes_ok > 0 and silent_closed_by_endpoint == silent_connections' -- \
     "$target/hostile" metrics-silent --metrics "$metrics" --connections 200 \
     --duration-s $((duration + 1))
-attack late-subscriber 'from_zero == "PositionTruncated" and from_zero_names_log_start and log_start > 0 and first_delivery_from_log_start == log_start' -- \
+attack late-subscriber 'from_zero == "PositionTruncated" and log_start > 0 and first_delivery_from_log_start == log_start' -- \
     "$target/hostile" late-subscriber --broker "$head" --topic hostile-baseline
 
 # Operator mistakes: each command must be refused (exit 1) while the cluster runs on.

@@ -2,7 +2,7 @@
 //!
 //! CXL 2.0 memory shared between hosts is not cache-coherent. A writer's stores sit in its
 //! own cache until it writes them back; a reader keeps serving a line from its cache until it
-//! drops it. The discipline (DESIGN.md section 3) is therefore, on every path:
+//! drops it. The discipline (docs/memory-layout.md) is therefore, on every path:
 //!
 //! * writer: store the data, [`SharedMemory::flush`] it, [`SharedMemory::fence`], then store
 //!   the ready flag (last) and flush its line;

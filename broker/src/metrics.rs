@@ -79,6 +79,10 @@ pub struct Metrics {
     pub subscribers_released: AtomicU64,
     /// Topics not created: table full, or creation on first use not enabled.
     pub topics_refused: AtomicU64,
+    /// Times a connection's input was paused because its peer did not read its output.
+    pub output_full_waits: AtomicU64,
+    /// Closing connections dropped because their peer did not take the last bytes in time.
+    pub close_deadlines_expired: AtomicU64,
     /// Metrics endpoint: connections closed to make room for a newer one (the limit of
     /// [`EndpointLimits::connections_max`] was reached).
     pub metrics_connections_evicted: AtomicU64,
@@ -133,6 +137,14 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds one to a counter of an event that an attack may fire a million times; returns
+    /// the count when this event should be logged (the first, then every 1000th), so the
+    /// log says that it happens without being flooded.
+    pub fn inc_logged(counter: &AtomicU64) -> Option<u64> {
+        let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        (count % 1000 == 1).then_some(count)
+    }
+
     /// Records one ACK latency.
     pub fn observe_ack_latency(&self, latency: Duration) {
         let us = latency.as_micros() as u64;
@@ -148,7 +160,7 @@ impl Metrics {
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 34] = [
+        let series: [(&str, &str, &str, &AtomicU64); 36] = [
             (
                 "embarcadero_batches_received_total",
                 "counter",
@@ -310,6 +322,18 @@ impl Metrics {
                 "counter",
                 "Topics not created: the topic table is full, or creation on first use is off.",
                 &self.topics_refused,
+            ),
+            (
+                "embarcadero_output_full_waits_total",
+                "counter",
+                "Times a connection's input was paused because its peer left over 4 MiB of output unread.",
+                &self.output_full_waits,
+            ),
+            (
+                "embarcadero_close_deadlines_expired_total",
+                "counter",
+                "Closing connections dropped after --close-timeout-ms with output their peer did not take.",
+                &self.close_deadlines_expired,
             ),
             (
                 "embarcadero_metrics_connections_evicted_total",

@@ -89,7 +89,10 @@ pub enum PoolError {
         topics_max: u32,
     },
     /// The topic exists with another configuration.
-    #[error("topic {name:?} exists with order {order}, ack {ack}, rf {replication_factor}")]
+    #[error(
+        "topic {name:?} exists with order {order}, ack {ack}, rf {replication_factor}, \
+         retention {retention:?}"
+    )]
     TopicConflict {
         /// Topic name.
         name: String,
@@ -99,6 +102,8 @@ pub enum PoolError {
         ack: u8,
         /// Its replication factor.
         replication_factor: u8,
+        /// Its retention.
+        retention: Retention,
     },
     /// A topic id beyond the table, or a slot that holds no topic.
     #[error("no topic with id {topic}")]
@@ -318,6 +323,7 @@ impl<M: SharedMemory> Pool<M> {
                             order: existing.order as u8,
                             ack: existing.ack,
                             replication_factor: existing.replication_factor,
+                            retention: existing.retention,
                         });
                     }
                     return Ok(topic);

@@ -93,7 +93,7 @@ pub struct LogReader<M> {
 }
 
 /// Batches after a found boundary that [`LogReader::log_start`] checks for readability.
-const READABLE_CHECK_BATCHES: u64 = 4096;
+const READABLE_CHECK_BATCHES: u64 = 256;
 
 impl<M: SharedMemory> LogReader<M> {
     /// A reader of `topic` from its first batch. With `verify_checksums`, every payload's
@@ -144,7 +144,8 @@ impl<M: SharedMemory> LogReader<M> {
     /// Payload logs are overwritten oldest first, so readability grows with the ordinal, but
     /// not strictly: each broker's log wraps at its own pace, and a batch reserved early may
     /// be ordered late. So a binary search finds the boundary, and the batches after it are
-    /// checked (up to [`READABLE_CHECK_BATCHES`]); an unreadable one moves the search past it.
+    /// checked (up to [`READABLE_CHECK_BATCHES`], so that a Hello costs little); an unreadable
+    /// one moves the search past it.
     fn first_readable_ordinal(&self, committed: u64) -> u64 {
         let mut low = self.earliest_ordinal(committed);
         loop {
@@ -256,11 +257,23 @@ impl<M: SharedMemory> LogReader<M> {
     pub fn poll(
         &mut self,
         max_batches: usize,
+        f: impl FnMut(&OrderedBatch<'_>),
+    ) -> Result<usize, ReadError> {
+        self.poll_within(max_batches, u64::MAX, f)
+    }
+
+    /// Like [`Self::poll`], and stops once the payloads handed out reach `max_bytes` (the
+    /// batch that crosses it is handed out whole; no batch is when `max_bytes` is 0).
+    pub fn poll_within(
+        &mut self,
+        max_batches: usize,
+        max_bytes: u64,
         mut f: impl FnMut(&OrderedBatch<'_>),
     ) -> Result<usize, ReadError> {
         let (committed, _) = self.log_end();
         let mut delivered = 0;
-        while delivered < max_batches && self.next_ordinal < committed {
+        let mut bytes = 0u64;
+        while delivered < max_batches && bytes < max_bytes && self.next_ordinal < committed {
             let ordinal = self.next_ordinal;
             let earliest = self.earliest_ordinal(committed);
             let truncated = |global_start| self.truncated(ordinal, global_start);
@@ -334,6 +347,7 @@ impl<M: SharedMemory> LogReader<M> {
             }
             self.next_ordinal += 1;
             delivered += 1;
+            bytes += len;
         }
         Ok(delivered)
     }

@@ -160,6 +160,8 @@ pub struct TopicWriter<M> {
     overwrite_limit: u64,
     /// Undecided slots of an earlier run (see [`TopicWriter::recovered_in_flight`]).
     recovered: u64,
+    /// Reservations refused for want of room so far (see [`TopicWriter::full_events`]).
+    full_events: u64,
 }
 
 impl<M: SharedMemory> TopicWriter<M> {
@@ -187,6 +189,7 @@ impl<M: SharedMemory> TopicWriter<M> {
             blog_head: 0,
             overwrite_limit: 0,
             recovered: 0,
+            full_events: 0,
         };
         writer.recover()?;
         Ok(writer)
@@ -287,6 +290,13 @@ impl<M: SharedMemory> TopicWriter<M> {
         self.next_slot - self.completed_slots + self.uncommitted
     }
 
+    /// How many reservations were refused for want of a ring slot or of payload log room:
+    /// when it grows, someone waits for room, and a reservation that is slow to fill holds
+    /// that room back.
+    pub fn full_events(&self) -> u64 {
+        self.full_events
+    }
+
     /// Largest payload this ring takes.
     pub fn batch_bytes_max(&self) -> u64 {
         self.batch_bytes_max
@@ -308,6 +318,7 @@ impl<M: SharedMemory> TopicWriter<M> {
             return Err(AppendError::Empty);
         }
         if self.in_flight() >= self.ring_slots {
+            self.full_events += 1;
             return Err(AppendError::RingFull {
                 in_flight: self.in_flight(),
                 ring_slots: self.ring_slots as u32,
@@ -327,6 +338,7 @@ impl<M: SharedMemory> TopicWriter<M> {
         let tail = self.blog_tail();
         let used = start - tail;
         if end - tail > self.blog_bytes {
+            self.full_events += 1;
             return Err(AppendError::LogFull {
                 needed: end - start,
                 free: self.blog_bytes - used,

@@ -210,14 +210,7 @@ fn connections_are_limited_per_address_and_per_broker() {
         .collect();
     let (_, refused) = connect_and_poll(addr);
     match refused {
-        Some(Frame::Error(error)) => {
-            assert_eq!(error.code, ErrorCode::ConnectionLimit);
-            assert!(
-                error.reason().contains("connections-per-address-max"),
-                "{}",
-                error.reason()
-            );
-        }
+        Some(Frame::Error(error)) => assert_eq!(error.code, ErrorCode::ConnectionLimit),
         other => panic!("expected ConnectionLimit, got {other:?}"),
     }
     // A closed connection makes room again.
@@ -242,14 +235,7 @@ fn connections_are_limited_per_address_and_per_broker() {
     let _first = connect_and_poll(addr);
     let _second = connect_and_poll(addr);
     match connect_and_poll(addr).1 {
-        Some(Frame::Error(error)) => {
-            assert_eq!(error.code, ErrorCode::ConnectionLimit);
-            assert!(
-                error.reason().contains("connections-max"),
-                "{}",
-                error.reason()
-            );
-        }
+        Some(Frame::Error(error)) => assert_eq!(error.code, ErrorCode::ConnectionLimit),
         other => panic!("expected ConnectionLimit, got {other:?}"),
     }
 }
@@ -297,21 +283,20 @@ fn a_subscriber_that_stops_reading_stops_holding_the_publishers() {
     let metrics = cluster.brokers()[0].metrics();
     assert!(metrics.subscribers_released.load(Ordering::Relaxed) >= 1);
     // When it reads at last, it finds what it had not read overwritten: told so, not given
-    // wrong bytes, and told where the log is readable from.
-    let reason = loop {
+    // wrong bytes.
+    loop {
         match stalled.receive() {
             Received::Delivery(header, payload) => wire::verify_payload(&header, &payload).unwrap(),
             Received::Frame(Frame::Error(error)) => {
                 assert_eq!(error.code, ErrorCode::PositionTruncated);
-                break error.reason().to_owned();
+                break;
             }
             Received::Frame(other) => panic!("unexpected {other:?}"),
             Received::Closed | Received::TimedOut => {
                 panic!("no Error about the overwritten batches")
             }
         }
-    };
-    assert!(reason.contains("readable from position"), "{reason}");
+    }
     assert_eq!(cluster.batches_dropped(), 0);
 }
 
@@ -365,14 +350,7 @@ fn log_start_is_the_first_readable_position_after_the_log_wraps() {
         batch_bytes_max: 0,
     };
     match early.hello("wrapped", role, Order::Total, AckLevel::FireAndForget, 10) {
-        Frame::Error(error) => {
-            assert_eq!(error.code, ErrorCode::PositionTruncated);
-            assert!(
-                error.reason().contains(&format!("starts at {log_start}")),
-                "{}",
-                error.reason()
-            );
-        }
+        Frame::Error(error) => assert_eq!(error.code, ErrorCode::PositionTruncated),
         other => panic!("expected PositionTruncated, got {other:?}"),
     }
     // From log_start on, everything is there.

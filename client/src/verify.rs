@@ -118,7 +118,7 @@ pub fn decode_message(message: &[u8]) -> Result<MessageId, MessageError> {
 }
 
 /// Which messages of one publisher must be delivered in the order they were sent, by the
-/// topic's order (DESIGN.md section 4).
+/// topic's order (docs/protocol.md, "Sequences").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "scope")]
 pub enum OrderCheck {

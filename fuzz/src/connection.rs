@@ -80,6 +80,7 @@ fn settings(config: u8) -> BrokerSettings {
             connections_max: 4,
             connections_per_address_max: 4,
             subscriber_stall_ms: 50,
+            close_timeout_ms: 100,
         },
     }
 }

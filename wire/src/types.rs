@@ -5,7 +5,7 @@ use core::fmt;
 use crate::error::Error;
 use crate::limits::TOPIC_BYTES_MAX;
 
-/// A topic's ordering guarantee (DESIGN.md section 4).
+/// A topic's ordering guarantee (docs/protocol.md, "Sequences").
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Order {
@@ -33,7 +33,7 @@ impl TryFrom<u8> for Order {
     }
 }
 
-/// When a publisher is told a batch is done (DESIGN.md section 4).
+/// When a publisher is told a batch is done (docs/protocol.md, "Acknowledgements").
 #[repr(u8)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AckLevel {

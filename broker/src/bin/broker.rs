@@ -120,6 +120,10 @@ struct Args {
     /// created with retention "hold for subscribers" keep waiting for their subscribers.
     #[arg(long)]
     subscriber_stall_ms: Option<u64>,
+    /// A closing connection (after an Error or Goodbye) whose peer does not take the last
+    /// bytes within this time (ms) is dropped.
+    #[arg(long)]
+    close_timeout_ms: Option<u64>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics: Option<SocketAddr>,
@@ -299,6 +303,7 @@ fn merge(cli: Args, file: Args) -> Args {
             .connections_per_address_max
             .or(file.connections_per_address_max),
         subscriber_stall_ms: cli.subscriber_stall_ms.or(file.subscriber_stall_ms),
+        close_timeout_ms: cli.close_timeout_ms.or(file.close_timeout_ms),
         metrics: cli.metrics.or(file.metrics),
         metrics_connections_max: cli.metrics_connections_max.or(file.metrics_connections_max),
         metrics_deadline_ms: cli.metrics_deadline_ms.or(file.metrics_deadline_ms),
@@ -448,7 +453,11 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         subscriber_stall_ms: args
             .subscriber_stall_ms
             .unwrap_or(limit_defaults.subscriber_stall_ms),
+        close_timeout_ms: args
+            .close_timeout_ms
+            .unwrap_or(limit_defaults.close_timeout_ms),
     };
+    limits.validate().map_err(|e| e.to_string())?;
     let metrics_defaults = EndpointLimits::default();
     let options = BrokerOptions {
         settings: BrokerSettings {

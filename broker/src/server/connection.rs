@@ -51,8 +51,12 @@ impl<T: io::Read + io::Write> ByteStream for T {
 
 /// Bytes of read-ahead for frame headers and small frames.
 const INPUT_BUFFER_BYTES: usize = 64 * 1024;
-/// Subscribers get no more deliveries while this much output is queued.
+/// Subscribers get no more deliveries, and no connection's input is read, while this much
+/// output is queued (a peer that does not read its Acks is pushed back like a full pool).
 const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
+/// Sent output is dropped from the front of the queue once this much of it has piled up, so
+/// that a peer that always leaves a remainder unread does not make the queue grow for ever.
+const OUTPUT_COMPACT_BYTES: usize = 1 << 20;
 /// Deliveries produced per call, so one subscriber cannot starve the loop.
 const DELIVERIES_PER_POLL: usize = 64;
 /// Waiting this long for pool room counts as a receive stall in the metrics.
@@ -108,8 +112,13 @@ enum Receiving {
         received: u64,
         /// The whole payload must have arrived by then.
         deadline: Instant,
-        /// Still arriving then, it moves to staging.
+        /// Still arriving then, it moves to staging if the payload log has been short of
+        /// room since (else it costs nobody anything where it is).
         stage_at: Instant,
+        /// The writer's full events when the room was reserved.
+        full_events: u64,
+        /// Staging had no room for it once already (counted once).
+        staging_refused: bool,
     },
     /// Receiving a slow payload into staging (`staged` has the payload's size).
     Staging {
@@ -197,6 +206,18 @@ pub struct Connection<M> {
     closing: bool,
     /// Before Hello (and between an admin connection's frames): the next frame is due then.
     handshake_deadline: Option<Instant>,
+    /// When the connection started closing: its peer has the close timeout to take the rest.
+    closing_since: Option<Instant>,
+    /// The peer did not take the last bytes within the close timeout: drop the connection.
+    abandoned: bool,
+    /// Input is paused because too much output is queued (counted once per episode).
+    output_full: bool,
+}
+
+/// `now + duration`, or a time that never comes if that is beyond the clock's range.
+fn after(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
@@ -219,7 +240,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
             output_start: 0,
             role: Peer::Handshake,
             closing: false,
-            handshake_deadline: Some(now + state.settings.limits.hello_timeout()),
+            handshake_deadline: Some(after(now, state.settings.limits.hello_timeout())),
+            closing_since: None,
+            abandoned: false,
+            output_full: false,
         }
     }
 
@@ -230,7 +254,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// True once everything owed was sent and the connection should be closed.
     pub fn is_finished(&self) -> bool {
-        self.closing && !self.has_output()
+        (self.closing && !self.has_output()) || self.abandoned
     }
 
     /// True when output is queued.
@@ -272,8 +296,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
         batch_seq: Option<u64>,
         reason: &str,
     ) {
-        Metrics::inc(&metrics.errors_sent);
-        log::info!("connection {}: error {code}: {reason}", self.id);
+        match Metrics::inc_logged(&metrics.errors_sent) {
+            Some(sent) => log::info!(
+                "connection {}: error {code}: {reason} ({sent} errors sent by this broker)",
+                self.id
+            ),
+            None => log::debug!("connection {}: error {code}: {reason}", self.id),
+        }
         self.send_frame(&Frame::Error(ErrorFrameRepr::new(code, batch_seq, reason)));
         if code.closes_connection() {
             self.closing = true;
@@ -281,8 +310,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 
     fn protocol_error(&mut self, metrics: &Metrics, error: &wire::Error) {
-        Metrics::inc(&metrics.errors_sent);
-        log::info!("connection {}: protocol error: {error}", self.id);
+        match Metrics::inc_logged(&metrics.errors_sent) {
+            Some(sent) => log::info!(
+                "connection {}: protocol error: {error} ({sent} errors sent by this broker)",
+                self.id
+            ),
+            None => log::debug!("connection {}: protocol error: {error}", self.id),
+        }
         self.send_frame(&Frame::Error(ErrorFrameRepr::from_error(error)));
         self.closing = true;
     }
@@ -346,6 +380,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
             if self.closing {
                 return InputState::Paused;
             }
+            if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+                if !self.output_full {
+                    self.output_full = true;
+                    Metrics::inc(&state.metrics.output_full_waits);
+                }
+                return InputState::Paused;
+            }
+            self.output_full = false;
             if matches!(&self.role, Peer::Publisher(p) if p.goodbye) {
                 return self.watch_after_goodbye(stream, state);
             }
@@ -442,8 +484,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
                             header,
                             reservation,
                             received: 0,
-                            deadline: now + limits.batch_deadline(u64::from(header.payload_bytes)),
-                            stage_at: now + limits.batch_hold(),
+                            deadline: after(
+                                now,
+                                limits.batch_deadline(u64::from(header.payload_bytes)),
+                            ),
+                            stage_at: after(now, limits.batch_hold()),
+                            full_events: topic.writer.full_events(),
+                            staging_refused: false,
                         };
                         Some(Step::Continue)
                     }
@@ -550,12 +597,34 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// handshake deadline before Hello. Called on every turn of the loop, read or not.
     fn check_deadlines(&mut self, state: &mut BrokerState<M>, now: Instant) {
         if self.closing {
+            let since = *self.closing_since.get_or_insert(now);
+            let timeout = state.settings.limits.close_timeout();
+            if !self.abandoned
+                && self.has_output()
+                && now.saturating_duration_since(since) >= timeout
+            {
+                self.abandoned = true;
+                if let Some(count) = Metrics::inc_logged(&state.metrics.close_deadlines_expired) {
+                    log::info!(
+                        "connection {}: its peer did not take the last {} bytes within {} ms \
+                         (--close-timeout-ms): dropped ({count} so far)",
+                        self.id,
+                        self.output.len() - self.output_start,
+                        timeout.as_millis()
+                    );
+                }
+            }
             return;
         }
         if let Some(deadline) = self.handshake_deadline
             && now >= deadline
         {
-            Metrics::inc(&state.metrics.hello_deadlines_expired);
+            if let Some(count) = Metrics::inc_logged(&state.metrics.hello_deadlines_expired) {
+                log::info!(
+                    "connection {}: no Hello in time ({count} such connections closed)",
+                    self.id
+                );
+            }
             let reason = format!(
                 "no Hello or CreateTopic within {} ms (--hello-timeout-ms)",
                 state.settings.limits.hello_timeout_ms
@@ -583,7 +652,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
         };
         if now >= deadline {
             self.drop_batch(state);
-            Metrics::inc(&state.metrics.batch_deadlines_expired);
+            if let Some(count) = Metrics::inc_logged(&state.metrics.batch_deadlines_expired) {
+                log::info!(
+                    "connection {}: batch {} arrived slower than the minimum rate ({count} such \
+                     batches dropped)",
+                    self.id,
+                    header.batch_seq
+                );
+            }
             let limits = &state.settings.limits;
             let reason = format!(
                 "batch {}: {received} of {} payload bytes arrived within {} ms; a batch must \
@@ -616,20 +692,38 @@ impl<M: SharedMemory + Clone> Connection<M> {
             return;
         };
         let Receiving::Payload {
-            header, stage_at, ..
+            header,
+            stage_at,
+            full_events,
+            staging_refused,
+            ..
         } = &mut publisher.receiving
         else {
             return;
         };
-        if now < *stage_at {
+        let under_pressure = state
+            .topics
+            .get(&publisher.topic)
+            .is_some_and(|topic| topic.writer.full_events() > *full_events);
+        if now < *stage_at || !under_pressure {
             return;
         }
         let limits = state.settings.limits;
         let payload_bytes = u64::from(header.payload_bytes);
         if !state.staging.take(payload_bytes, &limits) {
             // Staging is full: try again after another hold (the deadline still applies).
-            *stage_at = now + limits.batch_hold();
-            Metrics::inc(&state.metrics.staging_full);
+            *stage_at = after(now, limits.batch_hold());
+            if !*staging_refused {
+                *staging_refused = true;
+                if let Some(count) = Metrics::inc_logged(&state.metrics.staging_full) {
+                    log::warn!(
+                        "connection {}: a slow batch keeps its room in the pool: staging is \
+                         full (--staging-bytes-max {}; {count} such batches so far)",
+                        self.id,
+                        limits.staging_bytes_max
+                    );
+                }
+            }
             return;
         }
         let Receiving::Payload {
@@ -810,7 +904,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
                 self.role = Peer::Admin;
                 // An admin connection's next frame is due within the same time.
-                self.handshake_deadline = Some(now + state.settings.limits.hello_timeout());
+                self.handshake_deadline = Some(after(now, state.settings.limits.hello_timeout()));
                 self.on_create_topic(create, state);
             }
             (Peer::Handshake, _) => self.send_error(
@@ -1246,14 +1340,16 @@ impl<M: SharedMemory + Clone> Connection<M> {
             && now.saturating_duration_since(subscriber.progress_at) >= stall
         {
             subscriber.holding = false;
-            Metrics::inc(&state.metrics.subscribers_released);
-            log::info!(
-                "connection {}: the subscriber took nothing for {} ms (--subscriber-stall-ms): \
-                 it no longer holds the log at batch {}",
-                self.id,
-                stall.as_millis(),
-                subscriber.reader.next_ordinal()
-            );
+            if let Some(count) = Metrics::inc_logged(&state.metrics.subscribers_released) {
+                log::info!(
+                    "connection {}: the subscriber took nothing for {} ms \
+                     (--subscriber-stall-ms): it no longer holds the log at batch {} ({count} \
+                     subscribers released so far)",
+                    self.id,
+                    stall.as_millis(),
+                    subscriber.reader.next_ordinal()
+                );
+            }
         }
         if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
             return;
@@ -1264,55 +1360,59 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
         let limit = subscriber.batch_bytes_max as usize;
         let positions = subscriber.positions;
+        // Up to the high-water mark: a batch may overshoot it, but no more are added then.
+        let room = (OUTPUT_HIGH_WATER_BYTES + self.output_start - self.output.len()) as u64;
         let output = &mut self.output;
         let mut last_batch_start = output.len();
         let mut oversize = None;
-        let result = subscriber.reader.poll(DELIVERIES_PER_POLL, |batch| {
-            last_batch_start = output.len();
-            let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
-                let header = DeliveryHeaderRepr {
-                    global_start: positions.then_some(global_start),
-                    message_count,
-                    payload_bytes: payload.len() as u32,
-                    checksum: if payload.len() == batch.payload.len() {
-                        batch.checksum
-                    } else {
-                        wire::payload::checksum(payload)
-                    },
-                    broker_id: batch.broker,
-                    client_id: batch.client_id,
-                    batch_seq: batch.batch_seq,
-                    session_epoch: batch.session_epoch,
+        let result = subscriber
+            .reader
+            .poll_within(DELIVERIES_PER_POLL, room, |batch| {
+                last_batch_start = output.len();
+                let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
+                    let header = DeliveryHeaderRepr {
+                        global_start: positions.then_some(global_start),
+                        message_count,
+                        payload_bytes: payload.len() as u32,
+                        checksum: if payload.len() == batch.payload.len() {
+                            batch.checksum
+                        } else {
+                            wire::payload::checksum(payload)
+                        },
+                        broker_id: batch.broker,
+                        client_id: batch.client_id,
+                        batch_seq: batch.batch_seq,
+                        session_epoch: batch.session_epoch,
+                    };
+                    output.extend_from_slice(&header.frame_prefix());
+                    output.extend_from_slice(payload);
                 };
-                output.extend_from_slice(&header.frame_prefix());
-                output.extend_from_slice(payload);
-            };
-            if batch.payload.len() <= limit {
-                emit(batch.payload, batch.message_count, batch.global_start);
-                return;
-            }
-            // Split at message boundaries into deliveries of at most `limit` bytes.
-            let (mut from, mut count, mut position, mut start_position) =
-                (0usize, 0u32, batch.global_start, batch.global_start);
-            let mut at = 0usize;
-            for message in batch.messages() {
-                let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
-                if size > limit {
-                    oversize = Some(size);
+                if batch.payload.len() <= limit {
+                    emit(batch.payload, batch.message_count, batch.global_start);
                     return;
                 }
-                if at + size - from > limit {
-                    emit(&batch.payload[from..at], count, start_position);
-                    from = at;
-                    count = 0;
-                    start_position = position;
+                // Split at message boundaries into deliveries of at most `limit` bytes.
+                let (mut from, mut count, mut position, mut start_position) =
+                    (0usize, 0u32, batch.global_start, batch.global_start);
+                let mut at = 0usize;
+                for message in batch.messages() {
+                    let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
+                    if size > limit {
+                        oversize = Some(size);
+                        return;
+                    }
+                    if at + size - from > limit {
+                        emit(&batch.payload[from..at], count, start_position);
+                        from = at;
+                        count = 0;
+                        start_position = position;
+                    }
+                    at += size;
+                    count += 1;
+                    position += 1;
                 }
-                at += size;
-                count += 1;
-                position += 1;
-            }
-            emit(&batch.payload[from..at], count, start_position);
-        });
+                emit(&batch.payload[from..at], count, start_position);
+            });
         let metrics = &state.metrics;
         // Progress: it took deliveries, or has read everything there is.
         if result.is_ok() {
@@ -1366,20 +1466,30 @@ impl<M: SharedMemory + Clone> Connection<M> {
             released: false,
             ended: false,
         };
-        self.check_deadlines(state, now);
         if readable || self.waits_for_room() {
             let input = self.on_readable(stream, state, now);
             service.ended |= input == InputState::Ended;
             service.input = Some(input);
         }
+        // After reading: a frame that was waiting in the socket beats its deadline.
+        self.check_deadlines(state, now);
         service.released = self.release_durable(state, now);
         self.flush_acks();
         if self.is_subscriber() {
             self.produce_deliveries(state, now);
         }
         if self.has_output() && writable {
+            let queued = self.output.len() - self.output_start;
             service.ended |= !self.on_writable(stream);
             service.wrote = true;
+            let taken = queued - (self.output.len() - self.output_start);
+            if taken > 0
+                && let Peer::Subscriber(subscriber) = &mut self.role
+            {
+                // A subscriber that takes bytes is reading, even while a large batch keeps its
+                // queue above the high-water mark.
+                subscriber.progress_at = now;
+            }
         }
         service.ended |= self.is_finished();
         service
@@ -1401,6 +1511,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
         if self.output_start == self.output.len() {
             self.output.clear();
+            self.output_start = 0;
+        } else if self.output_start >= OUTPUT_COMPACT_BYTES {
+            self.output.drain(..self.output_start);
             self.output_start = 0;
         }
         true
@@ -1499,11 +1612,12 @@ mod tests {
     use crate::server::state::BrokerSettings;
 
     /// Everything to read at once, then `WouldBlock` (end of stream once `closed`); takes
-    /// all output.
+    /// all output, or none while `stalled` (a peer that does not read).
     struct Pipe {
         input: Vec<u8>,
         output: Vec<u8>,
         closed: bool,
+        stalled: bool,
     }
 
     impl Pipe {
@@ -1512,6 +1626,7 @@ mod tests {
                 input,
                 output: Vec::new(),
                 closed: false,
+                stalled: false,
             }
         }
     }
@@ -1532,6 +1647,9 @@ mod tests {
         }
 
         fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.stalled {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             self.output.extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -1581,6 +1699,13 @@ mod tests {
     fn head_broker(
         replication_factor: u8,
     ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
+        head_broker_with(replication_factor, ClientLimits::default())
+    }
+
+    fn head_broker_with(
+        replication_factor: u8,
+        limits: ClientLimits,
+    ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
         let geometry = Geometry {
             brokers_max: 1,
             topics_max: 1,
@@ -1598,7 +1723,7 @@ mod tests {
             batch_bytes_max: 16 * 1024,
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor,
-            limits: ClientLimits::default(),
+            limits,
         };
         let metrics = Arc::new(Metrics::default());
         let state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
@@ -1608,6 +1733,186 @@ mod tests {
         };
         let sequencer = Sequencer::new(pool, 0, 1, config).unwrap();
         (state, sequencer, metrics)
+    }
+
+    /// A publisher Hello (client `client_id`, order 2, ack 1, topic "gaps") and the frame
+    /// prefix of batch `seq` of one message of `message_bytes`, and that batch's payload.
+    fn hello_and_batch(client_id: u64, seq: u64, message_bytes: usize) -> (Vec<u8>, Vec<u8>) {
+        let hello = HelloRepr {
+            role: Role::Publish,
+            order: Order::Total,
+            ack: AckLevel::Ordered,
+            client_id,
+            session_epoch: 1,
+            topic: Topic::new("gaps").unwrap(),
+        };
+        let mut payload = Vec::new();
+        wire::payload::push_message(&mut payload, &vec![client_id as u8; message_bytes]);
+        let header = BatchHeaderRepr::for_payload(seq, 1, &payload, &Limits::default()).unwrap();
+        let mut bytes = Frame::Hello(hello).to_bytes();
+        bytes.extend_from_slice(&header.frame_prefix());
+        (bytes, payload)
+    }
+
+    fn error_codes(bytes: &[u8]) -> Vec<(ErrorCode, Option<u64>)> {
+        frames(bytes)
+            .into_iter()
+            .filter_map(|frame| match frame {
+                Frame::Error(error) => Some((error.code, error.batch_seq)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_handshake_deadline_fires_at_its_time_and_not_before() {
+        let (mut state, _sequencer, metrics) = head_broker(1);
+        let start = Instant::now();
+        let mut connection = Connection::new(1, &state, start);
+        let mut pipe = Pipe::new(Vec::new());
+        let service = connection.service(&mut pipe, &mut state, start + 4_999 * MS, true, true);
+        assert!(!service.ended && pipe.output.is_empty());
+        let service = connection.service(&mut pipe, &mut state, start + 5_000 * MS, true, true);
+        assert!(service.ended);
+        assert_eq!(
+            error_codes(&pipe.output),
+            [(ErrorCode::DeadlineExpired, None)]
+        );
+        assert_eq!(metrics.hello_deadlines_expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_batch_slower_than_its_deadline_is_dropped_and_its_room_given_back() {
+        let limits = ClientLimits {
+            batch_grace_ms: 100,
+            batch_min_bytes_per_s: 1 << 20,
+            ..ClientLimits::default()
+        };
+        let (mut state, _sequencer, metrics) = head_broker_with(1, limits);
+        let start = Instant::now();
+        let (mut bytes, payload) = hello_and_batch(7, 0, 8 * 1024);
+        bytes.extend_from_slice(&payload[..100]);
+        let mut connection = Connection::new(1, &state, start);
+        let mut pipe = Pipe::new(bytes);
+        connection.service(&mut pipe, &mut state, start, true, true);
+        let writer = |state: &BrokerState<PoolMemory>| state.topics[&0].writer.in_flight();
+        assert_eq!(writer(&state), 1, "the batch has its room");
+        // 100 ms of grace plus 8 KiB at 1 MiB/s: 107.8 ms.
+        let service = connection.service(&mut pipe, &mut state, start + 107 * MS, true, true);
+        assert!(!service.ended);
+        let service = connection.service(&mut pipe, &mut state, start + 108 * MS, true, true);
+        assert!(service.ended);
+        assert_eq!(
+            error_codes(&pipe.output),
+            [(ErrorCode::DeadlineExpired, Some(0))]
+        );
+        assert_eq!(writer(&state), 0, "the room is given back");
+        assert_eq!(metrics.batch_deadlines_expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
+        let limits = ClientLimits {
+            batch_grace_ms: 60_000,
+            batch_hold_ms: 10,
+            ..ClientLimits::default()
+        };
+        let (mut state, mut sequencer, metrics) = head_broker_with(1, limits);
+        let start = Instant::now();
+        let (mut slow_bytes, slow_payload) = hello_and_batch(7, 0, 8 * 1024);
+        slow_bytes.extend_from_slice(&slow_payload[..100]);
+        let mut slow = Connection::new(1, &state, start);
+        let mut slow_pipe = Pipe::new(slow_bytes);
+        slow.service(&mut slow_pipe, &mut state, start, true, true);
+        // Slow, but nobody is short of room: it stays where it is.
+        slow.service(&mut slow_pipe, &mut state, start + 50 * MS, true, true);
+        assert_eq!(metrics.batches_staged.load(Ordering::Relaxed), 0);
+        // Another publisher fills the 64 KiB log until it must wait for room.
+        let (mut fast_bytes, fast_payload) = hello_and_batch(8, 0, 8 * 1024);
+        for seq in 0..8u64 {
+            if seq > 0 {
+                let header =
+                    BatchHeaderRepr::for_payload(seq, 1, &fast_payload, &Limits::default())
+                        .unwrap();
+                fast_bytes.extend_from_slice(&header.frame_prefix());
+            }
+            fast_bytes.extend_from_slice(&fast_payload);
+        }
+        let mut fast = Connection::new(2, &state, start);
+        let mut fast_pipe = Pipe::new(fast_bytes);
+        fast.service(&mut fast_pipe, &mut state, start + 50 * MS, true, true);
+        assert!(fast.waits_for_room(), "the log is full");
+        // Now the slow batch gives its room back and goes on arriving in staging.
+        slow.service(&mut slow_pipe, &mut state, start + 60 * MS, true, true);
+        assert_eq!(metrics.batches_staged.load(Ordering::Relaxed), 1);
+        assert_eq!(state.staging.used_bytes(), slow_payload.len() as u64);
+        slow_pipe.input.extend_from_slice(&slow_payload[100..]);
+        let mut outcomes = Vec::new();
+        sequencer.refresh_topics().unwrap();
+        for round in 0..20u64 {
+            let now = start + (70 + round as u32) * MS;
+            for (connection, pipe) in [(&mut fast, &mut fast_pipe), (&mut slow, &mut slow_pipe)] {
+                connection.service(pipe, &mut state, now, true, true);
+            }
+            sequencer.poll(round);
+            outcomes.clear();
+            state.poll_outcomes(&mut outcomes);
+            for outcome in &outcomes {
+                let connection = if outcome.slot.conn == 1 {
+                    &mut slow
+                } else {
+                    &mut fast
+                };
+                connection.on_outcome(outcome, &metrics, now);
+            }
+        }
+        let acks = |bytes: &[u8]| {
+            frames(bytes)
+                .into_iter()
+                .filter_map(|frame| match frame {
+                    Frame::Ack(ack) => Some(ack.acked_through_seq()),
+                    _ => None,
+                })
+                .max()
+        };
+        assert_eq!(
+            acks(&slow_pipe.output),
+            Some(0),
+            "the staged batch is in the log"
+        );
+        assert_eq!(acks(&fast_pipe.output), Some(7));
+        assert_eq!(state.staging.used_bytes(), 0, "staging is given back");
+        assert_eq!(metrics.staging_bytes.load(Ordering::Relaxed), 0);
+        // The bytes in the log are the publisher's.
+        let mut reader = LogReader::new(state.pool.clone(), 0, true).unwrap();
+        reader.seek(reader.log_start()).unwrap();
+        let mut found = false;
+        reader
+            .poll(64, |batch| {
+                if batch.client_id == 7 {
+                    found = batch.payload == &slow_payload[..];
+                }
+            })
+            .unwrap();
+        assert!(found, "the staged batch landed whole");
+    }
+
+    #[test]
+    fn a_closing_connection_whose_peer_takes_nothing_is_dropped_at_the_close_deadline() {
+        let (mut state, _sequencer, metrics) = head_broker(1);
+        let start = Instant::now();
+        let mut connection = Connection::new(1, &state, start);
+        let mut pipe = Pipe::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        pipe.stalled = true;
+        let service = connection.service(&mut pipe, &mut state, start, true, true);
+        assert!(!service.ended, "the Error is queued, not sent");
+        let service = connection.service(&mut pipe, &mut state, start + 9_999 * MS, true, true);
+        assert!(!service.ended);
+        let service = connection.service(&mut pipe, &mut state, start + 10_000 * MS, true, true);
+        assert!(service.ended, "dropped at the close deadline");
+        assert_eq!(metrics.close_deadlines_expired.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and every connection, driving the [`Connection`] state machines and the ACK path.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,27 @@ const LISTENER: Token = Token(0);
 const IDLE_WAIT: Duration = Duration::from_millis(50);
 /// How long a stopping broker waits for batches in flight to be decided.
 const DRAIN: Duration = Duration::from_secs(2);
+/// Keep-alive: an idle connection is probed after this long ...
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// ... then every this long ...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// ... and dropped after this many unanswered probes (the bypass backend's 30 s, too).
+const KEEPALIVE_PROBES: u32 = 4;
+/// Sent data left unacknowledged this long fails the connection (TCP_USER_TIMEOUT). A peer
+/// that only stops reading still acknowledges, and is handled by the stall and close
+/// deadlines instead.
+const UNACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Tells a refused peer why (best effort: the socket is new, so its send buffer has room),
+/// then closes without a reset: what the peer already sent is read and dropped first, since
+/// closing a socket with unread input sends RST, and the peer would see a reset instead of
+/// the reason.
+fn refuse(mut stream: TcpStream, frame: &[u8]) {
+    let _ = stream.write(frame);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+}
 
 struct Client {
     stream: TcpStream,
@@ -188,8 +209,7 @@ impl KernelLoop {
             match self.listener.accept() {
                 Ok((mut stream, peer)) => {
                     if let Err(refusal) = self.state.admit_connection(peer.ip()) {
-                        // Best effort: the socket is new, so its send buffer has room.
-                        let _ = stream.write(&refusal_frame(&refusal));
+                        refuse(stream, &refusal_frame(&refusal));
                         continue;
                     }
                     if let Err(e) = self.configure(&stream) {
@@ -242,10 +262,19 @@ impl KernelLoop {
     }
 
     /// TCP_NODELAY and explicit buffer sizes: accepted sockets do not inherit them (the
-    /// prototype ran with a 43 KB window). Verified with getsockopt and logged once.
+    /// prototype ran with a 43 KB window). Verified with getsockopt and logged once. And
+    /// dead-peer detection: a client that vanishes (host down, cable cut) must not keep its
+    /// place in the connection limits, or a subscriber's, for ever.
     fn configure(&mut self, stream: &TcpStream) -> std::io::Result<()> {
         stream.set_nodelay(true)?;
         let socket = socket2::SockRef::from(stream);
+        socket.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(KEEPALIVE_IDLE)
+                .with_interval(KEEPALIVE_INTERVAL)
+                .with_retries(KEEPALIVE_PROBES),
+        )?;
+        socket.set_tcp_user_timeout(Some(UNACKNOWLEDGED_TIMEOUT))?;
         socket.set_recv_buffer_size(self.socket_buffer_bytes)?;
         socket.set_send_buffer_size(self.socket_buffer_bytes)?;
         let (receive, send) = (socket.recv_buffer_size()?, socket.send_buffer_size()?);

@@ -29,6 +29,9 @@ pub struct ClientLimits {
     /// A subscriber that takes nothing for this long stops holding the log for its
     /// publishers (on topics with `Retention::StallLimited`).
     pub subscriber_stall_ms: u64,
+    /// A connection that is closing (after an Error or a Goodbye) but whose peer does not
+    /// take the last bytes is dropped after this long.
+    pub close_timeout_ms: u64,
 }
 
 impl Default for ClientLimits {
@@ -42,11 +45,90 @@ impl Default for ClientLimits {
             connections_max: 1024,
             connections_per_address_max: 64,
             subscriber_stall_ms: 2_000,
+            close_timeout_ms: 10_000,
         }
     }
 }
 
+/// A limit set outside the range the broker can honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--{option} is {value}, expected {min}..={max}")]
+pub struct LimitOutOfRange {
+    /// The option, as the CLI names it.
+    pub option: &'static str,
+    /// The value given.
+    pub value: u64,
+    /// Smallest accepted.
+    pub min: u64,
+    /// Largest accepted.
+    pub max: u64,
+}
+
+/// One hour: the longest any deadline may be (longer ones are mistakes, and would overflow
+/// the clock arithmetic soon enough).
+const DEADLINE_MS_MAX: u64 = 3_600_000;
+
 impl ClientLimits {
+    /// Checks every limit against the range the broker can honour.
+    pub fn validate(&self) -> Result<(), LimitOutOfRange> {
+        let checks = [
+            (
+                "hello-timeout-ms",
+                self.hello_timeout_ms,
+                1,
+                DEADLINE_MS_MAX,
+            ),
+            ("batch-grace-ms", self.batch_grace_ms, 1, DEADLINE_MS_MAX),
+            (
+                "batch-min-bytes-per-s",
+                self.batch_min_bytes_per_s,
+                1,
+                u64::MAX,
+            ),
+            ("batch-hold-ms", self.batch_hold_ms, 1, DEADLINE_MS_MAX),
+            (
+                "connections-max",
+                u64::from(self.connections_max),
+                1,
+                u64::from(u32::MAX),
+            ),
+            (
+                "connections-per-address-max",
+                u64::from(self.connections_per_address_max),
+                1,
+                u64::from(u32::MAX),
+            ),
+            (
+                "subscriber-stall-ms",
+                self.subscriber_stall_ms,
+                1,
+                DEADLINE_MS_MAX,
+            ),
+            (
+                "close-timeout-ms",
+                self.close_timeout_ms,
+                1,
+                DEADLINE_MS_MAX,
+            ),
+        ];
+        for (option, value, min, max) in checks {
+            if !(min..=max).contains(&value) {
+                return Err(LimitOutOfRange {
+                    option,
+                    value,
+                    min,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`ClientLimits::close_timeout_ms`].
+    pub fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.close_timeout_ms)
+    }
+
     /// How long a batch of `payload_bytes` may take to arrive once its room is reserved.
     pub fn batch_deadline(&self, payload_bytes: u64) -> Duration {
         let rate = self.batch_min_bytes_per_s.max(1);
@@ -244,6 +326,24 @@ mod tests {
             zero_rate.batch_deadline(u64::MAX) > Duration::from_secs(1),
             "no overflow"
         );
+    }
+
+    #[test]
+    fn limits_out_of_range_are_named() {
+        assert_eq!(ClientLimits::default().validate(), Ok(()));
+        let zero_rate = ClientLimits {
+            batch_min_bytes_per_s: 0,
+            ..ClientLimits::default()
+        };
+        assert_eq!(
+            zero_rate.validate().unwrap_err().option,
+            "batch-min-bytes-per-s"
+        );
+        let endless = ClientLimits {
+            hello_timeout_ms: u64::MAX,
+            ..ClientLimits::default()
+        };
+        assert_eq!(endless.validate().unwrap_err().option, "hello-timeout-ms");
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub enum StartError {
     /// The kernel-bypass backend could not start (no fallback to kernel TCP).
     #[error("--net xdp: {0}")]
     Bypass(#[from] bypass::BypassError),
+    /// A client limit is outside the range the broker can honour.
+    #[error(transparent)]
+    Limits(#[from] limits::LimitOutOfRange),
 }
 
 /// A broker running on its threads; [`RunningBroker::stop`] ends them.
@@ -282,6 +285,7 @@ impl Drop for RunningBroker {
 /// Starts a broker on an attached pool: claims its id (see [`HeldClaim::take`]), then runs
 /// [`start_claimed`].
 pub fn start(pool: Pool<PoolMemory>, options: BrokerOptions) -> Result<RunningBroker, StartError> {
+    options.settings.limits.validate()?;
     let claim = HeldClaim::take(&pool, options.settings.broker_id, options.claim_lease_ms)?;
     start_claimed(pool, options, claim)
 }

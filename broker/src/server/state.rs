@@ -144,16 +144,10 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
                     .store(u64::from(self.connections.open()), Ordering::Relaxed);
             }
             Err(refusal) => {
-                let refused = self
-                    .metrics
-                    .connections_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                // A flood of refusals would flood the log too: the first and every 1000th.
-                if refused % 1000 == 0 {
+                if let Some(refused) = Metrics::inc_logged(&self.metrics.connections_refused) {
                     log::warn!(
-                        "broker {}: connection refused: {refusal} ({} refused so far)",
-                        self.settings.broker_id,
-                        refused + 1
+                        "broker {}: connection refused: {refusal} ({refused} refused so far)",
+                        self.settings.broker_id
                     );
                 }
             }
