@@ -3,9 +3,10 @@
 # every message: content, exactly once, order), against a baseline run without attackers
 # measured in the same script:
 #
-#   scripts/hostile.sh [--duration-s S] [--kernel-only]
+#   scripts/hostile.sh [--duration-s S] [--kernel-only] [--base-port P] [--out DIR]
 #
-# Kernel backend, 2 broker processes on loopback (ports 9400-9401, metrics 9500-9501):
+# Kernel backend, 2 broker processes on loopback (ports P, P+1, metrics P+100, P+101;
+# default P = 9400; a broker started by an attack takes P+50 and P+51):
 #   slowloris           4 publishers trickle a 64 KiB batch, 1 byte/s, on the loadgen's topic
 #   silent              200 connections that never send a byte (from 127.0.0.2)
 #   stalled-subscriber  a subscriber from position 0 of the loadgen's topic that never reads
@@ -17,7 +18,7 @@
 # XDP backend (as root), in the namespace lab: the SYN flood and the host's own traffic
 # (scripts/test-bypass.sh syn-flood and host-traffic), and slowloris over XDP.
 #
-# Writes target/hostile/summary.json: one entry per attack with attack, backend, passed,
+# Writes DIR/summary.json (default target/hostile): one entry per attack with attack, backend, passed,
 # loadgen_passed, lost, duplicates, order_violations, mb_per_s, ack_p99_us, the baseline's
 # mb_per_s and ack_p99_us, throughput_ratio, expected (what the attacker must get) and
 # attacker (what it got). Exits 1 if any attack did not pass. Builds nothing: run
@@ -28,11 +29,15 @@ cd "$(dirname "$0")/.."
 target=${CARGO_TARGET_DIR:-target}/release
 duration=4
 kernel_only=0
+base_port=9400
+out=target/hostile
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration-s) duration=$2; shift 2 ;;
         --kernel-only) kernel_only=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --base-port) base_port=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "hostile: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,10 +45,8 @@ for bin in broker loadgen hostile; do
     [[ -x $target/$bin ]] || { echo "missing $target/$bin: cargo build --release -p broker -p client" >&2; exit 2; }
 done
 
-out=target/hostile
 rm -rf "$out"
 mkdir -p "$out"
-base_port=9400
 cluster_dir=$out/cluster
 head=127.0.0.1:$base_port
 metrics=127.0.0.1:$((base_port + 100))
