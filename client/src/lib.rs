@@ -119,7 +119,7 @@ mod config;
 mod error;
 mod net;
 mod publisher;
-mod session;
+mod publisher_core;
 mod stats;
 mod subscriber;
 pub mod summary;
@@ -135,7 +135,7 @@ pub use config::{
 };
 pub use error::ClientError;
 pub use publisher::Publisher;
-pub use session::PublisherEvent;
+pub use publisher_core::PublisherEvent;
 pub use stats::{LATENCY_US_MAX, LatencySummary, PublisherStats, latency_histogram};
 pub use subscriber::{
     DeliveredBatch, PositionCheck, PositionChecker, PositionReport, Subscriber, SubscriberStats,

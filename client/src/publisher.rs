@@ -23,7 +23,7 @@ use crate::error::ClientError;
 use crate::net::{
     FrameReader, Inbound, ReadOutcome, connect_and_hello, detect_dead_peer, write_frame,
 };
-use crate::session::{
+use crate::publisher_core::{
     Command, ConnId, ConnectRequest, CoreParams, PublisherCore, PublisherEvent, Transmit,
 };
 use crate::stats::PublisherStats;
