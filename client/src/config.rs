@@ -123,6 +123,36 @@ impl PublisherConfig {
         }
     }
 
+    /// [`linger_us`](Self::linger_us) as a [`Duration`].
+    pub fn linger(&self) -> Duration {
+        Duration::from_micros(self.linger_us)
+    }
+
+    /// [`connect_timeout_ms`](Self::connect_timeout_ms) as a [`Duration`].
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// [`publish_timeout_ms`](Self::publish_timeout_ms) as a [`Duration`].
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// [`flush_timeout_ms`](Self::flush_timeout_ms) as a [`Duration`].
+    pub fn flush_timeout(&self) -> Duration {
+        Duration::from_millis(self.flush_timeout_ms)
+    }
+
+    /// [`goodbye_timeout_ms`](Self::goodbye_timeout_ms) as a [`Duration`].
+    pub fn goodbye_timeout(&self) -> Duration {
+        Duration::from_millis(self.goodbye_timeout_ms)
+    }
+
+    /// [`reconnect_timeout_ms`](Self::reconnect_timeout_ms) as a [`Duration`].
+    pub fn reconnect_timeout(&self) -> Duration {
+        Duration::from_millis(self.reconnect_timeout_ms)
+    }
+
     /// Checks every field and converts the protocol ones to their wire types.
     pub(crate) fn validate(&self) -> Result<ValidPublisher, ClientError> {
         if self.brokers.is_empty() {
@@ -210,6 +240,16 @@ impl SubscriberConfig {
         }
     }
 
+    /// [`connect_timeout_ms`](Self::connect_timeout_ms) as a [`Duration`].
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// [`goodbye_timeout_ms`](Self::goodbye_timeout_ms) as a [`Duration`].
+    pub fn goodbye_timeout(&self) -> Duration {
+        Duration::from_millis(self.goodbye_timeout_ms)
+    }
+
     /// Checks every field and converts the protocol ones to their wire types.
     pub(crate) fn validate(&self) -> Result<(Topic, Order), ClientError> {
         let topic = topic(&self.topic)?;
@@ -280,10 +320,6 @@ pub(crate) fn topic(name: &str) -> Result<Topic, ClientError> {
 
 pub(crate) fn order(order: u8) -> Result<Order, ClientError> {
     Order::try_from(order).map_err(|_| invalid("order", order, "0, 1, 2 or 5"))
-}
-
-pub(crate) fn millis(ms: u64) -> Duration {
-    Duration::from_millis(ms)
 }
 
 /// A client id unlikely to collide with another process's: the clock's nanoseconds mixed

@@ -3,6 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use wire::{ErrorCode, FrameKind};
 
@@ -234,6 +235,32 @@ impl ClientError {
         }
     }
 
+    /// [`ClientError::HandshakeTimeout`] for a step that took longer than `timeout`.
+    pub(crate) fn handshake_timeout(
+        addr: SocketAddr,
+        what: &'static str,
+        timeout: Duration,
+    ) -> Self {
+        ClientError::HandshakeTimeout {
+            addr,
+            what,
+            timeout_ms: whole_ms(timeout),
+        }
+    }
+
+    /// [`ClientError::Timeout`] for a wait that took longer than `timeout`.
+    pub(crate) fn timeout(
+        what: &'static str,
+        timeout: Duration,
+        outstanding_batches: usize,
+    ) -> Self {
+        ClientError::Timeout {
+            what,
+            timeout_ms: whole_ms(timeout),
+            outstanding_batches,
+        }
+    }
+
     /// The error for an Error frame the broker sent.
     pub(crate) fn broker(addr: SocketAddr, frame: &wire::ErrorFrameRepr) -> Self {
         ClientError::Broker {
@@ -256,4 +283,9 @@ impl ClientError {
     pub fn is_would_block(&self) -> bool {
         matches!(self, ClientError::WouldBlock { .. })
     }
+}
+
+/// A time as the whole milliseconds the error messages report.
+pub(crate) fn whole_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -37,11 +37,7 @@ pub(crate) fn open_stream(
     match socket.connect_timeout(&SockAddr::from(addr), timeout) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::TimedOut => {
-            return Err(ClientError::HandshakeTimeout {
-                addr,
-                what: "TCP connect",
-                timeout_ms: timeout.as_millis() as u64,
-            });
+            return Err(ClientError::handshake_timeout(addr, "TCP connect", timeout));
         }
         Err(error) => return Err(connect_error(error)),
     }
@@ -298,6 +294,20 @@ impl FrameReader {
     }
 }
 
+/// Shortest read timeout set: a zero read timeout means "block forever" to the OS.
+const READ_TIMEOUT_MIN: Duration = Duration::from_millis(1);
+
+/// Makes reads on `stream` give up after `remaining` (at least [`READ_TIMEOUT_MIN`]).
+pub(crate) fn set_read_timeout(
+    stream: &TcpStream,
+    addr: SocketAddr,
+    remaining: Duration,
+) -> Result<(), ClientError> {
+    stream
+        .set_read_timeout(Some(remaining.max(READ_TIMEOUT_MIN)))
+        .map_err(|error| ClientError::io(addr, "setting the read timeout", error))
+}
+
 /// Reads the next frame from a TCP stream before `deadline`; `what` names the step in a
 /// timeout error.
 pub(crate) fn read_before(
@@ -307,20 +317,12 @@ pub(crate) fn read_before(
     addr: SocketAddr,
     what: &'static str,
 ) -> Result<Option<Inbound>, ClientError> {
-    let timeout_error = |timeout: Duration| ClientError::HandshakeTimeout {
-        addr,
-        what,
-        timeout_ms: timeout.as_millis() as u64,
-    };
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(timeout_error(remaining));
+            return Err(ClientError::handshake_timeout(addr, what, remaining));
         }
-        // A zero read timeout means "block forever" to the OS, hence the 1 ms floor.
-        stream
-            .set_read_timeout(Some(remaining.max(Duration::from_millis(1))))
-            .map_err(|error| ClientError::io(addr, "setting the read timeout", error))?;
+        set_read_timeout(stream, addr, remaining)?;
         match reader.next(&mut &*stream)? {
             ReadOutcome::Item(item) => return Ok(Some(item)),
             ReadOutcome::Eof => return Ok(None),
@@ -399,11 +401,9 @@ pub(crate) fn connect_and_hello(
         "Hello/HelloOk exchange",
     )
     .map_err(|error| match error {
-        ClientError::HandshakeTimeout { .. } => ClientError::HandshakeTimeout {
-            addr,
-            what: "Hello/HelloOk exchange",
-            timeout_ms: timeout.as_millis() as u64,
-        },
+        ClientError::HandshakeTimeout { .. } => {
+            ClientError::handshake_timeout(addr, "Hello/HelloOk exchange", timeout)
+        }
         other => other,
     })?;
     let ok = check_hello_answer(addr, answer, hello.order, hello.ack)?;

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use wire::{Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
 
-use crate::config::{PublisherConfig, millis};
+use crate::config::PublisherConfig;
 use crate::error::ClientError;
 use crate::net::{
     FrameReader, Inbound, ReadOutcome, connect_and_hello, detect_dead_peer, write_frame,
@@ -138,7 +138,6 @@ impl Publisher {
     /// a new session).
     pub fn connect(config: PublisherConfig) -> Result<Publisher, ClientError> {
         let valid = config.validate()?;
-        let reconnect_timeout = millis(config.reconnect_timeout_ms);
         let dialer = Dialer {
             hello: HelloRepr {
                 role: Role::Publish,
@@ -148,9 +147,9 @@ impl Publisher {
                 session_epoch: config.session_epoch,
                 topic: valid.topic,
             },
-            connect_timeout: millis(config.connect_timeout_ms),
+            connect_timeout: config.connect_timeout(),
             socket_buffer_bytes: config.socket_buffer_bytes,
-            dead_peer_timeout: reconnect_timeout,
+            dead_peer_timeout: config.reconnect_timeout(),
         };
         // Slot-major order, so connection i belongs to broker i % brokers and round-robin
         // over connections alternates brokers.
@@ -181,13 +180,13 @@ impl Publisher {
             brokers: config.brokers.clone(),
             connections_per_broker: config.connections_per_broker,
             batch_bytes_max,
-            linger: Duration::from_micros(config.linger_us),
+            linger: config.linger(),
             in_flight_batches_max: config.in_flight_batches_max,
             ack: valid.ack,
             session_epoch: config.session_epoch,
             first_seq,
             session_batches_max: config.session_batches_max,
-            reconnect_timeout,
+            reconnect_timeout: config.reconnect_timeout(),
             resends_max: config.resends_max,
             report_acks: config.report_acks,
         });
@@ -200,9 +199,9 @@ impl Publisher {
             dialer,
             closing: Arc::new(AtomicBool::new(false)),
             blocking: config.blocking,
-            publish_timeout: millis(config.publish_timeout_ms),
-            flush_timeout: millis(config.flush_timeout_ms),
-            goodbye_timeout: millis(config.goodbye_timeout_ms),
+            publish_timeout: config.publish_timeout(),
+            flush_timeout: config.flush_timeout(),
+            goodbye_timeout: config.goodbye_timeout(),
             client_id: config.client_id,
             closed: false,
         };
@@ -291,11 +290,11 @@ impl Publisher {
                     self.dispatch();
                     let deadline = *deadline.get_or_insert(now + self.publish_timeout);
                     if !self.wait_event(deadline) {
-                        return Err(ClientError::Timeout {
-                            what: "blocking publish waiting for window space",
-                            timeout_ms: self.publish_timeout.as_millis() as u64,
-                            outstanding_batches: self.core.outstanding_batches(),
-                        });
+                        return Err(ClientError::timeout(
+                            "blocking publish waiting for window space",
+                            self.publish_timeout,
+                            self.core.outstanding_batches(),
+                        ));
                     }
                 }
                 Err(error) => {
@@ -388,11 +387,11 @@ impl Publisher {
                 return self.failure();
             }
             if !self.wait_event(deadline) {
-                return Err(ClientError::Timeout {
-                    what: "flush",
-                    timeout_ms: timeout.as_millis() as u64,
-                    outstanding_batches: self.core.outstanding_batches(),
-                });
+                return Err(ClientError::timeout(
+                    "flush",
+                    timeout,
+                    self.core.outstanding_batches(),
+                ));
             }
         }
     }

@@ -11,9 +11,11 @@ use wire::{
     verify_payload,
 };
 
-use crate::config::{SubscriberConfig, millis};
+use crate::config::SubscriberConfig;
 use crate::error::ClientError;
-use crate::net::{FrameReader, Inbound, ReadOutcome, connect_and_hello, write_frame};
+use crate::net::{
+    FrameReader, Inbound, ReadOutcome, connect_and_hello, set_read_timeout, write_frame,
+};
 
 /// One Delivery: a publisher's batch (or a contiguous slice of it), verified against its
 /// header's length, CRC-32C and message count.
@@ -207,7 +209,7 @@ impl Subscriber {
         let (stream, mut reader, hello_ok) = connect_and_hello(
             addr,
             &hello,
-            millis(config.connect_timeout_ms),
+            config.connect_timeout(),
             config.socket_buffer_bytes,
         )?;
         let wanted = match config.batch_bytes_max {
@@ -230,7 +232,7 @@ impl Subscriber {
             hello_ok,
             checker: PositionChecker::new(order, Some(first)),
             stats: SubscriberStats::default(),
-            goodbye_timeout: millis(config.goodbye_timeout_ms),
+            goodbye_timeout: config.goodbye_timeout(),
             failure: None,
             closed: false,
         })
@@ -263,16 +265,8 @@ impl Subscriber {
         let deadline = Instant::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            // A zero read timeout means "block forever" to the OS, hence the 1 ms floor.
-            let set = self
-                .stream
-                .set_read_timeout(Some(remaining.max(Duration::from_millis(1))));
-            if let Err(error) = set {
-                return Err(self.fail(ClientError::io(
-                    self.addr,
-                    "setting the read timeout",
-                    error,
-                )));
+            if let Err(error) = set_read_timeout(&self.stream, self.addr, remaining) {
+                return Err(self.fail(error));
             }
             let outcome = match self.reader.next(&mut &self.stream) {
                 Ok(outcome) => outcome,

@@ -11,7 +11,7 @@ use wire::HelloOkRepr;
 use super::PublisherCore;
 use super::commands::{Command, ConnId, ConnectRequest};
 use super::slot::{Batch, BatchState, Conn, Slot};
-use crate::error::ClientError;
+use crate::error::{ClientError, whole_ms};
 
 /// First wait before another connection attempt for a slot.
 pub(super) const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
@@ -371,7 +371,7 @@ impl PublisherCore {
                 .map_or_else(|| "none yet".to_owned(), ToString::to_string);
             self.fail(ClientError::Unreachable {
                 brokers: self.brokers.len(),
-                timeout_ms: self.reconnect_timeout.as_millis() as u64,
+                timeout_ms: whole_ms(self.reconnect_timeout),
                 outstanding_batches: self.outstanding_batches(),
                 last_error,
             });
