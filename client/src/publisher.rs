@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
-use wire::{Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
+use wire::{AckLevel, Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
 
 use crate::config::PublisherConfig;
 use crate::error::ClientError;
@@ -100,6 +100,59 @@ impl Dialer {
             hello_ok,
         })
     }
+
+    /// Opens `per_broker` connections to every broker in slot-major order, so connection
+    /// `i` belongs to broker `i % brokers` and round-robin over connections alternates
+    /// brokers. If one fails, the ones already open are closed with Goodbye.
+    fn open_all(
+        &self,
+        brokers: &[SocketAddr],
+        per_broker: usize,
+    ) -> Result<Vec<Opened>, ClientError> {
+        let mut opened = Vec::with_capacity(brokers.len() * per_broker);
+        for _slot in 0..per_broker {
+            for &addr in brokers {
+                match self.open(addr, self.hello.session_epoch) {
+                    Ok(connection) => opened.push(connection),
+                    Err(error) => {
+                        for connection in &opened {
+                            say_goodbye_and_close(connection.addr, &connection.stream);
+                        }
+                        return Err(error);
+                    }
+                }
+            }
+        }
+        Ok(opened)
+    }
+}
+
+/// The core's settings: the configuration's, with the batch limit capped by every
+/// broker's HelloOk and numbering from the largest HelloOk `next_batch_seq`.
+fn core_params(config: &PublisherConfig, ack: AckLevel, opened: &[Opened]) -> CoreParams {
+    let batch_bytes_max = opened
+        .iter()
+        .map(|o| o.hello_ok.batch_bytes_max as usize)
+        .fold(config.batch_bytes_max, usize::min);
+    let first_seq = opened
+        .iter()
+        .map(|o| o.hello_ok.next_batch_seq)
+        .max()
+        .unwrap_or(0);
+    CoreParams {
+        brokers: config.brokers.clone(),
+        connections_per_broker: config.connections_per_broker,
+        batch_bytes_max,
+        linger: config.linger(),
+        in_flight_batches_max: config.in_flight_batches_max,
+        ack,
+        session_epoch: config.session_epoch,
+        first_seq,
+        session_batches_max: config.session_batches_max,
+        reconnect_timeout: config.reconnect_timeout(),
+        resends_max: config.resends_max,
+        report_acks: config.report_acks,
+    }
 }
 
 /// A publisher session over `connections_per_broker` connections to each broker.
@@ -151,45 +204,8 @@ impl Publisher {
             socket_buffer_bytes: config.socket_buffer_bytes,
             dead_peer_timeout: config.reconnect_timeout(),
         };
-        // Slot-major order, so connection i belongs to broker i % brokers and round-robin
-        // over connections alternates brokers.
-        let mut opened = Vec::new();
-        for _slot in 0..config.connections_per_broker {
-            for &addr in &config.brokers {
-                match dialer.open(addr, config.session_epoch) {
-                    Ok(connection) => opened.push(connection),
-                    Err(error) => {
-                        for connection in &opened {
-                            say_goodbye_and_close(connection.addr, &connection.stream);
-                        }
-                        return Err(error);
-                    }
-                }
-            }
-        }
-        let batch_bytes_max = opened
-            .iter()
-            .map(|o| o.hello_ok.batch_bytes_max as usize)
-            .fold(config.batch_bytes_max, usize::min);
-        let first_seq = opened
-            .iter()
-            .map(|o| o.hello_ok.next_batch_seq)
-            .max()
-            .unwrap_or(0);
-        let core = PublisherCore::new(CoreParams {
-            brokers: config.brokers.clone(),
-            connections_per_broker: config.connections_per_broker,
-            batch_bytes_max,
-            linger: config.linger(),
-            in_flight_batches_max: config.in_flight_batches_max,
-            ack: valid.ack,
-            session_epoch: config.session_epoch,
-            first_seq,
-            session_batches_max: config.session_batches_max,
-            reconnect_timeout: config.reconnect_timeout(),
-            resends_max: config.resends_max,
-            report_acks: config.report_acks,
-        });
+        let opened = dialer.open_all(&config.brokers, config.connections_per_broker)?;
+        let core = PublisherCore::new(core_params(&config, valid.ack, &opened));
         let (event_sender, events) = crossbeam_channel::unbounded();
         let mut publisher = Publisher {
             core,
@@ -205,23 +221,9 @@ impl Publisher {
             client_id: config.client_id,
             closed: false,
         };
-        let mut spawn_error = None;
-        for (index, connection) in opened.into_iter().enumerate() {
-            let id = index as ConnId;
-            match spawn_error {
-                None => {
-                    if let Err(error) = publisher.install(id, connection) {
-                        spawn_error = Some(error);
-                    }
-                }
-                Some(_) => say_goodbye_and_close(connection.addr, &connection.stream),
-            }
-        }
-        match spawn_error {
-            // Dropping the publisher says Goodbye and joins what was started.
-            Some(error) => Err(error),
-            None => Ok(publisher),
-        }
+        // On an error, dropping the publisher says Goodbye and joins what was started.
+        publisher.install_all(opened)?;
+        Ok(publisher)
     }
 
     /// Number of connection slots: `connections_per_broker` times the number of brokers.
@@ -460,6 +462,19 @@ impl Publisher {
         // Registered even when a thread failed to start, so that release() joins the other.
         self.connections.insert(id, connection);
         started
+    }
+
+    /// Installs the connections opened at the start, connection `i` as id `i`; after a
+    /// failure the rest are closed with Goodbye and the error is returned.
+    fn install_all(&mut self, opened: Vec<Opened>) -> Result<(), ClientError> {
+        let mut spawn_error = None;
+        for (index, connection) in opened.into_iter().enumerate() {
+            match spawn_error {
+                None => spawn_error = self.install(index as ConnId, connection).err(),
+                Some(_) => say_goodbye_and_close(connection.addr, &connection.stream),
+            }
+        }
+        spawn_error.map_or(Ok(()), Err)
     }
 
     fn handle(&mut self, event: IoEvent) {
