@@ -1,0 +1,334 @@
+//! The publish, latency and end-to-end tests: publisher threads that connect, start
+//! together, send until the plan's stop, flush and report what they did.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use client::summary::Summary;
+use client::verify::{Expectation, MessageFactory};
+use client::{ClientError, LatencySummary, Publisher, latency_histogram};
+use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
+
+use crate::checks::{AckedRanges, Checker};
+use crate::cli::TestMode;
+use crate::pacing::Pacing;
+use crate::plan::{Plan, Stop};
+use crate::progress::Progress;
+
+/// What one publisher thread did.
+struct PublisherOutcome {
+    stats: client::PublisherStats,
+    latency_us: Histogram<u64>,
+    expectation: Expectation,
+    connections: usize,
+    /// When every batch was acknowledged (before Goodbye and closing the sockets).
+    flushed_at: Instant,
+    /// Longest time without a new ack while publishing (see `Summary::ack_gap_max_ms`).
+    ack_gap_max: Duration,
+    error: Option<String>,
+}
+
+impl PublisherOutcome {
+    /// The outcome of publisher `index` that could not send at all.
+    fn failed(index: usize, error: String) -> Self {
+        PublisherOutcome {
+            stats: client::PublisherStats::default(),
+            latency_us: latency_histogram(),
+            expectation: Expectation::default(),
+            connections: 0,
+            flushed_at: Instant::now(),
+            ack_gap_max: Duration::ZERO,
+            error: Some(format!("publisher {index}: {error}")),
+        }
+    }
+}
+
+pub(crate) fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
+    let mut summary = plan.summary();
+    let base_id = client::default_client_id();
+    let client_ids: Vec<u64> = (0..plan.publishers as u64)
+        .map(|i| base_id.wrapping_add(i))
+        .collect();
+    let checker = if plan.test == TestMode::EndToEnd {
+        match Checker::start(plan, &client_ids, progress) {
+            Ok(checker) => Some(checker),
+            Err(error) => {
+                summary.errors.extend(error);
+                return summary;
+            }
+        }
+    } else {
+        None
+    };
+    let (outcomes, started) = run_publishers(plan, &client_ids, progress, &mut summary);
+    add_outcomes(plan, &outcomes, started, &mut summary);
+    summary.passed = summary.errors.is_empty();
+    if let Some(checker) = checker {
+        let expectations = outcomes.into_iter().map(|o| o.expectation).collect();
+        checker.finish(plan, expectations, &mut summary);
+    }
+    summary
+}
+
+/// Runs a thread per publisher. Publishers connect first, report it, and start together
+/// when the gate opens, so connection set-up is not measured. Returns the outcomes and when
+/// the gate opened.
+fn run_publishers(
+    plan: &Plan,
+    client_ids: &[u64],
+    progress: &Arc<Progress>,
+    summary: &mut Summary,
+) -> (Vec<PublisherOutcome>, Instant) {
+    let (connected_tx, connected_rx) = crossbeam_channel::unbounded::<()>();
+    let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
+    let connecting = Instant::now();
+    let threads: Vec<_> = client_ids
+        .iter()
+        .enumerate()
+        .map(|(index, &client_id)| {
+            let (plan, progress) = (plan.clone(), progress.clone());
+            let (connected, gate) = (connected_tx.clone(), gate_rx.clone());
+            thread::Builder::new()
+                .name(format!("publisher-{index}"))
+                .spawn(move || {
+                    let run = PublisherRun {
+                        plan: &plan,
+                        index,
+                        progress: &progress,
+                    };
+                    run.run(client_id, &connected, &gate)
+                })
+        })
+        .collect();
+    drop(connected_tx);
+    let spawned = threads.iter().filter(|t| t.is_ok()).count();
+    if spawned < plan.publishers {
+        summary.errors.push(format!(
+            "only {spawned} of {} publisher threads started",
+            plan.publishers
+        ));
+    }
+    for _ in 0..spawned {
+        let _ = connected_rx.recv();
+    }
+    summary.connect_ms = connecting.elapsed().as_millis() as u64;
+    let started = Instant::now();
+    drop(gate_tx);
+    let mut outcomes = Vec::new();
+    for thread in threads.into_iter().flatten() {
+        match thread.join() {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(_) => summary.errors.push("a publisher thread panicked".into()),
+        }
+    }
+    (outcomes, started)
+}
+
+/// Adds the publishers' counters, latencies and errors to `summary`, with the throughput
+/// of the measured phase (from `started` to the last flush).
+fn add_outcomes(
+    plan: &Plan,
+    outcomes: &[PublisherOutcome],
+    started: Instant,
+    summary: &mut Summary,
+) {
+    let mut histogram = latency_histogram();
+    for outcome in outcomes {
+        add_outcome(plan, outcome, summary);
+        if let Err(error) = histogram.add(&outcome.latency_us) {
+            log::warn!("merging latency histograms: {error}");
+        }
+    }
+    summary.ack_latency_us = LatencySummary::of(&histogram);
+    let seconds = outcomes
+        .iter()
+        .map(|o| o.flushed_at.saturating_duration_since(started))
+        .max()
+        .unwrap_or_default()
+        .as_secs_f64();
+    summary.seconds = seconds;
+    let (bytes, messages) = if plan.ack == 0 {
+        (summary.bytes_sent, summary.messages_sent)
+    } else {
+        (summary.bytes_acked, summary.messages_acked)
+    };
+    summary.mb_per_s = bytes as f64 / 1e6 / seconds.max(1e-9);
+    summary.msgs_per_s = messages as f64 / seconds.max(1e-9);
+}
+
+fn add_outcome(plan: &Plan, outcome: &PublisherOutcome, summary: &mut Summary) {
+    let stats = &outcome.stats;
+    summary.messages_sent += stats.messages_sent;
+    summary.bytes_sent += stats.bytes_sent;
+    summary.messages_acked += stats.messages_acked;
+    summary.bytes_acked += stats.bytes_acked;
+    summary.rejected += stats.messages_rejected;
+    summary.reconnects += stats.reconnects;
+    summary.batches_resent += stats.batches_resent;
+    summary.duplicate_acks += stats.batches_duplicate;
+    summary.ack_gap_max_ms = summary
+        .ack_gap_max_ms
+        .max(outcome.ack_gap_max.as_millis() as u64);
+    if outcome.connections != plan.connections_per_publisher() && outcome.error.is_none() {
+        summary.errors.push(format!(
+            "a publisher opened {} connections instead of {}",
+            outcome.connections,
+            plan.connections_per_publisher()
+        ));
+    }
+    summary.errors.extend(outcome.error.clone());
+}
+
+/// What a publisher learns about its acks while sending, looked at every 1,024 messages.
+struct AckWatch {
+    acked: AckedRanges,
+    /// Messages acknowledged at the last look (and added to the progress counter).
+    reported: u64,
+    /// When the acknowledged count last changed.
+    changed_at: Instant,
+    gap_max: Duration,
+}
+
+impl AckWatch {
+    fn new(start: Instant) -> Self {
+        AckWatch {
+            acked: AckedRanges::default(),
+            reported: 0,
+            changed_at: start,
+            gap_max: Duration::ZERO,
+        }
+    }
+
+    fn look(&mut self, publisher: &mut Publisher, progress: &Progress) {
+        let messages_acked = publisher.messages_acked();
+        if messages_acked != self.reported {
+            let now = Instant::now();
+            self.gap_max = self
+                .gap_max
+                .max(now.saturating_duration_since(self.changed_at));
+            self.changed_at = now;
+        }
+        progress
+            .acked
+            .fetch_add(messages_acked - self.reported, Ordering::Relaxed);
+        self.reported = messages_acked;
+        self.acked.absorb(publisher.take_events());
+    }
+}
+
+/// One publisher thread.
+struct PublisherRun<'a> {
+    plan: &'a Plan,
+    index: usize,
+    progress: &'a Progress,
+}
+
+impl PublisherRun<'_> {
+    fn run(&self, client_id: u64, connected: &Sender<()>, gate: &Receiver<()>) -> PublisherOutcome {
+        let plan = self.plan;
+        let connection = Publisher::connect(plan.publisher_config(client_id));
+        // Report in, connected or not, then wait for the gate (its sender is dropped to open).
+        let _ = connected.send(());
+        let _ = gate.recv();
+        let mut publisher = match connection {
+            Ok(publisher) => publisher,
+            Err(error) => return PublisherOutcome::failed(self.index, error.to_string()),
+        };
+        let Some(mut factory) = MessageFactory::new(self.index as u32, plan.message_bytes) else {
+            return PublisherOutcome::failed(
+                self.index,
+                format!(
+                    "{}-byte messages cannot hold the 16-byte header",
+                    plan.message_bytes
+                ),
+            );
+        };
+        let start = Instant::now();
+        let mut watch = AckWatch::new(start);
+        let (published, error) = self.send(&mut publisher, &mut factory, &mut watch, start);
+        self.finish(publisher, watch, published, error)
+    }
+
+    /// Publishes from `start` until the plan's stop; returns how many messages were
+    /// published and the error that ended it early.
+    fn send(
+        &self,
+        publisher: &mut Publisher,
+        factory: &mut MessageFactory,
+        watch: &mut AckWatch,
+        start: Instant,
+    ) -> (u64, Option<ClientError>) {
+        let plan = self.plan;
+        let limit = plan.messages_for(self.index).unwrap_or(u64::MAX);
+        let deadline = match plan.stop {
+            Stop::Duration(duration) => Some(start + duration),
+            Stop::TotalBytes(_) => None,
+        };
+        let pacing = Pacing::new(plan.rate_msgs_per_s, plan.publishers, start);
+        let mut seq = 0u64;
+        while seq < limit {
+            // Reading the clock for every message costs more than the message; every 256th
+            // will do.
+            if seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let sent = pacing
+                .wait_for(publisher, seq)
+                .and_then(|()| publisher.publish(factory.message(seq)));
+            if let Err(error) = sent {
+                return (seq, Some(error));
+            }
+            seq += 1;
+            self.progress.published.fetch_add(1, Ordering::Relaxed);
+            if seq % 1024 == 0 {
+                watch.look(publisher, self.progress);
+            }
+        }
+        (seq, None)
+    }
+
+    /// Flushes (the end of the measured phase) and closes the publisher, and reports what it
+    /// did; `published` messages were handed to it.
+    fn finish(
+        &self,
+        mut publisher: Publisher,
+        mut watch: AckWatch,
+        published: u64,
+        mut error: Option<ClientError>,
+    ) -> PublisherOutcome {
+        // The measured phase ends at the flush; the Goodbye exchange is not throughput.
+        let flushed = publisher.flush();
+        let flushed_at = Instant::now();
+        if let Err(e) = flushed.and_then(|()| publisher.close())
+            && error.is_none()
+        {
+            error = Some(e);
+        }
+        watch.acked.absorb(publisher.take_events());
+        let stats = publisher.stats();
+        self.progress
+            .acked
+            .fetch_add(stats.messages_acked - watch.reported, Ordering::Relaxed);
+        let expectation = if self.plan.ack == 0 {
+            // Nothing is acknowledged at ack 0: a written message counts as sent.
+            Expectation {
+                messages: stats.messages_sent,
+                excluded: Vec::new(),
+            }
+        } else {
+            watch.acked.expectation(published)
+        };
+        PublisherOutcome {
+            latency_us: publisher.ack_latency_histogram().clone(),
+            stats,
+            expectation,
+            connections: publisher.connection_count(),
+            flushed_at,
+            ack_gap_max: watch.gap_max,
+            error: error.map(|e| format!("publisher {}: {e}", self.index)),
+        }
+    }
+}
