@@ -1,13 +1,16 @@
 //! Topic creation: the admin connection (CreateTopic, then TopicOk or Error).
 
 use std::net::{Shutdown, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wire::{AckLevel, CreateTopicRepr, Frame, FrameKind, Retention, TopicOkRepr};
 
 use crate::config::{SOCKET_BUFFER_BYTES_DEFAULT, invalid, order, topic};
 use crate::error::ClientError;
-use crate::net::{FrameReader, Inbound, open_stream, read_before, write_frame};
+use crate::net::{FrameReader, Inbound, StepDeadline, open_stream, read_before, write_frame};
+
+/// Longest wait for the broker's Goodbye after a TopicOk.
+const GOODBYE_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// A topic to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +71,7 @@ pub fn create_topic(
     timeout: Duration,
 ) -> Result<TopicCreated, ClientError> {
     let repr = spec.repr()?;
-    let deadline = Instant::now() + timeout;
+    let deadline = StepDeadline::after(timeout);
     let stream = open_stream(addr, timeout, SOCKET_BUFFER_BYTES_DEFAULT)?;
     let mut reader = FrameReader::new(addr, wire::Limits::default());
     let result = write_frame(
@@ -82,7 +85,7 @@ pub fn create_topic(
     // Goodbye in every case; the broker already closes after a refusal, so only wait for
     // its Goodbye after a TopicOk.
     if write_frame(&stream, &Frame::Goodbye, addr, "sending Goodbye").is_ok() && result.is_ok() {
-        let goodbye_deadline = deadline.min(Instant::now() + Duration::from_secs(1));
+        let goodbye_deadline = StepDeadline::after(deadline.remaining().min(GOODBYE_WAIT_MAX));
         match read_before(&mut reader, &stream, goodbye_deadline, addr, "Goodbye") {
             Ok(Some(Inbound::Frame(Frame::Goodbye)) | None) => {}
             Ok(Some(other)) => log::debug!("{addr}: unexpected frame after TopicOk: {other:?}"),
@@ -263,5 +266,24 @@ mod tests {
         let mut bad = spec();
         bad.order = 4;
         assert!(bad.repr().is_err());
+    }
+
+    #[test]
+    fn a_silent_broker_times_out_with_the_time_allowed() {
+        // The kernel completes the handshake for the listener's backlog; nothing answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let error = create_topic(addr, &spec(), Duration::from_millis(200)).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ClientError::HandshakeTimeout {
+                    what: "CreateTopic/TopicOk",
+                    timeout_ms: 200,
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 }

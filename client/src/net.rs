@@ -308,19 +308,42 @@ pub(crate) fn set_read_timeout(
         .map_err(|error| ClientError::io(addr, "setting the read timeout", error))
 }
 
+/// The end of a bounded step, and the time the step was given (which its timeout error
+/// reports).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepDeadline {
+    at: Instant,
+    allowed: Duration,
+}
+
+impl StepDeadline {
+    /// A step that may take `allowed` from now.
+    pub(crate) fn after(allowed: Duration) -> Self {
+        StepDeadline {
+            at: Instant::now() + allowed,
+            allowed,
+        }
+    }
+
+    /// The time left.
+    pub(crate) fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+}
+
 /// Reads the next frame from a TCP stream before `deadline`; `what` names the step in a
 /// timeout error.
 pub(crate) fn read_before(
     reader: &mut FrameReader,
     stream: &TcpStream,
-    deadline: Instant,
+    deadline: StepDeadline,
     addr: SocketAddr,
     what: &'static str,
 ) -> Result<Option<Inbound>, ClientError> {
     loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        let remaining = deadline.remaining();
         if remaining.is_zero() {
-            return Err(ClientError::handshake_timeout(addr, what, remaining));
+            return Err(ClientError::handshake_timeout(addr, what, deadline.allowed));
         }
         set_read_timeout(stream, addr, remaining)?;
         match reader.next(&mut &*stream)? {
@@ -386,7 +409,7 @@ pub(crate) fn connect_and_hello(
     timeout: Duration,
     socket_buffer_bytes: usize,
 ) -> Result<(TcpStream, FrameReader, HelloOkRepr), ClientError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = StepDeadline::after(timeout);
     let stream = open_stream(addr, timeout, socket_buffer_bytes)?;
     stream
         .set_write_timeout(Some(timeout))
@@ -399,13 +422,7 @@ pub(crate) fn connect_and_hello(
         deadline,
         addr,
         "Hello/HelloOk exchange",
-    )
-    .map_err(|error| match error {
-        ClientError::HandshakeTimeout { .. } => {
-            ClientError::handshake_timeout(addr, "Hello/HelloOk exchange", timeout)
-        }
-        other => other,
-    })?;
+    )?;
     let ok = check_hello_answer(addr, answer, hello.order, hello.ack)?;
     // Later reads and writes block without a bound: the publisher's reader threads are
     // woken by shutdown(), and writes are bounded by TCP's own backpressure.
