@@ -8,6 +8,10 @@
 //! SYN-ACK (never sent: the client already has ours), and from then on translates between
 //! the two: smoltcp's sequence numbers and timestamps are shifted by the difference between
 //! its SYN-ACK and the cookie SYN-ACK, both ways, with the checksums adjusted (RFC 1624).
+//!
+//! The XDP program never opens a flow itself: an adoption opens it (the caller's
+//! `open_flow`), and it is closed ([`CookieFlows::take_closed`]) when the adoption or the
+//! connection ends, so the program's table holds exactly the adopted connections.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -32,7 +36,10 @@ const TS_WSCALE_NONE: u32 = 0xf;
 const TS_MSS_SHIFT: u32 = 4;
 const TS_MSS_CODE_MASK: u32 = 0x3f;
 const TS_MSS_UNIT: u32 = 64;
-/// The MSS every IPv4 host accepts: what a client without timestamps gets.
+/// The MSS code of a SYN without an MSS option.
+const TS_MSS_NONE: u32 = 0;
+/// The MSS every IPv4 host accepts (RFC 1122): what a client that sent no MSS option, or no
+/// timestamps to carry it, gets.
 const MSS_DEFAULT: u16 = 536;
 /// Bytes the timestamp option takes in every segment (NOP, NOP, kind, length, 8 bytes).
 const TIMESTAMP_OPTION_BYTES: u16 = 12;
@@ -175,7 +182,8 @@ fn fill_checksums(frame: &mut [u8], segment: &Segment) {
 }
 
 /// The SYN the client would have sent, rebuilt from its first ACK: ISN = seq - 1, and the
-/// MSS and window scale the cookie's timestamp (echoed in the ACK) encodes.
+/// MSS and window scale the cookie's timestamp (echoed in the ACK) encodes (536 when the
+/// client sent no MSS option; a smaller MSS it did send is kept).
 ///
 /// The MSS given to smoltcp is at most `mss_max` (ours), less the timestamp option when
 /// the client uses timestamps: smoltcp 0.12 fills a segment up to the peer's MSS and its
@@ -188,13 +196,12 @@ fn synthesize_syn(ack: &[u8], segment: &Segment, mss_max: u16) -> Vec<u8> {
     let timestamp = timestamp_at(ack, segment).map(|at| (be32(ack, at), be32(ack, at + 4)));
     let (mss, wscale) = match timestamp {
         Some((_, echo)) => {
-            let code = (echo >> TS_MSS_SHIFT) & TS_MSS_CODE_MASK;
-            let mss = u16::try_from(code * TS_MSS_UNIT).unwrap_or(u16::MAX);
+            let mss = match (echo >> TS_MSS_SHIFT) & TS_MSS_CODE_MASK {
+                TS_MSS_NONE => MSS_DEFAULT,
+                code => u16::try_from(code * TS_MSS_UNIT).unwrap_or(u16::MAX),
+            };
             let wscale = echo & TS_WSCALE_MASK;
-            (
-                mss.max(MSS_DEFAULT),
-                (wscale != TS_WSCALE_NONE).then_some(wscale as u8),
-            )
+            (mss, (wscale != TS_WSCALE_NONE).then_some(wscale as u8))
         }
         None => (MSS_DEFAULT, None),
     };
@@ -303,6 +310,9 @@ pub struct CookieCounts {
     /// Segments of an unknown flow passed on untranslated because the table was full
     /// (smoltcp answers them with a RST).
     pub table_full: u64,
+    /// Segments of an unknown flow passed on untranslated because the XDP program's flow
+    /// table refused the flow (smoltcp answers them with a RST).
+    pub flow_open_failed: u64,
     /// Segments dropped while their adoption was under way (more than [`HELD_PER_FLOW`]).
     pub held_dropped: u64,
     /// Adoptions given up after [`PENDING_TIMEOUT`].
@@ -359,8 +369,15 @@ impl CookieFlows {
         std::mem::take(&mut self.closed)
     }
 
-    /// Takes a received frame: translates it, or starts an adoption.
-    pub fn on_rx(&mut self, frame: &mut [u8], now: Instant) -> Rx {
+    /// Takes a received frame: translates it, or starts an adoption, which opens the flow
+    /// in the XDP program's table with `open_flow` first (when that fails, the frame goes
+    /// to smoltcp untranslated, which resets the connection).
+    pub fn on_rx(
+        &mut self,
+        frame: &mut [u8],
+        now: Instant,
+        open_flow: &mut dyn FnMut(Remote) -> bool,
+    ) -> Rx {
         self.now = now;
         let Some(segment) = parse_segment(frame) else {
             return Rx::Deliver;
@@ -391,6 +408,10 @@ impl CookieFlows {
             None if segment.flags & (ACK | SYN | RST) == ACK => {
                 if self.flows.len() >= self.flows_max {
                     self.counts.table_full += 1;
+                    return Rx::Deliver;
+                }
+                if !open_flow(segment.source) {
+                    self.counts.flow_open_failed += 1;
                     return Rx::Deliver;
                 }
                 let cookie_tsval = timestamp_at(frame, &segment).map(|at| be32(frame, at + 4));

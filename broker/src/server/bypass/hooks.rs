@@ -52,9 +52,19 @@ pub struct HookConfig {
     pub neighbours_max: usize,
 }
 
+/// The XDP program's key of the flow from `remote` to `local`.
+fn flow_key(remote: Remote, local: (Ipv4Addr, u16)) -> xdp_prog::FlowKey {
+    xdp_prog::FlowKey {
+        remote_ip: remote.0,
+        remote_port: remote.1,
+        local_ip: local.0,
+        local_port: local.1,
+    }
+}
+
 impl Hooks {
     /// Hooks over a netlink socket and the XDP program's flow table (`None` in tests: no
-    /// kernel to ask, no table to clean).
+    /// kernel to ask, no table to keep).
     pub fn new(
         config: HookConfig,
         netlink: Option<NeighbourSocket>,
@@ -95,10 +105,27 @@ impl Hooks {
         self.cookies.next_injected()
     }
 
-    /// A received frame (in place).
+    /// A received frame (in place). An adoption opens its flow in the XDP program's table.
     pub fn on_rx(&mut self, frame: &mut [u8], now: Instant) -> Rx {
         self.now = now;
-        self.cookies.on_rx(frame, now)
+        let (flows, local) = (&self.flows, (self.local_ip, self.local_port));
+        let mut refused = None;
+        let verdict = self.cookies.on_rx(frame, now, &mut |remote| {
+            let Some(flows) = flows else {
+                return true;
+            };
+            match flows.insert(&flow_key(remote, local)) {
+                Ok(()) => true,
+                Err(error) => {
+                    refused = Some(error);
+                    false
+                }
+            }
+        });
+        if let Some(error) = refused {
+            self.warn(format!("{error} (the connection was refused with a RST)"));
+        }
+        verdict
     }
 
     /// A frame smoltcp wrote (in place). smoltcp's ARP never goes on the wire: its
@@ -184,17 +211,12 @@ impl Hooks {
     }
 
     fn forget_closed(&mut self) {
-        for (remote_ip, remote_port) in self.cookies.take_closed() {
+        let local = (self.local_ip, self.local_port);
+        for remote in self.cookies.take_closed() {
             let Some(flows) = &self.flows else {
                 continue;
             };
-            let key = xdp_prog::FlowKey {
-                remote_ip,
-                remote_port,
-                local_ip: self.local_ip,
-                local_port: self.local_port,
-            };
-            if let Err(error) = flows.remove(&key) {
+            if let Err(error) = flows.remove(&flow_key(remote, local)) {
                 log::warn!("{error}");
             }
         }

@@ -155,7 +155,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         match self.steering.counters() {
             Ok(c) => log::info!(
-                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}, syn_cookie_sent {}, cookie_valid {}, cookie_invalid {}",
+                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}, syn_cookie_sent {}, cookie_valid {}, cookie_invalid {}, syn_dropped {}",
                 self.steering.ifindex(),
                 c.redirected,
                 c.passed,
@@ -163,7 +163,8 @@ impl Drop for Attached {
                 c.malformed,
                 c.syn_cookie_sent,
                 c.cookie_valid,
-                c.cookie_invalid
+                c.cookie_invalid,
+                c.syn_dropped
             ),
             Err(e) => log::warn!("cannot read the XDP counters: {e}"),
         }
@@ -274,7 +275,8 @@ pub fn spawn(
         mss,
         window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
         window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
-        // Room for every socket's flow and those just closed whose segments still arrive.
+        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time, see
+        // the hooks) and closes each; twice that is headroom.
         flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
         ..SteerConfig::new(vec![port], vec![ip])
     };

@@ -369,9 +369,10 @@ impl<D: Device + Burst> BypassLoop<D> {
         metrics
             .xdp_cookie_adopted
             .store(cookies.adopted, Ordering::Relaxed);
-        metrics
-            .xdp_cookie_refused
-            .store(cookies.refused + cookies.table_full, Ordering::Relaxed);
+        metrics.xdp_cookie_refused.store(
+            cookies.refused + cookies.table_full + cookies.flow_open_failed,
+            Ordering::Relaxed,
+        );
         metrics.xdp_cookie_dropped.store(
             cookies.held_dropped + cookies.timed_out + cookies.dropped_after_refusal,
             Ordering::Relaxed,
