@@ -3,7 +3,7 @@
 //! SYN-cookie connections ([`CookieFlows`], with the XDP program's flow table). A thin
 //! adapter: the decisions are in the sans-IO modules.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::Ipv4Addr;
 
 use smoltcp::time::{Duration, Instant};
@@ -12,14 +12,48 @@ use super::cookie::{CookieCounts, CookieFlows, Remote, Rx, Tx};
 use super::neighbour::{self, ARP_FRAME_BYTES, KernelNeighbour, NeighbourCounts, Neighbours};
 use super::netlink::NeighbourSocket;
 
-/// Least time between two warnings about the same kind of trouble.
+/// Least time between two warnings.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The clients that smoltcp's sockets are connected to, handshakes included. The poll loop
+/// fills it before each [`Hooks::housekeeping`] (its sets keep their memory).
+#[derive(Debug, Default)]
+pub struct Peers {
+    remotes: HashSet<Remote>,
+    hosts: HashSet<Ipv4Addr>,
+}
+
+impl Peers {
+    /// Forgets every peer.
+    pub fn clear(&mut self) {
+        self.remotes.clear();
+        self.hosts.clear();
+    }
+
+    /// A socket is connected to `remote`.
+    pub fn insert(&mut self, remote: Remote) {
+        self.remotes.insert(remote);
+        self.hosts.insert(remote.0);
+    }
+
+    /// Whether a socket is connected to `remote`.
+    pub fn has_socket(&self, remote: &Remote) -> bool {
+        self.remotes.contains(remote)
+    }
+
+    /// Whether a socket is connected to a port of `host`.
+    pub fn has_host(&self, host: Ipv4Addr) -> bool {
+        self.hosts.contains(&host)
+    }
+}
 
 /// The hooks of one device.
 #[derive(Debug)]
 pub struct Hooks {
     cookies: CookieFlows,
     neighbours: Neighbours,
+    /// smoltcp's neighbour cache size (for the warning when it is full).
+    neighbour_cache_entries: usize,
     arp_replies: VecDeque<[u8; ARP_FRAME_BYTES]>,
     netlink: Option<NeighbourSocket>,
     flows: Option<xdp_prog::Flows>,
@@ -48,8 +82,10 @@ pub struct HookConfig {
     pub mss: u16,
     /// Most adopted connections (pending and open) at a time.
     pub flows_max: usize,
-    /// Most neighbours tracked (known, wanted).
+    /// Most neighbours smoltcp may be looking for at a time.
     pub neighbours_max: usize,
+    /// How many neighbours smoltcp's cache holds (`smoltcp::config`).
+    pub neighbour_cache_entries: usize,
 }
 
 /// The XDP program's key of the flow from `remote` to `local`.
@@ -77,7 +113,9 @@ impl Hooks {
                 config.mac,
                 config.ip,
                 config.neighbours_max,
+                config.neighbour_cache_entries,
             ),
+            neighbour_cache_entries: config.neighbour_cache_entries,
             arp_replies: VecDeque::new(),
             netlink,
             flows,
@@ -152,32 +190,38 @@ impl Hooks {
     }
 
     /// Once in a while (every few milliseconds at most): reads the kernel's neighbour news,
-    /// asks it what smoltcp needs, and expires adoptions and flows without a socket.
-    pub fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool) {
+    /// asks it what smoltcp needs, and expires adoptions and flows without a socket
+    /// (`peers` says which clients have one).
+    pub fn housekeeping(&mut self, now: Instant, peers: &Peers) {
         self.now = now;
         if let Some(netlink) = &mut self.netlink {
-            if let Err(error) = netlink.receive(&mut self.kernel) {
+            match netlink.receive(&mut self.kernel) {
+                Ok(0) => {}
+                Ok(foreign) => self.warn(format!(
+                    "dropped {foreign} netlink message(s) sent to the broker's neighbour socket by another process than the kernel"
+                )),
                 // ENOBUFS: notifications were lost; the periodic dump catches up.
-                let text = format!("reading the kernel's neighbour table failed: {error}");
-                self.warn(text);
+                Err(error) => self.warn(format!(
+                    "reading the kernel's neighbour table failed: {error}"
+                )),
             }
         }
-        let mut full = false;
         for message in self.kernel.drain(..) {
             match message {
                 KernelNeighbour::Error { errno } => log::debug!(
                     "the kernel refused a neighbour request: {}",
                     std::io::Error::from_raw_os_error(errno)
                 ),
-                other => full |= self.neighbours.on_kernel(other),
+                other => self.neighbours.on_kernel(other),
             }
         }
-        if full {
-            self.warn(
-                "the neighbour table is full: kernel entries ignored (raise --xdp-sockets)".into(),
-            );
+        let (actions, cache_full) = self.neighbours.poll(now, |ip| peers.has_host(ip));
+        if cache_full {
+            self.warn(format!(
+                "sockets use more client hosts than smoltcp's neighbour cache holds ({}): segments to some are dropped until smoltcp asks for their address again (build the broker with a larger SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT)",
+                self.neighbour_cache_entries
+            ));
         }
-        let actions = self.neighbours.poll(now);
         self.arp_replies.extend(actions.replies);
         if let Some(netlink) = &mut self.netlink {
             let mut failed = None;
@@ -197,7 +241,7 @@ impl Hooks {
                 self.warn(text);
             }
         }
-        self.cookies.expire(now, has_socket);
+        self.cookies.expire(now, |remote| peers.has_socket(remote));
         self.forget_closed();
         let table_full = self.cookies.counts().table_full;
         if table_full > self.table_full_seen {
@@ -231,5 +275,23 @@ impl Hooks {
         }
         self.warned_at = Some(self.now);
         log::warn!("{text}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_answer_by_connection_and_by_host() {
+        let mut peers = Peers::default();
+        let client = Ipv4Addr::new(10, 77, 0, 1);
+        peers.insert((client, 40_000));
+        assert!(peers.has_socket(&(client, 40_000)));
+        assert!(!peers.has_socket(&(client, 40_001)));
+        assert!(peers.has_host(client));
+        assert!(!peers.has_host(Ipv4Addr::new(10, 77, 0, 9)));
+        peers.clear();
+        assert!(!peers.has_socket(&(client, 40_000)) && !peers.has_host(client));
     }
 }

@@ -323,6 +323,15 @@ pub fn spawn(
         queue_count - 1,
         xdp.geometry.frames
     );
+    let cache_entries = smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT;
+    if xdp.sockets > cache_entries {
+        log::warn!(
+            "broker {}: --xdp-sockets {} is more than smoltcp's neighbour cache holds ({cache_entries}): with more client hosts than that at a time, segments to some are dropped while smoltcp looks their address up again (build the broker with SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT={} or more)",
+            options.settings.broker_id,
+            xdp.sockets,
+            xdp.sockets
+        );
+    }
     let hooks = Hooks::new(
         HookConfig {
             ifindex,
@@ -332,6 +341,7 @@ pub fn spawn(
             mss,
             flows_max: xdp.sockets * 2,
             neighbours_max: xdp.sockets.max(64),
+            neighbour_cache_entries: smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT,
         },
         Some(netlink),
         Some(flows),

@@ -15,6 +15,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
 use super::device::Burst;
+use super::hooks::Peers;
 use super::xsk::{FRAME_BYTES, XskStats};
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
@@ -167,6 +168,8 @@ pub struct BypassLoop<D> {
     idle: Idle,
     stop: Arc<AtomicBool>,
     next_id: u64,
+    /// The sockets' peers, gathered for each housekeeping.
+    peers: Peers,
 }
 
 impl<D> std::fmt::Debug for BypassLoop<D> {
@@ -258,6 +261,7 @@ impl<D: Device + Burst> BypassLoop<D> {
             idle: Idle::new(options.idle),
             stop,
             next_id: 1,
+            peers: Peers::default(),
         }
     }
 
@@ -352,18 +356,15 @@ impl<D: Device + Burst> BypassLoop<D> {
     /// Serves the device's hooks and copies their counts into the metrics.
     fn housekeeping(&mut self, started: StdInstant, now: StdInstant) {
         let timestamp = Instant::from_micros(now.duration_since(started).as_micros() as i64);
-        let sockets = &self.sockets;
-        let remotes: Vec<_> = self
-            .slots
-            .iter()
-            .filter_map(|(handle, _, _)| {
-                let endpoint = sockets.get::<tcp::Socket<'_>>(*handle).remote_endpoint()?;
+        self.peers.clear();
+        for (handle, _, _) in &self.slots {
+            let socket = self.sockets.get::<tcp::Socket<'_>>(*handle);
+            if let Some(endpoint) = socket.remote_endpoint() {
                 let IpAddress::Ipv4(ip) = endpoint.addr;
-                Some((ip, endpoint.port))
-            })
-            .collect();
-        self.device
-            .housekeeping(timestamp, &|remote| remotes.contains(remote));
+                self.peers.insert((ip, endpoint.port));
+            }
+        }
+        self.device.housekeeping(timestamp, &self.peers);
         let (cookies, neighbours) = self.device.hook_counts();
         let metrics = &self.state.metrics;
         metrics
@@ -380,9 +381,10 @@ impl<D: Device + Burst> BypassLoop<D> {
         metrics
             .xdp_neighbour_replies
             .store(neighbours.replies, Ordering::Relaxed);
-        metrics
-            .xdp_neighbour_table_full
-            .store(neighbours.table_full, Ordering::Relaxed);
+        metrics.xdp_neighbour_table_full.store(
+            neighbours.table_full + neighbours.cache_full,
+            Ordering::Relaxed,
+        );
     }
 
     fn route(&mut self, outcome: &RoutedOutcome, now: StdInstant) {
