@@ -12,8 +12,53 @@ use super::cookie::{CookieCounts, CookieFlows, Remote, Rx, Tx};
 use super::neighbour::{self, ARP_FRAME_BYTES, KernelNeighbour, NeighbourCounts, Neighbours};
 use super::netlink::NeighbourSocket;
 
-/// Least time between two warnings.
+/// Least time between two warnings about the same kind of trouble.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The kinds of trouble the hooks warn about; each is throttled on its own, so that one
+/// kind cannot hide another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trouble {
+    /// smoltcp asked for more neighbours at a time than are tracked.
+    NeighboursWanted,
+    /// Sockets use more client hosts than smoltcp's neighbour cache holds.
+    NeighbourCache,
+    /// Reading the netlink socket failed.
+    NetlinkReceive,
+    /// Netlink messages came from another process than the kernel.
+    NetlinkForeign,
+    /// A request to the kernel could not be sent.
+    NetlinkSend,
+    /// Every adoption was in use.
+    Adoptions,
+    /// The XDP program's flow table refused a flow.
+    FlowOpen,
+    /// A flow could not be removed from the XDP program's flow table.
+    FlowClose,
+}
+
+/// How many kinds of [`Trouble`] there are.
+const TROUBLE_KINDS: usize = 8;
+const _: () = assert!(Trouble::FlowClose as usize + 1 == TROUBLE_KINDS);
+
+/// When each kind of trouble was last warned about.
+#[derive(Debug, Default)]
+struct Warnings {
+    warned_at: [Option<Instant>; TROUBLE_KINDS],
+}
+
+impl Warnings {
+    /// Whether a warning about `trouble` may be logged at `now` (then it is counted as
+    /// logged).
+    fn due(&mut self, trouble: Trouble, now: Instant) -> bool {
+        let warned_at = &mut self.warned_at[trouble as usize];
+        if warned_at.is_some_and(|at| now - at < WARNING_INTERVAL) {
+            return false;
+        }
+        *warned_at = Some(now);
+        true
+    }
+}
 
 /// The clients that smoltcp's sockets are connected to, handshakes included. The poll loop
 /// fills it before each [`Hooks::housekeeping`] (its sets keep their memory).
@@ -62,7 +107,7 @@ pub struct Hooks {
     local_port: u16,
     kernel: Vec<KernelNeighbour>,
     now: Instant,
-    warned_at: Option<Instant>,
+    warnings: Warnings,
     /// `table_full` of the cookie flows when last looked at.
     table_full_seen: u64,
 }
@@ -124,7 +169,7 @@ impl Hooks {
             local_port: config.port,
             kernel: Vec::new(),
             now: Instant::ZERO,
-            warned_at: None,
+            warnings: Warnings::default(),
             table_full_seen: 0,
         }
     }
@@ -161,7 +206,10 @@ impl Hooks {
             }
         });
         if let Some(error) = refused {
-            self.warn(format!("{error} (the connection was refused with a RST)"));
+            self.warn(
+                Trouble::FlowOpen,
+                format!("{error} (the connection was refused with a RST)"),
+            );
         }
         verdict
     }
@@ -172,9 +220,12 @@ impl Hooks {
         if neighbour::is_arp(frame) {
             if let Some(target) = neighbour::arp_request_target(frame) {
                 if self.neighbours.on_arp_request(target, self.now) {
-                    self.warn(format!(
-                        "the neighbour table is full: ARP request for {target} not tracked (raise --xdp-sockets)"
-                    ));
+                    self.warn(
+                        Trouble::NeighboursWanted,
+                        format!(
+                            "the neighbour table is full: ARP request for {target} not tracked (raise --xdp-sockets)"
+                        ),
+                    );
                 }
             }
             return Tx::Swallow;
@@ -197,13 +248,17 @@ impl Hooks {
         if let Some(netlink) = &mut self.netlink {
             match netlink.receive(&mut self.kernel) {
                 Ok(0) => {}
-                Ok(foreign) => self.warn(format!(
-                    "dropped {foreign} netlink message(s) sent to the broker's neighbour socket by another process than the kernel"
-                )),
+                Ok(foreign) => self.warn(
+                    Trouble::NetlinkForeign,
+                    format!(
+                        "dropped {foreign} netlink message(s) sent to the broker's neighbour socket by another process than the kernel"
+                    ),
+                ),
                 // ENOBUFS: notifications were lost; the periodic dump catches up.
-                Err(error) => self.warn(format!(
-                    "reading the kernel's neighbour table failed: {error}"
-                )),
+                Err(error) => self.warn(
+                    Trouble::NetlinkReceive,
+                    format!("reading the kernel's neighbour table failed: {error}"),
+                ),
             }
         }
         for message in self.kernel.drain(..) {
@@ -217,10 +272,13 @@ impl Hooks {
         }
         let (actions, cache_full) = self.neighbours.poll(now, |ip| peers.has_host(ip));
         if cache_full {
-            self.warn(format!(
-                "sockets use more client hosts than smoltcp's neighbour cache holds ({}): segments to some are dropped until smoltcp asks for their address again (build the broker with a larger SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT)",
-                self.neighbour_cache_entries
-            ));
+            self.warn(
+                Trouble::NeighbourCache,
+                format!(
+                    "sockets use more client hosts than smoltcp's neighbour cache holds ({}): segments to some are dropped until smoltcp asks for their address again (build the broker with a larger SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT)",
+                    self.neighbour_cache_entries
+                ),
+            );
         }
         self.arp_replies.extend(actions.replies);
         if let Some(netlink) = &mut self.netlink {
@@ -238,7 +296,7 @@ impl Hooks {
                 }
             }
             if let Some(text) = failed {
-                self.warn(text);
+                self.warn(Trouble::NetlinkSend, text);
             }
         }
         self.cookies.expire(now, |remote| peers.has_socket(remote));
@@ -247,10 +305,13 @@ impl Hooks {
         if table_full > self.table_full_seen {
             let refused = table_full - self.table_full_seen;
             self.table_full_seen = table_full;
-            self.warn(format!(
-                "{refused} connection(s) refused with a RST: all {} adoptions in use (raise --xdp-sockets)",
-                self.cookies.len()
-            ));
+            self.warn(
+                Trouble::Adoptions,
+                format!(
+                    "{refused} connection(s) refused with a RST: all {} adoptions in use (raise --xdp-sockets)",
+                    self.cookies.len()
+                ),
+            );
         }
     }
 
@@ -261,26 +322,37 @@ impl Hooks {
                 continue;
             };
             if let Err(error) = flows.remove(&flow_key(remote, local)) {
-                log::warn!("{error}");
+                self.warn(Trouble::FlowClose, error.to_string());
             }
         }
     }
 
-    fn warn(&mut self, text: String) {
-        if self
-            .warned_at
-            .is_some_and(|at| self.now - at < WARNING_INTERVAL)
-        {
-            return;
+    fn warn(&mut self, trouble: Trouble, text: String) {
+        if self.warnings.due(trouble, self.now) {
+            log::warn!("{text}");
         }
-        self.warned_at = Some(self.now);
-        log::warn!("{text}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_kind_of_trouble_is_throttled_on_its_own() {
+        let mut warnings = Warnings::default();
+        let at = Instant::from_millis;
+        assert!(warnings.due(Trouble::NeighboursWanted, at(0)));
+        assert!(
+            warnings.due(Trouble::FlowOpen, at(1)),
+            "another kind is not hidden behind the first"
+        );
+        assert!(!warnings.due(Trouble::NeighboursWanted, at(2)));
+        assert!(!warnings.due(Trouble::FlowOpen, at(9_999)));
+        assert!(warnings.due(Trouble::NeighboursWanted, at(10_000)));
+        assert!(warnings.due(Trouble::FlowOpen, at(10_001)));
+        assert!(warnings.due(Trouble::FlowClose, at(10_001)));
+    }
 
     #[test]
     fn peers_answer_by_connection_and_by_host() {
