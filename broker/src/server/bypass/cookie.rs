@@ -48,7 +48,8 @@ const TIMESTAMP_OPTION_BYTES: u16 = 12;
 /// data (Linux sends 10 segments at once) when smoltcp cannot answer the SYN at once (its
 /// neighbour is still being asked of the kernel). More are dropped (TCP resends them).
 pub const HELD_PER_FLOW: usize = 16;
-/// How long an adoption may wait for smoltcp's SYN-ACK before it is given up.
+/// How long an adoption may wait for smoltcp's SYN-ACK before it is given up, and how long
+/// the segments of a refused or given-up connection are dropped here.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A client: its address and port (our address and port are the device's).
@@ -269,6 +270,15 @@ enum Flow {
         /// Client's view minus smoltcp's view of our timestamps.
         ts_delta: u32,
     },
+    /// smoltcp did not answer the SYN within [`PENDING_TIMEOUT`]: its half-open socket is
+    /// to be aborted ([`CookieFlows::take_aborted`]), and the RST that sends goes to the
+    /// client in its numbers.
+    GivenUp {
+        /// The cookie: our ISN as the client knows it.
+        cookie_isn: u32,
+        /// When.
+        since: Instant,
+    },
     /// smoltcp refused the adoption and the client got a RST; the segments it sent before
     /// it saw the RST are dropped here (each would start a new adoption, refused again).
     Refused {
@@ -317,7 +327,8 @@ pub struct CookieCounts {
     pub held_dropped: u64,
     /// Adoptions given up after [`PENDING_TIMEOUT`].
     pub timed_out: u64,
-    /// Segments of refused connections dropped (sent before the client saw the RST).
+    /// Segments of refused or given-up connections dropped (sent before the client saw the
+    /// RST).
     pub dropped_after_refusal: u64,
 }
 
@@ -333,6 +344,8 @@ pub struct CookieFlows {
     inject: VecDeque<Vec<u8>>,
     /// Flows that ended; the XDP program's table must forget them.
     closed: Vec<Remote>,
+    /// Adoptions given up: smoltcp's half-open sockets for them must be aborted.
+    aborted: Vec<Remote>,
     counts: CookieCounts,
     /// The time of the last received frame.
     now: Instant,
@@ -349,6 +362,7 @@ impl CookieFlows {
             flows_max,
             inject: VecDeque::with_capacity(flows_max),
             closed: Vec::new(),
+            aborted: Vec::new(),
             counts: CookieCounts::default(),
             now: Instant::ZERO,
         }
@@ -367,6 +381,12 @@ impl CookieFlows {
     /// Flows that ended since the last call (to remove from the XDP program's table).
     pub fn take_closed(&mut self) -> Vec<Remote> {
         std::mem::take(&mut self.closed)
+    }
+
+    /// Adoptions given up since the last call: abort smoltcp's half-open socket for each
+    /// (it would hold a listening socket, and send its SYN-ACK untranslated once it could).
+    pub fn take_aborted(&mut self) -> Vec<Remote> {
+        std::mem::take(&mut self.aborted)
     }
 
     /// Takes a received frame: translates it, or starts an adoption, which opens the flow
@@ -401,7 +421,7 @@ impl CookieFlows {
                 }
                 Rx::Consumed
             }
-            Some(Flow::Refused { .. }) => {
+            Some(Flow::Refused { .. } | Flow::GivenUp { .. }) => {
                 self.counts.dropped_after_refusal += 1;
                 Rx::Consumed
             }
@@ -483,17 +503,18 @@ impl CookieFlows {
             }
             Some(Flow::Pending { cookie_isn, .. }) if segment.flags & RST != 0 => {
                 // smoltcp had no socket for the SYN: tell the client, in its numbers.
-                let isn = *cookie_isn;
-                frame[segment.tcp + 4..segment.tcp + 8]
-                    .copy_from_slice(&isn.wrapping_add(1).to_be_bytes());
-                frame[segment.tcp + 8..segment.tcp + 12].fill(0);
-                frame[segment.tcp + 13] = RST;
-                fill_checksums(frame, &segment);
+                reset_in_client_numbers(frame, &segment, *cookie_isn);
                 self.flows.insert(remote, Flow::Refused { since: self.now });
                 self.counts.refused += 1;
                 Tx::Send
             }
-            Some(Flow::Pending { .. } | Flow::Refused { .. }) => Tx::Swallow,
+            Some(Flow::GivenUp { cookie_isn, .. }) if segment.flags & RST != 0 => {
+                // The aborted socket's RST.
+                reset_in_client_numbers(frame, &segment, *cookie_isn);
+                self.flows.insert(remote, Flow::Refused { since: self.now });
+                Tx::Send
+            }
+            Some(Flow::Pending { .. } | Flow::GivenUp { .. } | Flow::Refused { .. }) => Tx::Swallow,
         }
     }
 
@@ -504,22 +525,32 @@ impl CookieFlows {
         }
     }
 
-    /// Forgets open flows without a socket (`has_socket` false), and adoptions and refused
-    /// connections older than [`PENDING_TIMEOUT`]. Call it now and then.
+    /// Forgets open flows without a socket (`has_socket` false) and refused or given-up
+    /// connections older than [`PENDING_TIMEOUT`]; gives up adoptions older than that
+    /// (see [`CookieFlows::take_aborted`]). Call it now and then.
     pub fn expire(&mut self, now: Instant, has_socket: impl Fn(&Remote) -> bool) {
         let closed = &mut self.closed;
+        let aborted = &mut self.aborted;
         let counts = &mut self.counts;
         self.flows.retain(|remote, flow| {
             let keep = match flow {
                 Flow::Open { .. } => has_socket(remote),
-                Flow::Pending { since, .. } => {
-                    let keep = now - *since < PENDING_TIMEOUT;
-                    if !keep {
+                Flow::Pending {
+                    since, cookie_isn, ..
+                } => {
+                    if now - *since >= PENDING_TIMEOUT {
                         counts.timed_out += 1;
+                        aborted.push(*remote);
+                        *flow = Flow::GivenUp {
+                            cookie_isn: *cookie_isn,
+                            since: now,
+                        };
                     }
-                    keep
+                    true
                 }
-                Flow::Refused { since } => now - *since < PENDING_TIMEOUT,
+                Flow::GivenUp { since, .. } | Flow::Refused { since } => {
+                    now - *since < PENDING_TIMEOUT
+                }
             };
             if !keep {
                 closed.push(*remote);
@@ -537,6 +568,16 @@ impl CookieFlows {
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
+}
+
+/// Turns smoltcp's RST for a connection it never answered into the client's numbers: the
+/// sequence number the cookie SYN-ACK promised, no acknowledgement.
+fn reset_in_client_numbers(frame: &mut [u8], segment: &Segment, cookie_isn: u32) {
+    frame[segment.tcp + 4..segment.tcp + 8]
+        .copy_from_slice(&cookie_isn.wrapping_add(1).to_be_bytes());
+    frame[segment.tcp + 8..segment.tcp + 12].fill(0);
+    frame[segment.tcp + 13] = RST;
+    fill_checksums(frame, segment);
 }
 
 /// Client -> smoltcp: the client acknowledges and echoes our numbers in its view.

@@ -242,8 +242,9 @@ impl Hooks {
 
     /// Once in a while (every few milliseconds at most): reads the kernel's neighbour news,
     /// asks it what smoltcp needs, and expires adoptions and flows without a socket
-    /// (`peers` says which clients have one).
-    pub fn housekeeping(&mut self, now: Instant, peers: &Peers) {
+    /// (`peers` says which clients have one). Returns the adoptions given up: abort the
+    /// half-open smoltcp socket of each.
+    pub fn housekeeping(&mut self, now: Instant, peers: &Peers) -> Vec<Remote> {
         self.now = now;
         if let Some(netlink) = &mut self.netlink {
             match netlink.receive(&mut self.kernel) {
@@ -313,6 +314,7 @@ impl Hooks {
                 ),
             );
         }
+        self.cookies.take_aborted()
     }
 
     fn forget_closed(&mut self) {

@@ -14,6 +14,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
+use super::cookie::Remote;
 use super::device::Burst;
 use super::hooks::Peers;
 use super::xsk::{FRAME_BYTES, XskStats};
@@ -213,6 +214,20 @@ fn tsval_ms() -> u32 {
     START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
 }
 
+/// Aborts `socket` if it holds the half-open connection (smoltcp's SYN-RECEIVED) of an
+/// adoption given up with `remote`. Returns whether it did.
+pub(super) fn abort_half_open(socket: &mut tcp::Socket<'_>, remote: Remote) -> bool {
+    let Some(endpoint) = socket.remote_endpoint() else {
+        return false;
+    };
+    let IpAddress::Ipv4(ip) = endpoint.addr;
+    if socket.state() != tcp::State::SynReceived || (ip, endpoint.port) != remote {
+        return false;
+    }
+    socket.abort();
+    true
+}
+
 pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
     // smoltcp drops the generator when a peer offers no timestamps: set it for every
     // connection.
@@ -353,7 +368,8 @@ impl<D: Device + Burst> BypassLoop<D> {
         self.device
     }
 
-    /// Serves the device's hooks and copies their counts into the metrics.
+    /// Serves the device's hooks, aborts the handshakes of adoptions they gave up, and
+    /// copies their counts into the metrics.
     fn housekeeping(&mut self, started: StdInstant, now: StdInstant) {
         let timestamp = Instant::from_micros(now.duration_since(started).as_micros() as i64);
         self.peers.clear();
@@ -364,7 +380,14 @@ impl<D: Device + Burst> BypassLoop<D> {
                 self.peers.insert((ip, endpoint.port));
             }
         }
-        self.device.housekeeping(timestamp, &self.peers);
+        for remote in self.device.housekeeping(timestamp, &self.peers) {
+            for (handle, slot, _) in &self.slots {
+                let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+                if matches!(slot, Slot::Listening) && abort_half_open(socket, remote) {
+                    break;
+                }
+            }
+        }
         let (cookies, neighbours) = self.device.hook_counts();
         let metrics = &self.state.metrics;
         metrics

@@ -19,7 +19,7 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::server::bypass::neighbour::arp_reply_frame;
-use crate::server::bypass::poll_loop::new_socket;
+use crate::server::bypass::poll_loop::{abort_half_open, new_socket};
 
 /// The lab's MTU.
 const MTU: usize = 3500;
@@ -633,10 +633,69 @@ fn flows_without_a_socket_and_stuck_adoptions_expire() {
     assert_eq!(flows.counts().held_dropped, 1, "one more than is held");
     flows.expire(at + PENDING_TIMEOUT - Duration::from_millis(1), |_| true);
     assert_eq!(flows.len(), 1);
-    flows.expire(at + PENDING_TIMEOUT, |_| true);
+    assert!(flows.take_aborted().is_empty());
+    // Given up: its half-open socket is to be aborted; the flow goes a while later.
+    let given_up_at = at + PENDING_TIMEOUT;
+    flows.expire(given_up_at, |_| true);
+    assert_eq!(flows.counts().timed_out, 1);
+    assert_eq!(flows.take_aborted(), vec![(CLIENT_IP, CLIENT_PORT)]);
+    assert!(flows.take_closed().is_empty());
+    assert_eq!(flows.on_rx(&mut data, given_up_at, open_flow), Rx::Consumed);
+    flows.expire(given_up_at + PENDING_TIMEOUT, |_| true);
     assert!(flows.is_empty());
     assert_eq!(flows.counts().timed_out, 1);
     assert_eq!(flows.take_closed(), vec![(CLIENT_IP, CLIENT_PORT)]);
+}
+
+/// The frames smoltcp sent to the client that are TCP segments with SYN set.
+fn syns(frames: &[Vec<u8>]) -> usize {
+    frames
+        .iter()
+        .filter_map(|frame| parse_segment(frame))
+        .filter(|segment| segment.flags & SYN != 0)
+        .count()
+}
+
+#[test]
+fn a_given_up_adoption_aborts_its_half_open_socket() {
+    NOW_MS.set(1);
+    // smoltcp does not know the client yet: it cannot answer the SYN.
+    let mut broker = Broker::with_wire(true, VecDeque::new());
+    let (outcome, mut client) = run(TIMESTAMPS, &mut broker, 5);
+    assert_eq!(outcome.counts.adopted, 0, "{outcome:?}");
+    let remote = (CLIENT_IP, CLIENT_PORT);
+    {
+        let socket = broker.sockets.get::<tcp::Socket<'_>>(broker.handle);
+        assert_eq!(socket.state(), tcp::State::SynReceived);
+    }
+    // The poll loop's housekeeping after the timeout.
+    NOW_MS.set(NOW_MS.get() + PENDING_TIMEOUT.total_millis() as u32);
+    let now = Instant::from_millis(i64::from(NOW_MS.get()));
+    broker.wire.flows.expire(now, |_| true);
+    for aborted in broker.wire.flows.take_aborted() {
+        let socket = broker.sockets.get_mut::<tcp::Socket<'_>>(broker.handle);
+        assert!(abort_half_open(socket, aborted), "{aborted:?}");
+    }
+    // The neighbour arrives late; smoltcp's retransmission timer has long expired.
+    broker.wire.to_broker.push_back(client_neighbour());
+    NOW_MS.set(NOW_MS.get() + 2_000);
+    broker.serve();
+    let sent = std::mem::take(&mut broker.wire.to_client);
+    assert_eq!(syns(&sent), 0, "no SYN-ACK of a connection given up");
+    for frame in &sent {
+        client.receive(frame);
+    }
+    assert!(
+        client.reset,
+        "the abort's RST reaches the client in its numbers"
+    );
+    assert_eq!(client.dropped, Dropped::default());
+    let socket = broker.sockets.get::<tcp::Socket<'_>>(broker.handle);
+    assert_eq!(socket.state(), tcp::State::Closed, "free to listen again");
+    assert!(!abort_half_open(
+        broker.sockets.get_mut::<tcp::Socket<'_>>(broker.handle),
+        remote
+    ));
 }
 
 #[test]
