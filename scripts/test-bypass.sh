@@ -546,7 +546,9 @@ case_syn_flood() {
         fail "established connections under the flood got less than $min_ratio of the $reference MB/s"
     jq -e '.xdp.syn_cookie_sent >= .flood.packets_sent + .flood.packets_sent_alone' "$result" >/dev/null ||
         fail "not every SYN of the flood was answered with a cookie"
-    jq -e '.xdp.cookie_valid == .xdp.adopted and .xdp.cookie_valid < 100' "$result" >/dev/null ||
+    # cookie_valid counts segments: a connection's ACK, and its Hello when that passes the
+    # program before the adoption opened the flow.
+    jq -e '.xdp.cookie_valid >= .xdp.adopted and .xdp.cookie_valid < 100' "$result" >/dev/null ||
         fail "flows other than the loadgen's were opened: the flood reached userspace"
     stop_cluster
     cleanup

@@ -87,6 +87,19 @@ pub enum XdpError {
         source: libbpf_rs::Error,
     },
 
+    /// The `flows` map has no room for another flow.
+    #[error(
+        "cannot open flow {flow}: the XDP program's flows map is full ({max} flows); \
+         flows of ended connections were not removed, or more connections are open than \
+         SteerConfig::flows_max allows: raise it"
+    )]
+    FlowTableFull {
+        /// The flow.
+        flow: String,
+        /// The map's size.
+        max: u32,
+    },
+
     /// The rx queue already has an AF_XDP socket in the socket map.
     #[error(
         "rx queue {queue} of {ifname} already has an AF_XDP socket registered (a second \

@@ -3,9 +3,10 @@
 //! The program (`src/bpf/steer.bpf.c`) handles IPv4 TCP segments (not fragmented) whose
 //! destination address is one of [`SteerConfig::ips`] and whose destination port is one of
 //! [`SteerConfig::ports`]: it answers SYNs itself with SYN cookies (`XDP_TX`, no state
-//! kept), opens a flow when an ACK carries a valid cookie, and redirects the segments of
-//! open flows into the AF_XDP socket registered for the packet's rx queue; other segments
-//! of unknown flows are dropped.
+//! kept), redirects an ACK that carries a valid cookie and the segments of open flows into
+//! the AF_XDP socket registered for the packet's rx queue, and drops other segments of
+//! unknown flows. Userspace opens a flow ([`Flows::insert`]) when it adopts the connection
+//! and closes it ([`Flows::remove`]) when the connection ends.
 //!
 //! Everything else goes to the kernel (`XDP_PASS`), ARP included: the kernel keeps
 //! neighbour resolution, and ssh and the rest of the host keep working. Broker traffic that
@@ -106,8 +107,8 @@ pub struct SteerConfig {
     pub window_shift: u8,
     /// The window of the SYN-ACK (never scaled).
     pub window: u16,
-    /// Size of the `flows` map (open connections; least recently used ones are evicted
-    /// when it is full), 1 to [`MAX_FLOWS`].
+    /// Size of the `flows` map (the connections userspace opened with [`Flows::insert`];
+    /// an insert into a full map fails), 1 to [`MAX_FLOWS`].
     pub flows_max: u32,
 }
 
@@ -165,15 +166,17 @@ pub struct Counters {
     pub malformed: u64,
     /// SYNs answered with a cookie SYN-ACK (`XDP_TX`).
     pub syn_cookie_sent: u64,
-    /// ACKs with a valid cookie: the flow was opened and the ACK redirected.
+    /// ACKs of unknown flows with a valid cookie: redirected (userspace adopts them).
     pub cookie_valid: u64,
-    /// Other segments of unknown flows (invalid cookie, RST, SYN we cannot answer):
-    /// dropped.
+    /// Other segments of unknown flows (invalid cookie, RST, SYN-ACK): dropped.
     pub cookie_invalid: u64,
+    /// SYNs that cannot be answered (IPv4 options, or no room to grow the frame into the
+    /// SYN-ACK): dropped.
+    pub syn_dropped: u64,
 }
 
 /// Counters per CPU in the `counters` map, as `struct counters` in steer.bpf.c.
-const COUNTER_FIELDS: usize = 7;
+const COUNTER_FIELDS: usize = 8;
 /// Bytes per CPU in the `counters` map.
 const COUNTERS_SIZE: usize = COUNTER_FIELDS * size_of::<u64>();
 
@@ -202,6 +205,7 @@ impl Counters {
             syn_cookie_sent,
             cookie_valid,
             cookie_invalid,
+            syn_dropped,
         ] = sum;
         Ok(Counters {
             redirected,
@@ -211,6 +215,7 @@ impl Counters {
             syn_cookie_sent,
             cookie_valid,
             cookie_invalid,
+            syn_dropped,
         })
     }
 
@@ -584,6 +589,16 @@ pub struct FlowKey {
     pub local_port: u16,
 }
 
+impl fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{} -> {}:{}",
+            self.remote_ip, self.remote_port, self.local_ip, self.local_port
+        )
+    }
+}
+
 impl FlowKey {
     /// `struct flow_key` of steer.bpf.c: addresses and ports in network byte order.
     fn bytes(&self) -> [u8; 12] {
@@ -596,14 +611,34 @@ impl FlowKey {
     }
 }
 
-/// The program's table of open flows (an LRU hash: when it is full, the least recently
-/// used flow is evicted, and its next segment is dropped as an unknown flow).
+/// The program's table of open flows: a hash of [`SteerConfig::flows_max`] entries that
+/// only userspace writes (the program only reads it).
 #[derive(Debug)]
 pub struct Flows {
     map: MapHandle,
 }
 
 impl Flows {
+    /// Opens `flow`: its segments are redirected from now on. Opening an open flow is
+    /// fine; [`XdpError::FlowTableFull`] when the map holds [`SteerConfig::flows_max`]
+    /// flows already.
+    pub fn insert(&self, flow: &FlowKey) -> Result<(), XdpError> {
+        match self.map.update(&flow.bytes(), &[1], MapFlags::ANY) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == libbpf_rs::ErrorKind::TooBig => {
+                Err(XdpError::FlowTableFull {
+                    flow: flow.to_string(),
+                    max: self.map.max_entries(),
+                })
+            }
+            Err(source) => Err(XdpError::Map {
+                map: "flows",
+                op: format!("adding {flow}"),
+                source,
+            }),
+        }
+    }
+
     /// Closes `flow`: its later segments are unknown again (a new SYN gets a new cookie).
     /// Returns whether it was open.
     pub fn remove(&self, flow: &FlowKey) -> Result<bool, XdpError> {
@@ -612,10 +647,7 @@ impl Flows {
             Err(error) if error.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
             Err(source) => Err(XdpError::Map {
                 map: "flows",
-                op: format!(
-                    "removing {}:{} -> {}:{}",
-                    flow.remote_ip, flow.remote_port, flow.local_ip, flow.local_port
-                ),
+                op: format!("removing {flow}"),
                 source,
             }),
         }
@@ -849,10 +881,10 @@ mod tests {
 
     #[test]
     fn counters_sum_over_cpus() {
-        let cpu = |values: [u64; 7]| values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let cpu = |values: [u64; 8]| values.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let sum = Counters::from_per_cpu(&[
-            cpu([1, 2, 3, 4, 5, 6, 7]),
-            cpu([10, 20, 30, 40, 50, 60, 70]),
+            cpu([1, 2, 3, 4, 5, 6, 7, 8]),
+            cpu([10, 20, 30, 40, 50, 60, 70, 80]),
         ])
         .unwrap();
         assert_eq!(
@@ -865,6 +897,7 @@ mod tests {
                 syn_cookie_sent: 55,
                 cookie_valid: 66,
                 cookie_invalid: 77,
+                syn_dropped: 88,
             }
         );
         let error = Counters::from_per_cpu(&[vec![0; 24]]).unwrap_err();

@@ -32,8 +32,8 @@ PACKETS
 
 JSON (stdout, and --json FILE)
   namespace (the named network namespace it ran in), target, source_prefix, batch, packets_sent (taken by the kernel), send_errors (refused
-  by it, e.g. ENOBUFS when the peer's queue is full; counted, not retried), seconds, pps
-  (packets_sent / seconds).
+  by it, e.g. ENOBUFS when the peer's queue is full, or not taken by a call that sent
+  nothing; counted, not retried), seconds, pps (packets_sent / seconds).
 
 EXIT CODE
   0 when the flood ran; 1 when it could not (no root, not in a named namespace, socket
@@ -273,6 +273,49 @@ fn report_queue_drops(socket: &Socket) -> io::Result<()> {
     Ok(())
 }
 
+/// What one sendmmsg call did to the rest of a batch.
+#[derive(Debug, PartialEq, Eq)]
+struct Step {
+    /// Packets the kernel took.
+    sent: u64,
+    /// Packets lost: refused by the kernel, or not taken by a call that sent nothing.
+    errors: u64,
+    /// How many packets of the batch are done with.
+    done: usize,
+}
+
+/// Accounts for a sendmmsg `result`: every packet is sent or counted as an error, and the
+/// batch always moves on. Errors other than a full queue end the flood.
+fn step(result: io::Result<usize>) -> io::Result<Step> {
+    match result {
+        Ok(0) => Ok(Step {
+            sent: 0,
+            errors: 1,
+            done: 1,
+        }),
+        Ok(sent) => Ok(Step {
+            sent: sent as u64,
+            errors: 0,
+            done: sent,
+        }),
+        // The peer's queue was full (veth drops, the stack says ENOBUFS): that SYN is lost;
+        // count it and go on with the next.
+        Err(error)
+            if matches!(
+                error.raw_os_error(),
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR)
+            ) =>
+        {
+            Ok(Step {
+                sent: 0,
+                errors: 1,
+                done: 1,
+            })
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Sends `packets` to `target` in one sendmmsg call: returns how many the kernel took, or
 /// the error that stopped the first.
 fn send_batch(
@@ -345,29 +388,14 @@ fn flood(cli: &Cli) -> Result<Report, FloodError> {
         fill_batch(&mut batch, &mut rng, cli.source_prefix, cli.target);
         let mut next = 0;
         while next < batch.len() {
-            match send_batch(&socket, cli.target, &mut batch[next..]) {
-                Ok(sent) => {
-                    packets_sent += sent as u64;
-                    next += sent.max(1);
-                }
-                // The peer's queue was full (veth drops, the stack says ENOBUFS): that SYN
-                // is lost; count it and go on with the next.
-                Err(error)
-                    if matches!(
-                        error.raw_os_error(),
-                        Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR)
-                    ) =>
-                {
-                    send_errors += 1;
-                    next += 1;
-                }
-                Err(source) => {
-                    return Err(FloodError::Send {
-                        target: cli.target,
-                        source,
-                    });
-                }
-            }
+            let result = send_batch(&socket, cli.target, &mut batch[next..]);
+            let done = step(result).map_err(|source| FloodError::Send {
+                target: cli.target,
+                source,
+            })?;
+            packets_sent += done.sent;
+            send_errors += done.errors;
+            next += done.done;
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -414,6 +442,38 @@ mod tests {
     use super::*;
 
     const TARGET: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 9700);
+
+    #[test]
+    fn every_packet_is_sent_or_counted_as_an_error() {
+        let step = |result| step(result).expect("not fatal");
+        assert_eq!(
+            step(Ok(5)),
+            Step {
+                sent: 5,
+                errors: 0,
+                done: 5
+            }
+        );
+        // A call that took nothing: the packet is counted, and the batch moves on.
+        assert_eq!(
+            step(Ok(0)),
+            Step {
+                sent: 0,
+                errors: 1,
+                done: 1
+            }
+        );
+        assert_eq!(
+            step(Err(io::Error::from_raw_os_error(libc::ENOBUFS))),
+            Step {
+                sent: 0,
+                errors: 1,
+                done: 1
+            }
+        );
+        let fatal = super::step(Err(io::Error::from_raw_os_error(libc::EPERM)));
+        assert_eq!(fatal.map_err(|e| e.raw_os_error()), Err(Some(libc::EPERM)));
+    }
 
     #[test]
     fn prefixes_parse_and_nonsense_does_not() {

@@ -79,6 +79,7 @@ fn run(command: Command) -> Result<ExitCode, xdp_prog::XdpError> {
             println!("syn_cookie_sent {}", counters.syn_cookie_sent);
             println!("cookie_valid {}", counters.cookie_valid);
             println!("cookie_invalid {}", counters.cookie_invalid);
+            println!("syn_dropped {}", counters.syn_dropped);
             Ok(ExitCode::SUCCESS)
         }
         Command::Queues { ifname } => {

@@ -5,20 +5,24 @@
 //
 // For an IPv4 TCP segment (not fragmented) whose destination address is in `broker_ips`
 // and destination port in `broker_ports`, with a socket registered for the rx queue:
-//   - a segment of a flow in `flows` (an established connection) is redirected into
+//   - a segment of a flow in `flows` (a connection userspace adopted) is redirected into
 //     `xsks_map[ctx->rx_queue_index]`;
 //   - a SYN is answered here, with a SYN-ACK whose sequence number is a SYN cookie (XDP_TX):
 //     no state is kept for it, so a flood of spoofed SYNs costs no memory and never reaches
-//     userspace;
-//   - an ACK that carries a valid cookie opens the flow (`flows`) and is redirected;
+//     userspace; a SYN that cannot be answered (IPv4 options, no room to grow the frame)
+//     is dropped;
+//   - an ACK that carries a valid cookie is redirected; userspace adds its flow to `flows`
+//     when it adopts the connection and removes it when the connection ends, so `flows`
+//     holds exactly the adopted connections (this program never writes it);
 //   - any other segment of an unknown flow is dropped.
 // ARP and everything else returns XDP_PASS: the kernel keeps neighbour resolution, and ssh,
 // ping and the other ports of the host keep working.
 //
 // The SYN-ACK offers MSS, window scale and timestamps (never SACK). With timestamps, the
 // options the client offered are kept in the low bits of our tsval (the client echoes it in
-// every ACK): bits 0-3 its window scale (15: none), bits 4-9 its MSS / 64. Without
-// timestamps the userspace side assumes MSS 536 and no window scaling.
+// every ACK): bits 0-3 its window scale (15: none), bits 4-9 its MSS / 64 (0: no MSS
+// option; an MSS below 64 counts as 64). Without timestamps the userspace side assumes MSS
+// 536 and no window scaling.
 //
 // Map keys are stored exactly as they appear on the wire (network byte order):
 //   broker_ips:   __u32 IPv4 address, network byte order (the address's 4 octets in order)
@@ -65,6 +69,8 @@
 #define TS_MSS_SHIFT 4
 #define TS_MSS_UNIT 64
 #define TS_MSS_MAX_CODE 63
+// The MSS code of a SYN without an MSS option (no real MSS is below 64).
+#define TS_MSS_NONE 0
 #define TS_OPTION_BITS 10
 
 // One slot of the per-CPU counter array. Keep in sync with `Counters` in src/lib.rs.
@@ -76,6 +82,7 @@ struct counters {
 	__u64 syn_cookie_sent; // SYN answered with a cookie SYN-ACK: XDP_TX
 	__u64 cookie_valid;    // ACK with a valid cookie: flow opened, handed to the socket
 	__u64 cookie_invalid;  // other segment of an unknown flow (bad cookie, RST, ...): dropped
+	__u64 syn_dropped;     // SYN that cannot be answered (IPv4 options, no tail room): dropped
 };
 
 // An established flow, as seen in a segment the client sent.
@@ -116,8 +123,10 @@ struct {
 	__type(value, __u8);
 } broker_ips SEC(".maps");
 
+// Written by userspace only (see the top of this file). A plain hash, not an LRU: an
+// evicted live flow would fail the cookie check and be dropped until it timed out.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, DEFAULT_FLOWS);
 	__type(key, struct flow_key);
 	__type(value, __u8);
@@ -137,7 +146,7 @@ struct {
 	__type(value, struct counters);
 } counters SEC(".maps");
 
-enum verdict { PASS, MALFORMED, NO_SOCKET, REDIRECT, NEW_FLOW, SYN, DROP };
+enum verdict { PASS, MALFORMED, NO_SOCKET, REDIRECT, NEW_FLOW, SYN, SYN_DROP, DROP };
 
 static __always_inline __u16 csum_fold(__u64 sum)
 {
@@ -151,7 +160,7 @@ static __always_inline __u16 csum_fold(__u64 sum)
 // What a SYN offered, from its options.
 struct syn_options {
 	__u32 tsval; // network order
-	__u16 mss;
+	__u16 mss;   // 0: no MSS option
 	__u8 wscale;
 	__u8 timestamp;
 };
@@ -205,7 +214,7 @@ static __always_inline void parse_syn_options(struct xdp_md *ctx, __u32 tcp_offs
 	struct option_parser parser = {
 		.offset = 0,
 		.length = tcp_len - sizeof(struct tcphdr),
-		.found = { .tsval = 0, .mss = 536, .wscale = TS_WSCALE_NONE, .timestamp = 0 },
+		.found = { .tsval = 0, .mss = 0, .wscale = TS_WSCALE_NONE, .timestamp = 0 },
 	};
 	if (bpf_xdp_load_bytes(ctx, tcp_offset + sizeof(struct tcphdr), parser.bytes,
 			       TCP_OPTIONS_MAX) == 0)
@@ -228,7 +237,7 @@ static __always_inline void syncookie_values(struct syncookie_values *out)
 }
 
 // Turns the SYN in the frame into the SYN-ACK that carries its cookie, in place. Returns
-// SYN when the frame is ready for XDP_TX, DROP when the SYN cannot be answered.
+// SYN when the frame is ready for XDP_TX, SYN_DROP when the SYN cannot be answered.
 static __always_inline enum verdict answer_syn(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -237,28 +246,28 @@ static __always_inline enum verdict answer_syn(struct xdp_md *ctx)
 	struct iphdr *ip = (void *)(eth + 1);
 	struct tcphdr *tcp = (void *)(ip + 1);
 	if ((void *)(tcp + 1) > data_end)
-		return DROP;
+		return SYN_DROP;
 	__u32 tcp_len = tcp->doff * 4;
 	if (tcp_len < sizeof(*tcp))
-		return DROP;
+		return SYN_DROP;
 	// Grow the frame so that a full-size TCP header fits: the helper that makes the
 	// cookie reads `tcp_len` bytes, and the verifier must see them in the packet.
 	long grow = (long)(TCP_HEADER_MAX - tcp_len);
 	if (bpf_xdp_adjust_tail(ctx, grow))
-		return DROP;
+		return SYN_DROP;
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	eth = data;
 	ip = (void *)(eth + 1);
 	tcp = (void *)(ip + 1);
 	if ((void *)tcp + TCP_HEADER_MAX > data_end)
-		return DROP;
+		return SYN_DROP;
 	tcp_len = tcp->doff * 4;
 	if (tcp_len < sizeof(*tcp) || tcp_len > TCP_HEADER_MAX)
-		return DROP;
+		return SYN_DROP;
 	__s64 generated = bpf_tcp_raw_gen_syncookie_ipv4(ip, tcp, tcp_len);
 	if (generated < 0)
-		return DROP;
+		return SYN_DROP;
 	__u32 cookie = (__u32)generated;
 
 	struct syn_options offered;
@@ -270,7 +279,7 @@ static __always_inline enum verdict answer_syn(struct xdp_md *ctx)
 	ip = (void *)(eth + 1);
 	tcp = (void *)(ip + 1);
 	if ((void *)tcp + TCP_HEADER_MAX > data_end)
-		return DROP;
+		return SYN_DROP;
 	struct syncookie_values values;
 	syncookie_values(&values);
 
@@ -316,6 +325,8 @@ static __always_inline enum verdict answer_syn(struct xdp_md *ctx)
 		__u32 mss_code = offered.mss / TS_MSS_UNIT;
 		if (mss_code > TS_MSS_MAX_CODE)
 			mss_code = TS_MSS_MAX_CODE;
+		if (offered.mss && mss_code == TS_MSS_NONE)
+			mss_code = 1;
 		__u32 now_ms = bpf_ktime_get_ns() / 1000000;
 		__u32 tsval = (now_ms & ~((1u << TS_OPTION_BITS) - 1)) |
 			      (mss_code << TS_MSS_SHIFT) | (offered.wscale & TS_WSCALE_MASK);
@@ -340,21 +351,21 @@ static __always_inline enum verdict answer_syn(struct xdp_md *ctx)
 	ip->check = 0;
 	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
 	if (sum < 0)
-		return DROP;
+		return SYN_DROP;
 	ip->check = csum_fold(sum);
 	if (new_tcp_len == SYNACK_TCP_TS)
 		sum = bpf_csum_diff(0, 0, (__be32 *)tcp, SYNACK_TCP_TS, 0);
 	else
 		sum = bpf_csum_diff(0, 0, (__be32 *)tcp, SYNACK_TCP_PLAIN, 0);
 	if (sum < 0)
-		return DROP;
+		return SYN_DROP;
 	__u64 pseudo = (__u64)sum + ip->saddr + ip->daddr +
 		       bpf_htons((__u16)IPPROTO_TCP) + bpf_htons((__u16)new_tcp_len);
 	tcp->check = csum_fold(pseudo);
 
 	long new_len = (long)(sizeof(*eth) + sizeof(*ip) + new_tcp_len);
 	if (bpf_xdp_adjust_tail(ctx, new_len - (long)(data_end - data)))
-		return DROP;
+		return SYN_DROP;
 	return SYN;
 }
 
@@ -370,13 +381,10 @@ static __always_inline enum verdict classify_segment(struct iphdr *ip, struct tc
 	if (bpf_map_lookup_elem(&flows, &key))
 		return REDIRECT;
 	if (tcp->syn && !tcp->ack && !tcp->rst && !tcp->fin)
-		return ip->ihl == 5 ? SYN : DROP;
+		return ip->ihl == 5 ? SYN : SYN_DROP;
 	if (!tcp->ack || tcp->syn || tcp->rst)
 		return DROP;
 	if (bpf_tcp_raw_check_syncookie_ipv4(ip, tcp))
-		return DROP;
-	__u8 one = 1;
-	if (bpf_map_update_elem(&flows, &key, &one, BPF_ANY))
 		return DROP;
 	return NEW_FLOW;
 }
@@ -443,7 +451,10 @@ int xdp_steer(struct xdp_md *ctx)
 			count->syn_cookie_sent++;
 			return XDP_TX;
 		}
-		count->cookie_invalid++;
+		count->syn_dropped++;
+		return XDP_DROP;
+	case SYN_DROP:
+		count->syn_dropped++;
 		return XDP_DROP;
 	case DROP:
 		count->cookie_invalid++;

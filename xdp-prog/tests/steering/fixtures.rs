@@ -197,6 +197,59 @@ impl Pair {
     pub fn send_frame(&self, frame: &[u8]) {
         in_netns(&self.client, || send_raw(&self.client_if, frame));
     }
+
+    /// A raw socket that sees every frame of the client end (each `recv` waits at most a
+    /// second).
+    pub fn client_capture(&self) -> OwnedFd {
+        in_netns(&self.client, || {
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all));
+            let addr = libc::sockaddr_ll {
+                sll_family: libc::AF_PACKET as u16,
+                sll_protocol: all,
+                sll_ifindex: ifindex(&self.client_if) as i32,
+                sll_hatype: 0,
+                sll_pkttype: 0,
+                sll_halen: 0,
+                sll_addr: [0; 8],
+            };
+            bind(fd.as_raw_fd(), &addr, "a packet socket");
+            let timeout = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            set_option(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout,
+            );
+            fd
+        })
+    }
+}
+
+/// The next frame `capture` sees that `wanted` accepts; `None` after a second without one.
+pub fn capture_frame(capture: &OwnedFd, wanted: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    let mut frame = vec![0u8; 2048];
+    loop {
+        // SAFETY: `frame` is valid for writes of its length.
+        let received = unsafe {
+            libc::recv(
+                capture.as_raw_fd(),
+                frame.as_mut_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        let Ok(len) = usize::try_from(received) else {
+            return None;
+        };
+        if wanted(&frame[..len]) {
+            frame.truncate(len);
+            return Some(frame);
+        }
+    }
 }
 
 impl Drop for Pair {
@@ -254,17 +307,12 @@ pub fn reset(stream: TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `linger` is a live struct of the size given; the fd is the stream's, open.
-    let ret = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(ret, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    set_option(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &linger,
+    );
     drop(stream);
 }
 
@@ -322,12 +370,20 @@ impl Drop for Umem {
     }
 }
 
-fn set_xdp_option<T>(fd: RawFd, option: i32, value: &T) {
+/// Binds `fd` to `address` (a sockaddr of its family), panicking with `what` on failure.
+fn bind<T>(fd: RawFd, address: &T, what: &str) {
+    // SAFETY: `address` points to a live sockaddr of the size given.
+    let ret = unsafe { libc::bind(fd, (address as *const T).cast(), size_of::<T>() as u32) };
+    assert_eq!(ret, 0, "binding {what}: {}", io::Error::last_os_error());
+}
+
+/// setsockopt(`fd`, `level`, `option`, `value`), panicking on failure.
+fn set_option<T>(fd: RawFd, level: i32, option: i32, value: &T) {
     // SAFETY: `value` points to a live T of the size given.
     let ret = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_XDP,
+            level,
             option,
             (value as *const T).cast(),
             size_of::<T>() as u32,
@@ -336,7 +392,7 @@ fn set_xdp_option<T>(fd: RawFd, option: i32, value: &T) {
     assert_eq!(
         ret,
         0,
-        "setsockopt(SOL_XDP, {option}): {}",
+        "setsockopt({level}, {option}): {}",
         io::Error::last_os_error()
     );
 }
@@ -387,13 +443,13 @@ impl XskSocket {
             flags: 0,
             tx_metadata_len: 0,
         };
-        set_xdp_option(fd, libc::XDP_UMEM_REG, &reg);
+        set_option(fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg);
         for ring in [
             libc::XDP_UMEM_FILL_RING,
             libc::XDP_UMEM_COMPLETION_RING,
             libc::XDP_RX_RING,
         ] {
-            set_xdp_option(fd, ring, &(FRAMES as u32));
+            set_option(fd, libc::SOL_XDP, ring, &(FRAMES as u32));
         }
         let addr = libc::sockaddr_xdp {
             sxdp_family: libc::AF_XDP as u16,
@@ -402,19 +458,10 @@ impl XskSocket {
             sxdp_queue_id: queue,
             sxdp_shared_umem_fd: 0,
         };
-        // SAFETY: `addr` is a valid sockaddr_xdp of the size given.
-        let ret = unsafe {
-            libc::bind(
-                fd,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_xdp>() as u32,
-            )
-        };
-        assert_eq!(
-            ret,
-            0,
-            "binding an AF_XDP socket to {ifname} queue {queue}: {}",
-            io::Error::last_os_error()
+        bind(
+            fd,
+            &addr,
+            &format!("an AF_XDP socket to {ifname} queue {queue}"),
         );
         socket
     }

@@ -1,6 +1,7 @@
 //! The steering program on real veth pairs in private network namespaces: attach modes and
 //! fallback, detach on drop, what is steered and what is passed (counters), SYN cookies
-//! (answered SYNs, flows opened by a valid cookie, unknown flows dropped), socket
+//! (answered SYNs, valid cookies redirected, flows opened by userspace only, unknown flows
+//! dropped, the MSS in the tsval, the flow table bounded), socket
 //! registration, errors, leftover clean-up, and the `xdp-ctl` tool.
 //!
 //! Needs root (namespaces, XDP); without it every test prints `skipped: needs root` and
@@ -42,6 +43,7 @@ fn delta(before: Counters, after: Counters) -> Counters {
         syn_cookie_sent: after.syn_cookie_sent - before.syn_cookie_sent,
         cookie_valid: after.cookie_valid - before.cookie_valid,
         cookie_invalid: after.cookie_invalid - before.cookie_invalid,
+        syn_dropped: after.syn_dropped - before.syn_dropped,
     }
 }
 
@@ -299,12 +301,17 @@ fn cookie_counts(syn_cookie_sent: u64, cookie_valid: u64, cookie_invalid: u64) -
 fn segment(port: u16, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
     let mut frame = ethernet(0x0800);
     frame.extend(ipv4_header(0x45, 6, BROKER_IP));
+    tcp_header(&mut frame, port, flags, seq, ack);
+    frame
+}
+
+/// Appends a TCP header without options from the client's port 40000 to `port`.
+fn tcp_header(frame: &mut Vec<u8>, port: u16, flags: u8, seq: u32, ack: u32) {
     frame.extend_from_slice(&40_000u16.to_be_bytes());
     frame.extend_from_slice(&port.to_be_bytes());
     frame.extend_from_slice(&seq.to_be_bytes());
     frame.extend_from_slice(&ack.to_be_bytes());
     frame.extend_from_slice(&[5 << 4, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    frame
 }
 
 #[test]
@@ -327,9 +334,8 @@ fn cookies_answer_syns_and_open_flows() {
                 let socket = XskSocket::bound(&pair.broker_if, 0);
                 steering.register_socket(0, socket.fd()).expect("register");
 
-                // The SYN is answered here with a cookie; the client's ACK carries it back,
-                // opens the flow and is redirected into the socket (which drops it: no
-                // fill-ring frames).
+                // The SYN is answered here with a cookie; the client's ACK carries it back
+                // and is redirected into the socket (which drops it: no fill-ring frames).
                 let mut stream = None;
                 let moved = measure(&steering, || {
                     stream = Some(
@@ -349,7 +355,16 @@ fn cookies_answer_syns_and_open_flows() {
                     local_ip: BROKER_IP,
                     local_port: STEERED_PORT,
                 };
+                // The program never opens a flow: userspace does when it adopts the
+                // connection (a flow nobody adopted would stay in the map for ever).
                 let flows = steering.flows().expect("the flows map");
+                assert_eq!(
+                    flows.contains(&flow).ok(),
+                    Some(false),
+                    "{mode}: not opened"
+                );
+                flows.insert(&flow).expect("open the flow");
+                flows.insert(&flow).expect("opening an open flow is fine");
                 assert_eq!(flows.contains(&flow).ok(), Some(true), "{mode}: flow open");
 
                 // The flow is open: its next segment (a RST) goes to the socket as well.
@@ -358,7 +373,7 @@ fn cookies_answer_syns_and_open_flows() {
                 });
                 assert_eq!(moved, counts(1, 0, 0, 0), "{mode}: segment of an open flow");
                 assert_eq!(socket.dropped(), 2, "{mode}");
-                // Userspace closes flows (the LRU is only the fallback).
+                // Userspace closes flows.
                 assert_eq!(flows.remove(&flow).ok(), Some(true), "{mode}: removed");
                 assert_eq!(flows.remove(&flow).ok(), Some(false), "{mode}: gone");
                 assert_eq!(flows.contains(&flow).ok(), Some(false), "{mode}");
@@ -377,9 +392,139 @@ fn cookies_answer_syns_and_open_flows() {
                     2,
                     "{mode}: nothing more reached the socket"
                 );
+
+                // A SYN with IPv4 options cannot be answered (the SYN-ACK is built in
+                // place over a 20-byte IPv4 header): dropped, and counted as such, not as
+                // an invalid cookie.
+                let moved = measure(&steering, || {
+                    let mut syn = ethernet(0x0800);
+                    let mut header = ipv4_header(0x46, 6, BROKER_IP);
+                    header[3] = 44;
+                    syn.extend(header);
+                    syn.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+                    tcp_header(&mut syn, STEERED_PORT, 0x02, 1000, 0);
+                    pair.send_frame(&syn);
+                });
+                assert_eq!(
+                    moved,
+                    Counters {
+                        syn_dropped: 1,
+                        ..Counters::default()
+                    },
+                    "{mode}: SYN with IPv4 options"
+                );
             });
         });
     }
+}
+
+/// A SYN from the client's port 40000 to the steered port with `options` (whole words).
+fn syn_with_options(options: &[u8]) -> Vec<u8> {
+    let tcp_len = 20 + options.len();
+    let mut frame = ethernet(0x0800);
+    let mut header = ipv4_header(0x45, 6, BROKER_IP);
+    header[2..4].copy_from_slice(&(20 + tcp_len as u16).to_be_bytes());
+    frame.extend(header);
+    tcp_header(&mut frame, STEERED_PORT, 0x02, 1000, 0);
+    frame[14 + 20 + 12] = ((tcp_len / 4) as u8) << 4;
+    frame.extend_from_slice(options);
+    frame
+}
+
+/// The tsval of the SYN-ACK in `frame`, if it is one from the steered port.
+fn syn_ack_tsval(frame: &[u8]) -> Option<u32> {
+    let tcp = frame.get(14 + 20..)?;
+    if u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]) != STEERED_PORT || tcp[13] != 0x12 {
+        return None;
+    }
+    let end = usize::from(tcp[12] >> 4) * 4;
+    let mut at = 20;
+    while at + 1 < end {
+        match tcp[at] {
+            1 => at += 1,
+            8 => return Some(u32::from_be_bytes(tcp[at + 2..at + 6].try_into().ok()?)),
+            _ => at += usize::from(tcp[at + 1]).max(1),
+        }
+    }
+    None
+}
+
+#[test]
+fn the_syn_ack_keeps_the_clients_mss_in_its_tsval() {
+    if !root_or_skip("the_syn_ack_keeps_the_clients_mss_in_its_tsval") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    let capture = pair.client_capture();
+    in_netns(&pair.client, || {
+        // See cookies_answer_syns_and_open_flows: XDP_TX reaches a driver-mode peer only.
+        let client_end = SteerConfig::new(vec![1], vec![fixtures::CLIENT_IP]);
+        let _pass = XdpSteering::attach(&pair.client_if, AttachMode::Driver, &client_end)
+            .expect("a program at the client end");
+        in_netns(&pair.broker, || {
+            let mut steering = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
+                .expect("attach");
+            let socket = XskSocket::bound(&pair.broker_if, 0);
+            steering.register_socket(0, socket.fd()).expect("register");
+            // NOP NOP TIMESTAMP(tsval 7, echo 0), and the MSS option or not.
+            let timestamps = [1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0];
+            let mss = |mss: u16| {
+                let mut options = vec![2, 4];
+                options.extend_from_slice(&mss.to_be_bytes());
+                options.extend_from_slice(&timestamps);
+                options
+            };
+            // Bits 4-9 of the tsval: the MSS / 64, 0 for none, at least 1 for one given.
+            for (options, code) in [(timestamps.to_vec(), 0), (mss(1460), 22), (mss(48), 1)] {
+                pair.send_frame(&syn_with_options(&options));
+                let syn_ack =
+                    fixtures::capture_frame(&capture, |frame| syn_ack_tsval(frame).is_some())
+                        .expect("a SYN-ACK");
+                let tsval = syn_ack_tsval(&syn_ack).expect("a tsval");
+                assert_eq!((tsval >> 4) & 0x3f, code, "options {options:?}");
+                assert_eq!(tsval & 0xf, 0xf, "no window scale offered");
+            }
+        });
+    });
+}
+
+#[test]
+fn the_flows_map_refuses_a_flow_beyond_its_size() {
+    if !root_or_skip("the_flows_map_refuses_a_flow_beyond_its_size") {
+        return;
+    }
+    let pair = Pair::new(1500);
+    in_netns(&pair.broker, || {
+        let config = SteerConfig {
+            flows_max: 2,
+            ..config()
+        };
+        let steering =
+            XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config).expect("attach");
+        let flows = steering.flows().expect("the flows map");
+        let flow = |remote_port| xdp_prog::FlowKey {
+            remote_ip: fixtures::CLIENT_IP,
+            remote_port,
+            local_ip: BROKER_IP,
+            local_port: STEERED_PORT,
+        };
+        flows.insert(&flow(1)).expect("first flow");
+        flows.insert(&flow(2)).expect("second flow");
+        // Nothing is evicted to make room: the live flows stay.
+        let full = flows.insert(&flow(3)).unwrap_err();
+        assert!(
+            matches!(full, XdpError::FlowTableFull { max: 2, .. }),
+            "{full}"
+        );
+        assert!(full.to_string().contains("flows_max"), "{full}");
+        assert_eq!(flows.contains(&flow(1)).ok(), Some(true));
+        assert_eq!(flows.contains(&flow(2)).ok(), Some(true));
+        flows
+            .insert(&flow(2))
+            .expect("an open flow again: no new entry");
+        assert_eq!(flows.remove(&flow(1)).ok(), Some(true));
+        flows.insert(&flow(3)).expect("room again");
+    });
 }
 
 #[test]

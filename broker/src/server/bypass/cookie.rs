@@ -8,6 +8,10 @@
 //! SYN-ACK (never sent: the client already has ours), and from then on translates between
 //! the two: smoltcp's sequence numbers and timestamps are shifted by the difference between
 //! its SYN-ACK and the cookie SYN-ACK, both ways, with the checksums adjusted (RFC 1624).
+//!
+//! The XDP program never opens a flow itself: an adoption opens it (the caller's
+//! `open_flow`), and it is closed ([`CookieFlows::take_closed`]) when the adoption or the
+//! connection ends, so the program's table holds exactly the adopted connections.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
@@ -32,7 +36,10 @@ const TS_WSCALE_NONE: u32 = 0xf;
 const TS_MSS_SHIFT: u32 = 4;
 const TS_MSS_CODE_MASK: u32 = 0x3f;
 const TS_MSS_UNIT: u32 = 64;
-/// The MSS every IPv4 host accepts: what a client without timestamps gets.
+/// The MSS code of a SYN without an MSS option.
+const TS_MSS_NONE: u32 = 0;
+/// The MSS every IPv4 host accepts (RFC 1122): what a client that sent no MSS option, or no
+/// timestamps to carry it, gets.
 const MSS_DEFAULT: u16 = 536;
 /// Bytes the timestamp option takes in every segment (NOP, NOP, kind, length, 8 bytes).
 const TIMESTAMP_OPTION_BYTES: u16 = 12;
@@ -41,7 +48,8 @@ const TIMESTAMP_OPTION_BYTES: u16 = 12;
 /// data (Linux sends 10 segments at once) when smoltcp cannot answer the SYN at once (its
 /// neighbour is still being asked of the kernel). More are dropped (TCP resends them).
 pub const HELD_PER_FLOW: usize = 16;
-/// How long an adoption may wait for smoltcp's SYN-ACK before it is given up.
+/// How long an adoption may wait for smoltcp's SYN-ACK before it is given up, and how long
+/// the segments of a refused or given-up connection are dropped here.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A client: its address and port (our address and port are the device's).
@@ -175,7 +183,8 @@ fn fill_checksums(frame: &mut [u8], segment: &Segment) {
 }
 
 /// The SYN the client would have sent, rebuilt from its first ACK: ISN = seq - 1, and the
-/// MSS and window scale the cookie's timestamp (echoed in the ACK) encodes.
+/// MSS and window scale the cookie's timestamp (echoed in the ACK) encodes (536 when the
+/// client sent no MSS option; a smaller MSS it did send is kept).
 ///
 /// The MSS given to smoltcp is at most `mss_max` (ours), less the timestamp option when
 /// the client uses timestamps: smoltcp 0.12 fills a segment up to the peer's MSS and its
@@ -188,13 +197,12 @@ fn synthesize_syn(ack: &[u8], segment: &Segment, mss_max: u16) -> Vec<u8> {
     let timestamp = timestamp_at(ack, segment).map(|at| (be32(ack, at), be32(ack, at + 4)));
     let (mss, wscale) = match timestamp {
         Some((_, echo)) => {
-            let code = (echo >> TS_MSS_SHIFT) & TS_MSS_CODE_MASK;
-            let mss = u16::try_from(code * TS_MSS_UNIT).unwrap_or(u16::MAX);
+            let mss = match (echo >> TS_MSS_SHIFT) & TS_MSS_CODE_MASK {
+                TS_MSS_NONE => MSS_DEFAULT,
+                code => u16::try_from(code * TS_MSS_UNIT).unwrap_or(u16::MAX),
+            };
             let wscale = echo & TS_WSCALE_MASK;
-            (
-                mss.max(MSS_DEFAULT),
-                (wscale != TS_WSCALE_NONE).then_some(wscale as u8),
-            )
+            (mss, (wscale != TS_WSCALE_NONE).then_some(wscale as u8))
         }
         None => (MSS_DEFAULT, None),
     };
@@ -262,6 +270,15 @@ enum Flow {
         /// Client's view minus smoltcp's view of our timestamps.
         ts_delta: u32,
     },
+    /// smoltcp did not answer the SYN within [`PENDING_TIMEOUT`]: its half-open socket is
+    /// to be aborted ([`CookieFlows::take_aborted`]), and the RST that sends goes to the
+    /// client in its numbers.
+    GivenUp {
+        /// The cookie: our ISN as the client knows it.
+        cookie_isn: u32,
+        /// When.
+        since: Instant,
+    },
     /// smoltcp refused the adoption and the client got a RST; the segments it sent before
     /// it saw the RST are dropped here (each would start a new adoption, refused again).
     Refused {
@@ -303,11 +320,15 @@ pub struct CookieCounts {
     /// Segments of an unknown flow passed on untranslated because the table was full
     /// (smoltcp answers them with a RST).
     pub table_full: u64,
+    /// Segments of an unknown flow passed on untranslated because the XDP program's flow
+    /// table refused the flow (smoltcp answers them with a RST).
+    pub flow_open_failed: u64,
     /// Segments dropped while their adoption was under way (more than [`HELD_PER_FLOW`]).
     pub held_dropped: u64,
     /// Adoptions given up after [`PENDING_TIMEOUT`].
     pub timed_out: u64,
-    /// Segments of refused connections dropped (sent before the client saw the RST).
+    /// Segments of refused or given-up connections dropped (sent before the client saw the
+    /// RST).
     pub dropped_after_refusal: u64,
 }
 
@@ -323,6 +344,8 @@ pub struct CookieFlows {
     inject: VecDeque<Vec<u8>>,
     /// Flows that ended; the XDP program's table must forget them.
     closed: Vec<Remote>,
+    /// Adoptions given up: smoltcp's half-open sockets for them must be aborted.
+    aborted: Vec<Remote>,
     counts: CookieCounts,
     /// The time of the last received frame.
     now: Instant,
@@ -339,6 +362,7 @@ impl CookieFlows {
             flows_max,
             inject: VecDeque::with_capacity(flows_max),
             closed: Vec::new(),
+            aborted: Vec::new(),
             counts: CookieCounts::default(),
             now: Instant::ZERO,
         }
@@ -359,8 +383,21 @@ impl CookieFlows {
         std::mem::take(&mut self.closed)
     }
 
-    /// Takes a received frame: translates it, or starts an adoption.
-    pub fn on_rx(&mut self, frame: &mut [u8], now: Instant) -> Rx {
+    /// Adoptions given up since the last call: abort smoltcp's half-open socket for each
+    /// (it would hold a listening socket, and send its SYN-ACK untranslated once it could).
+    pub fn take_aborted(&mut self) -> Vec<Remote> {
+        std::mem::take(&mut self.aborted)
+    }
+
+    /// Takes a received frame: translates it, or starts an adoption, which opens the flow
+    /// in the XDP program's table with `open_flow` first (when that fails, the frame goes
+    /// to smoltcp untranslated, which resets the connection).
+    pub fn on_rx(
+        &mut self,
+        frame: &mut [u8],
+        now: Instant,
+        open_flow: &mut dyn FnMut(Remote) -> bool,
+    ) -> Rx {
         self.now = now;
         let Some(segment) = parse_segment(frame) else {
             return Rx::Deliver;
@@ -384,13 +421,17 @@ impl CookieFlows {
                 }
                 Rx::Consumed
             }
-            Some(Flow::Refused { .. }) => {
+            Some(Flow::Refused { .. } | Flow::GivenUp { .. }) => {
                 self.counts.dropped_after_refusal += 1;
                 Rx::Consumed
             }
             None if segment.flags & (ACK | SYN | RST) == ACK => {
                 if self.flows.len() >= self.flows_max {
                     self.counts.table_full += 1;
+                    return Rx::Deliver;
+                }
+                if !open_flow(segment.source) {
+                    self.counts.flow_open_failed += 1;
                     return Rx::Deliver;
                 }
                 let cookie_tsval = timestamp_at(frame, &segment).map(|at| be32(frame, at + 4));
@@ -462,17 +503,18 @@ impl CookieFlows {
             }
             Some(Flow::Pending { cookie_isn, .. }) if segment.flags & RST != 0 => {
                 // smoltcp had no socket for the SYN: tell the client, in its numbers.
-                let isn = *cookie_isn;
-                frame[segment.tcp + 4..segment.tcp + 8]
-                    .copy_from_slice(&isn.wrapping_add(1).to_be_bytes());
-                frame[segment.tcp + 8..segment.tcp + 12].fill(0);
-                frame[segment.tcp + 13] = RST;
-                fill_checksums(frame, &segment);
+                reset_in_client_numbers(frame, &segment, *cookie_isn);
                 self.flows.insert(remote, Flow::Refused { since: self.now });
                 self.counts.refused += 1;
                 Tx::Send
             }
-            Some(Flow::Pending { .. } | Flow::Refused { .. }) => Tx::Swallow,
+            Some(Flow::GivenUp { cookie_isn, .. }) if segment.flags & RST != 0 => {
+                // The aborted socket's RST.
+                reset_in_client_numbers(frame, &segment, *cookie_isn);
+                self.flows.insert(remote, Flow::Refused { since: self.now });
+                Tx::Send
+            }
+            Some(Flow::Pending { .. } | Flow::GivenUp { .. } | Flow::Refused { .. }) => Tx::Swallow,
         }
     }
 
@@ -483,22 +525,32 @@ impl CookieFlows {
         }
     }
 
-    /// Forgets open flows without a socket (`has_socket` false), and adoptions and refused
-    /// connections older than [`PENDING_TIMEOUT`]. Call it now and then.
+    /// Forgets open flows without a socket (`has_socket` false) and refused or given-up
+    /// connections older than [`PENDING_TIMEOUT`]; gives up adoptions older than that
+    /// (see [`CookieFlows::take_aborted`]). Call it now and then.
     pub fn expire(&mut self, now: Instant, has_socket: impl Fn(&Remote) -> bool) {
         let closed = &mut self.closed;
+        let aborted = &mut self.aborted;
         let counts = &mut self.counts;
         self.flows.retain(|remote, flow| {
             let keep = match flow {
                 Flow::Open { .. } => has_socket(remote),
-                Flow::Pending { since, .. } => {
-                    let keep = now - *since < PENDING_TIMEOUT;
-                    if !keep {
+                Flow::Pending {
+                    since, cookie_isn, ..
+                } => {
+                    if now - *since >= PENDING_TIMEOUT {
                         counts.timed_out += 1;
+                        aborted.push(*remote);
+                        *flow = Flow::GivenUp {
+                            cookie_isn: *cookie_isn,
+                            since: now,
+                        };
                     }
-                    keep
+                    true
                 }
-                Flow::Refused { since } => now - *since < PENDING_TIMEOUT,
+                Flow::GivenUp { since, .. } | Flow::Refused { since } => {
+                    now - *since < PENDING_TIMEOUT
+                }
             };
             if !keep {
                 closed.push(*remote);
@@ -516,6 +568,16 @@ impl CookieFlows {
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()
     }
+}
+
+/// Turns smoltcp's RST for a connection it never answered into the client's numbers: the
+/// sequence number the cookie SYN-ACK promised, no acknowledgement.
+fn reset_in_client_numbers(frame: &mut [u8], segment: &Segment, cookie_isn: u32) {
+    frame[segment.tcp + 4..segment.tcp + 8]
+        .copy_from_slice(&cookie_isn.wrapping_add(1).to_be_bytes());
+    frame[segment.tcp + 8..segment.tcp + 12].fill(0);
+    frame[segment.tcp + 13] = RST;
+    fill_checksums(frame, segment);
 }
 
 /// Client -> smoltcp: the client acknowledges and echoes our numbers in its view.

@@ -8,7 +8,7 @@ use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToke
 use smoltcp::time::Instant;
 
 use super::cookie::{CookieCounts, Remote, Rx, Tx};
-use super::hooks::Hooks;
+use super::hooks::{Hooks, Peers};
 use super::neighbour::NeighbourCounts;
 use super::xsk::{self, FRAME_BYTES, FramePool, PollEntry, RxFrame, Umem, Xsk, XskStats};
 
@@ -28,9 +28,10 @@ pub trait Burst {
     /// Blocks until a frame arrives or `timeout` passes: the idle wait of the poll loop,
     /// which unlike a blind sleep lets a frame (a TCP segment, an ACK) wake it at once.
     fn wait_for_frames(&self, timeout: std::time::Duration);
-    /// Neighbours and cookie flows (see [`Hooks::housekeeping`]); `has_socket` says which
-    /// clients still have a smoltcp socket.
-    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool);
+    /// Neighbours and cookie flows (see [`Hooks::housekeeping`]); `peers` says which
+    /// clients have a smoltcp socket. Returns the adoptions given up, whose half-open
+    /// sockets must be aborted.
+    fn housekeeping(&mut self, now: Instant, peers: &Peers) -> Vec<Remote>;
     /// The connection with `remote` ended.
     fn connection_closed(&mut self, remote: Remote);
     /// What the hooks did, for the metrics.
@@ -171,8 +172,8 @@ impl Burst for XskDevice {
             .fold(XskStats::default(), XskStats::plus)
     }
 
-    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool) {
-        self.hooks.get_mut().housekeeping(now, has_socket);
+    fn housekeeping(&mut self, now: Instant, peers: &Peers) -> Vec<Remote> {
+        self.hooks.get_mut().housekeeping(now, peers)
     }
 
     fn connection_closed(&mut self, remote: Remote) {
@@ -517,8 +518,8 @@ impl<D: Burst> Burst for FaultyDevice<D> {
         self.inner.stats()
     }
 
-    fn housekeeping(&mut self, now: Instant, has_socket: &dyn Fn(&Remote) -> bool) {
-        self.inner.housekeeping(now, has_socket);
+    fn housekeeping(&mut self, now: Instant, peers: &Peers) -> Vec<Remote> {
+        self.inner.housekeeping(now, peers)
     }
 
     fn connection_closed(&mut self, remote: Remote) {

@@ -155,7 +155,7 @@ impl Drop for Attached {
     fn drop(&mut self) {
         match self.steering.counters() {
             Ok(c) => log::info!(
-                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}, syn_cookie_sent {}, cookie_valid {}, cookie_invalid {}",
+                "XDP program on ifindex {}: redirected {}, passed {}, no_socket {}, malformed {}, syn_cookie_sent {}, cookie_valid {}, cookie_invalid {}, syn_dropped {}",
                 self.steering.ifindex(),
                 c.redirected,
                 c.passed,
@@ -163,7 +163,8 @@ impl Drop for Attached {
                 c.malformed,
                 c.syn_cookie_sent,
                 c.cookie_valid,
-                c.cookie_invalid
+                c.cookie_invalid,
+                c.syn_dropped
             ),
             Err(e) => log::warn!("cannot read the XDP counters: {e}"),
         }
@@ -274,7 +275,8 @@ pub fn spawn(
         mss,
         window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
         window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
-        // Room for every socket's flow and those just closed whose segments still arrive.
+        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time, see
+        // the hooks) and closes each; twice that is headroom.
         flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
         ..SteerConfig::new(vec![port], vec![ip])
     };
@@ -321,6 +323,15 @@ pub fn spawn(
         queue_count - 1,
         xdp.geometry.frames
     );
+    let cache_entries = smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT;
+    if xdp.sockets > cache_entries {
+        log::warn!(
+            "broker {}: --xdp-sockets {} is more than smoltcp's neighbour cache holds ({cache_entries}): with more client hosts than that at a time, segments to some are dropped while smoltcp looks their address up again (build the broker with SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT={} or more)",
+            options.settings.broker_id,
+            xdp.sockets,
+            xdp.sockets
+        );
+    }
     let hooks = Hooks::new(
         HookConfig {
             ifindex,
@@ -330,6 +341,7 @@ pub fn spawn(
             mss,
             flows_max: xdp.sockets * 2,
             neighbours_max: xdp.sockets.max(64),
+            neighbour_cache_entries: smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT,
         },
         Some(netlink),
         Some(flows),

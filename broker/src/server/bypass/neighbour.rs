@@ -3,10 +3,14 @@
 //! ARP stays with the kernel (the XDP program passes it), so the host keeps its neighbours
 //! and everything else on the broker's address keeps working. smoltcp 0.12 learns
 //! neighbours only from ARP packets, so the device intercepts the ARP requests smoltcp
-//! sends (they never reach the wire), [`Neighbours`] asks the kernel to resolve the address
-//! (`RTM_NEWNEIGH` with `NTF_USE`), and once the kernel's entry has a link-layer address
-//! (reachable, stale, delay, probe, permanent) hands smoltcp a synthesized ARP reply built
-//! from it. Replies are repeated before smoltcp's cache entry expires (60 s).
+//! sends (they never reach the wire), [`Neighbours`] asks the kernel for its entry
+//! (`RTM_GETNEIGH` for that address) and to resolve the address (`RTM_NEWNEIGH` with
+//! `NTF_USE`), and once the kernel's entry has a link-layer address (reachable, stale,
+//! delay, probe, permanent) hands smoltcp a synthesized ARP reply built from it. Replies are
+//! repeated before smoltcp's cache entry expires (60 s) for the addresses a socket uses.
+//!
+//! Only the addresses smoltcp asked for or was told are kept: the kernel's table of a host
+//! can hold far more neighbours than smoltcp will ever talk to.
 //!
 //! The netlink messages are built and parsed here; [`super::netlink`] only moves bytes.
 
@@ -26,7 +30,8 @@ const RESOLVE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long an address smoltcp asked for is wanted (smoltcp asks again each second while
 /// it still needs it).
 const WANTED_FOR: Duration = Duration::from_secs(10);
-/// How often a neighbour smoltcp uses is told again (smoltcp forgets it after 60 s).
+/// How often a neighbour a socket uses is told again (smoltcp forgets it after 60 s without
+/// a packet from it).
 const REFRESH_INTERVAL: Duration = Duration::from_secs(20);
 /// How often the whole table is read again (notifications can be lost when the socket's
 /// buffer overflows).
@@ -184,6 +189,13 @@ pub fn dump_request(seq: u32) -> Vec<u8> {
     message(RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, 0, None)
 }
 
+/// `RTM_GETNEIGH` for the kernel's entry of `ip` on `ifindex`: answered at once with the
+/// entry (`RTM_NEWNEIGH`), or with `ENOENT`. A resolution request alone says nothing when
+/// the entry is already usable, and the next dump may be 10 s away.
+pub fn lookup_request(seq: u32, ifindex: u32, ip: Ipv4Addr) -> Vec<u8> {
+    message(RTM_GETNEIGH, NLM_F_REQUEST, seq, ifindex, 0, Some(ip))
+}
+
 /// `RTM_NEWNEIGH` with `NTF_USE`: the kernel resolves `ip` on `ifindex` as if it were about
 /// to send there (creating the entry if needed).
 pub fn resolve_request(seq: u32, ifindex: u32, ip: Ipv4Addr) -> Vec<u8> {
@@ -241,7 +253,7 @@ pub fn arp_reply_frame(
 pub struct Actions {
     /// ARP replies to hand smoltcp.
     pub replies: Vec<[u8; ARP_FRAME_BYTES]>,
-    /// Addresses to ask the kernel to resolve.
+    /// Addresses to ask the kernel about: its entry, and a resolution.
     pub resolve: Vec<Ipv4Addr>,
     /// Whether to ask for a dump of the table.
     pub dump: bool,
@@ -256,8 +268,11 @@ pub struct NeighbourCounts {
     pub replies: u64,
     /// Resolutions asked of the kernel.
     pub resolves: u64,
-    /// Requests not tracked because [`Neighbours`] was full.
+    /// Requests not tracked because [`Neighbours`] had as many wanted addresses as it holds.
     pub table_full: u64,
+    /// Neighbours told but not tracked because sockets used as many addresses as smoltcp's
+    /// neighbour cache holds (smoltcp then evicts one in use).
+    pub cache_full: u64,
 }
 
 /// An address smoltcp needs.
@@ -267,27 +282,37 @@ struct Wanted {
     asked_at: Option<Instant>,
 }
 
-/// The kernel's neighbours of one interface, and what smoltcp asked for.
+/// The kernel's neighbours of one interface, as far as smoltcp needs them.
 #[derive(Debug)]
 pub struct Neighbours {
     ifindex: u32,
     our_mac: [u8; 6],
     our_ip: Ipv4Addr,
-    /// Usable kernel entries.
+    /// Usable kernel entries of the addresses in `wanted` or `told`, and of no others.
     known: HashMap<Ipv4Addr, [u8; 6]>,
     /// Addresses smoltcp asked for and has not been told.
     wanted: HashMap<Ipv4Addr, Wanted>,
-    /// Addresses smoltcp was told, and when.
-    told: HashMap<Ipv4Addr, Instant>,
-    entries_max: usize,
+    /// Addresses smoltcp was told, and when (`None`: due again, the kernel's address
+    /// changed).
+    told: HashMap<Ipv4Addr, Option<Instant>>,
+    wanted_max: usize,
+    /// smoltcp's neighbour cache size: telling it more addresses evicts others.
+    told_max: usize,
     dumped_at: Option<Instant>,
     counts: NeighbourCounts,
 }
 
 impl Neighbours {
-    /// Neighbours of interface `ifindex`, for a smoltcp interface at `our_mac`/`our_ip`;
-    /// each table holds at most `entries_max` addresses.
-    pub fn new(ifindex: u32, our_mac: [u8; 6], our_ip: Ipv4Addr, entries_max: usize) -> Neighbours {
+    /// Neighbours of interface `ifindex`, for a smoltcp interface at `our_mac`/`our_ip`
+    /// whose neighbour cache holds `told_max` addresses; at most `wanted_max` addresses are
+    /// looked for at a time.
+    pub fn new(
+        ifindex: u32,
+        our_mac: [u8; 6],
+        our_ip: Ipv4Addr,
+        wanted_max: usize,
+        told_max: usize,
+    ) -> Neighbours {
         Neighbours {
             ifindex,
             our_mac,
@@ -295,7 +320,8 @@ impl Neighbours {
             known: HashMap::new(),
             wanted: HashMap::new(),
             told: HashMap::new(),
-            entries_max,
+            wanted_max,
+            told_max,
             dumped_at: None,
             counts: NeighbourCounts::default(),
         }
@@ -306,18 +332,21 @@ impl Neighbours {
         self.counts
     }
 
-    /// Takes a message from the kernel. Returns whether a table was full.
-    pub fn on_kernel(&mut self, message: KernelNeighbour) -> bool {
+    /// Takes a message from the kernel (entries of addresses smoltcp does not need are
+    /// ignored).
+    pub fn on_kernel(&mut self, message: KernelNeighbour) {
         match message {
             KernelNeighbour::Update { ifindex, ip, mac } if ifindex == self.ifindex => match mac {
                 Some(mac) => {
-                    if self.known.len() >= self.entries_max && !self.known.contains_key(&ip) {
-                        self.counts.table_full += 1;
-                        return true;
+                    if !self.wanted.contains_key(&ip) && !self.told.contains_key(&ip) {
+                        return;
                     }
-                    if self.known.insert(ip, mac) != Some(mac) {
-                        // A new or changed address: tell smoltcp again if it uses it.
-                        self.told.remove(&ip);
+                    let previous = self.known.insert(ip, mac);
+                    if previous.is_some_and(|previous| previous != mac) {
+                        // smoltcp must learn the new address at once.
+                        if let Some(at) = self.told.get_mut(&ip) {
+                            *at = None;
+                        }
                     }
                 }
                 None => {
@@ -329,18 +358,19 @@ impl Neighbours {
             }
             _ => {}
         }
-        false
     }
 
-    /// smoltcp asked who has `ip`. Returns whether a table was full.
+    /// smoltcp asked who has `ip`. Returns whether the table of wanted addresses was full.
     pub fn on_arp_request(&mut self, ip: Ipv4Addr, now: Instant) -> bool {
         self.counts.requests += 1;
+        // smoltcp lost it (expired or evicted): it is wanted again.
         self.told.remove(&ip);
         if self.wanted.contains_key(&ip) {
             return false;
         }
-        if self.wanted.len() >= self.entries_max {
+        if self.wanted.len() >= self.wanted_max {
             self.counts.table_full += 1;
+            self.known.remove(&ip);
             return true;
         }
         self.wanted.insert(
@@ -354,20 +384,22 @@ impl Neighbours {
     }
 
     /// What to do at `now`: replies for wanted addresses the kernel knows and for told ones
-    /// due a refresh, resolutions for the others, and a dump when one is due.
-    pub fn poll(&mut self, now: Instant) -> Actions {
+    /// due a refresh that a socket uses (`in_use`), requests to the kernel for the other
+    /// wanted ones, and a dump when one is due. The second value says whether smoltcp's
+    /// neighbour cache was full (a told address is then not refreshed).
+    pub fn poll(&mut self, now: Instant, in_use: impl Fn(Ipv4Addr) -> bool) -> (Actions, bool) {
         let mut actions = Actions::default();
         let (our_mac, our_ip) = (self.our_mac, self.our_ip);
         let known = &self.known;
-        let told = &mut self.told;
         let counts = &mut self.counts;
+        let mut answered = Vec::new();
         self.wanted.retain(|ip, wanted| {
             if let Some(mac) = known.get(ip) {
                 actions
                     .replies
                     .push(arp_reply_frame(our_mac, our_ip, *mac, *ip));
                 counts.replies += 1;
-                told.insert(*ip, now);
+                answered.push(*ip);
                 return false;
             }
             if now - wanted.since >= WANTED_FOR {
@@ -383,24 +415,57 @@ impl Neighbours {
             }
             true
         });
+        let mut cache_full = false;
+        for ip in answered {
+            cache_full |= self.tell(ip, now, &in_use);
+        }
+        let (known, counts) = (&self.known, &mut self.counts);
         self.told.retain(|ip, at| {
             let Some(mac) = known.get(ip) else {
                 return false;
             };
-            if now - *at >= REFRESH_INTERVAL {
-                actions
-                    .replies
-                    .push(arp_reply_frame(our_mac, our_ip, *mac, *ip));
-                counts.replies += 1;
-                *at = now;
+            match at {
+                Some(told_at) if now - *told_at < REFRESH_INTERVAL => return true,
+                // No socket uses it: smoltcp may forget it (refreshing it would evict one
+                // that is in use when its cache is full).
+                Some(_) if !in_use(*ip) => return false,
+                _ => {}
             }
+            actions
+                .replies
+                .push(arp_reply_frame(our_mac, our_ip, *mac, *ip));
+            counts.replies += 1;
+            *at = Some(now);
             true
         });
+        let (wanted, told) = (&self.wanted, &self.told);
+        self.known
+            .retain(|ip, _| wanted.contains_key(ip) || told.contains_key(ip));
         if self.dumped_at.is_none_or(|at| now - at >= DUMP_INTERVAL) {
             self.dumped_at = Some(now);
             actions.dump = true;
         }
-        actions
+        (actions, cache_full)
+    }
+
+    /// smoltcp was told `ip`: it is refreshed from now on, in place of one no socket uses
+    /// when as many are told as smoltcp's cache holds. Returns whether none could make
+    /// room (counted; `ip` is then not refreshed).
+    fn tell(&mut self, ip: Ipv4Addr, now: Instant, in_use: &impl Fn(Ipv4Addr) -> bool) -> bool {
+        if self.told.len() >= self.told_max && !self.told.contains_key(&ip) {
+            let unused = self.told.keys().copied().find(|told| !in_use(*told));
+            match unused {
+                Some(unused) => {
+                    self.told.remove(&unused);
+                }
+                None => {
+                    self.counts.cache_full += 1;
+                    return true;
+                }
+            }
+        }
+        self.told.insert(ip, Some(now));
+        false
     }
 }
 
@@ -549,18 +614,47 @@ mod tests {
         assert_eq!(arp_request_target(&request), Some(OUR_IP));
     }
 
+    /// A kernel entry of `ip` with `mac` on our interface.
+    fn usable(ip: Ipv4Addr, mac: [u8; 6]) -> KernelNeighbour {
+        KernelNeighbour::Update {
+            ifindex: IFINDEX,
+            ip,
+            mac: Some(mac),
+        }
+    }
+
+    /// Polls with every address in use.
+    fn poll(table: &mut Neighbours, at: Instant) -> Actions {
+        table.poll(at, |_| true).0
+    }
+
+    #[test]
+    fn requests_for_one_entry_are_well_formed() {
+        let lookup = lookup_request(9, IFINDEX, CLIENT_IP);
+        assert_eq!(lookup.len(), 36);
+        assert_eq!(u16_ne(&lookup, 4), RTM_GETNEIGH);
+        assert_eq!(u16_ne(&lookup, 6), NLM_F_REQUEST, "one entry, not a dump");
+        assert_eq!(u32_ne(&lookup, 20), IFINDEX);
+        // The kernel refuses a get with a state, flags or type set.
+        assert_eq!(&lookup[24..28], &[0; 4]);
+        assert_eq!(&lookup[32..36], &CLIENT_IP.octets());
+    }
+
     #[test]
     fn an_unknown_neighbour_is_resolved_then_answered_and_refreshed() {
-        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 8);
+        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 8, 8);
         let at = Instant::from_millis;
-        assert!(table.poll(at(0)).dump, "the first poll reads the table");
+        assert!(
+            poll(&mut table, at(0)).dump,
+            "the first poll reads the table"
+        );
         assert!(!table.on_arp_request(CLIENT_IP, at(10)));
-        let actions = table.poll(at(10));
+        let actions = poll(&mut table, at(10));
         assert_eq!(actions.resolve, vec![CLIENT_IP]);
         assert!(actions.replies.is_empty() && !actions.dump);
         // Asked again only after the interval.
-        assert!(table.poll(at(100)).resolve.is_empty());
-        assert_eq!(table.poll(at(510)).resolve, vec![CLIENT_IP]);
+        assert!(poll(&mut table, at(100)).resolve.is_empty());
+        assert_eq!(poll(&mut table, at(510)).resolve, vec![CLIENT_IP]);
         // Incomplete, then on another interface: still nothing to tell.
         table.on_kernel(KernelNeighbour::Update {
             ifindex: IFINDEX,
@@ -572,60 +666,222 @@ mod tests {
             ip: CLIENT_IP,
             mac: Some(CLIENT_MAC),
         });
-        assert!(table.poll(at(600)).replies.is_empty());
-        table.on_kernel(KernelNeighbour::Update {
-            ifindex: IFINDEX,
-            ip: CLIENT_IP,
-            mac: Some(CLIENT_MAC),
-        });
-        let actions = table.poll(at(700));
+        assert!(poll(&mut table, at(600)).replies.is_empty());
+        table.on_kernel(usable(CLIENT_IP, CLIENT_MAC));
+        let actions = poll(&mut table, at(700));
         assert_eq!(
             actions.replies,
             vec![arp_reply_frame(OUR_MAC, OUR_IP, CLIENT_MAC, CLIENT_IP)]
         );
         assert!(actions.resolve.is_empty());
-        let actions = table.poll(at(10_000));
+        let actions = poll(&mut table, at(10_000));
         assert!(actions.replies.is_empty());
         assert!(actions.dump, "the table is read again every 10 s");
         assert_eq!(
-            table.poll(at(20_700)).replies.len(),
+            poll(&mut table, at(20_700)).replies.len(),
             1,
             "refreshed before smoltcp forgets it"
         );
-        assert!(!table.poll(at(20_800)).dump, "not read again before 10 s");
+        assert!(
+            !poll(&mut table, at(20_800)).dump,
+            "not read again before 10 s"
+        );
+        // A new address is told at once.
+        let moved = [2, 0, 0, 0, 0, 7];
+        table.on_kernel(usable(CLIENT_IP, moved));
+        assert_eq!(
+            poll(&mut table, at(20_900)).replies,
+            vec![arp_reply_frame(OUR_MAC, OUR_IP, moved, CLIENT_IP)]
+        );
         // Gone from the kernel: no more refreshes.
         table.on_kernel(KernelNeighbour::Delete {
             ifindex: IFINDEX,
             ip: CLIENT_IP,
         });
-        assert!(table.poll(at(60_000)).replies.is_empty());
+        assert!(poll(&mut table, at(60_000)).replies.is_empty());
         assert_eq!(table.counts().requests, 1);
-        assert_eq!(table.counts().replies, 2);
+        assert_eq!(table.counts().replies, 3);
     }
 
     #[test]
-    fn a_known_neighbour_is_answered_at_once_and_wanted_ones_expire() {
-        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 1);
-        table.on_kernel(KernelNeighbour::Update {
-            ifindex: IFINDEX,
-            ip: CLIENT_IP,
-            mac: Some(CLIENT_MAC),
-        });
-        table.on_arp_request(CLIENT_IP, Instant::from_millis(0));
-        assert_eq!(table.poll(Instant::from_millis(0)).replies.len(), 1);
-        // The limit: one wanted address at a time, one known entry.
+    fn a_neighbour_is_found_among_more_kernel_entries_than_the_table_holds() {
+        // The periodic dump of a host with many neighbours: none of them is kept, so the
+        // one smoltcp asks for later still is.
+        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 2, 2);
+        for host in 10..=200u8 {
+            table.on_kernel(usable(
+                Ipv4Addr::new(10, 77, 0, host),
+                [2, 0, 0, 0, 1, host],
+            ));
+        }
+        let at = Instant::from_millis;
+        assert!(!table.on_arp_request(CLIENT_IP, at(0)));
+        let actions = poll(&mut table, at(0));
+        assert_eq!(actions.resolve, vec![CLIENT_IP], "the kernel is asked");
+        // Its answer (to the lookup, or the next dump) is taken.
+        table.on_kernel(usable(CLIENT_IP, CLIENT_MAC));
+        assert_eq!(
+            poll(&mut table, at(1)).replies,
+            vec![arp_reply_frame(OUR_MAC, OUR_IP, CLIENT_MAC, CLIENT_IP)]
+        );
+        // An address the dump had is answered too, once it is wanted.
+        let other = Ipv4Addr::new(10, 77, 0, 42);
+        assert!(!table.on_arp_request(other, at(2)));
+        assert_eq!(poll(&mut table, at(2)).resolve, vec![other]);
+        table.on_kernel(usable(other, [2, 0, 0, 0, 1, 42]));
+        assert_eq!(poll(&mut table, at(3)).replies.len(), 1);
+        assert_eq!(table.counts().table_full, 0);
+        assert_eq!(table.counts().cache_full, 0);
+    }
+
+    #[test]
+    fn wanted_addresses_are_limited_and_expire() {
+        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 1, 8);
         let other = Ipv4Addr::new(10, 77, 0, 9);
         assert!(!table.on_arp_request(other, Instant::from_millis(1)));
         assert!(table.on_arp_request(Ipv4Addr::new(10, 77, 0, 8), Instant::from_millis(1)));
-        assert!(table.on_kernel(KernelNeighbour::Update {
-            ifindex: IFINDEX,
-            ip: other,
-            mac: Some(CLIENT_MAC)
-        }));
-        assert_eq!(table.counts().table_full, 2);
-        assert_eq!(table.poll(Instant::from_millis(2)).resolve, vec![other]);
+        assert_eq!(table.counts().table_full, 1);
+        assert_eq!(
+            poll(&mut table, Instant::from_millis(2)).resolve,
+            vec![other]
+        );
         // Never resolved: given up after a while.
-        table.poll(Instant::from_secs(11));
-        assert!(table.poll(Instant::from_secs(12)).resolve.is_empty());
+        poll(&mut table, Instant::from_secs(11));
+        assert!(poll(&mut table, Instant::from_secs(12)).resolve.is_empty());
+    }
+
+    #[test]
+    fn only_addresses_in_use_are_refreshed_and_no_more_than_smoltcp_holds() {
+        let mut table = Neighbours::new(IFINDEX, OUR_MAC, OUR_IP, 8, 2);
+        let host = |n| Ipv4Addr::new(10, 77, 0, n);
+        let mac = |n| [2, 0, 0, 0, 1, n];
+        let tell = |table: &mut Neighbours, n, at, in_use: &dyn Fn(Ipv4Addr) -> bool| {
+            table.on_arp_request(host(n), at);
+            table.on_kernel(usable(host(n), mac(n)));
+            table.poll(at, in_use)
+        };
+        let at = Instant::from_millis;
+        let every = |_: Ipv4Addr| true;
+        assert!(!tell(&mut table, 1, at(0), &every).1);
+        assert!(!tell(&mut table, 2, at(0), &every).1);
+        // smoltcp's cache is full of addresses in use: the third one is told (smoltcp
+        // evicts one), and counted.
+        let (actions, cache_full) = tell(&mut table, 3, at(0), &every);
+        assert_eq!(actions.replies.len(), 1);
+        assert!(cache_full);
+        assert_eq!(table.counts().cache_full, 1);
+        // Host 2's connections ended: a new host takes its place.
+        let not_two = |ip: Ipv4Addr| ip != host(2);
+        assert!(!tell(&mut table, 4, at(1), &not_two).1);
+        // At the refresh, only the hosts in use are told again: host 1 (host 4 was told
+        // later), not host 2 (evicted from the table) nor host 3 (never tracked).
+        let (actions, _) = table.poll(at(20_000), not_two);
+        assert_eq!(
+            actions.replies,
+            vec![arp_reply_frame(OUR_MAC, OUR_IP, mac(1), host(1))]
+        );
+        // A host no socket uses any more is not refreshed.
+        let only_four = |ip: Ipv4Addr| ip == host(4);
+        let (actions, _) = table.poll(at(20_001), only_four);
+        assert_eq!(
+            actions.replies,
+            vec![arp_reply_frame(OUR_MAC, OUR_IP, mac(4), host(4))]
+        );
+        let (actions, _) = table.poll(at(40_001), only_four);
+        assert_eq!(actions.replies.len(), 1, "host 4 only");
+        assert_eq!(table.counts().cache_full, 1);
+    }
+
+    /// A smoltcp device that keeps what is sent and hands over what is queued.
+    #[derive(Default)]
+    struct Wire {
+        received: std::collections::VecDeque<Vec<u8>>,
+        sent: Vec<Vec<u8>>,
+    }
+
+    struct Frame(Vec<u8>);
+
+    impl smoltcp::phy::RxToken for Frame {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    struct Transmit<'a>(&'a mut Vec<Vec<u8>>);
+
+    impl smoltcp::phy::TxToken for Transmit<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut frame = vec![0; len];
+            let result = f(&mut frame);
+            self.0.push(frame);
+            result
+        }
+    }
+
+    impl smoltcp::phy::Device for Wire {
+        type RxToken<'a> = Frame;
+        type TxToken<'a> = Transmit<'a>;
+
+        fn receive(&mut self, _: Instant) -> Option<(Frame, Transmit<'_>)> {
+            let frame = self.received.pop_front()?;
+            Some((Frame(frame), Transmit(&mut self.sent)))
+        }
+
+        fn transmit(&mut self, _: Instant) -> Option<Transmit<'_>> {
+            Some(Transmit(&mut self.sent))
+        }
+
+        fn capabilities(&self) -> smoltcp::phy::DeviceCapabilities {
+            let mut caps = smoltcp::phy::DeviceCapabilities::default();
+            caps.medium = smoltcp::phy::Medium::Ethernet;
+            caps.max_transmission_unit = 1514;
+            caps
+        }
+    }
+
+    #[test]
+    fn smoltcp_keeps_every_neighbour_the_sockets_of_the_default_pool_can_use() {
+        use smoltcp::iface::{Config, Interface, SocketSet};
+        use smoltcp::socket::tcp;
+        use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+        // One client host per socket of a pool as large as the hooks track neighbours
+        // for by default (max(--xdp-sockets, 64)); smoltcp 0.12's own default cache holds 8.
+        let hosts: u8 = 64;
+        let mut wire = Wire::default();
+        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(OUR_MAC)));
+        let mut iface = Interface::new(config, &mut wire, Instant::ZERO);
+        iface.update_ip_addrs(|addresses| {
+            addresses
+                .push(IpCidr::new(IpAddress::Ipv4(OUR_IP), 24))
+                .expect("room for one address");
+        });
+        let host = |n: u8| Ipv4Addr::new(10, 77, 0, 100 + n);
+        for n in 0..hosts {
+            let reply = arp_reply_frame(OUR_MAC, OUR_IP, [2, 0, 0, 0, 1, n], host(n));
+            wire.received.push_back(reply.to_vec());
+        }
+        let mut sockets = SocketSet::new(Vec::new());
+        let now = Instant::from_millis(1);
+        iface.poll(now, &mut wire, &mut sockets);
+        for n in 0..hosts {
+            let mut socket = tcp::Socket::new(
+                tcp::SocketBuffer::new(vec![0; 64]),
+                tcp::SocketBuffer::new(vec![0; 64]),
+            );
+            let remote = (IpAddress::Ipv4(host(n)), 9000);
+            socket
+                .connect(iface.context(), remote, 40_000 + u16::from(n))
+                .expect("a free socket connects");
+            sockets.add(socket);
+        }
+        iface.poll(now, &mut wire, &mut sockets);
+        let arp_requests = wire.sent.iter().filter(|frame| is_arp(frame)).count();
+        let syns = wire.sent.len() - arp_requests;
+        assert_eq!(
+            (syns, arp_requests),
+            (usize::from(hosts), 0),
+            "every SYN found its neighbour (smoltcp's cache holds {})",
+            smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT
+        );
     }
 }

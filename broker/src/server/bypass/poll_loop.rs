@@ -14,7 +14,9 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
+use super::cookie::Remote;
 use super::device::Burst;
+use super::hooks::Peers;
 use super::xsk::{FRAME_BYTES, XskStats};
 use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
@@ -167,6 +169,8 @@ pub struct BypassLoop<D> {
     idle: Idle,
     stop: Arc<AtomicBool>,
     next_id: u64,
+    /// The sockets' peers, gathered for each housekeeping.
+    peers: Peers,
 }
 
 impl<D> std::fmt::Debug for BypassLoop<D> {
@@ -208,6 +212,20 @@ pub(super) fn new_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
 fn tsval_ms() -> u32 {
     static START: std::sync::OnceLock<StdInstant> = std::sync::OnceLock::new();
     START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
+}
+
+/// Aborts `socket` if it holds the half-open connection (smoltcp's SYN-RECEIVED) of an
+/// adoption given up with `remote`. Returns whether it did.
+pub(super) fn abort_half_open(socket: &mut tcp::Socket<'_>, remote: Remote) -> bool {
+    let Some(endpoint) = socket.remote_endpoint() else {
+        return false;
+    };
+    let IpAddress::Ipv4(ip) = endpoint.addr;
+    if socket.state() != tcp::State::SynReceived || (ip, endpoint.port) != remote {
+        return false;
+    }
+    socket.abort();
+    true
 }
 
 pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
@@ -258,6 +276,7 @@ impl<D: Device + Burst> BypassLoop<D> {
             idle: Idle::new(options.idle),
             stop,
             next_id: 1,
+            peers: Peers::default(),
         }
     }
 
@@ -349,29 +368,35 @@ impl<D: Device + Burst> BypassLoop<D> {
         self.device
     }
 
-    /// Serves the device's hooks and copies their counts into the metrics.
+    /// Serves the device's hooks, aborts the handshakes of adoptions they gave up, and
+    /// copies their counts into the metrics.
     fn housekeeping(&mut self, started: StdInstant, now: StdInstant) {
         let timestamp = Instant::from_micros(now.duration_since(started).as_micros() as i64);
-        let sockets = &self.sockets;
-        let remotes: Vec<_> = self
-            .slots
-            .iter()
-            .filter_map(|(handle, _, _)| {
-                let endpoint = sockets.get::<tcp::Socket<'_>>(*handle).remote_endpoint()?;
+        self.peers.clear();
+        for (handle, _, _) in &self.slots {
+            let socket = self.sockets.get::<tcp::Socket<'_>>(*handle);
+            if let Some(endpoint) = socket.remote_endpoint() {
                 let IpAddress::Ipv4(ip) = endpoint.addr;
-                Some((ip, endpoint.port))
-            })
-            .collect();
-        self.device
-            .housekeeping(timestamp, &|remote| remotes.contains(remote));
+                self.peers.insert((ip, endpoint.port));
+            }
+        }
+        for remote in self.device.housekeeping(timestamp, &self.peers) {
+            for (handle, slot, _) in &self.slots {
+                let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+                if matches!(slot, Slot::Listening) && abort_half_open(socket, remote) {
+                    break;
+                }
+            }
+        }
         let (cookies, neighbours) = self.device.hook_counts();
         let metrics = &self.state.metrics;
         metrics
             .xdp_cookie_adopted
             .store(cookies.adopted, Ordering::Relaxed);
-        metrics
-            .xdp_cookie_refused
-            .store(cookies.refused + cookies.table_full, Ordering::Relaxed);
+        metrics.xdp_cookie_refused.store(
+            cookies.refused + cookies.table_full + cookies.flow_open_failed,
+            Ordering::Relaxed,
+        );
         metrics.xdp_cookie_dropped.store(
             cookies.held_dropped + cookies.timed_out + cookies.dropped_after_refusal,
             Ordering::Relaxed,
@@ -379,9 +404,10 @@ impl<D: Device + Burst> BypassLoop<D> {
         metrics
             .xdp_neighbour_replies
             .store(neighbours.replies, Ordering::Relaxed);
-        metrics
-            .xdp_neighbour_table_full
-            .store(neighbours.table_full, Ordering::Relaxed);
+        metrics.xdp_neighbour_table_full.store(
+            neighbours.table_full + neighbours.cache_full,
+            Ordering::Relaxed,
+        );
     }
 
     fn route(&mut self, outcome: &RoutedOutcome, now: StdInstant) {

@@ -19,7 +19,7 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::server::bypass::neighbour::arp_reply_frame;
-use crate::server::bypass::poll_loop::new_socket;
+use crate::server::bypass::poll_loop::{abort_half_open, new_socket};
 
 /// The lab's MTU.
 const MTU: usize = 3500;
@@ -119,7 +119,7 @@ impl Client {
     /// broker's ISN, and with timestamps the client's options in the low bits of the tsval.
     fn after_syn_ack(offer: Offer, broker_mss: u16, broker_window_shift: u8) -> Client {
         let wscale = offer.window_shift.map_or(TS_WSCALE_NONE, u32::from);
-        let code = (u32::from(offer.mss) / TS_MSS_UNIT).min(TS_MSS_CODE_MASK);
+        let code = (u32::from(offer.mss) / TS_MSS_UNIT).clamp(1, TS_MSS_CODE_MASK);
         let cookie_tsval = (XDP_CLOCK_MS & !0x3ff) | (code << TS_MSS_SHIFT) | wscale;
         let scaling = offer.window_shift.is_some() && offer.timestamps;
         let options = if offer.timestamps { 12 } else { 0 };
@@ -300,6 +300,10 @@ struct Wire {
     flows: CookieFlows,
     /// An adoption ended the receive burst (as in the device: see [`Rx::Adopting`]).
     burst_over: bool,
+    /// The flows opened in the XDP program's table.
+    opened: Vec<Remote>,
+    /// Whether the XDP program's table refuses new flows.
+    flow_table_full: bool,
 }
 
 struct Received(Vec<u8>);
@@ -339,7 +343,14 @@ impl Device for Wire {
                 break frame;
             }
             let mut frame = self.to_broker.pop_front()?;
-            match self.flows.on_rx(&mut frame, now) {
+            let (opened, full) = (&mut self.opened, self.flow_table_full);
+            let mut open_flow = |remote| {
+                if !full {
+                    opened.push(remote);
+                }
+                !full
+            };
+            match self.flows.on_rx(&mut frame, now, &mut open_flow) {
                 Rx::Deliver => break frame,
                 Rx::Consumed => {}
                 Rx::Adopting => {
@@ -378,18 +389,26 @@ struct Broker {
     wire: Wire,
 }
 
+/// The ARP reply with which the hooks tell smoltcp the client's MAC in production.
+fn client_neighbour() -> Vec<u8> {
+    arp_reply_frame(BROKER_MAC, BROKER_IP, CLIENT_MAC, CLIENT_IP).to_vec()
+}
+
 impl Broker {
     fn new(listening: bool) -> Broker {
+        Broker::with_wire(listening, VecDeque::from([client_neighbour()]))
+    }
+
+    /// A broker whose smoltcp has frames `to_broker` waiting for it.
+    fn with_wire(listening: bool, to_broker: VecDeque<Vec<u8>>) -> Broker {
         let mss = u16::try_from(MTU - 40).unwrap_or(u16::MAX);
         let mut wire = Wire {
-            // smoltcp learns the client's MAC as the hooks tell it in production.
-            to_broker: VecDeque::from([arp_reply_frame(
-                BROKER_MAC, BROKER_IP, CLIENT_MAC, CLIENT_IP,
-            )
-            .to_vec()]),
+            to_broker,
             to_client: Vec::new(),
             flows: CookieFlows::new(BROKER_PORT, mss, 4),
             burst_over: false,
+            opened: Vec::new(),
+            flow_table_full: false,
         };
         let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(BROKER_MAC)));
         let mut iface = Interface::new(config, &mut wire, Instant::ZERO);
@@ -445,6 +464,7 @@ const ADOPTED_ONCE: CookieCounts = CookieCounts {
     adopted: 1,
     refused: 0,
     table_full: 0,
+    flow_open_failed: 0,
     held_dropped: 0,
     timed_out: 0,
     dropped_after_refusal: 0,
@@ -603,17 +623,131 @@ fn flows_without_a_socket_and_stuck_adoptions_expire() {
     // An adoption whose SYN smoltcp never answers.
     let client = Client::after_syn_ack(TIMESTAMPS, 1460, 0);
     let mut ack = client.frame(CLIENT_ISN.wrapping_add(1), &[]);
-    assert_eq!(flows.on_rx(&mut ack, at), Rx::Adopting);
+    let open_flow = &mut |_| true;
+    assert_eq!(flows.on_rx(&mut ack, at, open_flow), Rx::Adopting);
     assert!(flows.next_injected().is_some(), "the synthesized SYN");
     let mut data = client.frame(CLIENT_ISN.wrapping_add(1), &[7; 100]);
     for _ in 0..HELD_PER_FLOW {
-        assert_eq!(flows.on_rx(&mut data, at), Rx::Consumed);
+        assert_eq!(flows.on_rx(&mut data, at, open_flow), Rx::Consumed);
     }
     assert_eq!(flows.counts().held_dropped, 1, "one more than is held");
     flows.expire(at + PENDING_TIMEOUT - Duration::from_millis(1), |_| true);
     assert_eq!(flows.len(), 1);
-    flows.expire(at + PENDING_TIMEOUT, |_| true);
+    assert!(flows.take_aborted().is_empty());
+    // Given up: its half-open socket is to be aborted; the flow goes a while later.
+    let given_up_at = at + PENDING_TIMEOUT;
+    flows.expire(given_up_at, |_| true);
+    assert_eq!(flows.counts().timed_out, 1);
+    assert_eq!(flows.take_aborted(), vec![(CLIENT_IP, CLIENT_PORT)]);
+    assert!(flows.take_closed().is_empty());
+    assert_eq!(flows.on_rx(&mut data, given_up_at, open_flow), Rx::Consumed);
+    flows.expire(given_up_at + PENDING_TIMEOUT, |_| true);
     assert!(flows.is_empty());
     assert_eq!(flows.counts().timed_out, 1);
     assert_eq!(flows.take_closed(), vec![(CLIENT_IP, CLIENT_PORT)]);
+}
+
+/// The frames smoltcp sent to the client that are TCP segments with SYN set.
+fn syns(frames: &[Vec<u8>]) -> usize {
+    frames
+        .iter()
+        .filter_map(|frame| parse_segment(frame))
+        .filter(|segment| segment.flags & SYN != 0)
+        .count()
+}
+
+#[test]
+fn a_given_up_adoption_aborts_its_half_open_socket() {
+    NOW_MS.set(1);
+    // smoltcp does not know the client yet: it cannot answer the SYN.
+    let mut broker = Broker::with_wire(true, VecDeque::new());
+    let (outcome, mut client) = run(TIMESTAMPS, &mut broker, 5);
+    assert_eq!(outcome.counts.adopted, 0, "{outcome:?}");
+    let remote = (CLIENT_IP, CLIENT_PORT);
+    {
+        let socket = broker.sockets.get::<tcp::Socket<'_>>(broker.handle);
+        assert_eq!(socket.state(), tcp::State::SynReceived);
+    }
+    // The poll loop's housekeeping after the timeout.
+    NOW_MS.set(NOW_MS.get() + PENDING_TIMEOUT.total_millis() as u32);
+    let now = Instant::from_millis(i64::from(NOW_MS.get()));
+    broker.wire.flows.expire(now, |_| true);
+    for aborted in broker.wire.flows.take_aborted() {
+        let socket = broker.sockets.get_mut::<tcp::Socket<'_>>(broker.handle);
+        assert!(abort_half_open(socket, aborted), "{aborted:?}");
+    }
+    // The neighbour arrives late; smoltcp's retransmission timer has long expired.
+    broker.wire.to_broker.push_back(client_neighbour());
+    NOW_MS.set(NOW_MS.get() + 2_000);
+    broker.serve();
+    let sent = std::mem::take(&mut broker.wire.to_client);
+    assert_eq!(syns(&sent), 0, "no SYN-ACK of a connection given up");
+    for frame in &sent {
+        client.receive(frame);
+    }
+    assert!(
+        client.reset,
+        "the abort's RST reaches the client in its numbers"
+    );
+    assert_eq!(client.dropped, Dropped::default());
+    let socket = broker.sockets.get::<tcp::Socket<'_>>(broker.handle);
+    assert_eq!(socket.state(), tcp::State::Closed, "free to listen again");
+    assert!(!abort_half_open(
+        broker.sockets.get_mut::<tcp::Socket<'_>>(broker.handle),
+        remote
+    ));
+}
+
+#[test]
+fn an_adoption_opens_its_flow_and_a_flow_the_table_refuses_is_reset() {
+    NOW_MS.set(1);
+    let mut broker = Broker::new(true);
+    let (outcome, _) = run(TIMESTAMPS, &mut broker, 5);
+    assert_eq!(outcome.counts.adopted, 1, "{outcome:?}");
+    assert_eq!(broker.wire.opened, vec![(CLIENT_IP, CLIENT_PORT)]);
+
+    NOW_MS.set(1);
+    let mut broker = Broker::new(true);
+    broker.wire.flow_table_full = true;
+    let (outcome, client) = run(TIMESTAMPS, &mut broker, 100);
+    assert!(
+        client.reset,
+        "smoltcp resets the unknown connection: {outcome:?}"
+    );
+    assert_eq!(outcome.dropped, Dropped::default());
+    assert_eq!(outcome.counts.adopted, 0, "{outcome:?}");
+    assert!(outcome.counts.flow_open_failed > 0, "{outcome:?}");
+    let flows = &mut broker.wire.flows;
+    assert!(flows.is_empty(), "nothing to remove from the table later");
+    flows.expire(Instant::from_secs(60), |_| false);
+    assert!(flows.take_closed().is_empty());
+}
+
+#[test]
+fn the_mss_of_the_cookie_is_the_clients_or_536_without_one() {
+    // The synthesized SYN's MSS for the MSS code in the cookie's tsval (timestamps on: 12
+    // bytes less, see synthesize_syn).
+    let mss_for = |code: u32| {
+        let mut client = Client::after_syn_ack(TIMESTAMPS, 1460, 0);
+        client.ts_recent = (code << TS_MSS_SHIFT) | TS_WSCALE_NONE;
+        let ack = client.frame(CLIENT_ISN.wrapping_add(1), &[]);
+        let segment = parse_segment(&ack).expect("a segment");
+        let syn = synthesize_syn(&ack, &segment, 3460);
+        let syn_segment = parse_segment(&syn).expect("a segment");
+        let options = syn_segment.tcp + 20;
+        assert_eq!(syn[options], OPTION_MSS);
+        be16(&syn, options + 2)
+    };
+    assert_eq!(mss_for(TS_MSS_NONE), 536 - 12, "no MSS option: 536");
+    assert_eq!(mss_for(4), 256 - 12, "a small MSS is kept");
+    assert_eq!(mss_for(22), 1408 - 12);
+}
+
+#[test]
+fn a_client_with_an_mss_below_536_gets_segments_that_fit() {
+    assert_clean_echo(Offer {
+        mss: 320,
+        window_shift: Some(CLIENT_WINDOW_SHIFT),
+        timestamps: true,
+    });
 }
