@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use broker::claim::{CLAIM_LEASE_MS_MAX, CLAIM_LEASE_MS_MIN};
+use broker::claim::check_lease_ms;
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::metrics::EndpointLimits;
@@ -347,12 +347,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
     };
     let id = args.id.ok_or("--id is required")?;
     let claim_lease_ms = args.claim_lease_ms.unwrap_or(CLAIM_LEASE_MS_DEFAULT);
-    if !(CLAIM_LEASE_MS_MIN..=CLAIM_LEASE_MS_MAX).contains(&claim_lease_ms) {
-        return Err(format!(
-            "--claim-lease-ms {claim_lease_ms} is out of range: give \
-             {CLAIM_LEASE_MS_MIN}..={CLAIM_LEASE_MS_MAX}"
-        ));
-    }
+    check_lease_ms(claim_lease_ms).map_err(|e| e.to_string())?;
     if !(args.recover_from.is_empty() || (args.head && args.format)) {
         return Err("--recover-from rebuilds a new pool: it needs --head and --format".into());
     }
@@ -736,7 +731,7 @@ mod tests {
         assert_eq!(options.claim_lease_ms, 300);
         let error = with(&["--claim-lease-ms", "20"]).unwrap_err();
         assert!(
-            error.contains("--claim-lease-ms 20 is out of range"),
+            error.contains("a claim lease of 20 ms is out of range"),
             "{error}"
         );
         let file: Args = toml::from_str("claim_lease_ms = 2500").unwrap();

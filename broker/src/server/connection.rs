@@ -1490,10 +1490,7 @@ mod tests {
     use wire::{BatchHeaderRepr, HelloRepr, Role, Topic};
 
     use super::*;
-    use crate::coherence::{CoherenceMode, PoolMemory};
-    use crate::heap::HeapRegion;
-    use crate::layout::Geometry;
-    use crate::pool::Pool;
+    use crate::coherence::PoolMemory;
     use crate::sequencer::{Sequencer, SequencerConfig};
     use crate::server::limits::ClientLimits;
     use crate::server::state::BrokerSettings;
@@ -1581,16 +1578,7 @@ mod tests {
     fn head_broker(
         replication_factor: u8,
     ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
-        let geometry = Geometry {
-            brokers_max: 1,
-            topics_max: 1,
-            ring_slots: 8,
-            goi_entries: 64,
-            blog_bytes: 64 * 1024,
-        };
-        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let pool: Pool<PoolMemory> =
-            Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let pool = crate::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,

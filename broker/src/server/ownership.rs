@@ -98,12 +98,13 @@ struct Heartbeat {
 impl HeldClaim {
     /// Claims `broker` in `pool` with a lease of `lease_ms` (see [`claim::claim`]: this
     /// blocks for up to a lease while a previous claimant's heartbeat is watched) and starts
-    /// beating it.
+    /// beating it. A lease outside [`claim::check_lease_ms`]'s range is refused.
     pub fn take(
         pool: &Pool<PoolMemory>,
         broker: u16,
         lease_ms: u64,
     ) -> Result<HeldClaim, ClaimError> {
+        claim::check_lease_ms(lease_ms)?;
         pool.check_broker(broker)?;
         let claimant = Claimant {
             token: new_token(),
@@ -435,6 +436,22 @@ mod tests {
                 .to_string()
                 .contains("in use by processes on this host")
         );
+    }
+
+    #[test]
+    fn a_claim_lease_out_of_range_is_refused_before_anything_is_claimed() {
+        let pool = crate::heap::small_test_pool();
+        // 3 ms would beat every 0 ms (a spinning thread); past the maximum, watchers would
+        // judge the claim dead between two beats.
+        for lease_ms in [3, claim::CLAIM_LEASE_MS_MAX + 1] {
+            match HeldClaim::take(&pool, 0, lease_ms) {
+                Err(ClaimError::LeaseOutOfRange { lease_ms: refused }) => {
+                    assert_eq!(refused, lease_ms);
+                }
+                other => panic!("expected LeaseOutOfRange for {lease_ms} ms, got {other:?}"),
+            }
+            assert_eq!(claim::read_claim(&pool, 0).owner, 0, "nothing claimed");
+        }
     }
 
     #[test]

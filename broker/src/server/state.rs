@@ -356,21 +356,10 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coherence::CoherenceMode;
-    use crate::heap::HeapRegion;
-    use crate::layout::Geometry;
 
     #[test]
     fn sessions_refuse_stale_epochs_and_keep_only_the_latest_bookkeeping() {
-        let geometry = Geometry {
-            brokers_max: 1,
-            topics_max: 1,
-            ring_slots: 8,
-            goi_entries: 64,
-            blog_bytes: 64 * 1024,
-        };
-        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let pool = Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let pool = crate::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,
