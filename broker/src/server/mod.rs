@@ -673,14 +673,16 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A formatter may be replacing the file right now: open the one that is there after.
+    // A formatter may be replacing the file right now (removing the old one, creating the
+    // new one empty, then sizing it): open the one that is there after.
     let region = loop {
         match hugepages::SharedRegion::open(&spec.path, &options) {
             Ok(region) => break region,
             Err(
                 hugepages::Error::RegionBeingReplaced { .. }
                 | hugepages::Error::RegionReplaced { .. }
-                | hugepages::Error::RegionMissing { .. },
+                | hugepages::Error::RegionMissing { .. }
+                | hugepages::Error::EmptyRegion { .. },
             ) if started.elapsed() < spec.attach_timeout => {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -704,5 +706,47 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
             }
             Err(other) => return Err(fail(other.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attaching_waits_for_a_pool_file_that_is_still_being_created() {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/embarcadero-attach-test-{}",
+            std::process::id()
+        ));
+        // What a formatter leaves for a moment: the new file, empty, not sized yet.
+        let file = std::fs::File::create(&path).unwrap();
+        let spec = PoolSpec {
+            path: path.clone(),
+            format: None,
+            allow_fallback: true,
+            mode: CoherenceMode::NonCoherent,
+            attach_timeout: Duration::from_secs(10),
+        };
+        let attacher = std::thread::spawn(move || open_pool(&spec).map(|pool| *pool.geometry()));
+        std::thread::sleep(Duration::from_millis(300));
+        let pool_bytes = 8 << 20;
+        let geometry = Geometry::fit(pool_bytes, 2, 1, 16, 1024).unwrap();
+        file.set_len(pool_bytes).unwrap();
+        let options = hugepages::RegionOptions {
+            allow_fallback: true,
+            prefault: false,
+            ..hugepages::RegionOptions::default()
+        };
+        let region = hugepages::SharedRegion::open(&path, &options).unwrap();
+        Pool::format(
+            crate::region::pool_memory(region, CoherenceMode::NonCoherent),
+            geometry,
+            1,
+        )
+        .unwrap();
+        let attached = attacher.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(attached.unwrap(), geometry);
     }
 }
