@@ -1,11 +1,14 @@
 //! The broker binary itself: refusals that an operator sees at start-up, and brokers that
-//! stop when their pool or their id is taken from under them. The hugetlbfs tests need root
-//! (to reserve pages and mount a private hugetlbfs) and print a skip line otherwise.
+//! stop when their pool or their id is taken from under them. Every broker runs with
+//! `--error-json`: the tests assert on exit codes and on that JSON line, never on the
+//! human-readable stderr (printed only when an assertion fails). The hugetlbfs tests need
+//! root (to reserve pages and mount a private hugetlbfs) and print a skip line otherwise.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -15,11 +18,66 @@ use broker::layout::{Geometry, LAYOUT_VERSION, PoolHeader};
 use broker::pool::Pool;
 use broker::region::pool_memory;
 use hugepages::{PageSize, RegionOptions, SharedRegion, setup};
+use serde_json::Value;
 
 fn shm_options() -> RegionOptions {
     RegionOptions {
         allow_fallback: true,
         ..RegionOptions::default()
+    }
+}
+
+/// How a broker process ended.
+#[derive(Debug)]
+struct Exit {
+    /// Its exit code; `None` when a signal killed it.
+    code: Option<i32>,
+    /// The signal that killed it.
+    signal: Option<i32>,
+    /// Its stderr, for the messages of failed assertions.
+    stderr: String,
+    /// The error it reported on stdout (`--error-json`), if any.
+    error: Option<Value>,
+}
+
+impl Exit {
+    fn new(status: std::process::ExitStatus, stdout: &str, stderr: String) -> Exit {
+        let error = stdout
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find_map(|value| value.get("error").cloned());
+        Exit {
+            code: status.code(),
+            signal: status.signal(),
+            stderr,
+            error,
+        }
+    }
+
+    fn from_output(output: &Output) -> Exit {
+        Exit::new(
+            output.status,
+            &String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// The reported error, which must be of `kind` with exit code `code`.
+    fn error(&self, kind: &str, code: i32) -> &Value {
+        let stderr = &self.stderr;
+        assert_eq!(
+            self.code,
+            Some(code),
+            "signal {:?}; stderr: {stderr}",
+            self.signal
+        );
+        let error = self
+            .error
+            .as_ref()
+            .unwrap_or_else(|| panic!("no --error-json line; stderr: {stderr}"));
+        assert_eq!(error["kind"], kind, "{self:?}");
+        assert_eq!(error["exit_code"], code, "{self:?}");
+        error
     }
 }
 
@@ -47,33 +105,31 @@ fn a_broker_refuses_a_pool_of_another_layout_and_says_so() {
             "--allow-shm-fallback",
             "--attach-timeout-ms",
             "2000",
+            "--error-json",
         ])
         .arg("--pool")
         .arg(&path)
         .output()
         .expect("run the broker");
     let _ = std::fs::remove_file(&path);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    let expected = format!(
-        "pool layout version {} is not supported",
-        LAYOUT_VERSION + 7
-    );
-    assert!(stderr.contains(&expected), "stderr: {stderr}");
-    assert!(
-        stderr.contains("re-format"),
-        "the error says what to do: {stderr}"
-    );
+    let exit = Exit::from_output(&output);
+    let error = exit.error("pool", 1);
+    assert_eq!(error["failure"], "incompatible", "{exit:?}");
+    assert_eq!(error["path"], path.display().to_string());
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("re-format"), "says what to do: {message}");
 }
 
 #[test]
-fn missing_flags_are_named_and_exit_2() {
+fn missing_flags_are_a_usage_error_and_exit_2() {
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
-        .args(["--id", "0"])
+        .args(["--id", "0", "--error-json"])
         .output()
         .expect("run the broker");
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--pool is required"));
+    let exit = Exit::from_output(&output);
+    let error = exit.error("usage", 2);
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--pool"), "names the flag: {message}");
 }
 
 #[test]
@@ -86,6 +142,7 @@ fn a_missing_pool_file_is_reported_after_the_attach_timeout() {
             "127.0.0.1:0",
             "--attach-timeout-ms",
             "200",
+            "--error-json",
         ])
         .args([
             "--pool",
@@ -94,12 +151,10 @@ fn a_missing_pool_file_is_reported_after_the_attach_timeout() {
         ])
         .output()
         .expect("run the broker");
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("embarcadero-no-such-pool"),
-        "the error names the pool: {stderr}"
-    );
+    let exit = Exit::from_output(&output);
+    let error = exit.error("pool", 1);
+    assert_eq!(error["failure"], "missing", "{exit:?}");
+    assert_eq!(error["path"], "/dev/shm/embarcadero-no-such-pool");
 }
 
 /// Pool size of the hugetlbfs tests: small, so that several run at once.
@@ -138,7 +193,7 @@ fn broker_command(id: u16, pool: &Path, head: bool, extra: &[&str]) -> Command {
         .args(["--id", &id.to_string(), "--listen", "127.0.0.1:0"])
         .arg("--pool")
         .arg(pool)
-        .args(["--attach-timeout-ms", "5000"])
+        .args(["--attach-timeout-ms", "5000", "--error-json"])
         .args(extra)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -166,30 +221,44 @@ fn broker_command(id: u16, pool: &Path, head: bool, extra: &[&str]) -> Command {
 /// A broker process; killed (SIGKILL) on drop if still running.
 struct BrokerProcess {
     child: Child,
+    stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<String>>,
 }
 
 impl BrokerProcess {
     /// Starts the broker and waits for its "listening on" line.
-    fn start(mut command: Command) -> BrokerProcess {
+    fn start(command: Command) -> BrokerProcess {
+        let (mut broker, listening) = BrokerProcess::spawn(command);
+        if listening.recv_timeout(DEADLINE).is_err() {
+            let exit = broker.wait(Duration::ZERO);
+            panic!("the broker did not start: {exit:?}");
+        }
+        broker
+    }
+
+    /// Starts the broker; the receiver hears once it listens.
+    fn spawn(mut command: Command) -> (BrokerProcess, mpsc::Receiver<()>) {
         let mut child = command.spawn().expect("spawn the broker");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let stderr = Some(std::thread::spawn(move || read_all(stderr)));
-        let (lines, listening) = mpsc::channel();
-        std::thread::spawn(move || {
+        let (started, listening) = mpsc::channel();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.starts_with("listening on") {
-                    let _ = lines.send(());
+                    let _ = started.send(());
                 }
+                text.push_str(&line);
+                text.push('\n');
             }
+            text
         });
-        let mut broker = BrokerProcess { child, stderr };
-        if listening.recv_timeout(DEADLINE).is_err() {
-            let (code, stderr) = broker.wait(Duration::ZERO);
-            panic!("the broker did not start (exit {code:?}): {stderr}");
-        }
-        broker
+        let broker = BrokerProcess {
+            child,
+            stdout: Some(stdout),
+            stderr: Some(std::thread::spawn(move || read_all(stderr))),
+        };
+        (broker, listening)
     }
 
     fn pid(&self) -> u32 {
@@ -200,9 +269,17 @@ impl BrokerProcess {
         self.child.try_wait().expect("poll the broker").is_none()
     }
 
-    /// Waits up to `deadline` for the broker to exit (then kills it); its exit code (`None`
-    /// when killed by a signal) and its stderr.
-    fn wait(&mut self, deadline: Duration) -> (Option<i32>, String) {
+    /// Sends `signal` (a name for kill(1), e.g. "STOP").
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal}");
+    }
+
+    /// Waits up to `deadline` for the broker to exit (then kills it).
+    fn wait(&mut self, deadline: Duration) -> Exit {
         let started = Instant::now();
         let status = loop {
             if let Some(status) = self.child.try_wait().expect("poll the broker") {
@@ -214,22 +291,19 @@ impl BrokerProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let stderr = self
-            .stderr
-            .take()
-            .map(|reader| reader.join().expect("stderr reader"))
-            .unwrap_or_default();
-        (status.code(), stderr)
+        let join = |reader: Option<JoinHandle<String>>| {
+            reader
+                .map(|reader| reader.join().expect("output reader"))
+                .unwrap_or_default()
+        };
+        let stdout = join(self.stdout.take());
+        Exit::new(status, &stdout, join(self.stderr.take()))
     }
 
     /// SIGTERM, then the exit code once it has stopped in order.
     fn terminate(&mut self) -> Option<i32> {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success());
-        self.wait(DEADLINE).0
+        self.signal("TERM");
+        self.wait(DEADLINE).code
     }
 }
 
@@ -246,20 +320,23 @@ fn read_all(mut from: impl Read) -> String {
     text
 }
 
-/// Runs a broker that must exit by itself within [`DEADLINE`]; its exit code and stderr.
-fn run_to_exit(command: Command) -> (Option<i32>, String) {
-    let mut child = command;
-    let child = child
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn the broker");
-    let mut broker = BrokerProcess {
-        stderr: None,
-        child,
-    };
-    let stderr = broker.child.stderr.take().expect("piped stderr");
-    broker.stderr = Some(std::thread::spawn(move || read_all(stderr)));
-    broker.wait(DEADLINE)
+/// Runs a broker that must exit by itself within [`DEADLINE`].
+fn run_to_exit(command: Command) -> Exit {
+    BrokerProcess::spawn(command).0.wait(DEADLINE)
+}
+
+/// The pids a `pool_in_use` or `broker_id_taken` report names, by broker id.
+fn holders(holders: &[&Value]) -> Vec<(u64, u64, bool)> {
+    holders
+        .iter()
+        .map(|h| {
+            (
+                h["broker"].as_u64().unwrap_or(u64::MAX),
+                h["pid"].as_u64().unwrap_or(0),
+                h["this_host"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -271,7 +348,7 @@ fn formatting_a_pool_that_brokers_use_is_refused_and_names_them() {
     let inode = std::fs::metadata(&pool.path).unwrap().ino();
 
     // Another head with another geometry.
-    let (code, stderr) = run_to_exit(broker_command(
+    let exit = run_to_exit(broker_command(
         2,
         &pool.path,
         false,
@@ -284,14 +361,17 @@ fn formatting_a_pool_that_brokers_use_is_refused_and_names_them() {
             "2048",
         ],
     ));
-    assert_eq!(code, Some(1), "stderr: {stderr}");
-    let expected = format!(
-        "is in use by broker 0 (pid {} on this host), broker 1 (pid {} on this host)",
-        pool.head.pid(),
-        other.pid()
+    let error = exit.error("pool_in_use", 4);
+    assert_eq!(error["path"], pool.path.display().to_string());
+    let brokers: Vec<&Value> = error["brokers"].as_array().into_iter().flatten().collect();
+    assert_eq!(
+        holders(&brokers),
+        [
+            (0, u64::from(pool.head.pid()), true),
+            (1, u64::from(other.pid()), true)
+        ],
+        "{exit:?}"
     );
-    assert!(stderr.contains(&expected), "stderr: {stderr}");
-    assert!(stderr.contains("stop them first"), "the fix: {stderr}");
     let inode_after = std::fs::metadata(&pool.path).unwrap().ino();
     assert_eq!(inode_after, inode, "the pool stays");
 }
@@ -302,14 +382,13 @@ fn a_second_broker_with_the_id_of_a_live_one_is_refused() {
         return;
     };
     let mut first = BrokerProcess::start(broker_command(1, &pool.path, false, &[]));
-    let (code, stderr) = run_to_exit(broker_command(1, &pool.path, false, &[]));
-    assert_eq!(code, Some(1), "stderr: {stderr}");
-    let expected = format!(
-        "broker id 1 is taken by a live broker: broker 1 (pid {} on this host)",
-        first.pid()
+    let exit = run_to_exit(broker_command(1, &pool.path, false, &[]));
+    let error = exit.error("broker_id_taken", 3);
+    assert_eq!(
+        holders(&[&error["holder"]]),
+        [(1, u64::from(first.pid()), true)],
+        "{exit:?}"
     );
-    assert!(stderr.contains(&expected), "stderr: {stderr}");
-    assert!(stderr.contains("free --id"), "the fix: {stderr}");
     assert!(first.is_running(), "the first broker 1 goes on");
 }
 
@@ -344,15 +423,16 @@ fn a_killed_broker_restarts_after_the_claim_lease_and_a_stopped_one_at_once() {
 }
 
 /// Changes the pool file under a running head with `change`, then checks that the head
-/// exits 1 within 5 s and says `reason`.
-fn head_stops_when_its_pool_file(change: impl FnOnce(&Path), reason: &str) {
+/// exits 1 within 5 s, reporting the pool file `reported` (removed, replaced, truncated).
+fn head_stops_when_its_pool_file(change: impl FnOnce(&Path), reported: &str) {
     let Some(mut pool) = huge_pool("a broker whose pool file changes exits 1", &[]) else {
         return;
     };
     change(&pool.path);
-    let (code, stderr) = pool.head.wait(Duration::from_secs(5));
-    assert_eq!(code, Some(1), "stderr: {stderr}");
-    assert!(stderr.contains(reason), "stderr: {stderr}");
+    let exit = pool.head.wait(Duration::from_secs(5));
+    let error = exit.error("pool_file_gone", 1);
+    assert_eq!(error["change"], reported, "{exit:?}");
+    assert_eq!(error["path"], pool.path.display().to_string());
 }
 
 #[test]
@@ -362,7 +442,7 @@ fn a_broker_whose_pool_file_is_replaced_exits_1() {
         let replacement = std::fs::File::create(path).unwrap();
         replacement.set_len(2 << 20).unwrap();
     };
-    head_stops_when_its_pool_file(replace, "was removed and created again");
+    head_stops_when_its_pool_file(replace, "replaced");
 }
 
 #[test]
@@ -371,5 +451,5 @@ fn a_broker_whose_pool_file_is_truncated_exits_1() {
         let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
         file.set_len(2 << 20).unwrap();
     };
-    head_stops_when_its_pool_file(truncate, "truncated to 2097152 bytes");
+    head_stops_when_its_pool_file(truncate, "truncated");
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use broker::claim::check_lease_ms;
+use broker::claim::{ClaimError, ClaimHolder, check_lease_ms};
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::metrics::EndpointLimits;
@@ -15,12 +15,12 @@ use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
 use broker::server::limits::ClientLimits;
-use broker::server::ownership::HeldClaim;
+use broker::server::ownership::{HeldClaim, LivenessError};
 use broker::server::replica::ReplicaConfig;
 use broker::server::state::BrokerSettings;
 use broker::server::{
-    BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, open_pool,
-    start_claimed,
+    BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, StartError,
+    open_pool, start_claimed,
 };
 use clap::Parser;
 use xdp_prog::AttachMode;
@@ -33,13 +33,19 @@ use xdp_prog::AttachMode;
 /// Every flag can also be set in a TOML file given with --config (keys are the flag names
 /// with '_' for '-', e.g. `pool_bytes = "1G"`); flags on the command line win.
 #[derive(Debug, Parser, serde::Deserialize, Default)]
-#[command(name = "broker", version, about, long_about)]
+#[command(name = "broker", version, about, long_about, after_help = EXIT_CODES_HELP)]
 #[serde(deny_unknown_fields, default)]
 struct Args {
     /// TOML file with settings (command-line flags override it).
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// When the broker ends with an error, also print it on stdout as one JSON line,
+    /// {"error": {"kind": ..., "exit_code": ..., "message": ..., ...}}, for programs that
+    /// start brokers (see the exit codes below). Not in the config file.
+    #[arg(long)]
+    #[serde(skip)]
+    error_json: bool,
     /// This broker's id: 0 .. brokers-max - 1, unique in the cluster (its rings in the pool).
     /// A broker claims its id in the pool and refuses to start while a live broker holds it.
     #[arg(long)]
@@ -219,6 +225,141 @@ struct Args {
     debug_inject_faults: Option<String>,
 }
 
+/// Exit code of an error not listed below (start-up or run time).
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of a bad flag or config file.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when a live broker holds the id.
+const EXIT_ID_TAKEN: u8 = 3;
+/// Exit code when `--format` is refused because live brokers use the pool.
+const EXIT_POOL_IN_USE: u8 = 4;
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes: 0 stopped by SIGINT or SIGTERM; 1 any other error, at start-up or later (the pool
+cannot be opened or is of another layout; the id was taken over while this broker was paused
+past its claim lease; the pool file was removed, replaced or truncated); 2 bad flags or config
+file; 3 the id is held by a live broker; 4 --format refused: live brokers use the pool. The
+error is on stderr, and with --error-json also on stdout as one JSON line whose \"kind\" is
+one of: usage, pool, pool_in_use, broker_id_taken, claim, listen, metrics, sequencer, bypass,
+restore, claim_lost, pool_file_gone, thread_ended.";
+
+/// An error the broker ends with: the line on stderr, the exit code, and, with
+/// `--error-json`, the same as one JSON object on stdout.
+#[derive(Debug)]
+struct Ending {
+    exit_code: u8,
+    /// What the error is, for programs (see [`EXIT_CODES_HELP`]).
+    kind: &'static str,
+    /// The line for people.
+    message: String,
+    /// What else a program needs to act on it.
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Ending {
+    fn new(exit_code: u8, kind: &'static str, message: impl std::fmt::Display) -> Ending {
+        Ending {
+            exit_code,
+            kind,
+            message: message.to_string(),
+            details: serde_json::Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Ending {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The JSON line of `--error-json`.
+    fn json(&self) -> String {
+        let mut error = self.details.clone();
+        error.insert("kind".into(), self.kind.into());
+        error.insert("exit_code".into(), self.exit_code.into());
+        error.insert("message".into(), self.message.clone().into());
+        serde_json::json!({ "error": error }).to_string()
+    }
+
+    /// Says it (stderr as `{who}: {message}`; stdout as JSON when `json`), and the exit
+    /// code.
+    fn report(self, who: &str, json: bool) -> ExitCode {
+        eprintln!("{who}: {}", self.message);
+        if json {
+            println!("{}", self.json());
+        }
+        ExitCode::from(self.exit_code)
+    }
+
+    fn start(error: &StartError) -> Ending {
+        match error {
+            StartError::Pool { path, failure, .. } => Ending::new(EXIT_FAILURE, "pool", error)
+                .with("path", path.as_str())
+                .with("failure", failure.name()),
+            StartError::PoolInUse(in_use) => Ending::new(EXIT_POOL_IN_USE, "pool_in_use", in_use)
+                .with("path", in_use.path.as_str())
+                .with(
+                    "brokers",
+                    in_use.brokers.iter().map(holder_json).collect::<Vec<_>>(),
+                )
+                .with("holder_pids", in_use.holder_pids.clone()),
+            StartError::Claim(claim) => Ending::claim(claim),
+            StartError::Listen { addr, .. } => {
+                Ending::new(EXIT_FAILURE, "listen", error).with("addr", addr.to_string())
+            }
+            StartError::Metrics(_) => Ending::new(EXIT_FAILURE, "metrics", error),
+            StartError::Sequencer(_) => Ending::new(EXIT_FAILURE, "sequencer", error),
+            StartError::Bypass(_) => Ending::new(EXIT_FAILURE, "bypass", error),
+        }
+    }
+
+    fn claim(error: &ClaimError) -> Ending {
+        match error {
+            ClaimError::BrokerIdTaken { holder } => {
+                Ending::new(EXIT_ID_TAKEN, "broker_id_taken", error)
+                    .with("holder", holder_json(holder))
+            }
+            ClaimError::ClaimLost { holder, lease_ms } => {
+                Ending::new(EXIT_FAILURE, "claim_lost", error)
+                    .with("holder", holder_json(holder))
+                    .with("lease_ms", *lease_ms)
+            }
+            ClaimError::LeaseOutOfRange { .. } | ClaimError::Pool(_) => {
+                Ending::new(EXIT_FAILURE, "claim", error)
+            }
+        }
+    }
+
+    fn liveness(error: &LivenessError) -> Ending {
+        match error {
+            LivenessError::ClaimLost(claim) => Ending::claim(claim),
+            LivenessError::PoolFileGone(gone) => {
+                let (path, change) = match gone {
+                    hugepages::Error::RegionRemoved { path } => (Some(path), "removed"),
+                    hugepages::Error::RegionReplaced { path } => (Some(path), "replaced"),
+                    hugepages::Error::RegionTruncated { path, .. } => (Some(path), "truncated"),
+                    _ => (None, "other"),
+                };
+                let ending =
+                    Ending::new(EXIT_FAILURE, "pool_file_gone", error).with("change", change);
+                match path {
+                    Some(path) => ending.with("path", path.display().to_string()),
+                    None => ending,
+                }
+            }
+        }
+    }
+}
+
+/// A claim's holder for `--error-json`.
+fn holder_json(holder: &ClaimHolder) -> serde_json::Value {
+    serde_json::json!({
+        "broker": holder.broker,
+        "pid": holder.details.map(|d| d.pid),
+        "host_id": holder.details.map(|d| format!("{:016x}", d.host_id)),
+        "this_host": holder.this_host,
+    })
+}
+
 /// The network backend, as the CLI names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -277,6 +418,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
 fn merge(cli: Args, file: Args) -> Args {
     Args {
         config: cli.config,
+        error_json: cli.error_json,
         id: cli.id.or(file.id),
         claim_lease_ms: cli.claim_lease_ms.or(file.claim_lease_ms),
         pool: cli.pool.or(file.pool),
@@ -588,30 +730,24 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let (spec, options, recover_from) = match configure(Args::parse()) {
+    let args = Args::parse();
+    let json = args.error_json;
+    let (spec, options, recover_from) = match configure(args) {
         Ok(configured) => configured,
-        Err(message) => {
-            eprintln!("broker: {message}");
-            return ExitCode::from(2);
-        }
+        Err(message) => return Ending::new(EXIT_USAGE, "usage", message).report("broker", json),
     };
     install_signal_handlers();
     let id = options.settings.broker_id;
+    let who = format!("broker {id}");
     let pool = match open_pool(&spec) {
         Ok(pool) => pool,
-        Err(e) => {
-            eprintln!("broker {id}: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::start(&e).report(&who, json),
     };
     install_sigbus_handler(id, &spec.path, pool.mem().address_range());
     // Claimed (and beaten) before anything is written to the pool, a restore included.
     let claim = match HeldClaim::take(&pool, id, options.claim_lease_ms) {
         Ok(claim) => claim,
-        Err(e) => {
-            eprintln!("broker {id}: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::claim(&e).report(&who, json),
     };
     if !recover_from.is_empty() {
         match broker::server::replica::restore(&pool, id, &recover_from) {
@@ -625,33 +761,29 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("broker: restoring from replicas: {e}");
                 claim.release();
-                return ExitCode::FAILURE;
+                let message = format!("restoring from replicas: {e}");
+                return Ending::new(EXIT_FAILURE, "restore", message).report("broker", json);
             }
         }
     }
     let running = match start_claimed(pool, options, claim) {
         Ok(running) => running,
-        Err(e) => {
-            eprintln!("broker: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::start(&e).report("broker", json),
     };
     println!("listening on {}", running.local_addr());
     while !STOP.load(Ordering::Relaxed) && running.is_running() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let crashed = !running.is_running();
-    let failure = running.failure().map(ToString::to_string);
+    let failure = running.failure().map(Ending::liveness);
     running.stop();
     if let Some(failure) = failure {
-        eprintln!("broker {id}: {failure}");
-        return ExitCode::FAILURE;
+        return failure.report(&who, json);
     }
     if crashed {
-        eprintln!("broker: a broker thread ended unexpectedly");
-        return ExitCode::FAILURE;
+        let message = "a broker thread ended unexpectedly";
+        return Ending::new(EXIT_FAILURE, "thread_ended", message).report("broker", json);
     }
     ExitCode::SUCCESS
 }

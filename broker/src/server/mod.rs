@@ -146,6 +146,8 @@ pub enum StartError {
     Pool {
         /// The pool path.
         path: String,
+        /// Which step failed.
+        failure: PoolFailure,
         /// What went wrong, with the fix where there is one.
         reason: String,
     },
@@ -172,6 +174,34 @@ pub enum StartError {
     /// The kernel-bypass backend could not start (no fallback to kernel TCP).
     #[error("--net xdp: {0}")]
     Bypass(#[from] bypass::BypassError),
+}
+
+/// Which step of opening the pool failed (see [`StartError::Pool`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolFailure {
+    /// No pool file appeared within the attach timeout.
+    Missing,
+    /// The file could not be opened or mapped (the hugepages crate's error says why).
+    Region,
+    /// The file holds no formatted pool, even after the attach timeout.
+    NotFormatted,
+    /// The pool is of another layout, or damaged.
+    Incompatible,
+    /// `--format` could not create or format the pool.
+    Format,
+}
+
+impl PoolFailure {
+    /// A name for machine-readable reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolFailure::Missing => "missing",
+            PoolFailure::Region => "region",
+            PoolFailure::NotFormatted => "not_formatted",
+            PoolFailure::Incompatible => "incompatible",
+            PoolFailure::Format => "format",
+        }
+    }
 }
 
 /// A broker running on its threads; [`RunningBroker::stop`] ends them.
@@ -624,8 +654,9 @@ pub struct PoolSpec {
 
 /// Opens (or creates and formats) the pool a broker runs on.
 pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
-    let fail = |reason: String| StartError::Pool {
+    let fail = |failure: PoolFailure, reason: String| StartError::Pool {
         path: spec.path.display().to_string(),
+        failure,
         reason,
     };
     let options = hugepages::RegionOptions {
@@ -641,7 +672,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 hugepages::Error::RegionInUse { holder_pids, .. } => StartError::PoolInUse(
                     ownership::pool_in_use(&spec.path, &options, spec.mode, holder_pids),
                 ),
-                other => fail(other.to_string()),
+                other => fail(PoolFailure::Format, other.to_string()),
             })?;
         log::info!(
             "pool {}: {} MiB on {}, pre-faulted in {:?}",
@@ -658,18 +689,21 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
             geometry,
             now_ns,
         )
-        .map_err(|e| fail(e.to_string()));
+        .map_err(|e| fail(PoolFailure::Format, e.to_string()));
     }
     // The head may not have created or formatted the pool yet: wait for the file, open it
     // once, then wait for the formatted header.
     let started = Instant::now();
     while !spec.path.exists() {
         if started.elapsed() >= spec.attach_timeout {
-            return Err(fail(format!(
-                "no pool file after {:?}: start the head broker with --format on this path, \
-                 and give every broker the same --pool",
-                spec.attach_timeout
-            )));
+            return Err(fail(
+                PoolFailure::Missing,
+                format!(
+                    "no pool file after {:?}: start the head broker with --format on this \
+                     path, and give every broker the same --pool",
+                    spec.attach_timeout
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -686,7 +720,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
             ) if started.elapsed() < spec.attach_timeout => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(PoolFailure::Region, e.to_string())),
         }
     };
     let mem = crate::region::pool_memory(region, spec.mode);
@@ -699,12 +733,15 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 }) => {
-                return Err(fail(format!(
-                    "not formatted after {:?}: start the head broker with --format",
-                    spec.attach_timeout
-                )));
+                return Err(fail(
+                    PoolFailure::NotFormatted,
+                    format!(
+                        "not formatted after {:?}: start the head broker with --format",
+                        spec.attach_timeout
+                    ),
+                ));
             }
-            Err(other) => return Err(fail(other.to_string())),
+            Err(other) => return Err(fail(PoolFailure::Incompatible, other.to_string())),
         }
     }
 }
