@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -199,6 +199,7 @@ fn broker_command(id: u16, pool: &Path, head: bool, extra: &[&str]) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    without_core_dumps(&mut command);
     if head {
         command.args([
             "--head",
@@ -422,6 +423,63 @@ fn a_killed_broker_restarts_after_the_claim_lease_and_a_stopped_one_at_once() {
     );
 }
 
+/// Where `pid` maps the file `path`: the first address of its mapping.
+fn mapped_at(pid: u32, path: &Path) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read the maps");
+    let line = maps
+        .lines()
+        .find(|line| line.ends_with(&path.display().to_string()))
+        .unwrap_or_else(|| panic!("{} is not mapped: {maps}", path.display()));
+    let start = line.split('-').next().unwrap_or_default();
+    u64::from_str_radix(start, 16).expect("a hex address")
+}
+
+/// The start of a `siginfo_t` as the kernel lays it out on x86-64: a fault's address sits
+/// where a queued signal has the sender's pid and uid.
+#[repr(C)]
+struct SigInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    padding: i32,
+    fault_address: u64,
+    rest: [u64; 13],
+}
+
+#[test]
+fn a_sigbus_sent_by_a_process_is_not_taken_for_a_fault_in_the_pool() {
+    let Some(mut pool) = huge_pool("a_sigbus_sent_by_a_process_is_not_a_fault", &[]) else {
+        return;
+    };
+    let address = mapped_at(pool.head.pid(), &pool.path);
+    // Queued by a process (si_code SI_QUEUE), with a pool address where a fault's would be.
+    let info = SigInfo {
+        signo: libc::SIGBUS,
+        errno: 0,
+        code: libc::SI_QUEUE,
+        padding: 0,
+        fault_address: address + 4096,
+        rest: [0; 13],
+    };
+    let pid = libc::pid_t::try_from(pool.head.pid()).expect("a pid");
+    // SAFETY: rt_sigqueueinfo reads 128 bytes of `info`, which is that large and lives here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigqueueinfo,
+            pid,
+            libc::SIGBUS,
+            &raw const info,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    // Not a fault in the pool: the default action (death by SIGBUS), not exit 1.
+    let exit = pool.head.wait(DEADLINE);
+    assert_eq!(exit.signal, Some(libc::SIGBUS), "{exit:?}");
+    assert!(exit.error.is_none(), "{exit:?}");
+}
+
+const _: () = assert!(std::mem::size_of::<SigInfo>() == 128);
+
 /// Changes the pool file under a running head with `change`, then checks that the head
 /// exits 1 within 5 s, reporting the pool file `reported` (removed, replaced, truncated).
 fn head_stops_when_its_pool_file(change: impl FnOnce(&Path), reported: &str) {
@@ -452,4 +510,22 @@ fn a_broker_whose_pool_file_is_truncated_exits_1() {
         file.set_len(2 << 20).unwrap();
     };
     head_stops_when_its_pool_file(truncate, "truncated");
+}
+
+/// Keeps the core dumps of brokers killed on purpose out of the working directory.
+fn without_core_dumps(command: &mut Command) -> &mut Command {
+    let no_core_dumps = || {
+        let none = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `none` is a valid rlimit for the call to read.
+        match unsafe { libc::setrlimit(libc::RLIMIT_CORE, &none) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // setrlimit, which is async-signal-safe.
+    unsafe { command.pre_exec(no_core_dumps) }
 }

@@ -652,12 +652,49 @@ fn install_signal_handlers() {
     }
 }
 
-/// The pool's addresses and the message for a SIGBUS inside them, for [`on_sigbus`] (which
-/// may only read atomics). The message is leaked: it lives as long as the process.
+/// Text leaked for the life of the process, for a signal handler to write.
+struct SignalText {
+    bytes: AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+
+impl SignalText {
+    const fn new() -> SignalText {
+        SignalText {
+            bytes: AtomicPtr::new(std::ptr::null_mut()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn set(&self, text: String) {
+        let text = text.into_bytes().leak();
+        self.len.store(text.len(), Ordering::Relaxed);
+        self.bytes.store(text.as_mut_ptr(), Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        !self.bytes.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Writes the text to `fd`, if it is set (only async-signal-safe calls).
+    fn write_to(&self, fd: libc::c_int) {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if bytes.is_null() {
+            return;
+        }
+        let len = self.len.load(Ordering::Relaxed);
+        // SAFETY: write() is async-signal-safe; `bytes` points to `len` leaked bytes.
+        let _ = unsafe { libc::write(fd, bytes.cast(), len) };
+    }
+}
+
+/// The pool's addresses and what to say about a SIGBUS inside them, for [`on_sigbus`]
+/// (which may only read atomics): the line for stderr, and with `--error-json` the JSON line
+/// for stdout.
 static POOL_START: AtomicUsize = AtomicUsize::new(0);
 static POOL_END: AtomicUsize = AtomicUsize::new(0);
-static SIGBUS_MESSAGE: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-static SIGBUS_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static SIGBUS_MESSAGE: SignalText = SignalText::new();
+static SIGBUS_JSON: SignalText = SignalText::new();
 
 /// A SIGBUS at a pool address means the pages behind the mapping are gone (the pool file
 /// was truncated under this broker; the liveness check would say so at its next beat, but
@@ -671,12 +708,15 @@ extern "C" fn on_sigbus(
 ) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let info = unsafe { &*info };
-    // SAFETY: si_addr is set for SIGBUS.
-    let address = unsafe { info.si_addr() } as usize;
-    let in_pool =
-        (POOL_START.load(Ordering::Relaxed)..POOL_END.load(Ordering::Relaxed)).contains(&address);
-    let message = SIGBUS_MESSAGE.load(Ordering::Relaxed);
-    if !in_pool || message.is_null() {
+    // Only a SIGBUS the kernel raised for a fault (si_code > 0) has an address; one sent by
+    // a process (kill, sigqueue: si_code <= 0) has its pid and uid or a value there.
+    let address = (info.si_code > 0).then(|| {
+        // SAFETY: for a fault (si_code > 0) the kernel filled si_addr, the faulting address.
+        unsafe { info.si_addr() as usize }
+    });
+    let pool = POOL_START.load(Ordering::Relaxed)..POOL_END.load(Ordering::Relaxed);
+    let in_pool = address.is_some_and(|address| pool.contains(&address));
+    if !in_pool || !SIGBUS_MESSAGE.is_set() {
         // SAFETY: signal() is async-signal-safe.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
         // A fault re-runs the faulting access on return, which then takes the default
@@ -687,25 +727,36 @@ extern "C" fn on_sigbus(
         }
         return;
     }
-    let bytes = SIGBUS_MESSAGE_BYTES.load(Ordering::Relaxed);
-    // SAFETY: write() is async-signal-safe; `message` points to `bytes` leaked bytes.
-    let _ = unsafe { libc::write(libc::STDERR_FILENO, message.cast(), bytes) };
+    SIGBUS_MESSAGE.write_to(libc::STDERR_FILENO);
+    SIGBUS_JSON.write_to(libc::STDOUT_FILENO);
     // SAFETY: _exit() is async-signal-safe and does not return.
-    unsafe { libc::_exit(1) };
+    unsafe { libc::_exit(i32::from(EXIT_FAILURE)) };
 }
 
-/// Installs [`on_sigbus`] for the pool mapped at `range`.
-fn install_sigbus_handler(broker: u16, path: &std::path::Path, range: std::ops::Range<usize>) {
-    let message = format!(
-        "broker {broker}: pool {}: its pages are gone under this broker (SIGBUS): the pool \
-         file was truncated or its memory failed while the broker ran; exiting (never resize \
-         a pool file that brokers use)\n",
-        path.display()
+/// Installs [`on_sigbus`] for the pool mapped at `range` (`json`: also say it as
+/// `--error-json` does).
+fn install_sigbus_handler(
+    broker: u16,
+    path: &std::path::Path,
+    range: std::ops::Range<usize>,
+    json: bool,
+) {
+    let ending = Ending::new(
+        EXIT_FAILURE,
+        "pool_file_gone",
+        format!(
+            "pool {}: its pages are gone under this broker (SIGBUS): the pool file was \
+             truncated or its memory failed while the broker ran; exiting (never resize a \
+             pool file that brokers use)",
+            path.display()
+        ),
     )
-    .into_bytes()
-    .leak();
-    SIGBUS_MESSAGE_BYTES.store(message.len(), Ordering::Relaxed);
-    SIGBUS_MESSAGE.store(message.as_mut_ptr(), Ordering::Relaxed);
+    .with("change", "pages_gone")
+    .with("path", path.display().to_string());
+    if json {
+        SIGBUS_JSON.set(format!("{}\n", ending.json()));
+    }
+    SIGBUS_MESSAGE.set(format!("broker {broker}: {}\n", ending.message));
     POOL_START.store(range.start, Ordering::Relaxed);
     POOL_END.store(range.end, Ordering::Relaxed);
     // SAFETY: an all-zero sigaction is a valid value to fill in.
@@ -743,7 +794,7 @@ fn main() -> ExitCode {
         Ok(pool) => pool,
         Err(e) => return Ending::start(&e).report(&who, json),
     };
-    install_sigbus_handler(id, &spec.path, pool.mem().address_range());
+    install_sigbus_handler(id, &spec.path, pool.mem().address_range(), json);
     // Claimed (and beaten) before anything is written to the pool, a restore included.
     let claim = match HeldClaim::take(&pool, id, options.claim_lease_ms) {
         Ok(claim) => claim,
