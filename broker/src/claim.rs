@@ -305,7 +305,9 @@ fn publish_details<M: SharedMemory>(
 }
 
 /// Whether the claim on `broker` is still `token`'s: its owner word read afresh (one line
-/// invalidated, a fence, a load). `Err` holds the owner word found.
+/// invalidated, a fence, a load). `Err` holds the owner word found. Every writer of this
+/// broker's lines calls it before it publishes, so that a process paused past its lease
+/// and taken over publishes nothing when it resumes.
 pub fn check_owner<M: SharedMemory>(pool: &Pool<M>, broker: u16, token: u64) -> Result<(), u64> {
     let offset = claim_offset(broker) + CLAIM_OWNER_OFFSET;
     invalidate_and_fence(pool.mem(), offset, 8);
@@ -423,6 +425,20 @@ pub fn live_claims<M: SharedMemory>(
         }
     }
     live
+}
+
+/// A claimant with `token` (pid 1, host 1, a lease of 1 s), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_claimant(token: u64) -> Claimant {
+    Claimant {
+        token,
+        details: ClaimDetails {
+            pid: 1,
+            host_id: 1,
+            lease_ms: 1000,
+            claimed_unix_ms: 0,
+        },
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //! human-readable stderr (printed only when an assertion fails). The hugetlbfs tests need
 //! root (to reserve pages and mount a private hugetlbfs) and print a skip line otherwise.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -14,11 +17,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use broker::coherence::{CoherenceMode, SharedMemory};
-use broker::layout::{Geometry, LAYOUT_VERSION, PoolHeader};
+use broker::layout::{FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader};
 use broker::pool::Pool;
 use broker::region::pool_memory;
 use hugepages::{PageSize, RegionOptions, SharedRegion, setup};
 use serde_json::Value;
+use support::Received;
+use wire::{Frame, Order, Retention};
 
 fn shm_options() -> RegionOptions {
     RegionOptions {
@@ -222,6 +227,8 @@ fn broker_command(id: u16, pool: &Path, head: bool, extra: &[&str]) -> Command {
 /// A broker process; killed (SIGKILL) on drop if still running.
 struct BrokerProcess {
     child: Child,
+    /// Where it accepts clients (0.0.0.0:0 for one that was not waited for).
+    addr: SocketAddr,
     stdout: Option<JoinHandle<String>>,
     stderr: Option<JoinHandle<String>>,
 }
@@ -230,24 +237,27 @@ impl BrokerProcess {
     /// Starts the broker and waits for its "listening on" line.
     fn start(command: Command) -> BrokerProcess {
         let (mut broker, listening) = BrokerProcess::spawn(command);
-        if listening.recv_timeout(DEADLINE).is_err() {
-            let exit = broker.wait(Duration::ZERO);
-            panic!("the broker did not start: {exit:?}");
+        match listening.recv_timeout(DEADLINE) {
+            Ok(addr) => broker.addr = addr,
+            Err(_) => {
+                let exit = broker.wait(Duration::ZERO);
+                panic!("the broker did not start: {exit:?}");
+            }
         }
         broker
     }
 
-    /// Starts the broker; the receiver hears once it listens.
-    fn spawn(mut command: Command) -> (BrokerProcess, mpsc::Receiver<()>) {
+    /// Starts the broker; the receiver gets its address once it listens.
+    fn spawn(mut command: Command) -> (BrokerProcess, mpsc::Receiver<SocketAddr>) {
         let mut child = command.spawn().expect("spawn the broker");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let (started, listening) = mpsc::channel();
+        let (addr, listening) = mpsc::channel();
         let stdout = std::thread::spawn(move || {
             let mut text = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("listening on") {
-                    let _ = started.send(());
+                if let Some(Ok(listen)) = line.strip_prefix("listening on ").map(str::parse) {
+                    let _ = addr.send(listen);
                 }
                 text.push_str(&line);
                 text.push('\n');
@@ -256,6 +266,7 @@ impl BrokerProcess {
         });
         let broker = BrokerProcess {
             child,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             stdout: Some(stdout),
             stderr: Some(std::thread::spawn(move || read_all(stderr))),
         };
@@ -421,6 +432,92 @@ fn a_killed_broker_restarts_after_the_claim_lease_and_a_stopped_one_at_once() {
         waited < Duration::from_millis(lease_ms),
         "a released claim is taken at once; started after {waited:?}"
     );
+}
+
+/// Batches a paused broker finds in its socket when it resumes.
+const BATCHES_SENT_DURING_THE_PAUSE: u64 = 32;
+
+/// Slots published in the ring of broker `broker` for `topic`, read from the pool file.
+fn written_slots(pool: &Path, topic: &str, broker: u16) -> u64 {
+    let options = RegionOptions {
+        prefault: false,
+        ..RegionOptions::default()
+    };
+    let region = SharedRegion::open(pool, &options).expect("open the pool");
+    let pool = Pool::attach(pool_memory(region, CoherenceMode::NonCoherent)).expect("attach");
+    let (topic, _) = pool
+        .find_topic(topic)
+        .expect("the topic table")
+        .expect("the topic");
+    let offset = pool
+        .geometry()
+        .frontier_offset(topic, broker, FRONTIER_WRITTEN);
+    pool.read_frontier(offset).0
+}
+
+#[test]
+fn a_broker_paused_past_its_lease_and_taken_over_exits_1_without_publishing() {
+    let Some(pool) = huge_pool("a_broker_paused_past_its_lease_exits_1", &[]) else {
+        return;
+    };
+    let lease = ["--claim-lease-ms", "500"];
+    support::create_topic(
+        pool.head.addr,
+        "paused",
+        Order::Total,
+        Retention::StallLimited,
+    );
+    let mut paused = BrokerProcess::start(broker_command(1, &pool.path, false, &lease));
+    let mut publisher = support::publisher(paused.addr, "paused", Order::Total, 7);
+    publisher.batch(0, &[b"before the pause"]);
+    publisher.acks_through(0);
+    assert_eq!(written_slots(&pool.path, "paused", 1), 1);
+
+    paused.signal("STOP");
+    let payload = vec![0x5a; 16 << 10];
+    for seq in 1..=BATCHES_SENT_DURING_THE_PAUSE {
+        publisher.batch(seq, &[payload.as_slice()]);
+    }
+    // A second broker 1 takes the silent claim over after a lease, and picks the ring up.
+    let successor = BrokerProcess::start(broker_command(1, &pool.path, false, &lease));
+    paused.signal("CONT");
+
+    let exit = paused.wait(DEADLINE);
+    let error = exit.error("claim_lost", 1);
+    assert_eq!(
+        holders(&[&error["holder"]]),
+        [(1, u64::from(successor.pid()), true)],
+        "{exit:?}"
+    );
+    // The resumed broker published none of the batches waiting in its socket...
+    assert_eq!(
+        written_slots(&pool.path, "paused", 1),
+        1,
+        "a second writer published into the ring broker 1 now owns"
+    );
+    // ...and acknowledged none of them.
+    loop {
+        match publisher.receive() {
+            Received::Frame(Frame::Ack(ack)) => {
+                assert_eq!(ack.acked_through_seq(), 0, "acknowledged: {ack:?}");
+            }
+            Received::Closed => break,
+            other => panic!(
+                "expected the connection to close, got {:?}",
+                frame_of(&other)
+            ),
+        }
+    }
+}
+
+/// A description of what a client received, for messages.
+fn frame_of(received: &Received) -> String {
+    match received {
+        Received::Frame(frame) => format!("{frame:?}"),
+        Received::Delivery(header, _) => format!("a delivery {header:?}"),
+        Received::Closed => "the end of the stream".to_owned(),
+        Received::TimedOut => "nothing within the read timeout".to_owned(),
+    }
 }
 
 /// Where `pid` maps the file `path`: the first address of its mapping.

@@ -23,7 +23,7 @@ use crate::layout::Geometry;
 use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError};
 use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
-use ownership::{HeldClaim, LivenessError, PoolInUse};
+use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
 use state::BrokerSettings;
 
 /// How a polling thread waits when it finds no work.
@@ -328,7 +328,7 @@ pub fn start_claimed(
     let crash = Arc::clone(claim.crash_flag());
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
-    match launch(pool, &options, &stop, &crash, &metrics, &mut threads) {
+    match launch(pool, &options, claim.guard(), &metrics, &mut threads) {
         Ok((local_addr, metrics_addr, xdp)) => Ok(RunningBroker {
             stop,
             crash,
@@ -356,15 +356,17 @@ pub fn start_claimed(
 type Launched = (SocketAddr, Option<SocketAddr>, Option<bypass::Attached>);
 
 /// Starts the broker's threads into `threads`; returns the client and metrics addresses.
+/// The threads that write this broker's own lines of the pool (the network loop, the
+/// replica) check `claim` before they write.
 fn launch(
     pool: Pool<PoolMemory>,
     options: &BrokerOptions,
-    stop: &Arc<AtomicBool>,
-    crash: &Arc<AtomicBool>,
+    claim: &ClaimGuard,
     metrics: &Arc<Metrics>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<Launched, StartError> {
     let broker_id = options.settings.broker_id;
+    let stop = claim.stop_flag();
     let listener = match options.net {
         NetBackend::Kernel => Some(mio::net::TcpListener::bind(options.listen).map_err(
             |source| StartError::Listen {
@@ -429,9 +431,9 @@ fn launch(
         }));
     }
     if let Some(config) = options.replica.clone() {
-        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
+        let (pool, metrics, claim) = (pool.clone(), Arc::clone(metrics), claim.clone());
         threads.push(spawn("replica", move || {
-            run_replica(&pool, broker_id, &config, &metrics, &stop)
+            run_replica(&pool, broker_id, &config, &metrics, &claim)
         }));
     }
     let mut xdp = None;
@@ -441,19 +443,13 @@ fn launch(
             options,
             xdp_options,
             Arc::clone(metrics),
-            Arc::clone(stop),
+            claim.clone(),
         )?;
         threads.push(thread);
         xdp = Some(attached);
     } else if let Some(listener) = listener {
-        let loop_state = kernel::KernelLoop::new(
-            pool,
-            listener,
-            options,
-            Arc::clone(metrics),
-            Arc::clone(stop),
-            Arc::clone(crash),
-        );
+        let loop_state =
+            kernel::KernelLoop::new(pool, listener, options, Arc::clone(metrics), claim.clone());
         threads.push(spawn("network", move || loop_state.run()));
     }
     log::info!(
@@ -590,14 +586,14 @@ fn run_replica(
     broker_id: u16,
     config: &replica::ReplicaConfig,
     metrics: &Metrics,
-    stop: &AtomicBool,
+    claim: &ClaimGuard,
 ) {
     let report = |e: replica::ReplicaError| {
         log::error!("broker {broker_id}: replication stopped: {e}; retrying in 1 s");
         Metrics::inc(&metrics.replica_errors);
     };
-    while !stop.load(Ordering::Relaxed) {
-        match replicate(pool, broker_id, config, metrics, stop) {
+    while !claim.stop_flag().load(Ordering::Relaxed) {
+        match replicate(pool, broker_id, config, metrics, claim) {
             Ok(()) => return,
             Err(e) => {
                 report(e);
@@ -608,17 +604,21 @@ fn run_replica(
 }
 
 /// Replicates until stopped (`Ok`, after a clean stop) or until an error, after which the
-/// replica no longer holds retention.
+/// replica no longer holds retention. Each poll publishes this broker's `replicated` lines:
+/// the claim is checked before it, and a broker whose id was taken over writes nothing more.
 fn replicate(
     pool: &Pool<PoolMemory>,
     broker_id: u16,
     config: &replica::ReplicaConfig,
     metrics: &Metrics,
-    stop: &AtomicBool,
+    claim: &ClaimGuard,
 ) -> Result<(), replica::ReplicaError> {
     let mut replicator = replica::Replicator::new(pool.clone(), broker_id, config.clone())?;
     let mut idle = Idle::new(IdleStrategy::Sleep);
-    while !stop.load(Ordering::Relaxed) {
+    while !claim.stop_flag().load(Ordering::Relaxed) {
+        if !claim.holds() {
+            return Ok(());
+        }
         match replicator.poll(Instant::now()) {
             Ok(copied) => {
                 metrics
@@ -632,6 +632,10 @@ fn replicate(
                 return Err(e);
             }
         }
+    }
+    // A broker whose id was taken over leaves its lines to the new holder.
+    if !claim.holds() {
+        return Ok(());
     }
     replicator.stop()
 }
