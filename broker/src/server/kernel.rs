@@ -15,7 +15,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::connection::{Connection, InputState, refusal_frame};
-use crate::server::ownership::ClaimGuard;
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -42,8 +42,8 @@ pub struct KernelLoop {
     idle: Idle,
     stop: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
-    /// The claim on the broker id, checked before every iteration's writes to the pool.
-    claim: ClaimGuard,
+    /// The claim on the broker id, checked before an iteration's writes to the pool.
+    claim: LoopClaimCheck,
     clients: HashMap<Token, Client>,
     next_token: usize,
     logged_buffers: bool,
@@ -78,7 +78,7 @@ impl KernelLoop {
             idle: Idle::new(options.idle),
             stop: Arc::clone(claim.stop_flag()),
             crash: Arc::clone(claim.crash_flag()),
-            claim,
+            claim: LoopClaimCheck::new(claim),
             clients: HashMap::new(),
             next_token: 1,
             logged_buffers: false,
@@ -88,9 +88,9 @@ impl KernelLoop {
     /// Runs until the stop flag is set, then drains and closes every connection. When the
     /// crash flag is set it returns at once instead: the listener and every socket are closed
     /// as they are (no drain, no Goodbye, nothing more written to the pool). So it does when
-    /// the claim on the broker id is found taken over: at the start of an iteration (once
-    /// epoll returns: a pause is most likely spent there), or by a ring writer before it
-    /// publishes a slot.
+    /// the claim on the broker id is found taken over: once epoll returns (where a pause is
+    /// most likely spent; see [`LoopClaimCheck`]), or by a ring writer before it publishes a
+    /// slot.
     pub fn run(mut self) {
         let mut poll = match Poll::new() {
             Ok(poll) => poll,
@@ -150,8 +150,9 @@ impl KernelLoop {
                     break;
                 }
             }
-            // One owner word read per iteration: nothing below writes to the pool before it.
-            if !self.claim.holds() {
+            // Nothing below writes to the pool before this check.
+            let now = Instant::now();
+            if !self.claim.holds(now) {
                 return;
             }
             let mut worked = !events.is_empty();
@@ -166,13 +167,12 @@ impl KernelLoop {
             }
             outcomes.clear();
             worked |= self.state.poll_outcomes(&mut outcomes) > 0;
-            let now = Instant::now();
             for outcome in &outcomes {
                 self.route(outcome, now);
             }
             worked |= self.drive_clients(&poll, now);
             if self.state.claim_moved().is_some() {
-                self.claim.lost();
+                self.claim.guard().lost();
                 return;
             }
             let subscriptions = self

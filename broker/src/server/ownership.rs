@@ -152,6 +152,49 @@ impl ClaimGuard {
     }
 }
 
+/// Longest time between two checks of the claim by a network loop. Its ring writers check
+/// before every slot anyway; the loop's own check guards what it writes besides (payload
+/// bytes as they arrive, its `subscribed` lines) and ends the broker at once.
+const LOOP_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A network loop's check of the claim, timed by the loop's own clock reads: a pause of the
+/// process shows as a jump of that clock and is checked at once; otherwise the owner word is
+/// read at most every [`LOOP_CHECK_INTERVAL`], not on every iteration (a read costs a line
+/// invalidation and a fence, as much as an idle iteration's own work).
+#[derive(Debug)]
+pub struct LoopClaimCheck {
+    guard: ClaimGuard,
+    checked_at: Option<Instant>,
+}
+
+impl LoopClaimCheck {
+    /// Checks of `guard`'s claim.
+    pub fn new(guard: ClaimGuard) -> LoopClaimCheck {
+        LoopClaimCheck {
+            guard,
+            checked_at: None,
+        }
+    }
+
+    /// The claim checked.
+    pub fn guard(&self) -> &ClaimGuard {
+        &self.guard
+    }
+
+    /// Whether the claim is still this broker's, as of `now` (the loop's latest clock read,
+    /// taken after its wait); see [`ClaimGuard::holds`].
+    pub fn holds(&mut self, now: Instant) -> bool {
+        let recent = self
+            .checked_at
+            .is_some_and(|at| now.saturating_duration_since(at) < LOOP_CHECK_INTERVAL);
+        if recent {
+            return true;
+        }
+        self.checked_at = Some(now);
+        self.guard.holds()
+    }
+}
+
 /// What the claim and its heartbeat thread share.
 #[derive(Debug, Clone)]
 struct Heartbeat {
@@ -517,6 +560,32 @@ mod tests {
             }
             assert_eq!(claim::read_claim(&pool, 0).owner, 0, "nothing claimed");
         }
+    }
+
+    #[test]
+    fn a_loop_checks_the_claim_after_its_clock_jumped_and_at_most_every_interval_otherwise() {
+        let pool = crate::heap::small_test_pool();
+        let held = HeldClaim::take(&pool, 0, 1000).unwrap();
+        let mut check = LoopClaimCheck::new(held.guard().clone());
+        let start = Instant::now();
+        assert!(check.holds(start));
+        // Another process takes the id over (this one was paused, or its heartbeat starved).
+        let successor = claim::test_claimant(0x22);
+        claim::try_claim(&pool, 0, held.guard().token(), &successor).unwrap();
+        assert!(
+            check.holds(start + LOOP_CHECK_INTERVAL / 2),
+            "within the interval the owner word is not read"
+        );
+        assert!(
+            !check.holds(start + LOOP_CHECK_INTERVAL),
+            "read again: moved on"
+        );
+        assert!(matches!(
+            held.failure(),
+            Some(LivenessError::ClaimLost(ClaimError::ClaimLost { .. }))
+        ));
+        assert!(held.crash_flag().load(Ordering::Relaxed));
+        held.abandon();
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::connection::{ByteStream, Connection, refusal_frame};
-use crate::server::ownership::ClaimGuard;
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -167,8 +167,8 @@ pub struct BypassLoop<D> {
     port: u16,
     idle: Idle,
     stop: Arc<AtomicBool>,
-    /// The claim on the broker id, checked before every iteration's writes to the pool.
-    claim: ClaimGuard,
+    /// The claim on the broker id, checked before an iteration's writes to the pool.
+    claim: LoopClaimCheck,
     next_id: u64,
 }
 
@@ -262,16 +262,16 @@ impl<D: Device + Burst> BypassLoop<D> {
             port: endpoint.port,
             idle: Idle::new(options.idle),
             stop: Arc::clone(claim.stop_flag()),
-            claim,
+            claim: LoopClaimCheck::new(claim),
             next_id: 1,
         }
     }
 
     /// Runs until the stop flag is set, then drains and closes every connection. Returns the
     /// device (its counters are the caller's to report). When the claim on the broker id is
-    /// found taken over (before an iteration drives its connections, or by a ring writer
-    /// before it publishes a slot) it ends at once instead: every connection is reset, with
-    /// no drain and nothing more written to the pool.
+    /// found taken over (before an iteration drives its connections, see [`LoopClaimCheck`],
+    /// or by a ring writer before it publishes a slot) it ends at once instead: every
+    /// connection is reset, with no drain and nothing more written to the pool.
     pub fn run(mut self) -> D {
         let started = StdInstant::now();
         let mut now = started;
@@ -317,14 +317,15 @@ impl<D: Device + Burst> BypassLoop<D> {
             for outcome in &outcomes {
                 self.route(outcome, now);
             }
-            // One owner word read per iteration: nothing before it writes to the pool.
-            if !self.claim.holds() {
+            // Nothing before this check writes to the pool. The clock is the cached one, read
+            // every few iterations and after every wait.
+            if !self.claim.holds(now) {
                 claim_lost = true;
                 break;
             }
             worked |= self.drive(now);
             if self.state.claim_moved().is_some() {
-                self.claim.lost();
+                self.claim.guard().lost();
                 claim_lost = true;
                 break;
             }
