@@ -116,10 +116,11 @@ attack metrics-silent 'scrapes_failed == 0 and scrapes_ok > 0 and silent_closed_
 attack late-subscriber 'from_zero == "PositionTruncated" and log_start > 0 and first_delivery_from_log_start == log_start' -- \
     "$target/hostile" late-subscriber --broker "$head" --topic hostile-baseline
 
-# Operator mistakes: each command must be refused (exit 1) while the cluster runs on.
+# Operator mistakes: each command must be refused with its exit code (broker --help: 4
+# --format of a live pool, 3 an id a live broker holds) while the cluster runs on.
 operator() {
-    local name=$1
-    shift
+    local name=$1 expected_code=$2
+    shift 2
     echo "== $name"
     local status=0
     timeout 30 "$@" >"$out/$name-attacker.log" 2>&1 &
@@ -127,12 +128,12 @@ operator() {
     loadgen "$name" "hostile-$name"
     wait "$command" || status=$?
     printf '{"exit_code": %d}\n' "$status" >"$out/$name-attacker.json"
-    echo "$name exit_code == 1" >>"$out/attacks"
+    echo "$name exit_code == $expected_code" >>"$out/attacks"
 }
-operator format-live-pool "$target/broker" --id 3 --head --format --pool "$pool" \
+operator format-live-pool 4 "$target/broker" --id 3 --head --format --pool "$pool" \
     --pool-bytes 128M --brokers-max 4 --listen 127.0.0.1:$((base_port + 50)) \
     --allow-shm-fallback
-operator duplicate-id "$target/broker" --id 1 --pool "$pool" \
+operator duplicate-id 3 "$target/broker" --id 1 --pool "$pool" \
     --listen 127.0.0.1:$((base_port + 51)) --allow-shm-fallback
 
 scripts/cluster.sh stop --dir "$cluster_dir" >/dev/null

@@ -149,7 +149,7 @@ fn payload_path(mode: CoherenceMode, verify_checksums: bool) -> f64 {
                 };
                 let mut reservation = writer.reserve(data.len() as u64).expect("room");
                 writer.write_payload(&mut reservation, &data);
-                writer.commit(reservation, meta);
+                writer.commit(reservation, meta).expect("no claim to lose");
                 seqs[b] += 1;
             }
         }

@@ -14,8 +14,10 @@
 use bytemuck::Zeroable;
 
 use crate::coherence::SharedMemory;
-use crate::layout::{BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, claim_offset};
-use crate::pool::{Pool, PoolError, invalidate_and_fence, publish};
+use crate::layout::{
+    BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, Record, claim_offset,
+};
+use crate::pool::{Pool, PoolError, invalidate_and_fence, set_ready};
 
 /// Shortest claim lease accepted, in milliseconds (below it a busy machine's scheduling
 /// delays alone would make a live claim look dead).
@@ -131,9 +133,29 @@ pub enum ClaimError {
         /// This broker's claim lease.
         lease_ms: u64,
     },
+    /// The claim lease asked for is outside what a claim can be kept or judged with.
+    #[error(
+        "a claim lease of {lease_ms} ms is out of range: give {CLAIM_LEASE_MS_MIN}..=\
+         {CLAIM_LEASE_MS_MAX} ms (--claim-lease-ms)"
+    )]
+    LeaseOutOfRange {
+        /// The lease asked for.
+        lease_ms: u64,
+    },
     /// The id is outside the pool.
     #[error(transparent)]
     Pool(#[from] PoolError),
+}
+
+/// Checks a claim lease: below [`CLAIM_LEASE_MS_MIN`] its heartbeat would beat too often to
+/// be kept on a busy machine (below 4 ms, never pause at all), above [`CLAIM_LEASE_MS_MAX`]
+/// watchers would judge it dead between two of its beats.
+pub fn check_lease_ms(lease_ms: u64) -> Result<(), ClaimError> {
+    if (CLAIM_LEASE_MS_MIN..=CLAIM_LEASE_MS_MAX).contains(&lease_ms) {
+        Ok(())
+    } else {
+        Err(ClaimError::LeaseOutOfRange { lease_ms })
+    }
 }
 
 /// What a claimant does next, given what it saw (see [`ClaimWatch::observe`]).
@@ -234,7 +256,7 @@ pub fn claimed<M: SharedMemory>(pool: &Pool<M>) -> Vec<(u16, ClaimState)> {
 
 /// Claims `broker` for `claimant` if its owner word still holds `expected_owner`, then
 /// publishes the claimant's details (ready word last). `Err` holds the owner word found
-/// when another process got there first.
+/// when another process got there first, or took the id over before the details were out.
 pub fn try_claim<M: SharedMemory>(
     pool: &Pool<M>,
     broker: u16,
@@ -244,6 +266,21 @@ pub fn try_claim<M: SharedMemory>(
     let offset = claim_offset(broker);
     pool.mem()
         .compare_exchange_u64(offset + CLAIM_OWNER_OFFSET, expected_owner, claimant.token)?;
+    publish_details(pool, broker, claimant)
+}
+
+/// Publishes the details of a claim whose owner word `claimant` has just swapped in. The
+/// owner word itself is never stored again: a claimant that stalled after its swap for
+/// longer than a lease may have been taken over, and a late store would hand the id back
+/// to it. So the owner is checked before the details go out and again before the ready
+/// word; `Err` holds the owner found (the details of the new holder then stay, unless this
+/// claimant stalls once more between a check and its stores).
+fn publish_details<M: SharedMemory>(
+    pool: &Pool<M>,
+    broker: u16,
+    claimant: &Claimant,
+) -> Result<(), u64> {
+    let offset = claim_offset(broker);
     let record = BrokerClaim {
         owner: claimant.token,
         heartbeat: 0,
@@ -255,8 +292,29 @@ pub fn try_claim<M: SharedMemory>(
         reserved1: 0,
         ready: claimant.token,
     };
-    publish(pool.mem(), offset, &record);
+    let details = &bytemuck::bytes_of(&record)
+        [CLAIM_HEARTBEAT_OFFSET as usize..BrokerClaim::READY_OFFSET as usize];
+    check_owner(pool, broker, claimant.token)?;
+    pool.mem().write(offset + CLAIM_HEARTBEAT_OFFSET, details);
+    pool.mem()
+        .flush(offset + CLAIM_HEARTBEAT_OFFSET, details.len() as u64);
+    pool.mem().fence();
+    check_owner(pool, broker, claimant.token)?;
+    set_ready::<M, BrokerClaim>(pool.mem(), offset, claimant.token);
     Ok(())
+}
+
+/// Whether the claim on `broker` is still `token`'s: its owner word read afresh (one line
+/// invalidated, a fence, a load). `Err` holds the owner word found. Every writer of this
+/// broker's lines calls it before it publishes, so that a process paused past its lease
+/// and taken over publishes nothing when it resumes.
+pub fn check_owner<M: SharedMemory>(pool: &Pool<M>, broker: u16, token: u64) -> Result<(), u64> {
+    let offset = claim_offset(broker) + CLAIM_OWNER_OFFSET;
+    invalidate_and_fence(pool.mem(), offset, 8);
+    match pool.mem().load_u64(offset) {
+        owner if owner == token => Ok(()),
+        owner => Err(owner),
+    }
 }
 
 /// One heartbeat (`heartbeat` is the new counter value) of the claim `token` holds on
@@ -268,12 +326,7 @@ pub fn beat<M: SharedMemory>(
     heartbeat: u64,
 ) -> Result<(), ClaimState> {
     let offset = claim_offset(broker);
-    invalidate_and_fence(
-        pool.mem(),
-        offset,
-        std::mem::size_of::<BrokerClaim>() as u64,
-    );
-    if pool.mem().load_u64(offset + CLAIM_OWNER_OFFSET) != token {
+    if check_owner(pool, broker, token).is_err() {
         return Err(read_claim(pool, broker));
     }
     pool.mem()
@@ -372,6 +425,20 @@ pub fn live_claims<M: SharedMemory>(
         }
     }
     live
+}
+
+/// A claimant with `token` (pid 1, host 1, a lease of 1 s), for unit tests.
+#[cfg(test)]
+pub(crate) fn test_claimant(token: u64) -> Claimant {
+    Claimant {
+        token,
+        details: ClaimDetails {
+            pid: 1,
+            host_id: 1,
+            lease_ms: 1000,
+            claimed_unix_ms: 0,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -531,6 +598,38 @@ mod tests {
         assert_eq!(found.details.map(|d| d.pid), Some(200));
         assert!(!release(&a, 2, 0x11), "a lost claim is not released");
         assert_eq!(read_claim(&b, 2).owner, 0x22);
+    }
+
+    #[test]
+    fn a_claimant_that_stalls_after_its_swap_never_takes_the_id_back() {
+        let (a, c) = two_agents();
+        let stalled = claimant(0x11, 100, 1000);
+        // `a` swaps its token in, then stalls before publishing its details...
+        a.mem()
+            .compare_exchange_u64(claim_offset(1) + CLAIM_OWNER_OFFSET, 0, stalled.token)
+            .unwrap();
+        // ...long enough for `c` to take the silent claim over and publish.
+        let taker = claimant(0x22, 200, 1000);
+        try_claim(&c, 1, stalled.token, &taker).unwrap();
+        // When `a` goes on, it finds the id taken and leaves the line as `c` wrote it.
+        assert_eq!(publish_details(&a, 1, &stalled), Err(0x22));
+        let line = read_claim(&c, 1);
+        assert_eq!(line.owner, 0x22);
+        assert_eq!(line.details, Some(taker.details));
+        assert_eq!(check_owner(&c, 1, 0x22), Ok(()));
+        assert_eq!(check_owner(&a, 1, 0x11), Err(0x22));
+    }
+
+    #[test]
+    fn leases_outside_the_range_are_refused() {
+        assert_eq!(check_lease_ms(CLAIM_LEASE_MS_MIN), Ok(()));
+        assert_eq!(check_lease_ms(CLAIM_LEASE_MS_MAX), Ok(()));
+        for lease_ms in [0, 3, CLAIM_LEASE_MS_MIN - 1, CLAIM_LEASE_MS_MAX + 1] {
+            assert_eq!(
+                check_lease_ms(lease_ms),
+                Err(ClaimError::LeaseOutOfRange { lease_ms })
+            );
+        }
     }
 
     #[test]

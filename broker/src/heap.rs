@@ -61,3 +61,19 @@ impl Drop for HeapRegion {
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
+
+/// A formatted one-broker, one-topic pool of 8 ring slots on a new heap region, coherent,
+/// for unit tests.
+#[cfg(test)]
+pub(crate) fn small_test_pool() -> crate::pool::Pool<PoolMemory> {
+    let geometry = crate::layout::Geometry {
+        brokers_max: 1,
+        topics_max: 1,
+        ring_slots: 8,
+        goi_entries: 64,
+        blog_bytes: 64 * 1024,
+    };
+    let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
+    crate::pool::Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1)
+        .expect("format a heap pool")
+}

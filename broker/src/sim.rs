@@ -742,7 +742,9 @@ impl World {
             message_count: inbound.message_count,
             checksum: wire::payload::checksum(&inbound.payload),
         };
-        let slot = writer.commit(reservation, meta);
+        let slot = writer
+            .commit(reservation, meta)
+            .map_err(|e| violation(seed, format!("commit refused: {e}")))?;
         agent
             .slots
             .insert((inbound.topic, slot), (inbound.key, step));

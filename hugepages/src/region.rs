@@ -146,7 +146,9 @@ impl SharedRegion {
     ///
     /// Takes the file's shared lock without waiting: [`Error::RegionBeingReplaced`] while a
     /// process about to replace it holds the lock exclusively, and [`Error::RegionReplaced`]
-    /// when the path named another file by the time the lock was taken. Both pass: try again.
+    /// when the path named another file, or none, by the time the lock was taken. Both pass:
+    /// try again. So does [`Error::EmptyRegion`] while [`SharedRegion::create`] runs in
+    /// another process (it creates the file empty, then sizes it).
     pub fn open(path: &Path, options: &RegionOptions) -> Result<SharedRegion, Error> {
         SharedRegion::open_locked(path, Lock::Shared, options)
     }
@@ -358,17 +360,29 @@ fn open_and_lock(path: &Path, kind: Lock, missing: Error) -> Result<File, Error>
             _ => io_error("open", path, error),
         })?;
     lock(&file, path, kind)?;
-    // Whoever replaced the file before the lock was taken has gone on: this one is stale.
-    let named = fs::metadata(path).map_err(|error| io_error("stat", path, error))?;
+    check_still_named(&file, path)?;
+    Ok(file)
+}
+
+/// Checks that `path` still names `file` (opened from it, then locked): whoever replaced
+/// the file in between has gone on, so this one is stale ([`Error::RegionReplaced`]),
+/// also while the path names nothing yet (the replacement not created yet).
+fn check_still_named(file: &File, path: &Path) -> Result<(), Error> {
+    let replaced = || Error::RegionReplaced {
+        path: path.to_path_buf(),
+    };
+    let named = match fs::metadata(path) {
+        Ok(named) => named,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(replaced()),
+        Err(error) => return Err(io_error("stat", path, error)),
+    };
     let opened = file
         .metadata()
         .map_err(|error| io_error("fstat", path, error))?;
     if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
-        return Err(Error::RegionReplaced {
-            path: path.to_path_buf(),
-        });
+        return Err(replaced());
     }
-    Ok(file)
+    Ok(())
 }
 
 /// Where the kernel lists every lock held on this host.
@@ -708,6 +722,29 @@ mod tests {
         ));
         drop(exclusive);
         drop(region);
+        fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_removed_before_its_lock_was_taken_counts_as_replaced() {
+        let path = PathBuf::from(format!(
+            "/dev/shm/hugepages-named-test-{}",
+            std::process::id()
+        ));
+        let file = File::create(&path).unwrap();
+        check_still_named(&file, &path).expect("the path names the file");
+        // A formatter removed it between our open and our lock; its new file is not there yet.
+        fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            check_still_named(&file, &path),
+            Err(Error::RegionReplaced { .. })
+        ));
+        // Now it is.
+        fs::write(&path, [0u8; 8]).unwrap();
+        assert!(matches!(
+            check_still_named(&file, &path),
+            Err(Error::RegionReplaced { .. })
+        ));
         fs::remove_file(&path).unwrap();
     }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use broker::claim::{CLAIM_LEASE_MS_MAX, CLAIM_LEASE_MS_MIN};
+use broker::claim::{ClaimError, ClaimHolder, check_lease_ms};
 use broker::coherence::CoherenceMode;
 use broker::layout::Geometry;
 use broker::metrics::EndpointLimits;
@@ -15,12 +15,12 @@ use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
 use broker::server::limits::ClientLimits;
-use broker::server::ownership::HeldClaim;
+use broker::server::ownership::{HeldClaim, LivenessError};
 use broker::server::replica::ReplicaConfig;
 use broker::server::state::BrokerSettings;
 use broker::server::{
-    BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, open_pool,
-    start_claimed,
+    BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, StartError,
+    open_pool, start_claimed,
 };
 use clap::Parser;
 use xdp_prog::AttachMode;
@@ -33,13 +33,19 @@ use xdp_prog::AttachMode;
 /// Every flag can also be set in a TOML file given with --config (keys are the flag names
 /// with '_' for '-', e.g. `pool_bytes = "1G"`); flags on the command line win.
 #[derive(Debug, Parser, serde::Deserialize, Default)]
-#[command(name = "broker", version, about, long_about)]
+#[command(name = "broker", version, about, long_about, after_help = EXIT_CODES_HELP)]
 #[serde(deny_unknown_fields, default)]
 struct Args {
     /// TOML file with settings (command-line flags override it).
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
+    /// When the broker ends with an error, also print it on stdout as one JSON line,
+    /// {"error": {"kind": ..., "exit_code": ..., "message": ..., ...}}, for programs that
+    /// start brokers (see the exit codes below). Not in the config file.
+    #[arg(long)]
+    #[serde(skip)]
+    error_json: bool,
     /// This broker's id: 0 .. brokers-max - 1, unique in the cluster (its rings in the pool).
     /// A broker claims its id in the pool and refuses to start while a live broker holds it.
     #[arg(long)]
@@ -223,6 +229,144 @@ struct Args {
     debug_inject_faults: Option<String>,
 }
 
+/// Exit code of an error not listed below (start-up or run time).
+const EXIT_FAILURE: u8 = 1;
+/// Exit code of a bad flag or config file.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when a live broker holds the id.
+const EXIT_ID_TAKEN: u8 = 3;
+/// Exit code when `--format` is refused because live brokers use the pool.
+const EXIT_POOL_IN_USE: u8 = 4;
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes: 0 stopped by SIGINT or SIGTERM; 1 any other error, at start-up or later (the pool
+cannot be opened or is of another layout; the id was taken over while this broker was paused
+past its claim lease; the pool file was removed, replaced or truncated); 2 bad flags or config
+file; 3 the id is held by a live broker; 4 --format refused: live brokers use the pool. The
+error is on stderr, and with --error-json also on stdout as one JSON line whose \"kind\" is
+one of: usage, pool, pool_in_use, broker_id_taken, claim, listen, metrics, sequencer, bypass,
+restore, claim_lost, pool_file_gone, thread_ended.";
+
+/// An error the broker ends with: the line on stderr, the exit code, and, with
+/// `--error-json`, the same as one JSON object on stdout.
+#[derive(Debug)]
+struct Ending {
+    exit_code: u8,
+    /// What the error is, for programs (see [`EXIT_CODES_HELP`]).
+    kind: &'static str,
+    /// The line for people.
+    message: String,
+    /// What else a program needs to act on it.
+    details: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Ending {
+    fn new(exit_code: u8, kind: &'static str, message: impl std::fmt::Display) -> Ending {
+        Ending {
+            exit_code,
+            kind,
+            message: message.to_string(),
+            details: serde_json::Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Ending {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The JSON line of `--error-json`.
+    fn json(&self) -> String {
+        let mut error = self.details.clone();
+        error.insert("kind".into(), self.kind.into());
+        error.insert("exit_code".into(), self.exit_code.into());
+        error.insert("message".into(), self.message.clone().into());
+        serde_json::json!({ "error": error }).to_string()
+    }
+
+    /// Says it (stderr as `{who}: {message}`; stdout as JSON when `json`), and the exit
+    /// code.
+    fn report(self, who: &str, json: bool) -> ExitCode {
+        eprintln!("{who}: {}", self.message);
+        if json {
+            println!("{}", self.json());
+        }
+        ExitCode::from(self.exit_code)
+    }
+
+    fn start(error: &StartError) -> Ending {
+        match error {
+            StartError::Pool { path, failure, .. } => Ending::new(EXIT_FAILURE, "pool", error)
+                .with("path", path.as_str())
+                .with("failure", failure.name()),
+            StartError::PoolInUse(in_use) => Ending::new(EXIT_POOL_IN_USE, "pool_in_use", in_use)
+                .with("path", in_use.path.as_str())
+                .with(
+                    "brokers",
+                    in_use.brokers.iter().map(holder_json).collect::<Vec<_>>(),
+                )
+                .with("holder_pids", in_use.holder_pids.clone()),
+            StartError::Claim(claim) => Ending::claim(claim),
+            StartError::Listen { addr, .. } => {
+                Ending::new(EXIT_FAILURE, "listen", error).with("addr", addr.to_string())
+            }
+            StartError::Metrics(_) => Ending::new(EXIT_FAILURE, "metrics", error),
+            StartError::Sequencer(_) => Ending::new(EXIT_FAILURE, "sequencer", error),
+            StartError::Bypass(_) => Ending::new(EXIT_FAILURE, "bypass", error),
+            StartError::Limits(limit) => Ending::new(EXIT_USAGE, "limits", error)
+                .with("option", limit.option)
+                .with("value", limit.value),
+        }
+    }
+
+    fn claim(error: &ClaimError) -> Ending {
+        match error {
+            ClaimError::BrokerIdTaken { holder } => {
+                Ending::new(EXIT_ID_TAKEN, "broker_id_taken", error)
+                    .with("holder", holder_json(holder))
+            }
+            ClaimError::ClaimLost { holder, lease_ms } => {
+                Ending::new(EXIT_FAILURE, "claim_lost", error)
+                    .with("holder", holder_json(holder))
+                    .with("lease_ms", *lease_ms)
+            }
+            ClaimError::LeaseOutOfRange { .. } | ClaimError::Pool(_) => {
+                Ending::new(EXIT_FAILURE, "claim", error)
+            }
+        }
+    }
+
+    fn liveness(error: &LivenessError) -> Ending {
+        match error {
+            LivenessError::ClaimLost(claim) => Ending::claim(claim),
+            LivenessError::PoolFileGone(gone) => {
+                let (path, change) = match gone {
+                    hugepages::Error::RegionRemoved { path } => (Some(path), "removed"),
+                    hugepages::Error::RegionReplaced { path } => (Some(path), "replaced"),
+                    hugepages::Error::RegionTruncated { path, .. } => (Some(path), "truncated"),
+                    _ => (None, "other"),
+                };
+                let ending =
+                    Ending::new(EXIT_FAILURE, "pool_file_gone", error).with("change", change);
+                match path {
+                    Some(path) => ending.with("path", path.display().to_string()),
+                    None => ending,
+                }
+            }
+        }
+    }
+}
+
+/// A claim's holder for `--error-json`.
+fn holder_json(holder: &ClaimHolder) -> serde_json::Value {
+    serde_json::json!({
+        "broker": holder.broker,
+        "pid": holder.details.map(|d| d.pid),
+        "host_id": holder.details.map(|d| format!("{:016x}", d.host_id)),
+        "this_host": holder.this_host,
+    })
+}
+
 /// The network backend, as the CLI names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -281,6 +425,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
 fn merge(cli: Args, file: Args) -> Args {
     Args {
         config: cli.config,
+        error_json: cli.error_json,
         id: cli.id.or(file.id),
         claim_lease_ms: cli.claim_lease_ms.or(file.claim_lease_ms),
         pool: cli.pool.or(file.pool),
@@ -352,12 +497,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
     };
     let id = args.id.ok_or("--id is required")?;
     let claim_lease_ms = args.claim_lease_ms.unwrap_or(CLAIM_LEASE_MS_DEFAULT);
-    if !(CLAIM_LEASE_MS_MIN..=CLAIM_LEASE_MS_MAX).contains(&claim_lease_ms) {
-        return Err(format!(
-            "--claim-lease-ms {claim_lease_ms} is out of range: give \
-             {CLAIM_LEASE_MS_MIN}..={CLAIM_LEASE_MS_MAX}"
-        ));
-    }
+    check_lease_ms(claim_lease_ms).map_err(|e| e.to_string())?;
     if !(args.recover_from.is_empty() || (args.head && args.format)) {
         return Err("--recover-from rebuilds a new pool: it needs --head and --format".into());
     }
@@ -524,12 +664,49 @@ fn install_signal_handlers() {
     }
 }
 
-/// The pool's addresses and the message for a SIGBUS inside them, for [`on_sigbus`] (which
-/// may only read atomics). The message is leaked: it lives as long as the process.
+/// Text leaked for the life of the process, for a signal handler to write.
+struct SignalText {
+    bytes: AtomicPtr<u8>,
+    len: AtomicUsize,
+}
+
+impl SignalText {
+    const fn new() -> SignalText {
+        SignalText {
+            bytes: AtomicPtr::new(std::ptr::null_mut()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn set(&self, text: String) {
+        let text = text.into_bytes().leak();
+        self.len.store(text.len(), Ordering::Relaxed);
+        self.bytes.store(text.as_mut_ptr(), Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        !self.bytes.load(Ordering::Relaxed).is_null()
+    }
+
+    /// Writes the text to `fd`, if it is set (only async-signal-safe calls).
+    fn write_to(&self, fd: libc::c_int) {
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if bytes.is_null() {
+            return;
+        }
+        let len = self.len.load(Ordering::Relaxed);
+        // SAFETY: write() is async-signal-safe; `bytes` points to `len` leaked bytes.
+        let _ = unsafe { libc::write(fd, bytes.cast(), len) };
+    }
+}
+
+/// The pool's addresses and what to say about a SIGBUS inside them, for [`on_sigbus`]
+/// (which may only read atomics): the line for stderr, and with `--error-json` the JSON line
+/// for stdout.
 static POOL_START: AtomicUsize = AtomicUsize::new(0);
 static POOL_END: AtomicUsize = AtomicUsize::new(0);
-static SIGBUS_MESSAGE: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
-static SIGBUS_MESSAGE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static SIGBUS_MESSAGE: SignalText = SignalText::new();
+static SIGBUS_JSON: SignalText = SignalText::new();
 
 /// A SIGBUS at a pool address means the pages behind the mapping are gone (the pool file
 /// was truncated under this broker; the liveness check would say so at its next beat, but
@@ -543,12 +720,15 @@ extern "C" fn on_sigbus(
 ) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let info = unsafe { &*info };
-    // SAFETY: si_addr is set for SIGBUS.
-    let address = unsafe { info.si_addr() } as usize;
-    let in_pool =
-        (POOL_START.load(Ordering::Relaxed)..POOL_END.load(Ordering::Relaxed)).contains(&address);
-    let message = SIGBUS_MESSAGE.load(Ordering::Relaxed);
-    if !in_pool || message.is_null() {
+    // Only a SIGBUS the kernel raised for a fault (si_code > 0) has an address; one sent by
+    // a process (kill, sigqueue: si_code <= 0) has its pid and uid or a value there.
+    let address = (info.si_code > 0).then(|| {
+        // SAFETY: for a fault (si_code > 0) the kernel filled si_addr, the faulting address.
+        unsafe { info.si_addr() as usize }
+    });
+    let pool = POOL_START.load(Ordering::Relaxed)..POOL_END.load(Ordering::Relaxed);
+    let in_pool = address.is_some_and(|address| pool.contains(&address));
+    if !in_pool || !SIGBUS_MESSAGE.is_set() {
         // SAFETY: signal() is async-signal-safe.
         unsafe { libc::signal(signal, libc::SIG_DFL) };
         // A fault re-runs the faulting access on return, which then takes the default
@@ -559,25 +739,36 @@ extern "C" fn on_sigbus(
         }
         return;
     }
-    let bytes = SIGBUS_MESSAGE_BYTES.load(Ordering::Relaxed);
-    // SAFETY: write() is async-signal-safe; `message` points to `bytes` leaked bytes.
-    let _ = unsafe { libc::write(libc::STDERR_FILENO, message.cast(), bytes) };
+    SIGBUS_MESSAGE.write_to(libc::STDERR_FILENO);
+    SIGBUS_JSON.write_to(libc::STDOUT_FILENO);
     // SAFETY: _exit() is async-signal-safe and does not return.
-    unsafe { libc::_exit(1) };
+    unsafe { libc::_exit(i32::from(EXIT_FAILURE)) };
 }
 
-/// Installs [`on_sigbus`] for the pool mapped at `range`.
-fn install_sigbus_handler(broker: u16, path: &std::path::Path, range: std::ops::Range<usize>) {
-    let message = format!(
-        "broker {broker}: pool {}: its pages are gone under this broker (SIGBUS): the pool \
-         file was truncated or its memory failed while the broker ran; exiting (never resize \
-         a pool file that brokers use)\n",
-        path.display()
+/// Installs [`on_sigbus`] for the pool mapped at `range` (`json`: also say it as
+/// `--error-json` does).
+fn install_sigbus_handler(
+    broker: u16,
+    path: &std::path::Path,
+    range: std::ops::Range<usize>,
+    json: bool,
+) {
+    let ending = Ending::new(
+        EXIT_FAILURE,
+        "pool_file_gone",
+        format!(
+            "pool {}: its pages are gone under this broker (SIGBUS): the pool file was \
+             truncated or its memory failed while the broker ran; exiting (never resize a \
+             pool file that brokers use)",
+            path.display()
+        ),
     )
-    .into_bytes()
-    .leak();
-    SIGBUS_MESSAGE_BYTES.store(message.len(), Ordering::Relaxed);
-    SIGBUS_MESSAGE.store(message.as_mut_ptr(), Ordering::Relaxed);
+    .with("change", "pages_gone")
+    .with("path", path.display().to_string());
+    if json {
+        SIGBUS_JSON.set(format!("{}\n", ending.json()));
+    }
+    SIGBUS_MESSAGE.set(format!("broker {broker}: {}\n", ending.message));
     POOL_START.store(range.start, Ordering::Relaxed);
     POOL_END.store(range.end, Ordering::Relaxed);
     // SAFETY: an all-zero sigaction is a valid value to fill in.
@@ -602,30 +793,24 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
-    let (spec, options, recover_from) = match configure(Args::parse()) {
+    let args = Args::parse();
+    let json = args.error_json;
+    let (spec, options, recover_from) = match configure(args) {
         Ok(configured) => configured,
-        Err(message) => {
-            eprintln!("broker: {message}");
-            return ExitCode::from(2);
-        }
+        Err(message) => return Ending::new(EXIT_USAGE, "usage", message).report("broker", json),
     };
     install_signal_handlers();
     let id = options.settings.broker_id;
+    let who = format!("broker {id}");
     let pool = match open_pool(&spec) {
         Ok(pool) => pool,
-        Err(e) => {
-            eprintln!("broker {id}: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::start(&e).report(&who, json),
     };
-    install_sigbus_handler(id, &spec.path, pool.mem().address_range());
+    install_sigbus_handler(id, &spec.path, pool.mem().address_range(), json);
     // Claimed (and beaten) before anything is written to the pool, a restore included.
     let claim = match HeldClaim::take(&pool, id, options.claim_lease_ms) {
         Ok(claim) => claim,
-        Err(e) => {
-            eprintln!("broker {id}: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::claim(&e).report(&who, json),
     };
     if !recover_from.is_empty() {
         match broker::server::replica::restore(&pool, id, &recover_from) {
@@ -639,33 +824,29 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("broker: restoring from replicas: {e}");
                 claim.release();
-                return ExitCode::FAILURE;
+                let message = format!("restoring from replicas: {e}");
+                return Ending::new(EXIT_FAILURE, "restore", message).report("broker", json);
             }
         }
     }
     let running = match start_claimed(pool, options, claim) {
         Ok(running) => running,
-        Err(e) => {
-            eprintln!("broker: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Ending::start(&e).report("broker", json),
     };
     println!("listening on {}", running.local_addr());
     while !STOP.load(Ordering::Relaxed) && running.is_running() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let crashed = !running.is_running();
-    let failure = running.failure().map(ToString::to_string);
+    let failure = running.failure().map(Ending::liveness);
     running.stop();
     if let Some(failure) = failure {
-        eprintln!("broker {id}: {failure}");
-        return ExitCode::FAILURE;
+        return failure.report(&who, json);
     }
     if crashed {
-        eprintln!("broker: a broker thread ended unexpectedly");
-        return ExitCode::FAILURE;
+        let message = "a broker thread ended unexpectedly";
+        return Ending::new(EXIT_FAILURE, "thread_ended", message).report("broker", json);
     }
     ExitCode::SUCCESS
 }
@@ -745,7 +926,7 @@ mod tests {
         assert_eq!(options.claim_lease_ms, 300);
         let error = with(&["--claim-lease-ms", "20"]).unwrap_err();
         assert!(
-            error.contains("--claim-lease-ms 20 is out of range"),
+            error.contains("a claim lease of 20 ms is out of range"),
             "{error}"
         );
         let file: Args = toml::from_str("claim_lease_ms = 2500").unwrap();

@@ -29,7 +29,7 @@ use crate::reader::{LogReader, ReadError};
 use crate::sequencer::CompletionStatus;
 use crate::server::limits::ConnectionRefused;
 use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
-use crate::writer::{AppendError, BatchMeta, Reservation};
+use crate::writer::{AppendError, BatchMeta, ClaimMoved, Reservation};
 
 /// A byte stream the connection reads and writes (non-blocking: `WouldBlock` means "later").
 pub trait ByteStream {
@@ -508,6 +508,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         }
                         Some(Step::Stop(InputState::Paused))
                     }
+                    Err(AppendError::ClaimMoved(moved)) => {
+                        self.end_for_claim_moved(state, moved);
+                        Some(Step::Stop(InputState::Paused))
+                    }
                     Err(other) => {
                         let staged_bytes = publisher.receiving.staged_bytes();
                         publisher.receiving = Receiving::Idle;
@@ -872,7 +876,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
             message_count: header.message_count,
             checksum: header.checksum,
         };
-        topic.writer.commit(reservation, meta);
+        if let Err(moved) = topic.writer.commit(reservation, meta) {
+            self.end_for_claim_moved(state, moved);
+            return;
+        }
         topic.pending.push_back(PendingSlot {
             conn: self.id,
             batch_seq: header.batch_seq,
@@ -1519,6 +1526,15 @@ impl<M: SharedMemory + Clone> Connection<M> {
         true
     }
 
+    /// Another process holds this broker's id now, so nothing more may be written: the
+    /// connection ends without acknowledging the batch it was receiving (its publisher
+    /// resends it elsewhere), and the state tells the loop to end the broker.
+    fn end_for_claim_moved(&mut self, state: &mut BrokerState<M>, moved: ClaimMoved) {
+        self.drop_batch(state);
+        self.closing = true;
+        state.record_claim_moved(moved);
+    }
+
     /// Releases what the connection holds (a half-received batch, in the pool or in
     /// staging) when it ends.
     pub fn on_closed(&mut self, state: &mut BrokerState<M>) {
@@ -1603,10 +1619,7 @@ mod tests {
     use wire::{BatchHeaderRepr, HelloRepr, Role, Topic};
 
     use super::*;
-    use crate::coherence::{CoherenceMode, PoolMemory};
-    use crate::heap::HeapRegion;
-    use crate::layout::Geometry;
-    use crate::pool::Pool;
+    use crate::coherence::PoolMemory;
     use crate::sequencer::{Sequencer, SequencerConfig};
     use crate::server::limits::ClientLimits;
     use crate::server::state::BrokerSettings;
@@ -1706,16 +1719,7 @@ mod tests {
         replication_factor: u8,
         limits: ClientLimits,
     ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
-        let geometry = Geometry {
-            brokers_max: 1,
-            topics_max: 1,
-            ring_slots: 8,
-            goi_entries: 64,
-            blog_bytes: 64 * 1024,
-        };
-        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let pool: Pool<PoolMemory> =
-            Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let pool = crate::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,
@@ -1944,6 +1948,36 @@ mod tests {
         connection.on_closed(&mut state);
         let frames = frames(&pipe.output);
         assert!(matches!(frames[..], [Frame::HelloOk(_)]), "{frames:?}");
+    }
+
+    #[test]
+    fn a_batch_completed_after_the_claim_was_taken_over_is_neither_published_nor_acked() {
+        use crate::claim::{test_claimant as claimant, try_claim};
+        let (state, mut sequencer, _metrics) = head_broker(1);
+        let pool = state.pool.clone();
+        try_claim(&pool, 0, 0, &claimant(0x11)).unwrap();
+        let mut state = state.with_claim_token(0x11);
+        // This broker was paused past its lease; another process took broker id 0 over.
+        try_claim(&pool, 0, 0x11, &claimant(0x22)).unwrap();
+        let mut connection = Connection::new(1, &state, Instant::now());
+        let mut pipe = Pipe::new(publisher_stream(0, false));
+        let service = connection.service(&mut pipe, &mut state, Instant::now(), true, true);
+        assert!(service.ended, "the connection ends");
+        assert_eq!(
+            state.claim_moved(),
+            Some(ClaimMoved {
+                broker: 0,
+                owner: 0x22
+            }),
+            "the loop is told to end the broker"
+        );
+        sequencer.refresh_topics().unwrap();
+        assert_eq!(sequencer.poll(0), 0, "nothing was published");
+        let frames = frames(&pipe.output);
+        assert!(
+            matches!(frames[..], [Frame::HelloOk(_)]),
+            "no Ack: {frames:?}"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@ use crate::pool::{Pool, PoolError};
 use crate::sequencer::SequencerConfig;
 use crate::server::limits::ClientLimits;
 use crate::server::state::BrokerSettings;
-use crate::server::{BrokerOptions, IdleStrategy, NetBackend, RunningBroker, StartError, start};
+use crate::server::{
+    BrokerOptions, IdleStrategy, NetBackend, PoolFailure, RunningBroker, StartError, start,
+};
 
 /// N running brokers and the pool they share.
 #[derive(Debug)]
@@ -25,9 +27,11 @@ pub struct InProcessCluster {
     region: Arc<HeapRegion>,
 }
 
-fn pool_error(e: PoolError) -> StartError {
-    StartError::Pool {
+/// The error for a failed `failure` step on the heap pool.
+fn pool_error(failure: PoolFailure) -> impl Fn(PoolError) -> StartError {
+    move |e| StartError::Pool {
         path: "(in-process heap pool)".to_owned(),
+        failure,
         reason: e.to_string(),
     }
 }
@@ -41,7 +45,7 @@ impl InProcessCluster {
         configure: impl Fn(&mut BrokerOptions),
     ) -> Result<InProcessCluster, StartError> {
         let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        Pool::format(region.memory(mode), geometry, 1).map_err(pool_error)?;
+        Pool::format(region.memory(mode), geometry, 1).map_err(pool_error(PoolFailure::Format))?;
         let mut brokers = Vec::new();
         let mut all_options = Vec::new();
         for id in 0..geometry.brokers_max as u16 {
@@ -67,7 +71,8 @@ impl InProcessCluster {
                 claim_lease_ms: crate::server::CLAIM_LEASE_MS_DEFAULT,
             };
             configure(&mut options);
-            let pool = Pool::attach(region.memory(mode)).map_err(pool_error)?;
+            let pool =
+                Pool::attach(region.memory(mode)).map_err(pool_error(PoolFailure::Incompatible))?;
             brokers.push(start(pool, options.clone())?);
             all_options.push(options);
         }
@@ -124,12 +129,15 @@ impl InProcessCluster {
         let options = self
             .options
             .get(index)
-            .ok_or(pool_error(PoolError::NoSuchBroker {
-                broker: id,
-                brokers_max: self.options.len() as u32,
-            }))?
+            .ok_or(pool_error(PoolFailure::Incompatible)(
+                PoolError::NoSuchBroker {
+                    broker: id,
+                    brokers_max: self.options.len() as u32,
+                },
+            ))?
             .clone();
-        let pool = Pool::attach(self.region.memory(self.mode)).map_err(pool_error)?;
+        let pool = Pool::attach(self.region.memory(self.mode))
+            .map_err(pool_error(PoolFailure::Incompatible))?;
         self.brokers[index] = start(pool, options)?;
         Ok(())
     }

@@ -15,6 +15,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::connection::{Connection, InputState, refusal_frame};
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -62,6 +63,8 @@ pub struct KernelLoop {
     idle: Idle,
     stop: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
+    /// The claim on the broker id, checked before an iteration's writes to the pool.
+    claim: LoopClaimCheck,
     clients: HashMap<Token, Client>,
     next_token: usize,
     logged_buffers: bool,
@@ -77,24 +80,26 @@ impl std::fmt::Debug for KernelLoop {
 }
 
 impl KernelLoop {
-    /// A loop over `listener` for the broker described by `options`. `stop` ends it in
-    /// order (see [`KernelLoop::run`]); `crash` ends it at once, as a crash would (see
+    /// A loop over `listener` for the broker described by `options`, holding `claim`. The
+    /// claim's stop flag ends it in order (see [`KernelLoop::run`]); its crash flag ends it
+    /// at once, as a crash would (see
     /// [`RunningBroker::kill`](crate::server::RunningBroker::kill)).
     pub fn new(
         pool: Pool<PoolMemory>,
         listener: TcpListener,
         options: &BrokerOptions,
         metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
-        crash: Arc<AtomicBool>,
+        claim: ClaimGuard,
     ) -> KernelLoop {
         KernelLoop {
-            state: BrokerState::new(pool, options.settings.clone(), metrics),
+            state: BrokerState::new(pool, options.settings.clone(), metrics)
+                .with_claim_token(claim.token()),
             listener,
             socket_buffer_bytes: options.socket_buffer_bytes,
             idle: Idle::new(options.idle),
-            stop,
-            crash,
+            stop: Arc::clone(claim.stop_flag()),
+            crash: Arc::clone(claim.crash_flag()),
+            claim: LoopClaimCheck::new(claim),
             clients: HashMap::new(),
             next_token: 1,
             logged_buffers: false,
@@ -103,7 +108,10 @@ impl KernelLoop {
 
     /// Runs until the stop flag is set, then drains and closes every connection. When the
     /// crash flag is set it returns at once instead: the listener and every socket are closed
-    /// as they are (no drain, no Goodbye, nothing more written to the pool).
+    /// as they are (no drain, no Goodbye, nothing more written to the pool). So it does when
+    /// the claim on the broker id is found taken over: once epoll returns (where a pause is
+    /// most likely spent; see [`LoopClaimCheck`]), or by a ring writer before it publishes a
+    /// slot.
     pub fn run(mut self) {
         let mut poll = match Poll::new() {
             Ok(poll) => poll,
@@ -163,6 +171,11 @@ impl KernelLoop {
                     break;
                 }
             }
+            // Nothing below writes to the pool before this check.
+            let now = Instant::now();
+            if !self.claim.holds(now) {
+                return;
+            }
             let mut worked = !events.is_empty();
             for event in events.iter() {
                 if event.token() == LISTENER {
@@ -175,11 +188,14 @@ impl KernelLoop {
             }
             outcomes.clear();
             worked |= self.state.poll_outcomes(&mut outcomes) > 0;
-            let now = Instant::now();
             for outcome in &outcomes {
                 self.route(outcome, now);
             }
             worked |= self.drive_clients(&poll, now);
+            if self.state.claim_moved().is_some() {
+                self.claim.guard().lost();
+                return;
+            }
             let subscriptions = self
                 .clients
                 .values()

@@ -23,7 +23,7 @@ use crate::layout::Geometry;
 use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError};
 use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
-use ownership::{HeldClaim, LivenessError, PoolInUse};
+use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
 use state::BrokerSettings;
 
 /// How a polling thread waits when it finds no work.
@@ -146,6 +146,8 @@ pub enum StartError {
     Pool {
         /// The pool path.
         path: String,
+        /// Which step failed.
+        failure: PoolFailure,
         /// What went wrong, with the fix where there is one.
         reason: String,
     },
@@ -175,6 +177,34 @@ pub enum StartError {
     /// A client limit is outside the range the broker can honour.
     #[error(transparent)]
     Limits(#[from] limits::LimitOutOfRange),
+}
+
+/// Which step of opening the pool failed (see [`StartError::Pool`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolFailure {
+    /// No pool file appeared within the attach timeout.
+    Missing,
+    /// The file could not be opened or mapped (the hugepages crate's error says why).
+    Region,
+    /// The file holds no formatted pool, even after the attach timeout.
+    NotFormatted,
+    /// The pool is of another layout, or damaged.
+    Incompatible,
+    /// `--format` could not create or format the pool.
+    Format,
+}
+
+impl PoolFailure {
+    /// A name for machine-readable reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolFailure::Missing => "missing",
+            PoolFailure::Region => "region",
+            PoolFailure::NotFormatted => "not_formatted",
+            PoolFailure::Incompatible => "incompatible",
+            PoolFailure::Format => "format",
+        }
+    }
 }
 
 /// A broker running on its threads; [`RunningBroker::stop`] ends them.
@@ -302,7 +332,7 @@ pub fn start_claimed(
     let crash = Arc::clone(claim.crash_flag());
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
-    match launch(pool, &options, &stop, &crash, &metrics, &mut threads) {
+    match launch(pool, &options, claim.guard(), &metrics, &mut threads) {
         Ok((local_addr, metrics_addr, xdp)) => Ok(RunningBroker {
             stop,
             crash,
@@ -330,15 +360,17 @@ pub fn start_claimed(
 type Launched = (SocketAddr, Option<SocketAddr>, Option<bypass::Attached>);
 
 /// Starts the broker's threads into `threads`; returns the client and metrics addresses.
+/// The threads that write this broker's own lines of the pool (the network loop, the
+/// replica) check `claim` before they write.
 fn launch(
     pool: Pool<PoolMemory>,
     options: &BrokerOptions,
-    stop: &Arc<AtomicBool>,
-    crash: &Arc<AtomicBool>,
+    claim: &ClaimGuard,
     metrics: &Arc<Metrics>,
     threads: &mut Vec<JoinHandle<()>>,
 ) -> Result<Launched, StartError> {
     let broker_id = options.settings.broker_id;
+    let stop = claim.stop_flag();
     let listener = match options.net {
         NetBackend::Kernel => Some(mio::net::TcpListener::bind(options.listen).map_err(
             |source| StartError::Listen {
@@ -403,9 +435,9 @@ fn launch(
         }));
     }
     if let Some(config) = options.replica.clone() {
-        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
+        let (pool, metrics, claim) = (pool.clone(), Arc::clone(metrics), claim.clone());
         threads.push(spawn("replica", move || {
-            run_replica(&pool, broker_id, &config, &metrics, &stop)
+            run_replica(&pool, broker_id, &config, &metrics, &claim)
         }));
     }
     let mut xdp = None;
@@ -415,19 +447,13 @@ fn launch(
             options,
             xdp_options,
             Arc::clone(metrics),
-            Arc::clone(stop),
+            claim.clone(),
         )?;
         threads.push(thread);
         xdp = Some(attached);
     } else if let Some(listener) = listener {
-        let loop_state = kernel::KernelLoop::new(
-            pool,
-            listener,
-            options,
-            Arc::clone(metrics),
-            Arc::clone(stop),
-            Arc::clone(crash),
-        );
+        let loop_state =
+            kernel::KernelLoop::new(pool, listener, options, Arc::clone(metrics), claim.clone());
         threads.push(spawn("network", move || loop_state.run()));
     }
     log::info!(
@@ -564,14 +590,14 @@ fn run_replica(
     broker_id: u16,
     config: &replica::ReplicaConfig,
     metrics: &Metrics,
-    stop: &AtomicBool,
+    claim: &ClaimGuard,
 ) {
     let report = |e: replica::ReplicaError| {
         log::error!("broker {broker_id}: replication stopped: {e}; retrying in 1 s");
         Metrics::inc(&metrics.replica_errors);
     };
-    while !stop.load(Ordering::Relaxed) {
-        match replicate(pool, broker_id, config, metrics, stop) {
+    while !claim.stop_flag().load(Ordering::Relaxed) {
+        match replicate(pool, broker_id, config, metrics, claim) {
             Ok(()) => return,
             Err(e) => {
                 report(e);
@@ -582,17 +608,21 @@ fn run_replica(
 }
 
 /// Replicates until stopped (`Ok`, after a clean stop) or until an error, after which the
-/// replica no longer holds retention.
+/// replica no longer holds retention. Each poll publishes this broker's `replicated` lines:
+/// the claim is checked before it, and a broker whose id was taken over writes nothing more.
 fn replicate(
     pool: &Pool<PoolMemory>,
     broker_id: u16,
     config: &replica::ReplicaConfig,
     metrics: &Metrics,
-    stop: &AtomicBool,
+    claim: &ClaimGuard,
 ) -> Result<(), replica::ReplicaError> {
     let mut replicator = replica::Replicator::new(pool.clone(), broker_id, config.clone())?;
     let mut idle = Idle::new(IdleStrategy::Sleep);
-    while !stop.load(Ordering::Relaxed) {
+    while !claim.stop_flag().load(Ordering::Relaxed) {
+        if !claim.holds() {
+            return Ok(());
+        }
         match replicator.poll(Instant::now()) {
             Ok(copied) => {
                 metrics
@@ -606,6 +636,10 @@ fn replicate(
                 return Err(e);
             }
         }
+    }
+    // A broker whose id was taken over leaves its lines to the new holder.
+    if !claim.holds() {
+        return Ok(());
     }
     replicator.stop()
 }
@@ -628,8 +662,9 @@ pub struct PoolSpec {
 
 /// Opens (or creates and formats) the pool a broker runs on.
 pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
-    let fail = |reason: String| StartError::Pool {
+    let fail = |failure: PoolFailure, reason: String| StartError::Pool {
         path: spec.path.display().to_string(),
+        failure,
         reason,
     };
     let options = hugepages::RegionOptions {
@@ -645,7 +680,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 hugepages::Error::RegionInUse { holder_pids, .. } => StartError::PoolInUse(
                     ownership::pool_in_use(&spec.path, &options, spec.mode, holder_pids),
                 ),
-                other => fail(other.to_string()),
+                other => fail(PoolFailure::Format, other.to_string()),
             })?;
         log::info!(
             "pool {}: {} MiB on {}, pre-faulted in {:?}",
@@ -662,33 +697,38 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
             geometry,
             now_ns,
         )
-        .map_err(|e| fail(e.to_string()));
+        .map_err(|e| fail(PoolFailure::Format, e.to_string()));
     }
     // The head may not have created or formatted the pool yet: wait for the file, open it
     // once, then wait for the formatted header.
     let started = Instant::now();
     while !spec.path.exists() {
         if started.elapsed() >= spec.attach_timeout {
-            return Err(fail(format!(
-                "no pool file after {:?}: start the head broker with --format on this path, \
-                 and give every broker the same --pool",
-                spec.attach_timeout
-            )));
+            return Err(fail(
+                PoolFailure::Missing,
+                format!(
+                    "no pool file after {:?}: start the head broker with --format on this \
+                     path, and give every broker the same --pool",
+                    spec.attach_timeout
+                ),
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A formatter may be replacing the file right now: open the one that is there after.
+    // A formatter may be replacing the file right now (removing the old one, creating the
+    // new one empty, then sizing it): open the one that is there after.
     let region = loop {
         match hugepages::SharedRegion::open(&spec.path, &options) {
             Ok(region) => break region,
             Err(
                 hugepages::Error::RegionBeingReplaced { .. }
                 | hugepages::Error::RegionReplaced { .. }
-                | hugepages::Error::RegionMissing { .. },
+                | hugepages::Error::RegionMissing { .. }
+                | hugepages::Error::EmptyRegion { .. },
             ) if started.elapsed() < spec.attach_timeout => {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(fail(e.to_string())),
+            Err(e) => return Err(fail(PoolFailure::Region, e.to_string())),
         }
     };
     let mem = crate::region::pool_memory(region, spec.mode);
@@ -701,12 +741,57 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 }) => {
-                return Err(fail(format!(
-                    "not formatted after {:?}: start the head broker with --format",
-                    spec.attach_timeout
-                )));
+                return Err(fail(
+                    PoolFailure::NotFormatted,
+                    format!(
+                        "not formatted after {:?}: start the head broker with --format",
+                        spec.attach_timeout
+                    ),
+                ));
             }
-            Err(other) => return Err(fail(other.to_string())),
+            Err(other) => return Err(fail(PoolFailure::Incompatible, other.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attaching_waits_for_a_pool_file_that_is_still_being_created() {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/embarcadero-attach-test-{}",
+            std::process::id()
+        ));
+        // What a formatter leaves for a moment: the new file, empty, not sized yet.
+        let file = std::fs::File::create(&path).unwrap();
+        let spec = PoolSpec {
+            path: path.clone(),
+            format: None,
+            allow_fallback: true,
+            mode: CoherenceMode::NonCoherent,
+            attach_timeout: Duration::from_secs(10),
+        };
+        let attacher = std::thread::spawn(move || open_pool(&spec).map(|pool| *pool.geometry()));
+        std::thread::sleep(Duration::from_millis(300));
+        let pool_bytes = 8 << 20;
+        let geometry = Geometry::fit(pool_bytes, 2, 1, 16, 1024).unwrap();
+        file.set_len(pool_bytes).unwrap();
+        let options = hugepages::RegionOptions {
+            allow_fallback: true,
+            prefault: false,
+            ..hugepages::RegionOptions::default()
+        };
+        let region = hugepages::SharedRegion::open(&path, &options).unwrap();
+        Pool::format(
+            crate::region::pool_memory(region, CoherenceMode::NonCoherent),
+            geometry,
+            1,
+        )
+        .unwrap();
+        let attached = attacher.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(attached.unwrap(), geometry);
     }
 }

@@ -11,7 +11,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::claim::{self, BEATS_PER_LEASE, ClaimDetails, ClaimError, ClaimHolder, Claimant};
+use crate::claim::{
+    self, BEATS_PER_LEASE, ClaimDetails, ClaimError, ClaimHolder, ClaimState, Claimant,
+};
 use crate::coherence::{CoherenceMode, PoolMemory};
 use crate::pool::Pool;
 
@@ -74,22 +76,129 @@ fn describe_users(brokers: &[ClaimHolder], holder_pids: &[u32]) -> String {
 /// checks, every beat, that the claim is still this process's and that the pool file still
 /// is the one mapped; when either fails it records why ([`HeldClaim::failure`]) and sets
 /// the broker's stop and crash flags, so the broker ends at once and writes nothing more.
+/// The broker's other threads check the claim too, before they write (see [`ClaimGuard`]).
 #[derive(Debug)]
 pub struct HeldClaim {
     heartbeat: Heartbeat,
     thread: Option<JoinHandle<()>>,
 }
 
-/// What the claim and its heartbeat thread share.
+/// The claim as every thread of a running broker checks it, and how each of them ends the
+/// broker when the claim or the pool is lost: it records why, then sets the crash and stop
+/// flags.
 #[derive(Debug, Clone)]
-struct Heartbeat {
+pub struct ClaimGuard {
     pool: Pool<PoolMemory>,
     broker: u16,
     claimant: Claimant,
-    /// The broker's flags, set by the thread when the claim or the pool is lost.
+    /// The broker's flags.
     stop: Arc<AtomicBool>,
     crash: Arc<AtomicBool>,
     failure: Arc<OnceLock<LivenessError>>,
+}
+
+impl ClaimGuard {
+    /// The broker's stop flag: set when the broker must end.
+    pub fn stop_flag(&self) -> &Arc<AtomicBool> {
+        &self.stop
+    }
+
+    /// The broker's crash flag: set (with `stop`) when the broker must end at once, without
+    /// a drain and without another write to the pool.
+    pub fn crash_flag(&self) -> &Arc<AtomicBool> {
+        &self.crash
+    }
+
+    /// The token the claim is held with (for checks by sans-IO code, see
+    /// [`crate::writer::TopicWriter::with_claim_token`]).
+    pub fn token(&self) -> u64 {
+        self.claimant.token
+    }
+
+    /// Whether the claim is still this broker's: the owner word read afresh (one line
+    /// invalidated, a fence, a load). When it is not, the broker is ended (see
+    /// [`ClaimGuard::lost`]).
+    pub fn holds(&self) -> bool {
+        if claim::check_owner(&self.pool, self.broker, self.claimant.token).is_ok() {
+            return true;
+        }
+        self.lost();
+        false
+    }
+
+    /// Ends the broker because another process took its id over (a thread found out by
+    /// itself, e.g. a ring writer that refused to publish).
+    pub fn lost(&self) {
+        self.lost_to(&claim::read_claim(&self.pool, self.broker));
+    }
+
+    /// Ends the broker because the claim line holds `state`, another process's claim.
+    fn lost_to(&self, state: &ClaimState) {
+        let holder = ClaimHolder::new(self.broker, state, self.claimant.details.host_id);
+        let lease_ms = self.claimant.details.lease_ms;
+        self.fail(ClaimError::ClaimLost { holder, lease_ms }.into());
+    }
+
+    /// Records why the broker must end (the first reason stays), then sets its flags, so
+    /// whoever sees them finds the reason.
+    fn fail(&self, error: LivenessError) {
+        let message = error.to_string();
+        let first = self.failure.set(error).is_ok();
+        self.crash.store(true, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        if first {
+            log::error!("broker {}: {message}", self.broker);
+        }
+    }
+}
+
+/// Longest time between two checks of the claim by a network loop. Its ring writers check
+/// before every slot anyway; the loop's own check guards what it writes besides (payload
+/// bytes as they arrive, its `subscribed` lines) and ends the broker at once.
+const LOOP_CHECK_INTERVAL: Duration = Duration::from_millis(1);
+
+/// A network loop's check of the claim, timed by the loop's own clock reads: a pause of the
+/// process shows as a jump of that clock and is checked at once; otherwise the owner word is
+/// read at most every [`LOOP_CHECK_INTERVAL`], not on every iteration (a read costs a line
+/// invalidation and a fence, as much as an idle iteration's own work).
+#[derive(Debug)]
+pub struct LoopClaimCheck {
+    guard: ClaimGuard,
+    checked_at: Option<Instant>,
+}
+
+impl LoopClaimCheck {
+    /// Checks of `guard`'s claim.
+    pub fn new(guard: ClaimGuard) -> LoopClaimCheck {
+        LoopClaimCheck {
+            guard,
+            checked_at: None,
+        }
+    }
+
+    /// The claim checked.
+    pub fn guard(&self) -> &ClaimGuard {
+        &self.guard
+    }
+
+    /// Whether the claim is still this broker's, as of `now` (the loop's latest clock read,
+    /// taken after its wait); see [`ClaimGuard::holds`].
+    pub fn holds(&mut self, now: Instant) -> bool {
+        let recent = self
+            .checked_at
+            .is_some_and(|at| now.saturating_duration_since(at) < LOOP_CHECK_INTERVAL);
+        if recent {
+            return true;
+        }
+        self.checked_at = Some(now);
+        self.guard.holds()
+    }
+}
+
+/// What the claim and its heartbeat thread share.
+#[derive(Debug, Clone)]
+struct Heartbeat {
+    guard: ClaimGuard,
     /// Ends the heartbeat thread (separate from `stop`: a stopping broker drains its
     /// connections first and keeps its claim meanwhile).
     beating: Arc<AtomicBool>,
@@ -98,12 +207,13 @@ struct Heartbeat {
 impl HeldClaim {
     /// Claims `broker` in `pool` with a lease of `lease_ms` (see [`claim::claim`]: this
     /// blocks for up to a lease while a previous claimant's heartbeat is watched) and starts
-    /// beating it.
+    /// beating it. A lease outside [`claim::check_lease_ms`]'s range is refused.
     pub fn take(
         pool: &Pool<PoolMemory>,
         broker: u16,
         lease_ms: u64,
     ) -> Result<HeldClaim, ClaimError> {
+        claim::check_lease_ms(lease_ms)?;
         pool.check_broker(broker)?;
         let claimant = Claimant {
             token: new_token(),
@@ -127,12 +237,14 @@ impl HeldClaim {
             );
         }
         let heartbeat = Heartbeat {
-            pool: pool.clone(),
-            broker,
-            claimant,
-            stop: Arc::default(),
-            crash: Arc::default(),
-            failure: Arc::default(),
+            guard: ClaimGuard {
+                pool: pool.clone(),
+                broker,
+                claimant,
+                stop: Arc::default(),
+                crash: Arc::default(),
+                failure: Arc::default(),
+            },
             beating: Arc::new(AtomicBool::new(true)),
         };
         let beater = heartbeat.clone();
@@ -142,19 +254,24 @@ impl HeldClaim {
         })
     }
 
+    /// The claim as the broker's threads check it.
+    pub fn guard(&self) -> &ClaimGuard {
+        &self.heartbeat.guard
+    }
+
     /// The broker's stop flag (set by the heartbeat thread when the broker must end).
     pub fn stop_flag(&self) -> &Arc<AtomicBool> {
-        &self.heartbeat.stop
+        self.heartbeat.guard.stop_flag()
     }
 
     /// The broker's crash flag (set with `stop`: end at once, no drain).
     pub fn crash_flag(&self) -> &Arc<AtomicBool> {
-        &self.heartbeat.crash
+        self.heartbeat.guard.crash_flag()
     }
 
     /// Why the broker had to stop, once it had to.
     pub fn failure(&self) -> Option<&LivenessError> {
-        self.heartbeat.failure.get()
+        self.heartbeat.guard.failure.get()
     }
 
     /// True while the heartbeat thread runs.
@@ -167,12 +284,12 @@ impl HeldClaim {
     /// was lost is left to its new holder.
     pub fn release(mut self) {
         self.end_heartbeat();
-        let Heartbeat {
+        let ClaimGuard {
             pool,
             broker,
             claimant,
             ..
-        } = &self.heartbeat;
+        } = &self.heartbeat.guard;
         if self.failure().is_none() && !claim::release(pool, *broker, claimant.token) {
             log::warn!(
                 "broker {broker}: the claim on the id had moved on when it was to be released"
@@ -192,7 +309,7 @@ impl HeldClaim {
             if thread.join().is_err() {
                 log::error!(
                     "broker {}: the liveness thread panicked",
-                    self.heartbeat.broker
+                    self.heartbeat.guard.broker
                 );
             }
         }
@@ -213,7 +330,8 @@ const HEARTBEAT_NAP: Duration = Duration::from_millis(20);
 
 impl Heartbeat {
     fn run(self) {
-        let interval = Duration::from_millis(self.claimant.details.lease_ms / BEATS_PER_LEASE);
+        let guard = &self.guard;
+        let interval = Duration::from_millis(guard.claimant.details.lease_ms / BEATS_PER_LEASE);
         let mut heartbeat = 0u64;
         let mut next_beat = Instant::now();
         let mut check_failed = false;
@@ -224,39 +342,30 @@ impl Heartbeat {
                 continue;
             }
             next_beat = now + interval;
-            match self.pool.mem().check_backing() {
+            match guard.pool.mem().check_backing() {
                 Ok(()) => check_failed = false,
                 Err(
                     error @ (hugepages::Error::RegionRemoved { .. }
                     | hugepages::Error::RegionReplaced { .. }
                     | hugepages::Error::RegionTruncated { .. }),
-                ) => return self.fail(LivenessError::PoolFileGone(error)),
+                ) => return guard.fail(LivenessError::PoolFileGone(error)),
                 // Not a verdict on the pool (e.g. a stat that failed): say so once, go on.
                 Err(error) if !check_failed => {
                     check_failed = true;
                     log::warn!(
                         "broker {}: cannot check the pool file: {error}",
-                        self.broker
+                        guard.broker
                     );
                 }
                 Err(_) => {}
             }
             heartbeat += 1;
-            if let Err(state) = claim::beat(&self.pool, self.broker, self.claimant.token, heartbeat)
+            if let Err(state) =
+                claim::beat(&guard.pool, guard.broker, guard.claimant.token, heartbeat)
             {
-                let holder = ClaimHolder::new(self.broker, &state, self.claimant.details.host_id);
-                let lease_ms = self.claimant.details.lease_ms;
-                return self.fail(ClaimError::ClaimLost { holder, lease_ms }.into());
+                return guard.lost_to(&state);
             }
         }
-    }
-
-    fn fail(self, error: LivenessError) {
-        log::error!("broker {}: {error}", self.broker);
-        // The flags after the failure, so whoever sees them finds the reason.
-        let _ = self.failure.set(error);
-        self.crash.store(true, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -435,6 +544,48 @@ mod tests {
                 .to_string()
                 .contains("in use by processes on this host")
         );
+    }
+
+    #[test]
+    fn a_claim_lease_out_of_range_is_refused_before_anything_is_claimed() {
+        let pool = crate::heap::small_test_pool();
+        // 3 ms would beat every 0 ms (a spinning thread); past the maximum, watchers would
+        // judge the claim dead between two beats.
+        for lease_ms in [3, claim::CLAIM_LEASE_MS_MAX + 1] {
+            match HeldClaim::take(&pool, 0, lease_ms) {
+                Err(ClaimError::LeaseOutOfRange { lease_ms: refused }) => {
+                    assert_eq!(refused, lease_ms);
+                }
+                other => panic!("expected LeaseOutOfRange for {lease_ms} ms, got {other:?}"),
+            }
+            assert_eq!(claim::read_claim(&pool, 0).owner, 0, "nothing claimed");
+        }
+    }
+
+    #[test]
+    fn a_loop_checks_the_claim_after_its_clock_jumped_and_at_most_every_interval_otherwise() {
+        let pool = crate::heap::small_test_pool();
+        let held = HeldClaim::take(&pool, 0, 1000).unwrap();
+        let mut check = LoopClaimCheck::new(held.guard().clone());
+        let start = Instant::now();
+        assert!(check.holds(start));
+        // Another process takes the id over (this one was paused, or its heartbeat starved).
+        let successor = claim::test_claimant(0x22);
+        claim::try_claim(&pool, 0, held.guard().token(), &successor).unwrap();
+        assert!(
+            check.holds(start + LOOP_CHECK_INTERVAL / 2),
+            "within the interval the owner word is not read"
+        );
+        assert!(
+            !check.holds(start + LOOP_CHECK_INTERVAL),
+            "read again: moved on"
+        );
+        assert!(matches!(
+            held.failure(),
+            Some(LivenessError::ClaimLost(ClaimError::ClaimLost { .. }))
+        ));
+        assert!(held.crash_flag().load(Ordering::Relaxed));
+        held.abandon();
     }
 
     #[test]

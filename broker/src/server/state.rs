@@ -13,7 +13,7 @@ use crate::metrics::{Metrics, SequencerRole};
 use crate::pool::{Pool, PoolError, TopicConfig, TopicId};
 use crate::sequencer::CompletionStatus;
 use crate::server::limits::{ClientLimits, ConnectionRefused, ConnectionTable, StagingBudget};
-use crate::writer::{SlotOutcome, TopicWriter, WriterError};
+use crate::writer::{ClaimMoved, SlotOutcome, TopicWriter, WriterError};
 
 /// Identifies a connection within one broker.
 pub type ConnId = u64;
@@ -107,6 +107,11 @@ pub struct BrokerState<M> {
     connections: ConnectionTable,
     /// Bytes of slow batches held outside the pool.
     pub staging: StagingBudget,
+    /// The token this broker holds its id's claim with; its ring writers check it before
+    /// they publish (`None`: no claim to check, a pool of its own in tests).
+    claim_token: Option<u64>,
+    /// Set once a ring writer found the claim moved on: the loop must end the broker.
+    claim_moved: Option<ClaimMoved>,
 }
 
 /// Calls of [`BrokerState::publish_subscriptions`] (one per loop iteration) between looks at
@@ -130,7 +135,27 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             heartbeat_published: 0,
             connections: ConnectionTable::default(),
             staging: StagingBudget::default(),
+            claim_token: None,
+            claim_moved: None,
         }
+    }
+
+    /// Ring writers publish only while the claim on this broker's id holds `token` (see
+    /// [`TopicWriter::with_claim_token`]).
+    pub fn with_claim_token(mut self, token: u64) -> BrokerState<M> {
+        self.claim_token = Some(token);
+        self
+    }
+
+    /// Records that a ring writer found the claim moved on (see [`Self::claim_moved`]).
+    pub fn record_claim_moved(&mut self, moved: ClaimMoved) {
+        self.claim_moved.get_or_insert(moved);
+    }
+
+    /// Set once a ring writer refused to publish because another process holds this
+    /// broker's id now: the network loop must end the broker at once.
+    pub fn claim_moved(&self) -> Option<ClaimMoved> {
+        self.claim_moved
     }
 
     /// Admits a new connection from `address` against the connection limits; a refusal is
@@ -214,7 +239,10 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     pub fn topic(&mut self, topic: TopicId) -> Result<&mut TopicState<M>, WriterError> {
         if !self.topics.contains_key(&topic) {
             let config = self.pool.topic_config(topic)?;
-            let writer = TopicWriter::new(self.pool.clone(), topic, self.settings.broker_id)?;
+            let mut writer = TopicWriter::new(self.pool.clone(), topic, self.settings.broker_id)?;
+            if let Some(token) = self.claim_token {
+                writer = writer.with_claim_token(token);
+            }
             let recovered = writer.recovered_in_flight();
             self.topics.insert(
                 topic,
@@ -350,21 +378,10 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coherence::CoherenceMode;
-    use crate::heap::HeapRegion;
-    use crate::layout::Geometry;
 
     #[test]
     fn sessions_refuse_stale_epochs_and_keep_only_the_latest_bookkeeping() {
-        let geometry = Geometry {
-            brokers_max: 1,
-            topics_max: 1,
-            ring_slots: 8,
-            goi_entries: 64,
-            blog_bytes: 64 * 1024,
-        };
-        let region = Arc::new(HeapRegion::new(geometry.layout_bytes()));
-        let pool = Pool::format(region.memory(CoherenceMode::Coherent), geometry, 1).unwrap();
+        let pool = crate::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,

@@ -15,7 +15,6 @@ pub mod xsk;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
 
 use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
@@ -24,6 +23,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::BrokerOptions;
+use crate::server::ownership::ClaimGuard;
 use device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
 use hooks::{HookConfig, Hooks};
 use netlink::NeighbourSocket;
@@ -213,7 +213,7 @@ pub fn spawn(
     options: &BrokerOptions,
     xdp: &XdpOptions,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
+    claim: ClaimGuard,
 ) -> Result<(JoinHandle<()>, Attached), BypassError> {
     let (ip, port) = match options.listen {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => (*v4.ip(), v4.port()),
@@ -361,7 +361,7 @@ pub fn spawn(
     let broker = options.settings.broker_id;
     let thread = match xdp.faults {
         None => {
-            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, stop);
+            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, claim);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
                 report(broker, &poll.run());
@@ -372,7 +372,7 @@ pub fn spawn(
                 "broker {broker}: DEBUG fault injection on (--debug-inject-faults {faults:?}): frames are dropped, duplicated, reordered and corrupted on purpose; never use this in production"
             );
             let device = FaultyDevice::new(device, faults);
-            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, stop);
+            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, claim);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
                 let device = poll.run();

@@ -22,6 +22,7 @@ use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::server::connection::{ByteStream, Connection, refusal_frame};
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 
@@ -168,6 +169,8 @@ pub struct BypassLoop<D> {
     port: u16,
     idle: Idle,
     stop: Arc<AtomicBool>,
+    /// The claim on the broker id, checked before an iteration's writes to the pool.
+    claim: LoopClaimCheck,
     next_id: u64,
     /// The sockets' peers, gathered for each housekeeping.
     peers: Peers,
@@ -238,7 +241,8 @@ pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
 }
 
 impl<D: Device + Burst> BypassLoop<D> {
-    /// A loop over `device` for the broker described by `options`.
+    /// A loop over `device` for the broker described by `options`, holding `claim` (whose
+    /// stop flag ends the loop).
     pub fn new(
         pool: Pool<PoolMemory>,
         mut device: D,
@@ -246,7 +250,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         sockets: SocketPoolConfig,
         options: &BrokerOptions,
         metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
+        claim: ClaimGuard,
     ) -> BypassLoop<D> {
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(endpoint.mac)));
         config.random_seed = std::time::SystemTime::now()
@@ -267,21 +271,26 @@ impl<D: Device + Burst> BypassLoop<D> {
             slots.push((set.add(socket), Slot::Listening, 0));
         }
         BypassLoop {
-            state: BrokerState::new(pool, options.settings.clone(), metrics),
+            state: BrokerState::new(pool, options.settings.clone(), metrics)
+                .with_claim_token(claim.token()),
             device,
             iface,
             sockets: set,
             slots,
             port: endpoint.port,
             idle: Idle::new(options.idle),
-            stop,
+            stop: Arc::clone(claim.stop_flag()),
+            claim: LoopClaimCheck::new(claim),
             next_id: 1,
             peers: Peers::default(),
         }
     }
 
     /// Runs until the stop flag is set, then drains and closes every connection. Returns the
-    /// device (its counters are the caller's to report).
+    /// device (its counters are the caller's to report). When the claim on the broker id is
+    /// found taken over (before an iteration drives its connections, see [`LoopClaimCheck`],
+    /// or by a ring writer before it publishes a slot) it ends at once instead: every
+    /// connection is reset, with no drain and nothing more written to the pool.
     pub fn run(mut self) -> D {
         let started = StdInstant::now();
         let mut now = started;
@@ -290,6 +299,7 @@ impl<D: Device + Burst> BypassLoop<D> {
         let mut iterations = 0u32;
         let mut drops = DropWatch::new(started);
         let mut housekept_at = started;
+        let mut claim_lost = false;
         loop {
             if iterations % ITERATIONS_PER_CLOCK_READ == 0 {
                 now = StdInstant::now();
@@ -326,7 +336,18 @@ impl<D: Device + Burst> BypassLoop<D> {
             for outcome in &outcomes {
                 self.route(outcome, now);
             }
+            // Nothing before this check writes to the pool. The clock is the cached one, read
+            // every few iterations and after every wait.
+            if !self.claim.holds(now) {
+                claim_lost = true;
+                break;
+            }
             worked |= self.drive(now);
+            if self.state.claim_moved().is_some() {
+                self.claim.guard().lost();
+                claim_lost = true;
+                break;
+            }
             // Send what the protocol produced in this iteration at once.
             worked |= self
                 .iface
@@ -364,6 +385,14 @@ impl<D: Device + Burst> BypassLoop<D> {
         self.iface
             .poll(timestamp, &mut self.device, &mut self.sockets);
         self.device.end();
+        if claim_lost {
+            log::warn!(
+                "broker {}: bypass network loop ended at once, its id taken over ({open} \
+                 connections reset)",
+                self.state.settings.broker_id
+            );
+            return self.device;
+        }
         self.state.on_loop_stopped("bypass network loop", open);
         self.device
     }
