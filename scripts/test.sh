@@ -34,7 +34,7 @@ cargo test --manifest-path fuzz/Cargo.toml -p fuzz-input --release --target-dir 
 
 echo "== simulation: 1000 seeds must pass"
 # Built first, so that a build failure is never mistaken for a caught fault below.
-cargo build --release -q -p broker --example sim
+cargo build --release -q -p shared-log --example sim
 sim=target/release/examples/sim
 "$sim" --seeds 1000 --quiet
 

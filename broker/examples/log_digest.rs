@@ -12,9 +12,9 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use broker::coherence::CoherenceMode;
-use broker::reader::LogReader;
 use broker::server::{PoolSpec, open_pool};
+use shared_log::coherence::CoherenceMode;
+use shared_log::reader::LogReader;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

@@ -3,23 +3,32 @@
 
 use std::sync::Arc;
 
-use crate::coherence::{CoherenceMode, MappedRegion, PoolMemory};
+use shared_log::coherence::{CoherenceMode, MappedRegion, PoolMemory};
 
-impl MappedRegion for hugepages::SharedRegion {
+/// A mapped pool file (or device) that a [`PoolMemory`] keeps mapped.
+#[derive(Debug)]
+pub struct FileRegion(hugepages::SharedRegion);
+
+impl MappedRegion for FileRegion {
     fn base(&self) -> *mut u8 {
-        self.as_ptr()
+        self.0.as_ptr()
     }
 
     fn len_bytes(&self) -> u64 {
-        self.len() as u64
-    }
-
-    fn check_backing(&self) -> Result<(), hugepages::Error> {
-        hugepages::SharedRegion::check_backing(self)
+        self.0.len() as u64
     }
 }
 
 /// A view of a shared region that keeps it mapped while the view (or a clone) lives.
 pub fn pool_memory(region: hugepages::SharedRegion, mode: CoherenceMode) -> PoolMemory {
-    PoolMemory::from_region(Arc::new(region), mode)
+    PoolMemory::from_region(Arc::new(FileRegion(region)), mode)
+}
+
+/// Checks that the file `memory` maps is still the one its path names, whole (see
+/// `hugepages::SharedRegion::check_backing`); memory that no file backs (a heap pool) always
+/// is.
+pub fn check_backing(memory: &PoolMemory) -> Result<(), hugepages::Error> {
+    memory
+        .region::<FileRegion>()
+        .map_or(Ok(()), |region| region.0.check_backing())
 }

@@ -16,12 +16,12 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use broker::coherence::{CoherenceMode, SharedMemory};
-use broker::layout::{FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader};
-use broker::pool::Pool;
 use broker::region::pool_memory;
 use hugepages::{PageSize, RegionOptions, SharedRegion, setup};
 use serde_json::Value;
+use shared_log::coherence::{CoherenceMode, SharedMemory};
+use shared_log::layout::{FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader};
+use shared_log::pool::Pool;
 use support::Received;
 use wire::{Frame, Order, Retention};
 

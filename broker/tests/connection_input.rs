@@ -7,16 +7,16 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use broker::coherence::CoherenceMode;
-use broker::heap::HeapRegion;
-use broker::layout::Geometry;
 use broker::metrics::Metrics;
-use broker::pool::Pool;
-use broker::sequencer::{Sequencer, SequencerConfig};
 use broker::server::connection::{ByteStream, Connection, InputState};
 use broker::server::limits::ClientLimits;
 use broker::server::state::{BrokerSettings, BrokerState};
 use proptest::prelude::*;
+use shared_log::coherence::CoherenceMode;
+use shared_log::heap::HeapRegion;
+use shared_log::layout::Geometry;
+use shared_log::pool::Pool;
+use shared_log::sequencer::{Sequencer, SequencerConfig};
 use wire::{
     AckLevel, BatchHeaderRepr, Decoded, Frame, FrameDecoder, HelloRepr, Limits, Order, Role, Topic,
 };

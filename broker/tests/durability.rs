@@ -4,15 +4,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use broker::Order;
-use broker::coherence::{CoherenceMode, PoolMemory};
-use broker::heap::HeapRegion;
-use broker::layout::Geometry;
-use broker::pool::{Pool, TopicConfig};
-use broker::reader::LogReader;
-use broker::sequencer::{Sequencer, SequencerConfig};
 use broker::server::replica::{ReplicaConfig, Replicator, restore};
-use broker::writer::{BatchMeta, TopicWriter};
+use shared_log::Order;
+use shared_log::coherence::{CoherenceMode, PoolMemory};
+use shared_log::heap::HeapRegion;
+use shared_log::layout::Geometry;
+use shared_log::pool::{Pool, TopicConfig};
+use shared_log::reader::LogReader;
+use shared_log::sequencer::{Sequencer, SequencerConfig};
+use shared_log::writer::{BatchMeta, TopicWriter};
 
 fn geometry() -> Geometry {
     Geometry {
@@ -68,7 +68,7 @@ fn a_lost_pool_is_rebuilt_from_replicas_in_the_same_order() {
         order: Order::TotalSessionFifo,
         ack: 2,
         replication_factor: 2,
-        retention: broker::Retention::StallLimited,
+        retention: shared_log::Retention::StallLimited,
     };
     let topic = pool.create_topic("kept", config).unwrap();
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();

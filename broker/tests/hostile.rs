@@ -10,10 +10,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::server::in_process::InProcessCluster;
 use broker::server::limits::ClientLimits;
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 use support::{Client, Received, create_topic, publisher, subscriber};
 use wire::{
     AckLevel, AckStatus, BatchHeaderRepr, CreateTopicRepr, Decoded, ErrorCode, FROM_END, Frame,

@@ -7,9 +7,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::server::in_process::InProcessCluster;
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 
 /// The endpoint's default connection deadline.
 const DEADLINE: Duration = Duration::from_secs(2);

@@ -10,10 +10,10 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::metrics::SequencerRole;
 use broker::server::in_process::InProcessCluster;
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 use support::{Client, Received, http_get, publisher, subscriber};
 use wire::{AckLevel, BatchHeaderRepr, ErrorCode, Frame, HelloRepr, Limits, Order, Role, Topic};
 
@@ -351,8 +351,8 @@ fn a_standby_takes_over_when_the_head_dies_and_creates_topics_from_then_on() {
 
 #[test]
 fn a_broker_id_is_held_while_it_runs_kept_after_a_kill_and_given_back_by_a_stop() {
-    use broker::claim::ClaimError;
     use broker::server::StartError;
+    use shared_log::claim::ClaimError;
     let geometry = Geometry {
         brokers_max: 2,
         topics_max: 1,

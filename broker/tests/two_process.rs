@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use broker::Order;
-use broker::coherence::{CoherenceMode, SharedMemory};
-use broker::layout::{Geometry, LAYOUT_VERSION, PoolHeader};
-use broker::pool::{Pool, PoolError, TopicConfig};
-use broker::reader::LogReader;
 use broker::region::pool_memory;
-use broker::sequencer::{Sequencer, SequencerConfig};
-use broker::writer::{AppendError, BatchMeta, TopicWriter};
 use hugepages::{BackingKind, PageSize, RegionOptions, SharedRegion, setup};
+use shared_log::Order;
+use shared_log::coherence::{CoherenceMode, SharedMemory};
+use shared_log::layout::{Geometry, LAYOUT_VERSION, PoolHeader};
+use shared_log::pool::{Pool, PoolError, TopicConfig};
+use shared_log::reader::LogReader;
+use shared_log::sequencer::{Sequencer, SequencerConfig};
+use shared_log::writer::{AppendError, BatchMeta, TopicWriter};
 
 const CHILD_POOL_ENV: &str = "EMBARCADERO_TWO_PROCESS_POOL";
 const CHILD_ROLE_ENV: &str = "EMBARCADERO_TWO_PROCESS_ROLE";
@@ -174,7 +174,7 @@ fn a_second_process_attaches_and_reads_in_order_while_the_first_writes() {
         order: Order::TotalSessionFifo,
         ack: 1,
         replication_factor: 1,
-        retention: broker::Retention::StallLimited,
+        retention: shared_log::Retention::StallLimited,
     };
     let topic = pool.create_topic("two-process", config).expect("topic");
     let mut writers: Vec<_> = (0..BROKERS)

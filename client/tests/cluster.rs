@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::server::in_process::InProcessCluster;
 use client::summary::Summary;
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 
 fn start(geometry: Geometry) -> InProcessCluster {
     // An order-5 hold far above any delay a loaded machine causes: a batch that is merely

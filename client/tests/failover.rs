@@ -11,14 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::server::in_process::InProcessCluster;
 use client::verify::{DeliveryContext, MessageFactory, OrderCheck, Verifier, VerifyCounts};
 use client::{
     ClientError, DeliveredBatch, Publisher, PublisherConfig, PublisherEvent, PublisherStats,
     Subscriber, SubscriberConfig,
 };
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 
 fn cluster(brokers: u32) -> InProcessCluster {
     let geometry = Geometry {

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::server::in_process::InProcessCluster;
 use broker::server::replica::{ReplicaConfig, log_path, read_records};
 use client::summary::Summary;
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
 
 fn replica_dir(root: &Path, broker: u16) -> PathBuf {
     root.join(format!("broker-{broker}"))

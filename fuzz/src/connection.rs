@@ -18,17 +18,17 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::coherence::CoherenceMode;
-use broker::heap::HeapRegion;
-use broker::layout::Geometry;
 use broker::metrics::Metrics;
-use broker::pool::Pool;
-use broker::reader::{LogReader, ReadError};
-use broker::sequencer::{Sequencer, SequencerConfig};
 use broker::server::connection::{ByteStream, Connection};
 use broker::server::limits::ClientLimits;
 use broker::server::state::{BrokerSettings, BrokerState};
 use fuzz_input::{ConnectionInput, REPAIR_BATCHES, Rng};
+use shared_log::coherence::CoherenceMode;
+use shared_log::heap::HeapRegion;
+use shared_log::layout::Geometry;
+use shared_log::pool::Pool;
+use shared_log::reader::{LogReader, ReadError};
+use shared_log::sequencer::{Sequencer, SequencerConfig};
 use wire::{Decoded, Frame, FrameDecoder, Limits};
 
 /// Rounds after which a connection still open counts as a hang.
@@ -263,7 +263,7 @@ impl Reader {
 }
 
 struct Client {
-    connection: Connection<broker::coherence::PoolMemory>,
+    connection: Connection<shared_log::coherence::PoolMemory>,
     script: Script,
     reader: Reader,
     open: bool,
@@ -395,7 +395,7 @@ pub fn run(input: &ConnectionInput<'_>) {
 }
 
 /// Every topic's retained log reads back intact, at contiguous positions.
-fn check_log(pool: &Pool<broker::coherence::PoolMemory>) {
+fn check_log(pool: &Pool<shared_log::coherence::PoolMemory>) {
     for topic in pool.topics() {
         let mut reader = LogReader::new(pool.clone(), topic, true).expect("an existing topic");
         let start = reader.log_start();

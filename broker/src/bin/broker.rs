@@ -6,11 +6,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use broker::claim::{ClaimError, ClaimHolder, check_lease_ms};
-use broker::coherence::CoherenceMode;
-use broker::layout::Geometry;
 use broker::metrics::EndpointLimits;
-use broker::sequencer::SequencerConfig;
 use broker::server::bypass::XdpOptions;
 use broker::server::bypass::device::FaultConfig;
 use broker::server::bypass::xsk::XskGeometry;
@@ -23,6 +19,10 @@ use broker::server::{
     open_pool, start_claimed,
 };
 use clap::Parser;
+use shared_log::claim::{ClaimError, ClaimHolder, check_lease_ms};
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
+use shared_log::sequencer::SequencerConfig;
 use xdp_prog::AttachMode;
 
 /// An Embarcadero-rs broker: receives publishers' batches over TCP straight into the shared

@@ -21,15 +21,15 @@ use wire::{
     TopicOkRepr,
 };
 
-use crate::Retention;
-use crate::coherence::SharedMemory;
 use crate::metrics::Metrics;
-use crate::pool::{PoolError, TopicConfig, TopicId};
-use crate::reader::{LogReader, ReadError};
-use crate::sequencer::CompletionStatus;
 use crate::server::limits::ConnectionRefused;
 use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
-use crate::writer::{AppendError, BatchMeta, ClaimMoved, Reservation};
+use shared_log::Retention;
+use shared_log::coherence::SharedMemory;
+use shared_log::layout::CompletionStatus;
+use shared_log::pool::{PoolError, TopicConfig, TopicId};
+use shared_log::reader::{LogReader, ReadError};
+use shared_log::writer::{AppendError, BatchMeta, ClaimMoved, Reservation};
 
 /// A byte stream the connection reads and writes (non-blocking: `WouldBlock` means "later").
 pub trait ByteStream {
@@ -1619,10 +1619,10 @@ mod tests {
     use wire::{BatchHeaderRepr, HelloRepr, Role, Topic};
 
     use super::*;
-    use crate::coherence::PoolMemory;
-    use crate::sequencer::{Sequencer, SequencerConfig};
     use crate::server::limits::ClientLimits;
     use crate::server::state::BrokerSettings;
+    use shared_log::coherence::PoolMemory;
+    use shared_log::sequencer::{Sequencer, SequencerConfig};
 
     /// Everything to read at once, then `WouldBlock` (end of stream once `closed`); takes
     /// all output, or none while `stalled` (a peer that does not read).
@@ -1719,7 +1719,7 @@ mod tests {
         replication_factor: u8,
         limits: ClientLimits,
     ) -> (BrokerState<PoolMemory>, Sequencer<PoolMemory>, Arc<Metrics>) {
-        let pool = crate::heap::small_test_pool();
+        let pool = shared_log::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,
@@ -1952,7 +1952,7 @@ mod tests {
 
     #[test]
     fn a_batch_completed_after_the_claim_was_taken_over_is_neither_published_nor_acked() {
-        use crate::claim::{test_claimant as claimant, try_claim};
+        use shared_log::claim::{test_claimant as claimant, try_claim};
         let (state, mut sequencer, _metrics) = head_broker(1);
         let pool = state.pool.clone();
         try_claim(&pool, 0, 0, &claimant(0x11)).unwrap();

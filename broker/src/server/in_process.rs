@@ -5,16 +5,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::coherence::CoherenceMode;
-use crate::heap::HeapRegion;
-use crate::layout::Geometry;
-use crate::pool::{Pool, PoolError};
-use crate::sequencer::SequencerConfig;
 use crate::server::limits::ClientLimits;
 use crate::server::state::BrokerSettings;
 use crate::server::{
     BrokerOptions, IdleStrategy, NetBackend, PoolFailure, RunningBroker, StartError, start,
 };
+use shared_log::coherence::CoherenceMode;
+use shared_log::heap::HeapRegion;
+use shared_log::layout::Geometry;
+use shared_log::pool::{Pool, PoolError};
+use shared_log::sequencer::SequencerConfig;
 
 /// N running brokers and the pool they share.
 #[derive(Debug)]

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use crate::server::connection::{Connection, InputState, refusal_frame};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
+use shared_log::coherence::PoolMemory;
+use shared_log::pool::Pool;
 
 const LISTENER: Token = Token(0);
 /// Longest block in epoll when nothing at all is pending (bounds the reaction to `stop`).

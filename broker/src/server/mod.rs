@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::claim::ClaimError;
-use crate::coherence::{CoherenceMode, PoolMemory};
-use crate::layout::Geometry;
 use crate::metrics::{Metrics, SequencerRole};
-use crate::pool::{Pool, PoolError};
-use crate::sequencer::{Sequencer, SequencerConfig, read_lease};
 use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
+use shared_log::claim::ClaimError;
+use shared_log::coherence::{CoherenceMode, PoolMemory};
+use shared_log::layout::Geometry;
+use shared_log::pool::{Pool, PoolError};
+use shared_log::sequencer::{Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
 
 /// How a polling thread waits when it finds no work.

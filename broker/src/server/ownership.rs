@@ -2,7 +2,7 @@
 //! serves, beaten by a heartbeat thread while it runs, given back on an orderly stop, left
 //! for a successor to take over after a crash), the check that the pool file is still the
 //! one mapped, and the refusal to format a pool that live brokers use. The claim logic
-//! itself is [`crate::claim`].
+//! itself is [`shared_log::claim`].
 
 use std::hash::{BuildHasher, Hasher};
 use std::path::Path;
@@ -11,11 +11,11 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::claim::{
+use shared_log::claim::{
     self, BEATS_PER_LEASE, ClaimDetails, ClaimError, ClaimHolder, ClaimState, Claimant,
 };
-use crate::coherence::{CoherenceMode, PoolMemory};
-use crate::pool::Pool;
+use shared_log::coherence::{CoherenceMode, PoolMemory};
+use shared_log::pool::Pool;
 
 /// Why a running broker stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +110,7 @@ impl ClaimGuard {
     }
 
     /// The token the claim is held with (for checks by sans-IO code, see
-    /// [`crate::writer::TopicWriter::with_claim_token`]).
+    /// [`shared_log::writer::TopicWriter::with_claim_token`]).
     pub fn token(&self) -> u64 {
         self.claimant.token
     }
@@ -342,7 +342,7 @@ impl Heartbeat {
                 continue;
             }
             next_beat = now + interval;
-            match guard.pool.mem().check_backing() {
+            match crate::region::check_backing(guard.pool.mem()) {
                 Ok(()) => check_failed = false,
                 Err(
                     error @ (hugepages::Error::RegionRemoved { .. }
@@ -548,7 +548,7 @@ mod tests {
 
     #[test]
     fn a_claim_lease_out_of_range_is_refused_before_anything_is_claimed() {
-        let pool = crate::heap::small_test_pool();
+        let pool = shared_log::heap::small_test_pool();
         // 3 ms would beat every 0 ms (a spinning thread); past the maximum, watchers would
         // judge the claim dead between two beats.
         for lease_ms in [3, claim::CLAIM_LEASE_MS_MAX + 1] {
@@ -564,7 +564,7 @@ mod tests {
 
     #[test]
     fn a_loop_checks_the_claim_after_its_clock_jumped_and_at_most_every_interval_otherwise() {
-        let pool = crate::heap::small_test_pool();
+        let pool = shared_log::heap::small_test_pool();
         let held = HeldClaim::take(&pool, 0, 1000).unwrap();
         let mut check = LoopClaimCheck::new(held.guard().clone());
         let start = Instant::now();

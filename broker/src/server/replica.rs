@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::coherence::SharedMemory;
-use crate::pool::{Pool, TopicConfig, TopicId};
-use crate::reader::{LogReader, OrderedBatch, ReadError};
+use shared_log::coherence::SharedMemory;
+use shared_log::pool::{Pool, TopicConfig, TopicId};
+use shared_log::reader::{LogReader, OrderedBatch, ReadError};
 
 /// Magic of a replica record header.
 const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"EMBR");
@@ -183,10 +183,10 @@ impl TopicDescription {
             what: e.to_string(),
         };
         Ok(TopicConfig {
-            order: crate::Order::try_from(self.order).map_err(invalid)?,
+            order: shared_log::Order::try_from(self.order).map_err(invalid)?,
             ack: self.ack,
             replication_factor: self.replication_factor,
-            retention: crate::Retention::try_from(self.retention).map_err(invalid)?,
+            retention: shared_log::Retention::try_from(self.retention).map_err(invalid)?,
         })
     }
 }
@@ -675,8 +675,8 @@ pub fn restore<M: SharedMemory + Clone>(
     head: u16,
     dirs: &[PathBuf],
 ) -> Result<Restored, ReplicaError> {
-    use crate::sequencer::{Sequencer, SequencerConfig};
-    use crate::writer::{AppendError, BatchMeta, TopicWriter};
+    use shared_log::sequencer::{Sequencer, SequencerConfig};
+    use shared_log::writer::{AppendError, BatchMeta, TopicWriter};
 
     let mut descriptions: Vec<(TopicDescription, PathBuf, u64)> = Vec::new();
     for dir in dirs {

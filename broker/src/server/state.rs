@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use crate::Order;
-use crate::coherence::SharedMemory;
 use crate::metrics::{Metrics, SequencerRole};
-use crate::pool::{Pool, PoolError, TopicConfig, TopicId};
-use crate::sequencer::CompletionStatus;
 use crate::server::limits::{ClientLimits, ConnectionRefused, ConnectionTable, StagingBudget};
-use crate::writer::{ClaimMoved, SlotOutcome, TopicWriter, WriterError};
+use shared_log::Order;
+use shared_log::coherence::SharedMemory;
+use shared_log::layout::CompletionStatus;
+use shared_log::pool::{Pool, PoolError, TopicConfig, TopicId};
+use shared_log::writer::{ClaimMoved, SlotOutcome, TopicWriter, WriterError};
 
 /// Identifies a connection within one broker.
 pub type ConnId = u64;
@@ -274,7 +274,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             order,
             ack: ack.max(1),
             replication_factor: self.settings.replication_factor,
-            retention: crate::Retention::StallLimited,
+            retention: shared_log::Retention::StallLimited,
         };
         let topic = self.pool.create_topic(name, config)?;
         log::info!(
@@ -381,7 +381,7 @@ mod tests {
 
     #[test]
     fn sessions_refuse_stale_epochs_and_keep_only_the_latest_bookkeeping() {
-        let pool = crate::heap::small_test_pool();
+        let pool = shared_log::heap::small_test_pool();
         let settings = BrokerSettings {
             broker_id: 0,
             head: true,

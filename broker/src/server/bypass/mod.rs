@@ -19,15 +19,15 @@ use std::thread::JoinHandle;
 
 use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
 
-use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use crate::server::BrokerOptions;
 use crate::server::ownership::ClaimGuard;
 use device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
 use hooks::{HookConfig, Hooks};
 use netlink::NeighbourSocket;
 use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
+use shared_log::coherence::PoolMemory;
+use shared_log::pool::Pool;
 use xsk::{FRAME_BYTES, Xsk, XskError, XskGeometry};
 
 /// Frames taken from the rx ring per loop iteration.

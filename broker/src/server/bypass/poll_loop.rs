@@ -18,13 +18,13 @@ use super::cookie::Remote;
 use super::device::Burst;
 use super::hooks::Peers;
 use super::xsk::{FRAME_BYTES, XskStats};
-use crate::coherence::PoolMemory;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
 use crate::server::connection::{ByteStream, Connection, refusal_frame};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
+use shared_log::coherence::PoolMemory;
+use shared_log::pool::Pool;
 
 /// How a stopping broker waits for batches in flight to be decided.
 const DRAIN: Duration = Duration::from_secs(2);

@@ -10,11 +10,11 @@ use std::collections::VecDeque;
 
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory};
+use crate::layout::CompletionStatus;
 use crate::layout::{
     BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, PAYLOAD_ALIGN_BYTES, Record,
 };
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
-use crate::sequencer::CompletionStatus;
 
 /// Why a batch cannot be appended now or ever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -1,5 +1,6 @@
 //! A zeroed, page-aligned heap region to hold a pool inside one process (tests, benchmarks,
-//! the in-process cluster). Brokers in separate processes use `hugepages::SharedRegion`.
+//! the in-process cluster). Brokers in separate processes map a hugetlbfs file or a dax
+//! device instead (the `broker` crate's regions).
 
 use std::alloc::Layout;
 use std::ptr::NonNull;
@@ -63,9 +64,9 @@ impl Drop for HeapRegion {
 }
 
 /// A formatted one-broker, one-topic pool of 8 ring slots on a new heap region, coherent,
-/// for unit tests.
-#[cfg(test)]
-pub(crate) fn small_test_pool() -> crate::pool::Pool<PoolMemory> {
+/// for unit tests (here, and in crates that enable the `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
+pub fn small_test_pool() -> crate::pool::Pool<PoolMemory> {
     let geometry = crate::layout::Geometry {
         brokers_max: 1,
         topics_max: 1,

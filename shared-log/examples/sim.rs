@@ -12,7 +12,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use broker::sim::{Fault, SimOptions, run};
+use shared_log::sim::{Fault, SimOptions, run};
 
 const USAGE: &str =
     "usage: sim [--seeds N] [--seed S] [--fault skip-invalidate|skip-flush] [--steps N] [--quiet]";

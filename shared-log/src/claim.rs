@@ -9,7 +9,7 @@
 //! to 0, a crash leaves it for the next claimant to take over after the lease.
 //!
 //! Everything here is sans-IO: time comes in as an argument, memory through
-//! [`SharedMemory`]; `crate::server::ownership` runs it with a real clock.
+//! [`SharedMemory`]; the broker's liveness thread runs it with a real clock.
 
 use bytemuck::Zeroable;
 
@@ -33,7 +33,7 @@ pub const BEATS_PER_LEASE: u64 = 4;
 pub struct ClaimDetails {
     /// Process id (in the claimant's pid namespace).
     pub pid: u32,
-    /// Which kernel it runs on (see `crate::server::ownership::host_id`).
+    /// Which kernel it runs on (the broker derives it from the boot id).
     pub host_id: u64,
     /// How long its heartbeat may stay still before the claim counts as dead.
     pub lease_ms: u64,
@@ -427,9 +427,10 @@ pub fn live_claims<M: SharedMemory>(
     live
 }
 
-/// A claimant with `token` (pid 1, host 1, a lease of 1 s), for unit tests.
-#[cfg(test)]
-pub(crate) fn test_claimant(token: u64) -> Claimant {
+/// A claimant with `token` (pid 1, host 1, a lease of 1 s), for unit tests (here, and in
+/// crates that enable the `test-support` feature).
+#[cfg(any(test, feature = "test-support"))]
+pub fn test_claimant(token: u64) -> Claimant {
     Claimant {
         token,
         details: ClaimDetails {

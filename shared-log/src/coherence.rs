@@ -111,17 +111,14 @@ impl std::str::FromStr for CoherenceMode {
     }
 }
 
-/// Memory that holds a pool: a mapping that stays put while the value lives.
-pub trait MappedRegion: Send + Sync + std::fmt::Debug {
+/// Memory that holds a pool: a mapping that stays put while the value lives. The I/O that
+/// made it (a hugetlbfs file, a dax device, a heap buffer) is the implementor's; a view can
+/// hand the region back by its type ([`PoolMemory::region`]).
+pub trait MappedRegion: std::any::Any + Send + Sync + std::fmt::Debug {
     /// First byte, page aligned.
     fn base(&self) -> *mut u8;
     /// Size in bytes.
     fn len_bytes(&self) -> u64;
-    /// Checks that the file mapped is still the one its path names, whole (see
-    /// `hugepages::SharedRegion::check_backing`). Memory that no path names always is.
-    fn check_backing(&self) -> Result<(), hugepages::Error> {
-        Ok(())
-    }
 }
 
 /// The mapped pool, accessed with real instructions.
@@ -204,12 +201,11 @@ impl PoolMemory {
         start..start + self.len_bytes as usize
     }
 
-    /// Checks that the memory is still what the pool's path names (see
-    /// [`MappedRegion::check_backing`]); a view made by [`PoolMemory::new`] always is.
-    pub fn check_backing(&self) -> Result<(), hugepages::Error> {
-        self.owner
-            .as_ref()
-            .map_or(Ok(()), |region| region.check_backing())
+    /// The region this view keeps mapped, when it is a `T` (`None` for a view made by
+    /// [`PoolMemory::new`], or one of another region type).
+    pub fn region<T: MappedRegion>(&self) -> Option<&T> {
+        let region: &dyn std::any::Any = self.owner.as_deref()?;
+        region.downcast_ref::<T>()
     }
 
     fn ptr(&self, offset: u64, len: u64) -> *mut u8 {

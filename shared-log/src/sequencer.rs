@@ -31,74 +31,24 @@
 //! [`CompletionStatus::RejectedOutsideWindow`]. At most `sessions_max` sessions are tracked;
 //! beyond that the least recently active session without held batches is forgotten.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use bytemuck::Zeroable;
 
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry, LEASE_EPOCH_OFFSET,
-    LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES, Record, SESSION_RECORDS, SequencerLease,
-    SessionRecord,
+    BatchHeader, Completion, CompletionStatus, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry,
+    LEASE_EPOCH_OFFSET, LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES, Record, SESSION_RECORDS,
+    SequencerLease, SessionRecord,
 };
 use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
 };
+use crate::sessions::{GapSkipped, SessionKey, SessionLimits, SessionTable, Verdict};
 
 /// Polls between looks at the subscribers' retention floor.
 const FLOOR_REFRESH_POLLS: u32 = 16;
-
-/// What became of a committed batch; stored as a `u32` code in its completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CompletionStatus {
-    /// Placed in the total order.
-    Ordered,
-    /// Already in the log (or held for ordering) under the same session and sequence.
-    Duplicate,
-    /// Order 5: the session's sequence was skipped by the gap rule before it arrived.
-    RejectedGap,
-    /// Older than the session's deduplication window: cannot tell whether it is a duplicate.
-    RejectedOutsideWindow,
-    /// The batch header is impossible (sizes, offsets, order); see the sequencer's log.
-    RejectedInvalid,
-    /// A code this build does not know (a pool written by a newer sequencer).
-    Unknown(u32),
-}
-
-impl CompletionStatus {
-    /// The code stored in the pool.
-    pub fn code(self) -> u32 {
-        match self {
-            CompletionStatus::Ordered => 0,
-            CompletionStatus::Duplicate => 1,
-            CompletionStatus::RejectedGap => 2,
-            CompletionStatus::RejectedOutsideWindow => 3,
-            CompletionStatus::RejectedInvalid => 4,
-            CompletionStatus::Unknown(code) => code,
-        }
-    }
-
-    /// The status for a stored code.
-    pub fn from_code(code: u32) -> CompletionStatus {
-        match code {
-            0 => CompletionStatus::Ordered,
-            1 => CompletionStatus::Duplicate,
-            2 => CompletionStatus::RejectedGap,
-            3 => CompletionStatus::RejectedOutsideWindow,
-            4 => CompletionStatus::RejectedInvalid,
-            other => CompletionStatus::Unknown(other),
-        }
-    }
-
-    /// True when the batch is in the log (ordered now or before).
-    pub fn is_in_log(self) -> bool {
-        matches!(
-            self,
-            CompletionStatus::Ordered | CompletionStatus::Duplicate
-        )
-    }
-}
 
 /// Why a batch header was rejected as impossible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -206,35 +156,7 @@ pub struct SequencerStats {
     pub batches_recovered: u64,
 }
 
-type SessionKey = (u64, u32);
-
-#[derive(Debug, Default)]
-struct Session {
-    /// Order 5: the next sequence to order.
-    next_expected: u64,
-    /// Sequence -> global start of recently ordered batches.
-    ordered: BTreeMap<u64, u64>,
-    /// Sequences below this are outside the dedup window.
-    window_floor: u64,
-    held: usize,
-    last_active: u64,
-    /// Highest sequence ordered, plus one.
-    next_seq: u64,
-}
-
-impl Session {
-    /// Remembers that `seq` was ordered at `global_start`: in the dedup window (the oldest
-    /// leaves past `window` entries, raising the floor) and in the highest sequence.
-    fn remember(&mut self, seq: u64, global_start: u64, window: usize) {
-        self.ordered.insert(seq, global_start);
-        if self.ordered.len() > window {
-            let (oldest, _) = self.ordered.pop_first().expect("non-empty");
-            self.window_floor = self.window_floor.max(oldest + 1);
-        }
-        self.next_seq = self.next_seq.max(seq + 1);
-    }
-}
-
+/// A batch held for a gap (or a parked duplicate of one): its ring slot and header.
 #[derive(Debug, Clone, Copy)]
 struct Held {
     broker: u16,
@@ -261,14 +183,11 @@ struct TopicState {
     next_ordinal: u64,
     next_position: u64,
     rings: Vec<RingState>,
-    sessions: HashMap<SessionKey, Session>,
-    held: BTreeMap<(SessionKey, u64), Held>,
-    /// Hold times in arrival order; entries whose batch left the buffer are skipped lazily.
-    hold_queue: VecDeque<(u64, SessionKey, u64)>,
+    /// Dedup windows, the order-5 hold buffer and the gap rule.
+    sessions: SessionTable<Held>,
     /// GOI ordinals and completions written this round, ready words pending.
     pending_goi: Vec<u64>,
     pending_completions: Vec<(u16, u64)>,
-    activity: u64,
     /// Lowest ordinal a subscriber still needs (cached; refreshed every few polls and
     /// whenever ordering would reach it): GOI entries from it on are never overwritten.
     retention_floor: u64,
@@ -276,10 +195,6 @@ struct TopicState {
     /// After a takeover: batches the previous holder ordered, by payload place, so that
     /// their ring slots, read again, keep their ordinal and position.
     recovered: HashMap<(u16, u64), Recovered>,
-    /// Resends of held batches, answered (as duplicates, with the position) when the held
-    /// copy is ordered.
-    held_duplicates: HashMap<(SessionKey, u64), Vec<(u16, u64)>>,
-    held_duplicates_count: usize,
     /// Per ring, the written frontier at the takeover: `recovered` is needed until every
     /// ring has read that far (empty when nothing was recovered).
     recovered_until: Vec<u64>,
@@ -461,23 +376,24 @@ impl<M: SharedMemory> Sequencer<M> {
                 continue;
             }
             let config = self.pool.topic_config(topic)?;
+            let limits = SessionLimits {
+                sessions_max: self.config.sessions_max,
+                hold_batches_max: self.config.hold_batches_max,
+                dedup_window: self.config.dedup_window,
+                hold_timeout_ns: self.config.hold_timeout_ns,
+            };
             let mut state = TopicState {
                 topic,
                 order: config.order,
                 next_ordinal: 0,
                 next_position: 0,
                 rings: (0..brokers).map(|_| RingState::default()).collect(),
-                sessions: HashMap::new(),
-                held: BTreeMap::new(),
-                hold_queue: VecDeque::new(),
+                sessions: SessionTable::new(limits, config.order == Order::TotalSessionFifo),
                 pending_goi: Vec::new(),
                 pending_completions: Vec::new(),
-                activity: 0,
                 retention_floor: 0,
                 polls_since_floor: u32::MAX,
                 recovered: HashMap::new(),
-                held_duplicates: HashMap::new(),
-                held_duplicates_count: 0,
                 recovered_until: Vec::new(),
                 records: HashMap::new(),
                 record_of: HashMap::new(),
@@ -522,9 +438,9 @@ impl<M: SharedMemory> Sequencer<M> {
             let key = (record.client_id, record.session_epoch);
             state.records.insert(index, (key, record.last_ordinal));
             state.record_of.insert(key, index);
-            let session = state.sessions.entry(key).or_default();
-            session.next_seq = record.next_seq;
-            session.window_floor = record.window_floor;
+            state
+                .sessions
+                .restore(key, record.next_seq, record.window_floor);
         }
         // Slots written by now and past `released` may hold batches already ordered; the
         // map of those is dropped once every ring has read that far.
@@ -534,7 +450,6 @@ impl<M: SharedMemory> Sequencer<M> {
                 self.pool.read_frontier(offset).0
             })
             .collect();
-        let window = self.config.dedup_window;
         let mem = self.pool.mem();
         for ordinal in committed.saturating_sub(geometry.goi_entries)..committed {
             let offset = geometry.goi_offset(topic, ordinal);
@@ -543,8 +458,9 @@ impl<M: SharedMemory> Sequencer<M> {
                 continue;
             };
             let key = (entry.client_id, entry.session_epoch);
-            let session = state.sessions.entry(key).or_default();
-            session.remember(entry.batch_seq, entry.global_start, window);
+            state
+                .sessions
+                .ordered(key, entry.batch_seq, entry.global_start);
             state.recovered.insert(
                 (entry.broker, entry.blog_offset),
                 Recovered {
@@ -555,18 +471,7 @@ impl<M: SharedMemory> Sequencer<M> {
                 },
             );
         }
-        // Below the lowest sequence whose position the GOI still gives, a resend cannot be
-        // told from a new batch: it is outside the window. Order 5 goes on after the highest.
-        for session in state.sessions.values_mut() {
-            let lowest_known = session
-                .ordered
-                .first_key_value()
-                .map_or(session.next_seq, |(&seq, _)| seq);
-            session.window_floor = session.window_floor.max(lowest_known);
-            if state.order == Order::TotalSessionFifo {
-                session.next_expected = session.next_seq;
-            }
-        }
+        state.sessions.finish_restore();
         log::info!(
             "sequencer on broker {} (epoch {}): topic {topic} resumes at batch {committed}, \
              position {next_position}, with {} sessions",
@@ -578,7 +483,10 @@ impl<M: SharedMemory> Sequencer<M> {
 
     /// Counters so far.
     pub fn stats(&self) -> SequencerStats {
-        self.stats
+        let mut stats = self.stats;
+        stats.held = self.topics.iter().map(|t| t.sessions.held() as u64).sum();
+        stats.sessions_evicted = self.topics.iter().map(|t| t.sessions.evicted()).sum();
+        stats
     }
 
     /// One polling round at time `now_ns` (any monotonic clock). Returns the batches
@@ -641,7 +549,7 @@ impl<M: SharedMemory> Sequencer<M> {
         let goi_entries = geometry.goi_entries;
         let state = &mut self.topics[index];
         state.polls_since_floor = state.polls_since_floor.saturating_add(1);
-        let reach = state.next_ordinal + state.held.len() as u64 + window_total;
+        let reach = state.next_ordinal + state.sessions.held() as u64 + window_total;
         if state.polls_since_floor >= FLOOR_REFRESH_POLLS
             || reach >= state.retention_floor.saturating_add(goi_entries)
         {
@@ -661,7 +569,7 @@ impl<M: SharedMemory> Sequencer<M> {
                 }
                 // Each slot read may order itself and every held batch.
                 let state = &self.topics[index];
-                if state.next_ordinal + state.held.len() as u64 + 1 > goi_limit {
+                if state.next_ordinal + state.sessions.held() as u64 + 1 > goi_limit {
                     self.stats.retention_waits += 1;
                     break 'rings;
                 }
@@ -695,7 +603,7 @@ impl<M: SharedMemory> Sequencer<M> {
             state.recovered_until.clear();
         }
         // Step 3: the gap rule.
-        decided += self.resolve_expired_gaps(index, now_ns);
+        decided += self.give_up_gaps(index, |sessions| sessions.give_up_expired(now_ns));
         // Step 4: publish.
         self.publish_round(index);
         decided
@@ -795,123 +703,62 @@ impl<M: SharedMemory> Sequencer<M> {
             );
             return 1;
         }
-        self.touch_session(index, key);
-        let state = &mut self.topics[index];
-        let session = state.sessions.get_mut(&key).expect("touched above");
-        if seq < session.window_floor {
-            self.stats.rejected_outside_window += 1;
-            self.complete(
-                index,
-                broker,
-                slot,
-                CompletionStatus::RejectedOutsideWindow,
-                None,
-            );
-            return 1;
-        }
-        if let Some(&position) = session.ordered.get(&seq) {
-            self.stats.duplicates += 1;
-            self.complete(
-                index,
-                broker,
-                slot,
-                CompletionStatus::Duplicate,
-                Some(position),
-            );
-            return 1;
-        }
-        if order != Order::TotalSessionFifo {
-            self.order_batch(index, broker, slot, header);
-            return 1;
-        }
-        if seq < session.next_expected {
-            self.stats.rejected_gap += 1;
-            self.complete(index, broker, slot, CompletionStatus::RejectedGap, None);
-            return 1;
-        }
-        if state.held.contains_key(&(key, seq)) {
-            self.stats.duplicates += 1;
-            // The copy held is not in the order yet: this one is answered when it is, with
-            // its position (an ack must never run ahead of the order). Bounded: past the
-            // limit, it is answered at once without a position.
-            if state.held_duplicates_count < self.config.hold_batches_max {
-                state.held_duplicates_count += 1;
-                state
-                    .held_duplicates
-                    .entry((key, seq))
-                    .or_default()
-                    .push((broker, slot));
-                return 0;
+        let held = Held {
+            broker,
+            slot,
+            header,
+        };
+        let verdict = self.classify(index, key, seq, now_ns, held);
+        match verdict {
+            Verdict::Order => {
+                self.order_batch(index, broker, slot, header);
+                1 + self.drain_session(index, key)
             }
-            self.complete(index, broker, slot, CompletionStatus::Duplicate, None);
-            return 1;
-        }
-        if seq == session.next_expected {
-            self.order_batch(index, broker, slot, header);
-            return 1 + self.drain_session(index, key);
-        }
-        let state = &mut self.topics[index];
-        state.held.insert(
-            (key, seq),
-            Held {
-                broker,
-                slot,
-                header,
-            },
-        );
-        state.hold_queue.push_back((now_ns, key, seq));
-        state.sessions.get_mut(&key).expect("touched above").held += 1;
-        // Over the limit: the oldest gap gives way (this batch is held first, so the gap
-        // rule sees it and never skips past it).
-        let mut decided = 0;
-        while self.topics[index].held.len() > self.config.hold_batches_max {
-            let resolved = self.resolve_oldest_gap(index);
-            debug_assert!(resolved > 0, "every held batch has a hold-queue entry");
-            if resolved == 0 {
-                break;
+            Verdict::Duplicate(position) => {
+                self.stats.duplicates += 1;
+                self.complete(index, broker, slot, CompletionStatus::Duplicate, position);
+                1
             }
-            decided += resolved;
+            Verdict::DuplicateOfHeld => {
+                self.stats.duplicates += 1;
+                0
+            }
+            Verdict::RejectedOutsideWindow => {
+                self.stats.rejected_outside_window += 1;
+                let status = CompletionStatus::RejectedOutsideWindow;
+                self.complete(index, broker, slot, status, None);
+                1
+            }
+            Verdict::RejectedGap => {
+                self.stats.rejected_gap += 1;
+                self.complete(index, broker, slot, CompletionStatus::RejectedGap, None);
+                1
+            }
+            // Held first, so that a gap given up for the hold limit never skips past it.
+            Verdict::Held => self.give_up_gaps(index, |sessions| sessions.give_up_over_limit()),
         }
-        self.stats.held = self.topics[index].held.len() as u64;
-        decided
     }
 
-    fn touch_session(&mut self, index: usize, key: SessionKey) {
-        let sessions_max = self.config.sessions_max;
+    /// Asks the topic's session table what to do with a batch; a session it does not know
+    /// goes on from its record in the pool, when it has one.
+    fn classify(
+        &mut self,
+        index: usize,
+        key: SessionKey,
+        seq: u64,
+        now_ns: u64,
+        held: Held,
+    ) -> Verdict {
+        let pool = &self.pool;
         let state = &mut self.topics[index];
-        state.activity += 1;
-        let activity = state.activity;
-        if !state.sessions.contains_key(&key) && state.sessions.len() >= sessions_max {
-            let victim = state
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.held == 0)
-                .min_by_key(|(_, s)| s.last_active)
-                .map(|(k, _)| *k);
-            if let Some(victim) = victim {
-                state.sessions.remove(&victim);
-                self.stats.sessions_evicted += 1;
-            }
-        }
-        let order = state.order;
-        let session = state.sessions.entry(key).or_insert_with(|| {
-            // A session this sequencer forgot (or never saw, before a takeover) may have a
-            // record: it goes on from there, with nothing below its next sequence in the
-            // window (their positions are not known here).
-            let mut session = Session::default();
-            if let Some(&index) = state.record_of.get(&key) {
-                let record = read_session_record(&self.pool, state.topic, index);
-                if (record.client_id, record.session_epoch) == key {
-                    session.next_seq = record.next_seq;
-                    session.window_floor = record.window_floor.max(record.next_seq);
-                    if order == Order::TotalSessionFifo {
-                        session.next_expected = record.next_seq;
-                    }
-                }
-            }
-            session
-        });
-        session.last_active = activity;
+        let (topic, record_of) = (state.topic, &state.record_of);
+        let record = || {
+            let index = *record_of.get(&key)?;
+            let record = read_session_record(pool, topic, index);
+            ((record.client_id, record.session_epoch) == key)
+                .then_some((record.next_seq, record.window_floor))
+        };
+        state.sessions.classify(key, seq, now_ns, held, record)
     }
 
     /// Records a session's progress in the pool after one of its batches got `ordinal`.
@@ -938,13 +785,16 @@ impl<M: SharedMemory> Sequencer<M> {
             }
         };
         state.records.insert(slot, (key, ordinal));
-        let session = &state.sessions[&key];
+        let (next_seq, window_floor) = state
+            .sessions
+            .progress(key)
+            .expect("session of an ordered batch");
         let record = SessionRecord {
             client_id: key.0,
             session_epoch: key.1,
             reserved0: 0,
-            next_seq: session.next_seq,
-            window_floor: session.window_floor,
+            next_seq,
+            window_floor,
             last_ordinal: ordinal,
             reserved1: [0; 3],
         };
@@ -956,78 +806,36 @@ impl<M: SharedMemory> Sequencer<M> {
     /// Orders the held batches of `key` that now follow without a gap.
     fn drain_session(&mut self, index: usize, key: SessionKey) -> u64 {
         let mut decided = 0;
-        loop {
-            let state = &mut self.topics[index];
-            let next = state.sessions[&key].next_expected;
-            let Some(held) = state.held.remove(&(key, next)) else {
-                break;
-            };
-            state
-                .sessions
-                .get_mut(&key)
-                .expect("session of a held batch")
-                .held -= 1;
-            self.stats.held = state.held.len() as u64;
+        while let Some(held) = self.topics[index].sessions.next_in_order(key) {
             self.order_batch(index, held.broker, held.slot, held.header);
             decided += 1;
         }
         decided
     }
 
-    /// The gap rule for one session: jump to its lowest held batch and drain.
-    fn skip_gap(&mut self, index: usize, key: SessionKey) -> u64 {
-        let state = &mut self.topics[index];
-        let Some((&(_, lowest), _)) = state.held.range((key, 0)..=(key, u64::MAX)).next() else {
-            return 0;
-        };
-        let session = state
-            .sessions
-            .get_mut(&key)
-            .expect("session of a held batch");
-        let skipped = lowest - session.next_expected;
-        log::warn!(
-            "sequencer: topic {} session {key:?}: gap of {skipped} batches from seq {} \
-             given up; later arrivals of them are rejected",
-            state.topic,
-            session.next_expected
-        );
-        session.next_expected = lowest;
-        // A publisher chooses its sequences: a skip may be almost 2^64 long.
-        self.stats.sequences_skipped = self.stats.sequences_skipped.saturating_add(skipped);
-        self.stats.gaps_resolved += 1;
-        self.drain_session(index, key)
-    }
-
-    fn resolve_expired_gaps(&mut self, index: usize, now_ns: u64) -> u64 {
+    /// The gap rule: gives up every gap `next` names (on time, or for the hold limit),
+    /// ordering what each unblocks. Returns how many batches got decided.
+    fn give_up_gaps(
+        &mut self,
+        index: usize,
+        mut next: impl FnMut(&mut SessionTable<Held>) -> Option<GapSkipped>,
+    ) -> u64 {
         let mut decided = 0;
-        loop {
-            let state = &mut self.topics[index];
-            let Some(&(since_ns, key, seq)) = state.hold_queue.front() else {
-                break;
-            };
-            if !state.held.contains_key(&(key, seq)) {
-                state.hold_queue.pop_front();
-                continue;
-            }
-            if now_ns.saturating_sub(since_ns) < self.config.hold_timeout_ns {
-                break;
-            }
-            decided += self.skip_gap(index, key);
+        while let Some(gap) = next(&mut self.topics[index].sessions) {
+            let skipped = gap.to - gap.from;
+            log::warn!(
+                "sequencer: topic {} session {:?}: gap of {skipped} batches from seq {} \
+                 given up; later arrivals of them are rejected",
+                self.topics[index].topic,
+                gap.key,
+                gap.from
+            );
+            // A publisher chooses its sequences: a skip may be almost 2^64 long.
+            self.stats.sequences_skipped = self.stats.sequences_skipped.saturating_add(skipped);
+            self.stats.gaps_resolved += 1;
+            decided += self.drain_session(index, gap.key);
         }
         decided
-    }
-
-    fn resolve_oldest_gap(&mut self, index: usize) -> u64 {
-        loop {
-            let state = &mut self.topics[index];
-            let Some(&(_, key, seq)) = state.hold_queue.front() else {
-                return 0;
-            };
-            if state.held.contains_key(&(key, seq)) {
-                return self.skip_gap(index, key);
-            }
-            state.hold_queue.pop_front();
-        }
     }
 
     fn order_batch(&mut self, index: usize, broker: u16, slot: u64, header: BatchHeader) {
@@ -1035,7 +843,6 @@ impl<M: SharedMemory> Sequencer<M> {
             return;
         }
         let geometry = *self.pool.geometry();
-        let window = self.config.dedup_window;
         let state = &mut self.topics[index];
         let ordinal = state.next_ordinal;
         let global_start = state.next_position;
@@ -1062,14 +869,7 @@ impl<M: SharedMemory> Sequencer<M> {
         );
         state.pending_goi.push(ordinal);
         let key = (header.client_id, header.session_epoch);
-        let session = state
-            .sessions
-            .get_mut(&key)
-            .expect("session of an ordered batch");
-        session.remember(header.batch_seq, global_start, window);
-        if state.order == Order::TotalSessionFifo {
-            session.next_expected = header.batch_seq + 1;
-        }
+        let copies = state.sessions.ordered(key, header.batch_seq, global_start);
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
@@ -1082,18 +882,10 @@ impl<M: SharedMemory> Sequencer<M> {
             Some(global_start),
             ordinal,
         );
-        let state = &mut self.topics[index];
-        if let Some(copies) = state.held_duplicates.remove(&(key, header.batch_seq)) {
-            state.held_duplicates_count -= copies.len();
-            for (copy_broker, copy_slot) in copies {
-                self.complete(
-                    index,
-                    copy_broker,
-                    copy_slot,
-                    CompletionStatus::Duplicate,
-                    Some(global_start),
-                );
-            }
+        // Resends of this batch that arrived while it was held, answered with its position.
+        for copy in copies {
+            let status = CompletionStatus::Duplicate;
+            self.complete(index, copy.broker, copy.slot, status, Some(global_start));
         }
     }
 

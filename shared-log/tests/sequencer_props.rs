@@ -15,15 +15,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use broker::Order;
-use broker::coherence::{CoherenceMode, PoolMemory};
-use broker::heap::HeapRegion;
-use broker::layout::Geometry;
-use broker::pool::{Pool, TopicConfig, TopicId};
-use broker::reader::LogReader;
-use broker::sequencer::{CompletionStatus, Sequencer, SequencerConfig};
-use broker::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter};
 use proptest::prelude::*;
+use shared_log::Order;
+use shared_log::coherence::{CoherenceMode, PoolMemory};
+use shared_log::heap::HeapRegion;
+use shared_log::layout::CompletionStatus;
+use shared_log::layout::Geometry;
+use shared_log::pool::{Pool, TopicConfig, TopicId};
+use shared_log::reader::LogReader;
+use shared_log::sequencer::{Sequencer, SequencerConfig};
+use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter};
 
 const BROKERS: u16 = 3;
 /// (client id, session epoch): two sessions of client 1, one each of clients 2 and 3.
@@ -107,7 +108,7 @@ impl Harness {
             order,
             ack: 1,
             replication_factor: 1,
-            retention: broker::Retention::StallLimited,
+            retention: shared_log::Retention::StallLimited,
         };
         let topic = pool.create_topic("props", topic_config).unwrap();
         let writers = (0..BROKERS)

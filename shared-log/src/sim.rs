@@ -17,10 +17,11 @@ use std::rc::Rc;
 
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory, lines};
+use crate::layout::CompletionStatus;
 use crate::layout::Geometry;
 use crate::pool::{Pool, TopicConfig, TopicId};
 use crate::reader::{LogReader, ReadError};
-use crate::sequencer::{CompletionStatus, Sequencer, SequencerConfig};
+use crate::sequencer::{Sequencer, SequencerConfig};
 use crate::writer::{AppendError, BatchMeta, Reservation, TopicWriter};
 
 /// The shared "device" of the simulated pool.

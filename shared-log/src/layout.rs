@@ -121,7 +121,7 @@ impl Record for SequencerLease {
 /// says it still does. A process claims the id by compare-and-swap of `owner` (from 0, or
 /// from the token of a claim whose heartbeat stayed still for its lease), then publishes
 /// the rest, `ready` last; from then on only it writes the line, until it sets `owner` back
-/// to 0 on an orderly stop. See `broker::claim`.
+/// to 0 on an orderly stop. See [`crate::claim`].
 #[repr(C, align(64))]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub struct BrokerClaim {
@@ -228,6 +228,57 @@ impl Record for BatchHeader {
     }
 }
 
+/// What became of a committed batch; stored as a `u32` code in its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CompletionStatus {
+    /// Placed in the total order.
+    Ordered,
+    /// Already in the log (or held for ordering) under the same session and sequence.
+    Duplicate,
+    /// Order 5: the session's sequence was skipped by the gap rule before it arrived.
+    RejectedGap,
+    /// Older than the session's deduplication window: cannot tell whether it is a duplicate.
+    RejectedOutsideWindow,
+    /// The batch header is impossible (sizes, offsets, order); see the sequencer's log.
+    RejectedInvalid,
+    /// A code this build does not know (a pool written by a newer sequencer).
+    Unknown(u32),
+}
+
+impl CompletionStatus {
+    /// The code stored in the pool.
+    pub fn code(self) -> u32 {
+        match self {
+            CompletionStatus::Ordered => 0,
+            CompletionStatus::Duplicate => 1,
+            CompletionStatus::RejectedGap => 2,
+            CompletionStatus::RejectedOutsideWindow => 3,
+            CompletionStatus::RejectedInvalid => 4,
+            CompletionStatus::Unknown(code) => code,
+        }
+    }
+
+    /// The status for a stored code.
+    pub fn from_code(code: u32) -> CompletionStatus {
+        match code {
+            0 => CompletionStatus::Ordered,
+            1 => CompletionStatus::Duplicate,
+            2 => CompletionStatus::RejectedGap,
+            3 => CompletionStatus::RejectedOutsideWindow,
+            4 => CompletionStatus::RejectedInvalid,
+            other => CompletionStatus::Unknown(other),
+        }
+    }
+
+    /// True when the batch is in the log (ordered now or before).
+    pub fn is_in_log(self) -> bool {
+        matches!(
+            self,
+            CompletionStatus::Ordered | CompletionStatus::Duplicate
+        )
+    }
+}
+
 /// The sequencer's answer for one ring slot, read by the broker that owns the ring (to ACK
 /// and to free space). Two per cache line, all written by the sequencer.
 #[repr(C, align(32))]
@@ -236,7 +287,7 @@ pub struct Completion {
     /// First global position of the batch when `status` is ordered (or duplicate with a
     /// known original position), else `u64::MAX`.
     pub global_start: u64,
-    /// A [`crate::sequencer::CompletionStatus`] code.
+    /// A [`CompletionStatus`] code.
     pub status: u32,
     /// Reserved, zero.
     pub reserved0: u32,

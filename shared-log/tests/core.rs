@@ -4,14 +4,17 @@
 
 use std::sync::Arc;
 
-use broker::Order;
-use broker::coherence::{CoherenceMode, PoolMemory, SharedMemory};
-use broker::heap::HeapRegion;
-use broker::layout::{BatchHeader, FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader, Record};
-use broker::pool::{Pool, PoolError, TopicConfig, publish};
-use broker::reader::{LogReader, ReadError};
-use broker::sequencer::{CompletionStatus, Sequencer, SequencerConfig};
-use broker::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter, WriterError};
+use shared_log::Order;
+use shared_log::coherence::{CoherenceMode, PoolMemory, SharedMemory};
+use shared_log::heap::HeapRegion;
+use shared_log::layout::CompletionStatus;
+use shared_log::layout::{
+    BatchHeader, FRONTIER_WRITTEN, Geometry, LAYOUT_VERSION, PoolHeader, Record,
+};
+use shared_log::pool::{Pool, PoolError, TopicConfig, publish};
+use shared_log::reader::{LogReader, ReadError};
+use shared_log::sequencer::{Sequencer, SequencerConfig};
+use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter, WriterError};
 
 const MODE: CoherenceMode = CoherenceMode::NonCoherent;
 
@@ -36,7 +39,7 @@ fn config(order: Order) -> TopicConfig {
         order,
         ack: 1,
         replication_factor: 1,
-        retention: broker::Retention::StallLimited,
+        retention: shared_log::Retention::StallLimited,
     }
 }
 

@@ -1,14 +1,14 @@
 //! The deterministic simulation as a test: green over many seeds, red with each injected
 //! coherence fault, and the same seed gives the same run.
 
-use broker::sim::{Fault, SimOptions, run};
+use shared_log::sim::{Fault, SimOptions, run};
 
 #[test]
 fn simulation_holds_every_contract_over_300_seeds() {
     for seed in 0..300 {
         if let Err(violation) = run(SimOptions::new(seed)) {
             panic!(
-                "{violation} (reproduce: cargo run --release -p broker --example sim -- --seeds 1 --seed {seed})"
+                "{violation} (reproduce: cargo run --release -p shared-log --example sim -- --seeds 1 --seed {seed})"
             );
         }
     }

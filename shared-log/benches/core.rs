@@ -1,4 +1,4 @@
-//! Benchmark of the log core on one pinned core: `cargo bench -p broker --bench core`.
+//! Benchmark of the log core on one pinned core: `cargo bench -p shared-log --bench core`.
 //!
 //! 1. Sequencing rate: 4 broker rings pre-filled with small batches; the time of the
 //!    sequencer alone to order them all (batches per second).
@@ -13,14 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use broker::Order;
-use broker::coherence::{CoherenceMode, PoolMemory};
-use broker::heap::HeapRegion;
-use broker::layout::Geometry;
-use broker::pool::{Pool, TopicConfig};
-use broker::reader::LogReader;
-use broker::sequencer::{Sequencer, SequencerConfig};
-use broker::writer::{BatchMeta, TopicWriter};
+use shared_log::Order;
+use shared_log::coherence::{CoherenceMode, PoolMemory};
+use shared_log::heap::HeapRegion;
+use shared_log::layout::Geometry;
+use shared_log::pool::{Pool, TopicConfig};
+use shared_log::reader::LogReader;
+use shared_log::sequencer::{Sequencer, SequencerConfig};
+use shared_log::writer::{BatchMeta, TopicWriter};
 
 const BROKERS: u16 = 4;
 const RING_SLOTS: u32 = 4096;
@@ -54,7 +54,7 @@ fn setup(mode: CoherenceMode, blog_bytes: u64) -> Setup {
                 order: Order::TotalSessionFifo,
                 ack: 1,
                 replication_factor: 1,
-                retention: broker::Retention::StallLimited,
+                retention: shared_log::Retention::StallLimited,
             },
         )
         .expect("topic");
