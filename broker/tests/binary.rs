@@ -288,6 +288,18 @@ impl BrokerProcess {
             .status()
             .expect("run kill");
         assert!(sent.success(), "kill -{signal}");
+        if signal == "STOP" {
+            // kill(2) returns before the process has stopped: on a busy machine it may run
+            // on for a while (and take what is sent to it meanwhile).
+            let stat = format!("/proc/{}/stat", self.pid());
+            let started = Instant::now();
+            while !std::fs::read_to_string(&stat)
+                .is_ok_and(|text| text.rsplit(") ").next().is_some_and(|s| s.starts_with('T')))
+            {
+                assert!(started.elapsed() < DEADLINE, "the broker did not stop");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 
     /// Waits up to `deadline` for the broker to exit (then kills it).

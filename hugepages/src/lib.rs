@@ -3,7 +3,8 @@
 //! The broker's pool ("CXL memory") is one [`SharedRegion`], mapped `MAP_SHARED` by every
 //! broker process: a file on hugetlbfs by default, a `/dev/daxX.Y` device on real CXL
 //! hardware, or a file in `/dev/shm` only when the caller allows that fallback (it is then
-//! announced with a warning). Process-private staging memory is a [`PrivateBuffer`].
+//! announced with a warning). Process-private staging memory is a [`PrivateBuffer`]. Both
+//! are mapped by memmap2 (`MAP_POPULATE`, `MAP_HUGETLB` with the page size).
 //!
 //! Before reserving anything, [`preflight`] compares the pages a size needs with the pages
 //! free in sysfs, and every failure says what is wrong and the exact command that fixes it

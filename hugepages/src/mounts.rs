@@ -54,9 +54,10 @@ pub(crate) fn parse_mounts(text: &str) -> Vec<Mount> {
                 return None;
             }
             // The kernel prints `pagesize=` on every hugetlbfs mount; without it the default
-            // hugepage size applies, which is 2 MiB on x86-64.
+            // hugepage size applies, which is 2 MiB on x86-64. The kernel writes it with
+            // binary units (`2M`, `1024M`), as `units` reads them.
             let page_size = match options.split(',').find_map(|o| o.strip_prefix("pagesize=")) {
-                Some(value) => PageSize::from_bytes(parse_size(value)?)?,
+                Some(value) => PageSize::from_bytes(units::parse_bytes(value).ok()?)?,
                 None => PageSize::Huge2M,
             };
             Some(Mount {
@@ -65,22 +66,6 @@ pub(crate) fn parse_mounts(text: &str) -> Vec<Mount> {
             })
         })
         .collect()
-}
-
-/// Parses a size such as `2M`, `1024M`, `1G` or `2048k` into bytes.
-fn parse_size(text: &str) -> Option<u64> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, suffix) = text.split_at(split);
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" | "KB" => 10,
-        "M" | "MB" => 20,
-        "G" | "GB" => 30,
-        _ => return None,
-    };
-    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// Undoes the octal escapes (`\040` for a space) that `/proc/mounts` uses in paths.
@@ -120,6 +105,8 @@ none /dev/hugepages1G hugetlbfs rw,relatime,pagesize=1024M 0 0
 none /mnt/huge\\040pool hugetlbfs rw,relatime 0 0
 none /mnt/giant hugetlbfs rw,relatime,pagesize=1G,size=4G 0 0
 none /mnt/odd hugetlbfs rw,relatime,pagesize=64K 0 0
+none /mnt/kilo hugetlbfs rw,relatime,pagesize=2048k 0 0
+none /mnt/garbled hugetlbfs rw,relatime,pagesize=2X 0 0
 /dev/vda / ext4 rw,relatime 0 0
 truncated-line
 ";
@@ -132,6 +119,7 @@ truncated-line
             ("/dev/hugepages1G", PageSize::Huge1G),
             ("/mnt/huge pool", PageSize::Huge2M),
             ("/mnt/giant", PageSize::Huge1G),
+            ("/mnt/kilo", PageSize::Huge2M),
         ];
         let expected: Vec<Mount> = expected
             .iter()
@@ -147,17 +135,6 @@ truncated-line
     fn no_hugetlbfs_gives_no_mounts() {
         assert!(parse_mounts("tmpfs /dev/shm tmpfs rw 0 0\n").is_empty());
         assert!(parse_mounts("").is_empty());
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("2M"), Some(2 << 20));
-        assert_eq!(parse_size("2048k"), Some(2 << 20));
-        assert_eq!(parse_size("1G"), Some(1 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("2X"), None);
-        assert_eq!(parse_size("M"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
     }
 
     #[test]

@@ -51,12 +51,10 @@ impl PageSize {
         }
     }
 
-    /// The `mmap` flag that selects this size together with `MAP_HUGETLB`.
-    pub(crate) fn mmap_flag(self) -> libc::c_int {
-        match self {
-            PageSize::Huge2M => libc::MAP_HUGE_2MB,
-            PageSize::Huge1G => libc::MAP_HUGE_1GB,
-        }
+    /// log2 of the size: what `mmap` takes with `MAP_HUGETLB` to pick this size
+    /// (`MAP_HUGE_2MB` is 21 shifted by `MAP_HUGE_SHIFT`).
+    pub(crate) fn shift(self) -> u8 {
+        self.bytes().trailing_zeros() as u8
     }
 
     /// Number of pages that hold `bytes`.
@@ -115,6 +113,9 @@ mod tests {
         assert_eq!(PageSize::from_bytes(2 << 20), Some(PageSize::Huge2M));
         assert_eq!(PageSize::from_bytes(1 << 30), Some(PageSize::Huge1G));
         assert_eq!(PageSize::from_bytes(4096), None);
+        let flag = |page_size: PageSize| i32::from(page_size.shift()) << libc::MAP_HUGE_SHIFT;
+        assert_eq!(flag(PageSize::Huge2M), libc::MAP_HUGE_2MB);
+        assert_eq!(flag(PageSize::Huge1G), libc::MAP_HUGE_1GB);
     }
 
     #[test]

@@ -33,15 +33,8 @@ impl PrivateBuffer {
         let len = page_size
             .round_up(bytes)
             .ok_or(Error::TooLarge { bytes, page_size })?;
-        let populate = if options.prefault {
-            libc::MAP_POPULATE
-        } else {
-            0
-        };
-        let base_flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | populate;
         let start = Instant::now();
-        let huge_flags = base_flags | libc::MAP_HUGETLB | page_size.mmap_flag();
-        let (mapping, huge) = match Mapping::new(len, huge_flags, -1) {
+        let (mapping, huge) = match Mapping::private(len, Some(page_size), options.prefault) {
             Ok(mapping) => (mapping, true),
             // ENOMEM: too few pages to reserve; EINVAL: no pool of this size in the kernel.
             Err(error) if matches!(error.raw_os_error(), Some(libc::ENOMEM | libc::EINVAL)) => {
@@ -50,11 +43,12 @@ impl PrivateBuffer {
                     return Err(short);
                 }
                 log::warn!("{short}; falling back to 4 KiB pages for a {len}-byte private buffer");
-                let mapping = Mapping::new(len, base_flags, -1).map_err(|source| Error::Map {
-                    target: TARGET.into(),
-                    bytes: len,
-                    source,
-                })?;
+                let mapping =
+                    Mapping::private(len, None, options.prefault).map_err(|source| Error::Map {
+                        target: TARGET.into(),
+                        bytes: len,
+                        source,
+                    })?;
                 (mapping, false)
             }
             Err(source) => {

@@ -538,14 +538,8 @@ fn map_file(
     // tmpfs is pre-faulted by MADV_POPULATE_WRITE after mapping: MAP_POPULATE would fault it
     // read-only and hide allocation failures.
     let populate_by_mmap = options.prefault && backing != BackingKind::Shm;
-    let flags = libc::MAP_SHARED
-        | if populate_by_mmap {
-            libc::MAP_POPULATE
-        } else {
-            0
-        };
     let start = Instant::now();
-    let mapping = Mapping::new(len, flags, file.as_raw_fd())
+    let mapping = Mapping::shared(&file, len, populate_by_mmap)
         .map_err(|error| map_error(error, path, len, backing))?;
     if options.prefault && backing == BackingKind::Shm {
         mapping.populate_write().map_err(|source| Error::ShmFull {

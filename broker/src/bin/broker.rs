@@ -33,7 +33,13 @@ use xdp_prog::AttachMode;
 /// Every flag can also be set in a TOML file given with --config (keys are the flag names
 /// with '_' for '-', e.g. `pool_bytes = "1G"`); flags on the command line win.
 #[derive(Debug, Parser, serde::Deserialize, Default)]
-#[command(name = "broker", version, about, long_about, after_help = EXIT_CODES_HELP)]
+#[command(
+    name = "broker",
+    version,
+    about,
+    long_about,
+    after_help = format!("{}\n\n{EXIT_CODES_HELP}", units::SIZE_HELP)
+)]
 #[serde(deny_unknown_fields, default)]
 struct Args {
     /// TOML file with settings (command-line flags override it).
@@ -64,8 +70,9 @@ struct Args {
     #[arg(long)]
     #[serde(default)]
     format: bool,
-    /// Size of a pool created with --format: bytes, or with a K, M or G suffix.
-    #[arg(long)]
+    /// Size of a pool created with --format (default 1G).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
     pool_bytes: Option<String>,
     /// Brokers the pool has rings for (with --format).
     #[arg(long)]
@@ -103,17 +110,18 @@ struct Args {
     /// and is closed (the partial batch is dropped, never written).
     #[arg(long)]
     batch_grace_ms: Option<u64>,
-    /// Slowest accepted arrival of a batch's payload, in bytes per second (K, M or G
-    /// suffix: binary units).
-    #[arg(long)]
+    /// Slowest accepted arrival of a batch's payload, in bytes per second (default 1M).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
     batch_min_bytes_per_s: Option<String>,
     /// A batch still arriving this long after it got its room in the pool moves to staging
     /// outside the pool (one more copy), so that the topic's payload log can be reclaimed
     /// past it: a slow client never holds other publishers back. In milliseconds.
     #[arg(long)]
     batch_hold_ms: Option<u64>,
-    /// Bytes all slow batches together may hold in staging (K, M or G suffix).
-    #[arg(long)]
+    /// Bytes all slow batches together may hold in staging (default 64M).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
     staging_bytes_max: Option<String>,
     /// Connections the broker serves at once; more are refused with ConnectionLimit.
     #[arg(long)]
@@ -147,12 +155,14 @@ struct Args {
     #[arg(long)]
     #[serde(default)]
     allow_shm_fallback: bool,
-    /// SO_RCVBUF/SO_SNDBUF for accepted sockets, in bytes.
-    #[arg(long)]
-    socket_buffer_bytes: Option<usize>,
-    /// Largest batch payload accepted, in bytes (also bounded by half a payload log).
-    #[arg(long)]
-    batch_bytes_max: Option<u32>,
+    /// SO_RCVBUF/SO_SNDBUF for accepted sockets (default 4M).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
+    socket_buffer_bytes: Option<String>,
+    /// Largest batch payload accepted (default 16M; also bounded by half a payload log).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
+    batch_bytes_max: Option<String>,
     /// What polling threads do when idle: spin, yield, or sleep (backoff, for shared cores).
     #[arg(long, value_enum)]
     idle: Option<IdleStrategy>,
@@ -185,9 +195,10 @@ struct Args {
     /// smoltcp TCP sockets of the xdp backend (the most connections at a time).
     #[arg(long)]
     xdp_sockets: Option<usize>,
-    /// Receive and send buffer of each smoltcp socket, in bytes.
-    #[arg(long)]
-    xdp_socket_buffer_bytes: Option<usize>,
+    /// Receive and send buffer of each smoltcp socket (default 1M).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
+    xdp_socket_buffer_bytes: Option<String>,
     /// Preferred busy polling on the AF_XDP socket (Linux 5.11+): the xdp backend's loop
     /// runs the queue's NAPI itself for up to this many microseconds per call, instead of
     /// softirqs on other CPUs. For driver mode on a dedicated core; off by default.
@@ -197,8 +208,9 @@ struct Args {
     /// (this broker's own disk); ack level 2 waits for replicas to sync.
     #[arg(long)]
     replica_dir: Option<PathBuf>,
-    /// Replicas sync (fdatasync) once this many bytes are pending (K, M or G suffix).
-    #[arg(long)]
+    /// Replicas sync (fdatasync) once this many bytes are pending (default 1M).
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
     replica_sync_bytes: Option<String>,
     /// Replicas sync once the oldest pending byte is this old, in microseconds.
     #[arg(long)]
@@ -406,19 +418,42 @@ fn parse_cores(text: &str) -> Result<Vec<usize>, String> {
     Ok(cores)
 }
 
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (digits, multiplier) = match text.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&text[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
-        _ => (text, 1),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(multiplier))
-        .ok_or_else(|| format!("{text:?} is not a size (bytes, or a number with K, M or G)"))
+/// The bytes of the size flag `--{flag}` given as `text` (see `units`), else `default`.
+fn size<T: units::ByteCount>(flag: &str, text: Option<&str>, default: T) -> Result<T, String> {
+    match text {
+        Some(text) => units::parse_bytes_as(text).map_err(|e| format!("--{flag}: {e}")),
+        None => Ok(default),
+    }
+}
+
+/// A size in the config file: a number of bytes (`pool_bytes = 1073741824`) or a string
+/// with a unit (`pool_bytes = "1G"`), kept as text for [`size`].
+fn size_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    struct SizeText;
+    impl serde::de::Visitor<'_> for SizeText {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a size: a number of bytes, or a string such as \"64M\" or \"1GB\"")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(Some(text.to_owned()))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<Self::Value, E> {
+            Ok(Some(bytes.to_string()))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<Self::Value, E> {
+            u64::try_from(bytes)
+                .map(|bytes| Some(bytes.to_string()))
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(bytes), &self))
+        }
+    }
+    deserializer.deserialize_any(SizeText)
 }
 
 /// Command-line values win over the file's.
@@ -512,7 +547,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         Some(text) => text.parse()?,
     };
     let format = if args.format {
-        let pool_bytes = parse_bytes(args.pool_bytes.as_deref().unwrap_or("1G"))?;
+        let pool_bytes = size("pool-bytes", args.pool_bytes.as_deref(), 1u64 << 30)?;
         let geometry = Geometry::fit(
             pool_bytes,
             args.brokers_max.unwrap_or(4),
@@ -556,7 +591,11 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
                 XdpMode::Generic => AttachMode::Generic,
             },
             sockets: args.xdp_sockets.unwrap_or(32),
-            socket_buffer_bytes: args.xdp_socket_buffer_bytes.unwrap_or(1 << 20),
+            socket_buffer_bytes: size(
+                "xdp-socket-buffer-bytes",
+                args.xdp_socket_buffer_bytes.as_deref(),
+                1 << 20,
+            )?,
             busy_poll_us: args.xdp_busy_poll_us,
             geometry: XskGeometry::default(),
             allow_small_pages: args.allow_shm_fallback,
@@ -575,15 +614,17 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             .hello_timeout_ms
             .unwrap_or(limit_defaults.hello_timeout_ms),
         batch_grace_ms: args.batch_grace_ms.unwrap_or(limit_defaults.batch_grace_ms),
-        batch_min_bytes_per_s: match args.batch_min_bytes_per_s.as_deref() {
-            Some(text) => parse_bytes(text)?,
-            None => limit_defaults.batch_min_bytes_per_s,
-        },
+        batch_min_bytes_per_s: size(
+            "batch-min-bytes-per-s",
+            args.batch_min_bytes_per_s.as_deref(),
+            limit_defaults.batch_min_bytes_per_s,
+        )?,
         batch_hold_ms: args.batch_hold_ms.unwrap_or(limit_defaults.batch_hold_ms),
-        staging_bytes_max: match args.staging_bytes_max.as_deref() {
-            Some(text) => parse_bytes(text)?,
-            None => limit_defaults.staging_bytes_max,
-        },
+        staging_bytes_max: size(
+            "staging-bytes-max",
+            args.staging_bytes_max.as_deref(),
+            limit_defaults.staging_bytes_max,
+        )?,
         connections_max: args
             .connections_max
             .unwrap_or(limit_defaults.connections_max),
@@ -604,13 +645,21 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             broker_id: id,
             head: args.head,
             auto_create_topics: args.auto_create_topics,
-            batch_bytes_max: args.batch_bytes_max.unwrap_or(wire::BATCH_BYTES_DEFAULT),
+            batch_bytes_max: size(
+                "batch-bytes-max",
+                args.batch_bytes_max.as_deref(),
+                wire::BATCH_BYTES_DEFAULT,
+            )?,
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor: args.replication_factor.unwrap_or(1).max(1),
             limits,
         },
         listen,
-        socket_buffer_bytes: args.socket_buffer_bytes.unwrap_or(4 << 20),
+        socket_buffer_bytes: size(
+            "socket-buffer-bytes",
+            args.socket_buffer_bytes.as_deref(),
+            4 << 20,
+        )?,
         idle: args.idle.unwrap_or_default(),
         sequencer: SequencerConfig {
             hold_timeout_ns: args
@@ -634,7 +683,11 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         replica: match args.replica_dir {
             Some(dir) => Some(ReplicaConfig {
                 dir,
-                sync_bytes: parse_bytes(args.replica_sync_bytes.as_deref().unwrap_or("1M"))?,
+                sync_bytes: size(
+                    "replica-sync-bytes",
+                    args.replica_sync_bytes.as_deref(),
+                    1 << 20,
+                )?,
                 sync_interval_us: args.replica_sync_interval_us.unwrap_or(2_000),
             }),
             None => None,
@@ -856,12 +909,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_suffixes_and_refuse_garbage() {
-        assert_eq!(parse_bytes("1G"), Ok(1 << 30));
-        assert_eq!(parse_bytes("512M"), Ok(512 << 20));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("12X").is_err());
-        assert!(parse_bytes("99999999999G").is_err());
+    fn size_flags_take_units_and_name_themselves_in_errors() {
+        let with = configure_with;
+        let (spec, options, _) = with(&[
+            "--format",
+            "--pool-bytes",
+            "1G",
+            "--staging-bytes-max",
+            "64MB",
+            "--batch-min-bytes-per-s",
+            "64 KiB",
+            "--socket-buffer-bytes",
+            "2M",
+            "--batch-bytes-max",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(spec.format.map(|(_, bytes)| bytes), Some(1 << 30));
+        let limits = options.settings.limits;
+        assert_eq!(limits.staging_bytes_max, 64_000_000);
+        assert_eq!(limits.batch_min_bytes_per_s, 64 << 10);
+        assert_eq!(options.socket_buffer_bytes, 2 << 20);
+        assert_eq!(options.settings.batch_bytes_max, 4096);
+        let (_, defaults, _) = with(&[]).unwrap();
+        assert_eq!(defaults.socket_buffer_bytes, 4 << 20);
+        assert_eq!(defaults.settings.batch_bytes_max, wire::BATCH_BYTES_DEFAULT);
+        let error = with(&["--format", "--pool-bytes", "12X"]).unwrap_err();
+        assert!(error.starts_with("--pool-bytes: "), "{error}");
+        let error = with(&["--batch-bytes-max", "4G"]).unwrap_err();
+        assert!(error.starts_with("--batch-bytes-max: "), "{error}");
+    }
+
+    #[test]
+    fn config_sizes_are_numbers_or_text() {
+        let file: Args =
+            toml::from_str("pool_bytes = \"512M\"\nsocket_buffer_bytes = 65536").unwrap();
+        assert_eq!(file.pool_bytes.as_deref(), Some("512M"));
+        assert_eq!(file.socket_buffer_bytes.as_deref(), Some("65536"));
+        assert!(toml::from_str::<Args>("staging_bytes_max = -1").is_err());
+        assert!(toml::from_str::<Args>("staging_bytes_max = [1]").is_err());
+    }
+
+    #[test]
+    fn every_size_flag_says_its_units() {
+        let mut command = <Args as clap::CommandFactory>::command();
+        let help = command.render_long_help().to_string();
+        assert!(
+            help.contains(units::SIZE_HELP),
+            "the SIZE paragraph is missing"
+        );
+        let sizes: Vec<String> = command
+            .get_arguments()
+            .filter(|arg| arg.get_id().as_str().contains("bytes"))
+            .map(|arg| {
+                let names = arg.get_value_names().unwrap_or_default();
+                format!("{} {names:?}", arg.get_id())
+            })
+            .collect();
+        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        assert!(sizes.iter().all(|s| s.ends_with("[\"SIZE\"]")), "{sizes:?}");
     }
 
     #[test]

@@ -36,13 +36,14 @@ struct Cli {
 enum Attack {
     /// Publishers that send a Batch header and then trickle its payload, one byte per
     /// --byte-interval-ms (slowloris).
+    #[command(after_help = units::SIZE_HELP)]
     Slowloris {
         #[command(flatten)]
         on: TopicArgs,
         #[arg(long, default_value_t = 4)]
         connections: usize,
         /// Announced payload size of each batch.
-        #[arg(long, default_value_t = 64 * 1024)]
+        #[arg(long, value_name = "SIZE", default_value_t = 64 * 1024, value_parser = units::parse_bytes_as::<u32>)]
         payload_bytes: u32,
         #[arg(long, default_value_t = 1000)]
         byte_interval_ms: u64,

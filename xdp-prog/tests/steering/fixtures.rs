@@ -349,25 +349,9 @@ pub fn ipv4_header(version_ihl: u8, protocol: u8, dst: Ipv4Addr) -> Vec<u8> {
 #[derive(Debug)]
 pub struct XskSocket {
     fd: OwnedFd,
-    /// Kept only to be unmapped after `fd` is closed (fields drop in declaration order).
-    _umem: Option<Umem>,
-}
-
-#[derive(Debug)]
-struct Umem {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the UMEM mapping is only unmapped in Drop; nothing else touches it from Rust.
-unsafe impl Send for Umem {}
-
-impl Drop for Umem {
-    fn drop(&mut self) {
-        // SAFETY: `addr`/`len` describe a mapping made by mmap in `XskSocket::bound` and
-        // unmapped only here, after the socket that registered it is closed.
-        unsafe { libc::munmap(self.addr, self.len) };
-    }
+    /// The UMEM, kept only to be unmapped after `fd` is closed (fields drop in declaration
+    /// order).
+    _umem: Option<memmap2::MmapMut>,
 }
 
 /// Binds `fd` to `address` (a sockaddr of its family), panicking with `what` on failure.
@@ -412,31 +396,15 @@ impl XskSocket {
         const FRAME: usize = 4096;
         const FRAMES: usize = 16;
         let len = FRAME * FRAMES;
-        // SAFETY: an anonymous private mapping; no existing memory is affected.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(
-            addr,
-            libc::MAP_FAILED,
-            "mmap: {}",
-            io::Error::last_os_error()
-        );
-        let umem = Umem { addr, len };
+        let umem = memmap2::MmapMut::map_anon(len).expect("mapping the UMEM");
+        let addr = umem.as_ptr() as u64;
         let socket = XskSocket {
             fd: socket(libc::AF_XDP, libc::SOCK_RAW, 0),
             _umem: Some(umem),
         };
         let fd = socket.fd.as_raw_fd();
         let reg = libc::xdp_umem_reg {
-            addr: addr as u64,
+            addr,
             len: len as u64,
             chunk_size: FRAME as u32,
             headroom: 0,

@@ -17,6 +17,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use memmap2::{MmapOptions, MmapRaw};
+
 /// Bytes per UMEM frame (chunk): one 4 KiB page, so an MTU up to ~3.5 KB fits.
 pub const FRAME_BYTES: usize = 4096;
 
@@ -147,25 +149,11 @@ pub fn ring_free(size: u32, producer: u32, consumer: u32) -> u32 {
     size - producer.wrapping_sub(consumer)
 }
 
-/// A mapping of one ring, unmapped on drop.
-#[derive(Debug)]
-struct RingMap {
-    base: NonNull<u8>,
-    len: usize,
-}
-
-impl Drop for RingMap {
-    fn drop(&mut self) {
-        // SAFETY: `base`/`len` describe a mapping made by mmap in `Ring::map` and unmapped only
-        // here; the ring's pointers into it are dropped with it.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
-    }
-}
-
 /// One of the four rings: shared producer/consumer indices and a power-of-two array of `T`.
 #[derive(Debug)]
 struct Ring<T> {
-    _map: RingMap,
+    /// The ring's memory, unmapped on drop, when the pointers below go too.
+    _map: MmapRaw,
     producer: NonNull<AtomicU32>,
     consumer: NonNull<AtomicU32>,
     flags: NonNull<AtomicU32>,
@@ -178,29 +166,21 @@ struct Ring<T> {
 }
 
 impl<T: Copy> Ring<T> {
+    /// Maps the ring of socket `fd` that the kernel offers at page offset `pgoff`
+    /// (`XDP_PGOFF_*`): `MAP_SHARED | MAP_POPULATE`, readable and writable.
     fn map(
         fd: RawFd,
         offsets: &libc::xdp_ring_offset,
         size: u32,
-        pgoff: libc::off_t,
+        pgoff: u64,
     ) -> io::Result<Ring<T>> {
         let len = offsets.desc as usize + size as usize * size_of::<T>();
-        // SAFETY: maps a ring of the bound socket `fd`; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd,
-                pgoff,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let base = NonNull::new(base.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        let at = |offset: u64| base.as_ptr().wrapping_add(offset as usize);
+        let map = MmapOptions::new()
+            .len(len)
+            .offset(pgoff)
+            .populate()
+            .map_raw(fd)?;
+        let at = |offset: u64| map.as_mut_ptr().wrapping_add(offset as usize);
         let field = |offset: u64| NonNull::new(at(offset).cast::<AtomicU32>());
         let (Some(producer), Some(consumer), Some(flags)) = (
             field(offsets.producer),
@@ -209,13 +189,13 @@ impl<T: Copy> Ring<T> {
         ) else {
             return Err(io::Error::other("ring mapped at a null address"));
         };
-        let map = RingMap { base, len };
+        let descs = at(offsets.desc).cast::<T>();
         let mut ring = Ring {
             _map: map,
             producer,
             consumer,
             flags,
-            descs: at(offsets.desc).cast::<T>(),
+            descs,
             size,
             local: 0,
             cached: 0,
@@ -606,23 +586,18 @@ impl Xsk {
         getsockopt(fd.as_raw_fd(), libc::XDP_MMAP_OFFSETS, &mut offsets)
             .map_err(with("XDP_MMAP_OFFSETS", ""))?;
         let raw = fd.as_raw_fd();
-        let fill = Ring::map(
-            raw,
-            &offsets.fr,
-            ring_size,
-            libc::XDP_UMEM_PGOFF_FILL_RING as libc::off_t,
-        )
-        .map_err(with("mapping the fill ring", ""))?;
+        let fill = Ring::map(raw, &offsets.fr, ring_size, libc::XDP_UMEM_PGOFF_FILL_RING)
+            .map_err(with("mapping the fill ring", ""))?;
         let completion = Ring::map(
             raw,
             &offsets.cr,
             ring_size,
-            libc::XDP_UMEM_PGOFF_COMPLETION_RING as libc::off_t,
+            libc::XDP_UMEM_PGOFF_COMPLETION_RING,
         )
         .map_err(with("mapping the completion ring", ""))?;
-        let rx = Ring::map(raw, &offsets.rx, ring_size, libc::XDP_PGOFF_RX_RING)
+        let rx = Ring::map(raw, &offsets.rx, ring_size, libc::XDP_PGOFF_RX_RING as u64)
             .map_err(with("mapping the rx ring", ""))?;
-        let tx = Ring::map(raw, &offsets.tx, ring_size, libc::XDP_PGOFF_TX_RING)
+        let tx = Ring::map(raw, &offsets.tx, ring_size, libc::XDP_PGOFF_TX_RING as u64)
             .map_err(with("mapping the tx ring", ""))?;
         let address = libc::sockaddr_xdp {
             sxdp_family: libc::AF_XDP as u16,

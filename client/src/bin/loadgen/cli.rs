@@ -74,6 +74,11 @@ EXIT CODE
   lost, duplicates, order_violations, corrupt or position gaps/duplicates are non-zero;
   2 for bad flags.";
 
+/// The SIZES section of the long help: what `SIZE` flags accept.
+fn sizes_help() -> String {
+    format!("{AFTER_HELP}\n\nSIZES\n  {}", units::SIZE_HELP)
+}
+
 /// Test mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum TestMode {
@@ -116,8 +121,8 @@ pub(crate) enum ProgressMode {
     name = "loadgen",
     version,
     about = ABOUT,
-    after_help = "Run with --help for the test modes, message format, order checks, JSON fields and exit codes.",
-    after_long_help = AFTER_HELP
+    after_help = "Run with --help for the test modes, message format, order checks, JSON fields, exit codes and sizes.",
+    after_long_help = sizes_help()
 )]
 pub(crate) struct Cli {
     /// Broker addresses, comma separated (HOST:PORT,...). CreateTopic goes to the first that
@@ -144,12 +149,12 @@ pub(crate) struct Cli {
     /// a broker they leave alone).
     #[arg(long, default_value_t = 0)]
     pub(crate) subscriber_broker: usize,
-    /// Size of each message in bytes, header included (at least 16).
-    #[arg(long, default_value_t = 1024, value_parser = parse_message_bytes)]
+    /// Size of each message, header included (at least 16 bytes).
+    #[arg(long, value_name = "SIZE", default_value_t = 1024, value_parser = parse_message_bytes)]
     pub(crate) message_bytes: usize,
     /// Stop after this many message bytes in total (all publishers together; for
-    /// subscribe, bytes read). Accepts K, M, G (10^3...) and KiB, MiB, GiB suffixes.
-    #[arg(long, value_parser = parse_bytes, conflicts_with = "duration_s")]
+    /// subscribe, bytes read).
+    #[arg(long, value_name = "SIZE", value_parser = parse_total_bytes, conflicts_with = "duration_s")]
     pub(crate) total_bytes: Option<u64>,
     /// Stop after this many seconds (default 10 when --total-bytes is not given).
     #[arg(long, value_parser = parse_seconds)]
@@ -170,8 +175,8 @@ pub(crate) struct Cli {
     /// What to run (see TESTS below).
     #[arg(long, value_enum, default_value_t = TestMode::Publish)]
     pub(crate) test: TestMode,
-    /// Largest batch payload in bytes (default 64 KiB; the brokers' limit caps it).
-    #[arg(long, value_parser = parse_bytes)]
+    /// Largest batch payload (default 64K; the brokers' limit caps it).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_bytes)]
     pub(crate) batch_bytes: Option<u64>,
     /// How long an open batch waits for more messages, in microseconds (default 500; 0 for
     /// --test latency).
@@ -215,13 +220,21 @@ fn parse_order(value: &str) -> Result<u8, String> {
 }
 
 fn parse_message_bytes(value: &str) -> Result<usize, String> {
-    let bytes = parse_bytes(value)?;
-    if bytes < client::verify::MESSAGE_HEADER_BYTES as u64 {
+    let bytes = units::parse_bytes_as::<usize>(value).map_err(|e| e.to_string())?;
+    if bytes < client::verify::MESSAGE_HEADER_BYTES {
         return Err(format!(
             "{bytes} bytes is below the 16-byte self-checking header; use at least 16"
         ));
     }
-    usize::try_from(bytes).map_err(|_| format!("{bytes} bytes does not fit in memory"))
+    Ok(bytes)
+}
+
+fn parse_total_bytes(value: &str) -> Result<u64, String> {
+    match units::parse_bytes(value) {
+        Ok(0) => Err("0 bytes would end the run before it starts; give at least 1".into()),
+        Ok(bytes) => Ok(bytes),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_seconds(value: &str) -> Result<f64, String> {
@@ -231,40 +244,6 @@ fn parse_seconds(value: &str) -> Result<f64, String> {
             "{value:?} is not a number of seconds in (0, 1000000]"
         )),
     }
-}
-
-/// Parses a byte count with an optional decimal (K, M, G, T) or binary (KiB, MiB, GiB,
-/// TiB) suffix; a trailing `B` is optional.
-pub(crate) fn parse_bytes(value: &str) -> Result<u64, String> {
-    let trimmed = value.trim();
-    let split = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
-    let (number, unit) = trimmed.split_at(split);
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "m" | "mb" => 1_000_000,
-        "g" | "gb" => 1_000_000_000,
-        "t" | "tb" => 1_000_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?} in {value:?} (use K, M, G, KiB, MiB, GiB)"
-            ));
-        }
-    };
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{value:?} is not a byte count such as 1048576, 64KiB or 1G"))?;
-    let bytes = number * multiplier as f64;
-    if !(1.0..=u64::MAX as f64).contains(&bytes) {
-        return Err(format!("{value:?} is not a positive byte count"));
-    }
-    Ok(bytes as u64)
 }
 
 #[cfg(test)]
@@ -310,6 +289,13 @@ mod tests {
             "duplicate_acks",
         ] {
             assert!(help.contains(field), "{field} missing from --help");
+        }
+        assert!(help.contains(units::SIZE_HELP), "SIZES missing from --help");
+        for arg in <Cli as clap::CommandFactory>::command().get_arguments() {
+            if arg.get_id().as_str().ends_with("bytes") {
+                let names = arg.get_value_names().unwrap_or_default();
+                assert_eq!(names, ["SIZE"], "{} does not take a SIZE", arg.get_id());
+            }
         }
     }
 }

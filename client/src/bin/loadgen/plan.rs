@@ -249,7 +249,6 @@ pub(crate) mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::cli::parse_bytes;
 
     /// The plan for a command line (without the program name).
     pub(crate) fn parse(args: &str) -> Result<Plan, String> {
@@ -331,9 +330,18 @@ pub(crate) mod tests {
         // 11 messages over 3 publishers.
         let shares: Vec<u64> = (0..3).filter_map(|i| plan.messages_for(i)).collect();
         assert_eq!(shares, [4, 4, 3]);
-        assert_eq!(parse_bytes("1.5G"), Ok(1_500_000_000));
-        assert_eq!(parse_bytes("64kb"), Ok(64_000));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
+        let total = |size: &str| {
+            parse(&format!("--brokers 127.0.0.1:9000 --total-bytes {size}")).map(|plan| plan.stop)
+        };
+        // K, M, G, T are binary; KB, MB, GB, TB decimal; KiB .. TiB binary.
+        assert_eq!(total("1G"), Ok(Stop::TotalBytes(1 << 30)));
+        assert_eq!(total("1.5G"), Ok(Stop::TotalBytes(3 << 29)));
+        assert_eq!(total("1GB"), Ok(Stop::TotalBytes(1_000_000_000)));
+        assert_eq!(total("64kb"), Ok(Stop::TotalBytes(64_000)));
+        assert_eq!(total("64MiB"), Ok(Stop::TotalBytes(1 << 26)));
+        assert_eq!(total("4096"), Ok(Stop::TotalBytes(4096)));
+        let message_bytes = parse("--brokers 127.0.0.1:9000 --message-bytes 2K").unwrap();
+        assert_eq!(message_bytes.message_bytes, 2048);
     }
 
     #[test]
@@ -358,7 +366,11 @@ pub(crate) mod tests {
             ),
             (
                 "--brokers 127.0.0.1:9000 --total-bytes 3XB",
-                "unknown size unit",
+                "has the unknown unit \"XB\"",
+            ),
+            (
+                "--brokers 127.0.0.1:9000 --total-bytes 0",
+                "give at least 1",
             ),
             (
                 "--brokers nowhere",
