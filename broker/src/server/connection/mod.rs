@@ -1,0 +1,489 @@
+//! One client connection: the protocol of `docs/protocol.md` as a state machine over a byte
+//! stream, with no I/O of its own. The network backend hands it a [`ByteStream`] (a kernel
+//! socket, or a smoltcp socket on the bypass path) and calls it when the stream is readable
+//! or writable; time comes in as an argument.
+//!
+//! Publishers' payloads are received straight into a reservation in the pool; when the pool
+//! is full the connection stops reading (TCP backpressure) and never closes for it. A batch
+//! that arrives slowly does not keep its room: after `batch_hold_ms` what has arrived moves
+//! to staging outside the pool, and the batch is copied in once complete. Every connection
+//! has deadlines (docs/protocol.md, "Deadlines and limits"): Hello in time, every batch at a
+//! minimum rate; a subscriber that stops reading stops holding the log.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use wire::{
+    AckEntry, AckLevel, AckRepr, AckStatus, BatchHeaderRepr, Decoded, DeliveryHeaderRepr,
+    ErrorCode, ErrorFrameRepr, Frame, FrameDecoder, HelloOkRepr, HelloRepr, Limits, Order,
+    TopicOkRepr,
+};
+
+use crate::metrics::Metrics;
+use crate::server::limits::ConnectionRefused;
+use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
+use shared_log::Retention;
+use shared_log::coherence::SharedMemory;
+use shared_log::layout::CompletionStatus;
+use shared_log::pool::{PoolError, TopicConfig, TopicId};
+use shared_log::reader::{LogReader, ReadError};
+use shared_log::writer::{AppendError, BatchMeta, ClaimMoved, Reservation};
+
+/// A byte stream the connection reads and writes (non-blocking: `WouldBlock` means "later").
+pub trait ByteStream {
+    /// Reads into `buf`; `Ok(0)` is the peer's end of stream.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Writes from `buf`; returns how much was taken.
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize>;
+}
+
+impl<T: io::Read + io::Write> ByteStream for T {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read(buf)
+    }
+
+    fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write(buf)
+    }
+}
+
+/// Bytes of read-ahead for frame headers and small frames.
+const INPUT_BUFFER_BYTES: usize = 64 * 1024;
+/// Subscribers get no more deliveries, and no connection's input is read, while this much
+/// output is queued (a peer that does not read its Acks is pushed back like a full pool).
+const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
+/// Sent output is dropped from the front of the queue once this much of it has piled up, so
+/// that a peer that always leaves a remainder unread does not make the queue grow for ever.
+const OUTPUT_COMPACT_BYTES: usize = 1 << 20;
+/// Deliveries produced per call, so one subscriber cannot starve the loop.
+const DELIVERIES_PER_POLL: usize = 64;
+/// Waiting this long for pool room counts as a receive stall in the metrics.
+const STALL: Duration = Duration::from_millis(50);
+
+/// What one [`Connection::service`] call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Service {
+    /// What reading found, when the connection read.
+    pub input: Option<InputState>,
+    /// Whether it wrote output.
+    pub wrote: bool,
+    /// Whether decisions that waited for replicas were released.
+    pub released: bool,
+    /// The connection is over (peer gone, stream failed, or everything owed was sent).
+    pub ended: bool,
+}
+
+impl Service {
+    /// Whether anything happened.
+    pub fn worked(&self) -> bool {
+        self.input.is_some() || self.wrote || self.released
+    }
+}
+
+/// What a call to [`Connection::on_readable`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputState {
+    /// The stream has no more bytes now.
+    Drained,
+    /// The connection does not want to read now (pool full, closing): call again later.
+    Paused,
+    /// The peer closed its end, or the stream failed: drop the connection.
+    Ended,
+}
+
+#[derive(Debug)]
+enum Peer<M> {
+    Handshake,
+    Publisher(Box<Publisher>),
+    Subscriber(Box<Subscriber<M>>),
+    Admin,
+}
+
+/// One client connection. See the module docs.
+#[derive(Debug)]
+pub struct Connection<M> {
+    id: ConnId,
+    decoder: FrameDecoder,
+    input: Vec<u8>,
+    input_start: usize,
+    input_end: usize,
+    output: Vec<u8>,
+    output_start: usize,
+    role: Peer<M>,
+    /// Set once the connection must end after its output is sent (error or goodbye).
+    closing: bool,
+    /// Before Hello (and between an admin connection's frames): the next frame is due then.
+    handshake_deadline: Option<Instant>,
+    /// When the connection started closing: its peer has the close timeout to take the rest.
+    closing_since: Option<Instant>,
+    /// The peer did not take the last bytes within the close timeout: drop the connection.
+    abandoned: bool,
+    /// Input is paused because too much output is queued (counted once per episode).
+    output_full: bool,
+}
+
+/// `now + duration`, or a time that never comes if that is beyond the clock's range.
+fn after(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
+    Limits::default()
+        .with_batch_bytes_max(settings.batch_bytes_max)
+        .and_then(|l| l.with_frame_bytes_max(settings.frame_bytes_max))
+        .unwrap_or_default()
+}
+
+mod control;
+mod handshake;
+mod publish;
+mod subscribe;
+#[cfg(test)]
+mod tests;
+
+use publish::{Publisher, Receiving, Step};
+use subscribe::Subscriber;
+
+impl<M: SharedMemory + Clone> Connection<M> {
+    /// A new connection, opened at `now`, awaiting its first frame.
+    pub fn new(id: ConnId, state: &BrokerState<M>, now: Instant) -> Connection<M> {
+        Connection {
+            id,
+            decoder: FrameDecoder::new(limits(&state.settings)),
+            input: vec![0; INPUT_BUFFER_BYTES],
+            input_start: 0,
+            input_end: 0,
+            output: Vec::new(),
+            output_start: 0,
+            role: Peer::Handshake,
+            closing: false,
+            handshake_deadline: Some(after(now, state.settings.limits.hello_timeout())),
+            closing_since: None,
+            abandoned: false,
+            output_full: false,
+        }
+    }
+
+    /// The connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// True once everything owed was sent and the connection should be closed.
+    pub fn is_finished(&self) -> bool {
+        (self.closing && !self.has_output()) || self.abandoned
+    }
+
+    /// True when output is queued.
+    pub fn has_output(&self) -> bool {
+        self.output_start < self.output.len()
+    }
+
+    fn send_frame(&mut self, frame: &Frame) {
+        frame.encode(&mut self.output);
+    }
+
+    /// Queues an Error frame; a closing code ends the connection once it is sent.
+    fn send_error(
+        &mut self,
+        metrics: &Metrics,
+        code: ErrorCode,
+        batch_seq: Option<u64>,
+        reason: &str,
+    ) {
+        match Metrics::inc_logged(&metrics.errors_sent) {
+            Some(sent) => log::info!(
+                "connection {}: error {code}: {reason} ({sent} errors sent by this broker)",
+                self.id
+            ),
+            None => log::debug!("connection {}: error {code}: {reason}", self.id),
+        }
+        self.send_frame(&Frame::Error(ErrorFrameRepr::new(code, batch_seq, reason)));
+        if code.closes_connection() {
+            self.closing = true;
+        }
+    }
+
+    fn protocol_error(&mut self, metrics: &Metrics, error: &wire::Error) {
+        match Metrics::inc_logged(&metrics.errors_sent) {
+            Some(sent) => log::info!(
+                "connection {}: protocol error: {error} ({sent} errors sent by this broker)",
+                self.id
+            ),
+            None => log::debug!("connection {}: protocol error: {error}", self.id),
+        }
+        self.send_frame(&Frame::Error(ErrorFrameRepr::from_error(error)));
+        self.closing = true;
+    }
+
+    /// Reads up to `want` bytes into the (consumed) input buffer; `Err` says why nothing
+    /// came: the stream has no bytes now, or it ended or failed.
+    fn refill_input<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        want: usize,
+    ) -> Result<(), InputState> {
+        self.input_start = 0;
+        self.input_end = 0;
+        loop {
+            match stream.recv(&mut self.input[..want]) {
+                Ok(0) => return Err(InputState::Ended),
+                Ok(n) => {
+                    self.input_end = n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(InputState::Drained),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("connection {}: receive failed: {e}", self.id);
+                    return Err(InputState::Ended);
+                }
+            }
+        }
+    }
+
+    /// Reads and handles as much input as the stream and the pool allow.
+    pub fn on_readable<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &mut BrokerState<M>,
+        now: Instant,
+    ) -> InputState {
+        loop {
+            if self.closing {
+                return InputState::Paused;
+            }
+            if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+                if !self.output_full {
+                    self.output_full = true;
+                    Metrics::inc(&state.metrics.output_full_waits);
+                }
+                return InputState::Paused;
+            }
+            self.output_full = false;
+            if matches!(&self.role, Peer::Publisher(p) if p.goodbye) {
+                return self.watch_after_goodbye(stream, state);
+            }
+            if let Some(result) = self.continue_batch(stream, state, now) {
+                match result {
+                    Step::Continue => continue,
+                    Step::Stop(input) => return input,
+                }
+            }
+            if self.input_start == self.input_end {
+                // Read no further than a batch's prefix: its payload then goes from the socket
+                // straight into the pool instead of through this buffer.
+                let want = self
+                    .decoder
+                    .wanted()
+                    .max(wire::BATCH_PREFIX_BYTES)
+                    .min(self.input.len());
+                if let Err(input) = self.refill_input(stream, want) {
+                    return input;
+                }
+            }
+            let decoded = self
+                .decoder
+                .decode(&self.input[self.input_start..self.input_end]);
+            match decoded {
+                Err(error) => {
+                    self.protocol_error(&state.metrics, &error);
+                    return InputState::Paused;
+                }
+                Ok((consumed, decoded)) => {
+                    self.input_start += consumed;
+                    match decoded {
+                        Decoded::NeedMore(_) => {}
+                        Decoded::Frame(frame) => self.on_frame(frame, state, now),
+                        Decoded::Batch(header) => self.on_batch_header(header, state),
+                        Decoded::Delivery(_) => self.send_error(
+                            &state.metrics,
+                            ErrorCode::BadRole,
+                            None,
+                            "brokers send Delivery frames, they do not receive them",
+                        ),
+                        Decoded::Payload { .. } => self.send_error(
+                            &state.metrics,
+                            ErrorCode::Internal,
+                            None,
+                            "payload bytes reached the frame decoder",
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies the deadlines: the close deadline of a closing connection, the handshake
+    /// deadline before Hello, and a publisher's batch deadline and move to staging. Called on
+    /// every turn of the loop, read or not.
+    fn check_deadlines(&mut self, state: &mut BrokerState<M>, now: Instant) {
+        if self.closing {
+            self.check_close_deadline(state, now);
+            return;
+        }
+        if let Some(deadline) = self.handshake_deadline
+            && now >= deadline
+        {
+            if let Some(count) = Metrics::inc_logged(&state.metrics.hello_deadlines_expired) {
+                log::info!(
+                    "connection {}: no Hello in time ({count} such connections closed)",
+                    self.id
+                );
+            }
+            let reason = format!(
+                "no Hello or CreateTopic within {} ms (--hello-timeout-ms)",
+                state.settings.limits.hello_timeout_ms
+            );
+            self.send_error(&state.metrics, ErrorCode::DeadlineExpired, None, &reason);
+            return;
+        }
+        self.check_batch_deadline(state, now);
+    }
+
+    /// A closing connection whose peer does not take the last bytes in time is abandoned.
+    fn check_close_deadline(&mut self, state: &mut BrokerState<M>, now: Instant) {
+        let since = *self.closing_since.get_or_insert(now);
+        let timeout = state.settings.limits.close_timeout();
+        if !self.abandoned && self.has_output() && now.saturating_duration_since(since) >= timeout {
+            self.abandoned = true;
+            if let Some(count) = Metrics::inc_logged(&state.metrics.close_deadlines_expired) {
+                log::info!(
+                    "connection {}: its peer did not take the last {} bytes within {} ms \
+                     (--close-timeout-ms): dropped ({count} so far)",
+                    self.id,
+                    self.output.len() - self.output_start,
+                    timeout.as_millis()
+                );
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>, now: Instant) {
+        match (&self.role, frame) {
+            (Peer::Handshake, Frame::Hello(hello)) => {
+                self.handshake_deadline = None;
+                self.on_hello(hello, state, now);
+            }
+            (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
+                self.role = Peer::Admin;
+                // An admin connection's next frame is due within the same time.
+                self.handshake_deadline = Some(after(now, state.settings.limits.hello_timeout()));
+                self.on_create_topic(create, state);
+            }
+            (Peer::Handshake, _) => self.send_error(
+                &state.metrics,
+                ErrorCode::UnexpectedFrame,
+                None,
+                "the first frame must be Hello or CreateTopic",
+            ),
+            (Peer::Publisher(_), Frame::Goodbye) => {
+                if let Peer::Publisher(p) = &mut self.role {
+                    p.goodbye = true;
+                }
+            }
+            (Peer::Subscriber(_) | Peer::Admin, Frame::Goodbye) => {
+                self.send_frame(&Frame::Goodbye);
+                self.closing = true;
+            }
+            (_, frame) => {
+                let reason = format!(
+                    "a {:?} frame is not valid on this connection now",
+                    frame.kind()
+                );
+                self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
+            }
+        }
+    }
+
+    /// One turn of a network loop for this connection: read (when the stream is readable,
+    /// or to retry a batch waiting for pool room), queue ACKs and deliveries, write (when
+    /// the stream is writable), and say whether the connection is over. Both backends drive
+    /// connections through this.
+    pub fn service<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        state: &mut BrokerState<M>,
+        now: Instant,
+        readable: bool,
+        writable: bool,
+    ) -> Service {
+        let mut service = Service {
+            input: None,
+            wrote: false,
+            released: false,
+            ended: false,
+        };
+        if readable || self.waits_for_room() {
+            let input = self.on_readable(stream, state, now);
+            service.ended |= input == InputState::Ended;
+            service.input = Some(input);
+        }
+        // After reading: a frame that was waiting in the socket beats its deadline.
+        self.check_deadlines(state, now);
+        service.released = self.release_durable(state, now);
+        self.flush_acks();
+        if self.is_subscriber() {
+            self.produce_deliveries(state, now);
+        }
+        if self.has_output() && writable {
+            let queued = self.output.len() - self.output_start;
+            service.ended |= !self.on_writable(stream);
+            service.wrote = true;
+            let taken = queued - (self.output.len() - self.output_start);
+            if taken > 0
+                && let Peer::Subscriber(subscriber) = &mut self.role
+            {
+                // A subscriber that takes bytes is reading, even while a large batch keeps its
+                // queue above the high-water mark.
+                subscriber.progress_at = now;
+            }
+        }
+        service.ended |= self.is_finished();
+        service
+    }
+
+    /// Sends queued output; returns false when the stream failed.
+    pub fn on_writable<S: ByteStream>(&mut self, stream: &mut S) -> bool {
+        while self.output_start < self.output.len() {
+            match stream.send(&self.output[self.output_start..]) {
+                Ok(0) => return false,
+                Ok(n) => self.output_start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("connection {}: send failed: {e}", self.id);
+                    return false;
+                }
+            }
+        }
+        if self.output_start == self.output.len() {
+            self.output.clear();
+            self.output_start = 0;
+        } else if self.output_start >= OUTPUT_COMPACT_BYTES {
+            self.output.drain(..self.output_start);
+            self.output_start = 0;
+        }
+        true
+    }
+
+    /// Releases what the connection holds (a half-received batch, in the pool or in
+    /// staging) when it ends.
+    pub fn on_closed(&mut self, state: &mut BrokerState<M>) {
+        self.drop_batch(state);
+    }
+}
+
+/// The bytes to send a peer whose connection the limits refuse, before closing it: an
+/// Error frame with code `ConnectionLimit` that says which limit.
+pub fn refusal_frame(refusal: &ConnectionRefused) -> Vec<u8> {
+    Frame::Error(ErrorFrameRepr::new(
+        ErrorCode::ConnectionLimit,
+        None,
+        &refusal.to_string(),
+    ))
+    .to_bytes()
+}

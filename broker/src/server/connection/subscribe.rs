@@ -1,0 +1,161 @@
+//! A subscriber's side of a connection: deliveries in global order, split at message
+//! boundaries, up to the output high-water mark; a subscriber that stops reading stops
+//! holding the log.
+
+use super::*;
+
+#[derive(Debug)]
+pub(super) struct Subscriber<M> {
+    pub(super) reader: LogReader<M>,
+    pub(super) batch_bytes_max: u32,
+    /// Order 0 promises no position, so deliveries carry none.
+    pub(super) positions: bool,
+    /// The topic's retention: whether a stalled subscriber stops holding the log.
+    pub(super) retention: Retention,
+    /// Last time the subscriber took a delivery or was at the end of the log.
+    pub(super) progress_at: Instant,
+    /// Whether its position holds the log (see [`Connection::subscription`]).
+    pub(super) holding: bool,
+}
+
+impl<M: SharedMemory + Clone> Connection<M> {
+    /// For a subscriber that holds the log: its topic and the ordinal of the next batch it
+    /// needs. A subscriber that took nothing for the stall limit holds nothing (on topics
+    /// with [`Retention::StallLimited`]) until it reads again.
+    pub fn subscription(&self) -> Option<(TopicId, u64)> {
+        match &self.role {
+            Peer::Subscriber(subscriber) if !self.closing && subscriber.holding => {
+                Some((subscriber.reader.topic(), subscriber.reader.next_ordinal()))
+            }
+            _ => None,
+        }
+    }
+
+    /// True for subscribers, which the loop polls for new deliveries.
+    pub fn is_subscriber(&self) -> bool {
+        matches!(self.role, Peer::Subscriber(_))
+    }
+
+    /// Queues deliveries for a subscriber while its output has room, and lets a subscriber
+    /// that took nothing for the stall limit stop holding the log.
+    pub fn produce_deliveries(&mut self, state: &BrokerState<M>, now: Instant) {
+        if self.closing {
+            return;
+        }
+        let Peer::Subscriber(subscriber) = &mut self.role else {
+            return;
+        };
+        let stall = state.settings.limits.subscriber_stall();
+        if subscriber.holding
+            && subscriber.retention == Retention::StallLimited
+            && now.saturating_duration_since(subscriber.progress_at) >= stall
+        {
+            subscriber.holding = false;
+            if let Some(count) = Metrics::inc_logged(&state.metrics.subscribers_released) {
+                log::info!(
+                    "connection {}: the subscriber took nothing for {} ms \
+                     (--subscriber-stall-ms): it no longer holds the log at batch {} ({count} \
+                     subscribers released so far)",
+                    self.id,
+                    stall.as_millis(),
+                    subscriber.reader.next_ordinal()
+                );
+            }
+        }
+        if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+            return;
+        }
+        if self.output_start > 0 && self.output_start == self.output.len() {
+            self.output.clear();
+            self.output_start = 0;
+        }
+        let limit = subscriber.batch_bytes_max as usize;
+        let positions = subscriber.positions;
+        // Up to the high-water mark: a batch may overshoot it, but no more are added then.
+        let room = (OUTPUT_HIGH_WATER_BYTES + self.output_start - self.output.len()) as u64;
+        let output = &mut self.output;
+        let mut last_batch_start = output.len();
+        let mut oversize = None;
+        let result = subscriber
+            .reader
+            .poll_within(DELIVERIES_PER_POLL, room, |batch| {
+                last_batch_start = output.len();
+                let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
+                    let header = DeliveryHeaderRepr {
+                        global_start: positions.then_some(global_start),
+                        message_count,
+                        payload_bytes: payload.len() as u32,
+                        checksum: if payload.len() == batch.payload.len() {
+                            batch.checksum
+                        } else {
+                            wire::payload::checksum(payload)
+                        },
+                        broker_id: batch.broker,
+                        client_id: batch.client_id,
+                        batch_seq: batch.batch_seq,
+                        session_epoch: batch.session_epoch,
+                    };
+                    output.extend_from_slice(&header.frame_prefix());
+                    output.extend_from_slice(payload);
+                };
+                if batch.payload.len() <= limit {
+                    emit(batch.payload, batch.message_count, batch.global_start);
+                    return;
+                }
+                // Split at message boundaries into deliveries of at most `limit` bytes.
+                let (mut from, mut count, mut position, mut start_position) =
+                    (0usize, 0u32, batch.global_start, batch.global_start);
+                let mut at = 0usize;
+                for message in batch.messages() {
+                    let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
+                    if size > limit {
+                        oversize = Some(size);
+                        return;
+                    }
+                    if at + size - from > limit {
+                        emit(&batch.payload[from..at], count, start_position);
+                        from = at;
+                        count = 0;
+                        start_position = position;
+                    }
+                    at += size;
+                    count += 1;
+                    position += 1;
+                }
+                emit(&batch.payload[from..at], count, start_position);
+            });
+        let metrics = &state.metrics;
+        // Progress: it took deliveries, or has read everything there is.
+        if result.is_ok() {
+            subscriber.progress_at = now;
+            if !subscriber.holding {
+                subscriber.holding = true;
+                log::info!(
+                    "connection {}: the subscriber reads again: it holds the log from batch {}",
+                    self.id,
+                    subscriber.reader.next_ordinal()
+                );
+            }
+        }
+        match result {
+            Ok(delivered) => {
+                metrics
+                    .batches_delivered
+                    .fetch_add(delivered as u64, Ordering::Relaxed);
+                if let Some(size) = oversize {
+                    self.output.truncate(last_batch_start);
+                    let reason = format!(
+                        "a message of {size} bytes exceeds the subscriber's limit of {limit}"
+                    );
+                    self.send_error(metrics, ErrorCode::BatchTooLarge, None, &reason);
+                }
+            }
+            Err(e @ (ReadError::Overwritten { .. } | ReadError::Truncated { .. })) => {
+                self.output.truncate(last_batch_start);
+                let reason = format!("the subscriber fell behind the retained log: {e}");
+                self.send_error(metrics, ErrorCode::PositionTruncated, None, &reason);
+            }
+            Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
+        }
+    }
+}
