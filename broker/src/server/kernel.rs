@@ -73,7 +73,7 @@ pub struct KernelLoop {
 impl std::fmt::Debug for KernelLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KernelLoop")
-            .field("broker", &self.state.settings.broker_id)
+            .field("broker", &self.state.settings().broker_id)
             .field("clients", &self.clients.len())
             .finish()
     }
@@ -118,7 +118,7 @@ impl KernelLoop {
             Err(e) => {
                 log::error!(
                     "broker {}: cannot create epoll: {e}",
-                    self.state.settings.broker_id
+                    self.state.settings().broker_id
                 );
                 return;
             }
@@ -129,7 +129,7 @@ impl KernelLoop {
         {
             log::error!(
                 "broker {}: cannot poll the listener: {e}",
-                self.state.settings.broker_id
+                self.state.settings().broker_id
             );
             return;
         }
@@ -140,7 +140,7 @@ impl KernelLoop {
             if self.crash.load(Ordering::Relaxed) {
                 log::warn!(
                     "broker {}: crashed on request ({} connections dropped)",
-                    self.state.settings.broker_id,
+                    self.state.settings().broker_id,
                     self.clients.len()
                 );
                 return;
@@ -166,7 +166,7 @@ impl KernelLoop {
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     log::error!(
                         "broker {}: epoll failed: {e}",
-                        self.state.settings.broker_id
+                        self.state.settings().broker_id
                     );
                     break;
                 }
@@ -213,10 +213,10 @@ impl KernelLoop {
 
     fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
-        if let Some(client) = self.clients.get_mut(&Token(outcome.slot.conn as usize)) {
+        if let Some(client) = self.clients.get_mut(&Token(outcome.conn as usize)) {
             client
                 .connection
-                .on_outcome(outcome, &self.state.metrics, now);
+                .on_outcome(outcome, self.state.metrics(), now);
         }
     }
 
@@ -231,7 +231,7 @@ impl KernelLoop {
                     if let Err(e) = self.configure(&stream) {
                         log::warn!(
                             "broker {}: cannot configure the socket of {peer}: {e}",
-                            self.state.settings.broker_id
+                            self.state.settings().broker_id
                         );
                     }
                     let token = Token(self.next_token);
@@ -243,7 +243,7 @@ impl KernelLoop {
                     ) {
                         log::warn!(
                             "broker {}: cannot poll the connection of {peer}: {e}",
-                            self.state.settings.broker_id
+                            self.state.settings().broker_id
                         );
                         self.state.release_connection(peer.ip());
                         continue;
@@ -261,7 +261,7 @@ impl KernelLoop {
                     );
                     log::debug!(
                         "broker {}: connection {} from {peer}",
-                        self.state.settings.broker_id,
+                        self.state.settings().broker_id,
                         token.0
                     );
                 }
@@ -269,7 +269,7 @@ impl KernelLoop {
                 Err(e) => {
                     log::warn!(
                         "broker {}: accept failed: {e}",
-                        self.state.settings.broker_id
+                        self.state.settings().broker_id
                     );
                     return;
                 }
@@ -298,14 +298,14 @@ impl KernelLoop {
             self.logged_buffers = true;
             log::info!(
                 "broker {}: accepted sockets get SO_RCVBUF {receive} and SO_SNDBUF {send} bytes (asked {}; the kernel doubles it, and caps it at net.core.rmem_max/wmem_max)",
-                self.state.settings.broker_id,
+                self.state.settings().broker_id,
                 self.socket_buffer_bytes
             );
         }
         if receive < self.socket_buffer_bytes {
             log::warn!(
                 "broker {}: SO_RCVBUF is {receive} bytes, below the {} asked: raise net.core.rmem_max",
-                self.state.settings.broker_id,
+                self.state.settings().broker_id,
                 self.socket_buffer_bytes
             );
         }
@@ -343,7 +343,7 @@ impl KernelLoop {
                 self.state.release_connection(client.address);
                 log::debug!(
                     "broker {}: connection {} closed",
-                    self.state.settings.broker_id,
+                    self.state.settings().broker_id,
                     token.0
                 );
             }

@@ -5,7 +5,6 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use crate::metrics::{Metrics, SequencerRole};
 use crate::server::limits::{ClientLimits, ConnectionRefused, ConnectionTable, StagingBudget};
@@ -13,7 +12,10 @@ use shared_log::Order;
 use shared_log::coherence::SharedMemory;
 use shared_log::layout::CompletionStatus;
 use shared_log::pool::{Pool, PoolError, TopicConfig, TopicId};
-use shared_log::writer::{ClaimMoved, SlotOutcome, TopicWriter, WriterError};
+use shared_log::reader::{LogReader, ReadError};
+use shared_log::writer::{
+    AppendError, BatchMeta, ClaimMoved, Reservation, SlotOutcome, TopicWriter, WriterError,
+};
 
 /// Identifies a connection within one broker.
 pub type ConnId = u64;
@@ -40,24 +42,23 @@ pub struct BrokerSettings {
 /// Publisher clients whose session epochs a broker remembers.
 pub const CLIENTS_REMEMBERED: usize = 65_536;
 
-/// A committed batch waiting for the sequencer's decision.
+/// Where the decision on a committed ring slot goes: the connection that committed it. The
+/// batch itself (sequence, size, arrival) is recorded once, by that connection; both sides
+/// check that they pair the same slot (see [`BrokerState::poll_outcomes`] and the
+/// connection's `on_outcome`).
 #[derive(Debug, Clone, Copy)]
-pub struct PendingSlot {
-    /// Connection that sent it (may have closed since).
-    pub conn: ConnId,
-    /// The publisher's batch sequence.
-    pub batch_seq: u64,
-    /// Messages in the batch.
-    pub message_count: u32,
-    /// When its payload was fully received (for the ACK latency).
-    pub received_at: Instant,
+struct PendingRoute {
+    slot: u64,
+    conn: ConnId,
 }
 
 /// A decision for a batch, routed to the connection that sent it.
 #[derive(Debug, Clone, Copy)]
 pub struct RoutedOutcome {
-    /// The batch as it was committed.
-    pub slot: PendingSlot,
+    /// The connection that committed the batch (it may have closed since).
+    pub conn: ConnId,
+    /// The ring slot the batch was committed in.
+    pub slot: u64,
     /// What the sequencer decided.
     pub status: CompletionStatus,
     /// Its first global position, when known.
@@ -66,33 +67,33 @@ pub struct RoutedOutcome {
 
 /// One topic this broker writes.
 #[derive(Debug)]
-pub struct TopicState<M> {
-    /// The topic's configuration.
-    pub config: TopicConfig,
+struct TopicState<M> {
     /// This broker's ring writer for it.
-    pub writer: TopicWriter<M>,
+    writer: TopicWriter<M>,
     /// Committed slots not yet decided, in slot order.
-    pub pending: VecDeque<PendingSlot>,
+    pending: VecDeque<PendingRoute>,
     /// Undecided slots an earlier run of this broker committed: their completions come
     /// before those of `pending` and have no connection to go to (their publishers resend).
-    pub orphaned: u64,
+    orphaned: u64,
 }
 
-/// The broker-wide state the connections share.
+/// The broker-wide state the connections share: the pool, this broker's ring writers, the
+/// routes of the decisions they wait for, sessions, limits and counters. Connections reach
+/// the pool only through its methods.
 #[derive(Debug)]
 pub struct BrokerState<M> {
     /// This agent's view of the pool.
-    pub pool: Pool<M>,
+    pool: Pool<M>,
     /// Settings.
-    pub settings: BrokerSettings,
+    settings: BrokerSettings,
     /// Counters.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     /// Topics this broker writes, by id.
-    pub topics: HashMap<TopicId, TopicState<M>>,
+    topics: HashMap<TopicId, TopicState<M>>,
     /// Highest session epoch seen per client (at most [`CLIENTS_REMEMBERED`]).
-    pub epochs: HashMap<u64, u32>,
+    epochs: HashMap<u64, u32>,
     /// First batch sequence not yet seen per session (only each client's latest epoch).
-    pub next_batch_seq: HashMap<(u64, u32), u64>,
+    next_batch_seq: HashMap<(u64, u32), u64>,
     /// Per topic, the lowest ordinal this broker's subscribers need, as last published.
     subscribed: HashMap<TopicId, u64>,
     /// Scratch map for [`Self::publish_subscriptions`], reused so the loop does not allocate.
@@ -106,7 +107,7 @@ pub struct BrokerState<M> {
     /// Connections open, in all and per address.
     connections: ConnectionTable,
     /// Bytes of slow batches held outside the pool.
-    pub staging: StagingBudget,
+    staging: StagingBudget,
     /// The token this broker holds its id's claim with; its ring writers check it before
     /// they publish (`None`: no claim to check, a pool of its own in tests).
     claim_token: Option<u64>,
@@ -235,10 +236,10 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         }
     }
 
-    /// The writer state of `topic`, created on first use.
-    pub fn topic(&mut self, topic: TopicId) -> Result<&mut TopicState<M>, WriterError> {
+    /// Gets ready to write `topic` (its ring writer, created on first use); returns the
+    /// largest batch its ring takes.
+    pub fn open_writer(&mut self, topic: TopicId) -> Result<u64, WriterError> {
         if !self.topics.contains_key(&topic) {
-            let config = self.pool.topic_config(topic)?;
             let mut writer = TopicWriter::new(self.pool.clone(), topic, self.settings.broker_id)?;
             if let Some(token) = self.claim_token {
                 writer = writer.with_claim_token(token);
@@ -247,14 +248,156 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             self.topics.insert(
                 topic,
                 TopicState {
-                    config,
                     writer,
                     pending: VecDeque::new(),
                     orphaned: recovered,
                 },
             );
         }
-        Ok(self.topics.get_mut(&topic).expect("inserted above"))
+        Ok(self.writer(topic).batch_bytes_max())
+    }
+
+    fn writer(&self, topic: TopicId) -> &TopicWriter<M> {
+        &self.topics[&topic].writer
+    }
+
+    fn writer_mut(&mut self, topic: TopicId) -> &mut TopicWriter<M> {
+        &mut self
+            .topics
+            .get_mut(&topic)
+            .expect("a connection writes only topics it opened")
+            .writer
+    }
+
+    /// Reserves room for a batch of `payload_bytes` in `topic`'s payload log (and a ring
+    /// slot, taken at commit). A full log or ring is backpressure, never loss.
+    pub fn begin_batch(
+        &mut self,
+        topic: TopicId,
+        payload_bytes: u64,
+    ) -> Result<Reservation, AppendError> {
+        self.writer_mut(topic).reserve(payload_bytes)
+    }
+
+    /// Runs `f` over a reservation's payload bytes in the pool (the network receive path).
+    pub fn fill_batch<R>(
+        &self,
+        topic: TopicId,
+        reservation: &Reservation,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        self.writer(topic).fill(reservation, f)
+    }
+
+    /// Copies a whole payload (received in staging) into a reservation of its size.
+    pub fn write_batch(&mut self, topic: TopicId, reservation: &mut Reservation, payload: &[u8]) {
+        self.writer_mut(topic).write_payload(reservation, payload);
+    }
+
+    /// Gives a reservation back: nothing of it is written.
+    pub fn abort_batch(&mut self, topic: TopicId, reservation: Reservation) {
+        self.writer_mut(topic).abort(reservation);
+    }
+
+    /// Publishes a filled reservation as `topic`'s next ring slot, for connection `conn`:
+    /// the sequencer's decision on it will be routed there. Returns the slot.
+    pub fn commit_batch(
+        &mut self,
+        topic: TopicId,
+        reservation: Reservation,
+        meta: BatchMeta,
+        conn: ConnId,
+    ) -> Result<u64, ClaimMoved> {
+        let state = self
+            .topics
+            .get_mut(&topic)
+            .expect("a connection writes only topics it opened");
+        let slot = state.writer.commit(reservation, meta)?;
+        state.pending.push_back(PendingRoute { slot, conn });
+        Ok(slot)
+    }
+
+    /// How many reservations in `topic` were refused for want of room so far (see
+    /// `TopicWriter::full_events`).
+    pub fn room_refusals(&self, topic: TopicId) -> u64 {
+        self.topics
+            .get(&topic)
+            .map_or(0, |state| state.writer.full_events())
+    }
+
+    /// A reader of `topic` from its start.
+    pub fn open_reader(&self, topic: TopicId) -> Result<LogReader<M>, ReadError> {
+        LogReader::new(self.pool.clone(), topic, false)
+    }
+
+    /// Finds a topic by name.
+    pub fn find_topic(&self, name: &str) -> Result<Option<(TopicId, TopicConfig)>, PoolError> {
+        self.pool.find_topic(name)
+    }
+
+    /// Creates a topic (CreateTopic); see [`Self::creates_topics`].
+    pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicId, PoolError> {
+        self.pool.create_topic(name, config)
+    }
+
+    /// Takes `bytes` of the staging budget, if free.
+    pub fn take_staging(&mut self, bytes: u64) -> bool {
+        let taken = self.staging.take(bytes, &self.settings.limits);
+        self.metrics
+            .staging_bytes
+            .store(self.staging.used_bytes(), Ordering::Relaxed);
+        taken
+    }
+
+    /// Gives back `bytes` of the staging budget.
+    pub fn give_back_staging(&mut self, bytes: u64) {
+        if bytes > 0 {
+            self.staging.give_back(bytes);
+            self.metrics
+                .staging_bytes
+                .store(self.staging.used_bytes(), Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes of staging in use.
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging.used_bytes()
+    }
+
+    /// The first batch sequence of session (`client`, `epoch`) this broker has not seen.
+    pub fn next_batch_seq(&self, client: u64, epoch: u32) -> u64 {
+        self.next_batch_seq
+            .get(&(client, epoch))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Records that session (`client`, `epoch`) sent batch `seq` here.
+    pub fn saw_batch_seq(&mut self, client: u64, epoch: u32, seq: u64) {
+        let next = self.next_batch_seq.entry((client, epoch)).or_default();
+        *next = (*next).max(seq + 1);
+    }
+
+    /// The pool (for unit tests that read what the connections wrote).
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &Pool<M> {
+        &self.pool
+    }
+
+    /// Reservations and committed slots not yet decided in `topic` (for unit tests).
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self, topic: TopicId) -> u64 {
+        self.writer(topic).in_flight()
+    }
+
+    /// The broker's settings.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.settings
+    }
+
+    /// The broker's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Finds a topic, or creates it when this is the head and auto-creation is on.
@@ -303,14 +446,19 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
                         return;
                     }
                     match pending.pop_front() {
-                        Some(slot) => out.push(RoutedOutcome {
-                            slot,
+                        // Both sides of the boundary check the pairing, in release builds
+                        // too: the writer's completions come in slot order, and so do the
+                        // routes.
+                        Some(route) if route.slot == outcome.slot => out.push(RoutedOutcome {
+                            conn: route.conn,
+                            slot: outcome.slot,
                             status: outcome.status,
                             global_start: outcome.global_start,
                         }),
-                        None => {
+                        route => {
                             log::error!(
-                                "completion for slot {} that no connection committed",
+                                "completion for slot {} paired with {route:?}: the decision \
+                                 is lost (a broker bug)",
                                 outcome.slot
                             );
                             Metrics::inc(&metrics.batches_dropped);

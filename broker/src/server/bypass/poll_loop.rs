@@ -179,7 +179,7 @@ pub struct BypassLoop<D> {
 impl<D> std::fmt::Debug for BypassLoop<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BypassLoop")
-            .field("broker", &self.state.settings.broker_id)
+            .field("broker", &self.state.settings().broker_id)
             .field("sockets", &self.slots.len())
             .finish()
     }
@@ -310,11 +310,11 @@ impl<D: Device + Burst> BypassLoop<D> {
                 if drops.due(now) {
                     let (new, warning) = drops.observe(self.device.stats(), now);
                     self.state
-                        .metrics
+                        .metrics()
                         .xdp_rx_dropped
                         .fetch_add(new, Ordering::Relaxed);
                     if let Some(warning) = warning {
-                        log::warn!("broker {}: {warning}", self.state.settings.broker_id);
+                        log::warn!("broker {}: {warning}", self.state.settings().broker_id);
                     }
                 }
                 if self.stop.load(Ordering::Relaxed) {
@@ -389,7 +389,7 @@ impl<D: Device + Burst> BypassLoop<D> {
             log::warn!(
                 "broker {}: bypass network loop ended at once, its id taken over ({open} \
                  connections reset)",
-                self.state.settings.broker_id
+                self.state.settings().broker_id
             );
             return self.device;
         }
@@ -418,7 +418,7 @@ impl<D: Device + Burst> BypassLoop<D> {
             }
         }
         let (cookies, neighbours) = self.device.hook_counts();
-        let metrics = &self.state.metrics;
+        let metrics = self.state.metrics();
         metrics
             .xdp_cookie_adopted
             .store(cookies.adopted, Ordering::Relaxed);
@@ -443,8 +443,8 @@ impl<D: Device + Burst> BypassLoop<D> {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
         for (_, slot, id) in &mut self.slots {
             if let Slot::Active(connection, _) = slot {
-                if *id == outcome.slot.conn {
-                    connection.on_outcome(outcome, &self.state.metrics, now);
+                if *id == outcome.conn {
+                    connection.on_outcome(outcome, self.state.metrics(), now);
                     return;
                 }
             }
@@ -455,7 +455,7 @@ impl<D: Device + Burst> BypassLoop<D> {
     /// re-arms closed ones. Returns whether anything happened.
     fn drive(&mut self, now: StdInstant) -> bool {
         let mut worked = false;
-        let broker = self.state.settings.broker_id;
+        let broker = self.state.settings().broker_id;
         for (handle, slot, id) in &mut self.slots {
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
             match slot {

@@ -23,7 +23,7 @@ use wire::{
 
 use crate::metrics::Metrics;
 use crate::server::limits::ConnectionRefused;
-use crate::server::state::{BrokerState, ConnId, PendingSlot, RoutedOutcome};
+use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use shared_log::Retention;
 use shared_log::coherence::SharedMemory;
 use shared_log::layout::CompletionStatus;
@@ -152,7 +152,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     pub fn new(id: ConnId, state: &BrokerState<M>, now: Instant) -> Connection<M> {
         Connection {
             id,
-            decoder: FrameDecoder::new(limits(&state.settings)),
+            decoder: FrameDecoder::new(limits(state.settings())),
             input: vec![0; INPUT_BUFFER_BYTES],
             input_start: 0,
             input_end: 0,
@@ -160,7 +160,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             output_start: 0,
             role: Peer::Handshake,
             closing: false,
-            handshake_deadline: Some(after(now, state.settings.limits.hello_timeout())),
+            handshake_deadline: Some(after(now, state.settings().limits.hello_timeout())),
             closing_since: None,
             abandoned: false,
             output_full: false,
@@ -259,7 +259,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
                 if !self.output_full {
                     self.output_full = true;
-                    Metrics::inc(&state.metrics.output_full_waits);
+                    Metrics::inc(&state.metrics().output_full_waits);
                 }
                 return InputState::Paused;
             }
@@ -290,7 +290,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 .decode(&self.input[self.input_start..self.input_end]);
             match decoded {
                 Err(error) => {
-                    self.protocol_error(&state.metrics, &error);
+                    self.protocol_error(state.metrics(), &error);
                     return InputState::Paused;
                 }
                 Ok((consumed, decoded)) => {
@@ -300,13 +300,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         Decoded::Frame(frame) => self.on_frame(frame, state, now),
                         Decoded::Batch(header) => self.on_batch_header(header, state),
                         Decoded::Delivery(_) => self.send_error(
-                            &state.metrics,
+                            state.metrics(),
                             ErrorCode::BadRole,
                             None,
                             "brokers send Delivery frames, they do not receive them",
                         ),
                         Decoded::Payload { .. } => self.send_error(
-                            &state.metrics,
+                            state.metrics(),
                             ErrorCode::Internal,
                             None,
                             "payload bytes reached the frame decoder",
@@ -328,7 +328,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         if let Some(deadline) = self.handshake_deadline
             && now >= deadline
         {
-            if let Some(count) = Metrics::inc_logged(&state.metrics.hello_deadlines_expired) {
+            if let Some(count) = Metrics::inc_logged(&state.metrics().hello_deadlines_expired) {
                 log::info!(
                     "connection {}: no Hello in time ({count} such connections closed)",
                     self.id
@@ -336,9 +336,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
             }
             let reason = format!(
                 "no Hello or CreateTopic within {} ms (--hello-timeout-ms)",
-                state.settings.limits.hello_timeout_ms
+                state.settings().limits.hello_timeout_ms
             );
-            self.send_error(&state.metrics, ErrorCode::DeadlineExpired, None, &reason);
+            self.send_error(state.metrics(), ErrorCode::DeadlineExpired, None, &reason);
             return;
         }
         self.check_batch_deadline(state, now);
@@ -347,10 +347,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// A closing connection whose peer does not take the last bytes in time is abandoned.
     fn check_close_deadline(&mut self, state: &mut BrokerState<M>, now: Instant) {
         let since = *self.closing_since.get_or_insert(now);
-        let timeout = state.settings.limits.close_timeout();
+        let timeout = state.settings().limits.close_timeout();
         if !self.abandoned && self.has_output() && now.saturating_duration_since(since) >= timeout {
             self.abandoned = true;
-            if let Some(count) = Metrics::inc_logged(&state.metrics.close_deadlines_expired) {
+            if let Some(count) = Metrics::inc_logged(&state.metrics().close_deadlines_expired) {
                 log::info!(
                     "connection {}: its peer did not take the last {} bytes within {} ms \
                      (--close-timeout-ms): dropped ({count} so far)",
@@ -371,11 +371,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
             (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
                 self.role = Peer::Admin;
                 // An admin connection's next frame is due within the same time.
-                self.handshake_deadline = Some(after(now, state.settings.limits.hello_timeout()));
+                self.handshake_deadline = Some(after(now, state.settings().limits.hello_timeout()));
                 self.on_create_topic(create, state);
             }
             (Peer::Handshake, _) => self.send_error(
-                &state.metrics,
+                state.metrics(),
                 ErrorCode::UnexpectedFrame,
                 None,
                 "the first frame must be Hello or CreateTopic",
@@ -394,7 +394,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     "a {:?} frame is not valid on this connection now",
                     frame.kind()
                 );
-                self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
+                self.send_error(state.metrics(), ErrorCode::UnexpectedFrame, None, &reason);
             }
         }
     }

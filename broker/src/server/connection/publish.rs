@@ -55,9 +55,14 @@ impl Receiving {
 }
 
 #[derive(Debug, Clone, Copy)]
+/// A batch committed and not yet decided: the one record of it on this broker.
 pub(super) struct InFlight {
+    /// Its ring slot (the sequencer's decision names it).
+    pub(super) slot: u64,
     pub(super) batch_seq: u64,
     pub(super) message_count: u32,
+    /// When its payload was complete (for the ACK latency).
+    pub(super) received_at: Instant,
 }
 
 #[derive(Debug)]
@@ -147,7 +152,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             self.input_end - self.input_start
         );
         self.input_start = self.input_end;
-        self.send_error(&state.metrics, ErrorCode::UnexpectedFrame, None, &reason);
+        self.send_error(state.metrics(), ErrorCode::UnexpectedFrame, None, &reason);
         InputState::Paused
     }
 
@@ -161,108 +166,95 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return None;
         };
+        let topic = publisher.topic;
         let buffered = &self.input[self.input_start..self.input_end];
-        match &mut publisher.receiving {
-            Receiving::Idle => None,
-            Receiving::WaitingForRoom {
-                header,
-                full_since,
-                stalled,
-                staged,
-            } => {
-                let header = *header;
-                let topic = state
-                    .topics
-                    .get_mut(&publisher.topic)
-                    .expect("publisher's topic state");
-                match topic.writer.reserve(u64::from(header.payload_bytes)) {
-                    Ok(mut reservation) => {
-                        if let Some(staged) = staged.take() {
-                            // Received and checked in staging: into the pool in one copy.
-                            topic.writer.write_payload(&mut reservation, &staged);
-                            state.staging.give_back(staged.len() as u64);
-                            state
-                                .metrics
-                                .staging_bytes
-                                .store(state.staging.used_bytes(), Ordering::Relaxed);
-                            publisher.receiving = Receiving::Idle;
-                            self.commit_batch(state, reservation, header, now);
-                            return Some(Step::Continue);
-                        }
-                        let limits = &state.settings.limits;
-                        publisher.receiving = Receiving::Payload {
-                            header,
-                            reservation,
-                            received: 0,
-                            deadline: after(
-                                now,
-                                limits.batch_deadline(u64::from(header.payload_bytes)),
-                            ),
-                            stage_at: after(now, limits.batch_hold()),
-                            full_events: topic.writer.full_events(),
-                            staging_refused: false,
-                        };
-                        Some(Step::Continue)
-                    }
-                    Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
-                        match full_since {
-                            None => {
-                                *full_since = Some(now);
-                                Metrics::inc(&state.metrics.ring_full_waits);
-                            }
-                            Some(since) if !*stalled && now.duration_since(*since) > STALL => {
-                                *stalled = true;
-                                Metrics::inc(&state.metrics.receive_stalls_over_50ms);
-                            }
-                            Some(_) => {}
-                        }
-                        Some(Step::Stop(InputState::Paused))
-                    }
-                    Err(AppendError::ClaimMoved(moved)) => {
-                        self.end_for_claim_moved(state, moved);
-                        Some(Step::Stop(InputState::Paused))
-                    }
-                    Err(other) => {
-                        let staged_bytes = publisher.receiving.staged_bytes();
-                        publisher.receiving = Receiving::Idle;
-                        self.give_back_staging(state, staged_bytes);
-                        let reason = other.to_string();
-                        self.send_error(
-                            &state.metrics,
-                            ErrorCode::BatchTooLarge,
-                            Some(header.batch_seq),
-                            &reason,
-                        );
-                        Some(Step::Stop(InputState::Paused))
-                    }
-                }
-            }
+        let id = self.id;
+        let got = match &mut publisher.receiving {
+            Receiving::Idle => return None,
+            Receiving::WaitingForRoom { .. } => return Some(self.reserve_room(state, now)),
             Receiving::Payload {
                 header,
                 reservation,
                 received,
                 ..
             } => {
-                let total = u64::from(header.payload_bytes);
-                let writer = &state
-                    .topics
-                    .get(&publisher.topic)
-                    .expect("publisher's topic state")
-                    .writer;
-                let at = *received as usize;
-                let want = (total - *received) as usize;
-                let id = self.id;
-                let got = writer.fill(reservation, |payload| {
-                    receive_payload(buffered, stream, &mut payload[at..at + want], id)
-                });
-                self.payload_arrived(got, state, now)
+                let (at, end) = (*received as usize, header.payload_bytes as usize);
+                state.fill_batch(topic, reservation, |payload| {
+                    receive_payload(buffered, stream, &mut payload[at..end], id)
+                })
             }
             Receiving::Staging {
                 staged, received, ..
-            } => {
-                let at = *received as usize;
-                let got = receive_payload(buffered, stream, &mut staged[at..], self.id);
-                self.payload_arrived(got, state, now)
+            } => receive_payload(buffered, stream, &mut staged[*received as usize..], id),
+        };
+        self.payload_arrived(got, state, now)
+    }
+
+    /// A batch's header arrived, or its payload completed in staging: reserves its room in
+    /// the pool (a full pool is backpressure: the connection reads nothing until there is
+    /// room), and commits a staged payload at once.
+    fn reserve_room(&mut self, state: &mut BrokerState<M>, now: Instant) -> Step {
+        let Peer::Publisher(publisher) = &mut self.role else {
+            return Step::Continue;
+        };
+        let Receiving::WaitingForRoom {
+            header,
+            full_since,
+            stalled,
+            staged,
+        } = &mut publisher.receiving
+        else {
+            return Step::Continue;
+        };
+        let (header, topic) = (*header, publisher.topic);
+        match state.begin_batch(topic, u64::from(header.payload_bytes)) {
+            Ok(mut reservation) => {
+                if let Some(staged) = staged.take() {
+                    // Received and checked in staging: into the pool in one copy.
+                    state.write_batch(topic, &mut reservation, &staged);
+                    state.give_back_staging(staged.len() as u64);
+                    publisher.receiving = Receiving::Idle;
+                    self.commit_batch(state, reservation, header, now);
+                    return Step::Continue;
+                }
+                let limits = &state.settings().limits;
+                publisher.receiving = Receiving::Payload {
+                    header,
+                    reservation,
+                    received: 0,
+                    deadline: after(now, limits.batch_deadline(u64::from(header.payload_bytes))),
+                    stage_at: after(now, limits.batch_hold()),
+                    full_events: state.room_refusals(topic),
+                    staging_refused: false,
+                };
+                Step::Continue
+            }
+            Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
+                let metrics = state.metrics();
+                match full_since {
+                    None => {
+                        *full_since = Some(now);
+                        Metrics::inc(&metrics.ring_full_waits);
+                    }
+                    Some(since) if !*stalled && now.duration_since(*since) > STALL => {
+                        *stalled = true;
+                        Metrics::inc(&metrics.receive_stalls_over_50ms);
+                    }
+                    Some(_) => {}
+                }
+                Step::Stop(InputState::Paused)
+            }
+            Err(AppendError::ClaimMoved(moved)) => {
+                self.end_for_claim_moved(state, moved);
+                Step::Stop(InputState::Paused)
+            }
+            Err(other) => {
+                state.give_back_staging(publisher.receiving.staged_bytes());
+                publisher.receiving = Receiving::Idle;
+                let reason = other.to_string();
+                let code = ErrorCode::BatchTooLarge;
+                self.send_error(state.metrics(), code, Some(header.batch_seq), &reason);
+                Step::Stop(InputState::Paused)
             }
         }
     }
@@ -298,7 +290,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             _ => false,
         };
         if let Err(error) = self.decoder.payload_received(read.bytes) {
-            self.protocol_error(&state.metrics, &error);
+            self.protocol_error(state.metrics(), &error);
             return Some(Step::Stop(InputState::Paused));
         }
         if complete {
@@ -330,7 +322,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         };
         if now >= deadline {
             self.drop_batch(state);
-            if let Some(count) = Metrics::inc_logged(&state.metrics.batch_deadlines_expired) {
+            if let Some(count) = Metrics::inc_logged(&state.metrics().batch_deadlines_expired) {
                 log::info!(
                     "connection {}: batch {} arrived slower than the minimum rate ({count} such \
                      batches dropped)",
@@ -338,7 +330,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     header.batch_seq
                 );
             }
-            let limits = &state.settings.limits;
+            let limits = &state.settings().limits;
             let reason = format!(
                 "batch {}: {received} of {} payload bytes arrived within {} ms; a batch must \
                  arrive within {} ms plus its size at {} bytes/s (--batch-grace-ms, \
@@ -352,7 +344,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 limits.batch_min_bytes_per_s
             );
             self.send_error(
-                &state.metrics,
+                state.metrics(),
                 ErrorCode::DeadlineExpired,
                 Some(header.batch_seq),
                 &reason,
@@ -362,13 +354,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
         self.stage_if_slow(state, now);
     }
 
-    /// Moves a batch still arriving after `batch_hold_ms` out of the pool: what has arrived
-    /// is copied to staging and the reservation given back, so that reclaiming the topic's
-    /// payload log never waits on this connection.
+    /// Moves a batch still arriving after `batch_hold_ms`, while its payload log is short of
+    /// room, out of the pool: what has arrived is copied to staging and the reservation given
+    /// back, so that reclaiming the topic's payload log never waits on this connection.
     pub(super) fn stage_if_slow(&mut self, state: &mut BrokerState<M>, now: Instant) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
+        let topic = publisher.topic;
         let Receiving::Payload {
             header,
             stage_at,
@@ -379,28 +372,23 @@ impl<M: SharedMemory + Clone> Connection<M> {
         else {
             return;
         };
-        let under_pressure = state
-            .topics
-            .get(&publisher.topic)
-            .is_some_and(|topic| topic.writer.full_events() > *full_events);
-        if now < *stage_at || !under_pressure {
+        if now < *stage_at || state.room_refusals(topic) <= *full_events {
             return;
         }
-        let limits = state.settings.limits;
         let payload_bytes = u64::from(header.payload_bytes);
-        if !state.staging.take(payload_bytes, &limits) {
+        if !state.take_staging(payload_bytes) {
             // Staging is full: try again after another hold (the deadline still applies).
+            let limits = &state.settings().limits;
             *stage_at = after(now, limits.batch_hold());
-            if !*staging_refused {
-                *staging_refused = true;
-                if let Some(count) = Metrics::inc_logged(&state.metrics.staging_full) {
-                    log::warn!(
-                        "connection {}: a slow batch keeps its room in the pool: staging is \
-                         full (--staging-bytes-max {}; {count} such batches so far)",
-                        self.id,
-                        limits.staging_bytes_max
-                    );
-                }
+            if !std::mem::replace(staging_refused, true)
+                && let Some(count) = Metrics::inc_logged(&state.metrics().staging_full)
+            {
+                log::warn!(
+                    "connection {}: a slow batch keeps its room in the pool: staging is full \
+                     (--staging-bytes-max {}; {count} such batches so far)",
+                    self.id,
+                    limits.staging_bytes_max
+                );
             }
             return;
         }
@@ -415,43 +403,25 @@ impl<M: SharedMemory + Clone> Connection<M> {
             unreachable!("matched above");
         };
         let mut staged = vec![0u8; payload_bytes as usize];
-        let topic = state
-            .topics
-            .get_mut(&publisher.topic)
-            .expect("publisher's topic state");
         let arrived = received as usize;
-        topic.writer.fill(&reservation, |payload| {
+        state.fill_batch(topic, &reservation, |payload| {
             staged[..arrived].copy_from_slice(&payload[..arrived]);
         });
-        topic.writer.abort(reservation);
+        state.abort_batch(topic, reservation);
         publisher.receiving = Receiving::Staging {
             header,
             staged,
             received,
             deadline,
         };
-        Metrics::inc(&state.metrics.batches_staged);
-        state
-            .metrics
-            .staging_bytes
-            .store(state.staging.used_bytes(), Ordering::Relaxed);
-    }
-
-    pub(super) fn give_back_staging(&self, state: &mut BrokerState<M>, bytes: u64) {
-        if bytes > 0 {
-            state.staging.give_back(bytes);
-            state
-                .metrics
-                .staging_bytes
-                .store(state.staging.used_bytes(), Ordering::Relaxed);
-        }
+        Metrics::inc(&state.metrics().batches_staged);
     }
 
     pub(super) fn on_batch_header(&mut self, header: BatchHeaderRepr, state: &mut BrokerState<M>) {
         let Peer::Publisher(publisher) = &mut self.role else {
             let reason = "Batch frames are only accepted after a publisher Hello";
             self.send_error(
-                &state.metrics,
+                state.metrics(),
                 ErrorCode::UnexpectedFrame,
                 Some(header.batch_seq),
                 reason,
@@ -468,7 +438,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 publisher.last_seq.unwrap_or_default()
             );
             self.send_error(
-                &state.metrics,
+                state.metrics(),
                 ErrorCode::InvalidBatchHeader,
                 Some(header.batch_seq),
                 &reason,
@@ -490,30 +460,27 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
+        let topic = publisher.topic;
         match std::mem::replace(&mut publisher.receiving, Receiving::Idle) {
             Receiving::Payload {
                 header,
                 reservation,
                 ..
             } => {
-                let topic = state
-                    .topics
-                    .get_mut(&publisher.topic)
-                    .expect("publisher's topic state");
-                let verdict = topic.writer.fill(&reservation, |payload| {
+                let verdict = state.fill_batch(topic, &reservation, |payload| {
                     wire::verify_payload(&header, payload)
                 });
                 if let Err(error) = verdict {
-                    topic.writer.abort(reservation);
-                    self.protocol_error(&state.metrics, &error);
+                    state.abort_batch(topic, reservation);
+                    self.protocol_error(state.metrics(), &error);
                     return;
                 }
                 self.commit_batch(state, reservation, header, now);
             }
             Receiving::Staging { header, staged, .. } => {
                 if let Err(error) = wire::verify_payload(&header, &staged) {
-                    self.give_back_staging(state, staged.len() as u64);
-                    self.protocol_error(&state.metrics, &error);
+                    state.give_back_staging(staged.len() as u64);
+                    self.protocol_error(state.metrics(), &error);
                     return;
                 }
                 // Into the pool as soon as there is room (at once, unless it is full).
@@ -528,7 +495,8 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
     }
 
-    /// Publishes a filled and checked reservation and books the batch as in flight.
+    /// Publishes a filled and checked reservation and records the batch as in flight (the one
+    /// record of it: the state keeps only where the decision on its slot goes).
     pub(super) fn commit_batch(
         &mut self,
         state: &mut BrokerState<M>,
@@ -539,10 +507,6 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
-        let topic = state
-            .topics
-            .get_mut(&publisher.topic)
-            .expect("publisher's topic state");
         let meta = BatchMeta {
             client_id: publisher.client_id,
             session_epoch: publisher.session_epoch,
@@ -550,50 +514,49 @@ impl<M: SharedMemory + Clone> Connection<M> {
             message_count: header.message_count,
             checksum: header.checksum,
         };
-        if let Err(moved) = topic.writer.commit(reservation, meta) {
-            self.end_for_claim_moved(state, moved);
-            return;
-        }
-        topic.pending.push_back(PendingSlot {
-            conn: self.id,
+        let slot = match state.commit_batch(publisher.topic, reservation, meta, self.id) {
+            Ok(slot) => slot,
+            Err(moved) => return self.end_for_claim_moved(state, moved),
+        };
+        publisher.in_flight.push_back(InFlight {
+            slot,
             batch_seq: header.batch_seq,
             message_count: header.message_count,
             received_at: now,
         });
-        publisher.in_flight.push_back(InFlight {
-            batch_seq: header.batch_seq,
-            message_count: header.message_count,
-        });
-        let next = state
-            .next_batch_seq
-            .entry((publisher.client_id, publisher.session_epoch))
-            .or_default();
-        *next = (*next).max(header.batch_seq + 1);
-        Metrics::inc(&state.metrics.batches_received);
-        state
-            .metrics
+        state.saw_batch_seq(
+            publisher.client_id,
+            publisher.session_epoch,
+            header.batch_seq,
+        );
+        let metrics = state.metrics();
+        Metrics::inc(&metrics.batches_received);
+        metrics
             .bytes_received
             .fetch_add(u64::from(header.payload_bytes), Ordering::Relaxed);
     }
 
-    /// Takes the sequencer's decision on this connection's oldest batch in flight.
+    /// Takes the sequencer's decision on this connection's oldest batch in flight. The
+    /// pairing is checked in release builds too: a decision for another slot is a broker bug,
+    /// reported (Internal) and counted, never applied to the wrong batch.
     pub fn on_outcome(&mut self, outcome: &RoutedOutcome, metrics: &Metrics, now: Instant) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
-        let Some(batch) = publisher.in_flight.pop_front() else {
-            log::error!(
-                "connection {}: outcome for batch {} that is not in flight",
-                self.id,
-                outcome.slot.batch_seq
-            );
-            Metrics::inc(&metrics.batches_dropped);
-            return;
+        let batch = match publisher.in_flight.pop_front() {
+            Some(batch) if batch.slot == outcome.slot => batch,
+            other => {
+                log::error!(
+                    "connection {}: the decision on slot {} paired with {other:?}",
+                    self.id,
+                    outcome.slot
+                );
+                Metrics::inc(&metrics.batches_dropped);
+                let reason = "the broker lost track of a batch in flight";
+                self.send_error(metrics, ErrorCode::Internal, None, reason);
+                return;
+            }
         };
-        debug_assert_eq!(
-            batch.batch_seq, outcome.slot.batch_seq,
-            "outcomes arrive in commit order"
-        );
         if publisher.ack == AckLevel::Replicated {
             // Decisions leave in order, each once the replicas hold it (see release_durable).
             publisher.durable_wait.push_back((*outcome, batch));
@@ -626,7 +589,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 break;
             }
             publisher.durable_wait.pop_front();
-            self.apply_outcome(&outcome, batch, &state.metrics, now);
+            self.apply_outcome(&outcome, batch, state.metrics(), now);
             released = true;
         }
         released
@@ -660,8 +623,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         match outcome.status {
             CompletionStatus::Ordered | CompletionStatus::Duplicate => {
                 Metrics::inc(&metrics.batches_acked);
-                metrics
-                    .observe_ack_latency(now.saturating_duration_since(outcome.slot.received_at));
+                metrics.observe_ack_latency(now.saturating_duration_since(batch.received_at));
                 publisher.ack_entries.push(AckEntry {
                     batch_seq: batch.batch_seq,
                     global_start,
@@ -774,12 +736,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
             return;
         };
         let receiving = std::mem::replace(&mut publisher.receiving, Receiving::Idle);
-        let staged_bytes = receiving.staged_bytes();
-        if let Receiving::Payload { reservation, .. } = receiving
-            && let Some(topic) = state.topics.get_mut(&publisher.topic)
-        {
-            topic.writer.abort(reservation);
+        state.give_back_staging(receiving.staged_bytes());
+        if let Receiving::Payload { reservation, .. } = receiving {
+            state.abort_batch(publisher.topic, reservation);
         }
-        self.give_back_staging(state, staged_bytes);
     }
 }

@@ -45,13 +45,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Subscriber(subscriber) = &mut self.role else {
             return;
         };
-        let stall = state.settings.limits.subscriber_stall();
+        let stall = state.settings().limits.subscriber_stall();
         if subscriber.holding
             && subscriber.retention == Retention::StallLimited
             && now.saturating_duration_since(subscriber.progress_at) >= stall
         {
             subscriber.holding = false;
-            if let Some(count) = Metrics::inc_logged(&state.metrics.subscribers_released) {
+            if let Some(count) = Metrics::inc_logged(&state.metrics().subscribers_released) {
                 log::info!(
                     "connection {}: the subscriber took nothing for {} ms \
                      (--subscriber-stall-ms): it no longer holds the log at batch {} ({count} \
@@ -124,7 +124,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 }
                 emit(&batch.payload[from..at], count, start_position);
             });
-        let metrics = &state.metrics;
+        let metrics = state.metrics();
         // Progress: it took deliveries, or has read everything there is.
         if result.is_ok() {
             subscriber.progress_at = now;

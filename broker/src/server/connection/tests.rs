@@ -188,7 +188,7 @@ fn a_batch_slower_than_its_deadline_is_dropped_and_its_room_given_back() {
     let mut connection = Connection::new(1, &state, start);
     let mut pipe = Pipe::new(bytes);
     connection.service(&mut pipe, &mut state, start, true, true);
-    let writer = |state: &BrokerState<PoolMemory>| state.topics[&0].writer.in_flight();
+    let writer = |state: &BrokerState<PoolMemory>| state.in_flight(0);
     assert_eq!(writer(&state), 1, "the batch has its room");
     // 100 ms of grace plus 8 KiB at 1 MiB/s: 107.8 ms.
     let service = connection.service(&mut pipe, &mut state, start + 107 * MS, true, true);
@@ -237,7 +237,7 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
     // Now the slow batch gives its room back and goes on arriving in staging.
     slow.service(&mut slow_pipe, &mut state, start + 60 * MS, true, true);
     assert_eq!(metrics.batches_staged.load(Ordering::Relaxed), 1);
-    assert_eq!(state.staging.used_bytes(), slow_payload.len() as u64);
+    assert_eq!(state.staging_bytes(), slow_payload.len() as u64);
     slow_pipe.input.extend_from_slice(&slow_payload[100..]);
     let mut outcomes = Vec::new();
     sequencer.refresh_topics().unwrap();
@@ -250,7 +250,7 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
         outcomes.clear();
         state.poll_outcomes(&mut outcomes);
         for outcome in &outcomes {
-            let connection = if outcome.slot.conn == 1 {
+            let connection = if outcome.conn == 1 {
                 &mut slow
             } else {
                 &mut fast
@@ -273,10 +273,10 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
         "the staged batch is in the log"
     );
     assert_eq!(acks(&fast_pipe.output), Some(7));
-    assert_eq!(state.staging.used_bytes(), 0, "staging is given back");
+    assert_eq!(state.staging_bytes(), 0, "staging is given back");
     assert_eq!(metrics.staging_bytes.load(Ordering::Relaxed), 0);
     // The bytes in the log are the publisher's.
-    let mut reader = LogReader::new(state.pool.clone(), 0, true).unwrap();
+    let mut reader = LogReader::new(state.pool().clone(), 0, true).unwrap();
     reader.seek(reader.log_start()).unwrap();
     let mut found = false;
     reader
@@ -340,7 +340,7 @@ fn a_publisher_closing_after_goodbye_ends_a_connection_waiting_for_replicas() {
 fn a_batch_completed_after_the_claim_was_taken_over_is_neither_published_nor_acked() {
     use shared_log::claim::{test_claimant as claimant, try_claim};
     let (state, mut sequencer, _metrics) = head_broker(1);
-    let pool = state.pool.clone();
+    let pool = state.pool().clone();
     try_claim(&pool, 0, 0, &claimant(0x11)).unwrap();
     let mut state = state.with_claim_token(0x11);
     // This broker was paused past its lease; another process took broker id 0 over.
@@ -402,7 +402,7 @@ fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
     let mut outcomes = Vec::new();
     state.poll_outcomes(&mut outcomes);
     for outcome in &outcomes {
-        let connection = if outcome.slot.conn == 1 {
+        let connection = if outcome.conn == 1 {
             &mut first
         } else {
             &mut late
