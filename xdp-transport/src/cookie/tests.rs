@@ -18,8 +18,8 @@ use smoltcp::wire::{
 };
 
 use super::*;
-use crate::server::bypass::neighbour::arp_reply_frame;
-use crate::server::bypass::poll_loop::{abort_half_open, new_socket};
+use crate::neighbour::arp_reply_frame;
+use crate::tcp::{abort_half_open, listen, new_socket};
 
 /// The lab's MTU.
 const MTU: usize = 3500;
@@ -568,7 +568,7 @@ fn a_client_without_window_scaling_is_sent_unscaled_windows() {
 #[test]
 fn the_pool_sockets_send_timestamps() {
     let mut socket = new_socket(BUFFER_BYTES);
-    crate::server::bypass::poll_loop::listen(&mut socket, BROKER_PORT);
+    listen(&mut socket, BROKER_PORT);
     assert!(socket.timestamp_enabled());
 }
 
