@@ -3,7 +3,8 @@
 //! into AF_XDP sockets) and a userspace TCP stack (smoltcp) that a poll loop drives.
 //!
 //! - [`xsk`]: an AF_XDP socket owned directly: the UMEM, the fill, completion, rx and tx
-//!   rings, bound to one interface queue in copy mode (the crate's `unsafe` code).
+//!   rings, bound to one interface queue in copy mode. With [`netlink`], the only module
+//!   with `unsafe` code.
 //! - [`device`]: the smoltcp device over the sockets of an interface's queues
 //!   ([`device::XskDevice`], driven in bursts through [`device::Burst`]), and a
 //!   fault-injecting wrapper for the tests.
