@@ -1,5 +1,6 @@
 //! A simulated client opens a connection with a SYN cookie, is adopted into a smoltcp socket
-//! set up as the poll loop sets up its own, and exchanges data both ways. Where it matters,
+//! made by [`crate::tcp`] (as the broker's poll loop makes its own), and exchanges data both
+//! ways. Where it matters,
 //! the client and the wire behave as Linux and veth do: a frame longer than the MTU is
 //! dropped, and so is a segment with a bad checksum, a segment without a timestamp once
 //! timestamps were agreed on (RFC 7323), and a segment whose tsval is older than the last
