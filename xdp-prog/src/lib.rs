@@ -247,7 +247,10 @@ pub struct XdpSteering {
     flows: MapHandle,
 }
 
-fn ifindex_of(ifname: &str) -> Result<u32, XdpError> {
+/// The index of interface `ifname` in the calling thread's network namespace; an
+/// interface that does not exist there is [`XdpError::InterfaceMissing`], which names the
+/// ones that do.
+pub fn ifindex(ifname: &str) -> Result<u32, XdpError> {
     sys::ifindex(ifname).ok_or_else(|| XdpError::InterfaceMissing {
         name: ifname.to_string(),
         existing: sys::interface_names(),
@@ -429,7 +432,7 @@ impl XdpSteering {
         sockets: &[(u32, RawFd)],
     ) -> Result<XdpSteering, XdpError> {
         config.validate()?;
-        let ifindex = ifindex_of(ifname)?;
+        let ifindex = ifindex(ifname)?;
         let already = |present: sys::XdpQuery, mode: AttachedMode| XdpError::AlreadyAttached {
             ifname: ifname.to_string(),
             prog_id: present.prog_id,
@@ -698,7 +701,7 @@ impl Drop for XdpSteering {
 /// Removes whatever XDP program `ifname` has (a leftover of a crashed broker, in every mode
 /// it is attached in). Returns whether there was one.
 pub fn detach(ifname: &str) -> Result<bool, XdpError> {
-    let ifindex = ifindex_of(ifname)?;
+    let ifindex = ifindex(ifname)?;
     let present = query(ifname, ifindex)?;
     if present.mode.is_none() {
         return Ok(false);
@@ -747,7 +750,7 @@ pub struct AttachedProgram {
 
 /// The XDP program attached to `ifname`, if any.
 pub fn status(ifname: &str) -> Result<Option<AttachedProgram>, XdpError> {
-    let ifindex = ifindex_of(ifname)?;
+    let ifindex = ifindex(ifname)?;
     let present = query(ifname, ifindex)?;
     Ok(present.mode.map(|mode| AttachedProgram {
         prog_id: present.prog_id,
@@ -791,7 +794,7 @@ pub fn attached_counters(ifname: &str) -> Result<Counters, XdpError> {
 /// thread has entered another namespace than the process's (`setns` on one thread), or when
 /// sysfs's entry for `ifname` has another interface index than `ifname` has here.
 pub fn queue_count(ifname: &str) -> Result<u32, XdpError> {
-    let ifindex = ifindex_of(ifname)?;
+    let ifindex = ifindex(ifname)?;
     let netns = |path| std::fs::read_link(path).ok();
     let dir = format!("/sys/class/net/{ifname}");
     let sysfs_ifindex = std::fs::read_to_string(format!("{dir}/ifindex"))
@@ -939,6 +942,18 @@ mod tests {
             error.to_string().contains("xdp-ctl detach emb-b0"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn ifindex_finds_lo_and_names_a_missing_interface() {
+        assert!(ifindex("lo").is_ok_and(|index| index > 0));
+        for name in ["no-such-if0", "lo\0"] {
+            let error = ifindex(name).unwrap_err();
+            assert!(
+                matches!(&error, XdpError::InterfaceMissing { name: missing, .. } if missing == name),
+                "{error}"
+            );
+        }
     }
 
     #[test]

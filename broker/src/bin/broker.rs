@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use broker::metrics::EndpointLimits;
 use broker::server::bypass::XdpOptions;
-use broker::server::bypass::device::FaultConfig;
-use broker::server::bypass::xsk::XskGeometry;
 use broker::server::limits::ClientLimits;
 use broker::server::ownership::{HeldClaim, LivenessError};
 use broker::server::replica::ReplicaConfig;
@@ -24,6 +22,8 @@ use shared_log::coherence::CoherenceMode;
 use shared_log::layout::Geometry;
 use shared_log::sequencer::SequencerConfig;
 use xdp_prog::AttachMode;
+use xdp_transport::device::FaultConfig;
+use xdp_transport::xsk::XskGeometry;
 
 /// An Embarcadero-rs broker: receives publishers' batches over TCP straight into the shared
 /// pool, acknowledges them once the sequencer has placed them in the total order, and serves

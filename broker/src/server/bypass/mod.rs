@@ -1,17 +1,11 @@
-//! The kernel-bypass backend: an XDP program answers SYNs to the broker's port with SYN
-//! cookies and steers its established connections into an AF_XDP socket ([`xsk`]), a
-//! smoltcp device runs over it ([`device`]) with hooks that adopt the cookie connections
-//! ([`cookie`]) and take neighbours from the kernel ([`neighbour`], [`netlink`]; ARP stays
-//! with the kernel), and a pinned poll loop ([`poll_loop`]) drives the same protocol state
-//! machine as the kernel backend. See docs/xdp.md.
+//! The kernel-bypass backend: an XDP program (`xdp_prog`) answers SYNs to the broker's port
+//! with SYN cookies and steers its established connections into AF_XDP sockets, a smoltcp
+//! device runs over them with hooks that adopt the cookie connections and take neighbours
+//! from the kernel (`xdp_transport`; ARP stays with the kernel), and a pinned poll loop
+//! ([`poll_loop`]) drives the same protocol state machine as the kernel backend. This module
+//! wires them together. See docs/xdp.md.
 
-pub mod cookie;
-pub mod device;
-pub mod hooks;
-pub mod neighbour;
-pub mod netlink;
 pub mod poll_loop;
-pub mod xsk;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -22,13 +16,14 @@ use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
 use crate::metrics::Metrics;
 use crate::server::BrokerOptions;
 use crate::server::ownership::ClaimGuard;
-use device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
-use hooks::{HookConfig, Hooks};
-use netlink::NeighbourSocket;
 use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::Pool;
-use xsk::{FRAME_BYTES, Xsk, XskError, XskGeometry};
+use xdp_transport::cookie;
+use xdp_transport::device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
+use xdp_transport::hooks::{HookConfig, Hooks};
+use xdp_transport::netlink::NeighbourSocket;
+use xdp_transport::xsk::{self, FRAME_BYTES, Xsk, XskError, XskGeometry};
 
 /// Frames taken from the rx ring per loop iteration.
 const RX_BURST: u32 = 64;
@@ -220,7 +215,7 @@ pub fn spawn(
         other => return Err(BypassError::ListenAddress(other)),
     };
     let iface = xdp.iface.as_str();
-    let ifindex = xsk::ifindex(iface)?;
+    let ifindex = xdp_prog::ifindex(iface)?;
     let addresses = xsk::interface_ipv4(iface).map_err(|e| BypassError::Interface {
         iface: iface.to_owned(),
         what: "the addresses",

@@ -14,10 +14,6 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
-use super::cookie::Remote;
-use super::device::Burst;
-use super::hooks::Peers;
-use super::xsk::{FRAME_BYTES, XskStats};
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, refusal_frame};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
@@ -25,6 +21,10 @@ use crate::server::state::{BrokerState, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::Pool;
+use xdp_transport::device::Burst;
+use xdp_transport::hooks::Peers;
+use xdp_transport::tcp::{abort_half_open, listen, new_socket};
+use xdp_transport::xsk::{FRAME_BYTES, XskStats};
 
 /// How a stopping broker waits for batches in flight to be decided.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -185,60 +185,8 @@ impl<D> std::fmt::Debug for BypassLoop<D> {
     }
 }
 
-/// Idle time after which a connection is probed.
-const SOCKET_KEEP_ALIVE: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(10);
-/// Time without any answer from the peer after which its connection is aborted.
-const SOCKET_TIMEOUT: smoltcp::time::Duration = smoltcp::time::Duration::from_secs(30);
-
 /// How often the device's hooks (neighbours from the kernel, cookie flows) are served.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(1);
-
-/// A socket of the pool, with receive and send buffers of `buffer_bytes` each.
-pub(super) fn new_socket(buffer_bytes: usize) -> tcp::Socket<'static> {
-    let mut socket = tcp::Socket::new(
-        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
-        tcp::SocketBuffer::new(vec![0; buffer_bytes]),
-    );
-    socket.set_nagle_enabled(false);
-    socket.set_ack_delay(None);
-    socket.set_congestion_control(tcp::CongestionControl::Reno);
-    // A peer that vanishes (even mid-close) must not hold a socket of the fixed pool for
-    // ever: keep-alive probes an idle connection, the timeout aborts a silent one.
-    socket.set_keep_alive(Some(SOCKET_KEEP_ALIVE));
-    socket.set_timeout(Some(SOCKET_TIMEOUT));
-    socket
-}
-
-/// smoltcp's TCP timestamp clock: milliseconds since the first call. Timestamps must be on:
-/// the XDP program's SYN-ACK offers them, and once they are agreed on, every segment must
-/// carry one (RFC 7323).
-fn tsval_ms() -> u32 {
-    static START: std::sync::OnceLock<StdInstant> = std::sync::OnceLock::new();
-    START.get_or_init(StdInstant::now).elapsed().as_millis() as u32
-}
-
-/// Aborts `socket` if it holds the half-open connection (smoltcp's SYN-RECEIVED) of an
-/// adoption given up with `remote`. Returns whether it did.
-pub(super) fn abort_half_open(socket: &mut tcp::Socket<'_>, remote: Remote) -> bool {
-    let Some(endpoint) = socket.remote_endpoint() else {
-        return false;
-    };
-    let IpAddress::Ipv4(ip) = endpoint.addr;
-    if socket.state() != tcp::State::SynReceived || (ip, endpoint.port) != remote {
-        return false;
-    }
-    socket.abort();
-    true
-}
-
-pub(super) fn listen(socket: &mut tcp::Socket<'_>, port: u16) {
-    // smoltcp drops the generator when a peer offers no timestamps: set it for every
-    // connection.
-    socket.set_tsval_generator(Some(tsval_ms));
-    if let Err(e) = socket.listen(port) {
-        log::error!("cannot listen on port {port} with a smoltcp socket: {e}");
-    }
-}
 
 impl<D: Device + Burst> BypassLoop<D> {
     /// A loop over `device` for the broker described by `options`, holding `claim` (whose

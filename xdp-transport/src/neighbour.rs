@@ -12,7 +12,7 @@
 //! Only the addresses smoltcp asked for or was told are kept: the kernel's table of a host
 //! can hold far more neighbours than smoltcp will ever talk to.
 //!
-//! The netlink messages are built and parsed here; [`super::netlink`] only moves bytes.
+//! The netlink messages are built and parsed here; [`crate::netlink`] only moves bytes.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;

@@ -7,10 +7,10 @@ use std::str::FromStr;
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 
-use super::cookie::{CookieCounts, Remote, Rx, Tx};
-use super::hooks::{Hooks, Peers};
-use super::neighbour::NeighbourCounts;
-use super::xsk::{self, FRAME_BYTES, FramePool, PollEntry, RxFrame, Umem, Xsk, XskStats};
+use crate::cookie::{CookieCounts, Remote, Rx, Tx};
+use crate::hooks::{Hooks, Peers};
+use crate::neighbour::NeighbourCounts;
+use crate::xsk::{self, FRAME_BYTES, FramePool, PollEntry, RxFrame, Umem, Xsk, XskStats};
 
 /// Bytes of an Ethernet header (smoltcp's MTU for Ethernet includes it).
 const ETHERNET_HEADER: usize = 14;

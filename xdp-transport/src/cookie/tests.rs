@@ -1,5 +1,6 @@
 //! A simulated client opens a connection with a SYN cookie, is adopted into a smoltcp socket
-//! set up as the poll loop sets up its own, and exchanges data both ways. Where it matters,
+//! made by [`crate::tcp`] (as the broker's poll loop makes its own), and exchanges data both
+//! ways. Where it matters,
 //! the client and the wire behave as Linux and veth do: a frame longer than the MTU is
 //! dropped, and so is a segment with a bad checksum, a segment without a timestamp once
 //! timestamps were agreed on (RFC 7323), and a segment whose tsval is older than the last
@@ -18,8 +19,8 @@ use smoltcp::wire::{
 };
 
 use super::*;
-use crate::server::bypass::neighbour::arp_reply_frame;
-use crate::server::bypass::poll_loop::{abort_half_open, new_socket};
+use crate::neighbour::arp_reply_frame;
+use crate::tcp::{abort_half_open, listen, new_socket};
 
 /// The lab's MTU.
 const MTU: usize = 3500;
@@ -568,7 +569,7 @@ fn a_client_without_window_scaling_is_sent_unscaled_windows() {
 #[test]
 fn the_pool_sockets_send_timestamps() {
     let mut socket = new_socket(BUFFER_BYTES);
-    crate::server::bypass::poll_loop::listen(&mut socket, BROKER_PORT);
+    listen(&mut socket, BROKER_PORT);
     assert!(socket.timestamp_enabled());
 }
 

@@ -1,5 +1,5 @@
 //! A non-blocking rtnetlink socket for the neighbour table: sends the requests
-//! [`super::neighbour`] builds and receives what the kernel says. The socket belongs to the
+//! [`crate::neighbour`] builds and receives what the kernel says. The socket belongs to the
 //! network namespace of the thread that opens it (open it where the interface is).
 //!
 //! Only the kernel's messages are taken: any local process with `CAP_NET_ADMIN` can
@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::neighbour::{self, KernelNeighbour};
+use crate::neighbour::{self, KernelNeighbour};
 
 /// `RTMGRP_NEIGH`: the multicast group of neighbour table changes.
 const RTMGRP_NEIGH: u32 = 0x4;

@@ -1,28 +1,31 @@
-//! The steering program on real veth pairs in private network namespaces: attach modes and
+//! The steering program on real veth pairs in private network namespaces, with the
+//! transport's own AF_XDP sockets where a test needs a bound one: attach modes and
 //! fallback, detach on drop, what is steered and what is passed (counters), SYN cookies
 //! (answered SYNs, valid cookies redirected, flows opened by userspace only, unknown flows
-//! dropped, the MSS in the tsval, the flow table bounded), socket
-//! registration, errors, leftover clean-up, and the `xdp-ctl` tool.
+//! dropped, the MSS in the tsval, the flow table bounded), socket registration, errors and
+//! leftover clean-up. (`xdp-ctl` is tested in xdp-prog, the crate of the binary.)
 //!
 //! Needs root (namespaces, XDP); without it every test prints `skipped: needs root` and
 //! passes. Each test makes its own namespaces (`xdpt-PID-N-c`/`-b`), never the lab's, and
 //! removes them when it ends, also on failure.
 
-#[path = "../common/mod.rs"]
+// The namespace fixtures are xdp-prog's, shared with its own tests.
+#[path = "../../../xdp-prog/tests/common/mod.rs"]
 mod common;
 mod fixtures;
+#[path = "../../../xdp-prog/tests/veth/mod.rs"]
+mod veth;
 
 use std::io::ErrorKind;
-use std::process::Command;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::{in_netns, ip, root_or_skip};
-use fixtures::{
-    BROKER_IP, OTHER_IP, Pair, XskSocket, at, ethernet, ipv4_header, logged, record_logs,
-};
+use fixtures::{SteeredSocket, ethernet, ipv4_header, logged, record_logs, unbound_xdp_socket};
+use veth::{BROKER_IP, CLIENT_IP, OTHER_IP, Pair, at};
 use xdp_prog::{
-    AttachMode, AttachedMode, Counters, SteerConfig, XdpError, XdpSteering, attached_counters,
-    detach, queue_count, status,
+    AttachMode, AttachedMode, Counters, SteerConfig, XdpError, XdpSteering, detach, queue_count,
+    status,
 };
 
 const STEERED_PORT: u16 = 9100;
@@ -89,7 +92,10 @@ fn driver_mode_attaches_and_drop_detaches() {
         let steering = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
             .expect("driver-mode attach on veth");
         assert_eq!(steering.mode(), AttachMode::Driver);
-        assert_eq!(steering.ifindex(), fixtures::ifindex(&pair.broker_if));
+        assert_eq!(
+            steering.ifindex(),
+            xdp_prog::ifindex(&pair.broker_if).unwrap()
+        );
         let link = pair.broker_link();
         assert!(link.contains("prog/xdp id"), "{link}");
         let attached = status(&pair.broker_if).unwrap().expect("attached");
@@ -274,7 +280,7 @@ fn counters_show_what_is_steered_and_what_is_passed() {
 
             // With a socket on queue 0, broker traffic is the program's (see
             // cookies_answer_syns_and_open_flows); unregistered again, back to the kernel.
-            let socket = XskSocket::bound(&pair.broker_if, 0);
+            let socket = SteeredSocket::bound(&pair.broker_if, 0);
             steering.register_socket(0, socket.fd()).expect("register");
             steering.unregister_socket(0).expect("unregister");
             let moved = measure(&steering, || {
@@ -325,13 +331,13 @@ fn cookies_answer_syns_and_open_flows() {
         // with a driver-mode program of its own: the steering program for a port nobody
         // uses passes everything at the client end.
         in_netns(&pair.client, || {
-            let client_end = SteerConfig::new(vec![1], vec![fixtures::CLIENT_IP]);
+            let client_end = SteerConfig::new(vec![1], vec![CLIENT_IP]);
             let _pass = XdpSteering::attach(&pair.client_if, AttachMode::Driver, &client_end)
                 .expect("a program at the client end");
             in_netns(&pair.broker, || {
                 let mut steering =
                     XdpSteering::attach(&pair.broker_if, mode, &config()).expect("attach");
-                let socket = XskSocket::bound(&pair.broker_if, 0);
+                let socket = SteeredSocket::bound(&pair.broker_if, 0);
                 steering.register_socket(0, socket.fd()).expect("register");
 
                 // The SYN is answered here with a cookie; the client's ACK carries it back
@@ -458,13 +464,13 @@ fn the_syn_ack_keeps_the_clients_mss_in_its_tsval() {
     let capture = pair.client_capture();
     in_netns(&pair.client, || {
         // See cookies_answer_syns_and_open_flows: XDP_TX reaches a driver-mode peer only.
-        let client_end = SteerConfig::new(vec![1], vec![fixtures::CLIENT_IP]);
+        let client_end = SteerConfig::new(vec![1], vec![CLIENT_IP]);
         let _pass = XdpSteering::attach(&pair.client_if, AttachMode::Driver, &client_end)
             .expect("a program at the client end");
         in_netns(&pair.broker, || {
             let mut steering = XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config())
                 .expect("attach");
-            let socket = XskSocket::bound(&pair.broker_if, 0);
+            let socket = SteeredSocket::bound(&pair.broker_if, 0);
             steering.register_socket(0, socket.fd()).expect("register");
             // NOP NOP TIMESTAMP(tsval 7, echo 0), and the MSS option or not.
             let timestamps = [1, 1, 8, 10, 0, 0, 0, 7, 0, 0, 0, 0];
@@ -503,7 +509,7 @@ fn the_flows_map_refuses_a_flow_beyond_its_size() {
             XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config).expect("attach");
         let flows = steering.flows().expect("the flows map");
         let flow = |remote_port| xdp_prog::FlowKey {
-            remote_ip: fixtures::CLIENT_IP,
+            remote_ip: CLIENT_IP,
             remote_port,
             local_ip: BROKER_IP,
             local_port: STEERED_PORT,
@@ -534,12 +540,12 @@ fn sockets_given_at_attach_are_registered_before_the_program_runs() {
     }
     let pair = Pair::new(1500);
     in_netns(&pair.broker, || {
-        let (first, second) = (XskSocket::unbound(), XskSocket::unbound());
+        let (first, second) = (unbound_xdp_socket(), unbound_xdp_socket());
         let bad = XdpSteering::attach_with_sockets(
             &pair.broker_if,
             AttachMode::Driver,
             &config(),
-            &[(0, first.fd()), (64, second.fd())],
+            &[(0, first.as_raw_fd()), (64, second.as_raw_fd())],
         )
         .unwrap_err();
         assert!(
@@ -552,10 +558,10 @@ fn sockets_given_at_attach_are_registered_before_the_program_runs() {
             &pair.broker_if,
             AttachMode::Driver,
             &config(),
-            &[(0, first.fd())],
+            &[(0, first.as_raw_fd())],
         )
         .expect("attach with a socket");
-        let taken = steering.register_socket(0, second.fd()).unwrap_err();
+        let taken = steering.register_socket(0, second.as_raw_fd()).unwrap_err();
         assert!(
             matches!(taken, XdpError::QueueTaken { queue: 0, .. }),
             "queue 0 has its socket from the start: {taken}"
@@ -572,25 +578,27 @@ fn socket_registration_errors() {
     in_netns(&pair.broker, || {
         let mut steering =
             XdpSteering::attach(&pair.broker_if, AttachMode::Driver, &config()).expect("attach");
-        let first = XskSocket::unbound();
-        let second = XskSocket::unbound();
+        let first = unbound_xdp_socket();
+        let second = unbound_xdp_socket();
         steering
-            .register_socket(0, first.fd())
+            .register_socket(0, first.as_raw_fd())
             .expect("first socket");
         steering
-            .register_socket(0, first.fd())
+            .register_socket(0, first.as_raw_fd())
             .expect("the same socket again is fine");
-        let taken = steering.register_socket(0, second.fd()).unwrap_err();
+        let taken = steering.register_socket(0, second.as_raw_fd()).unwrap_err();
         assert!(
             matches!(taken, XdpError::QueueTaken { queue: 0, .. }),
             "{taken}"
         );
         assert!(taken.to_string().contains("second broker"), "{taken}");
         steering
-            .register_socket(1, second.fd())
+            .register_socket(1, second.as_raw_fd())
             .expect("another queue");
 
-        let out_of_range = steering.register_socket(64, second.fd()).unwrap_err();
+        let out_of_range = steering
+            .register_socket(64, second.as_raw_fd())
+            .unwrap_err();
         assert!(
             matches!(out_of_range, XdpError::QueueOutOfRange { queue: 64, .. }),
             "{out_of_range}"
@@ -610,15 +618,15 @@ fn socket_registration_errors() {
             .unregister_socket(0)
             .expect("unregister twice is fine");
         steering
-            .register_socket(0, second.fd())
+            .register_socket(0, second.as_raw_fd())
             .expect("the queue is free again");
         drop(first);
         // Closing a socket removes it from the map (here from queues 0 and 1).
-        let third = XskSocket::unbound();
-        steering.register_socket(0, third.fd()).unwrap_err();
+        let third = unbound_xdp_socket();
+        steering.register_socket(0, third.as_raw_fd()).unwrap_err();
         drop(second);
         steering
-            .register_socket(0, third.fd())
+            .register_socket(0, third.as_raw_fd())
             .expect("closing the socket freed the queue");
     });
 }
@@ -691,69 +699,6 @@ fn detach_removes_a_leftover_program() {
         let link = pair.broker_link();
         assert!(!link.contains("prog/xdp"), "{mode}: {link}");
     }
-}
-
-#[test]
-fn xdp_ctl_status_counters_queues_and_detach() {
-    if !root_or_skip("xdp_ctl_status_counters_queues_and_detach") {
-        return;
-    }
-    let pair = Pair::new(1500);
-    let ctl = |args: &[&str]| {
-        let output = Command::new("ip")
-            .args(["netns", "exec", &pair.broker, env!("CARGO_BIN_EXE_xdp-ctl")])
-            .args(args)
-            .output()
-            .expect("run xdp-ctl");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
-    let ifname = pair.broker_if.as_str();
-    let (code, out, _) = ctl(&["status", ifname]);
-    assert_eq!(code, Some(3), "{out}");
-    assert!(out.contains("no XDP program"), "{out}");
-    let (code, out, err) = ctl(&["queues", ifname]);
-    assert_eq!((code, out.trim()), (Some(0), "1"), "{err}");
-    let (code, _, err) = ctl(&["counters", ifname]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("no XDP program attached"), "{err}");
-    let (code, _, err) = ctl(&["status", "nosuch0"]);
-    assert_eq!(code, Some(1));
-    assert!(err.contains("\"nosuch0\"") && err.contains(ifname), "{err}");
-
-    in_netns(&pair.broker, || {
-        let steering = XdpSteering::attach(ifname, AttachMode::Driver, &config()).expect("attach");
-        let end = pair.connect(at(BROKER_IP, STEERED_PORT), CONNECT_TIMEOUT);
-        assert_eq!(end, ErrorKind::ConnectionRefused);
-        assert_eq!(
-            attached_counters(ifname).unwrap(),
-            steering.counters().unwrap()
-        );
-        std::mem::forget(steering);
-    });
-    let (code, out, err) = ctl(&["status", ifname]);
-    assert_eq!(code, Some(0), "{err}");
-    assert!(
-        out.contains("xdp_steer") && out.contains("mode driver"),
-        "{out}"
-    );
-    let (code, out, err) = ctl(&["counters", ifname]);
-    assert_eq!(code, Some(0), "{err}");
-    assert!(
-        out.contains("no_socket 1\n") && out.contains("redirected 0\n"),
-        "{out}"
-    );
-    let (code, out, err) = ctl(&["detach", ifname]);
-    assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("detached"), "{out}");
-    let (code, out, _) = ctl(&["status", ifname]);
-    assert_eq!(code, Some(3), "{out}");
-    let (code, out, _) = ctl(&["detach", ifname]);
-    assert_eq!(code, Some(0));
-    assert!(out.contains("no XDP program was attached"), "{out}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! An AF_XDP socket owned directly: the UMEM (frames of [`FRAME_BYTES`] in a
 //! [`hugepages::PrivateBuffer`]), the fill, completion, rx and tx rings mapped with the
 //! offsets of `XDP_MMAP_OFFSETS`, bound to one (interface, queue) in copy mode with
-//! `XDP_USE_NEED_WAKEUP`. This is the only module of the broker with `unsafe` code.
+//! `XDP_USE_NEED_WAKEUP`. With [`crate::netlink`], the only module of this crate with `unsafe`
+//! code.
 //!
 //! Ownership of frames: a [`Frame`] is a unique token for one UMEM chunk. It is created
 //! once per chunk by [`Xsk::new`], or from a descriptor the kernel hands back (rx and
@@ -10,7 +11,6 @@
 //! [`Umem::frame`]/[`Umem::frame_mut`] sound: nobody else, the kernel included, touches that
 //! chunk meanwhile.
 
-use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -50,13 +50,8 @@ pub enum XskError {
         hint: &'static str,
     },
     /// The interface does not exist in this network namespace.
-    #[error(
-        "interface {ifname} does not exist in this network namespace (run the broker in the namespace that has it, e.g. ip netns exec NS broker ...)"
-    )]
-    NoInterface {
-        /// Interface.
-        ifname: String,
-    },
+    #[error("{0}")]
+    Interface(#[from] xdp_prog::XdpError),
     /// The ring sizes or frame count are unusable.
     #[error(
         "bad AF_XDP geometry: {reason} (ring sizes must be powers of two, frames at least twice the ring size)"
@@ -449,21 +444,6 @@ fn getsockopt<T>(fd: RawFd, option: i32, value: &mut T) -> io::Result<()> {
     }
 }
 
-/// The index of `ifname` in the calling thread's network namespace.
-pub fn ifindex(ifname: &str) -> Result<u32, XskError> {
-    let missing = || XskError::NoInterface {
-        ifname: ifname.to_owned(),
-    };
-    let name = CString::new(ifname).map_err(|_| missing())?;
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        Err(missing())
-    } else {
-        Ok(index)
-    }
-}
-
 /// The IPv4 addresses of `ifname`, with their prefix lengths.
 pub fn interface_ipv4(ifname: &str) -> io::Result<Vec<(Ipv4Addr, u8)>> {
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
@@ -520,7 +500,7 @@ impl Xsk {
                 reason: format!("{frames} frames, rings of {ring_size}"),
             });
         }
-        let index = ifindex(ifname)?;
+        let index = xdp_prog::ifindex(ifname)?;
         let fail = |what: &'static str, hint: &'static str| {
             let source = io::Error::last_os_error();
             move |_: ()| XskError::Socket {

@@ -8,9 +8,9 @@ use std::net::Ipv4Addr;
 
 use smoltcp::time::{Duration, Instant};
 
-use super::cookie::{CookieCounts, CookieFlows, Remote, Rx, Tx};
-use super::neighbour::{self, ARP_FRAME_BYTES, KernelNeighbour, NeighbourCounts, Neighbours};
-use super::netlink::NeighbourSocket;
+use crate::cookie::{CookieCounts, CookieFlows, Remote, Rx, Tx};
+use crate::neighbour::{self, ARP_FRAME_BYTES, KernelNeighbour, NeighbourCounts, Neighbours};
+use crate::netlink::NeighbourSocket;
 
 /// Least time between two warnings about the same kind of trouble.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
