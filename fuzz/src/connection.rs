@@ -317,7 +317,7 @@ pub fn run(input: &ConnectionInput<'_>) {
         state.poll_outcomes(&mut outcomes);
         for outcome in &outcomes {
             // A closed connection's batches are in the log all the same; only the Ack is moot.
-            if let Some(client) = clients.get_mut(outcome.slot.conn as usize)
+            if let Some(client) = clients.get_mut(outcome.conn as usize)
                 && client.open
             {
                 client.connection.on_outcome(outcome, &metrics, now);
