@@ -322,6 +322,7 @@ impl Ending {
             StartError::Listen { addr, .. } => {
                 Ending::new(EXIT_FAILURE, "listen", error).with("addr", addr.to_string())
             }
+            StartError::Poll(_) => Ending::new(EXIT_FAILURE, "poll", error),
             StartError::Metrics(_) => Ending::new(EXIT_FAILURE, "metrics", error),
             StartError::Sequencer(_) => Ending::new(EXIT_FAILURE, "sequencer", error),
             StartError::Bypass(_) => Ending::new(EXIT_FAILURE, "bypass", error),

@@ -1,29 +1,20 @@
-//! The kernel TCP backend: one thread, epoll (mio, edge-triggered) over the listening socket
-//! and every connection, driving the [`Connection`] state machines and the ACK path.
+//! The kernel TCP transport of the network loop: epoll (mio, edge-triggered) over the
+//! listening socket and every connection.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::metrics::Metrics;
-use crate::server::connection::{Connection, InputState, refusal_frame};
-use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
-use crate::server::state::{BrokerState, RoutedOutcome};
-use crate::server::{BrokerOptions, Idle};
-use shared_log::coherence::PoolMemory;
-use shared_log::pool::Pool;
+use crate::server::serve::{Ending, Readiness, Serviced, Transport};
+use crate::server::state::ConnId;
 
+/// The listener's token; connections have their ids as tokens, from 1.
 const LISTENER: Token = Token(0);
-/// Longest block in epoll when nothing at all is pending (bounds the reaction to `stop`).
-const IDLE_WAIT: Duration = Duration::from_millis(50);
-/// How long a stopping broker waits for batches in flight to be decided.
-const DRAIN: Duration = Duration::from_secs(2);
 /// Keep-alive: an idle connection is probed after this long ...
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// ... then every this long ...
@@ -46,242 +37,57 @@ fn refuse(mut stream: TcpStream, frame: &[u8]) {
     while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
 }
 
-struct Client {
+/// A connection's socket and what epoll last said of it.
+#[derive(Debug)]
+struct Socket {
     stream: TcpStream,
-    /// The peer's address (its connections count against the per-address limit).
-    address: IpAddr,
-    connection: Connection<PoolMemory>,
-    readable: bool,
-    writable: bool,
+    ready: Readiness,
 }
 
-/// The network loop of one broker.
-pub struct KernelLoop {
-    state: BrokerState<PoolMemory>,
+/// Kernel TCP sockets under epoll.
+#[derive(Debug)]
+pub struct KernelTransport {
+    poll: Poll,
+    events: Events,
     listener: TcpListener,
+    /// A connection may be waiting to be accepted (edge-triggered: until `accept` would
+    /// block).
+    listener_ready: bool,
     socket_buffer_bytes: usize,
-    idle: Idle,
-    stop: Arc<AtomicBool>,
-    crash: Arc<AtomicBool>,
-    /// The claim on the broker id, checked before an iteration's writes to the pool.
-    claim: LoopClaimCheck,
-    clients: HashMap<Token, Client>,
-    next_token: usize,
+    sockets: HashMap<ConnId, Socket>,
+    /// For logs.
+    broker: u16,
     logged_buffers: bool,
 }
 
-impl std::fmt::Debug for KernelLoop {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelLoop")
-            .field("broker", &self.state.settings().broker_id)
-            .field("clients", &self.clients.len())
-            .finish()
-    }
-}
-
-impl KernelLoop {
-    /// A loop over `listener` for the broker described by `options`, holding `claim`. The
-    /// claim's stop flag ends it in order (see [`KernelLoop::run`]); its crash flag ends it
-    /// at once, as a crash would (see
-    /// [`RunningBroker::kill`](crate::server::RunningBroker::kill)).
+impl KernelTransport {
+    /// Epoll over `listener`, for broker `broker`; accepted sockets get
+    /// `socket_buffer_bytes` of SO_RCVBUF and SO_SNDBUF.
     pub fn new(
-        pool: Pool<PoolMemory>,
-        listener: TcpListener,
-        options: &BrokerOptions,
-        metrics: Arc<Metrics>,
-        claim: ClaimGuard,
-    ) -> KernelLoop {
-        KernelLoop {
-            state: BrokerState::new(pool, options.settings.clone(), metrics)
-                .with_claim_token(claim.token()),
+        mut listener: TcpListener,
+        socket_buffer_bytes: usize,
+        broker: u16,
+    ) -> io::Result<KernelTransport> {
+        let poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(KernelTransport {
+            poll,
+            events: Events::with_capacity(1024),
             listener,
-            socket_buffer_bytes: options.socket_buffer_bytes,
-            idle: Idle::new(options.idle),
-            stop: Arc::clone(claim.stop_flag()),
-            crash: Arc::clone(claim.crash_flag()),
-            claim: LoopClaimCheck::new(claim),
-            clients: HashMap::new(),
-            next_token: 1,
+            listener_ready: true,
+            socket_buffer_bytes,
+            sockets: HashMap::new(),
+            broker,
             logged_buffers: false,
-        }
-    }
-
-    /// Runs until the stop flag is set, then drains and closes every connection. When the
-    /// crash flag is set it returns at once instead: the listener and every socket are closed
-    /// as they are (no drain, no Goodbye, nothing more written to the pool). So it does when
-    /// the claim on the broker id is found taken over: once epoll returns (where a pause is
-    /// most likely spent; see [`LoopClaimCheck`]), or by a ring writer before it publishes a
-    /// slot.
-    pub fn run(mut self) {
-        let mut poll = match Poll::new() {
-            Ok(poll) => poll,
-            Err(e) => {
-                log::error!(
-                    "broker {}: cannot create epoll: {e}",
-                    self.state.settings().broker_id
-                );
-                return;
-            }
-        };
-        if let Err(e) = poll
-            .registry()
-            .register(&mut self.listener, LISTENER, Interest::READABLE)
-        {
-            log::error!(
-                "broker {}: cannot poll the listener: {e}",
-                self.state.settings().broker_id
-            );
-            return;
-        }
-        let mut events = Events::with_capacity(1024);
-        let mut outcomes = Vec::new();
-        let mut stopping_since = None;
-        loop {
-            if self.crash.load(Ordering::Relaxed) {
-                log::warn!(
-                    "broker {}: crashed on request ({} connections dropped)",
-                    self.state.settings().broker_id,
-                    self.clients.len()
-                );
-                return;
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                let since = *stopping_since.get_or_insert_with(Instant::now);
-                if self.state.undecided() == 0 || since.elapsed() > DRAIN {
-                    break;
-                }
-            }
-            let pending = self.state.undecided() > 0
-                || self.clients.values().any(|c| {
-                    c.connection.is_subscriber()
-                        || c.connection.waits_for_room()
-                        || c.connection.awaits_durability()
-                });
-            let timeout = if pending {
-                self.idle.timeout()
-            } else {
-                IDLE_WAIT
-            };
-            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    log::error!(
-                        "broker {}: epoll failed: {e}",
-                        self.state.settings().broker_id
-                    );
-                    break;
-                }
-            }
-            // Nothing below writes to the pool before this check.
-            let now = Instant::now();
-            if !self.claim.holds(now) {
-                return;
-            }
-            let mut worked = !events.is_empty();
-            for event in events.iter() {
-                if event.token() == LISTENER {
-                    self.accept(&poll);
-                } else if let Some(client) = self.clients.get_mut(&event.token()) {
-                    client.readable |=
-                        event.is_readable() || event.is_read_closed() || event.is_error();
-                    client.writable |= event.is_writable();
-                }
-            }
-            outcomes.clear();
-            worked |= self.state.poll_outcomes(&mut outcomes) > 0;
-            for outcome in &outcomes {
-                self.route(outcome, now);
-            }
-            worked |= self.drive_clients(&poll, now);
-            if self.state.claim_moved().is_some() {
-                self.claim.guard().lost();
-                return;
-            }
-            let subscriptions = self
-                .clients
-                .values()
-                .filter_map(|c| c.connection.subscription());
-            self.state.publish_subscriptions(subscriptions);
-            self.idle.record(worked);
-        }
-        let open = self.clients.len();
-        for (_, mut client) in self.clients.drain() {
-            client.connection.on_closed(&mut self.state);
-            let _ = poll.registry().deregister(&mut client.stream);
-        }
-        self.state.on_loop_stopped("network loop", open);
-    }
-
-    fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {
-        // A closed connection's batches are in the log all the same; only the ACK is moot.
-        if let Some(client) = self.clients.get_mut(&Token(outcome.conn as usize)) {
-            client
-                .connection
-                .on_outcome(outcome, self.state.metrics(), now);
-        }
-    }
-
-    fn accept(&mut self, poll: &Poll) {
-        loop {
-            match self.listener.accept() {
-                Ok((mut stream, peer)) => {
-                    if let Err(refusal) = self.state.admit_connection(peer.ip()) {
-                        refuse(stream, &refusal_frame(&refusal));
-                        continue;
-                    }
-                    if let Err(e) = self.configure(&stream) {
-                        log::warn!(
-                            "broker {}: cannot configure the socket of {peer}: {e}",
-                            self.state.settings().broker_id
-                        );
-                    }
-                    let token = Token(self.next_token);
-                    self.next_token += 1;
-                    if let Err(e) = poll.registry().register(
-                        &mut stream,
-                        token,
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        log::warn!(
-                            "broker {}: cannot poll the connection of {peer}: {e}",
-                            self.state.settings().broker_id
-                        );
-                        self.state.release_connection(peer.ip());
-                        continue;
-                    }
-                    let connection = Connection::new(token.0 as u64, &self.state, Instant::now());
-                    self.clients.insert(
-                        token,
-                        Client {
-                            stream,
-                            address: peer.ip(),
-                            connection,
-                            readable: true,
-                            writable: true,
-                        },
-                    );
-                    log::debug!(
-                        "broker {}: connection {} from {peer}",
-                        self.state.settings().broker_id,
-                        token.0
-                    );
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!(
-                        "broker {}: accept failed: {e}",
-                        self.state.settings().broker_id
-                    );
-                    return;
-                }
-            }
-        }
+        })
     }
 
     /// TCP_NODELAY and explicit buffer sizes: accepted sockets do not inherit them (the
     /// prototype ran with a 43 KB window). Verified with getsockopt and logged once. And
     /// dead-peer detection: a client that vanishes (host down, cable cut) must not keep its
     /// place in the connection limits, or a subscriber's, for ever.
-    fn configure(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+    fn configure(&mut self, stream: &TcpStream) -> io::Result<()> {
         stream.set_nodelay(true)?;
         let socket = socket2::SockRef::from(stream);
         socket.set_tcp_keepalive(
@@ -298,56 +104,135 @@ impl KernelLoop {
             self.logged_buffers = true;
             log::info!(
                 "broker {}: accepted sockets get SO_RCVBUF {receive} and SO_SNDBUF {send} bytes (asked {}; the kernel doubles it, and caps it at net.core.rmem_max/wmem_max)",
-                self.state.settings().broker_id,
+                self.broker,
                 self.socket_buffer_bytes
             );
         }
         if receive < self.socket_buffer_bytes {
             log::warn!(
                 "broker {}: SO_RCVBUF is {receive} bytes, below the {} asked: raise net.core.rmem_max",
-                self.state.settings().broker_id,
+                self.broker,
                 self.socket_buffer_bytes
             );
         }
         Ok(())
     }
 
-    fn drive_clients(&mut self, poll: &Poll, now: Instant) -> bool {
-        let mut worked = false;
-        let mut finished = Vec::new();
-        for (token, client) in &mut self.clients {
-            let service = client.connection.service(
-                &mut client.stream,
-                &mut self.state,
-                now,
-                client.readable,
-                client.writable,
+    /// Configures and registers an admitted socket as connection `id`. A socket epoll
+    /// cannot watch is shut down: its first service then finds it ended.
+    fn adopt(&mut self, id: ConnId, mut stream: TcpStream, peer: std::net::SocketAddr) {
+        if let Err(e) = self.configure(&stream) {
+            log::warn!(
+                "broker {}: cannot configure the socket of {peer}: {e}",
+                self.broker
             );
-            if service.input == Some(InputState::Drained) {
-                client.readable = false;
+        }
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(id as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!(
+                "broker {}: cannot poll the connection of {peer}: {e}",
+                self.broker
+            );
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        let ready = Readiness {
+            readable: true,
+            writable: true,
+        };
+        self.sockets.insert(id, Socket { stream, ready });
+    }
+}
+
+impl Transport for KernelTransport {
+    type Stream<'a> = &'a mut TcpStream;
+
+    const NAME: &'static str = "network loop";
+    const ITERATIONS_PER_CLOCK_READ: u32 = 1;
+    const WAKES_ON_INPUT: bool = true;
+
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(timeout)) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+        for event in self.events.iter() {
+            if event.token() == LISTENER {
+                self.listener_ready = true;
+            } else if let Some(socket) = self.sockets.get_mut(&(event.token().0 as ConnId)) {
+                socket.ready.readable |=
+                    event.is_readable() || event.is_read_closed() || event.is_error();
+                socket.ready.writable |= event.is_writable();
             }
-            if service.wrote {
+        }
+        Ok(())
+    }
+
+    fn receive(&mut self, _now: Instant) -> bool {
+        !self.events.is_empty()
+    }
+
+    fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {
+        if !self.listener_ready {
+            return false;
+        }
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => match admit(peer.ip()) {
+                    Ok(id) => self.adopt(id, stream, peer),
+                    Err(refusal) => refuse(stream, &refusal),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log::warn!("broker {}: accept failed: {e}", self.broker);
+                    break;
+                }
+            }
+        }
+        self.listener_ready = false;
+        true
+    }
+
+    fn stream(&mut self, id: ConnId) -> Option<(&mut TcpStream, Readiness)> {
+        let socket = self.sockets.get_mut(&id)?;
+        Some((&mut socket.stream, socket.ready))
+    }
+
+    fn serviced(&mut self, id: ConnId, serviced: Serviced) -> bool {
+        if let Some(socket) = self.sockets.get_mut(&id) {
+            if serviced.input_drained {
+                socket.ready.readable = false;
+            }
+            if let Some(output_left) = serviced.output_left {
                 // Edge-triggered: writable again only after the next event.
-                client.writable = !client.connection.has_output();
-            }
-            worked |= service.worked();
-            if service.ended {
-                finished.push(*token);
+                socket.ready.writable = !output_left;
             }
         }
-        for token in finished {
-            if let Some(mut client) = self.clients.remove(&token) {
-                client.connection.on_closed(&mut self.state);
-                let _ = poll.registry().deregister(&mut client.stream);
-                let _ = client.stream.shutdown(std::net::Shutdown::Both);
-                self.state.release_connection(client.address);
-                log::debug!(
-                    "broker {}: connection {} closed",
-                    self.state.settings().broker_id,
-                    token.0
-                );
+        true
+    }
+
+    fn close(&mut self, id: ConnId) {
+        if let Some(mut socket) = self.sockets.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut socket.stream);
+            let _ = socket.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn flush(&mut self, _now: Instant) -> bool {
+        false
+    }
+
+    fn housekeeping(&mut self, _now: Instant, _metrics: &Metrics) {}
+
+    fn close_all(&mut self, ending: Ending, _now: Instant) {
+        // Abrupt: the sockets close as they are when the transport is dropped, as a
+        // crashed process's would.
+        if ending == Ending::Stopped {
+            for (_, mut socket) in self.sockets.drain() {
+                let _ = self.poll.registry().deregister(&mut socket.stream);
             }
         }
-        worked
     }
 }

@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod limits;
 pub mod ownership;
 pub mod replica;
+pub mod serve;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -165,6 +166,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The network loop could not watch its listening socket (epoll).
+    #[error("cannot poll the listening socket (epoll): {0}")]
+    Poll(std::io::Error),
     /// The metrics endpoint could not start.
     #[error("{0}")]
     Metrics(#[from] crate::metrics::EndpointError),
@@ -258,8 +262,9 @@ impl RunningBroker {
         self.claim.as_ref().and_then(HeldClaim::failure)
     }
 
-    /// Ends the broker abruptly, the way clients see a crash (`kill -9`): the kernel network
-    /// loop returns at once, closing its listener and every connection as they are (no
+    /// Ends the broker abruptly, the way clients see a crash (`kill -9`): the network loop
+    /// returns at once, closing its listener and every connection as they are (reset on the
+    /// bypass backend; no
     /// drain of batches in flight, no Goodbye, no ACK owed), and writes nothing more to the
     /// pool; then every thread is joined. What the broker committed to its rings stays in the
     /// pool, where the sequencer still orders it. Its claim on the id stays too, with a
@@ -267,8 +272,7 @@ impl RunningBroker {
     /// after the claim lease and picks its ring up (see `TopicWriter::new`). Metrics and
     /// addresses stay readable.
     ///
-    /// For the kernel backend (the one in-process clusters run); a bypass broker has no
-    /// abrupt mode and stops as with [`stop`](Self::stop). Killing twice does nothing.
+    /// Killing twice does nothing.
     pub fn kill(&mut self) {
         self.crash.store(true, Ordering::Relaxed);
         self.end(false);
@@ -452,9 +456,14 @@ fn launch(
         threads.push(thread);
         xdp = Some(attached);
     } else if let Some(listener) = listener {
-        let loop_state =
-            kernel::KernelLoop::new(pool, listener, options, Arc::clone(metrics), claim.clone());
-        threads.push(spawn("network", move || loop_state.run()));
+        let transport =
+            kernel::KernelTransport::new(listener, options.socket_buffer_bytes, broker_id)
+                .map_err(StartError::Poll)?;
+        let serve =
+            serve::ServeLoop::new(pool, transport, options, Arc::clone(metrics), claim.clone());
+        threads.push(spawn("network", move || {
+            serve.run();
+        }));
     }
     log::info!(
         "broker {broker_id} listening on {local_addr}{}{}",

@@ -1,11 +1,12 @@
 //! The kernel-bypass backend: an XDP program (`xdp_prog`) answers SYNs to the broker's port
 //! with SYN cookies and steers its established connections into AF_XDP sockets, a smoltcp
 //! device runs over them with hooks that adopt the cookie connections and take neighbours
-//! from the kernel (`xdp_transport`; ARP stays with the kernel), and a pinned poll loop
-//! ([`poll_loop`]) drives the same protocol state machine as the kernel backend. This module
-//! wires them together. See docs/xdp.md.
+//! from the kernel (`xdp_transport`; ARP stays with the kernel), smoltcp's sockets over it
+//! are a [`Transport`](crate::server::serve::Transport) ([`transport`]), and the network
+//! loop of both backends ([`ServeLoop`]) runs over it on a pinned thread. This module wires
+//! them together. See docs/xdp.md.
 
-pub mod poll_loop;
+pub mod transport;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -16,7 +17,9 @@ use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
 use crate::metrics::Metrics;
 use crate::server::BrokerOptions;
 use crate::server::ownership::ClaimGuard;
-use poll_loop::{BypassLoop, Endpoint, SocketPoolConfig};
+use transport::{BypassTransport, Endpoint, SocketPoolConfig};
+
+use crate::server::serve::ServeLoop;
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::Pool;
 use xdp_transport::cookie;
@@ -356,10 +359,11 @@ pub fn spawn(
     let broker = options.settings.broker_id;
     let thread = match xdp.faults {
         None => {
-            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, claim);
+            let transport = BypassTransport::new(device, endpoint, sockets, broker);
+            let poll = ServeLoop::new(pool, transport, options, metrics, claim);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
-                report(broker, &poll.run());
+                report(broker, &poll.run().into_device());
             })
         }
         Some(faults) => {
@@ -367,10 +371,11 @@ pub fn spawn(
                 "broker {broker}: DEBUG fault injection on (--debug-inject-faults {faults:?}): frames are dropped, duplicated, reordered and corrupted on purpose; never use this in production"
             );
             let device = FaultyDevice::new(device, faults);
-            let poll = BypassLoop::new(pool, device, endpoint, sockets, options, metrics, claim);
+            let transport = BypassTransport::new(device, endpoint, sockets, broker);
+            let poll = ServeLoop::new(pool, transport, options, metrics, claim);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
-                let device = poll.run();
+                let device = poll.run().into_device();
                 let counts = device.counts();
                 log::info!("broker {broker}: faults injected: {counts:?}");
                 // A JSON summary on stdout, for the tests that must prove faults happened.

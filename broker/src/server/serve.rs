@@ -1,0 +1,342 @@
+//! The network loop of a broker, once for both backends: it takes in what the transport
+//! received, admits new connections, routes the sequencer's decisions to the connections
+//! that committed the batches, drives every [`Connection`], and sends what they produced.
+//! A [`Transport`] is the only part that differs: epoll over kernel sockets
+//! ([`kernel`](super::kernel)) or smoltcp over AF_XDP ([`bypass`](super::bypass)).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
+use crate::server::connection::{ByteStream, Connection, InputState, Service};
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
+use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
+use crate::server::{BrokerOptions, Idle};
+use shared_log::coherence::PoolMemory;
+use shared_log::pool::Pool;
+
+/// How long a stopping broker waits for batches in flight to be decided.
+const DRAIN: Duration = Duration::from_secs(2);
+/// Longest wait when nothing at all is pending, on a transport that wakes on input
+/// (bounds the reaction to `stop`).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+
+/// Whether a connection's stream may have input, and room for output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Input (or the peer's end of stream) may be waiting.
+    pub readable: bool,
+    /// Output may be accepted.
+    pub writable: bool,
+}
+
+/// What a connection left behind after a service, for the transport's readiness tracking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serviced {
+    /// It read everything there was.
+    pub input_drained: bool,
+    /// It wrote, and this much is still queued (`Some(true)`: it stopped at a full stream).
+    pub output_left: Option<bool>,
+}
+
+impl Serviced {
+    fn of(service: &Service, output_left: bool) -> Serviced {
+        Serviced {
+            input_drained: service.input == Some(InputState::Drained),
+            output_left: service.wrote.then_some(output_left),
+        }
+    }
+}
+
+/// How a loop ended, for what the transport owes its open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Stopped in order: batches in flight were decided (or the drain timed out).
+    Stopped,
+    /// Ended at once (a crash on request, or the broker id taken over): nothing more is
+    /// written to the pool, nothing is drained.
+    Abrupt,
+}
+
+/// A network backend as the loop sees it: connections by id, each a byte stream with its
+/// readiness.
+pub trait Transport {
+    /// A connection's stream, borrowed for one service.
+    type Stream<'a>: ByteStream
+    where
+        Self: 'a;
+
+    /// The loop's name in logs.
+    const NAME: &'static str;
+    /// Loop iterations between two reads of the clock (a busy-polling loop cannot afford
+    /// one per iteration). The clock is read after every wait that may have blocked.
+    const ITERATIONS_PER_CLOCK_READ: u32;
+    /// Whether waiting wakes on a client's input (epoll), so a loop with nothing in flight
+    /// may wait long; otherwise the loop polls, within its idle backoff (smoltcp's timers
+    /// need it).
+    const WAKES_ON_INPUT: bool;
+
+    /// Waits at most `timeout` (zero: not at all) for something to arrive. An error ends
+    /// the loop in order.
+    fn wait(&mut self, timeout: Duration) -> io::Result<()>;
+    /// Takes in what arrived, at `now`. Returns whether anything did.
+    fn receive(&mut self, now: Instant) -> bool;
+    /// Offers each newly established connection to `admit`, which gives its id or the
+    /// bytes to send it before closing it (a refusal). Returns whether anything happened.
+    fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool;
+    /// The stream of connection `id` and its readiness.
+    fn stream(&mut self, id: ConnId) -> Option<(Self::Stream<'_>, Readiness)>;
+    /// Records what a service of `id` left behind. Returns false when the transport found
+    /// the connection gone (the loop then closes it).
+    fn serviced(&mut self, id: ConnId, serviced: Serviced) -> bool;
+    /// Closes connection `id`.
+    fn close(&mut self, id: ConnId);
+    /// Sends what the connections produced in this iteration. Returns whether anything
+    /// happened.
+    fn flush(&mut self, now: Instant) -> bool;
+    /// Periodic work of the transport itself (each time the clock is read).
+    fn housekeeping(&mut self, now: Instant, metrics: &Metrics);
+    /// Ends every connection as `ending` says (the loop has already let the
+    /// [`Connection`]s go).
+    fn close_all(&mut self, ending: Ending, now: Instant);
+}
+
+/// A connection of the loop.
+struct Client {
+    connection: Connection<PoolMemory>,
+    /// The peer's address (its connections count against the per-address limit).
+    address: IpAddr,
+}
+
+/// The network loop of one broker over transport `T`.
+pub struct ServeLoop<T> {
+    state: BrokerState<PoolMemory>,
+    transport: T,
+    clients: HashMap<ConnId, Client>,
+    next_id: ConnId,
+    idle: Idle,
+    stop: Arc<AtomicBool>,
+    crash: Arc<AtomicBool>,
+    /// The claim on the broker id, checked before an iteration's writes to the pool.
+    claim: LoopClaimCheck,
+}
+
+impl<T> std::fmt::Debug for ServeLoop<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeLoop")
+            .field("broker", &self.state.settings().broker_id)
+            .field("clients", &self.clients.len())
+            .finish()
+    }
+}
+
+impl<T: Transport> ServeLoop<T> {
+    /// A loop over `transport` for the broker described by `options`, holding `claim`. The
+    /// claim's stop flag ends it in order; its crash flag ends it at once, as a crash would
+    /// (see [`RunningBroker::kill`](crate::server::RunningBroker::kill)).
+    pub fn new(
+        pool: Pool<PoolMemory>,
+        transport: T,
+        options: &BrokerOptions,
+        metrics: Arc<Metrics>,
+        claim: ClaimGuard,
+    ) -> ServeLoop<T> {
+        ServeLoop {
+            state: BrokerState::new(pool, options.settings.clone(), metrics)
+                .with_claim_token(claim.token()),
+            transport,
+            clients: HashMap::new(),
+            next_id: 1,
+            idle: Idle::new(options.idle),
+            stop: Arc::clone(claim.stop_flag()),
+            crash: Arc::clone(claim.crash_flag()),
+            claim: LoopClaimCheck::new(claim),
+        }
+    }
+
+    /// Runs until the stop flag is set, then drains and closes every connection; returns
+    /// the transport (its counters are the caller's to report). It ends at once instead
+    /// when the crash flag is set or the claim on the broker id is found taken over (once a
+    /// wait returns, where a pause is most likely spent, see [`LoopClaimCheck`]; or by a
+    /// ring writer before it publishes a slot): no drain, nothing more written to the pool.
+    pub fn run(mut self) -> T {
+        let ending = self.serve();
+        let now = Instant::now();
+        let open = self.clients.len();
+        let broker = self.state.settings().broker_id;
+        match ending {
+            Ending::Stopped => {
+                for (_, mut client) in self.clients.drain() {
+                    client.connection.on_closed(&mut self.state);
+                }
+                self.transport.close_all(ending, now);
+                self.state.on_loop_stopped(T::NAME, open);
+            }
+            Ending::Abrupt => {
+                self.clients.clear();
+                self.transport.close_all(ending, now);
+                log::warn!(
+                    "broker {broker}: {} ended at once ({open} connections dropped)",
+                    T::NAME
+                );
+            }
+        }
+        self.transport
+    }
+
+    fn serve(&mut self) -> Ending {
+        let mut outcomes = Vec::new();
+        let mut stopping_since = None;
+        let mut now = Instant::now();
+        let mut iterations = 0u32;
+        let mut timeout = Duration::ZERO;
+        loop {
+            if self.crash.load(Ordering::Relaxed) {
+                return Ending::Abrupt;
+            }
+            if let Err(e) = self.transport.wait(timeout) {
+                log::error!(
+                    "broker {}: {} cannot wait for input: {e}",
+                    self.state.settings().broker_id,
+                    T::NAME
+                );
+                return Ending::Stopped;
+            }
+            if timeout > Duration::ZERO || iterations % T::ITERATIONS_PER_CLOCK_READ == 0 {
+                now = Instant::now();
+                self.transport.housekeeping(now, self.state.metrics());
+            }
+            iterations = iterations.wrapping_add(1);
+            if self.stop.load(Ordering::Relaxed) {
+                let since = *stopping_since.get_or_insert(now);
+                if self.state.undecided() == 0 || now.duration_since(since) > DRAIN {
+                    return Ending::Stopped;
+                }
+            }
+            let mut worked = self.transport.receive(now);
+            // Nothing before this check writes to the pool.
+            if !self.claim.holds(now) {
+                return Ending::Abrupt;
+            }
+            worked |= self.accept(now);
+            outcomes.clear();
+            worked |= self.state.poll_outcomes(&mut outcomes) > 0;
+            for outcome in &outcomes {
+                self.route(outcome, now);
+            }
+            worked |= self.drive(now);
+            if self.state.claim_moved().is_some() {
+                self.claim.guard().lost();
+                return Ending::Abrupt;
+            }
+            worked |= self.transport.flush(now);
+            let subscriptions = self
+                .clients
+                .values()
+                .filter_map(|c| c.connection.subscription());
+            self.state.publish_subscriptions(subscriptions);
+            self.idle.record(worked);
+            timeout = self.next_timeout();
+            if !worked && timeout == Duration::ZERO {
+                self.idle.wait();
+            }
+        }
+    }
+
+    /// How long the next wait may block: not at all after work, the idle backoff while
+    /// anything is pending, and long when nothing is and input wakes the transport.
+    fn next_timeout(&self) -> Duration {
+        if !T::WAKES_ON_INPUT || self.pending() {
+            self.idle.timeout()
+        } else {
+            IDLE_WAIT
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.state.undecided() > 0
+            || self.clients.values().any(|c| {
+                c.connection.is_subscriber()
+                    || c.connection.waits_for_room()
+                    || c.connection.awaits_durability()
+            })
+    }
+
+    fn accept(&mut self, now: Instant) -> bool {
+        let state = &mut self.state;
+        let clients = &mut self.clients;
+        let next_id = &mut self.next_id;
+        self.transport.accept(&mut |address| {
+            if let Err(refusal) = state.admit_connection(address) {
+                return Err(crate::server::connection::refusal_frame(&refusal));
+            }
+            let id = *next_id;
+            *next_id += 1;
+            let connection = Connection::new(id, state, now);
+            clients.insert(
+                id,
+                Client {
+                    connection,
+                    address,
+                },
+            );
+            log::debug!(
+                "broker {}: connection {id} from {address}",
+                state.settings().broker_id
+            );
+            Ok(id)
+        })
+    }
+
+    fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {
+        // A closed connection's batches are in the log all the same; only the ACK is moot.
+        if let Some(client) = self.clients.get_mut(&outcome.conn) {
+            client
+                .connection
+                .on_outcome(outcome, self.state.metrics(), now);
+        }
+    }
+
+    /// Services every connection; closes those that ended. Returns whether anything
+    /// happened.
+    fn drive(&mut self, now: Instant) -> bool {
+        let mut worked = false;
+        let mut ended = Vec::new();
+        for (&id, client) in &mut self.clients {
+            let Some((mut stream, ready)) = self.transport.stream(id) else {
+                ended.push(id);
+                continue;
+            };
+            let service = client.connection.service(
+                &mut stream,
+                &mut self.state,
+                now,
+                ready.readable,
+                ready.writable,
+            );
+            drop(stream);
+            worked |= service.worked();
+            let serviced = Serviced::of(&service, client.connection.has_output());
+            if !self.transport.serviced(id, serviced) || service.ended {
+                ended.push(id);
+            }
+        }
+        for id in ended {
+            if let Some(mut client) = self.clients.remove(&id) {
+                client.connection.on_closed(&mut self.state);
+                self.state.release_connection(client.address);
+                self.transport.close(id);
+                log::debug!(
+                    "broker {}: connection {id} closed",
+                    self.state.settings().broker_id
+                );
+                worked = true;
+            }
+        }
+        worked
+    }
+}
