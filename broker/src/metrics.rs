@@ -159,231 +159,25 @@ impl Metrics {
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self, broker: u16) -> String {
         let mut out = String::new();
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [(&str, &str, &str, &AtomicU64); 36] = [
-            (
-                "embarcadero_batches_received_total",
-                "counter",
-                "Batches received and written to the pool.",
-                &self.batches_received,
-            ),
-            (
-                "embarcadero_bytes_received_total",
-                "counter",
-                "Payload bytes received and written to the pool.",
-                &self.bytes_received,
-            ),
-            (
-                "embarcadero_batches_acked_total",
-                "counter",
-                "Batches acknowledged to publishers.",
-                &self.batches_acked,
-            ),
-            (
-                "embarcadero_ring_full_waits_total",
-                "counter",
-                "Waits for ring or payload log room.",
-                &self.ring_full_waits,
-            ),
-            (
-                "embarcadero_receive_stalls_over_50ms_total",
-                "counter",
-                "Waits for pool room longer than 50 ms.",
-                &self.receive_stalls_over_50ms,
-            ),
-            (
-                "embarcadero_batches_dropped_total",
-                "counter",
-                "Accepted batches whose outcome was lost (must be 0).",
-                &self.batches_dropped,
-            ),
-            (
-                "embarcadero_batches_rejected_total",
-                "counter",
-                "Batches rejected by the sequencer and reported to publishers.",
-                &self.batches_rejected,
-            ),
-            (
-                "embarcadero_errors_sent_total",
-                "counter",
-                "Error frames sent.",
-                &self.errors_sent,
-            ),
-            (
-                "embarcadero_connections_open",
-                "gauge",
-                "Connections open.",
-                &self.connections_open,
-            ),
-            (
-                "embarcadero_sequencer_lag_batches",
-                "gauge",
-                "Batches in this broker's rings not yet decided by the sequencer.",
-                &self.sequencer_lag_batches,
-            ),
-            (
-                "embarcadero_replica_batches_total",
-                "counter",
-                "Batches copied to this broker's replica files.",
-                &self.replica_batches,
-            ),
-            (
-                "embarcadero_replica_errors_total",
-                "counter",
-                "Replication errors (replication pauses for a second after each).",
-                &self.replica_errors,
-            ),
-            (
-                "embarcadero_sequencer_takeovers_total",
-                "counter",
-                "Times this broker took over the sequencer lease from an expired holder.",
-                &self.sequencer_takeovers,
-            ),
-            (
-                "embarcadero_sequencer_role",
-                "gauge",
-                "1 while this broker holds the sequencer lease, 2 while it stands by.",
-                &self.sequencer_role,
-            ),
-            (
-                "embarcadero_batches_delivered_total",
-                "counter",
-                "Batches delivered to subscribers.",
-                &self.batches_delivered,
-            ),
-            (
-                "embarcadero_sequencer_batches_ordered_total",
-                "counter",
-                "Batches ordered by this broker's sequencer (head only).",
-                &self.sequencer_batches_ordered,
-            ),
-            (
-                "embarcadero_sequencer_gaps_resolved_total",
-                "counter",
-                "Order-5 gaps resolved by the gap rule (head only).",
-                &self.sequencer_gaps_resolved,
-            ),
-            (
-                "embarcadero_sequencer_held_batches",
-                "gauge",
-                "Batches held for order-5 gaps (head only).",
-                &self.sequencer_held,
-            ),
-            (
-                "embarcadero_xdp_rx_dropped_total",
-                "counter",
-                "Frames the kernel dropped before the AF_XDP socket (XDP backend; see the log).",
-                &self.xdp_rx_dropped,
-            ),
-            (
-                "embarcadero_connections_refused_total",
-                "counter",
-                "Connections refused by --connections-max or --connections-per-address-max.",
-                &self.connections_refused,
-            ),
-            (
-                "embarcadero_hello_deadlines_expired_total",
-                "counter",
-                "Connections closed for sending no Hello within --hello-timeout-ms.",
-                &self.hello_deadlines_expired,
-            ),
-            (
-                "embarcadero_batch_deadlines_expired_total",
-                "counter",
-                "Connections closed for sending a batch slower than --batch-min-bytes-per-s.",
-                &self.batch_deadlines_expired,
-            ),
-            (
-                "embarcadero_batches_staged_total",
-                "counter",
-                "Slow batches moved out of the pool after --batch-hold-ms.",
-                &self.batches_staged,
-            ),
-            (
-                "embarcadero_staging_full_total",
-                "counter",
-                "Slow batches left in the pool because --staging-bytes-max was reached.",
-                &self.staging_full,
-            ),
-            (
-                "embarcadero_staging_bytes",
-                "gauge",
-                "Bytes of slow batches held in staging.",
-                &self.staging_bytes,
-            ),
-            (
-                "embarcadero_subscribers_released_total",
-                "counter",
-                "Subscribers that stopped holding the log after --subscriber-stall-ms without reading.",
-                &self.subscribers_released,
-            ),
-            (
-                "embarcadero_topics_refused_total",
-                "counter",
-                "Topics not created: the topic table is full, or creation on first use is off.",
-                &self.topics_refused,
-            ),
-            (
-                "embarcadero_output_full_waits_total",
-                "counter",
-                "Times a connection's input was paused because its peer left over 4 MiB of output unread.",
-                &self.output_full_waits,
-            ),
-            (
-                "embarcadero_close_deadlines_expired_total",
-                "counter",
-                "Closing connections dropped after --close-timeout-ms with output their peer did not take.",
-                &self.close_deadlines_expired,
-            ),
-            (
-                "embarcadero_metrics_connections_evicted_total",
-                "counter",
-                "Metrics endpoint connections closed to make room (over the connection limit).",
-                &self.metrics_connections_evicted,
-            ),
-            (
-                "embarcadero_metrics_connections_timed_out_total",
-                "counter",
-                "Metrics endpoint connections closed unserved at the connection deadline.",
-                &self.metrics_connections_timed_out,
-            ),
-            (
-                "embarcadero_xdp_cookie_adopted_total",
-                "counter",
-                "SYN-cookie connections adopted into the userspace stack (XDP backend).",
-                &self.xdp_cookie_adopted,
-            ),
-            (
-                "embarcadero_xdp_cookie_refused_total",
-                "counter",
-                "SYN-cookie connections refused with a RST: every socket in use (XDP backend).",
-                &self.xdp_cookie_refused,
-            ),
-            (
-                "embarcadero_xdp_cookie_dropped_total",
-                "counter",
-                "Segments dropped during or after a refused adoption, and adoptions given up (XDP backend).",
-                &self.xdp_cookie_dropped,
-            ),
-            (
-                "embarcadero_xdp_neighbour_replies_total",
-                "counter",
-                "Neighbours from the kernel's table handed to the userspace stack (XDP backend).",
-                &self.xdp_neighbour_replies,
-            ),
-            (
-                "embarcadero_xdp_neighbour_table_full_total",
-                "counter",
-                "Neighbours not tracked because the table was full (XDP backend).",
-                &self.xdp_neighbour_table_full,
-            ),
-        ];
-        for (name, kind, help, counter) in series {
+        for series in SERIES {
+            let Series {
+                name,
+                kind,
+                help,
+                value,
+            } = series;
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{broker=\"{broker}\"}} {}\n",
-                get(counter)
+                value(self).load(Ordering::Relaxed)
             ));
         }
+        self.render_ack_latency(broker, &mut out);
+        out
+    }
+
+    /// The ACK latency histogram, cumulative as Prometheus wants it.
+    fn render_ack_latency(&self, broker: u16, out: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let name = "embarcadero_ack_latency_us";
         out.push_str(&format!(
             "# HELP {name} Time from a batch fully received to its ACK sent.\n# TYPE {name} histogram\n"
@@ -406,9 +200,237 @@ impl Metrics {
         out.push_str(&format!(
             "{name}_count{{broker=\"{broker}\"}} {cumulative}\n"
         ));
-        out
     }
 }
+
+/// One exported series: its name, Prometheus type, help text, and where its value is.
+struct Series {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&Metrics) -> &AtomicU64,
+}
+
+/// Every plain series the endpoint exports, in this order (the ACK latency histogram
+/// follows them).
+const SERIES: &[Series] = &[
+    Series {
+        name: "embarcadero_batches_received_total",
+        kind: "counter",
+        help: "Batches received and written to the pool.",
+        value: |m| &m.batches_received,
+    },
+    Series {
+        name: "embarcadero_bytes_received_total",
+        kind: "counter",
+        help: "Payload bytes received and written to the pool.",
+        value: |m| &m.bytes_received,
+    },
+    Series {
+        name: "embarcadero_batches_acked_total",
+        kind: "counter",
+        help: "Batches acknowledged to publishers.",
+        value: |m| &m.batches_acked,
+    },
+    Series {
+        name: "embarcadero_ring_full_waits_total",
+        kind: "counter",
+        help: "Waits for ring or payload log room.",
+        value: |m| &m.ring_full_waits,
+    },
+    Series {
+        name: "embarcadero_receive_stalls_over_50ms_total",
+        kind: "counter",
+        help: "Waits for pool room longer than 50 ms.",
+        value: |m| &m.receive_stalls_over_50ms,
+    },
+    Series {
+        name: "embarcadero_batches_dropped_total",
+        kind: "counter",
+        help: "Accepted batches whose outcome was lost (must be 0).",
+        value: |m| &m.batches_dropped,
+    },
+    Series {
+        name: "embarcadero_batches_rejected_total",
+        kind: "counter",
+        help: "Batches rejected by the sequencer and reported to publishers.",
+        value: |m| &m.batches_rejected,
+    },
+    Series {
+        name: "embarcadero_errors_sent_total",
+        kind: "counter",
+        help: "Error frames sent.",
+        value: |m| &m.errors_sent,
+    },
+    Series {
+        name: "embarcadero_connections_open",
+        kind: "gauge",
+        help: "Connections open.",
+        value: |m| &m.connections_open,
+    },
+    Series {
+        name: "embarcadero_sequencer_lag_batches",
+        kind: "gauge",
+        help: "Batches in this broker's rings not yet decided by the sequencer.",
+        value: |m| &m.sequencer_lag_batches,
+    },
+    Series {
+        name: "embarcadero_replica_batches_total",
+        kind: "counter",
+        help: "Batches copied to this broker's replica files.",
+        value: |m| &m.replica_batches,
+    },
+    Series {
+        name: "embarcadero_replica_errors_total",
+        kind: "counter",
+        help: "Replication errors (replication pauses for a second after each).",
+        value: |m| &m.replica_errors,
+    },
+    Series {
+        name: "embarcadero_sequencer_takeovers_total",
+        kind: "counter",
+        help: "Times this broker took over the sequencer lease from an expired holder.",
+        value: |m| &m.sequencer_takeovers,
+    },
+    Series {
+        name: "embarcadero_sequencer_role",
+        kind: "gauge",
+        help: "1 while this broker holds the sequencer lease, 2 while it stands by.",
+        value: |m| &m.sequencer_role,
+    },
+    Series {
+        name: "embarcadero_batches_delivered_total",
+        kind: "counter",
+        help: "Batches delivered to subscribers.",
+        value: |m| &m.batches_delivered,
+    },
+    Series {
+        name: "embarcadero_sequencer_batches_ordered_total",
+        kind: "counter",
+        help: "Batches ordered by this broker's sequencer (head only).",
+        value: |m| &m.sequencer_batches_ordered,
+    },
+    Series {
+        name: "embarcadero_sequencer_gaps_resolved_total",
+        kind: "counter",
+        help: "Order-5 gaps resolved by the gap rule (head only).",
+        value: |m| &m.sequencer_gaps_resolved,
+    },
+    Series {
+        name: "embarcadero_sequencer_held_batches",
+        kind: "gauge",
+        help: "Batches held for order-5 gaps (head only).",
+        value: |m| &m.sequencer_held,
+    },
+    Series {
+        name: "embarcadero_xdp_rx_dropped_total",
+        kind: "counter",
+        help: "Frames the kernel dropped before the AF_XDP socket (XDP backend; see the log).",
+        value: |m| &m.xdp_rx_dropped,
+    },
+    Series {
+        name: "embarcadero_connections_refused_total",
+        kind: "counter",
+        help: "Connections refused by --connections-max or --connections-per-address-max.",
+        value: |m| &m.connections_refused,
+    },
+    Series {
+        name: "embarcadero_hello_deadlines_expired_total",
+        kind: "counter",
+        help: "Connections closed for sending no Hello within --hello-timeout-ms.",
+        value: |m| &m.hello_deadlines_expired,
+    },
+    Series {
+        name: "embarcadero_batch_deadlines_expired_total",
+        kind: "counter",
+        help: "Connections closed for sending a batch slower than --batch-min-bytes-per-s.",
+        value: |m| &m.batch_deadlines_expired,
+    },
+    Series {
+        name: "embarcadero_batches_staged_total",
+        kind: "counter",
+        help: "Slow batches moved out of the pool after --batch-hold-ms.",
+        value: |m| &m.batches_staged,
+    },
+    Series {
+        name: "embarcadero_staging_full_total",
+        kind: "counter",
+        help: "Slow batches left in the pool because --staging-bytes-max was reached.",
+        value: |m| &m.staging_full,
+    },
+    Series {
+        name: "embarcadero_staging_bytes",
+        kind: "gauge",
+        help: "Bytes of slow batches held in staging.",
+        value: |m| &m.staging_bytes,
+    },
+    Series {
+        name: "embarcadero_subscribers_released_total",
+        kind: "counter",
+        help: "Subscribers that stopped holding the log after --subscriber-stall-ms without reading.",
+        value: |m| &m.subscribers_released,
+    },
+    Series {
+        name: "embarcadero_topics_refused_total",
+        kind: "counter",
+        help: "Topics not created: the topic table is full, or creation on first use is off.",
+        value: |m| &m.topics_refused,
+    },
+    Series {
+        name: "embarcadero_output_full_waits_total",
+        kind: "counter",
+        help: "Times a connection's input was paused because its peer left over 4 MiB of output unread.",
+        value: |m| &m.output_full_waits,
+    },
+    Series {
+        name: "embarcadero_close_deadlines_expired_total",
+        kind: "counter",
+        help: "Closing connections dropped after --close-timeout-ms with output their peer did not take.",
+        value: |m| &m.close_deadlines_expired,
+    },
+    Series {
+        name: "embarcadero_metrics_connections_evicted_total",
+        kind: "counter",
+        help: "Metrics endpoint connections closed to make room (over the connection limit).",
+        value: |m| &m.metrics_connections_evicted,
+    },
+    Series {
+        name: "embarcadero_metrics_connections_timed_out_total",
+        kind: "counter",
+        help: "Metrics endpoint connections closed unserved at the connection deadline.",
+        value: |m| &m.metrics_connections_timed_out,
+    },
+    Series {
+        name: "embarcadero_xdp_cookie_adopted_total",
+        kind: "counter",
+        help: "SYN-cookie connections adopted into the userspace stack (XDP backend).",
+        value: |m| &m.xdp_cookie_adopted,
+    },
+    Series {
+        name: "embarcadero_xdp_cookie_refused_total",
+        kind: "counter",
+        help: "SYN-cookie connections refused with a RST: every socket in use (XDP backend).",
+        value: |m| &m.xdp_cookie_refused,
+    },
+    Series {
+        name: "embarcadero_xdp_cookie_dropped_total",
+        kind: "counter",
+        help: "Segments dropped during or after a refused adoption, and adoptions given up (XDP backend).",
+        value: |m| &m.xdp_cookie_dropped,
+    },
+    Series {
+        name: "embarcadero_xdp_neighbour_replies_total",
+        kind: "counter",
+        help: "Neighbours from the kernel's table handed to the userspace stack (XDP backend).",
+        value: |m| &m.xdp_neighbour_replies,
+    },
+    Series {
+        name: "embarcadero_xdp_neighbour_table_full_total",
+        kind: "counter",
+        help: "Neighbours not tracked because the table was full (XDP backend).",
+        value: |m| &m.xdp_neighbour_table_full,
+    },
+];
 
 /// How often the endpoint looks at the broker's stop flag.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);

@@ -537,109 +537,13 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
     if !(args.recover_from.is_empty() || (args.head && args.format)) {
         return Err("--recover-from rebuilds a new pool: it needs --head and --format".into());
     }
-    let pool = args
-        .pool
-        .ok_or("--pool is required (e.g. /dev/hugepages/embarcadero)")?;
+    let spec = pool_spec(&args)?;
     let listen = args
         .listen
         .ok_or("--listen is required (e.g. 127.0.0.1:9000)")?;
-    let mode = match args.coherence.as_deref() {
-        None => CoherenceMode::default(),
-        Some(text) => text.parse()?,
-    };
-    let format = if args.format {
-        let pool_bytes = size("pool-bytes", args.pool_bytes.as_deref(), 1u64 << 30)?;
-        let geometry = Geometry::fit(
-            pool_bytes,
-            args.brokers_max.unwrap_or(4),
-            args.topics_max.unwrap_or(4),
-            args.ring_slots.unwrap_or(1024),
-            args.goi_entries.unwrap_or(1 << 18),
-        )
-        .map_err(|e| format!("pool geometry: {e}"))?;
-        Some((geometry, pool_bytes))
-    } else {
-        None
-    };
-    let spec = PoolSpec {
-        path: pool,
-        format,
-        allow_fallback: args.allow_shm_fallback,
-        mode,
-        attach_timeout: Duration::from_millis(args.attach_timeout_ms.unwrap_or(10_000)),
-    };
-    let net = match args.net.unwrap_or(NetKind::Kernel) {
-        NetKind::Kernel => {
-            if args.iface.is_some() || args.debug_inject_faults.is_some() {
-                return Err("--iface and --debug-inject-faults need --net xdp".into());
-            }
-            NetBackend::Kernel
-        }
-        NetKind::Xdp => NetBackend::Xdp(XdpOptions {
-            iface: args
-                .iface
-                .ok_or("--net xdp needs --iface (the interface to take, e.g. emb-b0)")?,
-            queues: args.queues,
-            cores: args
-                .cores
-                .as_deref()
-                .map(parse_cores)
-                .transpose()?
-                .unwrap_or_default(),
-            mode: match args.xdp_mode.unwrap_or(XdpMode::Auto) {
-                XdpMode::Auto => AttachMode::Auto,
-                XdpMode::Driver => AttachMode::Driver,
-                XdpMode::Generic => AttachMode::Generic,
-            },
-            sockets: args.xdp_sockets.unwrap_or(32),
-            socket_buffer_bytes: size(
-                "xdp-socket-buffer-bytes",
-                args.xdp_socket_buffer_bytes.as_deref(),
-                1 << 20,
-            )?,
-            busy_poll_us: args.xdp_busy_poll_us,
-            geometry: XskGeometry::default(),
-            allow_small_pages: args.allow_shm_fallback,
-            faults: args
-                .debug_inject_faults
-                .as_deref()
-                .map(str::parse::<FaultConfig>)
-                .transpose()
-                .map_err(|e| e.to_string())?,
-        }),
-    };
+    let net = net_backend(&args)?;
     let defaults = SequencerConfig::default();
-    let limit_defaults = ClientLimits::default();
-    let limits = ClientLimits {
-        hello_timeout_ms: args
-            .hello_timeout_ms
-            .unwrap_or(limit_defaults.hello_timeout_ms),
-        batch_grace_ms: args.batch_grace_ms.unwrap_or(limit_defaults.batch_grace_ms),
-        batch_min_bytes_per_s: size(
-            "batch-min-bytes-per-s",
-            args.batch_min_bytes_per_s.as_deref(),
-            limit_defaults.batch_min_bytes_per_s,
-        )?,
-        batch_hold_ms: args.batch_hold_ms.unwrap_or(limit_defaults.batch_hold_ms),
-        staging_bytes_max: size(
-            "staging-bytes-max",
-            args.staging_bytes_max.as_deref(),
-            limit_defaults.staging_bytes_max,
-        )?,
-        connections_max: args
-            .connections_max
-            .unwrap_or(limit_defaults.connections_max),
-        connections_per_address_max: args
-            .connections_per_address_max
-            .unwrap_or(limit_defaults.connections_per_address_max),
-        subscriber_stall_ms: args
-            .subscriber_stall_ms
-            .unwrap_or(limit_defaults.subscriber_stall_ms),
-        close_timeout_ms: args
-            .close_timeout_ms
-            .unwrap_or(limit_defaults.close_timeout_ms),
-    };
-    limits.validate().map_err(|e| e.to_string())?;
+    let limits = client_limits(&args)?;
     let metrics_defaults = EndpointLimits::default();
     let options = BrokerOptions {
         settings: BrokerSettings {
@@ -681,22 +585,141 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
                 .map_or(metrics_defaults.connection_deadline, Duration::from_millis),
         },
         net,
-        replica: match args.replica_dir {
-            Some(dir) => Some(ReplicaConfig {
-                dir,
-                sync_bytes: size(
-                    "replica-sync-bytes",
-                    args.replica_sync_bytes.as_deref(),
-                    1 << 20,
-                )?,
-                sync_interval_us: args.replica_sync_interval_us.unwrap_or(2_000),
-            }),
-            None => None,
-        },
+        replica: replica_config(&args)?,
         standby: !args.no_standby,
         claim_lease_ms,
     };
     Ok((spec, options, args.recover_from))
+}
+
+/// Where the pool is, and its geometry when `--format` makes it.
+fn pool_spec(args: &Args) -> Result<PoolSpec, String> {
+    let pool = args
+        .pool
+        .clone()
+        .ok_or("--pool is required (e.g. /dev/hugepages/embarcadero)")?;
+    let mode = match args.coherence.as_deref() {
+        None => CoherenceMode::default(),
+        Some(text) => text.parse()?,
+    };
+    let format = if args.format {
+        let pool_bytes = size("pool-bytes", args.pool_bytes.as_deref(), 1u64 << 30)?;
+        let geometry = Geometry::fit(
+            pool_bytes,
+            args.brokers_max.unwrap_or(4),
+            args.topics_max.unwrap_or(4),
+            args.ring_slots.unwrap_or(1024),
+            args.goi_entries.unwrap_or(1 << 18),
+        )
+        .map_err(|e| format!("pool geometry: {e}"))?;
+        Some((geometry, pool_bytes))
+    } else {
+        None
+    };
+    Ok(PoolSpec {
+        path: pool,
+        format,
+        allow_fallback: args.allow_shm_fallback,
+        mode,
+        attach_timeout: Duration::from_millis(args.attach_timeout_ms.unwrap_or(10_000)),
+    })
+}
+
+/// The network backend and, for XDP, its options.
+fn net_backend(args: &Args) -> Result<NetBackend, String> {
+    Ok(match args.net.unwrap_or(NetKind::Kernel) {
+        NetKind::Kernel => {
+            if args.iface.is_some() || args.debug_inject_faults.is_some() {
+                return Err("--iface and --debug-inject-faults need --net xdp".into());
+            }
+            NetBackend::Kernel
+        }
+        NetKind::Xdp => NetBackend::Xdp(XdpOptions {
+            iface: args
+                .iface
+                .clone()
+                .ok_or("--net xdp needs --iface (the interface to take, e.g. emb-b0)")?,
+            queues: args.queues,
+            cores: args
+                .cores
+                .as_deref()
+                .map(parse_cores)
+                .transpose()?
+                .unwrap_or_default(),
+            mode: match args.xdp_mode.unwrap_or(XdpMode::Auto) {
+                XdpMode::Auto => AttachMode::Auto,
+                XdpMode::Driver => AttachMode::Driver,
+                XdpMode::Generic => AttachMode::Generic,
+            },
+            sockets: args.xdp_sockets.unwrap_or(32),
+            socket_buffer_bytes: size(
+                "xdp-socket-buffer-bytes",
+                args.xdp_socket_buffer_bytes.as_deref(),
+                1 << 20,
+            )?,
+            busy_poll_us: args.xdp_busy_poll_us,
+            geometry: XskGeometry::default(),
+            allow_small_pages: args.allow_shm_fallback,
+            faults: args
+                .debug_inject_faults
+                .as_deref()
+                .map(str::parse::<FaultConfig>)
+                .transpose()
+                .map_err(|e| e.to_string())?,
+        }),
+    })
+}
+
+/// The limits on clients, validated.
+fn client_limits(args: &Args) -> Result<ClientLimits, String> {
+    let limit_defaults = ClientLimits::default();
+    let limits = ClientLimits {
+        hello_timeout_ms: args
+            .hello_timeout_ms
+            .unwrap_or(limit_defaults.hello_timeout_ms),
+        batch_grace_ms: args.batch_grace_ms.unwrap_or(limit_defaults.batch_grace_ms),
+        batch_min_bytes_per_s: size(
+            "batch-min-bytes-per-s",
+            args.batch_min_bytes_per_s.as_deref(),
+            limit_defaults.batch_min_bytes_per_s,
+        )?,
+        batch_hold_ms: args.batch_hold_ms.unwrap_or(limit_defaults.batch_hold_ms),
+        staging_bytes_max: size(
+            "staging-bytes-max",
+            args.staging_bytes_max.as_deref(),
+            limit_defaults.staging_bytes_max,
+        )?,
+        connections_max: args
+            .connections_max
+            .unwrap_or(limit_defaults.connections_max),
+        connections_per_address_max: args
+            .connections_per_address_max
+            .unwrap_or(limit_defaults.connections_per_address_max),
+        subscriber_stall_ms: args
+            .subscriber_stall_ms
+            .unwrap_or(limit_defaults.subscriber_stall_ms),
+        close_timeout_ms: args
+            .close_timeout_ms
+            .unwrap_or(limit_defaults.close_timeout_ms),
+    };
+    limits.validate().map_err(|e| e.to_string())?;
+    Ok(limits)
+}
+
+/// Where replica files go (ack level 2), if anywhere.
+fn replica_config(args: &Args) -> Result<Option<ReplicaConfig>, String> {
+    Ok(match &args.replica_dir {
+        Some(dir) => Some(ReplicaConfig {
+            dir: dir.clone(),
+            sync_bytes: size(
+                "replica-sync-bytes",
+                args.replica_sync_bytes.as_deref(),
+                1 << 20,
+            )?,
+            sync_interval_us: args.replica_sync_interval_us.unwrap_or(2_000),
+        }),
+        None => None,
+    })
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

@@ -213,7 +213,102 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     claim: ClaimGuard,
 ) -> Result<(JoinHandle<()>, Attached), BypassError> {
-    let (ip, port) = match options.listen {
+    let link = inspect(options.listen, xdp)?;
+    let iface = xdp.iface.as_str();
+    // Opened here, in the broker's network namespace, before anything is attached.
+    let netlink = NeighbourSocket::open().map_err(BypassError::Netlink)?;
+    let config = SteerConfig {
+        mss: link.mss,
+        window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
+        window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
+        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time, see
+        // the hooks) and closes each; twice that is headroom.
+        flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
+        ..SteerConfig::new(vec![link.port], vec![link.ip])
+    };
+    // A program there already (another broker's, or a crashed one's leftover) is reported
+    // as such before any socket is bound to a queue that broker may hold.
+    if let Some(program) = xdp_prog::status(iface)? {
+        return Err(XdpError::AlreadyAttached {
+            ifname: iface.to_owned(),
+            prog_id: program.prog_id,
+            prog_name: program.name,
+            mode: program.mode,
+        }
+        .into());
+    }
+    let (queues, registered) = bind_queues(xdp, link.queue_count)?;
+    let steering = XdpSteering::attach_with_sockets(iface, xdp.mode, &config, &registered)?;
+    let flows = steering.flows()?;
+    announce(options.settings.broker_id, &link, xdp, &steering);
+    let hooks = Hooks::new(
+        HookConfig {
+            ifindex: link.ifindex,
+            mac: link.mac,
+            ip: link.ip,
+            port: link.port,
+            mss: link.mss,
+            flows_max: xdp.sockets * 2,
+            neighbours_max: xdp.sockets.max(64),
+            neighbour_cache_entries: smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT,
+        },
+        Some(netlink),
+        Some(flows),
+    );
+    let device = XskDevice::new(queues, link.mtu, RX_BURST, hooks);
+    let thread = spawn_loop(pool, device, &link, options, xdp, metrics, claim);
+    Ok((thread, Attached { steering }))
+}
+
+/// Says what was attached, and warns when smoltcp's neighbour cache is smaller than the
+/// socket pool.
+fn announce(broker: u16, link: &Link, xdp: &XdpOptions, steering: &XdpSteering) {
+    let busy_poll = match xdp.busy_poll_us {
+        Some(us) => format!(", preferred busy polling for {us} us"),
+        None => String::new(),
+    };
+    let Link {
+        ip,
+        prefix,
+        port,
+        mtu,
+        queue_count,
+        ..
+    } = link;
+    log::info!(
+        "broker {broker}: XDP program on {} in {} mode, {queue_count} AF_XDP socket(s) on queue(s) 0..{} (copy mode, {} frames of {FRAME_BYTES} B each{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
+        xdp.iface,
+        steering.mode(),
+        queue_count - 1,
+        xdp.geometry.frames
+    );
+    let cache_entries = smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT;
+    if xdp.sockets > cache_entries {
+        log::warn!(
+            "broker {broker}: --xdp-sockets {} is more than smoltcp's neighbour cache holds ({cache_entries}): with more client hosts than that at a time, segments to some are dropped while smoltcp looks their address up again (build the broker with SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT={} or more)",
+            xdp.sockets,
+            xdp.sockets
+        );
+    }
+}
+
+/// What the broker needs to know of its interface, checked.
+struct Link {
+    ifindex: u32,
+    ip: Ipv4Addr,
+    prefix: u8,
+    port: u16,
+    mac: [u8; 6],
+    mtu: usize,
+    /// The MTU less the IPv4 and TCP headers.
+    mss: u16,
+    queue_count: u32,
+}
+
+/// Checks the interface against the listen address and the options: the address is on
+/// it, the broker takes every rx queue, and a packet fits a UMEM frame.
+fn inspect(listen: SocketAddr, xdp: &XdpOptions) -> Result<Link, BypassError> {
+    let (ip, port) = match listen {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => (*v4.ip(), v4.port()),
         other => return Err(BypassError::ListenAddress(other)),
     };
@@ -265,30 +360,28 @@ pub fn spawn(
             max,
         });
     }
-    // Opened here, in the broker's network namespace, before anything is attached.
-    let netlink = NeighbourSocket::open().map_err(BypassError::Netlink)?;
-    // The interface's MTU less the IPv4 and TCP headers.
-    let mss = u16::try_from(mtu.saturating_sub(40)).unwrap_or(u16::MAX);
-    let config = SteerConfig {
-        mss,
-        window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
-        window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
-        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time, see
-        // the hooks) and closes each; twice that is headroom.
-        flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
-        ..SteerConfig::new(vec![port], vec![ip])
-    };
-    // A program there already (another broker's, or a crashed one's leftover) is reported
-    // as such before any socket is bound to a queue that broker may hold.
-    if let Some(program) = xdp_prog::status(iface)? {
-        return Err(XdpError::AlreadyAttached {
-            ifname: iface.to_owned(),
-            prog_id: program.prog_id,
-            prog_name: program.name,
-            mode: program.mode,
-        }
-        .into());
-    }
+    Ok(Link {
+        ifindex,
+        ip,
+        prefix,
+        port,
+        mac,
+        mtu,
+        mss: u16::try_from(mtu.saturating_sub(40)).unwrap_or(u16::MAX),
+        queue_count,
+    })
+}
+
+/// An rx queue and the AF_XDP socket bound to it, for the program's socket map.
+type QueueFd = (u32, std::os::fd::RawFd);
+
+/// One AF_XDP socket on each rx queue, and the (queue, socket) pairs to register with the
+/// program.
+fn bind_queues(
+    xdp: &XdpOptions,
+    queue_count: u32,
+) -> Result<(Vec<QueueSocket>, Vec<QueueFd>), BypassError> {
+    let iface = xdp.iface.as_str();
     // The sockets first: the program is attached with every queue's socket registered, so
     // no early SYN finds a queue without one (the kernel would answer it with a RST).
     let mut queues = Vec::with_capacity(queue_count as usize);
@@ -307,49 +400,24 @@ pub fn spawn(
         registered.push((queue, socket.fd()));
         queues.push(QueueSocket::new(socket, umem, frames));
     }
-    let steering = XdpSteering::attach_with_sockets(iface, xdp.mode, &config, &registered)?;
-    let flows = steering.flows()?;
-    let busy_poll = match xdp.busy_poll_us {
-        Some(us) => format!(", preferred busy polling for {us} us"),
-        None => String::new(),
-    };
-    log::info!(
-        "broker {}: XDP program on {iface} in {} mode, {} AF_XDP socket(s) on queue(s) 0..{} (copy mode, {} frames of {FRAME_BYTES} B each{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
-        options.settings.broker_id,
-        steering.mode(),
-        queue_count,
-        queue_count - 1,
-        xdp.geometry.frames
-    );
-    let cache_entries = smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT;
-    if xdp.sockets > cache_entries {
-        log::warn!(
-            "broker {}: --xdp-sockets {} is more than smoltcp's neighbour cache holds ({cache_entries}): with more client hosts than that at a time, segments to some are dropped while smoltcp looks their address up again (build the broker with SMOLTCP_IFACE_NEIGHBOR_CACHE_COUNT={} or more)",
-            options.settings.broker_id,
-            xdp.sockets,
-            xdp.sockets
-        );
-    }
-    let hooks = Hooks::new(
-        HookConfig {
-            ifindex,
-            mac,
-            ip,
-            port,
-            mss,
-            flows_max: xdp.sockets * 2,
-            neighbours_max: xdp.sockets.max(64),
-            neighbour_cache_entries: smoltcp::config::IFACE_NEIGHBOR_CACHE_COUNT,
-        },
-        Some(netlink),
-        Some(flows),
-    );
-    let device = XskDevice::new(queues, mtu, RX_BURST, hooks);
+    Ok((queues, registered))
+}
+
+/// Starts the pinned thread of the network loop over `device`.
+fn spawn_loop(
+    pool: Pool<PoolMemory>,
+    device: XskDevice,
+    link: &Link,
+    options: &BrokerOptions,
+    xdp: &XdpOptions,
+    metrics: Arc<Metrics>,
+    claim: ClaimGuard,
+) -> JoinHandle<()> {
     let endpoint = Endpoint {
-        mac,
-        ip,
-        prefix,
-        port,
+        mac: link.mac,
+        ip: link.ip,
+        prefix: link.prefix,
+        port: link.port,
     };
     let sockets = SocketPoolConfig {
         sockets: xdp.sockets,
@@ -357,7 +425,7 @@ pub fn spawn(
     };
     let core = xdp.cores.first().copied();
     let broker = options.settings.broker_id;
-    let thread = match xdp.faults {
+    match xdp.faults {
         None => {
             let transport = BypassTransport::new(device, endpoint, sockets, broker);
             let poll = ServeLoop::new(pool, transport, options, metrics, claim);
@@ -386,8 +454,7 @@ pub fn spawn(
                 report(broker, &device);
             })
         }
-    };
-    Ok((thread, Attached { steering }))
+    }
 }
 
 fn pin(core: Option<usize>, broker: u16) {
