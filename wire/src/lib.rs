@@ -1,4 +1,4 @@
-//! The Embarcadero-rs wire protocol (version 1), described in `docs/protocol.md`.
+//! The Embarcadero-rs wire protocol (version 2), described in `docs/protocol.md`.
 //!
 //! Every frame is an 8-byte [`FrameHeader`] and a body. Each body type has a checked view
 //! over bytes (`Xxx::new_checked`, field accessors and setters) and a typed `XxxRepr` with

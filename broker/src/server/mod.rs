@@ -391,53 +391,8 @@ fn launch(
         })?,
         None => options.listen,
     };
-    let metrics_addr = match options.metrics_listen {
-        Some(addr) => {
-            let endpoint = crate::metrics::Endpoint::bind(addr, options.metrics_limits)?;
-            let bound = endpoint.local_addr();
-            let (metrics, stop) = (Arc::clone(metrics), Arc::clone(stop));
-            threads.push(spawn("metrics", move || {
-                endpoint.serve(metrics, broker_id, stop)
-            }));
-            bound
-        }
-        None => None,
-    };
-    // The head takes the lease of a fresh pool at once; on a pool that already has a holder
-    // (a restart) it waits like any standby.
-    let holder = if options.settings.head && read_lease(&pool).is_none() {
-        Some(
-            Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
-                .map_err(StartError::Sequencer)?,
-        )
-    } else {
-        None
-    };
-    let standby = options.standby || options.settings.head;
-    // Set before any connection is served: it decides who creates topics.
-    metrics.set_sequencer_role(if holder.is_some() {
-        SequencerRole::Holding
-    } else {
-        SequencerRole::StandingBy
-    });
-    if holder.is_some() || standby {
-        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
-        let (idle, config) = (options.idle, options.sequencer);
-        threads.push(spawn("sequencer", move || {
-            let mut holder = holder;
-            loop {
-                if let Some(sequencer) = holder.take() {
-                    metrics.set_sequencer_role(SequencerRole::Holding);
-                    run_sequencer(sequencer, idle, &metrics, &stop);
-                    metrics.set_sequencer_role(SequencerRole::StandingBy);
-                }
-                if !standby || stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                holder = watch_lease(&pool, broker_id, config, &metrics, &stop);
-            }
-        }));
-    }
+    let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
+    spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {
         let (pool, metrics, claim) = (pool.clone(), Arc::clone(metrics), claim.clone());
         threads.push(spawn("replica", move || {
@@ -477,6 +432,76 @@ fn launch(
             .unwrap_or_default()
     );
     Ok((local_addr, metrics_addr, xdp))
+}
+
+/// Serves the metrics endpoint, if asked; returns its address.
+fn spawn_metrics(
+    options: &BrokerOptions,
+    metrics: &Arc<Metrics>,
+    stop: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<SocketAddr>, StartError> {
+    let broker_id = options.settings.broker_id;
+    Ok(match options.metrics_listen {
+        Some(addr) => {
+            let endpoint = crate::metrics::Endpoint::bind(addr, options.metrics_limits)?;
+            let bound = endpoint.local_addr();
+            let (metrics, stop) = (Arc::clone(metrics), Arc::clone(stop));
+            threads.push(spawn("metrics", move || {
+                endpoint.serve(metrics, broker_id, stop)
+            }));
+            bound
+        }
+        None => None,
+    })
+}
+
+/// Runs the sequencer on the head, and the lease watch of a standby (which becomes the
+/// sequencer when the holder goes silent).
+fn spawn_sequencer(
+    pool: &Pool<PoolMemory>,
+    options: &BrokerOptions,
+    metrics: &Arc<Metrics>,
+    stop: &Arc<AtomicBool>,
+    threads: &mut Vec<JoinHandle<()>>,
+) -> Result<(), StartError> {
+    let broker_id = options.settings.broker_id;
+    // The head takes the lease of a fresh pool at once; on a pool that already has a holder
+    // (a restart) it waits like any standby.
+    let holder = if options.settings.head && read_lease(pool).is_none() {
+        Some(
+            Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
+                .map_err(StartError::Sequencer)?,
+        )
+    } else {
+        None
+    };
+    let standby = options.standby || options.settings.head;
+    // Set before any connection is served: it decides who creates topics.
+    metrics.set_sequencer_role(if holder.is_some() {
+        SequencerRole::Holding
+    } else {
+        SequencerRole::StandingBy
+    });
+    if holder.is_some() || standby {
+        let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
+        let (idle, config) = (options.idle, options.sequencer);
+        threads.push(spawn("sequencer", move || {
+            let mut holder = holder;
+            loop {
+                if let Some(sequencer) = holder.take() {
+                    metrics.set_sequencer_role(SequencerRole::Holding);
+                    run_sequencer(sequencer, idle, &metrics, &stop);
+                    metrics.set_sequencer_role(SequencerRole::StandingBy);
+                }
+                if !standby || stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                holder = watch_lease(&pool, broker_id, config, &metrics, &stop);
+            }
+        }));
+    }
+    Ok(())
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {

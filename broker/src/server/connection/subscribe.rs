@@ -3,6 +3,7 @@
 //! holding the log.
 
 use super::*;
+use shared_log::reader::OrderedBatch;
 
 #[derive(Debug)]
 pub(super) struct Subscriber<M> {
@@ -45,23 +46,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let Peer::Subscriber(subscriber) = &mut self.role else {
             return;
         };
-        let stall = state.settings().limits.subscriber_stall();
-        if subscriber.holding
-            && subscriber.retention == Retention::StallLimited
-            && now.saturating_duration_since(subscriber.progress_at) >= stall
-        {
-            subscriber.holding = false;
-            if let Some(count) = Metrics::inc_logged(&state.metrics().subscribers_released) {
-                log::info!(
-                    "connection {}: the subscriber took nothing for {} ms \
-                     (--subscriber-stall-ms): it no longer holds the log at batch {} ({count} \
-                     subscribers released so far)",
-                    self.id,
-                    stall.as_millis(),
-                    subscriber.reader.next_ordinal()
-                );
-            }
-        }
+        subscriber.release_if_stalled(self.id, state, now);
         if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
             return;
         }
@@ -80,49 +65,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
             .reader
             .poll_within(DELIVERIES_PER_POLL, room, |batch| {
                 last_batch_start = output.len();
-                let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
-                    let header = DeliveryHeaderRepr {
-                        global_start: positions.then_some(global_start),
-                        message_count,
-                        payload_bytes: payload.len() as u32,
-                        checksum: if payload.len() == batch.payload.len() {
-                            batch.checksum
-                        } else {
-                            wire::payload::checksum(payload)
-                        },
-                        broker_id: batch.broker,
-                        client_id: batch.client_id,
-                        batch_seq: batch.batch_seq,
-                        session_epoch: batch.session_epoch,
-                    };
-                    output.extend_from_slice(&header.frame_prefix());
-                    output.extend_from_slice(payload);
-                };
-                if batch.payload.len() <= limit {
-                    emit(batch.payload, batch.message_count, batch.global_start);
-                    return;
+                if let Err(size) = encode_deliveries(output, batch, limit, positions) {
+                    oversize = Some(size);
                 }
-                // Split at message boundaries into deliveries of at most `limit` bytes.
-                let (mut from, mut count, mut position, mut start_position) =
-                    (0usize, 0u32, batch.global_start, batch.global_start);
-                let mut at = 0usize;
-                for message in batch.messages() {
-                    let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
-                    if size > limit {
-                        oversize = Some(size);
-                        return;
-                    }
-                    if at + size - from > limit {
-                        emit(&batch.payload[from..at], count, start_position);
-                        from = at;
-                        count = 0;
-                        start_position = position;
-                    }
-                    at += size;
-                    count += 1;
-                    position += 1;
-                }
-                emit(&batch.payload[from..at], count, start_position);
             });
         let metrics = state.metrics();
         // Progress: it took deliveries, or has read everything there is.
@@ -158,4 +103,81 @@ impl<M: SharedMemory + Clone> Connection<M> {
             Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
         }
     }
+}
+
+impl<M: SharedMemory + Clone> Subscriber<M> {
+    /// A subscriber that took nothing for the stall limit stops holding the log (on topics
+    /// with [`Retention::StallLimited`]).
+    fn release_if_stalled(&mut self, connection: ConnId, state: &BrokerState<M>, now: Instant) {
+        let stall = state.settings().limits.subscriber_stall();
+        if self.holding
+            && self.retention == Retention::StallLimited
+            && now.saturating_duration_since(self.progress_at) >= stall
+        {
+            self.holding = false;
+            if let Some(count) = Metrics::inc_logged(&state.metrics().subscribers_released) {
+                log::info!(
+                    "connection {}: the subscriber took nothing for {} ms \
+                     (--subscriber-stall-ms): it no longer holds the log at batch {} ({count} \
+                     subscribers released so far)",
+                    connection,
+                    stall.as_millis(),
+                    self.reader.next_ordinal()
+                );
+            }
+        }
+    }
+}
+
+/// Appends the delivery frames of `batch` to `output`: one, or several split at message
+/// boundaries when it is larger than the subscriber's `limit`. Err: a single message
+/// larger than the limit (its size), which no delivery can carry.
+fn encode_deliveries(
+    output: &mut Vec<u8>,
+    batch: &OrderedBatch<'_>,
+    limit: usize,
+    positions: bool,
+) -> Result<(), usize> {
+    let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
+        let header = DeliveryHeaderRepr {
+            global_start: positions.then_some(global_start),
+            message_count,
+            payload_bytes: payload.len() as u32,
+            checksum: if payload.len() == batch.payload.len() {
+                batch.checksum
+            } else {
+                wire::payload::checksum(payload)
+            },
+            broker_id: batch.broker,
+            client_id: batch.client_id,
+            batch_seq: batch.batch_seq,
+            session_epoch: batch.session_epoch,
+        };
+        output.extend_from_slice(&header.frame_prefix());
+        output.extend_from_slice(payload);
+    };
+    if batch.payload.len() <= limit {
+        emit(batch.payload, batch.message_count, batch.global_start);
+        return Ok(());
+    }
+    let (mut from, mut count, mut position, mut start_position) =
+        (0usize, 0u32, batch.global_start, batch.global_start);
+    let mut at = 0usize;
+    for message in batch.messages() {
+        let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
+        if size > limit {
+            return Err(size);
+        }
+        if at + size - from > limit {
+            emit(&batch.payload[from..at], count, start_position);
+            from = at;
+            count = 0;
+            start_position = position;
+        }
+        at += size;
+        count += 1;
+        position += 1;
+    }
+    emit(&batch.payload[from..at], count, start_position);
+    Ok(())
 }
