@@ -9,15 +9,22 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use broker::server::in_process::InProcessCluster;
+use broker::server::sequencing::SequencerPlacement;
 use client::summary::Summary;
 use shared_log::coherence::CoherenceMode;
 use shared_log::layout::Geometry;
 
 fn start(geometry: Geometry) -> InProcessCluster {
+    start_placed(geometry, SequencerPlacement::Thread)
+}
+
+/// Brokers whose head runs its sequencer as `placement` says.
+fn start_placed(geometry: Geometry, placement: SequencerPlacement) -> InProcessCluster {
     // An order-5 hold far above any delay a loaded machine causes: a batch that is merely
     // late must not be skipped by the gap rule; a lost one still fails the run (undelivered).
     InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
         options.sequencer.hold_timeout_ns = 10_000_000_000;
+        options.sequencer_placement = placement;
     })
     .expect("start 4 brokers")
 }
@@ -100,8 +107,12 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn end_to_end(order: u8, ack: u8) {
+    end_to_end_placed(order, ack, SequencerPlacement::Thread);
+}
+
+fn end_to_end_placed(order: u8, ack: u8, placement: SequencerPlacement) {
     let _serial = serial();
-    let cluster = start(geometry(256, 8 << 20));
+    let cluster = start_placed(geometry(256, 8 << 20), placement);
     let topic = format!("e2e-{order}-{ack}");
     let (order_text, ack_text) = (order.to_string(), ack.to_string());
     let (summary, status) = loadgen(
@@ -188,6 +199,18 @@ fn order_5_ack_0() {
 #[test]
 fn order_5_ack_1() {
     end_to_end(5, 1);
+}
+
+/// The head's sequencer in its network loop: every broker's batches (the head's own in
+/// the same pass, the others' from their rings) acknowledged, delivered once, in order.
+#[test]
+fn order_5_ack_1_with_the_sequencer_inline() {
+    end_to_end_placed(5, 1, SequencerPlacement::Inline);
+}
+
+#[test]
+fn order_2_ack_1_with_the_sequencer_inline() {
+    end_to_end_placed(2, 1, SequencerPlacement::Inline);
 }
 
 #[test]

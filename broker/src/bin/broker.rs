@@ -11,6 +11,7 @@ use broker::server::bypass::XdpOptions;
 use broker::server::limits::ClientLimits;
 use broker::server::ownership::{HeldClaim, LivenessError};
 use broker::server::replica::ReplicaConfig;
+use broker::server::sequencing::SequencerPlacement;
 use broker::server::state::BrokerSettings;
 use broker::server::{
     BrokerOptions, CLAIM_LEASE_MS_DEFAULT, IdleStrategy, NetBackend, PoolSpec, StartError,
@@ -166,6 +167,12 @@ struct Args {
     /// What polling threads do when idle: spin, yield, or sleep (backoff, for shared cores).
     #[arg(long, value_enum)]
     idle: Option<IdleStrategy>,
+    /// Where the head runs its sequencer: inline (in the network loop: a batch is received,
+    /// ordered and acknowledged in one pass, with no hand-off between threads), thread (its
+    /// own thread), or auto (inline when the broker may run on one CPU only, e.g. under
+    /// `taskset -c 1`; default).
+    #[arg(long, value_enum)]
+    sequencer_placement: Option<SequencerPlacement>,
     /// Order 5: how long a gap in a session may stay open before the sequencer gives up on
     /// it (the skipped batch is reported to its publisher), in milliseconds.
     #[arg(long)]
@@ -493,6 +500,7 @@ fn merge(cli: Args, file: Args) -> Args {
         socket_buffer_bytes: cli.socket_buffer_bytes.or(file.socket_buffer_bytes),
         batch_bytes_max: cli.batch_bytes_max.or(file.batch_bytes_max),
         idle: cli.idle.or(file.idle),
+        sequencer_placement: cli.sequencer_placement.or(file.sequencer_placement),
         hold_timeout_ms: cli.hold_timeout_ms.or(file.hold_timeout_ms),
         attach_timeout_ms: cli.attach_timeout_ms.or(file.attach_timeout_ms),
         net: cli.net.or(file.net),
@@ -566,6 +574,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             4 << 20,
         )?,
         idle: args.idle.unwrap_or_default(),
+        sequencer_placement: args.sequencer_placement.unwrap_or_default(),
         sequencer: SequencerConfig {
             hold_timeout_ns: args
                 .hold_timeout_ms

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::server::limits::ClientLimits;
+use crate::server::sequencing::SequencerPlacement;
 use crate::server::state::BrokerSettings;
 use crate::server::{
     BrokerOptions, IdleStrategy, NetBackend, PoolFailure, RunningBroker, StartError, start,
@@ -62,6 +63,7 @@ impl InProcessCluster {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 socket_buffer_bytes: 1 << 20,
                 idle: IdleStrategy::Sleep,
+                sequencer_placement: SequencerPlacement::default(),
                 sequencer: SequencerConfig::default(),
                 metrics_listen: None,
                 metrics_limits: crate::metrics::EndpointLimits::default(),

@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod limits;
 pub mod ownership;
 pub mod replica;
+pub mod sequencing;
 pub mod serve;
 pub mod state;
 
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, SequencerRole};
 use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
+use sequencing::{SequencerDriver, SequencerPlacement};
 use shared_log::claim::ClaimError;
 use shared_log::coherence::{CoherenceMode, PoolMemory};
 use shared_log::layout::Geometry;
@@ -108,6 +110,8 @@ pub struct BrokerOptions {
     pub socket_buffer_bytes: usize,
     /// Idle strategy of the network loop and the sequencer.
     pub idle: IdleStrategy,
+    /// Where the head runs its sequencer.
+    pub sequencer_placement: SequencerPlacement,
     /// Sequencer tuning (used on the head).
     pub sequencer: SequencerConfig,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -392,30 +396,29 @@ fn launch(
         None => options.listen,
     };
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
-    spawn_sequencer(&pool, options, metrics, stop, threads)?;
+    let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {
         let (pool, metrics, claim) = (pool.clone(), Arc::clone(metrics), claim.clone());
         threads.push(spawn("replica", move || {
             run_replica(&pool, broker_id, &config, &metrics, &claim)
         }));
     }
+    let context = serve::LoopContext {
+        pool,
+        metrics: Arc::clone(metrics),
+        claim: claim.clone(),
+        sequencer,
+    };
     let mut xdp = None;
     if let NetBackend::Xdp(xdp_options) = &options.net {
-        let (thread, attached) = bypass::spawn(
-            pool,
-            options,
-            xdp_options,
-            Arc::clone(metrics),
-            claim.clone(),
-        )?;
+        let (thread, attached) = bypass::spawn(context, options, xdp_options)?;
         threads.push(thread);
         xdp = Some(attached);
     } else if let Some(listener) = listener {
         let transport =
             kernel::KernelTransport::new(listener, options.socket_buffer_bytes, broker_id)
                 .map_err(StartError::Poll)?;
-        let serve =
-            serve::ServeLoop::new(pool, transport, options, Arc::clone(metrics), claim.clone());
+        let serve = serve::ServeLoop::new(transport, options, context);
         threads.push(spawn("network", move || {
             serve.run();
         }));
@@ -456,52 +459,55 @@ fn spawn_metrics(
     })
 }
 
-/// Runs the sequencer on the head, and the lease watch of a standby (which becomes the
-/// sequencer when the holder goes silent).
+/// Takes the lease of a fresh pool on the head (on a pool that already has a holder, a
+/// restart, the head waits like any standby), and runs the lease watch of a standby, which
+/// becomes the sequencer when the holder goes silent. Returns the held sequencer when the
+/// network loop is to run it inline; otherwise a thread runs it.
 fn spawn_sequencer(
     pool: &Pool<PoolMemory>,
     options: &BrokerOptions,
     metrics: &Arc<Metrics>,
     stop: &Arc<AtomicBool>,
     threads: &mut Vec<JoinHandle<()>>,
-) -> Result<(), StartError> {
+) -> Result<Option<SequencerDriver>, StartError> {
     let broker_id = options.settings.broker_id;
-    // The head takes the lease of a fresh pool at once; on a pool that already has a holder
-    // (a restart) it waits like any standby.
     let holder = if options.settings.head && read_lease(pool).is_none() {
-        Some(
-            Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
-                .map_err(StartError::Sequencer)?,
-        )
+        let sequencer = Sequencer::new(pool.clone(), broker_id, 1, options.sequencer)
+            .map_err(StartError::Sequencer)?;
+        Some(SequencerDriver::new(sequencer, Arc::clone(metrics)))
     } else {
+        // Set before any connection is served: it decides who creates topics.
+        metrics.set_sequencer_role(SequencerRole::StandingBy);
         None
     };
+    let cpus = sequencing::allowed_cpus().unwrap_or(0);
+    let (inline, holder) = match holder {
+        Some(driver) if options.sequencer_placement.inline(cpus) => {
+            log::info!("broker {broker_id}: the sequencer runs in the network loop");
+            (Some(driver), None)
+        }
+        holder => (None, holder),
+    };
     let standby = options.standby || options.settings.head;
-    // Set before any connection is served: it decides who creates topics.
-    metrics.set_sequencer_role(if holder.is_some() {
-        SequencerRole::Holding
-    } else {
-        SequencerRole::StandingBy
-    });
     if holder.is_some() || standby {
         let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
         let (idle, config) = (options.idle, options.sequencer);
         threads.push(spawn("sequencer", move || {
+            sequencing::minimal_timer_slack();
             let mut holder = holder;
             loop {
-                if let Some(sequencer) = holder.take() {
-                    metrics.set_sequencer_role(SequencerRole::Holding);
-                    run_sequencer(sequencer, idle, &metrics, &stop);
-                    metrics.set_sequencer_role(SequencerRole::StandingBy);
+                if let Some(driver) = holder.take() {
+                    run_sequencer(driver, idle, &stop);
                 }
                 if !standby || stop.load(Ordering::Relaxed) {
                     return;
                 }
-                holder = watch_lease(&pool, broker_id, config, &metrics, &stop);
+                holder = watch_lease(&pool, broker_id, config, &metrics, &stop)
+                    .map(|sequencer| SequencerDriver::new(sequencer, Arc::clone(&metrics)));
             }
         }));
     }
-    Ok(())
+    Ok(inline)
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
@@ -513,42 +519,19 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 
 /// Polls between clock reads (reading the clock on every spin costs half a core).
 const POLLS_PER_CLOCK_READ: u64 = 64;
-/// Polls between looks at the topic table for new topics.
-const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
 
-fn run_sequencer(
-    mut sequencer: Sequencer<PoolMemory>,
-    idle: IdleStrategy,
-    metrics: &Metrics,
-    stop: &AtomicBool,
-) {
-    let started = Instant::now();
-    sequencer.set_pause_guard(Box::new(move || started.elapsed().as_nanos() as u64));
+fn run_sequencer(mut driver: SequencerDriver, idle: IdleStrategy, stop: &AtomicBool) {
     let mut idle = Idle::new(idle);
-    let mut now_ns = 0;
+    let mut now = Instant::now();
     let mut polls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if polls % POLLS_PER_CLOCK_READ == 0 {
-            now_ns = started.elapsed().as_nanos() as u64;
-        }
-        if polls % POLLS_PER_TOPIC_REFRESH == 0 {
-            if let Err(e) = sequencer.refresh_topics() {
-                log::error!("sequencer: cannot read the topic table: {e}");
-            }
-            let stats = sequencer.stats();
-            metrics
-                .sequencer_batches_ordered
-                .store(stats.batches_ordered, Ordering::Relaxed);
-            metrics
-                .sequencer_gaps_resolved
-                .store(stats.gaps_resolved, Ordering::Relaxed);
-            metrics.sequencer_held.store(stats.held, Ordering::Relaxed);
+            now = Instant::now();
         }
         polls += 1;
-        let decided = sequencer.poll(now_ns);
-        if sequencer.is_fenced() {
+        let Some(decided) = driver.step(now) else {
             return;
-        }
+        };
         idle.record(decided > 0);
         if decided == 0 {
             idle.wait();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, Service};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
+use crate::server::sequencing::{self, SequencerDriver};
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
@@ -105,6 +106,21 @@ pub trait Transport {
     fn close_all(&mut self, ending: Ending, now: Instant);
 }
 
+/// What a network loop serves besides its transport.
+#[derive(Debug)]
+pub struct LoopContext {
+    /// The shared pool.
+    pub pool: Pool<PoolMemory>,
+    /// The broker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// The broker's claim on its id.
+    pub claim: ClaimGuard,
+    /// The sequencer, when it runs in this loop (see [`SequencerPlacement`]).
+    ///
+    /// [`SequencerPlacement`]: crate::server::sequencing::SequencerPlacement
+    pub sequencer: Option<SequencerDriver>,
+}
+
 /// A connection of the loop.
 struct Client {
     connection: Connection<PoolMemory>,
@@ -123,6 +139,9 @@ pub struct ServeLoop<T> {
     crash: Arc<AtomicBool>,
     /// The claim on the broker id, checked before an iteration's writes to the pool.
     claim: LoopClaimCheck,
+    /// The sequencer, when it runs in this loop: polled once per iteration, after the
+    /// connections committed what they received.
+    sequencer: Option<SequencerDriver>,
 }
 
 impl<T> std::fmt::Debug for ServeLoop<T> {
@@ -138,13 +157,13 @@ impl<T: Transport> ServeLoop<T> {
     /// A loop over `transport` for the broker described by `options`, holding `claim`. The
     /// claim's stop flag ends it in order; its crash flag ends it at once, as a crash would
     /// (see [`RunningBroker::kill`](crate::server::RunningBroker::kill)).
-    pub fn new(
-        pool: Pool<PoolMemory>,
-        transport: T,
-        options: &BrokerOptions,
-        metrics: Arc<Metrics>,
-        claim: ClaimGuard,
-    ) -> ServeLoop<T> {
+    pub fn new(transport: T, options: &BrokerOptions, context: LoopContext) -> ServeLoop<T> {
+        let LoopContext {
+            pool,
+            metrics,
+            claim,
+            sequencer,
+        } = context;
         ServeLoop {
             state: BrokerState::new(pool, options.settings.clone(), metrics)
                 .with_claim_token(claim.token()),
@@ -155,6 +174,7 @@ impl<T: Transport> ServeLoop<T> {
             stop: Arc::clone(claim.stop_flag()),
             crash: Arc::clone(claim.crash_flag()),
             claim: LoopClaimCheck::new(claim),
+            sequencer,
         }
     }
 
@@ -164,7 +184,9 @@ impl<T: Transport> ServeLoop<T> {
     /// wait returns, where a pause is most likely spent, see [`LoopClaimCheck`]; or by a
     /// ring writer before it publishes a slot): no drain, nothing more written to the pool.
     pub fn run(mut self) -> T {
+        sequencing::minimal_timer_slack();
         let ending = self.serve();
+        self.sequencer = None;
         let now = Instant::now();
         let open = self.clients.len();
         let broker = self.state.settings().broker_id;
@@ -229,6 +251,7 @@ impl<T: Transport> ServeLoop<T> {
                 self.route(outcome, now);
             }
             worked |= self.drive(now);
+            worked |= self.sequence(now, &mut outcomes);
             if self.state.claim_moved().is_some() {
                 self.claim.guard().lost();
                 return Ending::Abrupt;
@@ -242,23 +265,60 @@ impl<T: Transport> ServeLoop<T> {
             self.idle.record(worked);
             timeout = self.next_timeout();
             if !worked && timeout == Duration::ZERO {
-                self.idle.wait();
+                if self.state.undecided() > 0 {
+                    // Awaiting an outcome: give the core to whoever decides it, but do not
+                    // sleep past the decision.
+                    std::thread::yield_now();
+                } else {
+                    self.idle.wait();
+                }
             }
         }
     }
 
-    /// How long the next wait may block: not at all after work, the idle backoff while
-    /// anything is pending, and long when nothing is and input wakes the transport.
+    /// Runs the inline sequencer once, then routes what it decided at once, so that a
+    /// batch is received, committed, ordered and acknowledged in one pass. Returns whether
+    /// anything happened.
+    fn sequence(&mut self, now: Instant, outcomes: &mut Vec<RoutedOutcome>) -> bool {
+        let Some(driver) = &mut self.sequencer else {
+            return false;
+        };
+        let Some(decided) = driver.step(now) else {
+            log::warn!(
+                "broker {}: the sequencer in the network loop was fenced by a new holder",
+                self.state.settings().broker_id
+            );
+            self.sequencer = None;
+            return true;
+        };
+        if decided == 0 {
+            return false;
+        }
+        outcomes.clear();
+        self.state.poll_outcomes(outcomes);
+        for outcome in outcomes.iter() {
+            self.route(outcome, now);
+        }
+        true
+    }
+
+    /// How long the next wait may block: not at all after work or while a batch awaits its
+    /// outcome, the idle backoff while anything else is pending, and long when nothing is
+    /// and input wakes the transport.
     fn next_timeout(&self) -> Duration {
-        if !T::WAKES_ON_INPUT || self.pending() {
+        if self.state.undecided() > 0 {
+            Duration::ZERO
+        } else if !T::WAKES_ON_INPUT || self.pending() {
             self.idle.timeout()
         } else {
             IDLE_WAIT
         }
     }
 
+    /// Whether something is pending that no input announces: the inline sequencer's rings,
+    /// subscribers' new batches, room in the pool, durability.
     fn pending(&self) -> bool {
-        self.state.undecided() > 0
+        self.sequencer.is_some()
             || self.clients.values().any(|c| {
                 c.connection.is_subscriber()
                     || c.connection.waits_for_room()

@@ -9,19 +9,14 @@
 pub mod transport;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use xdp_prog::{AttachMode, SteerConfig, XdpError, XdpSteering};
 
-use crate::metrics::Metrics;
 use crate::server::BrokerOptions;
-use crate::server::ownership::ClaimGuard;
 use transport::{BypassTransport, Endpoint, SocketPoolConfig};
 
-use crate::server::serve::ServeLoop;
-use shared_log::coherence::PoolMemory;
-use shared_log::pool::Pool;
+use crate::server::serve::{LoopContext, ServeLoop};
 use xdp_transport::cookie;
 use xdp_transport::device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
 use xdp_transport::hooks::{HookConfig, Hooks};
@@ -207,11 +202,9 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// Attaches the XDP program, binds the AF_XDP socket and starts the poll thread. The
 /// returned handle detaches the program when dropped; drop it after joining the thread.
 pub fn spawn(
-    pool: Pool<PoolMemory>,
+    context: LoopContext,
     options: &BrokerOptions,
     xdp: &XdpOptions,
-    metrics: Arc<Metrics>,
-    claim: ClaimGuard,
 ) -> Result<(JoinHandle<()>, Attached), BypassError> {
     let link = inspect(options.listen, xdp)?;
     let iface = xdp.iface.as_str();
@@ -256,7 +249,7 @@ pub fn spawn(
         Some(flows),
     );
     let device = XskDevice::new(queues, link.mtu, RX_BURST, hooks);
-    let thread = spawn_loop(pool, device, &link, options, xdp, metrics, claim);
+    let thread = spawn_loop(context, device, &link, options, xdp);
     Ok((thread, Attached { steering }))
 }
 
@@ -405,13 +398,11 @@ fn bind_queues(
 
 /// Starts the pinned thread of the network loop over `device`.
 fn spawn_loop(
-    pool: Pool<PoolMemory>,
+    context: LoopContext,
     device: XskDevice,
     link: &Link,
     options: &BrokerOptions,
     xdp: &XdpOptions,
-    metrics: Arc<Metrics>,
-    claim: ClaimGuard,
 ) -> JoinHandle<()> {
     let endpoint = Endpoint {
         mac: link.mac,
@@ -428,7 +419,7 @@ fn spawn_loop(
     match xdp.faults {
         None => {
             let transport = BypassTransport::new(device, endpoint, sockets, broker);
-            let poll = ServeLoop::new(pool, transport, options, metrics, claim);
+            let poll = ServeLoop::new(transport, options, context);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
                 report(broker, &poll.run().into_device());
@@ -440,7 +431,7 @@ fn spawn_loop(
             );
             let device = FaultyDevice::new(device, faults);
             let transport = BypassTransport::new(device, endpoint, sockets, broker);
-            let poll = ServeLoop::new(pool, transport, options, metrics, claim);
+            let poll = ServeLoop::new(transport, options, context);
             super::spawn("network-xdp", move || {
                 pin(core, broker);
                 let device = poll.run().into_device();
