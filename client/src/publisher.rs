@@ -1,7 +1,10 @@
 //! [`Publisher`]: the socket adapter around [`PublisherCore`].
 //!
-//! Each connection has a writer thread (writes batches, in order, one `write_all` each) and a
-//! reader thread (decodes Acks, Errors and Goodbye, and timestamps them on arrival). A
+//! A batch is written by the caller's thread when its connection has nothing queued and the
+//! socket takes it whole without blocking: no hand-off between threads on the way out.
+//! Otherwise (a full socket buffer, or batches already queued) it goes to the connection's
+//! writer thread, which writes batches in order, blocking as needed. Each connection also has
+//! a reader thread (decodes Acks, Errors and Goodbye, and timestamps them on arrival). A
 //! connection the core asks for is opened by a short-lived connector thread (one round over
 //! the candidate brokers). All of them report to the publisher over one channel; the
 //! publisher's own thread owns the protocol state and is the only one that changes it.
@@ -29,7 +32,11 @@ use crate::publisher_core::{
 use crate::stats::PublisherStats;
 
 enum WriteCommand {
-    Batch(Transmit),
+    /// A batch, of which the first `from` bytes are already written.
+    Batch {
+        batch: Transmit,
+        from: usize,
+    },
     Goodbye,
 }
 
@@ -67,6 +74,10 @@ struct ConnectionIo {
     stream: TcpStream,
     hello_ok: HelloOkRepr,
     commands: Option<Sender<WriteCommand>>,
+    /// Batches handed to the writer thread whose `Written` the publisher has not handled
+    /// yet. While there are any, a new batch queues behind them: batches reach the socket,
+    /// and the core hears of them, in order.
+    queued_batches: usize,
     writer: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
 }
@@ -402,11 +413,7 @@ impl Publisher {
     fn dispatch(&mut self) {
         while let Some(command) = self.core.take_command() {
             match command {
-                Command::Transmit(batch) => {
-                    // A writer that is gone has reported (or is about to report) why; the
-                    // core then takes the batch back for a resend.
-                    self.send(batch.conn, WriteCommand::Batch(batch));
-                }
+                Command::Transmit(batch) => self.transmit(batch),
                 Command::Connect(request) => self.start_connect(request),
                 Command::Goodbye(conn) => {
                     self.send(conn, WriteCommand::Goodbye);
@@ -416,6 +423,33 @@ impl Publisher {
                 }
                 Command::Close(conn) => self.release(conn),
             }
+        }
+    }
+
+    /// Writes `batch` from this thread when it can go out whole at once, else hands it (or
+    /// what is left of it) to the connection's writer thread. A writer that is gone has
+    /// reported (or is about to report) why; the core then takes the batch back for a resend.
+    fn transmit(&mut self, batch: Transmit) {
+        let Some(connection) = self.connections.get_mut(&batch.conn) else {
+            return;
+        };
+        let Some(commands) = &connection.commands else {
+            return;
+        };
+        let mut from = 0;
+        if connection.queued_batches == 0 {
+            // An error here is left to the writer thread, which meets it again and reports it.
+            from = write_without_blocking(&connection.stream, &batch.bytes);
+            if from == batch.bytes.len() {
+                let (conn, seq) = (batch.conn, batch.seq);
+                // The bytes go back to the core's pool only once nobody else holds them.
+                drop(batch);
+                self.core.on_written(conn, seq, Instant::now());
+                return;
+            }
+        }
+        if commands.send(WriteCommand::Batch { batch, from }).is_ok() {
+            connection.queued_batches += 1;
         }
     }
 
@@ -455,6 +489,7 @@ impl Publisher {
             stream,
             hello_ok,
             commands: None,
+            queued_batches: 0,
             writer: None,
             reader: None,
         };
@@ -480,7 +515,12 @@ impl Publisher {
     fn handle(&mut self, event: IoEvent) {
         match event {
             IoEvent::Frame { conn, frame, at } => self.core.on_frame(conn, frame, at),
-            IoEvent::Written { conn, seq } => self.core.on_written(conn, seq, Instant::now()),
+            IoEvent::Written { conn, seq } => {
+                if let Some(connection) = self.connections.get_mut(&conn) {
+                    connection.queued_batches = connection.queued_batches.saturating_sub(1);
+                }
+                self.core.on_written(conn, seq, Instant::now());
+            }
             IoEvent::Ended { conn, error } => {
                 self.core.on_connection_ended(conn, error, Instant::now());
                 self.release(conn);
@@ -706,7 +746,7 @@ fn write_loop(
     let goodbye = Frame::Goodbye.to_bytes();
     for command in queue {
         let (bytes, doing): (&[u8], _) = match &command {
-            WriteCommand::Batch(batch) => (&batch.bytes, "writing a batch"),
+            WriteCommand::Batch { batch, from } => (&batch.bytes[*from..], "writing a batch"),
             WriteCommand::Goodbye => (&goodbye, "sending Goodbye"),
         };
         if let Err(error) = stream.write_all(bytes) {
@@ -717,7 +757,7 @@ fn write_loop(
             return;
         }
         match command {
-            WriteCommand::Batch(batch) => {
+            WriteCommand::Batch { batch, .. } => {
                 let seq = batch.seq;
                 // The bytes go back to the core's pool only once nobody else holds them.
                 drop(batch);
@@ -728,6 +768,23 @@ fn write_loop(
             WriteCommand::Goodbye => return,
         }
     }
+}
+
+/// Writes as much of `bytes` as the socket takes without blocking (MSG_DONTWAIT: the
+/// socket stays in blocking mode for the writer thread); returns how much that was. Stops at
+/// the first error: the writer thread, which writes the rest, meets it again and reports it.
+fn write_without_blocking(stream: &TcpStream, bytes: &[u8]) -> usize {
+    let socket = socket2::SockRef::from(stream);
+    let mut written = 0;
+    while written < bytes.len() {
+        match socket.send_with_flags(&bytes[written..], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(0) => break,
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    written
 }
 
 fn read_loop(
