@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::metrics::Metrics;
@@ -15,6 +17,8 @@ use crate::server::state::ConnId;
 
 /// The listener's token; connections have their ids as tokens, from 1.
 const LISTENER: Token = Token(0);
+/// The wake timer's token.
+const TIMER: Token = Token(usize::MAX);
 /// Keep-alive: an idle connection is probed after this long ...
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// ... then every this long ...
@@ -37,6 +41,67 @@ fn refuse(mut stream: TcpStream, frame: &[u8]) {
     while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
 }
 
+/// A timerfd in the epoll set, for waits shorter than a millisecond: epoll's own timeout
+/// counts whole milliseconds (mio rounds a 32 us backoff up to 1 ms), a timerfd fires when
+/// asked.
+#[derive(Debug)]
+struct WakeTimer {
+    fd: OwnedFd,
+}
+
+impl WakeTimer {
+    fn new() -> io::Result<WakeTimer> {
+        // SAFETY: timerfd_create takes two integers and returns a new descriptor or -1.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(WakeTimer { fd })
+    }
+
+    /// Fires once, `after` from now (a previous arming is replaced).
+    fn arm(&self, after: Duration) -> io::Result<()> {
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
+        let result =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes the expirations, so that the next one is a new edge for epoll.
+    fn clear(&self) {
+        let mut expirations = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into the 8-byte buffer; the descriptor is
+        // non-blocking, and an error (nothing expired) leaves nothing to do.
+        let _ = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                expirations.as_mut_ptr().cast(),
+                expirations.len(),
+            )
+        };
+    }
+}
+
 /// A connection's socket and what epoll last said of it.
 #[derive(Debug)]
 struct Socket {
@@ -50,6 +115,7 @@ pub struct KernelTransport {
     poll: Poll,
     events: Events,
     listener: TcpListener,
+    timer: WakeTimer,
     /// A connection may be waiting to be accepted (edge-triggered: until `accept` would
     /// block).
     listener_ready: bool,
@@ -71,10 +137,17 @@ impl KernelTransport {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let timer = WakeTimer::new()?;
+        poll.registry().register(
+            &mut SourceFd(&timer.fd.as_raw_fd()),
+            TIMER,
+            Interest::READABLE,
+        )?;
         Ok(KernelTransport {
             poll,
             events: Events::with_capacity(1024),
             listener,
+            timer,
             listener_ready: true,
             socket_buffer_bytes,
             sockets: HashMap::new(),
@@ -154,12 +227,17 @@ impl Transport for KernelTransport {
     const WAKES_ON_INPUT: bool = true;
 
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        if timeout.subsec_nanos() % 1_000_000 != 0 {
+            self.timer.arm(timeout)?;
+        }
         match self.poll.poll(&mut self.events, Some(timeout)) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
             _ => {}
         }
         for event in self.events.iter() {
-            if event.token() == LISTENER {
+            if event.token() == TIMER {
+                self.timer.clear();
+            } else if event.token() == LISTENER {
                 self.listener_ready = true;
             } else if let Some(socket) = self.sockets.get_mut(&(event.token().0 as ConnId)) {
                 socket.ready.readable |=
@@ -171,7 +249,7 @@ impl Transport for KernelTransport {
     }
 
     fn receive(&mut self, _now: Instant) -> bool {
-        !self.events.is_empty()
+        self.events.iter().any(|event| event.token() != TIMER)
     }
 
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {
