@@ -118,10 +118,9 @@ fn paced_publish_run_keeps_its_rate() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(summary.linger_us, 0);
-    // Pacing never exceeds the target (0.5 s at 2000/s, plus one pacing step). How close a
-    // loaded machine gets to it is a benchmark's question, not a test's.
-    assert!(summary.messages_sent <= 1_050, "{}", summary.messages_sent);
-    assert!(summary.messages_sent > 0);
+    // Paced, the run sends exactly the messages due within it (0.5 s at 2000/s), however
+    // late a loaded machine sends them; how late is a benchmark's question, not a test's.
+    assert_eq!(summary.messages_sent, 1_000);
     assert_eq!(summary.messages_acked, summary.messages_sent);
     // One message per batch, every acknowledged message measured from its due time, and
     // every message delivered to the run's own subscriber measured too.

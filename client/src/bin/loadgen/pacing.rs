@@ -33,6 +33,11 @@ impl Pacing {
         }
     }
 
+    /// When message `seq` is due (`None` when unpaced).
+    pub(crate) fn due(&self, seq: u64) -> Option<Instant> {
+        self.schedule.map(|s| s.due(self.stream, seq))
+    }
+
     /// Waits until message `seq` is due, letting the publisher seal lingering batches and
     /// process acks after each sleep.
     pub(crate) fn wait_for(
@@ -40,10 +45,9 @@ impl Pacing {
         publisher: &mut Publisher,
         seq: u64,
     ) -> Result<(), ClientError> {
-        let Some(schedule) = self.schedule else {
+        let Some(due) = self.due(seq) else {
             return Ok(());
         };
-        let due = schedule.due(self.stream, seq);
         loop {
             // A lingering batch is sealed on time even when the next message is far off.
             let linger = publisher.linger_deadline().filter(|&d| d < due);

@@ -53,7 +53,10 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn from_cli(cli: Cli) -> Result<Plan, String> {
         let latency = cli.test == TestMode::Latency;
-        let messages_per_batch = cli.messages_per_batch.or(latency.then_some(1));
+        // --batch-bytes given for a latency run replaces its default of one message per batch.
+        let messages_per_batch = cli
+            .messages_per_batch
+            .or((latency && cli.batch_bytes.is_none()).then_some(1));
         let batch_bytes = batch_bytes(&cli, messages_per_batch)?;
         let rate_msgs_per_s = cli
             .rate_msgs_per_s
@@ -344,6 +347,8 @@ pub(crate) mod tests {
         assert_eq!((batched.messages_per_batch, batched.batch_bytes), (8, 832));
         assert!(!batched.checks_deliveries() && !batched.publisher_config(1).report_acks);
         assert_eq!(plan.messages_per_batch, 0);
+        let bytes = parse("--brokers 127.0.0.1:9000 --test latency --batch-bytes 64KiB").unwrap();
+        assert_eq!((bytes.messages_per_batch, bytes.batch_bytes), (0, 65_536));
         let explicit = parse("--brokers 127.0.0.1:9000 --test latency --publishers 2 --linger-us 7 --rate-msgs-per-s 500").unwrap();
         assert_eq!(
             (

@@ -370,9 +370,14 @@ impl PublisherRun<'_> {
         };
         let mut seq = 0u64;
         while seq < limit {
-            // Reading the clock for every message costs more than the message; every 256th
-            // will do.
-            if seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            // Paced, the run ends with the last message due before the deadline (exactly
+            // rate x duration messages). Unpaced, reading the clock for every message costs
+            // more than the message; every 256th will do.
+            let over = match pacing.due(seq) {
+                Some(due) => deadline.is_some_and(|d| due >= d),
+                None => seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d),
+            };
+            if over {
                 break;
             }
             let sent = pacing
