@@ -8,7 +8,8 @@
 #
 # For each path (loopback: scripts/cluster.sh with 1 and 4 brokers; lab: scripts/lab.sh
 # namespaces, 1 broker on the kernel backend and 1 on the XDP backend):
-#   1. a short publish run at full speed (1 KiB, order 5, ack 1, default batching): the peak;
+#   1. a short end-to-end run at full speed (1 KiB, order 5, ack 1, default batching, the
+#      subscriber checking every message as in the paced runs): the peak;
 #   2. `loadgen --test latency` (1 KiB messages, order 5, ack 1, open-loop pacing, latency
 #      from each message's due time, a subscriber checking every message) at each of
 #      --rates with one message per batch, and at 50% of the peak with the peak run's
@@ -124,7 +125,7 @@ print(json.dumps({
     "ack_p999_us": ack.get("p999"), "ack_max_us": ack.get("max"),
     "e2e_p50_us": e2e.get("p50") if paced else None, "e2e_p99_us": e2e.get("p99") if paced else None,
     "e2e_p999_us": e2e.get("p999") if paced else None,
-    "msgs_acked": s.get("messages_acked"), "lost": s.get("lost") if paced else None,
+    "msgs_acked": s.get("messages_acked"), "lost": s.get("lost"),
     "achieved_msgs_per_s": round(s.get("msgs_per_s", 0)), "mb_per_s": s.get("mb_per_s"),
     "messages_per_batch": s.get("messages_per_batch"),
     "batching": (f"{s['messages_per_batch']} message(s) per batch" if s.get("messages_per_batch")
@@ -167,7 +168,7 @@ print(f\"  {e['path']:<8} {e['backend']:<12} {e['brokers']} broker(s) {e['kind']
 run_rates() {
     local path=$1 backend=$2 brokers=$3 targets=$4 netns=$5 tag="$1-$2-$3" peak rate
     run_loadgen "$path" "$backend" "$brokers" peak peak "$work/$tag-peak.json" "$netns" \
-        --brokers "$targets" --test publish --topic "peak-$tag" --duration-s "$peak_duration"
+        --brokers "$targets" --test end-to-end --topic "peak-$tag" --duration-s "$peak_duration" --drain-timeout-s 10
     peak=$(python3 -c "import json, sys; print(int(json.load(open(sys.argv[1])).get('msgs_per_s', 0)))" "$work/$tag-peak.json" 2>/dev/null || echo 0)
     local paced=(--brokers "$targets" --test latency --duration-s "$duration" --drain-timeout-s 10)
     for rate in $rates; do
@@ -262,6 +263,9 @@ PY
     show_last
 }
 
+# Every run has a topic of its own (the subscriber reads it from position 0): the peak, the
+# rates and 50% of the peak.
+topics_max=$(( $(wc -w <<<"$rates") + 2 ))
 read -r run_steal0 run_total0 < <(steal_snapshot)
 echo "pinning: $pinning"
 if [[ " $paths " == *" loopback "* ]]; then
@@ -269,7 +273,7 @@ if [[ " $paths " == *" loopback "* ]]; then
     run_floors loopback 127.0.0.1 "" ""
     for brokers in $loopback_brokers; do
         scripts/cluster.sh start --brokers "$brokers" --base-port "$cluster_port" --pool "$pool" --pool-bytes 512M \
-            --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
+            --broker-args "--topics-max $topics_max" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
         run_rates loopback kernel "$brokers" "$(cat "$work/cluster/brokers")" ""
         scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
     done
@@ -284,7 +288,7 @@ if [[ " $paths " == *" lab "* ]]; then
     run_floors lab "$broker_ip" "$prefix-broker0" "$prefix-client"
     for backend in kernel xdp; do
         args=(--net "$backend" --id 0 --pool "$pool" --listen "$broker_ip:$lab_port"
-            --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 512M)
+            --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 512M --topics-max "$topics_max")
         [[ $backend == xdp ]] && args+=(--iface "$prefix-b0" --xdp-mode driver --cores "$broker_cpu")
         ip netns exec "$prefix-broker0" taskset -c "$broker_cpu" target/release/broker "${args[@]}" \
             > "$work/lab-broker-$backend.log" 2>&1 &
