@@ -272,7 +272,7 @@ if [[ " $paths " == *" loopback "* ]]; then
     echo "== loopback"
     run_floors loopback 127.0.0.1 "" ""
     for brokers in $loopback_brokers; do
-        scripts/cluster.sh start --brokers "$brokers" --base-port "$cluster_port" --pool "$pool" --pool-bytes 512M \
+        scripts/cluster.sh start --brokers "$brokers" --base-port "$cluster_port" --pool "$pool" --pool-bytes 256M \
             --broker-args "--topics-max $topics_max" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
         run_rates loopback kernel "$brokers" "$(cat "$work/cluster/brokers")" ""
         scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
@@ -288,7 +288,7 @@ if [[ " $paths " == *" lab "* ]]; then
     run_floors lab "$broker_ip" "$prefix-broker0" "$prefix-client"
     for backend in kernel xdp; do
         args=(--net "$backend" --id 0 --pool "$pool" --listen "$broker_ip:$lab_port"
-            --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 512M --topics-max "$topics_max")
+            --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 256M --topics-max "$topics_max")
         [[ $backend == xdp ]] && args+=(--iface "$prefix-b0" --xdp-mode driver --cores "$broker_cpu")
         ip netns exec "$prefix-broker0" taskset -c "$broker_cpu" target/release/broker "${args[@]}" \
             > "$work/lab-broker-$backend.log" 2>&1 &
