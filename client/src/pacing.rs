@@ -51,6 +51,11 @@ impl Schedule {
         Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
+    /// Time between two messages of one sender.
+    pub fn interval(&self) -> Duration {
+        self.offset(0, 1)
+    }
+
     /// When message `seq` of sender `stream` is due.
     pub fn due(&self, stream: u64, seq: u64) -> Instant {
         self.start + self.offset(stream, seq)
@@ -92,12 +97,15 @@ pub const SPIN_MAX_US_DEFAULT: u64 = 50;
 /// sleep ends late by the timer's slack plus the scheduler's wake-up time; the planner
 /// learns that oversleep (a moving average of what the caller reports) and wakes that much
 /// earlier plus a margin, never spinning more than `spin_max`. So a sender at 10,000
-/// messages per second spins some 10-20 us per message instead of the whole gap.
+/// messages per second spins a few microseconds per message (the margin and the error of
+/// the estimate) instead of the whole gap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SleepPlanner {
     spin_margin: Duration,
     spin_max: Duration,
     oversleep: Duration,
+    /// Shortest sleep (fast schedules, see [`SleepPlanner::for_interval`]).
+    sleep_min: Duration,
 }
 
 impl Default for SleepPlanner {
@@ -117,6 +125,25 @@ impl SleepPlanner {
             spin_margin: spin_margin.min(spin_max),
             spin_max,
             oversleep: Duration::ZERO,
+            sleep_min: Duration::ZERO,
+        }
+    }
+
+    /// The planner for a sender whose messages are `interval` apart. Spinning pays only
+    /// when the gap is at least twice the longest spin: a faster sender would spin (or wake
+    /// for every message) all the time, taking the core from its own I/O threads. So it
+    /// never spins, sleeps at least `SPIN_MAX_US_DEFAULT` at a time, and sends what fell
+    /// due meanwhile in a burst; each message is still measured from its own due time, so
+    /// the wait shows in the figures (at most that sleep plus the oversleep).
+    pub fn for_interval(interval: Duration) -> Self {
+        let spin_max = Duration::from_micros(SPIN_MAX_US_DEFAULT);
+        if interval >= 2 * spin_max {
+            SleepPlanner::default()
+        } else {
+            SleepPlanner {
+                sleep_min: spin_max,
+                ..SleepPlanner::new(Duration::ZERO, Duration::ZERO)
+            }
         }
     }
 
@@ -136,7 +163,7 @@ impl SleepPlanner {
             return PaceStep::Send;
         };
         match remaining.checked_sub(self.lead()) {
-            Some(sleep) if !sleep.is_zero() => PaceStep::Sleep(sleep),
+            Some(sleep) if !sleep.is_zero() => PaceStep::Sleep(sleep.max(self.sleep_min)),
             _ => PaceStep::Spin,
         }
     }
@@ -206,6 +233,7 @@ mod tests {
             Duration::from_secs(1_000_000_000)
         );
         assert_eq!(schedule.due(2, 5), start + Duration::from_micros(2_200));
+        assert_eq!(schedule.interval(), Duration::from_micros(400));
     }
 
     #[test]
@@ -252,9 +280,34 @@ mod tests {
         assert_eq!(planner.lead(), us(SPIN_MARGIN_US_DEFAULT));
         assert_eq!(planner.step(now, now), PaceStep::Send);
         assert_eq!(planner.step(now + us(1), now), PaceStep::Send);
-        assert_eq!(planner.step(now, now + us(100)), PaceStep::Sleep(us(90)));
-        assert_eq!(planner.step(now, now + us(10)), PaceStep::Spin);
-        assert_eq!(planner.step(now, now + us(3)), PaceStep::Spin);
+        let margin = us(SPIN_MARGIN_US_DEFAULT);
+        assert_eq!(
+            planner.step(now, now + us(100)),
+            PaceStep::Sleep(us(100) - margin)
+        );
+        assert_eq!(planner.step(now, now + margin), PaceStep::Spin);
+        assert_eq!(planner.step(now, now + us(1)), PaceStep::Spin);
+    }
+
+    #[test]
+    fn fast_schedules_sleep_to_the_due_time_instead_of_spinning() {
+        let us = Duration::from_micros;
+        let now = Instant::now();
+        // 10,000 msgs/s: sleep, then spin the last microseconds.
+        let slow = SleepPlanner::for_interval(us(100));
+        assert_eq!(slow, SleepPlanner::default());
+        assert_eq!(slow.step(now, now + us(1)), PaceStep::Spin);
+        // 100,000 msgs/s: a spin before every message would never end.
+        let mut fast = SleepPlanner::for_interval(us(10));
+        // It sleeps at least spin_max and sends what fell due meanwhile at once.
+        let sleep_min = us(SPIN_MAX_US_DEFAULT);
+        assert_eq!(fast.lead(), Duration::ZERO);
+        assert_eq!(fast.step(now, now + us(1)), PaceStep::Sleep(sleep_min));
+        assert_eq!(fast.step(now, now + us(9)), PaceStep::Sleep(sleep_min));
+        assert_eq!(fast.step(now, now + us(80)), PaceStep::Sleep(us(80)));
+        assert_eq!(fast.step(now, now), PaceStep::Send);
+        fast.observe_sleep(us(1), us(60));
+        assert_eq!(fast.lead(), Duration::ZERO);
     }
 
     #[test]
@@ -265,10 +318,14 @@ mod tests {
             planner.observe_sleep(us(90), us(120));
         }
         // Converges to the 30 us oversleep and wakes that much earlier, plus the margin.
+        let margin = us(SPIN_MARGIN_US_DEFAULT);
         assert_eq!(planner.expected_oversleep(), us(30));
-        assert_eq!(planner.lead(), us(40));
+        assert_eq!(planner.lead(), us(30) + margin);
         let now = Instant::now();
-        assert_eq!(planner.step(now, now + us(100)), PaceStep::Sleep(us(60)));
+        assert_eq!(
+            planner.step(now, now + us(100)),
+            PaceStep::Sleep(us(70) - margin)
+        );
         // One preemption of 10 ms moves the average by at most an eighth of spin_max.
         planner.observe_sleep(us(90), us(10_090));
         assert!(planner.lead() <= us(SPIN_MAX_US_DEFAULT));

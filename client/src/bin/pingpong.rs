@@ -268,9 +268,11 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let message = vec![0x5a; plan.message_bytes];
     let mut echoed = vec![0; plan.message_bytes];
     let mut histogram = latency_histogram();
-    let mut planner = SleepPlanner::default();
     let start = Instant::now();
     let schedule = Schedule::new(start, plan.rate_msgs_per_s, 1);
+    let mut planner = schedule.map_or_else(SleepPlanner::default, |s| {
+        SleepPlanner::for_interval(s.interval())
+    });
     let mut seq = 0;
     while start.elapsed() < plan.duration {
         // Measured from the due time; unpaced, from the write.

@@ -29,7 +29,9 @@ impl Pacing {
         Pacing {
             schedule,
             stream,
-            planner: SleepPlanner::default(),
+            planner: schedule.map_or_else(SleepPlanner::default, |s| {
+                SleepPlanner::for_interval(s.interval())
+            }),
         }
     }
 
