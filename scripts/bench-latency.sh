@@ -24,7 +24,7 @@
 # prints a table. The lab needs root; without root only loopback runs.
 # --quick: loopback, 1 broker, rates "1000 10000" (and 50% of peak), 1 s runs: a smoke test
 # in well under a minute (after the build).
-# --base-port P: ports P..P+699 are used (default 9700); --prefix: the lab's namespace
+# --base-port P: ports P to P+500 are used (default 9700); --prefix: the lab's namespace
 # prefix and the hugepage pool's name (default emblat).
 # A benchmark, not a test: it asserts nothing about speed, it reports.
 set -euo pipefail
