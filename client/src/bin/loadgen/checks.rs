@@ -22,10 +22,10 @@ use hdrhistogram::Histogram;
 use crate::plan::Plan;
 use crate::progress::Progress;
 
-/// Collects acknowledged message ranges from publisher events.
+/// Collects acknowledged message ranges (start, end) from publisher events.
 #[derive(Default)]
 pub(crate) struct AckedRanges {
-    ranges: Vec<(u64, u32)>,
+    ranges: Vec<(u64, u64)>,
 }
 
 impl AckedRanges {
@@ -33,10 +33,18 @@ impl AckedRanges {
         for event in events {
             match event {
                 PublisherEvent::Acked {
-                    first_message_index,
+                    first_message_index: start,
                     message_count,
                     ..
-                } => self.ranges.push((first_message_index, message_count)),
+                } => {
+                    let end = start + u64::from(message_count);
+                    // Acks mostly come in order: extending the last range keeps the list as
+                    // short as the gaps, not as long as the run.
+                    match self.ranges.last_mut() {
+                        Some(last) if last.1 == start => last.1 = end,
+                        _ => self.ranges.push((start, end)),
+                    }
+                }
                 PublisherEvent::Rejected {
                     batch_seq,
                     broker,
@@ -55,11 +63,11 @@ impl AckedRanges {
         self.ranges.sort_unstable();
         let mut excluded = Vec::new();
         let mut covered = 0;
-        for (start, count) in self.ranges {
+        for (start, end) in self.ranges {
             if start > covered {
                 excluded.push(covered..start);
             }
-            covered = covered.max(start + u64::from(count));
+            covered = covered.max(end);
         }
         if covered < published {
             excluded.push(covered..published);
@@ -349,5 +357,27 @@ mod tests {
         let expectation = acked.expectation(20);
         assert_eq!(expectation.messages, 20);
         assert_eq!(expectation.excluded, [8..12, 14..20]);
+    }
+
+    #[test]
+    fn in_order_acks_keep_one_range() {
+        let mut acked = AckedRanges::default();
+        let ack = |batch_seq: u64| PublisherEvent::Acked {
+            batch_seq,
+            first_message_index: batch_seq * 2,
+            message_count: 2,
+            global_start: Some(batch_seq * 2),
+            duplicate: false,
+            latency_us: 1,
+            acked_at: Instant::now(),
+        };
+        acked.absorb((0..10_000).map(ack).collect());
+        assert_eq!(acked.ranges.len(), 1, "in-order acks left separate ranges");
+        assert_eq!(acked.ranges[0], (0, 20_000));
+        // One missing batch leaves two ranges and one gap.
+        acked.absorb(vec![ack(10_001)]);
+        assert_eq!(acked.ranges.len(), 2);
+        let excluded = acked.expectation(20_004).excluded;
+        assert_eq!((excluded.len(), excluded[0].clone()), (1, 20_000..20_002));
     }
 }
