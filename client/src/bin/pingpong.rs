@@ -28,8 +28,10 @@ METHOD
   spinning at most the last 50 us), writes it, and reads the echo before the next one.
   Latency is measured from the due time to the last byte of the echo, so a round trip
   longer than the interval delays the messages after it and they count the wait
-  (coordinated omission corrected). At --rate-msgs-per-s 0 the next message goes as soon
-  as the echo is in (no schedule: latency from the write). Both ends set TCP_NODELAY.
+  (coordinated omission corrected); the run is the messages due within --duration-s, so
+  it sends rate x duration of them however late. At --rate-msgs-per-s 0 the next message
+  goes as soon as the echo is in (no schedule: latency from the write) until --duration-s
+  is over. Both ends set TCP_NODELAY.
 
 JSON (stdout, and --json FILE)
   backend (tcp-pingpong), target, message_bytes, rate_msgs_per_s, method, messages (round
@@ -274,14 +276,20 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
         SleepPlanner::for_interval(s.interval())
     });
     let mut seq = 0;
-    while start.elapsed() < plan.duration {
-        // Measured from the due time; unpaced, from the write.
+    let end = start + plan.duration;
+    loop {
+        // Measured from the due time; unpaced, from the write. Paced, the run is the
+        // messages due before its end, however late they go.
         let from = match schedule {
             Some(schedule) => {
                 let due = schedule.due(0, seq);
+                if due >= end {
+                    break;
+                }
                 let Ok(()) = sleep_until::<Infallible>(&mut planner, due, || Ok(()));
                 due
             }
+            None if Instant::now() >= end => break,
             None => Instant::now(),
         };
         stream.write_all(&message).map_err(io_error("writing to"))?;
