@@ -156,11 +156,11 @@ fn run_publishers(
 /// User plus system CPU time of this process (all threads) so far.
 fn process_cpu_time() -> Result<Duration, nix::Error> {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
-    let micros = |t: nix::sys::time::TimeVal| {
+    let duration = |t: nix::sys::time::TimeVal| {
         Duration::from_secs(t.tv_sec().max(0) as u64)
             + Duration::from_micros(t.tv_usec().max(0) as u64)
     };
-    Ok(micros(usage.user_time()) + micros(usage.system_time()))
+    Ok(duration(usage.user_time()) + duration(usage.system_time()))
 }
 
 /// Adds the publishers' counters, latencies and errors to `summary`, with the throughput
