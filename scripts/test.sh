@@ -7,7 +7,7 @@
 # crate (as root also the hugepage and two-process tests), the deterministic simulation over
 # 1,000 seeds, the proof that the simulation catches each injected coherence fault, a short
 # coverage-guided fuzzing run of every parser and the connection state machine, a 4-process
-# cluster end to end, the fault matrix, the kernel-bypass tests, and the attacks of
+# cluster end to end, a quick latency benchmark, the fault matrix, the kernel-bypass tests, and the attacks of
 # scripts/hostile.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +64,23 @@ s = json.load(open(sys.argv[1]))
 bad = {k: s[k] for k in ("lost", "duplicates", "order_violations", "corrupt", "position_gaps") if s[k]}
 assert s["passed"] and not bad and s["messages_received"] == s["messages_sent"] > 0, (bad, s["errors"])
 print(f"cluster end to end: {s['messages_sent']} messages sent, acked and delivered in order; lost 0, duplicates 0")
+PY
+
+echo "== latency benchmark, quick (scripts/bench-latency.sh --quick): every run measured, nothing lost"
+./scripts/bench-latency.sh --quick > target/test/bench-latency.log
+python3 - target/bench/latency.json <<'PY'
+import json, sys
+entries = json.load(open(sys.argv[1]))
+backends = {e["backend"] for e in entries}
+assert {"kernel", "tcp-pingpong", "redis-xadd"} <= backends, backends
+paced = [e for e in entries if e["kind"] == "paced"]
+assert len(paced) >= 3, paced
+for e in paced:
+    assert e["passed"] and e["lost"] == 0 and e["msgs_acked"] > 0, e
+    assert e["ack_p50_us"] and e["e2e_p50_us"] and e["ack_p50_us"] <= e["ack_p99_us"] <= e["ack_p999_us"], e
+for e in entries:
+    assert e["ack_p50_us"] and e["msgs_acked"] and e["cpu_pinning"] and e["steal_pct"] is not None, e
+print(f"latency benchmark (quick): {len(entries)} entries, {len(paced)} paced runs, none lost")
 PY
 
 echo "== fault matrix: kills, pause, restart and pool loss under order 5, ack 2 (scripts/faults.sh)"

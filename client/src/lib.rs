@@ -118,6 +118,7 @@ mod batcher;
 mod config;
 mod error;
 mod net;
+pub mod pacing;
 mod publisher;
 mod publisher_core;
 mod stats;
@@ -136,7 +137,10 @@ pub use config::{
 pub use error::ClientError;
 pub use publisher::Publisher;
 pub use publisher_core::PublisherEvent;
-pub use stats::{LATENCY_US_MAX, LatencySummary, PublisherStats, latency_histogram};
+pub use stats::{
+    LATENCY_US_MAX, LatencySummary, PercentilePoint, PublisherStats, latency_histogram,
+    percentile_distribution,
+};
 pub use subscriber::{
     DeliveredBatch, PositionCheck, PositionChecker, PositionReport, Subscriber, SubscriberStats,
 };

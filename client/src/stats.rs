@@ -19,6 +19,8 @@ pub struct LatencySummary {
     pub count: u64,
     /// Median.
     pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
     /// 99th percentile.
     pub p99: u64,
     /// 99.9th percentile.
@@ -38,12 +40,54 @@ impl LatencySummary {
         LatencySummary {
             count: histogram.len(),
             p50: histogram.value_at_quantile(0.50),
+            p90: histogram.value_at_quantile(0.90),
             p99: histogram.value_at_quantile(0.99),
             p999: histogram.value_at_quantile(0.999),
             max: histogram.max(),
             mean: histogram.mean(),
         }
     }
+}
+
+/// One point of a percentile distribution: `percentile` percent of the samples were at most
+/// `value_us`; `count` samples were at most `value_us`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PercentilePoint {
+    /// Percent of samples (0 to 100).
+    pub percentile: f64,
+    /// Latency at that percentile, in microseconds.
+    pub value_us: u64,
+    /// Samples at or below `value_us`.
+    pub count: u64,
+}
+
+/// Ticks per halving of the distance to 100%: HdrHistogram's usual resolution of a
+/// percentile distribution (0, 10, 20, ..., 50, 55, ..., 75, 77.5, ... up to the max).
+const PERCENTILE_TICKS_PER_HALF: u32 = 5;
+
+/// A histogram's percentile distribution (HdrHistogram's "percentile output": points
+/// denser towards the tail, ending at the largest sample), for plotting and for percentiles
+/// the summary does not name. Empty for an empty histogram.
+pub fn percentile_distribution(histogram: &Histogram<u64>) -> Vec<PercentilePoint> {
+    let mut points: Vec<PercentilePoint> = Vec::new();
+    for step in histogram.iter_quantiles(PERCENTILE_TICKS_PER_HALF) {
+        let point = PercentilePoint {
+            percentile: step.quantile_iterated_to() * 100.0,
+            value_us: histogram.highest_equivalent(step.value_iterated_to()),
+            count: 0,
+        };
+        // Repeated values at rising percentiles say nothing new; keep the highest.
+        match points.last_mut() {
+            Some(last) if last.value_us == point.value_us => *last = point,
+            _ => points.push(point),
+        }
+    }
+    let mut below = 0;
+    for point in &mut points {
+        below = histogram.count_between(0, point.value_us).max(below);
+        point.count = below;
+    }
+    points
 }
 
 /// What a publisher has done so far. Byte counts are message bytes, without the 4-byte
@@ -111,5 +155,29 @@ mod tests {
         assert!((499..=501).contains(&summary.p50), "{summary:?}");
         assert!((989..=991).contains(&summary.p99), "{summary:?}");
         assert!(summary.max >= LATENCY_US_MAX && summary.max < LATENCY_US_MAX * 2);
+        assert!((899..=901).contains(&summary.p90), "{summary:?}");
+    }
+
+    #[test]
+    fn distribution_rises_to_the_max_and_counts_every_sample() {
+        let mut histogram = latency_histogram();
+        assert!(percentile_distribution(&histogram).is_empty());
+        for value in 1..=10_000 {
+            histogram.saturating_record(value);
+        }
+        let points = percentile_distribution(&histogram);
+        assert!(points.len() > 20, "{}", points.len());
+        for pair in points.windows(2) {
+            assert!(pair[0].percentile < pair[1].percentile, "{pair:?}");
+            assert!(pair[0].value_us < pair[1].value_us, "{pair:?}");
+            assert!(pair[0].count <= pair[1].count, "{pair:?}");
+        }
+        let last = points.last().unwrap();
+        assert_eq!(last.percentile, 100.0);
+        assert_eq!(last.count, 10_000);
+        assert!((9_995..=10_010).contains(&last.value_us), "{last:?}");
+        let median = points.iter().find(|p| p.percentile >= 50.0).unwrap();
+        assert!((4_990..=5_010).contains(&median.value_us), "{median:?}");
+        assert!((4_990..=5_010).contains(&median.count), "{median:?}");
     }
 }

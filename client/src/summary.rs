@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::stats::LatencySummary;
+use crate::stats::{LatencySummary, PercentilePoint};
 
 /// Result of one load generator run (`loadgen --json FILE`). Rates use decimal megabytes
 /// (10^6 bytes) of message content (length prefixes and headers excluded).
@@ -32,6 +32,9 @@ pub struct Summary {
     pub message_bytes: usize,
     /// Batch payload limit in effect.
     pub batch_bytes: usize,
+    /// Messages per batch asked for (`--messages-per-batch`; 0: as many as `batch_bytes`
+    /// holds).
+    pub messages_per_batch: usize,
     /// Linger time.
     pub linger_us: u64,
     /// Target rate (0 = unlimited).
@@ -42,6 +45,8 @@ pub struct Summary {
     pub messages_acked: u64,
     /// Message bytes acknowledged (ack >= 1).
     pub bytes_acked: u64,
+    /// Batches acknowledged (ack >= 1), duplicates included.
+    pub batches_acked: u64,
     /// Message bytes written to sockets.
     pub bytes_sent: u64,
     /// Messages read by the subscriber (subscribe and end-to-end tests).
@@ -57,6 +62,18 @@ pub struct Summary {
     pub msgs_per_s: f64,
     /// Ack latency percentiles over all publishers, from sealing a batch to its ack.
     pub ack_latency_us: LatencySummary,
+    /// Paced runs: each acknowledged message's latency from when the schedule said it was
+    /// due to its ack's arrival (a stall of the sender counts; coordinated omission
+    /// corrected). Empty when unpaced.
+    pub ack_latency_from_intended_us: LatencySummary,
+    /// Paced end-to-end and latency runs: each first delivery's latency from when it was
+    /// due to the subscriber's receipt (same process, same clock). Empty otherwise.
+    pub e2e_latency_from_intended_us: LatencySummary,
+    /// The three latencies' percentile distributions.
+    pub latency_distributions_us: LatencyDistributions,
+    /// User plus system CPU time of the whole loadgen process (publishers, their I/O
+    /// threads, the subscriber) over the measured phase, divided by its wall time.
+    pub loadgen_cpu_cores: f64,
     /// Messages in batches the brokers reported as not ordered (SessionGapSkipped).
     pub rejected: u64,
     /// Acknowledged (ack 0: written) messages never delivered within the drain timeout.
@@ -96,6 +113,18 @@ pub struct Summary {
     pub passed: bool,
 }
 
+/// Percentile distributions of a run's latencies (lists of points, denser towards the
+/// tail; see [`crate::percentile_distribution`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyDistributions {
+    /// Of `ack_latency_us`.
+    pub ack: Vec<PercentilePoint>,
+    /// Of `ack_latency_from_intended_us`.
+    pub ack_from_intended: Vec<PercentilePoint>,
+    /// Of `e2e_latency_from_intended_us`.
+    pub e2e_from_intended: Vec<PercentilePoint>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +140,7 @@ mod tests {
             ack_latency_us: LatencySummary {
                 count: 3,
                 p50: 10,
+                p90: 15,
                 p99: 20,
                 p999: 30,
                 max: 40,
@@ -143,11 +173,19 @@ mod tests {
             "duplicate_acks",
             "ack_gap_max_ms",
             "connect_ms",
+            "batches_acked",
+            "messages_per_batch",
+            "ack_latency_from_intended_us",
+            "e2e_latency_from_intended_us",
+            "loadgen_cpu_cores",
             "passed",
         ] {
             assert!(value.get(field).is_some(), "missing {field}");
         }
-        for percentile in ["p50", "p99", "p999", "max"] {
+        for distribution in ["ack", "ack_from_intended", "e2e_from_intended"] {
+            assert!(value["latency_distributions_us"][distribution].is_array());
+        }
+        for percentile in ["p50", "p90", "p99", "p999", "max"] {
             assert!(value["ack_latency_us"][percentile].is_u64(), "{percentile}");
         }
         assert_eq!(value["ack_latency_us"]["p999"], 30);

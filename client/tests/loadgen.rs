@@ -118,11 +118,34 @@ fn paced_publish_run_keeps_its_rate() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(summary.linger_us, 0);
-    // Pacing never exceeds the target (0.5 s at 2000/s, plus one pacing step). How close a
-    // loaded machine gets to it is a benchmark's question, not a test's.
-    assert!(summary.messages_sent <= 1_050, "{}", summary.messages_sent);
-    assert!(summary.messages_sent > 0);
+    // Paced, the run sends exactly the messages due within it (0.5 s at 2000/s), however
+    // late a loaded machine sends them; how late is a benchmark's question, not a test's.
+    assert_eq!(summary.messages_sent, 1_000);
     assert_eq!(summary.messages_acked, summary.messages_sent);
+    // One message per batch, every acknowledged message measured from its due time, and
+    // every message delivered to the run's own subscriber measured too.
+    assert_eq!(summary.messages_per_batch, 1);
+    assert_eq!(summary.batches_acked, summary.messages_acked);
+    assert_eq!(
+        summary.ack_latency_from_intended_us.count,
+        summary.messages_acked
+    );
+    assert_eq!(summary.messages_received, summary.messages_acked);
+    assert_eq!(
+        summary.e2e_latency_from_intended_us.count,
+        summary.messages_received
+    );
+    assert_eq!(summary.lost, 0);
+    let e2e = &summary.latency_distributions_us.e2e_from_intended;
+    assert_eq!(
+        e2e.last().map(|p| (p.percentile, p.count)),
+        Some((100.0, summary.messages_received))
+    );
+    assert!(
+        summary.loadgen_cpu_cores > 0.0,
+        "{}",
+        summary.loadgen_cpu_cores
+    );
 }
 
 #[test]

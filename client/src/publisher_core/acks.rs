@@ -157,6 +157,7 @@ impl PublisherCore {
                 global_start,
                 duplicate,
                 latency_us,
+                acked_at: now,
             });
         }
         self.finish(slot, batch);
@@ -319,6 +320,7 @@ mod tests {
                 global_start: Some(101),
                 duplicate: false,
                 latency_us: 250,
+                acked_at: t1,
             }
         );
         assert!(matches!(

@@ -2,23 +2,30 @@
 //! subscriber that verifies every delivery (content, exactly once, order, positions)
 //! against them.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use client::pacing::record_since;
 use client::summary::Summary;
-use client::verify::{DeliveryContext, Expectation, Verifier, VerifyCounts};
-use client::{ClientError, DeliveredBatch, PublisherEvent, Subscriber};
+use client::verify::{
+    DeliveryContext, Expectation, Verdict, Verifier, VerifyCounts, decode_message,
+};
+use client::{
+    ClientError, DeliveredBatch, LatencySummary, PublisherEvent, Subscriber, latency_histogram,
+    percentile_distribution,
+};
 use crossbeam_channel::{Receiver, Sender};
+use hdrhistogram::Histogram;
 
 use crate::plan::Plan;
 use crate::progress::Progress;
 
-/// Collects acknowledged message ranges from publisher events.
+/// Collects acknowledged message ranges (start, end) from publisher events.
 #[derive(Default)]
 pub(crate) struct AckedRanges {
-    ranges: Vec<(u64, u32)>,
+    ranges: Vec<(u64, u64)>,
 }
 
 impl AckedRanges {
@@ -26,10 +33,18 @@ impl AckedRanges {
         for event in events {
             match event {
                 PublisherEvent::Acked {
-                    first_message_index,
+                    first_message_index: start,
                     message_count,
                     ..
-                } => self.ranges.push((first_message_index, message_count)),
+                } => {
+                    let end = start + u64::from(message_count);
+                    // Acks mostly come in order: extending the last range keeps the list as
+                    // short as the gaps, not as long as the run.
+                    match self.ranges.last_mut() {
+                        Some(last) if last.1 == start => last.1 = end,
+                        _ => self.ranges.push((start, end)),
+                    }
+                }
                 PublisherEvent::Rejected {
                     batch_seq,
                     broker,
@@ -48,11 +63,11 @@ impl AckedRanges {
         self.ranges.sort_unstable();
         let mut excluded = Vec::new();
         let mut covered = 0;
-        for (start, count) in self.ranges {
+        for (start, end) in self.ranges {
             if start > covered {
                 excluded.push(covered..start);
             }
-            covered = covered.max(start + u64::from(count));
+            covered = covered.max(end);
         }
         if covered < published {
             excluded.push(covered..published);
@@ -72,18 +87,26 @@ pub(crate) struct Checker {
 }
 
 impl Checker {
-    /// Starts the subscriber and waits until it is connected. On failure returns its error
-    /// (`None` when the thread ended without one).
+    /// Starts the subscriber and waits until it is connected. `start` is the publishers'
+    /// start (set before any message is due), for the latency from each message's due time.
+    /// On failure returns its error (`None` when the thread ended without one).
     pub(crate) fn start(
         plan: &Plan,
         client_ids: &[u64],
         progress: &Arc<Progress>,
+        start: &Arc<OnceLock<Instant>>,
     ) -> Result<Checker, Option<String>> {
         let (expectations, expectations_rx) = crossbeam_channel::bounded(1);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let (plan, ids, progress) = (plan.clone(), client_ids.to_vec(), progress.clone());
+        let start = start.clone();
         let thread = thread::spawn(move || {
-            check_deliveries(&plan, &ids, &expectations_rx, &ready_tx, &progress)
+            let shared = Shared {
+                plan: &plan,
+                progress: &progress,
+                start: &start,
+            };
+            check_deliveries(&shared, &ids, &expectations_rx, &ready_tx)
         });
         if !ready_rx.recv().unwrap_or(false) {
             return Err(thread.join().ok().and_then(|o| o.error));
@@ -123,6 +146,8 @@ struct CheckOutcome {
     counts: VerifyCounts,
     lost: u64,
     stats: client::SubscriberStats,
+    /// Each first delivery's latency from its due time (paced runs).
+    e2e_from_intended_us: Histogram<u64>,
     error: Option<String>,
 }
 
@@ -136,7 +161,23 @@ fn apply_check(summary: &mut Summary, outcome: CheckOutcome) {
     summary.bytes_received = outcome.stats.message_bytes;
     summary.position_gaps = outcome.stats.positions.gaps;
     summary.position_duplicates = outcome.stats.positions.duplicates;
+    summary.e2e_latency_from_intended_us = LatencySummary::of(&outcome.e2e_from_intended_us);
+    summary.latency_distributions_us.e2e_from_intended =
+        percentile_distribution(&outcome.e2e_from_intended_us);
     summary.errors.extend(outcome.error);
+}
+
+/// What the subscriber thread shares with the rest of the run.
+struct Shared<'a> {
+    plan: &'a Plan,
+    progress: &'a Progress,
+    start: &'a OnceLock<Instant>,
+}
+
+/// The verifier and the end-to-end latency it feeds.
+struct Receipts {
+    verifier: Verifier,
+    e2e_from_intended_us: Histogram<u64>,
 }
 
 /// The publishers' expectations, once they are done, and how long the subscriber may take
@@ -169,16 +210,17 @@ impl Expected {
 }
 
 fn check_deliveries(
-    plan: &Plan,
+    shared: &Shared,
     client_ids: &[u64],
     expectations: &Receiver<Vec<Expectation>>,
     ready: &Sender<bool>,
-    progress: &Progress,
 ) -> CheckOutcome {
+    let plan = shared.plan;
     let mut outcome = CheckOutcome {
         counts: VerifyCounts::default(),
         lost: 0,
         stats: client::SubscriberStats::default(),
+        e2e_from_intended_us: latency_histogram(),
         error: None,
     };
     let mut subscriber = match Subscriber::connect(plan.subscriber_config(0)) {
@@ -190,9 +232,17 @@ fn check_deliveries(
         }
     };
     let _ = ready.send(true);
-    let mut verifier = Verifier::new(plan.order_check(), client_ids);
-    let (expected, error) = receive(plan, &mut subscriber, &mut verifier, expectations, progress);
+    let mut receipts = Receipts {
+        verifier: Verifier::new(plan.order_check(), client_ids),
+        e2e_from_intended_us: latency_histogram(),
+    };
+    let (expected, error) = receive(shared, &mut subscriber, &mut receipts, expectations);
     outcome.error = error;
+    let Receipts {
+        verifier,
+        e2e_from_intended_us,
+    } = receipts;
+    outcome.e2e_from_intended_us = e2e_from_intended_us;
     // The publishers may still be running when the subscriber fails early; wait for their
     // expectations so lost can be computed against them.
     let list = match expected {
@@ -211,41 +261,61 @@ fn check_deliveries(
 /// Verifies deliveries until the publishers' expectations are met or their drain time is
 /// over; returns the expectations (if they came) and the error that stopped the subscriber.
 fn receive(
-    plan: &Plan,
+    shared: &Shared,
     subscriber: &mut Subscriber,
-    verifier: &mut Verifier,
+    receipts: &mut Receipts,
     expectations: &Receiver<Vec<Expectation>>,
-    progress: &Progress,
 ) -> (Option<Expected>, Option<String>) {
     let mut expected: Option<Expected> = None;
     loop {
         if expected.is_none()
             && let Ok(list) = expectations.try_recv()
         {
-            expected = Some(Expected::new(list, plan.drain_timeout));
+            expected = Some(Expected::new(list, shared.plan.drain_timeout));
         }
         match subscriber.next_batch(Duration::from_millis(100)) {
-            Ok(Some(batch)) => verify(verifier, &batch, progress),
+            Ok(Some(batch)) => receipts.verify(shared, &batch, Instant::now()),
             Ok(None) | Err(ClientError::CorruptDelivery { .. }) => {}
             Err(error) => return (expected, Some(format!("subscriber: {error}"))),
         }
-        if expected.as_ref().is_some_and(|e| e.done(verifier)) {
+        if expected
+            .as_ref()
+            .is_some_and(|e| e.done(&receipts.verifier))
+        {
             return (expected, None);
         }
     }
 }
 
-fn verify(verifier: &mut Verifier, batch: &DeliveredBatch, progress: &Progress) {
-    let context = DeliveryContext {
-        client_id: batch.client_id,
-        batch_seq: batch.batch_seq,
-    };
-    for message in batch.messages() {
-        verifier.on_message(&context, message);
+impl Receipts {
+    /// Verifies a batch received at `received_at`, and records the latency from the due time
+    /// of each message delivered for the first time (when the run is paced).
+    fn verify(&mut self, shared: &Shared, batch: &DeliveredBatch, received_at: Instant) {
+        let context = DeliveryContext {
+            client_id: batch.client_id,
+            batch_seq: batch.batch_seq,
+        };
+        let schedule = shared.start.get().and_then(|&s| shared.plan.schedule(s));
+        for message in batch.messages() {
+            let verdict = self.verifier.on_message(&context, message);
+            let first = matches!(verdict, Verdict::Ok | Verdict::OutOfOrder);
+            if let (true, Some(schedule), Ok(id)) = (first, &schedule, decode_message(message)) {
+                let seqs = id.seq..id.seq + 1;
+                let stream = u64::from(id.publisher);
+                record_since(
+                    &mut self.e2e_from_intended_us,
+                    schedule,
+                    stream,
+                    seqs,
+                    received_at,
+                );
+            }
+        }
+        shared
+            .progress
+            .received
+            .fetch_add(u64::from(batch.message_count), Ordering::Relaxed);
     }
-    progress
-        .received
-        .fetch_add(u64::from(batch.message_count), Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -263,6 +333,7 @@ mod tests {
                 global_start: Some(0),
                 duplicate: false,
                 latency_us: 1,
+                acked_at: Instant::now(),
             },
             PublisherEvent::Acked {
                 batch_seq: 0,
@@ -271,6 +342,7 @@ mod tests {
                 global_start: Some(4),
                 duplicate: false,
                 latency_us: 1,
+                acked_at: Instant::now(),
             },
             PublisherEvent::Acked {
                 batch_seq: 3,
@@ -279,10 +351,33 @@ mod tests {
                 global_start: Some(8),
                 duplicate: false,
                 latency_us: 1,
+                acked_at: Instant::now(),
             },
         ]);
         let expectation = acked.expectation(20);
         assert_eq!(expectation.messages, 20);
         assert_eq!(expectation.excluded, [8..12, 14..20]);
+    }
+
+    #[test]
+    fn in_order_acks_keep_one_range() {
+        let mut acked = AckedRanges::default();
+        let ack = |batch_seq: u64| PublisherEvent::Acked {
+            batch_seq,
+            first_message_index: batch_seq * 2,
+            message_count: 2,
+            global_start: Some(batch_seq * 2),
+            duplicate: false,
+            latency_us: 1,
+            acked_at: Instant::now(),
+        };
+        acked.absorb((0..10_000).map(ack).collect());
+        assert_eq!(acked.ranges.len(), 1, "in-order acks left separate ranges");
+        assert_eq!(acked.ranges[0], (0, 20_000));
+        // One missing batch leaves two ranges and one gap.
+        acked.absorb(vec![ack(10_001)]);
+        assert_eq!(acked.ranges.len(), 2);
+        let excluded = acked.expectation(20_004).excluded;
+        assert_eq!((excluded.len(), excluded[0].clone()), (1, 20_000..20_002));
     }
 }

@@ -17,8 +17,15 @@ TESTS
               publishers) and checks every message: its CRC-32C, exactly once per
               (publisher, sequence), the order the topic promises, and no gaps in global
               positions. After the publishers finish it drains for --drain-timeout-s.
-  latency     like publish with the defaults --publishers 1, --linger-us 0 (one message per
-              batch) and --rate-msgs-per-s 10000; reports ack latency percentiles.
+  latency     end-to-end (a subscriber checks every message) with the defaults --publishers
+              1, --messages-per-batch 1, --linger-us 0 and --rate-msgs-per-s 10000 (a rate
+              is required). Pacing is open loop: message i is due at a fixed time on the
+              schedule whatever happened before, the sender sleeps until shortly before it
+              (timer slack 1 ns, spinning at most the last 50 us), and latency is measured
+              from that due time, so a stall of the sender or of the brokers shows as the
+              latency of every message due meanwhile (coordinated omission corrected).
+              Reports ack latency and end-to-end latency (due time to the subscriber's
+              receipt, in the same process) percentiles and distributions.
   subscribe   one subscriber on the first broker reads from --from-position for
               --duration-s or --total-bytes and reports its throughput.
 
@@ -44,8 +51,15 @@ JSON (--json FILE)
   messages_acked / bytes_acked (acknowledged, ack >= 1), messages_received /
   bytes_received (subscriber), seconds (measured phase), mb_per_s (10^6 bytes of message
   content per second) and msgs_per_s (acknowledged; written at ack 0; received in the
-  subscribe test), ack_latency_us {count, p50, p99, p999, max, mean} (from sealing a batch
-  to its ack), rejected (messages of batches the broker did not order:
+  subscribe test), batches_acked, messages_per_batch (asked for; 0: as many as fit),
+  ack_latency_us {count, p50, p90, p99, p999, max, mean} (from sealing a batch to its ack),
+  ack_latency_from_intended_us (same fields; paced runs: each acknowledged message, from
+  when it was due to its ack's arrival), e2e_latency_from_intended_us (paced end-to-end and
+  latency runs: each first delivery, from when it was due to the subscriber's receipt),
+  latency_distributions_us {ack, ack_from_intended, e2e_from_intended} (percentile
+  distributions: lists of {percentile, value_us, count}), loadgen_cpu_cores (user + system
+  CPU time of the whole loadgen process over the measured phase, divided by its wall
+  time), rejected (messages of batches the broker did not order:
   SessionGapSkipped), lost (acknowledged, or written at ack 0, but never delivered within
   the drain timeout), duplicates, order_violations, order_check, corrupt (messages or
   deliveries failing their checksum), position_gaps, position_duplicates, foreign,
@@ -88,7 +102,7 @@ pub(crate) enum TestMode {
     Subscribe,
     /// Publish and verify every delivered message.
     EndToEnd,
-    /// Paced publishing with small batches; ack latency.
+    /// Paced end-to-end run, one message per batch; latency from each message's due time.
     Latency,
 }
 
@@ -178,6 +192,11 @@ pub(crate) struct Cli {
     /// Largest batch payload (default 64K; the brokers' limit caps it).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_bytes)]
     pub(crate) batch_bytes: Option<u64>,
+    /// Messages per batch at most: sets --batch-bytes to this many messages with their
+    /// 4-byte length prefixes (default 1 for --test latency, else as many as --batch-bytes
+    /// holds).
+    #[arg(long, conflicts_with = "batch_bytes", value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub(crate) messages_per_batch: Option<u32>,
     /// How long an open batch waits for more messages, in microseconds (default 500; 0 for
     /// --test latency).
     #[arg(long)]
@@ -268,6 +287,7 @@ mod tests {
             "--rate-msgs-per-s",
             "--test",
             "--batch-bytes",
+            "--messages-per-batch",
             "--linger-us",
             "--publishers",
             "--json",
@@ -280,6 +300,10 @@ mod tests {
         for field in [
             "mb_per_s",
             "ack_latency_us",
+            "ack_latency_from_intended_us",
+            "e2e_latency_from_intended_us",
+            "latency_distributions_us",
+            "loadgen_cpu_cores",
             "order_violations",
             "lost",
             "duplicates",

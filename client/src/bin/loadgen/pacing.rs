@@ -1,52 +1,65 @@
-//! Pacing: a publisher with a rate sends message `seq` no earlier than `start + seq x
-//! interval`.
+//! Pacing: a publisher with a rate sends its message `seq` no earlier than the schedule's
+//! due time (`client::pacing`), sleeping until shortly before it.
 
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use client::pacing::{Schedule, SleepPlanner, set_timer_slack_min, sleep_until};
 use client::{ClientError, Publisher};
 
 /// The send schedule of one publisher.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Pacing {
-    start: Instant,
-    /// Time between two messages; `None`: as fast as the publisher takes them.
-    interval: Option<Duration>,
+    /// `None`: as fast as the publisher takes them.
+    schedule: Option<Schedule>,
+    stream: u64,
+    planner: SleepPlanner,
 }
 
 impl Pacing {
-    /// The schedule of one of `publishers` publishers that share `rate_msgs_per_s` evenly
-    /// (0: unlimited), starting at `start`.
-    pub(crate) fn new(rate_msgs_per_s: u64, publishers: usize, start: Instant) -> Self {
-        let interval = (rate_msgs_per_s > 0)
-            .then(|| Duration::from_secs_f64(publishers as f64 / rate_msgs_per_s as f64));
-        Pacing { start, interval }
-    }
-
-    /// Waits until message `seq` is due.
-    pub(crate) fn wait_for(&self, publisher: &mut Publisher, seq: u64) -> Result<(), ClientError> {
-        match self.interval {
-            Some(interval) => pace(publisher, self.start + interval.mul_f64(seq as f64)),
-            None => Ok(()),
+    /// The pacing of publisher `stream` on `schedule`. A paced thread gets the smallest
+    /// timer slack, so its sleeps end on time (logged when the kernel refuses).
+    pub(crate) fn new(schedule: Option<Schedule>, stream: u64) -> Self {
+        if schedule.is_some()
+            && let Err(error) = set_timer_slack_min()
+        {
+            log::warn!(
+                "timer slack stays at the default (sleeps may end up to 50 us late): {error}"
+            );
+        }
+        Pacing {
+            schedule,
+            stream,
+            planner: schedule.map_or_else(SleepPlanner::default, |s| {
+                SleepPlanner::for_interval(s.interval())
+            }),
         }
     }
-}
 
-/// Waits until `due`, letting the publisher seal lingering batches meanwhile. Sleeps for
-/// most of the wait and spins briefly at the end, since a sleep overshoots by tens of us.
-fn pace(publisher: &mut Publisher, due: Instant) -> Result<(), ClientError> {
-    loop {
-        let now = Instant::now();
-        if now >= due {
+    /// When message `seq` is due (`None` when unpaced).
+    pub(crate) fn due(&self, seq: u64) -> Option<Instant> {
+        self.schedule.map(|s| s.due(self.stream, seq))
+    }
+
+    /// Waits until message `seq` is due, letting the publisher seal lingering batches and
+    /// process acks after each sleep.
+    pub(crate) fn wait_for(
+        &mut self,
+        publisher: &mut Publisher,
+        seq: u64,
+    ) -> Result<(), ClientError> {
+        let Some(due) = self.due(seq) else {
             return Ok(());
+        };
+        loop {
+            // A lingering batch is sealed on time even when the next message is far off.
+            let linger = publisher.linger_deadline().filter(|&d| d < due);
+            sleep_until(&mut self.planner, linger.unwrap_or(due), || {
+                publisher.poll()
+            })?;
+            if linger.is_none() || Instant::now() >= due {
+                return Ok(());
+            }
+            publisher.poll()?;
         }
-        let wake = publisher.linger_deadline().map_or(due, |d| d.min(due));
-        let wait = wake.saturating_duration_since(now);
-        if wait > Duration::from_micros(200) {
-            thread::sleep(wait - Duration::from_micros(100));
-        } else {
-            std::hint::spin_loop();
-        }
-        publisher.poll()?;
     }
 }

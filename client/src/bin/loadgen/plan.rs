@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use client::pacing::Schedule;
 use client::summary::Summary;
 use client::verify::OrderCheck;
 use client::{PublisherConfig, SubscriberConfig};
@@ -36,6 +37,8 @@ pub(crate) struct Plan {
     pub(crate) ack: u8,
     pub(crate) rate_msgs_per_s: u64,
     pub(crate) batch_bytes: usize,
+    /// Messages per batch asked for (0: as many as `batch_bytes` holds).
+    pub(crate) messages_per_batch: usize,
     pub(crate) linger_us: u64,
     pub(crate) publishers: usize,
     pub(crate) in_flight_batches: usize,
@@ -50,7 +53,21 @@ pub(crate) struct Plan {
 impl Plan {
     pub(crate) fn from_cli(cli: Cli) -> Result<Plan, String> {
         let latency = cli.test == TestMode::Latency;
-        let batch_bytes = batch_bytes(&cli)?;
+        // --batch-bytes given for a latency run replaces its default of one message per batch.
+        let messages_per_batch = cli
+            .messages_per_batch
+            .or((latency && cli.batch_bytes.is_none()).then_some(1));
+        let batch_bytes = batch_bytes(&cli, messages_per_batch)?;
+        let rate_msgs_per_s = cli
+            .rate_msgs_per_s
+            .unwrap_or(if latency { 10_000 } else { 0 });
+        if latency && rate_msgs_per_s == 0 {
+            return Err(
+                "--test latency measures from each message's due time and needs a \
+                        --rate-msgs-per-s above 0 (for an unpaced run use --test publish)"
+                    .into(),
+            );
+        }
         let subscriber_broker = *cli.brokers.get(cli.subscriber_broker).ok_or_else(|| {
             format!(
                 "--subscriber-broker {} is not an index into the {} brokers of --brokers",
@@ -75,10 +92,9 @@ impl Plan {
             connections_per_broker: cli.connections_per_broker as usize,
             order: cli.order,
             ack: cli.ack,
-            rate_msgs_per_s: cli
-                .rate_msgs_per_s
-                .unwrap_or(if latency { 10_000 } else { 0 }),
+            rate_msgs_per_s,
             batch_bytes,
+            messages_per_batch: messages_per_batch.unwrap_or(0) as usize,
             linger_us: cli.linger_us.unwrap_or(if latency {
                 0
             } else {
@@ -102,6 +118,16 @@ impl Plan {
 
     pub(crate) fn publishes(&self) -> bool {
         self.test != TestMode::Subscribe
+    }
+
+    /// Whether a subscriber checks every delivery.
+    pub(crate) fn checks_deliveries(&self) -> bool {
+        matches!(self.test, TestMode::EndToEnd | TestMode::Latency)
+    }
+
+    /// The publishers' send schedule from `start` (`None` when unpaced).
+    pub(crate) fn schedule(&self, start: Instant) -> Option<Schedule> {
+        Schedule::new(start, self.rate_msgs_per_s, self.publishers as u64)
     }
 
     /// Messages publisher `index` sends when the run is bounded by bytes.
@@ -135,6 +161,7 @@ impl Plan {
             ack: self.ack,
             message_bytes: self.message_bytes,
             batch_bytes: self.batch_bytes,
+            messages_per_batch: self.messages_per_batch,
             linger_us: self.linger_us,
             rate_msgs_per_s: self.rate_msgs_per_s,
             order_check: order_check_name(self.order_check()).into(),
@@ -193,8 +220,9 @@ impl Plan {
         config.in_flight_batches_max = self.in_flight_batches;
         config.reconnect_timeout_ms = self.reconnect_timeout_ms;
         config.blocking = true;
-        // Every acked range is needed to tell lost messages from rejected ones.
-        config.report_acks = self.test == TestMode::EndToEnd;
+        // Every acked range is needed to tell lost messages from rejected ones, and each
+        // ack's arrival for the latency from the due time.
+        config.report_acks = self.checks_deliveries() || self.rate_msgs_per_s > 0;
         config
     }
 
@@ -207,18 +235,21 @@ impl Plan {
     }
 }
 
-/// `--batch-bytes` or its default, checked against the protocol's range and the message
-/// size.
-fn batch_bytes(cli: &Cli) -> Result<usize, String> {
-    let batch_bytes = cli
-        .batch_bytes
-        .unwrap_or(client::BATCH_BYTES_MAX_DEFAULT as u64);
+/// `--batch-bytes` (or `messages_per_batch` messages with their length prefixes, or the
+/// default), checked against the protocol's range and the message size.
+fn batch_bytes(cli: &Cli, messages_per_batch: Option<u32>) -> Result<usize, String> {
+    let framed_message_bytes = cli.message_bytes as u64 + 4;
+    let batch_bytes = match (cli.batch_bytes, messages_per_batch) {
+        (Some(bytes), _) => bytes,
+        (None, Some(messages)) => u64::from(messages) * framed_message_bytes,
+        (None, None) => client::BATCH_BYTES_MAX_DEFAULT as u64,
+    };
     if !(4..=64 << 20).contains(&batch_bytes) {
         return Err(format!(
             "--batch-bytes {batch_bytes} is outside 4..=67108864 (64 MiB)"
         ));
     }
-    if cli.message_bytes as u64 + 4 > batch_bytes {
+    if framed_message_bytes > batch_bytes {
         return Err(format!(
             "--message-bytes {} plus its 4-byte length prefix does not fit in --batch-bytes {batch_bytes}",
             cli.message_bytes
@@ -304,10 +335,20 @@ pub(crate) mod tests {
             (
                 latency.publishers,
                 latency.linger_us,
-                latency.rate_msgs_per_s
+                latency.rate_msgs_per_s,
+                latency.messages_per_batch,
+                latency.batch_bytes
             ),
-            (1, 0, 10_000)
+            (1, 0, 10_000, 1, 1028)
         );
+        assert!(latency.checks_deliveries() && latency.publisher_config(1).report_acks);
+        let batched =
+            parse("--brokers 127.0.0.1:9000 --messages-per-batch 8 --message-bytes 100").unwrap();
+        assert_eq!((batched.messages_per_batch, batched.batch_bytes), (8, 832));
+        assert!(!batched.checks_deliveries() && !batched.publisher_config(1).report_acks);
+        assert_eq!(plan.messages_per_batch, 0);
+        let bytes = parse("--brokers 127.0.0.1:9000 --test latency --batch-bytes 64KiB").unwrap();
+        assert_eq!((bytes.messages_per_batch, bytes.batch_bytes), (0, 65_536));
         let explicit = parse("--brokers 127.0.0.1:9000 --test latency --publishers 2 --linger-us 7 --rate-msgs-per-s 500").unwrap();
         assert_eq!(
             (
@@ -408,6 +449,18 @@ pub(crate) mod tests {
             (
                 "--brokers 127.0.0.1:9000 --reconnect-timeout-ms 0",
                 "0 is not in 1..",
+            ),
+            (
+                "--brokers 127.0.0.1:9000 --test latency --rate-msgs-per-s 0",
+                "needs a --rate-msgs-per-s above 0",
+            ),
+            (
+                "--brokers 127.0.0.1:9000 --messages-per-batch 2 --batch-bytes 4K",
+                "cannot be used with",
+            ),
+            (
+                "--brokers 127.0.0.1:9000 --messages-per-batch 0",
+                "0 is not in 1..=65536",
             ),
         ];
         for (args, expected) in cases {

@@ -1,19 +1,22 @@
 //! The publish, latency and end-to-end tests: publisher threads that connect, start
 //! together, send until the plan's stop, flush and report what they did.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use client::pacing::{Schedule, record_since};
 use client::summary::Summary;
 use client::verify::{Expectation, MessageFactory};
-use client::{ClientError, LatencySummary, Publisher, latency_histogram};
+use client::{
+    ClientError, LatencySummary, Publisher, PublisherEvent, latency_histogram,
+    percentile_distribution,
+};
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 
 use crate::checks::{AckedRanges, Checker};
-use crate::cli::TestMode;
 use crate::pacing::Pacing;
 use crate::plan::{Plan, Stop};
 use crate::progress::Progress;
@@ -22,6 +25,8 @@ use crate::progress::Progress;
 struct PublisherOutcome {
     stats: client::PublisherStats,
     latency_us: Histogram<u64>,
+    /// Each acknowledged message's latency from its due time (paced runs).
+    latency_from_intended_us: Histogram<u64>,
     expectation: Expectation,
     connections: usize,
     /// When every batch was acknowledged (before Goodbye and closing the sockets).
@@ -37,6 +42,7 @@ impl PublisherOutcome {
         PublisherOutcome {
             stats: client::PublisherStats::default(),
             latency_us: latency_histogram(),
+            latency_from_intended_us: latency_histogram(),
             expectation: Expectation::default(),
             connections: 0,
             flushed_at: Instant::now(),
@@ -52,8 +58,10 @@ pub(crate) fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
     let client_ids: Vec<u64> = (0..plan.publishers as u64)
         .map(|i| base_id.wrapping_add(i))
         .collect();
-    let checker = if plan.test == TestMode::EndToEnd {
-        match Checker::start(plan, &client_ids, progress) {
+    // Set when the publishers start, before any message is due.
+    let start = Arc::new(OnceLock::new());
+    let checker = if plan.checks_deliveries() {
+        match Checker::start(plan, &client_ids, progress, &start) {
             Ok(checker) => Some(checker),
             Err(error) => {
                 summary.errors.extend(error);
@@ -63,7 +71,7 @@ pub(crate) fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
     } else {
         None
     };
-    let (outcomes, started) = run_publishers(plan, &client_ids, progress, &mut summary);
+    let (outcomes, started) = run_publishers(plan, &client_ids, progress, &start, &mut summary);
     add_outcomes(plan, &outcomes, started, &mut summary);
     summary.passed = summary.errors.is_empty();
     if let Some(checker) = checker {
@@ -73,13 +81,19 @@ pub(crate) fn run_publish(plan: &Plan, progress: &Arc<Progress>) -> Summary {
     summary
 }
 
+/// How long after the gate opens the schedule starts, so that every publisher thread is
+/// awake before its first message is due.
+const START_LEAD: Duration = Duration::from_millis(1);
+
 /// Runs a thread per publisher. Publishers connect first, report it, and start together
-/// when the gate opens, so connection set-up is not measured. Returns the outcomes and when
-/// the gate opened.
+/// when the gate opens (`start` is set just before), so connection set-up is not measured.
+/// Returns the outcomes and when the gate opened; sets the summary's `connect_ms` and
+/// `loadgen_cpu_cores`.
 fn run_publishers(
     plan: &Plan,
     client_ids: &[u64],
     progress: &Arc<Progress>,
+    start: &Arc<OnceLock<Instant>>,
     summary: &mut Summary,
 ) -> (Vec<PublisherOutcome>, Instant) {
     let (connected_tx, connected_rx) = crossbeam_channel::unbounded::<()>();
@@ -89,7 +103,7 @@ fn run_publishers(
         .iter()
         .enumerate()
         .map(|(index, &client_id)| {
-            let (plan, progress) = (plan.clone(), progress.clone());
+            let (plan, progress, start) = (plan.clone(), progress.clone(), start.clone());
             let (connected, gate) = (connected_tx.clone(), gate_rx.clone());
             thread::Builder::new()
                 .name(format!("publisher-{index}"))
@@ -99,7 +113,7 @@ fn run_publishers(
                         index,
                         progress: &progress,
                     };
-                    run.run(client_id, &connected, &gate)
+                    run.run(client_id, &connected, &gate, &start)
                 })
         })
         .collect();
@@ -115,7 +129,9 @@ fn run_publishers(
         let _ = connected_rx.recv();
     }
     summary.connect_ms = connecting.elapsed().as_millis() as u64;
+    let cpu_before = process_cpu_time();
     let started = Instant::now();
+    let _ = start.set(started + START_LEAD);
     drop(gate_tx);
     let mut outcomes = Vec::new();
     for thread in threads.into_iter().flatten() {
@@ -124,7 +140,27 @@ fn run_publishers(
             Err(_) => summary.errors.push("a publisher thread panicked".into()),
         }
     }
+    let wall = started.elapsed();
+    match (cpu_before, process_cpu_time()) {
+        (Ok(before), Ok(after)) => {
+            summary.loadgen_cpu_cores =
+                after.saturating_sub(before).as_secs_f64() / wall.as_secs_f64().max(1e-9);
+        }
+        (Err(error), _) | (_, Err(error)) => {
+            log::warn!("loadgen_cpu_cores is not measured: getrusage failed: {error}");
+        }
+    }
     (outcomes, started)
+}
+
+/// User plus system CPU time of this process (all threads) so far.
+fn process_cpu_time() -> Result<Duration, nix::Error> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let duration = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    Ok(duration(usage.user_time()) + duration(usage.system_time()))
 }
 
 /// Adds the publishers' counters, latencies and errors to `summary`, with the throughput
@@ -136,13 +172,22 @@ fn add_outcomes(
     summary: &mut Summary,
 ) {
     let mut histogram = latency_histogram();
+    let mut from_intended = latency_histogram();
     for outcome in outcomes {
         add_outcome(plan, outcome, summary);
-        if let Err(error) = histogram.add(&outcome.latency_us) {
-            log::warn!("merging latency histograms: {error}");
+        for (into, from) in [
+            (&mut histogram, &outcome.latency_us),
+            (&mut from_intended, &outcome.latency_from_intended_us),
+        ] {
+            if let Err(error) = into.add(from) {
+                log::warn!("merging latency histograms: {error}");
+            }
         }
     }
     summary.ack_latency_us = LatencySummary::of(&histogram);
+    summary.ack_latency_from_intended_us = LatencySummary::of(&from_intended);
+    summary.latency_distributions_us.ack = percentile_distribution(&histogram);
+    summary.latency_distributions_us.ack_from_intended = percentile_distribution(&from_intended);
     let seconds = outcomes
         .iter()
         .map(|o| o.flushed_at.saturating_duration_since(started))
@@ -165,6 +210,7 @@ fn add_outcome(plan: &Plan, outcome: &PublisherOutcome, summary: &mut Summary) {
     summary.bytes_sent += stats.bytes_sent;
     summary.messages_acked += stats.messages_acked;
     summary.bytes_acked += stats.bytes_acked;
+    summary.batches_acked += stats.batches_acked;
     summary.rejected += stats.messages_rejected;
     summary.reconnects += stats.reconnects;
     summary.batches_resent += stats.batches_resent;
@@ -185,6 +231,8 @@ fn add_outcome(plan: &Plan, outcome: &PublisherOutcome, summary: &mut Summary) {
 /// What a publisher learns about its acks while sending, looked at every 1,024 messages.
 struct AckWatch {
     acked: AckedRanges,
+    /// Each acknowledged message's latency from its due time, when paced.
+    from_intended: IntendedLatency,
     /// Messages acknowledged at the last look (and added to the progress counter).
     reported: u64,
     /// When the acknowledged count last changed.
@@ -193,9 +241,10 @@ struct AckWatch {
 }
 
 impl AckWatch {
-    fn new(start: Instant) -> Self {
+    fn new(start: Instant, from_intended: IntendedLatency) -> Self {
         AckWatch {
             acked: AckedRanges::default(),
+            from_intended,
             reported: 0,
             changed_at: start,
             gap_max: Duration::ZERO,
@@ -215,7 +264,47 @@ impl AckWatch {
             .acked
             .fetch_add(messages_acked - self.reported, Ordering::Relaxed);
         self.reported = messages_acked;
-        self.acked.absorb(publisher.take_events());
+        self.absorb(publisher.take_events());
+    }
+
+    fn absorb(&mut self, events: Vec<PublisherEvent>) {
+        self.from_intended.record_acks(&events);
+        self.acked.absorb(events);
+    }
+}
+
+/// Latency from each message's due time to its ack, for one paced publisher.
+struct IntendedLatency {
+    /// The schedule and the publisher's stream in it; `None` when unpaced.
+    schedule: Option<(Schedule, u64)>,
+    histogram: Histogram<u64>,
+}
+
+impl IntendedLatency {
+    fn new(schedule: Option<Schedule>, stream: u64) -> Self {
+        IntendedLatency {
+            schedule: schedule.map(|s| (s, stream)),
+            histogram: latency_histogram(),
+        }
+    }
+
+    /// Records every message of every acknowledged batch in `events`.
+    fn record_acks(&mut self, events: &[PublisherEvent]) {
+        let Some((schedule, stream)) = &self.schedule else {
+            return;
+        };
+        for event in events {
+            if let PublisherEvent::Acked {
+                first_message_index,
+                message_count,
+                acked_at,
+                ..
+            } = event
+            {
+                let seqs = *first_message_index..first_message_index + u64::from(*message_count);
+                record_since(&mut self.histogram, schedule, *stream, seqs, *acked_at);
+            }
+        }
     }
 }
 
@@ -227,7 +316,13 @@ struct PublisherRun<'a> {
 }
 
 impl PublisherRun<'_> {
-    fn run(&self, client_id: u64, connected: &Sender<()>, gate: &Receiver<()>) -> PublisherOutcome {
+    fn run(
+        &self,
+        client_id: u64,
+        connected: &Sender<()>,
+        gate: &Receiver<()>,
+        start: &OnceLock<Instant>,
+    ) -> PublisherOutcome {
         let plan = self.plan;
         let connection = Publisher::connect(plan.publisher_config(client_id));
         // Report in, connected or not, then wait for the gate (its sender is dropped to open).
@@ -246,9 +341,14 @@ impl PublisherRun<'_> {
                 ),
             );
         };
-        let start = Instant::now();
-        let mut watch = AckWatch::new(start);
-        let (published, error) = self.send(&mut publisher, &mut factory, &mut watch, start);
+        // Set before the gate opened; the fallback only guards against a broken gate.
+        let start = *start.get_or_init(Instant::now);
+        let schedule = plan.schedule(start);
+        let stream = self.index as u64;
+        let mut watch = AckWatch::new(start, IntendedLatency::new(schedule, stream));
+        let mut pacing = Pacing::new(schedule, stream);
+        let (published, error) =
+            self.send(&mut publisher, &mut factory, &mut watch, &mut pacing, start);
         self.finish(publisher, watch, published, error)
     }
 
@@ -259,6 +359,7 @@ impl PublisherRun<'_> {
         publisher: &mut Publisher,
         factory: &mut MessageFactory,
         watch: &mut AckWatch,
+        pacing: &mut Pacing,
         start: Instant,
     ) -> (u64, Option<ClientError>) {
         let plan = self.plan;
@@ -267,12 +368,16 @@ impl PublisherRun<'_> {
             Stop::Duration(duration) => Some(start + duration),
             Stop::TotalBytes(_) => None,
         };
-        let pacing = Pacing::new(plan.rate_msgs_per_s, plan.publishers, start);
         let mut seq = 0u64;
         while seq < limit {
-            // Reading the clock for every message costs more than the message; every 256th
-            // will do.
-            if seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            // Paced, the run ends with the last message due before the deadline (exactly
+            // rate x duration messages). Unpaced, reading the clock for every message costs
+            // more than the message; every 256th will do.
+            let over = match pacing.due(seq) {
+                Some(due) => deadline.is_some_and(|d| due >= d),
+                None => seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d),
+            };
+            if over {
                 break;
             }
             let sent = pacing
@@ -307,7 +412,7 @@ impl PublisherRun<'_> {
         {
             error = Some(e);
         }
-        watch.acked.absorb(publisher.take_events());
+        watch.absorb(publisher.take_events());
         let stats = publisher.stats();
         self.progress
             .acked
@@ -323,6 +428,7 @@ impl PublisherRun<'_> {
         };
         PublisherOutcome {
             latency_us: publisher.ack_latency_histogram().clone(),
+            latency_from_intended_us: watch.from_intended.histogram,
             stats,
             expectation,
             connections: publisher.connection_count(),

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use client::LatencySummary;
 use client::summary::Summary;
 
 /// A row of the table: its name and its value.
@@ -18,10 +19,11 @@ pub(crate) fn table(summary: &Summary) -> String {
         ("throughput MB/s", format!("{:.1}", summary.mb_per_s)),
         ("throughput msgs/s", format!("{:.0}", summary.msgs_per_s)),
     ]);
-    if summary.test == "end-to-end" || summary.test == "subscribe" {
+    let checked = summary.test == "end-to-end" || summary.test == "latency";
+    if checked || summary.test == "subscribe" {
         rows.extend(delivery_rows(summary));
     }
-    if summary.test == "end-to-end" {
+    if checked {
         rows.extend(check_rows(summary));
     }
     rows.push(("passed", summary.passed.to_string()));
@@ -58,10 +60,17 @@ fn run_rows(summary: &Summary) -> Vec<Row> {
     ]
 }
 
+/// Percentiles of a latency, as one table cell.
+fn percentiles(latency: &LatencySummary) -> String {
+    format!(
+        "{} / {} / {} / {} / {}",
+        latency.p50, latency.p90, latency.p99, latency.p999, latency.max
+    )
+}
+
 /// What the publishers sent and had acknowledged.
-fn publisher_rows(summary: &Summary) -> [Row; 6] {
-    let latency = &summary.ack_latency_us;
-    [
+fn publisher_rows(summary: &Summary) -> Vec<Row> {
+    let mut rows = vec![
         ("messages sent", summary.messages_sent.to_string()),
         ("messages acked", summary.messages_acked.to_string()),
         ("bytes acked", summary.bytes_acked.to_string()),
@@ -74,13 +83,27 @@ fn publisher_rows(summary: &Summary) -> [Row; 6] {
             ),
         ),
         (
-            "ack latency us p50/p99/p99.9/max",
-            format!(
-                "{} / {} / {} / {}",
-                latency.p50, latency.p99, latency.p999, latency.max
-            ),
+            "ack latency us (from sealing) p50/p90/p99/p99.9/max",
+            percentiles(&summary.ack_latency_us),
         ),
-    ]
+    ];
+    if summary.rate_msgs_per_s > 0 {
+        rows.push((
+            "ack latency us (from due time) p50/p90/p99/p99.9/max",
+            percentiles(&summary.ack_latency_from_intended_us),
+        ));
+    }
+    if summary.e2e_latency_from_intended_us.count > 0 {
+        rows.push((
+            "e2e latency us (from due time) p50/p90/p99/p99.9/max",
+            percentiles(&summary.e2e_latency_from_intended_us),
+        ));
+    }
+    rows.push((
+        "loadgen CPU cores",
+        format!("{:.3}", summary.loadgen_cpu_cores),
+    ));
+    rows
 }
 
 /// What the subscriber received.

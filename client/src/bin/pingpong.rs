@@ -1,0 +1,338 @@
+//! `pingpong`: the latency floor of kernel TCP on a path, for `scripts/bench-latency.sh`.
+//! `pingpong serve` echoes every byte it reads; `pingpong run` sends fixed-size messages to
+//! it on a schedule and measures each echo. See `pingpong --help`.
+
+#![forbid(unsafe_code)]
+
+use std::convert::Infallible;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use client::pacing::{Schedule, SleepPlanner, set_timer_slack_min, sleep_until};
+use client::{LatencySummary, PercentilePoint, latency_histogram, percentile_distribution};
+use serde::Serialize;
+
+const ABOUT: &str = "TCP ping-pong over kernel sockets: the floor under a broker's ack \
+latency on the same path. `serve` echoes; `run` sends --message-bytes messages at \
+--rate-msgs-per-s, one at a time, and reports the round trip of each.";
+
+const AFTER_HELP: &str = "\
+METHOD
+  Closed loop with one message outstanding, sent on an open-loop schedule: message i is
+  due at start + i / rate; the client sleeps until shortly before (timer slack 1 ns,
+  spinning at most the last 50 us), writes it, and reads the echo before the next one.
+  Latency is measured from the due time to the last byte of the echo, so a round trip
+  longer than the interval delays the messages after it and they count the wait
+  (coordinated omission corrected); the run is the messages due within --duration-s, so
+  it sends rate x duration of them however late. At --rate-msgs-per-s 0 the next message
+  goes as soon as the echo is in (no schedule: latency from the write) until --duration-s
+  is over. Both ends set TCP_NODELAY.
+
+JSON (stdout, and --json FILE)
+  backend (tcp-pingpong), target, message_bytes, rate_msgs_per_s, method, messages (round
+  trips completed), seconds, msgs_per_s, latency_us {count, p50, p90, p99, p999, max,
+  mean}, latency_distribution_us (list of {percentile, value_us, count}).
+
+EXIT CODE
+  0 when every round trip completed; 1 on a connection error or an echo that did not come
+  within --timeout-ms; 2 for bad flags.";
+
+#[derive(Debug, Parser)]
+#[command(name = "pingpong", version, about = ABOUT, after_long_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Echo every byte read, on every connection, until no connection was open for
+    /// --idle-exit-s.
+    Serve {
+        /// Address to listen on (IP:PORT).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Exit after this many seconds without an open connection (every wait has an end).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        idle_exit_s: u64,
+    },
+    /// Send messages to a `pingpong serve` and measure each echo.
+    Run {
+        /// The server (IP:PORT).
+        #[arg(long)]
+        connect: SocketAddr,
+        /// Size of each message.
+        #[arg(long, value_name = "SIZE", default_value_t = 1024, value_parser = parse_message_bytes)]
+        message_bytes: usize,
+        /// Messages per second on the schedule; 0 = back to back (closed loop).
+        #[arg(long, default_value_t = 10_000)]
+        rate_msgs_per_s: u64,
+        /// How long to send, in seconds.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+        duration_s: f64,
+        /// How long an echo (and the connect) may take, in milliseconds.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_ms: u64,
+        /// Write the JSON report to this file too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn parse_message_bytes(value: &str) -> Result<usize, String> {
+    match units::parse_bytes_as::<usize>(value) {
+        Ok(bytes) if (1..=1 << 20).contains(&bytes) => Ok(bytes),
+        Ok(bytes) => Err(format!("{bytes} bytes is outside 1 byte to 1 MiB")),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn parse_seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds <= 86_400.0 => Ok(seconds),
+        _ => Err(format!(
+            "{value:?} is not a number of seconds in (0, 86400]"
+        )),
+    }
+}
+
+/// Why a ping-pong run failed.
+#[derive(Debug, thiserror::Error)]
+enum PingPongError {
+    #[error("{doing} {addr}: {source}; is `pingpong serve --listen {addr}` running and reachable?")]
+    Io {
+        addr: SocketAddr,
+        doing: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "the echo of message {seq} from {addr} did not come within {timeout_ms} ms; the server or the path is stuck"
+    )]
+    EchoTimeout {
+        addr: SocketAddr,
+        seq: u64,
+        timeout_ms: u64,
+    },
+    #[error("writing the JSON report to {path}: {source}; check that its directory exists")]
+    Report { path: PathBuf, source: io::Error },
+}
+
+/// What `pingpong run` reports.
+#[derive(Debug, Serialize)]
+struct Report {
+    backend: &'static str,
+    target: String,
+    message_bytes: usize,
+    rate_msgs_per_s: u64,
+    method: &'static str,
+    messages: u64,
+    seconds: f64,
+    msgs_per_s: f64,
+    latency_us: LatencySummary,
+    latency_distribution_us: Vec<PercentilePoint>,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Serve {
+            listen,
+            idle_exit_s,
+        } => serve(listen, Duration::from_secs(idle_exit_s)),
+        Command::Run {
+            connect,
+            message_bytes,
+            rate_msgs_per_s,
+            duration_s,
+            timeout_ms,
+            json,
+        } => {
+            let plan = RunPlan {
+                addr: connect,
+                message_bytes,
+                rate_msgs_per_s,
+                duration: Duration::from_secs_f64(duration_s),
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            run(&plan).and_then(|report| print_report(&report, json))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pingpong: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Accepts connections (non-blocking, polled every 10 ms so the idle deadline holds) and
+/// echoes each on a thread of its own.
+fn serve(listen: SocketAddr, idle_exit: Duration) -> Result<(), PingPongError> {
+    let io_error = |doing| {
+        move |source| PingPongError::Io {
+            addr: listen,
+            doing,
+            source,
+        }
+    };
+    let listener = TcpListener::bind(listen).map_err(io_error("listening on"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io_error("setting up"))?;
+    eprintln!("pingpong: echoing on {listen}");
+    let mut echoes: Vec<thread::JoinHandle<()>> = Vec::new();
+    let mut idle_since = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                echoes.push(thread::spawn(move || echo(stream, peer, idle_exit)));
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => eprintln!("pingpong: accepting on {listen}: {error}"),
+        }
+        echoes.retain(|echo| !echo.is_finished());
+        if !echoes.is_empty() {
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= idle_exit {
+            eprintln!(
+                "pingpong: no connection for {} s; exiting",
+                idle_exit.as_secs()
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// Writes back what it reads until the peer closes or is silent for `idle_exit`.
+fn echo(mut stream: TcpStream, peer: SocketAddr, idle_exit: Duration) {
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_read_timeout(Some(idle_exit)));
+    if let Err(error) = setup {
+        eprintln!("pingpong: setting up the connection from {peer}: {error}");
+        return;
+    }
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let read = match stream.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(read) => read,
+            Err(error) => {
+                eprintln!("pingpong: reading from {peer}: {error}");
+                return;
+            }
+        };
+        if let Err(error) = stream.write_all(&buffer[..read]) {
+            eprintln!("pingpong: writing to {peer}: {error}");
+            return;
+        }
+    }
+}
+
+/// A `pingpong run`, resolved.
+struct RunPlan {
+    addr: SocketAddr,
+    message_bytes: usize,
+    rate_msgs_per_s: u64,
+    duration: Duration,
+    timeout: Duration,
+}
+
+/// Sends messages on the schedule until the duration is over, one outstanding at a time.
+fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
+    let addr = plan.addr;
+    let io_error = |doing| {
+        move |source| PingPongError::Io {
+            addr,
+            doing,
+            source,
+        }
+    };
+    let mut stream =
+        TcpStream::connect_timeout(&addr, plan.timeout).map_err(io_error("connecting to"))?;
+    stream
+        .set_nodelay(true)
+        .and_then(|()| stream.set_read_timeout(Some(plan.timeout)))
+        .map_err(io_error("setting up the connection to"))?;
+    if plan.rate_msgs_per_s > 0
+        && let Err(error) = set_timer_slack_min()
+    {
+        eprintln!("pingpong: timer slack stays at the default (sleeps may end late): {error}");
+    }
+    let message = vec![0x5a; plan.message_bytes];
+    let mut echoed = vec![0; plan.message_bytes];
+    let mut histogram = latency_histogram();
+    let start = Instant::now();
+    let schedule = Schedule::new(start, plan.rate_msgs_per_s, 1);
+    let mut planner = schedule.map_or_else(SleepPlanner::default, |s| {
+        SleepPlanner::for_interval(s.interval())
+    });
+    let mut seq = 0;
+    let end = start + plan.duration;
+    loop {
+        // Measured from the due time; unpaced, from the write. Paced, the run is the
+        // messages due before its end, however late they go.
+        let from = match schedule {
+            Some(schedule) => {
+                let due = schedule.due(0, seq);
+                if due >= end {
+                    break;
+                }
+                let Ok(()) = sleep_until::<Infallible>(&mut planner, due, || Ok(()));
+                due
+            }
+            None if Instant::now() >= end => break,
+            None => Instant::now(),
+        };
+        stream.write_all(&message).map_err(io_error("writing to"))?;
+        stream.read_exact(&mut echoed).map_err(|source| {
+            if matches!(
+                source.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) {
+                PingPongError::EchoTimeout {
+                    addr,
+                    seq,
+                    timeout_ms: plan.timeout.as_millis() as u64,
+                }
+            } else {
+                io_error("reading the echo from")(source)
+            }
+        })?;
+        let latency = from.elapsed();
+        histogram.saturating_record((latency.as_micros() as u64).max(1));
+        seq += 1;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(Report {
+        backend: "tcp-pingpong",
+        target: addr.to_string(),
+        message_bytes: plan.message_bytes,
+        rate_msgs_per_s: plan.rate_msgs_per_s,
+        method: "closed loop, one message outstanding, open-loop schedule, latency from the due time",
+        messages: seq,
+        seconds,
+        msgs_per_s: seq as f64 / seconds.max(1e-9),
+        latency_us: LatencySummary::of(&histogram),
+        latency_distribution_us: percentile_distribution(&histogram),
+    })
+}
+
+fn print_report(report: &Report, json: Option<PathBuf>) -> Result<(), PingPongError> {
+    let text = serde_json::to_string_pretty(report).unwrap_or_default() + "\n";
+    print!("{text}");
+    match json {
+        Some(path) => {
+            std::fs::write(&path, text).map_err(|source| PingPongError::Report { path, source })
+        }
+        None => Ok(()),
+    }
+}
