@@ -1,9 +1,10 @@
 //! [`Publisher`]: the socket adapter around [`PublisherCore`].
 //!
-//! A batch is written by the caller's thread when its connection has nothing queued and the
+//! A batch that is the only one outstanding is written by the caller's thread when the
 //! socket takes it whole without blocking: no hand-off between threads on the way out.
-//! Otherwise (a full socket buffer, or batches already queued) it goes to the connection's
-//! writer thread, which writes batches in order, blocking as needed. Each connection also has
+//! Otherwise (other batches outstanding, whose writes the writer threads overlap with the
+//! caller's work, or a full socket buffer) it goes to the connection's writer thread, which
+//! writes batches in order, blocking as needed. Each connection also has
 //! a reader thread (decodes Acks, Errors and Goodbye, and timestamps them on arrival). A
 //! connection the core asks for is opened by a short-lived connector thread (one round over
 //! the candidate brokers). All of them report to the publisher over one channel; the
@@ -426,10 +427,14 @@ impl Publisher {
         }
     }
 
-    /// Writes `batch` from this thread when it can go out whole at once, else hands it (or
-    /// what is left of it) to the connection's writer thread. A writer that is gone has
+    /// Writes `batch` from this thread when it is the only one outstanding and can go out
+    /// whole at once, else hands it (or what is left of it) to the connection's writer
+    /// thread. A writer that is gone has
     /// reported (or is about to report) why; the core then takes the batch back for a resend.
     fn transmit(&mut self, batch: Transmit) {
+        // With other batches outstanding the writer threads overlap their writes with this
+        // thread's work (throughput); alone, the batch goes out at once (latency).
+        let alone = self.core.outstanding_batches() <= 1;
         let Some(connection) = self.connections.get_mut(&batch.conn) else {
             return;
         };
@@ -437,7 +442,7 @@ impl Publisher {
             return;
         };
         let mut from = 0;
-        if connection.queued_batches == 0 {
+        if alone && connection.queued_batches == 0 {
             // An error here is left to the writer thread, which meets it again and reports it.
             from = write_without_blocking(&connection.stream, &batch.bytes);
             if from == batch.bytes.len() {

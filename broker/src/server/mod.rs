@@ -493,7 +493,6 @@ fn spawn_sequencer(
         let (pool, metrics, stop) = (pool.clone(), Arc::clone(metrics), Arc::clone(stop));
         let (idle, config) = (options.idle, options.sequencer);
         threads.push(spawn("sequencer", move || {
-            sequencing::minimal_timer_slack();
             let mut holder = holder;
             loop {
                 if let Some(driver) = holder.take() {

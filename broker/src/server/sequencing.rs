@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, SequencerRole};
 use shared_log::coherence::PoolMemory;
 use shared_log::sequencer::Sequencer;
 
-/// Polls between looks at the topic table for new topics.
-const POLLS_PER_TOPIC_REFRESH: u64 = 4096;
+/// How often the sequencer looks at the topic table for new topics (and copies its counts
+/// into the metrics): a new topic's first batches wait at most this long for their order.
+const TOPIC_REFRESH_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Where the head broker runs its sequencer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -55,13 +56,14 @@ pub struct SequencerDriver {
     sequencer: Sequencer<PoolMemory>,
     metrics: Arc<Metrics>,
     started: Instant,
-    polls: u64,
+    /// When the topic table was last read (`None`: not yet).
+    refreshed_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for SequencerDriver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SequencerDriver")
-            .field("polls", &self.polls)
+            .field("refreshed_at", &self.refreshed_at)
             .finish()
     }
 }
@@ -76,7 +78,7 @@ impl SequencerDriver {
             sequencer,
             metrics,
             started,
-            polls: 0,
+            refreshed_at: None,
         }
     }
 
@@ -84,10 +86,13 @@ impl SequencerDriver {
     /// fenced this one: then it must not poll again (dropping it puts the role back to
     /// standing by).
     pub fn step(&mut self, now: Instant) -> Option<u64> {
-        if self.polls % POLLS_PER_TOPIC_REFRESH == 0 {
+        if self
+            .refreshed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= TOPIC_REFRESH_INTERVAL)
+        {
+            self.refreshed_at = Some(now);
             self.refresh();
         }
-        self.polls += 1;
         let now_ns = now.saturating_duration_since(self.started).as_nanos() as u64;
         let decided = self.sequencer.poll(now_ns);
         if self.sequencer.is_fenced() {
@@ -115,19 +120,6 @@ impl SequencerDriver {
 impl Drop for SequencerDriver {
     fn drop(&mut self) {
         self.metrics.set_sequencer_role(SequencerRole::StandingBy);
-    }
-}
-
-/// Sets this thread's timer slack to its minimum (1 ns): a polling thread's short sleeps
-/// and epoll timeouts then end when asked, not up to 50 us later (the default slack).
-pub fn minimal_timer_slack() {
-    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and affects only this thread.
-    let result = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-    if result != 0 {
-        log::warn!(
-            "cannot lower the timer slack of this thread: {}",
-            std::io::Error::last_os_error()
-        );
     }
 }
 

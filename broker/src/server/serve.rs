@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, Service};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
-use crate::server::sequencing::{self, SequencerDriver};
+use crate::server::sequencing::SequencerDriver;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
@@ -184,7 +184,6 @@ impl<T: Transport> ServeLoop<T> {
     /// wait returns, where a pause is most likely spent, see [`LoopClaimCheck`]; or by a
     /// ring writer before it publishes a slot): no drain, nothing more written to the pool.
     pub fn run(mut self) -> T {
-        sequencing::minimal_timer_slack();
         let ending = self.serve();
         self.sequencer = None;
         let now = Instant::now();
@@ -265,13 +264,7 @@ impl<T: Transport> ServeLoop<T> {
             self.idle.record(worked);
             timeout = self.next_timeout();
             if !worked && timeout == Duration::ZERO {
-                if self.state.undecided() > 0 {
-                    // Awaiting an outcome: give the core to whoever decides it, but do not
-                    // sleep past the decision.
-                    std::thread::yield_now();
-                } else {
-                    self.idle.wait();
-                }
+                self.idle.wait();
             }
         }
     }
@@ -302,13 +295,10 @@ impl<T: Transport> ServeLoop<T> {
         true
     }
 
-    /// How long the next wait may block: not at all after work or while a batch awaits its
-    /// outcome, the idle backoff while anything else is pending, and long when nothing is
-    /// and input wakes the transport.
+    /// How long the next wait may block: not at all after work, the idle backoff while
+    /// anything is pending, and long when nothing is and input wakes the transport.
     fn next_timeout(&self) -> Duration {
-        if self.state.undecided() > 0 {
-            Duration::ZERO
-        } else if !T::WAKES_ON_INPUT || self.pending() {
+        if !T::WAKES_ON_INPUT || self.pending() {
             self.idle.timeout()
         } else {
             IDLE_WAIT
@@ -316,9 +306,10 @@ impl<T: Transport> ServeLoop<T> {
     }
 
     /// Whether something is pending that no input announces: the inline sequencer's rings,
-    /// subscribers' new batches, room in the pool, durability.
+    /// outcomes, subscribers' new batches, room in the pool, durability.
     fn pending(&self) -> bool {
         self.sequencer.is_some()
+            || self.state.undecided() > 0
             || self.clients.values().any(|c| {
                 c.connection.is_subscriber()
                     || c.connection.waits_for_room()
