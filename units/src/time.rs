@@ -4,7 +4,7 @@
 //! and a simulation passes its own clock, starting at [`Timestamp::ZERO`]. Spans are
 //! [`std::time::Duration`].
 
-use std::ops::Add;
+use std::ops::{Add, AddAssign};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,12 @@ impl Add<Duration> for Timestamp {
 
     fn add(self, span: Duration) -> Timestamp {
         self.saturating_add(span)
+    }
+}
+
+impl AddAssign<Duration> for Timestamp {
+    fn add_assign(&mut self, span: Duration) {
+        *self = self.saturating_add(span);
     }
 }
 

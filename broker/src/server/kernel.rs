@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
@@ -170,7 +172,7 @@ impl Transport for KernelTransport {
         Ok(())
     }
 
-    fn receive(&mut self, _now: Instant) -> bool {
+    fn receive(&mut self, _now: Timestamp) -> bool {
         !self.events.is_empty()
     }
 
@@ -220,13 +222,13 @@ impl Transport for KernelTransport {
         }
     }
 
-    fn flush(&mut self, _now: Instant) -> bool {
+    fn flush(&mut self, _now: Timestamp) -> bool {
         false
     }
 
-    fn housekeeping(&mut self, _now: Instant, _metrics: &Metrics) {}
+    fn housekeeping(&mut self, _now: Timestamp, _metrics: &Metrics) {}
 
-    fn close_all(&mut self, ending: Ending, _now: Instant) {
+    fn close_all(&mut self, ending: Ending, _now: Timestamp) {
         // Abrupt: the sockets close as they are when the transport is dropped, as a
         // crashed process's would.
         if ending == Ending::Stopped {

@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use crate::metrics::{Metrics, SequencerRole};
 use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
@@ -522,14 +524,13 @@ fn run_sequencer(
     metrics: &Metrics,
     stop: &AtomicBool,
 ) {
-    let started = Instant::now();
-    sequencer.set_pause_guard(Box::new(move || started.elapsed().as_nanos() as u64));
+    sequencer.set_pause_guard(Box::new(Timestamp::now));
     let mut idle = Idle::new(idle);
-    let mut now_ns = 0;
+    let mut now = Timestamp::now();
     let mut polls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if polls % POLLS_PER_CLOCK_READ == 0 {
-            now_ns = started.elapsed().as_nanos() as u64;
+            now = Timestamp::now();
         }
         if polls % POLLS_PER_TOPIC_REFRESH == 0 {
             if let Err(e) = sequencer.refresh_topics() {
@@ -545,7 +546,7 @@ fn run_sequencer(
             metrics.sequencer_held.store(stats.held, Ordering::Relaxed);
         }
         polls += 1;
-        let decided = sequencer.poll(now_ns);
+        let decided = sequencer.poll(now);
         if sequencer.is_fenced() {
             return;
         }
@@ -571,10 +572,10 @@ fn watch_lease(
     stop: &AtomicBool,
 ) -> Option<Sequencer<PoolMemory>> {
     let mut seen: Option<(u64, u64)> = None;
-    let mut moved_at = Instant::now();
+    let mut moved_at = Timestamp::now();
     while !stop.load(Ordering::Relaxed) {
         let lease = read_lease(pool);
-        let now = Instant::now();
+        let now = Timestamp::now();
         let (epoch, lease_ms) = match lease {
             Some(lease) => {
                 let heard = (lease.epoch, lease.heartbeat);
@@ -657,7 +658,7 @@ fn replicate(
         if !claim.holds() {
             return Ok(());
         }
-        match replicator.poll(Instant::now()) {
+        match replicator.poll(Timestamp::now()) {
             Ok(copied) => {
                 metrics
                     .replica_batches
@@ -735,9 +736,9 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
     }
     // The head may not have created or formatted the pool yet: wait for the file, open it
     // once, then wait for the formatted header.
-    let started = Instant::now();
+    let deadline = Timestamp::now() + spec.attach_timeout;
     while !spec.path.exists() {
-        if started.elapsed() >= spec.attach_timeout {
+        if Timestamp::now() >= deadline {
             return Err(fail(
                 PoolFailure::Missing,
                 format!(
@@ -759,7 +760,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 | hugepages::Error::RegionReplaced { .. }
                 | hugepages::Error::RegionMissing { .. }
                 | hugepages::Error::EmptyRegion { .. },
-            ) if started.elapsed() < spec.attach_timeout => {
+            ) if Timestamp::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(fail(PoolFailure::Region, e.to_string())),
@@ -770,7 +771,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         match Pool::attach(mem.clone()) {
             Ok(pool) => return Ok(pool),
             Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 })
-                if started.elapsed() < spec.attach_timeout =>
+                if Timestamp::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -9,7 +9,9 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, Service};
@@ -84,7 +86,7 @@ pub trait Transport {
     /// the loop in order.
     fn wait(&mut self, timeout: Duration) -> io::Result<()>;
     /// Takes in what arrived, at `now`. Returns whether anything did.
-    fn receive(&mut self, now: Instant) -> bool;
+    fn receive(&mut self, now: Timestamp) -> bool;
     /// Offers each newly established connection to `admit`, which gives its id or the
     /// bytes to send it before closing it (a refusal). Returns whether anything happened.
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool;
@@ -97,12 +99,12 @@ pub trait Transport {
     fn close(&mut self, id: ConnId);
     /// Sends what the connections produced in this iteration. Returns whether anything
     /// happened.
-    fn flush(&mut self, now: Instant) -> bool;
+    fn flush(&mut self, now: Timestamp) -> bool;
     /// Periodic work of the transport itself (each time the clock is read).
-    fn housekeeping(&mut self, now: Instant, metrics: &Metrics);
+    fn housekeeping(&mut self, now: Timestamp, metrics: &Metrics);
     /// Ends every connection as `ending` says (the loop has already let the
     /// [`Connection`]s go).
-    fn close_all(&mut self, ending: Ending, now: Instant);
+    fn close_all(&mut self, ending: Ending, now: Timestamp);
 }
 
 /// A connection of the loop.
@@ -165,7 +167,7 @@ impl<T: Transport> ServeLoop<T> {
     /// ring writer before it publishes a slot): no drain, nothing more written to the pool.
     pub fn run(mut self) -> T {
         let ending = self.serve();
-        let now = Instant::now();
+        let now = Timestamp::now();
         let open = self.clients.len();
         let broker = self.state.settings().broker_id;
         match ending {
@@ -191,7 +193,7 @@ impl<T: Transport> ServeLoop<T> {
     fn serve(&mut self) -> Ending {
         let mut outcomes = Vec::new();
         let mut stopping_since = None;
-        let mut now = Instant::now();
+        let mut now = Timestamp::now();
         let mut iterations = 0u32;
         let mut timeout = Duration::ZERO;
         loop {
@@ -207,13 +209,13 @@ impl<T: Transport> ServeLoop<T> {
                 return Ending::Stopped;
             }
             if timeout > Duration::ZERO || iterations % T::ITERATIONS_PER_CLOCK_READ == 0 {
-                now = Instant::now();
+                now = Timestamp::now();
                 self.transport.housekeeping(now, self.state.metrics());
             }
             iterations = iterations.wrapping_add(1);
             if self.stop.load(Ordering::Relaxed) {
                 let since = *stopping_since.get_or_insert(now);
-                if self.state.undecided() == 0 || now.duration_since(since) > DRAIN {
+                if self.state.undecided() == 0 || now.saturating_duration_since(since) > DRAIN {
                     return Ending::Stopped;
                 }
             }
@@ -266,7 +268,7 @@ impl<T: Transport> ServeLoop<T> {
             })
     }
 
-    fn accept(&mut self, now: Instant) -> bool {
+    fn accept(&mut self, now: Timestamp) -> bool {
         let state = &mut self.state;
         let clients = &mut self.clients;
         let next_id = &mut self.next_id;
@@ -292,7 +294,7 @@ impl<T: Transport> ServeLoop<T> {
         })
     }
 
-    fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {
+    fn route(&mut self, outcome: &RoutedOutcome, now: Timestamp) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
         if let Some(client) = self.clients.get_mut(&outcome.conn) {
             client
@@ -303,7 +305,7 @@ impl<T: Transport> ServeLoop<T> {
 
     /// Services every connection; closes those that ended. Returns whether anything
     /// happened.
-    fn drive(&mut self, now: Instant) -> bool {
+    fn drive(&mut self, now: Timestamp) -> bool {
         let mut worked = false;
         let mut ended = Vec::new();
         for (&id, client) in &mut self.clients {
