@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use client::summary::Summary;
 use client::verify::{DeliveryContext, Expectation, Verifier, VerifyCounts};
@@ -145,7 +147,7 @@ struct Expected {
     list: Vec<Expectation>,
     /// Messages expected over all publishers.
     total: u64,
-    deadline: Instant,
+    deadline: Timestamp,
 }
 
 impl Expected {
@@ -157,13 +159,13 @@ impl Expected {
         Expected {
             list,
             total,
-            deadline: Instant::now() + drain_timeout,
+            deadline: Timestamp::now() + drain_timeout,
         }
     }
 
     /// Every expected message arrived, or the drain time is over.
     fn done(&self, verifier: &Verifier) -> bool {
-        Instant::now() >= self.deadline
+        Timestamp::now() >= self.deadline
             || (verifier.counts().delivered >= self.total && verifier.lost(&self.list) == 0)
     }
 }

@@ -2,14 +2,16 @@
 //! interval`.
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use client::{ClientError, Publisher};
 
 /// The send schedule of one publisher.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pacing {
-    start: Instant,
+    start: Timestamp,
     /// Time between two messages; `None`: as fast as the publisher takes them.
     interval: Option<Duration>,
 }
@@ -17,7 +19,7 @@ pub(crate) struct Pacing {
 impl Pacing {
     /// The schedule of one of `publishers` publishers that share `rate_msgs_per_s` evenly
     /// (0: unlimited), starting at `start`.
-    pub(crate) fn new(rate_msgs_per_s: u64, publishers: usize, start: Instant) -> Self {
+    pub(crate) fn new(rate_msgs_per_s: u64, publishers: usize, start: Timestamp) -> Self {
         let interval = (rate_msgs_per_s > 0)
             .then(|| Duration::from_secs_f64(publishers as f64 / rate_msgs_per_s as f64));
         Pacing { start, interval }
@@ -34,9 +36,9 @@ impl Pacing {
 
 /// Waits until `due`, letting the publisher seal lingering batches meanwhile. Sleeps for
 /// most of the wait and spins briefly at the end, since a sleep overshoots by tens of us.
-fn pace(publisher: &mut Publisher, due: Instant) -> Result<(), ClientError> {
+fn pace(publisher: &mut Publisher, due: Timestamp) -> Result<(), ClientError> {
     loop {
-        let now = Instant::now();
+        let now = Timestamp::now();
         if now >= due {
             return Ok(());
         }

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use client::summary::Summary;
 use client::verify::{Expectation, MessageFactory};
@@ -25,7 +27,7 @@ struct PublisherOutcome {
     expectation: Expectation,
     connections: usize,
     /// When every batch was acknowledged (before Goodbye and closing the sockets).
-    flushed_at: Instant,
+    flushed_at: Timestamp,
     /// Longest time without a new ack while publishing (see `Summary::ack_gap_max_ms`).
     ack_gap_max: Duration,
     error: Option<String>,
@@ -39,7 +41,7 @@ impl PublisherOutcome {
             latency_us: latency_histogram(),
             expectation: Expectation::default(),
             connections: 0,
-            flushed_at: Instant::now(),
+            flushed_at: Timestamp::now(),
             ack_gap_max: Duration::ZERO,
             error: Some(format!("publisher {index}: {error}")),
         }
@@ -81,10 +83,10 @@ fn run_publishers(
     client_ids: &[u64],
     progress: &Arc<Progress>,
     summary: &mut Summary,
-) -> (Vec<PublisherOutcome>, Instant) {
+) -> (Vec<PublisherOutcome>, Timestamp) {
     let (connected_tx, connected_rx) = crossbeam_channel::unbounded::<()>();
     let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let connecting = Instant::now();
+    let connecting = Timestamp::now();
     let threads: Vec<_> = client_ids
         .iter()
         .enumerate()
@@ -114,8 +116,10 @@ fn run_publishers(
     for _ in 0..spawned {
         let _ = connected_rx.recv();
     }
-    summary.connect_ms = connecting.elapsed().as_millis() as u64;
-    let started = Instant::now();
+    summary.connect_ms = Timestamp::now()
+        .saturating_duration_since(connecting)
+        .as_millis() as u64;
+    let started = Timestamp::now();
     drop(gate_tx);
     let mut outcomes = Vec::new();
     for thread in threads.into_iter().flatten() {
@@ -132,7 +136,7 @@ fn run_publishers(
 fn add_outcomes(
     plan: &Plan,
     outcomes: &[PublisherOutcome],
-    started: Instant,
+    started: Timestamp,
     summary: &mut Summary,
 ) {
     let mut histogram = latency_histogram();
@@ -188,12 +192,12 @@ struct AckWatch {
     /// Messages acknowledged at the last look (and added to the progress counter).
     reported: u64,
     /// When the acknowledged count last changed.
-    changed_at: Instant,
+    changed_at: Timestamp,
     gap_max: Duration,
 }
 
 impl AckWatch {
-    fn new(start: Instant) -> Self {
+    fn new(start: Timestamp) -> Self {
         AckWatch {
             acked: AckedRanges::default(),
             reported: 0,
@@ -205,7 +209,7 @@ impl AckWatch {
     fn look(&mut self, publisher: &mut Publisher, progress: &Progress) {
         let messages_acked = publisher.messages_acked();
         if messages_acked != self.reported {
-            let now = Instant::now();
+            let now = Timestamp::now();
             self.gap_max = self
                 .gap_max
                 .max(now.saturating_duration_since(self.changed_at));
@@ -246,7 +250,7 @@ impl PublisherRun<'_> {
                 ),
             );
         };
-        let start = Instant::now();
+        let start = Timestamp::now();
         let mut watch = AckWatch::new(start);
         let (published, error) = self.send(&mut publisher, &mut factory, &mut watch, start);
         self.finish(publisher, watch, published, error)
@@ -259,7 +263,7 @@ impl PublisherRun<'_> {
         publisher: &mut Publisher,
         factory: &mut MessageFactory,
         watch: &mut AckWatch,
-        start: Instant,
+        start: Timestamp,
     ) -> (u64, Option<ClientError>) {
         let plan = self.plan;
         let limit = plan.messages_for(self.index).unwrap_or(u64::MAX);
@@ -272,7 +276,7 @@ impl PublisherRun<'_> {
         while seq < limit {
             // Reading the clock for every message costs more than the message; every 256th
             // will do.
-            if seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
+            if seq % 256 == 0 && deadline.is_some_and(|d| Timestamp::now() >= d) {
                 break;
             }
             let sent = pacing
@@ -301,7 +305,7 @@ impl PublisherRun<'_> {
     ) -> PublisherOutcome {
         // The measured phase ends at the flush; the Goodbye exchange is not throughput.
         let flushed = publisher.flush();
-        let flushed_at = Instant::now();
+        let flushed_at = Timestamp::now();
         if let Err(e) = flushed.and_then(|()| publisher.close())
             && error.is_none()
         {
