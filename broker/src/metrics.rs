@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Response, StatusCode};
+use units::Timestamp;
 
 /// Upper bounds (microseconds) of the ACK latency histogram buckets.
 pub const ACK_LATENCY_BUCKETS_US: [u64; 12] = [

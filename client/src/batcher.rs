@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use units::Timestamp;
-
 use wire::payload::MESSAGE_PREFIX_BYTES;
 use wire::{BATCH_PREFIX_BYTES, BatchHeaderRepr};
 

@@ -6,9 +6,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+use units::Timestamp;
 use wire::{
     AckLevel, Decoded, DeliveryHeaderRepr, Frame, FrameDecoder, FrameKind, HelloOkRepr, HelloRepr,
     Limits, Order,

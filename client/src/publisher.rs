@@ -14,10 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use units::Timestamp;
 use wire::{AckLevel, Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
 
 use crate::config::PublisherConfig;

@@ -5,9 +5,8 @@
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use serde::{Deserialize, Serialize};
+use units::Timestamp;
 use wire::{
     AckLevel, DeliveryHeaderRepr, Frame, HelloOkRepr, HelloRepr, Limits, Order, Role,
     verify_payload,

@@ -22,7 +22,6 @@ use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{BatchMeta, TopicWriter};
 use units::Timestamp;
-
 const BROKERS: u16 = 4;
 const RING_SLOTS: u32 = 4096;
 const SMALL_PAYLOAD_BYTES: usize = 64;

@@ -13,14 +13,13 @@
 
 use std::time::Duration;
 
-use bytemuck::Zeroable;
-use units::Timestamp;
-
 use crate::coherence::SharedMemory;
 use crate::layout::{
     BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, Record, claim_offset,
 };
 use crate::pool::{Pool, PoolError, invalidate_and_fence, set_ready};
+use bytemuck::Zeroable;
+use units::Timestamp;
 
 /// Shortest claim lease accepted, in milliseconds (below it a busy machine's scheduling
 /// delays alone would make a live claim look dead).

@@ -34,9 +34,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use bytemuck::Zeroable;
-use units::Timestamp;
-
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
@@ -48,6 +45,8 @@ use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
 };
 use crate::sessions::{GapSkipped, SessionKey, SessionLimits, SessionTable, Verdict};
+use bytemuck::Zeroable;
+use units::Timestamp;
 
 /// Polls between looks at the subscribers' retention floor.
 const FLOOR_REFRESH_POLLS: u32 = 16;

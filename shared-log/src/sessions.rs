@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use units::Timestamp;
-
 /// A publisher session: (client id, session epoch).
 pub type SessionKey = (u64, u32);
 

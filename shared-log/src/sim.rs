@@ -16,8 +16,6 @@ use std::ops::Range;
 use std::rc::Rc;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory, lines};
 use crate::layout::CompletionStatus;
@@ -26,6 +24,7 @@ use crate::pool::{Pool, TopicConfig, TopicId};
 use crate::reader::{LogReader, ReadError};
 use crate::sequencer::{Sequencer, SequencerConfig};
 use crate::writer::{AppendError, BatchMeta, Reservation, TopicWriter};
+use units::Timestamp;
 
 /// The shared "device" of the simulated pool.
 #[derive(Debug)]

@@ -16,7 +16,6 @@ use shared_log::reader::{LogReader, ReadError};
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter, WriterError};
 use units::Timestamp;
-
 const MODE: CoherenceMode = CoherenceMode::NonCoherent;
 
 fn geometry() -> Geometry {

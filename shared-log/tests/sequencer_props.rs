@@ -27,7 +27,6 @@ use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter};
 use units::Timestamp;
-
 const BROKERS: u16 = 3;
 /// (client id, session epoch): two sessions of client 1, one each of clients 2 and 3.
 const SESSIONS: [(u64, u32); 4] = [(1, 1), (1, 2), (2, 1), (3, 7)];

@@ -6,10 +6,9 @@ use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use units::Timestamp;
 
 use crate::metrics::Metrics;
 use crate::server::serve::{Ending, Readiness, Serviced, Transport};

@@ -18,8 +18,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use crate::metrics::{Metrics, SequencerRole};
 use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
 use shared_log::claim::ClaimError;
@@ -28,6 +26,7 @@ use shared_log::layout::Geometry;
 use shared_log::pool::{Pool, PoolError};
 use shared_log::sequencer::{Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
+use units::Timestamp;
 
 /// How a polling thread waits when it finds no work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]

@@ -11,13 +11,12 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use shared_log::claim::{
     self, BEATS_PER_LEASE, ClaimDetails, ClaimError, ClaimHolder, ClaimState, Claimant,
 };
 use shared_log::coherence::{CoherenceMode, PoolMemory};
 use shared_log::pool::Pool;
+use units::Timestamp;
 
 /// Why a running broker stopped on its own.
 #[derive(Debug, thiserror::Error)]

@@ -19,9 +19,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use bytemuck::{Pod, Zeroable};
+use units::Timestamp;
 
 use shared_log::coherence::SharedMemory;
 use shared_log::pool::{Pool, TopicConfig, TopicId};

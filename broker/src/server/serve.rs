@@ -11,8 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, Service};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
@@ -20,6 +18,7 @@ use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::Pool;
+use units::Timestamp;
 
 /// How long a stopping broker waits for batches in flight to be decided.
 const DRAIN: Duration = Duration::from_secs(2);

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use units::Timestamp;
-
 use wire::{AckEntry, AckLevel, AckRepr, AckStatus, ErrorCode, ErrorFrameRepr, Frame, FrameKind};
 
 use super::commands::{Command, ConnId};

@@ -48,9 +48,8 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use hdrhistogram::Histogram;
+use units::Timestamp;
 use wire::AckLevel;
 
 use crate::batcher::Batcher;

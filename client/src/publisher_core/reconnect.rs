@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use units::Timestamp;
-
 use wire::HelloOkRepr;
 
 use super::PublisherCore;

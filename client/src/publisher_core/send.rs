@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use units::Timestamp;
-
 use wire::AckLevel;
 
 use super::commands::{Command, ConnId, Transmit};

@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use super::commands::ConnId;
 use super::reconnect::RECONNECT_BACKOFF_MIN;
+use units::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum BatchState {

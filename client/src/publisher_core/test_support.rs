@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use units::Timestamp;
-
 use wire::{
     AckEntry, AckLevel, AckRepr, AckStatus, Decoded, ErrorCode, ErrorFrameRepr, Frame,
     FrameDecoder, HelloOkRepr, Limits, Order,

@@ -7,17 +7,16 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::metrics::Metrics;
+use crate::server::connection::ByteStream;
+use crate::server::serve::{Ending, Readiness, Serviced, Transport};
+use crate::server::state::ConnId;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use units::Timestamp;
-
-use crate::metrics::Metrics;
-use crate::server::connection::ByteStream;
-use crate::server::serve::{Ending, Readiness, Serviced, Transport};
-use crate::server::state::ConnId;
 use xdp_transport::device::Burst;
 use xdp_transport::hooks::Peers;
 use xdp_transport::tcp::{abort_half_open, listen, new_socket};

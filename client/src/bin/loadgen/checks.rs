@@ -7,12 +7,11 @@ use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use units::Timestamp;
-
 use client::summary::Summary;
 use client::verify::{DeliveryContext, Expectation, Verifier, VerifyCounts};
 use client::{ClientError, DeliveredBatch, PublisherEvent, Subscriber};
 use crossbeam_channel::{Receiver, Sender};
+use units::Timestamp;
 
 use crate::plan::Plan;
 use crate::progress::Progress;

@@ -4,9 +4,8 @@
 use std::thread;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use client::{ClientError, Publisher};
+use units::Timestamp;
 
 /// The send schedule of one publisher.
 #[derive(Debug, Clone, Copy)]

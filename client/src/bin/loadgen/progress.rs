@@ -7,10 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use crate::cli::{ProgressMode, TestMode};
 use crate::plan::{Plan, Stop};
+use units::Timestamp;
 
 /// Counters the progress display reads.
 #[derive(Debug, Default)]

@@ -6,13 +6,12 @@ use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use client::summary::Summary;
 use client::verify::{Expectation, MessageFactory};
 use client::{ClientError, LatencySummary, Publisher, latency_histogram};
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use units::Timestamp;
 
 use crate::checks::{AckedRanges, Checker};
 use crate::cli::TestMode;

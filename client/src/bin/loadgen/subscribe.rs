@@ -3,10 +3,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use units::Timestamp;
-
 use client::summary::Summary;
 use client::{ClientError, Subscriber};
+use units::Timestamp;
 
 use crate::plan::{Plan, Stop};
 use crate::progress::Progress;
