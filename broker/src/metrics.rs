@@ -7,10 +7,11 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Response, StatusCode};
+use units::Timestamp;
 
 /// Upper bounds (microseconds) of the ACK latency histogram buckets.
 pub const ACK_LATENCY_BUCKETS_US: [u64; 12] = [
@@ -564,7 +565,7 @@ async fn accept_until_stopped(
                 oldest.abort();
             }
             Metrics::inc(&metrics.metrics_connections_evicted);
-            if let Some(evicted) = eviction_log.note(Instant::now()) {
+            if let Some(evicted) = eviction_log.note(Timestamp::now()) {
                 log::warn!(
                     "metrics endpoint: closed {evicted} connection(s) to make room, {} were open \
                      (--metrics-connections-max); some client holds connections without asking",
@@ -637,7 +638,7 @@ fn respond(method: &Method, path: &str, metrics: &Metrics, broker: u16) -> Respo
 #[derive(Debug)]
 struct LogThrottle {
     interval: Duration,
-    last_logged: Option<Instant>,
+    last_logged: Option<Timestamp>,
     unlogged: u64,
 }
 
@@ -651,7 +652,7 @@ impl LogThrottle {
     }
 
     /// Notes one event at `now`; the number of events to log now, if a line is due.
-    fn note(&mut self, now: Instant) -> Option<u64> {
+    fn note(&mut self, now: Timestamp) -> Option<u64> {
         self.unlogged += 1;
         if self
             .last_logged
@@ -672,7 +673,7 @@ mod tests {
 
     #[test]
     fn log_throttle_logs_the_first_event_then_one_line_per_interval_with_the_count() {
-        let start = Instant::now();
+        let start = Timestamp::ZERO;
         let mut throttle = LogThrottle::new(Duration::from_secs(10));
         assert_eq!(throttle.note(start), Some(1));
         assert_eq!(throttle.note(start + Duration::from_secs(1)), None);
@@ -744,10 +745,10 @@ mod tests {
             (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
         // Let the endpoint take them before it stops.
         std::thread::sleep(Duration::from_millis(200));
-        let stopping = Instant::now();
+        let stopping = Timestamp::now();
         stop.store(true, Ordering::Relaxed);
         serving.join().unwrap();
-        let stopped = stopping.elapsed();
+        let stopped = Timestamp::now().saturating_duration_since(stopping);
         // 50 ms between looks at the flag, and room for a loaded machine.
         assert!(
             stopped < Duration::from_millis(150),

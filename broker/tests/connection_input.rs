@@ -17,6 +17,7 @@ use shared_log::heap::HeapRegion;
 use shared_log::layout::Geometry;
 use shared_log::pool::Pool;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
+use units::Timestamp;
 use wire::{
     AckLevel, BatchHeaderRepr, Decoded, Frame, FrameDecoder, HelloRepr, Limits, Order, Role, Topic,
 };
@@ -101,7 +102,7 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
     let metrics = Arc::new(Metrics::default());
     let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));
     let mut sequencer = Sequencer::new(pool, 0, 1, SequencerConfig::default()).unwrap();
-    let now = std::time::Instant::now();
+    let now = Timestamp::ZERO;
     let mut connection = Connection::new(1, &state, now);
     let mut chunks = VecDeque::new();
     let mut rest = &input[..];
@@ -122,7 +123,7 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
     for _ in 0..10_000 {
         let input = connection.on_readable(&mut stream, &mut state, now);
         sequencer.refresh_topics().unwrap();
-        sequencer.poll(0);
+        sequencer.poll(now);
         outcomes.clear();
         state.poll_outcomes(&mut outcomes);
         for outcome in &outcomes {

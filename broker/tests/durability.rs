@@ -2,7 +2,7 @@
 //! rebuilt from them with every batch at its old position.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use broker::server::replica::{ReplicaConfig, Replicator, restore};
 use shared_log::Order;
@@ -13,6 +13,7 @@ use shared_log::pool::{Pool, TopicConfig};
 use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{BatchMeta, TopicWriter};
+use units::Timestamp;
 
 fn geometry() -> Geometry {
     Geometry {
@@ -87,7 +88,7 @@ fn a_lost_pool_is_rebuilt_from_replicas_in_the_same_order() {
         .collect();
     // Two sessions spread over three brokers; session 2 skips seq 3 (the gap rule makes it
     // give up), so the rebuilt order must reproduce a log with a hole in a session.
-    let mut now_ns = 0;
+    let mut now = Timestamp::ZERO;
     for seq in 0..12u64 {
         for client in [1u64, 2] {
             if client == 2 && seq == 3 {
@@ -105,12 +106,12 @@ fn a_lost_pool_is_rebuilt_from_replicas_in_the_same_order() {
                 .append(meta, &data)
                 .unwrap();
         }
-        now_ns += 2_000_000_000;
-        sequencer.poll(now_ns);
+        now += Duration::from_secs(2);
+        sequencer.poll(now);
         for writer in &mut writers {
             writer.poll_completions(usize::MAX, |_| {});
         }
-        replicator.poll(Instant::now()).unwrap();
+        replicator.poll(Timestamp::now()).unwrap();
     }
     replicator.stop().unwrap();
     let before = read_all(&pool, topic);

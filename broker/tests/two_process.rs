@@ -19,6 +19,7 @@ use shared_log::pool::{Pool, PoolError, TopicConfig};
 use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{AppendError, BatchMeta, TopicWriter};
+use units::Timestamp;
 
 const CHILD_POOL_ENV: &str = "EMBARCADERO_TWO_PROCESS_POOL";
 const CHILD_ROLE_ENV: &str = "EMBARCADERO_TWO_PROCESS_ROLE";
@@ -204,14 +205,14 @@ fn a_second_process_attaches_and_reads_in_order_while_the_first_writes() {
             }
             writer.poll_completions(usize::MAX, |_| {});
         }
-        sequencer.poll(started.elapsed().as_nanos() as u64);
+        sequencer.poll(Timestamp::now());
     }
     while writers
         .iter()
         .any(|w| w.completed_slots() < w.committed_slots())
     {
         assert!(started.elapsed() < TIMEOUT, "sequencer stalled");
-        sequencer.poll(started.elapsed().as_nanos() as u64);
+        sequencer.poll(Timestamp::now());
         for writer in &mut writers {
             writer.poll_completions(usize::MAX, |_| {});
         }

@@ -3,8 +3,9 @@
 //! The buffer starts with room for the 40-byte frame prefix (frame header and batch header),
 //! filled in when the batch is sealed, so a sealed batch goes to the socket in one write.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use units::Timestamp;
 use wire::payload::MESSAGE_PREFIX_BYTES;
 use wire::{BATCH_PREFIX_BYTES, BatchHeaderRepr};
 
@@ -31,7 +32,7 @@ pub(crate) struct Batcher {
     buffer: Vec<u8>,
     message_count: u32,
     message_bytes: u64,
-    opened_at: Option<Instant>,
+    opened_at: Option<Timestamp>,
     batch_bytes_max: usize,
     linger: Duration,
     messages_before: u64,
@@ -82,7 +83,7 @@ impl Batcher {
     }
 
     /// Appends a message; the caller checked [`fits`](Self::fits).
-    pub fn push(&mut self, message: &[u8], now: Instant) {
+    pub fn push(&mut self, message: &[u8], now: Timestamp) {
         if self.opened_at.is_none() {
             self.opened_at = Some(now);
             self.buffer.reserve(
@@ -99,12 +100,12 @@ impl Batcher {
     }
 
     /// When the open batch must be sealed by linger, if it holds anything.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<Timestamp> {
         self.opened_at.map(|opened| opened + self.linger)
     }
 
     /// Whether the open batch has waited its linger time.
-    pub fn linger_expired(&self, now: Instant) -> bool {
+    pub fn linger_expired(&self, now: Timestamp) -> bool {
         self.deadline().is_some_and(|deadline| now >= deadline)
     }
 
@@ -172,7 +173,7 @@ mod tests {
 
     #[test]
     fn sealed_batch_is_a_valid_frame() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let mut batcher = Batcher::new(1024, Duration::from_micros(500));
         assert!(batcher.seal(0, 0).is_none());
         batcher.push(b"hello", now);
@@ -195,7 +196,7 @@ mod tests {
 
     #[test]
     fn size_limit_counts_length_prefixes() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let mut batcher = Batcher::new(20, Duration::from_secs(1));
         assert!(batcher.fits_alone(16));
         assert!(!batcher.fits_alone(17));
@@ -210,7 +211,7 @@ mod tests {
 
     #[test]
     fn linger_runs_from_the_first_message() {
-        let start = Instant::now();
+        let start = Timestamp::ZERO;
         let linger = Duration::from_micros(500);
         let mut batcher = Batcher::new(1024, linger);
         assert_eq!(batcher.deadline(), None);
@@ -226,7 +227,7 @@ mod tests {
 
     #[test]
     fn message_indices_continue_across_batches_and_buffers_are_reused() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let mut batcher = Batcher::new(1024, Duration::ZERO);
         batcher.push(b"a", now);
         batcher.push(b"b", now);

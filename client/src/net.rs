@@ -4,9 +4,10 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, TcpKeepalive, Type};
+use units::Timestamp;
 use wire::{
     AckLevel, Decoded, DeliveryHeaderRepr, Frame, FrameDecoder, FrameKind, HelloOkRepr, HelloRepr,
     Limits, Order,
@@ -312,7 +313,7 @@ pub(crate) fn set_read_timeout(
 /// reports).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StepDeadline {
-    at: Instant,
+    at: Timestamp,
     allowed: Duration,
 }
 
@@ -320,14 +321,14 @@ impl StepDeadline {
     /// A step that may take `allowed` from now.
     pub(crate) fn after(allowed: Duration) -> Self {
         StepDeadline {
-            at: Instant::now() + allowed,
+            at: Timestamp::now() + allowed,
             allowed,
         }
     }
 
     /// The time left.
     pub(crate) fn remaining(&self) -> Duration {
-        self.at.saturating_duration_since(Instant::now())
+        self.at.saturating_duration_since(Timestamp::now())
     }
 }
 

@@ -13,7 +13,9 @@
 //! [`set_timer_slack_min`].
 
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use hdrhistogram::Histogram;
 
@@ -22,7 +24,7 @@ use hdrhistogram::Histogram;
 /// evenly spaced messages at `rate_msgs_per_s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
-    start: Instant,
+    start: Timestamp,
     rate_msgs_per_s: u64,
     streams: u64,
 }
@@ -30,7 +32,7 @@ pub struct Schedule {
 impl Schedule {
     /// The schedule of `streams` senders sharing `rate_msgs_per_s` from `start`; `None` for
     /// rate 0 (unpaced: nothing is due at a particular time) or no streams.
-    pub fn new(start: Instant, rate_msgs_per_s: u64, streams: u64) -> Option<Self> {
+    pub fn new(start: Timestamp, rate_msgs_per_s: u64, streams: u64) -> Option<Self> {
         (rate_msgs_per_s > 0 && streams > 0).then_some(Schedule {
             start,
             rate_msgs_per_s,
@@ -39,7 +41,7 @@ impl Schedule {
     }
 
     /// The instant the schedule starts.
-    pub fn start(&self) -> Instant {
+    pub fn start(&self) -> Timestamp {
         self.start
     }
 
@@ -57,7 +59,7 @@ impl Schedule {
     }
 
     /// When message `seq` of sender `stream` is due.
-    pub fn due(&self, stream: u64, seq: u64) -> Instant {
+    pub fn due(&self, stream: u64, seq: u64) -> Timestamp {
         self.start + self.offset(stream, seq)
     }
 }
@@ -69,7 +71,7 @@ pub fn record_since(
     schedule: &Schedule,
     stream: u64,
     seqs: std::ops::Range<u64>,
-    at: Instant,
+    at: Timestamp,
 ) {
     for seq in seqs {
         let latency = at.saturating_duration_since(schedule.due(stream, seq));
@@ -158,10 +160,11 @@ impl SleepPlanner {
     }
 
     /// What to do at `now` for a message due at `due`.
-    pub fn step(&self, now: Instant, due: Instant) -> PaceStep {
-        let Some(remaining) = due.checked_duration_since(now).filter(|r| !r.is_zero()) else {
+    pub fn step(&self, now: Timestamp, due: Timestamp) -> PaceStep {
+        let remaining = due.saturating_duration_since(now);
+        if remaining.is_zero() {
             return PaceStep::Send;
-        };
+        }
         match remaining.checked_sub(self.lead()) {
             Some(sleep) if !sleep.is_zero() => PaceStep::Sleep(sleep.max(self.sleep_min)),
             _ => PaceStep::Spin,
@@ -185,16 +188,16 @@ impl SleepPlanner {
 /// it ends the wait.
 pub fn sleep_until<E>(
     planner: &mut SleepPlanner,
-    due: Instant,
+    due: Timestamp,
     mut between: impl FnMut() -> Result<(), E>,
 ) -> Result<(), E> {
     loop {
-        let now = Instant::now();
+        let now = Timestamp::now();
         match planner.step(now, due) {
             PaceStep::Send => return Ok(()),
             PaceStep::Sleep(asked) => {
                 thread::sleep(asked);
-                planner.observe_sleep(asked, now.elapsed());
+                planner.observe_sleep(asked, Timestamp::now().saturating_duration_since(now));
                 between()?;
             }
             PaceStep::Spin => std::hint::spin_loop(),
@@ -216,7 +219,7 @@ mod tests {
 
     #[test]
     fn schedule_interleaves_streams_evenly_without_drift() {
-        let start = Instant::now();
+        let start = Timestamp::now();
         assert_eq!(Schedule::new(start, 0, 1), None);
         let schedule = Schedule::new(start, 10_000, 4).unwrap();
         // 10,000 msgs/s over 4 senders: a message every 100 us, each sender every 400 us.
@@ -240,7 +243,7 @@ mod tests {
     fn latency_counts_from_the_due_time_so_a_stall_is_not_hidden() {
         // 1,000 msgs/s; the sender stalls for 100 ms at the start, then sends the 100
         // messages due meanwhile at once, and each is acknowledged 50 us after it is sent.
-        let start = Instant::now();
+        let start = Timestamp::now();
         let schedule = Schedule::new(start, 1_000, 1).unwrap();
         let mut histogram = latency_histogram();
         let sent_at = start + Duration::from_millis(100);
@@ -275,7 +278,7 @@ mod tests {
     #[test]
     fn planner_sleeps_then_spins_the_last_microseconds() {
         let planner = SleepPlanner::default();
-        let now = Instant::now();
+        let now = Timestamp::now();
         let us = Duration::from_micros;
         assert_eq!(planner.lead(), us(SPIN_MARGIN_US_DEFAULT));
         assert_eq!(planner.step(now, now), PaceStep::Send);
@@ -292,7 +295,7 @@ mod tests {
     #[test]
     fn fast_schedules_sleep_to_the_due_time_instead_of_spinning() {
         let us = Duration::from_micros;
-        let now = Instant::now();
+        let now = Timestamp::now();
         // 10,000 msgs/s: sleep, then spin the last microseconds.
         let slow = SleepPlanner::for_interval(us(100));
         assert_eq!(slow, SleepPlanner::default());
@@ -321,7 +324,7 @@ mod tests {
         let margin = us(SPIN_MARGIN_US_DEFAULT);
         assert_eq!(planner.expected_oversleep(), us(30));
         assert_eq!(planner.lead(), us(30) + margin);
-        let now = Instant::now();
+        let now = Timestamp::now();
         assert_eq!(
             planner.step(now, now + us(100)),
             PaceStep::Sleep(us(70) - margin)
@@ -345,18 +348,18 @@ mod tests {
     #[test]
     fn sleep_until_returns_at_or_after_the_due_time() {
         let mut planner = SleepPlanner::default();
-        let due = Instant::now() + Duration::from_millis(2);
+        let due = Timestamp::now() + Duration::from_millis(2);
         let mut calls = 0;
         sleep_until::<()>(&mut planner, due, || {
             calls += 1;
             Ok(())
         })
         .unwrap();
-        assert!(Instant::now() >= due);
+        assert!(Timestamp::now() >= due);
         assert!(calls >= 1);
         let stopped = sleep_until(
             &mut planner,
-            Instant::now() + Duration::from_millis(2),
+            Timestamp::now() + Duration::from_millis(2),
             || Err("stop"),
         );
         assert_eq!(stopped, Err("stop"));

@@ -16,10 +16,11 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use units::Timestamp;
 use wire::{AckLevel, Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
 
 use crate::config::PublisherConfig;
@@ -53,7 +54,7 @@ enum IoEvent {
     Frame {
         conn: ConnId,
         frame: Frame,
-        at: Instant,
+        at: Timestamp,
     },
     Written {
         conn: ConnId,
@@ -273,7 +274,7 @@ impl Publisher {
 
     /// When the open batch's linger time ends, if it holds messages: a caller that stops
     /// publishing should call [`poll`](Self::poll) by then.
-    pub fn linger_deadline(&self) -> Option<Instant> {
+    pub fn linger_deadline(&self) -> Option<Timestamp> {
         self.core.linger_deadline()
     }
 
@@ -294,7 +295,7 @@ impl Publisher {
         self.drain_events();
         let mut deadline = None;
         loop {
-            let now = Instant::now();
+            let now = Timestamp::now();
             match self.core.publish(message, now) {
                 Ok(()) => {
                     self.dispatch();
@@ -325,7 +326,7 @@ impl Publisher {
     pub fn poll(&mut self) -> Result<(), ClientError> {
         self.ensure_open()?;
         self.drain_events();
-        self.core.poll(Instant::now());
+        self.core.poll(Timestamp::now());
         self.dispatch();
         self.failure()
     }
@@ -388,10 +389,10 @@ impl Publisher {
     }
 
     fn flush_within(&mut self, timeout: Duration) -> Result<(), ClientError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Timestamp::now() + timeout;
         self.drain_events();
         loop {
-            match self.core.seal(Instant::now()) {
+            match self.core.seal(Timestamp::now()) {
                 Ok(()) => {}
                 Err(error) if error.is_would_block() => {}
                 Err(error) => return Err(error),
@@ -449,7 +450,7 @@ impl Publisher {
                 let (conn, seq) = (batch.conn, batch.seq);
                 // The bytes go back to the core's pool only once nobody else holds them.
                 drop(batch);
-                self.core.on_written(conn, seq, Instant::now());
+                self.core.on_written(conn, seq, Timestamp::now());
                 return;
             }
         }
@@ -478,7 +479,7 @@ impl Publisher {
             let addr = self.core.slot_home(slot);
             let error = ClientError::io(addr, "starting a connection thread", error);
             self.core
-                .on_connect_failed(slot, attempt, error, Instant::now());
+                .on_connect_failed(slot, attempt, error, Timestamp::now());
         }
     }
 
@@ -524,10 +525,10 @@ impl Publisher {
                 if let Some(connection) = self.connections.get_mut(&conn) {
                     connection.queued_batches = connection.queued_batches.saturating_sub(1);
                 }
-                self.core.on_written(conn, seq, Instant::now());
+                self.core.on_written(conn, seq, Timestamp::now());
             }
             IoEvent::Ended { conn, error } => {
-                self.core.on_connection_ended(conn, error, Instant::now());
+                self.core.on_connection_ended(conn, error, Timestamp::now());
                 self.release(conn);
             }
             IoEvent::Connected {
@@ -535,7 +536,7 @@ impl Publisher {
                 attempt,
                 result: Ok(opened),
             } => {
-                let now = Instant::now();
+                let now = Timestamp::now();
                 let accepted =
                     self.core
                         .on_connected(slot, attempt, opened.addr, &opened.hello_ok, now);
@@ -555,7 +556,7 @@ impl Publisher {
                 result: Err(error),
             } => {
                 self.core
-                    .on_connect_failed(slot, attempt, error, Instant::now());
+                    .on_connect_failed(slot, attempt, error, Timestamp::now());
             }
         }
     }
@@ -571,18 +572,19 @@ impl Publisher {
     /// Waits for at least one event until `deadline`, running the core's timers (connection
     /// attempts, the give-up deadline) meanwhile; false when the deadline passed without an
     /// event and without the publisher failing.
-    fn wait_event(&mut self, deadline: Instant) -> bool {
+    fn wait_event(&mut self, deadline: Timestamp) -> bool {
         loop {
             let wake = self
                 .core
                 .next_wakeup()
                 .map_or(deadline, |at| at.min(deadline));
-            if let Ok(event) = self.events.recv_deadline(wake) {
+            let timeout = wake.saturating_duration_since(Timestamp::now());
+            if let Ok(event) = self.events.recv_timeout(timeout) {
                 self.handle(event);
                 self.drain_events();
                 return true;
             }
-            let now = Instant::now();
+            let now = Timestamp::now();
             self.core.tick(now);
             self.dispatch();
             if self.core.failure().is_some() {
@@ -621,7 +623,7 @@ impl Publisher {
         for conn in self.core.start_shutdown() {
             self.send(conn, WriteCommand::Goodbye);
         }
-        let deadline = Instant::now() + self.goodbye_timeout;
+        let deadline = Timestamp::now() + self.goodbye_timeout;
         while !self
             .connections
             .keys()
@@ -804,7 +806,7 @@ fn read_loop(
             Ok(ReadOutcome::Item(Inbound::Frame(frame))) => IoEvent::Frame {
                 conn,
                 frame,
-                at: Instant::now(),
+                at: Timestamp::now(),
             },
             // No read timeout is set after the handshake, so this does not happen; reading
             // on is right if it does.

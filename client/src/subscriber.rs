@@ -3,9 +3,10 @@
 //! ([`PositionChecker`]).
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use units::Timestamp;
 use wire::{
     AckLevel, DeliveryHeaderRepr, Frame, HelloOkRepr, HelloRepr, Limits, Order, Role,
     verify_payload,
@@ -262,9 +263,9 @@ impl Subscriber {
         if let Some(error) = &self.failure {
             return Err(error.clone());
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Timestamp::now() + timeout;
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
+            let remaining = deadline.saturating_duration_since(Timestamp::now());
             if let Err(error) = set_read_timeout(&self.stream, self.addr, remaining) {
                 return Err(self.fail(error));
             }
@@ -305,7 +306,7 @@ impl Subscriber {
                         outstanding_batches: 0,
                     }));
                 }
-                ReadOutcome::TimedOut if Instant::now() >= deadline => return Ok(None),
+                ReadOutcome::TimedOut if Timestamp::now() >= deadline => return Ok(None),
                 ReadOutcome::TimedOut => {}
             }
         }
@@ -365,11 +366,12 @@ impl Subscriber {
         self.closed = true;
         let said = write_frame(&self.stream, &Frame::Goodbye, self.addr, "sending Goodbye");
         if said.is_ok() && self.failure.is_none() {
-            let deadline = Instant::now() + self.goodbye_timeout;
-            while let Some(remaining) = deadline
-                .checked_duration_since(Instant::now())
-                .filter(|d| !d.is_zero())
-            {
+            let deadline = Timestamp::now() + self.goodbye_timeout;
+            loop {
+                let remaining = deadline.saturating_duration_since(Timestamp::now());
+                if remaining.is_zero() {
+                    break;
+                }
                 if self.stream.set_read_timeout(Some(remaining)).is_err() {
                     break;
                 }

@@ -16,7 +16,6 @@
 //! hold buffer, bit 7 makes the broker a non-head broker.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use broker::metrics::Metrics;
 use broker::server::connection::{ByteStream, Connection};
@@ -29,6 +28,7 @@ use shared_log::layout::Geometry;
 use shared_log::pool::Pool;
 use shared_log::reader::{LogReader, ReadError};
 use shared_log::sequencer::{Sequencer, SequencerConfig};
+use units::Timestamp;
 use wire::{Decoded, Frame, FrameDecoder, Limits};
 
 /// Rounds after which a connection still open counts as a hang.
@@ -281,7 +281,6 @@ pub fn run(input: &ConnectionInput<'_>) {
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, sequencer_config(config))
         .expect("a sequencer on a fresh pool");
     let mut rng = Rng::new(input.chunk_seed);
-    let start = Instant::now();
     let mut clients: Vec<Client> = input
         .streams
         .iter()
@@ -292,7 +291,7 @@ pub fn run(input: &ConnectionInput<'_>) {
                 fuzz_input::repair_batches(&mut bytes);
             }
             Client {
-                connection: Connection::new(index as u64, &state, start),
+                connection: Connection::new(index as u64, &state, Timestamp::ZERO),
                 script: Script {
                     input: bytes,
                     at: 0,
@@ -310,9 +309,9 @@ pub fn run(input: &ConnectionInput<'_>) {
     let mut quiet = 0;
     let mut outcomes = Vec::new();
     for _ in 0..ROUNDS_MAX {
-        let now = start + Duration::from_nanos(clock_ns);
+        let now = Timestamp::from_nanos(clock_ns);
         sequencer.refresh_topics().expect("topics readable");
-        sequencer.poll(clock_ns);
+        sequencer.poll(now);
         outcomes.clear();
         state.poll_outcomes(&mut outcomes);
         for outcome in &outcomes {

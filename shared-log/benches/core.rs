@@ -21,7 +21,7 @@ use shared_log::pool::{Pool, TopicConfig};
 use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{BatchMeta, TopicWriter};
-
+use units::Timestamp;
 const BROKERS: u16 = 4;
 const RING_SLOTS: u32 = 4096;
 const SMALL_PAYLOAD_BYTES: usize = 64;
@@ -117,7 +117,7 @@ fn sequencing_rate(mode: CoherenceMode) -> f64 {
         let started = Instant::now();
         let mut decided = 0;
         while decided < u64::from(RING_SLOTS) * u64::from(BROKERS) {
-            decided += s.sequencer.poll(0);
+            decided += s.sequencer.poll(Timestamp::ZERO);
         }
         spent += started.elapsed();
         sequenced += decided;
@@ -153,7 +153,7 @@ fn payload_path(mode: CoherenceMode, verify_checksums: bool) -> f64 {
                 seqs[b] += 1;
             }
         }
-        while s.sequencer.poll(0) > 0 {}
+        while s.sequencer.poll(Timestamp::ZERO) > 0 {}
         reader
             .poll(usize::MAX, |batch| {
                 message_bytes_seen += batch.messages().map(|m| m.len() as u64).sum::<u64>();

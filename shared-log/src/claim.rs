@@ -11,13 +11,15 @@
 //! Everything here is sans-IO: time comes in as an argument, memory through
 //! [`SharedMemory`]; the broker's liveness thread runs it with a real clock.
 
-use bytemuck::Zeroable;
+use std::time::Duration;
 
 use crate::coherence::SharedMemory;
 use crate::layout::{
     BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, Record, claim_offset,
 };
 use crate::pool::{Pool, PoolError, invalidate_and_fence, set_ready};
+use bytemuck::Zeroable;
+use units::Timestamp;
 
 /// Shortest claim lease accepted, in milliseconds (below it a busy machine's scheduling
 /// delays alone would make a live claim look dead).
@@ -173,12 +175,12 @@ pub enum ClaimVerdict {
     Live,
 }
 
-/// Watches one claim line for a lease. Time is an input: any monotonic clock in nanoseconds.
+/// Watches one claim line for a lease. Time is an input: any monotonic clock.
 #[derive(Debug, Clone)]
 pub struct ClaimWatch {
     lease_ms: u64,
     /// The line's moving parts when first seen held, and when.
-    seen: Option<((u64, u64, bool), u64)>,
+    seen: Option<((u64, u64, bool), Timestamp)>,
 }
 
 impl ClaimWatch {
@@ -191,8 +193,8 @@ impl ClaimWatch {
         }
     }
 
-    /// Judges the line as read at `now_ns`.
-    pub fn observe(&mut self, state: &ClaimState, now_ns: u64) -> ClaimVerdict {
+    /// Judges the line as read at `now`.
+    pub fn observe(&mut self, state: &ClaimState, now: Timestamp) -> ClaimVerdict {
         if state.owner == 0 {
             self.seen = None;
             return ClaimVerdict::Take { expected_owner: 0 };
@@ -200,16 +202,16 @@ impl ClaimWatch {
         let moving = (state.owner, state.heartbeat, state.details.is_some());
         match self.seen {
             None => {
-                self.seen = Some((moving, now_ns));
+                self.seen = Some((moving, now));
                 ClaimVerdict::Watch
             }
             Some((seen, _)) if seen != moving => ClaimVerdict::Live,
-            Some((_, since_ns)) => {
+            Some((_, since)) => {
                 let lease_ms = state
                     .details
                     .map_or(self.lease_ms, |d| d.lease_ms.max(self.lease_ms))
                     .min(CLAIM_LEASE_MS_MAX);
-                if now_ns.saturating_sub(since_ns) >= lease_ms * 1_000_000 {
+                if now.saturating_duration_since(since) >= Duration::from_millis(lease_ms) {
                     ClaimVerdict::Take {
                         expected_owner: state.owner,
                     }
@@ -347,27 +349,28 @@ pub fn release<M: SharedMemory>(pool: &Pool<M>, broker: u16, token: u64) -> bool
 const LOST_RACES_MAX: u32 = 4;
 
 /// Claims `broker` for `claimant`: at once when free, after one silent lease when held by a
-/// dead claimant, never while the holder's heartbeat moves. `now_ns` reads a monotonic clock;
-/// `pause` waits between looks (it is given the time to wait, in nanoseconds). Every watch
+/// dead claimant, never while the holder's heartbeat moves. `now` reads a monotonic clock;
+/// `pause` waits between looks (it is given the time to wait). Every watch
 /// ends within a lease (at most [`CLAIM_LEASE_MS_MAX`]); after [`LOST_RACES_MAX`] lost
 /// compare-and-swaps the id counts as taken.
 pub fn claim<M: SharedMemory>(
     pool: &Pool<M>,
     broker: u16,
     claimant: &Claimant,
-    mut now_ns: impl FnMut() -> u64,
-    mut pause: impl FnMut(u64),
+    mut now: impl FnMut() -> Timestamp,
+    mut pause: impl FnMut(Duration),
 ) -> Result<(), ClaimError> {
     pool.check_broker(broker)?;
     let mut watch = ClaimWatch::new(claimant.details.lease_ms);
-    let look_every_ns = (watch.lease_ms * 1_000_000 / 16).clamp(1_000_000, 50_000_000);
+    let look_every = (Duration::from_millis(watch.lease_ms) / 16)
+        .clamp(Duration::from_millis(1), Duration::from_millis(50));
     let mut lost_races = 0;
     loop {
         let state = read_claim(pool, broker);
         let taken = || ClaimError::BrokerIdTaken {
             holder: ClaimHolder::new(broker, &state, claimant.details.host_id),
         };
-        match watch.observe(&state, now_ns()) {
+        match watch.observe(&state, now()) {
             ClaimVerdict::Take { expected_owner } => {
                 if try_claim(pool, broker, expected_owner, claimant).is_ok() {
                     return Ok(());
@@ -379,7 +382,7 @@ pub fn claim<M: SharedMemory>(
                 watch.restart();
             }
             ClaimVerdict::Live => return Err(taken()),
-            ClaimVerdict::Watch => pause(look_every_ns),
+            ClaimVerdict::Watch => pause(look_every),
         }
     }
 }
@@ -387,13 +390,13 @@ pub fn claim<M: SharedMemory>(
 /// The claims of `pool` held by live brokers of other hosts than `host_id`, for a process
 /// that holds the pool file's lock exclusively (so no broker of this host has it mapped,
 /// and this host's claims are crashed brokers'). Each other claim is watched for up to its
-/// published lease (a claim never published, for [`CLAIM_LEASE_MS_MIN`]); `now_ns` and
+/// published lease (a claim never published, for [`CLAIM_LEASE_MS_MIN`]); `now` and
 /// `pause` as for [`claim`].
 pub fn live_claims<M: SharedMemory>(
     pool: &Pool<M>,
     host_id: u64,
-    mut now_ns: impl FnMut() -> u64,
-    mut pause: impl FnMut(u64),
+    mut now: impl FnMut() -> Timestamp,
+    mut pause: impl FnMut(Duration),
 ) -> Vec<ClaimHolder> {
     let mut watches = Vec::new();
     for (broker, state) in claimed(pool) {
@@ -408,10 +411,10 @@ pub fn live_claims<M: SharedMemory>(
     }
     let mut live = Vec::new();
     while !watches.is_empty() {
-        let now = now_ns();
+        let at = now();
         watches.retain_mut(|(broker, watch)| {
             let state = read_claim(pool, *broker);
-            match watch.observe(&state, now) {
+            match watch.observe(&state, at) {
                 ClaimVerdict::Watch => true,
                 ClaimVerdict::Live => {
                     live.push(ClaimHolder::new(*broker, &state, host_id));
@@ -421,7 +424,7 @@ pub fn live_claims<M: SharedMemory>(
             }
         });
         if !watches.is_empty() {
-            pause(CLAIM_LEASE_MS_MIN * 1_000_000);
+            pause(Duration::from_millis(CLAIM_LEASE_MS_MIN));
         }
     }
     live
@@ -510,7 +513,7 @@ mod tests {
         let mut watch = ClaimWatch::new(lease_ms);
         looks
             .iter()
-            .map(|(state, at_ms)| watch.observe(state, at_ms * MS))
+            .map(|(state, at_ms)| watch.observe(state, Timestamp::from_nanos(at_ms * MS)))
             .collect()
     }
 
@@ -639,15 +642,15 @@ mod tests {
         let lease_ms = 200;
         try_claim(&a, 3, 0, &claimant(0x11, 100, lease_ms)).unwrap();
         // The holder beats while `b` watches: refused, naming the holder.
-        let clock = Cell::new(0u64);
+        let clock = Cell::new(Timestamp::ZERO);
         let beats = Cell::new(1u64);
         let result = claim(
             &b,
             3,
             &claimant(0x22, 200, lease_ms),
             || clock.get(),
-            |pause_ns| {
-                clock.set(clock.get() + pause_ns);
+            |pause| {
+                clock.set(clock.get() + pause);
                 beat(&a, 3, 0x11, beats.get()).unwrap();
                 beats.set(beats.get() + 1);
             },
@@ -661,22 +664,25 @@ mod tests {
             }
             other => panic!("expected BrokerIdTaken, got {other:?}"),
         }
-        assert!(clock.get() < lease_ms * MS, "refused before a lease passed");
+        assert!(
+            clock.get().as_nanos() < lease_ms * MS,
+            "refused before a lease passed"
+        );
         // The holder is gone (no more beats): taken over after one lease, not before.
-        clock.set(0);
+        clock.set(Timestamp::ZERO);
         claim(
             &b,
             3,
             &claimant(0x22, 200, lease_ms),
             || clock.get(),
-            |pause_ns| clock.set(clock.get() + pause_ns),
+            |pause| clock.set(clock.get() + pause),
         )
         .unwrap();
-        assert!(clock.get() >= lease_ms * MS);
+        assert!(clock.get().as_nanos() >= lease_ms * MS);
         assert_eq!(read_claim(&a, 3).owner, 0x22);
         // A released id is claimed without waiting.
         assert!(release(&b, 3, 0x22));
-        clock.set(0);
+        clock.set(Timestamp::ZERO);
         claim(
             &a,
             3,
@@ -706,14 +712,14 @@ mod tests {
         a.mem()
             .compare_exchange_u64(claim_offset(3), 0, 0x13)
             .unwrap();
-        let clock = Cell::new(0u64);
+        let clock = Cell::new(Timestamp::ZERO);
         let beats = Cell::new(0u64);
         let live = live_claims(
             &b,
             0xabc,
             || clock.get(),
-            |pause_ns| {
-                clock.set(clock.get() + pause_ns);
+            |pause| {
+                clock.set(clock.get() + pause);
                 beats.set(beats.get() + 1);
                 beat(&a, 1, 0x11, beats.get()).unwrap();
             },
@@ -727,13 +733,13 @@ mod tests {
                 .contains("pid 101 on host 0000000000000def")
         );
         // The silent one was watched for its whole lease.
-        assert!(clock.get() >= 300 * MS);
+        assert!(clock.get().as_nanos() >= 300 * MS);
     }
 
     #[test]
     fn ids_outside_the_pool_are_refused() {
         let (a, _) = two_agents();
-        let error = claim(&a, 4, &claimant(1, 1, 100), || 0, |_| {}).unwrap_err();
+        let error = claim(&a, 4, &claimant(1, 1, 100), || Timestamp::ZERO, |_| {}).unwrap_err();
         assert!(matches!(
             error,
             ClaimError::Pool(PoolError::NoSuchBroker { broker: 4, .. })

@@ -32,8 +32,7 @@
 //! beyond that the least recently active session without held batches is forgotten.
 
 use std::collections::{HashMap, VecDeque};
-
-use bytemuck::Zeroable;
+use std::time::Duration;
 
 use crate::Order;
 use crate::coherence::SharedMemory;
@@ -46,6 +45,8 @@ use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
 };
 use crate::sessions::{GapSkipped, SessionKey, SessionLimits, SessionTable, Verdict};
+use bytemuck::Zeroable;
+use units::Timestamp;
 
 /// Polls between looks at the subscribers' retention floor.
 const FLOOR_REFRESH_POLLS: u32 = 16;
@@ -224,7 +225,7 @@ pub struct Sequencer<M> {
     topics: Vec<TopicState>,
     stats: SequencerStats,
     heartbeat: u64,
-    last_heartbeat_ns: u64,
+    last_heartbeat: Timestamp,
     /// Set once a higher epoch took the lease: this sequencer writes nothing any more.
     fenced: bool,
     /// Whether the epoch was read since this poll round began.
@@ -233,17 +234,17 @@ pub struct Sequencer<M> {
     guard: Option<PauseGuard>,
 }
 
-/// A monotonic clock (nanoseconds) read before every store of the sequencer.
+/// A monotonic clock read before every store of the sequencer.
 pub struct PauseGuard {
-    clock: Box<dyn FnMut() -> u64 + Send>,
+    clock: Box<dyn FnMut() -> Timestamp + Send>,
     /// When the lease epoch was last read.
-    checked_at_ns: u64,
+    checked_at: Timestamp,
 }
 
 impl std::fmt::Debug for PauseGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PauseGuard")
-            .field("checked_at_ns", &self.checked_at_ns)
+            .field("checked_at", &self.checked_at)
             .finish()
     }
 }
@@ -276,7 +277,7 @@ impl<M: SharedMemory> Sequencer<M> {
             topics: Vec::new(),
             stats: SequencerStats::default(),
             heartbeat,
-            last_heartbeat_ns: 0,
+            last_heartbeat: Timestamp::ZERO,
             fenced: false,
             round_checked: false,
             guard: None,
@@ -284,6 +285,12 @@ impl<M: SharedMemory> Sequencer<M> {
         sequencer.publish_lease();
         sequencer.refresh_topics()?;
         Ok(sequencer)
+    }
+
+    /// How often the heartbeat moves, and how long a store may follow the last read of the
+    /// epoch without reading it again.
+    fn lease_eighth(&self) -> Duration {
+        Duration::from_nanos(self.config.lease_ns / 8)
     }
 
     fn publish_lease(&self) {
@@ -309,17 +316,14 @@ impl<M: SharedMemory> Sequencer<M> {
         self.fenced
     }
 
-    /// Reads `clock` (monotonic nanoseconds) before every store to the pool: when more than
+    /// Reads `clock` (a monotonic clock) before every store to the pool: when more than
     /// an eighth of the lease passed since the epoch was last read (this process was paused
     /// or starved in the middle of a round), the epoch is read again before the store, so a
     /// holder that resumes after a standby took over stops instead of finishing its round.
     /// Without it (the deterministic simulation), the epoch is read twice per round.
-    pub fn set_pause_guard(&mut self, clock: Box<dyn FnMut() -> u64 + Send>) {
-        let mut guard = PauseGuard {
-            clock,
-            checked_at_ns: 0,
-        };
-        guard.checked_at_ns = (guard.clock)();
+    pub fn set_pause_guard(&mut self, mut clock: Box<dyn FnMut() -> Timestamp + Send>) {
+        let checked_at = clock();
+        let guard = PauseGuard { clock, checked_at };
         self.guard = Some(guard);
     }
 
@@ -334,8 +338,8 @@ impl<M: SharedMemory> Sequencer<M> {
         let Some(guard) = &mut self.guard else {
             return true;
         };
-        let now_ns = (guard.clock)();
-        if now_ns.saturating_sub(guard.checked_at_ns) <= self.config.lease_ns / 8 {
+        let now = (guard.clock)();
+        if now.saturating_duration_since(guard.checked_at) <= self.lease_eighth() {
             return true;
         }
         self.still_holds()
@@ -347,7 +351,7 @@ impl<M: SharedMemory> Sequencer<M> {
             return false;
         }
         if let Some(guard) = &mut self.guard {
-            guard.checked_at_ns = (guard.clock)();
+            guard.checked_at = (guard.clock)();
         }
         self.round_checked = true;
         invalidate_and_fence(self.pool.mem(), LEASE_EPOCH_OFFSET, 8);
@@ -489,24 +493,24 @@ impl<M: SharedMemory> Sequencer<M> {
         stats
     }
 
-    /// One polling round at time `now_ns` (any monotonic clock). Returns the batches
+    /// One polling round at time `now` (any monotonic clock). Returns the batches
     /// decided (ordered, duplicate or rejected) in this round.
     ///
     /// Each round re-reads the lease epoch before its first store, and again before it
     /// publishes: once a standby has taken over (a higher epoch), this sequencer writes
     /// nothing more. An idle round stores nothing and reads no epoch.
-    pub fn poll(&mut self, now_ns: u64) -> u64 {
+    pub fn poll(&mut self, now: Timestamp) -> u64 {
         if self.fenced {
             return 0;
         }
         // The epoch is read before the round's first store, not on every (idle) poll.
         self.round_checked = false;
         self.stats.polls += 1;
-        if now_ns.saturating_sub(self.last_heartbeat_ns) >= self.config.lease_ns / 8 {
+        if now.saturating_duration_since(self.last_heartbeat) >= self.lease_eighth() {
             if !self.may_write() {
                 return 0;
             }
-            self.last_heartbeat_ns = now_ns;
+            self.last_heartbeat = now;
             self.heartbeat += 1;
             self.pool
                 .mem()
@@ -515,13 +519,13 @@ impl<M: SharedMemory> Sequencer<M> {
         }
         let mut decided = 0;
         for index in 0..self.topics.len() {
-            decided += self.poll_topic(index, now_ns);
+            decided += self.poll_topic(index, now);
         }
         // A holder fenced during the round published none of it.
         if self.fenced { 0 } else { decided }
     }
 
-    fn poll_topic(&mut self, index: usize, now_ns: u64) -> u64 {
+    fn poll_topic(&mut self, index: usize, now: Timestamp) -> u64 {
         let geometry = *self.pool.geometry();
         let topic = self.topics[index].topic;
         let mut decided = 0;
@@ -588,7 +592,7 @@ impl<M: SharedMemory> Sequencer<M> {
                     decided += 1;
                     continue;
                 }
-                decided += self.decide(index, broker as u16, slot, header, now_ns);
+                decided += self.decide(index, broker as u16, slot, header, now);
             }
         }
         let state = &mut self.topics[index];
@@ -603,7 +607,7 @@ impl<M: SharedMemory> Sequencer<M> {
             state.recovered_until.clear();
         }
         // Step 3: the gap rule.
-        decided += self.give_up_gaps(index, |sessions| sessions.give_up_expired(now_ns));
+        decided += self.give_up_gaps(index, |sessions| sessions.give_up_expired(now));
         // Step 4: publish.
         self.publish_round(index);
         decided
@@ -673,7 +677,7 @@ impl<M: SharedMemory> Sequencer<M> {
         broker: u16,
         slot: u64,
         header: BatchHeader,
-        now_ns: u64,
+        now: Timestamp,
     ) -> u64 {
         let order = self.topics[index].order;
         if let Err(why) = self.validate(order, &header) {
@@ -708,7 +712,7 @@ impl<M: SharedMemory> Sequencer<M> {
             slot,
             header,
         };
-        let verdict = self.classify(index, key, seq, now_ns, held);
+        let verdict = self.classify(index, key, seq, now, held);
         match verdict {
             Verdict::Order => {
                 self.order_batch(index, broker, slot, header);
@@ -746,7 +750,7 @@ impl<M: SharedMemory> Sequencer<M> {
         index: usize,
         key: SessionKey,
         seq: u64,
-        now_ns: u64,
+        now: Timestamp,
         held: Held,
     ) -> Verdict {
         let pool = &self.pool;
@@ -758,7 +762,7 @@ impl<M: SharedMemory> Sequencer<M> {
             ((record.client_id, record.session_epoch) == key)
                 .then_some((record.next_seq, record.window_floor))
         };
-        state.sessions.classify(key, seq, now_ns, held, record)
+        state.sessions.classify(key, seq, now, held, record)
     }
 
     /// Records a session's progress in the pool after one of its batches got `ordinal`.

@@ -4,7 +4,9 @@
 //! (session records) and decides with what this table says.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
 
+use units::Timestamp;
 /// A publisher session: (client id, session epoch).
 pub type SessionKey = (u64, u32);
 
@@ -89,7 +91,7 @@ pub struct SessionTable<T> {
     sessions: HashMap<SessionKey, Session>,
     held: BTreeMap<(SessionKey, u64), T>,
     /// Hold times in arrival order; entries whose batch left the buffer are skipped lazily.
-    hold_queue: VecDeque<(u64, SessionKey, u64)>,
+    hold_queue: VecDeque<(Timestamp, SessionKey, u64)>,
     held_duplicates: HashMap<(SessionKey, u64), Vec<T>>,
     held_duplicates_count: usize,
     activity: u64,
@@ -179,14 +181,14 @@ impl<T> SessionTable<T> {
             .map(|session| (session.next_seq, session.window_floor))
     }
 
-    /// Decides batch `seq` of session `key`, arriving at `now_ns`. A held batch, or a parked
+    /// Decides batch `seq` of session `key`, arriving at `now`. A held batch, or a parked
     /// duplicate of one, is kept (as `item`). `record` is asked for what a session record
     /// says of a session this table does not know (forgotten, or ordered before a takeover).
     pub fn classify(
         &mut self,
         key: SessionKey,
         seq: u64,
-        now_ns: u64,
+        now: Timestamp,
         item: T,
         record: impl FnOnce() -> Option<(u64, u64)>,
     ) -> Verdict {
@@ -222,7 +224,7 @@ impl<T> SessionTable<T> {
             return Verdict::Order;
         }
         self.held.insert((key, seq), item);
-        self.hold_queue.push_back((now_ns, key, seq));
+        self.hold_queue.push_back((now, key, seq));
         self.sessions.get_mut(&key).expect("touched above").held += 1;
         Verdict::Held
     }
@@ -274,10 +276,10 @@ impl<T> SessionTable<T> {
     }
 
     /// The gap rule on time: gives up the gap of the session whose held batch has waited
-    /// longest, if that is `hold_timeout_ns` by `now_ns` (call until `None`).
-    pub fn give_up_expired(&mut self, now_ns: u64) -> Option<GapSkipped> {
-        let timeout_ns = self.limits.hold_timeout_ns;
-        self.give_up_oldest(|since_ns| now_ns.saturating_sub(since_ns) >= timeout_ns)
+    /// longest, if that is `hold_timeout_ns` by `now` (call until `None`).
+    pub fn give_up_expired(&mut self, now: Timestamp) -> Option<GapSkipped> {
+        let timeout = Duration::from_nanos(self.limits.hold_timeout_ns);
+        self.give_up_oldest(|since| now.saturating_duration_since(since) >= timeout)
     }
 
     /// The gap rule on size: while more batches are held than `hold_batches_max`, gives up
@@ -290,14 +292,14 @@ impl<T> SessionTable<T> {
     }
 
     /// Gives up the gap of the session of the oldest held batch, when `due(its hold time)`.
-    fn give_up_oldest(&mut self, due: impl Fn(u64) -> bool) -> Option<GapSkipped> {
+    fn give_up_oldest(&mut self, due: impl Fn(Timestamp) -> bool) -> Option<GapSkipped> {
         loop {
-            let &(since_ns, key, seq) = self.hold_queue.front()?;
+            let &(since, key, seq) = self.hold_queue.front()?;
             if !self.held.contains_key(&(key, seq)) {
                 self.hold_queue.pop_front();
                 continue;
             }
-            if !due(since_ns) {
+            if !due(since) {
                 return None;
             }
             let (&(_, lowest), _) = self
@@ -338,8 +340,8 @@ mod tests {
         )
     }
 
-    fn classify(table: &mut SessionTable<u64>, key: SessionKey, seq: u64, now: u64) -> Verdict {
-        table.classify(key, seq, now, seq, || None)
+    fn classify(table: &mut SessionTable<u64>, key: SessionKey, seq: u64, now_ns: u64) -> Verdict {
+        table.classify(key, seq, Timestamp::from_nanos(now_ns), seq, || None)
     }
 
     #[test]
@@ -361,9 +363,13 @@ mod tests {
     fn a_gap_is_given_up_at_its_timeout_and_a_late_arrival_is_rejected() {
         let mut table = table(true);
         assert_eq!(classify(&mut table, KEY, 2, 50), Verdict::Held);
-        assert_eq!(table.give_up_expired(149), None, "not yet");
         assert_eq!(
-            table.give_up_expired(150),
+            table.give_up_expired(Timestamp::from_nanos(149)),
+            None,
+            "not yet"
+        );
+        assert_eq!(
+            table.give_up_expired(Timestamp::from_nanos(150)),
             Some(GapSkipped {
                 key: KEY,
                 from: 0,
@@ -373,7 +379,7 @@ mod tests {
         assert_eq!(table.next_in_order(KEY), Some(2));
         table.ordered(KEY, 2, 0);
         assert_eq!(classify(&mut table, KEY, 1, 200), Verdict::RejectedGap);
-        assert_eq!(table.give_up_expired(u64::MAX), None);
+        assert_eq!(table.give_up_expired(Timestamp::from_nanos(u64::MAX)), None);
     }
 
     #[test]
@@ -423,7 +429,7 @@ mod tests {
         let mut table = table(true);
         assert_eq!(classify(&mut table, KEY, 1, 0), Verdict::Held);
         assert_eq!(
-            table.classify(KEY, 1, 0, 99, || None),
+            table.classify(KEY, 1, Timestamp::ZERO, 99, || None),
             Verdict::DuplicateOfHeld
         );
         assert_eq!(classify(&mut table, KEY, 0, 0), Verdict::Order);
@@ -442,10 +448,10 @@ mod tests {
         assert_eq!(table.len(), 2, "bounded");
         assert_eq!(table.evicted(), 1);
         // Client 0 was forgotten; its record says it ordered up to 9.
-        let verdict = table.classify((0, 1), 10, 0, 10, || Some((10, 6)));
+        let verdict = table.classify((0, 1), 10, Timestamp::ZERO, 10, || Some((10, 6)));
         assert_eq!(verdict, Verdict::Order, "order 5 goes on after the record");
         assert_eq!(
-            table.classify((0, 1), 9, 0, 9, || None),
+            table.classify((0, 1), 9, Timestamp::ZERO, 9, || None),
             Verdict::RejectedOutsideWindow,
             "positions below the record's next sequence are not known"
         );

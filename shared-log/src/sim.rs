@@ -14,6 +14,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::rc::Rc;
+use std::time::Duration;
 
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory, lines};
@@ -23,6 +24,7 @@ use crate::pool::{Pool, TopicConfig, TopicId};
 use crate::reader::{LogReader, ReadError};
 use crate::sequencer::{Sequencer, SequencerConfig};
 use crate::writer::{AppendError, BatchMeta, Reservation, TopicWriter};
+use units::Timestamp;
 
 /// The shared "device" of the simulated pool.
 #[derive(Debug)]
@@ -384,7 +386,7 @@ struct LoggedBatch {
 struct World {
     seed: u64,
     rng: SimRng,
-    now_ns: u64,
+    now: Timestamp,
     step: u64,
     topics: Vec<(TopicId, Order)>,
     brokers: Vec<BrokerAgent>,
@@ -547,7 +549,7 @@ impl World {
         Ok(World {
             seed,
             rng,
-            now_ns: 0,
+            now: Timestamp::ZERO,
             step: 0,
             topics,
             brokers: broker_agents,
@@ -580,7 +582,7 @@ impl World {
 
     fn tick(&mut self) {
         self.step += 1;
-        self.now_ns += self.rng.range(1_000..20_000);
+        self.now += Duration::from_nanos(self.rng.range(1_000..20_000));
     }
 
     fn step_random(&mut self) -> Result<(), Violation> {
@@ -761,7 +763,7 @@ impl World {
             let at = self.rng.range(0..self.fenced.len() as u64) as usize;
             let (old, agent, written_at_takeover) = &mut self.fenced[at];
             // It may still read and decide in its own memory; it must not write.
-            old.poll(self.now_ns);
+            old.poll(self.now);
             let written = agent.lines_written() - *written_at_takeover;
             if written != 0 {
                 return Err(violation(
@@ -774,7 +776,7 @@ impl World {
                 ));
             }
         }
-        self.sequencer.poll(self.now_ns);
+        self.sequencer.poll(self.now);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use shared_log::pool::{Pool, PoolError, TopicConfig, publish};
 use shared_log::reader::{LogReader, ReadError};
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter, WriterError};
-
+use units::Timestamp;
 const MODE: CoherenceMode = CoherenceMode::NonCoherent;
 
 fn geometry() -> Geometry {
@@ -97,7 +97,7 @@ fn four_brokers_one_total_order_with_intact_bytes() {
             sent.push((client, seq, data));
         }
     }
-    assert_eq!(sequencer.poll(1), 24);
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(1)), 24);
     let log = read_all(&pool, topic);
     assert_eq!(log.len(), 24);
     let mut position = 0;
@@ -135,9 +135,9 @@ fn duplicate_is_acknowledged_with_the_original_position_and_not_ordered_twice() 
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
     let data = payload(1, 2);
     first.append(meta(9, 0, &data, 2), &data).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     second.append(meta(9, 0, &data, 2), &data).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     assert_eq!(
         outcomes(&mut first),
         vec![SlotOutcome {
@@ -172,12 +172,12 @@ fn order5_holds_a_gap_then_applies_the_gap_rule_and_rejects_the_late_batch() {
     let (one, two) = (payload(1, 1), payload(2, 1));
     writer.append(meta(5, 1, &one, 1), &one).unwrap();
     writer.append(meta(5, 2, &two, 1), &two).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     assert_eq!(sequencer.stats().held, 2, "seq 1 and 2 wait for seq 0");
     assert!(outcomes(&mut writer).is_empty());
-    sequencer.poll(999);
+    sequencer.poll(Timestamp::from_nanos(999));
     assert_eq!(sequencer.stats().held, 2, "not yet timed out");
-    sequencer.poll(1_000);
+    sequencer.poll(Timestamp::from_nanos(1_000));
     assert_eq!(sequencer.stats().gaps_resolved, 1);
     assert_eq!(sequencer.stats().sequences_skipped, 1);
     let log = read_all(&pool, topic);
@@ -188,7 +188,7 @@ fn order5_holds_a_gap_then_applies_the_gap_rule_and_rejects_the_late_batch() {
     );
     let zero = payload(0, 1);
     writer.append(meta(5, 0, &zero, 1), &zero).unwrap();
-    sequencer.poll(2_000);
+    sequencer.poll(Timestamp::from_nanos(2_000));
     let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
     assert_eq!(
         statuses,
@@ -222,7 +222,7 @@ fn full_ring_and_full_log_push_back_and_recover_after_completions() {
             ring_slots: 8
         })
     ));
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     assert_eq!(outcomes(&mut writer).len(), 8);
     writer.append(meta(1, 8, &data, 1), &data).unwrap();
     // A 64 KiB payload log holds two 30 KiB batches; a third waits for completions.
@@ -237,10 +237,10 @@ fn full_ring_and_full_log_push_back_and_recover_after_completions() {
         writer.append(meta(1, 11, &big, 1), &big),
         Err(AppendError::LogFull { .. })
     ));
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     outcomes(&mut writer);
     writer.append(meta(1, 11, &big, 1), &big).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     outcomes(&mut writer);
     // The log wrapped: the oldest batches are gone, and a reader from 0 is told so.
     let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
@@ -304,7 +304,7 @@ fn impossible_batch_header_is_rejected_and_corrupts_nothing() {
     );
     let data = payload(4, 3);
     good.append(meta(2, 0, &data, 3), &data).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     assert_eq!(sequencer.stats().rejected_invalid, impossible.len() as u64);
     assert_eq!(sequencer.stats().batches_ordered, 1);
     let mut completions = Vec::new();
@@ -345,8 +345,8 @@ fn a_batch_numbered_u64_max_in_a_ring_is_rejected_not_ordered() {
     let data = payload(1, 1);
     writer.append(meta(4, u64::MAX, &data, 1), &data).unwrap();
     writer.append(meta(4, 0, &data, 1), &data).unwrap();
-    sequencer.poll(0);
-    sequencer.poll(100);
+    sequencer.poll(Timestamp::ZERO);
+    sequencer.poll(Timestamp::from_nanos(100));
     let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
     assert_eq!(
         statuses,
@@ -375,8 +375,8 @@ fn skipped_sequence_counts_saturate() {
         .append(meta(1, u64::MAX - 1, &data, 1), &data)
         .unwrap();
     writer.append(meta(2, 5, &data, 1), &data).unwrap();
-    sequencer.poll(0);
-    sequencer.poll(100);
+    sequencer.poll(Timestamp::ZERO);
+    sequencer.poll(Timestamp::from_nanos(100));
     assert_eq!(sequencer.stats().gaps_resolved, 2);
     assert_eq!(sequencer.stats().sequences_skipped, u64::MAX);
     assert_eq!(read_all(&pool, topic).len(), 2);
@@ -487,7 +487,7 @@ fn a_restarted_writer_picks_up_its_ring_and_loses_nothing() {
         writer.append(meta(1, seq, &data, 2), &data).unwrap();
         sent.push(data);
     }
-    assert_eq!(sequencer.poll(1), 3);
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(1)), 3);
     // Two more batches are committed but not decided when the broker dies.
     for seq in 3..5u64 {
         let data = payload(seq as u8, 2);
@@ -507,7 +507,7 @@ fn a_restarted_writer_picks_up_its_ring_and_loses_nothing() {
         );
         sent.push(data);
     }
-    assert_eq!(sequencer.poll(2), 4);
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(2)), 4);
     let decided: Vec<u64> = outcomes(&mut restarted).iter().map(|o| o.slot).collect();
     assert_eq!(decided, vec![3, 4, 5, 6]);
     let log = read_all(&pool, topic);
@@ -529,7 +529,7 @@ fn a_standby_takes_the_lease_over_fences_the_old_sequencer_and_continues_the_ord
         writer.append(meta(1, seq, &data, 2), &data).unwrap();
         sent.push(data);
     }
-    assert_eq!(old.poll(1), 3);
+    assert_eq!(old.poll(Timestamp::from_nanos(1)), 3);
     for seq in 3..5u64 {
         let data = payload(seq as u8, 2);
         writer.append(meta(1, seq, &data, 2), &data).unwrap();
@@ -545,7 +545,7 @@ fn a_standby_takes_the_lease_over_fences_the_old_sequencer_and_continues_the_ord
         })
     ));
     // The old holder wakes up (a paused process): it must not write anything.
-    assert_eq!(old.poll(2), 0);
+    assert_eq!(old.poll(Timestamp::from_nanos(2)), 0);
     assert!(old.is_fenced());
     assert_eq!(
         pool.read_frontier(pool.geometry().seq_state_offset(topic))
@@ -556,7 +556,7 @@ fn a_standby_takes_the_lease_over_fences_the_old_sequencer_and_continues_the_ord
     // resend of seq 1 on another broker with its original position.
     let mut other = TopicWriter::new(pool.clone(), topic, 3).unwrap();
     other.append(meta(1, 1, &sent[1], 2), &sent[1]).unwrap();
-    assert_eq!(new.poll(3), 3);
+    assert_eq!(new.poll(Timestamp::from_nanos(3)), 3);
     let resend = outcomes(&mut other);
     assert_eq!(resend[0].status, CompletionStatus::Duplicate);
     assert_eq!(resend[0].global_start, Some(2));
@@ -593,9 +593,9 @@ fn a_holder_paused_in_the_middle_of_a_round_stops_before_its_next_store() {
             let standby = Sequencer::new(standby_pool.clone(), 2, 2, config).unwrap();
             *taken_by_clock.lock().unwrap() = Some(standby);
         }
-        if reads >= 4 { 2 * config.lease_ns } else { 0 }
+        Timestamp::from_nanos(if reads >= 4 { 2 * config.lease_ns } else { 0 })
     }));
-    old.poll(1);
+    old.poll(Timestamp::from_nanos(1));
     assert!(old.is_fenced(), "the holder noticed the new epoch");
     assert!(
         taken.lock().unwrap().is_some(),
@@ -613,7 +613,7 @@ fn a_holder_paused_in_the_middle_of_a_round_stops_before_its_next_store() {
     assert_eq!(body, [0; 56], "no GOI entry written after the pause");
     // The new holder orders all four, once each.
     let mut new = taken.lock().unwrap().take().unwrap();
-    assert_eq!(new.poll(2), 4);
+    assert_eq!(new.poll(Timestamp::from_nanos(2)), 4);
     assert_eq!(read_all(&pool, topic).len(), 4);
     assert_eq!(outcomes(&mut writer).len(), 4);
 }
@@ -632,14 +632,14 @@ fn a_resend_of_a_held_batch_is_answered_only_once_the_batch_has_its_position() {
     // Seq 1 arrives before seq 0 and is held; its resend arrives on another broker.
     first.append(meta(5, 1, &one, 2), &one).unwrap();
     second.append(meta(5, 1, &one, 2), &one).unwrap();
-    sequencer.poll(1);
+    sequencer.poll(Timestamp::from_nanos(1));
     assert!(outcomes(&mut first).is_empty(), "held");
     assert!(
         outcomes(&mut second).is_empty(),
         "no answer before the order has it"
     );
     second.append(meta(5, 0, &zero, 1), &zero).unwrap();
-    sequencer.poll(2);
+    sequencer.poll(Timestamp::from_nanos(2));
     let original = outcomes(&mut first);
     let answers = outcomes(&mut second);
     assert_eq!(original[0].status, CompletionStatus::Ordered);
@@ -664,7 +664,7 @@ fn a_standby_remembers_sessions_older_than_the_goi_it_keeps() {
     for (client, seqs) in [(9, 0..10u64), (10, 0..300)] {
         for seq in seqs {
             writer.append(meta(client, seq, &data, 1), &data).unwrap();
-            old.poll(seq);
+            old.poll(Timestamp::from_nanos(seq));
             writer.poll_completions(usize::MAX, |_| {});
         }
     }
@@ -674,7 +674,7 @@ fn a_standby_remembers_sessions_older_than_the_goi_it_keeps() {
     let mut other = TopicWriter::new(pool.clone(), topic, 2).unwrap();
     other.append(meta(9, 5, &data, 1), &data).unwrap();
     other.append(meta(9, 10, &data, 1), &data).unwrap();
-    new.poll(1);
+    new.poll(Timestamp::from_nanos(1));
     let answers = outcomes(&mut other);
     assert_eq!(answers.len(), 2, "both decided in one round, nothing held");
     assert_eq!(answers[0].status, CompletionStatus::RejectedOutsideWindow);
@@ -694,10 +694,10 @@ fn a_silent_brokers_subscribers_stop_holding_the_log_after_a_lease() {
     // The sequencer's heartbeat goes on: 8 beats later the line still holds, 9 it does not.
     let beat = config.lease_ns / 8;
     for n in 1..=8 {
-        sequencer.poll(n * beat);
+        sequencer.poll(Timestamp::from_nanos(n * beat));
     }
     assert_eq!(pool.retention_floor(topic), 0, "within one lease");
-    sequencer.poll(9 * beat);
+    sequencer.poll(Timestamp::from_nanos(9 * beat));
     assert_eq!(
         pool.retention_floor(topic),
         u64::MAX,
@@ -718,7 +718,7 @@ fn reader_seeks_by_position_and_refuses_beyond_the_end() {
         let data = payload(seq as u8, 3);
         writer.append(meta(1, seq, &data, 3), &data).unwrap();
     }
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
     assert_eq!(reader.log_end(), (5, 15));
     reader.seek(7).unwrap();
@@ -761,7 +761,7 @@ fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
     pool.publish_subscribed(topic, 3, Some(0));
     writer.append(meta(1, 0, &big, 1), &big).unwrap();
     writer.append(meta(1, 1, &big, 1), &big).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     assert_eq!(outcomes(&mut writer).len(), 2, "both ordered and completed");
     assert!(
         matches!(
@@ -773,7 +773,7 @@ fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
     // It read ordinal 0: that batch's room is reused, ordinal 1 is still kept.
     pool.publish_subscribed(topic, 3, Some(1));
     writer.append(meta(1, 2, &big, 1), &big).unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     outcomes(&mut writer);
     let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
     reader.seek(1).unwrap();

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use shared_log::Order;
@@ -25,7 +26,7 @@ use shared_log::pool::{Pool, TopicConfig, TopicId};
 use shared_log::reader::LogReader;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 use shared_log::writer::{AppendError, BatchMeta, SlotOutcome, TopicWriter};
-
+use units::Timestamp;
 const BROKERS: u16 = 3;
 /// (client id, session epoch): two sessions of client 1, one each of clients 2 and 3.
 const SESSIONS: [(u64, u32); 4] = [(1, 1), (1, 2), (2, 1), (3, 7)];
@@ -85,7 +86,7 @@ struct Harness {
     topic: TopicId,
     writers: Vec<TopicWriter<PoolMemory>>,
     sequencer: Sequencer<PoolMemory>,
-    now_ns: u64,
+    now: Timestamp,
     /// Per broker, the batch committed in each slot.
     committed: Vec<Vec<Sent>>,
     /// Per broker, the completions read, in the order read.
@@ -120,7 +121,7 @@ impl Harness {
             topic,
             writers,
             sequencer,
-            now_ns: 0,
+            now: Timestamp::ZERO,
             committed: vec![Vec::new(); usize::from(BROKERS)],
             completed: vec![Vec::new(); usize::from(BROKERS)],
             _region: region,
@@ -128,7 +129,7 @@ impl Harness {
     }
 
     fn poll(&mut self) {
-        self.sequencer.poll(self.now_ns);
+        self.sequencer.poll(self.now);
         for (writer, completed) in self.writers.iter_mut().zip(&mut self.completed) {
             writer.poll_completions(usize::MAX, |outcome| completed.push(outcome));
         }
@@ -153,7 +154,7 @@ impl Harness {
                 }
                 Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
                     // Held batches free their slots once the gap rule gives up on the gap.
-                    self.now_ns += HOLD_TIMEOUT_NS;
+                    self.now += Duration::from_nanos(HOLD_TIMEOUT_NS);
                     self.poll();
                 }
                 Err(other) => panic!("append failed: {other}"),
@@ -172,7 +173,7 @@ impl Harness {
             if !undecided {
                 return;
             }
-            self.now_ns += HOLD_TIMEOUT_NS;
+            self.now += Duration::from_nanos(HOLD_TIMEOUT_NS);
             self.poll();
         }
         panic!("committed batches were never decided");
@@ -211,7 +212,7 @@ fn run(order: Order, config: SequencerConfig, ops: Vec<Op>) -> Result<(), TestCa
                 harness.append(broker, batch);
             }
             Op::Poll { advance_ns } => {
-                harness.now_ns += advance_ns;
+                harness.now += Duration::from_nanos(advance_ns);
                 harness.poll();
             }
         }

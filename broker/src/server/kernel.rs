@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
+use units::Timestamp;
 
 use crate::metrics::Metrics;
 use crate::server::serve::{Ending, Readiness, Serviced, Transport};
@@ -248,7 +249,7 @@ impl Transport for KernelTransport {
         Ok(())
     }
 
-    fn receive(&mut self, _now: Instant) -> bool {
+    fn receive(&mut self, _now: Timestamp) -> bool {
         self.events.iter().any(|event| event.token() != TIMER)
     }
 
@@ -298,13 +299,13 @@ impl Transport for KernelTransport {
         }
     }
 
-    fn flush(&mut self, _now: Instant) -> bool {
+    fn flush(&mut self, _now: Timestamp) -> bool {
         false
     }
 
-    fn housekeeping(&mut self, _now: Instant, _metrics: &Metrics) {}
+    fn housekeeping(&mut self, _now: Timestamp, _metrics: &Metrics) {}
 
-    fn close_all(&mut self, ending: Ending, _now: Instant) {
+    fn close_all(&mut self, ending: Ending, _now: Timestamp) {
         // Abrupt: the sockets close as they are when the transport is dropped, as a
         // crashed process's would.
         if ending == Ending::Stopped {

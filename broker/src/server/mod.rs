@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::metrics::{Metrics, SequencerRole};
 use ownership::{ClaimGuard, HeldClaim, LivenessError, PoolInUse};
@@ -28,6 +28,7 @@ use shared_log::layout::Geometry;
 use shared_log::pool::{Pool, PoolError};
 use shared_log::sequencer::{Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
+use units::Timestamp;
 
 /// How a polling thread waits when it finds no work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
@@ -521,11 +522,11 @@ const POLLS_PER_CLOCK_READ: u64 = 64;
 
 fn run_sequencer(mut driver: SequencerDriver, idle: IdleStrategy, stop: &AtomicBool) {
     let mut idle = Idle::new(idle);
-    let mut now = Instant::now();
+    let mut now = Timestamp::now();
     let mut polls = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if polls % POLLS_PER_CLOCK_READ == 0 {
-            now = Instant::now();
+            now = Timestamp::now();
         }
         polls += 1;
         let Some(decided) = driver.step(now) else {
@@ -553,10 +554,10 @@ fn watch_lease(
     stop: &AtomicBool,
 ) -> Option<Sequencer<PoolMemory>> {
     let mut seen: Option<(u64, u64)> = None;
-    let mut moved_at = Instant::now();
+    let mut moved_at = Timestamp::now();
     while !stop.load(Ordering::Relaxed) {
         let lease = read_lease(pool);
-        let now = Instant::now();
+        let now = Timestamp::now();
         let (epoch, lease_ms) = match lease {
             Some(lease) => {
                 let heard = (lease.epoch, lease.heartbeat);
@@ -639,7 +640,7 @@ fn replicate(
         if !claim.holds() {
             return Ok(());
         }
-        match replicator.poll(Instant::now()) {
+        match replicator.poll(Timestamp::now()) {
             Ok(copied) => {
                 metrics
                     .replica_batches
@@ -717,9 +718,9 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
     }
     // The head may not have created or formatted the pool yet: wait for the file, open it
     // once, then wait for the formatted header.
-    let started = Instant::now();
+    let deadline = Timestamp::now() + spec.attach_timeout;
     while !spec.path.exists() {
-        if started.elapsed() >= spec.attach_timeout {
+        if Timestamp::now() >= deadline {
             return Err(fail(
                 PoolFailure::Missing,
                 format!(
@@ -741,7 +742,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
                 | hugepages::Error::RegionReplaced { .. }
                 | hugepages::Error::RegionMissing { .. }
                 | hugepages::Error::EmptyRegion { .. },
-            ) if started.elapsed() < spec.attach_timeout => {
+            ) if Timestamp::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(fail(PoolFailure::Region, e.to_string())),
@@ -752,7 +753,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
         match Pool::attach(mem.clone()) {
             Ok(pool) => return Ok(pool),
             Err(PoolError::NotFormatted | PoolError::BadMagic { found: 0 })
-                if started.elapsed() < spec.attach_timeout =>
+                if Timestamp::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -9,13 +9,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shared_log::claim::{
     self, BEATS_PER_LEASE, ClaimDetails, ClaimError, ClaimHolder, ClaimState, Claimant,
 };
 use shared_log::coherence::{CoherenceMode, PoolMemory};
 use shared_log::pool::Pool;
+use units::Timestamp;
 
 /// Why a running broker stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -164,7 +165,7 @@ const LOOP_CHECK_INTERVAL: Duration = Duration::from_millis(1);
 #[derive(Debug)]
 pub struct LoopClaimCheck {
     guard: ClaimGuard,
-    checked_at: Option<Instant>,
+    checked_at: Option<Timestamp>,
 }
 
 impl LoopClaimCheck {
@@ -183,7 +184,7 @@ impl LoopClaimCheck {
 
     /// Whether the claim is still this broker's, as of `now` (the loop's latest clock read,
     /// taken after its wait); see [`ClaimGuard::holds`].
-    pub fn holds(&mut self, now: Instant) -> bool {
+    pub fn holds(&mut self, now: Timestamp) -> bool {
         let recent = self
             .checked_at
             .is_some_and(|at| now.saturating_duration_since(at) < LOOP_CHECK_INTERVAL);
@@ -225,15 +226,16 @@ impl HeldClaim {
             },
         };
         let previous = claim::read_claim(pool, broker);
-        let started = Instant::now();
-        let (now_ns, pause) = real_clock(started);
-        claim::claim(pool, broker, &claimant, now_ns, pause)?;
+        let started = Timestamp::now();
+        claim::claim(pool, broker, &claimant, Timestamp::now, std::thread::sleep)?;
         if previous.owner != 0 {
             log::warn!(
                 "broker {broker}: took the id over from {}, whose heartbeat stayed still for \
                  {} ms",
                 ClaimHolder::new(broker, &previous, claimant.details.host_id),
-                started.elapsed().as_millis()
+                Timestamp::now()
+                    .saturating_duration_since(started)
+                    .as_millis()
             );
         }
         let heartbeat = Heartbeat {
@@ -316,15 +318,6 @@ impl HeldClaim {
     }
 }
 
-/// A monotonic clock in nanoseconds since `started`, and a sleep, for the sans-IO claim
-/// functions.
-fn real_clock(started: Instant) -> (impl Fn() -> u64, impl Fn(u64)) {
-    (
-        move || started.elapsed().as_nanos() as u64,
-        |pause_ns| std::thread::sleep(Duration::from_nanos(pause_ns)),
-    )
-}
-
 /// Longest sleep of the heartbeat thread between looks at its flag.
 const HEARTBEAT_NAP: Duration = Duration::from_millis(20);
 
@@ -333,12 +326,12 @@ impl Heartbeat {
         let guard = &self.guard;
         let interval = Duration::from_millis(guard.claimant.details.lease_ms / BEATS_PER_LEASE);
         let mut heartbeat = 0u64;
-        let mut next_beat = Instant::now();
+        let mut next_beat = Timestamp::now();
         let mut check_failed = false;
         while self.beating.load(Ordering::Relaxed) {
-            let now = Instant::now();
+            let now = Timestamp::now();
             if now < next_beat {
-                std::thread::sleep((next_beat - now).min(HEARTBEAT_NAP));
+                std::thread::sleep(next_beat.saturating_duration_since(now).min(HEARTBEAT_NAP));
                 continue;
             }
             next_beat = now + interval;
@@ -453,8 +446,7 @@ pub fn refuse_live_pool(
         // Not a pool of this layout: only the lock speaks for its users, and it is free.
         return Ok(());
     };
-    let (now_ns, pause) = real_clock(Instant::now());
-    let live = claim::live_claims(&pool, host_id(), now_ns, pause);
+    let live = claim::live_claims(&pool, host_id(), Timestamp::now, std::thread::sleep);
     if live.is_empty() {
         return Ok(());
     }
@@ -567,7 +559,7 @@ mod tests {
         let pool = shared_log::heap::small_test_pool();
         let held = HeldClaim::take(&pool, 0, 1000).unwrap();
         let mut check = LoopClaimCheck::new(held.guard().clone());
-        let start = Instant::now();
+        let start = Timestamp::ZERO;
         assert!(check.holds(start));
         // Another process takes the id over (this one was paused, or its heartbeat starved).
         let successor = claim::test_claimant(0x22);

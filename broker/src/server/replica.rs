@@ -17,9 +17,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytemuck::{Pod, Zeroable};
+use units::Timestamp;
 
 use shared_log::coherence::SharedMemory;
 use shared_log::pool::{Pool, TopicConfig, TopicId};
@@ -293,7 +294,7 @@ pub struct ReplicaFile {
     buffer_offset: u64,
     buffer_len: usize,
     pending_bytes: usize,
-    pending_since: Option<Instant>,
+    pending_since: Option<Timestamp>,
     direct: bool,
 }
 
@@ -402,7 +403,7 @@ impl ReplicaFile {
     }
 
     /// Appends one batch (it must be the next ordinal) to the pending bytes.
-    pub fn append(&mut self, batch: &OrderedBatch<'_>, now: Instant) -> Result<(), ReplicaError> {
+    pub fn append(&mut self, batch: &OrderedBatch<'_>, now: Timestamp) -> Result<(), ReplicaError> {
         if batch.ordinal != self.batches || batch.global_start != self.next_position {
             return Err(ReplicaError::Diverged {
                 path: self.path.clone(),
@@ -443,7 +444,7 @@ impl ReplicaFile {
     }
 
     /// Whether the pending bytes are due for a sync under `config` at `now`.
-    pub fn sync_due(&self, config: &ReplicaConfig, now: Instant) -> bool {
+    pub fn sync_due(&self, config: &ReplicaConfig, now: Timestamp) -> bool {
         self.pending_since.is_some_and(|since| {
             self.pending_bytes as u64 >= config.sync_bytes
                 || now.saturating_duration_since(since)
@@ -584,7 +585,7 @@ impl<M: SharedMemory + Clone> Replicator<M> {
 
     /// Copies what is new, syncs what is due, publishes the frontiers; returns the batches
     /// copied.
-    pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicaError> {
+    pub fn poll(&mut self, now: Timestamp) -> Result<usize, ReplicaError> {
         // Every poll: a replica must start on a new topic before its first batches can be
         // reclaimed (it holds retention only from then on).
         self.refresh_topics()?;
@@ -725,8 +726,9 @@ pub fn restore<M: SharedMemory + Clone>(
         sequencer
             .refresh_topics()
             .map_err(|e| meta_error(log, e.to_string()))?;
-        // Streamed: the log may be far larger than memory.
-        let mut now_ns = 0;
+        // Streamed: the log may be far larger than memory. The sequencer's clock counts
+        // appends.
+        let mut now = Timestamp::ZERO;
         let scanned = scan(log, |record| {
             let meta = BatchMeta {
                 client_id: record.header.client_id,
@@ -737,17 +739,17 @@ pub fn restore<M: SharedMemory + Clone>(
             };
             let writer = &mut writers[usize::from(record.header.broker % brokers)];
             loop {
-                now_ns += 1;
+                now += Duration::from_nanos(1);
                 match writer.append(meta, &record.payload) {
                     Ok(_) => break,
                     Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
-                        sequencer.poll(now_ns);
+                        sequencer.poll(now);
                         writer.poll_completions(usize::MAX, |_| {});
                     }
                     Err(e) => return Err(meta_error(log, e.to_string())),
                 }
             }
-            sequencer.poll(now_ns);
+            sequencer.poll(now);
             let mut placed = None;
             writer.poll_completions(usize::MAX, |outcome| placed = outcome.global_start);
             if placed != Some(record.header.global_start) {
@@ -827,7 +829,7 @@ mod tests {
     fn records_survive_syncs_reopens_and_a_torn_tail_across_block_boundaries() {
         let dir = std::env::temp_dir().join(format!("embarcadero-replica-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let now = Instant::now();
+        let now = Timestamp::now();
         // Sizes that straddle 4 KiB blocks, synced at odd points, reopened in between.
         let sizes = [100usize, 5000, 4032, 1, 9000, 4096, 333];
         let payloads: Vec<Vec<u8>> = sizes

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use crate::metrics::{Metrics, SequencerRole};
 use shared_log::coherence::PoolMemory;
@@ -55,9 +57,8 @@ pub fn allowed_cpus() -> Option<usize> {
 pub struct SequencerDriver {
     sequencer: Sequencer<PoolMemory>,
     metrics: Arc<Metrics>,
-    started: Instant,
     /// When the topic table was last read (`None`: not yet).
-    refreshed_at: Option<Instant>,
+    refreshed_at: Option<Timestamp>,
 }
 
 impl std::fmt::Debug for SequencerDriver {
@@ -71,13 +72,11 @@ impl std::fmt::Debug for SequencerDriver {
 impl SequencerDriver {
     /// Drives `sequencer`, which holds the lease: the broker's role says so from now on.
     pub fn new(mut sequencer: Sequencer<PoolMemory>, metrics: Arc<Metrics>) -> SequencerDriver {
-        let started = Instant::now();
-        sequencer.set_pause_guard(Box::new(move || started.elapsed().as_nanos() as u64));
+        sequencer.set_pause_guard(Box::new(Timestamp::now));
         metrics.set_sequencer_role(SequencerRole::Holding);
         SequencerDriver {
             sequencer,
             metrics,
-            started,
             refreshed_at: None,
         }
     }
@@ -85,7 +84,7 @@ impl SequencerDriver {
     /// One round at `now`. Returns the batches decided, or `None` once another holder has
     /// fenced this one: then it must not poll again (dropping it puts the role back to
     /// standing by).
-    pub fn step(&mut self, now: Instant) -> Option<u64> {
+    pub fn step(&mut self, now: Timestamp) -> Option<u64> {
         if self
             .refreshed_at
             .is_none_or(|at| now.saturating_duration_since(at) >= TOPIC_REFRESH_INTERVAL)
@@ -93,8 +92,7 @@ impl SequencerDriver {
             self.refreshed_at = Some(now);
             self.refresh();
         }
-        let now_ns = now.saturating_duration_since(self.started).as_nanos() as u64;
-        let decided = self.sequencer.poll(now_ns);
+        let decided = self.sequencer.poll(now);
         if self.sequencer.is_fenced() {
             return None;
         }

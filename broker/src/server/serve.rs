@@ -9,7 +9,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, Service};
@@ -19,6 +19,7 @@ use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::Pool;
+use units::Timestamp;
 
 /// How long a stopping broker waits for batches in flight to be decided.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -85,7 +86,7 @@ pub trait Transport {
     /// the loop in order.
     fn wait(&mut self, timeout: Duration) -> io::Result<()>;
     /// Takes in what arrived, at `now`. Returns whether anything did.
-    fn receive(&mut self, now: Instant) -> bool;
+    fn receive(&mut self, now: Timestamp) -> bool;
     /// Offers each newly established connection to `admit`, which gives its id or the
     /// bytes to send it before closing it (a refusal). Returns whether anything happened.
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool;
@@ -98,12 +99,12 @@ pub trait Transport {
     fn close(&mut self, id: ConnId);
     /// Sends what the connections produced in this iteration. Returns whether anything
     /// happened.
-    fn flush(&mut self, now: Instant) -> bool;
+    fn flush(&mut self, now: Timestamp) -> bool;
     /// Periodic work of the transport itself (each time the clock is read).
-    fn housekeeping(&mut self, now: Instant, metrics: &Metrics);
+    fn housekeeping(&mut self, now: Timestamp, metrics: &Metrics);
     /// Ends every connection as `ending` says (the loop has already let the
     /// [`Connection`]s go).
-    fn close_all(&mut self, ending: Ending, now: Instant);
+    fn close_all(&mut self, ending: Ending, now: Timestamp);
 }
 
 /// What a network loop serves besides its transport.
@@ -186,7 +187,7 @@ impl<T: Transport> ServeLoop<T> {
     pub fn run(mut self) -> T {
         let ending = self.serve();
         self.sequencer = None;
-        let now = Instant::now();
+        let now = Timestamp::now();
         let open = self.clients.len();
         let broker = self.state.settings().broker_id;
         match ending {
@@ -212,7 +213,7 @@ impl<T: Transport> ServeLoop<T> {
     fn serve(&mut self) -> Ending {
         let mut outcomes = Vec::new();
         let mut stopping_since = None;
-        let mut now = Instant::now();
+        let mut now = Timestamp::now();
         let mut iterations = 0u32;
         let mut timeout = Duration::ZERO;
         loop {
@@ -228,13 +229,13 @@ impl<T: Transport> ServeLoop<T> {
                 return Ending::Stopped;
             }
             if timeout > Duration::ZERO || iterations % T::ITERATIONS_PER_CLOCK_READ == 0 {
-                now = Instant::now();
+                now = Timestamp::now();
                 self.transport.housekeeping(now, self.state.metrics());
             }
             iterations = iterations.wrapping_add(1);
             if self.stop.load(Ordering::Relaxed) {
                 let since = *stopping_since.get_or_insert(now);
-                if self.state.undecided() == 0 || now.duration_since(since) > DRAIN {
+                if self.state.undecided() == 0 || now.saturating_duration_since(since) > DRAIN {
                     return Ending::Stopped;
                 }
             }
@@ -272,7 +273,7 @@ impl<T: Transport> ServeLoop<T> {
     /// Runs the inline sequencer once, then routes what it decided at once, so that a
     /// batch is received, committed, ordered and acknowledged in one pass. Returns whether
     /// anything happened.
-    fn sequence(&mut self, now: Instant, outcomes: &mut Vec<RoutedOutcome>) -> bool {
+    fn sequence(&mut self, now: Timestamp, outcomes: &mut Vec<RoutedOutcome>) -> bool {
         let Some(driver) = &mut self.sequencer else {
             return false;
         };
@@ -317,7 +318,7 @@ impl<T: Transport> ServeLoop<T> {
             })
     }
 
-    fn accept(&mut self, now: Instant) -> bool {
+    fn accept(&mut self, now: Timestamp) -> bool {
         let state = &mut self.state;
         let clients = &mut self.clients;
         let next_id = &mut self.next_id;
@@ -343,7 +344,7 @@ impl<T: Transport> ServeLoop<T> {
         })
     }
 
-    fn route(&mut self, outcome: &RoutedOutcome, now: Instant) {
+    fn route(&mut self, outcome: &RoutedOutcome, now: Timestamp) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
         if let Some(client) = self.clients.get_mut(&outcome.conn) {
             client
@@ -354,7 +355,7 @@ impl<T: Transport> ServeLoop<T> {
 
     /// Services every connection; closes those that ended. Returns whether anything
     /// happened.
-    fn drive(&mut self, now: Instant) -> bool {
+    fn drive(&mut self, now: Timestamp) -> bool {
         let mut worked = false;
         let mut ended = Vec::new();
         for (&id, client) in &mut self.clients {

@@ -10,7 +10,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use clap::{Parser, Subcommand};
 use client::pacing::{Schedule, SleepPlanner, set_timer_slack_min, sleep_until};
@@ -186,7 +188,7 @@ fn serve(listen: SocketAddr, idle_exit: Duration) -> Result<(), PingPongError> {
         .map_err(io_error("setting up"))?;
     eprintln!("pingpong: echoing on {listen}");
     let mut echoes: Vec<thread::JoinHandle<()>> = Vec::new();
-    let mut idle_since = Instant::now();
+    let mut idle_since = Timestamp::now();
     loop {
         match listener.accept() {
             Ok((stream, peer)) => {
@@ -199,8 +201,8 @@ fn serve(listen: SocketAddr, idle_exit: Duration) -> Result<(), PingPongError> {
         }
         echoes.retain(|echo| !echo.is_finished());
         if !echoes.is_empty() {
-            idle_since = Instant::now();
-        } else if idle_since.elapsed() >= idle_exit {
+            idle_since = Timestamp::now();
+        } else if Timestamp::now().saturating_duration_since(idle_since) >= idle_exit {
             eprintln!(
                 "pingpong: no connection for {} s; exiting",
                 idle_exit.as_secs()
@@ -270,7 +272,7 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let message = vec![0x5a; plan.message_bytes];
     let mut echoed = vec![0; plan.message_bytes];
     let mut histogram = latency_histogram();
-    let start = Instant::now();
+    let start = Timestamp::now();
     let schedule = Schedule::new(start, plan.rate_msgs_per_s, 1);
     let mut planner = schedule.map_or_else(SleepPlanner::default, |s| {
         SleepPlanner::for_interval(s.interval())
@@ -289,8 +291,8 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
                 let Ok(()) = sleep_until::<Infallible>(&mut planner, due, || Ok(()));
                 due
             }
-            None if Instant::now() >= end => break,
-            None => Instant::now(),
+            None if Timestamp::now() >= end => break,
+            None => Timestamp::now(),
         };
         stream.write_all(&message).map_err(io_error("writing to"))?;
         stream.read_exact(&mut echoed).map_err(|source| {
@@ -307,11 +309,13 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
                 io_error("reading the echo from")(source)
             }
         })?;
-        let latency = from.elapsed();
+        let latency = Timestamp::now().saturating_duration_since(from);
         histogram.saturating_record((latency.as_micros() as u64).max(1));
         seq += 1;
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let seconds = Timestamp::now()
+        .saturating_duration_since(start)
+        .as_secs_f64();
     Ok(Report {
         backend: "tcp-pingpong",
         target: addr.to_string(),

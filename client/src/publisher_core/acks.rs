@@ -1,8 +1,7 @@
 //! Reconciling what the brokers answer (Acks, Error frames, Goodbye) with what was sent.
 
 use std::net::SocketAddr;
-use std::time::Instant;
-
+use units::Timestamp;
 use wire::{AckEntry, AckLevel, AckRepr, AckStatus, ErrorCode, ErrorFrameRepr, Frame, FrameKind};
 
 use super::commands::{Command, ConnId};
@@ -12,7 +11,7 @@ use crate::error::ClientError;
 
 impl PublisherCore {
     /// A control frame received on connection `conn` at `now`.
-    pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now: Instant) {
+    pub fn on_frame(&mut self, conn: ConnId, frame: Frame, now: Timestamp) {
         let Some(state) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -40,7 +39,7 @@ impl PublisherCore {
         }
     }
 
-    fn on_ack(&mut self, id: ConnId, ack: &AckRepr, now: Instant) {
+    fn on_ack(&mut self, id: ConnId, ack: &AckRepr, now: Timestamp) {
         let conn = &self.conns[&id];
         let slot = conn.slot;
         let through = ack.acked_through_seq();
@@ -93,7 +92,7 @@ impl PublisherCore {
         id: ConnId,
         through: u64,
         entries: &[AckEntry],
-        now: Instant,
+        now: Timestamp,
     ) -> Result<(), ClientError> {
         let Some(&Conn { slot, addr, .. }) = self.conns.get(&id) else {
             return Ok(());
@@ -128,7 +127,7 @@ impl PublisherCore {
         addr: SocketAddr,
         batch: Batch,
         entry: Option<&AckEntry>,
-        now: Instant,
+        now: Timestamp,
     ) -> Result<(), ClientError> {
         if let Some(entry) = entry
             && entry.message_count != batch.message_count
@@ -164,7 +163,7 @@ impl PublisherCore {
         Ok(())
     }
 
-    fn on_error(&mut self, id: ConnId, error: ErrorFrameRepr, now: Instant) {
+    fn on_error(&mut self, id: ConnId, error: ErrorFrameRepr, now: Timestamp) {
         let addr = self.conns[&id].addr;
         match error.code {
             ErrorCode::PoolFull => {
@@ -187,7 +186,7 @@ impl PublisherCore {
 
     /// `SessionGapSkipped` names a batch of this session, which is looked up in the slot it
     /// was assigned to (on any of the slot's connections, or in its queue).
-    fn on_gap_skipped(&mut self, addr: SocketAddr, seq: u64, reason: &str, now: Instant) {
+    fn on_gap_skipped(&mut self, addr: SocketAddr, seq: u64, reason: &str, now: Timestamp) {
         if seq < self.first_seq || seq >= self.next_seq {
             return self.fail(ClientError::AckMismatch {
                 addr,
@@ -274,7 +273,7 @@ mod tests {
     #[test]
     fn cumulative_acks_with_entries_complete_batches() {
         let mut core = Setup::default().core();
-        let t0 = Instant::now();
+        let t0 = Timestamp::ZERO;
         publish_batches(&mut core, 5, t0);
         transmitted(&mut core);
         let t1 = t0 + Duration::from_micros(250);
@@ -337,7 +336,7 @@ mod tests {
 
     #[test]
     fn acks_are_per_connection() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let mut core = two_brokers_with_batches(4, now);
         // Connection 1 carries batches 1 and 3; "through 3" on it leaves 0 and 2 alone.
         core.on_frame(
@@ -356,7 +355,7 @@ mod tests {
     }
 
     fn failed_after(frames: Vec<(ConnId, Frame)>) -> ClientError {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let mut core = two_brokers_with_batches(4, now);
         for (connection, frame) in frames {
             core.on_frame(connection, frame, now);
@@ -434,7 +433,7 @@ mod tests {
     #[test]
     fn pool_full_is_only_a_notice() {
         let mut core = Setup::default().core();
-        core.on_frame(0, error(ErrorCode::PoolFull, None), Instant::now());
+        core.on_frame(0, error(ErrorCode::PoolFull, None), Timestamp::ZERO);
         assert!(core.failure().is_none());
         assert!(matches!(
             core.take_events()[..],
@@ -450,7 +449,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         // Four batches of two messages: 0 and 2 on connection 0, 1 and 3 on connection 1.
         for _ in 0..8 {
             core.publish(MESSAGE, now).unwrap();

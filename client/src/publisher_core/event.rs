@@ -1,7 +1,7 @@
 //! [`PublisherEvent`]: what the brokers reported about a publisher's batches.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use units::Timestamp;
 
 /// Something the broker reported about the publisher's batches, drained with
 /// [`Publisher::take_events`](crate::Publisher::take_events).
@@ -27,7 +27,7 @@ pub enum PublisherEvent {
         latency_us: u64,
         /// When the ack arrived (read from its socket): a load generator measures each
         /// message's latency from when it was due to this.
-        acked_at: Instant,
+        acked_at: Timestamp,
     },
     /// The broker reported that it did not order this batch (`SessionGapSkipped`): order 5's
     /// gap rule skipped it, or it was a resend that arrived after the session's

@@ -46,9 +46,10 @@ mod test_support;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use units::Timestamp;
 use wire::AckLevel;
 
 use crate::batcher::Batcher;
@@ -128,9 +129,9 @@ pub(crate) struct PublisherCore {
     reconnect_timeout: Duration,
     resends_max: u32,
     /// Since when no slot has a connection.
-    down_since: Option<Instant>,
+    down_since: Option<Timestamp>,
     /// When [`tick`](PublisherCore::tick) has work next, as of its last run.
-    next_timer: Option<Instant>,
+    next_timer: Option<Timestamp>,
     last_connect_error: Option<ClientError>,
     /// Shutting down: no more connections, failures are final.
     closing: bool,
@@ -262,7 +263,7 @@ impl PublisherCore {
     }
 
     /// When the open batch must be sealed, if it holds messages.
-    pub fn linger_deadline(&self) -> Option<Instant> {
+    pub fn linger_deadline(&self) -> Option<Timestamp> {
         self.batcher.deadline()
     }
 
@@ -291,7 +292,7 @@ impl PublisherCore {
     }
 
     /// After batches of `slot` completed: move home if waiting for that, roll over if due.
-    fn after_progress(&mut self, slot: usize, now: Instant) {
+    fn after_progress(&mut self, slot: usize, now: Timestamp) {
         self.maybe_move_home(slot);
         self.maybe_roll_over(now);
     }

@@ -4,8 +4,9 @@
 //! epoch. The timers (connection attempts with backoff, the give-up deadline) run here.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use units::Timestamp;
 use wire::HelloOkRepr;
 
 use super::PublisherCore;
@@ -34,7 +35,12 @@ impl PublisherCore {
     /// Unless it was finished (Goodbye exchanged) the connection is lost: its unacknowledged
     /// batches go back to their slot for a resend. A broker that broke the protocol (bytes
     /// or frames it must not send) fails the publisher instead.
-    pub fn on_connection_ended(&mut self, conn: ConnId, error: Option<ClientError>, now: Instant) {
+    pub fn on_connection_ended(
+        &mut self,
+        conn: ConnId,
+        error: Option<ClientError>,
+        now: Timestamp,
+    ) {
         let how = match error {
             Some(
                 violation @ (ClientError::Protocol { .. } | ClientError::UnexpectedFrame { .. }),
@@ -51,7 +57,7 @@ impl PublisherCore {
 
     /// Forgets connection `id`; its batches not yet done go back to the front of its slot's
     /// queue, and the slot asks for a replacement if it was the slot's current connection.
-    pub(super) fn lose(&mut self, id: ConnId, how: &str, now: Instant) {
+    pub(super) fn lose(&mut self, id: ConnId, how: &str, now: Timestamp) {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
@@ -101,7 +107,7 @@ impl PublisherCore {
         attempt: u64,
         addr: SocketAddr,
         hello_ok: &HelloOkRepr,
-        now: Instant,
+        now: Timestamp,
     ) -> Option<ConnId> {
         if !self.end_attempt(slot, attempt) || !self.wants_connection(slot, addr) {
             return None;
@@ -197,7 +203,7 @@ impl PublisherCore {
         slot: usize,
         attempt: u64,
         error: ClientError,
-        now: Instant,
+        now: Timestamp,
     ) {
         let Some(state) = self.slots.get_mut(slot) else {
             return;
@@ -237,7 +243,7 @@ impl PublisherCore {
 
     /// Starts the next session epoch once the rolling session has nothing outstanding:
     /// every connection says Goodbye and each slot connects again with the new epoch.
-    pub(super) fn maybe_roll_over(&mut self, now: Instant) {
+    pub(super) fn maybe_roll_over(&mut self, now: Timestamp) {
         if !self.rolling || self.outstanding_batches() > 0 || self.failure.is_some() {
             return;
         }
@@ -315,7 +321,7 @@ impl PublisherCore {
 
     /// Runs the timers: starts due connection attempts and gives up when no slot has had a
     /// connection for `reconnect_timeout`.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self, now: Timestamp) {
         if !self.closing && self.failure.is_none() {
             self.start_due_attempts(now);
             self.give_up_if_down(now);
@@ -324,7 +330,7 @@ impl PublisherCore {
     }
 
     /// Asks for a connection for every slot that wants one and whose backoff has passed.
-    fn start_due_attempts(&mut self, now: Instant) {
+    fn start_due_attempts(&mut self, now: Timestamp) {
         for slot in 0..self.slots.len() {
             let state = &self.slots[slot];
             let Some(want) = self.want(state) else {
@@ -358,7 +364,7 @@ impl PublisherCore {
     }
 
     /// Fails the publisher once no slot has had a connection for `reconnect_timeout`.
-    fn give_up_if_down(&mut self, now: Instant) {
+    fn give_up_if_down(&mut self, now: Timestamp) {
         if self.slots.iter().any(|s| s.conn.is_some()) {
             self.down_since = None;
             return;
@@ -380,11 +386,11 @@ impl PublisherCore {
 
     /// When [`tick`](Self::tick) has something to do next (a connection attempt due, or the
     /// give-up deadline), if anything.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    pub fn next_wakeup(&self) -> Option<Timestamp> {
         self.next_timer
     }
 
-    fn compute_next_timer(&self) -> Option<Instant> {
+    fn compute_next_timer(&self) -> Option<Timestamp> {
         if self.closing || self.failure.is_some() {
             return None;
         }
@@ -412,7 +418,7 @@ mod tests {
     fn goodbye_and_end_of_stream() {
         // The answer to our Goodbye, after every ack, finishes the connection cleanly.
         let mut core = Setup::default().core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         publish_batches(&mut core, 1, now);
         assert_eq!(core.start_shutdown(), [0]);
         assert!(!core.connection_finished(0));
@@ -450,7 +456,7 @@ mod tests {
 
     /// Batches 0..6 over two brokers (even on connection 0, odd on 1), batch 0 acknowledged,
     /// then connection 0 reset.
-    fn core_after_a_reset(now: Instant) -> (PublisherCore, Vec<Transmit>) {
+    fn core_after_a_reset(now: Timestamp) -> (PublisherCore, Vec<Transmit>) {
         let mut core = two_brokers_with_batches(6, now);
         let sent = transmitted(&mut core);
         core.on_frame(0, ack(0, vec![entry(0, Some(0), 1)]), now);
@@ -460,7 +466,7 @@ mod tests {
 
     #[test]
     fn a_lost_connection_resends_its_batches_in_order_with_the_same_bytes() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let (mut core, sent) = core_after_a_reset(now);
         assert!(core.failure().is_none());
         let handed_out = commands(&mut core);
@@ -544,7 +550,7 @@ mod tests {
 
     #[test]
     fn an_away_slot_probes_its_home_and_moves_back_once_drained() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let (mut core, _) = core_after_a_reset(now);
         commands(&mut core);
         let away = core.on_connected(0, 0, addr(1), &hello_ok(0), now).unwrap();
@@ -600,7 +606,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         // Slots 1 and 5 belong to broker 1.
         core.on_connection_ended(1, None, now);
         core.on_connection_ended(5, None, now);
@@ -613,7 +619,7 @@ mod tests {
     #[test]
     fn with_no_connection_for_the_reconnect_timeout_the_publisher_gives_up() {
         let mut core = Setup::default().core();
-        let t0 = Instant::now();
+        let t0 = Timestamp::ZERO;
         publish_batches(&mut core, 2, t0);
         core.on_connection_ended(0, Some(reset()), t0);
         let mut now = t0;
@@ -657,7 +663,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         publish_batches(&mut core, 1, now);
         // The first resend is within the bound.
         core.on_connection_ended(0, Some(reset()), now);
@@ -687,7 +693,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         publish_batches(&mut core, 3, now);
         assert_eq!(transmitted(&mut core).len(), 3);
         // Batch 3 would be sequence 3: the session drains first.
@@ -731,7 +737,7 @@ mod tests {
 
     #[test]
     fn results_of_outdated_attempts_are_refused() {
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         let (mut core, _) = core_after_a_reset(now);
         commands(&mut core);
         assert_eq!(core.on_connected(0, 99, addr(1), &hello_ok(0), now), None);

@@ -2,8 +2,7 @@
 //! queue onto the slot's connection.
 
 use std::sync::Arc;
-use std::time::Instant;
-
+use units::Timestamp;
 use wire::AckLevel;
 
 use super::commands::{Command, ConnId, Transmit};
@@ -16,7 +15,7 @@ impl PublisherCore {
     /// not fit and afterwards when the linger time has passed. Returns
     /// [`ClientError::WouldBlock`] without taking the message when a seal is needed and the
     /// next slot's window is full (or the session is rolling over).
-    pub fn publish(&mut self, message: &[u8], now: Instant) -> Result<(), ClientError> {
+    pub fn publish(&mut self, message: &[u8], now: Timestamp) -> Result<(), ClientError> {
         self.check_failed()?;
         if !self.batcher.fits_alone(message.len()) {
             return Err(ClientError::MessageTooLarge {
@@ -35,7 +34,7 @@ impl PublisherCore {
 
     /// Seals the open batch if its linger time has passed and the next window has room, and
     /// runs the timers ([`tick`](Self::tick)) when one is due.
-    pub fn poll(&mut self, now: Instant) {
+    pub fn poll(&mut self, now: Timestamp) {
         if self.next_timer.is_some_and(|at| at <= now) {
             self.tick(now);
         }
@@ -50,7 +49,7 @@ impl PublisherCore {
     }
 
     /// Seals the open batch now (if it holds messages) and queues it for its slot.
-    pub fn seal(&mut self, now: Instant) -> Result<(), ClientError> {
+    pub fn seal(&mut self, now: Timestamp) -> Result<(), ClientError> {
         self.check_failed()?;
         if self.batcher.is_empty() {
             return Ok(());
@@ -148,7 +147,7 @@ impl PublisherCore {
 
     /// The writer wrote batch `seq` completely to connection `conn`. At ack 0 this is what
     /// completes the batch.
-    pub fn on_written(&mut self, conn: ConnId, seq: u64, now: Instant) {
+    pub fn on_written(&mut self, conn: ConnId, seq: u64, now: Timestamp) {
         let Some(state) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -185,7 +184,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         for _ in 0..7 {
             core.publish(MESSAGE, now).unwrap();
         }
@@ -210,7 +209,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         core.publish(MESSAGE, now).unwrap();
         core.publish(MESSAGE, now).unwrap();
         assert!(transmitted(&mut core).is_empty(), "two messages fit");
@@ -233,7 +232,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let t0 = Instant::now();
+        let t0 = Timestamp::ZERO;
         core.publish(MESSAGE, t0).unwrap();
         assert_eq!(
             core.linger_deadline(),
@@ -263,7 +262,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        publish_batches(&mut core, 3, Instant::now());
+        publish_batches(&mut core, 3, Timestamp::ZERO);
         let counts: Vec<u32> = transmitted(&mut core).iter().map(message_count).collect();
         assert_eq!(counts, [1, 1, 1]);
     }
@@ -275,7 +274,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        publish_batches(&mut core, 8, Instant::now());
+        publish_batches(&mut core, 8, Timestamp::ZERO);
         let batches = transmitted(&mut core);
         assert_eq!(
             seqs_and_connections(&batches),
@@ -301,7 +300,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        publish_batches(&mut core, 3, Instant::now());
+        publish_batches(&mut core, 3, Timestamp::ZERO);
         assert_eq!(
             seqs_and_connections(&transmitted(&mut core)),
             [(10, 0), (11, 1), (12, 0)]
@@ -316,7 +315,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         // Batches 0..3 fill both windows (one message per batch); message 5 opens a batch.
         for _ in 0..5 {
             core.publish(MESSAGE, now).unwrap();
@@ -357,7 +356,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         core.publish(MESSAGE, now).unwrap();
         core.publish(MESSAGE, now).unwrap();
         assert!(core.publish(MESSAGE, now).unwrap_err().is_would_block());
@@ -388,7 +387,7 @@ mod tests {
             ..Setup::default()
         }
         .core();
-        let now = Instant::now();
+        let now = Timestamp::ZERO;
         assert!(core.is_flushed());
         core.publish(MESSAGE, now).unwrap();
         assert!(!core.is_flushed(), "a message in the open batch");
@@ -406,7 +405,7 @@ mod tests {
     #[test]
     fn oversized_messages_are_refused() {
         let mut core = Setup::default().core();
-        let error = core.publish(&[0; ONE], Instant::now()).unwrap_err();
+        let error = core.publish(&[0; ONE], Timestamp::ZERO).unwrap_err();
         assert_eq!(
             error.to_string(),
             "message of 14 bytes plus its 4-byte length prefix exceeds the batch limit of 14 bytes"

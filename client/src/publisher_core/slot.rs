@@ -4,10 +4,11 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::commands::ConnId;
 use super::reconnect::RECONNECT_BACKOFF_MIN;
+use units::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum BatchState {
@@ -23,7 +24,7 @@ pub(super) struct Batch {
     pub message_count: u32,
     pub message_bytes: u64,
     pub first_message_index: u64,
-    pub sealed_at: Instant,
+    pub sealed_at: Timestamp,
     pub bytes: Arc<Vec<u8>>,
     /// Times handed to a connection.
     pub sends: u32,
@@ -89,7 +90,7 @@ pub(super) struct Slot {
     /// The connection attempt in progress: its token.
     pub attempt: Option<u64>,
     /// When the next attempt is due (`None`: now, or not wanted).
-    pub retry_at: Option<Instant>,
+    pub retry_at: Option<Timestamp>,
     pub backoff: Duration,
     /// The broker of the connection that failed last (tried last by the replacement).
     pub lost: Option<SocketAddr>,

@@ -1,8 +1,9 @@
 //! Builders and probes for the unit tests of the publisher core.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use units::Timestamp;
 use wire::{
     AckEntry, AckLevel, AckRepr, AckStatus, Decoded, ErrorCode, ErrorFrameRepr, Frame,
     FrameDecoder, HelloOkRepr, Limits, Order,
@@ -163,7 +164,7 @@ pub(super) fn error(code: ErrorCode, batch_seq: Option<u64>) -> Frame {
 
 /// Publishes `count` one-message batches (with the default one-message batch limit)
 /// and seals the last one.
-pub(super) fn publish_batches(core: &mut PublisherCore, count: usize, now: Instant) {
+pub(super) fn publish_batches(core: &mut PublisherCore, count: usize, now: Timestamp) {
     for _ in 0..count {
         core.publish(MESSAGE, now).unwrap();
     }
@@ -172,7 +173,7 @@ pub(super) fn publish_batches(core: &mut PublisherCore, count: usize, now: Insta
 
 /// A core over two brokers (one connection each) that sent `count` one-message batches:
 /// the even ones on connection 0, the odd ones on connection 1.
-pub(super) fn two_brokers_with_batches(count: usize, now: Instant) -> PublisherCore {
+pub(super) fn two_brokers_with_batches(count: usize, now: Timestamp) -> PublisherCore {
     let mut core = Setup {
         connections: 2,
         ..Setup::default()

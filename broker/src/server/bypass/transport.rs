@@ -5,18 +5,18 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant as StdInstant};
-
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
-use smoltcp::phy::Device;
-use smoltcp::socket::tcp;
-use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::ByteStream;
 use crate::server::serve::{Ending, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::phy::Device;
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use units::Timestamp;
 use xdp_transport::device::Burst;
 use xdp_transport::hooks::Peers;
 use xdp_transport::tcp::{abort_half_open, listen, new_socket};
@@ -33,12 +33,12 @@ const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct DropWatch {
     seen: XskStats,
-    checked_at: StdInstant,
-    warned_at: Option<StdInstant>,
+    checked_at: Timestamp,
+    warned_at: Option<Timestamp>,
 }
 
 impl DropWatch {
-    fn new(now: StdInstant) -> DropWatch {
+    fn new(now: Timestamp) -> DropWatch {
         DropWatch {
             seen: XskStats::default(),
             checked_at: now,
@@ -48,7 +48,7 @@ impl DropWatch {
 
     /// Takes the counters read at `now`; returns the new drops and, at most once per
     /// [`DROP_WARNING_INTERVAL`], a warning that names the likely cause.
-    fn observe(&mut self, stats: XskStats, now: StdInstant) -> (u64, Option<String>) {
+    fn observe(&mut self, stats: XskStats, now: Timestamp) -> (u64, Option<String>) {
         let dropped = stats.rx_dropped.saturating_sub(self.seen.rx_dropped);
         let ring_full = stats.rx_ring_full.saturating_sub(self.seen.rx_ring_full);
         let fill_empty = stats
@@ -61,7 +61,7 @@ impl DropWatch {
         if new == 0
             || self
                 .warned_at
-                .is_some_and(|at| now.duration_since(at) < DROP_WARNING_INTERVAL)
+                .is_some_and(|at| now.saturating_duration_since(at) < DROP_WARNING_INTERVAL)
         {
             return (new, None);
         }
@@ -88,8 +88,8 @@ impl DropWatch {
         (new, Some(warning))
     }
 
-    fn due(&self, now: StdInstant) -> bool {
-        now.duration_since(self.checked_at) >= DROP_CHECK_INTERVAL
+    fn due(&self, now: Timestamp) -> bool {
+        now.saturating_duration_since(self.checked_at) >= DROP_CHECK_INTERVAL
     }
 }
 
@@ -166,8 +166,8 @@ pub struct BypassTransport<D> {
     active: HashMap<ConnId, usize>,
     port: u16,
     /// smoltcp's clock starts here.
-    started: StdInstant,
-    housekept_at: StdInstant,
+    started: Timestamp,
+    housekept_at: Timestamp,
     drops: DropWatch,
     /// The sockets' peers, gathered for each housekeeping.
     peers: Peers,
@@ -212,7 +212,7 @@ impl<D: Device + Burst> BypassTransport<D> {
             listen(&mut socket, endpoint.port);
             slots.push((set.add(socket), Slot::Listening));
         }
-        let started = StdInstant::now();
+        let started = Timestamp::now();
         BypassTransport {
             device,
             iface,
@@ -233,11 +233,12 @@ impl<D: Device + Burst> BypassTransport<D> {
         self.device
     }
 
-    fn timestamp(&self, now: StdInstant) -> Instant {
-        Instant::from_micros(now.duration_since(self.started).as_micros() as i64)
+    /// smoltcp's clock: microseconds since this transport started.
+    fn timestamp(&self, now: Timestamp) -> Instant {
+        Instant::from_micros(now.saturating_duration_since(self.started).as_micros() as i64)
     }
 
-    fn poll_iface(&mut self, now: StdInstant) -> bool {
+    fn poll_iface(&mut self, now: Timestamp) -> bool {
         let timestamp = self.timestamp(now);
         self.iface
             .poll(timestamp, &mut self.device, &mut self.sockets)
@@ -246,7 +247,7 @@ impl<D: Device + Burst> BypassTransport<D> {
 
     /// Serves the device's hooks, aborts the handshakes of adoptions they gave up, and
     /// copies their counts into the metrics.
-    fn serve_hooks(&mut self, now: StdInstant, metrics: &Metrics) {
+    fn serve_hooks(&mut self, now: Timestamp, metrics: &Metrics) {
         let timestamp = self.timestamp(now);
         self.peers.clear();
         for (handle, _) in &self.slots {
@@ -304,7 +305,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         Ok(())
     }
 
-    fn receive(&mut self, now: StdInstant) -> bool {
+    fn receive(&mut self, now: Timestamp) -> bool {
         self.device.begin();
         self.poll_iface(now)
     }
@@ -381,15 +382,15 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         }
     }
 
-    fn flush(&mut self, now: StdInstant) -> bool {
+    fn flush(&mut self, now: Timestamp) -> bool {
         // Send what the protocol produced in this iteration at once.
         let worked = self.poll_iface(now);
         self.device.end();
         worked
     }
 
-    fn housekeeping(&mut self, now: StdInstant, metrics: &Metrics) {
-        if now.duration_since(self.housekept_at) >= HOUSEKEEPING_INTERVAL {
+    fn housekeeping(&mut self, now: Timestamp, metrics: &Metrics) {
+        if now.saturating_duration_since(self.housekept_at) >= HOUSEKEEPING_INTERVAL {
             self.housekept_at = now;
             self.serve_hooks(now, metrics);
         }
@@ -402,7 +403,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         }
     }
 
-    fn close_all(&mut self, _ending: Ending, now: StdInstant) {
+    fn close_all(&mut self, _ending: Ending, now: Timestamp) {
         // Every connection is reset, and the resets sent before the device goes.
         for (_, index) in self.active.drain() {
             let (handle, slot) = &mut self.slots[index];
@@ -432,7 +433,7 @@ mod tests {
 
     #[test]
     fn drops_are_counted_once_and_warned_about_with_their_cause() {
-        let start = StdInstant::now();
+        let start = Timestamp::ZERO;
         let mut watch = DropWatch::new(start);
         assert!(!watch.due(start));
         let at = |s| start + Duration::from_secs(s);

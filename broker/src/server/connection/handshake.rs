@@ -28,7 +28,12 @@ struct Found<M> {
 }
 
 impl<M: SharedMemory + Clone> Connection<M> {
-    pub(super) fn on_hello(&mut self, hello: HelloRepr, state: &mut BrokerState<M>, now: Instant) {
+    pub(super) fn on_hello(
+        &mut self,
+        hello: HelloRepr,
+        state: &mut BrokerState<M>,
+        now: Timestamp,
+    ) {
         let outcome = self.find(&hello, state).and_then(|found| match hello.role {
             wire::Role::Publish => self.hello_publisher(&hello, found, state),
             wire::Role::Subscribe {
@@ -151,7 +156,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         wanted_bytes_max: u32,
         found: Found<M>,
         state: &BrokerState<M>,
-        now: Instant,
+        now: Timestamp,
     ) -> Result<(), Refusal> {
         let Found {
             config,

@@ -13,8 +13,9 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use units::Timestamp;
 use wire::{
     AckEntry, AckLevel, AckRepr, AckStatus, BatchHeaderRepr, Decoded, DeliveryHeaderRepr,
     ErrorCode, ErrorFrameRepr, Frame, FrameDecoder, HelloOkRepr, HelloRepr, Limits, Order,
@@ -115,19 +116,13 @@ pub struct Connection<M> {
     /// Set once the connection must end after its output is sent (error or goodbye).
     closing: bool,
     /// Before Hello (and between an admin connection's frames): the next frame is due then.
-    handshake_deadline: Option<Instant>,
+    handshake_deadline: Option<Timestamp>,
     /// When the connection started closing: its peer has the close timeout to take the rest.
-    closing_since: Option<Instant>,
+    closing_since: Option<Timestamp>,
     /// The peer did not take the last bytes within the close timeout: drop the connection.
     abandoned: bool,
     /// Input is paused because too much output is queued (counted once per episode).
     output_full: bool,
-}
-
-/// `now + duration`, or a time that never comes if that is beyond the clock's range.
-fn after(now: Instant, duration: Duration) -> Instant {
-    now.checked_add(duration)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
@@ -149,7 +144,7 @@ use subscribe::Subscriber;
 
 impl<M: SharedMemory + Clone> Connection<M> {
     /// A new connection, opened at `now`, awaiting its first frame.
-    pub fn new(id: ConnId, state: &BrokerState<M>, now: Instant) -> Connection<M> {
+    pub fn new(id: ConnId, state: &BrokerState<M>, now: Timestamp) -> Connection<M> {
         Connection {
             id,
             decoder: FrameDecoder::new(limits(state.settings())),
@@ -160,7 +155,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             output_start: 0,
             role: Peer::Handshake,
             closing: false,
-            handshake_deadline: Some(after(now, state.settings().limits.hello_timeout())),
+            handshake_deadline: Some(now + state.settings().limits.hello_timeout()),
             closing_since: None,
             abandoned: false,
             output_full: false,
@@ -250,7 +245,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         &mut self,
         stream: &mut S,
         state: &mut BrokerState<M>,
-        now: Instant,
+        now: Timestamp,
     ) -> InputState {
         loop {
             if self.closing {
@@ -320,7 +315,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// Applies the deadlines: the close deadline of a closing connection, the handshake
     /// deadline before Hello, and a publisher's batch deadline and move to staging. Called on
     /// every turn of the loop, read or not.
-    fn check_deadlines(&mut self, state: &mut BrokerState<M>, now: Instant) {
+    fn check_deadlines(&mut self, state: &mut BrokerState<M>, now: Timestamp) {
         if self.closing {
             self.check_close_deadline(state, now);
             return;
@@ -345,7 +340,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 
     /// A closing connection whose peer does not take the last bytes in time is abandoned.
-    fn check_close_deadline(&mut self, state: &mut BrokerState<M>, now: Instant) {
+    fn check_close_deadline(&mut self, state: &mut BrokerState<M>, now: Timestamp) {
         let since = *self.closing_since.get_or_insert(now);
         let timeout = state.settings().limits.close_timeout();
         if !self.abandoned && self.has_output() && now.saturating_duration_since(since) >= timeout {
@@ -362,7 +357,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         }
     }
 
-    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>, now: Instant) {
+    fn on_frame(&mut self, frame: Frame, state: &mut BrokerState<M>, now: Timestamp) {
         match (&self.role, frame) {
             (Peer::Handshake, Frame::Hello(hello)) => {
                 self.handshake_deadline = None;
@@ -371,7 +366,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             (Peer::Handshake | Peer::Admin, Frame::CreateTopic(create)) => {
                 self.role = Peer::Admin;
                 // An admin connection's next frame is due within the same time.
-                self.handshake_deadline = Some(after(now, state.settings().limits.hello_timeout()));
+                self.handshake_deadline = Some(now + state.settings().limits.hello_timeout());
                 self.on_create_topic(create, state);
             }
             (Peer::Handshake, _) => self.send_error(
@@ -407,7 +402,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         &mut self,
         stream: &mut S,
         state: &mut BrokerState<M>,
-        now: Instant,
+        now: Timestamp,
         readable: bool,
         writable: bool,
     ) -> Service {

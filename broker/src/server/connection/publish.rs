@@ -12,7 +12,7 @@ pub(super) enum Receiving {
     WaitingForRoom {
         header: BatchHeaderRepr,
         /// When the first attempt found the pool full (`None`: not tried yet).
-        full_since: Option<Instant>,
+        full_since: Option<Timestamp>,
         stalled: bool,
         staged: Option<Vec<u8>>,
     },
@@ -22,10 +22,10 @@ pub(super) enum Receiving {
         reservation: Reservation,
         received: u64,
         /// The whole payload must have arrived by then.
-        deadline: Instant,
+        deadline: Timestamp,
         /// Still arriving then, it moves to staging if the payload log has been short of
         /// room since (else it costs nobody anything where it is).
-        stage_at: Instant,
+        stage_at: Timestamp,
         /// The writer's full events when the room was reserved.
         full_events: u64,
         /// Staging had no room for it once already (counted once).
@@ -36,7 +36,7 @@ pub(super) enum Receiving {
         header: BatchHeaderRepr,
         staged: Vec<u8>,
         received: u64,
-        deadline: Instant,
+        deadline: Timestamp,
     },
 }
 
@@ -62,7 +62,7 @@ pub(super) struct InFlight {
     pub(super) batch_seq: u64,
     pub(super) message_count: u32,
     /// When its payload was complete (for the ACK latency).
-    pub(super) received_at: Instant,
+    pub(super) received_at: Timestamp,
 }
 
 #[derive(Debug)]
@@ -161,7 +161,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         &mut self,
         stream: &mut S,
         state: &mut BrokerState<M>,
-        now: Instant,
+        now: Timestamp,
     ) -> Option<Step> {
         let Peer::Publisher(publisher) = &mut self.role else {
             return None;
@@ -193,7 +193,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// A batch's header arrived, or its payload completed in staging: reserves its room in
     /// the pool (a full pool is backpressure: the connection reads nothing until there is
     /// room), and commits a staged payload at once.
-    fn reserve_room(&mut self, state: &mut BrokerState<M>, now: Instant) -> Step {
+    fn reserve_room(&mut self, state: &mut BrokerState<M>, now: Timestamp) -> Step {
         let Peer::Publisher(publisher) = &mut self.role else {
             return Step::Continue;
         };
@@ -222,8 +222,8 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     header,
                     reservation,
                     received: 0,
-                    deadline: after(now, limits.batch_deadline(u64::from(header.payload_bytes))),
-                    stage_at: after(now, limits.batch_hold()),
+                    deadline: now + limits.batch_deadline(u64::from(header.payload_bytes)),
+                    stage_at: now + limits.batch_hold(),
                     full_events: state.room_refusals(topic),
                     staging_refused: false,
                 };
@@ -236,7 +236,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                         *full_since = Some(now);
                         Metrics::inc(&metrics.ring_full_waits);
                     }
-                    Some(since) if !*stalled && now.duration_since(*since) > STALL => {
+                    Some(since) if !*stalled && now.saturating_duration_since(*since) > STALL => {
                         *stalled = true;
                         Metrics::inc(&metrics.receive_stalls_over_50ms);
                     }
@@ -265,7 +265,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         &mut self,
         got: Result<PayloadRead, Step>,
         state: &mut BrokerState<M>,
-        now: Instant,
+        now: Timestamp,
     ) -> Option<Step> {
         let read = match got {
             Ok(read) => read,
@@ -301,7 +301,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// A publisher's batch past its deadline is dropped (DeadlineExpired); one that is merely
     /// slow may move to staging.
-    pub(super) fn check_batch_deadline(&mut self, state: &mut BrokerState<M>, now: Instant) {
+    pub(super) fn check_batch_deadline(&mut self, state: &mut BrokerState<M>, now: Timestamp) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
@@ -357,7 +357,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// Moves a batch still arriving after `batch_hold_ms`, while its payload log is short of
     /// room, out of the pool: what has arrived is copied to staging and the reservation given
     /// back, so that reclaiming the topic's payload log never waits on this connection.
-    pub(super) fn stage_if_slow(&mut self, state: &mut BrokerState<M>, now: Instant) {
+    pub(super) fn stage_if_slow(&mut self, state: &mut BrokerState<M>, now: Timestamp) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
@@ -379,7 +379,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         if !state.take_staging(payload_bytes) {
             // Staging is full: try again after another hold (the deadline still applies).
             let limits = &state.settings().limits;
-            *stage_at = after(now, limits.batch_hold());
+            *stage_at = now + limits.batch_hold();
             if !std::mem::replace(staging_refused, true)
                 && let Some(count) = Metrics::inc_logged(&state.metrics().staging_full)
             {
@@ -456,7 +456,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 
     /// A payload is complete: checks it (in the pool, or in staging) and commits it.
-    pub(super) fn finish_batch(&mut self, state: &mut BrokerState<M>, now: Instant) {
+    pub(super) fn finish_batch(&mut self, state: &mut BrokerState<M>, now: Timestamp) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
@@ -502,7 +502,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         state: &mut BrokerState<M>,
         reservation: Reservation,
         header: BatchHeaderRepr,
-        now: Instant,
+        now: Timestamp,
     ) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
@@ -539,7 +539,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// Takes the sequencer's decision on this connection's oldest batch in flight. The
     /// pairing is checked in release builds too: a decision for another slot is a broker bug,
     /// reported (Internal) and counted, never applied to the wrong batch.
-    pub fn on_outcome(&mut self, outcome: &RoutedOutcome, metrics: &Metrics, now: Instant) {
+    pub fn on_outcome(&mut self, outcome: &RoutedOutcome, metrics: &Metrics, now: Timestamp) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;
         };
@@ -567,7 +567,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// Ack level 2: passes on, in order, the decisions whose batches the replicas now hold
     /// durably (and the rejections queued behind them). Returns whether any left.
-    pub(super) fn release_durable(&mut self, state: &mut BrokerState<M>, now: Instant) -> bool {
+    pub(super) fn release_durable(&mut self, state: &mut BrokerState<M>, now: Timestamp) -> bool {
         let Peer::Publisher(publisher) = &mut self.role else {
             return false;
         };
@@ -605,7 +605,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         outcome: &RoutedOutcome,
         batch: InFlight,
         metrics: &Metrics,
-        now: Instant,
+        now: Timestamp,
     ) {
         let Peer::Publisher(publisher) = &mut self.role else {
             return;

@@ -14,7 +14,7 @@ pub(super) struct Subscriber<M> {
     /// The topic's retention: whether a stalled subscriber stops holding the log.
     pub(super) retention: Retention,
     /// Last time the subscriber took a delivery or was at the end of the log.
-    pub(super) progress_at: Instant,
+    pub(super) progress_at: Timestamp,
     /// Whether its position holds the log (see [`Connection::subscription`]).
     pub(super) holding: bool,
 }
@@ -39,7 +39,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// Queues deliveries for a subscriber while its output has room, and lets a subscriber
     /// that took nothing for the stall limit stop holding the log.
-    pub fn produce_deliveries(&mut self, state: &BrokerState<M>, now: Instant) {
+    pub fn produce_deliveries(&mut self, state: &BrokerState<M>, now: Timestamp) {
         if self.closing {
             return;
         }
@@ -108,7 +108,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
 impl<M: SharedMemory + Clone> Subscriber<M> {
     /// A subscriber that took nothing for the stall limit stops holding the log (on topics
     /// with [`Retention::StallLimited`]).
-    fn release_if_stalled(&mut self, connection: ConnId, state: &BrokerState<M>, now: Instant) {
+    fn release_if_stalled(&mut self, connection: ConnId, state: &BrokerState<M>, now: Timestamp) {
         let stall = state.settings().limits.subscriber_stall();
         if self.holding
             && self.retention == Retention::StallLimited

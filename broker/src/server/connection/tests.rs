@@ -160,7 +160,7 @@ const MS: Duration = Duration::from_millis(1);
 #[test]
 fn the_handshake_deadline_fires_at_its_time_and_not_before() {
     let (mut state, _sequencer, metrics) = head_broker(1);
-    let start = Instant::now();
+    let start = Timestamp::ZERO;
     let mut connection = Connection::new(1, &state, start);
     let mut pipe = Pipe::new(Vec::new());
     let service = connection.service(&mut pipe, &mut state, start + 4_999 * MS, true, true);
@@ -182,7 +182,7 @@ fn a_batch_slower_than_its_deadline_is_dropped_and_its_room_given_back() {
         ..ClientLimits::default()
     };
     let (mut state, _sequencer, metrics) = head_broker_with(1, limits);
-    let start = Instant::now();
+    let start = Timestamp::ZERO;
     let (mut bytes, payload) = hello_and_batch(7, 0, 8 * 1024);
     bytes.extend_from_slice(&payload[..100]);
     let mut connection = Connection::new(1, &state, start);
@@ -211,7 +211,7 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
         ..ClientLimits::default()
     };
     let (mut state, mut sequencer, metrics) = head_broker_with(1, limits);
-    let start = Instant::now();
+    let start = Timestamp::ZERO;
     let (mut slow_bytes, slow_payload) = hello_and_batch(7, 0, 8 * 1024);
     slow_bytes.extend_from_slice(&slow_payload[..100]);
     let mut slow = Connection::new(1, &state, start);
@@ -246,7 +246,7 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
         for (connection, pipe) in [(&mut fast, &mut fast_pipe), (&mut slow, &mut slow_pipe)] {
             connection.service(pipe, &mut state, now, true, true);
         }
-        sequencer.poll(round);
+        sequencer.poll(Timestamp::from_nanos(round));
         outcomes.clear();
         state.poll_outcomes(&mut outcomes);
         for outcome in &outcomes {
@@ -292,7 +292,7 @@ fn a_slow_batch_moves_to_staging_only_when_room_is_short_and_lands_whole() {
 #[test]
 fn a_closing_connection_whose_peer_takes_nothing_is_dropped_at_the_close_deadline() {
     let (mut state, _sequencer, metrics) = head_broker(1);
-    let start = Instant::now();
+    let start = Timestamp::ZERO;
     let mut connection = Connection::new(1, &state, start);
     let mut pipe = Pipe::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
     pipe.stalled = true;
@@ -311,13 +311,13 @@ fn a_publisher_closing_after_goodbye_ends_a_connection_waiting_for_replicas() {
     // ack-2 Acks waited for replicas that never came could close its end and the broker
     // kept the connection forever.
     let (mut state, mut sequencer, metrics) = head_broker(2);
-    let now = Instant::now();
-    let mut connection = Connection::new(1, &state, Instant::now());
+    let now = Timestamp::ZERO;
+    let mut connection = Connection::new(1, &state, Timestamp::ZERO);
     let mut pipe = Pipe::new(publisher_stream_with_ack(0, true, AckLevel::Replicated));
     let service = connection.service(&mut pipe, &mut state, now, true, true);
     assert!(!service.ended);
     sequencer.refresh_topics().unwrap();
-    sequencer.poll(0);
+    sequencer.poll(Timestamp::ZERO);
     let mut outcomes = Vec::new();
     state.poll_outcomes(&mut outcomes);
     assert_eq!(outcomes.len(), 1, "the batch was ordered");
@@ -345,9 +345,9 @@ fn a_batch_completed_after_the_claim_was_taken_over_is_neither_published_nor_ack
     let mut state = state.with_claim_token(0x11);
     // This broker was paused past its lease; another process took broker id 0 over.
     try_claim(&pool, 0, 0x11, &claimant(0x22)).unwrap();
-    let mut connection = Connection::new(1, &state, Instant::now());
+    let mut connection = Connection::new(1, &state, Timestamp::ZERO);
     let mut pipe = Pipe::new(publisher_stream(0, false));
-    let service = connection.service(&mut pipe, &mut state, Instant::now(), true, true);
+    let service = connection.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
     assert!(service.ended, "the connection ends");
     assert_eq!(
         state.claim_moved(),
@@ -358,7 +358,7 @@ fn a_batch_completed_after_the_claim_was_taken_over_is_neither_published_nor_ack
         "the loop is told to end the broker"
     );
     sequencer.refresh_topics().unwrap();
-    assert_eq!(sequencer.poll(0), 0, "nothing was published");
+    assert_eq!(sequencer.poll(Timestamp::ZERO), 0, "nothing was published");
     let frames = frames(&pipe.output);
     assert!(
         matches!(frames[..], [Frame::HelloOk(_)]),
@@ -371,9 +371,9 @@ fn bytes_after_a_publishers_goodbye_are_refused() {
     let (mut state, _sequencer, _metrics) = head_broker(2);
     let mut input = publisher_stream_with_ack(0, true, AckLevel::Replicated);
     input.extend_from_slice(&Frame::Goodbye.to_bytes());
-    let mut connection = Connection::new(1, &state, Instant::now());
+    let mut connection = Connection::new(1, &state, Timestamp::ZERO);
     let mut pipe = Pipe::new(input);
-    connection.service(&mut pipe, &mut state, Instant::now(), true, true);
+    connection.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
     let frames = frames(&pipe.output);
     assert!(
         matches!(&frames[..], [Frame::HelloOk(_), Frame::Error(e)] if e.code == ErrorCode::UnexpectedFrame),
@@ -386,19 +386,19 @@ fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
     // Found by fuzzing: the Goodbye owed after the last batch went out before the
     // SessionGapSkipped Error for that batch, so the Error followed the Goodbye.
     let (mut state, mut sequencer, metrics) = head_broker(1);
-    let now = Instant::now();
+    let now = Timestamp::ZERO;
     // Batch 1 of the session arrives first and is ordered once the gap rule gives up on 0.
-    let mut first = Connection::new(1, &state, Instant::now());
+    let mut first = Connection::new(1, &state, Timestamp::ZERO);
     let mut first_pipe = Pipe::new(publisher_stream(1, false));
     first.service(&mut first_pipe, &mut state, now, true, true);
     sequencer.refresh_topics().unwrap();
-    sequencer.poll(0);
-    sequencer.poll(10_000);
+    sequencer.poll(Timestamp::ZERO);
+    sequencer.poll(Timestamp::from_nanos(10_000));
     // Batch 0 arrives late on another connection that then says goodbye.
-    let mut late = Connection::new(2, &state, Instant::now());
+    let mut late = Connection::new(2, &state, Timestamp::ZERO);
     let mut late_pipe = Pipe::new(publisher_stream(0, true));
     late.service(&mut late_pipe, &mut state, now, true, true);
-    sequencer.poll(20_000);
+    sequencer.poll(Timestamp::from_nanos(20_000));
     let mut outcomes = Vec::new();
     state.poll_outcomes(&mut outcomes);
     for outcome in &outcomes {

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use client::pacing::record_since;
 use client::summary::Summary;
@@ -18,6 +18,7 @@ use client::{
 };
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use units::Timestamp;
 
 use crate::plan::Plan;
 use crate::progress::Progress;
@@ -94,7 +95,7 @@ impl Checker {
         plan: &Plan,
         client_ids: &[u64],
         progress: &Arc<Progress>,
-        start: &Arc<OnceLock<Instant>>,
+        start: &Arc<OnceLock<Timestamp>>,
     ) -> Result<Checker, Option<String>> {
         let (expectations, expectations_rx) = crossbeam_channel::bounded(1);
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -171,7 +172,7 @@ fn apply_check(summary: &mut Summary, outcome: CheckOutcome) {
 struct Shared<'a> {
     plan: &'a Plan,
     progress: &'a Progress,
-    start: &'a OnceLock<Instant>,
+    start: &'a OnceLock<Timestamp>,
 }
 
 /// The verifier and the end-to-end latency it feeds.
@@ -186,7 +187,7 @@ struct Expected {
     list: Vec<Expectation>,
     /// Messages expected over all publishers.
     total: u64,
-    deadline: Instant,
+    deadline: Timestamp,
 }
 
 impl Expected {
@@ -198,13 +199,13 @@ impl Expected {
         Expected {
             list,
             total,
-            deadline: Instant::now() + drain_timeout,
+            deadline: Timestamp::now() + drain_timeout,
         }
     }
 
     /// Every expected message arrived, or the drain time is over.
     fn done(&self, verifier: &Verifier) -> bool {
-        Instant::now() >= self.deadline
+        Timestamp::now() >= self.deadline
             || (verifier.counts().delivered >= self.total && verifier.lost(&self.list) == 0)
     }
 }
@@ -274,7 +275,7 @@ fn receive(
             expected = Some(Expected::new(list, shared.plan.drain_timeout));
         }
         match subscriber.next_batch(Duration::from_millis(100)) {
-            Ok(Some(batch)) => receipts.verify(shared, &batch, Instant::now()),
+            Ok(Some(batch)) => receipts.verify(shared, &batch, Timestamp::now()),
             Ok(None) | Err(ClientError::CorruptDelivery { .. }) => {}
             Err(error) => return (expected, Some(format!("subscriber: {error}"))),
         }
@@ -290,7 +291,7 @@ fn receive(
 impl Receipts {
     /// Verifies a batch received at `received_at`, and records the latency from the due time
     /// of each message delivered for the first time (when the run is paced).
-    fn verify(&mut self, shared: &Shared, batch: &DeliveredBatch, received_at: Instant) {
+    fn verify(&mut self, shared: &Shared, batch: &DeliveredBatch, received_at: Timestamp) {
         let context = DeliveryContext {
             client_id: batch.client_id,
             batch_seq: batch.batch_seq,
@@ -333,7 +334,7 @@ mod tests {
                 global_start: Some(0),
                 duplicate: false,
                 latency_us: 1,
-                acked_at: Instant::now(),
+                acked_at: Timestamp::now(),
             },
             PublisherEvent::Acked {
                 batch_seq: 0,
@@ -342,7 +343,7 @@ mod tests {
                 global_start: Some(4),
                 duplicate: false,
                 latency_us: 1,
-                acked_at: Instant::now(),
+                acked_at: Timestamp::now(),
             },
             PublisherEvent::Acked {
                 batch_seq: 3,
@@ -351,7 +352,7 @@ mod tests {
                 global_start: Some(8),
                 duplicate: false,
                 latency_us: 1,
-                acked_at: Instant::now(),
+                acked_at: Timestamp::now(),
             },
         ]);
         let expectation = acked.expectation(20);
@@ -369,7 +370,7 @@ mod tests {
             global_start: Some(batch_seq * 2),
             duplicate: false,
             latency_us: 1,
-            acked_at: Instant::now(),
+            acked_at: Timestamp::now(),
         };
         acked.absorb((0..10_000).map(ack).collect());
         assert_eq!(acked.ranges.len(), 1, "in-order acks left separate ranges");

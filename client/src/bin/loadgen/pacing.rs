@@ -1,10 +1,9 @@
 //! Pacing: a publisher with a rate sends its message `seq` no earlier than the schedule's
 //! due time (`client::pacing`), sleeping until shortly before it.
 
-use std::time::Instant;
-
 use client::pacing::{Schedule, SleepPlanner, set_timer_slack_min, sleep_until};
 use client::{ClientError, Publisher};
+use units::Timestamp;
 
 /// The send schedule of one publisher.
 #[derive(Debug, Clone)]
@@ -36,7 +35,7 @@ impl Pacing {
     }
 
     /// When message `seq` is due (`None` when unpaced).
-    pub(crate) fn due(&self, seq: u64) -> Option<Instant> {
+    pub(crate) fn due(&self, seq: u64) -> Option<Timestamp> {
         self.schedule.map(|s| s.due(self.stream, seq))
     }
 
@@ -56,7 +55,7 @@ impl Pacing {
             sleep_until(&mut self.planner, linger.unwrap_or(due), || {
                 publisher.poll()
             })?;
-            if linger.is_none() || Instant::now() >= due {
+            if linger.is_none() || Timestamp::now() >= due {
                 return Ok(());
             }
             publisher.poll()?;

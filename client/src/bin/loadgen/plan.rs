@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use units::Timestamp;
 
 use client::pacing::Schedule;
 use client::summary::Summary;
@@ -126,7 +128,7 @@ impl Plan {
     }
 
     /// The publishers' send schedule from `start` (`None` when unpaced).
-    pub(crate) fn schedule(&self, start: Instant) -> Option<Schedule> {
+    pub(crate) fn schedule(&self, start: Timestamp) -> Option<Schedule> {
         Schedule::new(start, self.rate_msgs_per_s, self.publishers as u64)
     }
 

@@ -5,10 +5,11 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cli::{ProgressMode, TestMode};
 use crate::plan::{Plan, Stop};
+use units::Timestamp;
 
 /// Counters the progress display reads.
 #[derive(Debug, Default)]
@@ -61,7 +62,7 @@ fn progress_line(plan: &Plan, progress: &Progress, elapsed: Duration) -> String 
 }
 
 fn show_progress(plan: &Plan, progress: &Progress, mode: ProgressMode) {
-    let started = Instant::now();
+    let started = Timestamp::now();
     let bar = (mode == ProgressMode::Bar).then(|| {
         let (length, unit) = match plan.stop {
             Stop::TotalBytes(bytes) => (bytes.div_ceil(plan.message_bytes as u64), "msgs"),
@@ -75,10 +76,10 @@ fn show_progress(plan: &Plan, progress: &Progress, mode: ProgressMode) {
         }
         bar
     });
-    let mut last_line = Instant::now();
+    let mut last_line = Timestamp::now();
     while !progress.done.load(Ordering::Relaxed) {
         thread::sleep(Duration::from_millis(100));
-        let elapsed = started.elapsed();
+        let elapsed = Timestamp::now().saturating_duration_since(started);
         match &bar {
             Some(bar) => {
                 let position = match plan.stop {
@@ -91,8 +92,10 @@ fn show_progress(plan: &Plan, progress: &Progress, mode: ProgressMode) {
                 bar.set_position(position);
                 bar.set_message(progress_line(plan, progress, elapsed));
             }
-            None if last_line.elapsed() >= Duration::from_secs(1) => {
-                last_line = Instant::now();
+            None if Timestamp::now().saturating_duration_since(last_line)
+                >= Duration::from_secs(1) =>
+            {
+                last_line = Timestamp::now();
                 eprintln!("{}", progress_line(plan, progress, elapsed));
             }
             None => {}

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use client::pacing::{Schedule, record_since};
 use client::summary::Summary;
@@ -15,6 +15,7 @@ use client::{
 };
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
+use units::Timestamp;
 
 use crate::checks::{AckedRanges, Checker};
 use crate::pacing::Pacing;
@@ -30,7 +31,7 @@ struct PublisherOutcome {
     expectation: Expectation,
     connections: usize,
     /// When every batch was acknowledged (before Goodbye and closing the sockets).
-    flushed_at: Instant,
+    flushed_at: Timestamp,
     /// Longest time without a new ack while publishing (see `Summary::ack_gap_max_ms`).
     ack_gap_max: Duration,
     error: Option<String>,
@@ -45,7 +46,7 @@ impl PublisherOutcome {
             latency_from_intended_us: latency_histogram(),
             expectation: Expectation::default(),
             connections: 0,
-            flushed_at: Instant::now(),
+            flushed_at: Timestamp::now(),
             ack_gap_max: Duration::ZERO,
             error: Some(format!("publisher {index}: {error}")),
         }
@@ -93,12 +94,12 @@ fn run_publishers(
     plan: &Plan,
     client_ids: &[u64],
     progress: &Arc<Progress>,
-    start: &Arc<OnceLock<Instant>>,
+    start: &Arc<OnceLock<Timestamp>>,
     summary: &mut Summary,
-) -> (Vec<PublisherOutcome>, Instant) {
+) -> (Vec<PublisherOutcome>, Timestamp) {
     let (connected_tx, connected_rx) = crossbeam_channel::unbounded::<()>();
     let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
-    let connecting = Instant::now();
+    let connecting = Timestamp::now();
     let threads: Vec<_> = client_ids
         .iter()
         .enumerate()
@@ -128,9 +129,11 @@ fn run_publishers(
     for _ in 0..spawned {
         let _ = connected_rx.recv();
     }
-    summary.connect_ms = connecting.elapsed().as_millis() as u64;
+    summary.connect_ms = Timestamp::now()
+        .saturating_duration_since(connecting)
+        .as_millis() as u64;
     let cpu_before = process_cpu_time();
-    let started = Instant::now();
+    let started = Timestamp::now();
     let _ = start.set(started + START_LEAD);
     drop(gate_tx);
     let mut outcomes = Vec::new();
@@ -140,7 +143,7 @@ fn run_publishers(
             Err(_) => summary.errors.push("a publisher thread panicked".into()),
         }
     }
-    let wall = started.elapsed();
+    let wall = Timestamp::now().saturating_duration_since(started);
     match (cpu_before, process_cpu_time()) {
         (Ok(before), Ok(after)) => {
             summary.loadgen_cpu_cores =
@@ -168,7 +171,7 @@ fn process_cpu_time() -> Result<Duration, nix::Error> {
 fn add_outcomes(
     plan: &Plan,
     outcomes: &[PublisherOutcome],
-    started: Instant,
+    started: Timestamp,
     summary: &mut Summary,
 ) {
     let mut histogram = latency_histogram();
@@ -236,12 +239,12 @@ struct AckWatch {
     /// Messages acknowledged at the last look (and added to the progress counter).
     reported: u64,
     /// When the acknowledged count last changed.
-    changed_at: Instant,
+    changed_at: Timestamp,
     gap_max: Duration,
 }
 
 impl AckWatch {
-    fn new(start: Instant, from_intended: IntendedLatency) -> Self {
+    fn new(start: Timestamp, from_intended: IntendedLatency) -> Self {
         AckWatch {
             acked: AckedRanges::default(),
             from_intended,
@@ -254,7 +257,7 @@ impl AckWatch {
     fn look(&mut self, publisher: &mut Publisher, progress: &Progress) {
         let messages_acked = publisher.messages_acked();
         if messages_acked != self.reported {
-            let now = Instant::now();
+            let now = Timestamp::now();
             self.gap_max = self
                 .gap_max
                 .max(now.saturating_duration_since(self.changed_at));
@@ -321,7 +324,7 @@ impl PublisherRun<'_> {
         client_id: u64,
         connected: &Sender<()>,
         gate: &Receiver<()>,
-        start: &OnceLock<Instant>,
+        start: &OnceLock<Timestamp>,
     ) -> PublisherOutcome {
         let plan = self.plan;
         let connection = Publisher::connect(plan.publisher_config(client_id));
@@ -342,7 +345,7 @@ impl PublisherRun<'_> {
             );
         };
         // Set before the gate opened; the fallback only guards against a broken gate.
-        let start = *start.get_or_init(Instant::now);
+        let start = *start.get_or_init(Timestamp::now);
         let schedule = plan.schedule(start);
         let stream = self.index as u64;
         let mut watch = AckWatch::new(start, IntendedLatency::new(schedule, stream));
@@ -360,7 +363,7 @@ impl PublisherRun<'_> {
         factory: &mut MessageFactory,
         watch: &mut AckWatch,
         pacing: &mut Pacing,
-        start: Instant,
+        start: Timestamp,
     ) -> (u64, Option<ClientError>) {
         let plan = self.plan;
         let limit = plan.messages_for(self.index).unwrap_or(u64::MAX);
@@ -375,7 +378,7 @@ impl PublisherRun<'_> {
             // more than the message; every 256th will do.
             let over = match pacing.due(seq) {
                 Some(due) => deadline.is_some_and(|d| due >= d),
-                None => seq % 256 == 0 && deadline.is_some_and(|d| Instant::now() >= d),
+                None => seq % 256 == 0 && deadline.is_some_and(|d| Timestamp::now() >= d),
             };
             if over {
                 break;
@@ -406,7 +409,7 @@ impl PublisherRun<'_> {
     ) -> PublisherOutcome {
         // The measured phase ends at the flush; the Goodbye exchange is not throughput.
         let flushed = publisher.flush();
-        let flushed_at = Instant::now();
+        let flushed_at = Timestamp::now();
         if let Err(e) = flushed.and_then(|()| publisher.close())
             && error.is_none()
         {

@@ -1,10 +1,11 @@
 //! The subscribe test: one subscriber reads for the plan's duration or bytes.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use client::summary::Summary;
 use client::{ClientError, Subscriber};
+use units::Timestamp;
 
 use crate::plan::{Plan, Stop};
 use crate::progress::Progress;
@@ -18,12 +19,14 @@ pub(crate) fn run_subscribe(plan: &Plan, progress: &Progress) -> Summary {
             return summary;
         }
     };
-    let started = Instant::now();
+    let started = Timestamp::now();
     loop {
         let stats = subscriber.stats();
         let done = match plan.stop {
             Stop::TotalBytes(bytes) => stats.message_bytes >= bytes,
-            Stop::Duration(duration) => started.elapsed() >= duration,
+            Stop::Duration(duration) => {
+                Timestamp::now().saturating_duration_since(started) >= duration
+            }
         };
         if done {
             break;
@@ -41,7 +44,9 @@ pub(crate) fn run_subscribe(plan: &Plan, progress: &Progress) -> Summary {
             }
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = Timestamp::now()
+        .saturating_duration_since(started)
+        .as_secs_f64();
     let stats = subscriber.stats();
     let _ = subscriber.close();
     summary.seconds = seconds;
