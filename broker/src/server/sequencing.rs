@@ -133,6 +133,56 @@ mod tests {
         assert!(!SequencerPlacement::Thread.inline(1));
     }
 
+    /// A topic created after the sequencer started is found within the refresh interval of
+    /// the clock, however few polls happen meanwhile (a thread that sleeps between polls
+    /// polls rarely).
+    #[test]
+    fn a_new_topic_is_ordered_within_the_refresh_interval_of_the_clock() {
+        use shared_log::pool::TopicConfig;
+        use shared_log::sequencer::SequencerConfig;
+        use shared_log::writer::{BatchMeta, TopicWriter};
+        use shared_log::{Order, Retention};
+
+        let pool = shared_log::heap::small_test_pool();
+        let sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default())
+            .expect("the lease of a fresh pool");
+        let mut driver = SequencerDriver::new(sequencer, Arc::new(Metrics::default()));
+        let start = Timestamp::from_nanos(1_000_000_000);
+        assert_eq!(driver.step(start), Some(0), "nothing to order yet");
+
+        let config = TopicConfig {
+            order: Order::Total,
+            ack: 1,
+            replication_factor: 1,
+            retention: Retention::StallLimited,
+        };
+        let topic = pool.create_topic("late", config).expect("a topic");
+        let mut writer = TopicWriter::new(pool.clone(), topic, 0).expect("a writer");
+        let mut payload = Vec::new();
+        wire::payload::push_message(&mut payload, b"first");
+        let meta = BatchMeta {
+            client_id: 7,
+            session_epoch: 1,
+            batch_seq: 0,
+            message_count: 1,
+            checksum: wire::payload::checksum(&payload),
+        };
+        writer.append(meta, &payload).expect("room for one batch");
+
+        let soon = start + TOPIC_REFRESH_INTERVAL / 2;
+        assert_eq!(
+            driver.step(soon),
+            Some(0),
+            "the topic table is not read yet"
+        );
+        let later = start + TOPIC_REFRESH_INTERVAL;
+        assert_eq!(
+            driver.step(later),
+            Some(1),
+            "read by the clock, then ordered"
+        );
+    }
+
     #[test]
     fn this_process_may_run_somewhere() {
         assert!(allowed_cpus().is_some_and(|cpus| cpus >= 1));
