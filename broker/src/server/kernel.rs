@@ -79,9 +79,9 @@ impl WakeTimer {
                 tv_nsec: libc::c_long::from(after.subsec_nanos().max(1)),
             },
         };
+        let fd = self.fd.as_raw_fd();
         // SAFETY: `spec` is a valid itimerspec for the call; the old value is not asked for.
-        let result =
-            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let result = unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) };
         if result != 0 {
             return Err(io::Error::last_os_error());
         }

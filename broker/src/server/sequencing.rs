@@ -43,13 +43,7 @@ impl SequencerPlacement {
 
 /// The CPUs this process may run on (its affinity), or `None` when the kernel does not say.
 pub fn allowed_cpus() -> Option<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a cpu_set_t of the size passed; pid 0 is this thread.
-    let result =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    // SAFETY: `set` was filled by the kernel.
-    (result == 0).then(|| unsafe { libc::CPU_COUNT(&set) } as usize)
+    core_affinity::get_core_ids().map(|cores| cores.len())
 }
 
 /// A held sequencer, polled round after round: new topics looked up now and then, its
