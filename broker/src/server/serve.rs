@@ -245,11 +245,7 @@ impl<T: Transport> ServeLoop<T> {
                 return Ending::Abrupt;
             }
             worked |= self.accept(now);
-            outcomes.clear();
-            worked |= self.state.poll_outcomes(&mut outcomes) > 0;
-            for outcome in &outcomes {
-                self.route(outcome, now);
-            }
+            worked |= self.route_outcomes(&mut outcomes, now);
             worked |= self.drive(now);
             worked |= self.sequence(now, &mut outcomes);
             if self.state.claim_moved().is_some() {
@@ -288,12 +284,19 @@ impl<T: Transport> ServeLoop<T> {
         if decided == 0 {
             return false;
         }
+        self.route_outcomes(outcomes, now);
+        true
+    }
+
+    /// Takes the sequencer's new decisions and hands each to the connection that committed
+    /// its batch. Returns whether there were any.
+    fn route_outcomes(&mut self, outcomes: &mut Vec<RoutedOutcome>, now: Timestamp) -> bool {
         outcomes.clear();
-        self.state.poll_outcomes(outcomes);
+        let found = self.state.poll_outcomes(outcomes) > 0;
         for outcome in outcomes.iter() {
             self.route(outcome, now);
         }
-        true
+        found
     }
 
     /// How long the next wait may block: not at all after work, the idle backoff while
