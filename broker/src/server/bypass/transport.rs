@@ -146,8 +146,8 @@ impl ByteStream for SmolStream<'_, '_> {
 enum Slot {
     /// Listening (or completing a handshake) on the broker port.
     Listening,
-    /// Carrying connection `id`.
-    Active(ConnId),
+    /// Carrying a connection (`BypassTransport::active` maps its id to this slot).
+    Active,
     /// Closed by us; re-armed once smoltcp has finished with it.
     Closing,
 }
@@ -315,7 +315,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         for (index, (handle, slot)) in self.slots.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
             match *slot {
-                Slot::Active(_) => {}
+                Slot::Active => {}
                 Slot::Listening => match socket.state() {
                     tcp::State::Established | tcp::State::CloseWait => {
                         let Some(peer) = socket.remote_endpoint() else {
@@ -323,7 +323,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                         };
                         match admit(IpAddr::from(peer.addr)) {
                             Ok(id) => {
-                                *slot = Slot::Active(id);
+                                *slot = Slot::Active;
                                 self.active.insert(id, index);
                             }
                             Err(refusal) => {
