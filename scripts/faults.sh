@@ -4,8 +4,8 @@
 # order 5 and ack 2 while a fault is injected. A subscriber on a broker that stays up verifies
 # every message (exactly once, in order, bytes intact).
 #
-#   ./scripts/faults.sh [--duration-s N] [--base-port P] [--metrics-base-port M] [--pool PATH]
-#                       [SCENARIO...]
+#   ./scripts/faults.sh [--duration-s N] [--repeat N] [--base-port P] [--metrics-base-port M]
+#                       [--pool PATH] [SCENARIO...]
 #
 # Brokers listen on 127.0.0.1:P+i (default 9600) with metrics on :M+i (default P+100); the
 # pool file is PATH (default: scripts/cluster.sh's, named after P).
@@ -20,7 +20,10 @@
 #   pool-loss        run, stop every broker, delete the pool, rebuild it from the replica
 #                    files (--recover-from): the log must be the same, batch for batch
 #
-# Writes target/faults/summary.json: one entry per scenario with scenario, completed,
+# --repeat N runs the scenarios N times (default 1) and prints, per scenario, the runs, the
+# failures, and the failover and longest ack wait (p50 and max over the runs).
+#
+# Writes target/faults/summary.json: one entry per scenario and run with scenario, run, completed,
 # messages_acked, lost, duplicates, order_violations and failover_ms (kill to the standby's
 # takeover, where the sequencer changed), and ack_gap_max_ms (the publishers' longest wait
 # for a new ack: after a head kill, the time to the first ack of the new sequencer). Also target/faults/figures.json: throughput at ack 2
@@ -31,15 +34,17 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 duration_s=8
+repeat=1
 base_port=9600
 cluster_args=()
 scenarios=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration-s) duration_s=$2; shift 2 ;;
+        --repeat) repeat=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
         --metrics-base-port | --pool) cluster_args+=("$1" "$2"); shift 2 ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "faults: unknown option $1" >&2; exit 2 ;;
         *) scenarios+=("$1"); shift ;;
     esac
@@ -56,7 +61,9 @@ out=target/faults
 mkdir -p "$out"
 results=$out/results.jsonl
 : > "$results"
-lease_ms=1000
+# The brokers' default sequencer lease (--lease-ms), passed explicitly: the pause below is
+# measured in it.
+lease_ms=50
 
 now_ms() { date +%s%3N; }
 
@@ -108,10 +115,10 @@ PY
 
 record() {
     local scenario=$1 dir=$2 failover=$3 extra=${4:-}
-    python3 - "$scenario" "$dir/summary.json" "$failover" "$extra" >> "$results" <<'PY'
+    python3 - "$scenario" "$dir/summary.json" "$failover" "$run" "$extra" >> "$results" <<'PY'
 import json, os, sys
-scenario, path, failover, extra = sys.argv[1:]
-entry = {"scenario": scenario, "completed": False, "messages_acked": 0, "lost": None,
+scenario, path, failover, run, extra = sys.argv[1:]
+entry = {"scenario": scenario, "run": int(run), "completed": False, "messages_acked": 0, "lost": None,
          "duplicates": None, "order_violations": None,
          "failover_ms": None if failover == "null" else int(failover)}
 if os.path.exists(path):
@@ -140,7 +147,7 @@ PY
 drop_replicas() { rm -rf "$1"/replica-*; }
 
 fault_run() {
-    local scenario=$1 dir=$out/$1 failover=null killed
+    local scenario=$1 dir=$out/$1$run_suffix failover=null killed
     start_cluster "$dir"
     run_loadgen "$dir" --duration-s "$duration_s" &
     local loadgen=$!
@@ -166,7 +173,7 @@ fault_run() {
 }
 
 pool_loss() {
-    local dir=$out/pool-loss
+    local dir=$out/pool-loss$run_suffix
     start_cluster "$dir"
     # The whole log must fit in the rebuilt pool (a longer one is restored up to its tail).
     run_loadgen "$dir" --total-bytes 96MiB || true
@@ -201,13 +208,17 @@ print(json.dumps({"log_before": b, "log_after": a, "log_matches": bool(b) and b 
     record pool-loss "$dir" null "$extra"
 }
 
-for scenario in "${scenarios[@]}"; do
-    echo "== fault scenario: $scenario"
-    case $scenario in
-        baseline | kill-nonhead | kill-head | pause-head | restart-nonhead) fault_run "$scenario" ;;
-        pool-loss) pool_loss ;;
-        *) echo "faults: unknown scenario $scenario" >&2; exit 2 ;;
-    esac
+for run in $(seq 1 "$repeat"); do
+    for scenario in "${scenarios[@]}"; do
+        # Each run keeps its own directory (a failed one keeps its replica files).
+        run_suffix=$([[ $repeat -eq 1 ]] || echo "-run$run")
+        echo "== fault scenario: $scenario (run $run of $repeat)"
+        case $scenario in
+            baseline | kill-nonhead | kill-head | pause-head | restart-nonhead) fault_run "$scenario" ;;
+            pool-loss) pool_loss ;;
+            *) echo "faults: unknown scenario $scenario" >&2; exit 2 ;;
+        esac
+    done
 done
 
 echo "== figures: ack 2 against ack 1 in the same run, and the disk's fdatasync bandwidth"
@@ -253,8 +264,18 @@ figures = {"ack1_mb_per_s": mb("ack1"), "ack2_mb_per_s": mb("ack2-all"),
                        "fdatasync: dd bs=1M oflag=dsync on the same disk"}
 json.dump(figures, open(figures_path, "w"), indent=2)
 print(json.dumps(figures))
-bad = [e["scenario"] for e in entries
-       if not e["completed"] or e["lost"] or e["duplicates"] or e["order_violations"]]
-print(f"faults: {len(entries)} scenarios, {len(entries) - len(bad)} clean" + (f"; failed: {bad}" if bad else ""))
+def failed(e):
+    return not e["completed"] or e["lost"] or e["duplicates"] or e["order_violations"]
+def p50_max(values):
+    values = sorted(v for v in values if v is not None)
+    return f"{values[(len(values) - 1) // 2]} / {values[-1]}" if values else "-"
+print(f"{'scenario':<16} {'runs':>4} {'failed':>6} {'failover ms p50 / max':>22} {'ack wait ms p50 / max':>22}")
+for name in dict.fromkeys(e["scenario"] for e in entries):
+    runs = [e for e in entries if e["scenario"] == name]
+    print(f"{name:<16} {len(runs):>4} {sum(map(bool, map(failed, runs))):>6} "
+          f"{p50_max(e['failover_ms'] for e in runs):>22} "
+          f"{p50_max(e.get('ack_gap_max_ms') for e in runs):>22}")
+bad = [f"{e['scenario']} (run {e['run']})" for e in entries if failed(e)]
+print(f"faults: {len(entries)} scenario runs, {len(entries) - len(bad)} clean" + (f"; failed: {bad}" if bad else ""))
 sys.exit(1 if bad else 0)
 PY

@@ -232,7 +232,9 @@ struct Args {
     #[serde(default)]
     no_standby: bool,
     /// How long the sequencer's heartbeat may stay still before a standby takes over, in
-    /// milliseconds (published by the holder).
+    /// milliseconds (published by the holder; default 50, at least 10). A head that stalls
+    /// longer (a paused process, a starved core) loses the lease and is fenced: safe, but it
+    /// costs a takeover.
     #[arg(long)]
     lease_ms: Option<u64>,
     /// Rebuild a lost pool's log from these replica directories (comma separated; needs
