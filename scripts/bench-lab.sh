@@ -17,13 +17,15 @@
 #   CPU's busy time (user + nice + system + irq + softirq of the `cpu1` line of /proc/stat:
 #   the brokers are pinned to CPU 1, the loadgen to CPU 0) gives broker_cpu_s_per_gb.
 #
-# --lab picks where the kernel's receive work runs (docs/results.md, "Fair lab"):
-#   fair (default)  GRO on the broker ends of the veth pairs, threaded NAPI on both ends, the
-#                   NAPI kthreads (napi/DEV-ID) pinned with taskset: the client ends' on the
-#                   client CPU; the broker ends' on the broker CPU for the kernel backend (a
-#                   NIC queue whose interrupt is bound to the broker core) and on the client
-#                   CPU for the XDP backend (the kernel's copies into the UMEM stand in for a
-#                   zero-copy NIC's DMA, so the sender pays them);
+# --lab picks where the kernel's receive work runs (docs/results.md, "A fair lab"):
+#   fair (default)  GRO on the broker ends of the veth pairs, threaded NAPI on both ends, a
+#                   pfifo qdisc on every end (else veth drops what overflows the receiving
+#                   end's 256-entry ring), the NAPI kthreads (napi/DEV-ID) pinned with
+#                   taskset: the client ends' on the client CPU; the broker ends' on the
+#                   broker CPU for the kernel backend (a NIC queue whose interrupt is bound
+#                   to the broker core) and on the client CPU for the XDP backend (the
+#                   kernel's copies into the UMEM stand in for a zero-copy NIC's DMA, so the
+#                   sender pays them);
 #   pessimistic     as fair, but the broker ends' NAPI on the broker CPU for both backends;
 #   legacy          no GRO or threaded NAPI: veth runs the receiving side in the sender's
 #                   softirq, on the client CPU, for both backends.
@@ -36,6 +38,8 @@
 # (saturation) and fixed_load_broker_process_cpu_s_per_gb (utime + stime of the broker
 # processes, which leaves out the kernel's receive work in softirq or NAPI threads, but
 # unlike /proc/stat is not raised by other processes on the broker CPU),
+# client_veth_tx_dropped and fixed_load_client_veth_tx_dropped (packets the client ends of the
+# veth pairs dropped on transmit: the receiving end's ring or backlog was full),
 # lost / duplicates / order_violations (null: a publish run has no subscriber to check them;
 # see scripts/bench-kernel.sh for the verified end-to-end run), passed (the loadgen's verdict
 # on both runs), xdp_mode, client_cc. Also prints a table and the CPU steal of the run.
@@ -99,7 +103,7 @@ while [[ $# -gt 0 ]]; do
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
-        -h|--help) sed -n '2,63p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,67p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-lab: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -153,6 +157,17 @@ cpu_ticks() {  # utime+stime of the given PIDs
     echo "$total"
 }
 
+# Packets the client ends of the veth pairs dropped on transmit, all together: veth counts
+# there what did not fit the receiving end's 256-entry ring (a drop the sender's TCP
+# retransmits) or its backlog.
+client_tx_dropped() {
+    local total=0 i
+    for ((i = 0; i < brokers; i++)); do
+        total=$((total + $(ip netns exec "$prefix-client" cat "/sys/class/net/$prefix-c$i/statistics/tx_dropped")))
+    done
+    echo "$total"
+}
+
 # PIDs of the NAPI kthreads of the lab's broker ends (side b) or client ends (side c). A
 # thread is named napi/DEV-ID, cut to the 15 characters of a task's comm.
 napi_pids() {  # b|c
@@ -166,11 +181,16 @@ napi_pids() {  # b|c
 }
 
 # GRO on the broker ends, then threaded NAPI on both ends (a device takes `threaded` only
-# once it has NAPI: the broker ends get it with GRO, the client ends with their XDP program).
+# once it has NAPI: the broker ends get it with GRO, the client ends with their XDP program),
+# and a pfifo qdisc on every end: with NAPI, veth queues each packet on the receiving end's
+# 256-entry ring, and without a qdisc (veth's default noqueue) it drops what does not fit,
+# while with one it stops the queue until the ring drains, as a NIC's queue does.
 tune_lab() {
     [[ $lab != legacy ]] || return 0
     local i
     for ((i = 0; i < brokers; i++)); do
+        ip netns exec "$prefix-client" tc qdisc replace dev "$prefix-c$i" root pfifo limit 1000
+        ip netns exec "$prefix-broker$i" tc qdisc replace dev "$prefix-b$i" root pfifo limit 1000
         ip netns exec "$prefix-broker$i" ethtool -K "$prefix-b$i" gro on
         ip netns exec "$prefix-broker$i" sh -c "echo 1 > /sys/class/net/$prefix-b$i/threaded"
         ip netns exec "$prefix-client" sh -c "echo 1 > /sys/class/net/$prefix-c$i/threaded" ||
@@ -228,7 +248,8 @@ start_brokers() {  # backend gso
 
 # One loadgen run on freshly started brokers; writes its JSON to $json and sets
 # process_ticks (the broker processes' utime + stime), cpu_busy (the broker CPU's busy
-# jiffies) and napi_ticks (the broker ends' NAPI threads) over it.
+# jiffies), napi_ticks (the broker ends' NAPI threads) and tx_dropped (client_tx_dropped)
+# over it.
 loadgen_run() {  # backend gso json rate-msgs-per-s perf-file|-
     local backend=$1 gso=$2 json=$3 rate=$4 perf_file=$5 list=() i
     for ((i = 0; i < brokers; i++)); do list+=("10.77.$i.2:$((base_port + i))"); done
@@ -241,6 +262,8 @@ loadgen_run() {  # backend gso json rate-msgs-per-s perf-file|-
     process_before=$(cpu_ticks "${pids[@]}")
     busy_before=$(broker_cpu_busy)
     napi_before=$(cpu_ticks "${napi_broker_pids[@]}")
+    local dropped_before
+    dropped_before=$(client_tx_dropped)
     ip netns exec "$prefix-client" taskset -c "$client_cpu" target/release/loadgen --test publish --order 5 --ack 1 \
         --message-bytes 1024 --connections-per-broker 3 --duration-s "$duration" --progress none "${loadgen_extra[@]}" \
         --rate-msgs-per-s "$rate" --backend-label "$backend" --brokers "$(IFS=,; echo "${list[*]}")" --json "$json" \
@@ -248,6 +271,7 @@ loadgen_run() {  # backend gso json rate-msgs-per-s perf-file|-
     cpu_busy=$(($(broker_cpu_busy) - busy_before))
     process_ticks=$(($(cpu_ticks "${pids[@]}") - process_before))
     napi_ticks=$(($(cpu_ticks "${napi_broker_pids[@]}") - napi_before))
+    tx_dropped=$(($(client_tx_dropped) - dropped_before))
     [[ -z $perf_pid ]] || wait "$perf_pid" || true
 }
 
@@ -259,7 +283,7 @@ run_backend() {  # backend mtu gso
         perf_file=$perf_dir/$name.data
     fi
     loadgen_run "$backend" "$gso" "$work/$name.json" 0 "$perf_file"
-    local saturation_ticks=$process_ticks
+    local saturation_ticks=$process_ticks saturation_dropped=$tx_dropped
     for ((i = 0; i < brokers; i++)); do
         ip netns exec "$prefix-broker$i" python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())" \
             "http://10.77.$i.2:$((metrics_port + i))/metrics" > "$work/$name-broker$i.metrics" 2>&1 || true
@@ -273,10 +297,11 @@ run_backend() {  # backend mtu gso
     [[ $backend != xdp ]] || mode=$(xdp_mode_for "$gso")
     [[ $lab == legacy ]] || napi_cpu=$(broker_end_cpu "$backend")
     python3 - "$work/$name.json" "$work/$name-fixed.json" "$lab" "$backend" "$mtu" "$gso" "$saturation_ticks" \
-        "$process_ticks" "$cpu_busy" "$napi_ticks" "$(getconf CLK_TCK)" "$fixed_load_mb_per_s" "$mode" "$client_cc" "$napi_cpu" >> "$entries" <<'PY'
+        "$process_ticks" "$cpu_busy" "$napi_ticks" "$(getconf CLK_TCK)" "$fixed_load_mb_per_s" "$mode" "$client_cc" "$napi_cpu" \
+        "$saturation_dropped" "$tx_dropped" >> "$entries" <<'PY'
 import json, sys
 (saturation_path, fixed_path, lab, backend, mtu, gso, saturation_ticks, fixed_process_ticks, busy_ticks, napi_ticks, hz,
- fixed_load, mode, cc, napi_cpu) = sys.argv[1:]
+ fixed_load, mode, cc, napi_cpu, saturation_dropped, fixed_dropped) = sys.argv[1:]
 def load(path):
     try:
         return json.load(open(path))
@@ -298,6 +323,7 @@ print(json.dumps({
     "fixed_load_broker_process_cpu_s_per_gb": per_gb(fixed_process_ticks, fixed),
     # Publish runs have no subscriber: nothing checked loss, duplicates or order.
     "lost": None, "duplicates": None, "order_violations": None,
+    "client_veth_tx_dropped": int(saturation_dropped), "fixed_load_client_veth_tx_dropped": int(fixed_dropped),
     "passed": bool(saturation.get("passed")) and bool(fixed.get("passed")),
     "xdp_mode": None if mode == "-" else mode, "client_cc": cc}))
 PY
