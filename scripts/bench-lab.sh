@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark of the two network backends on the namespace lab link, in one run:
 #
-#   ./scripts/bench-lab.sh [--lab fair|pessimistic|legacy] [--duration-s N] [--mtu "1500 3500"]
+#   ./scripts/bench-lab.sh [--lab "fair pessimistic legacy"] [--duration-s N] [--mtu "1500 3500"]
 #                          [--gso "on off"] [--backends "kernel xdp"] [--fixed-load-mb-per-s N]
 #                          [--xdp-mode auto|driver|generic] [--brokers N] [--client-cc NAME]
 #                          [--in-flight-batches N] [--xdp-args "FLAGS"] [--queues N]
@@ -17,7 +17,8 @@
 #   CPU's busy time (user + nice + system + irq + softirq of the `cpu1` line of /proc/stat:
 #   the brokers are pinned to CPU 1, the loadgen to CPU 0) gives broker_cpu_s_per_gb.
 #
-# --lab picks where the kernel's receive work runs (docs/results.md, "A fair lab"):
+# --lab picks where the kernel's receive work runs (docs/results.md, "A fair lab"); several,
+# quoted, run one after the other into the same lab.json:
 #   fair (default)  GRO on the broker ends of the veth pairs, threaded NAPI on both ends, a
 #                   pfifo qdisc on every end (else veth drops what overflows the receiving
 #                   end's 256-entry ring), the NAPI kthreads (napi/DEV-ID) pinned with
@@ -70,7 +71,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 . scripts/lab.sh
 
-lab=fair
+labs=fair
 duration=5
 brokers=4
 client_cc=cubic
@@ -87,7 +88,7 @@ prefix=embbench
 base_port=9500
 while [[ $# -gt 0 ]]; do
     case $1 in
-        --lab) lab=$2; shift 2 ;;
+        --lab) labs=$2; shift 2 ;;
         --duration-s) duration=$2; shift 2 ;;
         --mtu) mtus=$2; shift 2 ;;
         --gso) gsos=$2; shift 2 ;;
@@ -103,12 +104,14 @@ while [[ $# -gt 0 ]]; do
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
-        -h|--help) sed -n '2,67p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,68p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-lab: unknown option $1" >&2; exit 2 ;;
     esac
 done
 die() { echo "bench-lab: $*" >&2; exit 2; }
-[[ $lab == fair || $lab == pessimistic || $lab == legacy ]] || die "--lab needs fair, pessimistic or legacy, got '$lab'"
+for lab in $labs; do
+    [[ $lab == fair || $lab == pessimistic || $lab == legacy ]] || die "--lab needs fair, pessimistic or legacy (or several, quoted), got '$lab'"
+done
 [[ $fixed_load_mb_per_s =~ ^[0-9]+$ && $fixed_load_mb_per_s -ge 1 ]] || die "--fixed-load-mb-per-s needs a positive whole number, got '$fixed_load_mb_per_s'"
 [[ $base_port =~ ^[0-9]+$ && $base_port -ge 1 && $((base_port + 200)) -le 65535 ]] || die "--base-port needs a port P with P + 200 <= 65535, got '$base_port'"
 [[ $(id -u) -eq 0 ]] || { echo "bench-lab: needs root (network namespaces, XDP)" >&2; exit 1; }
@@ -339,9 +342,9 @@ run_iperf() {  # mtu gso
         for pid in $(napi_pids b); do taskset -p -c "$(broker_end_cpu kernel)" "$pid" > /dev/null; done
         for pid in $(napi_pids c); do taskset -p -c "$client_cpu" "$pid" > /dev/null; done
     fi
-    ip netns exec "$prefix-client" taskset -c "$client_cpu" iperf3 -c 10.77.0.2 -p "$iperf_port" -P 4 -t "$duration" -J > "$work/iperf3-$mtu-$gso.json" || true
+    ip netns exec "$prefix-client" taskset -c "$client_cpu" iperf3 -c 10.77.0.2 -p "$iperf_port" -P 4 -t "$duration" -J > "$work/$lab-iperf3-$mtu-$gso.json" || true
     wait "$server" || true
-    python3 - "$work/iperf3-$mtu-$gso.json" "$lab" "$mtu" "$gso" >> "$entries" <<'PY'
+    python3 - "$work/$lab-iperf3-$mtu-$gso.json" "$lab" "$mtu" "$gso" >> "$entries" <<'PY'
 import json, sys
 path, lab, mtu, gso = sys.argv[1:]
 bps = json.load(open(path))["end"]["sum_received"]["bits_per_second"]
@@ -353,28 +356,29 @@ PY
 }
 
 read -r steal0 total0 < <(steal_total)
-echo "== lab $lab; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-for mtu in $mtus; do
-    for gso in $gsos; do
-        echo "== MTU $mtu, client GSO $gso"
-        scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" --base-port "$base_port" --mtu "$mtu" --gso "$gso" --queues "$queues" > "$work/lab.log" 2>&1 ||
-            { cat "$work/lab.log"; exit 1; }
-        tune_lab
-        if [[ $client_cc != host ]]; then
-            # Per route: a namespace may only pick from net.ipv4.tcp_allowed_congestion_control.
-            while read -r route; do
-                # shellcheck disable=SC2086 # the route's words are separate arguments
-                ip netns exec "$prefix-client" ip route replace $route congctl "$client_cc"
-            done < <(ip netns exec "$prefix-client" ip route show | grep '^10\.77\.')
-            echo "  client congestion control: $client_cc (per route)"
-        else
-            echo "  client congestion control: $(ip netns exec "$prefix-client" sysctl -n net.ipv4.tcp_congestion_control)"
-        fi
-        run_iperf "$mtu" "$gso"
-        for backend in $backends; do
-            run_backend "$backend" "$mtu" "$gso"
+for lab in $labs; do
+    for mtu in $mtus; do
+        for gso in $gsos; do
+            echo "== lab $lab, MTU $mtu, client GSO $gso; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+            scripts/lab.sh up --prefix "$prefix" --brokers "$brokers" --base-port "$base_port" --mtu "$mtu" --gso "$gso" --queues "$queues" > "$work/lab.log" 2>&1 ||
+                { cat "$work/lab.log"; exit 1; }
+            tune_lab
+            if [[ $client_cc != host ]]; then
+                # Per route: a namespace may only pick from net.ipv4.tcp_allowed_congestion_control.
+                while read -r route; do
+                    # shellcheck disable=SC2086 # the route's words are separate arguments
+                    ip netns exec "$prefix-client" ip route replace $route congctl "$client_cc"
+                done < <(ip netns exec "$prefix-client" ip route show | grep '^10\.77\.')
+                echo "  client congestion control: $client_cc (per route)"
+            else
+                echo "  client congestion control: $(ip netns exec "$prefix-client" sysctl -n net.ipv4.tcp_congestion_control)"
+            fi
+            run_iperf "$mtu" "$gso"
+            for backend in $backends; do
+                run_backend "$backend" "$mtu" "$gso"
+            done
+            scripts/lab.sh down --prefix "$prefix" > /dev/null 2>&1
         done
-        scripts/lab.sh down --prefix "$prefix" > /dev/null 2>&1
     done
 done
 read -r steal1 total1 < <(steal_total)
@@ -388,7 +392,8 @@ steal, loadavg = int(sys.argv[3]), sys.argv[4]
 print(f"\n{'lab':<12} {'backend':<8} {'mtu':>5} {'gso':>4} {'MB/s':>9} {'p50 us':>8} {'p99 us':>8} {'xdp/kernel':>11} "
       f"{'fixed MB/s':>11} {'cpu s/GB':>9} {'xdp/kernel':>11} {'ok':>3}")
 def kernel_of(e):
-    return next((x for x in entries if x["backend"] == "kernel" and x["mtu"] == e["mtu"] and x["client_gso"] == e["client_gso"]), None)
+    return next((x for x in entries if x["backend"] == "kernel" and x["lab"] == e["lab"] and x["mtu"] == e["mtu"]
+                 and x["client_gso"] == e["client_gso"]), None)
 for e in entries:
     lat = e["ack_latency_us"] or {}
     ratio = cpu_ratio = ""
