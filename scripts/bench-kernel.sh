@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
         --duration-s) duration=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
         --pool) pool_args=(--pool "$2"); shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-kernel: unknown option $1" >&2; exit 2 ;;
     esac
 done

@@ -98,8 +98,9 @@ while [[ $# -gt 0 ]]; do
         --xdp-mode) xdp_mode=$2; shift 2 ;;
         --brokers) brokers=$2; shift 2 ;;
         --queues) queues=$2; shift 2 ;;
-        # shellcheck disable=SC2206 # the flags are separate words
-        --xdp-args) xdp_extra+=($2); shift 2 ;;
+        --xdp-args)
+            # shellcheck disable=SC2206 # the flags are separate words
+            xdp_extra+=($2); shift 2 ;;
         --client-cc) client_cc=$2; shift 2 ;;
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
