@@ -72,6 +72,8 @@ pub struct HistoryReader {
     next_ordinal: u64,
     /// While looking for the start: the position whose batch comes first.
     seeking: Option<u64>,
+    /// The first position the file holds.
+    start_position: u64,
 }
 
 impl HistoryReader {
@@ -98,6 +100,7 @@ impl HistoryReader {
             offset: 0,
             next_ordinal: 0,
             seeking: Some(position),
+            start_position: 0,
         };
         match reader.header_at(0)? {
             None => Err(HistoryError::NotReplicated { topic }),
@@ -107,6 +110,7 @@ impl HistoryReader {
             }),
             Some(first) => {
                 reader.next_ordinal = first.ordinal;
+                reader.start_position = first.global_start;
                 Ok(reader)
             }
         }
@@ -115,6 +119,11 @@ impl HistoryReader {
     /// Ordinal of the next batch it hands out (meaningful once it found its start).
     pub fn next_ordinal(&self) -> u64 {
         self.next_ordinal
+    }
+
+    /// The first position the replica holds (where the log starts on disk).
+    pub fn start_position(&self) -> u64 {
+        self.start_position
     }
 
     /// Whether it is still looking for the batch it starts with.
