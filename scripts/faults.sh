@@ -19,6 +19,9 @@
 #                    crashed claim on the id over once that stayed still for a lease)
 #   pool-loss        run, stop every broker, delete the pool, rebuild it from the replica
 #                    files (--recover-from): the log must be the same, batch for batch
+#   history          publish 4x the pool (256 MiB) at ack 2 (brokers 1 and 3 replicate),
+#                    then a subscriber on broker 3 reads it all from position 0: the part
+#                    the pool no longer holds from broker 3's replica file, then the pool
 #
 # --repeat N runs the scenarios N times (default 1) and prints, per scenario, the runs, the
 # failures, and the failover and longest ack wait (p50 and max over the runs).
@@ -35,6 +38,7 @@ cd "$(dirname "$0")/.."
 
 duration_s=8
 repeat=1
+metrics_base_port=
 base_port=9600
 cluster_args=()
 scenarios=()
@@ -43,16 +47,18 @@ while [[ $# -gt 0 ]]; do
         --duration-s) duration_s=$2; shift 2 ;;
         --repeat) repeat=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
-        --metrics-base-port | --pool) cluster_args+=("$1" "$2"); shift 2 ;;
+        --metrics-base-port) metrics_base_port=$2; cluster_args+=("$1" "$2"); shift 2 ;;
+        --pool) cluster_args+=("$1" "$2"); shift 2 ;;
         -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "faults: unknown option $1" >&2; exit 2 ;;
         *) scenarios+=("$1"); shift ;;
     esac
 done
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(baseline kill-nonhead kill-head pause-head restart-nonhead pool-loss)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(baseline kill-nonhead kill-head pause-head restart-nonhead pool-loss history)
 
 ensure_cargo
-ensure_packages python3 coreutils
+ensure_packages python3 coreutils curl
+metrics_base_port=${metrics_base_port:-$((base_port + 100))}
 prepare_hugepages 600
 cargo build --release -q -p broker -p client
 cargo build --release -q -p broker --example log_digest
@@ -132,6 +138,9 @@ if extra:
     entry.update(json.loads(extra))
     if entry.get("log_matches") is False:
         entry["completed"] = False
+    # The history scenario must have read from disk, or it proved nothing.
+    if entry.get("history_batches_delivered") == 0:
+        entry["completed"] = False
 print(json.dumps(entry))
 PY
     tail -1 "$results"
@@ -170,6 +179,17 @@ fault_run() {
     case $scenario in kill-head | pause-head) failover=$(takeover_ms "$dir" "$killed") ;; esac
     ./scripts/cluster.sh stop --dir "$dir" >/dev/null
     record "$scenario" "$dir" "$failover"
+}
+
+# The log read back from disk: 4x the pool published at ack 2, then read from position 0.
+history_run() {
+    local dir=$out/history$run_suffix from_disk
+    start_cluster "$dir" --pool-bytes 256M --replica-brokers "1 3"
+    run_loadgen "$dir" --total-bytes 1GiB --subscribe-after-publish || true
+    from_disk=$(curl -s "http://127.0.0.1:$((metrics_base_port + 3))/metrics" \
+        | awk '/^embarcadero_history_batches_delivered_total/ {print $2}')
+    ./scripts/cluster.sh stop --dir "$dir" >/dev/null
+    record history "$dir" null "{\"history_batches_delivered\": ${from_disk:-0}}"
 }
 
 pool_loss() {
@@ -216,6 +236,7 @@ for run in $(seq 1 "$repeat"); do
         case $scenario in
             baseline | kill-nonhead | kill-head | pause-head | restart-nonhead) fault_run "$scenario" ;;
             pool-loss) pool_loss ;;
+            history) history_run ;;
             *) echo "faults: unknown scenario $scenario" >&2; exit 2 ;;
         esac
     done

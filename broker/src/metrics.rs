@@ -43,6 +43,8 @@ pub struct Metrics {
     pub sequencer_lag_batches: AtomicU64,
     /// Batches delivered to subscribers.
     pub batches_delivered: AtomicU64,
+    /// Of those, batches read from this broker's replica files (older than the pool held).
+    pub history_batches_delivered: AtomicU64,
     /// ACK latency histogram: count per bucket of [`ACK_LATENCY_BUCKETS_US`], then +Inf.
     pub ack_latency_buckets: [AtomicU64; ACK_LATENCY_BUCKETS_US.len() + 1],
     /// Sum of ACK latencies in microseconds.
@@ -304,6 +306,12 @@ const SERIES: &[Series] = &[
         kind: "counter",
         help: "Batches delivered to subscribers.",
         value: |m| &m.batches_delivered,
+    },
+    Series {
+        name: "embarcadero_history_batches_delivered_total",
+        kind: "counter",
+        help: "Batches delivered to subscribers from this broker's replica files (older than the pool held).",
+        value: |m| &m.history_batches_delivered,
     },
     Series {
         name: "embarcadero_sequencer_batches_ordered_total",

@@ -98,6 +98,7 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
         replication_factor: 1,
         limits: ClientLimits::default(),
+        history_dir: None,
     };
     let metrics = Arc::new(Metrics::default());
     let mut state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));

@@ -448,6 +448,16 @@ impl<M: SharedMemory> Pool<M> {
         self.mem.flush(offset + HEARTBEAT_SEEN_OFFSET, 8);
     }
 
+    /// What `broker`'s replica of `topic` holds durably: (batches, positions), both zero
+    /// when it does not replicate the topic.
+    pub fn replicated_by(&self, topic: TopicId, broker: u16) -> (u64, u64) {
+        let offset = self
+            .geometry
+            .frontier_offset(topic, broker, FRONTIER_REPLICATED);
+        let (batches_plus_one, position) = self.read_frontier(offset);
+        (batches_plus_one.saturating_sub(1), position)
+    }
+
     /// The global position below which every message of `topic` is durable in at least
     /// `replicas` brokers' replica files (the ack level 2 frontier): the `replicas`-th
     /// largest replicated position over all brokers, 0 when fewer brokers replicate.

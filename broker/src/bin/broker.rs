@@ -555,6 +555,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
     let defaults = SequencerConfig::default();
     let limits = client_limits(&args)?;
     let metrics_defaults = EndpointLimits::default();
+    let replica = replica_config(&args)?;
     let options = BrokerOptions {
         settings: BrokerSettings {
             broker_id: id,
@@ -568,6 +569,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor: args.replication_factor.unwrap_or(1).max(1),
             limits,
+            history_dir: replica.as_ref().map(|config| config.dir.clone()),
         },
         listen,
         socket_buffer_bytes: size(
@@ -596,7 +598,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
                 .map_or(metrics_defaults.connection_deadline, Duration::from_millis),
         },
         net,
-        replica: replica_config(&args)?,
+        replica,
         standby: !args.no_standby,
         claim_lease_ms,
     };

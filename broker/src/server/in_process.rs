@@ -59,6 +59,7 @@ impl InProcessCluster {
                     frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
                     replication_factor: 1,
                     limits: ClientLimits::default(),
+                    history_dir: None,
                 },
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                 socket_buffer_bytes: 1 << 20,

@@ -4,6 +4,7 @@
 
 pub mod bypass;
 pub mod connection;
+pub mod history;
 pub mod in_process;
 pub mod kernel;
 pub mod limits;

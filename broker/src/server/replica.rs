@@ -70,6 +70,46 @@ impl RecordHeader {
     fn crc(&self) -> u32 {
         crc32c::crc32c(&bytemuck::bytes_of(self)[8..])
     }
+
+    /// The header of `batch`'s record, with its CRC.
+    pub(crate) fn for_batch(batch: &OrderedBatch<'_>) -> RecordHeader {
+        let mut header = RecordHeader {
+            magic: RECORD_MAGIC,
+            header_crc: 0,
+            ordinal: batch.ordinal,
+            global_start: batch.global_start,
+            client_id: batch.client_id,
+            batch_seq: batch.batch_seq,
+            session_epoch: batch.session_epoch,
+            payload_bytes: batch.payload.len() as u32,
+            message_count: batch.message_count,
+            checksum: batch.checksum,
+            broker: batch.broker,
+            reserved: [0; 6],
+        };
+        header.header_crc = header.crc();
+        header
+    }
+
+    /// Whether the bytes read are a whole record header (magic and CRC right).
+    pub(crate) fn is_valid(&self) -> bool {
+        self.magic == RECORD_MAGIC && self.header_crc == self.crc()
+    }
+
+    /// The batch this header describes, with `payload`.
+    pub(crate) fn batch<'a>(&self, payload: &'a [u8]) -> OrderedBatch<'a> {
+        OrderedBatch {
+            ordinal: self.ordinal,
+            global_start: self.global_start,
+            message_count: self.message_count,
+            broker: self.broker,
+            client_id: self.client_id,
+            session_epoch: self.session_epoch,
+            batch_seq: self.batch_seq,
+            checksum: self.checksum,
+            payload,
+        }
+    }
 }
 
 /// Replication settings of one broker.
@@ -236,10 +276,7 @@ fn scan(
         if read_full(&mut file, bytemuck::bytes_of_mut(&mut header), path)? {
             break;
         }
-        if header.magic != RECORD_MAGIC
-            || header.header_crc != header.crc()
-            || header.ordinal != scanned.batches
-        {
+        if !header.is_valid() || header.ordinal != scanned.batches {
             break;
         }
         let mut payload = vec![0; header.payload_bytes as usize];
@@ -415,21 +452,7 @@ impl ReplicaFile {
                 ),
             });
         }
-        let mut header = RecordHeader {
-            magic: RECORD_MAGIC,
-            header_crc: 0,
-            ordinal: batch.ordinal,
-            global_start: batch.global_start,
-            client_id: batch.client_id,
-            batch_seq: batch.batch_seq,
-            session_epoch: batch.session_epoch,
-            payload_bytes: batch.payload.len() as u32,
-            message_count: batch.message_count,
-            checksum: batch.checksum,
-            broker: batch.broker,
-            reserved: [0; 6],
-        };
-        header.header_crc = header.crc();
+        let header = RecordHeader::for_batch(batch);
         self.push(bytemuck::bytes_of(&header));
         self.push(batch.payload);
         self.batches += 1;

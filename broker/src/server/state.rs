@@ -37,6 +37,9 @@ pub struct BrokerSettings {
     pub replication_factor: u8,
     /// Deadlines and limits for clients.
     pub limits: ClientLimits,
+    /// This broker's replica directory: its files serve subscribers the positions older
+    /// than the pool holds (`None`: it keeps no replicas).
+    pub history_dir: Option<std::path::PathBuf>,
 }
 
 /// Publisher clients whose session epochs a broker remembers.
@@ -538,6 +541,7 @@ mod tests {
             frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
             replication_factor: 1,
             limits: ClientLimits::default(),
+            history_dir: None,
         };
         let mut state = BrokerState::new(pool, settings, Arc::default());
         assert_eq!(state.enter_session(7, 3), Ok(()));

@@ -159,11 +159,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
         now: Timestamp,
     ) -> Result<(), Refusal> {
         let Found {
+            topic,
             config,
             mut reader,
             log_start,
             log_end,
-            ..
         } = found;
         let start = if from_position == wire::FROM_END {
             log_end
@@ -174,19 +174,23 @@ impl<M: SharedMemory + Clone> Connection<M> {
             let reason = format!("position {start} is beyond the end of the log ({log_end})");
             return Err(Refusal::new(ErrorCode::PositionBeyondEnd, reason));
         }
-        if start < log_start {
-            let reason =
-                format!("position {start} is no longer retained; the log starts at {log_start}");
-            return Err(Refusal::new(ErrorCode::PositionTruncated, reason));
-        }
-        reader.seek(start).map_err(|e| {
-            let code = match e {
-                ReadError::BeyondEnd { .. } => ErrorCode::PositionBeyondEnd,
-                ReadError::Truncated { .. } => ErrorCode::PositionTruncated,
-                _ => ErrorCode::Internal,
-            };
-            Refusal::new(code, e.to_string())
-        })?;
+        // Older than the pool holds: from this broker's replica file, then on from the pool.
+        let history = if start < log_start {
+            Some(open_history(topic, start, log_start, &reader, state)?)
+        } else {
+            reader.seek(start).map_err(|e| {
+                let code = match e {
+                    ReadError::BeyondEnd { .. } => ErrorCode::PositionBeyondEnd,
+                    ReadError::Truncated { .. } => ErrorCode::PositionTruncated,
+                    _ => ErrorCode::Internal,
+                };
+                Refusal::new(code, e.to_string())
+            })?;
+            None
+        };
+        let log_start = history
+            .as_ref()
+            .map_or(log_start, HistoryReader::start_position);
         let batch_bytes_max = state.settings().batch_bytes_max;
         self.send_frame(&Frame::HelloOk(HelloOkRepr {
             broker_id: state.settings().broker_id,
@@ -207,7 +211,47 @@ impl<M: SharedMemory + Clone> Connection<M> {
             retention: config.retention,
             progress_at: now,
             holding: true,
+            history,
+            next_position: start,
         }));
         Ok(())
     }
+}
+
+/// A reader of `topic` from `start` in this broker's replica file; refused with where the
+/// log really starts (and which brokers keep it on disk) when this broker has no replica
+/// of it or its replica starts later.
+fn open_history<M: SharedMemory + Clone>(
+    topic: TopicId,
+    start: u64,
+    log_start: u64,
+    reader: &LogReader<M>,
+    state: &BrokerState<M>,
+) -> Result<HistoryReader, Refusal> {
+    let truncated = |first: u64| {
+        let me = state.settings().broker_id;
+        let pool = reader.pool();
+        let brokers = u16::try_from(pool.geometry().brokers_max).unwrap_or(u16::MAX);
+        let elsewhere: Vec<String> = (0..brokers)
+            .filter(|&broker| broker != me && pool.replicated_by(topic, broker).0 > 0)
+            .map(|broker| broker.to_string())
+            .collect();
+        let mut reason =
+            format!("position {start} is no longer retained here; the log starts at {first}");
+        if !elsewhere.is_empty() {
+            reason += &format!(
+                " (brokers {} keep the topic on disk: subscribe there for older positions)",
+                elsewhere.join(", ")
+            );
+        }
+        Refusal::new(ErrorCode::PositionTruncated, reason)
+    };
+    let Some(dir) = &state.settings().history_dir else {
+        return Err(truncated(log_start));
+    };
+    HistoryReader::open(dir, topic, start).map_err(|e| match e {
+        HistoryError::NotReplicated { .. } => truncated(log_start),
+        HistoryError::BeforeStart { start: first, .. } => truncated(first.min(log_start)),
+        other => Refusal::new(ErrorCode::Internal, other.to_string()),
+    })
 }

@@ -23,6 +23,7 @@ use wire::{
 };
 
 use crate::metrics::Metrics;
+use crate::server::history::{HistoryError, HistoryReader};
 use crate::server::limits::ConnectionRefused;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use shared_log::Retention;

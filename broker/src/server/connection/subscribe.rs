@@ -17,6 +17,10 @@ pub(super) struct Subscriber<M> {
     pub(super) progress_at: Timestamp,
     /// Whether its position holds the log (see [`Connection::subscription`]).
     pub(super) holding: bool,
+    /// While it reads positions older than the pool holds: this broker's replica file.
+    pub(super) history: Option<HistoryReader>,
+    /// The position after the last batch delivered (where a switch to history resumes).
+    pub(super) next_position: u64,
 }
 
 impl<M: SharedMemory + Clone> Connection<M> {
@@ -25,7 +29,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
     /// with [`Retention::StallLimited`]) until it reads again.
     pub fn subscription(&self) -> Option<(TopicId, u64)> {
         match &self.role {
-            Peer::Subscriber(subscriber) if !self.closing && subscriber.holding => {
+            // Reading from disk, it holds nothing in the pool (its place there is gone).
+            Peer::Subscriber(subscriber)
+                if !self.closing && subscriber.holding && subscriber.history.is_none() =>
+            {
                 Some((subscriber.reader.topic(), subscriber.reader.next_ordinal()))
             }
             _ => None,
@@ -61,14 +68,50 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let output = &mut self.output;
         let mut last_batch_start = output.len();
         let mut oversize = None;
-        let result = subscriber
-            .reader
-            .poll_within(DELIVERIES_PER_POLL, room, |batch| {
-                last_batch_start = output.len();
-                if let Err(size) = encode_deliveries(output, batch, limit, positions) {
-                    oversize = Some(size);
+        let next_position = &mut subscriber.next_position;
+        let mut last_batch_position = *next_position;
+        let mut deliver = |batch: &OrderedBatch<'_>| {
+            last_batch_start = output.len();
+            last_batch_position = *next_position;
+            *next_position = batch.global_start + u64::from(batch.message_count);
+            if let Err(size) = encode_deliveries(output, batch, limit, positions) {
+                oversize = Some(size);
+            }
+        };
+        let result = match &mut subscriber.history {
+            Some(history) => {
+                let me = state.settings().broker_id;
+                let (durable, _) = subscriber
+                    .reader
+                    .pool()
+                    .replicated_by(subscriber.reader.topic(), me);
+                match history.poll(DELIVERIES_PER_POLL, room, durable, &mut deliver) {
+                    // Caught up with what is durable on disk: on from the pool (which falls
+                    // back here if that batch is gone from it too).
+                    Ok(0) if !history.is_seeking() => {
+                        subscriber.reader.set_next_ordinal(history.next_ordinal());
+                        subscriber.history = None;
+                        Ok(0)
+                    }
+                    Ok(delivered) => {
+                        state
+                            .metrics()
+                            .history_batches_delivered
+                            .fetch_add(delivered as u64, Ordering::Relaxed);
+                        Ok(delivered)
+                    }
+                    Err(e) => {
+                        let metrics = state.metrics();
+                        log::error!("connection {}: history: {e}", self.id);
+                        self.send_error(metrics, ErrorCode::Internal, None, &e.to_string());
+                        return;
+                    }
                 }
-            });
+            }
+            None => subscriber
+                .reader
+                .poll_within(DELIVERIES_PER_POLL, room, &mut deliver),
+        };
         let metrics = state.metrics();
         // Progress: it took deliveries, or has read everything there is.
         if result.is_ok() {
@@ -97,6 +140,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
             }
             Err(e @ (ReadError::Overwritten { .. } | ReadError::Truncated { .. })) => {
                 self.output.truncate(last_batch_start);
+                if let Some(history) = subscriber.reopen_history(last_batch_position, state) {
+                    subscriber.next_position = last_batch_position;
+                    subscriber.history = Some(history);
+                    return;
+                }
                 let reason = format!("the subscriber fell behind the retained log: {e}");
                 self.send_error(metrics, ErrorCode::PositionTruncated, None, &reason);
             }
@@ -106,6 +154,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
 }
 
 impl<M: SharedMemory + Clone> Subscriber<M> {
+    /// For a subscriber the pool left behind: this broker's replica file from `position` on,
+    /// if it keeps one that holds it.
+    fn reopen_history(&self, position: u64, state: &BrokerState<M>) -> Option<HistoryReader> {
+        let dir = state.settings().history_dir.as_ref()?;
+        HistoryReader::open(dir, self.reader.topic(), position).ok()
+    }
+
     /// A subscriber that took nothing for the stall limit stops holding the log (on topics
     /// with [`Retention::StallLimited`]).
     fn release_if_stalled(&mut self, connection: ConnId, state: &BrokerState<M>, now: Timestamp) {

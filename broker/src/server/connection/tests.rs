@@ -115,6 +115,7 @@ fn head_broker_with(
         frame_bytes_max: wire::FRAME_BYTES_DEFAULT,
         replication_factor,
         limits,
+        history_dir: None,
     };
     let metrics = Arc::new(Metrics::default());
     let state = BrokerState::new(pool.clone(), settings, Arc::clone(&metrics));

@@ -224,15 +224,29 @@ fn check_deliveries(
         e2e_from_intended_us: latency_histogram(),
         error: None,
     };
-    let mut subscriber = match Subscriber::connect(plan.subscriber_config(0)) {
+    // Subscribing after the publish: the publishers start at once, and what they expect is
+    // known before the subscriber connects.
+    let (early, early_rx) = crossbeam_channel::bounded(1);
+    let expectations = if plan.subscribe_after_publish {
+        let _ = ready.send(true);
+        if let Ok(list) = expectations.recv() {
+            let _ = early.send(list);
+        }
+        &early_rx
+    } else {
+        expectations
+    };
+    let connected = Subscriber::connect(plan.subscriber_config(0));
+    if !plan.subscribe_after_publish {
+        let _ = ready.send(connected.is_ok());
+    }
+    let mut subscriber = match connected {
         Ok(subscriber) => subscriber,
         Err(error) => {
             outcome.error = Some(format!("subscriber: {error}"));
-            let _ = ready.send(false);
             return outcome;
         }
     };
-    let _ = ready.send(true);
     let mut receipts = Receipts {
         verifier: Verifier::new(plan.order_check(), client_ids),
         e2e_from_intended_us: latency_histogram(),

@@ -220,6 +220,11 @@ pub(crate) struct Cli {
     /// receive every acknowledged message.
     #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
     pub(crate) drain_timeout_s: f64,
+    /// End-to-end: the subscriber connects (from position 0) only once the publishers
+    /// finished, so it reads the whole log back, from the brokers' replica files where the
+    /// pool no longer holds it.
+    #[arg(long)]
+    pub(crate) subscribe_after_publish: bool,
     /// Write the JSON summary to this file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

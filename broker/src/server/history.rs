@@ -1,0 +1,423 @@
+//! History from disk: a topic's batches older than the pool holds, read back from this
+//! broker's replica file in the same global order and with the same bytes.
+//!
+//! A [`HistoryReader`] does bounded work per call, so that a subscriber starting from an old
+//! position cannot hold the network loop: finding the batch that holds the wanted position
+//! skips at most [`HEADERS_PER_STEP`] record headers per call, and reading hands out at most
+//! the batches and bytes it is given. It reads only what the replica published as durable
+//! (its frontier in the pool, after `fdatasync`), never a record still being written, and
+//! checks each as the replica's own open does (header CRC, ordinal, payload CRC): a bad one
+//! there is damage, reported, never handed out.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytemuck::Zeroable;
+use shared_log::pool::TopicId;
+use shared_log::reader::OrderedBatch;
+
+use super::replica::{self, RECORD_HEADER_BYTES, RecordHeader};
+
+/// Record headers skipped per [`HistoryReader::poll`] while it looks for its start.
+pub const HEADERS_PER_STEP: usize = 4096;
+
+/// Why history cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// This broker keeps no replica of the topic.
+    #[error("this broker keeps no replica of topic {topic}")]
+    NotReplicated {
+        /// The topic.
+        topic: TopicId,
+    },
+    /// The replica starts after the position asked for.
+    #[error("position {position} is not on disk either: the replica starts at {start}")]
+    BeforeStart {
+        /// Position asked for.
+        position: u64,
+        /// First position the replica holds.
+        start: u64,
+    },
+    /// Reading the file failed.
+    #[error("replica {path}: {what}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A record that should be complete is damaged.
+    #[error("replica {path}: the record of batch {ordinal} at byte {offset} is damaged")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// Ordinal expected there.
+        ordinal: u64,
+        /// Its byte offset.
+        offset: u64,
+    },
+}
+
+/// A cursor over one topic's replica file, from the batch that holds a given position.
+#[derive(Debug)]
+pub struct HistoryReader {
+    path: PathBuf,
+    file: File,
+    /// Byte offset of the next record.
+    offset: u64,
+    /// Ordinal of the next record.
+    next_ordinal: u64,
+    /// While looking for the start: the position whose batch comes first.
+    seeking: Option<u64>,
+    /// The first position the file holds.
+    start_position: u64,
+}
+
+impl HistoryReader {
+    /// Opens the replica of `topic` in `dir` for reading from the batch that holds
+    /// `position`. Errors when there is no replica, or when it starts after `position`.
+    pub fn open(dir: &Path, topic: TopicId, position: u64) -> Result<HistoryReader, HistoryError> {
+        let path = replica::log_path(dir, topic);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(HistoryError::NotReplicated { topic });
+            }
+            Err(source) => {
+                return Err(HistoryError::Io {
+                    path,
+                    what: "open",
+                    source,
+                });
+            }
+        };
+        let mut reader = HistoryReader {
+            path,
+            file,
+            offset: 0,
+            next_ordinal: 0,
+            seeking: Some(position),
+            start_position: 0,
+        };
+        match reader.header_at(0)? {
+            None => Err(HistoryError::NotReplicated { topic }),
+            Some(first) if first.global_start > position => Err(HistoryError::BeforeStart {
+                position,
+                start: first.global_start,
+            }),
+            Some(first) => {
+                reader.next_ordinal = first.ordinal;
+                reader.start_position = first.global_start;
+                Ok(reader)
+            }
+        }
+    }
+
+    /// Ordinal of the next batch it hands out (meaningful once it found its start).
+    pub fn next_ordinal(&self) -> u64 {
+        self.next_ordinal
+    }
+
+    /// The first position the replica holds (where the log starts on disk).
+    pub fn start_position(&self) -> u64 {
+        self.start_position
+    }
+
+    /// Whether it is still looking for the batch it starts with.
+    pub fn is_seeking(&self) -> bool {
+        self.seeking.is_some()
+    }
+
+    /// The valid header at `offset`, or `None` where the file ends or a record is still
+    /// being written.
+    fn header_at(&self, offset: u64) -> Result<Option<RecordHeader>, HistoryError> {
+        let mut header = RecordHeader::zeroed();
+        if !self.read_at(bytemuck::bytes_of_mut(&mut header), offset)? {
+            return Ok(None);
+        }
+        Ok(header.is_valid().then_some(header))
+    }
+
+    /// Fills `buf` from `offset`; false when the file ends first.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, HistoryError> {
+        match self.file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(source) => Err(HistoryError::Io {
+                path: self.path.clone(),
+                what: "read",
+                source,
+            }),
+        }
+    }
+
+    /// The header of the next record, which is below the durable end: missing or damaged,
+    /// it is an error.
+    fn next_header(&self) -> Result<RecordHeader, HistoryError> {
+        match self.header_at(self.offset)? {
+            Some(header) if header.ordinal == self.next_ordinal => Ok(header),
+            _ => Err(self.damaged()),
+        }
+    }
+
+    fn damaged(&self) -> HistoryError {
+        HistoryError::Damaged {
+            path: self.path.clone(),
+            ordinal: self.next_ordinal,
+            offset: self.offset,
+        }
+    }
+
+    /// Skips records before the wanted position, at most [`HEADERS_PER_STEP`] and none at or
+    /// past `ordinal_end`; true once the next record is the first to hand out.
+    fn seek_step(&mut self, ordinal_end: u64) -> Result<bool, HistoryError> {
+        let Some(position) = self.seeking else {
+            return Ok(true);
+        };
+        for _ in 0..HEADERS_PER_STEP {
+            if self.next_ordinal >= ordinal_end {
+                return Ok(false);
+            }
+            let header = self.next_header()?;
+            if header.global_start + u64::from(header.message_count) > position {
+                self.seeking = None;
+                return Ok(true);
+            }
+            self.offset += (RECORD_HEADER_BYTES as u64) + u64::from(header.payload_bytes);
+            self.next_ordinal += 1;
+        }
+        Ok(false)
+    }
+
+    /// Hands the next batches in order to `f`: those below `ordinal_end` (the replica's
+    /// durable batches), at most `batches_max`, and no more once `bytes_max` payload bytes
+    /// went out (the first batch always goes). Returns how many; 0 while it looks for its
+    /// start or when it reached `ordinal_end`.
+    pub fn poll(
+        &mut self,
+        batches_max: usize,
+        bytes_max: u64,
+        ordinal_end: u64,
+        mut f: impl FnMut(&OrderedBatch<'_>),
+    ) -> Result<usize, HistoryError> {
+        if !self.seek_step(ordinal_end)? {
+            return Ok(0);
+        }
+        let (mut handed, mut bytes) = (0, 0u64);
+        let mut payload = Vec::new();
+        while handed < batches_max
+            && (handed == 0 || bytes < bytes_max)
+            && self.next_ordinal < ordinal_end
+        {
+            let header = self.next_header()?;
+            payload.resize(header.payload_bytes as usize, 0);
+            let payload_offset = self.offset + RECORD_HEADER_BYTES as u64;
+            if !self.read_at(&mut payload, payload_offset)?
+                || crc32c::crc32c(&payload) != header.checksum
+            {
+                return Err(self.damaged());
+            }
+            f(&header.batch(&payload));
+            self.offset = payload_offset + payload.len() as u64;
+            self.next_ordinal += 1;
+            handed += 1;
+            bytes += payload.len() as u64;
+        }
+        Ok(handed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::replica::ReplicaFile;
+    use units::Timestamp;
+
+    /// Batch `ordinal` of a test log: 3 messages each, payloads of varying sizes.
+    fn payload(ordinal: u64) -> Vec<u8> {
+        let message = vec![ordinal as u8; 100 + (ordinal as usize * 37) % 900];
+        let mut payload = Vec::new();
+        for _ in 0..3 {
+            payload.extend_from_slice(&(message.len() as u32).to_le_bytes());
+            payload.extend_from_slice(&message);
+        }
+        payload
+    }
+
+    fn batch(ordinal: u64, payload: &[u8]) -> OrderedBatch<'_> {
+        OrderedBatch {
+            ordinal,
+            global_start: ordinal * 3,
+            message_count: 3,
+            broker: 2,
+            client_id: 9,
+            session_epoch: 1,
+            batch_seq: ordinal,
+            checksum: crc32c::crc32c(payload),
+            payload,
+        }
+    }
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir()
+                .join(format!("embarcadero-history-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn write_log(dir: &Path, batches: u64) {
+        let mut file = ReplicaFile::open(dir, 0).unwrap();
+        for ordinal in 0..batches {
+            file.append(&batch(ordinal, &payload(ordinal)), Timestamp::now())
+                .unwrap();
+        }
+        file.sync().unwrap();
+    }
+
+    /// Every batch from `reader` on below `end`, as (ordinal, global_start, payload),
+    /// `per_poll` at a time.
+    fn read_all(reader: &mut HistoryReader, per_poll: usize, end: u64) -> Vec<(u64, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut idle = 0;
+        while idle < 3 {
+            let handed = reader
+                .poll(per_poll, u64::MAX, end, |b| {
+                    out.push((b.ordinal, b.global_start, b.payload.to_vec()))
+                })
+                .unwrap();
+            idle = if handed == 0 { idle + 1 } else { 0 };
+        }
+        out
+    }
+
+    #[test]
+    fn reads_from_the_batch_holding_the_position_in_order_with_the_bytes_written() {
+        let dir = TempDir::new("order");
+        write_log(&dir.0, 50);
+        for position in [0, 1, 2, 3, 77, 149] {
+            let mut reader = HistoryReader::open(&dir.0, 0, position).unwrap();
+            let read = read_all(&mut reader, 7, 50);
+            let first = position / 3;
+            assert_eq!(read.len() as u64, 50 - first, "from position {position}");
+            for (i, (ordinal, global_start, bytes)) in read.into_iter().enumerate() {
+                let expected = first + i as u64;
+                assert_eq!((ordinal, global_start), (expected, expected * 3));
+                assert_eq!(bytes, payload(expected), "batch {expected} intact");
+            }
+            assert_eq!(reader.next_ordinal(), 50);
+        }
+    }
+
+    #[test]
+    fn seeking_is_bounded_per_call() {
+        let dir = TempDir::new("bounded");
+        let batches = HEADERS_PER_STEP as u64 + 10;
+        write_log(&dir.0, batches);
+        let mut reader = HistoryReader::open(&dir.0, 0, (batches - 1) * 3).unwrap();
+        assert_eq!(
+            reader.poll(1, u64::MAX, batches, |_| {}).unwrap(),
+            0,
+            "first call only seeks"
+        );
+        assert!(reader.is_seeking());
+        assert_eq!(reader.next_ordinal(), HEADERS_PER_STEP as u64);
+        let mut got = Vec::new();
+        reader
+            .poll(1, u64::MAX, batches, |b| got.push(b.ordinal))
+            .unwrap();
+        assert_eq!(got, [batches - 1]);
+    }
+
+    #[test]
+    fn only_durable_batches_are_read_and_the_rest_when_they_become_durable() {
+        let dir = TempDir::new("durable");
+        write_log(&dir.0, 8);
+        let mut reader = HistoryReader::open(&dir.0, 0, 0).unwrap();
+        let read = read_all(&mut reader, 100, 5);
+        assert_eq!(read.len(), 5, "batches 5.. are not durable yet");
+        // A record in progress past the durable end (a torn header) is never looked at.
+        let path = replica::log_path(&dir.0, 0);
+        let end5: usize = (0..5).map(|o| RECORD_HEADER_BYTES + payload(o).len()).sum();
+        let full = std::fs::read(&path).unwrap();
+        let mut torn = full.clone();
+        torn[end5 + 3] ^= 0xFF;
+        std::fs::write(&path, &torn).unwrap();
+        assert_eq!(reader.poll(100, u64::MAX, 5, |_| {}).unwrap(), 0);
+        std::fs::write(&path, &full).unwrap();
+        let rest: Vec<u64> = read_all(&mut reader, 100, 8).iter().map(|r| r.0).collect();
+        assert_eq!(rest, [5, 6, 7], "the rest once durable");
+    }
+
+    #[test]
+    fn damage_inside_the_file_is_an_error_not_the_end() {
+        let dir = TempDir::new("damage");
+        write_log(&dir.0, 4);
+        let path = replica::log_path(&dir.0, 0);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // A payload byte of batch 1, which batches 2 and 3 follow.
+        let offset = RECORD_HEADER_BYTES * 2 + payload(0).len() + 5;
+        bytes[offset] ^= 0xFF;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut reader = HistoryReader::open(&dir.0, 0, 0).unwrap();
+        let mut got = Vec::new();
+        let result = reader.poll(100, u64::MAX, 4, |b| got.push(b.ordinal));
+        assert!(
+            matches!(result, Err(HistoryError::Damaged { ordinal: 1, .. })),
+            "{result:?}"
+        );
+        assert_eq!(got, [0]);
+    }
+
+    #[test]
+    fn no_replica_or_one_that_starts_later_is_refused() {
+        let dir = TempDir::new("refused");
+        assert!(matches!(
+            HistoryReader::open(&dir.0, 3, 0),
+            Err(HistoryError::NotReplicated { topic: 3 })
+        ));
+        // A file whose oldest records are gone: it starts at batch 7 (position 21).
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut bytes = Vec::new();
+        for ordinal in 7..10 {
+            let data = payload(ordinal);
+            let header = RecordHeader::for_batch(&batch(ordinal, &data));
+            bytes.extend_from_slice(bytemuck::bytes_of(&header));
+            bytes.extend_from_slice(&data);
+        }
+        std::fs::write(replica::log_path(&dir.0, 0), &bytes).unwrap();
+        assert!(matches!(
+            HistoryReader::open(&dir.0, 0, 20),
+            Err(HistoryError::BeforeStart {
+                position: 20,
+                start: 21
+            })
+        ));
+        let mut reader = HistoryReader::open(&dir.0, 0, 25).unwrap();
+        let read = read_all(&mut reader, 10, 10);
+        let ordinals: Vec<u64> = read.iter().map(|r| r.0).collect();
+        assert_eq!(ordinals, [8, 9]);
+    }
+
+    #[test]
+    fn bytes_max_bounds_a_poll_but_one_batch_always_goes() {
+        let dir = TempDir::new("bytes");
+        write_log(&dir.0, 10);
+        let mut reader = HistoryReader::open(&dir.0, 0, 0).unwrap();
+        assert_eq!(reader.poll(100, 1, 10, |_| {}).unwrap(), 1);
+        let two = (payload(1).len() + payload(2).len()) as u64;
+        assert_eq!(reader.poll(100, two, 10, |_| {}).unwrap(), 2);
+    }
+}
