@@ -82,6 +82,7 @@ fn settings(config: u8) -> BrokerSettings {
             subscriber_stall_ms: 50,
             close_timeout_ms: 100,
         },
+        history_dir: None,
     }
 }
 
