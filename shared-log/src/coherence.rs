@@ -57,6 +57,21 @@ pub trait SharedMemory {
     /// first) and may change under a concurrent writer: callers re-validate afterwards.
     fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R;
 
+    /// Like [`Self::with_bytes`] for several `(offset, len)` ranges at once (a vectored send
+    /// straight from the pool). By default each range is copied out through [`Self::read`].
+    fn with_byte_ranges<R>(&self, ranges: &[(u64, u64)], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        let copies: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let mut copy = vec![0; len as usize];
+                self.read(offset, &mut copy);
+                copy
+            })
+            .collect();
+        let slices: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
+        f(&slices)
+    }
+
     /// Calls `f` to fill the `len` bytes at `offset` in place (the receive path writes network
     /// payload straight into the pool this way). Flush afterwards to publish.
     fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R;
@@ -303,6 +318,19 @@ impl SharedMemory for PoolMemory {
         // moving a frontier that callers re-check after `f` returns, as documented on the trait.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len as usize) };
         f(bytes)
+    }
+
+    fn with_byte_ranges<R>(&self, ranges: &[(u64, u64)], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        let slices: Vec<&[u8]> = ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let ptr = self.ptr(offset, len);
+                // SAFETY: as in `with_bytes`: in bounds, mapped while `self` lives, and
+                // re-validated by the caller against the writer's frontier after `f`.
+                unsafe { std::slice::from_raw_parts(ptr, len as usize) }
+            })
+            .collect();
+        f(&slices)
     }
 
     fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {

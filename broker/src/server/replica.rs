@@ -815,6 +815,8 @@ mod tests {
             session_epoch: 3,
             batch_seq: ordinal,
             checksum: crc32c::crc32c(payload),
+            pool_offset: 0,
+            blog_offset: 0,
             payload,
         }
     }
