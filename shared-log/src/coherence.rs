@@ -491,4 +491,22 @@ mod tests {
         }
         assert!("simulated".parse::<CoherenceMode>().is_err());
     }
+
+    #[test]
+    fn byte_ranges_are_the_bytes_at_their_offsets_in_the_mapping_and_in_the_model() {
+        let region = std::sync::Arc::new(crate::heap::HeapRegion::new(4096));
+        let mapped = region.memory(CoherenceMode::Coherent);
+        let modelled = crate::sim::SimAgent::new(&crate::sim::SimMemory::new(4096));
+        let data: Vec<u8> = (0..=255).collect();
+        let ranges = [(64, 10), (1000, 0), (300, 200), (4000, 96)];
+        mapped.write(0, &data.repeat(16));
+        modelled.write(0, &data.repeat(16));
+        let expected: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|&(offset, len)| (offset..offset + len).map(|at| (at % 256) as u8).collect())
+            .collect();
+        let copy = |slices: &[&[u8]]| slices.iter().map(|s| s.to_vec()).collect::<Vec<_>>();
+        assert_eq!(mapped.with_byte_ranges(&ranges, copy), expected);
+        assert_eq!(modelled.with_byte_ranges(&ranges, copy), expected);
+    }
 }
