@@ -491,20 +491,45 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     self.overwritten_in_queue(payload, metrics)
                 }
                 Err(SendFailure::Torn(payload)) => {
-                    self.torn = true;
-                    if let Some(count) = Metrics::inc_logged(&metrics.deliveries_torn) {
-                        log::info!(
-                            "connection {}: batch {} was overwritten while its delivery was \
-                             being sent: connection reset ({count} so far)",
-                            self.id,
-                            payload.ordinal
-                        );
-                    }
+                    self.on_torn(payload, metrics);
                     return false;
                 }
             }
         }
-        true
+        self.keep_started_delivery(metrics)
+    }
+
+    /// A subscriber whose hold on the log no longer protects its queue (it was released, or
+    /// is closing) keeps the rest of a partly sent delivery in hand (see
+    /// `Output::detach_started_front`). Returns false when the connection must be reset.
+    fn keep_started_delivery(&mut self, metrics: &Metrics) -> bool {
+        if self.subscription().is_some() {
+            return true;
+        }
+        let Peer::Subscriber(subscriber) = &self.role else {
+            return true;
+        };
+        match self.output.detach_started_front(&subscriber.reader) {
+            Ok(()) => true,
+            Err(payload) => {
+                self.on_torn(payload, metrics);
+                false
+            }
+        }
+    }
+
+    /// Batch `payload` was overwritten while its delivery was partly sent: the connection is
+    /// reset.
+    fn on_torn(&mut self, payload: PoolPayload, metrics: &Metrics) {
+        self.torn = true;
+        if let Some(count) = Metrics::inc_logged(&metrics.deliveries_torn) {
+            log::info!(
+                "connection {}: batch {} was overwritten while its delivery was being sent: \
+                 connection reset ({count} so far)",
+                self.id,
+                payload.ordinal
+            );
+        }
     }
 
     /// Releases what the connection holds (a half-received batch, in the pool or in

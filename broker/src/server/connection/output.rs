@@ -181,8 +181,12 @@ impl Output {
                     if index > 0 {
                         break;
                     }
-                    // A started front is always owned (see `detach_started_front`).
+                    // A started front is owned once the log may overwrite it (see
+                    // `detach_started_front`): this one was overwritten while it was held.
                     let payload = *payload;
+                    if started > 0 {
+                        return Err(SendFailure::Torn(payload));
+                    }
                     self.drop_deliveries();
                     return Err(SendFailure::Overwritten(payload));
                 }
@@ -210,20 +214,18 @@ impl Output {
             }
         }
         self.consume(sent);
-        if let Some(reader) = reader {
-            self.detach_started_front(reader)?;
-        }
         Ok(sent)
     }
 
     /// A delivery whose frame has started to leave must be finished with its own bytes, even
-    /// if the log is overwritten before the stream takes the rest: its remainder is copied
-    /// out of the pool now (at most one per send, when the stream filled up mid-frame) and
-    /// checked after the copy like a send.
-    fn detach_started_front<M: SharedMemory>(
+    /// if the log is overwritten before the stream takes the rest. While the subscriber holds
+    /// the log its queue is safe; when it stops holding, the remainder of a partly sent front
+    /// (at most one delivery) is copied out of the pool and checked after the copy like a
+    /// send. Err: it was overwritten already, and the connection must be reset.
+    pub(super) fn detach_started_front<M: SharedMemory>(
         &mut self,
         reader: &LogReader<M>,
-    ) -> Result<(), SendFailure> {
+    ) -> Result<(), PoolPayload> {
         let started = self.front_sent;
         let Some(Piece::Delivery { header, payload }) = self.pieces.front() else {
             return Ok(());
@@ -242,7 +244,7 @@ impl Output {
             |bytes| rest.extend_from_slice(bytes),
         );
         if !HeldCheck::new(reader).held(payload) {
-            return Err(SendFailure::Torn(*payload));
+            return Err(*payload);
         }
         self.pieces[0] = Piece::Frames(rest);
         self.front_sent = 0;
@@ -314,8 +316,8 @@ impl Output {
         }
     }
 
-    /// Drops every queued delivery (the connection is ending with an Error about them); a
-    /// started front is owned, so none of them has started to leave.
+    /// Drops every queued delivery (the connection is ending with an Error about them); none
+    /// has started to leave.
     fn drop_deliveries(&mut self) {
         self.pieces
             .retain(|piece| matches!(piece, Piece::Frames(_)));

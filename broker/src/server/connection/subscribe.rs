@@ -52,9 +52,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
             return;
         };
         subscriber.release_if_stalled(self.id, state, now);
-        if self.output.is_full() {
+        // Released: the rest of a partly sent delivery is taken in hand before the log may
+        // be overwritten under it (the loop publishes the release after this).
+        if !self.keep_started_delivery(state.metrics()) || self.output.is_full() {
             return;
         }
+        let Peer::Subscriber(subscriber) = &mut self.role else {
+            return;
+        };
         let limit = subscriber.batch_bytes_max as usize;
         let positions = subscriber.positions;
         // Up to the high-water mark: a batch may overshoot it, but no more are added then.
