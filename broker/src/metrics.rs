@@ -86,6 +86,9 @@ pub struct Metrics {
     pub output_full_waits: AtomicU64,
     /// Closing connections dropped because their peer did not take the last bytes in time.
     pub close_deadlines_expired: AtomicU64,
+    /// Subscriber connections reset because a delivery's payload was overwritten in the log
+    /// while its frame was being sent (the bytes that left may be torn).
+    pub deliveries_torn: AtomicU64,
     /// Metrics endpoint: connections closed to make room for a newer one (the limit of
     /// [`EndpointLimits::connections_max`] was reached).
     pub metrics_connections_evicted: AtomicU64,
@@ -396,6 +399,12 @@ const SERIES: &[Series] = &[
         kind: "counter",
         help: "Closing connections dropped after --close-timeout-ms with output their peer did not take.",
         value: |m| &m.close_deadlines_expired,
+    },
+    Series {
+        name: "embarcadero_deliveries_torn_total",
+        kind: "counter",
+        help: "Subscriber connections reset: a delivery's payload was overwritten in the log while it was being sent.",
+        value: |m| &m.deliveries_torn,
     },
     Series {
         name: "embarcadero_metrics_connections_evicted_total",

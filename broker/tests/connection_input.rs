@@ -131,7 +131,7 @@ fn run(input: Vec<u8>, cuts: Vec<usize>) -> Vec<Frame> {
             connection.on_outcome(outcome, &metrics, now);
         }
         connection.flush_acks();
-        assert!(connection.on_writable(&mut stream));
+        assert!(connection.on_writable(&mut stream, &metrics));
         if input == InputState::Ended || connection.is_finished() {
             break;
         }

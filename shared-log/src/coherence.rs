@@ -57,6 +57,21 @@ pub trait SharedMemory {
     /// first) and may change under a concurrent writer: callers re-validate afterwards.
     fn with_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> R;
 
+    /// Like [`Self::with_bytes`] for several `(offset, len)` ranges at once (a vectored send
+    /// straight from the pool). By default each range is copied out through [`Self::read`].
+    fn with_byte_ranges<R>(&self, ranges: &[(u64, u64)], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        let copies: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let mut copy = vec![0; len as usize];
+                self.read(offset, &mut copy);
+                copy
+            })
+            .collect();
+        let slices: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
+        f(&slices)
+    }
+
     /// Calls `f` to fill the `len` bytes at `offset` in place (the receive path writes network
     /// payload straight into the pool this way). Flush afterwards to publish.
     fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R;
@@ -305,6 +320,19 @@ impl SharedMemory for PoolMemory {
         f(bytes)
     }
 
+    fn with_byte_ranges<R>(&self, ranges: &[(u64, u64)], f: impl FnOnce(&[&[u8]]) -> R) -> R {
+        let slices: Vec<&[u8]> = ranges
+            .iter()
+            .map(|&(offset, len)| {
+                let ptr = self.ptr(offset, len);
+                // SAFETY: as in `with_bytes`: in bounds, mapped while `self` lives, and
+                // re-validated by the caller against the writer's frontier after `f`.
+                unsafe { std::slice::from_raw_parts(ptr, len as usize) }
+            })
+            .collect();
+        f(&slices)
+    }
+
     fn fill_bytes<R>(&self, offset: u64, len: u64, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let ptr = self.ptr(offset, len);
         // SAFETY: the range is in bounds and this agent is its single writer: it reserved the
@@ -462,5 +490,23 @@ mod tests {
             assert_eq!(mode.to_string().parse::<CoherenceMode>(), Ok(mode));
         }
         assert!("simulated".parse::<CoherenceMode>().is_err());
+    }
+
+    #[test]
+    fn byte_ranges_are_the_bytes_at_their_offsets_in_the_mapping_and_in_the_model() {
+        let region = std::sync::Arc::new(crate::heap::HeapRegion::new(4096));
+        let mapped = region.memory(CoherenceMode::Coherent);
+        let modelled = crate::sim::SimAgent::new(&crate::sim::SimMemory::new(4096));
+        let data: Vec<u8> = (0..=255).collect();
+        let ranges = [(64, 10), (1000, 0), (300, 200), (4000, 96)];
+        mapped.write(0, &data.repeat(16));
+        modelled.write(0, &data.repeat(16));
+        let expected: Vec<Vec<u8>> = ranges
+            .iter()
+            .map(|&(offset, len)| (offset..offset + len).map(|at| (at % 256) as u8).collect())
+            .collect();
+        let copy = |slices: &[&[u8]]| slices.iter().map(|s| s.to_vec()).collect::<Vec<_>>();
+        assert_eq!(mapped.with_byte_ranges(&ranges, copy), expected);
+        assert_eq!(modelled.with_byte_ranges(&ranges, copy), expected);
     }
 }

@@ -72,6 +72,10 @@ pub struct OrderedBatch<'a> {
     pub batch_seq: u64,
     /// CRC-32C of the payload.
     pub checksum: u32,
+    /// Where the payload lies in the pool (a send straight from the pool names it so).
+    pub pool_offset: u64,
+    /// Its place in its broker's payload log (compared with [`LogReader::overwrite_limit`]).
+    pub blog_offset: u64,
     /// The payload: length-prefixed messages (see `wire::payload`).
     pub payload: &'a [u8],
 }
@@ -243,7 +247,10 @@ impl<M: SharedMemory> LogReader<M> {
         Ok(())
     }
 
-    fn overwrite_limit(&self, broker: u16) -> u64 {
+    /// The overwrite limit of `broker`'s payload log: payloads from this offset on are still
+    /// held. Writers move it before they overwrite, so bytes copied out before a read of it
+    /// that still covers them were intact (a seqlock's re-check).
+    pub fn overwrite_limit(&self, broker: u16) -> u64 {
         let geometry = self.pool.geometry();
         self.pool
             .read_frontier(geometry.frontier_offset(self.topic, broker, FRONTIER_WRITTEN))
@@ -330,6 +337,8 @@ impl<M: SharedMemory> LogReader<M> {
                         session_epoch: entry.session_epoch,
                         batch_seq: entry.batch_seq,
                         checksum: entry.checksum,
+                        pool_offset: offset,
+                        blog_offset: entry.blog_offset,
                         payload,
                     });
                     Ok(())

@@ -249,6 +249,8 @@ mod tests {
 
     fn batch(ordinal: u64, payload: &[u8]) -> OrderedBatch<'_> {
         OrderedBatch {
+            pool_offset: 0,
+            blog_offset: 0,
             ordinal,
             global_start: ordinal * 3,
             message_count: 3,

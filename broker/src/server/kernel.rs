@@ -299,6 +299,22 @@ impl Transport for KernelTransport {
         }
     }
 
+    fn reset(&mut self, id: ConnId) {
+        if let Some(mut socket) = self.sockets.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut socket.stream);
+            // Lingering for zero seconds makes the close below send RST and drop the unsent
+            // bytes, instead of sending them and a FIN.
+            if let Err(e) = socket2::SockRef::from(&socket.stream).set_linger(Some(Duration::ZERO))
+            {
+                log::warn!(
+                    "broker {}: cannot reset connection {id} ({e}): it is closed instead",
+                    self.broker
+                );
+                let _ = socket.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
     fn flush(&mut self, _now: Timestamp) -> bool {
         false
     }

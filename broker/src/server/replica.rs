@@ -96,9 +96,12 @@ impl RecordHeader {
         self.magic == RECORD_MAGIC && self.header_crc == self.crc()
     }
 
-    /// The batch this header describes, with `payload`.
+    /// The batch this header describes, with `payload` (read from the file: it has no
+    /// place in the pool, so its pool offsets are zero and never sent from).
     pub(crate) fn batch<'a>(&self, payload: &'a [u8]) -> OrderedBatch<'a> {
         OrderedBatch {
+            pool_offset: 0,
+            blog_offset: 0,
             ordinal: self.ordinal,
             global_start: self.global_start,
             message_count: self.message_count,
@@ -838,6 +841,8 @@ mod tests {
             session_epoch: 3,
             batch_seq: ordinal,
             checksum: crc32c::crc32c(payload),
+            pool_offset: 0,
+            blog_offset: 0,
             payload,
         }
     }

@@ -97,6 +97,9 @@ pub trait Transport {
     fn serviced(&mut self, id: ConnId, serviced: Serviced) -> bool;
     /// Closes connection `id`.
     fn close(&mut self, id: ConnId);
+    /// Ends connection `id` with a reset: what it has not sent yet is discarded, so that
+    /// nothing follows bytes that may be torn.
+    fn reset(&mut self, id: ConnId);
     /// Sends what the connections produced in this iteration. Returns whether anything
     /// happened.
     fn flush(&mut self, now: Timestamp) -> bool;
@@ -384,7 +387,11 @@ impl<T: Transport> ServeLoop<T> {
             if let Some(mut client) = self.clients.remove(&id) {
                 client.connection.on_closed(&mut self.state);
                 self.state.release_connection(client.address);
-                self.transport.close(id);
+                if client.connection.must_reset() {
+                    self.transport.reset(id);
+                } else {
+                    self.transport.close(id);
+                }
                 log::debug!(
                     "broker {}: connection {id} closed",
                     self.state.settings().broker_id

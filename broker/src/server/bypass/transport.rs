@@ -382,6 +382,20 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         }
     }
 
+    fn reset(&mut self, id: ConnId) {
+        if let Some(index) = self.active.remove(&id) {
+            let (handle, slot) = &mut self.slots[index];
+            let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+            if let Some(endpoint) = socket.remote_endpoint() {
+                let IpAddress::Ipv4(ip) = endpoint.addr;
+                self.device.connection_closed((ip, endpoint.port));
+            }
+            // smoltcp sends one RST at its next poll and drops the unsent bytes.
+            socket.abort();
+            *slot = Slot::Closing;
+        }
+    }
+
     fn flush(&mut self, now: Timestamp) -> bool {
         // Send what the protocol produced in this iteration at once.
         let worked = self.poll_iface(now);

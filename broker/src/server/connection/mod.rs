@@ -11,7 +11,7 @@
 //! minimum rate; a subscriber that stops reading stops holding the log.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -39,6 +39,27 @@ pub trait ByteStream {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes from `buf`; returns how much was taken.
     fn send(&mut self, buf: &[u8]) -> io::Result<usize>;
+
+    /// Writes from `bufs` in order (one vectored write where the stream has one); returns
+    /// how much was taken. By default, [`Self::send`] of each in turn until one is taken
+    /// short.
+    fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let mut taken = 0;
+        for buf in bufs {
+            match self.send(buf) {
+                Ok(n) => {
+                    taken += n;
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                // What was taken is reported; the error comes back on the next call.
+                Err(_) if taken > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(taken)
+    }
 }
 
 impl<T: io::Read + io::Write> ByteStream for T {
@@ -49,16 +70,14 @@ impl<T: io::Read + io::Write> ByteStream for T {
     fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write(buf)
     }
+
+    fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.write_vectored(bufs)
+    }
 }
 
 /// Bytes of read-ahead for frame headers and small frames.
 const INPUT_BUFFER_BYTES: usize = 64 * 1024;
-/// Subscribers get no more deliveries, and no connection's input is read, while this much
-/// output is queued (a peer that does not read its Acks is pushed back like a full pool).
-const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
-/// Sent output is dropped from the front of the queue once this much of it has piled up, so
-/// that a peer that always leaves a remainder unread does not make the queue grow for ever.
-const OUTPUT_COMPACT_BYTES: usize = 1 << 20;
 /// Deliveries produced per call, so one subscriber cannot starve the loop.
 const DELIVERIES_PER_POLL: usize = 64;
 /// Waiting this long for pool room counts as a receive stall in the metrics.
@@ -111,8 +130,7 @@ pub struct Connection<M> {
     input: Vec<u8>,
     input_start: usize,
     input_end: usize,
-    output: Vec<u8>,
-    output_start: usize,
+    output: Output,
     role: Peer<M>,
     /// Set once the connection must end after its output is sent (error or goodbye).
     closing: bool,
@@ -122,6 +140,9 @@ pub struct Connection<M> {
     closing_since: Option<Timestamp>,
     /// The peer did not take the last bytes within the close timeout: drop the connection.
     abandoned: bool,
+    /// A delivery's payload was overwritten while its frame was partly sent: the bytes that
+    /// left may be torn, so the connection is reset at once.
+    torn: bool,
     /// Input is paused because too much output is queued (counted once per episode).
     output_full: bool,
 }
@@ -135,11 +156,13 @@ fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
 
 mod control;
 mod handshake;
+mod output;
 mod publish;
 mod subscribe;
 #[cfg(test)]
 mod tests;
 
+use output::{Output, PoolPayload, SendFailure};
 use publish::{Publisher, Receiving, Step};
 use subscribe::Subscriber;
 
@@ -152,13 +175,13 @@ impl<M: SharedMemory + Clone> Connection<M> {
             input: vec![0; INPUT_BUFFER_BYTES],
             input_start: 0,
             input_end: 0,
-            output: Vec::new(),
-            output_start: 0,
+            output: Output::default(),
             role: Peer::Handshake,
             closing: false,
             handshake_deadline: Some(now + state.settings().limits.hello_timeout()),
             closing_since: None,
             abandoned: false,
+            torn: false,
             output_full: false,
         }
     }
@@ -170,16 +193,22 @@ impl<M: SharedMemory + Clone> Connection<M> {
 
     /// True once everything owed was sent and the connection should be closed.
     pub fn is_finished(&self) -> bool {
-        (self.closing && !self.has_output()) || self.abandoned
+        (self.closing && !self.has_output()) || self.abandoned || self.torn
+    }
+
+    /// True when the connection must end with a reset rather than a close: bytes it sent may
+    /// be torn, and none still queued may follow them.
+    pub fn must_reset(&self) -> bool {
+        self.torn
     }
 
     /// True when output is queued.
     pub fn has_output(&self) -> bool {
-        self.output_start < self.output.len()
+        !self.output.is_empty()
     }
 
     fn send_frame(&mut self, frame: &Frame) {
-        frame.encode(&mut self.output);
+        self.output.push_frame(frame);
     }
 
     /// Queues an Error frame; a closing code ends the connection once it is sent.
@@ -252,7 +281,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             if self.closing {
                 return InputState::Paused;
             }
-            if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+            if self.output.is_full() {
                 if !self.output_full {
                     self.output_full = true;
                     Metrics::inc(&state.metrics().output_full_waits);
@@ -351,7 +380,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     "connection {}: its peer did not take the last {} bytes within {} ms \
                      (--close-timeout-ms): dropped ({count} so far)",
                     self.id,
-                    self.output.len() - self.output_start,
+                    self.output.queued_bytes(),
                     timeout.as_millis()
                 );
             }
@@ -426,10 +455,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
             self.produce_deliveries(state, now);
         }
         if self.has_output() && writable {
-            let queued = self.output.len() - self.output_start;
-            service.ended |= !self.on_writable(stream);
+            let queued = self.output.queued_bytes();
+            service.ended |= !self.on_writable(stream, state.metrics());
             service.wrote = true;
-            let taken = queued - (self.output.len() - self.output_start);
+            let taken = queued.saturating_sub(self.output.queued_bytes());
             if taken > 0
                 && let Peer::Subscriber(subscriber) = &mut self.role
             {
@@ -442,28 +471,66 @@ impl<M: SharedMemory + Clone> Connection<M> {
         service
     }
 
-    /// Sends queued output; returns false when the stream failed.
-    pub fn on_writable<S: ByteStream>(&mut self, stream: &mut S) -> bool {
-        while self.output_start < self.output.len() {
-            match stream.send(&self.output[self.output_start..]) {
+    /// Sends queued output; returns false when the stream failed or the connection must
+    /// end at once (see [`Self::must_reset`]).
+    pub fn on_writable<S: ByteStream>(&mut self, stream: &mut S, metrics: &Metrics) -> bool {
+        while self.has_output() {
+            let reader = match &self.role {
+                Peer::Subscriber(subscriber) => Some(&subscriber.reader),
+                _ => None,
+            };
+            match self.output.send(stream, reader) {
                 Ok(0) => return false,
-                Ok(n) => self.output_start += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Ok(_) => {}
+                Err(SendFailure::Stream(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(SendFailure::Stream(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(SendFailure::Stream(e)) => {
                     log::info!("connection {}: send failed: {e}", self.id);
+                    return false;
+                }
+                Err(SendFailure::Overwritten(payload)) => {
+                    self.overwritten_in_queue(payload, metrics)
+                }
+                Err(SendFailure::Torn(payload)) => {
+                    self.on_torn(payload, metrics);
                     return false;
                 }
             }
         }
-        if self.output_start == self.output.len() {
-            self.output.clear();
-            self.output_start = 0;
-        } else if self.output_start >= OUTPUT_COMPACT_BYTES {
-            self.output.drain(..self.output_start);
-            self.output_start = 0;
+        self.keep_started_delivery(metrics)
+    }
+
+    /// A subscriber whose hold on the log no longer protects its queue (it was released, or
+    /// is closing) keeps the rest of a partly sent delivery in hand (see
+    /// `Output::detach_started_front`). Returns false when the connection must be reset.
+    fn keep_started_delivery(&mut self, metrics: &Metrics) -> bool {
+        if self.subscription().is_some() {
+            return true;
         }
-        true
+        let Peer::Subscriber(subscriber) = &self.role else {
+            return true;
+        };
+        match self.output.detach_started_front(&subscriber.reader) {
+            Ok(()) => true,
+            Err(payload) => {
+                self.on_torn(payload, metrics);
+                false
+            }
+        }
+    }
+
+    /// Batch `payload` was overwritten while its delivery was partly sent: the connection is
+    /// reset.
+    fn on_torn(&mut self, payload: PoolPayload, metrics: &Metrics) {
+        self.torn = true;
+        if let Some(count) = Metrics::inc_logged(&metrics.deliveries_torn) {
+            log::info!(
+                "connection {}: batch {} was overwritten while its delivery was being sent: \
+                 connection reset ({count} so far)",
+                self.id,
+                payload.ordinal
+            );
+        }
     }
 
     /// Releases what the connection holds (a half-received batch, in the pool or in

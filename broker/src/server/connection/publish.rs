@@ -710,7 +710,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 });
                 for frame in frames {
                     match frame {
-                        Ok(ack) => Frame::Ack(ack).encode(&mut self.output),
+                        Ok(ack) => self.output.push_frame(&Frame::Ack(ack)),
                         Err(e) => {
                             log::error!("connection {}: could not build an Ack: {e}", self.id)
                         }

@@ -1,6 +1,6 @@
 //! A subscriber's side of a connection: deliveries in global order, split at message
-//! boundaries, up to the output high-water mark; a subscriber that stops reading stops
-//! holding the log.
+//! boundaries, queued as references into the pool up to the output high-water mark; a
+//! subscriber that stops reading stops holding the log.
 
 use super::*;
 use shared_log::reader::OrderedBatch;
@@ -24,16 +24,21 @@ pub(super) struct Subscriber<M> {
 }
 
 impl<M: SharedMemory + Clone> Connection<M> {
-    /// For a subscriber that holds the log: its topic and the ordinal of the next batch it
-    /// needs. A subscriber that took nothing for the stall limit holds nothing (on topics
-    /// with [`Retention::StallLimited`]) until it reads again.
+    /// For a subscriber that holds the log: its topic and the ordinal of the oldest batch it
+    /// needs (queued deliveries are sent from the pool, so they count). A subscriber that
+    /// took nothing for the stall limit holds nothing (on topics with
+    /// [`Retention::StallLimited`]) until it reads again.
     pub fn subscription(&self) -> Option<(TopicId, u64)> {
         match &self.role {
             // Reading from disk, it holds nothing in the pool (its place there is gone).
             Peer::Subscriber(subscriber)
                 if !self.closing && subscriber.holding && subscriber.history.is_none() =>
             {
-                Some((subscriber.reader.topic(), subscriber.reader.next_ordinal()))
+                let oldest = self
+                    .output
+                    .first_ordinal()
+                    .unwrap_or_else(|| subscriber.reader.next_ordinal());
+                Some((subscriber.reader.topic(), oldest))
             }
             _ => None,
         }
@@ -54,27 +59,33 @@ impl<M: SharedMemory + Clone> Connection<M> {
             return;
         };
         subscriber.release_if_stalled(self.id, state, now);
-        if self.output.len() - self.output_start > OUTPUT_HIGH_WATER_BYTES {
+        // Released: the rest of a partly sent delivery is taken in hand before the log may
+        // be overwritten under it (the loop publishes the release after this).
+        if !self.keep_started_delivery(state.metrics()) || self.output.is_full() {
             return;
         }
-        if self.output_start > 0 && self.output_start == self.output.len() {
-            self.output.clear();
-            self.output_start = 0;
-        }
+        let Peer::Subscriber(subscriber) = &mut self.role else {
+            return;
+        };
         let limit = subscriber.batch_bytes_max as usize;
         let positions = subscriber.positions;
         // Up to the high-water mark: a batch may overshoot it, but no more are added then.
-        let room = (OUTPUT_HIGH_WATER_BYTES + self.output_start - self.output.len()) as u64;
+        let room = self.output.room_bytes() as u64;
         let output = &mut self.output;
-        let mut last_batch_start = output.len();
+        // Whether it had taken everything it was given (its queued deliveries hold the log).
+        let caught_up = output.first_ordinal().is_none();
+        let mut last_batch_start = output.mark();
         let mut oversize = None;
         let next_position = &mut subscriber.next_position;
         let mut last_batch_position = *next_position;
+        // Batches from the pool are queued as references into it; those read from disk
+        // are copied into the queue.
+        let from_pool = subscriber.history.is_none();
         let mut deliver = |batch: &OrderedBatch<'_>| {
-            last_batch_start = output.len();
+            last_batch_start = output.mark();
             last_batch_position = *next_position;
             *next_position = batch.global_start + u64::from(batch.message_count);
-            if let Err(size) = encode_deliveries(output, batch, limit, positions) {
+            if let Err(size) = queue_deliveries(output, batch, limit, positions, from_pool) {
                 oversize = Some(size);
             }
         };
@@ -113,8 +124,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 .poll_within(DELIVERIES_PER_POLL, room, &mut deliver),
         };
         let metrics = state.metrics();
-        // Progress: it took deliveries, or has read everything there is.
-        if result.is_ok() {
+        // Progress: it had taken everything queued for it, and reads on. Bytes taken from the
+        // queue count too (`service`).
+        if result.is_ok() && caught_up {
             subscriber.progress_at = now;
             if !subscriber.holding {
                 subscriber.holding = true;
@@ -151,6 +163,26 @@ impl<M: SharedMemory + Clone> Connection<M> {
             Err(e) => self.send_error(metrics, ErrorCode::Internal, None, &e.to_string()),
         }
     }
+
+    /// A queued delivery's payload was overwritten before any of its frame left: the
+    /// subscriber is told as if its reader had found it so (the queue dropped it and every
+    /// delivery after it).
+    pub(super) fn overwritten_in_queue(&mut self, payload: PoolPayload, metrics: &Metrics) {
+        let Peer::Subscriber(subscriber) = &self.role else {
+            return;
+        };
+        // Already ending: its Error (or Goodbye) is queued.
+        if self.closing {
+            return;
+        }
+        let error = ReadError::Truncated {
+            ordinal: payload.ordinal,
+            global_start: payload.global_start,
+            log_start: subscriber.reader.log_start(),
+        };
+        let reason = format!("the subscriber fell behind the retained log: {error}");
+        self.send_error(metrics, ErrorCode::PositionTruncated, None, &reason);
+    }
 }
 
 impl<M: SharedMemory + Clone> Subscriber<M> {
@@ -184,16 +216,19 @@ impl<M: SharedMemory + Clone> Subscriber<M> {
     }
 }
 
-/// Appends the delivery frames of `batch` to `output`: one, or several split at message
-/// boundaries when it is larger than the subscriber's `limit`. Err: a single message
-/// larger than the limit (its size), which no delivery can carry.
-fn encode_deliveries(
-    output: &mut Vec<u8>,
+/// Queues the deliveries of `batch` on `output`, their payloads left in the pool (copied
+/// into the queue when the batch was read from disk, not `from_pool`): one, or several
+/// split at message boundaries when it is larger than the subscriber's `limit`. Err: a
+/// single message larger than the limit (its size), which no delivery can carry.
+fn queue_deliveries(
+    output: &mut Output,
     batch: &OrderedBatch<'_>,
     limit: usize,
     positions: bool,
+    from_pool: bool,
 ) -> Result<(), usize> {
-    let mut emit = |payload: &[u8], message_count: u32, global_start: u64| {
+    let mut emit = |range: std::ops::Range<usize>, message_count: u32, global_start: u64| {
+        let payload = &batch.payload[range.clone()];
         let header = DeliveryHeaderRepr {
             global_start: positions.then_some(global_start),
             message_count,
@@ -208,11 +243,26 @@ fn encode_deliveries(
             batch_seq: batch.batch_seq,
             session_epoch: batch.session_epoch,
         };
-        output.extend_from_slice(&header.frame_prefix());
-        output.extend_from_slice(payload);
+        if !from_pool {
+            output.push_owned_delivery(header.frame_prefix(), payload);
+            return;
+        }
+        let payload = PoolPayload {
+            ordinal: batch.ordinal,
+            global_start: batch.global_start,
+            broker: batch.broker,
+            blog_offset: batch.blog_offset,
+            pool_offset: batch.pool_offset + range.start as u64,
+            len: payload.len() as u64,
+        };
+        output.push_delivery(header.frame_prefix(), payload);
     };
     if batch.payload.len() <= limit {
-        emit(batch.payload, batch.message_count, batch.global_start);
+        emit(
+            0..batch.payload.len(),
+            batch.message_count,
+            batch.global_start,
+        );
         return Ok(());
     }
     let (mut from, mut count, mut position, mut start_position) =
@@ -224,7 +274,7 @@ fn encode_deliveries(
             return Err(size);
         }
         if at + size - from > limit {
-            emit(&batch.payload[from..at], count, start_position);
+            emit(from..at, count, start_position);
             from = at;
             count = 0;
             start_position = position;
@@ -233,6 +283,6 @@ fn encode_deliveries(
         count += 1;
         position += 1;
     }
-    emit(&batch.payload[from..at], count, start_position);
+    emit(from..at, count, start_position);
     Ok(())
 }

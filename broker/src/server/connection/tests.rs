@@ -12,12 +12,14 @@ use shared_log::coherence::PoolMemory;
 use shared_log::sequencer::{Sequencer, SequencerConfig};
 
 /// Everything to read at once, then `WouldBlock` (end of stream once `closed`); takes
-/// all output, or none while `stalled` (a peer that does not read).
+/// all output, or none while `stalled` (a peer that does not read), and calls `during` as it
+/// copies the first bytes (a writer lapping the log while the kernel copies a delivery).
 struct Pipe {
     input: Vec<u8>,
     output: Vec<u8>,
     closed: bool,
     stalled: bool,
+    during: Option<Box<dyn FnOnce()>>,
 }
 
 impl Pipe {
@@ -27,6 +29,7 @@ impl Pipe {
             output: Vec::new(),
             closed: false,
             stalled: false,
+            during: None,
         }
     }
 }
@@ -51,6 +54,9 @@ impl ByteStream for Pipe {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.output.extend_from_slice(buf);
+        if let Some(during) = self.during.take() {
+            during();
+        }
         Ok(buf.len())
     }
 }
@@ -423,4 +429,77 @@ fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
         "{frames:?}"
     );
     assert_eq!(frames[3..], [Frame::Goodbye], "{frames:?}");
+}
+
+/// A subscriber Hello for topic "gaps" from position 0.
+fn subscriber_hello() -> Vec<u8> {
+    Frame::Hello(HelloRepr {
+        role: Role::Subscribe {
+            from_position: 0,
+            batch_bytes_max: 0,
+        },
+        order: Order::TotalSessionFifo,
+        ack: AckLevel::FireAndForget,
+        client_id: 8,
+        session_epoch: 1,
+        topic: Topic::new("gaps").unwrap(),
+    })
+    .to_bytes()
+}
+
+/// Publishes and orders one batch on "gaps", then moves the writer's overwrite limit past
+/// it (returned as a closure: the lap), as a writer that wrapped the log would.
+fn one_batch_and_a_lap(
+    state: &mut BrokerState<PoolMemory>,
+    sequencer: &mut Sequencer<PoolMemory>,
+) -> impl FnOnce() + 'static {
+    let mut publisher = Connection::new(1, state, Timestamp::ZERO);
+    let mut pipe = Pipe::new(publisher_stream(0, false));
+    publisher.service(&mut pipe, state, Timestamp::ZERO, true, true);
+    sequencer.refresh_topics().unwrap();
+    assert_eq!(sequencer.poll(Timestamp::ZERO), 1, "the batch was ordered");
+    let pool = state.pool().clone();
+    move || {
+        let offset = pool
+            .geometry()
+            .frontier_offset(0, 0, shared_log::layout::FRONTIER_WRITTEN);
+        let (next, _) = pool.read_frontier(offset);
+        pool.write_frontier(offset, next, u64::MAX);
+    }
+}
+
+#[test]
+fn a_delivery_overwritten_while_it_is_sent_resets_the_connection() {
+    let (mut state, mut sequencer, metrics) = head_broker(1);
+    let lap = one_batch_and_a_lap(&mut state, &mut sequencer);
+    let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
+    // The socket takes the HelloOk and the delivery, and the log is overwritten while it
+    // copies them.
+    let mut pipe = Pipe::new(subscriber_hello());
+    pipe.during = Some(Box::new(lap));
+    let service = subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
+    assert!(service.ended, "the connection ends at once");
+    assert!(subscriber.must_reset(), "with a reset, so nothing follows");
+    assert_eq!(metrics.deliveries_torn.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_queued_delivery_overwritten_before_it_is_sent_is_reported_and_never_sent() {
+    let (mut state, mut sequencer, _metrics) = head_broker(1);
+    let lap = one_batch_and_a_lap(&mut state, &mut sequencer);
+    let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
+    // The delivery is queued while the subscriber's socket takes nothing.
+    let mut pipe = Pipe::new(subscriber_hello());
+    pipe.stalled = true;
+    subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
+    assert!(subscriber.has_output() && pipe.output.is_empty());
+    lap();
+    pipe.stalled = false;
+    let service = subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, false, true);
+    assert!(service.ended && !subscriber.must_reset());
+    let frames = frames(&pipe.output);
+    assert!(
+        matches!(&frames[..], [Frame::HelloOk(_), Frame::Error(e)] if e.code == ErrorCode::PositionTruncated),
+        "{frames:?}"
+    );
 }
