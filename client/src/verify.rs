@@ -1,26 +1,32 @@
 //! Self-checking messages for load tests, and the [`Verifier`] that checks delivered ones
 //! for corruption, exactly-once delivery and order, without the sender's memory.
 //!
-//! A message is a 16-byte header followed by a deterministic pattern:
+//! A message is a checksum, a deterministic pattern and the message's identity (16 bytes of
+//! fields in all):
 //!
 //! ```text
-//! offset size field
-//!      0    4 crc32c     CRC-32C of every byte after this field (header rest and pattern)
-//!      4    4 publisher  index of the publishing thread (0, 1, ...)
-//!      8    8 seq        the message's sequence within its publisher (0, 1, ...)
-//!     16    n pattern    bytes that depend on (publisher, seq), to the message length
+//! offset   size field
+//!      0      4 crc32c     CRC-32C of every byte after this field (pattern and identity)
+//!      4      n pattern    bytes that depend on (publisher, seq), to the message length
+//!    4+n      4 publisher  index of the publishing thread (0, 1, ...)
+//!    8+n      8 seq        the message's sequence within its publisher (0, 1, ...)
 //! ```
 //!
-//! All integers are little endian. The checksum covers the publisher and sequence fields
-//! too, so a corrupted header is caught like corrupted content.
+//! All integers are little endian. The checksum covers the identity too, so a corrupted
+//! identity is caught like corrupted content. The identity comes last so that a publisher
+//! computes the checksum from the pattern's, kept per pattern, and the 12 identity bytes:
+//! a load generator must not spend its core on checksums of bytes it made itself.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-/// Size of the message header (checksum, publisher index, sequence).
+/// Bytes of a message's own fields (checksum, publisher index, sequence): the shortest
+/// message.
 pub const MESSAGE_HEADER_BYTES: usize = 16;
+/// Bytes of the identity at the end of a message (publisher index, sequence).
+const IDENTITY_BYTES: usize = 12;
 
 /// Largest message sequence the verifier tracks (its bitmap grows with the sequence).
 pub const SEQ_LIMIT: u64 = 1 << 32;
@@ -62,6 +68,8 @@ const PATTERN_PERIOD: usize = 251;
 pub struct MessageFactory {
     publisher: u32,
     pattern: Vec<u8>,
+    /// CRC-32C of the pattern as placed in a message, per pattern offset.
+    pattern_crcs: Vec<u32>,
     message: Vec<u8>,
 }
 
@@ -74,24 +82,31 @@ impl MessageFactory {
         }
         let body = message_bytes - MESSAGE_HEADER_BYTES;
         let salt = publisher.wrapping_mul(0x9e37_79b9);
-        let pattern = (0..body + PATTERN_PERIOD)
+        let pattern: Vec<u8> = (0..body + PATTERN_PERIOD)
             .map(|i| ((i as u32).wrapping_mul(131) ^ salt ^ (i as u32 >> 8)) as u8)
+            .collect();
+        let pattern_crcs = (0..PATTERN_PERIOD)
+            .map(|offset| wire::payload::checksum(&pattern[offset..offset + body]))
             .collect();
         Some(MessageFactory {
             publisher,
             pattern,
+            pattern_crcs,
             message: vec![0; message_bytes],
         })
     }
 
     /// Message `seq` of this publisher.
     pub fn message(&mut self, seq: u64) -> &[u8] {
-        let body = self.message.len() - MESSAGE_HEADER_BYTES;
+        let end = self.message.len();
+        let body = end - MESSAGE_HEADER_BYTES;
         let offset = (seq % PATTERN_PERIOD as u64) as usize;
-        self.message[MESSAGE_HEADER_BYTES..].copy_from_slice(&self.pattern[offset..offset + body]);
-        self.message[4..8].copy_from_slice(&self.publisher.to_le_bytes());
-        self.message[8..16].copy_from_slice(&seq.to_le_bytes());
-        let crc = wire::payload::checksum(&self.message[4..]);
+        let identity = end - IDENTITY_BYTES;
+        self.message[4..identity].copy_from_slice(&self.pattern[offset..offset + body]);
+        self.message[identity..identity + 4].copy_from_slice(&self.publisher.to_le_bytes());
+        self.message[identity + 4..].copy_from_slice(&seq.to_le_bytes());
+        let crc =
+            wire::payload::checksum_append(self.pattern_crcs[offset], &self.message[identity..]);
         self.message[..4].copy_from_slice(&crc.to_le_bytes());
         &self.message
     }
@@ -107,10 +122,11 @@ pub fn decode_message(message: &[u8]) -> Result<MessageId, MessageError> {
     if stored != computed {
         return Err(MessageError::Checksum { stored, computed });
     }
+    let identity = message.len() - IDENTITY_BYTES;
     let mut publisher = [0u8; 4];
-    publisher.copy_from_slice(&header[4..8]);
+    publisher.copy_from_slice(&message[identity..identity + 4]);
     let mut seq = [0u8; 8];
-    seq.copy_from_slice(&header[8..16]);
+    seq.copy_from_slice(&message[identity + 4..]);
     Ok(MessageId {
         publisher: u32::from_le_bytes(publisher),
         seq: u64::from_le_bytes(seq),
@@ -380,6 +396,21 @@ mod tests {
         assert_eq!(MessageFactory::new(3, 100).unwrap().message(1), &second[..]);
         assert!(MessageFactory::new(0, 15).is_none());
         assert_eq!(MessageFactory::new(0, 16).unwrap().message(9).len(), 16);
+    }
+
+    #[test]
+    fn every_pattern_offset_gives_a_message_whose_checksum_holds() {
+        for bytes in [16, 17, 100, 1024] {
+            let mut factory = MessageFactory::new(7, bytes).unwrap();
+            for seq in 0..(2 * PATTERN_PERIOD as u64 + 3) {
+                let message = factory.message(seq);
+                assert_eq!(
+                    decode_message(message),
+                    Ok(MessageId { publisher: 7, seq }),
+                    "{bytes}-byte message {seq}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -137,6 +137,11 @@ pub fn checksum(payload: &[u8]) -> u32 {
     crc32c::crc32c(payload)
 }
 
+/// The checksum of `a` followed by `more`, from `checksum(a)`.
+pub fn checksum_append(checksum_so_far: u32, more: &[u8]) -> u32 {
+    crc32c::crc32c_append(checksum_so_far, more)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
