@@ -418,6 +418,9 @@ pub struct Socket<'a> {
     rtte: RttEstimator,
     assembler: Assembler,
     rx_buffer: SocketBuffer<'a>,
+    /// Memory posted by the application for in-order payload to go to directly, bypassing
+    /// `rx_buffer` (see [`Socket::set_recv_target`]).
+    recv_target: Option<RecvTarget<'a>>,
     rx_fin_received: bool,
     tx_buffer: SocketBuffer<'a>,
     /// Interval after which, if no inbound packets are received, the connection is aborted.
@@ -494,6 +497,14 @@ pub struct Socket<'a> {
     tx_waker: WakerRegistration,
 }
 
+/// A receive target: application memory that in-order payload is written to directly,
+/// and how much of it is filled.
+#[derive(Debug)]
+struct RecvTarget<'a> {
+    buffer: &'a mut [u8],
+    filled: usize,
+}
+
 const DEFAULT_MSS: usize = 536;
 
 impl<'a> Socket<'a> {
@@ -523,6 +534,7 @@ impl<'a> Socket<'a> {
             assembler: Assembler::new(),
             tx_buffer,
             rx_buffer,
+            recv_target: None,
             rx_fin_received: false,
             timeout: None,
             keep_alive: None,
@@ -1312,6 +1324,72 @@ impl<'a> Socket<'a> {
         self.rx_buffer.len()
     }
 
+    /// Post `target` as the place where received payload goes directly, without passing
+    /// through the receive buffer, and return the target posted before, if any, with the
+    /// number of octets written to it.
+    ///
+    /// While a target is posted and has room, a segment whose payload starts at the next
+    /// expected sequence number, arriving while the receive buffer is empty and no
+    /// out-of-order data is held, has as much of its payload as fits written to the unfilled
+    /// part of the target; those octets count as received *and read* (the acknowledgement
+    /// number moves past them, the advertised window does not shrink for them). The rest of
+    /// the payload, and every other segment, takes the usual path into the receive buffer,
+    /// so octets are always delivered in order: first what the target holds, then what
+    /// [`recv`](#method.recv) and the like return.
+    ///
+    /// The target stays posted, whatever happens to the connection, until it is taken back
+    /// with [`take_recv_target`](#method.take_recv_target) or replaced by another call to
+    /// this function. This saves one copy of every octet for an application that knows
+    /// where the next octets of the stream belong (for example the body of a message whose
+    /// length a header announced).
+    ///
+    /// Note that the Berkeley sockets interface does not have an equivalent of this API.
+    pub fn set_recv_target(&mut self, target: &'a mut [u8]) -> Option<(&'a mut [u8], usize)> {
+        let previous = self.take_recv_target();
+        self.recv_target = Some(RecvTarget {
+            buffer: target,
+            filled: 0,
+        });
+        previous
+    }
+
+    /// Take back the target posted by [`set_recv_target`](#method.set_recv_target), with
+    /// the number of octets written to it: its first `filled` octets are the stream's next
+    /// octets, before anything still in the receive buffer.
+    pub fn take_recv_target(&mut self) -> Option<(&'a mut [u8], usize)> {
+        self.recv_target
+            .take()
+            .map(|target| (target.buffer, target.filled))
+    }
+
+    /// Write the in-order head of `payload` (which starts `payload_offset` octets after
+    /// the first octet not yet received) to the receive target, when one is posted and the
+    /// stream has nothing buffered. Return what is left for the receive buffer and its
+    /// offset.
+    fn place_in_recv_target<'p>(
+        &mut self,
+        payload: &'p [u8],
+        payload_offset: usize,
+    ) -> (&'p [u8], usize) {
+        let Some(target) = self.recv_target.as_mut() else {
+            return (payload, payload_offset);
+        };
+        if payload_offset != 0 || !self.rx_buffer.is_empty() || !self.assembler.is_empty() {
+            return (payload, payload_offset);
+        }
+        let placed = payload.len().min(target.buffer.len() - target.filled);
+        target.buffer[target.filled..target.filled + placed].copy_from_slice(&payload[..placed]);
+        target.filled += placed;
+        // The octets are the application's now: the window starts after them.
+        self.remote_seq_no += placed;
+        if placed > 0 {
+            tcp_trace!("recv target: placed {} octets", placed);
+            #[cfg(feature = "async")]
+            self.rx_waker.wake();
+        }
+        (&payload[placed..], 0)
+    }
+
     fn set_state(&mut self, state: State) {
         if self.state != state {
             tcp_trace!("state={}=>{}", self.state, state);
@@ -2029,12 +2107,13 @@ impl<'a> Socket<'a> {
             self.last_remote_tsval = timestamp.tsval;
         }
 
-        let payload_len = payload.len();
-        if payload_len == 0 {
+        if payload.is_empty() {
             return None;
         }
 
         let assembler_was_empty = self.assembler.is_empty();
+        let (payload, payload_offset) = self.place_in_recv_target(payload, payload_offset);
+        let payload_len = payload.len();
 
         // Try adding payload octets to the assembler.
         let Ok(contig_len) = self
@@ -7158,6 +7237,197 @@ mod test {
             (buffer.len(), ())
         })
         .unwrap();
+    }
+
+    // =========================================================================================//
+    // Tests for the receive target
+    // =========================================================================================//
+
+    fn recv_target(len: usize) -> &'static mut [u8] {
+        Box::leak(vec![0; len].into_boxed_slice())
+    }
+
+    fn send_data(mut s: &mut TestSocket, offset: usize, payload: &'static [u8]) {
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + offset,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload,
+                ..SEND_TEMPL
+            }
+        );
+    }
+
+    fn recv_ack(mut s: &mut TestSocket, acked: usize, window_len: u16) {
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + acked),
+                window_len,
+                ..RECV_TEMPL
+            }]
+        );
+    }
+
+    fn take_target(s: &mut TestSocket) -> (Vec<u8>, usize) {
+        let (buffer, filled) = s.take_recv_target().expect("a target is posted");
+        (buffer[..filled].to_vec(), filled)
+    }
+
+    #[test]
+    fn test_recv_target_in_order() {
+        let mut s = socket_established();
+        assert!(s.take_recv_target().is_none());
+        assert!(s.set_recv_target(recv_target(10)).is_none());
+        send_data(&mut s, 0, b"abcdef");
+        // Acknowledged, and the window is whole: the octets are not buffered.
+        recv_ack(&mut s, 6, 64);
+        assert_eq!(s.recv_queue(), 0);
+        assert!(!s.can_recv());
+        assert_eq!(take_target(&mut s), (b"abcdef".to_vec(), 6));
+        assert!(s.take_recv_target().is_none());
+    }
+
+    #[test]
+    fn test_recv_target_smaller_than_segment() {
+        let mut s = socket_established();
+        s.set_recv_target(recv_target(4));
+        send_data(&mut s, 0, b"abcdef");
+        recv_ack(&mut s, 6, 62);
+        assert_eq!(take_target(&mut s), (b"abcd".to_vec(), 4));
+        let mut rest = [0; 8];
+        assert_eq!(s.recv_slice(&mut rest), Ok(2));
+        assert_eq!(&rest[..2], b"ef");
+    }
+
+    #[test]
+    fn test_recv_target_full() {
+        let mut s = socket_established();
+        s.set_recv_target(recv_target(3));
+        send_data(&mut s, 0, b"abc");
+        recv_ack(&mut s, 3, 64);
+        send_data(&mut s, 3, b"def");
+        recv_ack(&mut s, 6, 61);
+        // Replacing the target hands back the full one.
+        let (full, filled) = s.set_recv_target(recv_target(8)).expect("posted");
+        assert_eq!((&full[..filled], filled), (&b"abc"[..], 3));
+        // Buffered octets come first: the new target stays empty until they are read.
+        send_data(&mut s, 6, b"ghi");
+        recv_ack(&mut s, 9, 58);
+        assert_eq!(s.recv_queue(), 6);
+        let mut rest = [0; 8];
+        assert_eq!(s.recv_slice(&mut rest), Ok(6));
+        assert_eq!(&rest[..6], b"defghi");
+        send_data(&mut s, 9, b"jk");
+        recv_ack(&mut s, 11, 64);
+        assert_eq!(take_target(&mut s), (b"jk".to_vec(), 2));
+    }
+
+    #[test]
+    fn test_recv_target_out_of_order_then_gap_filled() {
+        let mut s = socket_established();
+        s.set_recv_target(recv_target(10));
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                ..RECV_TEMPL
+            })
+        );
+        // The gap is filled while the assembler holds data: everything takes the usual
+        // path, in order.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 58,
+                ..RECV_TEMPL
+            })
+        );
+        let mut data = [0; 8];
+        assert_eq!(s.recv_slice(&mut data), Ok(6));
+        assert_eq!(&data[..6], b"abcdef");
+        // With the buffer empty again, the next in-order segment goes to the target.
+        send_data(&mut s, 6, b"gh");
+        recv_ack(&mut s, 8, 64);
+        assert_eq!(take_target(&mut s), (b"gh".to_vec(), 2));
+    }
+
+    #[test]
+    fn test_recv_target_retransmitted_and_overlapping() {
+        let mut s = socket_established();
+        s.set_recv_target(recv_target(4));
+        send_data(&mut s, 0, b"ab");
+        recv_ack(&mut s, 2, 64);
+        // A retransmission that overlaps what the target holds and crosses its end: only
+        // the new octets are taken, the target's share first.
+        send_data(&mut s, 0, b"abcdef");
+        recv_ack(&mut s, 6, 62);
+        // The same segment again is a duplicate: nothing moves.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abcdef"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 62,
+                ..RECV_TEMPL
+            })
+        );
+        assert_eq!(take_target(&mut s), (b"abcd".to_vec(), 4));
+        let mut rest = [0; 8];
+        assert_eq!(s.recv_slice(&mut rest), Ok(2));
+        assert_eq!(&rest[..2], b"ef");
+    }
+
+    #[test]
+    fn test_recv_target_fin_after_data() {
+        let mut s = socket_established();
+        s.set_recv_target(recv_target(10));
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Fin,
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            }
+        );
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 3 + 1),
+                window_len: 64,
+                ..RECV_TEMPL
+            }]
+        );
+        assert_eq!(s.state, State::CloseWait);
+        assert_eq!(s.recv_queue(), 0);
+        assert!(!s.may_recv());
+        assert_eq!(take_target(&mut s), (b"abc".to_vec(), 3));
     }
 
     #[test]
