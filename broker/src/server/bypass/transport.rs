@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::ByteStream;
-use crate::server::serve::{Ending, Readiness, Serviced, Transport};
+use crate::server::serve::{Ending, PayloadSink, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
@@ -171,6 +171,9 @@ pub struct BypassTransport<D> {
     drops: DropWatch,
     /// The sockets' peers, gathered for each housekeeping.
     peers: Peers,
+    /// The connections whose sockets hold a receive target during a receive (empty
+    /// between receives).
+    targeted: Vec<(ConnId, SocketHandle)>,
     /// For logs.
     broker: u16,
 }
@@ -224,6 +227,7 @@ impl<D: Device + Burst> BypassTransport<D> {
             housekept_at: started,
             drops: DropWatch::new(started),
             peers: Peers::default(),
+            targeted: Vec::with_capacity(sockets.sockets),
             broker,
         }
     }
@@ -305,9 +309,37 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         Ok(())
     }
 
-    fn receive(&mut self, now: Timestamp) -> bool {
+    /// In-order payload of a connection whose socket has nothing buffered goes straight
+    /// into the connection's target (smoltcp's receive target, vendor/README.md): one copy,
+    /// frame to pool. The targets are posted and taken back around this one poll.
+    fn receive(&mut self, now: Timestamp, sink: &mut dyn PayloadSink) -> bool {
         self.device.begin();
-        self.poll_iface(now)
+        for (&id, &index) in &self.active {
+            let handle = self.slots[index].0;
+            let socket = self.sockets.get_mut::<tcp::Socket<'static>>(handle);
+            if socket.recv_queue() > 0 {
+                continue;
+            }
+            let Some(target) = sink.target(id) else {
+                continue;
+            };
+            // SAFETY: every target posted here is taken back below, before this receive
+            // returns: the poll in between does not service connections.
+            let target = unsafe { target.into_slice() };
+            socket.set_recv_target(target);
+            self.targeted.push((id, handle));
+        }
+        let mut worked = self.poll_iface(now);
+        for (id, handle) in self.targeted.drain(..) {
+            let socket = self.sockets.get_mut::<tcp::Socket<'static>>(handle);
+            if let Some((_, placed)) = socket.take_recv_target()
+                && placed > 0
+            {
+                sink.placed(id, placed);
+                worked = true;
+            }
+        }
+        worked
     }
 
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {

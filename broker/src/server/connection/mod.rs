@@ -133,13 +133,15 @@ fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
 }
 
 mod control;
+mod direct;
 mod handshake;
 mod publish;
 mod subscribe;
 #[cfg(test)]
 mod tests;
 
-use publish::{Publisher, Receiving, Step};
+pub use direct::PayloadTarget;
+use publish::{PayloadRead, Publisher, Receiving, Step};
 use subscribe::Subscriber;
 
 impl<M: SharedMemory + Clone> Connection<M> {
