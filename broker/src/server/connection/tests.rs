@@ -442,48 +442,57 @@ fn place(
 }
 
 /// A head broker and a publisher connection that has its batch's room and awaits the
-/// payload (of one 8 KiB message, returned last).
-fn publisher_awaiting_payload() -> (
-    BrokerState<PoolMemory>,
-    Sequencer<PoolMemory>,
-    Arc<Metrics>,
-    Connection<PoolMemory>,
-    Pipe,
-    Vec<u8>,
-) {
-    let (mut state, sequencer, metrics) = head_broker(1);
+/// payload (of one 8 KiB message).
+struct AwaitingPayload {
+    state: BrokerState<PoolMemory>,
+    _sequencer: Sequencer<PoolMemory>,
+    metrics: Arc<Metrics>,
+    connection: Connection<PoolMemory>,
+    pipe: Pipe,
+    payload: Vec<u8>,
+}
+
+fn publisher_awaiting_payload() -> AwaitingPayload {
+    let (mut state, _sequencer, metrics) = head_broker(1);
     let (bytes, payload) = hello_and_batch(7, 0, 8 * 1024);
     let mut connection = Connection::new(1, &state, Timestamp::ZERO);
     let mut pipe = Pipe::new(bytes);
     connection.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
-    (state, sequencer, metrics, connection, pipe, payload)
+    AwaitingPayload {
+        state,
+        _sequencer,
+        metrics,
+        connection,
+        pipe,
+        payload,
+    }
 }
 
 #[test]
 fn the_checksum_taken_chunk_by_chunk_catches_a_corrupted_chunk_whichever_path_it_took() {
     for corrupted in [None, Some(1), Some(2)] {
-        let (mut state, _sequencer, metrics, mut connection, mut pipe, payload) =
-            publisher_awaiting_payload();
+        let mut t = publisher_awaiting_payload();
         let start = Timestamp::ZERO;
         // Chunks alternate between the stream (copied) and the target (placed).
-        let chunks = [0..1000, 1000..3000, 3000..5000, 5000..payload.len()];
+        let chunks = [0..1000, 1000..3000, 3000..5000, 5000..t.payload.len()];
         for (index, range) in chunks.iter().enumerate() {
-            let mut chunk = payload[range.clone()].to_vec();
+            let mut chunk = t.payload[range.clone()].to_vec();
             if corrupted == Some(index) {
                 chunk[17] ^= 0x40;
             }
             if index % 2 == 1 {
-                place(&mut connection, &mut state, &chunk, start);
+                place(&mut t.connection, &mut t.state, &chunk, start);
             } else {
-                pipe.input.extend_from_slice(&chunk);
+                t.pipe.input.extend_from_slice(&chunk);
             }
-            connection.service(&mut pipe, &mut state, start, true, true);
+            t.connection
+                .service(&mut t.pipe, &mut t.state, start, true, true);
         }
-        let errors = error_codes(&pipe.output);
+        let errors = error_codes(&t.pipe.output);
         match corrupted {
             None => {
                 assert_eq!(errors, []);
-                assert_eq!(metrics.batches_received.load(Ordering::Relaxed), 1);
+                assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 1);
             }
             Some(chunk) => {
                 assert_eq!(
@@ -491,8 +500,8 @@ fn the_checksum_taken_chunk_by_chunk_catches_a_corrupted_chunk_whichever_path_it
                     [(ErrorCode::ChecksumMismatch, None)],
                     "chunk {chunk} corrupted"
                 );
-                assert_eq!(metrics.batches_received.load(Ordering::Relaxed), 0);
-                assert_eq!(state.in_flight(0), 0, "the room is given back");
+                assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 0);
+                assert_eq!(t.state.in_flight(0), 0, "the room is given back");
             }
         }
     }
@@ -500,42 +509,51 @@ fn the_checksum_taken_chunk_by_chunk_catches_a_corrupted_chunk_whichever_path_it
 
 #[test]
 fn payload_placed_by_the_transport_is_counted_once_and_the_stream_goes_on_after_it() {
-    let (mut state, _sequencer, metrics, mut connection, mut pipe, payload) =
-        publisher_awaiting_payload();
+    let mut t = publisher_awaiting_payload();
     let start = Timestamp::ZERO;
-    let target = connection.payload_target(&state).expect("receiving");
+    let target = t.connection.payload_target(&t.state).expect("receiving");
     assert_eq!(
         // SAFETY: the slice is dropped at once, unused.
         unsafe { target.into_slice() }.len(),
-        payload.len()
+        t.payload.len()
     );
-    place(&mut connection, &mut state, &payload[..3000], start);
-    assert_eq!(metrics.bytes_received_direct.load(Ordering::Relaxed), 3000);
-    let target = connection.payload_target(&state).expect("still receiving");
+    place(&mut t.connection, &mut t.state, &t.payload[..3000], start);
+    assert_eq!(
+        t.metrics.bytes_received_direct.load(Ordering::Relaxed),
+        3000
+    );
+    let target = t
+        .connection
+        .payload_target(&t.state)
+        .expect("still receiving");
     // SAFETY: the slice is dropped at once, unused.
     let rest = unsafe { target.into_slice() }.len();
     assert_eq!(
         rest,
-        payload.len() - 3000,
+        t.payload.len() - 3000,
         "the placed bytes are booked once"
     );
     // The rest placed too: the batch completes without a read from the stream.
-    place(&mut connection, &mut state, &payload[3000..], start);
-    assert_eq!(metrics.batches_received.load(Ordering::Relaxed), 1);
-    assert!(connection.payload_target(&state).is_none(), "no batch now");
+    place(&mut t.connection, &mut t.state, &t.payload[3000..], start);
+    assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 1);
+    assert!(
+        t.connection.payload_target(&t.state).is_none(),
+        "no batch now"
+    );
     // The next batch's header and payload come from the stream, in step.
-    let header = BatchHeaderRepr::for_payload(1, 1, &payload, &Limits::default()).unwrap();
-    pipe.input.extend_from_slice(&header.frame_prefix());
-    pipe.input.extend_from_slice(&payload);
-    connection.service(&mut pipe, &mut state, start, true, true);
-    assert_eq!(error_codes(&pipe.output), []);
-    assert_eq!(metrics.batches_received.load(Ordering::Relaxed), 2);
+    let header = BatchHeaderRepr::for_payload(1, 1, &t.payload, &Limits::default()).unwrap();
+    t.pipe.input.extend_from_slice(&header.frame_prefix());
+    t.pipe.input.extend_from_slice(&t.payload);
+    t.connection
+        .service(&mut t.pipe, &mut t.state, start, true, true);
+    assert_eq!(error_codes(&t.pipe.output), []);
+    assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 2);
     assert_eq!(
-        metrics.bytes_received.load(Ordering::Relaxed),
-        2 * payload.len() as u64
+        t.metrics.bytes_received.load(Ordering::Relaxed),
+        2 * t.payload.len() as u64
     );
     assert_eq!(
-        metrics.bytes_received_direct.load(Ordering::Relaxed),
-        payload.len() as u64
+        t.metrics.bytes_received_direct.load(Ordering::Relaxed),
+        t.payload.len() as u64
     );
 }
