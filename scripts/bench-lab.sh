@@ -5,6 +5,7 @@
 #                          [--backends "kernel xdp"] [--xdp-mode auto|driver|generic]
 #                          [--brokers N] [--client-cc NAME] [--in-flight-batches N]
 #                          [--xdp-args "FLAGS"] [--queues N] [--perf-dir DIR]
+#                          [--prefix NAME] [--base-port N]
 #
 # For MTU 1500 and 3500, and the client's GSO/TSO on and off (or the ones named):
 #   iperf3 from the client namespace to broker 0's namespace (-P 4): the link's ceiling;
@@ -29,6 +30,9 @@
 # --xdp-args adds broker flags to the XDP brokers, e.g. "--xdp-busy-poll-us 50".
 # --perf-dir DIR records `perf record -g -a` (both CPUs) during each broker run into
 # DIR/<backend>-<mtu>-<gso>.data (perf must be installed).
+# --prefix NAME names the lab's namespaces and pool file (default embbench), --base-port N
+# its ports: broker i on N+i, its metrics on N+50+i, iperf3 on N+99 (default: brokers on
+# 9500+i, metrics on 9600+i, iperf3 on 5399), so that two runs on one host do not collide.
 # Needs root. A benchmark, not a test: it asserts nothing about speed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +50,10 @@ gsos="on off"
 backends="kernel xdp"
 perf_dir=
 xdp_mode=by-gso
+prefix=embbench
+base_port=9500
+metrics_port=9600
+iperf_port=5399
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration-s) duration=$2; shift 2 ;;
@@ -59,8 +67,10 @@ while [[ $# -gt 0 ]]; do
         # shellcheck disable=SC2206 # the flags are separate words
         --xdp-args) xdp_extra+=($2); shift 2 ;;
         --client-cc) client_cc=$2; shift 2 ;;
+        --prefix) prefix=$2; shift 2 ;;
+        --base-port) base_port=$2; metrics_port=$((base_port + 50)); iperf_port=$((base_port + 99)); shift 2 ;;
         --in-flight-batches) loadgen_extra+=(--in-flight-batches "$2"); shift 2 ;;
-        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-lab: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -71,9 +81,6 @@ ensure_xdp_build_deps
 prepare_hugepages 400
 cargo build --release -q -p broker -p client -p xdp-prog
 
-prefix=embbench
-base_port=9500
-metrics_port=9600
 pool=/dev/hugepages/$prefix-pool
 out=target/bench
 work=$out/lab-runs
@@ -180,10 +187,10 @@ PY
 
 run_iperf() {  # mtu gso
     local mtu=$1 gso=$2
-    ip netns exec "$prefix-broker0" taskset -c 1 iperf3 -s -1 -p 5399 > /dev/null 2>&1 &
+    ip netns exec "$prefix-broker0" taskset -c 1 iperf3 -s -1 -p "$iperf_port" > /dev/null 2>&1 &
     local server=$!
     sleep 0.5
-    ip netns exec "$prefix-client" taskset -c 0 iperf3 -c 10.77.0.2 -p 5399 -P 4 -t "$duration" -J > "$work/iperf3-$mtu-$gso.json" || true
+    ip netns exec "$prefix-client" taskset -c 0 iperf3 -c 10.77.0.2 -p "$iperf_port" -P 4 -t "$duration" -J > "$work/iperf3-$mtu-$gso.json" || true
     wait "$server" || true
     python3 - "$work/iperf3-$mtu-$gso.json" "$mtu" "$gso" >> "$entries" <<'PY'
 import json, sys
