@@ -4,10 +4,13 @@
 #   scripts/test-bypass.sh [e2e|busy-poll|queues|loss|faults|failover|errors|all]
 #   scripts/test-bypass.sh [host-traffic|syn-flood|slowloris]   (run by scripts/hostile.sh)
 #   (default all: the cases of the first line)
+# TEST_BYPASS_PREFIX names the lab (default bt<pid>); TEST_BYPASS_BASE_PORT is broker 0's
+# port (default 9300; broker i on +i, metrics on +90).
 #
 #   e2e     4 brokers over XDP/AF_XDP/smoltcp in a lab of the test's own; loadgen end-to-end
-#           order 5, ack 1; asserts on the loadgen's JSON and on the XDP counters (no broker
-#           packet passed to the kernel, no_socket 0)
+#           order 5, ack 1; asserts on the loadgen's JSON, on the XDP counters (no broker
+#           packet passed to the kernel, no_socket 0) and on each broker's metrics (payload
+#           placed straight into the pool: embarcadero_bytes_received_direct_total > 0)
 #   queues  the same with 2 rx queues per broker interface (a socket on each, one loop),
 #           connections spread over both
 #   busy-poll  the same in driver mode with preferred busy polling (--xdp-busy-poll-us 50)
@@ -67,6 +70,8 @@ pids=()
 helper_pids=()
 brokers=4
 base_port=${TEST_BYPASS_BASE_PORT:-9300}
+# The brokers' metrics (each on its own address), where a case asks for them.
+metrics_port=$((base_port + 90))
 # Broker i runs on core (i + broker_core) % 2.
 broker_core=0
 
@@ -170,13 +175,30 @@ stop_cluster_from() {
     done
 }
 
+# Checks that each broker placed payload straight into the pool (smoltcp's receive target)
+# and received no more payload directly than in all; the brokers serve their metrics on
+# port $metrics_port of their own address.
+check_direct_receive() {
+    local i metrics direct received
+    for ((i = 0; i < brokers; i++)); do
+        metrics=$(ip netns exec "$prefix-client" curl -sf --max-time 5 "http://10.77.$i.2:$metrics_port/metrics") ||
+            fail "no metrics from broker $i"
+        direct=$(awk '/^embarcadero_bytes_received_direct_total[{ ]/ {print $2}' <<<"$metrics")
+        received=$(awk '/^embarcadero_bytes_received_total[{ ]/ {print $2}' <<<"$metrics")
+        echo "  broker $i: ${direct:-?} of ${received:-?} payload bytes placed directly"
+        [[ ${direct:-0} -gt 0 ]] || fail "broker $i placed no payload directly"
+        [[ $direct -le $received ]] || fail "broker $i placed more payload directly than it received"
+    done
+}
+
 case_e2e() {
     echo "== e2e: 4 brokers over XDP, order 5, ack 1"
     lab_up
     # No loss here, but a loaded host can delay a batch: the gap rule is not under test.
-    start_cluster --hold-timeout-ms 10000
+    start_cluster --hold-timeout-ms 10000 --metrics "10.77.{i}.2:$metrics_port"
     run_loadgen 64MB
     check_counters
+    check_direct_receive
     stop_cluster
     cleanup
 }

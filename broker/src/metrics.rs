@@ -25,6 +25,9 @@ pub struct Metrics {
     pub batches_received: AtomicU64,
     /// Payload bytes received and written to the pool.
     pub bytes_received: AtomicU64,
+    /// Payload bytes the transport placed straight into the pool as they arrived (the
+    /// bypass path's receive target), without a copy through a socket buffer.
+    pub bytes_received_direct: AtomicU64,
     /// Batches acknowledged to publishers (ordered or duplicate).
     pub batches_acked: AtomicU64,
     /// Times a connection had to wait because its ring or payload log was full.
@@ -231,6 +234,12 @@ const SERIES: &[Series] = &[
         kind: "counter",
         help: "Payload bytes received and written to the pool.",
         value: |m| &m.bytes_received,
+    },
+    Series {
+        name: "embarcadero_bytes_received_direct_total",
+        kind: "counter",
+        help: "Payload bytes placed straight into the pool as they arrived (XDP backend).",
+        value: |m| &m.bytes_received_direct,
     },
     Series {
         name: "embarcadero_batches_acked_total",

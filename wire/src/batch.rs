@@ -42,13 +42,23 @@ pub trait PayloadHeader {
 
 /// Checks a received payload against its header: length, CRC-32C, then message framing.
 pub fn verify_payload<H: PayloadHeader>(header: &H, payload: &[u8]) -> Result<(), Error> {
+    verify_checksummed_payload(header, payload::checksum(payload), payload)
+}
+
+/// Checks a received payload whose CRC-32C (`computed`) was taken as it arrived, chunk by
+/// chunk while each was in cache: length, CRC-32C, then message framing (which reads only
+/// the messages' length prefixes).
+pub fn verify_checksummed_payload<H: PayloadHeader>(
+    header: &H,
+    computed: u32,
+    payload: &[u8],
+) -> Result<(), Error> {
     if payload.len() != header.payload_bytes() as usize {
         return Err(Error::PayloadLengthMismatch {
             announced: header.payload_bytes(),
             actual: payload.len(),
         });
     }
-    let computed = payload::checksum(payload);
     if computed != header.checksum() {
         return Err(Error::ChecksumMismatch {
             expected: header.checksum(),

@@ -37,7 +37,7 @@ pub use ack::{
 };
 pub use batch::{
     BATCH_HEADER_BYTES, BATCH_PREFIX_BYTES, BatchHeader, BatchHeaderRepr, PayloadHeader,
-    verify_payload,
+    verify_checksummed_payload, verify_payload,
 };
 pub use decoder::{Decoded, FrameDecoder};
 pub use delivery::{

@@ -13,7 +13,7 @@ use mio::{Events, Interest, Poll, Token};
 use units::Timestamp;
 
 use crate::metrics::Metrics;
-use crate::server::serve::{Ending, Readiness, Serviced, Transport};
+use crate::server::serve::{Ending, PayloadSink, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
 
 /// The listener's token; connections have their ids as tokens, from 1.
@@ -249,7 +249,8 @@ impl Transport for KernelTransport {
         Ok(())
     }
 
-    fn receive(&mut self, _now: Timestamp) -> bool {
+    /// Kernel sockets copy into the connections' buffers themselves: no targets.
+    fn receive(&mut self, _now: Timestamp, _sink: &mut dyn PayloadSink) -> bool {
         self.events.iter().any(|event| event.token() != TIMER)
     }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::metrics::Metrics;
-use crate::server::connection::{ByteStream, Connection, InputState, Service};
+use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::sequencing::SequencerDriver;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
@@ -85,8 +85,11 @@ pub trait Transport {
     /// Waits at most `timeout` (zero: not at all) for something to arrive. An error ends
     /// the loop in order.
     fn wait(&mut self, timeout: Duration) -> io::Result<()>;
-    /// Takes in what arrived, at `now`. Returns whether anything did.
-    fn receive(&mut self, now: Timestamp) -> bool;
+    /// Takes in what arrived, at `now`. A transport that can may place payload straight
+    /// into the targets `sink` gives; every target is taken back before this returns (the
+    /// connections, which may then finish or drop their batches, are not serviced during
+    /// it). Returns whether anything arrived.
+    fn receive(&mut self, now: Timestamp, sink: &mut dyn PayloadSink) -> bool;
     /// Offers each newly established connection to `admit`, which gives its id or the
     /// bytes to send it before closing it (a refusal). Returns whether anything happened.
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool;
@@ -108,6 +111,41 @@ pub trait Transport {
     /// Ends every connection as `ending` says (the loop has already let the
     /// [`Connection`]s go).
     fn close_all(&mut self, ending: Ending, now: Timestamp);
+}
+
+/// The loop's connections as a transport sees them while it takes in what arrived.
+pub trait PayloadSink {
+    /// Where connection `id`'s next bytes may land without a copy through the transport's
+    /// buffers, if they all belong to a payload being received into the pool.
+    fn target(&mut self, id: ConnId) -> Option<PayloadTarget>;
+    /// `bytes` of connection `id`'s stream landed at the start of the target it gave.
+    fn placed(&mut self, id: ConnId, bytes: usize);
+}
+
+/// The loop's connections as a [`PayloadSink`], during one receive at `now`.
+struct Placement<'a> {
+    clients: &'a mut HashMap<ConnId, Client>,
+    state: &'a mut BrokerState<PoolMemory>,
+    now: Timestamp,
+}
+
+impl PayloadSink for Placement<'_> {
+    fn target(&mut self, id: ConnId) -> Option<PayloadTarget> {
+        self.clients.get(&id)?.connection.payload_target(self.state)
+    }
+
+    fn placed(&mut self, id: ConnId, bytes: usize) {
+        match self.clients.get_mut(&id) {
+            Some(client) => client
+                .connection
+                .payload_placed(bytes, self.state, self.now),
+            // Targets are lent to open connections only, for one receive.
+            None => log::error!(
+                "broker {}: {bytes} payload bytes landed for connection {id}, which is gone",
+                self.state.settings().broker_id
+            ),
+        }
+    }
 }
 
 /// What a network loop serves besides its transport.
@@ -242,11 +280,16 @@ impl<T: Transport> ServeLoop<T> {
                     return Ending::Stopped;
                 }
             }
-            let mut worked = self.transport.receive(now);
-            // Nothing before this check writes to the pool.
+            // Nothing before this check writes to the pool (receiving may).
             if !self.claim.holds(now) {
                 return Ending::Abrupt;
             }
+            let mut placement = Placement {
+                clients: &mut self.clients,
+                state: &mut self.state,
+                now,
+            };
+            let mut worked = self.transport.receive(now, &mut placement);
             worked |= self.accept(now);
             worked |= self.route_outcomes(&mut outcomes, now);
             worked |= self.drive(now);

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::ByteStream;
-use crate::server::serve::{Ending, Readiness, Serviced, Transport};
+use crate::server::serve::{Ending, PayloadSink, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
 use smoltcp::phy::Device;
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -171,6 +173,12 @@ pub struct BypassTransport<D> {
     drops: DropWatch,
     /// The sockets' peers, gathered for each housekeeping.
     peers: Peers,
+    /// The connections whose sockets hold a receive target during a receive, and how many
+    /// bytes landed in each (empty between receives).
+    targeted: Vec<(ConnId, SocketHandle, usize)>,
+    /// The connections' sockets whose buffers were empty when a receive began (empty
+    /// between receives).
+    empty: Vec<SocketHandle>,
     /// For logs.
     broker: u16,
 }
@@ -224,6 +232,8 @@ impl<D: Device + Burst> BypassTransport<D> {
             housekept_at: started,
             drops: DropWatch::new(started),
             peers: Peers::default(),
+            targeted: Vec::with_capacity(sockets.sockets),
+            empty: Vec::with_capacity(sockets.sockets),
             broker,
         }
     }
@@ -243,6 +253,31 @@ impl<D: Device + Burst> BypassTransport<D> {
         self.iface
             .poll(timestamp, &mut self.device, &mut self.sockets)
             != PollResult::None
+    }
+
+    /// Takes in the burst's frames one at a time, and stops early once a connection's
+    /// socket that began the receive empty has bytes in its buffer (the end of a batch
+    /// and the next one's header, typically): the connection must read them before its
+    /// payload can go straight to the pool again, so the frames left wait in the rx ring
+    /// for the next iteration instead of piling up behind them. Sending is left to `flush`.
+    fn ingest(&mut self, now: Timestamp) -> bool {
+        let timestamp = self.timestamp(now);
+        let mut worked = false;
+        while self
+            .iface
+            .poll_ingress_single(timestamp, &mut self.device, &mut self.sockets)
+            != PollIngressSingleResult::None
+        {
+            worked = true;
+            let sockets = &self.sockets;
+            let buffered =
+                |handle: &SocketHandle| sockets.get::<tcp::Socket<'_>>(*handle).recv_queue() > 0;
+            if self.empty.iter().any(buffered) {
+                break;
+            }
+        }
+        self.empty.clear();
+        worked
     }
 
     /// Serves the device's hooks, aborts the handshakes of adoptions they gave up, and
@@ -305,9 +340,41 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         Ok(())
     }
 
-    fn receive(&mut self, now: Timestamp) -> bool {
+    /// In-order payload of a connection whose socket has nothing buffered goes straight
+    /// into the connection's target (smoltcp's receive target, vendor/README.md): one copy,
+    /// frame to pool. The targets are posted and taken back around the ingress.
+    fn receive(&mut self, now: Timestamp, sink: &mut dyn PayloadSink) -> bool {
         self.device.begin();
-        self.poll_iface(now)
+        for (&id, &index) in &self.active {
+            let handle = self.slots[index].0;
+            let socket = self.sockets.get_mut::<tcp::Socket<'static>>(handle);
+            if socket.recv_queue() > 0 {
+                continue;
+            }
+            self.empty.push(handle);
+            let Some(target) = sink.target(id) else {
+                continue;
+            };
+            // SAFETY: every target posted here is taken back below, before this receive
+            // returns: the poll in between does not service connections.
+            let target = unsafe { target.into_slice() };
+            socket.set_recv_target(target);
+            self.targeted.push((id, handle, 0));
+        }
+        let mut worked = self.ingest(now);
+        // Every target back before any connection books what landed (and maybe finishes
+        // its batch).
+        for (_, handle, placed) in &mut self.targeted {
+            let socket = self.sockets.get_mut::<tcp::Socket<'static>>(*handle);
+            *placed = socket.take_recv_target().map_or(0, |(_, filled)| filled);
+        }
+        for (id, _, placed) in self.targeted.drain(..) {
+            if placed > 0 {
+                sink.placed(id, placed);
+                worked = true;
+            }
+        }
+        worked
     }
 
     fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {
@@ -397,8 +464,14 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
     }
 
     fn flush(&mut self, now: Timestamp) -> bool {
-        // Send what the protocol produced in this iteration at once.
-        let worked = self.poll_iface(now);
+        // Send what the protocol produced in this iteration at once. Only send: frames that
+        // arrived meanwhile wait for the next receive, where in-order payload can go
+        // straight to its target (taking them in here put them all in the sockets' buffers).
+        let timestamp = self.timestamp(now);
+        let worked = self
+            .iface
+            .poll_egress(timestamp, &mut self.device, &mut self.sockets)
+            != PollResult::None;
         self.device.end();
         worked
     }

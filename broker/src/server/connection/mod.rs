@@ -155,6 +155,7 @@ fn limits(settings: &crate::server::state::BrokerSettings) -> Limits {
 }
 
 mod control;
+mod direct;
 mod handshake;
 mod output;
 mod publish;
@@ -162,8 +163,9 @@ mod subscribe;
 #[cfg(test)]
 mod tests;
 
+pub use direct::PayloadTarget;
 use output::{Output, PoolPayload, SendFailure};
-use publish::{Publisher, Receiving, Step};
+use publish::{PayloadRead, Publisher, Receiving, Step};
 use subscribe::Subscriber;
 
 impl<M: SharedMemory + Clone> Connection<M> {

@@ -21,6 +21,9 @@ pub(super) enum Receiving {
         header: BatchHeaderRepr,
         reservation: Reservation,
         received: u64,
+        /// CRC-32C of the `received` bytes, taken chunk by chunk as each arrived (while in
+        /// cache), so that the finished batch is not read back to be checked.
+        checksum: u32,
         /// The whole payload must have arrived by then.
         deadline: Timestamp,
         /// Still arriving then, it moves to staging if the payload log has been short of
@@ -222,6 +225,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     header,
                     reservation,
                     received: 0,
+                    checksum: 0,
                     deadline: now + limits.batch_deadline(u64::from(header.payload_bytes)),
                     stage_at: now + limits.batch_hold(),
                     full_events: state.room_refusals(topic),
@@ -277,9 +281,21 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let complete = match &mut self.role {
             Peer::Publisher(publisher) => match &mut publisher.receiving {
                 Receiving::Payload {
-                    header, received, ..
+                    header,
+                    reservation,
+                    received,
+                    checksum,
+                    ..
+                } => {
+                    // The bytes were just written: checksummed while still in cache.
+                    let at = *received as usize;
+                    *checksum = state.fill_batch(publisher.topic, reservation, |payload| {
+                        crc32c::crc32c_append(*checksum, &payload[at..at + read.bytes])
+                    });
+                    *received += read.bytes as u64;
+                    *received == u64::from(header.payload_bytes)
                 }
-                | Receiving::Staging {
+                Receiving::Staging {
                     header, received, ..
                 } => {
                     *received += read.bytes as u64;
@@ -465,10 +481,11 @@ impl<M: SharedMemory + Clone> Connection<M> {
             Receiving::Payload {
                 header,
                 reservation,
+                checksum,
                 ..
             } => {
                 let verdict = state.fill_batch(topic, &reservation, |payload| {
-                    wire::verify_payload(&header, payload)
+                    wire::verify_checksummed_payload(&header, checksum, payload)
                 });
                 if let Err(error) = verdict {
                     state.abort_batch(topic, reservation);

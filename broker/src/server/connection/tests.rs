@@ -503,3 +503,137 @@ fn a_queued_delivery_overwritten_before_it_is_sent_is_reported_and_never_sent() 
         "{frames:?}"
     );
 }
+
+/// Writes `bytes` where the connection's payload target says, as the bypass transport's
+/// receive does, and books them.
+fn place(
+    connection: &mut Connection<PoolMemory>,
+    state: &mut BrokerState<PoolMemory>,
+    bytes: &[u8],
+    now: Timestamp,
+) {
+    let target = connection
+        .payload_target(state)
+        .expect("a payload is being received");
+    // SAFETY: the slice is gone before the connection is serviced again (end of this block).
+    let slice = unsafe { target.into_slice() };
+    slice[..bytes.len()].copy_from_slice(bytes);
+    connection.payload_placed(bytes.len(), state, now);
+}
+
+/// A head broker and a publisher connection that has its batch's room and awaits the
+/// payload (of one 8 KiB message).
+struct AwaitingPayload {
+    state: BrokerState<PoolMemory>,
+    _sequencer: Sequencer<PoolMemory>,
+    metrics: Arc<Metrics>,
+    connection: Connection<PoolMemory>,
+    pipe: Pipe,
+    payload: Vec<u8>,
+}
+
+fn publisher_awaiting_payload() -> AwaitingPayload {
+    let (mut state, _sequencer, metrics) = head_broker(1);
+    let (bytes, payload) = hello_and_batch(7, 0, 8 * 1024);
+    let mut connection = Connection::new(1, &state, Timestamp::ZERO);
+    let mut pipe = Pipe::new(bytes);
+    connection.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
+    AwaitingPayload {
+        state,
+        _sequencer,
+        metrics,
+        connection,
+        pipe,
+        payload,
+    }
+}
+
+#[test]
+fn the_checksum_taken_chunk_by_chunk_catches_a_corrupted_chunk_whichever_path_it_took() {
+    for corrupted in [None, Some(1), Some(2)] {
+        let mut t = publisher_awaiting_payload();
+        let start = Timestamp::ZERO;
+        // Chunks alternate between the stream (copied) and the target (placed).
+        let chunks = [0..1000, 1000..3000, 3000..5000, 5000..t.payload.len()];
+        for (index, range) in chunks.iter().enumerate() {
+            let mut chunk = t.payload[range.clone()].to_vec();
+            if corrupted == Some(index) {
+                chunk[17] ^= 0x40;
+            }
+            if index % 2 == 1 {
+                place(&mut t.connection, &mut t.state, &chunk, start);
+            } else {
+                t.pipe.input.extend_from_slice(&chunk);
+            }
+            t.connection
+                .service(&mut t.pipe, &mut t.state, start, true, true);
+        }
+        let errors = error_codes(&t.pipe.output);
+        match corrupted {
+            None => {
+                assert_eq!(errors, []);
+                assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 1);
+            }
+            Some(chunk) => {
+                assert_eq!(
+                    errors,
+                    [(ErrorCode::ChecksumMismatch, None)],
+                    "chunk {chunk} corrupted"
+                );
+                assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 0);
+                assert_eq!(t.state.in_flight(0), 0, "the room is given back");
+            }
+        }
+    }
+}
+
+#[test]
+fn payload_placed_by_the_transport_is_counted_once_and_the_stream_goes_on_after_it() {
+    let mut t = publisher_awaiting_payload();
+    let start = Timestamp::ZERO;
+    let target = t.connection.payload_target(&t.state).expect("receiving");
+    assert_eq!(
+        // SAFETY: the slice is dropped at once, unused.
+        unsafe { target.into_slice() }.len(),
+        t.payload.len()
+    );
+    place(&mut t.connection, &mut t.state, &t.payload[..3000], start);
+    assert_eq!(
+        t.metrics.bytes_received_direct.load(Ordering::Relaxed),
+        3000
+    );
+    let target = t
+        .connection
+        .payload_target(&t.state)
+        .expect("still receiving");
+    // SAFETY: the slice is dropped at once, unused.
+    let rest = unsafe { target.into_slice() }.len();
+    assert_eq!(
+        rest,
+        t.payload.len() - 3000,
+        "the placed bytes are booked once"
+    );
+    // The rest placed too: the batch completes without a read from the stream.
+    place(&mut t.connection, &mut t.state, &t.payload[3000..], start);
+    assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 1);
+    assert!(
+        t.connection.payload_target(&t.state).is_none(),
+        "no batch now"
+    );
+    // The next batch's header and payload come from the stream, in step.
+    let header = BatchHeaderRepr::for_payload(1, 1, &t.payload, &Limits::default()).unwrap();
+    t.pipe.input.extend_from_slice(&header.frame_prefix());
+    t.pipe.input.extend_from_slice(&t.payload);
+    t.connection
+        .service(&mut t.pipe, &mut t.state, start, true, true);
+    assert_eq!(error_codes(&t.pipe.output), []);
+    assert_eq!(t.metrics.batches_received.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        t.metrics.bytes_received.load(Ordering::Relaxed),
+        2 * t.payload.len() as u64
+    );
+    assert_eq!(
+        t.metrics.bytes_received_direct.load(Ordering::Relaxed),
+        t.payload.len() as u64
+    );
+}
