@@ -30,6 +30,10 @@ cargo clippy --manifest-path fuzz/Cargo.toml --workspace --all-targets --release
 
 echo "== tests"
 cargo test --workspace --release
+# The vendored smoltcp's TCP tests, with the receive target's (vendor/README.md); its own
+# lock file and target directory, as a crate outside the workspace.
+cargo test --manifest-path vendor/smoltcp/Cargo.toml --release -q --no-default-features \
+    --features std,medium-ip,proto-ipv4,socket-tcp --target-dir target/vendor-smoltcp socket::tcp
 cargo test --manifest-path fuzz/Cargo.toml -p fuzz-input --release --target-dir target/fuzz/seeds
 
 echo "== simulation: 1000 seeds must pass"
