@@ -16,7 +16,8 @@
 # any crash saved as an input that reproduces it. Corpora persist in
 # target/fuzz/corpus/<target>, seeded with valid inputs by fuzz/input's write-seeds; crashing
 # and hanging inputs land in target/fuzz/artifacts/<target>/ (reproduce one by passing its
-# path to the target binary). Prints one line per target, writes target/fuzz/summary.json
+# path to the target binary; once fixed, keep it in fuzz/regressions/<target>/, which every
+# run replays). Prints one line per target, writes target/fuzz/summary.json
 # (a list of {"target", "seconds", "executions", "seed", "crashes", "timeouts", "coverage"}) and
 # exits non-zero on any crash or hang.
 #
@@ -73,6 +74,12 @@ cargo build --release -q --manifest-path fuzz/Cargo.toml -p fuzz-input \
 corpus=$out/$corpus_dir
 [[ $corpus_dir == corpus ]] || rm -rf "$corpus"
 "$out/seeds/release/write-seeds" "$corpus"
+# Inputs that once crashed a target (fuzz/regressions/<target>/, named after the bug) join
+# every corpus: libFuzzer runs each corpus input first, so a bug that comes back fails here.
+for regressions in fuzz/regressions/*/; do
+    mkdir -p "$corpus/$(basename "$regressions")"
+    cp "$regressions"* "$corpus/$(basename "$regressions")/"
+done
 # --target keeps these flags off build scripts and proc macros.
 RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \

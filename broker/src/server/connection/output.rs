@@ -302,7 +302,8 @@ impl Output {
                 let started = if index == 0 { self.front_sent } else { 0 };
                 let begin = at;
                 at += piece.len() - started;
-                (begin < sent).then_some((piece, started, sent - begin))
+                // Lazily: `sent - begin` only exists for pieces the send reached.
+                (begin < sent).then(|| (piece, started, sent - begin))
             })
             .filter_map(|(piece, started, taken)| match piece {
                 Piece::Delivery { payload, .. } if started + taken > DELIVERY_PREFIX_BYTES => {
