@@ -507,8 +507,11 @@ case_syn_flood() {
     done
     # With the flood on its own core (and the veth NAPI threads that answer its SYNs with
     # cookies, the broker host's receive work on a real network), new and established
-    # connections must keep 80% of the MB/s of the same runs without a flood.
-    local runs=$work/syn-flood n reference=baseline min_ratio=0.8
+    # connections must keep 60% of the MB/s of the same runs without a flood. A lockout (the
+    # bug this guards against) gives about 0; what they keep is a figure for the JSON, not a
+    # bar to time: new connections kept 0.80-1.00 in five runs on 2026-12-06, too close to
+    # the 0.8 this asked before for a test that must not fail by chance.
+    local runs=$work/syn-flood n reference=baseline min_ratio=0.6
     mkdir -p "$runs"
     # Three rounds of every kind of run, interleaved so that other load on the machine
     # (it may be shared) weighs on all kinds alike; the best run of each kind counts.
