@@ -468,10 +468,7 @@ impl<M: SharedMemory> Pool<M> {
         let mut positions = [0u64; crate::layout::BROKERS_MAX as usize];
         let brokers = self.geometry.brokers_max as usize;
         for (broker, position) in positions.iter_mut().enumerate().take(brokers) {
-            let offset = self
-                .geometry
-                .frontier_offset(topic, broker as u16, FRONTIER_REPLICATED);
-            *position = self.read_frontier(offset).1;
+            *position = self.replicated_by(topic, broker as u16).1;
         }
         let positions = &mut positions[..brokers];
         positions.sort_unstable_by(|a, b| b.cmp(a));
