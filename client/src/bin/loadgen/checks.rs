@@ -226,15 +226,11 @@ fn check_deliveries(
     };
     // Subscribing after the publish: the publishers start at once, and what they expect is
     // known before the subscriber connects.
-    let (early, early_rx) = crossbeam_channel::bounded(1);
-    let expectations = if plan.subscribe_after_publish {
+    let known = if plan.subscribe_after_publish {
         let _ = ready.send(true);
-        if let Ok(list) = expectations.recv() {
-            let _ = early.send(list);
-        }
-        &early_rx
+        expectations.recv().ok()
     } else {
-        expectations
+        None
     };
     let connected = Subscriber::connect(plan.subscriber_config(0));
     if !plan.subscribe_after_publish {
@@ -251,7 +247,7 @@ fn check_deliveries(
         verifier: Verifier::new(plan.order_check(), client_ids),
         e2e_from_intended_us: latency_histogram(),
     };
-    let (expected, error) = receive(shared, &mut subscriber, &mut receipts, expectations);
+    let (expected, error) = receive(shared, &mut subscriber, &mut receipts, expectations, known);
     outcome.error = error;
     let Receipts {
         verifier,
@@ -273,15 +269,17 @@ fn check_deliveries(
     outcome
 }
 
-/// Verifies deliveries until the publishers' expectations are met or their drain time is
-/// over; returns the expectations (if they came) and the error that stopped the subscriber.
+/// Verifies deliveries until the publishers' expectations (`known` already, or as they come)
+/// are met or their drain time is over; returns the expectations (if they came) and the
+/// error that stopped the subscriber.
 fn receive(
     shared: &Shared,
     subscriber: &mut Subscriber,
     receipts: &mut Receipts,
     expectations: &Receiver<Vec<Expectation>>,
+    known: Option<Vec<Expectation>>,
 ) -> (Option<Expected>, Option<String>) {
-    let mut expected: Option<Expected> = None;
+    let mut expected = known.map(|list| Expected::new(list, shared.plan.drain_timeout));
     loop {
         if expected.is_none()
             && let Ok(list) = expectations.try_recv()
