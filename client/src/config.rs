@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wire::{AckLevel, BATCH_BYTES_HARD_MAX, BATCH_BYTES_MIN, FROM_END, Order, Topic};
 
 use crate::error::ClientError;
+pub use crate::publisher_core::InFlightWindow;
 
 /// Default batch payload limit asked for by a publisher (the broker's HelloOk may lower it).
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 << 10;
@@ -61,6 +62,11 @@ pub struct PublisherConfig {
     pub linger_us: u64,
     /// Unacknowledged batches allowed per connection (at least 1). Default 64.
     pub in_flight_batches_max: usize,
+    /// How the window up to `in_flight_batches_max` is chosen. Default
+    /// [`InFlightWindow::Adaptive`]: starts at the maximum and settles on the smallest
+    /// window that keeps the acknowledged throughput (within 7%), which bounds latency at
+    /// saturation by what the path needs; [`InFlightWindow::Fixed`] always uses the maximum.
+    pub in_flight_window: InFlightWindow,
     /// When the window of the next connection is full: `true` waits for acks (up to
     /// `publish_timeout_ms`), `false` returns [`ClientError::WouldBlock`].
     pub blocking: bool,
@@ -110,6 +116,7 @@ impl PublisherConfig {
             batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
             linger_us: LINGER_US_DEFAULT,
             in_flight_batches_max: IN_FLIGHT_BATCHES_MAX_DEFAULT,
+            in_flight_window: InFlightWindow::Adaptive,
             blocking: true,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             publish_timeout_ms: PUBLISH_TIMEOUT_MS_DEFAULT,

@@ -158,6 +158,7 @@ fn core_params(config: &PublisherConfig, ack: AckLevel, opened: &[Opened]) -> Co
         batch_bytes_max,
         linger: config.linger(),
         in_flight_batches_max: config.in_flight_batches_max,
+        in_flight_window: config.in_flight_window,
         ack,
         session_epoch: config.session_epoch,
         first_seq,

@@ -134,6 +134,10 @@ pub struct PublisherStats {
     pub batches_resent: u64,
     /// New session epochs started because a session reached `session_batches_max`.
     pub session_rollovers: u64,
+    /// Batches each connection may have outstanding, as of now.
+    pub in_flight_window: usize,
+    /// How often the adaptive window changed.
+    pub in_flight_window_changes: u64,
     /// Ack latency, from sealing a batch (the first time) to receiving its acknowledgement.
     pub ack_latency_us: LatencySummary,
 }

@@ -104,6 +104,11 @@ pub struct Summary {
     /// messages to send, in milliseconds, looked at every 1,024 messages (a failover shows
     /// here as the time until the first ack after it).
     pub ack_gap_max_ms: u64,
+    /// The publishers' in-flight windows at the end (batches per connection; the largest of
+    /// them): with `--in-flight-window adaptive`, where the window settled.
+    pub in_flight_window: u64,
+    /// How often the publishers' adaptive windows changed, together.
+    pub in_flight_window_changes: u64,
     /// How long the publishers took to open their connections (TCP and Hello/HelloOk), from
     /// the start of the publish phase until the last one was connected, in milliseconds.
     pub connect_ms: u64,
@@ -173,6 +178,7 @@ mod tests {
             "duplicate_acks",
             "ack_gap_max_ms",
             "connect_ms",
+            "in_flight_window",
             "batches_acked",
             "messages_per_batch",
             "ack_latency_from_intended_us",

@@ -138,6 +138,8 @@ impl PublisherCore {
                 problem: "has a different message count in its ack entry than was sent",
             });
         }
+        self.window
+            .on_acked(batch.message_bytes, self.slots.len(), now);
         let latency_us = now.saturating_duration_since(batch.sealed_at).as_micros() as u64;
         self.latency_us.saturating_record(latency_us.max(1));
         let counters = &mut self.counters;

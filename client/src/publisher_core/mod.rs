@@ -43,6 +43,7 @@ mod send;
 mod slot;
 #[cfg(test)]
 mod test_support;
+mod window;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ use crate::stats::{LatencySummary, PublisherStats, latency_histogram};
 pub(crate) use commands::{Command, ConnId, ConnectRequest, Transmit};
 pub use event::PublisherEvent;
 use slot::{Conn, Slot};
+pub use window::InFlightWindow;
+use window::Window;
 
 /// Settings of a [`PublisherCore`].
 #[derive(Debug, Clone)]
@@ -73,6 +76,8 @@ pub(crate) struct CoreParams {
     pub linger: Duration,
     /// Batches outstanding allowed per slot.
     pub in_flight_batches_max: usize,
+    /// Whether the window below `in_flight_batches_max` adapts to the path.
+    pub in_flight_window: InFlightWindow,
     /// The session's ack level.
     pub ack: AckLevel,
     /// The session epoch of the open connections.
@@ -118,7 +123,7 @@ pub(crate) struct PublisherCore {
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
     next_attempt: u64,
-    window: usize,
+    window: Window,
     ack: AckLevel,
     epoch: u32,
     first_seq: u64,
@@ -169,7 +174,7 @@ impl PublisherCore {
             conns,
             next_conn: slot_count as ConnId,
             next_attempt: 0,
-            window: params.in_flight_batches_max,
+            window: Window::new(params.in_flight_window, params.in_flight_batches_max),
             ack: params.ack,
             epoch: params.session_epoch,
             first_seq: params.first_seq,
@@ -334,6 +339,8 @@ impl PublisherCore {
             batches_resent: c.batches_resent,
             session_rollovers: c.session_rollovers,
             ack_latency_us: LatencySummary::of(&self.latency_us),
+            in_flight_window: self.window.current(),
+            in_flight_window_changes: self.window.changes(),
         }
     }
 }

@@ -38,13 +38,14 @@ impl PublisherCore {
         if self.next_timer.is_some_and(|at| at <= now) {
             self.tick(now);
         }
-        if self.batcher.linger_expired(now)
-            && !self.rolling
-            && self.in_flight(self.next_slot()) < self.window
-        {
-            // With room in the window, seal() fails only on an earlier failure, which every
-            // later call reports anyway.
-            let _ = self.seal(now);
+        if self.batcher.linger_expired(now) && !self.rolling {
+            if self.in_flight(self.next_slot()) < self.window.current() {
+                // With room in the window, seal() fails only on an earlier failure, which
+                // every later call reports anyway.
+                let _ = self.seal(now);
+            } else {
+                self.window.on_held(now);
+            }
         }
     }
 
@@ -61,16 +62,20 @@ impl PublisherCore {
         }
         let slot = self.next_slot();
         let in_flight_batches = self.in_flight(slot);
-        if self.rolling || in_flight_batches >= self.window {
+        if self.rolling || in_flight_batches >= self.window.current() {
+            if !self.rolling {
+                self.window.on_held(now);
+            }
             return Err(ClientError::WouldBlock {
                 connection: slot,
                 in_flight_batches,
-                in_flight_batches_max: self.window,
+                in_flight_batches_max: self.window.current(),
             });
         }
         let Some(sealed) = self.batcher.seal(self.next_seq, slot) else {
             return Ok(());
         };
+        self.window.on_sealed(now);
         self.next_seq += 1;
         self.counters.batches_sealed += 1;
         let state = &mut self.slots[slot];

@@ -62,6 +62,7 @@ impl Setup {
             batch_bytes_max: self.batch_bytes_max,
             linger: Duration::from_micros(self.linger_us),
             in_flight_batches_max: self.window,
+            in_flight_window: super::InFlightWindow::Fixed,
             ack: self.ack,
             session_epoch: 1,
             first_seq: self.first_seq,

@@ -69,7 +69,9 @@ JSON (--json FILE)
   arrived, acknowledged with the original position and not written twice), ack_gap_max_ms
   (the longest a publisher waited for a new ack while sending, looked at every 1,024
   messages: after a failover, the time to its first ack), connect_ms (how long the
-  publishers took to open their connections, Hello/HelloOk included), errors, passed.
+  publishers took to open their connections, Hello/HelloOk included), in_flight_window
+  (where the publishers' windows ended, the largest), in_flight_window_changes, errors,
+  passed.
 
 BROKER FAILURES
   A publisher survives a broker that dies mid-run: the batches that were unacknowledged on
@@ -113,6 +115,24 @@ impl TestMode {
             TestMode::Subscribe => "subscribe",
             TestMode::EndToEnd => "end-to-end",
             TestMode::Latency => "latency",
+        }
+    }
+}
+
+/// How a publisher chooses its in-flight window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum WindowArg {
+    /// From measured throughput, up to --in-flight-batches.
+    Adaptive,
+    /// Always --in-flight-batches.
+    Fixed,
+}
+
+impl From<WindowArg> for client::InFlightWindow {
+    fn from(arg: WindowArg) -> Self {
+        match arg {
+            WindowArg::Adaptive => client::InFlightWindow::Adaptive,
+            WindowArg::Fixed => client::InFlightWindow::Fixed,
         }
     }
 }
@@ -205,9 +225,16 @@ pub(crate) struct Cli {
     /// exactly; default 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) publishers: Option<u32>,
-    /// Unacknowledged batches allowed per connection.
+    /// Unacknowledged batches allowed per connection: the largest window.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) in_flight_batches: u32,
+    /// How each publisher chooses its window up to --in-flight-batches: `adaptive` starts at
+    /// the largest and settles on the smallest window that keeps the acknowledged
+    /// throughput within 7% without making the publisher wait for window space longer, which
+    /// keeps latency at saturation down to what the path needs; `fixed` always uses
+    /// --in-flight-batches.
+    #[arg(long, value_enum, default_value_t = WindowArg::Adaptive)]
+    pub(crate) in_flight_window: WindowArg,
     /// How long a publisher may be without any broker connection before it gives up, in
     /// milliseconds. While some broker answers, a failed connection is replaced at once and
     /// its unacknowledged batches are resent (see BROKER FAILURES below).
@@ -316,6 +343,7 @@ mod tests {
             "reconnects",
             "batches_resent",
             "duplicate_acks",
+            "in_flight_window",
         ] {
             assert!(help.contains(field), "{field} missing from --help");
         }

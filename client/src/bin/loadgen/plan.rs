@@ -44,6 +44,7 @@ pub(crate) struct Plan {
     pub(crate) linger_us: u64,
     pub(crate) publishers: usize,
     pub(crate) in_flight_batches: usize,
+    pub(crate) in_flight_window: client::InFlightWindow,
     pub(crate) reconnect_timeout_ms: u64,
     pub(crate) from_position: u64,
     pub(crate) drain_timeout: Duration,
@@ -105,6 +106,7 @@ impl Plan {
             }),
             publishers: cli.publishers.unwrap_or(1) as usize,
             in_flight_batches: cli.in_flight_batches as usize,
+            in_flight_window: cli.in_flight_window.into(),
             reconnect_timeout_ms: cli.reconnect_timeout_ms,
             from_position: cli.from_position,
             drain_timeout: Duration::from_secs_f64(cli.drain_timeout_s),
@@ -186,7 +188,7 @@ impl Plan {
         if self.publishes() {
             let _ = write!(
                 text,
-                "\n  {} publisher(s) x {} broker(s) x {} connection(s) per broker = {} connections; batches up to {} bytes, linger {} us, {} in flight per connection, rate {}",
+                "\n  {} publisher(s) x {} broker(s) x {} connection(s) per broker = {} connections; batches up to {} bytes, linger {} us, up to {} in flight per connection ({:?}), rate {}",
                 self.publishers,
                 self.brokers.len(),
                 self.connections_per_broker,
@@ -194,6 +196,7 @@ impl Plan {
                 self.batch_bytes,
                 self.linger_us,
                 self.in_flight_batches,
+                self.in_flight_window,
                 if self.rate_msgs_per_s == 0 {
                     "unlimited".to_string()
                 } else {
@@ -222,6 +225,7 @@ impl Plan {
         config.batch_bytes_max = self.batch_bytes;
         config.linger_us = self.linger_us;
         config.in_flight_batches_max = self.in_flight_batches;
+        config.in_flight_window = self.in_flight_window;
         config.reconnect_timeout_ms = self.reconnect_timeout_ms;
         config.blocking = true;
         // Every acked range is needed to tell lost messages from rejected ones, and each

@@ -218,6 +218,8 @@ fn add_outcome(plan: &Plan, outcome: &PublisherOutcome, summary: &mut Summary) {
     summary.reconnects += stats.reconnects;
     summary.batches_resent += stats.batches_resent;
     summary.duplicate_acks += stats.batches_duplicate;
+    summary.in_flight_window = summary.in_flight_window.max(stats.in_flight_window as u64);
+    summary.in_flight_window_changes += stats.in_flight_window_changes;
     summary.ack_gap_max_ms = summary
         .ack_gap_max_ms
         .max(outcome.ack_gap_max.as_millis() as u64);

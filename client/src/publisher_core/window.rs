@@ -1,0 +1,396 @@
+//! The in-flight window: how many batches each connection may have outstanding.
+//!
+//! Latency at saturation is bytes in flight divided by throughput, so the window should be
+//! the smallest one that still gives full throughput. How large that is depends on the
+//! path: one connection to a broker with a core of its own reaches full speed with 4
+//! batches, while twelve connections to four brokers that share one core need more
+//! (docs/results.md). An [`InFlightWindow::Adaptive`] window finds it by measuring: it
+//! starts at the maximum (the throughput of a fixed window), halves while the acknowledged
+//! bytes per second hold, and afterwards tries a step up and a step down now and then,
+//! keeping a step up only when it pays and a step down only when it costs (almost) nothing.
+//!
+//! What a step down may cost is measured two ways: the acknowledged rate must stay within
+//! 7% of the rate at the widest window measured (not of the window just left, so that small
+//! losses cannot add up), and the share of time the publisher waits for window space must
+//! not grow by more than 15 points. The second rule is the one that protects a publisher the
+//! application paces: its rate is its pace whatever the window, but once the window starts
+//! to hold it back it falls behind its schedule. A window that never fills changes nothing,
+//! so shrinking it is free; [`WINDOW_MIN`] keeps room for bursts.
+//!
+//! Sans-IO: the publisher core feeds it seals, waits, acknowledged bytes and the time.
+
+use std::time::Duration;
+
+use units::Timestamp;
+
+/// How the in-flight window is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlightWindow {
+    /// Always `in_flight_batches_max`.
+    Fixed,
+    /// Between [`WINDOW_MIN`] and `in_flight_batches_max`, from measured throughput.
+    Adaptive,
+}
+
+/// The smallest adaptive window: a burst of a few batches (a scheduling hiccup of the
+/// broker's) still goes out at once.
+pub const WINDOW_MIN: usize = 8;
+
+/// A measurement period lasts at least this long, so that scheduling noise averages out.
+const PERIOD_MIN: Duration = Duration::from_millis(100);
+/// ... and at least this many rounds (a full window of every connection acknowledged).
+const ROUNDS_PER_PERIOD: u64 = 2;
+/// A smaller window is kept when it keeps this share of the widest window's rate ...
+const KEEP_SMALLER_RATIO: f64 = 0.93;
+/// ... and the publisher waits for window space at most this much more of the time.
+const KEEP_SMALLER_WAIT_SHARE: f64 = 0.15;
+/// A larger window is kept only when it raises the rate by this factor.
+const KEEP_LARGER_RATIO: f64 = 1.05;
+/// A larger window is tried only when the publisher waits this share of the time.
+const TRY_LARGER_WAIT_SHARE: f64 = 0.05;
+/// Weight of a new period in the widest window's average rate.
+const WIDEST_WEIGHT: f64 = 0.25;
+/// Periods at a settled window between two trials.
+const PERIODS_BETWEEN_TRIALS: u32 = 16;
+
+/// What one period measured.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    bytes_per_s: f64,
+    /// Share of the period the publisher waited for window space.
+    wait_share: f64,
+}
+
+/// A window being tried against the one it replaced.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    from: usize,
+    /// What `from` measured.
+    reference: Measured,
+}
+
+/// The window controller (see the module docs).
+#[derive(Debug)]
+pub(crate) struct Window {
+    mode: InFlightWindow,
+    max: usize,
+    current: usize,
+    /// Still halving from the maximum.
+    descending: bool,
+    trial: Option<Trial>,
+    /// The largest window measured, and its rate.
+    widest: Option<(usize, f64)>,
+    periods_settled: u32,
+    next_trial_larger: bool,
+    /// Batches still to be acknowledged before a period starts (those sent under the
+    /// previous window).
+    skip_batches: u64,
+    period_started: Option<Timestamp>,
+    period_bytes: u64,
+    period_batches: u64,
+    period_waited: Duration,
+    /// Since when the window holds back the next seal.
+    held_since: Option<Timestamp>,
+    changes: u64,
+}
+
+impl Window {
+    /// A window of `max` batches per connection (at least 1).
+    pub fn new(mode: InFlightWindow, max: usize) -> Self {
+        let max = max.max(1);
+        Window {
+            mode,
+            max,
+            current: max,
+            descending: true,
+            trial: None,
+            widest: None,
+            periods_settled: 0,
+            next_trial_larger: false,
+            skip_batches: 0,
+            period_started: None,
+            period_bytes: 0,
+            period_batches: 0,
+            period_waited: Duration::ZERO,
+            held_since: None,
+            changes: 0,
+        }
+    }
+
+    /// Batches each connection may have outstanding now.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// How often the window changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The window kept a batch from being sealed at `now`.
+    pub fn on_held(&mut self, now: Timestamp) {
+        self.held_since.get_or_insert(now);
+    }
+
+    /// A batch was sealed at `now`.
+    pub fn on_sealed(&mut self, now: Timestamp) {
+        if let Some(since) = self.held_since.take() {
+            self.period_waited += now.saturating_duration_since(since);
+        }
+    }
+
+    /// A batch of `bytes` was acknowledged at `now`; `connections` is how many connections
+    /// share the window (a round is a full window of each).
+    pub fn on_acked(&mut self, bytes: u64, connections: usize, now: Timestamp) {
+        if self.mode == InFlightWindow::Fixed || self.max <= WINDOW_MIN {
+            return;
+        }
+        if self.skip_batches > 0 {
+            self.skip_batches -= 1;
+            return;
+        }
+        let Some(started) = self.period_started else {
+            self.start_period(now);
+            return;
+        };
+        self.period_bytes += bytes;
+        self.period_batches += 1;
+        let elapsed = now.saturating_duration_since(started);
+        let round = (self.current * connections.max(1)) as u64;
+        if elapsed < PERIOD_MIN || self.period_batches < ROUNDS_PER_PERIOD * round {
+            return;
+        }
+        if let Some(since) = self.held_since {
+            // Waiting right now: count it up to here.
+            self.period_waited += now.saturating_duration_since(since);
+            self.held_since = Some(now);
+        }
+        let measured = Measured {
+            bytes_per_s: self.period_bytes as f64 / elapsed.as_secs_f64(),
+            wait_share: (self.period_waited.as_secs_f64() / elapsed.as_secs_f64()).min(1.0),
+        };
+        self.decide(measured, connections);
+        if self.period_started.is_some() {
+            // Unchanged: the next period starts here (a change starts it after the skip).
+            self.start_period(now);
+        }
+    }
+
+    fn start_period(&mut self, now: Timestamp) {
+        self.period_started = Some(now);
+        self.period_bytes = 0;
+        self.period_batches = 0;
+        self.period_waited = Duration::ZERO;
+        if self.held_since.is_some() {
+            self.held_since = Some(now);
+        }
+    }
+
+    /// The end of a measured period.
+    fn decide(&mut self, measured: Measured, connections: usize) {
+        self.widest = match self.widest {
+            // Averaged over the periods at the widest window: one lucky period must not
+            // make every smaller window look slow.
+            Some((window, rate)) if window == self.current => {
+                Some((window, rate + WIDEST_WEIGHT * (measured.bytes_per_s - rate)))
+            }
+            Some((window, _)) if window > self.current => self.widest,
+            _ => Some((self.current, measured.bytes_per_s)),
+        };
+        let Some(trial) = self.trial.take() else {
+            self.periods_settled += 1;
+            if self.descending {
+                self.try_smaller(measured, connections);
+            } else if self.periods_settled >= PERIODS_BETWEEN_TRIALS {
+                self.try_next(measured, connections);
+            }
+            return;
+        };
+        let kept = if self.current < trial.from {
+            let widest = self
+                .widest
+                .map_or(trial.reference.bytes_per_s, |(_, rate)| rate);
+            measured.bytes_per_s >= KEEP_SMALLER_RATIO * widest
+                && measured.wait_share <= trial.reference.wait_share + KEEP_SMALLER_WAIT_SHARE
+        } else {
+            measured.bytes_per_s >= KEEP_LARGER_RATIO * trial.reference.bytes_per_s
+        };
+        if !kept {
+            self.descending = false;
+            self.set(trial.from, connections);
+        } else if self.descending {
+            self.try_smaller(measured, connections);
+        }
+    }
+
+    fn try_smaller(&mut self, reference: Measured, connections: usize) {
+        let smaller = (self.current / 2).max(WINDOW_MIN);
+        if smaller >= self.current {
+            self.descending = false;
+            return;
+        }
+        self.start_trial(smaller, reference, connections);
+    }
+
+    /// A settled window's trial: larger and smaller in turn (whichever may help).
+    fn try_next(&mut self, reference: Measured, connections: usize) {
+        let larger = (self.current + self.current.div_ceil(4)).min(self.max);
+        let larger = (reference.wait_share >= TRY_LARGER_WAIT_SHARE && larger > self.current)
+            .then_some(larger);
+        let smaller = (self.current - (self.current / 5).max(1)).max(WINDOW_MIN);
+        let smaller = (smaller < self.current).then_some(smaller);
+        let larger_first = self.next_trial_larger;
+        self.next_trial_larger = !self.next_trial_larger;
+        let to = if larger_first {
+            larger.or(smaller)
+        } else {
+            smaller.or(larger)
+        };
+        if let Some(to) = to {
+            self.start_trial(to, reference, connections);
+        }
+    }
+
+    fn start_trial(&mut self, to: usize, reference: Measured, connections: usize) {
+        self.trial = Some(Trial {
+            from: self.current,
+            reference,
+        });
+        self.set(to, connections);
+    }
+
+    fn set(&mut self, window: usize, connections: usize) {
+        if window != self.current {
+            // The batches sent under the old window are acknowledged before the new one
+            // is measured.
+            self.skip_batches = (self.current.max(window) * connections.max(1)) as u64;
+            self.current = window;
+            self.changes += 1;
+        }
+        self.periods_settled = 0;
+        self.period_started = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BATCH_BYTES: u64 = 64 * 1024;
+
+    /// Runs a publisher over `connections` connections for `duration` on a path that, for a
+    /// window, gives `path(window)`: the acknowledged bytes/s and the share of the time the
+    /// publisher waits for window space. Returns the windows it went through.
+    fn run(
+        window: &mut Window,
+        connections: usize,
+        duration: Duration,
+        path: impl Fn(usize) -> (f64, f64),
+    ) -> Vec<usize> {
+        let mut now = Timestamp::ZERO;
+        let end = now + duration;
+        let mut seen = vec![window.current()];
+        while now < end {
+            let (rate, wait_share) = path(window.current());
+            let gap = Duration::from_secs_f64(BATCH_BYTES as f64 / rate);
+            window.on_held(now + gap.mul_f64(1.0 - wait_share));
+            now += gap;
+            window.on_sealed(now);
+            window.on_acked(BATCH_BYTES, connections, now);
+            if *seen.last().unwrap() != window.current() {
+                seen.push(window.current());
+            }
+        }
+        seen
+    }
+
+    /// A publisher twice as fast as a path that reaches its full rate from `knee` batches on
+    /// (proportionally less below).
+    fn knee(knee: usize, full: f64) -> impl Fn(usize) -> (f64, f64) {
+        move |window| {
+            let rate = full * (window.min(knee) as f64 / knee as f64);
+            (rate, 1.0 - rate / (2.0 * full))
+        }
+    }
+
+    #[test]
+    fn a_path_that_needs_few_batches_gets_a_small_window() {
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        let seen = run(&mut window, 1, Duration::from_secs(3), knee(4, 1.2e9));
+        assert_eq!(
+            seen[..4],
+            [64, 32, 16, 8],
+            "halves while the rate holds: {seen:?}"
+        );
+        assert_eq!(window.current(), WINDOW_MIN, "{seen:?}");
+    }
+
+    #[test]
+    fn a_path_that_needs_every_batch_keeps_the_largest_window() {
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        let seen = run(&mut window, 12, Duration::from_secs(10), knee(64, 1.5e9));
+        assert!(
+            seen.iter().all(|&w| w >= 32),
+            "no trial below 32 survives: {seen:?}"
+        );
+        assert_eq!(window.current(), 64, "{seen:?}");
+    }
+
+    #[test]
+    fn losses_below_the_threshold_do_not_add_up_over_halvings() {
+        // Each halving costs 4%: every one alone is within 7% of the window before it, but
+        // two cost 8%.
+        let rate_of = |window: usize| 1e9 * 0.96f64.powf((64.0 / window as f64).log2());
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        let seen = run(&mut window, 1, Duration::from_secs(20), |w| {
+            (rate_of(w), 0.5)
+        });
+        assert_eq!(
+            seen[..4],
+            [64, 32, 16, 32],
+            "the second halving is undone: {seen:?}"
+        );
+        assert!(seen.iter().all(|&w| w >= 16), "{seen:?}");
+        assert!(rate_of(window.current()) >= 0.93e9, "{seen:?}");
+    }
+
+    #[test]
+    fn a_paced_publisher_keeps_the_window_its_pace_needs() {
+        // The pace needs 40 batches in flight; with fewer the publisher falls behind.
+        let needed = 40.0;
+        let pace = 5e8;
+        let path = |window: usize| {
+            let share = (window as f64 / needed).min(1.0);
+            (pace * share, 1.0 - share)
+        };
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        let seen = run(&mut window, 1, Duration::from_secs(20), path);
+        assert_eq!(seen[..3], [64, 32, 64], "{seen:?}");
+        assert!(window.current() >= 40, "{seen:?}");
+    }
+
+    #[test]
+    fn a_window_that_never_fills_shrinks_for_free() {
+        let path = |_| (1e8, 0.0);
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        run(&mut window, 1, Duration::from_secs(2), path);
+        assert_eq!(window.current(), WINDOW_MIN);
+    }
+
+    #[test]
+    fn a_fixed_window_never_changes() {
+        let mut window = Window::new(InFlightWindow::Fixed, 64);
+        run(&mut window, 1, Duration::from_secs(2), knee(4, 1e9));
+        assert_eq!((window.current(), window.changes()), (64, 0));
+    }
+
+    #[test]
+    fn a_settled_window_grows_when_the_path_needs_more() {
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        run(&mut window, 1, Duration::from_secs(2), knee(4, 1e9));
+        assert_eq!(window.current(), WINDOW_MIN);
+        // The path's round trip grows: now 32 batches are needed.
+        run(&mut window, 1, Duration::from_secs(30), knee(32, 1e9));
+        assert!(window.current() >= 24, "window {}", window.current());
+    }
+}
