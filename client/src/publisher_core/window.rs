@@ -12,9 +12,10 @@
 //! What a step down may cost is measured two ways: the acknowledged rate must stay within
 //! 7% of the rate at the widest window measured (not of the window just left, so that small
 //! losses cannot add up), and the share of time the publisher waits for window space must
-//! not grow by more than 15 points. The second rule is the one that protects a publisher the
-//! application paces: its rate is its pace whatever the window, but once the window starts
-//! to hold it back it falls behind its schedule. A window that never fills changes nothing,
+//! not grow by more than 15 points (1 point for a publisher that hardly waited before). The
+//! second rule is the one that protects a publisher the application paces: its rate is its
+//! pace whatever the window, but once the window starts to hold it back it falls behind its
+//! schedule. A window that never fills changes nothing,
 //! so shrinking it is free; [`WINDOW_MIN`] keeps room for bursts.
 //!
 //! Sans-IO: the publisher core feeds it seals, waits, acknowledged bytes and the time.
@@ -42,8 +43,11 @@ const PERIOD_MIN: Duration = Duration::from_millis(100);
 const ROUNDS_PER_PERIOD: u64 = 2;
 /// A smaller window is kept when it keeps this share of the widest window's rate ...
 const KEEP_SMALLER_RATIO: f64 = 0.93;
-/// ... and the publisher waits for window space at most this much more of the time.
+/// ... and the publisher waits for window space at most this much more of the time ...
 const KEEP_SMALLER_WAIT_SHARE: f64 = 0.15;
+/// ... or, when it hardly waited before (the application sets its pace), this much more: a
+/// paced publisher that waits falls behind its schedule.
+const KEEP_SMALLER_WAIT_SHARE_PACED: f64 = 0.01;
 /// A larger window is kept only when it raises the rate by this factor.
 const KEEP_LARGER_RATIO: f64 = 1.05;
 /// A larger window is tried only when the publisher waits this share of the time.
@@ -156,6 +160,9 @@ impl Window {
         self.period_bytes += bytes;
         self.period_batches += 1;
         let elapsed = now.saturating_duration_since(started);
+        if self.smaller_trial_failed(now, connections) {
+            return;
+        }
         let round = (self.current * connections.max(1)) as u64;
         if elapsed < PERIOD_MIN || self.period_batches < ROUNDS_PER_PERIOD * round {
             return;
@@ -174,6 +181,27 @@ impl Window {
             // Unchanged: the next period starts here (a change starts it after the skip).
             self.start_period(now);
         }
+    }
+
+    /// Gives up a smaller window at once when the publisher already waited longer for
+    /// window space than a whole period may: a paced publisher falls behind its schedule
+    /// for as long as the trial lasts.
+    fn smaller_trial_failed(&mut self, now: Timestamp, connections: usize) -> bool {
+        let Some(trial) = self.trial.filter(|t| self.current < t.from) else {
+            return false;
+        };
+        let waiting = self
+            .held_since
+            .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
+        let allowed = PERIOD_MIN
+            .mul_f64((trial.reference.wait_share + wait_allowance(trial.reference)).min(1.0));
+        if self.period_waited + waiting <= allowed {
+            return false;
+        }
+        self.trial = None;
+        self.descending = false;
+        self.set(trial.from, connections);
+        true
     }
 
     fn start_period(&mut self, now: Timestamp) {
@@ -211,7 +239,8 @@ impl Window {
                 .widest
                 .map_or(trial.reference.bytes_per_s, |(_, rate)| rate);
             measured.bytes_per_s >= KEEP_SMALLER_RATIO * widest
-                && measured.wait_share <= trial.reference.wait_share + KEEP_SMALLER_WAIT_SHARE
+                && measured.wait_share
+                    <= trial.reference.wait_share + wait_allowance(trial.reference)
         } else {
             measured.bytes_per_s >= KEEP_LARGER_RATIO * trial.reference.bytes_per_s
         };
@@ -269,6 +298,15 @@ impl Window {
         }
         self.periods_settled = 0;
         self.period_started = None;
+    }
+}
+
+/// How much longer a smaller window may make the publisher wait than `reference` did.
+fn wait_allowance(reference: Measured) -> f64 {
+    if reference.wait_share < TRY_LARGER_WAIT_SHARE {
+        KEEP_SMALLER_WAIT_SHARE_PACED
+    } else {
+        KEEP_SMALLER_WAIT_SHARE
     }
 }
 
@@ -367,6 +405,34 @@ mod tests {
         let seen = run(&mut window, 1, Duration::from_secs(20), path);
         assert_eq!(seen[..3], [64, 32, 64], "{seen:?}");
         assert!(window.current() >= 40, "{seen:?}");
+    }
+
+    #[test]
+    fn a_paced_publisher_spends_little_time_in_windows_too_small_for_its_pace() {
+        let needed = 40;
+        let path = |window: usize| {
+            let share = (window as f64 / needed as f64).min(1.0);
+            (5e8 * share, 1.0 - share)
+        };
+        let mut window = Window::new(InFlightWindow::Adaptive, 64);
+        let mut now = Timestamp::ZERO;
+        let mut too_small = Duration::ZERO;
+        while now < Timestamp::ZERO + Duration::from_secs(20) {
+            let (rate, wait_share) = path(window.current());
+            let gap = Duration::from_secs_f64(BATCH_BYTES as f64 / rate);
+            window.on_held(now + gap.mul_f64(1.0 - wait_share));
+            now += gap;
+            if window.current() < needed {
+                too_small += gap;
+            }
+            window.on_sealed(now);
+            window.on_acked(BATCH_BYTES, 1, now);
+        }
+        assert!(window.changes() >= 4, "trials were made");
+        assert!(
+            too_small < Duration::from_millis(200),
+            "{too_small:?} of 20 s in windows below the pace's"
+        );
     }
 
     #[test]
