@@ -344,7 +344,7 @@ pub fn run(input: &ConnectionInput<'_>) {
             .iter()
             .filter(|c| c.open)
             .filter_map(|c| c.connection.subscription());
-        state.publish_subscriptions(subscriptions);
+        state.publish_subscriptions(subscriptions, now);
         if clients.iter().all(|c| !c.open) {
             check_log(&pool);
             assert_eq!(

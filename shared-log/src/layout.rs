@@ -32,6 +32,9 @@ pub const LEASE_EPOCH_OFFSET: u64 =
 /// Offset of the lease's heartbeat word.
 pub const LEASE_HEARTBEAT_OFFSET: u64 =
     LEASE_OFFSET + std::mem::offset_of!(SequencerLease, heartbeat) as u64;
+/// Where the lease's `lease_ms` is.
+pub const LEASE_MS_OFFSET: u64 =
+    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, lease_ms) as u64;
 /// Offset of the broker claims: one [`BrokerClaim`] per possible broker id
 /// ([`BROKERS_MAX`] of them, whatever the geometry), right after the lease.
 pub const CLAIMS_OFFSET: u64 = LEASE_OFFSET + std::mem::size_of::<SequencerLease>() as u64;

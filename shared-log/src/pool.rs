@@ -394,18 +394,19 @@ impl<M: SharedMemory> Pool<M> {
     /// The lowest ordinal any live broker's subscribers or replica still need in `topic`
     /// (`u64::MAX` when none holds anything): payloads and GOI entries from it on must be
     /// kept. A line is live while the sequencer heartbeat its writer last saw is at most
-    /// [`STALE_HEARTBEATS`] behind the lease's: a crashed broker or replica stops holding
-    /// retention after that (its subscribers, or the replica when it comes back, may then
-    /// find their next batch gone: an explicit error, never wrong bytes).
+    /// [`Self::stale_heartbeats`] behind the lease's: a crashed broker or replica stops
+    /// holding retention after that (its subscribers, or the replica when it comes back, may
+    /// then find their next batch gone: an explicit error, never wrong bytes).
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
         let heartbeat = self.lease_heartbeat();
+        let stale_heartbeats = self.stale_heartbeats();
         (0..self.geometry.brokers_max as u16)
             .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
             .map(|(broker, frontier)| {
                 let offset = self.geometry.frontier_offset(topic, broker, frontier);
                 let (value, _) = self.read_frontier(offset);
                 let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
-                let live = heartbeat.saturating_sub(seen) <= STALE_HEARTBEATS;
+                let live = heartbeat.saturating_sub(seen) <= stale_heartbeats;
                 match value {
                     0 => u64::MAX,
                     _ if !live => u64::MAX,
@@ -414,6 +415,21 @@ impl<M: SharedMemory> Pool<M> {
             })
             .min()
             .unwrap_or(u64::MAX)
+    }
+
+    /// Sequencer heartbeats a broker's subscribed line or a replica may miss before it stops
+    /// holding retention: one second's worth at the lease in force, and at least one lease
+    /// ([`STALE_HEARTBEATS_MIN`]). Not one lease alone: with a lease of tens of
+    /// milliseconds a live broker that the scheduler leaves aside for a moment would drop
+    /// its subscribers' hold, and their deliveries would be overwritten under them; a
+    /// crashed broker's hold costs only retention, so it may last longer.
+    pub fn stale_heartbeats(&self) -> u64 {
+        invalidate_and_fence(&self.mem, crate::layout::LEASE_MS_OFFSET, 8);
+        let lease_ms = self.mem.load_u64(crate::layout::LEASE_MS_OFFSET);
+        let per_second = (STALE_HEARTBEATS_MIN * 1000)
+            .checked_div(lease_ms)
+            .unwrap_or(0);
+        per_second.max(STALE_HEARTBEATS_MIN)
     }
 
     /// The sequencer lease's heartbeat counter as memory holds it now (the cluster's clock
@@ -540,9 +556,9 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
 }
 
 /// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
-/// Sequencer heartbeats (an eighth of a lease each) a broker's subscribed line or a
-/// replica may miss before it stops holding retention: one lease.
-pub const STALE_HEARTBEATS: u64 = 8;
+/// Sequencer heartbeats in one lease (each is an eighth of it): the least a broker's
+/// subscribed line or a replica may miss before it stops holding retention.
+pub const STALE_HEARTBEATS_MIN: u64 = 8;
 
 /// Offset, in a subscribed or replicated frontier line, of the lease heartbeat its writer
 /// last saw.

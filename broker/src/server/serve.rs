@@ -303,7 +303,7 @@ impl<T: Transport> ServeLoop<T> {
                 .clients
                 .values()
                 .filter_map(|c| c.connection.subscription());
-            self.state.publish_subscriptions(subscriptions);
+            self.state.publish_subscriptions(subscriptions, now);
             self.idle.record(worked);
             timeout = self.next_timeout();
             if !worked && timeout == Duration::ZERO {

@@ -5,6 +5,9 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use units::Timestamp;
 
 use crate::metrics::{Metrics, SequencerRole};
 use crate::server::limits::{ClientLimits, ConnectionRefused, ConnectionTable, StagingBudget};
@@ -104,8 +107,9 @@ pub struct BrokerState<M> {
     /// Ack level 2: replicated positions read this loop iteration, by (topic, replicas), so
     /// that connections waiting on the same topic share one read of the frontier lines.
     replicated: HashMap<(TopicId, usize), u64>,
-    /// Calls of [`Self::publish_subscriptions`], and the lease heartbeat last published.
-    publish_calls: u64,
+    /// When [`Self::publish_subscriptions`] last looked at the lease heartbeat, and the
+    /// heartbeat it published then.
+    heartbeat_looked_at: Option<Timestamp>,
     heartbeat_published: u64,
     /// Connections open, in all and per address.
     connections: ConnectionTable,
@@ -118,9 +122,10 @@ pub struct BrokerState<M> {
     claim_moved: Option<ClaimMoved>,
 }
 
-/// Calls of [`BrokerState::publish_subscriptions`] (one per loop iteration) between looks at
-/// the lease heartbeat.
-const LIVENESS_CALLS: u64 = 256;
+/// How often [`BrokerState::publish_subscriptions`] looks at the lease heartbeat (to publish
+/// its lines again with it, their liveness): well inside a lease (50 ms by default) and the
+/// second for which a line stays live (`Pool::stale_heartbeats`).
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(5);
 
 impl<M: SharedMemory + Clone> BrokerState<M> {
     /// State for broker `settings.broker_id` on `pool`.
@@ -135,7 +140,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             subscribed: HashMap::new(),
             subscribed_next: HashMap::new(),
             replicated: HashMap::new(),
-            publish_calls: 0,
+            heartbeat_looked_at: None,
             heartbeat_published: 0,
             connections: ConnectionTable::default(),
             staging: StagingBudget::default(),
@@ -479,7 +484,11 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     /// Publishes, per topic, the lowest ordinal this broker's subscribers still need, so that
     /// no writer reclaims those payloads and the sequencer keeps those GOI entries. Topics no
     /// subscriber reads any more are released. Only changes are written.
-    pub fn publish_subscriptions(&mut self, subscriptions: impl Iterator<Item = (TopicId, u64)>) {
+    pub fn publish_subscriptions(
+        &mut self,
+        subscriptions: impl Iterator<Item = (TopicId, u64)>,
+        now: Timestamp,
+    ) {
         let mut lowest = std::mem::take(&mut self.subscribed_next);
         lowest.clear();
         for (topic, ordinal) in subscriptions {
@@ -487,11 +496,15 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             *entry = (*entry).min(ordinal);
         }
         let broker = self.settings.broker_id;
-        // Liveness: every few calls, when the sequencer's heartbeat moved, every line is
-        // published again with it (else a crashed broker's subscribers would hold the log).
-        self.publish_calls = self.publish_calls.wrapping_add(1);
+        // Liveness: every few milliseconds, when the sequencer's heartbeat moved, every line
+        // is published again with it (else a crashed broker's subscribers would hold the
+        // log).
         let mut refresh = false;
-        if self.publish_calls % LIVENESS_CALLS == 0 && !lowest.is_empty() {
+        let due = self
+            .heartbeat_looked_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= LIVENESS_INTERVAL);
+        if due && !lowest.is_empty() {
+            self.heartbeat_looked_at = Some(now);
             let heartbeat = self.pool.lease_heartbeat();
             refresh = heartbeat != self.heartbeat_published;
             self.heartbeat_published = heartbeat;
@@ -512,7 +525,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     /// Bookkeeping when a network loop stops: subscriptions released, connections gauge
     /// zeroed, one log line naming the loop and how many connections it closed.
     pub fn on_loop_stopped(&mut self, loop_name: &str, connections_closed: usize) {
-        self.publish_subscriptions(std::iter::empty());
+        self.publish_subscriptions(std::iter::empty(), Timestamp::now());
         self.metrics.connections_open.store(0, Ordering::Relaxed);
         log::info!(
             "broker {}: {loop_name} stopped ({connections_closed} connections closed)",
