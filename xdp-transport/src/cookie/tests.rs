@@ -752,3 +752,19 @@ fn a_client_with_an_mss_below_536_gets_segments_that_fit() {
         timestamps: true,
     });
 }
+
+#[test]
+fn the_flow_hash_spreads_one_hosts_ports_over_the_low_bits() {
+    // The map picks buckets by the low bits: one client with many connections (ports in a
+    // row) must not pile them into a few buckets.
+    let hashing = FlowHashing::new();
+    let host = Ipv4Addr::new(10, 0, 0, 2);
+    let buckets: std::collections::HashSet<u64> = (40_000u16..41_024)
+        .map(|port| hashing.hash_one((host, port)) & 1023)
+        .collect();
+    assert!(buckets.len() > 600, "{} of 1024 buckets", buckets.len());
+    let hosts: std::collections::HashSet<u64> = (0..1024u32)
+        .map(|n| hashing.hash_one((Ipv4Addr::from(0x0a00_0000 + n), 5555u16)) & 1023)
+        .collect();
+    assert!(hosts.len() > 600, "{} of 1024 buckets", hosts.len());
+}
