@@ -63,9 +63,12 @@ pub struct PublisherConfig {
     /// Unacknowledged batches allowed per connection (at least 1). Default 64.
     pub in_flight_batches_max: usize,
     /// How the window up to `in_flight_batches_max` is chosen. Default
-    /// [`InFlightWindow::Adaptive`]: starts at the maximum and settles on the smallest
-    /// window that keeps the acknowledged throughput (within 7%), which bounds latency at
-    /// saturation by what the path needs; [`InFlightWindow::Fixed`] always uses the maximum.
+    /// [`InFlightWindow::Fixed`]: always the maximum. [`InFlightWindow::Adaptive`] starts at
+    /// the maximum and settles on the smallest window that keeps the acknowledged
+    /// throughput (within 7%), which bounds latency at saturation by what the path needs:
+    /// for a publisher that sends as fast as it can. A publisher paced near the path's
+    /// capacity falls behind its schedule for good when the window costs it a few percent,
+    /// so it is not the default.
     pub in_flight_window: InFlightWindow,
     /// When the window of the next connection is full: `true` waits for acks (up to
     /// `publish_timeout_ms`), `false` returns [`ClientError::WouldBlock`].
@@ -116,7 +119,7 @@ impl PublisherConfig {
             batch_bytes_max: BATCH_BYTES_MAX_DEFAULT,
             linger_us: LINGER_US_DEFAULT,
             in_flight_batches_max: IN_FLIGHT_BATCHES_MAX_DEFAULT,
-            in_flight_window: InFlightWindow::Adaptive,
+            in_flight_window: InFlightWindow::Fixed,
             blocking: true,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             publish_timeout_ms: PUBLISH_TIMEOUT_MS_DEFAULT,

@@ -122,17 +122,21 @@ impl TestMode {
 /// How a publisher chooses its in-flight window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum WindowArg {
+    /// `adaptive` for an unpaced run (--rate-msgs-per-s 0), `fixed` for a paced one.
+    Auto,
     /// From measured throughput, up to --in-flight-batches.
     Adaptive,
     /// Always --in-flight-batches.
     Fixed,
 }
 
-impl From<WindowArg> for client::InFlightWindow {
-    fn from(arg: WindowArg) -> Self {
-        match arg {
+impl WindowArg {
+    /// The window of a run paced at `rate_msgs_per_s` (0: unpaced).
+    pub(crate) fn resolve(self, rate_msgs_per_s: u64) -> client::InFlightWindow {
+        match self {
+            WindowArg::Auto if rate_msgs_per_s == 0 => client::InFlightWindow::Adaptive,
+            WindowArg::Auto | WindowArg::Fixed => client::InFlightWindow::Fixed,
             WindowArg::Adaptive => client::InFlightWindow::Adaptive,
-            WindowArg::Fixed => client::InFlightWindow::Fixed,
         }
     }
 }
@@ -232,8 +236,10 @@ pub(crate) struct Cli {
     /// the largest and settles on the smallest window that keeps the acknowledged
     /// throughput within 7% without making the publisher wait for window space longer, which
     /// keeps latency at saturation down to what the path needs; `fixed` always uses
-    /// --in-flight-batches.
-    #[arg(long, value_enum, default_value_t = WindowArg::Adaptive)]
+    /// --in-flight-batches. `auto` is adaptive for an unpaced run and fixed for a paced one:
+    /// a paced publisher near the path's capacity falls behind its schedule for good when
+    /// the window costs it a few percent (docs/results.md).
+    #[arg(long, value_enum, default_value_t = WindowArg::Auto)]
     pub(crate) in_flight_window: WindowArg,
     /// How long a publisher may be without any broker connection before it gives up, in
     /// milliseconds. While some broker answers, a failed connection is replaced at once and

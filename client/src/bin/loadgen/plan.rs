@@ -106,7 +106,7 @@ impl Plan {
             }),
             publishers: cli.publishers.unwrap_or(1) as usize,
             in_flight_batches: cli.in_flight_batches as usize,
-            in_flight_window: cli.in_flight_window.into(),
+            in_flight_window: cli.in_flight_window.resolve(rate_msgs_per_s),
             reconnect_timeout_ms: cli.reconnect_timeout_ms,
             from_position: cli.from_position,
             drain_timeout: Duration::from_secs_f64(cli.drain_timeout_s),
@@ -369,6 +369,30 @@ pub(crate) mod tests {
         let off = parse("--brokers 127.0.0.1:9000 --create-topic false --ack 2").unwrap();
         assert!(!off.create_topic);
         assert_eq!(off.replication_factor, 1);
+    }
+
+    #[test]
+    fn the_window_adapts_by_default_only_when_the_run_is_unpaced() {
+        use client::InFlightWindow::{Adaptive, Fixed};
+        let window = |args: &str| parse(args).unwrap().in_flight_window;
+        assert_eq!(window("--brokers 127.0.0.1:9000"), Adaptive);
+        assert_eq!(
+            window("--brokers 127.0.0.1:9000 --rate-msgs-per-s 1000"),
+            Fixed
+        );
+        assert_eq!(
+            window("--brokers 127.0.0.1:9000 --rate-msgs-per-s 1000 --in-flight-window adaptive"),
+            Adaptive
+        );
+        assert_eq!(
+            window("--brokers 127.0.0.1:9000 --in-flight-window fixed"),
+            Fixed
+        );
+        assert_eq!(
+            PublisherConfig::new(Vec::new(), "t").in_flight_window,
+            Fixed,
+            "the library keeps a fixed window unless asked"
+        );
     }
 
     #[test]
