@@ -398,8 +398,7 @@ impl<M: SharedMemory> Pool<M> {
     /// holding retention after that (its subscribers, or the replica when it comes back, may
     /// then find their next batch gone: an explicit error, never wrong bytes).
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
-        let heartbeat = self.lease_heartbeat();
-        let stale_heartbeats = self.stale_heartbeats();
+        let (heartbeat, stale_heartbeats) = self.lease_clock();
         (0..self.geometry.brokers_max as u16)
             .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
             .map(|(broker, frontier)| {
@@ -424,12 +423,22 @@ impl<M: SharedMemory> Pool<M> {
     /// its subscribers' hold, and their deliveries would be overwritten under them; a
     /// crashed broker's hold costs only retention, so it may last longer.
     pub fn stale_heartbeats(&self) -> u64 {
-        invalidate_and_fence(&self.mem, crate::layout::LEASE_MS_OFFSET, 8);
-        let lease_ms = self.mem.load_u64(crate::layout::LEASE_MS_OFFSET);
+        self.lease_clock().1
+    }
+
+    /// The lease's heartbeat and [`Self::stale_heartbeats`], from one look at the lease
+    /// line (`heartbeat` and `lease_ms` sit side by side in it).
+    fn lease_clock(&self) -> (u64, u64) {
+        use crate::layout::{LEASE_HEARTBEAT_OFFSET, LEASE_MS_OFFSET};
+        const _: () = assert!(LEASE_MS_OFFSET > LEASE_HEARTBEAT_OFFSET);
+        let span = LEASE_MS_OFFSET + 8 - LEASE_HEARTBEAT_OFFSET;
+        invalidate_and_fence(&self.mem, LEASE_HEARTBEAT_OFFSET, span);
+        let heartbeat = self.mem.load_u64(LEASE_HEARTBEAT_OFFSET);
+        let lease_ms = self.mem.load_u64(LEASE_MS_OFFSET);
         let per_second = (STALE_HEARTBEATS_MIN * 1000)
             .checked_div(lease_ms)
             .unwrap_or(0);
-        per_second.max(STALE_HEARTBEATS_MIN)
+        (heartbeat, per_second.max(STALE_HEARTBEATS_MIN))
     }
 
     /// The sequencer lease's heartbeat counter as memory holds it now (the cluster's clock
@@ -555,7 +564,6 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
     })
 }
 
-/// Checks a topic name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
 /// Sequencer heartbeats in one lease (each is an eighth of it): the least a broker's
 /// subscribed line or a replica may miss before it stops holding retention.
 pub const STALE_HEARTBEATS_MIN: u64 = 8;

@@ -290,7 +290,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                     // The bytes were just written: checksummed while still in cache.
                     let at = *received as usize;
                     *checksum = state.fill_batch(publisher.topic, reservation, |payload| {
-                        crc32c::crc32c_append(*checksum, &payload[at..at + read.bytes])
+                        wire::payload::checksum_append(*checksum, &payload[at..at + read.bytes])
                     });
                     *received += read.bytes as u64;
                     *received == u64::from(header.payload_bytes)
