@@ -15,8 +15,8 @@
 //! not grow by more than 15 points (1 point for a publisher that hardly waited before). The
 //! second rule is the one that protects a publisher the application paces: its rate is its
 //! pace whatever the window, but once the window starts to hold it back it falls behind its
-//! schedule. A window that never fills changes nothing,
-//! so shrinking it is free; [`WINDOW_MIN`] keeps room for bursts.
+//! schedule. A window that never fills changes nothing, so shrinking it is free;
+//! [`WINDOW_MIN`] keeps room for bursts.
 //!
 //! Sans-IO: the publisher core feeds it seals, waits, acknowledged bytes and the time.
 
@@ -50,8 +50,9 @@ const KEEP_SMALLER_WAIT_SHARE: f64 = 0.15;
 const KEEP_SMALLER_WAIT_SHARE_PACED: f64 = 0.01;
 /// A larger window is kept only when it raises the rate by this factor.
 const KEEP_LARGER_RATIO: f64 = 1.05;
-/// A larger window is tried only when the publisher waits this share of the time.
-const TRY_LARGER_WAIT_SHARE: f64 = 0.05;
+/// A publisher that waits this share of the time is held back by its window: only then is
+/// a larger window tried, and below it the application sets the pace.
+const HELD_BACK_WAIT_SHARE: f64 = 0.05;
 /// Weight of a new period in the widest window's average rate.
 const WIDEST_WEIGHT: f64 = 0.25;
 /// Periods at a settled window between two trials.
@@ -63,6 +64,19 @@ struct Measured {
     bytes_per_s: f64,
     /// Share of the period the publisher waited for window space.
     wait_share: f64,
+}
+
+impl Measured {
+    /// The most a smaller window may make the publisher wait, as a share of the time, where
+    /// these figures were measured.
+    fn wait_share_allowed(self) -> f64 {
+        let allowance = if self.wait_share < HELD_BACK_WAIT_SHARE {
+            KEEP_SMALLER_WAIT_SHARE_PACED
+        } else {
+            KEEP_SMALLER_WAIT_SHARE
+        };
+        self.wait_share + allowance
+    }
 }
 
 /// A window being tried against the one it replaced.
@@ -193,14 +207,12 @@ impl Window {
         let waiting = self
             .held_since
             .map_or(Duration::ZERO, |since| now.saturating_duration_since(since));
-        let allowed = PERIOD_MIN
-            .mul_f64((trial.reference.wait_share + wait_allowance(trial.reference)).min(1.0));
+        let allowed = PERIOD_MIN.mul_f64(trial.reference.wait_share_allowed().min(1.0));
         if self.period_waited + waiting <= allowed {
             return false;
         }
         self.trial = None;
-        self.descending = false;
-        self.set(trial.from, connections);
+        self.reject(trial, connections);
         true
     }
 
@@ -239,17 +251,21 @@ impl Window {
                 .widest
                 .map_or(trial.reference.bytes_per_s, |(_, rate)| rate);
             measured.bytes_per_s >= KEEP_SMALLER_RATIO * widest
-                && measured.wait_share
-                    <= trial.reference.wait_share + wait_allowance(trial.reference)
+                && measured.wait_share <= trial.reference.wait_share_allowed()
         } else {
             measured.bytes_per_s >= KEEP_LARGER_RATIO * trial.reference.bytes_per_s
         };
         if !kept {
-            self.descending = false;
-            self.set(trial.from, connections);
+            self.reject(trial, connections);
         } else if self.descending {
             self.try_smaller(measured, connections);
         }
+    }
+
+    /// `trial` did not pay: back to the window it replaced, and no more halving.
+    fn reject(&mut self, trial: Trial, connections: usize) {
+        self.descending = false;
+        self.set(trial.from, connections);
     }
 
     fn try_smaller(&mut self, reference: Measured, connections: usize) {
@@ -264,7 +280,7 @@ impl Window {
     /// A settled window's trial: larger and smaller in turn (whichever may help).
     fn try_next(&mut self, reference: Measured, connections: usize) {
         let larger = (self.current + self.current.div_ceil(4)).min(self.max);
-        let larger = (reference.wait_share >= TRY_LARGER_WAIT_SHARE && larger > self.current)
+        let larger = (reference.wait_share >= HELD_BACK_WAIT_SHARE && larger > self.current)
             .then_some(larger);
         let smaller = (self.current - (self.current / 5).max(1)).max(WINDOW_MIN);
         let smaller = (smaller < self.current).then_some(smaller);
@@ -298,15 +314,6 @@ impl Window {
         }
         self.periods_settled = 0;
         self.period_started = None;
-    }
-}
-
-/// How much longer a smaller window may make the publisher wait than `reference` did.
-fn wait_allowance(reference: Measured) -> f64 {
-    if reference.wait_share < TRY_LARGER_WAIT_SHARE {
-        KEEP_SMALLER_WAIT_SHARE_PACED
-    } else {
-        KEEP_SMALLER_WAIT_SHARE
     }
 }
 
