@@ -15,7 +15,7 @@
 #           connections spread over both
 #   busy-poll  the same in driver mode with preferred busy polling (--xdp-busy-poll-us 50)
 #   loss    the same with 1% random loss in both directions (nftables in the client namespace)
-#   faults  the same with the broker-side fault-injecting device (hidden debug flag
+#   faults  the same with faults on the brokers' wire (hidden debug flag
 #           --debug-inject-faults drop=1,duplicate=1,reorder=1,corrupt=1,seed=N)
 #   failover  the same lab at ack 2 (every broker replicating, rf 2), the head killed (-9)
 #           mid-run: a standby takes the sequencer over, the publishers notice the silent
@@ -259,7 +259,7 @@ case_queues() {
 }
 
 case_faults() {
-    echo "== faults: broker-side FaultyDevice, 1% each of drop/duplicate/reorder/corrupt, seeded"
+    echo "== faults: faults on the brokers' wire, 1% each of drop/duplicate/reorder/corrupt, seeded"
     lab_up
     start_cluster --hold-timeout-ms 10000 --debug-inject-faults "drop=1,duplicate=1,reorder=1,corrupt=1,seed=$$"
     run_loadgen 16MB

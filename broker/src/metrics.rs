@@ -442,7 +442,7 @@ const SERIES: &[Series] = &[
     Series {
         name: "embarcadero_xdp_cookie_dropped_total",
         kind: "counter",
-        help: "Segments dropped during or after a refused adoption, and adoptions given up (XDP backend).",
+        help: "Segments dropped during or after a refused adoption, adoptions given up, and first segments of a connection with a wrong IPv4 header checksum (XDP backend).",
         value: |m| &m.xdp_cookie_dropped,
     },
     Series {

@@ -234,6 +234,13 @@ fn sum16(bytes: &[u8], mut sum: u32) -> u32 {
     sum
 }
 
+/// Whether the IPv4 header checksum of a frame holds. A frame corrupted on its way must not
+/// start an adoption: the synthesized SYN gets fresh checksums, so smoltcp would take the
+/// corrupted addresses and numbers for the client's (the frame itself it drops).
+fn ipv4_header_sound(frame: &[u8], segment: &Segment) -> bool {
+    sum16(&frame[ETHERNET..segment.tcp], 0) == 0xffff
+}
+
 /// Fills in the IPv4 header checksum and the TCP checksum of a frame.
 fn fill_checksums(frame: &mut [u8], segment: &Segment) {
     let ip = ETHERNET;
@@ -391,6 +398,9 @@ pub struct CookieCounts {
     /// Segments of an unknown flow passed on untranslated because the XDP program's flow
     /// table refused the flow (smoltcp answers them with a RST).
     pub flow_open_failed: u64,
+    /// Segments of an unknown flow with a wrong IPv4 header checksum, passed on unadopted
+    /// (smoltcp drops them).
+    pub unsound: u64,
     /// Segments dropped while their adoption was under way (more than [`HELD_PER_FLOW`]).
     pub held_dropped: u64,
     /// Adoptions given up after [`PENDING_TIMEOUT`].
@@ -494,6 +504,10 @@ impl CookieFlows {
                 Rx::Consumed
             }
             None if segment.flags & (ACK | SYN | RST) == ACK => {
+                if !ipv4_header_sound(frame, &segment) {
+                    self.counts.unsound += 1;
+                    return Rx::Deliver;
+                }
                 if self.flows.len() >= self.flows_max {
                     self.counts.table_full += 1;
                     return Rx::Deliver;

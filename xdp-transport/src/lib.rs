@@ -6,8 +6,8 @@
 //!   rings, bound to one interface queue in copy mode. With [`netlink`], the only module
 //!   with `unsafe` code.
 //! - [`device`]: the smoltcp device over the sockets of an interface's queues
-//!   ([`device::XskDevice`], driven in bursts through [`device::Burst`]), and a
-//!   fault-injecting wrapper for the tests.
+//!   ([`device::XskDevice`], driven in bursts through [`device::Burst`]), with the
+//!   sans-IO [`faults`] on its wire for the tests.
 //! - [`hooks`]: what the device does to frames besides moving them, over the sans-IO
 //!   [`cookie`] (the adoption of the program's SYN-cookie connections into smoltcp, and the
 //!   translation that follows) and [`neighbour`] (smoltcp's neighbours from the kernel's
@@ -21,6 +21,7 @@
 
 pub mod cookie;
 pub mod device;
+pub mod faults;
 pub mod hooks;
 pub mod neighbour;
 pub mod netlink;

@@ -23,7 +23,7 @@ use shared_log::coherence::CoherenceMode;
 use shared_log::layout::Geometry;
 use shared_log::sequencer::SequencerConfig;
 use xdp_prog::AttachMode;
-use xdp_transport::device::FaultConfig;
+use xdp_transport::faults::FaultConfig;
 use xdp_transport::xsk::XskGeometry;
 
 /// An Embarcadero-rs broker: receives publishers' batches over TCP straight into the shared

@@ -182,6 +182,13 @@ impl PublisherCore {
                 Some(seq) => self.on_gap_skipped(addr, seq, error.reason(), now),
                 None => self.fail(ClientError::broker(addr, &error)),
             },
+            // A batch slower than the broker's minimum rate (a lossy link can delay one past
+            // it): the broker dropped it unwritten and closes the connection. Like a reset,
+            // the connection's batches are resent on another (at most `resends_max` times).
+            ErrorCode::DeadlineExpired if error.batch_seq.is_some() => {
+                let how = ClientError::broker(addr, &error).to_string();
+                self.lose(id, &how, now);
+            }
             _ => self.fail(ClientError::broker(addr, &error)),
         }
     }
@@ -430,6 +437,39 @@ mod tests {
             error.to_string(),
             "127.0.0.1:9001 refused: checksum mismatch (7) for batch 3: test reason"
         );
+    }
+
+    #[test]
+    fn a_batch_past_its_deadline_is_resent_on_a_new_connection() {
+        let mut core = Setup::default().core();
+        let now = Timestamp::ZERO;
+        publish_batches(&mut core, 2, now);
+        let sent = transmitted(&mut core);
+        core.on_frame(0, error(ErrorCode::DeadlineExpired, Some(1)), now);
+        assert!(core.failure().is_none(), "{:?}", core.failure());
+        assert_eq!(core.stats().connections_lost, 1);
+        let request = connects(&commands(&mut core)).remove(0);
+        let id = core
+            .on_connected(0, request.attempt, addr(0), &hello_ok(0), now)
+            .unwrap();
+        let resent = transmitted(&mut core);
+        assert_eq!(
+            resent.iter().map(|t| t.seq).collect::<Vec<_>>(),
+            [0, 1],
+            "both unacknowledged batches, in order"
+        );
+        assert!(resent.iter().zip(&sent).all(|(r, s)| r.bytes == s.bytes));
+        core.on_frame(
+            id,
+            ack(1, vec![entry(0, Some(0), 1), entry(1, Some(1), 1)]),
+            now,
+        );
+        assert!(core.is_flushed() && core.failure().is_none());
+        assert_eq!(core.stats().batches_resent, 2);
+
+        // Without a batch (a handshake past its deadline) it still fails the publisher.
+        let error = failed_after(vec![(0, error(ErrorCode::DeadlineExpired, None))]);
+        assert_eq!(error.broker_code(), Some(ErrorCode::DeadlineExpired));
     }
 
     #[test]

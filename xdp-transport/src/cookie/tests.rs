@@ -469,6 +469,7 @@ const ADOPTED_ONCE: CookieCounts = CookieCounts {
     held_dropped: 0,
     timed_out: 0,
     dropped_after_refusal: 0,
+    unsound: 0,
 };
 
 /// What a run came to.
@@ -646,6 +647,32 @@ fn flows_without_a_socket_and_stuck_adoptions_expire() {
     assert!(flows.is_empty());
     assert_eq!(flows.counts().timed_out, 1);
     assert_eq!(flows.take_closed(), vec![(CLIENT_IP, CLIENT_PORT)]);
+}
+
+#[test]
+fn a_corrupted_first_ack_starts_no_adoption_and_the_next_one_does() {
+    let mut flows = CookieFlows::new(BROKER_PORT, 1460, 4);
+    let client = Client::after_syn_ack(TIMESTAMPS, 1460, 0);
+    let at = Instant::from_millis(1);
+    let opened = std::cell::Cell::new(0);
+    let open_flow = &mut |_| {
+        opened.set(opened.get() + 1);
+        true
+    };
+    let mut ack = client.frame(CLIENT_ISN.wrapping_add(1), &[]);
+    let sound = ack.clone();
+    // A bit of the client's address flipped on the way.
+    ack[ETHERNET + 13] ^= 0x08;
+    assert_eq!(flows.on_rx(&mut ack, at, open_flow), Rx::Deliver);
+    assert!(flows.is_empty() && flows.next_injected().is_none());
+    assert_eq!((flows.counts().unsound, opened.get()), (1, 0));
+    let mut ack = sound;
+    assert_eq!(flows.on_rx(&mut ack, at, open_flow), Rx::Adopting);
+    let syn = flows.next_injected().expect("the synthesized SYN");
+    let segment = parse_segment(&syn).expect("a segment");
+    assert_eq!(segment.source, (CLIENT_IP, CLIENT_PORT));
+    assert!(ipv4_header_sound(&syn, &segment));
+    assert_eq!(opened.get(), 1);
 }
 
 /// The frames smoltcp sent to the client that are TCP segments with SYN set.

@@ -18,7 +18,8 @@ use transport::{BypassTransport, Endpoint, SocketPoolConfig};
 
 use crate::server::serve::{LoopContext, ServeLoop};
 use xdp_transport::cookie;
-use xdp_transport::device::{Burst, FaultConfig, FaultyDevice, QueueSocket, XskDevice};
+use xdp_transport::device::{Burst, QueueSocket, XskDevice};
+use xdp_transport::faults::FaultConfig;
 use xdp_transport::hooks::{HookConfig, Hooks};
 use xdp_transport::netlink::NeighbourSocket;
 use xdp_transport::xsk::{self, FRAME_BYTES, Xsk, XskError, XskGeometry};
@@ -416,36 +417,30 @@ fn spawn_loop(
     };
     let core = xdp.cores.first().copied();
     let broker = options.settings.broker_id;
-    match xdp.faults {
-        None => {
-            let transport = BypassTransport::new(device, endpoint, sockets, broker);
-            let poll = ServeLoop::new(transport, options, context);
-            super::spawn("network-xdp", move || {
-                pin(core, broker);
-                report(broker, &poll.run().into_device());
-            })
-        }
+    let device = match xdp.faults {
+        None => device,
         Some(faults) => {
             log::warn!(
                 "broker {broker}: DEBUG fault injection on (--debug-inject-faults {faults:?}): frames are dropped, duplicated, reordered and corrupted on purpose; never use this in production"
             );
-            let device = FaultyDevice::new(device, faults);
-            let transport = BypassTransport::new(device, endpoint, sockets, broker);
-            let poll = ServeLoop::new(transport, options, context);
-            super::spawn("network-xdp", move || {
-                pin(core, broker);
-                let device = poll.run().into_device();
-                let counts = device.counts();
-                log::info!("broker {broker}: faults injected: {counts:?}");
-                // A JSON summary on stdout, for the tests that must prove faults happened.
-                println!(
-                    "{{\"debug_faults\":{{\"broker\":{broker},\"dropped\":{},\"duplicated\":{},\"reordered\":{},\"corrupted\":{}}}}}",
-                    counts.dropped, counts.duplicated, counts.reordered, counts.corrupted
-                );
-                report(broker, &device);
-            })
+            device.with_faults(faults)
         }
-    }
+    };
+    let transport = BypassTransport::new(device, endpoint, sockets, broker);
+    let poll = ServeLoop::new(transport, options, context);
+    super::spawn("network-xdp", move || {
+        pin(core, broker);
+        let device = poll.run().into_device();
+        if let Some(counts) = device.fault_counts() {
+            log::info!("broker {broker}: faults injected: {counts:?}");
+            // A JSON summary on stdout, for the tests that must prove faults happened.
+            println!(
+                "{{\"debug_faults\":{{\"broker\":{broker},\"dropped\":{},\"duplicated\":{},\"reordered\":{},\"corrupted\":{}}}}}",
+                counts.dropped, counts.duplicated, counts.reordered, counts.corrupted
+            );
+        }
+        report(broker, &device);
+    })
 }
 
 fn pin(core: Option<usize>, broker: u16) {

@@ -313,7 +313,10 @@ impl<D: Device + Burst> BypassTransport<D> {
             Ordering::Relaxed,
         );
         metrics.xdp_cookie_dropped.store(
-            cookies.held_dropped + cookies.timed_out + cookies.dropped_after_refusal,
+            cookies.held_dropped
+                + cookies.timed_out
+                + cookies.dropped_after_refusal
+                + cookies.unsound,
             Ordering::Relaxed,
         );
         metrics
