@@ -20,8 +20,9 @@
 #   pool-loss        run, stop every broker, delete the pool, rebuild it from the replica
 #                    files (--recover-from): the log must be the same, batch for batch
 #   history          publish 4x the pool (256 MiB) at ack 2 (brokers 1 and 3 replicate),
-#                    then a subscriber on broker 3 reads it all from position 0: the part
-#                    the pool no longer holds from broker 3's replica file, then the pool
+#                    then a subscriber on broker 2 (no replica) asks for position 0: it is
+#                    redirected to broker 1, which serves the part the pool no longer holds
+#                    from its replica file, then the pool; all of it is read back
 #
 # --repeat N runs the scenarios N times (default 1) and prints, per scenario, the runs, the
 # failures, and the failover and longest ack wait (p50 and max over the runs).
@@ -96,7 +97,7 @@ start_cluster() {
 # broker 3, which no scenario disturbs.
 run_loadgen() {
     local dir=$1; shift
-    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --subscriber-broker 3 \
+    ./target/release/loadgen --brokers "$(cat "$dir/brokers")" --subscriber-broker "${subscriber_broker:-3}" \
         --test end-to-end --order 5 --ack 2 --message-bytes 1024 --connections-per-broker 1 \
         --reconnect-timeout-ms 30000 --drain-timeout-s 60 --progress none \
         --json "$dir/summary.json" "$@" > "$dir/loadgen.log" 2>&1
@@ -138,8 +139,8 @@ if extra:
     entry.update(json.loads(extra))
     if entry.get("log_matches") is False:
         entry["completed"] = False
-    # The history scenario must have read from disk, or it proved nothing.
-    if entry.get("history_batches_delivered") == 0:
+    # The history scenario must have read from disk after a redirect, or it proved nothing.
+    if entry.get("history_batches_delivered") == 0 or entry.get("subscriber_redirects") == 0:
         entry["completed"] = False
 print(json.dumps(entry))
 PY
@@ -183,13 +184,18 @@ fault_run() {
 
 # The log read back from disk: 4x the pool published at ack 2, then read from position 0.
 history_run() {
-    local dir=$out/history$run_suffix from_disk
+    local dir=$out/history$run_suffix from_disk=0 served redirects
     start_cluster "$dir" --pool-bytes 256M --replica-brokers "1 3"
-    run_loadgen "$dir" --total-bytes 1GiB --subscribe-after-publish || true
-    from_disk=$(curl -s "http://127.0.0.1:$((metrics_base_port + 3))/metrics" \
-        | awk '/^embarcadero_history_batches_delivered_total/ {print $2}')
+    subscriber_broker=2 run_loadgen "$dir" --total-bytes 1GiB --subscribe-after-publish || true
+    for i in 1 3; do
+        served=$(curl -s "http://127.0.0.1:$((metrics_base_port + i))/metrics" \
+            | awk '/^embarcadero_history_batches_delivered_total/ {print $2}')
+        from_disk=$((from_disk + ${served:-0}))
+    done
     ./scripts/cluster.sh stop --dir "$dir" >/dev/null
-    record history "$dir" null "{\"history_batches_delivered\": ${from_disk:-0}}"
+    redirects=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("subscriber_redirects", 0))' \
+        "$dir/summary.json" 2>/dev/null || echo 0)
+    record history "$dir" null "{\"history_batches_delivered\": $from_disk, \"subscriber_redirects\": $redirects}"
 }
 
 pool_loss() {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub batches_rejected: AtomicU64,
     /// Error frames sent.
     pub errors_sent: AtomicU64,
+    /// Subscribers sent to other brokers for positions only their replicas keep.
+    pub redirects_sent: AtomicU64,
     /// Gauge: connections open.
     pub connections_open: AtomicU64,
     /// Gauge: batches in the rings not yet decided by the sequencer.
@@ -276,6 +278,12 @@ const SERIES: &[Series] = &[
         kind: "counter",
         help: "Error frames sent.",
         value: |m| &m.errors_sent,
+    },
+    Series {
+        name: "embarcadero_redirects_sent_total",
+        kind: "counter",
+        help: "Subscribers redirected to brokers that keep on disk the positions they asked for.",
+        value: |m| &m.redirects_sent,
     },
     Series {
         name: "embarcadero_connections_open",

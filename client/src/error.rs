@@ -103,6 +103,16 @@ pub enum ClientError {
         /// The broker's explanation.
         reason: String,
     },
+    /// The broker keeps no replica of the positions a subscriber asked for and named the
+    /// brokers that do (a Redirect); [`Subscriber::connect`](crate::Subscriber::connect)
+    /// follows it.
+    #[error("{addr} does not keep the positions asked for; it redirected to {brokers:?}")]
+    Redirected {
+        /// The broker that redirected.
+        addr: SocketAddr,
+        /// Where to subscribe instead, in the order to try.
+        brokers: Vec<SocketAddr>,
+    },
     /// The broker's HelloOk (or TopicOk) disagrees with what the client asked for.
     #[error("{addr} answered {field} = {got} but the client asked for {asked}")]
     HandshakeMismatch {

@@ -384,6 +384,14 @@ pub(crate) fn check_hello_answer(
             Ok(ok)
         }
         Some(Inbound::Frame(Frame::Error(error))) => Err(ClientError::broker(addr, &error)),
+        Some(Inbound::Frame(Frame::Redirect(redirect))) => Err(ClientError::Redirected {
+            addr,
+            brokers: redirect
+                .brokers()
+                .iter()
+                .map(|(broker, _)| SocketAddr::V4(*broker))
+                .collect(),
+        }),
         Some(Inbound::Frame(other)) => Err(ClientError::UnexpectedFrame {
             addr,
             got: other.kind(),

@@ -2,6 +2,7 @@
 //! and checks that positions follow each other without gaps or repeats
 //! ([`PositionChecker`]).
 
+use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -168,8 +169,50 @@ pub struct SubscriberStats {
     pub message_bytes: u64,
     /// Deliveries whose payload failed verification.
     pub corrupt_batches: u64,
+    /// Redirects followed to reach the broker that serves the subscription.
+    #[serde(default)]
+    pub redirects: u64,
     /// Position checks.
     pub positions: PositionReport,
+}
+
+/// Most redirects [`Subscriber::connect`] follows: a broker redirects only to brokers that
+/// keep the topic on disk, so one is enough; the second allows for a replica that was
+/// replaced meanwhile.
+pub const REDIRECTS_MAX: u64 = 2;
+
+/// Tries `first`; on a redirect, the brokers it names in turn until one answers (a redirect
+/// again counts against [`REDIRECTS_MAX`]). Returns the broker that answered, its answer and
+/// the redirects followed.
+fn follow_redirects<T>(
+    first: SocketAddr,
+    mut attempt: impl FnMut(SocketAddr) -> Result<T, ClientError>,
+) -> Result<(SocketAddr, T, u64), ClientError> {
+    let mut addr = first;
+    let mut candidates = VecDeque::new();
+    let mut redirects = 0;
+    loop {
+        match attempt(addr) {
+            Ok(answer) => return Ok((addr, answer, redirects)),
+            Err(ClientError::Redirected { addr: by, brokers })
+                if redirects < REDIRECTS_MAX && !brokers.is_empty() =>
+            {
+                log::info!("{by} redirected the subscription to {brokers:?}");
+                redirects += 1;
+                candidates = brokers.into();
+                if let Some(next) = candidates.pop_front() {
+                    addr = next;
+                }
+            }
+            Err(error) => match candidates.pop_front() {
+                Some(next) => {
+                    log::warn!("{addr}: {error}; trying the next broker of the redirect");
+                    addr = next;
+                }
+                None => return Err(error),
+            },
+        }
+    }
 }
 
 /// A subscription to one topic on one broker.
@@ -192,7 +235,9 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects, sends Hello (role subscribe) and checks HelloOk. The broker refuses a
     /// start before the log start (`PositionTruncated`) or after its end
-    /// (`PositionBeyondEnd`), reported as [`ClientError::Broker`].
+    /// (`PositionBeyondEnd`), reported as [`ClientError::Broker`]. A broker that keeps no
+    /// replica of an older start redirects to the brokers that do: they are tried in the
+    /// order given, and at most [`REDIRECTS_MAX`] redirects are followed.
     pub fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
         let (topic, order) = config.validate()?;
         let hello = HelloRepr {
@@ -206,13 +251,15 @@ impl Subscriber {
             session_epoch: 0,
             topic,
         };
-        let addr = config.broker;
-        let (stream, mut reader, hello_ok) = connect_and_hello(
-            addr,
-            &hello,
-            config.connect_timeout(),
-            config.socket_buffer_bytes,
-        )?;
+        let (addr, (stream, mut reader, hello_ok), redirects) =
+            follow_redirects(config.broker, |addr| {
+                connect_and_hello(
+                    addr,
+                    &hello,
+                    config.connect_timeout(),
+                    config.socket_buffer_bytes,
+                )
+            })?;
         let wanted = match config.batch_bytes_max {
             0 => hello_ok.batch_bytes_max,
             own => own,
@@ -232,7 +279,10 @@ impl Subscriber {
             reader,
             hello_ok,
             checker: PositionChecker::new(order, Some(first)),
-            stats: SubscriberStats::default(),
+            stats: SubscriberStats {
+                redirects,
+                ..SubscriberStats::default()
+            },
             goodbye_timeout: config.goodbye_timeout(),
             failure: None,
             closed: false,
@@ -452,6 +502,56 @@ mod tests {
         );
         let mut any_start = PositionChecker::new(Order::Total, None);
         assert_eq!(any_start.observe(Some(60), 1), PositionCheck::InOrder);
+    }
+
+    fn redirect(by: u16, to: &[u16]) -> ClientError {
+        ClientError::Redirected {
+            addr: at(by),
+            brokers: to.iter().map(|&port| at(port)).collect(),
+        }
+    }
+
+    fn at(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn redirects_are_followed_in_order_past_unreachable_brokers_and_bounded() {
+        // 1 redirects to 2 (down) and 3; 3 answers.
+        let mut tried = Vec::new();
+        let answered = follow_redirects(at(1), |addr| {
+            tried.push(addr.port());
+            match addr.port() {
+                1 => Err(redirect(1, &[2, 3])),
+                2 => Err(ClientError::io(
+                    addr,
+                    "connecting",
+                    std::io::ErrorKind::ConnectionRefused.into(),
+                )),
+                _ => Ok("HelloOk"),
+            }
+        })
+        .unwrap();
+        assert_eq!(answered, (at(3), "HelloOk", 1));
+        assert_eq!(tried, [1, 2, 3]);
+
+        // Brokers redirecting in a circle: the third redirect is the error.
+        let looped = follow_redirects(at(1), |addr| -> Result<(), _> {
+            Err(redirect(addr.port(), &[addr.port() % 2 + 1]))
+        })
+        .unwrap_err();
+        assert!(matches!(looped, ClientError::Redirected { .. }), "{looped}");
+
+        // Without a redirect, the first broker's error is the answer.
+        let refused = follow_redirects(at(1), |addr| -> Result<(), _> {
+            Err(ClientError::io(
+                addr,
+                "connecting",
+                std::io::ErrorKind::ConnectionRefused.into(),
+            ))
+        })
+        .unwrap_err();
+        assert!(refused.to_string().contains("127.0.0.1:1"), "{refused}");
     }
 
     #[test]

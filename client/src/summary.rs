@@ -90,6 +90,9 @@ pub struct Summary {
     pub position_gaps: u64,
     /// Deliveries that repeated global positions.
     pub position_duplicates: u64,
+    /// Redirects the subscriber followed to the broker that keeps its start position.
+    #[serde(default)]
+    pub subscriber_redirects: u64,
     /// Messages from other runs' publishers on the same topic (ignored).
     pub foreign: u64,
     /// Connections the publishers opened again after one failed (to another broker, or back

@@ -1,4 +1,4 @@
-//! The other control bodies: Error, CreateTopic, TopicOk and Goodbye. Whatever parses
+//! The other control bodies: Error, CreateTopic, TopicOk, Goodbye and Redirect. Whatever parses
 //! re-encodes to the same bytes and parses back; the checked views never panic.
 //!
 //! Input: a frame body, parsed as each of these kinds.
@@ -7,7 +7,7 @@
 
 use embarcadero_fuzz::{check_body, limit_variants};
 use libfuzzer_sys::fuzz_target;
-use wire::{CreateTopic, ErrorFrame, ErrorFrameRepr, FrameKind, TopicOk};
+use wire::{CreateTopic, ErrorFrame, ErrorFrameRepr, FrameKind, Redirect, RedirectRepr, TopicOk};
 
 fn check_views(body: &[u8]) {
     if let Ok(view) = ErrorFrame::new_checked(body) {
@@ -27,6 +27,12 @@ fn check_views(body: &[u8]) {
     if let Ok(view) = TopicOk::new_checked(body) {
         assert_eq!(view.topic().len(), usize::from(view.topic_len()));
     }
+    if let Ok(view) = Redirect::new_checked(body)
+        && let Ok(repr) = RedirectRepr::parse(&view)
+    {
+        assert_eq!(repr.brokers().len(), usize::from(view.count()));
+        assert!(repr.brokers().iter().all(|(addr, _)| addr.port() != 0));
+    }
 }
 
 fuzz_target!(|body: &[u8]| {
@@ -35,6 +41,7 @@ fuzz_target!(|body: &[u8]| {
         FrameKind::CreateTopic,
         FrameKind::TopicOk,
         FrameKind::Goodbye,
+        FrameKind::Redirect,
     ] {
         check_body(kind, body);
     }

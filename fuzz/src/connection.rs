@@ -238,6 +238,10 @@ impl Reader {
             }
             Frame::Error(_) => {}
             Frame::Goodbye => self.ended_by = Some("the broker's Goodbye".to_owned()),
+            Frame::Redirect(_) => {
+                assert_eq!(self.frames, 1, "Redirect after the first frame");
+                self.ended_by = Some("a Redirect".to_owned());
+            }
             Frame::Ack(ack) => {
                 assert!(!self.deliveries, "Ack on a subscriber connection");
                 self.acks = true;

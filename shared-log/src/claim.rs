@@ -11,11 +11,13 @@
 //! Everything here is sans-IO: time comes in as an argument, memory through
 //! [`SharedMemory`]; the broker's liveness thread runs it with a real clock.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_OWNER_OFFSET, Record, claim_offset,
+    BrokerClaim, CLAIM_HEARTBEAT_OFFSET, CLAIM_LISTEN_OFFSET, CLAIM_OWNER_OFFSET, Record,
+    claim_offset,
 };
 use crate::pool::{Pool, PoolError, invalidate_and_fence, set_ready};
 use bytemuck::Zeroable;
@@ -228,14 +230,21 @@ impl ClaimWatch {
     }
 }
 
-/// Reads the claim line of `broker` (below `BROKERS_MAX`).
-pub fn read_claim<M: SharedMemory>(pool: &Pool<M>, broker: u16) -> ClaimState {
+/// The claim line of `broker` read afresh (invalidated, fenced), and whether its holder
+/// published it.
+fn read_record<M: SharedMemory>(pool: &Pool<M>, broker: u16) -> (BrokerClaim, bool) {
     let offset = claim_offset(broker);
     let mut record = BrokerClaim::zeroed();
     let bytes = bytemuck::bytes_of_mut(&mut record);
     invalidate_and_fence(pool.mem(), offset, bytes.len() as u64);
     pool.mem().read(offset, bytes);
     let published = record.owner != 0 && record.ready == record.owner;
+    (record, published)
+}
+
+/// Reads the claim line of `broker` (below `BROKERS_MAX`).
+pub fn read_claim<M: SharedMemory>(pool: &Pool<M>, broker: u16) -> ClaimState {
+    let (record, published) = read_record(pool, broker);
     ClaimState {
         owner: record.owner,
         heartbeat: record.heartbeat,
@@ -290,8 +299,8 @@ fn publish_details<M: SharedMemory>(
         lease_ms: claimant.details.lease_ms,
         claimed_unix_ms: claimant.details.claimed_unix_ms,
         pid: claimant.details.pid,
-        reserved0: 0,
-        reserved1: 0,
+        listen_ip: 0,
+        listen_port: 0,
         ready: claimant.token,
     };
     let details = &bytemuck::bytes_of(&record)
@@ -317,6 +326,34 @@ pub fn check_owner<M: SharedMemory>(pool: &Pool<M>, broker: u16, token: u64) -> 
         owner if owner == token => Ok(()),
         owner => Err(owner),
     }
+}
+
+/// Advertises where clients reach the holder of the claim `token` holds on `broker` (other
+/// brokers name it in redirects). `Err` holds the owner found when the claim is not
+/// `token`'s any more.
+pub fn advertise<M: SharedMemory>(
+    pool: &Pool<M>,
+    broker: u16,
+    token: u64,
+    addr: SocketAddrV4,
+) -> Result<(), u64> {
+    check_owner(pool, broker, token)?;
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&u32::from(*addr.ip()).to_le_bytes());
+    bytes[4..].copy_from_slice(&u64::from(addr.port()).to_le_bytes());
+    let offset = claim_offset(broker) + CLAIM_LISTEN_OFFSET;
+    pool.mem().write(offset, &bytes);
+    pool.mem().flush(offset, bytes.len() as u64);
+    Ok(())
+}
+
+/// Where clients reach the holder of `broker`'s claim, if it is held, published and
+/// advertised.
+pub fn advertised<M: SharedMemory>(pool: &Pool<M>, broker: u16) -> Option<SocketAddrV4> {
+    let (record, published) = read_record(pool, broker);
+    let port = u16::try_from(record.listen_port).ok()?;
+    (published && record.listen_ip != 0 && port != 0)
+        .then(|| SocketAddrV4::new(Ipv4Addr::from(record.listen_ip), port))
 }
 
 /// One heartbeat (`heartbeat` is the new counter value) of the claim `token` holds on
@@ -691,6 +728,26 @@ mod tests {
             |_| panic!("no wait for a free id"),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn a_holder_advertises_its_address_to_the_other_processes() {
+        let (a, b) = two_agents();
+        let addr = SocketAddrV4::new(Ipv4Addr::new(10, 77, 1, 2), 9301);
+        assert_eq!(advertised(&b, 1), None, "a free id");
+        try_claim(&a, 1, 0, &claimant(0x11, 101, 300)).unwrap();
+        assert_eq!(advertised(&b, 1), None, "held, not advertised yet");
+        assert_eq!(
+            advertise(&a, 1, 0x12, addr),
+            Err(0x11),
+            "only by its holder"
+        );
+        advertise(&a, 1, 0x11, addr).unwrap();
+        assert_eq!(advertised(&b, 1), Some(addr));
+        assert_eq!(advertised(&b, 2), None);
+        // A new holder starts unadvertised.
+        try_claim(&b, 1, 0x11, &claimant(0x13, 102, 300)).unwrap();
+        assert_eq!(advertised(&a, 1), None);
     }
 
     #[test]

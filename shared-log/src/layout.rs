@@ -140,10 +140,11 @@ pub struct BrokerClaim {
     pub claimed_unix_ms: u64,
     /// Process id of the claimant (in its own pid namespace).
     pub pid: u32,
-    /// Reserved, zero.
-    pub reserved0: u32,
-    /// Reserved, zero.
-    pub reserved1: u64,
+    /// The IPv4 address clients reach the claimant at (`u32::from(Ipv4Addr)`), written once
+    /// it listens; 0 while not advertised (an IPv6 or unspecified listen address).
+    pub listen_ip: u32,
+    /// The port of `listen_ip`; 0 while not advertised.
+    pub listen_port: u64,
     /// `owner` once the other fields are published.
     pub ready: u64,
 }
@@ -164,6 +165,12 @@ pub fn claim_offset(broker: u16) -> u64 {
 pub const CLAIM_OWNER_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, owner) as u64;
 /// Offset of the claim's heartbeat word.
 pub const CLAIM_HEARTBEAT_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, heartbeat) as u64;
+/// Offset of `listen_ip` in a [`BrokerClaim`] (`listen_port` follows it).
+pub const CLAIM_LISTEN_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, listen_ip) as u64;
+const _: () = assert!(
+    std::mem::offset_of!(BrokerClaim, listen_port) as u64 == CLAIM_LISTEN_OFFSET + 4,
+    "the advertised address is one write"
+);
 
 /// One entry of the topic table. Written once by the head broker when it creates the topic.
 #[repr(C, align(64))]

@@ -19,6 +19,7 @@ use crate::error::Error;
 use crate::error_frame::{ErrorFrame, ErrorFrameRepr};
 use crate::hello::{Hello, HelloOk, HelloOkRepr, HelloRepr};
 use crate::limits::Limits;
+use crate::redirect::{Redirect, RedirectRepr};
 use crate::topic::{CreateTopic, CreateTopicRepr, TopicOk, TopicOkRepr};
 
 /// Size of the frame header.
@@ -53,11 +54,13 @@ pub enum FrameKind {
     TopicOk = 8,
     /// Either side: clean close, empty body.
     Goodbye = 9,
+    /// Broker to subscriber, in place of HelloOk: other brokers keep the position asked for.
+    Redirect = 10,
 }
 
 impl FrameKind {
     /// Every kind, in numeric order.
-    pub const ALL: [FrameKind; 9] = [
+    pub const ALL: [FrameKind; 10] = [
         FrameKind::Hello,
         FrameKind::HelloOk,
         FrameKind::Batch,
@@ -67,6 +70,7 @@ impl FrameKind {
         FrameKind::CreateTopic,
         FrameKind::TopicOk,
         FrameKind::Goodbye,
+        FrameKind::Redirect,
     ];
 
     /// Whether the body is a fixed header followed by a payload the receiver reads itself.
@@ -273,6 +277,8 @@ pub enum Frame {
     TopicOk(TopicOkRepr),
     /// Clean close; empty body.
     Goodbye,
+    /// See [`RedirectRepr`].
+    Redirect(RedirectRepr),
 }
 
 impl Frame {
@@ -286,6 +292,7 @@ impl Frame {
             Frame::CreateTopic(_) => FrameKind::CreateTopic,
             Frame::TopicOk(_) => FrameKind::TopicOk,
             Frame::Goodbye => FrameKind::Goodbye,
+            Frame::Redirect(_) => FrameKind::Redirect,
         }
     }
 
@@ -299,6 +306,7 @@ impl Frame {
             Frame::CreateTopic(repr) => repr.buffer_len(),
             Frame::TopicOk(repr) => repr.buffer_len(),
             Frame::Goodbye => 0,
+            Frame::Redirect(repr) => repr.buffer_len(),
         }
     }
 
@@ -334,6 +342,9 @@ impl Frame {
             FrameKind::TopicOk => {
                 TopicOkRepr::parse(&TopicOk::new_checked(body)?, limits).map(Frame::TopicOk)
             }
+            FrameKind::Redirect => {
+                RedirectRepr::parse(&Redirect::new_checked(body)?).map(Frame::Redirect)
+            }
             FrameKind::Goodbye if body.is_empty() => Ok(Frame::Goodbye),
             FrameKind::Goodbye => Err(Error::LengthMismatch {
                 what: "goodbye body",
@@ -367,6 +378,7 @@ impl Frame {
             Frame::CreateTopic(repr) => repr.emit(&mut CreateTopic::new_unchecked(body)),
             Frame::TopicOk(repr) => repr.emit(&mut TopicOk::new_unchecked(body)),
             Frame::Goodbye => {}
+            Frame::Redirect(repr) => repr.emit(&mut Redirect::new_unchecked(body)),
         }
     }
 
@@ -406,8 +418,8 @@ mod tests {
         };
         assert_eq!(parse([0, 0, 0, 0, 0, 0, 0, 0]), Err(Error::UnknownKind(0)));
         assert_eq!(
-            parse([10, 0, 0, 0, 0, 0, 0, 0]),
-            Err(Error::UnknownKind(10))
+            parse([11, 0, 0, 0, 0, 0, 0, 0]),
+            Err(Error::UnknownKind(11))
         );
         assert!(matches!(
             parse([9, 1, 0, 0, 0, 0, 0, 0]),

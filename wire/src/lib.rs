@@ -1,4 +1,4 @@
-//! The Embarcadero-rs wire protocol (version 2), described in `docs/protocol.md`.
+//! The Embarcadero-rs wire protocol (version 3), described in `docs/protocol.md`.
 //!
 //! Every frame is an 8-byte [`FrameHeader`] and a body. Each body type has a checked view
 //! over bytes (`Xxx::new_checked`, field accessors and setters) and a typed `XxxRepr` with
@@ -25,6 +25,7 @@ mod frame;
 mod hello;
 mod limits;
 pub mod payload;
+mod redirect;
 mod topic;
 mod types;
 
@@ -53,6 +54,9 @@ pub use hello::{
 pub use limits::{
     BATCH_BYTES_DEFAULT, BATCH_BYTES_HARD_MAX, BATCH_BYTES_MIN, FRAME_BYTES_DEFAULT,
     FRAME_BYTES_HARD_MAX, FRAME_BYTES_MIN, Limits, LimitsError, REASON_BYTES_MAX, TOPIC_BYTES_MAX,
+};
+pub use redirect::{
+    REDIRECT_BROKER_BYTES, REDIRECT_BROKERS_MAX, REDIRECT_FIXED_BYTES, Redirect, RedirectRepr,
 };
 pub use topic::{
     CREATE_TOPIC_FIXED_BYTES, CreateTopic, CreateTopicRepr, TOPIC_OK_FIXED_BYTES, TopicOk,

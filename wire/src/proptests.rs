@@ -182,6 +182,19 @@ fn topic_ok() -> impl Strategy<Value = TopicOkRepr> {
     })
 }
 
+fn redirect() -> impl Strategy<Value = RedirectRepr> {
+    vec(
+        (any::<[u8; 4]>(), 1..=u16::MAX, any::<u16>()).prop_map(|(ip, port, id)| {
+            (
+                core::net::SocketAddrV4::new(core::net::Ipv4Addr::from(ip), port),
+                id,
+            )
+        }),
+        1..=REDIRECT_BROKERS_MAX,
+    )
+    .prop_map(|brokers| RedirectRepr::new(&brokers).expect("1 to 16 brokers"))
+}
+
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         hello().prop_map(Frame::Hello),
@@ -191,6 +204,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         create_topic().prop_map(Frame::CreateTopic),
         topic_ok().prop_map(Frame::TopicOk),
         Just(Frame::Goodbye),
+        redirect().prop_map(Frame::Redirect),
     ]
 }
 

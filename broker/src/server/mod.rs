@@ -397,6 +397,7 @@ fn launch(
         })?,
         None => options.listen,
     };
+    claim.advertise(local_addr);
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
     let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {

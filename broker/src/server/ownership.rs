@@ -5,6 +5,7 @@
 //! itself is [`shared_log::claim`].
 
 use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -114,6 +115,31 @@ impl ClaimGuard {
     /// [`shared_log::writer::TopicWriter::with_claim_token`]).
     pub fn token(&self) -> u64 {
         self.claimant.token
+    }
+
+    /// Advertises `addr` in the claim, where other brokers find it to redirect subscribers
+    /// here (an IPv6 or unspecified address is not advertised: say so once). When the claim
+    /// is not this broker's any more, the broker is ended.
+    pub fn advertise(&self, addr: SocketAddr) {
+        let SocketAddr::V4(addr) = addr else {
+            log::info!(
+                "broker {}: {addr} is not advertised to other brokers (only IPv4 addresses are): \
+                 they cannot redirect subscribers here",
+                self.broker
+            );
+            return;
+        };
+        if addr.ip().is_unspecified() {
+            log::info!(
+                "broker {}: {addr} is not advertised to other brokers (it names no address): \
+                 they cannot redirect subscribers here",
+                self.broker
+            );
+            return;
+        }
+        if claim::advertise(&self.pool, self.broker, self.claimant.token, addr).is_err() {
+            self.lost();
+        }
     }
 
     /// Whether the claim is still this broker's: the owner word read afresh (one line

@@ -1,12 +1,16 @@
 //! The Hello: the topic, the role (publisher or subscriber) and its settings, checked
 //! against the topic's; HelloOk or a specific Error.
 
+use shared_log::claim;
+use wire::RedirectRepr;
+
 use super::*;
 
-/// A refused Hello: the Error to send.
+/// A refused Hello: the Error to send, or a Redirect to brokers that can serve it.
 struct Refusal {
     code: ErrorCode,
     reason: String,
+    redirect: Option<RedirectRepr>,
 }
 
 impl Refusal {
@@ -14,6 +18,7 @@ impl Refusal {
         Refusal {
             code,
             reason: reason.into(),
+            redirect: None,
         }
     }
 }
@@ -41,8 +46,25 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 batch_bytes_max,
             } => self.hello_subscriber(from_position, batch_bytes_max, found, state, now),
         });
-        if let Err(refusal) = outcome {
-            self.send_error(state.metrics(), refusal.code, None, &refusal.reason);
+        match outcome {
+            Ok(()) => {}
+            Err(Refusal {
+                redirect: Some(redirect),
+                reason,
+                ..
+            }) => {
+                if let Some(sent) = Metrics::inc_logged(&state.metrics().redirects_sent) {
+                    log::info!(
+                        "connection {}: redirected to {:?}: {reason} ({sent} redirects sent by \
+                         this broker)",
+                        self.id,
+                        redirect.brokers()
+                    );
+                }
+                self.send_frame(&Frame::Redirect(redirect));
+                self.closing = true;
+            }
+            Err(refusal) => self.send_error(state.metrics(), refusal.code, None, &refusal.reason),
         }
     }
 
@@ -218,9 +240,9 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 }
 
-/// A reader of `topic` from `start` in this broker's replica file; refused with where the
-/// log really starts (and which brokers keep it on disk) when this broker has no replica
-/// of it or its replica starts later.
+/// A reader of `topic` from `start` in this broker's replica file; when this broker has no
+/// replica of it or its replica starts later, a Redirect to the brokers that keep the topic
+/// on disk and advertise an address, else a refusal with where the log really starts.
 fn open_history<M: SharedMemory + Clone>(
     topic: TopicId,
     start: u64,
@@ -232,19 +254,26 @@ fn open_history<M: SharedMemory + Clone>(
         let me = state.settings().broker_id;
         let pool = reader.pool();
         let brokers = u16::try_from(pool.geometry().brokers_max).unwrap_or(u16::MAX);
-        let elsewhere: Vec<String> = (0..brokers)
+        let elsewhere: Vec<u16> = (0..brokers)
             .filter(|&broker| broker != me && pool.replicated_by(topic, broker).0 > 0)
-            .map(|broker| broker.to_string())
             .collect();
         let mut reason =
             format!("position {start} is no longer retained here; the log starts at {first}");
         if !elsewhere.is_empty() {
+            let names: Vec<String> = elsewhere.iter().map(u16::to_string).collect();
             reason += &format!(
                 " (brokers {} keep the topic on disk: subscribe there for older positions)",
-                elsewhere.join(", ")
+                names.join(", ")
             );
         }
-        Refusal::new(ErrorCode::PositionTruncated, reason)
+        let reachable: Vec<_> = elsewhere
+            .iter()
+            .filter_map(|&broker| claim::advertised(pool, broker).map(|addr| (addr, broker)))
+            .collect();
+        Refusal {
+            redirect: RedirectRepr::new(&reachable).ok(),
+            ..Refusal::new(ErrorCode::PositionTruncated, reason)
+        }
     };
     let Some(dir) = &state.settings().history_dir else {
         return Err(truncated(log_start));

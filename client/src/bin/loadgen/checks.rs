@@ -162,6 +162,7 @@ fn apply_check(summary: &mut Summary, outcome: CheckOutcome) {
     summary.bytes_received = outcome.stats.message_bytes;
     summary.position_gaps = outcome.stats.positions.gaps;
     summary.position_duplicates = outcome.stats.positions.duplicates;
+    summary.subscriber_redirects = outcome.stats.redirects;
     summary.e2e_latency_from_intended_us = LatencySummary::of(&outcome.e2e_from_intended_us);
     summary.latency_distributions_us.e2e_from_intended =
         percentile_distribution(&outcome.e2e_from_intended_us);

@@ -107,9 +107,13 @@ fn publisher_rows(summary: &Summary) -> Vec<Row> {
 }
 
 /// What the subscriber received.
-fn delivery_rows(summary: &Summary) -> [Row; 3] {
+fn delivery_rows(summary: &Summary) -> [Row; 4] {
     [
         ("messages received", summary.messages_received.to_string()),
+        (
+            "subscriber redirects",
+            summary.subscriber_redirects.to_string(),
+        ),
         (
             "position gaps / duplicates",
             format!(

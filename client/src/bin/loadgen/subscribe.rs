@@ -55,6 +55,7 @@ pub(crate) fn run_subscribe(plan: &Plan, progress: &Progress) -> Summary {
     summary.corrupt = stats.corrupt_batches;
     summary.position_gaps = stats.positions.gaps;
     summary.position_duplicates = stats.positions.duplicates;
+    summary.subscriber_redirects = stats.redirects;
     summary.mb_per_s = stats.message_bytes as f64 / 1e6 / seconds.max(1e-9);
     summary.msgs_per_s = stats.messages as f64 / seconds.max(1e-9);
     summary.passed = summary.errors.is_empty()
