@@ -35,6 +35,9 @@ pub const LEASE_HEARTBEAT_OFFSET: u64 =
 /// Where the lease's `lease_ms` is.
 pub const LEASE_MS_OFFSET: u64 =
     LEASE_OFFSET + std::mem::offset_of!(SequencerLease, lease_ms) as u64;
+/// Where the lease's `taken_over_from_plus_one` is (`taken_over_at_heartbeat` follows).
+pub const LEASE_TAKEN_OVER_OFFSET: u64 =
+    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, taken_over_from_plus_one) as u64;
 /// Offset of the broker claims: one [`BrokerClaim`] per possible broker id
 /// ([`BROKERS_MAX`] of them, whatever the geometry), right after the lease.
 pub const CLAIMS_OFFSET: u64 = LEASE_OFFSET + std::mem::size_of::<SequencerLease>() as u64;
@@ -108,8 +111,15 @@ pub struct SequencerLease {
     pub heartbeat: u64,
     /// How long a standby waits for the heartbeat to move before it may take over.
     pub lease_ms: u64,
+    /// The broker this holder took the lease over from, plus one (0: none, a fresh pool).
+    /// Its subscribed and replicated lines written before the takeover (with a heartbeat
+    /// below `taken_over_at_heartbeat`) hold no retention: it is dead or fenced, and waiting
+    /// a second of heartbeats for them to go stale would stall every writer of a full log.
+    pub taken_over_from_plus_one: u64,
+    /// The new holder's first heartbeat.
+    pub taken_over_at_heartbeat: u64,
     /// Reserved, zero.
-    pub reserved1: [u64; 3],
+    pub reserved1: u64,
     /// Epoch plus one once the record is published.
     pub ready: u64,
 }

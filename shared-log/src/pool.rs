@@ -396,19 +396,19 @@ impl<M: SharedMemory> Pool<M> {
     /// kept. A line is live while the sequencer heartbeat its writer last saw is at most
     /// [`Self::stale_heartbeats`] behind the lease's: a crashed broker or replica stops
     /// holding retention after that (its subscribers, or the replica when it comes back, may
-    /// then find their next batch gone: an explicit error, never wrong bytes).
+    /// then find their next batch gone: an explicit error, never wrong bytes). The lines of
+    /// the head the lease holder took over from stop at the takeover, unless written since.
     pub fn retention_floor(&self, topic: TopicId) -> u64 {
-        let (heartbeat, stale_heartbeats) = self.lease_clock();
+        let clock = self.lease_clock();
         (0..self.geometry.brokers_max as u16)
             .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
             .map(|(broker, frontier)| {
                 let offset = self.geometry.frontier_offset(topic, broker, frontier);
                 let (value, _) = self.read_frontier(offset);
                 let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
-                let live = heartbeat.saturating_sub(seen) <= stale_heartbeats;
                 match value {
                     0 => u64::MAX,
-                    _ if !live => u64::MAX,
+                    _ if !clock.holds(broker, seen) => u64::MAX,
                     needed_plus_one => needed_plus_one - 1,
                 }
             })
@@ -423,22 +423,35 @@ impl<M: SharedMemory> Pool<M> {
     /// its subscribers' hold, and their deliveries would be overwritten under them; a
     /// crashed broker's hold costs only retention, so it may last longer.
     pub fn stale_heartbeats(&self) -> u64 {
-        self.lease_clock().1
+        self.lease_clock().stale_heartbeats
     }
 
-    /// The lease's heartbeat and [`Self::stale_heartbeats`], from one look at the lease
-    /// line (`heartbeat` and `lease_ms` sit side by side in it).
-    fn lease_clock(&self) -> (u64, u64) {
-        use crate::layout::{LEASE_HEARTBEAT_OFFSET, LEASE_MS_OFFSET};
-        const _: () = assert!(LEASE_MS_OFFSET > LEASE_HEARTBEAT_OFFSET);
-        let span = LEASE_MS_OFFSET + 8 - LEASE_HEARTBEAT_OFFSET;
+    /// The lease's heartbeat, [`Self::stale_heartbeats`] and the takeover it records, from
+    /// one look at the lease line (the words sit side by side in it).
+    fn lease_clock(&self) -> LeaseClock {
+        use crate::layout::{LEASE_HEARTBEAT_OFFSET, LEASE_MS_OFFSET, LEASE_TAKEN_OVER_OFFSET};
+        const _: () = assert!(
+            LEASE_HEARTBEAT_OFFSET < LEASE_MS_OFFSET && LEASE_MS_OFFSET < LEASE_TAKEN_OVER_OFFSET
+        );
+        let span = LEASE_TAKEN_OVER_OFFSET + 16 - LEASE_HEARTBEAT_OFFSET;
         invalidate_and_fence(&self.mem, LEASE_HEARTBEAT_OFFSET, span);
         let heartbeat = self.mem.load_u64(LEASE_HEARTBEAT_OFFSET);
         let lease_ms = self.mem.load_u64(LEASE_MS_OFFSET);
         let per_second = (STALE_HEARTBEATS_MIN * 1000)
             .checked_div(lease_ms)
             .unwrap_or(0);
-        (heartbeat, per_second.max(STALE_HEARTBEATS_MIN))
+        let taken_over = match self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET) {
+            0 => None,
+            broker_plus_one => Some((
+                broker_plus_one - 1,
+                self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET + 8),
+            )),
+        };
+        LeaseClock {
+            heartbeat,
+            stale_heartbeats: per_second.max(STALE_HEARTBEATS_MIN),
+            taken_over,
+        }
     }
 
     /// The sequencer lease's heartbeat counter as memory holds it now (the cluster's clock
@@ -539,6 +552,26 @@ impl<M: SharedMemory> Pool<M> {
         self.mem.store_u64(offset + 8, aux);
         self.mem.store_u64(offset, value);
         self.mem.flush(offset, 16);
+    }
+}
+
+/// What decides whether a subscribed or replicated line holds retention.
+#[derive(Debug, Clone, Copy)]
+struct LeaseClock {
+    heartbeat: u64,
+    stale_heartbeats: u64,
+    /// The broker the lease holder took over from, and the heartbeat then.
+    taken_over: Option<(u64, u64)>,
+}
+
+impl LeaseClock {
+    /// Whether a line of `broker` last written when the lease heartbeat was `seen` holds
+    /// retention: not stale, and not a line the taken-over holder left behind.
+    fn holds(&self, broker: u16, seen: u64) -> bool {
+        let left_behind = self
+            .taken_over
+            .is_some_and(|(from, at)| from == u64::from(broker) && seen < at);
+        !left_behind && self.heartbeat.saturating_sub(seen) <= self.stale_heartbeats
     }
 }
 

@@ -226,6 +226,8 @@ pub struct Sequencer<M> {
     topics: Vec<TopicState>,
     stats: SequencerStats,
     heartbeat: u64,
+    /// The broker this sequencer took the lease over from, and the heartbeat then.
+    taken_over: Option<(u16, u64)>,
     last_heartbeat: Timestamp,
     /// Set once a higher epoch took the lease: this sequencer writes nothing any more.
     fenced: bool,
@@ -267,9 +269,18 @@ impl<M: SharedMemory> Sequencer<M> {
         pool.mem()
             .compare_exchange_u64(LEASE_EPOCH_OFFSET, expected, epoch)
             .map_err(|found| PoolError::LeaseTaken { expected, found })?;
-        // The heartbeat goes on from where the previous holder left it: replicas measure
-        // their liveness against it.
-        let heartbeat = pool.lease_heartbeat();
+        // The heartbeat goes on from where the previous holder left it (replicas measure
+        // their liveness against it), one beat on: a line written from now on shows that
+        // its writer saw the takeover.
+        let heartbeat = pool.lease_heartbeat() + 1;
+        // A holder before this one (not a fresh pool) was taken over: dead or fenced. Not
+        // when it is this broker: its lines are this broker's own, written on.
+        let taken_over = match epoch {
+            0 | 1 => None,
+            _ => read_lease(&pool)
+                .filter(|lease| lease.holder != broker)
+                .map(|lease| (lease.holder, heartbeat)),
+        };
         let mut sequencer = Sequencer {
             pool,
             config,
@@ -278,6 +289,7 @@ impl<M: SharedMemory> Sequencer<M> {
             topics: Vec::new(),
             stats: SequencerStats::default(),
             heartbeat,
+            taken_over,
             last_heartbeat: Timestamp::ZERO,
             fenced: false,
             round_checked: false,
@@ -301,7 +313,11 @@ impl<M: SharedMemory> Sequencer<M> {
             epoch: self.epoch,
             heartbeat: self.heartbeat,
             lease_ms: self.config.lease_ns / 1_000_000,
-            reserved1: [0; 3],
+            taken_over_from_plus_one: self
+                .taken_over
+                .map_or(0, |(broker, _)| u64::from(broker) + 1),
+            taken_over_at_heartbeat: self.taken_over.map_or(0, |(_, heartbeat)| heartbeat),
+            reserved1: 0,
             ready: self.epoch + 1,
         };
         publish(self.pool.mem(), LEASE_OFFSET, &lease);

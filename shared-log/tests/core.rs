@@ -717,6 +717,32 @@ fn a_silent_brokers_subscribers_stop_holding_the_log_after_a_second() {
 }
 
 #[test]
+fn the_lines_of_a_taken_over_head_stop_holding_the_log_at_once() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("takeover", config(Order::Total)).unwrap();
+    let config = SequencerConfig::default();
+    let mut head = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    head.poll(Timestamp::ZERO);
+    // The head (broker 0) and broker 3 each hold the log for a subscriber; broker 0's
+    // replica holds it too.
+    pool.publish_subscribed(topic, 0, Some(0));
+    pool.publish_replicated(topic, 0, 1, 0, pool.lease_heartbeat());
+    pool.publish_subscribed(topic, 3, Some(5));
+    assert_eq!(pool.retention_floor(topic), 0);
+    // Broker 0 dies; broker 2 takes the lease over. Broker 0's lines hold nothing from the
+    // takeover on, long before they would go stale; broker 3's still hold.
+    drop(head);
+    let mut standby = Sequencer::new(pool.clone(), 2, 2, config).unwrap();
+    assert_eq!(pool.retention_floor(topic), 5);
+    standby.poll(Timestamp::from_nanos(config.lease_ns));
+    assert_eq!(pool.retention_floor(topic), 5);
+    // Broker 0 was only paused: it writes its lines again, with the heartbeat it sees
+    // now, and holds again.
+    pool.publish_subscribed(topic, 0, Some(1));
+    assert_eq!(pool.retention_floor(topic), 1);
+}
+
+#[test]
 fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     let (_region, pool) = new_pool(geometry());
     let topic = pool.create_topic("seek", config(Order::Total)).unwrap();
