@@ -114,7 +114,7 @@ pub struct SequencerLease {
     /// The broker this holder took the lease over from, plus one (0: none, a fresh pool).
     /// Its subscribed and replicated lines written before the takeover (with a heartbeat
     /// below `taken_over_at_heartbeat`) hold no retention: it is dead or fenced, and waiting
-    /// a second of heartbeats for them to go stale would stall every writer of a full log.
+    /// for them to go stale would stall every writer of a full log meanwhile.
     pub taken_over_from_plus_one: u64,
     /// The new holder's first heartbeat.
     pub taken_over_at_heartbeat: u64,

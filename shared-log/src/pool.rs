@@ -417,11 +417,11 @@ impl<M: SharedMemory> Pool<M> {
     }
 
     /// Sequencer heartbeats a broker's subscribed line or a replica may miss before it stops
-    /// holding retention: one second's worth at the lease in force, and at least one lease
-    /// ([`STALE_HEARTBEATS_MIN`]). Not one lease alone: with a lease of tens of
+    /// holding retention: [`STALE_WINDOW_MS`] worth at the lease in force, and at least one
+    /// lease ([`STALE_HEARTBEATS_MIN`]). Not one lease alone: with a lease of tens of
     /// milliseconds a live broker that the scheduler leaves aside for a moment would drop
-    /// its subscribers' hold, and their deliveries would be overwritten under them; a
-    /// crashed broker's hold costs only retention, so it may last longer.
+    /// its subscribers' hold, and their deliveries would be overwritten under them. Not
+    /// much longer: a crashed broker's hold stalls every writer of a full log meanwhile.
     pub fn stale_heartbeats(&self) -> u64 {
         self.lease_clock().stale_heartbeats
     }
@@ -437,7 +437,7 @@ impl<M: SharedMemory> Pool<M> {
         invalidate_and_fence(&self.mem, LEASE_HEARTBEAT_OFFSET, span);
         let heartbeat = self.mem.load_u64(LEASE_HEARTBEAT_OFFSET);
         let lease_ms = self.mem.load_u64(LEASE_MS_OFFSET);
-        let per_second = (STALE_HEARTBEATS_MIN * 1000)
+        let per_window = (STALE_HEARTBEATS_MIN * STALE_WINDOW_MS)
             .checked_div(lease_ms)
             .unwrap_or(0);
         let taken_over = match self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET) {
@@ -449,7 +449,7 @@ impl<M: SharedMemory> Pool<M> {
         };
         LeaseClock {
             heartbeat,
-            stale_heartbeats: per_second.max(STALE_HEARTBEATS_MIN),
+            stale_heartbeats: per_window.max(STALE_HEARTBEATS_MIN),
             taken_over,
         }
     }
@@ -600,6 +600,12 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
 /// Sequencer heartbeats in one lease (each is an eighth of it): the least a broker's
 /// subscribed line or a replica may miss before it stops holding retention.
 pub const STALE_HEARTBEATS_MIN: u64 = 8;
+
+/// How long, in heartbeats' time, a broker's subscribed line or a replica that is not
+/// written any more keeps holding retention (see [`Pool::stale_heartbeats`]): 50 times the
+/// 5 ms at which live brokers write their lines. A second had made a dead replica stall
+/// full logs for 920 ms (`scripts/faults.sh kill-nonhead`); 250 ms, 118 / 271 ms.
+pub const STALE_WINDOW_MS: u64 = 250;
 
 /// Offset, in a subscribed or replicated frontier line, of the lease heartbeat its writer
 /// last saw.
