@@ -138,6 +138,31 @@ fn missing_flags_are_a_usage_error_and_exit_2() {
 }
 
 #[test]
+fn an_advertised_address_others_cannot_reach_is_a_usage_error() {
+    for advertise in ["0.0.0.0:9000", "[::1]:9000", "10.0.0.5:0"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .args([
+                "--id",
+                "0",
+                "--pool",
+                "/nonexistent/pool",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--advertise", advertise, "--error-json"])
+            .output()
+            .expect("run the broker");
+        let exit = Exit::from_output(&output);
+        let error = exit.error("usage", 2);
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("--advertise") && message.contains(advertise),
+            "names the flag and the address: {message}"
+        );
+    }
+}
+
+#[test]
 fn a_missing_pool_file_is_reported_after_the_attach_timeout() {
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
         .args([

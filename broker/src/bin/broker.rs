@@ -90,6 +90,12 @@ struct Args {
     /// Address to accept clients on, e.g. 127.0.0.1:9000.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// The IPv4 address and port clients reach this broker at, which the other brokers name
+    /// when they redirect a subscriber here (for positions only this broker's replica keeps).
+    /// Default: --listen, unless that names no address (0.0.0.0) or an IPv6 one: then no
+    /// broker redirects here.
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<SocketAddr>,
     /// Run the sequencer and create topics (exactly one broker of a cluster).
     #[arg(long)]
     #[serde(default)]
@@ -481,6 +487,7 @@ fn merge(cli: Args, file: Args) -> Args {
         ring_slots: cli.ring_slots.or(file.ring_slots),
         goi_entries: cli.goi_entries.or(file.goi_entries),
         listen: cli.listen.or(file.listen),
+        advertise: cli.advertise.or(file.advertise),
         head: cli.head || file.head,
         auto_create_topics: cli.auto_create_topics || file.auto_create_topics,
         hello_timeout_ms: cli.hello_timeout_ms.or(file.hello_timeout_ms),
@@ -551,6 +558,14 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
     let listen = args
         .listen
         .ok_or("--listen is required (e.g. 127.0.0.1:9000)")?;
+    if let Some(addr) = args.advertise
+        && !matches!(addr, SocketAddr::V4(v4) if !v4.ip().is_unspecified() && v4.port() != 0)
+    {
+        return Err(format!(
+            "--advertise {addr}: give the IPv4 address and port clients reach this broker at \
+             (e.g. 10.0.0.5:9000); other brokers send subscribers there"
+        ));
+    }
     let net = net_backend(&args)?;
     let defaults = SequencerConfig::default();
     let limits = client_limits(&args)?;
@@ -572,6 +587,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             history_dir: replica.as_ref().map(|config| config.dir.clone()),
         },
         listen,
+        advertise: args.advertise,
         socket_buffer_bytes: size(
             "socket-buffer-bytes",
             args.socket_buffer_bytes.as_deref(),

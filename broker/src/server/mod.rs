@@ -108,6 +108,9 @@ pub struct BrokerOptions {
     pub settings: BrokerSettings,
     /// Address to accept clients on.
     pub listen: SocketAddr,
+    /// Where clients reach this broker, for other brokers' redirects (default: the bound
+    /// listen address).
+    pub advertise: Option<SocketAddr>,
     /// SO_RCVBUF and SO_SNDBUF set on every accepted socket.
     pub socket_buffer_bytes: usize,
     /// Idle strategy of the network loop and the sequencer.
@@ -397,7 +400,7 @@ fn launch(
         })?,
         None => options.listen,
     };
-    claim.advertise(local_addr);
+    claim.advertise(options.advertise.unwrap_or(local_addr));
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
     let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {
