@@ -181,36 +181,40 @@ pub struct SubscriberStats {
 /// replaced meanwhile.
 pub const REDIRECTS_MAX: u64 = 2;
 
-/// Tries `first`; on a redirect, the brokers it names in turn until one answers (a redirect
-/// again counts against [`REDIRECTS_MAX`]). Returns the broker that answered, its answer and
-/// the redirects followed.
+/// Tries `first`; on a redirect, the brokers it names in turn (before those of an earlier
+/// redirect still untried, and never one tried already) until one answers. A redirect again
+/// counts against [`REDIRECTS_MAX`]. Returns the broker that answered, its answer and the
+/// redirects followed.
 fn follow_redirects<T>(
     first: SocketAddr,
     mut attempt: impl FnMut(SocketAddr) -> Result<T, ClientError>,
 ) -> Result<(SocketAddr, T, u64), ClientError> {
     let mut addr = first;
+    let mut tried = vec![first];
     let mut candidates = VecDeque::new();
     let mut redirects = 0;
     loop {
-        match attempt(addr) {
+        let error = match attempt(addr) {
             Ok(answer) => return Ok((addr, answer, redirects)),
-            Err(ClientError::Redirected { addr: by, brokers })
-                if redirects < REDIRECTS_MAX && !brokers.is_empty() =>
-            {
+            Err(ClientError::Redirected { addr: by, brokers }) if redirects < REDIRECTS_MAX => {
                 log::info!("{by} redirected the subscription to {brokers:?}");
                 redirects += 1;
-                candidates = brokers.into();
-                if let Some(next) = candidates.pop_front() {
-                    addr = next;
+                for broker in brokers.iter().rev() {
+                    if !tried.contains(broker) && !candidates.contains(broker) {
+                        candidates.push_front(*broker);
+                    }
                 }
+                ClientError::Redirected { addr: by, brokers }
             }
-            Err(error) => match candidates.pop_front() {
-                Some(next) => {
-                    log::warn!("{addr}: {error}; trying the next broker of the redirect");
-                    addr = next;
-                }
-                None => return Err(error),
-            },
+            Err(error) => error,
+        };
+        match candidates.pop_front() {
+            Some(next) => {
+                log::debug!("{addr}: {error}; trying {next}");
+                tried.push(next);
+                addr = next;
+            }
+            None => return Err(error),
         }
     }
 }
@@ -535,12 +539,34 @@ mod tests {
         assert_eq!(answered, (at(3), "HelloOk", 1));
         assert_eq!(tried, [1, 2, 3]);
 
-        // Brokers redirecting in a circle: the third redirect is the error.
+        // Brokers redirecting in a circle: each is tried once, then the redirect is the error.
+        let mut tried = Vec::new();
         let looped = follow_redirects(at(1), |addr| -> Result<(), _> {
+            tried.push(addr.port());
             Err(redirect(addr.port(), &[addr.port() % 2 + 1]))
         })
         .unwrap_err();
         assert!(matches!(looped, ClientError::Redirected { .. }), "{looped}");
+        assert_eq!(tried, [1, 2]);
+
+        // A second redirect goes first; the first one's other brokers are still tried.
+        let mut tried = Vec::new();
+        let answered = follow_redirects(at(1), |addr| {
+            tried.push(addr.port());
+            match addr.port() {
+                1 => Err(redirect(1, &[2, 3])),
+                2 => Err(redirect(2, &[4])),
+                4 => Err(ClientError::io(
+                    addr,
+                    "connecting",
+                    std::io::ErrorKind::ConnectionRefused.into(),
+                )),
+                _ => Ok("HelloOk"),
+            }
+        })
+        .unwrap();
+        assert_eq!(answered, (at(3), "HelloOk", 2));
+        assert_eq!(tried, [1, 2, 4, 3]);
 
         // Without a redirect, the first broker's error is the answer.
         let refused = follow_redirects(at(1), |addr| -> Result<(), _> {

@@ -347,13 +347,19 @@ pub fn advertise<M: SharedMemory>(
     Ok(())
 }
 
-/// Where clients reach the holder of `broker`'s claim, if it is held, published and
-/// advertised.
-pub fn advertised<M: SharedMemory>(pool: &Pool<M>, broker: u16) -> Option<SocketAddrV4> {
+/// Where clients of a broker on host `host_id` reach the holder of `broker`'s claim, if it
+/// is held, published and advertised: a loopback address only from the same host.
+pub fn advertised<M: SharedMemory>(
+    pool: &Pool<M>,
+    broker: u16,
+    host_id: u64,
+) -> Option<SocketAddrV4> {
     let (record, published) = read_record(pool, broker);
     let port = u16::try_from(record.listen_port).ok()?;
-    (published && record.listen_ip != 0 && port != 0)
-        .then(|| SocketAddrV4::new(Ipv4Addr::from(record.listen_ip), port))
+    let ip = Ipv4Addr::from(record.listen_ip);
+    let reachable = !ip.is_loopback() || record.host_id == host_id;
+    (published && record.listen_ip != 0 && port != 0 && reachable)
+        .then(|| SocketAddrV4::new(ip, port))
 }
 
 /// One heartbeat (`heartbeat` is the new counter value) of the claim `token` holds on
@@ -734,20 +740,31 @@ mod tests {
     fn a_holder_advertises_its_address_to_the_other_processes() {
         let (a, b) = two_agents();
         let addr = SocketAddrV4::new(Ipv4Addr::new(10, 77, 1, 2), 9301);
-        assert_eq!(advertised(&b, 1), None, "a free id");
+        let host = claimant(0, 0, 0).details.host_id;
+        assert_eq!(advertised(&b, 1, host), None, "a free id");
         try_claim(&a, 1, 0, &claimant(0x11, 101, 300)).unwrap();
-        assert_eq!(advertised(&b, 1), None, "held, not advertised yet");
+        assert_eq!(advertised(&b, 1, host), None, "held, not advertised yet");
         assert_eq!(
             advertise(&a, 1, 0x12, addr),
             Err(0x11),
             "only by its holder"
         );
         advertise(&a, 1, 0x11, addr).unwrap();
-        assert_eq!(advertised(&b, 1), Some(addr));
-        assert_eq!(advertised(&b, 2), None);
+        assert_eq!(advertised(&b, 1, host), Some(addr));
+        assert_eq!(
+            advertised(&b, 1, host + 1),
+            Some(addr),
+            "from another host too"
+        );
+        assert_eq!(advertised(&b, 2, host), None);
+        // A loopback address only from the same host.
+        let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9301);
+        advertise(&a, 1, 0x11, local).unwrap();
+        assert_eq!(advertised(&b, 1, host), Some(local));
+        assert_eq!(advertised(&b, 1, host + 1), None);
         // A new holder starts unadvertised.
         try_claim(&b, 1, 0x11, &claimant(0x13, 102, 300)).unwrap();
-        assert_eq!(advertised(&a, 1), None);
+        assert_eq!(advertised(&a, 1, host), None);
     }
 
     #[test]

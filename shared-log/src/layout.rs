@@ -35,9 +35,9 @@ pub const LEASE_HEARTBEAT_OFFSET: u64 =
 /// Where the lease's `lease_ms` is.
 pub const LEASE_MS_OFFSET: u64 =
     LEASE_OFFSET + std::mem::offset_of!(SequencerLease, lease_ms) as u64;
-/// Where the lease's `taken_over_from_plus_one` is (`taken_over_at_heartbeat` follows).
+/// Where the lease's `taken_over` word is.
 pub const LEASE_TAKEN_OVER_OFFSET: u64 =
-    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, taken_over_from_plus_one) as u64;
+    LEASE_OFFSET + std::mem::offset_of!(SequencerLease, taken_over) as u64;
 /// Offset of the broker claims: one [`BrokerClaim`] per possible broker id
 /// ([`BROKERS_MAX`] of them, whatever the geometry), right after the lease.
 pub const CLAIMS_OFFSET: u64 = LEASE_OFFSET + std::mem::size_of::<SequencerLease>() as u64;
@@ -111,17 +111,48 @@ pub struct SequencerLease {
     pub heartbeat: u64,
     /// How long a standby waits for the heartbeat to move before it may take over.
     pub lease_ms: u64,
-    /// The broker this holder took the lease over from, plus one (0: none, a fresh pool).
-    /// Its subscribed and replicated lines written before the takeover (with a heartbeat
-    /// below `taken_over_at_heartbeat`) hold no retention: it is dead or fenced, and waiting
-    /// for them to go stale would stall every writer of a full log meanwhile.
-    pub taken_over_from_plus_one: u64,
-    /// The new holder's first heartbeat.
-    pub taken_over_at_heartbeat: u64,
+    /// The broker this holder took the lease over from and its own first heartbeat, in one
+    /// word so that a reader never pairs one takeover's broker with another's heartbeat
+    /// ([`TakenOver`]; 0: none, a fresh pool). That broker's subscribed and replicated lines
+    /// written before the takeover hold no retention: it is dead or fenced, and waiting for
+    /// them to go stale would stall every writer of a full log meanwhile.
+    pub taken_over: u64,
     /// Reserved, zero.
-    pub reserved1: u64,
+    pub reserved1: [u64; 2],
     /// Epoch plus one once the record is published.
     pub ready: u64,
+}
+
+/// A takeover of the sequencer lease, as [`SequencerLease::taken_over`] holds it: the
+/// broker plus one in the top byte, the heartbeat in the other 56 bits (at a beat every few
+/// milliseconds, 2^56 beats take millions of years).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenOver {
+    /// The broker the lease was taken over from.
+    pub broker: u16,
+    /// The new holder's first heartbeat.
+    pub heartbeat: u64,
+}
+
+impl TakenOver {
+    const HEARTBEAT_BITS: u32 = 56;
+
+    /// The word for this takeover.
+    pub fn encode(self) -> u64 {
+        debug_assert!(u32::from(self.broker) < BROKERS_MAX);
+        ((u64::from(self.broker) + 1) << Self::HEARTBEAT_BITS)
+            | (self.heartbeat & ((1 << Self::HEARTBEAT_BITS) - 1))
+    }
+
+    /// The takeover a word records, if any.
+    pub fn decode(word: u64) -> Option<TakenOver> {
+        let broker_plus_one = word >> Self::HEARTBEAT_BITS;
+        let broker = u16::try_from(broker_plus_one.checked_sub(1)?).ok()?;
+        Some(TakenOver {
+            broker,
+            heartbeat: word & ((1 << Self::HEARTBEAT_BITS) - 1),
+        })
+    }
 }
 
 impl Record for SequencerLease {

@@ -408,7 +408,7 @@ impl<M: SharedMemory> Pool<M> {
                 let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
                 match value {
                     0 => u64::MAX,
-                    _ if !clock.holds(broker, seen) => u64::MAX,
+                    _ if !clock.holds(broker, frontier, seen) => u64::MAX,
                     needed_plus_one => needed_plus_one - 1,
                 }
             })
@@ -416,14 +416,30 @@ impl<M: SharedMemory> Pool<M> {
             .unwrap_or(u64::MAX)
     }
 
-    /// Sequencer heartbeats a broker's subscribed line or a replica may miss before it stops
-    /// holding retention: [`STALE_WINDOW_MS`] worth at the lease in force, and at least one
-    /// lease ([`STALE_HEARTBEATS_MIN`]). Not one lease alone: with a lease of tens of
+    /// Sequencer heartbeats a broker's subscribed line may miss before it stops holding
+    /// retention: [`STALE_WINDOW_MS`] worth at the lease in force, and at least one lease
+    /// ([`STALE_HEARTBEATS_MIN`]). Not one lease alone: with a lease of tens of
     /// milliseconds a live broker that the scheduler leaves aside for a moment would drop
     /// its subscribers' hold, and their deliveries would be overwritten under them. Not
     /// much longer: a crashed broker's hold stalls every writer of a full log meanwhile.
     pub fn stale_heartbeats(&self) -> u64 {
         self.lease_clock().stale_heartbeats
+    }
+
+    /// The same for a replica's line: [`REPLICA_STALE_WINDOW_MS`] worth, at least one lease.
+    pub fn replica_stale_heartbeats(&self) -> u64 {
+        self.lease_clock().replica_stale_heartbeats
+    }
+
+    /// Whether `broker`'s replica of `topic` holds retention: it replicates the topic, and
+    /// its line is live (see [`Pool::retention_floor`]).
+    pub fn replica_live(&self, topic: TopicId, broker: u16) -> bool {
+        let offset = self
+            .geometry
+            .frontier_offset(topic, broker, FRONTIER_REPLICATED);
+        let (value, _) = self.read_frontier(offset);
+        let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
+        value != 0 && self.lease_clock().holds(broker, FRONTIER_REPLICATED, seen)
     }
 
     /// The lease's heartbeat, [`Self::stale_heartbeats`] and the takeover it records, from
@@ -433,24 +449,23 @@ impl<M: SharedMemory> Pool<M> {
         const _: () = assert!(
             LEASE_HEARTBEAT_OFFSET < LEASE_MS_OFFSET && LEASE_MS_OFFSET < LEASE_TAKEN_OVER_OFFSET
         );
-        let span = LEASE_TAKEN_OVER_OFFSET + 16 - LEASE_HEARTBEAT_OFFSET;
+        let span = LEASE_TAKEN_OVER_OFFSET + 8 - LEASE_HEARTBEAT_OFFSET;
         invalidate_and_fence(&self.mem, LEASE_HEARTBEAT_OFFSET, span);
         let heartbeat = self.mem.load_u64(LEASE_HEARTBEAT_OFFSET);
         let lease_ms = self.mem.load_u64(LEASE_MS_OFFSET);
-        let per_window = (STALE_HEARTBEATS_MIN * STALE_WINDOW_MS)
-            .checked_div(lease_ms)
-            .unwrap_or(0);
-        let taken_over = match self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET) {
-            0 => None,
-            broker_plus_one => Some((
-                broker_plus_one - 1,
-                self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET + 8),
-            )),
+        let beats = |window_ms: u64| {
+            (STALE_HEARTBEATS_MIN * window_ms)
+                .checked_div(lease_ms)
+                .unwrap_or(0)
+                .max(STALE_HEARTBEATS_MIN)
         };
         LeaseClock {
             heartbeat,
-            stale_heartbeats: per_window.max(STALE_HEARTBEATS_MIN),
-            taken_over,
+            stale_heartbeats: beats(STALE_WINDOW_MS),
+            replica_stale_heartbeats: beats(REPLICA_STALE_WINDOW_MS),
+            taken_over: crate::layout::TakenOver::decode(
+                self.mem.load_u64(LEASE_TAKEN_OVER_OFFSET),
+            ),
         }
     }
 
@@ -560,18 +575,24 @@ impl<M: SharedMemory> Pool<M> {
 struct LeaseClock {
     heartbeat: u64,
     stale_heartbeats: u64,
-    /// The broker the lease holder took over from, and the heartbeat then.
-    taken_over: Option<(u64, u64)>,
+    replica_stale_heartbeats: u64,
+    /// The broker the lease holder took over from, and its first heartbeat.
+    taken_over: Option<crate::layout::TakenOver>,
 }
 
 impl LeaseClock {
-    /// Whether a line of `broker` last written when the lease heartbeat was `seen` holds
-    /// retention: not stale, and not a line the taken-over holder left behind.
-    fn holds(&self, broker: u16, seen: u64) -> bool {
+    /// Whether `frontier` (subscribed or replicated) of `broker`, last written when the
+    /// lease heartbeat was `seen`, holds retention: not stale, and not a line the
+    /// taken-over holder left behind.
+    fn holds(&self, broker: u16, frontier: u64, seen: u64) -> bool {
         let left_behind = self
             .taken_over
-            .is_some_and(|(from, at)| from == u64::from(broker) && seen < at);
-        !left_behind && self.heartbeat.saturating_sub(seen) <= self.stale_heartbeats
+            .is_some_and(|t| t.broker == broker && seen < t.heartbeat);
+        let stale = match frontier {
+            FRONTIER_REPLICATED => self.replica_stale_heartbeats,
+            _ => self.stale_heartbeats,
+        };
+        !left_behind && self.heartbeat.saturating_sub(seen) <= stale
     }
 }
 
@@ -601,11 +622,16 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
 /// subscribed line or a replica may miss before it stops holding retention.
 pub const STALE_HEARTBEATS_MIN: u64 = 8;
 
-/// How long, in heartbeats' time, a broker's subscribed line or a replica that is not
-/// written any more keeps holding retention (see [`Pool::stale_heartbeats`]): 50 times the
-/// 5 ms at which live brokers write their lines. A second had made a dead replica stall
-/// full logs for 920 ms (`scripts/faults.sh kill-nonhead`); 250 ms, 118 / 271 ms.
+/// How long, in heartbeats' time, a broker's subscribed line that is not written any more
+/// keeps holding retention (see [`Pool::stale_heartbeats`]): 50 times the 5 ms at which
+/// live brokers write it (their network loops, which never wait on a disk).
 pub const STALE_WINDOW_MS: u64 = 250;
+
+/// The same for a replica's line. Longer: a replica writes its line between writes and
+/// `fdatasync`s of its file, which a busy disk can hold for hundreds of milliseconds, and
+/// a live replica that lost its hold may find its next batch gone. The price: a dead
+/// replica (not a taken-over head's) holds a full log for up to this long.
+pub const REPLICA_STALE_WINDOW_MS: u64 = 1000;
 
 /// Offset, in a subscribed or replicated frontier line, of the lease heartbeat its writer
 /// last saw.

@@ -39,7 +39,7 @@ use crate::coherence::SharedMemory;
 use crate::layout::{
     BatchHeader, Completion, CompletionStatus, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry,
     LEASE_EPOCH_OFFSET, LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES, Record, SESSION_RECORDS,
-    SequencerLease, SessionRecord,
+    SequencerLease, SessionRecord, TakenOver,
 };
 use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
@@ -313,11 +313,10 @@ impl<M: SharedMemory> Sequencer<M> {
             epoch: self.epoch,
             heartbeat: self.heartbeat,
             lease_ms: self.config.lease_ns / 1_000_000,
-            taken_over_from_plus_one: self
-                .taken_over
-                .map_or(0, |(broker, _)| u64::from(broker) + 1),
-            taken_over_at_heartbeat: self.taken_over.map_or(0, |(_, heartbeat)| heartbeat),
-            reserved1: 0,
+            taken_over: self.taken_over.map_or(0, |(broker, heartbeat)| {
+                TakenOver { broker, heartbeat }.encode()
+            }),
+            reserved1: [0; 2],
             ready: self.epoch + 1,
         };
         publish(self.pool.mem(), LEASE_OFFSET, &lease);

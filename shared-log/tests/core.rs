@@ -701,6 +701,12 @@ fn a_silent_brokers_subscribers_stop_holding_the_log_after_the_stale_window() {
         stale * beat >= shared_log::pool::STALE_WINDOW_MS * 1_000_000 && stale >= 8,
         "{stale} beats of {beat} ns"
     );
+    let replica_stale = pool.replica_stale_heartbeats();
+    assert!(
+        replica_stale * beat >= shared_log::pool::REPLICA_STALE_WINDOW_MS * 1_000_000
+            && replica_stale > stale,
+        "a replica's line, written between syncs, holds longer: {replica_stale} beats"
+    );
     for n in 1..=stale {
         sequencer.poll(Timestamp::from_nanos(n * beat));
     }

@@ -124,7 +124,7 @@ pub struct BrokerState<M> {
 
 /// How often [`BrokerState::publish_subscriptions`] looks at the lease heartbeat (to publish
 /// its lines again with it, their liveness): well inside a lease (50 ms by default) and the
-/// 250 ms for which a line stays live (`Pool::stale_heartbeats`).
+/// 250 ms for which a subscribed line stays live (`Pool::stale_heartbeats`).
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(5);
 
 impl<M: SharedMemory + Clone> BrokerState<M> {

@@ -187,6 +187,7 @@ impl PublisherCore {
             // the connection's batches are resent on another (at most `resends_max` times).
             ErrorCode::DeadlineExpired if error.batch_seq.is_some() => {
                 let how = ClientError::broker(addr, &error).to_string();
+                self.commands.push_back(Command::Close(id));
                 self.lose(id, &how, now);
             }
             _ => self.fail(ClientError::broker(addr, &error)),
@@ -448,7 +449,12 @@ mod tests {
         core.on_frame(0, error(ErrorCode::DeadlineExpired, Some(1)), now);
         assert!(core.failure().is_none(), "{:?}", core.failure());
         assert_eq!(core.stats().connections_lost, 1);
-        let request = connects(&commands(&mut core)).remove(0);
+        let handed_out = commands(&mut core);
+        assert!(
+            matches!(handed_out[0], Command::Close(0)),
+            "the broker's closing connection is closed here too: {handed_out:?}"
+        );
+        let request = connects(&handed_out).remove(0);
         let id = core
             .on_connected(0, request.attempt, addr(0), &hello_ok(0), now)
             .unwrap();

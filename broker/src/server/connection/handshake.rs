@@ -4,6 +4,8 @@
 use shared_log::claim;
 use wire::RedirectRepr;
 
+use crate::server::ownership::host_id;
+
 use super::*;
 
 /// A refused Hello: the Error to send, or a Redirect to brokers that can serve it.
@@ -240,9 +242,10 @@ impl<M: SharedMemory + Clone> Connection<M> {
     }
 }
 
-/// A reader of `topic` from `start` in this broker's replica file; when this broker has no
-/// replica of it or its replica starts later, a Redirect to the brokers that keep the topic
-/// on disk and advertise an address, else a refusal with where the log really starts.
+/// A reader of `topic` from `start` in this broker's replica file. A broker that keeps no
+/// replica of the topic redirects to the live brokers that do and advertise an address;
+/// one whose replica starts later, or that has nobody to name, refuses with where the log
+/// really starts (and which brokers keep it on disk).
 fn open_history<M: SharedMemory + Clone>(
     topic: TopicId,
     start: u64,
@@ -250,7 +253,7 @@ fn open_history<M: SharedMemory + Clone>(
     reader: &LogReader<M>,
     state: &BrokerState<M>,
 ) -> Result<HistoryReader, Refusal> {
-    let truncated = |first: u64| {
+    let truncated = |first: u64, redirect: bool| {
         let me = state.settings().broker_id;
         let pool = reader.pool();
         let brokers = u16::try_from(pool.geometry().brokers_max).unwrap_or(u16::MAX);
@@ -266,9 +269,15 @@ fn open_history<M: SharedMemory + Clone>(
                 names.join(", ")
             );
         }
+        // Another replica may start later still, and redirect back: only a broker without
+        // one redirects, and only to live replicas.
         let reachable: Vec<_> = elsewhere
             .iter()
-            .filter_map(|&broker| claim::advertised(pool, broker).map(|addr| (addr, broker)))
+            .filter(|_| redirect)
+            .filter(|&&broker| pool.replica_live(topic, broker))
+            .filter_map(|&broker| {
+                claim::advertised(pool, broker, host_id()).map(|addr| (addr, broker))
+            })
             .collect();
         Refusal {
             redirect: RedirectRepr::new(&reachable).ok(),
@@ -276,11 +285,11 @@ fn open_history<M: SharedMemory + Clone>(
         }
     };
     let Some(dir) = &state.settings().history_dir else {
-        return Err(truncated(log_start));
+        return Err(truncated(log_start, true));
     };
     HistoryReader::open(dir, topic, start).map_err(|e| match e {
-        HistoryError::NotReplicated { .. } => truncated(log_start),
-        HistoryError::BeforeStart { start: first, .. } => truncated(first.min(log_start)),
+        HistoryError::NotReplicated { .. } => truncated(log_start, true),
+        HistoryError::BeforeStart { start: first, .. } => truncated(first.min(log_start), false),
         other => Refusal::new(ErrorCode::Internal, other.to_string()),
     })
 }
