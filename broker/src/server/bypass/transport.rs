@@ -179,6 +179,8 @@ pub struct BypassTransport<D> {
     /// The connections' sockets whose buffers were empty when a receive began and that
     /// took a receive target (empty between receives).
     empty: Vec<SocketHandle>,
+    /// ... and those that took none: between batches (empty between receives).
+    between: Vec<SocketHandle>,
     /// For logs.
     broker: u16,
 }
@@ -234,6 +236,7 @@ impl<D: Device + Burst> BypassTransport<D> {
             peers: Peers::default(),
             targeted: Vec::with_capacity(sockets.sockets),
             empty: Vec::with_capacity(sockets.sockets),
+            between: Vec::with_capacity(sockets.sockets),
             broker,
         }
     }
@@ -255,15 +258,15 @@ impl<D: Device + Burst> BypassTransport<D> {
             != PollResult::None
     }
 
-    /// Takes in the burst's frames one at a time, and stops early once a connection's
-    /// socket that began the receive empty, with a receive target, has bytes in its buffer
-    /// (the end of a payload and the next batch's header): the connection must read them
-    /// before its next payload can go straight to the pool, so the frames left wait in the rx
-    /// ring for the next iteration instead of piling up behind them. A connection between
-    /// batches does not stop it: one that takes whole small batches from each frame would
-    /// pay the loop's whole pass per message (100,000 one-message batches/s fell to 52,000);
-    /// the price is that a large batch that begins on an idle connection lands in the
-    /// socket's buffer for the rest of the burst. Sending is left to `flush`.
+    /// Takes in the burst's frames one at a time, and stops early once a connection that
+    /// began the receive with an empty socket has bytes its next payload cannot take
+    /// straight: the end of a payload and the next batch's header, on a socket that held a
+    /// receive target; or, on one between batches, the start of a large frame (a batch of at
+    /// least [`LARGE_FRAME_BYTES`]) that goes on beyond what arrived. The connection must
+    /// read those bytes before the payload can go straight to the pool, so the frames left
+    /// wait in the rx ring for the next iteration instead of piling up behind them. Whole
+    /// small batches do not stop it: stopping after each would pay the loop's whole pass per
+    /// message (100,000 one-message batches/s fell to 52,000). Sending is left to `flush`.
     fn ingest(&mut self, now: Timestamp) -> bool {
         let timestamp = self.timestamp(now);
         let mut worked = false;
@@ -279,8 +282,16 @@ impl<D: Device + Burst> BypassTransport<D> {
             if self.empty.iter().any(buffered) {
                 break;
             }
+            let sockets = &mut self.sockets;
+            let continues = |handle: &SocketHandle| {
+                large_frame_continues(sockets.get_mut::<tcp::Socket<'_>>(*handle))
+            };
+            if self.between.iter().any(continues) {
+                break;
+            }
         }
         self.empty.clear();
+        self.between.clear();
         worked
     }
 
@@ -329,6 +340,25 @@ impl<D: Device + Burst> BypassTransport<D> {
     }
 }
 
+/// A frame at least this long is worth a stop of the ingress when it begins on a socket
+/// between batches: most of its payload can still go straight to the pool.
+const LARGE_FRAME_BYTES: usize = 16 * 1024;
+
+/// Whether `socket`'s buffered bytes begin a large frame that goes on beyond them.
+fn large_frame_continues(socket: &mut tcp::Socket<'_>) -> bool {
+    let buffered = socket.recv_queue();
+    if buffered < wire::FRAME_HEADER_BYTES {
+        return false;
+    }
+    let mut header = [0u8; wire::FRAME_HEADER_BYTES];
+    if socket.peek_slice(&mut header) != Ok(wire::FRAME_HEADER_BYTES) {
+        return false;
+    }
+    let frame_bytes = wire::FRAME_HEADER_BYTES
+        + wire::FrameHeader::new_unchecked(&header[..]).body_bytes() as usize;
+    frame_bytes >= LARGE_FRAME_BYTES && frame_bytes > buffered
+}
+
 impl<D: Device + Burst> Transport for BypassTransport<D> {
     type Stream<'a>
         = SmolStream<'a, 'static>
@@ -359,6 +389,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                 continue;
             }
             let Some(target) = sink.target(id) else {
+                self.between.push(handle);
                 continue;
             };
             self.empty.push(handle);
