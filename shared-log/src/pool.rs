@@ -402,18 +402,19 @@ impl<M: SharedMemory> Pool<M> {
         let clock = self.lease_clock();
         (0..self.geometry.brokers_max as u16)
             .flat_map(|broker| [FRONTIER_SUBSCRIBED, FRONTIER_REPLICATED].map(|f| (broker, f)))
-            .map(|(broker, frontier)| {
-                let offset = self.geometry.frontier_offset(topic, broker, frontier);
-                let (value, _) = self.read_frontier(offset);
-                let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
-                match value {
-                    0 => u64::MAX,
-                    _ if !clock.holds(broker, frontier, seen) => u64::MAX,
-                    needed_plus_one => needed_plus_one - 1,
-                }
-            })
+            .filter_map(|(broker, frontier)| self.held(&clock, topic, broker, frontier))
             .min()
             .unwrap_or(u64::MAX)
+    }
+
+    /// The lowest ordinal `frontier` (subscribed or replicated) of `broker` holds in
+    /// `topic`, if it holds anything and is live by `clock`.
+    fn held(&self, clock: &LeaseClock, topic: TopicId, broker: u16, frontier: u64) -> Option<u64> {
+        let offset = self.geometry.frontier_offset(topic, broker, frontier);
+        let (needed_plus_one, _) = self.read_frontier(offset);
+        let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
+        let needed = needed_plus_one.checked_sub(1)?;
+        clock.holds(broker, frontier, seen).then_some(needed)
     }
 
     /// Sequencer heartbeats a broker's subscribed line may miss before it stops holding
@@ -434,12 +435,8 @@ impl<M: SharedMemory> Pool<M> {
     /// Whether `broker`'s replica of `topic` holds retention: it replicates the topic, and
     /// its line is live (see [`Pool::retention_floor`]).
     pub fn replica_live(&self, topic: TopicId, broker: u16) -> bool {
-        let offset = self
-            .geometry
-            .frontier_offset(topic, broker, FRONTIER_REPLICATED);
-        let (value, _) = self.read_frontier(offset);
-        let seen = self.mem.load_u64(offset + HEARTBEAT_SEEN_OFFSET);
-        value != 0 && self.lease_clock().holds(broker, FRONTIER_REPLICATED, seen)
+        self.held(&self.lease_clock(), topic, broker, FRONTIER_REPLICATED)
+            .is_some()
     }
 
     /// The lease's heartbeat, [`Self::stale_heartbeats`] and the takeover it records, from
