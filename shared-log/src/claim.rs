@@ -11,7 +11,7 @@
 //! Everything here is sans-IO: time comes in as an argument, memory through
 //! [`SharedMemory`]; the broker's liveness thread runs it with a real clock.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use crate::coherence::SharedMemory;
@@ -325,6 +325,17 @@ pub fn check_owner<M: SharedMemory>(pool: &Pool<M>, broker: u16, token: u64) -> 
     match pool.mem().load_u64(offset) {
         owner if owner == token => Ok(()),
         owner => Err(owner),
+    }
+}
+
+/// The address other brokers can name for `addr`, or why there is none: an IPv4 address
+/// and a port, both given (an IPv6 one does not fit the claim line).
+pub fn advertisable(addr: SocketAddr) -> Result<SocketAddrV4, &'static str> {
+    match addr {
+        SocketAddr::V6(_) => Err("only IPv4 addresses are advertised"),
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() => Err("it names no address"),
+        SocketAddr::V4(v4) if v4.port() == 0 => Err("it names no port"),
+        SocketAddr::V4(v4) => Ok(v4),
     }
 }
 
@@ -740,6 +751,10 @@ mod tests {
     fn a_holder_advertises_its_address_to_the_other_processes() {
         let (a, b) = two_agents();
         let addr = SocketAddrV4::new(Ipv4Addr::new(10, 77, 1, 2), 9301);
+        assert_eq!(advertisable(SocketAddr::V4(addr)), Ok(addr));
+        for refused in ["0.0.0.0:9301", "10.77.1.2:0", "[::1]:9301"] {
+            assert!(advertisable(refused.parse().unwrap()).is_err(), "{refused}");
+        }
         let host = claimant(0, 0, 0).details.host_id;
         assert_eq!(advertised(&b, 1, host), None, "a free id");
         try_claim(&a, 1, 0, &claimant(0x11, 101, 300)).unwrap();

@@ -18,7 +18,7 @@ use broker::server::{
     open_pool, start_claimed,
 };
 use clap::Parser;
-use shared_log::claim::{ClaimError, ClaimHolder, check_lease_ms};
+use shared_log::claim::{ClaimError, ClaimHolder, advertisable, check_lease_ms};
 use shared_log::coherence::CoherenceMode;
 use shared_log::layout::Geometry;
 use shared_log::sequencer::SequencerConfig;
@@ -559,11 +559,11 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
         .listen
         .ok_or("--listen is required (e.g. 127.0.0.1:9000)")?;
     if let Some(addr) = args.advertise
-        && !matches!(addr, SocketAddr::V4(v4) if !v4.ip().is_unspecified() && v4.port() != 0)
+        && let Err(why) = advertisable(addr)
     {
         return Err(format!(
-            "--advertise {addr}: give the IPv4 address and port clients reach this broker at \
-             (e.g. 10.0.0.5:9000); other brokers send subscribers there"
+            "--advertise {addr}: {why}; give the IPv4 address and port clients reach this \
+             broker at (e.g. 10.0.0.5:9000); other brokers send subscribers there"
         ));
     }
     let net = net_backend(&args)?;

@@ -118,28 +118,20 @@ impl ClaimGuard {
     }
 
     /// Advertises `addr` in the claim, where other brokers find it to redirect subscribers
-    /// here (an IPv6 or unspecified address is not advertised: say so, with the flag that
-    /// fixes it). When the claim
-    /// is not this broker's any more, the broker is ended.
+    /// here (one [`claim::advertisable`] refuses is not advertised: say so, with the flag
+    /// that fixes it). When the claim is not this broker's any more, the broker is ended.
     pub fn advertise(&self, addr: SocketAddr) {
-        let SocketAddr::V4(addr) = addr else {
-            log::info!(
-                "broker {}: {addr} is not advertised to other brokers (only IPv4 addresses are): \
-                 they cannot redirect subscribers here (--advertise names an address)",
+        match claim::advertisable(addr) {
+            Ok(v4) => {
+                if claim::advertise(&self.pool, self.broker, self.claimant.token, v4).is_err() {
+                    self.lost();
+                }
+            }
+            Err(why) => log::info!(
+                "broker {}: {addr} is not advertised to other brokers ({why}): they cannot \
+                 redirect subscribers here (--advertise names an address)",
                 self.broker
-            );
-            return;
-        };
-        if addr.ip().is_unspecified() {
-            log::info!(
-                "broker {}: {addr} is not advertised to other brokers (it names no address): \
-                 they cannot redirect subscribers here (--advertise names one)",
-                self.broker
-            );
-            return;
-        }
-        if claim::advertise(&self.pool, self.broker, self.claimant.token, addr).is_err() {
-            self.lost();
+            ),
         }
     }
 
