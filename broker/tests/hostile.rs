@@ -190,6 +190,7 @@ fn a_connection_that_sends_no_hello_is_closed_at_its_deadline() {
             ack: AckLevel::Ordered,
             replication_factor: 0,
             retention: Retention::StallLimited,
+            history: wire::HistoryRetention::UNLIMITED,
         })
         .to_bytes(),
     );

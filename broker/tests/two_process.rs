@@ -176,6 +176,7 @@ fn a_second_process_attaches_and_reads_in_order_while_the_first_writes() {
         ack: 1,
         replication_factor: 1,
         retention: shared_log::Retention::StallLimited,
+        history: shared_log::HistoryRetention::UNLIMITED,
     };
     let topic = pool.create_topic("two-process", config).expect("topic");
     let mut writers: Vec<_> = (0..BROKERS)

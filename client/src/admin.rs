@@ -3,7 +3,7 @@
 use std::net::{Shutdown, SocketAddr};
 use std::time::Duration;
 
-use wire::{AckLevel, CreateTopicRepr, Frame, FrameKind, Retention, TopicOkRepr};
+use wire::{AckLevel, CreateTopicRepr, Frame, FrameKind, HistoryRetention, Retention, TopicOkRepr};
 
 use crate::config::{SOCKET_BUFFER_BYTES_DEFAULT, invalid, order, topic};
 use crate::error::ClientError;
@@ -26,6 +26,11 @@ pub struct TopicSpec {
     /// Publishers wait for every connected subscriber however long it takes (else a
     /// subscriber that stops reading stops holding the log after the broker's stall limit).
     pub hold_for_subscribers: bool,
+    /// History each replica keeps on disk, in bytes: the oldest segments are deleted while
+    /// the rest holds at least this much (0: no limit).
+    pub retention_bytes: u64,
+    /// Age of the history each replica keeps on disk, in milliseconds (0: no limit).
+    pub retention_ms: u64,
 }
 
 /// The broker's answer to a successful CreateTopic.
@@ -57,6 +62,10 @@ impl TopicSpec {
                 Retention::HoldForSubscribers
             } else {
                 Retention::StallLimited
+            },
+            history: HistoryRetention {
+                bytes: self.retention_bytes,
+                ms: self.retention_ms,
             },
         })
     }
@@ -167,6 +176,8 @@ pub(crate) fn check_topic_answer(
             ok.replication_factor.into(),
         ),
         ("retention", asked.retention as u64, ok.retention as u64),
+        ("retention_bytes", asked.history.bytes, ok.history.bytes),
+        ("retention_ms", asked.history.ms, ok.history.ms),
     ] {
         if asked != got {
             return Err(ClientError::HandshakeMismatch {
@@ -206,6 +217,8 @@ mod tests {
             ack: 1,
             replication_factor: 0,
             hold_for_subscribers: false,
+            retention_bytes: 0,
+            retention_ms: 0,
         }
     }
 
@@ -218,6 +231,7 @@ mod tests {
             replication_factor: 0,
             created,
             retention: Retention::StallLimited,
+            history: HistoryRetention::UNLIMITED,
         })))
     }
 

@@ -324,6 +324,8 @@ fn create_topic_is_idempotent_and_refuses_other_settings() {
         ack: 1,
         replication_factor: 0,
         hold_for_subscribers: false,
+        retention_bytes: 0,
+        retention_ms: 0,
     };
     let timeout = Duration::from_secs(2);
     assert!(create_topic(peers[0].addr, &spec, timeout).unwrap().created);

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use broker::server::in_process::InProcessCluster;
-use broker::server::replica::{ReplicaConfig, log_path, read_records};
+use broker::server::replica::{ReplicaConfig, read_records};
 use client::summary::Summary;
 use shared_log::coherence::CoherenceMode;
 use shared_log::layout::Geometry;
@@ -59,6 +59,7 @@ fn ack_2_waits_for_replica_files_that_hold_the_whole_log_in_order() {
             dir: replica_dir(&dirs, options.settings.broker_id),
             sync_bytes: 256 << 10,
             sync_interval_us: 1_000,
+            segment_bytes: broker::server::replica::SEGMENT_BYTES_DEFAULT,
         });
     })
     .expect("start 4 brokers");
@@ -99,7 +100,7 @@ fn ack_2_waits_for_replica_files_that_hold_the_whole_log_in_order() {
     drop(cluster);
     // The brokers synced everything on their clean stop: each file is the whole log.
     for broker in 0..4 {
-        let (records, _) = read_records(&log_path(&replica_dir(&root, broker), 0)).unwrap();
+        let records = read_records(&replica_dir(&root, broker), 0).unwrap();
         let messages: u64 = records
             .iter()
             .map(|r| u64::from(r.header.message_count))
@@ -138,6 +139,8 @@ fn ack_2_is_not_given_while_no_replica_holds_the_batch() {
         ack: 2,
         replication_factor: 1,
         hold_for_subscribers: false,
+        retention_bytes: 0,
+        retention_ms: 0,
     };
     client::create_topic(cluster.addresses()[0], &spec, Duration::from_secs(5)).expect("create");
     let connect = |ack: u8| {

@@ -55,6 +55,7 @@ fn setup(mode: CoherenceMode, blog_bytes: u64) -> Setup {
                 ack: 1,
                 replication_factor: 1,
                 retention: shared_log::Retention::StallLimited,
+                history: shared_log::HistoryRetention::UNLIMITED,
             },
         )
         .expect("topic");

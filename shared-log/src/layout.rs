@@ -229,8 +229,17 @@ pub struct TopicMeta {
     pub replication_factor: u8,
     /// How subscribers hold the log, a `wire::Retention` value.
     pub retention: u8,
+    /// Disk history each replica keeps, in bytes (0: no limit).
+    pub retention_bytes: u64,
+    /// Age of disk history each replica keeps, in milliseconds (0: no limit).
+    pub retention_ms: u64,
+    /// Ordinal of the topic's first batch (0, or further on for a topic restored from
+    /// replicas whose oldest segments were deleted).
+    pub origin_ordinal: u64,
+    /// Global position of that batch's first message.
+    pub origin_position: u64,
     /// Reserved, zero.
-    pub reserved1: [u64; 6],
+    pub reserved1: [u64; 2],
     /// [`TOPIC_CREATED`] once the entry is published.
     pub ready: u64,
 }

@@ -17,6 +17,8 @@ pub mod sessions;
 pub mod sim;
 pub mod writer;
 
+/// How much history a topic's replicas keep on disk, shared with the wire protocol.
+pub use wire::HistoryRetention;
 /// Ordering levels (docs/protocol.md), shared with the wire protocol.
 pub use wire::Order;
 /// How subscribers hold a topic's log (docs/protocol.md), shared with the wire protocol.

@@ -8,7 +8,7 @@ use crate::layout::{
     FRONTIER_REPLICATED, FRONTIER_SUBSCRIBED, Geometry, GeometryError, LAYOUT_VERSION,
     POOL_FORMATTED, POOL_MAGIC, PoolHeader, Record, TOPIC_CREATED, TOPIC_NAME_BYTES_MAX, TopicMeta,
 };
-use crate::{Order, Retention};
+use crate::{HistoryRetention, Order, Retention};
 
 /// Why a pool cannot be formatted or attached, or a topic not created or found.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +142,17 @@ pub struct TopicConfig {
     pub replication_factor: u8,
     /// How connected subscribers hold the topic's log.
     pub retention: Retention,
+    /// How much history its replicas keep on disk.
+    pub history: HistoryRetention,
+}
+
+/// Where a topic's log begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogOrigin {
+    /// Ordinal of the first batch.
+    pub ordinal: u64,
+    /// Global position of its first message.
+    pub position: u64,
 }
 
 /// Index of a topic in the pool's topic table.
@@ -311,6 +322,19 @@ impl<M: SharedMemory> Pool<M> {
     ///
     /// Only one agent (the head broker) creates topics: the table has a single writer.
     pub fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicId, PoolError> {
+        self.create_topic_from(name, config, LogOrigin::default())
+    }
+
+    /// Creates a topic whose log begins at `origin` instead of at the start (a topic restored
+    /// from replicas whose oldest segments retention had deleted): its first batch gets
+    /// `origin.ordinal` and `origin.position`. An existing topic of that name is answered as
+    /// by [`Pool::create_topic`], whatever its origin.
+    pub fn create_topic_from(
+        &self,
+        name: &str,
+        config: TopicConfig,
+        origin: LogOrigin,
+    ) -> Result<TopicId, PoolError> {
         validate_topic_name(name)?;
         let mut free = None;
         for topic in 0..self.geometry.topics_max {
@@ -344,7 +368,20 @@ impl<M: SharedMemory> Pool<M> {
         meta.ack = config.ack;
         meta.replication_factor = config.replication_factor;
         meta.retention = config.retention as u8;
+        meta.retention_bytes = config.history.bytes;
+        meta.retention_ms = config.history.ms;
+        meta.origin_ordinal = origin.ordinal;
+        meta.origin_position = origin.position;
         meta.ready = TOPIC_CREATED;
+        // The sequencer picks a topic up from its committed frontier: a topic that begins
+        // further on starts there. Written before the entry is published, which nobody reads
+        // before.
+        self.write_frontier(
+            self.geometry.seq_state_offset(topic),
+            origin.ordinal,
+            origin.position,
+        );
+        self.mem.fence();
         publish(&self.mem, self.geometry.topic_meta_offset(topic), &meta);
         Ok(topic)
     }
@@ -361,15 +398,27 @@ impl<M: SharedMemory> Pool<M> {
         Ok(None)
     }
 
+    /// Where topic `topic`'s log begins.
+    pub fn topic_origin(&self, topic: TopicId) -> Result<LogOrigin, PoolError> {
+        let meta = self.created_topic(topic)?;
+        Ok(LogOrigin {
+            ordinal: meta.origin_ordinal,
+            position: meta.origin_position,
+        })
+    }
+
     /// The configuration of topic `topic`.
     pub fn topic_config(&self, topic: TopicId) -> Result<TopicConfig, PoolError> {
+        config_of(topic, &self.created_topic(topic)?)
+    }
+
+    /// The table entry of a created topic.
+    fn created_topic(&self, topic: TopicId) -> Result<TopicMeta, PoolError> {
         if topic >= self.geometry.topics_max {
             return Err(PoolError::NoSuchTopic { topic });
         }
-        let meta = self
-            .read_topic(topic)
-            .ok_or(PoolError::NoSuchTopic { topic })?;
-        config_of(topic, &meta)
+        self.read_topic(topic)
+            .ok_or(PoolError::NoSuchTopic { topic })
     }
 
     /// Ids of every created topic.
@@ -527,12 +576,7 @@ impl<M: SharedMemory> Pool<M> {
 
     /// The name and configuration of topic `topic`.
     pub fn topic_entry(&self, topic: TopicId) -> Result<(String, TopicConfig), PoolError> {
-        if topic >= self.geometry.topics_max {
-            return Err(PoolError::NoSuchTopic { topic });
-        }
-        let meta = self
-            .read_topic(topic)
-            .ok_or(PoolError::NoSuchTopic { topic })?;
+        let meta = self.created_topic(topic)?;
         let name = String::from_utf8_lossy(topic_name(&meta)).into_owned();
         Ok((name, config_of(topic, &meta)?))
     }
@@ -612,6 +656,10 @@ fn config_of(topic: TopicId, meta: &TopicMeta) -> Result<TopicConfig, PoolError>
         ack: meta.ack,
         replication_factor: meta.replication_factor,
         retention,
+        history: HistoryRetention {
+            bytes: meta.retention_bytes,
+            ms: meta.retention_ms,
+        },
     })
 }
 

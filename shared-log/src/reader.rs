@@ -93,6 +93,9 @@ pub struct LogReader<M> {
     pool: Pool<M>,
     topic: TopicId,
     next_ordinal: u64,
+    /// The topic's first ordinal (past 0 for a topic restored from a replica whose oldest
+    /// segments were deleted): no batch before it ever existed in this pool.
+    origin_ordinal: u64,
     verify_checksums: bool,
 }
 
@@ -100,7 +103,7 @@ pub struct LogReader<M> {
 const READABLE_CHECK_BATCHES: u64 = 256;
 
 impl<M: SharedMemory> LogReader<M> {
-    /// A reader of `topic` from its first batch. With `verify_checksums`, every payload's
+    /// A reader of `topic` from its first batch (its origin). With `verify_checksums`, every payload's
     /// CRC-32C is checked against its GOI entry before it is handed out.
     pub fn new(
         pool: Pool<M>,
@@ -108,10 +111,12 @@ impl<M: SharedMemory> LogReader<M> {
         verify_checksums: bool,
     ) -> Result<LogReader<M>, ReadError> {
         pool.topic_config(topic)?;
+        let origin = pool.topic_origin(topic)?;
         Ok(LogReader {
             pool,
             topic,
-            next_ordinal: 0,
+            next_ordinal: origin.ordinal,
+            origin_ordinal: origin.ordinal,
             verify_checksums,
         })
     }
@@ -203,7 +208,9 @@ impl<M: SharedMemory> LogReader<M> {
     }
 
     fn earliest_ordinal(&self, committed: u64) -> u64 {
-        committed.saturating_sub(self.pool.geometry().goi_entries)
+        committed
+            .saturating_sub(self.pool.geometry().goi_entries)
+            .max(self.origin_ordinal)
     }
 
     fn read_entry(&self, ordinal: u64) -> Option<GoiEntry> {

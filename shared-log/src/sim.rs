@@ -465,6 +465,7 @@ impl World {
                 ack: 1,
                 replication_factor: 1,
                 retention: crate::Retention::StallLimited,
+                history: crate::HistoryRetention::UNLIMITED,
             };
             let id = pool
                 .create_topic(&format!("topic-{t}"), config)

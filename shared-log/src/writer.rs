@@ -636,6 +636,7 @@ mod tests {
             ack: 1,
             replication_factor: 1,
             retention: crate::Retention::StallLimited,
+            history: crate::HistoryRetention::UNLIMITED,
         };
         let topic = formatter.create_topic("t", config).unwrap();
         // Two processes with their own caches: the one that gets paused, and its successor.

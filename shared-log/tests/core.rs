@@ -40,6 +40,7 @@ fn config(order: Order) -> TopicConfig {
         ack: 1,
         replication_factor: 1,
         retention: shared_log::Retention::StallLimited,
+        history: shared_log::HistoryRetention::UNLIMITED,
     }
 }
 

@@ -110,6 +110,7 @@ impl Harness {
             ack: 1,
             replication_factor: 1,
             retention: shared_log::Retention::StallLimited,
+            history: shared_log::HistoryRetention::UNLIMITED,
         };
         let topic = pool.create_topic("props", topic_config).unwrap();
         let writers = (0..BROKERS)

@@ -5,7 +5,7 @@
 //! ```text
 //! offset size field
 //!      0    4 magic            b"EMBR"
-//!      4    2 protocol_version 3
+//!      4    2 protocol_version 4
 //!      6    1 role             1 publish, 2 subscribe
 //!      7    1 order            0, 1, 2 or 5
 //!      8    1 ack              0, 1 or 2
@@ -22,7 +22,7 @@
 //!
 //! ```text
 //! offset size field
-//!      0    2 protocol_version 3
+//!      0    2 protocol_version 4
 //!      2    2 broker_id
 //!      4    4 batch_bytes_max  the broker's batch payload limit
 //!      8    1 order            the topic's order
@@ -43,7 +43,7 @@ use crate::types::{AckLevel, Order, Topic};
 /// The four bytes that open a Hello and a CreateTopic.
 pub const MAGIC: [u8; 4] = *b"EMBR";
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Bytes at the start of every first frame that every version keeps: magic and version.
 pub const PRELUDE_BYTES: usize = 6;
 /// Size of the fixed part of a Hello body (the topic follows).
@@ -659,13 +659,13 @@ mod tests {
     #[test]
     fn magic_and_version_come_first() {
         let mut bytes = encode(&publisher());
-        bytes[4] = 4;
-        // A version-4 client's Hello is refused for its version even when its layout differs.
+        bytes[4] = 5;
+        // A version-5 client's Hello is refused for its version even when its layout differs.
         assert_eq!(
             parse(&bytes[..10]),
             Err(Error::UnsupportedVersion {
-                got: 4,
-                supported: 3
+                got: 5,
+                supported: 4
             })
         );
         bytes[0] = b'X';
@@ -765,7 +765,7 @@ mod tests {
             parse(&version[..3]),
             Err(Error::UnsupportedVersion {
                 got: 9,
-                supported: 3
+                supported: 4
             })
         );
         assert!(matches!(parse(&bytes[..39]), Err(Error::Truncated { .. })));

@@ -1,4 +1,4 @@
-//! The Embarcadero-rs wire protocol (version 3), described in `docs/protocol.md`.
+//! The Embarcadero-rs wire protocol (version 4), described in `docs/protocol.md`.
 //!
 //! Every frame is an 8-byte [`FrameHeader`] and a body. Each body type has a checked view
 //! over bytes (`Xxx::new_checked`, field accessors and setters) and a typed `XxxRepr` with
@@ -62,4 +62,4 @@ pub use topic::{
     CREATE_TOPIC_FIXED_BYTES, CreateTopic, CreateTopicRepr, TOPIC_OK_FIXED_BYTES, TopicOk,
     TopicOkRepr,
 };
-pub use types::{AckLevel, Order, Retention, Topic};
+pub use types::{AckLevel, HistoryRetention, Order, Retention, Topic};

@@ -147,9 +147,10 @@ fn create_topic() -> impl Strategy<Value = CreateTopicRepr> {
         1..=u8::MAX,
         any::<bool>(),
         any::<bool>(),
+        (any::<u64>(), any::<u64>()),
     )
         .prop_map(
-            |(topic, order, ack, replicas, zero, hold)| CreateTopicRepr {
+            |(topic, order, ack, replicas, zero, hold, (bytes, ms))| CreateTopicRepr {
                 topic,
                 order,
                 ack,
@@ -164,6 +165,7 @@ fn create_topic() -> impl Strategy<Value = CreateTopicRepr> {
                 } else {
                     Retention::StallLimited
                 },
+                history: HistoryRetention { bytes, ms },
             },
         )
 }
@@ -178,6 +180,7 @@ fn topic_ok() -> impl Strategy<Value = TopicOkRepr> {
             replication_factor: create.replication_factor,
             created,
             retention: create.retention,
+            history: create.history,
         }
     })
 }

@@ -1,7 +1,7 @@
 //! Topic administration: [`CreateTopic`] (first frame of an admin connection) and its answer
 //! [`TopicOk`].
 //!
-//! CreateTopic body (12 bytes + topic):
+//! CreateTopic body (28 bytes + topic):
 //!
 //! ```text
 //! offset size field
@@ -13,10 +13,12 @@
 //!      9    1 topic_len           1..=64
 //!     10    1 retention           0 stall-limited, 1 hold for subscribers (see `Retention`)
 //!     11    1 reserved            0
-//!     12    n topic
+//!     12    8 retention_bytes     disk history kept per replica; 0 = no limit
+//!     20    8 retention_ms        age of disk history kept; 0 = no limit
+//!     28    n topic
 //! ```
 //!
-//! TopicOk body (8 bytes + topic):
+//! TopicOk body (24 bytes + topic):
 //!
 //! ```text
 //! offset size field
@@ -27,19 +29,21 @@
 //!      5    1 created             1 = created now, 0 = already existed with these settings
 //!      6    1 topic_len
 //!      7    1 retention           the topic's
-//!      8    n topic
+//!      8    8 retention_bytes     the topic's
+//!     16    8 retention_ms        the topic's
+//!     24    n topic
 //! ```
 
-use crate::bytes::{magic_at, put, set_u16, u16_at};
+use crate::bytes::{magic_at, put, set_u16, set_u64, u16_at, u64_at};
 use crate::error::Error;
 use crate::hello::{MAGIC, PROTOCOL_VERSION, check_exact, check_prelude};
 use crate::limits::Limits;
-use crate::types::{AckLevel, Order, Retention, Topic};
+use crate::types::{AckLevel, HistoryRetention, Order, Retention, Topic};
 
 /// Size of the fixed part of a CreateTopic body.
-pub const CREATE_TOPIC_FIXED_BYTES: usize = 12;
+pub const CREATE_TOPIC_FIXED_BYTES: usize = 28;
 /// Size of the fixed part of a TopicOk body.
-pub const TOPIC_OK_FIXED_BYTES: usize = 8;
+pub const TOPIC_OK_FIXED_BYTES: usize = 24;
 
 mod field {
     pub const MAGIC: usize = 0;
@@ -50,7 +54,9 @@ mod field {
     pub const TOPIC_LEN: usize = 9;
     pub const RETENTION: usize = 10;
     pub const RESERVED: usize = 11;
-    pub const TOPIC: usize = 12;
+    pub const RETENTION_BYTES: usize = 12;
+    pub const RETENTION_MS: usize = 20;
+    pub const TOPIC: usize = 28;
 }
 
 mod ok_field {
@@ -61,7 +67,9 @@ mod ok_field {
     pub const CREATED: usize = 5;
     pub const TOPIC_LEN: usize = 6;
     pub const RETENTION: usize = 7;
-    pub const TOPIC: usize = 8;
+    pub const RETENTION_BYTES: usize = 8;
+    pub const RETENTION_MS: usize = 16;
+    pub const TOPIC: usize = 24;
 }
 
 fn check_settings(ack: AckLevel, replication_factor: u8) -> Result<(), Error> {
@@ -148,6 +156,16 @@ impl<T: AsRef<[u8]>> CreateTopic<T> {
         self.buffer.as_ref()[field::RESERVED]
     }
 
+    /// Disk history bytes kept per replica (0: no limit).
+    pub fn retention_bytes(&self) -> u64 {
+        u64_at(self.buffer.as_ref(), field::RETENTION_BYTES)
+    }
+
+    /// Age of disk history kept, in milliseconds (0: no limit).
+    pub fn retention_ms(&self) -> u64 {
+        u64_at(self.buffer.as_ref(), field::RETENTION_MS)
+    }
+
     /// The raw topic bytes.
     pub fn topic(&self) -> &[u8] {
         let len = usize::from(self.topic_len());
@@ -191,6 +209,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> CreateTopic<T> {
         self.buffer.as_mut()[field::RESERVED] = reserved;
     }
 
+    /// Sets the disk history bytes kept.
+    pub fn set_retention_bytes(&mut self, bytes: u64) {
+        set_u64(self.buffer.as_mut(), field::RETENTION_BYTES, bytes);
+    }
+
+    /// Sets the age of disk history kept.
+    pub fn set_retention_ms(&mut self, ms: u64) {
+        set_u64(self.buffer.as_mut(), field::RETENTION_MS, ms);
+    }
+
     /// Sets `topic_len` and the topic bytes.
     pub fn set_topic(&mut self, topic: &Topic) {
         let buffer = self.buffer.as_mut();
@@ -212,6 +240,8 @@ pub struct CreateTopicRepr {
     pub replication_factor: u8,
     /// How its subscribers hold the log.
     pub retention: Retention,
+    /// How much history each replica keeps on disk.
+    pub history: HistoryRetention,
 }
 
 impl CreateTopicRepr {
@@ -233,6 +263,10 @@ impl CreateTopicRepr {
             ack,
             replication_factor: create.replication_factor(),
             retention,
+            history: HistoryRetention {
+                bytes: create.retention_bytes(),
+                ms: create.retention_ms(),
+            },
         })
     }
 
@@ -250,6 +284,8 @@ impl CreateTopicRepr {
         create.set_replication_factor(self.replication_factor);
         create.set_retention(self.retention as u8);
         create.set_reserved(0);
+        create.set_retention_bytes(self.history.bytes);
+        create.set_retention_ms(self.history.ms);
         create.set_topic(&self.topic);
     }
 }
@@ -321,6 +357,16 @@ impl<T: AsRef<[u8]>> TopicOk<T> {
         self.buffer.as_ref()[ok_field::RETENTION]
     }
 
+    /// The topic's disk history bytes kept per replica.
+    pub fn retention_bytes(&self) -> u64 {
+        u64_at(self.buffer.as_ref(), ok_field::RETENTION_BYTES)
+    }
+
+    /// The topic's age of disk history kept.
+    pub fn retention_ms(&self) -> u64 {
+        u64_at(self.buffer.as_ref(), ok_field::RETENTION_MS)
+    }
+
     /// The raw topic bytes.
     pub fn topic(&self) -> &[u8] {
         let len = usize::from(self.topic_len());
@@ -359,6 +405,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TopicOk<T> {
         self.buffer.as_mut()[ok_field::RETENTION] = retention;
     }
 
+    /// Sets the disk history bytes kept.
+    pub fn set_retention_bytes(&mut self, bytes: u64) {
+        set_u64(self.buffer.as_mut(), ok_field::RETENTION_BYTES, bytes);
+    }
+
+    /// Sets the age of disk history kept.
+    pub fn set_retention_ms(&mut self, ms: u64) {
+        set_u64(self.buffer.as_mut(), ok_field::RETENTION_MS, ms);
+    }
+
     /// Sets `topic_len` and the topic bytes.
     pub fn set_topic(&mut self, topic: &Topic) {
         let buffer = self.buffer.as_mut();
@@ -384,6 +440,8 @@ pub struct TopicOkRepr {
     pub created: bool,
     /// How its subscribers hold the log.
     pub retention: Retention,
+    /// How much history each replica keeps on disk.
+    pub history: HistoryRetention,
 }
 
 impl TopicOkRepr {
@@ -411,6 +469,10 @@ impl TopicOkRepr {
             replication_factor: ok.replication_factor(),
             created,
             retention,
+            history: HistoryRetention {
+                bytes: ok.retention_bytes(),
+                ms: ok.retention_ms(),
+            },
         })
     }
 
@@ -427,6 +489,8 @@ impl TopicOkRepr {
         ok.set_replication_factor(self.replication_factor);
         ok.set_created(self.created.into());
         ok.set_retention(self.retention as u8);
+        ok.set_retention_bytes(self.history.bytes);
+        ok.set_retention_ms(self.history.ms);
         ok.set_topic(&self.topic);
     }
 }
@@ -444,6 +508,10 @@ mod tests {
             ack: AckLevel::Replicated,
             replication_factor: 2,
             retention: Retention::HoldForSubscribers,
+            history: HistoryRetention {
+                bytes: 1 << 30,
+                ms: 7 * 24 * 3600 * 1000,
+            },
         };
         let mut bytes = vec![0u8; repr.buffer_len()];
         repr.emit(&mut CreateTopic::new_unchecked(&mut bytes[..]));
@@ -466,7 +534,7 @@ mod tests {
             parse(&reserved),
             Err(Error::NonZeroReserved { .. })
         ));
-        let mut empty_topic = bytes[..12].to_vec();
+        let mut empty_topic = bytes[..CREATE_TOPIC_FIXED_BYTES].to_vec();
         empty_topic[9] = 0;
         assert_eq!(parse(&empty_topic), Err(Error::EmptyTopic));
     }
@@ -482,6 +550,7 @@ mod tests {
             replication_factor: 0,
             created: true,
             retention: Retention::StallLimited,
+            history: HistoryRetention::UNLIMITED,
         };
         let mut bytes = vec![0u8; repr.buffer_len()];
         repr.emit(&mut TopicOk::new_unchecked(&mut bytes[..]));

@@ -84,6 +84,22 @@ impl TryFrom<u8> for Retention {
     }
 }
 
+/// How much of a replicated topic's history each replica keeps on disk, beyond what the pool
+/// holds. The oldest whole segments go first; the segment being written is always kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct HistoryRetention {
+    /// Segments are deleted while the rest still holds at least this many bytes (0: no
+    /// limit).
+    pub bytes: u64,
+    /// A segment is deleted once its last write is this old, in milliseconds (0: no limit).
+    pub ms: u64,
+}
+
+impl HistoryRetention {
+    /// Everything is kept.
+    pub const UNLIMITED: HistoryRetention = HistoryRetention { bytes: 0, ms: 0 };
+}
+
 /// A validated topic name: 1 to 64 bytes of `[A-Za-z0-9._-]` (hence ASCII and UTF-8).
 ///
 /// Stored inline, so it is `Copy` and never allocates.

@@ -228,6 +228,11 @@ struct Args {
     /// Replicas sync once the oldest pending byte is this old, in microseconds.
     #[arg(long)]
     replica_sync_interval_us: Option<u64>,
+    /// A replica segment file closes once a sync leaves it this long (default 256M); topic
+    /// retention (retention_bytes, retention_ms) deletes whole closed segments.
+    #[arg(long, value_name = "SIZE")]
+    #[serde(deserialize_with = "size_text")]
+    replica_segment_bytes: Option<String>,
     /// Replication factor (counting the pool copy) of topics the head creates on first use;
     /// ack level 2 needs 2 or more.
     #[arg(long)]
@@ -525,6 +530,7 @@ fn merge(cli: Args, file: Args) -> Args {
         replica_sync_interval_us: cli
             .replica_sync_interval_us
             .or(file.replica_sync_interval_us),
+        replica_segment_bytes: cli.replica_segment_bytes.or(file.replica_segment_bytes),
         replication_factor: cli.replication_factor.or(file.replication_factor),
         no_standby: cli.no_standby || file.no_standby,
         recover_from: if cli.recover_from.is_empty() {
@@ -746,6 +752,11 @@ fn replica_config(args: &Args) -> Result<Option<ReplicaConfig>, String> {
                 1 << 20,
             )?,
             sync_interval_us: args.replica_sync_interval_us.unwrap_or(2_000),
+            segment_bytes: size(
+                "replica-segment-bytes",
+                args.replica_segment_bytes.as_deref(),
+                broker::server::replica::SEGMENT_BYTES_DEFAULT,
+            )?,
         }),
         None => None,
     })
@@ -921,11 +932,15 @@ fn main() -> ExitCode {
     if !recover_from.is_empty() {
         match broker::server::replica::restore(&pool, id, &recover_from) {
             Ok(restored) => {
-                for (name, batches, messages, from) in restored.topics {
+                for topic in restored.topics {
                     log::info!(
-                        "restored topic {name:?}: {batches} batches, {messages} messages, \
-                         from {}",
-                        from.display()
+                        "restored topic {:?}: batches {}..{}, positions {}..{}, from {}",
+                        topic.name,
+                        topic.origin.ordinal,
+                        topic.end_ordinal,
+                        topic.origin.position,
+                        topic.end_position,
+                        topic.dir.display()
                     );
                 }
             }
@@ -1019,7 +1034,7 @@ mod tests {
                 format!("{} {names:?}", arg.get_id())
             })
             .collect();
-        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        assert_eq!(sizes.len(), 8, "{sizes:?}");
         assert!(sizes.iter().all(|s| s.ends_with("[\"SIZE\"]")), "{sizes:?}");
     }
 

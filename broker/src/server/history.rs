@@ -39,6 +39,17 @@ pub enum HistoryError {
         /// First position the replica holds.
         start: u64,
     },
+    /// Retention deleted the segment the reader was to read next (it fell behind the oldest
+    /// history kept).
+    #[error(
+        "batch {ordinal} is no longer on disk: retention deleted it; the log starts at {start}"
+    )]
+    Deleted {
+        /// The batch.
+        ordinal: u64,
+        /// First position the replica holds now.
+        start: u64,
+    },
     /// Reading the file failed.
     #[error("replica {path}: {what}: {source}")]
     Io {
@@ -61,59 +72,121 @@ pub enum HistoryError {
     },
 }
 
-/// A cursor over one topic's replica file, from the batch that holds a given position.
+/// A cursor over one topic's replica segments, from the batch that holds a given position.
 #[derive(Debug)]
 pub struct HistoryReader {
+    dir: PathBuf,
+    topic: TopicId,
+    /// The segment read now.
     path: PathBuf,
     file: File,
-    /// Byte offset of the next record.
+    /// Byte offset of the next record in it.
     offset: u64,
     /// Ordinal of the next record.
     next_ordinal: u64,
+    /// First ordinal of the segment after this one, once seen.
+    next_segment: Option<u64>,
     /// While looking for the start: the position whose batch comes first.
     seeking: Option<u64>,
-    /// The first position the file holds.
+    /// The first position the log held when it was opened.
     start_position: u64,
+}
+
+/// Opens a segment for reading; `None` when it is gone (deleted by retention).
+fn open_segment(path: &Path) -> Result<Option<File>, HistoryError> {
+    match File::open(path) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(HistoryError::Io {
+            path: path.to_owned(),
+            what: "open",
+            source,
+        }),
+    }
+}
+
+/// Where the replica of `topic` in `dir` starts now: the first position of its oldest
+/// segment with a record, and the segments' first ordinals with the index of that one.
+fn log_start(dir: &Path, topic: TopicId) -> Result<Option<(u64, Vec<u64>, usize)>, HistoryError> {
+    let segments = replica::segment_list(dir, topic).map_err(|source| HistoryError::Io {
+        path: dir.to_owned(),
+        what: "list",
+        source,
+    })?;
+    for (index, &first) in segments.iter().enumerate() {
+        let path = replica::segment_path(dir, topic, first);
+        match replica::first_header(&path) {
+            Ok(Some(header)) => return Ok(Some((header.global_start, segments, index))),
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(HistoryError::Io {
+                    path,
+                    what: "read",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(None)
 }
 
 impl HistoryReader {
     /// Opens the replica of `topic` in `dir` for reading from the batch that holds
     /// `position`. Errors when there is no replica, or when it starts after `position`.
     pub fn open(dir: &Path, topic: TopicId, position: u64) -> Result<HistoryReader, HistoryError> {
-        let path = replica::log_path(dir, topic);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // A segment deleted between the listing and its opening: list again.
+        for _ in 0..3 {
+            let Some((start, segments, oldest)) = log_start(dir, topic)? else {
                 return Err(HistoryError::NotReplicated { topic });
+            };
+            if position < start {
+                return Err(HistoryError::BeforeStart { position, start });
             }
-            Err(source) => {
-                return Err(HistoryError::Io {
-                    path,
-                    what: "open",
-                    source,
-                });
+            // The newest segment whose first record is at or before the position.
+            let mut chosen = None;
+            for index in (oldest..segments.len()).rev() {
+                let path = replica::segment_path(dir, topic, segments[index]);
+                match replica::first_header(&path) {
+                    Ok(Some(header)) if header.global_start <= position => {
+                        chosen = Some((index, header));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(source) => {
+                        return Err(HistoryError::Io {
+                            path,
+                            what: "read",
+                            source,
+                        });
+                    }
+                }
             }
-        };
-        let mut reader = HistoryReader {
-            path,
-            file,
-            offset: 0,
-            next_ordinal: 0,
-            seeking: Some(position),
-            start_position: 0,
-        };
-        match reader.header_at(0)? {
-            None => Err(HistoryError::NotReplicated { topic }),
-            Some(first) if first.global_start > position => Err(HistoryError::BeforeStart {
-                position,
-                start: first.global_start,
-            }),
-            Some(first) => {
-                reader.next_ordinal = first.ordinal;
-                reader.start_position = first.global_start;
-                Ok(reader)
-            }
+            let Some((index, first)) = chosen else {
+                continue;
+            };
+            let path = replica::segment_path(dir, topic, segments[index]);
+            let Some(file) = open_segment(&path)? else {
+                continue;
+            };
+            return Ok(HistoryReader {
+                dir: dir.to_owned(),
+                topic,
+                path,
+                file,
+                offset: 0,
+                next_ordinal: first.ordinal,
+                next_segment: segments.get(index + 1).copied(),
+                seeking: Some(position),
+                start_position: start,
+            });
         }
+        Err(HistoryError::Io {
+            path: dir.to_owned(),
+            what: "open (segments kept being deleted under the reader)",
+            source: std::io::ErrorKind::NotFound.into(),
+        })
     }
 
     /// Ordinal of the next batch it hands out (meaningful once it found its start).
@@ -121,7 +194,8 @@ impl HistoryReader {
         self.next_ordinal
     }
 
-    /// The first position the replica holds (where the log starts on disk).
+    /// The first position the replica held when it was opened (where the log starts on
+    /// disk).
     pub fn start_position(&self) -> u64 {
         self.start_position
     }
@@ -131,7 +205,7 @@ impl HistoryReader {
         self.seeking.is_some()
     }
 
-    /// The valid header at `offset`, or `None` where the file ends or a record is still
+    /// The valid header at `offset`, or `None` where the segment ends or a record is still
     /// being written.
     fn header_at(&self, offset: u64) -> Result<Option<RecordHeader>, HistoryError> {
         let mut header = RecordHeader::zeroed();
@@ -141,7 +215,7 @@ impl HistoryReader {
         Ok(header.is_valid().then_some(header))
     }
 
-    /// Fills `buf` from `offset`; false when the file ends first.
+    /// Fills `buf` from `offset`; false when the segment ends first.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<bool, HistoryError> {
         match self.file.read_exact_at(buf, offset) {
             Ok(()) => Ok(true),
@@ -154,13 +228,58 @@ impl HistoryReader {
         }
     }
 
-    /// The header of the next record, which is below the durable end: missing or damaged,
-    /// it is an error.
-    fn next_header(&self) -> Result<RecordHeader, HistoryError> {
-        match self.header_at(self.offset)? {
-            Some(header) if header.ordinal == self.next_ordinal => Ok(header),
-            _ => Err(self.damaged()),
+    /// Moves on to the segment that begins with the next ordinal, if there is one; a segment
+    /// that retention deleted before the reader got there is [`HistoryError::Deleted`].
+    fn next_segment_begins(&mut self) -> Result<bool, HistoryError> {
+        if self.next_segment != Some(self.next_ordinal) {
+            let segments = replica::segment_list(&self.dir, self.topic).map_err(|source| {
+                HistoryError::Io {
+                    path: self.dir.clone(),
+                    what: "list",
+                    source,
+                }
+            })?;
+            self.next_segment = segments
+                .into_iter()
+                .find(|&first| first >= self.next_ordinal);
+            if self.next_segment != Some(self.next_ordinal) {
+                return Ok(false);
+            }
         }
+        let path = replica::segment_path(&self.dir, self.topic, self.next_ordinal);
+        let Some(file) = open_segment(&path)? else {
+            let start = log_start(&self.dir, self.topic)?.map_or(u64::MAX, |(start, ..)| start);
+            return Err(HistoryError::Deleted {
+                ordinal: self.next_ordinal,
+                start,
+            });
+        };
+        self.path = path;
+        self.file = file;
+        self.offset = 0;
+        self.next_segment = None;
+        Ok(true)
+    }
+
+    /// The header of the next record, which is below the durable end: missing or damaged,
+    /// it is an error. At a segment's end it moves on to the next segment.
+    fn next_header(&mut self) -> Result<RecordHeader, HistoryError> {
+        if self.next_segment == Some(self.next_ordinal) {
+            self.next_segment_begins()?;
+        }
+        match self.header_at(self.offset)? {
+            Some(header) if header.ordinal == self.next_ordinal => return Ok(header),
+            _ => {}
+        }
+        // The end of this segment (or its padding): the record is in the next one.
+        if self.offset > 0
+            && self.next_segment_begins()?
+            && let Some(header) = self.header_at(self.offset)?
+            && header.ordinal == self.next_ordinal
+        {
+            return Ok(header);
+        }
+        Err(self.damaged())
     }
 
     fn damaged(&self) -> HistoryError {
@@ -233,7 +352,9 @@ impl HistoryReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::replica::ReplicaFile;
+    use crate::server::replica::ReplicaLog;
+    use shared_log::HistoryRetention;
+    use shared_log::pool::LogOrigin;
     use units::Timestamp;
 
     /// Batch `ordinal` of a test log: 3 messages each, payloads of varying sizes.
@@ -281,12 +402,21 @@ mod tests {
     }
 
     fn write_log(dir: &Path, batches: u64) {
-        let mut file = ReplicaFile::open(dir, 0).unwrap();
+        write_segments(dir, batches, u64::MAX);
+    }
+
+    /// Writes batches `0..batches`, syncing after each, in segments of `segment_bytes`.
+    fn write_segments(dir: &Path, batches: u64, segment_bytes: u64) -> ReplicaLog {
+        let mut log = ReplicaLog::open(dir, 0, LogOrigin::default(), segment_bytes).unwrap();
         for ordinal in 0..batches {
-            file.append(&batch(ordinal, &payload(ordinal)), Timestamp::now())
+            log.append(&batch(ordinal, &payload(ordinal)), Timestamp::now())
                 .unwrap();
+            if segment_bytes != u64::MAX {
+                log.sync().unwrap();
+            }
         }
-        file.sync().unwrap();
+        log.sync().unwrap();
+        log
     }
 
     /// Every batch from `reader` on below `end`, as (ordinal, global_start, payload),
@@ -351,7 +481,7 @@ mod tests {
         let read = read_all(&mut reader, 100, 5);
         assert_eq!(read.len(), 5, "batches 5.. are not durable yet");
         // A record in progress past the durable end (a torn header) is never looked at.
-        let path = replica::log_path(&dir.0, 0);
+        let path = replica::segment_path(&dir.0, 0, 0);
         let end5: usize = (0..5).map(|o| RECORD_HEADER_BYTES + payload(o).len()).sum();
         let full = std::fs::read(&path).unwrap();
         let mut torn = full.clone();
@@ -367,7 +497,7 @@ mod tests {
     fn damage_inside_the_file_is_an_error_not_the_end() {
         let dir = TempDir::new("damage");
         write_log(&dir.0, 4);
-        let path = replica::log_path(&dir.0, 0);
+        let path = replica::segment_path(&dir.0, 0, 0);
         let mut bytes = std::fs::read(&path).unwrap();
         // A payload byte of batch 1, which batches 2 and 3 follow.
         let offset = RECORD_HEADER_BYTES * 2 + payload(0).len() + 5;
@@ -399,7 +529,7 @@ mod tests {
             bytes.extend_from_slice(bytemuck::bytes_of(&header));
             bytes.extend_from_slice(&data);
         }
-        std::fs::write(replica::log_path(&dir.0, 0), &bytes).unwrap();
+        std::fs::write(replica::segment_path(&dir.0, 0, 7), &bytes).unwrap();
         assert!(matches!(
             HistoryReader::open(&dir.0, 0, 20),
             Err(HistoryError::BeforeStart {
@@ -421,5 +551,65 @@ mod tests {
         assert_eq!(reader.poll(100, 1, 10, |_| {}).unwrap(), 1);
         let two = (payload(1).len() + payload(2).len()) as u64;
         assert_eq!(reader.poll(100, two, 10, |_| {}).unwrap(), 2);
+    }
+
+    #[test]
+    fn reads_on_across_segments_from_any_position() {
+        let dir = TempDir::new("segments");
+        write_segments(&dir.0, 60, 8 << 10);
+        let segments = replica::segment_list(&dir.0, 0).unwrap();
+        assert!(segments.len() > 5, "{segments:?}");
+        for position in [0, 1, 44, 100, 179] {
+            for per_poll in [1, 7, 100] {
+                let mut reader = HistoryReader::open(&dir.0, 0, position).unwrap();
+                let read = read_all(&mut reader, per_poll, 60);
+                let first = position / 3;
+                let ordinals: Vec<u64> = read.iter().map(|r| r.0).collect();
+                assert_eq!(ordinals, (first..60).collect::<Vec<_>>(), "from {position}");
+                for (ordinal, _, bytes) in read {
+                    assert_eq!(bytes, payload(ordinal), "batch {ordinal} intact");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn retention_moves_the_start_and_a_reader_left_behind_is_told_where_it_is() {
+        let dir = TempDir::new("retention");
+        let mut log = write_segments(&dir.0, 60, 8 << 10);
+        // A reader at the start, one batch in.
+        let mut behind = HistoryReader::open(&dir.0, 0, 0).unwrap();
+        assert_eq!(behind.poll(1, u64::MAX, 60, |_| {}).unwrap(), 1);
+        let keep = HistoryRetention {
+            bytes: 20 << 10,
+            ms: 0,
+        };
+        assert!(
+            log.apply_retention(keep, std::time::SystemTime::now())
+                .unwrap()
+                > 0
+        );
+        let first = replica::segment_list(&dir.0, 0).unwrap()[0];
+        let start = first * 3;
+        assert!(matches!(
+            HistoryReader::open(&dir.0, 0, 0),
+            Err(HistoryError::BeforeStart { position: 0, start: s }) if s == start
+        ));
+        let mut reader = HistoryReader::open(&dir.0, 0, start).unwrap();
+        assert_eq!(reader.start_position(), start);
+        let ordinals: Vec<u64> = read_all(&mut reader, 5, 60).iter().map(|r| r.0).collect();
+        assert_eq!(ordinals, (first..60).collect::<Vec<_>>());
+        // The reader that was behind finishes the segment it has open, then learns that
+        // the next one is gone and where the log starts now.
+        let result = loop {
+            match behind.poll(1, u64::MAX, 60, |_| {}) {
+                Ok(1) => {}
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(result, Err(HistoryError::Deleted { start: s, .. }) if s == start),
+            "{result:?}"
+        );
     }
 }

@@ -14,16 +14,18 @@
 //! Opening a file checks every record and cuts a torn tail (a crash between append and
 //! sync), so a restarted broker resumes from its last durable record.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytemuck::{Pod, Zeroable};
 use units::Timestamp;
 
+use shared_log::HistoryRetention;
 use shared_log::coherence::SharedMemory;
-use shared_log::pool::{Pool, TopicConfig, TopicId};
+use shared_log::pool::{LogOrigin, Pool, TopicConfig, TopicId};
 use shared_log::reader::{LogReader, OrderedBatch, ReadError};
 
 /// Magic of a replica record header.
@@ -124,7 +126,12 @@ pub struct ReplicaConfig {
     pub sync_bytes: u64,
     /// Sync once the oldest pending byte is this old.
     pub sync_interval_us: u64,
+    /// A segment closes once a sync leaves it at least this long.
+    pub segment_bytes: u64,
 }
+
+/// Default size at which a replica segment closes.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 256 << 20;
 
 /// Why replication cannot go on.
 #[derive(Debug, thiserror::Error)]
@@ -178,9 +185,34 @@ fn io_error(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> R
     move |source| ReplicaError::Io { path, what, source }
 }
 
-/// Path of the replica file of `topic` in `dir`.
-pub fn log_path(dir: &Path, topic: TopicId) -> PathBuf {
-    dir.join(format!("topic-{topic}.log"))
+/// Path of the segment of `topic` in `dir` whose first batch is `first_ordinal`. The
+/// ordinal is zero-padded, so names sort in log order.
+pub fn segment_path(dir: &Path, topic: TopicId, first_ordinal: u64) -> PathBuf {
+    dir.join(format!("topic-{topic}-{first_ordinal:020}.log"))
+}
+
+/// First ordinals of the segments of `topic` in `dir`, oldest first (none when the
+/// directory does not exist).
+pub fn segment_list(dir: &Path, topic: TopicId) -> Result<Vec<u64>, std::io::Error> {
+    let prefix = format!("topic-{topic}-");
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut firsts = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let first = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".log"))
+            .filter(|digits| digits.len() == 20)
+            .and_then(|digits| digits.parse::<u64>().ok());
+        firsts.extend(first);
+    }
+    firsts.sort_unstable();
+    Ok(firsts)
 }
 
 /// Path of the description (name and settings) of `topic` in `dir`.
@@ -205,6 +237,12 @@ pub struct TopicDescription {
     /// existed hold none: 0).
     #[serde(default)]
     pub retention: u8,
+    /// Disk history kept, in bytes (0: no limit).
+    #[serde(default)]
+    pub retention_bytes: u64,
+    /// Age of disk history kept, in milliseconds (0: no limit).
+    #[serde(default)]
+    pub retention_ms: u64,
 }
 
 impl TopicDescription {
@@ -231,6 +269,10 @@ impl TopicDescription {
             ack: self.ack,
             replication_factor: self.replication_factor,
             retention: shared_log::Retention::try_from(self.retention).map_err(invalid)?,
+            history: shared_log::HistoryRetention {
+                bytes: self.retention_bytes,
+                ms: self.retention_ms,
+            },
         })
     }
 }
@@ -244,42 +286,79 @@ pub struct ReplicaRecord {
     pub payload: Vec<u8>,
 }
 
-/// Reads the valid records of a replica file from the start; stops at the first torn or
-/// damaged one. Returns the records and the byte length of the valid prefix.
-pub fn read_records(path: &Path) -> Result<(Vec<ReplicaRecord>, u64), ReplicaError> {
+/// Reads the valid records of every segment of `topic` in `dir`, oldest first; stops at
+/// the first torn or damaged one, or at a gap between segments.
+pub fn read_records(dir: &Path, topic: TopicId) -> Result<Vec<ReplicaRecord>, ReplicaError> {
     let mut records = Vec::new();
-    let valid = scan(path, |record| {
+    scan_log(dir, topic, |record| {
         records.push(record);
         Ok(())
     })?;
-    Ok((records, valid.bytes))
+    Ok(records)
 }
 
+/// What a scan found.
 #[derive(Debug, Clone, Copy, Default)]
 struct Scanned {
+    /// Bytes of the valid prefix.
     bytes: u64,
-    batches: u64,
-    next_position: u64,
+    /// Records in it.
+    records: u64,
+    /// Ordinal and position after its last record.
+    end_ordinal: u64,
+    end_position: u64,
+    /// Ordinal and position of its first record.
+    first: Option<(u64, u64)>,
 }
 
-/// Reads the file's valid prefix record by record, handing each to `f` (which may stop the
-/// scan with an error); returns what the prefix holds.
-fn scan(
-    path: &Path,
+/// Reads every segment of `topic` in `dir` oldest first, record by record, handing each to
+/// `f`; stops at the first torn or damaged record or at a gap between segments. Returns what
+/// the readable log holds (`records` counts every segment).
+fn scan_log(
+    dir: &Path,
+    topic: TopicId,
     mut f: impl FnMut(ReplicaRecord) -> Result<(), ReplicaError>,
 ) -> Result<Scanned, ReplicaError> {
+    let segments = segment_list(dir, topic).map_err(io_error(dir, "list"))?;
+    let mut log = Scanned::default();
+    for first_ordinal in segments {
+        if log.first.is_some() && first_ordinal != log.end_ordinal {
+            break;
+        }
+        let path = segment_path(dir, topic, first_ordinal);
+        let segment = scan(&path, first_ordinal, &mut f)?;
+        let Some(first) = segment.first else { break };
+        log.first.get_or_insert(first);
+        log.bytes += segment.bytes;
+        log.records += segment.records;
+        log.end_ordinal = segment.end_ordinal;
+        log.end_position = segment.end_position;
+    }
+    Ok(log)
+}
+
+/// Reads one segment's valid prefix record by record from `first_ordinal`, handing each to
+/// `f` (which may stop the scan with an error); returns what the prefix holds.
+fn scan(
+    path: &Path,
+    first_ordinal: u64,
+    mut f: impl FnMut(ReplicaRecord) -> Result<(), ReplicaError>,
+) -> Result<Scanned, ReplicaError> {
+    let mut scanned = Scanned {
+        end_ordinal: first_ordinal,
+        ..Scanned::default()
+    };
     let mut file = match File::open(path) {
         Ok(file) => std::io::BufReader::new(file),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Scanned::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(scanned),
         Err(e) => return Err(io_error(path, "open")(e)),
     };
-    let mut scanned = Scanned::default();
     loop {
         let mut header = RecordHeader::zeroed();
         if read_full(&mut file, bytemuck::bytes_of_mut(&mut header), path)? {
             break;
         }
-        if !header.is_valid() || header.ordinal != scanned.batches {
+        if !header.is_valid() || header.ordinal != scanned.end_ordinal {
             break;
         }
         let mut payload = vec![0; header.payload_bytes as usize];
@@ -288,8 +367,12 @@ fn scan(
             break;
         }
         scanned.bytes += (RECORD_HEADER_BYTES + payload.len()) as u64;
-        scanned.batches += 1;
-        scanned.next_position = header.global_start + u64::from(header.message_count);
+        scanned.records += 1;
+        scanned
+            .first
+            .get_or_insert((header.ordinal, header.global_start));
+        scanned.end_ordinal = header.ordinal + 1;
+        scanned.end_position = header.global_start + u64::from(header.message_count);
         f(ReplicaRecord { header, payload })?;
     }
     Ok(scanned)
@@ -304,6 +387,27 @@ fn read_full(file: &mut impl Read, buf: &mut [u8], path: &Path) -> Result<bool, 
     }
 }
 
+/// The first record header of the segment at `path`, when it holds a valid one.
+pub(crate) fn first_header(path: &Path) -> Result<Option<RecordHeader>, std::io::Error> {
+    use std::os::unix::fs::FileExt;
+
+    let file = File::open(path)?;
+    let mut header = RecordHeader::zeroed();
+    match file.read_exact_at(bytemuck::bytes_of_mut(&mut header), 0) {
+        Ok(()) => Ok(header.is_valid().then_some(header)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes the directory's entries durable (a created segment must not vanish with a crash
+/// once its records are acknowledged).
+fn sync_dir(dir: &Path) -> Result<(), ReplicaError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir, "sync directory"))
+}
+
 /// Block size of direct I/O: offsets, lengths and buffers of `O_DIRECT` writes align to it.
 const BLOCK_BYTES: usize = 4096;
 
@@ -312,24 +416,46 @@ const BLOCK_BYTES: usize = 4096;
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Block([u8; BLOCK_BYTES]);
 
-/// An append-only replica file of one topic.
+/// A segment no longer written.
+#[derive(Debug, Clone)]
+struct ClosedSegment {
+    first_ordinal: u64,
+    bytes: u64,
+    /// When it was last written (retention by age counts from there).
+    written: SystemTime,
+}
+
+/// The segment being written: created on disk by the first sync that has records for it.
+struct ActiveSegment {
+    first_ordinal: u64,
+    file: Option<File>,
+}
+
+/// The append-only replica log of one topic: segment files of about `segment_bytes` each,
+/// named by their first batch's ordinal, the last one written.
 ///
-/// Records go to a block-aligned buffer that starts at the file's last partial block; a sync
-/// writes the buffer's blocks in place with one `O_DIRECT` write (the page cache copy cost
-/// more CPU than anything else on the replica path) and then `fdatasync`s. The last block is
-/// zero-padded on disk; the padding is cut when the file is opened again. Where the file
-/// system refuses `O_DIRECT` (tmpfs), the same writes go through the page cache.
-pub struct ReplicaFile {
-    path: PathBuf,
-    file: File,
-    /// Records in the file (durable or pending).
-    batches: u64,
+/// Records go to a block-aligned buffer that starts at the active segment's last partial
+/// block; a sync writes the buffer's blocks in place with one `O_DIRECT` write (the page
+/// cache copy cost more CPU than anything else on the replica path) and then `fdatasync`s.
+/// The last block is zero-padded on disk; the padding is cut when the segment closes or is
+/// opened again. Where the file system refuses `O_DIRECT` (tmpfs), the same writes go
+/// through the page cache. A sync that leaves the active segment at `segment_bytes` or more
+/// closes it; the next records start a new one. Retention deletes closed segments only,
+/// oldest first.
+pub struct ReplicaLog {
+    dir: PathBuf,
+    topic: TopicId,
+    segment_bytes: u64,
+    closed: VecDeque<ClosedSegment>,
+    active: ActiveSegment,
+    /// Ordinal and position after the last record (durable or pending).
+    next_ordinal: u64,
     next_position: u64,
-    /// Records and positions known durable.
-    durable_batches: u64,
+    /// Ordinal and position after the last durable record.
+    durable_ordinal: u64,
     durable_position: u64,
-    /// The file's bytes from `buffer_offset` on: its last partial block, then what is
-    /// pending; zero beyond `buffer_len`.
+    /// The active segment's bytes from `buffer_offset` on: its last partial block, then what
+    /// is pending; zero beyond `buffer_len`.
     buffer: Vec<Block>,
     buffer_offset: u64,
     buffer_len: usize,
@@ -338,47 +464,91 @@ pub struct ReplicaFile {
     direct: bool,
 }
 
-impl std::fmt::Debug for ReplicaFile {
+impl std::fmt::Debug for ReplicaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaFile")
-            .field("path", &self.path)
-            .field("batches", &self.batches)
-            .field("durable_batches", &self.durable_batches)
+        f.debug_struct("ReplicaLog")
+            .field("dir", &self.dir)
+            .field("topic", &self.topic)
+            .field("segments", &(self.closed.len() + 1))
+            .field("next_ordinal", &self.next_ordinal)
+            .field("durable_ordinal", &self.durable_ordinal)
             .field("pending_bytes", &self.pending_bytes)
             .field("direct", &self.direct)
             .finish()
     }
 }
 
-impl ReplicaFile {
-    /// Opens (or creates) the file of `topic` in `dir`, keeping its valid prefix and
-    /// cutting anything after it.
-    pub fn open(dir: &Path, topic: TopicId) -> Result<ReplicaFile, ReplicaError> {
-        use std::os::unix::fs::{FileExt, OpenOptionsExt};
-
+impl ReplicaLog {
+    /// Opens (or starts, at `origin`) the log of `topic` in `dir`: keeps the valid prefix of
+    /// its last segment and cuts anything after it. An empty last segment (created by a sync
+    /// that a crash cut short) is removed. Segments close at `segment_bytes`.
+    pub fn open(
+        dir: &Path,
+        topic: TopicId,
+        origin: LogOrigin,
+        segment_bytes: u64,
+    ) -> Result<ReplicaLog, ReplicaError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir, "create directory"))?;
-        let path = log_path(dir, topic);
-        let scanned = scan(&path, |_| Ok(()))?;
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .custom_flags(flags)
-                .open(&path)
+        let mut segments = segment_list(dir, topic).map_err(io_error(dir, "list"))?;
+        let mut log = ReplicaLog {
+            dir: dir.to_owned(),
+            topic,
+            segment_bytes: segment_bytes.max(1),
+            closed: VecDeque::new(),
+            active: ActiveSegment {
+                first_ordinal: origin.ordinal,
+                file: None,
+            },
+            next_ordinal: origin.ordinal,
+            next_position: origin.position,
+            durable_ordinal: origin.ordinal,
+            durable_position: origin.position,
+            buffer: vec![Block([0; BLOCK_BYTES])],
+            buffer_offset: 0,
+            buffer_len: 0,
+            pending_bytes: 0,
+            pending_since: None,
+            direct: true,
         };
-        let (file, direct) = match open(libc::O_DIRECT) {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                log::info!(
-                    "replica {}: the file system refuses O_DIRECT; writing through the page cache",
-                    path.display()
-                );
-                (open(0).map_err(io_error(&path, "open"))?, false)
+        // The last segment with a valid record is the one written; empty ones after it held
+        // nothing durable.
+        let last = loop {
+            let Some(&first_ordinal) = segments.last() else {
+                break None;
+            };
+            let path = segment_path(dir, topic, first_ordinal);
+            let scanned = scan(&path, first_ordinal, |_| Ok(()))?;
+            if scanned.records > 0 {
+                break Some((first_ordinal, scanned));
             }
-            Err(e) => return Err(io_error(&path, "open")(e)),
+            log::info!(
+                "replica {}: removing a segment without a complete record",
+                path.display()
+            );
+            std::fs::remove_file(&path).map_err(io_error(&path, "remove"))?;
+            sync_dir(dir)?;
+            segments.pop();
         };
+        let Some((first_ordinal, scanned)) = last else {
+            return Ok(log);
+        };
+        segments.pop();
+        for &first in &segments {
+            let path = segment_path(dir, topic, first);
+            let metadata = std::fs::metadata(&path).map_err(io_error(&path, "stat"))?;
+            log.closed.push_back(ClosedSegment {
+                first_ordinal: first,
+                bytes: metadata.len(),
+                written: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        log.next_ordinal = scanned.end_ordinal;
+        log.next_position = scanned.end_position;
+        log.durable_ordinal = scanned.end_ordinal;
+        log.durable_position = scanned.end_position;
+        log.active.first_ordinal = first_ordinal;
+        let path = segment_path(dir, topic, first_ordinal);
+        let file = log.open_segment(&path)?;
         let len = file.metadata().map_err(io_error(&path, "stat"))?.len();
         if len != scanned.bytes {
             log::info!(
@@ -386,48 +556,79 @@ impl ReplicaFile {
                  padding, or a write a crash tore",
                 path.display(),
                 len - scanned.bytes,
-                scanned.batches
+                scanned.end_ordinal
             );
             file.set_len(scanned.bytes)
                 .map_err(io_error(&path, "truncate"))?;
             file.sync_data().map_err(io_error(&path, "fdatasync"))?;
         }
-        let buffer_offset = scanned.bytes - scanned.bytes % BLOCK_BYTES as u64;
-        let buffer_len = (scanned.bytes - buffer_offset) as usize;
-        let mut replica = ReplicaFile {
-            path,
-            file,
-            batches: scanned.batches,
-            next_position: scanned.next_position,
-            durable_batches: scanned.batches,
-            durable_position: scanned.next_position,
-            buffer: vec![Block([0; BLOCK_BYTES])],
-            buffer_offset,
-            buffer_len,
-            pending_bytes: 0,
-            pending_since: None,
-            direct,
-        };
-        if buffer_len > 0 {
+        log.active.file = Some(file);
+        log.buffer_offset = scanned.bytes - scanned.bytes % BLOCK_BYTES as u64;
+        log.buffer_len = (scanned.bytes - log.buffer_offset) as usize;
+        if log.buffer_len > 0 {
+            use std::os::unix::fs::FileExt;
             // The partial last block is read back through the page cache (a plain handle):
             // it is written again, whole, with the next records.
-            let plain = File::open(&replica.path).map_err(io_error(&replica.path, "open"))?;
-            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut replica.buffer);
+            let plain = File::open(&path).map_err(io_error(&path, "open"))?;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut log.buffer);
             plain
-                .read_exact_at(&mut bytes[..buffer_len], buffer_offset)
-                .map_err(io_error(&replica.path, "read"))?;
+                .read_exact_at(&mut bytes[..log.buffer_len], log.buffer_offset)
+                .map_err(io_error(&path, "read"))?;
         }
-        Ok(replica)
+        Ok(log)
     }
 
-    /// Batches in the file, durable or not.
-    pub fn batches(&self) -> u64 {
-        self.batches
+    /// Opens (creating) a segment file for writing, with `O_DIRECT` where the file system
+    /// takes it.
+    fn open_segment(&mut self, path: &Path) -> Result<File, ReplicaError> {
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .custom_flags(flags)
+                .open(path)
+        };
+        if self.direct {
+            match open(libc::O_DIRECT) {
+                Ok(file) => return Ok(file),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    log::info!(
+                        "replica {}: the file system refuses O_DIRECT; writing through the \
+                         page cache",
+                        path.display()
+                    );
+                    self.direct = false;
+                }
+                Err(e) => return Err(io_error(path, "open")(e)),
+            }
+        }
+        open(0).map_err(io_error(path, "open"))
     }
 
-    /// (batches, next position) known durable.
+    /// Ordinal of the next batch it takes (batches before it are in the log, or were).
+    pub fn next_ordinal(&self) -> u64 {
+        self.next_ordinal
+    }
+
+    /// (ordinal, position) after the last durable record.
     pub fn durable(&self) -> (u64, u64) {
-        (self.durable_batches, self.durable_position)
+        (self.durable_ordinal, self.durable_position)
+    }
+
+    /// Segments on disk or about to be (closed ones and the active one).
+    pub fn segments(&self) -> usize {
+        self.closed.len() + 1
+    }
+
+    /// Bytes of the log: closed segments and the active one, pending bytes included.
+    pub fn bytes(&self) -> u64 {
+        self.closed.iter().map(|s| s.bytes).sum::<u64>()
+            + self.buffer_offset
+            + self.buffer_len as u64
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -444,21 +645,21 @@ impl ReplicaFile {
 
     /// Appends one batch (it must be the next ordinal) to the pending bytes.
     pub fn append(&mut self, batch: &OrderedBatch<'_>, now: Timestamp) -> Result<(), ReplicaError> {
-        if batch.ordinal != self.batches || batch.global_start != self.next_position {
+        if batch.ordinal != self.next_ordinal || batch.global_start != self.next_position {
             return Err(ReplicaError::Diverged {
-                path: self.path.clone(),
+                path: segment_path(&self.dir, self.topic, self.active.first_ordinal),
                 ordinal: batch.ordinal,
                 what: format!(
-                    "the file continues at batch {} position {}, the pool offers batch {} \
+                    "the log continues at batch {} position {}, the pool offers batch {} \
                      position {}",
-                    self.batches, self.next_position, batch.ordinal, batch.global_start
+                    self.next_ordinal, self.next_position, batch.ordinal, batch.global_start
                 ),
             });
         }
         let header = RecordHeader::for_batch(batch);
         self.push(bytemuck::bytes_of(&header));
         self.push(batch.payload);
-        self.batches += 1;
+        self.next_ordinal = batch.ordinal + 1;
         self.next_position = batch.global_start + u64::from(batch.message_count);
         self.pending_since.get_or_insert(now);
         Ok(())
@@ -479,21 +680,51 @@ impl ReplicaFile {
     }
 
     /// Writes the pending bytes (whole blocks, in place) and makes them durable
-    /// (`fdatasync`: the file's size changed, and the device may cache writes).
+    /// (`fdatasync`: the file's size changed, and the device may cache writes); then closes
+    /// the active segment if it reached `segment_bytes`.
     pub fn sync(&mut self) -> Result<(), ReplicaError> {
         use std::os::unix::fs::FileExt;
 
         if self.pending_bytes == 0 {
             return Ok(());
         }
+        let path = segment_path(&self.dir, self.topic, self.active.first_ordinal);
+        if self.active.file.is_none() {
+            let file = self.open_segment(&path)?;
+            sync_dir(&self.dir)?;
+            self.active.file = Some(file);
+        }
+        let file = self.active.file.as_ref().expect("opened above");
         let blocks = self.buffer_len.div_ceil(BLOCK_BYTES);
         let bytes: &[u8] = bytemuck::cast_slice(&self.buffer[..blocks]);
-        self.file
-            .write_all_at(bytes, self.buffer_offset)
-            .map_err(io_error(&self.path, "write"))?;
-        self.file
-            .sync_data()
-            .map_err(io_error(&self.path, "fdatasync"))?;
+        file.write_all_at(bytes, self.buffer_offset)
+            .map_err(io_error(&path, "write"))?;
+        file.sync_data().map_err(io_error(&path, "fdatasync"))?;
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        self.durable_ordinal = self.next_ordinal;
+        self.durable_position = self.next_position;
+        let segment_end = self.buffer_offset + self.buffer_len as u64;
+        if segment_end >= self.segment_bytes {
+            // Closed: the padding goes (it is never read: readers move on by ordinal), and
+            // the next records start a new segment at block 0.
+            file.set_len(segment_end)
+                .map_err(io_error(&path, "truncate"))?;
+            self.closed.push_back(ClosedSegment {
+                first_ordinal: self.active.first_ordinal,
+                bytes: segment_end,
+                written: SystemTime::now(),
+            });
+            self.active = ActiveSegment {
+                first_ordinal: self.next_ordinal,
+                file: None,
+            };
+            self.buffer.truncate(1);
+            self.buffer[0].0.fill(0);
+            self.buffer_offset = 0;
+            self.buffer_len = 0;
+            return Ok(());
+        }
         // Keep the last partial block (rewritten with the next records), zero the rest.
         let whole = self.buffer_len / BLOCK_BYTES;
         self.buffer.copy_within(whole..blocks, 0);
@@ -502,21 +733,56 @@ impl ReplicaFile {
         self.buffer[0].0[tail..].fill(0);
         self.buffer_offset += (whole * BLOCK_BYTES) as u64;
         self.buffer_len = tail;
-        self.pending_bytes = 0;
-        self.pending_since = None;
-        self.durable_batches = self.batches;
-        self.durable_position = self.next_position;
         Ok(())
+    }
+
+    /// Deletes the oldest closed segments that `retention` no longer keeps at `now`: while
+    /// the rest of the log still holds `retention.bytes`, or once a segment's last write is
+    /// `retention.ms` old. The active segment always stays. Returns the segments deleted.
+    pub fn apply_retention(
+        &mut self,
+        retention: HistoryRetention,
+        now: SystemTime,
+    ) -> Result<usize, ReplicaError> {
+        let mut total = self.bytes();
+        let mut deleted = 0;
+        while let Some(oldest) = self.closed.front() {
+            let over_bytes = retention.bytes > 0 && total - oldest.bytes >= retention.bytes;
+            let over_age = retention.ms > 0
+                && now
+                    .duration_since(oldest.written)
+                    .is_ok_and(|age| age >= Duration::from_millis(retention.ms));
+            if !over_bytes && !over_age {
+                break;
+            }
+            let path = segment_path(&self.dir, self.topic, oldest.first_ordinal);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&path, "delete")(e)),
+            }
+            total -= oldest.bytes;
+            deleted += 1;
+            self.closed.pop_front();
+        }
+        Ok(deleted)
     }
 }
 
 struct TopicReplica<M> {
     topic: TopicId,
     reader: LogReader<M>,
-    file: ReplicaFile,
+    log: ReplicaLog,
+    /// How much history it keeps.
+    history: HistoryRetention,
+    /// When retention was last applied.
+    retention_checked: Option<Timestamp>,
     /// Its frontier is published (and holds retention).
     holding: bool,
 }
+
+/// How often retention by age is checked on a topic whose segments do not roll.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Copies every replicated topic of the pool to this broker's files. Run
 /// [`Replicator::poll`] in a loop (its own thread).
@@ -575,27 +841,36 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 ack: config.ack,
                 replication_factor: config.replication_factor,
                 retention: config.retention as u8,
+                retention_bytes: config.history.bytes,
+                retention_ms: config.history.ms,
             };
             let meta = meta_path(&self.config.dir, topic);
             let text = toml::to_string(&description).expect("a description serializes");
             std::fs::write(&meta, text).map_err(io_error(&meta, "write"))?;
-            let file = ReplicaFile::open(&self.config.dir, topic)?;
+            let origin = self
+                .pool
+                .topic_origin(topic)
+                .map_err(|e| meta_error(&meta, e.to_string()))?;
+            let log = ReplicaLog::open(&self.config.dir, topic, origin, self.config.segment_bytes)?;
             let mut reader = LogReader::new(self.pool.clone(), topic, true)
                 .map_err(|source| ReplicaError::Read { topic, source })?;
-            reader.set_next_ordinal(file.batches());
+            reader.set_next_ordinal(log.next_ordinal());
             log::info!(
-                "broker {}: replicating topic {topic} ({:?}) to {} from batch {}",
+                "broker {}: replicating topic {topic} ({:?}) to {} from batch {} ({} segments)",
                 self.broker,
                 description.name,
-                file.path.display(),
-                file.batches()
+                self.config.dir.display(),
+                log.next_ordinal(),
+                log.segments()
             );
             // It holds retention only once it has read from the pool: a replica that comes
             // back after its next batch was reclaimed must not pin the log where it is.
             self.topics.push(TopicReplica {
                 topic,
                 reader,
-                file,
+                log,
+                history: config.history,
+                retention_checked: None,
                 holding: false,
             });
         }
@@ -603,9 +878,9 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     }
 
     fn publish(&self, replica: &TopicReplica<M>, heartbeat: u64) {
-        let (batches, position) = replica.file.durable();
+        let (ordinal, position) = replica.log.durable();
         self.pool
-            .publish_replicated(replica.topic, self.broker, batches + 1, position, heartbeat);
+            .publish_replicated(replica.topic, self.broker, ordinal + 1, position, heartbeat);
         self.pool.mem().fence();
     }
 
@@ -626,11 +901,11 @@ impl<M: SharedMemory + Clone> Replicator<M> {
             let room = self
                 .config
                 .sync_bytes
-                .saturating_sub(replica.file.pending_bytes());
+                .saturating_sub(replica.log.pending_bytes());
             let batches = if room == 0 { 0 } else { BATCHES_PER_POLL_MAX };
             let result = replica.reader.poll(batches, |batch| {
                 if failed.is_none()
-                    && let Err(e) = replica.file.append(batch, now)
+                    && let Err(e) = replica.log.append(batch, now)
                 {
                     failed = Some(e);
                 }
@@ -650,9 +925,25 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                     });
                 }
             }
-            let synced = replica.file.sync_due(&self.config, now);
+            let synced = replica.log.sync_due(&self.config, now);
             if synced {
-                replica.file.sync()?;
+                replica.log.sync()?;
+            }
+            let retention_due = replica.retention_checked.is_none_or(|checked| {
+                now.saturating_duration_since(checked) >= RETENTION_CHECK_INTERVAL
+            });
+            if (synced || retention_due) && replica.history != HistoryRetention::UNLIMITED {
+                replica.retention_checked = Some(now);
+                let deleted = replica
+                    .log
+                    .apply_retention(replica.history, SystemTime::now())?;
+                if deleted > 0 {
+                    log::info!(
+                        "broker {}: topic {}: retention deleted {deleted} segments",
+                        self.broker,
+                        replica.topic
+                    );
+                }
             }
             if synced || beat || !replica.holding {
                 replica.holding = true;
@@ -665,7 +956,7 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     /// Syncs everything pending (on a clean stop) and releases retention.
     pub fn stop(&mut self) -> Result<(), ReplicaError> {
         for replica in &mut self.topics {
-            replica.file.sync()?;
+            replica.log.sync()?;
         }
         self.release();
         Ok(())
@@ -675,7 +966,7 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     /// an error, and on a clean stop); what is durable keeps counting for ack level 2.
     pub fn release(&mut self) {
         for replica in &mut self.topics {
-            let (_, position) = replica.file.durable();
+            let (_, position) = replica.log.durable();
             self.pool
                 .publish_replicated(replica.topic, self.broker, 0, position, 0);
             replica.holding = false;
@@ -684,19 +975,36 @@ impl<M: SharedMemory + Clone> Replicator<M> {
     }
 }
 
+/// One topic [`restore`] rebuilt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredTopic {
+    /// Its name.
+    pub name: String,
+    /// Where its log begins (past 0 when retention had deleted its oldest segments).
+    pub origin: LogOrigin,
+    /// Ordinal and position after its last batch.
+    pub end_ordinal: u64,
+    /// Position after its last message.
+    pub end_position: u64,
+    /// The replica directory it came from.
+    pub dir: PathBuf,
+}
+
 /// What [`restore`] rebuilt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Restored {
-    /// Per topic: name, batches, messages, and the replica file they came from.
-    pub topics: Vec<(String, u64, u64, PathBuf)>,
+    /// Every topic described in the directories.
+    pub topics: Vec<RestoredTopic>,
 }
 
 /// Rebuilds a lost pool's log from replica files: for every topic described in `dirs`, the
-/// longest replica (every batch acknowledged at level 2 is in it) is written back through
-/// the ring of the broker that first took each batch and ordered again, by a sequencer on
-/// broker `head` that never holds a gap open, so every batch gets the position it had. The pool must be freshly formatted and no other
-/// broker attached yet. The files used are moved aside (`DIR/restored-<ns>/`), because the
-/// rebuilt pool's replicas start over from its first batch.
+/// replica that reaches furthest (every batch acknowledged at level 2 is in it) is written
+/// back through the ring of the broker that first took each batch and ordered again, by a
+/// sequencer on broker `head` that never holds a gap open, so every batch gets the position
+/// it had. A replica whose oldest segments retention deleted gives a topic that begins where
+/// its first segment does. The pool must be freshly formatted and no other broker attached
+/// yet. The files used are moved aside (`DIR/restored-<ns>/`), because the rebuilt pool's
+/// replicas start over.
 pub fn restore<M: SharedMemory + Clone>(
     pool: &Pool<M>,
     head: u16,
@@ -705,6 +1013,8 @@ pub fn restore<M: SharedMemory + Clone>(
     use shared_log::sequencer::{Sequencer, SequencerConfig};
     use shared_log::writer::{AppendError, BatchMeta, TopicWriter};
 
+    // Per topic: its description, the directory of the replica that reaches furthest, and
+    // where that replica ends.
     let mut descriptions: Vec<(TopicDescription, PathBuf, u64)> = Vec::new();
     for dir in dirs {
         let entries = std::fs::read_dir(dir).map_err(io_error(dir, "list"))?;
@@ -714,15 +1024,14 @@ pub fn restore<M: SharedMemory + Clone>(
                 continue;
             }
             let description = TopicDescription::load(&path)?;
-            let log = log_path(dir, description.id);
-            let batches = scan(&log, |_| Ok(()))?.batches;
+            let end = replica_end(dir, description.id)?;
             match descriptions
                 .iter_mut()
                 .find(|(d, ..)| d.id == description.id)
             {
-                Some(best) if best.2 >= batches => {}
-                Some(best) => *best = (description, log, batches),
-                None => descriptions.push((description, log, batches)),
+                Some(best) if best.2 >= end => {}
+                Some(best) => *best = (description, dir.clone(), end),
+                None => descriptions.push((description, dir.clone(), end)),
             }
         }
     }
@@ -734,9 +1043,24 @@ pub fn restore<M: SharedMemory + Clone>(
     let mut sequencer = Sequencer::new(pool.clone(), head, 1, config)
         .map_err(|e| meta_error(Path::new("(pool)"), e.to_string()))?;
     let mut restored = Restored { topics: Vec::new() };
-    for (description, log, _) in &descriptions {
+    for (description, dir, _) in &descriptions {
+        let log = &meta_path(dir, description.id);
+        let origin = match segment_list(dir, description.id)
+            .map_err(io_error(dir, "list"))?
+            .first()
+        {
+            Some(&first) => match first_header(&segment_path(dir, description.id, first)) {
+                Ok(Some(header)) => LogOrigin {
+                    ordinal: header.ordinal,
+                    position: header.global_start,
+                },
+                Ok(None) => LogOrigin::default(),
+                Err(e) => return Err(io_error(dir, "read")(e)),
+            },
+            None => LogOrigin::default(),
+        };
         let topic = pool
-            .create_topic(&description.name, description.config()?)
+            .create_topic_from(&description.name, description.config()?, origin)
             .map_err(|e| meta_error(log, e.to_string()))?;
         // Each batch goes back to the ring of the broker that first took it, so the rebuilt
         // log spreads over the payload logs as the original did; those brokers pick their
@@ -755,7 +1079,7 @@ pub fn restore<M: SharedMemory + Clone>(
         // Streamed: the log may be far larger than memory. The sequencer's clock counts
         // appends.
         let mut now = Timestamp::ZERO;
-        let scanned = scan(log, |record| {
+        let scanned = scan_log(dir, description.id, |record| {
             let meta = BatchMeta {
                 client_id: record.header.client_id,
                 session_epoch: record.header.session_epoch,
@@ -780,7 +1104,7 @@ pub fn restore<M: SharedMemory + Clone>(
             writer.poll_completions(usize::MAX, |outcome| placed = outcome.global_start);
             if placed != Some(record.header.global_start) {
                 return Err(ReplicaError::Diverged {
-                    path: log.clone(),
+                    path: segment_path(dir, description.id, record.header.ordinal),
                     ordinal: record.header.ordinal,
                     what: format!(
                         "batch placed at {placed:?} on restore, the replica says {}",
@@ -790,12 +1114,13 @@ pub fn restore<M: SharedMemory + Clone>(
             }
             Ok(())
         })?;
-        restored.topics.push((
-            description.name.clone(),
-            scanned.batches,
-            scanned.next_position,
-            log.clone(),
-        ));
+        restored.topics.push(RestoredTopic {
+            name: description.name.clone(),
+            origin,
+            end_ordinal: scanned.end_ordinal.max(origin.ordinal),
+            end_position: scanned.end_position.max(origin.position),
+            dir: dir.clone(),
+        });
     }
     drop(sequencer);
     pool.reset_lease();
@@ -818,6 +1143,15 @@ pub fn restore<M: SharedMemory + Clone>(
         }
     }
     Ok(restored)
+}
+
+/// Ordinal after the last readable batch of the replica of `topic` in `dir` (0 when empty).
+fn replica_end(dir: &Path, topic: TopicId) -> Result<u64, ReplicaError> {
+    let segments = segment_list(dir, topic).map_err(io_error(dir, "list"))?;
+    let Some(&last) = segments.last() else {
+        return Ok(0);
+    };
+    Ok(scan(&segment_path(dir, topic, last), last, |_| Ok(()))?.end_ordinal)
 }
 
 fn meta_error(path: &Path, what: String) -> ReplicaError {
@@ -853,10 +1187,35 @@ mod tests {
             .collect()
     }
 
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir()
+                .join(format!("embarcadero-replica-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn open(dir: &Path, segment_bytes: u64) -> ReplicaLog {
+        ReplicaLog::open(dir, 0, LogOrigin::default(), segment_bytes).unwrap()
+    }
+
+    fn payloads_of(records: Vec<ReplicaRecord>) -> Vec<Vec<u8>> {
+        records.into_iter().map(|r| r.payload).collect()
+    }
+
     #[test]
     fn records_survive_syncs_reopens_and_a_torn_tail_across_block_boundaries() {
-        let dir = std::env::temp_dir().join(format!("embarcadero-replica-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = TempDir::new("torn");
+        let dir = &dir.0;
         let now = Timestamp::now();
         // Sizes that straddle 4 KiB blocks, synced at odd points, reopened in between.
         let sizes = [100usize, 5000, 4032, 1, 9000, 4096, 333];
@@ -865,34 +1224,143 @@ mod tests {
             .enumerate()
             .map(|(i, &n)| payload(i as u64, n))
             .collect();
-        let mut file = ReplicaFile::open(&dir, 0).unwrap();
+        let mut log = open(dir, u64::MAX);
         for (i, data) in payloads.iter().enumerate().take(3) {
-            file.append(&batch(i as u64, data), now).unwrap();
+            log.append(&batch(i as u64, data), now).unwrap();
         }
-        file.sync().unwrap();
-        file.append(&batch(3, &payloads[3]), now).unwrap();
-        file.sync().unwrap();
-        assert_eq!(file.durable(), (4, 8));
-        drop(file);
-        let mut file = ReplicaFile::open(&dir, 0).unwrap();
-        assert_eq!(file.batches(), 4);
+        log.sync().unwrap();
+        log.append(&batch(3, &payloads[3]), now).unwrap();
+        log.sync().unwrap();
+        assert_eq!(log.durable(), (4, 8));
+        drop(log);
+        let mut log = open(dir, u64::MAX);
+        assert_eq!(log.next_ordinal(), 4);
         for (i, data) in payloads.iter().enumerate().skip(4) {
-            file.append(&batch(i as u64, data), now).unwrap();
-            file.sync().unwrap();
+            log.append(&batch(i as u64, data), now).unwrap();
+            log.sync().unwrap();
         }
         // An append that was never synced is not durable and not in the file.
-        file.append(&batch(7, b"lost"), now).unwrap();
-        drop(file);
+        log.append(&batch(7, b"lost"), now).unwrap();
+        drop(log);
         // A torn write after the last record is cut on open.
-        let path = log_path(&dir, 0);
+        let path = segment_path(dir, 0, 0);
         let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
         std::io::Write::write_all(&mut raw, &[0xEE; 100]).unwrap();
         drop(raw);
-        let file = ReplicaFile::open(&dir, 0).unwrap();
-        assert_eq!(file.batches(), 7);
-        let (records, _) = read_records(&path).unwrap();
-        let read: Vec<Vec<u8>> = records.into_iter().map(|r| r.payload).collect();
-        assert_eq!(read, payloads, "every synced record, bytes intact");
-        let _ = std::fs::remove_dir_all(&dir);
+        let log = open(dir, u64::MAX);
+        assert_eq!(log.next_ordinal(), 7);
+        assert_eq!(log.segments(), 1);
+        assert_eq!(
+            payloads_of(read_records(dir, 0).unwrap()),
+            payloads,
+            "every synced record, bytes intact"
+        );
+    }
+
+    #[test]
+    fn segments_close_at_their_size_and_the_log_reads_on_across_them() {
+        let dir = TempDir::new("segments");
+        let dir = &dir.0;
+        let now = Timestamp::now();
+        let payloads: Vec<Vec<u8>> = (0..40).map(|i| payload(i, 700 + i as usize * 13)).collect();
+        let mut log = open(dir, 8 << 10);
+        for (i, data) in payloads.iter().enumerate() {
+            log.append(&batch(i as u64, data), now).unwrap();
+            if i % 3 == 2 {
+                log.sync().unwrap();
+            }
+        }
+        log.sync().unwrap();
+        let segments = segment_list(dir, 0).unwrap();
+        assert!(segments.len() >= 3, "{segments:?}");
+        assert_eq!(segments[0], 0);
+        // Each closed segment begins with the batch after the previous one's last, and its
+        // padding was cut.
+        for pair in segments.windows(2) {
+            let path = segment_path(dir, 0, pair[0]);
+            let scanned = scan(&path, pair[0], |_| Ok(())).unwrap();
+            assert_eq!(scanned.end_ordinal, pair[1]);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), scanned.bytes);
+        }
+        drop(log);
+        // A crash right after a new segment was created leaves it empty: removed on open.
+        let empty = segment_path(dir, 0, 40);
+        File::create(&empty).unwrap();
+        let mut log = open(dir, 8 << 10);
+        assert!(!empty.exists());
+        assert_eq!(log.durable(), (40, 80));
+        assert_eq!(log.segments(), segments.len());
+        log.append(&batch(40, b"more"), now).unwrap();
+        log.sync().unwrap();
+        let mut all = payloads.clone();
+        all.push(b"more".to_vec());
+        assert_eq!(payloads_of(read_records(dir, 0).unwrap()), all);
+    }
+
+    #[test]
+    fn retention_deletes_the_oldest_closed_segments_by_size_and_by_age() {
+        let dir = TempDir::new("retention");
+        let dir = &dir.0;
+        let now = Timestamp::now();
+        let mut log = open(dir, 4096);
+        for i in 0..20 {
+            // Each batch fills a segment of its own (64 + 4032 bytes).
+            log.append(&batch(i, &payload(i, 4032)), now).unwrap();
+            log.sync().unwrap();
+        }
+        assert_eq!(log.segments(), 21, "20 closed and an empty active one");
+        let keep = |bytes| HistoryRetention { bytes, ms: 0 };
+        // Keeps at least 10 segments' bytes.
+        assert_eq!(
+            log.apply_retention(keep(10 * 4096), SystemTime::now())
+                .unwrap(),
+            10
+        );
+        assert_eq!(segment_list(dir, 0).unwrap(), (10..20).collect::<Vec<_>>());
+        assert_eq!(
+            log.apply_retention(keep(10 * 4096), SystemTime::now())
+                .unwrap(),
+            0
+        );
+        // Unlimited keeps everything; age deletes every closed segment, never the active.
+        assert_eq!(
+            log.apply_retention(HistoryRetention::UNLIMITED, SystemTime::now())
+                .unwrap(),
+            0
+        );
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        let by_age = HistoryRetention { bytes: 0, ms: 1000 };
+        assert_eq!(log.apply_retention(by_age, later).unwrap(), 10);
+        log.append(&batch(20, b"next"), now).unwrap();
+        log.sync().unwrap();
+        assert_eq!(segment_list(dir, 0).unwrap(), [20]);
+        drop(log);
+        // Reopened, the log goes on where it was and its start is where retention left it.
+        let log = open(dir, 4096);
+        assert_eq!(log.durable(), (21, 42));
+        let records = read_records(dir, 0).unwrap();
+        assert_eq!(records[0].header.ordinal, 20);
+    }
+
+    #[test]
+    fn a_log_started_at_an_origin_takes_batches_from_there() {
+        let dir = TempDir::new("origin");
+        let dir = &dir.0;
+        let origin = LogOrigin {
+            ordinal: 100,
+            position: 200,
+        };
+        let mut log = ReplicaLog::open(dir, 0, origin, u64::MAX).unwrap();
+        assert!(log.append(&batch(0, b"first"), Timestamp::now()).is_err());
+        log.append(&batch(100, b"first"), Timestamp::now()).unwrap();
+        log.sync().unwrap();
+        assert_eq!(segment_list(dir, 0).unwrap(), [100]);
+        drop(log);
+        let log = ReplicaLog::open(dir, 0, LogOrigin::default(), u64::MAX).unwrap();
+        assert_eq!(
+            log.durable(),
+            (101, 202),
+            "the files, not the origin, say where it is"
+        );
     }
 }

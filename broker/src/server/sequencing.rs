@@ -149,6 +149,7 @@ mod tests {
             ack: 1,
             replication_factor: 1,
             retention: Retention::StallLimited,
+            history: shared_log::HistoryRetention::UNLIMITED,
         };
         let topic = pool.create_topic("late", config).expect("a topic");
         let mut writer = TopicWriter::new(pool.clone(), topic, 0).expect("a writer");

@@ -426,6 +426,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             ack: ack.max(1),
             replication_factor: self.settings.replication_factor,
             retention: shared_log::Retention::StallLimited,
+            history: shared_log::HistoryRetention::UNLIMITED,
         };
         let topic = self.pool.create_topic(name, config)?;
         log::info!(

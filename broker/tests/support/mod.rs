@@ -181,6 +181,7 @@ pub fn create_topic(head: SocketAddr, topic: &str, order: Order, retention: Rete
         ack: AckLevel::Ordered,
         replication_factor: 0,
         retention,
+        history: wire::HistoryRetention::UNLIMITED,
     };
     client.send(&Frame::CreateTopic(create).to_bytes());
     match client.frame() {

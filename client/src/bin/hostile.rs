@@ -262,6 +262,7 @@ fn create_topic(target: Target, name: &str, order: Order) -> Result<(), String> 
             ack: AckLevel::Ordered,
             replication_factor: 0,
             retention: Retention::StallLimited,
+            history: wire::HistoryRetention::UNLIMITED,
         })
         .to_bytes(),
     );

@@ -359,6 +359,7 @@ impl Connection {
                     replication_factor: create.replication_factor,
                     created: existing.is_none(),
                     retention: create.retention,
+                    history: create.history,
                 }))?;
                 self.until_goodbye()
             }

@@ -25,6 +25,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             ack: create.ack as u8,
             replication_factor,
             retention: create.retention,
+            history: create.history,
         };
         let existed = matches!(state.find_topic(create.topic.as_str()), Ok(Some(_)));
         match state.create_topic(create.topic.as_str(), config) {
@@ -36,6 +37,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 replication_factor: create.replication_factor,
                 created: !existed,
                 retention: create.retention,
+                history: create.history,
             })),
             Err(PoolError::TopicConflict { .. }) => {
                 let reason = format!(

@@ -111,6 +111,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
                             .fetch_add(delivered as u64, Ordering::Relaxed);
                         Ok(delivered)
                     }
+                    // Retention deleted what it was to read next: the start it names is
+                    // the real one.
+                    Err(e @ HistoryError::Deleted { .. }) => {
+                        let reason = format!("the subscriber fell behind the retained log: {e}");
+                        let metrics = state.metrics();
+                        self.send_error(metrics, ErrorCode::PositionTruncated, None, &reason);
+                        return;
+                    }
                     Err(e) => {
                         let metrics = state.metrics();
                         log::error!("connection {}: history: {e}", self.id);

@@ -183,6 +183,14 @@ pub(crate) struct Cli {
     /// reading stops holding the log after the broker's --subscriber-stall-ms.
     #[arg(long)]
     pub(crate) hold_for_subscribers: bool,
+    /// CreateTopic: disk history each replica keeps (rf >= 2 topics), e.g. 4GiB; the oldest
+    /// whole segments are deleted while the rest holds at least this much. 0: no limit.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_retention_bytes)]
+    pub(crate) retention_bytes: u64,
+    /// CreateTopic: age of the disk history each replica keeps, in milliseconds (a segment
+    /// goes once its last write is this old). 0: no limit.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub(crate) retention_ms: u64,
     /// Which broker of --brokers (0-based index) serves the subscriber (fault runs put it on
     /// a broker they leave alone).
     #[arg(long, default_value_t = 0)]
@@ -292,6 +300,10 @@ fn parse_total_bytes(value: &str) -> Result<u64, String> {
         Ok(bytes) => Ok(bytes),
         Err(e) => Err(e.to_string()),
     }
+}
+
+fn parse_retention_bytes(value: &str) -> Result<u64, String> {
+    units::parse_bytes(value).map_err(|e| e.to_string())
 }
 
 fn parse_seconds(value: &str) -> Result<f64, String> {

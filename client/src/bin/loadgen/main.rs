@@ -65,6 +65,8 @@ fn create_topic(plan: &Plan) -> bool {
         ack: plan.ack,
         replication_factor: plan.replication_factor,
         hold_for_subscribers: plan.hold_for_subscribers,
+        retention_bytes: plan.retention_bytes,
+        retention_ms: plan.retention_ms,
     };
     match create_topic_on_cluster(&plan.brokers, &spec, Duration::from_secs(10)) {
         Ok(created) => {

@@ -56,6 +56,7 @@ fn create_topic(order: Order) -> CreateTopicRepr {
         ack: AckLevel::Ordered,
         replication_factor: 1,
         retention: Retention::StallLimited,
+        history: wire::HistoryRetention::UNLIMITED,
     }
 }
 
@@ -122,6 +123,7 @@ fn topic_ok() -> TopicOkRepr {
         replication_factor: 1,
         created: true,
         retention: Retention::HoldForSubscribers,
+        history: wire::HistoryRetention::UNLIMITED,
     }
 }
 
