@@ -22,7 +22,7 @@ prepare_hugepages 256
 
 echo "== lint"
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release --features client/sim -- -D warnings
 # The fuzz crate is its own workspace (built instrumented by scripts/fuzz.sh): lint it too.
 cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 cargo clippy --manifest-path fuzz/Cargo.toml --workspace --all-targets --release \
@@ -36,18 +36,23 @@ cargo test --manifest-path vendor/smoltcp/Cargo.toml --release -q --no-default-f
     --features std,medium-ip,proto-ipv4,socket-tcp --target-dir target/vendor-smoltcp socket::tcp
 cargo test --manifest-path fuzz/Cargo.toml -p fuzz-input --release --target-dir target/fuzz/seeds
 
-echo "== simulation: 1000 seeds must pass"
+echo "== simulations (core and whole system): 1000 seeds each must pass"
 # Built first, so that a build failure is never mistaken for a caught fault below.
 cargo build --release -q -p shared-log --example sim
-sim=target/release/examples/sim
-"$sim" --seeds 1000 --quiet
+cargo build --release -q -p client --features sim --bin sim
+mkdir -p target/test
+./scripts/sim.sh --seeds 1000
+echo "== whole-system simulation: 20 seeds run twice give the same digests"
+target/release/sim --seeds 20 --check-determinism
 
-for fault in skip-invalidate skip-flush; do
+for fault in skip-invalidate skip-flush forget-resend drop-bytes; do
     echo "== simulation with --fault $fault: must fail (the FAIL lines below are the expected catches)"
-    if "$sim" --seeds 50 --quiet --fault "$fault"; then
+    if ./scripts/sim.sh --seeds 100 --fault "$fault" > target/test/sim-fault.log 2>&1; then
+        cat target/test/sim-fault.log
         echo "the simulation did not catch --fault $fault" >&2
         exit 1
     fi
+    echo "caught in $(grep -c 'FAIL' target/test/sim-fault.log || true) of 100 seeds"
 done
 
 echo "== fuzz: the wire parsers and the connection state machine, 300,000 inputs per target from the seed corpus, seed 1 (libFuzzer)"

@@ -121,6 +121,8 @@ mod net;
 pub mod pacing;
 mod publisher;
 mod publisher_core;
+#[cfg(feature = "sim")]
+pub mod sim;
 mod stats;
 mod subscriber;
 pub mod summary;

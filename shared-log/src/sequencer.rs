@@ -1061,6 +1061,53 @@ pub struct Lease {
     pub lease_ms: u64,
 }
 
+/// A standby's watch on the lease, without I/O: fed the lease as read and the time, it says
+/// when the holder's heartbeat stayed still for the lease time the holder published, and
+/// which epoch to take then (one above). Exactly one standby wins the takeover: the epoch
+/// moves by compare-and-swap in [`Sequencer::new`].
+#[derive(Debug, Clone, Default)]
+pub struct LeaseWatch {
+    /// The (epoch, heartbeat) last seen, and when it last changed.
+    seen: Option<(u64, u64)>,
+    moved_at: Timestamp,
+}
+
+impl LeaseWatch {
+    /// A watch that has seen nothing yet.
+    pub fn new() -> LeaseWatch {
+        LeaseWatch::default()
+    }
+
+    /// Looks at `lease` at `now`; returns the epoch to take over with, once due. With no
+    /// lease published yet (the head has not started) nothing is due.
+    pub fn observe(&mut self, lease: Option<Lease>, now: Timestamp) -> Option<u64> {
+        let Some(lease) = lease else {
+            self.seen = None;
+            self.moved_at = now;
+            return None;
+        };
+        let heard = (lease.epoch, lease.heartbeat);
+        if self.seen != Some(heard) {
+            self.seen = Some(heard);
+            self.moved_at = now;
+        }
+        let silent = now.saturating_duration_since(self.moved_at);
+        (lease.epoch > 0 && silent >= Duration::from_millis(lease.lease_ms.max(1)))
+            .then_some(lease.epoch + 1)
+    }
+
+    /// The takeover was not needed (another standby won, or the holder came back): watch
+    /// afresh from `now`.
+    pub fn restart(&mut self, now: Timestamp) {
+        self.moved_at = now;
+    }
+
+    /// How long the heartbeat has been still, as of `now`.
+    pub fn silent(&self, now: Timestamp) -> Duration {
+        now.saturating_duration_since(self.moved_at)
+    }
+}
+
 /// Reads the lease record, when one is published.
 pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<Lease> {
     let mem = pool.mem();
@@ -1080,4 +1127,34 @@ pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<Lease> {
         heartbeat: lease.heartbeat,
         lease_ms: lease.lease_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(epoch: u64, heartbeat: u64) -> Option<Lease> {
+        Some(Lease {
+            holder: 0,
+            epoch,
+            heartbeat,
+            lease_ms: 50,
+        })
+    }
+
+    #[test]
+    fn a_lease_watch_takes_over_once_the_heartbeat_stayed_still_for_the_lease() {
+        let at = |ms: u64| Timestamp::from_nanos(1_000_000_000 + ms * 1_000_000);
+        let mut watch = LeaseWatch::new();
+        assert_eq!(watch.observe(None, at(0)), None, "no holder yet");
+        assert_eq!(watch.observe(lease(1, 10), at(10)), None);
+        // A heartbeat that moves keeps the holder.
+        assert_eq!(watch.observe(lease(1, 11), at(55)), None);
+        assert_eq!(watch.observe(lease(1, 11), at(104)), None, "49 ms still");
+        assert_eq!(watch.observe(lease(1, 11), at(105)), Some(2), "50 ms still");
+        // Another standby won: watch afresh, and the new holder's epoch counts.
+        watch.restart(at(105));
+        assert_eq!(watch.observe(lease(2, 12), at(106)), None);
+        assert_eq!(watch.observe(lease(2, 12), at(156)), Some(3));
+    }
 }

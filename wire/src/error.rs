@@ -33,7 +33,7 @@ pub enum Error {
         actual: usize,
     },
     /// A reserved field or unassigned flag is not zero.
-    #[error("{field} is {value:#x}; it must be 0 in protocol version 1")]
+    #[error("{field} is {value:#x}; it must be 0 (reserved in this protocol version)")]
     NonZeroReserved {
         /// Name of the field.
         field: &'static str,

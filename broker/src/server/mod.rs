@@ -27,7 +27,7 @@ use shared_log::claim::ClaimError;
 use shared_log::coherence::{CoherenceMode, PoolMemory};
 use shared_log::layout::Geometry;
 use shared_log::pool::{Pool, PoolError};
-use shared_log::sequencer::{Sequencer, SequencerConfig, read_lease};
+use shared_log::sequencer::{LeaseWatch, Sequencer, SequencerConfig, read_lease};
 use state::BrokerSettings;
 use units::Timestamp;
 
@@ -558,42 +558,25 @@ fn watch_lease(
     metrics: &Metrics,
     stop: &AtomicBool,
 ) -> Option<Sequencer<PoolMemory>> {
-    let mut seen: Option<(u64, u64)> = None;
-    let mut moved_at = Timestamp::now();
+    let mut watch = LeaseWatch::new();
     while !stop.load(Ordering::Relaxed) {
         let lease = read_lease(pool);
         let now = Timestamp::now();
-        let (epoch, lease_ms) = match lease {
-            Some(lease) => {
-                let heard = (lease.epoch, lease.heartbeat);
-                if seen != Some(heard) {
-                    seen = Some(heard);
-                    moved_at = now;
-                }
-                (lease.epoch, lease.lease_ms.max(1))
-            }
-            // No holder yet (the head has not started): wait for one.
-            None => {
-                moved_at = now;
-                (0, config.lease_ns / 1_000_000)
-            }
-        };
-        let silent = now.saturating_duration_since(moved_at);
-        if epoch > 0 && silent >= Duration::from_millis(lease_ms) {
-            match Sequencer::new(pool.clone(), broker_id, epoch + 1, config) {
+        let lease_ms = lease.map_or(config.lease_ns / 1_000_000, |l| l.lease_ms.max(1));
+        if let Some(epoch) = watch.observe(lease, now) {
+            match Sequencer::new(pool.clone(), broker_id, epoch, config) {
                 Ok(sequencer) => {
                     Metrics::inc(&metrics.sequencer_takeovers);
                     log::warn!(
-                        "broker {broker_id}: took the sequencer lease over at epoch {} (the \
+                        "broker {broker_id}: took the sequencer lease over at epoch {epoch} (the \
                          holder's heartbeat was silent for {} ms)",
-                        epoch + 1,
-                        silent.as_millis()
+                        watch.silent(now).as_millis()
                     );
                     return Some(sequencer);
                 }
                 Err(e) => {
                     log::info!("broker {broker_id}: lease takeover not needed: {e}");
-                    moved_at = now;
+                    watch.restart(now);
                 }
             }
         }
