@@ -3,14 +3,16 @@
 #   core    the log core (shared-log): brokers' rings, the sequencer and readers on the
 #           pool's non-coherent memory model, in random interleavings;
 #   system  the whole system (client's `sim`): brokers (their connection state machine),
-#           the sequencer with standbys, publishers and subscribers over a simulated network
-#           and clock, with resets, crashes and restarts, pauses and partitions.
+#           the sequencer with standbys, replicas (ack 2, the pool lost at the end),
+#           publishers and subscribers over a simulated network and clock, with resets,
+#           crashes and restarts, pauses and partitions.
 #
 # Usage: scripts/sim.sh [--seeds N] [--seed S] [--fault NAME] [--only core|system]
 #   --seeds N   seeds S..S+N-1 of each simulation (default 100)
 #   --seed S    first seed (default 0); `--seeds 1 --seed S` reproduces one failing run
 #   --fault F   inject a bug; the simulation that knows F runs (and must fail):
-#               core: skip-invalidate, skip-flush; system: forget-resend, drop-bytes
+#               core: skip-invalidate, skip-flush;
+#               system: forget-resend, drop-bytes, lose-synced
 #   --only X    run one simulation
 # Exits non-zero when any seed fails (each failure is printed with its seed).
 set -euo pipefail
@@ -23,14 +25,14 @@ while [[ $# -gt 0 ]]; do
         --seed) seed=$2; shift 2 ;;
         --fault) fault=$2; shift 2 ;;
         --only) only=$2; shift 2 ;;
-        -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "sim.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 case $fault in
     "") ;;
     skip-invalidate | skip-flush) only=${only:-core} ;;
-    forget-resend | drop-bytes) only=${only:-system} ;;
+    forget-resend | drop-bytes | lose-synced) only=${only:-system} ;;
     *) echo "sim.sh: unknown fault $fault (see --help)" >&2; exit 2 ;;
 esac
 

@@ -45,7 +45,7 @@ mkdir -p target/test
 echo "== whole-system simulation: 20 seeds run twice give the same digests"
 target/release/sim --seeds 20 --check-determinism
 
-for fault in skip-invalidate skip-flush forget-resend drop-bytes; do
+for fault in skip-invalidate skip-flush forget-resend drop-bytes lose-synced; do
     echo "== simulation with --fault $fault: must fail (the FAIL lines below are the expected catches)"
     if ./scripts/sim.sh --seeds 100 --fault "$fault" > target/test/sim-fault.log 2>&1; then
         cat target/test/sim-fault.log

@@ -7,6 +7,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use broker::server::in_process::InProcessCluster;
@@ -67,10 +68,22 @@ fn cluster(dir: &Path) -> InProcessCluster {
     .unwrap()
 }
 
-/// Publishes [`BATCHES`] batches to `topic` on the broker at `addr`.
-fn publish(addr: std::net::SocketAddr, topic: &str) {
-    let mut publisher = publisher(addr, topic, Order::TotalSessionFifo, 7);
+/// Publishes [`BATCHES`] batches to `topic` on broker 0. Once the first is acknowledged it
+/// waits for broker 1's replica to copy it: from then on the replica holds the pool's
+/// retention, so nothing is overwritten before it is on disk (a replica that starts after
+/// the log wrapped cannot start, by design, and a starved test thread could see that).
+fn publish(cluster: &InProcessCluster, topic: &str) {
+    let mut publisher = publisher(cluster.addresses()[0], topic, Order::TotalSessionFifo, 7);
+    let replica = &cluster.brokers()[1].metrics();
     for seq in 0..BATCHES {
+        if seq == 1 {
+            publisher.acks_through(0);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while replica.replica_batches.load(Ordering::Relaxed) == 0 {
+                assert!(Instant::now() < deadline, "broker 1 does not replicate");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let messages: Vec<Vec<u8>> = (0..MESSAGES_PER_BATCH).map(|i| message(seq, i)).collect();
         let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
         publisher.batch(seq, &refs);
@@ -126,7 +139,7 @@ fn a_broker_without_the_history_redirects_to_the_broker_that_keeps_it_on_disk() 
     let dir = replica_dir("redirect");
     let cluster = cluster(&dir);
     let addrs = cluster.addresses();
-    publish(addrs[0], "history");
+    publish(&cluster, "history");
 
     // Broker 0 keeps no replica: it names broker 1, at the address broker 1 advertised.
     let (mut refused, answer) = subscribe(addrs[0], "history", 0);
@@ -156,12 +169,12 @@ fn a_broker_without_the_history_redirects_to_the_broker_that_keeps_it_on_disk() 
     let served_from_disk = cluster.brokers()[1]
         .metrics()
         .history_batches_delivered
-        .load(std::sync::atomic::Ordering::Relaxed);
+        .load(Ordering::Relaxed);
     assert!(served_from_disk > 0, "nothing came from the file");
     let redirects = cluster.brokers()[0]
         .metrics()
         .redirects_sent
-        .load(std::sync::atomic::Ordering::Relaxed);
+        .load(Ordering::Relaxed);
     assert_eq!(redirects, 1);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
@@ -191,7 +204,7 @@ fn retention_keeps_the_newest_history_and_older_positions_get_the_real_start() {
         Frame::TopicOk(ok) => assert_eq!(ok.history, create.history),
         other => panic!("expected TopicOk, got {other:?}"),
     }
-    publish(addrs[0], "retained");
+    publish(&cluster, "retained");
 
     // Everything reaches the disk; retention runs right after each sync.
     let end = BATCHES * MESSAGES_PER_BATCH;

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     let mut failed = 0u64;
     let (mut messages, mut resets, mut crashes, mut pauses, mut takeovers, mut resends) =
         (0, 0, 0, 0, 0, 0);
-    let mut partitions = 0;
+    let (mut partitions, mut torn_writes) = (0, 0);
     for seed in args.seed..args.seed + args.seeds {
         match run(seed, args.fault) {
             Ok(report) => {
@@ -62,14 +62,20 @@ fn main() -> ExitCode {
                 crashes += report.crashes;
                 pauses += report.pauses;
                 partitions += report.partitions;
+                torn_writes += report.torn_writes;
                 takeovers += report.takeovers;
                 resends += report.resends;
                 if args.verbose {
                     println!(
-                        "seed {seed}: ok: {} brokers, {} publishers, {} subscribers, {} messages, \
+                        "seed {seed}: ok: {} brokers{}, {} publishers, {} subscribers, {} messages, \
                          {} resets, {} crashes, {} pauses, {} partitions, {} takeovers, {} \
                          resends, {} ms simulated, digest {:016x}",
                         report.brokers,
+                        if report.replicated {
+                            " (replicas, ack 2, pool lost at the end)"
+                        } else {
+                            ""
+                        },
                         report.publishers,
                         report.subscribers,
                         report.messages,
@@ -92,8 +98,8 @@ fn main() -> ExitCode {
     }
     println!(
         "system simulation: {} seeds from {}, {failed} failed{}; {messages} messages, {resets} \
-         resets, {crashes} crashes, {pauses} pauses, {partitions} partitions, {takeovers} \
-         takeovers, {resends} resends; {:.1} s",
+         resets, {crashes} crashes ({torn_writes} tearing a replica write), {pauses} pauses, {partitions} \
+         partitions, {takeovers} takeovers, {resends} resends; {:.1} s",
         args.seeds,
         args.seed,
         args.fault

@@ -13,12 +13,20 @@
 //! Checkers ([`check`]): every acknowledged message is in the log exactly once, at the
 //! position its ack named, with its bytes; no message is in the log twice; at order 5 each
 //! publisher's messages are in its own order; subscribers saw the log's bytes at every
-//! position, without gaps; and liveness as above. The same seed reproduces the same run:
+//! position, without gaps; liveness as above; and, for a replicated topic, every message
+//! acknowledged at level 2 survives the loss of the pool. The same seed reproduces the same run:
 //! one thread, one random generator, time only from the simulated clock.
 //!
-//! Not simulated yet: replicas and their disk (ack level 2), consumer of the pool's
-//! non-coherent memory model (the core simulation in `shared-log` covers it), and the XDP
-//! path (the same connection state machine runs on both backends).
+//! Half the worlds with two brokers or more replicate the topic to every broker's files
+//! (the broker's own `Replicator`, on real files in a temporary directory) and publish at
+//! ack level 2. A crashed broker's replica loses what it had not synced (it writes only when
+//! it syncs), and a crash may tear a write (garbage after the last record, which reopening
+//! must cut). At the end the pool is lost: the log is rebuilt from the replica files
+//! (`restore`), and every message acknowledged at level 2 must be in it, in place.
+//!
+//! Not simulated here: the pool's non-coherent memory model (the core simulation in
+//! `shared-log` covers it) and the XDP path (the same connection state machine runs on
+//! both backends).
 
 mod check;
 mod net;
@@ -32,6 +40,7 @@ use std::time::Duration;
 use broker::metrics::Metrics;
 use broker::server::connection::Connection;
 use broker::server::limits::ClientLimits;
+use broker::server::replica::{self, ReplicaConfig, Replicator};
 use broker::server::state::{BrokerSettings, BrokerState, RoutedOutcome};
 use shared_log::coherence::{CoherenceMode, PoolMemory};
 use shared_log::heap::HeapRegion;
@@ -57,6 +66,9 @@ pub enum SimFault {
     /// The network loses part of a chunk of a broker's output: a transport that is not
     /// reliable.
     DropBytes,
+    /// When the pool is lost at the end, every replica disk also loses its last synced
+    /// record: a disk that acknowledges `fdatasync` without persisting.
+    LoseSynced,
 }
 
 /// What one run did.
@@ -80,10 +92,15 @@ pub struct SimReport {
     pub pauses: u64,
     /// Partitions of a broker from its clients.
     pub partitions: u64,
+    /// Crashes that tore a replica write.
+    pub torn_writes: u64,
     /// Sequencer lease takeovers.
     pub takeovers: u64,
     /// Batches publishers resent after a connection was lost.
     pub resends: u64,
+    /// Whether the topic was replicated (ack level 2), and the pool lost and rebuilt from
+    /// the replicas at the end.
+    pub replicated: bool,
     /// Simulated time the run took.
     pub sim_ms: u64,
 }
@@ -178,6 +195,7 @@ fn broker_of(addr: SocketAddr) -> usize {
 /// A running broker process.
 struct Running {
     state: BrokerState<PoolMemory>,
+    replicator: Option<Replicator<PoolMemory>>,
     metrics: Arc<Metrics>,
     sequencer: Option<Sequencer<PoolMemory>>,
     topics_refreshed_ns: u64,
@@ -291,6 +309,10 @@ struct World {
     topic: TopicId,
     topic_name: Topic,
     order: Order,
+    ack: AckLevel,
+    /// Replica directories, one per broker, when the topic is replicated.
+    replica_dirs: Vec<std::path::PathBuf>,
+    replica_config: Option<ReplicaConfig>,
     sequencer_config: SequencerConfig,
     brokers: Vec<Broker>,
     links: BTreeMap<u64, Link>,
@@ -299,6 +321,18 @@ struct World {
     subscribers: Vec<SimSubscriber>,
     report: SimReport,
     trace: Vec<String>,
+    /// Contracts broken during the run, reported after the round.
+    failures: Vec<String>,
+    /// Where the replica directories live (removed with the world).
+    replica_root: std::path::PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if !self.replica_dirs.is_empty() {
+            let _ = std::fs::remove_dir_all(&self.replica_root);
+        }
+    }
 }
 
 /// Runs seed `seed`; `Err` names the first contract the run broke, with the run's trace.
@@ -333,10 +367,13 @@ impl World {
         } else {
             Order::TotalSessionFifo
         };
+        // Half the worlds replicate the topic to every broker's files (ack level 2); with one
+        // broker the pool copy is the only one.
+        let replicated = brokers > 1 && rng.one_in(2);
         let config = TopicConfig {
             order,
-            ack: 1,
-            replication_factor: 1,
+            ack: if replicated { 2 } else { 1 },
+            replication_factor: if replicated { 2 } else { 1 },
             retention: wire::Retention::StallLimited,
             history: wire::HistoryRetention::UNLIMITED,
         };
@@ -349,6 +386,22 @@ impl World {
         };
         let publishers = 1 + rng.below(3) as usize;
         let subscribers = rng.below(3) as usize;
+        let replica_root =
+            std::env::temp_dir().join(format!("embarcadero-sim-{}-{seed}", std::process::id()));
+        let replica_dirs: Vec<std::path::PathBuf> = if replicated {
+            (0..brokers)
+                .map(|b| replica_root.join(format!("broker-{b}")))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let replica_config = replicated.then(|| ReplicaConfig {
+            dir: std::path::PathBuf::new(),
+            sync_bytes: 1 + rng.below(64 << 10),
+            sync_interval_us: rng.below(5000),
+            segment_bytes: 1 + rng.below(64 << 10),
+        });
+        let _ = std::fs::remove_dir_all(&replica_root);
         let mut world = World {
             seed,
             fault,
@@ -360,6 +413,13 @@ impl World {
             topic,
             topic_name: Topic::new("sim").expect("a valid name"),
             order,
+            ack: if replicated {
+                AckLevel::Replicated
+            } else {
+                AckLevel::Ordered
+            },
+            replica_dirs,
+            replica_config,
             sequencer_config,
             brokers: Vec::new(),
             links: BTreeMap::new(),
@@ -370,9 +430,12 @@ impl World {
                 brokers,
                 publishers,
                 subscribers,
+                replicated,
                 ..SimReport::default()
             },
             trace: Vec::new(),
+            failures: Vec::new(),
+            replica_root,
         };
         world.clock.store(world.now_ns, Ordering::Relaxed);
         for index in 0..brokers {
@@ -435,8 +498,18 @@ impl World {
             self.settings(index),
             Arc::clone(&metrics),
         );
+        // A restarted replica goes on from its files: what it had not synced is gone.
+        let replicator = self.replica_config.as_ref().map(|config| {
+            let config = ReplicaConfig {
+                dir: self.replica_dirs[index].clone(),
+                ..config.clone()
+            };
+            Replicator::new(self.pool.clone(), index as u16, config)
+                .expect("a replica directory in the temporary directory")
+        });
         Running {
             state,
+            replicator,
             metrics,
             sequencer: None,
             topics_refreshed_ns: 0,
@@ -466,7 +539,7 @@ impl World {
             linger: Duration::from_micros(rng.below(2000)),
             in_flight_batches_max: 1 + rng.below(16) as usize,
             in_flight_window: InFlightWindow::Fixed,
-            ack: AckLevel::Ordered,
+            ack: self.ack,
             session_epoch: 1,
             first_seq: 0,
             session_batches_max: if rng.one_in(4) {
@@ -540,7 +613,7 @@ impl World {
         let hello = HelloRepr {
             role: Role::Publish,
             order: self.order,
-            ack: AckLevel::Ordered,
+            ack: self.ack,
             client_id: publisher.client_id,
             session_epoch,
             topic: self.topic_name,
@@ -628,12 +701,19 @@ impl World {
             for index in 0..self.subscribers.len() {
                 self.poll_subscriber(index)?;
             }
+            if let Some(failure) = self.failures.first() {
+                return Err(failure.clone());
+            }
             self.links.retain(|_, link| {
                 !(link.broker_gone && link.to_client.is_closed() && link.to_broker.is_closed())
             });
             if let Some(healed) = healed_at {
                 if self.done() {
-                    return check::check(self);
+                    check::check(self)?;
+                    if self.report.replicated {
+                        return check::pool_loss(self);
+                    }
+                    return Ok(());
                 }
                 if self.now_ns - healed > LIVENESS_LIMIT_NS {
                     return Err(format!(
@@ -743,6 +823,25 @@ impl World {
 
     fn crash(&mut self, index: usize) {
         self.brokers[index].running = None;
+        // What its replica had not synced is gone with it (the replica writes only when it
+        // syncs); half the time the crash also tears a write: bytes after the last record.
+        if let Some(dir) = self.replica_dirs.get(index)
+            && self.rng.one_in(2)
+            && let Ok(segments) = replica::segment_list(dir, self.topic)
+            && let Some(&last) = segments.last()
+        {
+            let torn: Vec<u8> = (0..1 + self.rng.below(4096))
+                .map(|_| self.rng.next_u64() as u8)
+                .collect();
+            let path = replica::segment_path(dir, self.topic, last);
+            if let Ok(mut file) = std::fs::OpenOptions::new().append(true).open(path) {
+                let _ = std::io::Write::write_all(&mut file, &torn);
+            }
+            self.report.torn_writes += 1;
+            self.note(format!(
+                "broker {index}: a torn write after its replica's last record"
+            ));
+        }
         self.brokers[index].paused_until_ns = 0;
         for link in self.links.values_mut().filter(|l| l.broker == index) {
             if !link.broker_gone {
@@ -823,6 +922,15 @@ impl World {
                     }
                 }
             }
+        }
+        if let Some(replicator) = &mut running.replicator
+            && let Err(e) = replicator.poll(now)
+        {
+            // The pool holds every batch a run writes and the files are the replica's own:
+            // any error is a bug.
+            replicator.release();
+            self.failures
+                .push(format!("broker {index}: replication failed: {e}"));
         }
         running.outcomes.clear();
         running.state.poll_outcomes(&mut running.outcomes);
