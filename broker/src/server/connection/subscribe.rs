@@ -84,8 +84,12 @@ impl<M: SharedMemory + Clone> Connection<M> {
         let mut deliver = |batch: &OrderedBatch<'_>| {
             last_batch_start = output.mark();
             last_batch_position = *next_position;
+            // The first batch may begin before the position asked for: it is delivered from
+            // that position on.
+            let wanted = *next_position;
             *next_position = batch.global_start + u64::from(batch.message_count);
-            if let Err(size) = queue_deliveries(output, batch, limit, positions, from_pool) {
+            if let Err(size) = queue_deliveries(output, batch, limit, positions, from_pool, wanted)
+            {
                 oversize = Some(size);
             }
         };
@@ -226,15 +230,22 @@ impl<M: SharedMemory + Clone> Subscriber<M> {
 
 /// Queues the deliveries of `batch` on `output`, their payloads left in the pool (copied
 /// into the queue when the batch was read from disk, not `from_pool`): one, or several
-/// split at message boundaries when it is larger than the subscriber's `limit`. Err: a
-/// single message larger than the limit (its size), which no delivery can carry.
+/// split at message boundaries when it is larger than the subscriber's `limit`, and none of
+/// its messages before position `wanted` (on a topic with positions). Err: a single message
+/// larger than the limit (its size), which no delivery can carry.
 fn queue_deliveries(
     output: &mut Output,
     batch: &OrderedBatch<'_>,
     limit: usize,
     positions: bool,
     from_pool: bool,
+    wanted: u64,
 ) -> Result<(), usize> {
+    let skip = if positions {
+        wanted.saturating_sub(batch.global_start)
+    } else {
+        0
+    };
     let mut emit = |range: std::ops::Range<usize>, message_count: u32, global_start: u64| {
         let payload = &batch.payload[range.clone()];
         let header = DeliveryHeaderRepr {
@@ -265,7 +276,7 @@ fn queue_deliveries(
         };
         output.push_delivery(header.frame_prefix(), payload);
     };
-    if batch.payload.len() <= limit {
+    if skip == 0 && batch.payload.len() <= limit {
         emit(
             0..batch.payload.len(),
             batch.message_count,
@@ -278,6 +289,13 @@ fn queue_deliveries(
     let mut at = 0usize;
     for message in batch.messages() {
         let size = wire::payload::MESSAGE_PREFIX_BYTES + message.len();
+        if position < batch.global_start + skip {
+            at += size;
+            from = at;
+            position += 1;
+            start_position = position;
+            continue;
+        }
         if size > limit {
             return Err(size);
         }
@@ -291,6 +309,8 @@ fn queue_deliveries(
         count += 1;
         position += 1;
     }
-    emit(from..at, count, start_position);
+    if count > 0 {
+        emit(from..at, count, start_position);
+    }
     Ok(())
 }

@@ -504,6 +504,72 @@ fn a_queued_delivery_overwritten_before_it_is_sent_is_reported_and_never_sent() 
     );
 }
 
+#[test]
+fn a_subscriber_from_a_position_inside_a_batch_gets_the_batch_from_that_position_on() {
+    let (mut state, mut sequencer, _metrics) = head_broker(1);
+    // One batch of five messages, positions 0..5.
+    let hello = HelloRepr {
+        role: Role::Publish,
+        order: Order::TotalSessionFifo,
+        ack: AckLevel::Ordered,
+        client_id: 7,
+        session_epoch: 1,
+        topic: Topic::new("gaps").unwrap(),
+    };
+    let mut payload = Vec::new();
+    for i in 0..5u8 {
+        wire::payload::push_message(&mut payload, &[i; 10]);
+    }
+    let header = BatchHeaderRepr::for_payload(0, 5, &payload, &Limits::default()).unwrap();
+    let mut bytes = Frame::Hello(hello).to_bytes();
+    bytes.extend_from_slice(&header.frame_prefix());
+    bytes.extend_from_slice(&payload);
+    let mut publisher = Connection::new(1, &state, Timestamp::ZERO);
+    publisher.service(
+        &mut Pipe::new(bytes),
+        &mut state,
+        Timestamp::ZERO,
+        true,
+        true,
+    );
+    sequencer.refresh_topics().unwrap();
+    assert_eq!(sequencer.poll(Timestamp::ZERO), 1);
+
+    let hello = Frame::Hello(HelloRepr {
+        role: Role::Subscribe {
+            from_position: 3,
+            batch_bytes_max: 0,
+        },
+        order: Order::TotalSessionFifo,
+        ack: AckLevel::FireAndForget,
+        client_id: 8,
+        session_epoch: 1,
+        topic: Topic::new("gaps").unwrap(),
+    });
+    let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
+    let mut pipe = Pipe::new(hello.to_bytes());
+    subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
+    let mut decoder = FrameDecoder::new(Limits::default());
+    let (mut at, mut deliveries, mut received) = (0, Vec::new(), Vec::new());
+    while at < pipe.output.len() {
+        let (used, decoded) = decoder.decode(&pipe.output[at..]).unwrap();
+        at += used;
+        match decoded {
+            Decoded::Delivery(header) => deliveries.push(header),
+            Decoded::Payload { bytes, .. } => received.extend_from_slice(bytes),
+            _ => {}
+        }
+    }
+    assert_eq!(deliveries.len(), 1, "{deliveries:?}");
+    assert_eq!(deliveries[0].global_start, Some(3));
+    assert_eq!(deliveries[0].message_count, 2);
+    wire::verify_payload(&deliveries[0], &received).unwrap();
+    let messages: Vec<&[u8]> = wire::payload::messages(&received)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(messages, [&[3u8; 10][..], &[4u8; 10][..]]);
+}
+
 /// Writes `bytes` where the connection's payload target says, as the bypass transport's
 /// receive does, and books them.
 fn place(
