@@ -31,6 +31,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Silent by default (faults make every run warn); RUST_LOG=info tells a seed's story.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
     let started = Instant::now();
     let mut failed = 0u64;
     let (mut messages, mut resets, mut crashes, mut pauses, mut takeovers, mut resends) =

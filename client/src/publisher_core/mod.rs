@@ -302,6 +302,35 @@ impl PublisherCore {
         self.maybe_roll_over(now);
     }
 
+    /// Each slot's state, for a simulation's report of a run that got stuck.
+    #[cfg(feature = "sim")]
+    pub fn describe_slots(&self) -> String {
+        let mut out = Vec::new();
+        for (index, slot) in self.slots.iter().enumerate() {
+            let conn = |id: Option<ConnId>| {
+                id.and_then(|id| self.conns.get(&id).map(|c| (id, c)))
+                    .map_or("none".to_owned(), |(id, c)| {
+                        let seqs: Vec<u64> = c.in_flight.iter().map(|b| b.seq).collect();
+                        format!(
+                            "{id} to {} in flight {seqs:?} acked through {:?}",
+                            c.addr, c.acked_through
+                        )
+                    })
+            };
+            let queued: Vec<u64> = slot.queue.iter().map(|b| b.seq).collect();
+            out.push(format!(
+                "slot {index} (home {}): conn {}, parked {}, queue {queued:?}, attempt {:?}, \
+                 retry at {:?}",
+                slot.home,
+                conn(slot.conn),
+                conn(slot.parked),
+                slot.attempt,
+                slot.retry_at
+            ));
+        }
+        out.join("; ")
+    }
+
     /// Drains the recorded events.
     pub fn take_events(&mut self) -> Vec<PublisherEvent> {
         self.events.drain(..).collect()

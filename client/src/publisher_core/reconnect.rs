@@ -18,6 +18,13 @@ use crate::error::{ClientError, whole_ms};
 pub(super) const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(20);
 /// Longest wait between connection attempts for a slot.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest a slot waiting to move home stops taking batches for its away connection to
+/// drain. The wait can depend on itself: at order 5 the sequencer holds the other slots'
+/// later batches until this slot's next one arrives, a held batch keeps its ring slot, and
+/// the broker passes decisions on in ring order, so the away connection's acks can wait for
+/// the very batch the slot holds back. Past this the slot stays away (its parked home
+/// connection says Goodbye) and probes home again after its backoff.
+pub(super) const PARK_DRAIN_MAX: Duration = Duration::from_millis(100);
 
 /// Why a slot wants a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +92,7 @@ impl PublisherCore {
             state.retry_at = None;
         } else if state.parked == Some(id) {
             state.parked = None;
+            state.parked_at = None;
         } else if !conn.goodbye_sent {
             log::debug!("{}: connection {id} ended ({how})", conn.addr);
         }
@@ -119,7 +127,7 @@ impl PublisherCore {
         let id = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(id, Conn::new(slot, addr));
-        self.adopt(slot, id, addr);
+        self.adopt(slot, id, addr, now);
         self.maybe_move_home(slot);
         self.pump(slot);
         self.tick(now);
@@ -180,7 +188,7 @@ impl PublisherCore {
 
     /// Gives connection `id` to `slot`: as its current connection when it has none, else
     /// parked until the away connection drains.
-    fn adopt(&mut self, slot: usize, id: ConnId, addr: SocketAddr) {
+    fn adopt(&mut self, slot: usize, id: ConnId, addr: SocketAddr, now: Timestamp) {
         let state = &mut self.slots[slot];
         if state.new_session {
             state.new_session = false;
@@ -194,6 +202,7 @@ impl PublisherCore {
         } else {
             log::info!("{addr}: the home broker of slot {slot} is back (connection {id})");
             state.parked = Some(id);
+            state.parked_at = Some(now);
         }
     }
 
@@ -237,8 +246,38 @@ impl PublisherCore {
         }
         state.conn = Some(home);
         state.parked = None;
+        state.parked_at = None;
         state.lost = None;
         self.pump(slot);
+    }
+
+    /// Gives up moving home for slots whose away connection did not drain within
+    /// [`PARK_DRAIN_MAX`]: they take batches on it again and probe home after their backoff.
+    fn unpark_stale(&mut self, now: Timestamp) {
+        for slot in 0..self.slots.len() {
+            let state = &mut self.slots[slot];
+            let (Some(home), Some(at)) = (state.parked, state.parked_at) else {
+                continue;
+            };
+            if now.saturating_duration_since(at) < PARK_DRAIN_MAX {
+                continue;
+            }
+            state.parked = None;
+            state.parked_at = None;
+            state.retry_at = Some(now + state.backoff);
+            state.backoff = (state.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            if let Some(conn) = self.conns.get_mut(&home) {
+                log::info!(
+                    "{}: slot {slot} stays away: its connection there did not drain within {} \
+                     ms",
+                    conn.addr,
+                    PARK_DRAIN_MAX.as_millis()
+                );
+                conn.goodbye_sent = true;
+                self.commands.push_back(Command::Goodbye(home));
+            }
+            self.pump(slot);
+        }
     }
 
     /// Starts the next session epoch once the rolling session has nothing outstanding:
@@ -323,6 +362,7 @@ impl PublisherCore {
     /// connection for `reconnect_timeout`.
     pub fn tick(&mut self, now: Timestamp) {
         if !self.closing && self.failure.is_none() {
+            self.unpark_stale(now);
             self.start_due_attempts(now);
             self.give_up_if_down(now);
         }
@@ -384,10 +424,12 @@ impl PublisherCore {
         }
     }
 
-    /// When [`tick`](Self::tick) has something to do next (a connection attempt due, or the
-    /// give-up deadline), if anything.
+    /// When [`tick`](Self::tick) has something to do next (a connection attempt due, a
+    /// waiting slot's [`PARK_DRAIN_MAX`], or the give-up deadline), if anything.
     pub fn next_wakeup(&self) -> Option<Timestamp> {
-        self.next_timer
+        // Computed afresh: progress since the last tick (a slot that moved home) may have
+        // cancelled the timer it cached.
+        self.compute_next_timer()
     }
 
     fn compute_next_timer(&self) -> Option<Timestamp> {
@@ -400,7 +442,12 @@ impl PublisherCore {
             .filter(|s| s.attempt.is_none())
             .filter_map(|s| s.retry_at);
         let give_up = self.down_since.map(|since| since + self.reconnect_timeout);
-        retries.chain(give_up).min()
+        let unpark = self
+            .slots
+            .iter()
+            .filter_map(|s| s.parked_at)
+            .map(|at| at + PARK_DRAIN_MAX);
+        retries.chain(give_up).chain(unpark).min()
     }
 }
 
@@ -595,6 +642,43 @@ mod tests {
         assert_eq!(core.slot_connection(0), Some(home));
         assert_eq!(core.stats().reconnects, 2);
         assert!(core.next_wakeup().is_none(), "every slot is home");
+        assert!(core.failure().is_none());
+    }
+
+    /// The away connection's acks may wait for the very batch the parked slot holds back
+    /// (order 5 holds the other slots' later batches, and their ring slots hold back the
+    /// broker's decisions): the slot waits at most `PARK_DRAIN_MAX`, then stays away.
+    #[test]
+    fn a_slot_that_cannot_drain_away_stays_there_and_probes_home_later() {
+        let now = Timestamp::ZERO;
+        let (mut core, _) = core_after_a_reset(now);
+        commands(&mut core);
+        let away = core.on_connected(0, 0, addr(1), &hello_ok(0), now).unwrap();
+        assert_eq!(transmitted(&mut core).len(), 2);
+        let due = core.next_wakeup().expect("a probe is scheduled");
+        core.poll(due);
+        let probe = connects(&commands(&mut core));
+        let home = core
+            .on_connected(0, probe[0].attempt, addr(0), &hello_ok(0), due)
+            .unwrap();
+        publish_batches(&mut core, 2, due);
+        assert_eq!(seqs_and_connections(&transmitted(&mut core)), [(7, 1)]);
+        // Batches 2 and 4 stay unacknowledged away: at the deadline the slot gives up moving.
+        let deadline = due + PARK_DRAIN_MAX;
+        assert_eq!(core.next_wakeup(), Some(deadline));
+        core.poll(due + (PARK_DRAIN_MAX - Duration::from_millis(1)));
+        assert!(commands(&mut core).is_empty(), "still waiting");
+        core.poll(deadline);
+        let handed_out = commands(&mut core);
+        assert_eq!(goodbyes(&handed_out), [home], "the parked connection goes");
+        assert_eq!(
+            seqs_and_connections(&transmits(&handed_out)),
+            [(6, away as usize)],
+            "the held batch goes away"
+        );
+        assert_eq!(core.slot_connection(0), Some(away));
+        let probe_at = core.next_wakeup().expect("home is probed again");
+        assert!(probe_at > deadline);
         assert!(core.failure().is_none());
     }
 

@@ -83,6 +83,10 @@ pub(super) struct Slot {
     pub conn: Option<ConnId>,
     /// A connection to the home broker waiting for `conn` (on another broker) to drain.
     pub parked: Option<ConnId>,
+    /// When the slot stopped taking batches to wait for that (see [`PARK_DRAIN_MAX`]).
+    ///
+    /// [`PARK_DRAIN_MAX`]: super::reconnect::PARK_DRAIN_MAX
+    pub parked_at: Option<Timestamp>,
     /// Batches of the slot not on any connection, in increasing sequence.
     pub queue: VecDeque<Batch>,
     /// Batches of the slot not yet done (acknowledged, rejected or, at ack 0, written).
@@ -106,6 +110,7 @@ impl Slot {
             home,
             conn: Some(conn),
             parked: None,
+            parked_at: None,
             queue: VecDeque::new(),
             outstanding: 0,
             attempt: None,
@@ -122,6 +127,7 @@ impl Slot {
     pub fn start_new_session(&mut self) {
         self.conn = None;
         self.parked = None;
+        self.parked_at = None;
         self.attempt = None;
         self.retry_at = None;
         self.backoff = RECONNECT_BACKOFF_MIN;

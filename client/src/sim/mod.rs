@@ -141,6 +141,9 @@ impl Rng {
     }
 }
 
+/// A hold timeout longer than any run: the sequencer then never gives a gap up, so no
+/// batch may be rejected (every publisher resends what it lost).
+const HOLD_FOREVER_NS: u64 = 3_600_000_000_000;
 /// Simulated time a run may take once the faults healed before it counts as stuck.
 const LIVENESS_LIMIT_NS: u64 = 20_000_000_000;
 /// How long a handshake may take before the client gives up on that broker.
@@ -310,6 +313,8 @@ struct World {
     topic_name: Topic,
     order: Order,
     ack: AckLevel,
+    /// Most batches in flight per publisher connection, when the world bounds it.
+    in_flight_cap: Option<usize>,
     /// Replica directories, one per broker, when the topic is replicated.
     replica_dirs: Vec<std::path::PathBuf>,
     replica_config: Option<ReplicaConfig>,
@@ -352,10 +357,23 @@ impl World {
     fn new(seed: u64, fault: Option<SimFault>) -> World {
         let mut rng = Rng::new(seed);
         let brokers = 1 + rng.below(3) as usize;
+        let publishers = 1 + rng.below(3) as usize;
+        // A third of the worlds never give a gap up: then no batch may be rejected. A gap
+        // is only sure to fill when every batch in flight fits in a ring: a batch the
+        // sequencer holds keeps its ring slot, and a ring full of held batches keeps out
+        // the one they wait for (docs/durability.md). Those worlds bound the windows so.
+        let hold_forever = rng.one_in(3);
+        let ring_slots = if hold_forever {
+            64
+        } else {
+            [2, 8, 64][rng.below(3) as usize]
+        };
+        let in_flight_cap =
+            hold_forever.then(|| ((ring_slots as usize - 1) / (publishers * brokers)).max(1));
         let geometry = Geometry {
             brokers_max: brokers as u32,
             topics_max: 1,
-            ring_slots: [2, 8, 64][rng.below(3) as usize],
+            ring_slots,
             goi_entries: 1 << 14,
             blog_bytes: 2 << 20,
         };
@@ -381,10 +399,13 @@ impl World {
             .create_topic("sim", config)
             .expect("a fresh topic table");
         let sequencer_config = SequencerConfig {
-            hold_timeout_ns: [5_000_000, 50_000_000][rng.below(2) as usize],
+            hold_timeout_ns: if hold_forever {
+                HOLD_FOREVER_NS
+            } else {
+                [5_000_000, 50_000_000][rng.below(2) as usize]
+            },
             ..SequencerConfig::default()
         };
-        let publishers = 1 + rng.below(3) as usize;
         let subscribers = rng.below(3) as usize;
         let replica_root =
             std::env::temp_dir().join(format!("embarcadero-sim-{}-{seed}", std::process::id()));
@@ -413,6 +434,7 @@ impl World {
             topic,
             topic_name: Topic::new("sim").expect("a valid name"),
             order,
+            in_flight_cap,
             ack: if replicated {
                 AckLevel::Replicated
             } else {
@@ -537,7 +559,8 @@ impl World {
             connections_per_broker: 1,
             batch_bytes_max: [256, 1024, 4096][rng.below(3) as usize],
             linger: Duration::from_micros(rng.below(2000)),
-            in_flight_batches_max: 1 + rng.below(16) as usize,
+            in_flight_batches_max: (1 + rng.below(16) as usize)
+                .min(self.in_flight_cap.unwrap_or(usize::MAX)),
             in_flight_window: InFlightWindow::Fixed,
             ack: self.ack,
             session_epoch: 1,
@@ -734,8 +757,13 @@ impl World {
             .map(|p| {
                 let acked: u64 = p.acked.iter().map(|a| u64::from(a.1)).sum();
                 let outstanding = p.core.as_ref().map_or(0, PublisherCore::outstanding_batches);
+                let slots = p
+                    .core
+                    .as_ref()
+                    .map_or(String::new(), PublisherCore::describe_slots);
                 format!(
-                    "publisher {}: published {}/{}, acked {acked}, outstanding batches {outstanding}",
+                    "publisher {}: published {}/{}, acked {acked}, outstanding batches {outstanding} \
+                     [{slots}]",
                     p.id, p.next_message, p.total
                 )
             })
@@ -749,10 +777,32 @@ impl World {
         let (_, end) = self
             .pool
             .read_frontier(self.pool.geometry().seq_state_offset(self.topic));
+        let geometry = *self.pool.geometry();
+        let brokers: Vec<String> = (0..self.brokers.len())
+            .map(|b| {
+                let (written, _) = self.pool.read_frontier(geometry.frontier_offset(
+                    self.topic,
+                    b as u16,
+                    shared_log::layout::FRONTIER_WRITTEN,
+                ));
+                let (released, _) = self.pool.read_frontier(geometry.frontier_offset(
+                    self.topic,
+                    b as u16,
+                    shared_log::layout::FRONTIER_ORDERED,
+                ));
+                let sequencer = self.brokers[b]
+                    .running
+                    .as_ref()
+                    .and_then(|r| r.sequencer.as_ref())
+                    .map_or(String::new(), |s| format!(", sequencer {:?}", s.stats()));
+                format!("ring {b}: written {written}, released {released}{sequencer}")
+            })
+            .collect();
         format!(
-            "log end {end}; {}; {}",
+            "log end {end}; {}; {}; {}",
             publishers.join(", "),
-            subscribers.join(", ")
+            subscribers.join(", "),
+            brokers.join("; ")
         )
     }
 
@@ -1052,6 +1102,15 @@ impl World {
                 } => p
                     .acked
                     .push((first_message_index, message_count, global_start)),
+                PublisherEvent::Rejected {
+                    batch_seq, reason, ..
+                } if self.sequencer_config.hold_timeout_ns == HOLD_FOREVER_NS => {
+                    return Err(format!(
+                        "publisher {}: batch {batch_seq} rejected although the sequencer never \
+                         gives a gap up: {reason}",
+                        p.id
+                    ));
+                }
                 PublisherEvent::Rejected {
                     first_message_index: Some(first),
                     message_count: Some(count),
