@@ -283,7 +283,10 @@ struct SimPublisher {
     next_message: u64,
     next_publish_ns: u64,
     message_bytes_max: usize,
-    sent: HashSet<u64>,
+    /// Batches handed to a connection, by (session epoch, sequence), and those handed out
+    /// more than once.
+    sent: HashSet<(u32, u64)>,
+    resent: HashSet<(u32, u64)>,
     acked: Vec<(u64, u32, Option<u64>)>,
     rejected: Vec<(u64, u32)>,
     resends: u64,
@@ -590,6 +593,7 @@ impl World {
             next_publish_ns: 0,
             message_bytes_max,
             sent: HashSet::new(),
+            resent: HashSet::new(),
             acked: Vec::new(),
             rejected: Vec::new(),
             resends: 0,
@@ -1102,12 +1106,16 @@ impl World {
                 } => p
                     .acked
                     .push((first_message_index, message_count, global_start)),
+                // A sequencer that never gives a gap up rejects only resends (whose first
+                // copy it may have ordered: the documented "once or not at all").
                 PublisherEvent::Rejected {
                     batch_seq, reason, ..
-                } if self.sequencer_config.hold_timeout_ns == HOLD_FOREVER_NS => {
+                } if self.sequencer_config.hold_timeout_ns == HOLD_FOREVER_NS
+                    && !p.resent.contains(&(core.session_epoch(), batch_seq)) =>
+                {
                     return Err(format!(
-                        "publisher {}: batch {batch_seq} rejected although the sequencer never \
-                         gives a gap up: {reason}",
+                        "publisher {}: batch {batch_seq}, sent once, rejected although the \
+                         sequencer never gives a gap up: {reason}",
                         p.id
                     ));
                 }
@@ -1137,9 +1145,11 @@ impl World {
                     if self.links.get(&link).is_none_or(|l| l.reset) {
                         continue;
                     }
-                    let again = !p.sent.insert(transmit.seq);
+                    let key = (core.session_epoch(), transmit.seq);
+                    let again = !p.sent.insert(key);
                     if again {
                         p.resends += 1;
+                        p.resent.insert(key);
                     }
                     if !(again && self.fault == Some(SimFault::ForgetResend)) {
                         self.send(link, &transmit.bytes);
@@ -1449,6 +1459,7 @@ fn placeholder() -> SimPublisher {
         next_publish_ns: 0,
         message_bytes_max: 0,
         sent: HashSet::new(),
+        resent: HashSet::new(),
         acked: Vec::new(),
         rejected: Vec::new(),
         resends: 0,
