@@ -91,7 +91,9 @@ pub enum PoolError {
     /// The topic exists with another configuration.
     #[error(
         "topic {name:?} exists with order {order}, ack {ack}, rf {replication_factor}, \
-         retention {retention:?}"
+         retention {retention:?}, retention_bytes {}, retention_ms {}",
+        history.bytes,
+        history.ms
     )]
     TopicConflict {
         /// Topic name.
@@ -104,6 +106,8 @@ pub enum PoolError {
         replication_factor: u8,
         /// Its retention.
         retention: Retention,
+        /// How much history its replicas keep.
+        history: HistoryRetention,
     },
     /// A topic id beyond the table, or a slot that holds no topic.
     #[error("no topic with id {topic}")]
@@ -348,6 +352,7 @@ impl<M: SharedMemory> Pool<M> {
                             ack: existing.ack,
                             replication_factor: existing.replication_factor,
                             retention: existing.retention,
+                            history: existing.history,
                         });
                     }
                     return Ok(topic);

@@ -243,22 +243,32 @@ impl HistoryReader {
                 .into_iter()
                 .find(|&first| first >= self.next_ordinal);
             if self.next_segment != Some(self.next_ordinal) {
+                // A later segment, and the one read now is gone: retention deleted the
+                // segments between (with this file still here, the gap is damage).
+                if self.next_segment.is_some() && !self.path.exists() {
+                    return Err(self.deleted()?);
+                }
                 return Ok(false);
             }
         }
         let path = replica::segment_path(&self.dir, self.topic, self.next_ordinal);
         let Some(file) = open_segment(&path)? else {
-            let start = log_start(&self.dir, self.topic)?.map_or(u64::MAX, |(start, ..)| start);
-            return Err(HistoryError::Deleted {
-                ordinal: self.next_ordinal,
-                start,
-            });
+            return Err(self.deleted()?);
         };
         self.path = path;
         self.file = file;
         self.offset = 0;
         self.next_segment = None;
         Ok(true)
+    }
+
+    /// The error for a next batch that retention deleted, naming where the log starts now.
+    fn deleted(&self) -> Result<HistoryError, HistoryError> {
+        let start = log_start(&self.dir, self.topic)?.map_or(u64::MAX, |(start, ..)| start);
+        Ok(HistoryError::Deleted {
+            ordinal: self.next_ordinal,
+            start,
+        })
     }
 
     /// The header of the next record, which is below the durable end: missing or damaged,
@@ -571,6 +581,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A reader past its first segment switch (it no longer knows which segment comes
+    /// next) is told too, not handed a damage error.
+    #[test]
+    fn a_reader_deep_in_the_log_that_retention_overtakes_is_told_where_it_starts() {
+        let dir = TempDir::new("overtaken");
+        let mut log = write_segments(&dir.0, 60, 8 << 10);
+        let segments = replica::segment_list(&dir.0, 0).unwrap();
+        assert!(segments.len() > 5, "{segments:?}");
+        // Into the second segment.
+        let mut reader = HistoryReader::open(&dir.0, 0, 0).unwrap();
+        let into_second = segments[1] + 1;
+        let read = reader
+            .poll(into_second as usize, u64::MAX, 60, |_| {})
+            .unwrap();
+        assert_eq!(read as u64, into_second);
+        let keep = HistoryRetention {
+            bytes: 20 << 10,
+            ms: 0,
+        };
+        log.apply_retention(keep, std::time::SystemTime::now())
+            .unwrap();
+        let first = replica::segment_list(&dir.0, 0).unwrap()[0];
+        assert!(first > segments[2], "retention went past the next segment");
+        let result = loop {
+            match reader.poll(1, u64::MAX, 60, |_| {}) {
+                Ok(1) => {}
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(result, Err(HistoryError::Deleted { start, .. }) if start == first * 3),
+            "{result:?}"
+        );
     }
 
     #[test]

@@ -243,6 +243,13 @@ pub struct TopicDescription {
     /// Age of disk history kept, in milliseconds (0: no limit).
     #[serde(default)]
     pub retention_ms: u64,
+    /// Ordinal of the topic's first batch in the pool it was replicated from (its origin;
+    /// a restore falls back to it when no segment says where the replica starts).
+    #[serde(default)]
+    pub origin_ordinal: u64,
+    /// Position of that batch's first message.
+    #[serde(default)]
+    pub origin_position: u64,
 }
 
 impl TopicDescription {
@@ -323,6 +330,12 @@ fn scan_log(
     let mut log = Scanned::default();
     for first_ordinal in segments {
         if log.first.is_some() && first_ordinal != log.end_ordinal {
+            log::warn!(
+                "replica {}: topic {topic}'s log stops at batch {}: the next segment begins at \
+                 {first_ordinal} (damage or a gap); what follows is not read",
+                dir.display(),
+                log.end_ordinal
+            );
             break;
         }
         let path = segment_path(dir, topic, first_ordinal);
@@ -759,11 +772,20 @@ impl ReplicaLog {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_error(&path, "delete")(e)),
+                // Replication goes on; the deletion is tried again at the next check.
+                Err(e) => {
+                    log::warn!("replica {}: cannot delete: {e}", path.display());
+                    break;
+                }
             }
             total -= oldest.bytes;
             deleted += 1;
             self.closed.pop_front();
+        }
+        // Deleted for good: segments that came back after a crash would be harmless, but a
+        // file system that reorders unlinks could bring back an old one without the next.
+        if deleted > 0 {
+            sync_dir(&self.dir)?;
         }
         Ok(deleted)
     }
@@ -843,14 +865,21 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 retention: config.retention as u8,
                 retention_bytes: config.history.bytes,
                 retention_ms: config.history.ms,
+                origin_ordinal: 0,
+                origin_position: 0,
             };
             let meta = meta_path(&self.config.dir, topic);
-            let text = toml::to_string(&description).expect("a description serializes");
-            std::fs::write(&meta, text).map_err(io_error(&meta, "write"))?;
             let origin = self
                 .pool
                 .topic_origin(topic)
                 .map_err(|e| meta_error(&meta, e.to_string()))?;
+            let description = TopicDescription {
+                origin_ordinal: origin.ordinal,
+                origin_position: origin.position,
+                ..description
+            };
+            let text = toml::to_string(&description).expect("a description serializes");
+            std::fs::write(&meta, text).map_err(io_error(&meta, "write"))?;
             let log = ReplicaLog::open(&self.config.dir, topic, origin, self.config.segment_bytes)?;
             let mut reader = LogReader::new(self.pool.clone(), topic, true)
                 .map_err(|source| ReplicaError::Read { topic, source })?;
@@ -1013,9 +1042,10 @@ pub fn restore<M: SharedMemory + Clone>(
     use shared_log::sequencer::{Sequencer, SequencerConfig};
     use shared_log::writer::{AppendError, BatchMeta, TopicWriter};
 
-    // Per topic: its description, the directory of the replica that reaches furthest, and
-    // where that replica ends.
-    let mut descriptions: Vec<(TopicDescription, PathBuf, u64)> = Vec::new();
+    // Per topic: its description, the directory of the replica that reaches furthest (on
+    // equal ends, the one that keeps more history), and (end, start) of that replica.
+    let mut descriptions: Vec<(TopicDescription, PathBuf, (u64, std::cmp::Reverse<u64>))> =
+        Vec::new();
     for dir in dirs {
         let entries = std::fs::read_dir(dir).map_err(io_error(dir, "list"))?;
         for entry in entries {
@@ -1045,6 +1075,10 @@ pub fn restore<M: SharedMemory + Clone>(
     let mut restored = Restored { topics: Vec::new() };
     for (description, dir, _) in &descriptions {
         let log = &meta_path(dir, description.id);
+        let described = LogOrigin {
+            ordinal: description.origin_ordinal,
+            position: description.origin_position,
+        };
         let origin = match segment_list(dir, description.id)
             .map_err(io_error(dir, "list"))?
             .first()
@@ -1054,10 +1088,10 @@ pub fn restore<M: SharedMemory + Clone>(
                     ordinal: header.ordinal,
                     position: header.global_start,
                 },
-                Ok(None) => LogOrigin::default(),
+                Ok(None) => described,
                 Err(e) => return Err(io_error(dir, "read")(e)),
             },
-            None => LogOrigin::default(),
+            None => described,
         };
         let topic = pool
             .create_topic_from(&description.name, description.config()?, origin)
@@ -1104,7 +1138,7 @@ pub fn restore<M: SharedMemory + Clone>(
             writer.poll_completions(usize::MAX, |outcome| placed = outcome.global_start);
             if placed != Some(record.header.global_start) {
                 return Err(ReplicaError::Diverged {
-                    path: segment_path(dir, description.id, record.header.ordinal),
+                    path: dir.clone(),
                     ordinal: record.header.ordinal,
                     what: format!(
                         "batch placed at {placed:?} on restore, the replica says {}",
@@ -1145,13 +1179,13 @@ pub fn restore<M: SharedMemory + Clone>(
     Ok(restored)
 }
 
-/// Ordinal after the last readable batch of the replica of `topic` in `dir` (0 when empty).
-fn replica_end(dir: &Path, topic: TopicId) -> Result<u64, ReplicaError> {
-    let segments = segment_list(dir, topic).map_err(io_error(dir, "list"))?;
-    let Some(&last) = segments.last() else {
-        return Ok(0);
-    };
-    Ok(scan(&segment_path(dir, topic, last), last, |_| Ok(()))?.end_ordinal)
+/// Where the replica of `topic` in `dir` ends, as the batches it can replay without a gap
+/// (ordinal after the last), and where it starts: a damaged or missing segment in the
+/// middle ends it there, as the replay would.
+fn replica_end(dir: &Path, topic: TopicId) -> Result<(u64, std::cmp::Reverse<u64>), ReplicaError> {
+    let scanned = scan_log(dir, topic, |_| Ok(()))?;
+    let start = scanned.first.map_or(0, |(ordinal, _)| ordinal);
+    Ok((scanned.end_ordinal, std::cmp::Reverse(start)))
 }
 
 fn meta_error(path: &Path, what: String) -> ReplicaError {
@@ -1362,5 +1396,48 @@ mod tests {
             (101, 202),
             "the files, not the origin, say where it is"
         );
+    }
+
+    #[test]
+    fn restore_takes_the_replica_that_replays_furthest_without_a_gap() {
+        let longer = TempDir::new("restore-longer");
+        let intact = TempDir::new("restore-intact");
+        let now = Timestamp::now();
+        // Two records per segment; the longer replica is damaged in its second segment.
+        for (dir, batches) in [(&longer.0, 20), (&intact.0, 19)] {
+            let mut log = open(dir, 300);
+            for i in 0..batches {
+                log.append(&batch(i, &payload(i, 100)), now).unwrap();
+                log.sync().unwrap();
+            }
+            let description = TopicDescription {
+                id: 0,
+                name: "kept".into(),
+                order: 5,
+                ack: 2,
+                replication_factor: 2,
+                retention: 0,
+                retention_bytes: 0,
+                retention_ms: 0,
+                origin_ordinal: 0,
+                origin_position: 0,
+            };
+            let text = toml::to_string(&description).unwrap();
+            std::fs::write(meta_path(dir, 0), text).unwrap();
+        }
+        let segments = segment_list(&longer.0, 0).unwrap();
+        let path = segment_path(&longer.0, 0, segments[1]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[RECORD_HEADER_BYTES + 5] ^= 0xFF;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let pool = shared_log::heap::small_test_pool();
+        let restored = restore(&pool, 0, &[longer.0.clone(), intact.0.clone()]).unwrap();
+        let topic = &restored.topics[0];
+        assert_eq!(
+            topic.dir, intact.0,
+            "the damaged replica replays only 2 batches"
+        );
+        assert_eq!((topic.end_ordinal, topic.end_position), (19, 38));
     }
 }
