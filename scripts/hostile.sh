@@ -100,13 +100,13 @@ echo "== baseline: no attacker"
 loadgen baseline hostile-baseline
 
 attack slowloris 'outcomes.DeadlineExpired == 4' -- \
-    "$target/hostile" slowloris --broker "$head" --topic hostile-slowloris --connections 4 \
+    "$target/hostile" slowloris --broker "$head" --create-on "$brokers" --topic hostile-slowloris --connections 4 \
     --duration-s $((duration + 2))
 attack silent 'outcomes.DeadlineExpired == 64 and outcomes.ConnectionLimit == 136 and last_answer_s < 4' -- \
     "$target/hostile" --source-ip 127.0.0.2 silent --broker "$head" --connections 200 \
     --duration-s $((duration + 2))
 attack stalled-subscriber 'outcomes.PositionTruncated == 1' -- \
-    "$target/hostile" stalled-subscriber --broker "$head" --topic hostile-stalled-subscriber \
+    "$target/hostile" stalled-subscriber --broker "$head" --create-on "$brokers" --topic hostile-stalled-subscriber \
     --duration-s $((duration + 2))
 attack topic-spam 'outcomes.UnknownTopic == 20' -- \
     "$target/hostile" topic-spam --broker "$head" --count 20

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use socket2::{Domain, Socket, Type};
 use wire::{
-    AckLevel, BatchHeaderRepr, CreateTopicRepr, Decoded, FROM_END, Frame, FrameDecoder, HelloRepr,
-    Limits, Order, Retention, Role, Topic,
+    AckLevel, BatchHeaderRepr, Decoded, FROM_END, Frame, FrameDecoder, HelloRepr, Limits, Order,
+    Role, Topic,
 };
 
 /// Attacks a broker the way a hostile client would, and reports what it got.
@@ -101,6 +101,10 @@ struct TopicArgs {
     /// Topic (created first with order --order, ack 1, if missing).
     #[arg(long)]
     topic: String,
+    /// Brokers to send the CreateTopic to, in order, until one creates it: the one that
+    /// holds the sequencer lease, which a standby may have taken over (default: --broker).
+    #[arg(long, value_delimiter = ',')]
+    create_on: Vec<SocketAddr>,
     /// The topic's order: 0, 1, 2 or 5.
     #[arg(long, default_value_t = 5)]
     order: u8,
@@ -251,34 +255,26 @@ fn order(value: u8) -> Result<Order, String> {
 }
 
 /// CreateTopic with ack 1, no replicas, default retention (idempotent for those settings).
-fn create_topic(target: Target, name: &str, order: Order) -> Result<(), String> {
-    let mut peer = target
-        .connect()
-        .map_err(|e| format!("connect {}: {e}", target.broker))?;
-    peer.send(
-        &Frame::CreateTopic(CreateTopicRepr {
-            topic: topic(name)?,
-            order,
-            ack: AckLevel::Ordered,
-            replication_factor: 0,
-            retention: Retention::StallLimited,
-            history: wire::HistoryRetention::UNLIMITED,
-        })
-        .to_bytes(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        match peer.next() {
-            Read1::Frame(Frame::TopicOk(_)) => {
-                peer.send(&Frame::Goodbye.to_bytes());
-                return Ok(());
-            }
-            Read1::Frame(other) => return Err(format!("CreateTopic answered {other:?}")),
-            Read1::Closed => return Err("closed before TopicOk".into()),
-            Read1::Delivery(_) | Read1::Nothing => {}
-        }
-    }
-    Err("no TopicOk within 5 s".into())
+/// Creates `name` (ack 1, no replicas) on whichever of `on` creates topics, or on the
+/// attacked broker when `on` is empty.
+fn create_topic(target: Target, on: &[SocketAddr], name: &str, order: Order) -> Result<(), String> {
+    let spec = client::TopicSpec {
+        topic: name.to_owned(),
+        order: order as u8,
+        ack: 1,
+        replication_factor: 0,
+        hold_for_subscribers: false,
+        retention_bytes: 0,
+        retention_ms: 0,
+    };
+    let brokers = if on.is_empty() {
+        &[target.broker][..]
+    } else {
+        on
+    };
+    client::create_topic_on_cluster(brokers, &spec, Duration::from_secs(5))
+        .map(|_| ())
+        .map_err(|e| format!("CreateTopic {name:?}: {e}"))
 }
 
 fn hello(topic: Topic, role: Role, order: Order, client_id: u64) -> Vec<u8> {
@@ -364,15 +360,15 @@ fn report(
 
 fn slowloris(
     target: Target,
-    name: &str,
-    order_value: u8,
+    on: &TopicArgs,
     connections: usize,
     payload_bytes: u32,
     byte_interval: Duration,
     duration: Duration,
 ) -> Result<serde_json::Value, String> {
-    let order = order(order_value)?;
-    create_topic(target, name, order)?;
+    let name = on.topic.as_str();
+    let order = order(on.order)?;
+    create_topic(target, &on.create_on, name, order)?;
     let mut payload = vec![0u8; payload_bytes as usize];
     payload[..4].copy_from_slice(&(payload_bytes - 4).to_le_bytes());
     let header = BatchHeaderRepr::for_payload(0, 1, &payload, &Limits::default())
@@ -427,12 +423,12 @@ fn silent(
 
 fn stalled_subscriber(
     target: Target,
-    name: &str,
-    order_value: u8,
+    on: &TopicArgs,
     duration: Duration,
 ) -> Result<serde_json::Value, String> {
-    let order = order(order_value)?;
-    create_topic(target, name, order)?;
+    let name = on.topic.as_str();
+    let order = order(on.order)?;
+    create_topic(target, &on.create_on, name, order)?;
     let mut peer = target
         .connect()
         .map_err(|e| format!("connect {}: {e}", target.broker))?;
@@ -628,8 +624,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
             duration_s,
         } => slowloris(
             target(&on.broker),
-            &on.topic,
-            on.order,
+            on,
             *connections,
             *payload_bytes,
             Duration::from_millis(*byte_interval_ms),
@@ -640,12 +635,9 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
             connections,
             duration_s,
         } => silent(target(broker), *connections, seconds(*duration_s)),
-        Attack::StalledSubscriber { on, duration_s } => stalled_subscriber(
-            target(&on.broker),
-            &on.topic,
-            on.order,
-            seconds(*duration_s),
-        ),
+        Attack::StalledSubscriber { on, duration_s } => {
+            stalled_subscriber(target(&on.broker), on, seconds(*duration_s))
+        }
         Attack::TopicSpam { broker, count } => topic_spam(target(broker), *count),
         Attack::MetricsSilent {
             metrics,
