@@ -431,11 +431,11 @@ fn a_gap_error_for_the_last_batch_after_goodbye_precedes_the_goodbye() {
     assert_eq!(frames[3..], [Frame::Goodbye], "{frames:?}");
 }
 
-/// A subscriber Hello for topic "gaps" from position 0.
-fn subscriber_hello() -> Vec<u8> {
+/// A subscriber Hello for topic "gaps" from `from_position`.
+fn subscriber_hello(from_position: u64) -> Vec<u8> {
     Frame::Hello(HelloRepr {
         role: Role::Subscribe {
-            from_position: 0,
+            from_position,
             batch_bytes_max: 0,
         },
         order: Order::TotalSessionFifo,
@@ -475,7 +475,7 @@ fn a_delivery_overwritten_while_it_is_sent_resets_the_connection() {
     let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
     // The socket takes the HelloOk and the delivery, and the log is overwritten while it
     // copies them.
-    let mut pipe = Pipe::new(subscriber_hello());
+    let mut pipe = Pipe::new(subscriber_hello(0));
     pipe.during = Some(Box::new(lap));
     let service = subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
     assert!(service.ended, "the connection ends at once");
@@ -489,7 +489,7 @@ fn a_queued_delivery_overwritten_before_it_is_sent_is_reported_and_never_sent() 
     let lap = one_batch_and_a_lap(&mut state, &mut sequencer);
     let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
     // The delivery is queued while the subscriber's socket takes nothing.
-    let mut pipe = Pipe::new(subscriber_hello());
+    let mut pipe = Pipe::new(subscriber_hello(0));
     pipe.stalled = true;
     subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
     assert!(subscriber.has_output() && pipe.output.is_empty());
@@ -535,19 +535,8 @@ fn a_subscriber_from_a_position_inside_a_batch_gets_the_batch_from_that_position
     sequencer.refresh_topics().unwrap();
     assert_eq!(sequencer.poll(Timestamp::ZERO), 1);
 
-    let hello = Frame::Hello(HelloRepr {
-        role: Role::Subscribe {
-            from_position: 3,
-            batch_bytes_max: 0,
-        },
-        order: Order::TotalSessionFifo,
-        ack: AckLevel::FireAndForget,
-        client_id: 8,
-        session_epoch: 1,
-        topic: Topic::new("gaps").unwrap(),
-    });
     let mut subscriber = Connection::new(2, &state, Timestamp::ZERO);
-    let mut pipe = Pipe::new(hello.to_bytes());
+    let mut pipe = Pipe::new(subscriber_hello(3));
     subscriber.service(&mut pipe, &mut state, Timestamp::ZERO, true, true);
     let mut decoder = FrameDecoder::new(Limits::default());
     let (mut at, mut deliveries, mut received) = (0, Vec::new(), Vec::new());
