@@ -121,6 +121,7 @@ mod net;
 pub mod pacing;
 mod publisher;
 mod publisher_core;
+mod publisher_io;
 #[cfg(feature = "sim")]
 pub mod sim;
 mod stats;

@@ -433,8 +433,8 @@ pub(crate) fn connect_and_hello(
         "Hello/HelloOk exchange",
     )?;
     let ok = check_hello_answer(addr, answer, hello.order, hello.ack)?;
-    // Later reads and writes block without a bound: the publisher's reader threads are
-    // woken by shutdown(), and writes are bounded by TCP's own backpressure.
+    // No socket timeouts after the handshake: the publisher's I/O thread never blocks on a
+    // socket, and a subscriber sets a read timeout per call from its own deadline.
     stream
         .set_read_timeout(None)
         .and_then(|()| stream.set_write_timeout(None))

@@ -2,45 +2,35 @@
 //!
 //! A batch that is the only one outstanding is written by the caller's thread when the
 //! socket takes it whole without blocking: no hand-off between threads on the way out.
-//! Otherwise (other batches outstanding, whose writes the writer threads overlap with the
-//! caller's work, or a full socket buffer) it goes to the connection's writer thread, which
-//! writes batches in order, blocking as needed. Each connection also has
-//! a reader thread (decodes Acks, Errors and Goodbye, and timestamps them on arrival). A
-//! connection the core asks for is opened by a short-lived connector thread (one round over
-//! the candidate brokers). All of them report to the publisher over one channel; the
-//! publisher's own thread owns the protocol state and is the only one that changes it.
+//! Otherwise (other batches outstanding, whose writes the I/O thread overlaps with the
+//! caller's work, or a full socket buffer) it goes to the publisher's one I/O thread
+//! ([`crate::publisher_io`]), which writes each connection's batches in order without
+//! blocking on any socket and decodes what the brokers send (Acks, Errors and Goodbye,
+//! timestamped on arrival). A connection the core asks for is opened by a short-lived
+//! connector thread (one round over the candidate brokers). Both report to the publisher
+//! over one channel; the publisher's own thread owns the protocol state and is the only
+//! one that changes it.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use hdrhistogram::Histogram;
 use units::Timestamp;
-use wire::{AckLevel, Frame, FrameKind, HelloOkRepr, HelloRepr, Role};
+use wire::{AckLevel, Frame, HelloOkRepr, HelloRepr, Role};
 
 use crate::config::PublisherConfig;
 use crate::error::ClientError;
-use crate::net::{
-    FrameReader, Inbound, ReadOutcome, connect_and_hello, detect_dead_peer, write_frame,
-};
+use crate::net::{FrameReader, connect_and_hello, detect_dead_peer, write_frame};
 use crate::publisher_core::{
     Command, ConnId, ConnectRequest, CoreParams, PublisherCore, PublisherEvent, Transmit,
 };
+use crate::publisher_io::{ConnectionEvent, IoThread, WriteCommand};
 use crate::stats::PublisherStats;
-
-enum WriteCommand {
-    /// A batch, of which the first `from` bytes are already written.
-    Batch {
-        batch: Transmit,
-        from: usize,
-    },
-    Goodbye,
-}
 
 /// A connection that completed its handshake.
 struct Opened {
@@ -71,17 +61,28 @@ enum IoEvent {
     },
 }
 
+impl From<ConnectionEvent> for IoEvent {
+    fn from(event: ConnectionEvent) -> Self {
+        match event {
+            ConnectionEvent::Frame { conn, frame, at } => IoEvent::Frame { conn, frame, at },
+            ConnectionEvent::Written { conn, seq } => IoEvent::Written { conn, seq },
+            ConnectionEvent::Ended { conn, error } => IoEvent::Ended { conn, error },
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ConnectionIo {
+    /// The caller's handle on the socket (the I/O thread holds another): for writes that
+    /// go out from the caller's thread, and to shut the connection down.
     stream: TcpStream,
     hello_ok: HelloOkRepr,
-    commands: Option<Sender<WriteCommand>>,
-    /// Batches handed to the writer thread whose `Written` the publisher has not handled
-    /// yet. While there are any, a new batch queues behind them: batches reach the socket,
-    /// and the core hears of them, in order.
+    /// False once Goodbye is queued: nothing more is written.
+    writable: bool,
+    /// Batches handed to the I/O thread whose `Written` the publisher has not handled yet.
+    /// While there are any, a new batch queues behind them: batches reach the socket, and
+    /// the core hears of them, in order.
     queued_batches: usize,
-    writer: Option<JoinHandle<()>>,
-    reader: Option<JoinHandle<()>>,
 }
 
 /// How the publisher opens connections.
@@ -181,6 +182,7 @@ fn core_params(config: &PublisherConfig, ack: AckLevel, opened: &[Opened]) -> Co
 pub struct Publisher {
     core: PublisherCore,
     connections: BTreeMap<ConnId, ConnectionIo>,
+    io: IoThread,
     events: Receiver<IoEvent>,
     event_sender: Sender<IoEvent>,
     dialer: Dialer,
@@ -221,9 +223,20 @@ impl Publisher {
         let opened = dialer.open_all(&config.brokers, config.connections_per_broker)?;
         let core = PublisherCore::new(core_params(&config, valid.ack, &opened));
         let (event_sender, events) = crossbeam_channel::unbounded();
+        let io = match IoThread::start(event_sender.clone()) {
+            Ok(io) => io,
+            Err(error) => {
+                let addr = opened.first().map_or(config.brokers[0], |o| o.addr);
+                for connection in &opened {
+                    say_goodbye_and_close(connection.addr, &connection.stream);
+                }
+                return Err(ClientError::io(addr, "starting the I/O thread", error));
+            }
+        };
         let mut publisher = Publisher {
             core,
             connections: BTreeMap::new(),
+            io,
             events,
             event_sender,
             dialer,
@@ -418,34 +431,31 @@ impl Publisher {
             match command {
                 Command::Transmit(batch) => self.transmit(batch),
                 Command::Connect(request) => self.start_connect(request),
-                Command::Goodbye(conn) => {
-                    self.send(conn, WriteCommand::Goodbye);
-                    if let Some(connection) = self.connections.get_mut(&conn) {
-                        connection.commands = None;
-                    }
-                }
+                Command::Goodbye(conn) => self.send_goodbye(conn),
                 Command::Close(conn) => self.release(conn),
             }
         }
     }
 
-    /// Writes `batch` from this thread when it is the only one outstanding and can go out
-    /// whole at once, else hands it (or what is left of it) to the connection's writer
-    /// thread. A writer that is gone has
-    /// reported (or is about to report) why; the core then takes the batch back for a resend.
+    /// Writes `batch` from this thread when it is small or the only one outstanding and the
+    /// socket takes it whole at once, else hands it (or what is left of it) to the I/O
+    /// thread. A connection that is gone has reported (or is about to report) why; the core
+    /// then takes the batch back for a resend.
     fn transmit(&mut self, batch: Transmit) {
-        // With other batches outstanding the writer threads overlap their writes with this
-        // thread's work (throughput); alone, the batch goes out at once (latency).
-        let alone = self.core.outstanding_batches() <= 1;
+        // A large batch among others goes to the I/O thread, whose writes (the kernel's copy
+        // of the bytes) overlap this thread's work on another core (throughput); a small or
+        // lone batch goes out at once, without a hand-off (latency, and less CPU per batch).
+        let direct =
+            batch.bytes.len() <= DIRECT_WRITE_BYTES_MAX || self.core.outstanding_batches() <= 1;
         let Some(connection) = self.connections.get_mut(&batch.conn) else {
             return;
         };
-        let Some(commands) = &connection.commands else {
+        if !connection.writable {
             return;
-        };
+        }
         let mut from = 0;
-        if alone && connection.queued_batches == 0 {
-            // An error here is left to the writer thread, which meets it again and reports it.
+        if direct && connection.queued_batches == 0 {
+            // An error here is left to the I/O thread, which meets it again and reports it.
             from = write_without_blocking(&connection.stream, &batch.bytes);
             if from == batch.bytes.len() {
                 let (conn, seq) = (batch.conn, batch.seq);
@@ -455,16 +465,19 @@ impl Publisher {
                 return;
             }
         }
-        if commands.send(WriteCommand::Batch { batch, from }).is_ok() {
-            connection.queued_batches += 1;
-        }
+        connection.queued_batches += 1;
+        self.io
+            .write(batch.conn, WriteCommand::Batch { batch, from });
     }
 
-    fn send(&self, conn: ConnId, command: WriteCommand) -> bool {
-        self.connections
-            .get(&conn)
-            .and_then(|c| c.commands.as_ref())
-            .is_some_and(|commands| commands.send(command).is_ok())
+    /// Queues Goodbye, the last thing `conn` writes.
+    fn send_goodbye(&mut self, conn: ConnId) {
+        if let Some(connection) = self.connections.get_mut(&conn)
+            && connection.writable
+        {
+            connection.writable = false;
+            self.io.write(conn, WriteCommand::Goodbye);
+        }
     }
 
     /// Opens a connection in the background: one round over the request's candidates.
@@ -484,7 +497,7 @@ impl Publisher {
         }
     }
 
-    /// Starts the I/O threads of a connection the core accepted as `id`.
+    /// Hands a connection the core accepted as `id` to the I/O thread.
     fn install(&mut self, id: ConnId, opened: Opened) -> Result<(), ClientError> {
         let Opened {
             addr,
@@ -492,18 +505,24 @@ impl Publisher {
             reader,
             hello_ok,
         } = opened;
-        let mut connection = ConnectionIo {
-            stream,
-            hello_ok,
-            commands: None,
-            queued_batches: 0,
-            writer: None,
-            reader: None,
+        let io_stream = match stream.try_clone() {
+            Ok(io_stream) => io_stream,
+            Err(error) => {
+                say_goodbye_and_close(addr, &stream);
+                return Err(ClientError::io(addr, "cloning the socket handle", error));
+            }
         };
-        let started = start_io(id, addr, &mut connection, reader, &self.event_sender);
-        // Registered even when a thread failed to start, so that release() joins the other.
-        self.connections.insert(id, connection);
-        started
+        self.io.add(id, addr, io_stream, reader);
+        self.connections.insert(
+            id,
+            ConnectionIo {
+                stream,
+                hello_ok,
+                writable: true,
+                queued_batches: 0,
+            },
+        );
+        Ok(())
     }
 
     /// Installs the connections opened at the start, connection `i` as id `i`; after a
@@ -597,23 +616,14 @@ impl Publisher {
         }
     }
 
-    /// Closes a connection's socket (which also wakes threads blocked in reads or writes)
-    /// and joins its threads.
+    /// Shuts a connection's socket down and has the I/O thread let go of it.
     fn release(&mut self, conn: ConnId) {
-        let Some(mut connection) = self.connections.remove(&conn) else {
+        let Some(connection) = self.connections.remove(&conn) else {
             return;
         };
         // Already closed by the peer is fine: the goal is that nothing stays open.
         let _ = connection.stream.shutdown(Shutdown::Both);
-        connection.commands = None;
-        for handle in [connection.writer.take(), connection.reader.take()]
-            .into_iter()
-            .flatten()
-        {
-            if handle.join().is_err() {
-                log::error!("a publisher I/O thread panicked");
-            }
-        }
+        self.io.remove(conn);
     }
 
     /// Goodbye on every connection, a bounded wait for the brokers' Goodbye, then close the
@@ -622,7 +632,7 @@ impl Publisher {
         self.closed = true;
         self.closing.store(true, Ordering::Relaxed);
         for conn in self.core.start_shutdown() {
-            self.send(conn, WriteCommand::Goodbye);
+            self.send_goodbye(conn);
         }
         let deadline = Timestamp::now() + self.goodbye_timeout;
         while !self
@@ -642,6 +652,7 @@ impl Publisher {
         for conn in open {
             self.release(conn);
         }
+        self.io.stop();
         self.drain_events();
     }
 }
@@ -715,72 +726,14 @@ fn close_unwanted(event: IoEvent) {
     }
 }
 
-fn start_io(
-    id: ConnId,
-    addr: SocketAddr,
-    connection: &mut ConnectionIo,
-    reader: FrameReader,
-    events: &Sender<IoEvent>,
-) -> Result<(), ClientError> {
-    let spawn_error = |error| ClientError::io(addr, "starting a connection thread", error);
-    let write_stream = connection.stream.try_clone().map_err(spawn_error)?;
-    let read_stream = connection.stream.try_clone().map_err(spawn_error)?;
-    let (commands, queue) = crossbeam_channel::unbounded();
-    let writer_events = events.clone();
-    connection.writer = Some(
-        thread::Builder::new()
-            .name(format!("pub-write-{id}"))
-            .spawn(move || write_loop(id, addr, write_stream, &queue, &writer_events))
-            .map_err(spawn_error)?,
-    );
-    connection.commands = Some(commands);
-    let reader_events = events.clone();
-    connection.reader = Some(
-        thread::Builder::new()
-            .name(format!("pub-read-{id}"))
-            .spawn(move || read_loop(id, addr, reader, &read_stream, &reader_events))
-            .map_err(spawn_error)?,
-    );
-    Ok(())
-}
-
-fn write_loop(
-    conn: ConnId,
-    addr: SocketAddr,
-    mut stream: TcpStream,
-    queue: &Receiver<WriteCommand>,
-    events: &Sender<IoEvent>,
-) {
-    let goodbye = Frame::Goodbye.to_bytes();
-    for command in queue {
-        let (bytes, doing): (&[u8], _) = match &command {
-            WriteCommand::Batch { batch, from } => (&batch.bytes[*from..], "writing a batch"),
-            WriteCommand::Goodbye => (&goodbye, "sending Goodbye"),
-        };
-        if let Err(error) = stream.write_all(bytes) {
-            let _ = events.send(IoEvent::Ended {
-                conn,
-                error: Some(ClientError::io(addr, doing, error)),
-            });
-            return;
-        }
-        match command {
-            WriteCommand::Batch { batch, .. } => {
-                let seq = batch.seq;
-                // The bytes go back to the core's pool only once nobody else holds them.
-                drop(batch);
-                if events.send(IoEvent::Written { conn, seq }).is_err() {
-                    return;
-                }
-            }
-            WriteCommand::Goodbye => return,
-        }
-    }
-}
+/// Batches up to this size (frame included) are written from the caller's thread when nothing
+/// is queued before them: at 100,000 one-message batches/s, handing each to the I/O thread
+/// cost the load generator more CPU than the write itself, and with it the tail latency.
+const DIRECT_WRITE_BYTES_MAX: usize = 16 << 10;
 
 /// Writes as much of `bytes` as the socket takes without blocking (MSG_DONTWAIT: the
-/// socket stays in blocking mode for the writer thread); returns how much that was. Stops at
-/// the first error: the writer thread, which writes the rest, meets it again and reports it.
+/// socket's own mode does not matter); returns how much that was. Stops at the first error:
+/// the I/O thread, which writes the rest, meets it again and reports it.
 fn write_without_blocking(stream: &TcpStream, bytes: &[u8]) -> usize {
     let socket = socket2::SockRef::from(stream);
     let mut written = 0;
@@ -793,42 +746,4 @@ fn write_without_blocking(stream: &TcpStream, bytes: &[u8]) -> usize {
         }
     }
     written
-}
-
-fn read_loop(
-    conn: ConnId,
-    addr: SocketAddr,
-    mut reader: FrameReader,
-    stream: &TcpStream,
-    events: &Sender<IoEvent>,
-) {
-    loop {
-        let event = match reader.next(&mut &*stream) {
-            Ok(ReadOutcome::Item(Inbound::Frame(frame))) => IoEvent::Frame {
-                conn,
-                frame,
-                at: Timestamp::now(),
-            },
-            // No read timeout is set after the handshake, so this does not happen; reading
-            // on is right if it does.
-            Ok(ReadOutcome::TimedOut) => continue,
-            Ok(ReadOutcome::Item(Inbound::Delivery(..))) => IoEvent::Ended {
-                conn,
-                error: Some(ClientError::UnexpectedFrame {
-                    addr,
-                    got: FrameKind::Delivery,
-                    expected: "Ack, Error or Goodbye",
-                }),
-            },
-            Ok(ReadOutcome::Eof) => IoEvent::Ended { conn, error: None },
-            Err(error) => IoEvent::Ended {
-                conn,
-                error: Some(error),
-            },
-        };
-        let last = matches!(event, IoEvent::Ended { .. });
-        if events.send(event).is_err() || last {
-            return;
-        }
-    }
 }
