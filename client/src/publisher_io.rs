@@ -233,13 +233,19 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
                 if event.token() == WAKER {
                     continue;
                 }
-                // An error or a hang-up shows up in the next read or write.
+                // An error or a hang-up shows up in the next read or write. With the peer's
+                // end already in, the reads go on to it: a short read may be followed by the
+                // end of the stream, which raises no new edge.
                 let trouble = event.is_error() || event.is_read_closed() || event.is_write_closed();
-                let (read, write) = (
-                    event.is_readable() || trouble,
-                    event.is_writable() || trouble,
-                );
-                if !self.service(event.token().0 as ConnId, read, write) {
+                let reading = if trouble {
+                    Reading::UntilBlocked
+                } else if event.is_readable() {
+                    Reading::UntilShort
+                } else {
+                    Reading::No
+                };
+                let write = event.is_writable() || trouble;
+                if !self.service(event.token().0 as ConnId, reading, write) {
                     return;
                 }
             }
@@ -262,7 +268,7 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
                     let added = match self.add(conn, addr, stream, *reader) {
                         // What the handshake's reader already holds, or what arrived
                         // before the socket was watched.
-                        Ok(()) => self.service(conn, true, true),
+                        Ok(()) => self.service(conn, Reading::UntilBlocked, true),
                         Err(error) => self.report(ConnectionEvent::Ended {
                             conn,
                             error: Some(ClientError::io(addr, "watching the connection", error)),
@@ -279,7 +285,7 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
                             WriteCommand::Goodbye => 0,
                         };
                         connection.writes.push_back((command, written));
-                        if !self.service(conn, false, true) {
+                        if !self.service(conn, Reading::No, true) {
                             return false;
                         }
                     }
@@ -317,9 +323,9 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
         Ok(())
     }
 
-    /// Writes what is queued and reads what arrived (as asked), each until the socket
-    /// would block; false once the publisher is gone.
-    fn service(&mut self, conn: ConnId, read: bool, write: bool) -> bool {
+    /// Writes what is queued (when `write`) and reads what arrived (as `reading` says);
+    /// false once the publisher is gone.
+    fn service(&mut self, conn: ConnId, reading: Reading, write: bool) -> bool {
         let Some(connection) = self.connections.get_mut(&conn) else {
             return true;
         };
@@ -327,8 +333,8 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
         if write {
             outcome = connection.write_queued(conn, &self.events);
         }
-        if read && outcome.is_ok() {
-            outcome = connection.read_available(conn, &self.events);
+        if reading != Reading::No && outcome.is_ok() {
+            outcome = connection.read_available(conn, reading, &self.events);
         }
         match outcome {
             Ok(()) => true,
@@ -428,11 +434,13 @@ impl Connection {
     fn read_available<E: From<ConnectionEvent>>(
         &mut self,
         conn: ConnId,
+        reading: Reading,
         events: &Sender<E>,
     ) -> Result<(), Stop> {
         let mut source = UntilShort {
             stream: &self.stream,
             drained: false,
+            stop_short: reading == Reading::UntilShort,
         };
         loop {
             let event = match self.reader.next(&mut source) {
@@ -459,12 +467,24 @@ impl Connection {
     }
 }
 
-/// A socket read until it returns less than asked for: the receive queue was then empty,
-/// and data that arrives later raises a new edge, so the read that would only say
-/// `WouldBlock` (a system call per wake-up, one ack at a time) is skipped.
+/// How far a service reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Not at all.
+    No,
+    /// Until a read returns less than asked for: the receive queue was then empty, and data
+    /// that arrives later raises a new edge, so the read that would only say `WouldBlock`
+    /// (a system call per wake-up, one ack at a time) is skipped.
+    UntilShort,
+    /// Until the socket would block or the stream ends.
+    UntilBlocked,
+}
+
+/// A socket read as [`Reading`] says.
 struct UntilShort<'a> {
     stream: &'a TcpStream,
     drained: bool,
+    stop_short: bool,
 }
 
 impl io::Read for UntilShort<'_> {
@@ -474,7 +494,7 @@ impl io::Read for UntilShort<'_> {
         }
         let read = (&mut &*self.stream).read(buf)?;
         // 0 is the end of the stream, which the reader must see as such.
-        self.drained = read > 0 && read < buf.len();
+        self.drained = self.stop_short && read > 0 && read < buf.len();
         Ok(read)
     }
 }
