@@ -23,6 +23,7 @@
 #                      replication factor 2 (ack level 2)
 #   --replica-brokers "I J"  with --replicas: only these brokers replicate (default: all)
 #   --broker-args "A"  extra arguments for every broker (word-split)
+#   --kafka-base-port K  broker i also takes Kafka clients on 127.0.0.1:K+i (--kafka-listen)
 #
 # The pool is a file on hugetlbfs (/dev/hugepages) when hugepages are available, else a
 # /dev/shm file, announced. COMMAND runs with BROKERS=127.0.0.1:P,127.0.0.1:P+1,... set, and
@@ -31,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "cluster: $*" >&2; exit 1; }
 
 action=${1:-}
@@ -43,7 +44,7 @@ case $action in
     restart) target_broker=${1:?restart needs a broker index}; shift ;;
 esac
 brokers=4 base_port=9100 metrics_base_port= pool_arg= pool_bytes=1G dir=target/cluster
-coherence=noncoherent cpus= hold_ms= replicas=0 replica_brokers= broker_args=
+coherence=noncoherent cpus= hold_ms= replicas=0 replica_brokers= broker_args= kafka_base_port=
 command=()
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -58,6 +59,7 @@ while [[ $# -gt 0 ]]; do
         --hold-timeout-ms) hold_ms=$2; shift 2 ;;
         --replicas) replicas=1; shift ;;
         --replica-brokers) replica_brokers=$2; shift 2 ;;
+        --kafka-base-port) kafka_base_port=$2; shift 2 ;;
         --broker-args) broker_args=$2; shift 2 ;;
         --) shift; command=("$@"); break ;;
         -h|--help) usage; exit 0 ;;
@@ -123,6 +125,7 @@ start_cluster() {
             args+=(--head --format --pool-bytes "$pool_bytes" --brokers-max "$brokers")
         fi
         [[ -n $hold_ms ]] && args+=(--hold-timeout-ms "$hold_ms")
+        [[ -n $kafka_base_port ]] && args+=(--kafka-listen "127.0.0.1:$((kafka_base_port + i))")
         if [[ $replicas -eq 1 ]]; then
             args+=(--replication-factor 2)
             if [[ -z $replica_brokers || " $replica_brokers " == *" $i "* ]]; then

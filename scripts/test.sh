@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_cargo
-ensure_packages build-essential pkg-config util-linux python3
+# kcat: a Kafka client no one here wrote, for the Kafka listener's tests.
+ensure_packages build-essential pkg-config util-linux python3 kcat
 . scripts/lab.sh
 ensure_xdp_build_deps
 # 64 pages for the tests, 128 for the 256 MiB cluster pool.

@@ -90,6 +90,11 @@ struct Args {
     /// Address to accept clients on, e.g. 127.0.0.1:9000.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Also accept Kafka clients (plaintext) on this address, e.g. 127.0.0.1:9092. So far
+    /// they get ApiVersions and Metadata (each topic one partition, led by this broker);
+    /// kernel TCP backend only.
+    #[arg(long)]
+    kafka_listen: Option<SocketAddr>,
     /// The IPv4 address and port clients reach this broker at, which the other brokers name
     /// when they redirect a subscriber here (for positions only this broker's replica keeps).
     /// Default: --listen, unless that names no address (0.0.0.0) or an IPv6 one: then no
@@ -349,6 +354,7 @@ impl Ending {
             StartError::Limits(limit) => Ending::new(EXIT_USAGE, "limits", error)
                 .with("option", limit.option)
                 .with("value", limit.value),
+            StartError::KafkaOnBypass => Ending::new(EXIT_USAGE, "kafka_on_bypass", error),
         }
     }
 
@@ -493,6 +499,7 @@ fn merge(cli: Args, file: Args) -> Args {
         goi_entries: cli.goi_entries.or(file.goi_entries),
         listen: cli.listen.or(file.listen),
         advertise: cli.advertise.or(file.advertise),
+        kafka_listen: cli.kafka_listen.or(file.kafka_listen),
         head: cli.head || file.head,
         auto_create_topics: cli.auto_create_topics || file.auto_create_topics,
         hello_timeout_ms: cli.hello_timeout_ms.or(file.hello_timeout_ms),
@@ -593,6 +600,7 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             history_dir: replica.as_ref().map(|config| config.dir.clone()),
         },
         listen,
+        kafka_listen: args.kafka_listen,
         advertise: args.advertise,
         socket_buffer_bytes: size(
             "socket-buffer-bytes",

@@ -62,6 +62,7 @@ impl InProcessCluster {
                     history_dir: None,
                 },
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                kafka_listen: None,
                 advertise: None,
                 socket_buffer_bytes: 1 << 20,
                 idle: IdleStrategy::Sleep,

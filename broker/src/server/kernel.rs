@@ -13,13 +13,15 @@ use mio::{Events, Interest, Poll, Token};
 use units::Timestamp;
 
 use crate::metrics::Metrics;
-use crate::server::serve::{Ending, PayloadSink, Readiness, Serviced, Transport};
+use crate::server::serve::{Ending, PayloadSink, Protocol, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
 
 /// The listener's token; connections have their ids as tokens, from 1.
 const LISTENER: Token = Token(0);
 /// The wake timer's token.
 const TIMER: Token = Token(usize::MAX);
+/// The Kafka listener's token.
+const KAFKA_LISTENER: Token = Token(usize::MAX - 1);
 /// Keep-alive: an idle connection is probed after this long ...
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 /// ... then every this long ...
@@ -40,6 +42,22 @@ fn refuse(mut stream: TcpStream, frame: &[u8]) {
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut sink = [0u8; 4096];
     while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// Accepts every connection waiting on `listener` (edge-triggered: until it would block).
+fn accept_all(listener: &TcpListener, broker: u16) -> Vec<(TcpStream, std::net::SocketAddr)> {
+    let mut accepted = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok(connection) => accepted.push(connection),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                log::warn!("broker {broker}: accept failed: {e}");
+                break;
+            }
+        }
+    }
+    accepted
 }
 
 /// A timerfd in the epoll set, for waits shorter than a millisecond: epoll's own timeout
@@ -120,6 +138,8 @@ pub struct KernelTransport {
     /// A connection may be waiting to be accepted (edge-triggered: until `accept` would
     /// block).
     listener_ready: bool,
+    /// The Kafka listener, when there is one, and whether it may have a connection waiting.
+    kafka_listener: Option<(TcpListener, bool)>,
     socket_buffer_bytes: usize,
     sockets: HashMap<ConnId, Socket>,
     /// For logs.
@@ -128,16 +148,25 @@ pub struct KernelTransport {
 }
 
 impl KernelTransport {
-    /// Epoll over `listener`, for broker `broker`; accepted sockets get
-    /// `socket_buffer_bytes` of SO_RCVBUF and SO_SNDBUF.
+    /// Epoll over `listener` (and `kafka_listener`, Kafka's protocol), for broker `broker`;
+    /// accepted sockets get `socket_buffer_bytes` of SO_RCVBUF and SO_SNDBUF.
     pub fn new(
         mut listener: TcpListener,
+        kafka_listener: Option<TcpListener>,
         socket_buffer_bytes: usize,
         broker: u16,
     ) -> io::Result<KernelTransport> {
         let poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let kafka_listener = match kafka_listener {
+            Some(mut kafka) => {
+                poll.registry()
+                    .register(&mut kafka, KAFKA_LISTENER, Interest::READABLE)?;
+                Some((kafka, true))
+            }
+            None => None,
+        };
         let timer = WakeTimer::new()?;
         poll.registry().register(
             &mut SourceFd(&timer.fd.as_raw_fd()),
@@ -150,6 +179,7 @@ impl KernelTransport {
             listener,
             timer,
             listener_ready: true,
+            kafka_listener,
             socket_buffer_bytes,
             sockets: HashMap::new(),
             broker,
@@ -240,6 +270,10 @@ impl Transport for KernelTransport {
                 self.timer.clear();
             } else if event.token() == LISTENER {
                 self.listener_ready = true;
+            } else if event.token() == KAFKA_LISTENER {
+                if let Some((_, ready)) = &mut self.kafka_listener {
+                    *ready = true;
+                }
             } else if let Some(socket) = self.sockets.get_mut(&(event.token().0 as ConnId)) {
                 socket.ready.readable |=
                     event.is_readable() || event.is_read_closed() || event.is_error();
@@ -254,25 +288,34 @@ impl Transport for KernelTransport {
         self.events.iter().any(|event| event.token() != TIMER)
     }
 
-    fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {
-        if !self.listener_ready {
-            return false;
-        }
-        loop {
-            match self.listener.accept() {
-                Ok((stream, peer)) => match admit(peer.ip()) {
+    fn accept(
+        &mut self,
+        admit: &mut dyn FnMut(IpAddr, Protocol) -> Result<ConnId, Vec<u8>>,
+    ) -> bool {
+        let mut worked = false;
+        if self.listener_ready {
+            self.listener_ready = false;
+            worked = true;
+            for (stream, peer) in accept_all(&self.listener, self.broker) {
+                match admit(peer.ip(), Protocol::Native) {
                     Ok(id) => self.adopt(id, stream, peer),
                     Err(refusal) => refuse(stream, &refusal),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::warn!("broker {}: accept failed: {e}", self.broker);
-                    break;
                 }
             }
         }
-        self.listener_ready = false;
-        true
+        if let Some((listener, ready)) = &mut self.kafka_listener
+            && *ready
+        {
+            *ready = false;
+            worked = true;
+            for (stream, peer) in accept_all(listener, self.broker) {
+                match admit(peer.ip(), Protocol::Kafka) {
+                    Ok(id) => self.adopt(id, stream, peer),
+                    Err(refusal) => refuse(stream, &refusal),
+                }
+            }
+        }
+        worked
     }
 
     fn stream(&mut self, id: ConnId) -> Option<(&mut TcpStream, Readiness)> {

@@ -6,6 +6,7 @@ pub mod bypass;
 pub mod connection;
 pub mod history;
 pub mod in_process;
+pub mod kafka;
 pub mod kernel;
 pub mod limits;
 pub mod ownership;
@@ -108,6 +109,8 @@ pub struct BrokerOptions {
     pub settings: BrokerSettings,
     /// Address to accept clients on.
     pub listen: SocketAddr,
+    /// Address to accept Kafka clients on (see [`kafka`]; the kernel backend only, so far).
+    pub kafka_listen: Option<SocketAddr>,
     /// Where clients reach this broker, for other brokers' redirects (default: the bound
     /// listen address).
     pub advertise: Option<SocketAddr>,
@@ -190,6 +193,11 @@ pub enum StartError {
     /// A client limit is outside the range the broker can honour.
     #[error(transparent)]
     Limits(#[from] limits::LimitOutOfRange),
+    /// `--kafka-listen` with `--net xdp`.
+    #[error(
+        "--kafka-listen is served by the kernel TCP backend only, so far: start this broker without --net xdp, or without --kafka-listen"
+    )]
+    KafkaOnBypass,
 }
 
 /// Which step of opening the pool failed (see [`StartError::Pool`]).
@@ -230,6 +238,7 @@ pub struct RunningBroker {
     claim: Option<HeldClaim>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    kafka_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
     /// The XDP program of the bypass backend; dropped (detached) after the threads end.
     xdp: Option<bypass::Attached>,
@@ -239,6 +248,11 @@ impl RunningBroker {
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The Kafka listener's address, if one was asked for.
+    pub fn kafka_addr(&self) -> Option<SocketAddr> {
+        self.kafka_addr
     }
 
     /// The metrics endpoint's address, if one was asked for.
@@ -346,15 +360,16 @@ pub fn start_claimed(
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
     match launch(pool, &options, claim.guard(), &metrics, &mut threads) {
-        Ok((local_addr, metrics_addr, xdp)) => Ok(RunningBroker {
+        Ok(launched) => Ok(RunningBroker {
             stop,
             crash,
             threads,
             claim: Some(claim),
-            local_addr,
-            metrics_addr,
+            local_addr: launched.local_addr,
+            metrics_addr: launched.metrics_addr,
+            kafka_addr: launched.kafka_addr,
             metrics,
-            xdp,
+            xdp: launched.xdp,
         }),
         Err(e) => {
             // Stop the threads started so far before reporting.
@@ -370,7 +385,12 @@ pub fn start_claimed(
 
 /// What [`launch`] started: the client address, the metrics address, the bypass backend's
 /// attached program.
-type Launched = (SocketAddr, Option<SocketAddr>, Option<bypass::Attached>);
+struct Launched {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    kafka_addr: Option<SocketAddr>,
+    xdp: Option<bypass::Attached>,
+}
 
 /// Starts the broker's threads into `threads`; returns the client and metrics addresses.
 /// The threads that write this broker's own lines of the pool (the network loop, the
@@ -393,6 +413,15 @@ fn launch(
         )?),
         NetBackend::Xdp(_) => None,
     };
+    let kafka_listener = match (options.kafka_listen, &options.net) {
+        (None, _) => None,
+        (Some(_), NetBackend::Xdp(_)) => return Err(StartError::KafkaOnBypass),
+        (Some(addr), NetBackend::Kernel) => Some(
+            mio::net::TcpListener::bind(addr)
+                .and_then(|l| Ok((l.local_addr()?, l)))
+                .map_err(|source| StartError::Listen { addr, source })?,
+        ),
+    };
     let local_addr = match &listener {
         Some(listener) => listener.local_addr().map_err(|source| StartError::Listen {
             addr: options.listen,
@@ -400,7 +429,20 @@ fn launch(
         })?,
         None => options.listen,
     };
-    claim.advertise(options.advertise.unwrap_or(local_addr));
+    let advertised = options.advertise.unwrap_or(local_addr);
+    claim.advertise(advertised);
+    let kafka_addr = kafka_listener.as_ref().map(|(addr, _)| *addr);
+    let kafka_node = kafka_addr.map(|addr| kafka::KafkaNode {
+        id: i32::from(broker_id),
+        // A wildcard bind is reached at the address this broker advertises.
+        host: if addr.ip().is_unspecified() {
+            advertised.ip()
+        } else {
+            addr.ip()
+        }
+        .to_string(),
+        port: addr.port(),
+    });
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
     let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {
@@ -414,6 +456,7 @@ fn launch(
         metrics: Arc::clone(metrics),
         claim: claim.clone(),
         sequencer,
+        kafka_node,
     };
     let mut xdp = None;
     if let NetBackend::Xdp(xdp_options) = &options.net {
@@ -421,26 +464,38 @@ fn launch(
         threads.push(thread);
         xdp = Some(attached);
     } else if let Some(listener) = listener {
-        let transport =
-            kernel::KernelTransport::new(listener, options.socket_buffer_bytes, broker_id)
-                .map_err(StartError::Poll)?;
+        let transport = kernel::KernelTransport::new(
+            listener,
+            kafka_listener.map(|(_, l)| l),
+            options.socket_buffer_bytes,
+            broker_id,
+        )
+        .map_err(StartError::Poll)?;
         let serve = serve::ServeLoop::new(transport, options, context);
         threads.push(spawn("network", move || {
             serve.run();
         }));
     }
     log::info!(
-        "broker {broker_id} listening on {local_addr}{}{}",
+        "broker {broker_id} listening on {local_addr}{}{}{}",
         if options.settings.head {
             " (head, sequencer running)"
         } else {
             ""
         },
+        kafka_addr
+            .map(|a| format!(", Kafka clients on {a}"))
+            .unwrap_or_default(),
         metrics_addr
             .map(|a| format!(", metrics on http://{a}/metrics"))
             .unwrap_or_default()
     );
-    Ok((local_addr, metrics_addr, xdp))
+    Ok(Launched {
+        local_addr,
+        metrics_addr,
+        kafka_addr,
+        xdp,
+    })
 }
 
 /// Serves the metrics endpoint, if asked; returns its address.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
+use crate::server::kafka::{KafkaConnection, KafkaContext, KafkaNode};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::sequencing::SequencerDriver;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
@@ -90,9 +91,13 @@ pub trait Transport {
     /// connections, which may then finish or drop their batches, are not serviced during
     /// it). Returns whether anything arrived.
     fn receive(&mut self, now: Timestamp, sink: &mut dyn PayloadSink) -> bool;
-    /// Offers each newly established connection to `admit`, which gives its id or the
-    /// bytes to send it before closing it (a refusal). Returns whether anything happened.
-    fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool;
+    /// Offers each newly established connection, with the protocol of the listener it came
+    /// in on, to `admit`, which gives its id or the bytes to send it before closing it (a
+    /// refusal). Returns whether anything happened.
+    fn accept(
+        &mut self,
+        admit: &mut dyn FnMut(IpAddr, Protocol) -> Result<ConnId, Vec<u8>>,
+    ) -> bool;
     /// The stream of connection `id` and its readiness.
     fn stream(&mut self, id: ConnId) -> Option<(Self::Stream<'_>, Readiness)>;
     /// Records what a service of `id` left behind. Returns false when the transport found
@@ -111,6 +116,15 @@ pub trait Transport {
     /// Ends every connection as `ending` says (the loop has already let the
     /// [`Connection`]s go).
     fn close_all(&mut self, ending: Ending, now: Timestamp);
+}
+
+/// Which protocol a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Ours (`wire`).
+    Native,
+    /// Kafka's (see [`crate::server::kafka`]).
+    Kafka,
 }
 
 /// The loop's connections as a transport sees them while it takes in what arrived.
@@ -135,10 +149,12 @@ impl PayloadSink for Placement<'_> {
     }
 
     fn placed(&mut self, id: ConnId, bytes: usize) {
-        match self.clients.get_mut(&id) {
-            Some(client) => client
-                .connection
-                .payload_placed(bytes, self.state, self.now),
+        match self
+            .clients
+            .get_mut(&id)
+            .and_then(|c| c.connection.native_mut())
+        {
+            Some(connection) => connection.payload_placed(bytes, self.state, self.now),
             // Targets are lent to open connections only, for one receive.
             None => log::error!(
                 "broker {}: {bytes} payload bytes landed for connection {id}, which is gone",
@@ -161,11 +177,83 @@ pub struct LoopContext {
     ///
     /// [`SequencerPlacement`]: crate::server::sequencing::SequencerPlacement
     pub sequencer: Option<SequencerDriver>,
+    /// This broker as Kafka clients see it, when it has a Kafka listener.
+    pub kafka_node: Option<KafkaNode>,
+}
+
+/// What Kafka answers need from the loop: the topics, and this broker's node.
+struct KafkaView<'a> {
+    state: &'a BrokerState<PoolMemory>,
+    node: &'a KafkaNode,
+}
+
+impl KafkaContext for KafkaView<'_> {
+    fn node(&self) -> KafkaNode {
+        self.node.clone()
+    }
+
+    fn topics(&self) -> Vec<(shared_log::pool::TopicId, String)> {
+        self.state.topic_names()
+    }
+}
+
+/// A client connection in the protocol of the listener it came in on.
+#[derive(Debug)]
+enum ClientConnection {
+    Native(Box<Connection<PoolMemory>>),
+    Kafka(Box<KafkaConnection>),
+}
+
+impl ClientConnection {
+    fn native(&self) -> Option<&Connection<PoolMemory>> {
+        match self {
+            ClientConnection::Native(connection) => Some(connection),
+            ClientConnection::Kafka(_) => None,
+        }
+    }
+
+    fn native_mut(&mut self) -> Option<&mut Connection<PoolMemory>> {
+        match self {
+            ClientConnection::Native(connection) => Some(connection),
+            ClientConnection::Kafka(_) => None,
+        }
+    }
+
+    fn payload_target(&self, state: &BrokerState<PoolMemory>) -> Option<PayloadTarget> {
+        self.native()?.payload_target(state)
+    }
+
+    fn on_closed(&mut self, state: &mut BrokerState<PoolMemory>) {
+        if let Some(connection) = self.native_mut() {
+            connection.on_closed(state);
+        }
+    }
+
+    fn subscription(&self) -> Option<(shared_log::pool::TopicId, u64)> {
+        self.native()?.subscription()
+    }
+
+    /// Whether it has work that no input announces.
+    fn pending(&self) -> bool {
+        self.native()
+            .is_some_and(|c| c.is_subscriber() || c.waits_for_room() || c.awaits_durability())
+    }
+
+    fn has_output(&self) -> bool {
+        match self {
+            ClientConnection::Native(connection) => connection.has_output(),
+            ClientConnection::Kafka(connection) => connection.has_output(),
+        }
+    }
+
+    fn must_reset(&self) -> bool {
+        self.native().is_some_and(Connection::must_reset)
+    }
 }
 
 /// A connection of the loop.
 struct Client {
-    connection: Connection<PoolMemory>,
+    connection: ClientConnection,
     /// The peer's address (its connections count against the per-address limit).
     address: IpAddr,
 }
@@ -186,6 +274,8 @@ pub struct ServeLoop<T> {
     sequencer: Option<SequencerDriver>,
     /// The connections one service round goes over (kept to spare an allocation a pass).
     service_ids: Vec<ConnId>,
+    /// This broker as Kafka clients see it, when it has a Kafka listener.
+    kafka_node: Option<KafkaNode>,
 }
 
 impl<T> std::fmt::Debug for ServeLoop<T> {
@@ -207,6 +297,7 @@ impl<T: Transport> ServeLoop<T> {
             metrics,
             claim,
             sequencer,
+            kafka_node,
         } = context;
         ServeLoop {
             state: BrokerState::new(pool, options.settings.clone(), metrics)
@@ -220,6 +311,7 @@ impl<T: Transport> ServeLoop<T> {
             claim: LoopClaimCheck::new(claim),
             sequencer,
             service_ids: Vec::new(),
+            kafka_node,
         }
     }
 
@@ -372,24 +464,30 @@ impl<T: Transport> ServeLoop<T> {
     fn pending(&self) -> bool {
         self.sequencer.is_some()
             || self.state.undecided() > 0
-            || self.clients.values().any(|c| {
-                c.connection.is_subscriber()
-                    || c.connection.waits_for_room()
-                    || c.connection.awaits_durability()
-            })
+            || self.clients.values().any(|c| c.connection.pending())
     }
 
     fn accept(&mut self, now: Timestamp) -> bool {
         let state = &mut self.state;
         let clients = &mut self.clients;
         let next_id = &mut self.next_id;
-        self.transport.accept(&mut |address| {
+        let kafka = self.kafka_node.is_some();
+        self.transport.accept(&mut |address, protocol| {
             if let Err(refusal) = state.admit_connection(address) {
-                return Err(crate::server::connection::refusal_frame(&refusal));
+                // A Kafka client has no frame for a refusal outside a response: it is closed.
+                return Err(match protocol {
+                    Protocol::Native => crate::server::connection::refusal_frame(&refusal),
+                    Protocol::Kafka => Vec::new(),
+                });
             }
             let id = *next_id;
             *next_id += 1;
-            let connection = Connection::new(id, state, now);
+            let connection = match protocol {
+                Protocol::Kafka if kafka => {
+                    ClientConnection::Kafka(Box::new(KafkaConnection::new(id)))
+                }
+                _ => ClientConnection::Native(Box::new(Connection::new(id, state, now))),
+            };
             clients.insert(
                 id,
                 Client {
@@ -407,10 +505,12 @@ impl<T: Transport> ServeLoop<T> {
 
     fn route(&mut self, outcome: &RoutedOutcome, now: Timestamp) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
-        if let Some(client) = self.clients.get_mut(&outcome.conn) {
-            client
-                .connection
-                .on_outcome(outcome, self.state.metrics(), now);
+        if let Some(connection) = self
+            .clients
+            .get_mut(&outcome.conn)
+            .and_then(|c| c.connection.native_mut())
+        {
+            connection.on_outcome(outcome, self.state.metrics(), now);
         }
     }
 
@@ -438,13 +538,26 @@ impl<T: Transport> ServeLoop<T> {
                 ended.push(id);
                 continue;
             };
-            let service = client.connection.service(
-                &mut stream,
-                &mut self.state,
-                now,
-                ready.readable,
-                ready.writable,
-            );
+            let service = match &mut client.connection {
+                ClientConnection::Native(connection) => connection.service(
+                    &mut stream,
+                    &mut self.state,
+                    now,
+                    ready.readable,
+                    ready.writable,
+                ),
+                ClientConnection::Kafka(connection) => {
+                    let Some(node) = &self.kafka_node else {
+                        ended.push(id);
+                        continue;
+                    };
+                    let view = KafkaView {
+                        state: &self.state,
+                        node,
+                    };
+                    connection.service(&mut stream, &view, now, ready.readable, ready.writable)
+                }
+            };
             drop(stream);
             worked |= service.worked();
             let serviced = Serviced::of(&service, client.connection.has_output());

@@ -338,6 +338,16 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         LogReader::new(self.pool.clone(), topic, false)
     }
 
+    /// Every topic of the pool, by id and name (a topic whose table entry cannot be read is
+    /// left out).
+    pub fn topic_names(&self) -> Vec<(TopicId, String)> {
+        self.pool
+            .topics()
+            .into_iter()
+            .filter_map(|topic| Some((topic, self.pool.topic_entry(topic).ok()?.0)))
+            .collect()
+    }
+
     /// Finds a topic by name.
     pub fn find_topic(&self, name: &str) -> Result<Option<(TopicId, TopicConfig)>, PoolError> {
         self.pool.find_topic(name)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::ByteStream;
-use crate::server::serve::{Ending, PayloadSink, Readiness, Serviced, Transport};
+use crate::server::serve::{Ending, PayloadSink, Protocol, Readiness, Serviced, Transport};
 use crate::server::state::ConnId;
 use smoltcp::iface::{
     Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
@@ -415,7 +415,10 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         worked
     }
 
-    fn accept(&mut self, admit: &mut dyn FnMut(IpAddr) -> Result<ConnId, Vec<u8>>) -> bool {
+    fn accept(
+        &mut self,
+        admit: &mut dyn FnMut(IpAddr, Protocol) -> Result<ConnId, Vec<u8>>,
+    ) -> bool {
         let mut worked = false;
         for (index, (handle, slot)) in self.slots.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
@@ -426,7 +429,8 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                         let Some(peer) = socket.remote_endpoint() else {
                             continue;
                         };
-                        match admit(IpAddr::from(peer.addr)) {
+                        // The bypass backend listens for our protocol only (so far).
+                        match admit(IpAddr::from(peer.addr), Protocol::Native) {
                             Ok(id) => {
                                 *slot = Slot::Active;
                                 self.active.insert(id, index);

@@ -84,7 +84,7 @@ const DELIVERIES_PER_POLL: usize = 64;
 const STALL: Duration = Duration::from_millis(50);
 
 /// What one [`Connection::service`] call did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Service {
     /// What reading found, when the connection read.
     pub input: Option<InputState>,
@@ -438,12 +438,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
         readable: bool,
         writable: bool,
     ) -> Service {
-        let mut service = Service {
-            input: None,
-            wrote: false,
-            released: false,
-            ended: false,
-        };
+        let mut service = Service::default();
         if readable || self.waits_for_room() {
             let input = self.on_readable(stream, state, now);
             service.ended |= input == InputState::Ended;

@@ -1,0 +1,762 @@
+//! The Kafka protocol listener (`--kafka-listen`): existing Kafka clients talk to the
+//! broker in their own protocol, in the same network loop as our own clients.
+//!
+//! So far it answers the requests a client makes before it produces or consumes:
+//! ApiVersions (which APIs and versions this broker speaks) and Metadata (the brokers, and
+//! each topic as one partition whose leader is the broker asked: every broker takes every
+//! write into the one total order). Produce, Fetch and the rest follow; a client is told
+//! which APIs exist through ApiVersions and does not call the others.
+//!
+//! [`KafkaSession`] is the protocol without I/O: a request frame in, a response frame out.
+//! [`KafkaConnection`] is the adapter to a byte stream: it splits the input into frames
+//! (each a 4-byte big-endian size and the request), bounds them, and queues the responses.
+
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::api_versions_response::ApiVersion;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse,
+    RequestHeader, ResponseHeader, TopicName,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
+use shared_log::pool::TopicId;
+use units::Timestamp;
+
+use crate::server::connection::{ByteStream, InputState, Service};
+use crate::server::state::ConnId;
+
+/// Kafka's error codes that this broker answers with.
+mod error_code {
+    /// The topic does not exist.
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    /// The request's API version is not one this broker speaks.
+    pub const UNSUPPORTED_VERSION: i16 = 35;
+}
+
+/// The APIs this broker speaks, with the versions of each (those that current clients use:
+/// librdkafka 2.x, kafka-python, the Java client 3.x and 4.x).
+const SUPPORTED: [(ApiKey, i16, i16); 2] = [(ApiKey::ApiVersions, 0, 4), (ApiKey::Metadata, 0, 12)];
+
+/// The largest request frame taken before anything else is known about the client: the
+/// ones answered so far are small.
+pub const REQUEST_BYTES_MAX: usize = 1 << 20;
+
+/// Why a Kafka connection is closed (Kafka has no error frame outside a response: a request
+/// that cannot be parsed ends its connection, and only that one).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KafkaError {
+    /// The size prefix is negative or above the limit.
+    #[error("request frame of {size} bytes (at most {limit} taken)")]
+    FrameSize {
+        /// The size the prefix gave.
+        size: i64,
+        /// The limit.
+        limit: usize,
+    },
+    /// The request header or body does not parse.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's words.
+        detail: String,
+    },
+    /// An API this broker does not speak (and did not offer in ApiVersions).
+    #[error("API key {0} is not served here (see ApiVersions)")]
+    UnsupportedApi(i16),
+}
+
+/// What the broker knows that a Kafka answer needs.
+pub trait KafkaContext {
+    /// This broker's node id and where Kafka clients reach it.
+    fn node(&self) -> KafkaNode;
+    /// Every topic, by id and name.
+    fn topics(&self) -> Vec<(TopicId, String)>;
+}
+
+/// A broker as Kafka clients see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaNode {
+    /// The node id (the broker id).
+    pub id: i32,
+    /// Host name or address clients connect to.
+    pub host: String,
+    /// Port of the Kafka listener.
+    pub port: u16,
+}
+
+/// The Kafka protocol of one connection, without I/O.
+#[derive(Debug, Default)]
+pub struct KafkaSession {
+    requests: u64,
+}
+
+impl KafkaSession {
+    /// Answers one request frame (without its size prefix); the response comes with its
+    /// size prefix.
+    pub fn on_request(
+        &mut self,
+        frame: &[u8],
+        context: &dyn KafkaContext,
+    ) -> Result<Vec<u8>, KafkaError> {
+        self.requests += 1;
+        let mut body = Bytes::copy_from_slice(frame);
+        if body.len() < 4 {
+            return Err(malformed(
+                "request header",
+                "shorter than its key and version",
+            ));
+        }
+        let api_key = i16::from_be_bytes([frame[0], frame[1]]);
+        let api_version = i16::from_be_bytes([frame[2], frame[3]]);
+        let key = ApiKey::try_from(api_key).map_err(|()| KafkaError::UnsupportedApi(api_key))?;
+        let supported = SUPPORTED.iter().find(|(k, _, _)| *k == key);
+        if key == ApiKey::ApiVersions {
+            // A version this broker does not know is still answered (in version 0's
+            // layout, with UNSUPPORTED_VERSION and the versions it does know), so that the
+            // client can pick one: Kafka's own rule.
+            let known = api_version <= ApiVersionsRequest::VERSIONS.max;
+            let header_version = if known {
+                key.request_header_version(api_version)
+            } else {
+                1
+            };
+            let header = decode_header(&mut body, header_version)?;
+            return if known {
+                ApiVersionsRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("ApiVersions request", e))?;
+                Ok(respond(&header, key, api_version, &api_versions(0)))
+            } else {
+                Ok(respond(
+                    &header,
+                    key,
+                    0,
+                    &api_versions(error_code::UNSUPPORTED_VERSION),
+                ))
+            };
+        }
+        let Some(&(_, min, max)) = supported else {
+            return Err(KafkaError::UnsupportedApi(api_key));
+        };
+        if !(min..=max).contains(&api_version) {
+            // Clients pick from what ApiVersions offered; one that does not is broken.
+            return Err(malformed(
+                "request",
+                format!("{key:?} version {api_version} (this broker speaks {min} to {max})"),
+            ));
+        }
+        let header = decode_header(&mut body, key.request_header_version(api_version))?;
+        match key {
+            ApiKey::Metadata => {
+                let request = MetadataRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("Metadata request", e))?;
+                let response = metadata(&request, api_version, context);
+                Ok(respond(&header, key, api_version, &response))
+            }
+            _ => Err(KafkaError::UnsupportedApi(api_key)),
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+}
+
+fn malformed(what: &'static str, detail: impl std::fmt::Display) -> KafkaError {
+    KafkaError::Malformed {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+fn decode_header(body: &mut Bytes, header_version: i16) -> Result<RequestHeader, KafkaError> {
+    RequestHeader::decode(body, header_version).map_err(|e| malformed("request header", e))
+}
+
+/// The response frame: size prefix, response header, body.
+fn respond<M: Encodable>(header: &RequestHeader, key: ApiKey, version: i16, body: &M) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_i32(0);
+    let response_header = ResponseHeader::default().with_correlation_id(header.correlation_id);
+    // Encoding what this module built cannot fail: every field is within its type's range.
+    response_header
+        .encode(&mut out, key.response_header_version(version))
+        .expect("a response header encodes");
+    body.encode(&mut out, version).expect("a response encodes");
+    let size = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    out.to_vec()
+}
+
+fn api_versions(error_code: i16) -> ApiVersionsResponse {
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(
+            SUPPORTED
+                .iter()
+                .map(|&(key, min, max)| {
+                    ApiVersion::default()
+                        .with_api_key(key as i16)
+                        .with_min_version(min)
+                        .with_max_version(max)
+                })
+                .collect(),
+        )
+}
+
+/// A topic's Kafka id: stable for the pool's topic id (Kafka wants one per topic from
+/// Metadata version 10 on).
+fn topic_uuid(topic: TopicId) -> uuid::Uuid {
+    uuid::Uuid::from_u64_pair(u64::from_be_bytes(*b"embarcad"), u64::from(topic))
+}
+
+fn metadata(
+    request: &MetadataRequest,
+    version: i16,
+    context: &dyn KafkaContext,
+) -> MetadataResponse {
+    let node = context.node();
+    let topics = context.topics();
+    let describe = |id: TopicId, name: &str| {
+        MetadataResponseTopic::default()
+            .with_name(Some(TopicName(StrBytes::from_string(name.to_owned()))))
+            .with_topic_id(topic_uuid(id))
+            .with_partitions(vec![
+                MetadataResponsePartition::default()
+                    .with_partition_index(0)
+                    .with_leader_id(BrokerId(node.id))
+                    .with_replica_nodes(vec![BrokerId(node.id)])
+                    .with_isr_nodes(vec![BrokerId(node.id)]),
+            ])
+    };
+    // Version 0 asks for every topic with an empty list; later versions with a null one.
+    let wanted = match &request.topics {
+        Some(list) if !list.is_empty() || version >= 1 => Some(list),
+        _ => None,
+    };
+    let described = match wanted {
+        None => topics
+            .iter()
+            .map(|(id, name)| describe(*id, name))
+            .collect(),
+        Some(list) => list
+            .iter()
+            .map(|wanted| {
+                let name = wanted.name.as_ref().map(|n| n.0.as_str()).unwrap_or("");
+                match topics.iter().find(|(_, known)| known == name) {
+                    Some((id, known)) => describe(*id, known),
+                    None => MetadataResponseTopic::default()
+                        .with_error_code(error_code::UNKNOWN_TOPIC_OR_PARTITION)
+                        .with_name(wanted.name.clone()),
+                }
+            })
+            .collect(),
+    };
+    MetadataResponse::default()
+        .with_brokers(vec![
+            MetadataResponseBroker::default()
+                .with_node_id(BrokerId(node.id))
+                .with_host(StrBytes::from_string(node.host.clone()))
+                .with_port(i32::from(node.port)),
+        ])
+        .with_cluster_id(Some(StrBytes::from_static_str("embarcadero")))
+        .with_controller_id(BrokerId(node.id))
+        .with_topics(described)
+}
+
+/// A request frame with its size prefix, as a Kafka client sends it (for tests and tools).
+pub fn request_frame<R: Encodable + HeaderVersion>(
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &R,
+) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_i32(0);
+    // Encoding fails only for values outside a field's range, which a caller's request
+    // built from the typed structs does not have.
+    RequestHeader::default()
+        .with_request_api_key(key as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("embarcadero")))
+        .encode(&mut out, R::header_version(version))
+        .expect("a request header encodes");
+    body.encode(&mut out, version).expect("a request encodes");
+    let size = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&size.to_be_bytes());
+    out.to_vec()
+}
+
+/// Splits a response frame (with its size prefix) to a `key` request of `version`: the
+/// correlation id and the body; `None` when it is not one whole response.
+pub fn response_body(frame: &[u8], key: ApiKey, version: i16) -> Option<(i32, Bytes)> {
+    let size = i32::from_be_bytes(frame.get(..4)?.try_into().ok()?);
+    if usize::try_from(size).ok()? != frame.len() - 4 {
+        return None;
+    }
+    let mut body = Bytes::copy_from_slice(&frame[4..]);
+    let header = ResponseHeader::decode(&mut body, key.response_header_version(version)).ok()?;
+    Some((header.correlation_id, body))
+}
+
+/// Unanswered output above which a connection stops reading requests: a client that does
+/// not read its responses holds only this much of the broker's memory.
+const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
+
+/// One Kafka client connection: frames in, responses out.
+#[derive(Debug)]
+pub struct KafkaConnection {
+    id: ConnId,
+    session: KafkaSession,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    sent: usize,
+    /// When the request now in the input began to arrive.
+    request_started: Option<Timestamp>,
+    ended: bool,
+}
+
+/// How long one request may take to arrive once its first byte did.
+pub const REQUEST_DEADLINE_MS: u64 = 30_000;
+
+impl KafkaConnection {
+    /// A new connection with id `id`.
+    pub fn new(id: ConnId) -> KafkaConnection {
+        KafkaConnection {
+            id,
+            session: KafkaSession::default(),
+            input: Vec::new(),
+            output: Vec::new(),
+            sent: 0,
+            request_started: None,
+            ended: false,
+        }
+    }
+
+    /// Whether responses wait to be written.
+    pub fn has_output(&self) -> bool {
+        self.sent < self.output.len()
+    }
+
+    /// One turn of the network loop: read and answer what arrived, write what is queued.
+    pub fn service<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        context: &dyn KafkaContext,
+        now: Timestamp,
+        readable: bool,
+        writable: bool,
+    ) -> Service {
+        let mut service = Service::default();
+        if readable {
+            let input = self.on_readable(stream, context, now);
+            service.ended |= input == InputState::Ended;
+            service.input = Some(input);
+        }
+        if self.request_started.is_some_and(|t| {
+            now.saturating_duration_since(t).as_millis() > u128::from(REQUEST_DEADLINE_MS)
+        }) {
+            log::info!(
+                "kafka connection {}: a request did not arrive within {REQUEST_DEADLINE_MS} ms",
+                self.id
+            );
+            self.ended = true;
+        }
+        if self.has_output() && writable {
+            service.wrote = true;
+            service.ended |= !self.on_writable(stream);
+        }
+        service.ended |= self.ended;
+        service
+    }
+
+    fn on_readable<S: ByteStream>(
+        &mut self,
+        stream: &mut S,
+        context: &dyn KafkaContext,
+        now: Timestamp,
+    ) -> InputState {
+        let mut buffer = [0u8; 16 << 10];
+        loop {
+            if self.output.len() - self.sent > OUTPUT_HIGH_WATER_BYTES {
+                return InputState::Paused;
+            }
+            match stream.recv(&mut buffer) {
+                Ok(0) => return InputState::Ended,
+                Ok(n) => {
+                    if self.input.is_empty() {
+                        self.request_started = Some(now);
+                    }
+                    self.input.extend_from_slice(&buffer[..n]);
+                    if let Err(error) = self.answer_complete(context, now) {
+                        log::info!("kafka connection {}: {error}; closing it", self.id);
+                        return InputState::Ended;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return InputState::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("kafka connection {}: receive failed: {e}", self.id);
+                    return InputState::Ended;
+                }
+            }
+        }
+    }
+
+    /// Answers every complete request in the input.
+    fn answer_complete(
+        &mut self,
+        context: &dyn KafkaContext,
+        now: Timestamp,
+    ) -> Result<(), KafkaError> {
+        let mut taken = 0;
+        loop {
+            let rest = &self.input[taken..];
+            if rest.len() < 4 {
+                break;
+            }
+            let size = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
+            if size < 0 || size as usize > REQUEST_BYTES_MAX {
+                return Err(KafkaError::FrameSize {
+                    size: i64::from(size),
+                    limit: REQUEST_BYTES_MAX,
+                });
+            }
+            let size = size as usize;
+            if rest.len() < 4 + size {
+                break;
+            }
+            let response = self.session.on_request(&rest[4..4 + size], context)?;
+            if self.sent == self.output.len() {
+                self.output.clear();
+                self.sent = 0;
+            }
+            self.output.extend_from_slice(&response);
+            taken += 4 + size;
+        }
+        self.input.drain(..taken);
+        self.request_started = (!self.input.is_empty()).then(|| {
+            if taken > 0 {
+                now
+            } else {
+                self.request_started.unwrap_or(now)
+            }
+        });
+        Ok(())
+    }
+
+    /// Writes queued responses; false when the stream failed.
+    fn on_writable<S: ByteStream>(&mut self, stream: &mut S) -> bool {
+        while self.has_output() {
+            match stream.send(&self.output[self.sent..]) {
+                Ok(0) => return false,
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::info!("kafka connection {}: send failed: {e}", self.id);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+
+    use super::*;
+
+    struct Topics;
+
+    impl KafkaContext for Topics {
+        fn node(&self) -> KafkaNode {
+            KafkaNode {
+                id: 3,
+                host: "10.0.0.7".into(),
+                port: 9092,
+            }
+        }
+
+        fn topics(&self) -> Vec<(TopicId, String)> {
+            vec![(1, "orders".into()), (2, "payments".into())]
+        }
+    }
+
+    fn request<R: Encodable + HeaderVersion>(
+        key: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        body: &R,
+    ) -> Vec<u8> {
+        request_frame(key, version, correlation_id, body)
+    }
+
+    fn response(frame: &[u8], key: ApiKey, version: i16) -> (i32, Bytes) {
+        response_body(frame, key, version).expect("one whole response")
+    }
+
+    fn answer(frame: &[u8]) -> Result<Vec<u8>, KafkaError> {
+        KafkaSession::default().on_request(&frame[4..], &Topics)
+    }
+
+    #[test]
+    fn api_versions_lists_what_this_broker_speaks_in_every_version() {
+        for version in 0..=4 {
+            let frame = request(
+                ApiKey::ApiVersions,
+                version,
+                17,
+                &ApiVersionsRequest::default(),
+            );
+            let out = answer(&frame).unwrap();
+            let (correlation, mut body) = response(&out, ApiKey::ApiVersions, version);
+            assert_eq!(correlation, 17);
+            let versions = ApiVersionsResponse::decode(&mut body, version).unwrap();
+            assert_eq!(versions.error_code, 0);
+            let offered: Vec<(i16, i16, i16)> = versions
+                .api_keys
+                .iter()
+                .map(|k| (k.api_key, k.min_version, k.max_version))
+                .collect();
+            assert_eq!(
+                offered,
+                vec![
+                    (ApiKey::ApiVersions as i16, 0, 4),
+                    (ApiKey::Metadata as i16, 0, 12)
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_api_versions_version_is_answered_in_version_0_with_the_known_ones() {
+        let frame = request(ApiKey::ApiVersions, 4, 5, &ApiVersionsRequest::default());
+        let mut future = frame.clone();
+        future[6..8].copy_from_slice(&99i16.to_be_bytes());
+        let out = answer(&future).unwrap();
+        let (correlation, mut body) = response(&out, ApiKey::ApiVersions, 0);
+        assert_eq!(correlation, 5);
+        let versions = ApiVersionsResponse::decode(&mut body, 0).unwrap();
+        assert_eq!(versions.error_code, error_code::UNSUPPORTED_VERSION);
+        assert_eq!(versions.api_keys.len(), SUPPORTED.len());
+    }
+
+    #[test]
+    fn metadata_names_every_topic_as_one_partition_led_by_this_broker() {
+        for version in [0, 1, 4, 9, 12] {
+            // Every topic: an empty list in version 0, a null one later.
+            let all = MetadataRequest::default().with_topics((version == 0).then(Vec::new));
+            let out = answer(&request(ApiKey::Metadata, version, 9, &all)).unwrap();
+            let (correlation, mut body) = response(&out, ApiKey::Metadata, version);
+            assert_eq!(correlation, 9);
+            let metadata = MetadataResponse::decode(&mut body, version).unwrap();
+            assert_eq!(metadata.brokers.len(), 1);
+            assert_eq!(metadata.brokers[0].node_id, BrokerId(3));
+            assert_eq!(metadata.brokers[0].host.as_str(), "10.0.0.7");
+            assert_eq!(metadata.brokers[0].port, 9092);
+            let names: Vec<&str> = metadata
+                .topics
+                .iter()
+                .map(|t| t.name.as_ref().unwrap().0.as_str())
+                .collect();
+            assert_eq!(names, ["orders", "payments"], "version {version}");
+            for topic in &metadata.topics {
+                assert_eq!(topic.error_code, 0);
+                assert_eq!(topic.partitions.len(), 1);
+                assert_eq!(topic.partitions[0].partition_index, 0);
+                assert_eq!(topic.partitions[0].leader_id, BrokerId(3));
+            }
+        }
+    }
+
+    #[test]
+    fn metadata_for_named_topics_says_which_do_not_exist() {
+        let wanted = |name: &'static str| {
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str(name))))
+        };
+        let asked = MetadataRequest::default()
+            .with_topics(Some(vec![wanted("payments"), wanted("nosuch")]));
+        let out = answer(&request(ApiKey::Metadata, 12, 1, &asked)).unwrap();
+        let (_, mut body) = response(&out, ApiKey::Metadata, 12);
+        let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
+        assert_eq!(metadata.topics.len(), 2);
+        assert_eq!(metadata.topics[0].error_code, 0);
+        assert_eq!(metadata.topics[0].topic_id, topic_uuid(2));
+        assert_eq!(
+            metadata.topics[1].error_code,
+            error_code::UNKNOWN_TOPIC_OR_PARTITION
+        );
+        assert_eq!(
+            metadata.topics[1].name.as_ref().unwrap().0.as_str(),
+            "nosuch"
+        );
+    }
+
+    #[test]
+    fn malformed_requests_are_refused_with_the_reason() {
+        let frame = request(ApiKey::Metadata, 12, 1, &MetadataRequest::default());
+        // Cut inside the body.
+        assert!(matches!(
+            KafkaSession::default().on_request(&frame[4..frame.len() - 3], &Topics),
+            Err(KafkaError::Malformed { .. })
+        ));
+        // An API this broker does not offer.
+        let mut produce = frame.clone();
+        produce[4..6].copy_from_slice(&(ApiKey::Produce as i16).to_be_bytes());
+        assert_eq!(
+            answer(&produce),
+            Err(KafkaError::UnsupportedApi(ApiKey::Produce as i16))
+        );
+        // A version outside what ApiVersions offered.
+        let mut future = frame.clone();
+        future[6..8].copy_from_slice(&13i16.to_be_bytes());
+        assert!(matches!(answer(&future), Err(KafkaError::Malformed { .. })));
+        // No header at all.
+        assert!(matches!(
+            KafkaSession::default().on_request(&[0, 3], &Topics),
+            Err(KafkaError::Malformed { .. })
+        ));
+    }
+
+    /// A stream fed in chunks; what the connection writes is kept.
+    struct Chunks {
+        input: Vec<Vec<u8>>,
+        written: Vec<u8>,
+        writable_bytes: usize,
+    }
+
+    impl ByteStream for Chunks {
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.input.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let chunk = &mut self.input[0];
+            let n = buf.len().min(chunk.len());
+            buf[..n].copy_from_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                self.input.remove(0);
+            }
+            Ok(n)
+        }
+
+        fn send(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.writable_bytes);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.writable_bytes -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn requests_split_across_reads_and_several_in_one_read_are_all_answered_in_order() {
+        let mut bytes = Vec::new();
+        for correlation in 0..3 {
+            bytes.extend(request(
+                ApiKey::ApiVersions,
+                3,
+                correlation,
+                &ApiVersionsRequest::default(),
+            ));
+        }
+        // Chunks of 1, 2, 3, ... bytes: frames and size prefixes cut everywhere.
+        let mut input = Vec::new();
+        let mut rest = &bytes[..];
+        for n in 1.. {
+            let (chunk, tail) = rest.split_at(n.min(rest.len()));
+            input.push(chunk.to_vec());
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        let mut stream = Chunks {
+            input,
+            written: Vec::new(),
+            writable_bytes: usize::MAX,
+        };
+        let mut connection = KafkaConnection::new(1);
+        let now = Timestamp::now();
+        let service = connection.service(&mut stream, &Topics, now, true, true);
+        assert!(!service.ended);
+        let mut written = Bytes::from(stream.written);
+        for correlation in 0..3 {
+            let size = i32::from_be_bytes(written[..4].try_into().unwrap()) as usize;
+            let frame = written.split_to(4 + size);
+            assert_eq!(response(&frame, ApiKey::ApiVersions, 3).0, correlation);
+        }
+        assert!(written.is_empty());
+    }
+
+    #[test]
+    fn a_bad_frame_ends_only_its_connection_and_a_slow_request_meets_its_deadline() {
+        let now = Timestamp::now();
+        for prefix in [
+            (-1i32).to_be_bytes(),
+            ((REQUEST_BYTES_MAX + 1) as i32).to_be_bytes(),
+        ] {
+            let mut stream = Chunks {
+                input: vec![prefix.to_vec()],
+                written: Vec::new(),
+                writable_bytes: usize::MAX,
+            };
+            let service = KafkaConnection::new(1).service(&mut stream, &Topics, now, true, true);
+            assert!(service.ended);
+            assert!(stream.written.is_empty());
+        }
+        // Half a request, then nothing for longer than the deadline.
+        let frame = request(ApiKey::ApiVersions, 3, 1, &ApiVersionsRequest::default());
+        let mut stream = Chunks {
+            input: vec![frame[..10].to_vec()],
+            written: Vec::new(),
+            writable_bytes: usize::MAX,
+        };
+        let mut connection = KafkaConnection::new(2);
+        assert!(
+            !connection
+                .service(&mut stream, &Topics, now, true, true)
+                .ended
+        );
+        let later = now + std::time::Duration::from_millis(REQUEST_DEADLINE_MS + 1);
+        assert!(
+            connection
+                .service(&mut stream, &Topics, later, false, true)
+                .ended
+        );
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_its_responses_stops_being_read() {
+        let frame = request(ApiKey::Metadata, 12, 1, &MetadataRequest::default());
+        let out_bytes = answer(&frame).unwrap().len();
+        let requests = OUTPUT_HIGH_WATER_BYTES / out_bytes + 10;
+        let mut stream = Chunks {
+            input: (0..requests).map(|_| frame.clone()).collect(),
+            written: Vec::new(),
+            writable_bytes: 0,
+        };
+        let mut connection = KafkaConnection::new(1);
+        let service = connection.service(&mut stream, &Topics, Timestamp::now(), true, true);
+        assert_eq!(service.input, Some(InputState::Paused));
+        assert!(!stream.input.is_empty(), "requests are left in the socket");
+        // Once the client reads, the rest is answered.
+        stream.writable_bytes = usize::MAX;
+        while !stream.input.is_empty() || connection.has_output() {
+            connection.service(&mut stream, &Topics, Timestamp::now(), true, true);
+        }
+        assert_eq!(stream.written.len(), requests * out_bytes);
+    }
+}

@@ -1,0 +1,178 @@
+//! The Kafka listener end to end: a broker with `kafka_listen`, a Kafka client's requests
+//! over TCP, and (when it is installed, as `./scripts/test.sh` makes sure) `kcat`, a Kafka
+//! client no one here wrote.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use broker::server::in_process::InProcessCluster;
+use broker::server::kafka::{request_frame, response_body};
+use bytes::{Buf, Bytes};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+use shared_log::coherence::CoherenceMode;
+use shared_log::layout::Geometry;
+use wire::{Order, Retention};
+
+fn cluster() -> InProcessCluster {
+    let geometry = Geometry {
+        brokers_max: 2,
+        topics_max: 4,
+        ring_slots: 64,
+        goi_entries: 1 << 12,
+        blog_bytes: 1 << 20,
+    };
+    InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .unwrap()
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Sends one request and reads its response body (after checking the correlation id).
+fn call<R: Encodable + HeaderVersion>(
+    stream: &mut TcpStream,
+    key: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &R,
+) -> Bytes {
+    stream
+        .write_all(&request_frame(key, version, correlation_id, body))
+        .unwrap();
+    let mut frame = vec![0u8; 4];
+    stream.read_exact(&mut frame).unwrap();
+    let size = i32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+    frame.resize(4 + size, 0);
+    stream.read_exact(&mut frame[4..]).unwrap();
+    let (correlation, body) = response_body(&frame, key, version).expect("a whole response");
+    assert_eq!(correlation, correlation_id);
+    body
+}
+
+#[test]
+fn a_kafka_client_learns_the_apis_the_brokers_and_the_topics() {
+    let cluster = cluster();
+    let head = &cluster.brokers()[0];
+    support::create_topic(
+        head.local_addr(),
+        "orders",
+        Order::Total,
+        Retention::StallLimited,
+    );
+    for broker in cluster.brokers() {
+        let addr = broker.kafka_addr().expect("a Kafka listener");
+        let mut stream = connect(addr);
+        let mut body = call(
+            &mut stream,
+            ApiKey::ApiVersions,
+            3,
+            1,
+            &ApiVersionsRequest::default(),
+        );
+        let versions = ApiVersionsResponse::decode(&mut body, 3).unwrap();
+        assert_eq!(versions.error_code, 0);
+        assert!(
+            versions
+                .api_keys
+                .iter()
+                .any(|k| k.api_key == ApiKey::Metadata as i16 && k.max_version == 12)
+        );
+        // A null topic list asks for every topic (an empty one for none).
+        let mut body = call(
+            &mut stream,
+            ApiKey::Metadata,
+            12,
+            2,
+            &MetadataRequest::default().with_topics(None),
+        );
+        let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
+        assert_eq!(metadata.brokers.len(), 1);
+        assert_eq!(metadata.brokers[0].port, i32::from(addr.port()));
+        assert_eq!(metadata.topics.len(), 1);
+        assert_eq!(
+            metadata.topics[0].name.as_ref().unwrap().0.as_str(),
+            "orders"
+        );
+        // Every broker leads the partition in the metadata it serves.
+        assert_eq!(
+            metadata.topics[0].partitions[0].leader_id,
+            metadata.brokers[0].node_id
+        );
+        assert!(!body.has_remaining());
+    }
+}
+
+#[test]
+fn a_malformed_request_closes_its_own_connection_only() {
+    let cluster = cluster();
+    let addr = cluster.brokers()[0].kafka_addr().unwrap();
+    let mut good = connect(addr);
+    let mut bad = connect(addr);
+    // A size prefix far beyond any request.
+    bad.write_all(&0x7fff_ffffi32.to_be_bytes()).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        bad.read_to_end(&mut rest).unwrap_or(0),
+        0,
+        "closed, nothing sent"
+    );
+    let mut body = call(
+        &mut good,
+        ApiKey::ApiVersions,
+        0,
+        7,
+        &ApiVersionsRequest::default(),
+    );
+    assert_eq!(
+        ApiVersionsResponse::decode(&mut body, 0)
+            .unwrap()
+            .error_code,
+        0
+    );
+}
+
+#[test]
+fn kcat_lists_the_brokers_and_topics() {
+    if Command::new("kcat").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: kcat is not installed (./scripts/test.sh installs it)");
+        return;
+    }
+    let cluster = cluster();
+    let head = &cluster.brokers()[0];
+    support::create_topic(
+        head.local_addr(),
+        "payments",
+        Order::Total,
+        Retention::StallLimited,
+    );
+    let addr = head.kafka_addr().unwrap();
+    let output = Command::new("timeout")
+        .args(["20", "kcat", "-L", "-J", "-b", &addr.to_string()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "kcat: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listing: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(listing["brokers"][0]["name"], addr.to_string());
+    assert_eq!(listing["topics"][0]["topic"], "payments");
+    assert_eq!(listing["topics"][0]["partitions"][0]["partition"], 0);
+    assert_eq!(listing["topics"][0]["partitions"][0]["leader"], 0);
+}
