@@ -112,6 +112,11 @@ pub struct Metrics {
     pub xdp_neighbour_replies: AtomicU64,
     /// XDP backend: neighbours not tracked because the table was full.
     pub xdp_neighbour_table_full: AtomicU64,
+    /// Kafka listener: requests answered.
+    pub kafka_requests: AtomicU64,
+    /// Kafka listener: connections closed for a malformed request (or one for an API or
+    /// version ApiVersions did not offer), or a request not whole within its deadline.
+    pub kafka_connections_failed: AtomicU64,
 }
 
 /// What a broker is to the sequencer lease (the `sequencer_role` gauge).
@@ -356,6 +361,18 @@ const SERIES: &[Series] = &[
         kind: "counter",
         help: "Frames the kernel dropped before the AF_XDP socket (XDP backend; see the log).",
         value: |m| &m.xdp_rx_dropped,
+    },
+    Series {
+        name: "embarcadero_kafka_requests_total",
+        kind: "counter",
+        help: "Kafka listener: requests answered.",
+        value: |m| &m.kafka_requests,
+    },
+    Series {
+        name: "embarcadero_kafka_connections_failed_total",
+        kind: "counter",
+        help: "Kafka listener: connections closed for a malformed or unoffered request, or one not whole within 30 s (see the log).",
+        value: |m| &m.kafka_connections_failed,
     },
     Series {
         name: "embarcadero_connections_refused_total",

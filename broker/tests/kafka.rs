@@ -7,6 +7,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use broker::server::in_process::InProcessCluster;
@@ -143,6 +144,9 @@ fn a_malformed_request_closes_its_own_connection_only() {
             .error_code,
         0
     );
+    let metrics = cluster.brokers()[0].metrics();
+    assert_eq!(metrics.kafka_connections_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.kafka_requests.load(Ordering::Relaxed), 1);
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! (each a 4-byte big-endian size and the request), bounds them, and queues the responses.
 
 use std::io;
+use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
@@ -26,6 +27,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, Str
 use shared_log::pool::TopicId;
 use units::Timestamp;
 
+use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, InputState, Service};
 use crate::server::state::ConnId;
 
@@ -76,6 +78,8 @@ pub trait KafkaContext {
     fn node(&self) -> KafkaNode;
     /// Every topic, by id and name.
     fn topics(&self) -> Vec<(TopicId, String)>;
+    /// The broker's metrics.
+    fn metrics(&self) -> &Metrics;
 }
 
 /// A broker as Kafka clients see it.
@@ -366,6 +370,10 @@ impl KafkaConnection {
                 "kafka connection {}: a request did not arrive within {REQUEST_DEADLINE_MS} ms",
                 self.id
             );
+            context
+                .metrics()
+                .kafka_connections_failed
+                .fetch_add(1, Ordering::Relaxed);
             self.ended = true;
         }
         if self.has_output() && writable {
@@ -396,6 +404,10 @@ impl KafkaConnection {
                     self.input.extend_from_slice(&buffer[..n]);
                     if let Err(error) = self.answer_complete(context, now) {
                         log::info!("kafka connection {}: {error}; closing it", self.id);
+                        context
+                            .metrics()
+                            .kafka_connections_failed
+                            .fetch_add(1, Ordering::Relaxed);
                         return InputState::Ended;
                     }
                 }
@@ -433,6 +445,10 @@ impl KafkaConnection {
                 break;
             }
             let response = self.session.on_request(&rest[4..4 + size], context)?;
+            context
+                .metrics()
+                .kafka_requests
+                .fetch_add(1, Ordering::Relaxed);
             if self.sent == self.output.len() {
                 self.output.clear();
                 self.sent = 0;
@@ -477,7 +493,13 @@ mod tests {
 
     struct Topics;
 
+    static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(Metrics::default);
+
     impl KafkaContext for Topics {
+        fn metrics(&self) -> &Metrics {
+            &METRICS
+        }
+
         fn node(&self) -> KafkaNode {
             KafkaNode {
                 id: 3,

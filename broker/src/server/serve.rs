@@ -195,6 +195,10 @@ impl KafkaContext for KafkaView<'_> {
     fn topics(&self) -> Vec<(shared_log::pool::TopicId, String)> {
         self.state.topic_names()
     }
+
+    fn metrics(&self) -> &Metrics {
+        self.state.metrics()
+    }
 }
 
 /// A client connection in the protocol of the listener it came in on.
