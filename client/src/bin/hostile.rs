@@ -90,6 +90,17 @@ enum Attack {
         #[command(flatten)]
         on: TopicArgs,
     },
+    /// Kafka clients gone wrong on a broker's Kafka listener (`--kafka-listen`): requests
+    /// with sizes below 0 and over the limit, for an API it does not serve, with a header
+    /// cut short (each must be closed), and one that sends Metadata requests without ever
+    /// reading the responses (it must be left open and stop being read); then a fresh
+    /// connection's ApiVersions must be answered.
+    KafkaGarbage {
+        #[arg(long)]
+        kafka: SocketAddr,
+        #[arg(long, default_value_t = 4.0)]
+        duration_s: f64,
+    },
 }
 
 /// The broker and topic of an attack.
@@ -553,6 +564,121 @@ fn metrics_silent(
     }))
 }
 
+/// A Kafka request frame in version 0's layout (header v1, a null client id): size, API
+/// key, version, correlation id, then `body`.
+fn kafka_frame(api_key: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14 + body.len());
+    frame.extend_from_slice(&((10 + body.len()) as i32).to_be_bytes());
+    frame.extend_from_slice(&api_key.to_be_bytes());
+    frame.extend_from_slice(&0i16.to_be_bytes());
+    frame.extend_from_slice(&correlation_id.to_be_bytes());
+    frame.extend_from_slice(&(-1i16).to_be_bytes());
+    frame.extend_from_slice(body);
+    frame
+}
+
+/// Kafka API keys the attack uses.
+const KAFKA_API_VERSIONS: i16 = 18;
+const KAFKA_METADATA: i16 = 3;
+
+/// Whether the peer closed `stream` within `within` (end of stream or a reset), reading
+/// and dropping whatever it sent first.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut sink = [0u8; 4096];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match stream.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+fn kafka_garbage(kafka: SocketAddr, duration: Duration) -> Result<serde_json::Value, String> {
+    let connect = || {
+        TcpStream::connect_timeout(&kafka, Duration::from_secs(2))
+            .map_err(|e| format!("connect {kafka}: {e}"))
+    };
+    let mut cut_header = kafka_frame(KAFKA_METADATA, 1, &[]);
+    cut_header.truncate(4 + 5);
+    cut_header[..4].copy_from_slice(&5i32.to_be_bytes());
+    let malformed: [(&str, Vec<u8>); 4] = [
+        ("negative_size", (-5i32).to_be_bytes().to_vec()),
+        ("oversize", i32::MAX.to_be_bytes().to_vec()),
+        ("unknown_api", kafka_frame(999, 1, &[])),
+        ("cut_header", cut_header),
+    ];
+    let mut closed = serde_json::Map::new();
+    for (name, bytes) in &malformed {
+        let mut stream = connect()?;
+        stream
+            .write_all(bytes)
+            .map_err(|e| format!("{name}: send: {e}"))?;
+        closed.insert(
+            (*name).into(),
+            closed_within(&mut stream, Duration::from_secs(5)).into(),
+        );
+    }
+    // A client that never reads: Metadata requests (every topic) until its socket takes no
+    // more, for the attack's duration.
+    let mut unread = connect()?;
+    unread
+        .set_nonblocking(true)
+        .map_err(|e| format!("non-blocking: {e}"))?;
+    let request = kafka_frame(KAFKA_METADATA, 2, &0i32.to_be_bytes());
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < duration {
+        match unread.write(&request) {
+            Ok(n) if n == request.len() => sent += 1,
+            // A cut request is finished blocking, so that the stream stays in frame.
+            Ok(n) => {
+                let _ = unread.set_nonblocking(false);
+                let _ = unread.set_write_timeout(Some(Duration::from_millis(100)));
+                if unread.write_all(&request[n..]).is_err() {
+                    break;
+                }
+                sent += 1;
+                let _ = unread.set_nonblocking(true);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => break,
+        }
+    }
+    // Paused, its socket takes no more; closed (with its requests unread, so with a
+    // reset), a write fails.
+    let _ = unread.set_nonblocking(true);
+    let unread_open = match unread.write(&request) {
+        Ok(_) => true,
+        Err(e) => e.kind() == ErrorKind::WouldBlock,
+    };
+    // A well-behaved client now.
+    let mut fresh = connect()?;
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    fresh
+        .write_all(&kafka_frame(KAFKA_API_VERSIONS, 77, &[]))
+        .map_err(|e| format!("ApiVersions: send: {e}"))?;
+    let mut head = [0u8; 10];
+    let answered = fresh.read_exact(&mut head).is_ok()
+        && i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 77
+        && i16::from_be_bytes([head[8], head[9]]) == 0;
+    Ok(serde_json::json!({
+        "closed": closed,
+        "malformed_closed": closed.values().filter(|v| **v == serde_json::Value::Bool(true)).count(),
+        "unread_requests_sent": sent,
+        "unread_left_open": unread_open,
+        "fresh_answered": answered,
+    }))
+}
+
 fn late_subscriber(
     target: Target,
     name: &str,
@@ -645,6 +771,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
             duration_s,
         } => metrics_silent(*metrics, *connections, seconds(*duration_s)),
         Attack::LateSubscriber { on } => late_subscriber(target(&on.broker), &on.topic, on.order),
+        Attack::KafkaGarbage { kafka, duration_s } => kafka_garbage(*kafka, seconds(*duration_s)),
     }
 }
 
