@@ -1,15 +1,15 @@
 //! [`Publisher`]: the socket adapter around [`PublisherCore`].
 //!
-//! A batch that is the only one outstanding is written by the caller's thread when the
-//! socket takes it whole without blocking: no hand-off between threads on the way out.
-//! Otherwise (other batches outstanding, whose writes the I/O thread overlaps with the
-//! caller's work, or a full socket buffer) it goes to the publisher's one I/O thread
-//! ([`crate::publisher_io`]), which writes each connection's batches in order without
-//! blocking on any socket and decodes what the brokers send (Acks, Errors and Goodbye,
-//! timestamped on arrival). A connection the core asks for is opened by a short-lived
-//! connector thread (one round over the candidate brokers). Both report to the publisher
-//! over one channel; the publisher's own thread owns the protocol state and is the only
-//! one that changes it.
+//! A batch of up to 16 KiB, or one that is the only one outstanding, is written by the
+//! caller's thread when nothing is queued before it and the socket takes it whole without
+//! blocking: no hand-off between threads on the way out. Otherwise (a large batch among
+//! others, whose writes the I/O thread overlaps with the caller's work, or a full socket
+//! buffer) it goes to the publisher's one I/O thread ([`crate::publisher_io`]), which writes
+//! each connection's batches in order without blocking on any socket and decodes what the
+//! brokers send (Acks, Errors and Goodbye, timestamped on arrival). A connection the core
+//! asks for is opened by a short-lived connector thread (one round over the candidate
+//! brokers). Both report to the publisher over one channel; the publisher's own thread owns
+//! the protocol state and is the only one that changes it.
 
 use std::collections::BTreeMap;
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -81,6 +81,9 @@ pub(crate) struct IoThread {
 }
 
 const WAKER: Token = Token(usize::MAX);
+/// The Goodbye frame, encoded once.
+static GOODBYE: std::sync::LazyLock<Vec<u8>> =
+    std::sync::LazyLock::new(|| Frame::Goodbye.to_bytes());
 /// Readiness events taken per `epoll_wait`.
 const EVENTS_CAPACITY: usize = 256;
 
@@ -121,7 +124,8 @@ impl IoThread {
         self.command(IoCommand::Write { conn, command });
     }
 
-    /// Lets go of `conn`'s socket without reporting anything more about it.
+    /// Lets go of `conn`'s socket; once the thread has taken this, it reports nothing more
+    /// about it (what it reported before may still be in the channel).
     pub fn remove(&self, conn: ConnId) {
         self.command(IoCommand::Remove { conn });
     }
@@ -330,10 +334,22 @@ impl<E: From<ConnectionEvent>> IoLoop<E> {
             return true;
         };
         let mut outcome = Ok(());
-        if write {
-            outcome = connection.write_queued(conn, &self.events);
+        // Frames that came before the peer's end (an Error, acks, Goodbye) are reported
+        // before the end itself: read first when the event says the end is in, and read on
+        // when a write fails (a reset; the kernel still hands out what arrived before it).
+        if reading == Reading::UntilBlocked {
+            outcome = connection.read_available(conn, reading, &self.events);
         }
-        if reading != Reading::No && outcome.is_ok() {
+        if write && outcome.is_ok() {
+            outcome = connection.write_queued(conn, &self.events);
+            if outcome.is_err()
+                && let Err(Stop::Gone) =
+                    connection.read_available(conn, Reading::UntilBlocked, &self.events)
+            {
+                return false;
+            }
+        }
+        if reading == Reading::UntilShort && outcome.is_ok() {
             outcome = connection.read_available(conn, reading, &self.events);
         }
         match outcome {
@@ -386,14 +402,13 @@ impl Connection {
         conn: ConnId,
         events: &Sender<E>,
     ) -> Result<(), Stop> {
-        let goodbye = Frame::Goodbye.to_bytes();
         while !self.write_closed {
             let Some((command, written)) = self.writes.front_mut() else {
                 return Ok(());
             };
             let (bytes, doing): (&[u8], _) = match command {
                 WriteCommand::Batch { batch, .. } => (&batch.bytes, "writing a batch"),
-                WriteCommand::Goodbye => (&goodbye, "sending Goodbye"),
+                WriteCommand::Goodbye => (GOODBYE.as_slice(), "sending Goodbye"),
             };
             match (&self.stream).write(&bytes[*written..]) {
                 Ok(0) => {
@@ -617,6 +632,36 @@ mod tests {
             _ => panic!("expected the live connection to end cleanly"),
         }
         drop(io);
+    }
+
+    #[test]
+    fn frames_that_came_before_a_reset_are_reported_before_the_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (client, server) = pair(&listener);
+        let (events_in, events) = crossbeam_channel::unbounded::<ConnectionEvent>();
+        let io = IoThread::start(events_in).unwrap();
+        add(&io, 9, client);
+        // Writes pile up (the peer reads nothing), then the peer says Goodbye and resets.
+        io.write(9, batch(9, 0, pattern(16 << 20, 3)));
+        std::thread::sleep(Duration::from_millis(100));
+        (&server).write_all(&Frame::Goodbye.to_bytes()).unwrap();
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        let mut goodbye = false;
+        loop {
+            match events.recv_timeout(WAIT).expect("the connection ends") {
+                ConnectionEvent::Frame {
+                    conn: 9,
+                    frame: Frame::Goodbye,
+                    ..
+                } => goodbye = true,
+                ConnectionEvent::Ended { conn: 9, .. } => break,
+                _ => {}
+            }
+        }
+        assert!(goodbye, "the Goodbye sent before the reset was reported");
     }
 
     #[test]
