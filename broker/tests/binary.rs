@@ -126,6 +126,38 @@ fn a_broker_refuses_a_pool_of_another_layout_and_says_so() {
 }
 
 #[test]
+fn a_kafka_listener_on_every_address_needs_an_address_to_name() {
+    let path = std::path::PathBuf::from(format!(
+        "/dev/shm/embarcadero-kafka-host-test-{}",
+        std::process::id()
+    ));
+    let region = SharedRegion::create(&path, 8 << 20, &shm_options()).expect("a /dev/shm pool");
+    let geometry = Geometry::fit(8 << 20, 2, 1, 16, 1024).expect("geometry");
+    Pool::format(pool_memory(region, CoherenceMode::NonCoherent), geometry, 1).expect("format");
+    let output = Command::new(env!("CARGO_BIN_EXE_broker"))
+        .args([
+            "--id",
+            "1",
+            "--listen",
+            "0.0.0.0:0",
+            "--kafka-listen",
+            "0.0.0.0:0",
+        ])
+        .args(["--allow-shm-fallback", "--error-json", "--pool"])
+        .arg(&path)
+        .output()
+        .expect("run the broker");
+    let _ = std::fs::remove_file(&path);
+    let exit = Exit::from_output(&output);
+    let error = exit.error("kafka_host_unknown", 2);
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("--advertise"),
+        "says what to do: {message}"
+    );
+}
+
+#[test]
 fn missing_flags_are_a_usage_error_and_exit_2() {
     let output = Command::new(env!("CARGO_BIN_EXE_broker"))
         .args(["--id", "0", "--error-json"])

@@ -282,7 +282,7 @@ past its claim lease; the pool file was removed, replaced or truncated); 2 bad f
 file; 3 the id is held by a live broker; 4 --format refused: live brokers use the pool. The
 error is on stderr, and with --error-json also on stdout as one JSON line whose \"kind\" is
 one of: usage, pool, pool_in_use, broker_id_taken, claim, listen, metrics, sequencer, bypass,
-restore, claim_lost, pool_file_gone, thread_ended.";
+limits, kafka_on_bypass, kafka_host_unknown, restore, claim_lost, pool_file_gone, thread_ended.";
 
 /// An error the broker ends with: the line on stderr, the exit code, and, with
 /// `--error-json`, the same as one JSON object on stdout.
@@ -355,6 +355,9 @@ impl Ending {
                 .with("option", limit.option)
                 .with("value", limit.value),
             StartError::KafkaOnBypass => Ending::new(EXIT_USAGE, "kafka_on_bypass", error),
+            StartError::KafkaHostUnknown { addr } => {
+                Ending::new(EXIT_USAGE, "kafka_host_unknown", error).with("addr", addr.to_string())
+            }
         }
     }
 

@@ -37,6 +37,8 @@ mod error_code {
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     /// The request's API version is not one this broker speaks.
     pub const UNSUPPORTED_VERSION: i16 = 35;
+    /// No topic has the id asked for.
+    pub const UNKNOWN_TOPIC_ID: i16 = 100;
 }
 
 /// The APIs this broker speaks, with the versions of each (those that current clients use:
@@ -95,9 +97,7 @@ pub struct KafkaNode {
 
 /// The Kafka protocol of one connection, without I/O.
 #[derive(Debug, Default)]
-pub struct KafkaSession {
-    requests: u64,
-}
+pub struct KafkaSession {}
 
 impl KafkaSession {
     /// Answers one request frame (without its size prefix); the response comes with its
@@ -107,7 +107,6 @@ impl KafkaSession {
         frame: &[u8],
         context: &dyn KafkaContext,
     ) -> Result<Vec<u8>, KafkaError> {
-        self.requests += 1;
         let mut body = Bytes::copy_from_slice(frame);
         if body.len() < 4 {
             return Err(malformed(
@@ -123,7 +122,8 @@ impl KafkaSession {
             // A version this broker does not know is still answered (in version 0's
             // layout, with UNSUPPORTED_VERSION and the versions it does know), so that the
             // client can pick one: Kafka's own rule.
-            let known = api_version <= ApiVersionsRequest::VERSIONS.max;
+            let versions = ApiVersionsRequest::VERSIONS;
+            let known = (versions.min..=versions.max).contains(&api_version);
             let header_version = if known {
                 key.request_header_version(api_version)
             } else {
@@ -156,6 +156,7 @@ impl KafkaSession {
         let header = decode_header(&mut body, key.request_header_version(api_version))?;
         match key {
             ApiKey::Metadata => {
+                check_topic_count(&body, api_version)?;
                 let request = MetadataRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("Metadata request", e))?;
                 let response = metadata(&request, api_version, context);
@@ -164,11 +165,6 @@ impl KafkaSession {
             _ => Err(KafkaError::UnsupportedApi(api_key)),
         }
     }
-
-    /// Requests answered so far.
-    pub fn requests(&self) -> u64 {
-        self.requests
-    }
 }
 
 fn malformed(what: &'static str, detail: impl std::fmt::Display) -> KafkaError {
@@ -176,6 +172,45 @@ fn malformed(what: &'static str, detail: impl std::fmt::Display) -> KafkaError {
         what,
         detail: detail.to_string(),
     }
+}
+
+/// Refuses a Metadata request whose topic count cannot be true: more topics than bytes
+/// left for them. The decoder reserves room for the count it reads before it reads a
+/// topic, and a count of two billion is an allocation the process dies of.
+fn check_topic_count(body: &[u8], version: i16) -> Result<(), KafkaError> {
+    let too_many = |count: u64, rest: usize, element_bytes_min: u64| {
+        if count.saturating_mul(element_bytes_min) > rest as u64 {
+            Err(malformed(
+                "Metadata request",
+                format!("{count} topics in {rest} bytes"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if version < 9 {
+        let Some(count) = body.first_chunk::<4>().map(|b| i32::from_be_bytes(*b)) else {
+            return Err(malformed("Metadata request", "no topic count"));
+        };
+        // -1 is null (every topic); a name is at least its 2-byte length.
+        return too_many(count.max(0) as u64, body.len() - 4, 2);
+    }
+    // A compact array: an unsigned varint of the count plus one (0 is null).
+    let mut value = 0u64;
+    for (index, &byte) in body.iter().enumerate().take(5) {
+        value |= u64::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            // From version 10 a topic carries its 16-byte id; each also its name's length
+            // and its tagged fields' count.
+            let element_bytes_min = if version >= 10 { 18 } else { 2 };
+            return too_many(
+                value.saturating_sub(1),
+                body.len() - index - 1,
+                element_bytes_min,
+            );
+        }
+    }
+    Err(malformed("Metadata request", "topic count is not a varint"))
 }
 
 fn decode_header(body: &mut Bytes, header_version: i16) -> Result<RequestHeader, KafkaError> {
@@ -251,12 +286,23 @@ fn metadata(
         Some(list) => list
             .iter()
             .map(|wanted| {
-                let name = wanted.name.as_ref().map(|n| n.0.as_str()).unwrap_or("");
-                match topics.iter().find(|(_, known)| known == name) {
-                    Some((id, known)) => describe(*id, known),
-                    None => MetadataResponseTopic::default()
+                // From version 10 a topic may be asked for by its id instead of its name.
+                let found = match &wanted.name {
+                    Some(name) => topics.iter().find(|(_, known)| known == name.0.as_str()),
+                    None => topics
+                        .iter()
+                        .find(|(id, _)| topic_uuid(*id) == wanted.topic_id),
+                };
+                match (found, &wanted.name) {
+                    (Some((id, known)), _) => describe(*id, known),
+                    (None, Some(name)) => MetadataResponseTopic::default()
                         .with_error_code(error_code::UNKNOWN_TOPIC_OR_PARTITION)
-                        .with_name(wanted.name.clone()),
+                        .with_name(Some(name.clone())),
+                    // The name is nullable in answers from version 12 only.
+                    (None, None) => MetadataResponseTopic::default()
+                        .with_error_code(error_code::UNKNOWN_TOPIC_ID)
+                        .with_topic_id(wanted.topic_id)
+                        .with_name((version < 12).then(|| TopicName(StrBytes::default()))),
                 }
             })
             .collect(),
@@ -348,7 +394,8 @@ impl KafkaConnection {
         self.sent < self.output.len()
     }
 
-    /// One turn of the network loop: read and answer what arrived, write what is queued.
+    /// One turn of the network loop: write what is queued, answer what is buffered and
+    /// what arrives (while the unanswered output is below the high-water mark), write again.
     pub fn service<S: ByteStream>(
         &mut self,
         stream: &mut S,
@@ -358,12 +405,30 @@ impl KafkaConnection {
         writable: bool,
     ) -> Service {
         let mut service = Service::default();
-        if readable {
-            let input = self.on_readable(stream, context, now);
-            service.ended |= input == InputState::Ended;
-            service.input = Some(input);
+        if self.has_output() && writable {
+            service.wrote = true;
+            if !self.on_writable(stream) {
+                service.ended = true;
+                return service;
+            }
         }
-        if self.request_started.is_some_and(|t| {
+        // Requests left whole in the input while the output was full raise no new edge.
+        if let Err(error) = self.answer_complete(context, now) {
+            self.fail(&error, context);
+        }
+        if readable && !self.ended {
+            let (input, read_any) = self.on_readable(stream, context, now);
+            service.ended |= input == InputState::Ended;
+            // A read paused before it took anything did nothing: it must not count as work,
+            // or the loop would spin on a client that does not read its responses.
+            if read_any || input != InputState::Paused {
+                service.input = Some(input);
+            }
+        }
+        if self.output_full() {
+            // The broker stopped reading, not the client: the request's clock stands still.
+            self.request_started = self.request_started.map(|_| now);
+        } else if self.request_started.is_some_and(|t| {
             now.saturating_duration_since(t).as_millis() > u128::from(REQUEST_DEADLINE_MS)
         }) {
             log::info!(
@@ -376,7 +441,7 @@ impl KafkaConnection {
                 .fetch_add(1, Ordering::Relaxed);
             self.ended = true;
         }
-        if self.has_output() && writable {
+        if self.has_output() && writable && !service.ended {
             service.wrote = true;
             service.ended |= !self.on_writable(stream);
         }
@@ -384,51 +449,67 @@ impl KafkaConnection {
         service
     }
 
+    /// Whether the unanswered output reached the high-water mark.
+    fn output_full(&self) -> bool {
+        self.output.len() - self.sent >= OUTPUT_HIGH_WATER_BYTES
+    }
+
+    fn fail(&mut self, error: &KafkaError, context: &dyn KafkaContext) {
+        log::info!("kafka connection {}: {error}; closing it", self.id);
+        context
+            .metrics()
+            .kafka_connections_failed
+            .fetch_add(1, Ordering::Relaxed);
+        self.ended = true;
+    }
+
+    /// Reads and answers until the stream would block or the output is full; also says
+    /// whether it took any bytes.
     fn on_readable<S: ByteStream>(
         &mut self,
         stream: &mut S,
         context: &dyn KafkaContext,
         now: Timestamp,
-    ) -> InputState {
+    ) -> (InputState, bool) {
         let mut buffer = [0u8; 16 << 10];
-        loop {
-            if self.output.len() - self.sent > OUTPUT_HIGH_WATER_BYTES {
-                return InputState::Paused;
+        let mut read_any = false;
+        let state = loop {
+            if self.output_full() {
+                break InputState::Paused;
             }
             match stream.recv(&mut buffer) {
-                Ok(0) => return InputState::Ended,
+                Ok(0) => break InputState::Ended,
                 Ok(n) => {
+                    read_any = true;
                     if self.input.is_empty() {
                         self.request_started = Some(now);
                     }
                     self.input.extend_from_slice(&buffer[..n]);
                     if let Err(error) = self.answer_complete(context, now) {
-                        log::info!("kafka connection {}: {error}; closing it", self.id);
-                        context
-                            .metrics()
-                            .kafka_connections_failed
-                            .fetch_add(1, Ordering::Relaxed);
-                        return InputState::Ended;
+                        self.fail(&error, context);
+                        break InputState::Ended;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return InputState::Drained,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break InputState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     log::info!("kafka connection {}: receive failed: {e}", self.id);
-                    return InputState::Ended;
+                    break InputState::Ended;
                 }
             }
-        }
+        };
+        (state, read_any)
     }
 
-    /// Answers every complete request in the input.
+    /// Answers the complete requests in the input, in order, until the output reaches the
+    /// high-water mark (the rest wait in the input).
     fn answer_complete(
         &mut self,
         context: &dyn KafkaContext,
         now: Timestamp,
     ) -> Result<(), KafkaError> {
         let mut taken = 0;
-        loop {
+        while !self.output_full() {
             let rest = &self.input[taken..];
             if rest.len() < 4 {
                 break;
@@ -449,21 +530,13 @@ impl KafkaConnection {
                 .metrics()
                 .kafka_requests
                 .fetch_add(1, Ordering::Relaxed);
-            if self.sent == self.output.len() {
-                self.output.clear();
-                self.sent = 0;
-            }
             self.output.extend_from_slice(&response);
             taken += 4 + size;
         }
-        self.input.drain(..taken);
-        self.request_started = (!self.input.is_empty()).then(|| {
-            if taken > 0 {
-                now
-            } else {
-                self.request_started.unwrap_or(now)
-            }
-        });
+        if taken > 0 {
+            self.input.drain(..taken);
+            self.request_started = (!self.input.is_empty()).then_some(now);
+        }
         Ok(())
     }
 
@@ -480,6 +553,15 @@ impl KafkaConnection {
                     return false;
                 }
             }
+        }
+        // What was sent is let go of (once it is half the buffer: each byte is moved at
+        // most once on average), so that the buffer holds about what is owed.
+        if self.sent == self.output.len() {
+            self.output.clear();
+            self.sent = 0;
+        } else if self.sent >= self.output.len() / 2 {
+            self.output.drain(..self.sent);
+            self.sent = 0;
         }
         true
     }
@@ -622,6 +704,54 @@ mod tests {
             metadata.topics[1].name.as_ref().unwrap().0.as_str(),
             "nosuch"
         );
+    }
+
+    #[test]
+    fn a_topic_count_larger_than_the_request_is_refused_before_anything_is_reserved() {
+        // Version 1: an int32 count (the decoder would reserve room for 2^31 topics).
+        let mut huge = request(ApiKey::Metadata, 1, 1, &MetadataRequest::default());
+        let count_at = huge.len() - 4;
+        huge[count_at..].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(answer(&huge), Err(KafkaError::Malformed { .. })));
+        // Version 12: a compact array, its count a varint (here 2^32 - 2).
+        let mut compact = request(ApiKey::Metadata, 12, 1, &MetadataRequest::default());
+        let body_at = compact.len() - 4; // count (1 byte), two bools, tagged fields (1 byte)
+        compact.truncate(body_at);
+        compact.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0, 0, 0]);
+        let size = (compact.len() - 4) as i32;
+        compact[..4].copy_from_slice(&size.to_be_bytes());
+        assert!(matches!(
+            answer(&compact),
+            Err(KafkaError::Malformed { .. })
+        ));
+        // A count that fits is fine.
+        let one = MetadataRequest::default().with_topics(Some(vec![
+            MetadataRequestTopic::default()
+                .with_name(Some(TopicName(StrBytes::from_static_str("orders")))),
+        ]));
+        assert!(answer(&request(ApiKey::Metadata, 1, 1, &one)).is_ok());
+        assert!(answer(&request(ApiKey::Metadata, 12, 1, &one)).is_ok());
+    }
+
+    #[test]
+    fn metadata_finds_a_topic_by_its_id() {
+        let by_id = |id| {
+            MetadataRequestTopic::default()
+                .with_name(None)
+                .with_topic_id(id)
+        };
+        let asked = MetadataRequest::default().with_topics(Some(vec![
+            by_id(topic_uuid(2)),
+            by_id(uuid::Uuid::from_u64_pair(1, 2)),
+        ]));
+        let out = answer(&request(ApiKey::Metadata, 12, 1, &asked)).unwrap();
+        let (_, mut body) = response(&out, ApiKey::Metadata, 12);
+        let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
+        assert_eq!(
+            metadata.topics[0].name.as_ref().unwrap().0.as_str(),
+            "payments"
+        );
+        assert_eq!(metadata.topics[1].error_code, error_code::UNKNOWN_TOPIC_ID);
     }
 
     #[test]
@@ -774,11 +904,22 @@ mod tests {
         let service = connection.service(&mut stream, &Topics, Timestamp::now(), true, true);
         assert_eq!(service.input, Some(InputState::Paused));
         assert!(!stream.input.is_empty(), "requests are left in the socket");
-        // Once the client reads, the rest is answered.
+        // What it holds for the client stays near the mark (one response over at most),
+        // and a pass that could not read is not work (the loop would spin on it).
+        assert!(connection.output.len() < OUTPUT_HIGH_WATER_BYTES + out_bytes);
+        // (The socket said it would block, so the loop does not offer it as writable.)
+        let again = connection.service(&mut stream, &Topics, Timestamp::now(), true, false);
+        assert!(!again.worked());
+        // Once the client reads, the rest is answered, in order, with no new input edge
+        // for the requests already buffered.
         stream.writable_bytes = usize::MAX;
-        while !stream.input.is_empty() || connection.has_output() {
-            connection.service(&mut stream, &Topics, Timestamp::now(), true, true);
+        let mut passes = 0;
+        while !stream.input.is_empty() || connection.has_output() || !connection.input.is_empty() {
+            connection.service(&mut stream, &Topics, Timestamp::now(), passes == 0, true);
+            passes += 1;
+            assert!(passes < 10_000);
         }
         assert_eq!(stream.written.len(), requests * out_bytes);
+        assert!(connection.output.capacity() < 2 * OUTPUT_HIGH_WATER_BYTES + 2 * out_bytes);
     }
 }

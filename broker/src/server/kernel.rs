@@ -1,5 +1,5 @@
 //! The kernel TCP transport of the network loop: epoll (mio, edge-triggered) over the
-//! listening socket and every connection.
+//! listening sockets (ours, and Kafka's when there is one) and every connection.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};

@@ -193,6 +193,14 @@ pub enum StartError {
     /// A client limit is outside the range the broker can honour.
     #[error(transparent)]
     Limits(#[from] limits::LimitOutOfRange),
+    /// `--kafka-listen` on a wildcard address, and no address advertised to name in Metadata.
+    #[error(
+        "--kafka-listen {addr} takes every address, and this broker advertises none to tell Kafka clients: give --advertise HOST:PORT (its host is named in Metadata), or --kafka-listen a specific address"
+    )]
+    KafkaHostUnknown {
+        /// The Kafka listener's address.
+        addr: SocketAddr,
+    },
     /// `--kafka-listen` with `--net xdp`.
     #[error(
         "--kafka-listen is served by the kernel TCP backend only, so far: start this broker without --net xdp, or without --kafka-listen"
@@ -383,8 +391,8 @@ pub fn start_claimed(
     }
 }
 
-/// What [`launch`] started: the client address, the metrics address, the bypass backend's
-/// attached program.
+/// What [`launch`] started: the client address, the metrics and Kafka addresses, the bypass
+/// backend's attached program.
 struct Launched {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
@@ -392,7 +400,8 @@ struct Launched {
     xdp: Option<bypass::Attached>,
 }
 
-/// Starts the broker's threads into `threads`; returns the client and metrics addresses.
+/// Starts the broker's threads into `threads`; returns the client, metrics and Kafka
+/// addresses.
 /// The threads that write this broker's own lines of the pool (the network loop, the
 /// replica) check `claim` before they write.
 fn launch(
@@ -432,17 +441,26 @@ fn launch(
     let advertised = options.advertise.unwrap_or(local_addr);
     claim.advertise(advertised);
     let kafka_addr = kafka_listener.as_ref().map(|(addr, _)| *addr);
-    let kafka_node = kafka_addr.map(|addr| kafka::KafkaNode {
-        id: i32::from(broker_id),
-        // A wildcard bind is reached at the address this broker advertises.
-        host: if addr.ip().is_unspecified() {
-            advertised.ip()
-        } else {
-            addr.ip()
+    let kafka_node = match kafka_addr {
+        None => None,
+        Some(addr) => {
+            // Kafka clients connect to the host that Metadata names: a wildcard bind is
+            // named by the address this broker advertises, which must then be one.
+            let host = if addr.ip().is_unspecified() {
+                advertised.ip()
+            } else {
+                addr.ip()
+            };
+            if host.is_unspecified() {
+                return Err(StartError::KafkaHostUnknown { addr });
+            }
+            Some(kafka::KafkaNode {
+                id: i32::from(broker_id),
+                host: host.to_string(),
+                port: addr.port(),
+            })
         }
-        .to_string(),
-        port: addr.port(),
-    });
+    };
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
     let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {
