@@ -16,7 +16,8 @@
 #   format-live-pool    `broker --head --format` on the pool the cluster uses
 #   duplicate-id        a second broker with the id of a live one
 #   kafka-garbage       on the head's Kafka listener (port P+200): requests of a negative and an
-#                       oversize length, for an unknown API, with a cut header (each closed),
+#                       oversize length, for an unknown API, with a cut header, claiming 2^31
+#                       topics (each closed),
 #                       a client that never reads its responses (left open, no longer read),
 #                       then a fresh client's ApiVersions (answered)
 # XDP backend (as root), in the namespace lab: the SYN flood and the host's own traffic
@@ -41,7 +42,7 @@ while [[ $# -gt 0 ]]; do
         --kernel-only) kernel_only=1; shift ;;
         --base-port) base_port=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "hostile: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -120,7 +121,7 @@ attack metrics-silent 'scrapes_failed == 0 and scrapes_ok > 0 and silent_closed_
     --duration-s $((duration + 1))
 attack late-subscriber 'from_zero == "PositionTruncated" and log_start > 0 and first_delivery_from_log_start == log_start' -- \
     "$target/hostile" late-subscriber --broker "$head" --topic hostile-baseline
-attack kafka-garbage 'malformed_closed == 4 and unread_left_open and unread_requests_sent > 0 and fresh_answered' -- \
+attack kafka-garbage 'malformed_closed == 5 and unread_left_open and unread_requests_sent > 0 and fresh_answered' -- \
     "$target/hostile" kafka-garbage --kafka 127.0.0.1:$((base_port + 200)) --duration-s "$duration"
 
 # Operator mistakes: each command must be refused with its exit code (broker --help: 4

@@ -92,7 +92,7 @@ enum Attack {
     },
     /// Kafka clients gone wrong on a broker's Kafka listener (`--kafka-listen`): requests
     /// with sizes below 0 and over the limit, for an API it does not serve, with a header
-    /// cut short (each must be closed), and one that sends Metadata requests without ever
+    /// cut short, claiming 2^31 topics (each must be closed), and one that sends Metadata requests without ever
     /// reading the responses (it must be left open and stop being read); then a fresh
     /// connection's ApiVersions must be answered.
     KafkaGarbage {
@@ -606,11 +606,16 @@ fn kafka_garbage(kafka: SocketAddr, duration: Duration) -> Result<serde_json::Va
     let mut cut_header = kafka_frame(KAFKA_METADATA, 1, &[]);
     cut_header.truncate(4 + 5);
     cut_header[..4].copy_from_slice(&5i32.to_be_bytes());
-    let malformed: [(&str, Vec<u8>); 4] = [
+    let malformed: [(&str, Vec<u8>); 5] = [
         ("negative_size", (-5i32).to_be_bytes().to_vec()),
         ("oversize", i32::MAX.to_be_bytes().to_vec()),
         ("unknown_api", kafka_frame(999, 1, &[])),
         ("cut_header", cut_header),
+        // Metadata naming 2^31 - 1 topics in 4 bytes.
+        (
+            "huge_topic_count",
+            kafka_frame(KAFKA_METADATA, 1, &i32::MAX.to_be_bytes()),
+        ),
     ];
     let mut closed = serde_json::Map::new();
     for (name, bytes) in &malformed {
