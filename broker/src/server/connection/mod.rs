@@ -122,6 +122,10 @@ enum Peer<M> {
     Admin,
 }
 
+/// Payload bytes read with a batch's prefix, through the input buffer (see
+/// [`Connection::on_readable`]).
+const SMALL_PAYLOAD_BYTES: usize = 4 << 10;
+
 /// One client connection. See the module docs.
 #[derive(Debug)]
 pub struct Connection<M> {
@@ -301,12 +305,14 @@ impl<M: SharedMemory + Clone> Connection<M> {
                 }
             }
             if self.input_start == self.input_end {
-                // Read no further than a batch's prefix: its payload then goes from the socket
-                // straight into the pool instead of through this buffer.
+                // Read a batch's prefix and at most a small payload's worth more: a small
+                // batch then arrives in one read (a system call less per batch, on the ack's
+                // path), while a large payload goes from the socket straight into the pool
+                // instead of through this buffer but for its first few KiB.
                 let want = self
                     .decoder
                     .wanted()
-                    .max(wire::BATCH_PREFIX_BYTES)
+                    .max(wire::BATCH_PREFIX_BYTES + SMALL_PAYLOAD_BYTES)
                     .min(self.input.len());
                 if let Err(input) = self.refill_input(stream, want) {
                     return input;
