@@ -452,7 +452,7 @@ impl Connection {
         reading: Reading,
         events: &Sender<E>,
     ) -> Result<(), Stop> {
-        let mut source = UntilShort {
+        let mut source = SocketReads {
             stream: &self.stream,
             drained: false,
             stop_short: reading == Reading::UntilShort,
@@ -496,13 +496,13 @@ enum Reading {
 }
 
 /// A socket read as [`Reading`] says.
-struct UntilShort<'a> {
+struct SocketReads<'a> {
     stream: &'a TcpStream,
     drained: bool,
     stop_short: bool,
 }
 
-impl io::Read for UntilShort<'_> {
+impl io::Read for SocketReads<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.drained {
             return Err(io::ErrorKind::WouldBlock.into());

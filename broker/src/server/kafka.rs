@@ -117,7 +117,6 @@ impl KafkaSession {
         let api_key = i16::from_be_bytes([frame[0], frame[1]]);
         let api_version = i16::from_be_bytes([frame[2], frame[3]]);
         let key = ApiKey::try_from(api_key).map_err(|()| KafkaError::UnsupportedApi(api_key))?;
-        let supported = SUPPORTED.iter().find(|(k, _, _)| *k == key);
         if key == ApiKey::ApiVersions {
             // A version this broker does not know is still answered (in version 0's
             // layout, with UNSUPPORTED_VERSION and the versions it does know), so that the
@@ -143,7 +142,7 @@ impl KafkaSession {
                 ))
             };
         }
-        let Some(&(_, min, max)) = supported else {
+        let Some(&(_, min, max)) = SUPPORTED.iter().find(|(k, _, _)| *k == key) else {
             return Err(KafkaError::UnsupportedApi(api_key));
         };
         if !(min..=max).contains(&api_version) {
@@ -217,19 +216,26 @@ fn decode_header(body: &mut Bytes, header_version: i16) -> Result<RequestHeader,
     RequestHeader::decode(body, header_version).map_err(|e| malformed("request header", e))
 }
 
-/// The response frame: size prefix, response header, body.
-fn respond<M: Encodable>(header: &RequestHeader, key: ApiKey, version: i16, body: &M) -> Vec<u8> {
+/// A frame as Kafka sends both ways: a 4-byte big-endian size, then what `encode` writes.
+fn framed(encode: impl FnOnce(&mut BytesMut)) -> Vec<u8> {
     let mut out = BytesMut::new();
     out.put_i32(0);
-    let response_header = ResponseHeader::default().with_correlation_id(header.correlation_id);
-    // Encoding what this module built cannot fail: every field is within its type's range.
-    response_header
-        .encode(&mut out, key.response_header_version(version))
-        .expect("a response header encodes");
-    body.encode(&mut out, version).expect("a response encodes");
+    encode(&mut out);
     let size = (out.len() - 4) as i32;
     out[..4].copy_from_slice(&size.to_be_bytes());
     out.to_vec()
+}
+
+/// The response frame: size prefix, response header, body.
+fn respond<M: Encodable>(header: &RequestHeader, key: ApiKey, version: i16, body: &M) -> Vec<u8> {
+    framed(|out| {
+        let response_header = ResponseHeader::default().with_correlation_id(header.correlation_id);
+        // Encoding what this module built cannot fail: every field is within its type's range.
+        response_header
+            .encode(out, key.response_header_version(version))
+            .expect("a response header encodes");
+        body.encode(out, version).expect("a response encodes");
+    })
 }
 
 fn api_versions(error_code: i16) -> ApiVersionsResponse {
@@ -326,21 +332,18 @@ pub fn request_frame<R: Encodable + HeaderVersion>(
     correlation_id: i32,
     body: &R,
 ) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    out.put_i32(0);
-    // Encoding fails only for values outside a field's range, which a caller's request
-    // built from the typed structs does not have.
-    RequestHeader::default()
-        .with_request_api_key(key as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("embarcadero")))
-        .encode(&mut out, R::header_version(version))
-        .expect("a request header encodes");
-    body.encode(&mut out, version).expect("a request encodes");
-    let size = (out.len() - 4) as i32;
-    out[..4].copy_from_slice(&size.to_be_bytes());
-    out.to_vec()
+    framed(|out| {
+        // Encoding fails only for values outside a field's range, which a caller's request
+        // built from the typed structs does not have.
+        RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("embarcadero")))
+            .encode(out, R::header_version(version))
+            .expect("a request header encodes");
+        body.encode(out, version).expect("a request encodes");
+    })
 }
 
 /// Splits a response frame (with its size prefix) to a `key` request of `version`: the

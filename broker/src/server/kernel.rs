@@ -44,12 +44,17 @@ fn refuse(mut stream: TcpStream, frame: &[u8]) {
     while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
 }
 
-/// Accepts every connection waiting on `listener` (edge-triggered: until it would block).
-fn accept_all(listener: &TcpListener, broker: u16) -> Vec<(TcpStream, std::net::SocketAddr)> {
+/// Accepts every connection waiting on `listener`, which speaks `protocol` (edge-triggered:
+/// until it would block).
+fn accept_all(
+    listener: &TcpListener,
+    broker: u16,
+    protocol: Protocol,
+) -> Vec<(TcpStream, std::net::SocketAddr, Protocol)> {
     let mut accepted = Vec::new();
     loop {
         match listener.accept() {
-            Ok(connection) => accepted.push(connection),
+            Ok((stream, peer)) => accepted.push((stream, peer, protocol)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(e) => {
                 log::warn!("broker {broker}: accept failed: {e}");
@@ -292,27 +297,21 @@ impl Transport for KernelTransport {
         &mut self,
         admit: &mut dyn FnMut(IpAddr, Protocol) -> Result<ConnId, Vec<u8>>,
     ) -> bool {
-        let mut worked = false;
-        if self.listener_ready {
-            self.listener_ready = false;
-            worked = true;
-            for (stream, peer) in accept_all(&self.listener, self.broker) {
-                match admit(peer.ip(), Protocol::Native) {
-                    Ok(id) => self.adopt(id, stream, peer),
-                    Err(refusal) => refuse(stream, &refusal),
-                }
-            }
+        let mut accepted = Vec::new();
+        let mut worked = std::mem::take(&mut self.listener_ready);
+        if worked {
+            accepted.extend(accept_all(&self.listener, self.broker, Protocol::Native));
         }
         if let Some((listener, ready)) = &mut self.kafka_listener
-            && *ready
+            && std::mem::take(ready)
         {
-            *ready = false;
+            accepted.extend(accept_all(listener, self.broker, Protocol::Kafka));
             worked = true;
-            for (stream, peer) in accept_all(listener, self.broker) {
-                match admit(peer.ip(), Protocol::Kafka) {
-                    Ok(id) => self.adopt(id, stream, peer),
-                    Err(refusal) => refuse(stream, &refusal),
-                }
+        }
+        for (stream, peer, protocol) in accepted {
+            match admit(peer.ip(), protocol) {
+                Ok(id) => self.adopt(id, stream, peer),
+                Err(refusal) => refuse(stream, &refusal),
             }
         }
         worked

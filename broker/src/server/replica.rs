@@ -856,6 +856,11 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 self.skipped.push(topic);
                 continue;
             }
+            let meta = meta_path(&self.config.dir, topic);
+            let origin = self
+                .pool
+                .topic_origin(topic)
+                .map_err(|e| meta_error(&meta, e.to_string()))?;
             let description = TopicDescription {
                 id: topic,
                 name,
@@ -865,18 +870,8 @@ impl<M: SharedMemory + Clone> Replicator<M> {
                 retention: config.retention as u8,
                 retention_bytes: config.history.bytes,
                 retention_ms: config.history.ms,
-                origin_ordinal: 0,
-                origin_position: 0,
-            };
-            let meta = meta_path(&self.config.dir, topic);
-            let origin = self
-                .pool
-                .topic_origin(topic)
-                .map_err(|e| meta_error(&meta, e.to_string()))?;
-            let description = TopicDescription {
                 origin_ordinal: origin.ordinal,
                 origin_position: origin.position,
-                ..description
             };
             let text = toml::to_string(&description).expect("a description serializes");
             std::fs::write(&meta, text).map_err(io_error(&meta, "write"))?;

@@ -432,13 +432,11 @@ impl<T: Transport> ServeLoop<T> {
         self.route_outcomes(outcomes, now);
         // The acks go out in this pass, before the deliveries the next pass writes: an
         // ack waits for no other connection's output and for no second wait.
-        let mut ids = std::mem::take(&mut self.service_ids);
-        ids.clear();
-        ids.extend(outcomes.iter().map(|o| o.conn));
-        ids.sort_unstable();
-        ids.dedup();
-        self.service(&ids, now);
-        self.service_ids = ids;
+        self.service_ids.clear();
+        self.service_ids.extend(outcomes.iter().map(|o| o.conn));
+        self.service_ids.sort_unstable();
+        self.service_ids.dedup();
+        self.service_listed(now);
         true
     }
 
@@ -521,20 +519,18 @@ impl<T: Transport> ServeLoop<T> {
     /// Services every connection; closes those that ended. Returns whether anything
     /// happened.
     fn drive(&mut self, now: Timestamp) -> bool {
-        let mut ids = std::mem::take(&mut self.service_ids);
-        ids.clear();
-        ids.extend(self.clients.keys().copied());
-        let worked = self.service(&ids, now);
-        self.service_ids = ids;
-        worked
+        self.service_ids.clear();
+        self.service_ids.extend(self.clients.keys().copied());
+        self.service_listed(now)
     }
 
-    /// Services connections `ids` (those still open); closes those that ended. Returns
-    /// whether anything happened.
-    fn service(&mut self, ids: &[ConnId], now: Timestamp) -> bool {
+    /// Services the connections listed in `service_ids` (those still open); closes those
+    /// that ended. Returns whether anything happened.
+    fn service_listed(&mut self, now: Timestamp) -> bool {
+        let ids = std::mem::take(&mut self.service_ids);
         let mut worked = false;
         let mut ended = Vec::new();
-        for &id in ids {
+        for &id in &ids {
             let Some(client) = self.clients.get_mut(&id) else {
                 continue;
             };
@@ -585,6 +581,8 @@ impl<T: Transport> ServeLoop<T> {
                 worked = true;
             }
         }
+        // The list's buffer is kept for the next round.
+        self.service_ids = ids;
         worked
     }
 }
