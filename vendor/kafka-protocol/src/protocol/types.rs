@@ -985,6 +985,15 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for Array<E> {
         match Int32.decode(buf)? {
             -1 => Ok(None),
             n if n >= 0 => {
+                // Every element takes at least one byte: a longer count cannot be true, and
+                // reserving room for it first would let a few bytes abort the process.
+                if n as usize > buf.remaining() {
+                    bail!(
+                        "Array length {} exceeds the {} bytes left",
+                        n,
+                        buf.remaining()
+                    );
+                }
                 let mut result = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     result.push(self.0.decode(buf)?);
@@ -1093,6 +1102,14 @@ impl<T, E: Decoder<T>> Decoder<Option<Vec<T>>> for CompactArray<E> {
         match UnsignedVarInt.decode(buf)? {
             0 => Ok(None),
             n => {
+                // As for `Array`: a count beyond the bytes left cannot be true.
+                if (n - 1) as usize > buf.remaining() {
+                    bail!(
+                        "Compact array length {} exceeds the {} bytes left",
+                        n - 1,
+                        buf.remaining()
+                    );
+                }
                 let mut result = Vec::with_capacity((n - 1) as usize);
                 for _ in 1..n {
                     result.push(self.0.decode(buf)?);
