@@ -180,3 +180,116 @@ fn kcat_lists_the_brokers_and_topics() {
     assert_eq!(listing["topics"][0]["partitions"][0]["partition"], 0);
     assert_eq!(listing["topics"][0]["partitions"][0]["leader"], 0);
 }
+
+fn kcat_missing() -> bool {
+    if Command::new("kcat").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: kcat is not installed (./scripts/test.sh installs it)");
+        return true;
+    }
+    false
+}
+
+/// Runs kcat with `args` (20 s at most), feeding it `input`; returns its standard output.
+fn kcat(args: &[&str], input: &[u8]) -> String {
+    let mut child = Command::new("timeout")
+        .arg("20")
+        .arg("kcat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "kcat {args:?}: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn kcat_produces_and_consumes_beside_our_own_clients() {
+    if kcat_missing() {
+        return;
+    }
+    let cluster = cluster();
+    let head = &cluster.brokers()[0];
+    let other = &cluster.brokers()[1];
+    let order = Order::TotalSessionFifo;
+    support::create_topic(head.local_addr(), "events", order, Retention::StallLimited);
+    // Our own publisher first: 3 messages at positions 0..3.
+    let mut native = support::publisher(other.local_addr(), "events", order, 41);
+    native.batch(0, &[b"native-0", b"native-1"]);
+    native.batch(1, &[b"native-2"]);
+    native.acks_through(1);
+    // kcat produces 100 records through each broker's Kafka listener (acks=all by default:
+    // on a topic without replicas, once ordered).
+    let lines = |prefix: &str| -> String { (0..100).map(|i| format!("{prefix}-{i}\n")).collect() };
+    for (broker, prefix) in [(head, "kafka-a"), (other, "kafka-b")] {
+        let addr = broker.kafka_addr().unwrap().to_string();
+        kcat(
+            &["-P", "-b", &addr, "-t", "events"],
+            lines(prefix).as_bytes(),
+        );
+    }
+    // kcat reads the whole topic back: every record once, offsets 0..203 without a gap,
+    // each producer's records in the order sent.
+    let addr = other.kafka_addr().unwrap().to_string();
+    let read = kcat(
+        &[
+            "-C",
+            "-b",
+            &addr,
+            "-t",
+            "events",
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%o %s\n",
+        ],
+        b"",
+    );
+    let records: Vec<(u64, String)> = read
+        .lines()
+        .map(|line| {
+            let (offset, value) = line.split_once(' ').unwrap();
+            (offset.parse().unwrap(), value.to_owned())
+        })
+        .collect();
+    assert_eq!(records.len(), 203, "{read}");
+    for (index, (offset, _)) in records.iter().enumerate() {
+        assert_eq!(*offset, index as u64);
+    }
+    let values: Vec<&str> = records.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(values[..3], ["native-0", "native-1", "native-2"]);
+    for prefix in ["kafka-a", "kafka-b"] {
+        let mine: Vec<&str> = values
+            .iter()
+            .copied()
+            .filter(|v| v.starts_with(prefix))
+            .collect();
+        let expected: Vec<String> = (0..100).map(|i| format!("{prefix}-{i}")).collect();
+        assert_eq!(mine, expected, "{prefix}: each record once, in order");
+    }
+    // Our own subscriber reads the Kafka records as messages, bytes identical.
+    let mut subscriber = support::subscriber(head.local_addr(), "events", order, 0);
+    let mut seen = Vec::new();
+    while seen.len() < 203 {
+        match subscriber.receive() {
+            support::Received::Delivery(header, payload) => {
+                assert_eq!(header.global_start, Some(seen.len() as u64));
+                for message in wire::payload::messages(&payload) {
+                    seen.push(String::from_utf8(message.unwrap().to_vec()).unwrap());
+                }
+            }
+            support::Received::Frame(_) => {}
+            other => panic!("subscriber: {}", matches!(other, support::Received::Closed)),
+        }
+    }
+    assert_eq!(seen, values);
+}

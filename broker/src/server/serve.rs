@@ -13,13 +13,17 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
-use crate::server::kafka::{KafkaConnection, KafkaContext, KafkaNode};
+use crate::server::kafka::records::ProducedValues;
+use crate::server::kafka::{
+    FetchRefused, KafkaConnection, KafkaContext, KafkaNode, KafkaTopic, ProducerSession,
+    PublishRefused,
+};
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
 use crate::server::sequencing::SequencerDriver;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::coherence::PoolMemory;
-use shared_log::pool::Pool;
+use shared_log::pool::{Pool, TopicId};
 use units::Timestamp;
 
 /// How long a stopping broker waits for batches in flight to be decided.
@@ -181,9 +185,9 @@ pub struct LoopContext {
     pub kafka_node: Option<KafkaNode>,
 }
 
-/// What Kafka answers need from the loop: the topics, and this broker's node.
+/// What Kafka answers need from the loop: the log, and this broker's node.
 struct KafkaView<'a> {
-    state: &'a BrokerState<PoolMemory>,
+    state: &'a mut BrokerState<PoolMemory>,
     node: &'a KafkaNode,
 }
 
@@ -192,12 +196,55 @@ impl KafkaContext for KafkaView<'_> {
         self.node.clone()
     }
 
-    fn topics(&self) -> Vec<(shared_log::pool::TopicId, String)> {
+    fn topics(&self) -> Vec<(TopicId, String)> {
         self.state.topic_names()
     }
 
     fn metrics(&self) -> &Metrics {
         self.state.metrics()
+    }
+
+    fn find_topic(&self, name: &str) -> Option<KafkaTopic> {
+        let (id, config) = self.state.find_topic(name).ok().flatten()?;
+        Some(KafkaTopic {
+            id,
+            replicas: usize::from(config.replication_factor.saturating_sub(1)),
+        })
+    }
+
+    fn publish(
+        &mut self,
+        topic: TopicId,
+        session: ProducerSession,
+        values: &ProducedValues<'_>,
+        conn: ConnId,
+    ) -> Result<u64, PublishRefused> {
+        crate::server::kafka::log_io::publish_values(self.state, topic, session, values, conn)
+    }
+
+    fn replicated_position(&mut self, topic: TopicId, replicas: usize) -> u64 {
+        self.state.replicated_position(topic, replicas)
+    }
+
+    fn log_end(&self, topic: TopicId) -> Option<u64> {
+        crate::server::kafka::log_io::log_end(self.state, topic)
+    }
+
+    fn log_bounds(&self, topic: TopicId) -> Result<(u64, u64), String> {
+        let reader = self.state.open_reader(topic).map_err(|e| e.to_string())?;
+        Ok((reader.log_start(), reader.log_end().1))
+    }
+
+    fn fetch(
+        &self,
+        topic: TopicId,
+        position: u64,
+        max_bytes: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchRefused> {
+        crate::server::kafka::log_io::fetch_record_batches(
+            self.state, topic, position, max_bytes, out,
+        )
     }
 }
 
@@ -233,14 +280,18 @@ impl ClientConnection {
         }
     }
 
-    fn subscription(&self) -> Option<(shared_log::pool::TopicId, u64)> {
+    fn subscription(&self) -> Option<(TopicId, u64)> {
         self.native()?.subscription()
     }
 
     /// Whether it has work that no input announces.
     fn pending(&self) -> bool {
-        self.native()
-            .is_some_and(|c| c.is_subscriber() || c.waits_for_room() || c.awaits_durability())
+        match self {
+            ClientConnection::Native(c) => {
+                c.is_subscriber() || c.waits_for_room() || c.awaits_durability()
+            }
+            ClientConnection::Kafka(c) => c.pending(),
+        }
     }
 
     fn has_output(&self) -> bool {
@@ -507,12 +558,16 @@ impl<T: Transport> ServeLoop<T> {
 
     fn route(&mut self, outcome: &RoutedOutcome, now: Timestamp) {
         // A closed connection's batches are in the log all the same; only the ACK is moot.
-        if let Some(connection) = self
+        match self
             .clients
             .get_mut(&outcome.conn)
-            .and_then(|c| c.connection.native_mut())
+            .map(|c| &mut c.connection)
         {
-            connection.on_outcome(outcome, self.state.metrics(), now);
+            Some(ClientConnection::Native(connection)) => {
+                connection.on_outcome(outcome, self.state.metrics(), now);
+            }
+            Some(ClientConnection::Kafka(connection)) => connection.on_outcome(outcome),
+            None => {}
         }
     }
 
@@ -551,11 +606,11 @@ impl<T: Transport> ServeLoop<T> {
                         ended.push(id);
                         continue;
                     };
-                    let view = KafkaView {
-                        state: &self.state,
+                    let mut view = KafkaView {
+                        state: &mut self.state,
                         node,
                     };
-                    connection.service(&mut stream, &view, now, ready.readable, ready.writable)
+                    connection.service(&mut stream, &mut view, now, ready.readable, ready.writable)
                 }
             };
             drop(stream);

@@ -333,6 +333,12 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
             .map_or(0, |state| state.writer.full_events())
     }
 
+    /// (batches ordered, next global position): the end of `topic`'s log, one frontier read.
+    pub fn log_end(&self, topic: TopicId) -> (u64, u64) {
+        self.pool
+            .read_frontier(self.pool.geometry().seq_state_offset(topic))
+    }
+
     /// A reader of `topic` from its start.
     pub fn open_reader(&self, topic: TopicId) -> Result<LogReader<M>, ReadError> {
         LogReader::new(self.pool.clone(), topic, false)

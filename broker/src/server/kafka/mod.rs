@@ -1,18 +1,19 @@
 //! The Kafka protocol listener (`--kafka-listen`): existing Kafka clients talk to the
 //! broker in their own protocol, in the same network loop as our own clients.
 //!
-//! So far it answers the requests a client makes before it produces or consumes:
-//! ApiVersions (which APIs and versions this broker speaks) and Metadata (the brokers, and
-//! each topic as one partition whose leader is the broker asked: every broker takes every
-//! write into the one total order). Produce, Fetch and the rest follow; a client is told
-//! which APIs exist through ApiVersions and does not call the others.
+//! It answers ApiVersions (which APIs and versions this broker speaks), Metadata (the
+//! brokers, and each topic as one partition whose leader is the broker asked: every broker
+//! takes every write into the one total order), Produce, Fetch and ListOffsets (`data`).
+//! A client is told which APIs exist through ApiVersions and does not call the others.
 //!
-//! [`KafkaSession`] is the protocol without I/O: a request frame in, a response frame out.
-//! [`KafkaConnection`] is the adapter to a byte stream: it splits the input into frames
-//! (each a 4-byte big-endian size and the request), bounds them, and queues the responses.
+//! [`KafkaSession`] is the protocol without I/O: request frames in, the sequencer's
+//! decisions in, response frames out, in request order. [`KafkaConnection`] is the adapter
+//! to a byte stream: it splits the input into frames (each a 4-byte big-endian size and the
+//! request), bounds them, and queues the responses.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
@@ -20,8 +21,8 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse,
-    RequestHeader, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, ListOffsetsRequest,
+    MetadataRequest, MetadataResponse, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -29,10 +30,36 @@ use units::Timestamp;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, InputState, Service};
-use crate::server::state::ConnId;
+use crate::server::state::{ConnId, RoutedOutcome};
+
+pub mod data;
+#[cfg(test)]
+mod fake;
+pub mod log_io;
+pub mod records;
+
+pub use data::{FetchRefused, KafkaTopic, ProducerSession, PublishRefused};
 
 /// Kafka's error codes that this broker answers with.
 mod error_code {
+    /// A record batch whose CRC or framing is broken.
+    pub const CORRUPT_MESSAGE: i16 = 2;
+    /// A Fetch or ListOffsets position outside the log.
+    pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+    /// The request's own deadline passed (Produce's `timeout_ms`).
+    pub const REQUEST_TIMED_OUT: i16 = 7;
+    /// A batch larger than the topic takes.
+    pub const MESSAGE_TOO_LARGE: i16 = 10;
+    /// acks other than 0, 1 and -1.
+    pub const INVALID_REQUIRED_ACKS: i16 = 21;
+    /// Record batches of another magic than 2.
+    pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
+    /// A compression codec this broker does not take.
+    pub const UNSUPPORTED_COMPRESSION_TYPE: i16 = 76;
+    /// A record the log cannot hold as sent (see `records::RecordError`).
+    pub const INVALID_RECORD: i16 = 87;
+    /// A broker-side failure with no better code.
+    pub const UNKNOWN_SERVER_ERROR: i16 = -1;
     /// The topic does not exist.
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     /// The request's API version is not one this broker speaks.
@@ -43,11 +70,20 @@ mod error_code {
 
 /// The APIs this broker speaks, with the versions of each (those that current clients use:
 /// librdkafka 2.x, kafka-python, the Java client 3.x and 4.x).
-const SUPPORTED: [(ApiKey, i16, i16); 2] = [(ApiKey::ApiVersions, 0, 4), (ApiKey::Metadata, 0, 12)];
+/// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
+/// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
+/// (one offset per partition).
+const SUPPORTED: [(ApiKey, i16, i16); 5] = [
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 4),
+];
 
-/// The largest request frame taken before anything else is known about the client: the
-/// ones answered so far are small.
-pub const REQUEST_BYTES_MAX: usize = 1 << 20;
+/// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
+/// (1,000,000) or the Java client's `max.request.size` (1 MiB) with room to spare.
+pub const REQUEST_BYTES_MAX: usize = 2 << 20;
 
 /// Why a Kafka connection is closed (Kafka has no error frame outside a response: a request
 /// that cannot be parsed ends its connection, and only that one).
@@ -74,7 +110,8 @@ pub enum KafkaError {
     UnsupportedApi(i16),
 }
 
-/// What the broker knows that a Kafka answer needs.
+/// What the broker knows and does that a Kafka answer needs (the log, behind the same
+/// methods for the network loop and for tests).
 pub trait KafkaContext {
     /// This broker's node id and where Kafka clients reach it.
     fn node(&self) -> KafkaNode;
@@ -82,6 +119,32 @@ pub trait KafkaContext {
     fn topics(&self) -> Vec<(TopicId, String)>;
     /// The broker's metrics.
     fn metrics(&self) -> &Metrics;
+    /// The topic named `name`.
+    fn find_topic(&self, name: &str) -> Option<KafkaTopic>;
+    /// Writes `values` as `session`'s next batch of `topic` for connection `conn`; the
+    /// sequencer's decision comes back to it by the returned ring slot.
+    fn publish(
+        &mut self,
+        topic: TopicId,
+        session: ProducerSession,
+        values: &records::ProducedValues<'_>,
+        conn: ConnId,
+    ) -> Result<u64, PublishRefused>;
+    /// The position below which `topic` is held by `replicas` replica files.
+    fn replicated_position(&mut self, topic: TopicId, replicas: usize) -> u64;
+    /// The first position of `topic` not yet ordered (cheap: one frontier read).
+    fn log_end(&self, topic: TopicId) -> Option<u64>;
+    /// (first readable position, first position not yet ordered) of `topic`.
+    fn log_bounds(&self, topic: TopicId) -> Result<(u64, u64), String>;
+    /// Appends `topic`'s batches from the one holding `position` on to `out` as record
+    /// batches, until about `max_bytes` (the first batch whole, however large).
+    fn fetch(
+        &self,
+        topic: TopicId,
+        position: u64,
+        max_bytes: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchRefused>;
 }
 
 /// A broker as Kafka clients see it.
@@ -96,17 +159,63 @@ pub struct KafkaNode {
 }
 
 /// The Kafka protocol of one connection, without I/O.
-#[derive(Debug, Default)]
-pub struct KafkaSession {}
+#[derive(Debug)]
+pub struct KafkaSession {
+    /// The connection (the sequencer's decisions on its batches are routed by it).
+    conn: ConnId,
+    /// One per request taken, in request order; at most [`data::ANSWERS_MAX`].
+    answers: VecDeque<data::Answer>,
+    /// The session this connection's batches of each topic are numbered in (at most one
+    /// per topic of the pool).
+    producers: HashMap<TopicId, ProducerSession>,
+}
+
+/// A publisher id for a Kafka producer's session, unlikely to be any other publisher's:
+/// the clock's nanoseconds and a per-process counter through the splitmix64 finaliser.
+fn producer_client_id() -> u64 {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut z = nanos ^ CALLS.fetch_add(1, Ordering::Relaxed).rotate_right(17);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
 
 impl KafkaSession {
-    /// Answers one request frame (without its size prefix); the response comes with its
-    /// size prefix.
+    /// The protocol of connection `conn`.
+    pub fn new(conn: ConnId) -> KafkaSession {
+        KafkaSession {
+            conn,
+            answers: VecDeque::new(),
+            producers: HashMap::new(),
+        }
+    }
+
+    /// Takes one request frame (without its size prefix); its answer is queued, ready or
+    /// waiting (see [`Self::take_ready`]).
     pub fn on_request(
         &mut self,
         frame: &[u8],
-        context: &dyn KafkaContext,
-    ) -> Result<Vec<u8>, KafkaError> {
+        context: &mut dyn KafkaContext,
+        now: Timestamp,
+    ) -> Result<(), KafkaError> {
+        let answer = self.answer(frame, context, now)?;
+        if let Some(frame) = answer {
+            self.answers.push_back(data::Answer::Ready(frame));
+        }
+        Ok(())
+    }
+
+    /// Answers a request at once, or queues its waiting answer and returns `None`.
+    fn answer(
+        &mut self,
+        frame: &[u8],
+        context: &mut dyn KafkaContext,
+        now: Timestamp,
+    ) -> Result<Option<Vec<u8>>, KafkaError> {
         let mut body = Bytes::copy_from_slice(frame);
         if body.len() < 4 {
             return Err(malformed(
@@ -132,14 +241,14 @@ impl KafkaSession {
             return if known {
                 ApiVersionsRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("ApiVersions request", e))?;
-                Ok(respond(&header, key, api_version, &api_versions(0)))
+                Ok(Some(respond(&header, key, api_version, &api_versions(0))))
             } else {
-                Ok(respond(
+                Ok(Some(respond(
                     &header,
                     key,
                     0,
                     &api_versions(error_code::UNSUPPORTED_VERSION),
-                ))
+                )))
             };
         }
         let Some(&(_, min, max)) = SUPPORTED.iter().find(|(k, _, _)| *k == key) else {
@@ -158,7 +267,25 @@ impl KafkaSession {
                 let request = MetadataRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("Metadata request", e))?;
                 let response = metadata(&request, api_version, context);
-                Ok(respond(&header, key, api_version, &response))
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
+            ApiKey::Produce => {
+                let request = ProduceRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("Produce request", e))?;
+                self.on_produce(header, api_version, request, context, now);
+                Ok(None)
+            }
+            ApiKey::Fetch => {
+                let request = FetchRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("Fetch request", e))?;
+                self.on_fetch(header, api_version, request, context, now);
+                Ok(None)
+            }
+            ApiKey::ListOffsets => {
+                let request = ListOffsetsRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("ListOffsets request", e))?;
+                let response = data::list_offsets(&request, context);
+                Ok(Some(respond(&header, key, api_version, &response)))
             }
             _ => Err(KafkaError::UnsupportedApi(api_key)),
         }
@@ -343,7 +470,7 @@ impl KafkaConnection {
     pub fn new(id: ConnId) -> KafkaConnection {
         KafkaConnection {
             id,
-            session: KafkaSession::default(),
+            session: KafkaSession::new(id),
             input: Vec::new(),
             output: Vec::new(),
             sent: 0,
@@ -357,12 +484,23 @@ impl KafkaConnection {
         self.sent < self.output.len()
     }
 
+    /// Whether an answer waits on something that no input announces (a decision, the
+    /// replicas, room in the pool, records for a Fetch, a deadline).
+    pub fn pending(&self) -> bool {
+        self.session.pending()
+    }
+
+    /// The sequencer's decision on one of this connection's batches.
+    pub fn on_outcome(&mut self, outcome: &RoutedOutcome) {
+        self.session.on_outcome(outcome);
+    }
+
     /// One turn of the network loop: write what is queued, answer what is buffered and
     /// what arrives (while the unanswered output is below the high-water mark), write again.
     pub fn service<S: ByteStream>(
         &mut self,
         stream: &mut S,
-        context: &dyn KafkaContext,
+        context: &mut dyn KafkaContext,
         now: Timestamp,
         readable: bool,
         writable: bool,
@@ -375,7 +513,10 @@ impl KafkaConnection {
                 return service;
             }
         }
-        // Requests left whole in the input while the output was full raise no new edge.
+        // Waiting answers move on; requests left whole in the input while the output was
+        // full raise no new edge.
+        self.session.poll(context, now);
+        self.session.take_ready(&mut self.output);
         if let Err(error) = self.answer_complete(context, now) {
             self.fail(&error, context);
         }
@@ -388,7 +529,7 @@ impl KafkaConnection {
                 service.input = Some(input);
             }
         }
-        if self.output_full() {
+        if self.reading_paused() {
             // The broker stopped reading, not the client: the request's clock stands still.
             self.request_started = self.request_started.map(|_| now);
         } else if self.request_started.is_some_and(|t| {
@@ -417,7 +558,13 @@ impl KafkaConnection {
         self.output.len() - self.sent >= OUTPUT_HIGH_WATER_BYTES
     }
 
-    fn fail(&mut self, error: &KafkaError, context: &dyn KafkaContext) {
+    /// Whether no request is taken now: the output is full, or as many answers wait as a
+    /// connection may have.
+    fn reading_paused(&self) -> bool {
+        self.output_full() || !self.session.has_room()
+    }
+
+    fn fail(&mut self, error: &KafkaError, context: &mut dyn KafkaContext) {
         log::info!("kafka connection {}: {error}; closing it", self.id);
         context
             .metrics()
@@ -431,13 +578,13 @@ impl KafkaConnection {
     fn on_readable<S: ByteStream>(
         &mut self,
         stream: &mut S,
-        context: &dyn KafkaContext,
+        context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> (InputState, bool) {
         let mut buffer = [0u8; 16 << 10];
         let mut read_any = false;
         let state = loop {
-            if self.output_full() {
+            if self.reading_paused() {
                 break InputState::Paused;
             }
             match stream.recv(&mut buffer) {
@@ -468,11 +615,11 @@ impl KafkaConnection {
     /// high-water mark (the rest wait in the input).
     fn answer_complete(
         &mut self,
-        context: &dyn KafkaContext,
+        context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> Result<(), KafkaError> {
         let mut taken = 0;
-        while !self.output_full() {
+        while !self.reading_paused() {
             let rest = &self.input[taken..];
             if rest.len() < 4 {
                 break;
@@ -488,12 +635,12 @@ impl KafkaConnection {
             if rest.len() < 4 + size {
                 break;
             }
-            let response = self.session.on_request(&rest[4..4 + size], context)?;
+            self.session.on_request(&rest[4..4 + size], context, now)?;
+            self.session.take_ready(&mut self.output);
             context
                 .metrics()
                 .kafka_requests
                 .fetch_add(1, Ordering::Relaxed);
-            self.output.extend_from_slice(&response);
             taken += 4 + size;
         }
         if taken > 0 {
@@ -534,28 +681,12 @@ impl KafkaConnection {
 mod tests {
     use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 
+    use super::fake::FakeLog;
     use super::*;
 
-    struct Topics;
-
-    static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(Metrics::default);
-
-    impl KafkaContext for Topics {
-        fn metrics(&self) -> &Metrics {
-            &METRICS
-        }
-
-        fn node(&self) -> KafkaNode {
-            KafkaNode {
-                id: 3,
-                host: "10.0.0.7".into(),
-                port: 9092,
-            }
-        }
-
-        fn topics(&self) -> Vec<(TopicId, String)> {
-            vec![(1, "orders".into()), (2, "payments".into())]
-        }
+    /// The broker's topics "orders" and "payments", nothing in them.
+    fn topics() -> FakeLog {
+        FakeLog::two_topics()
     }
 
     fn request<R: Encodable + HeaderVersion>(
@@ -572,7 +703,11 @@ mod tests {
     }
 
     fn answer(frame: &[u8]) -> Result<Vec<u8>, KafkaError> {
-        KafkaSession::default().on_request(&frame[4..], &Topics)
+        let mut session = KafkaSession::new(1);
+        session.on_request(&frame[4..], &mut topics(), Timestamp::now())?;
+        let mut out = Vec::new();
+        session.take_ready(&mut out);
+        Ok(out)
     }
 
     #[test]
@@ -597,8 +732,11 @@ mod tests {
             assert_eq!(
                 offered,
                 vec![
+                    (ApiKey::Produce as i16, 3, 9),
+                    (ApiKey::Fetch as i16, 4, 12),
+                    (ApiKey::ListOffsets as i16, 1, 7),
+                    (ApiKey::Metadata as i16, 0, 12),
                     (ApiKey::ApiVersions as i16, 0, 4),
-                    (ApiKey::Metadata as i16, 0, 12)
                 ]
             );
         }
@@ -723,15 +861,19 @@ mod tests {
         let frame = request(ApiKey::Metadata, 12, 1, &MetadataRequest::default());
         // Cut inside the body.
         assert!(matches!(
-            KafkaSession::default().on_request(&frame[4..frame.len() - 3], &Topics),
+            KafkaSession::new(1).on_request(
+                &frame[4..frame.len() - 3],
+                &mut topics(),
+                Timestamp::now()
+            ),
             Err(KafkaError::Malformed { .. })
         ));
         // An API this broker does not offer.
-        let mut produce = frame.clone();
-        produce[4..6].copy_from_slice(&(ApiKey::Produce as i16).to_be_bytes());
+        let mut join = frame.clone();
+        join[4..6].copy_from_slice(&(ApiKey::JoinGroup as i16).to_be_bytes());
         assert_eq!(
-            answer(&produce),
-            Err(KafkaError::UnsupportedApi(ApiKey::Produce as i16))
+            answer(&join),
+            Err(KafkaError::UnsupportedApi(ApiKey::JoinGroup as i16))
         );
         // A version outside what ApiVersions offered.
         let mut future = frame.clone();
@@ -739,7 +881,7 @@ mod tests {
         assert!(matches!(answer(&future), Err(KafkaError::Malformed { .. })));
         // No header at all.
         assert!(matches!(
-            KafkaSession::default().on_request(&[0, 3], &Topics),
+            KafkaSession::new(1).on_request(&[0, 3], &mut topics(), Timestamp::now()),
             Err(KafkaError::Malformed { .. })
         ));
     }
@@ -806,7 +948,7 @@ mod tests {
         };
         let mut connection = KafkaConnection::new(1);
         let now = Timestamp::now();
-        let service = connection.service(&mut stream, &Topics, now, true, true);
+        let service = connection.service(&mut stream, &mut topics(), now, true, true);
         assert!(!service.ended);
         let mut written = Bytes::from(stream.written);
         for correlation in 0..3 {
@@ -829,7 +971,8 @@ mod tests {
                 written: Vec::new(),
                 writable_bytes: usize::MAX,
             };
-            let service = KafkaConnection::new(1).service(&mut stream, &Topics, now, true, true);
+            let service =
+                KafkaConnection::new(1).service(&mut stream, &mut topics(), now, true, true);
             assert!(service.ended);
             assert!(stream.written.is_empty());
         }
@@ -843,13 +986,13 @@ mod tests {
         let mut connection = KafkaConnection::new(2);
         assert!(
             !connection
-                .service(&mut stream, &Topics, now, true, true)
+                .service(&mut stream, &mut topics(), now, true, true)
                 .ended
         );
         let later = now + std::time::Duration::from_millis(REQUEST_DEADLINE_MS + 1);
         assert!(
             connection
-                .service(&mut stream, &Topics, later, false, true)
+                .service(&mut stream, &mut topics(), later, false, true)
                 .ended
         );
     }
@@ -865,21 +1008,27 @@ mod tests {
             writable_bytes: 0,
         };
         let mut connection = KafkaConnection::new(1);
-        let service = connection.service(&mut stream, &Topics, Timestamp::now(), true, true);
+        let service = connection.service(&mut stream, &mut topics(), Timestamp::now(), true, true);
         assert_eq!(service.input, Some(InputState::Paused));
         assert!(!stream.input.is_empty(), "requests are left in the socket");
         // What it holds for the client stays near the mark (one response over at most),
         // and a pass that could not read is not work (the loop would spin on it).
         assert!(connection.output.len() < OUTPUT_HIGH_WATER_BYTES + out_bytes);
         // (The socket said it would block, so the loop does not offer it as writable.)
-        let again = connection.service(&mut stream, &Topics, Timestamp::now(), true, false);
+        let again = connection.service(&mut stream, &mut topics(), Timestamp::now(), true, false);
         assert!(!again.worked());
         // Once the client reads, the rest is answered, in order, with no new input edge
         // for the requests already buffered.
         stream.writable_bytes = usize::MAX;
         let mut passes = 0;
         while !stream.input.is_empty() || connection.has_output() || !connection.input.is_empty() {
-            connection.service(&mut stream, &Topics, Timestamp::now(), passes == 0, true);
+            connection.service(
+                &mut stream,
+                &mut topics(),
+                Timestamp::now(),
+                passes == 0,
+                true,
+            );
             passes += 1;
             assert!(passes < 10_000);
         }

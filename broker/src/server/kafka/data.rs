@@ -1,0 +1,1092 @@
+//! Produce, Fetch and ListOffsets: the requests that move records, and the answers that
+//! wait (for the sequencer's decision, for replicas, for room in the pool, for new records).
+//!
+//! A connection's answers leave in the order of its requests, as Kafka clients expect; a
+//! request whose answer waits does not stop the next ones from being read and acted on (a
+//! producer keeps several Produce requests in flight), up to [`ANSWERS_MAX`].
+
+use bytes::Bytes;
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{
+    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest,
+    ProduceResponse, RequestHeader, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use shared_log::layout::CompletionStatus;
+use shared_log::pool::TopicId;
+use units::Timestamp;
+
+use super::records;
+use super::{KafkaContext, KafkaSession, error_code, respond};
+use crate::server::state::RoutedOutcome;
+
+/// Requests of one connection whose answers are not yet written out; more wait unread in
+/// the socket (Kafka's own brokers take one at a time).
+pub const ANSWERS_MAX: usize = 32;
+
+/// The longest a Fetch waits for records (`max_wait_ms` is capped here), so that a
+/// consumer's request cannot hold a connection's answers for longer.
+pub const FETCH_WAIT_MAX_MS: u64 = 30_000;
+
+/// The largest answer a Fetch gets (`max_bytes` is capped here; one batch is always
+/// served whole, as Kafka does, even when it is larger).
+pub const FETCH_BYTES_MAX: u64 = 4 << 20;
+
+/// A topic as a Kafka answer needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KafkaTopic {
+    /// Its id in the pool.
+    pub id: TopicId,
+    /// Replica files (besides the pool) that hold a batch before `acks=all` answers.
+    pub replicas: usize,
+}
+
+/// The session a Kafka producer's batches are numbered in: one per connection and topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerSession {
+    /// The publisher id the sequencer sees.
+    pub client_id: u64,
+    /// Its session epoch.
+    pub session_epoch: u32,
+    /// The next batch's sequence.
+    pub next_seq: u64,
+}
+
+/// Why a batch was not written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishRefused {
+    /// The topic's payload log or ring is full now: try again (backpressure, not loss).
+    NoRoom,
+    /// Larger than the topic ever takes.
+    TooLarge {
+        /// Its payload bytes.
+        payload_bytes: u64,
+        /// The most a batch of the topic holds.
+        batch_bytes_max: u64,
+    },
+    /// The broker cannot write (its claim moved on, or the topic cannot be opened).
+    Failed(String),
+}
+
+/// Why a Fetch cannot be served from a position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchRefused {
+    /// Outside the log: before its start or past its end.
+    OutOfRange {
+        /// First position readable.
+        log_start: u64,
+        /// First position not yet written.
+        log_end: u64,
+    },
+    /// The log cannot be read (a damaged batch, a missing topic).
+    Failed(String),
+}
+
+/// A request whose answer is ready or waits.
+#[derive(Debug)]
+pub(super) enum Answer {
+    /// The response frame, with its size prefix.
+    Ready(Vec<u8>),
+    /// A Produce waiting for its batches' outcomes.
+    Produce(PendingProduce),
+    /// A Fetch waiting for records or for its wait to end.
+    Fetch(PendingFetch),
+}
+
+#[derive(Debug)]
+pub(super) struct PendingProduce {
+    header: RequestHeader,
+    version: i16,
+    /// 0: no answer at all; 1: once ordered; -1 (all): once the replicas hold it too.
+    acks: i16,
+    /// The request's own deadline (`timeout_ms`): batches not written by then are answered
+    /// REQUEST_TIMED_OUT (and are not in the log), as are acks=all ones still waiting for
+    /// replicas (which are).
+    deadline: Timestamp,
+    parts: Vec<ProducePart>,
+}
+
+#[derive(Debug)]
+struct ProducePart {
+    topic: TopicName,
+    partition: i32,
+    state: PartState,
+}
+
+#[derive(Debug)]
+enum PartState {
+    /// Waits for room in the pool, with its records.
+    WaitingForRoom { topic: KafkaTopic, records: Bytes },
+    /// Committed in ring slot `slot`, waiting for the sequencer.
+    InFlight {
+        topic: KafkaTopic,
+        slot: u64,
+        message_count: u32,
+    },
+    /// Ordered at `base_offset`, waiting for the replicas (acks=all).
+    Replicating {
+        topic: KafkaTopic,
+        base_offset: u64,
+        end: u64,
+    },
+    Answered {
+        error_code: i16,
+        error_message: Option<String>,
+        base_offset: i64,
+    },
+}
+
+impl PartState {
+    fn refused(error_code: i16, message: impl Into<String>) -> PartState {
+        PartState::Answered {
+            error_code,
+            error_message: Some(message.into()),
+            base_offset: -1,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct PendingFetch {
+    header: RequestHeader,
+    version: i16,
+    request: FetchRequest,
+    deadline: Timestamp,
+}
+
+impl KafkaSession {
+    /// Takes a Produce request: every partition's batch is checked and written at once
+    /// (or waits for room, in order), and the answer waits for the outcomes.
+    pub(super) fn on_produce(
+        &mut self,
+        header: RequestHeader,
+        version: i16,
+        request: ProduceRequest,
+        context: &mut dyn KafkaContext,
+        now: Timestamp,
+    ) {
+        let timeout_ms = u64::try_from(request.timeout_ms).unwrap_or(0);
+        let mut parts = Vec::new();
+        for topic_data in request.topic_data {
+            let topic = context.find_topic(topic_data.name.0.as_str());
+            for partition_data in topic_data.partition_data {
+                let state = match (topic, partition_data.index, partition_data.records) {
+                    _ if !(-1..=1).contains(&request.acks) => PartState::refused(
+                        error_code::INVALID_REQUIRED_ACKS,
+                        format!("acks {} (0, 1 or -1 are taken)", request.acks),
+                    ),
+                    (None, _, _) => PartState::refused(
+                        error_code::UNKNOWN_TOPIC_OR_PARTITION,
+                        "no such topic (topics are created with CreateTopic or the broker's auto-creation)",
+                    ),
+                    (Some(_), index, _) if index != 0 => PartState::refused(
+                        error_code::UNKNOWN_TOPIC_OR_PARTITION,
+                        format!("partition {index}: a topic has one partition, 0, its total order"),
+                    ),
+                    (Some(_), _, None) => {
+                        PartState::refused(error_code::INVALID_RECORD, "no records")
+                    }
+                    (Some(topic), _, Some(records)) => PartState::WaitingForRoom { topic, records },
+                };
+                parts.push(ProducePart {
+                    topic: topic_data.name.clone(),
+                    partition: partition_data.index,
+                    state,
+                });
+            }
+        }
+        self.answers.push_back(Answer::Produce(PendingProduce {
+            header,
+            version,
+            acks: request.acks,
+            deadline: now + std::time::Duration::from_millis(timeout_ms),
+            parts,
+        }));
+        self.write_waiting(context);
+    }
+
+    /// Writes the batches that wait for room, in request order, until one still finds none
+    /// (the ones after it wait too, so that a session's batches enter the ring in order).
+    fn write_waiting(&mut self, context: &mut dyn KafkaContext) {
+        let conn = self.conn;
+        for answer in &mut self.answers {
+            let Answer::Produce(produce) = answer else {
+                continue;
+            };
+            for part in &mut produce.parts {
+                let PartState::WaitingForRoom { topic, records } = &part.state else {
+                    continue;
+                };
+                let topic = *topic;
+                let produced = match records::produced_values(records) {
+                    Ok(produced) => produced,
+                    Err(error) => {
+                        part.state = PartState::refused(error.error_code(), error.to_string());
+                        continue;
+                    }
+                };
+                if produced.producer.producer_id >= 0 {
+                    part.state = PartState::refused(
+                        error_code::INVALID_RECORD,
+                        "idempotent producers are not taken yet (no InitProducerId): turn enable.idempotence off",
+                    );
+                    continue;
+                }
+                let message_count = produced.values.len() as u32;
+                let session = self
+                    .producers
+                    .entry(topic.id)
+                    .or_insert_with(|| ProducerSession {
+                        client_id: super::producer_client_id(),
+                        session_epoch: 1,
+                        next_seq: 0,
+                    });
+                match context.publish(topic.id, *session, &produced, conn) {
+                    Ok(slot) => {
+                        session.next_seq += 1;
+                        part.state = PartState::InFlight {
+                            topic,
+                            slot,
+                            message_count,
+                        };
+                    }
+                    Err(PublishRefused::NoRoom) => return,
+                    Err(PublishRefused::TooLarge {
+                        payload_bytes,
+                        batch_bytes_max,
+                    }) => {
+                        part.state = PartState::refused(
+                            error_code::MESSAGE_TOO_LARGE,
+                            format!(
+                                "{payload_bytes} bytes of records; a batch of this topic holds at most {batch_bytes_max}"
+                            ),
+                        );
+                    }
+                    Err(PublishRefused::Failed(reason)) => {
+                        part.state = PartState::refused(error_code::UNKNOWN_SERVER_ERROR, reason);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sequencer's decision on one of this connection's batches.
+    pub fn on_outcome(&mut self, outcome: &RoutedOutcome) {
+        for answer in &mut self.answers {
+            let Answer::Produce(produce) = answer else {
+                continue;
+            };
+            let acks = produce.acks;
+            for part in &mut produce.parts {
+                let PartState::InFlight {
+                    topic,
+                    slot,
+                    message_count,
+                } = part.state
+                else {
+                    continue;
+                };
+                if slot != outcome.slot {
+                    continue;
+                }
+                part.state = match (outcome.status, outcome.global_start) {
+                    (CompletionStatus::Ordered | CompletionStatus::Duplicate, Some(start)) => {
+                        if acks == -1 && topic.replicas > 0 {
+                            PartState::Replicating {
+                                topic,
+                                base_offset: start,
+                                end: start + u64::from(message_count),
+                            }
+                        } else {
+                            PartState::Answered {
+                                error_code: 0,
+                                error_message: None,
+                                base_offset: start as i64,
+                            }
+                        }
+                    }
+                    (status, _) => PartState::refused(
+                        error_code::UNKNOWN_SERVER_ERROR,
+                        format!(
+                            "the sequencer did not order the batch ({status:?}); it is not in the log"
+                        ),
+                    ),
+                };
+                return;
+            }
+        }
+    }
+
+    /// Moves what waits on: batches waiting for room, acks=all answers waiting for the
+    /// replicas, Fetches waiting for records, deadlines.
+    pub(super) fn poll(&mut self, context: &mut dyn KafkaContext, now: Timestamp) {
+        self.write_waiting(context);
+        for answer in &mut self.answers {
+            match answer {
+                Answer::Ready(_) => {}
+                Answer::Produce(produce) => {
+                    let expired = now >= produce.deadline;
+                    for part in &mut produce.parts {
+                        match part.state {
+                            PartState::Replicating {
+                                topic,
+                                base_offset,
+                                end,
+                            } => {
+                                if context.replicated_position(topic.id, topic.replicas) >= end {
+                                    part.state = PartState::Answered {
+                                        error_code: 0,
+                                        error_message: None,
+                                        base_offset: base_offset as i64,
+                                    };
+                                } else if expired {
+                                    part.state = PartState::refused(
+                                        error_code::REQUEST_TIMED_OUT,
+                                        format!(
+                                            "ordered at offset {base_offset}, not yet held by {} replicas within timeout_ms",
+                                            topic.replicas
+                                        ),
+                                    );
+                                }
+                            }
+                            PartState::WaitingForRoom { .. } if expired => {
+                                part.state = PartState::refused(
+                                    error_code::REQUEST_TIMED_OUT,
+                                    "no room in the pool within timeout_ms; not written",
+                                );
+                            }
+                            _ => {}
+                        }
+                    }
+                    if produce
+                        .parts
+                        .iter()
+                        .all(|p| matches!(p.state, PartState::Answered { .. }))
+                    {
+                        *answer = Answer::Ready(produce_response(produce));
+                    }
+                }
+                Answer::Fetch(fetch) => {
+                    if let Some(frame) = try_fetch(fetch, &*context, now) {
+                        *answer = Answer::Ready(frame);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a Fetch: answered at once when `min_bytes` are there (or an error is), else
+    /// when they arrive or `max_wait_ms` passes.
+    pub(super) fn on_fetch(
+        &mut self,
+        header: RequestHeader,
+        version: i16,
+        request: FetchRequest,
+        context: &dyn KafkaContext,
+        now: Timestamp,
+    ) {
+        let wait_ms = u64::try_from(request.max_wait_ms)
+            .unwrap_or(0)
+            .min(FETCH_WAIT_MAX_MS);
+        let mut fetch = PendingFetch {
+            header,
+            version,
+            request,
+            deadline: now + std::time::Duration::from_millis(wait_ms),
+        };
+        self.answers
+            .push_back(match try_fetch(&mut fetch, context, now) {
+                Some(frame) => Answer::Ready(frame),
+                None => Answer::Fetch(fetch),
+            });
+    }
+
+    /// Whether an answer waits on something other than the client reading.
+    pub fn pending(&self) -> bool {
+        self.answers
+            .iter()
+            .any(|answer| !matches!(answer, Answer::Ready(_)))
+    }
+
+    /// Moves the answers that are ready, from the oldest on, to `out`; stops at the first
+    /// that waits.
+    pub(super) fn take_ready(&mut self, out: &mut Vec<u8>) {
+        while let Some(Answer::Ready(frame)) = self.answers.front() {
+            out.extend_from_slice(frame);
+            self.answers.pop_front();
+        }
+    }
+
+    /// Whether another request may be taken now.
+    pub(super) fn has_room(&self) -> bool {
+        self.answers.len() < ANSWERS_MAX
+    }
+}
+
+/// The Produce response once every part is answered (nothing for acks=0, which Kafka never
+/// answers).
+fn produce_response(produce: &PendingProduce) -> Vec<u8> {
+    if produce.acks == 0 {
+        return Vec::new();
+    }
+    let mut responses: Vec<TopicProduceResponse> = Vec::new();
+    for part in &produce.parts {
+        let PartState::Answered {
+            error_code,
+            error_message,
+            base_offset,
+        } = &part.state
+        else {
+            unreachable!("answered only when every part is");
+        };
+        let response = PartitionProduceResponse::default()
+            .with_index(part.partition)
+            .with_error_code(*error_code)
+            .with_base_offset(*base_offset)
+            .with_log_append_time_ms(-1)
+            .with_log_start_offset(-1)
+            .with_error_message(error_message.clone().map(StrBytes::from_string));
+        match responses.last_mut() {
+            Some(last) if last.name == part.topic => last.partition_responses.push(response),
+            _ => responses.push(
+                TopicProduceResponse::default()
+                    .with_name(part.topic.clone())
+                    .with_partition_responses(vec![response]),
+            ),
+        }
+    }
+    respond(
+        &produce.header,
+        ApiKey::Produce,
+        produce.version,
+        &ProduceResponse::default().with_responses(responses),
+    )
+}
+
+/// The Fetch response, when it is due: `min_bytes` of records are there, a partition has
+/// an error, or the wait is over. `None` while it waits.
+fn try_fetch(
+    fetch: &mut PendingFetch,
+    context: &dyn KafkaContext,
+    now: Timestamp,
+) -> Option<Vec<u8>> {
+    let request = &fetch.request;
+    let due = now >= fetch.deadline;
+    let min_bytes = u64::try_from(request.min_bytes).unwrap_or(0);
+    let mut total_max = u64::try_from(request.max_bytes)
+        .unwrap_or(0)
+        .clamp(1, FETCH_BYTES_MAX);
+    if !due {
+        // Cheap test first: does any partition have records past its offset at all?
+        let any_new = request.topics.iter().any(|t| {
+            t.partitions.iter().any(|p| {
+                match context.find_topic(t.topic.0.as_str()) {
+                    None => true,
+                    Some(_) if p.partition != 0 => true,
+                    // Records past the offset, or an offset outside the log (answered
+                    // with its error at once).
+                    Some(topic) => context
+                        .log_end(topic.id)
+                        .is_none_or(|end| u64::try_from(p.fetch_offset) != Ok(end)),
+                }
+            })
+        });
+        if !any_new {
+            return None;
+        }
+    }
+    let mut bytes = 0u64;
+    let mut failed = false;
+    let mut responses = Vec::new();
+    for topic_request in &request.topics {
+        let topic = context.find_topic(topic_request.topic.0.as_str());
+        let mut partitions = Vec::new();
+        for partition in &topic_request.partitions {
+            let mut data = PartitionData::default()
+                .with_partition_index(partition.partition)
+                .with_high_watermark(-1)
+                .with_last_stable_offset(-1)
+                .with_log_start_offset(-1)
+                .with_preferred_read_replica(kafka_protocol::messages::BrokerId(-1));
+            let Some(topic) = topic.filter(|_| partition.partition == 0) else {
+                failed = true;
+                partitions.push(data.with_error_code(error_code::UNKNOWN_TOPIC_OR_PARTITION));
+                continue;
+            };
+            let (log_start, log_end) = match context.log_bounds(topic.id) {
+                Ok(bounds) => bounds,
+                Err(reason) => {
+                    log::warn!("kafka fetch: topic {}: {reason}", topic.id);
+                    failed = true;
+                    partitions.push(data.with_error_code(error_code::UNKNOWN_SERVER_ERROR));
+                    continue;
+                }
+            };
+            data = data
+                .with_high_watermark(log_end as i64)
+                .with_last_stable_offset(log_end as i64)
+                .with_log_start_offset(log_start as i64);
+            let partition_max = u64::try_from(partition.partition_max_bytes)
+                .unwrap_or(0)
+                .min(total_max);
+            let mut out = Vec::new();
+            let position = u64::try_from(partition.fetch_offset).unwrap_or(u64::MAX);
+            match context.fetch(topic.id, position, partition_max, &mut out) {
+                Ok(()) => {}
+                Err(FetchRefused::OutOfRange { log_start, log_end }) => {
+                    failed = true;
+                    data = data
+                        .with_error_code(error_code::OFFSET_OUT_OF_RANGE)
+                        .with_high_watermark(log_end as i64)
+                        .with_last_stable_offset(log_end as i64)
+                        .with_log_start_offset(log_start as i64);
+                }
+                Err(FetchRefused::Failed(reason)) => {
+                    log::warn!("kafka fetch: topic {}: {reason}", topic.id);
+                    failed = true;
+                    data = data.with_error_code(error_code::UNKNOWN_SERVER_ERROR);
+                }
+            }
+            bytes += out.len() as u64;
+            total_max = total_max.saturating_sub(out.len() as u64);
+            partitions.push(data.with_records(Some(Bytes::from(out))));
+        }
+        responses.push(
+            FetchableTopicResponse::default()
+                .with_topic(topic_request.topic.clone())
+                .with_topic_id(topic_request.topic_id)
+                .with_partitions(partitions),
+        );
+    }
+    if !(due || failed || bytes >= min_bytes.max(1)) {
+        return None;
+    }
+    Some(respond(
+        &fetch.header,
+        ApiKey::Fetch,
+        fetch.version,
+        &FetchResponse::default().with_responses(responses),
+    ))
+}
+
+/// ListOffsets: the earliest (-2) and latest (-1) offsets; a lookup by time finds none,
+/// since records carry no timestamp yet (Kafka's answer when no record is that new: -1).
+pub(super) fn list_offsets(
+    request: &ListOffsetsRequest,
+    context: &dyn KafkaContext,
+) -> ListOffsetsResponse {
+    let topics = request
+        .topics
+        .iter()
+        .map(|topic_request| {
+            let topic = context.find_topic(topic_request.name.0.as_str());
+            let partitions = topic_request
+                .partitions
+                .iter()
+                .map(|partition| {
+                    let response = ListOffsetsPartitionResponse::default()
+                        .with_partition_index(partition.partition_index)
+                        .with_timestamp(-1)
+                        .with_offset(-1);
+                    let Some(topic) = topic.filter(|_| partition.partition_index == 0) else {
+                        return response.with_error_code(error_code::UNKNOWN_TOPIC_OR_PARTITION);
+                    };
+                    let (start, end) = match context.log_bounds(topic.id) {
+                        Ok(bounds) => bounds,
+                        Err(_) => {
+                            return response.with_error_code(error_code::UNKNOWN_SERVER_ERROR);
+                        }
+                    };
+                    let offset = match partition.timestamp {
+                        -2 => Some(start),
+                        -1 => Some(end),
+                        _ => None,
+                    };
+                    match offset {
+                        Some(offset) => response.with_offset(offset as i64),
+                        None => response,
+                    }
+                })
+                .collect();
+            ListOffsetsTopicResponse::default()
+                .with_name(topic_request.name.clone())
+                .with_partitions(partitions)
+        })
+        .collect();
+    ListOffsetsResponse::default().with_topics(topics)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{ApiVersionsRequest, ApiVersionsResponse};
+    use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    use super::super::fake::FakeLog;
+    use super::super::records::tests::{client_batch, record};
+    use super::super::{request_frame, response_body};
+    use super::*;
+
+    fn name(topic: &str) -> TopicName {
+        TopicName(StrBytes::from_string(topic.to_owned()))
+    }
+
+    fn batch(values: &[&[u8]]) -> Bytes {
+        let mut out = Vec::new();
+        records::encode_batch(&mut out, 0, values.len(), values.iter().copied());
+        Bytes::from(out)
+    }
+
+    fn produce(acks: i16, parts: &[(&str, i32, Bytes)]) -> ProduceRequest {
+        let mut topics: Vec<TopicProduceData> = Vec::new();
+        for (topic, partition, records) in parts {
+            let data = PartitionProduceData::default()
+                .with_index(*partition)
+                .with_records(Some(records.clone()));
+            match topics.last_mut() {
+                Some(last) if last.name == name(topic) => last.partition_data.push(data),
+                _ => topics.push(
+                    TopicProduceData::default()
+                        .with_name(name(topic))
+                        .with_partition_data(vec![data]),
+                ),
+            }
+        }
+        ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(1_000)
+            .with_topic_data(topics)
+    }
+
+    fn fetch(topic: &str, offset: i64, max_wait_ms: i32) -> FetchRequest {
+        FetchRequest::default()
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(name(topic))
+                    .with_partitions(vec![
+                        FetchPartition::default()
+                            .with_partition(0)
+                            .with_fetch_offset(offset)
+                            .with_partition_max_bytes(1 << 20),
+                    ]),
+            ])
+    }
+
+    /// A session over a fake log, with a clock the test moves.
+    struct Harness {
+        session: KafkaSession,
+        log: FakeLog,
+        now: Timestamp,
+        correlation: i32,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            Harness {
+                session: KafkaSession::new(7),
+                log: FakeLog::two_topics(),
+                now: Timestamp::now(),
+                correlation: 0,
+            }
+        }
+
+        fn send<R: Encodable + HeaderVersion>(&mut self, key: ApiKey, version: i16, body: &R) {
+            self.correlation += 1;
+            let frame = request_frame(key, version, self.correlation, body);
+            self.session
+                .on_request(&frame[4..], &mut self.log, self.now)
+                .expect("a well-formed request");
+        }
+
+        /// Orders what was committed and hands the decisions to the session.
+        fn order(&mut self) {
+            for outcome in self.log.order_all() {
+                assert_eq!(outcome.conn, 7);
+                self.session.on_outcome(&outcome);
+            }
+        }
+
+        fn poll(&mut self) -> Vec<u8> {
+            self.session.poll(&mut self.log, self.now);
+            let mut out = Vec::new();
+            self.session.take_ready(&mut out);
+            out
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+        }
+    }
+
+    /// Splits concatenated response frames.
+    fn frames(mut out: &[u8]) -> Vec<&[u8]> {
+        let mut frames = Vec::new();
+        while !out.is_empty() {
+            let size = i32::from_be_bytes(out[..4].try_into().unwrap()) as usize;
+            frames.push(&out[..4 + size]);
+            out = &out[4 + size..];
+        }
+        frames
+    }
+
+    fn produce_response(frame: &[u8], version: i16) -> (i32, ProduceResponse) {
+        let (correlation, mut body) = response_body(frame, ApiKey::Produce, version).unwrap();
+        (
+            correlation,
+            ProduceResponse::decode(&mut body, version).unwrap(),
+        )
+    }
+
+    fn fetch_response(frame: &[u8], version: i16) -> FetchResponse {
+        let (_, mut body) = response_body(frame, ApiKey::Fetch, version).unwrap();
+        FetchResponse::decode(&mut body, version).unwrap()
+    }
+
+    /// (offset, value) of every record in a partition's answer.
+    fn fetched_records(data: &PartitionData) -> Vec<(i64, Vec<u8>)> {
+        let mut bytes = data.records.clone().unwrap_or_default();
+        let mut records = Vec::new();
+        while !bytes.is_empty() {
+            for record in RecordBatchDecoder::decode(&mut bytes).unwrap().records {
+                records.push((record.offset, record.value.unwrap().to_vec()));
+            }
+        }
+        records
+    }
+
+    #[test]
+    fn a_produce_is_answered_once_ordered_with_its_offset_and_each_partitions_error() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"earlier".to_vec()]);
+        let request = produce(
+            1,
+            &[
+                ("orders", 0, batch(&[b"a", b"b"])),
+                ("orders", 1, batch(&[b"c"])),
+                ("nosuch", 0, batch(&[b"d"])),
+            ],
+        );
+        h.send(ApiKey::Produce, 9, &request);
+        assert!(
+            h.poll().is_empty(),
+            "no answer before the sequencer decides"
+        );
+        assert!(h.session.pending());
+        assert_eq!(
+            h.log.undecided.len(),
+            1,
+            "only the valid partition is written"
+        );
+        h.order();
+        let out = h.poll();
+        let (correlation, response) = produce_response(&out, 9);
+        assert_eq!(correlation, 1);
+        let orders = &response.responses[0];
+        assert_eq!(orders.name, name("orders"));
+        let answered: Vec<(i32, i16, i64)> = orders
+            .partition_responses
+            .iter()
+            .map(|p| (p.index, p.error_code, p.base_offset))
+            .collect();
+        assert_eq!(
+            answered,
+            vec![(0, 0, 1), (1, error_code::UNKNOWN_TOPIC_OR_PARTITION, -1)]
+        );
+        assert_eq!(
+            response.responses[1].partition_responses[0].error_code,
+            error_code::UNKNOWN_TOPIC_OR_PARTITION
+        );
+        assert_eq!(
+            h.log.logs[&1][1].1,
+            vec![b"a".to_vec(), b"b".to_vec()],
+            "the values, in order"
+        );
+        assert!(!h.session.pending());
+    }
+
+    #[test]
+    fn answers_leave_in_request_order() {
+        let mut h = Harness::new();
+        h.send(
+            ApiKey::Produce,
+            7,
+            &produce(1, &[("orders", 0, batch(&[b"x"]))]),
+        );
+        h.send(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+        h.send(
+            ApiKey::Produce,
+            7,
+            &produce(1, &[("orders", 0, batch(&[b"y"]))]),
+        );
+        assert!(
+            h.poll().is_empty(),
+            "the ApiVersions answer waits behind the Produce"
+        );
+        h.order();
+        let out = h.poll();
+        let frames = frames(&out);
+        assert_eq!(frames.len(), 3);
+        let (first, response) = produce_response(frames[0], 7);
+        assert_eq!(
+            (
+                first,
+                response.responses[0].partition_responses[0].base_offset
+            ),
+            (1, 0)
+        );
+        let (second, mut body) = response_body(frames[1], ApiKey::ApiVersions, 3).unwrap();
+        assert_eq!(second, 2);
+        assert_eq!(
+            ApiVersionsResponse::decode(&mut body, 3)
+                .unwrap()
+                .error_code,
+            0
+        );
+        let (third, response) = produce_response(frames[2], 7);
+        assert_eq!(
+            (
+                third,
+                response.responses[0].partition_responses[0].base_offset
+            ),
+            (3, 1)
+        );
+        // One session per connection and topic, numbered from 0 without a gap.
+        let seqs: Vec<u64> = h.log.logs[&1].iter().map(|(start, _)| *start).collect();
+        assert_eq!(seqs, vec![0, 1]);
+    }
+
+    #[test]
+    fn acks_all_waits_for_the_replicas_and_acks_zero_is_never_answered() {
+        let mut h = Harness::new();
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(-1, &[("payments", 0, batch(&[b"p"]))]),
+        );
+        h.order();
+        assert!(h.poll().is_empty(), "ordered, not yet in the replica");
+        h.log.replicated.insert(2, 1);
+        let (_, response) = produce_response(&h.poll(), 9);
+        assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+        // acks=0: written, no answer, and the next request's answer is not held behind it.
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(0, &[("orders", 0, batch(&[b"q"]))]),
+        );
+        h.send(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+        h.order();
+        let out = h.poll();
+        assert_eq!(frames(&out).len(), 1, "only the ApiVersions answer");
+        assert_eq!(h.log.logs[&1][0].1, vec![b"q".to_vec()]);
+    }
+
+    #[test]
+    fn a_full_pool_holds_batches_in_order_until_room_or_the_timeout() {
+        let mut h = Harness::new();
+        h.log.full = true;
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(1, &[("orders", 0, batch(&[b"1"]))]),
+        );
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(1, &[("orders", 0, batch(&[b"2"]))]),
+        );
+        assert!(h.poll().is_empty());
+        h.log.full = false;
+        h.poll();
+        h.order();
+        let out = h.poll();
+        assert_eq!(frames(&out).len(), 2);
+        let values: Vec<Vec<u8>> = h.log.logs[&1].iter().flat_map(|(_, m)| m.clone()).collect();
+        assert_eq!(values, vec![b"1".to_vec(), b"2".to_vec()]);
+        // No room within timeout_ms: REQUEST_TIMED_OUT, and nothing written.
+        h.log.full = true;
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(1, &[("orders", 0, batch(&[b"3"]))]),
+        );
+        h.advance(Duration::from_millis(1_001));
+        let (_, response) = produce_response(&h.poll(), 9);
+        assert_eq!(
+            response.responses[0].partition_responses[0].error_code,
+            error_code::REQUEST_TIMED_OUT
+        );
+        assert!(h.log.undecided.is_empty());
+    }
+
+    #[test]
+    fn records_the_log_cannot_hold_are_refused_with_the_reason() {
+        let mut h = Harness::new();
+        let keyed = Bytes::from(client_batch(
+            &[record(0, Some(b"k"), Some(b"v"))],
+            kafka_protocol::records::Compression::None,
+        ));
+        let mut corrupt = batch(&[b"v"]).to_vec();
+        let last = corrupt.len() - 2;
+        corrupt[last] ^= 1;
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(
+                1,
+                &[("orders", 0, keyed), ("payments", 0, Bytes::from(corrupt))],
+            ),
+        );
+        let (_, response) = produce_response(&h.poll(), 9);
+        let orders = &response.responses[0].partition_responses[0];
+        assert_eq!(orders.error_code, error_code::INVALID_RECORD);
+        assert!(
+            orders
+                .error_message
+                .as_ref()
+                .is_some_and(|m| m.contains("keys and headers are not stored"))
+        );
+        assert_eq!(
+            response.responses[1].partition_responses[0].error_code,
+            error_code::CORRUPT_MESSAGE
+        );
+        assert!(h.log.undecided.is_empty());
+    }
+
+    #[test]
+    fn a_fetch_serves_records_from_its_offset_and_waits_for_new_ones() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"m0".to_vec(), b"m1".to_vec()]);
+        h.log.append(1, vec![b"m2".to_vec()]);
+        h.send(ApiKey::Fetch, 12, &fetch("orders", 1, 500));
+        let response = fetch_response(&h.poll(), 12);
+        let data = &response.responses[0].partitions[0];
+        assert_eq!((data.error_code, data.high_watermark), (0, 3));
+        // The batch holding offset 1 is served whole; clients skip what precedes their offset.
+        assert_eq!(
+            fetched_records(data),
+            vec![
+                (0, b"m0".to_vec()),
+                (1, b"m1".to_vec()),
+                (2, b"m2".to_vec())
+            ]
+        );
+        // At the end: waits for records, up to max_wait_ms.
+        h.send(ApiKey::Fetch, 12, &fetch("orders", 3, 500));
+        assert!(h.poll().is_empty());
+        h.log.append(1, vec![b"m3".to_vec()]);
+        let response = fetch_response(&h.poll(), 12);
+        assert_eq!(
+            fetched_records(&response.responses[0].partitions[0]),
+            vec![(3, b"m3".to_vec())]
+        );
+        h.send(ApiKey::Fetch, 12, &fetch("orders", 4, 500));
+        h.advance(Duration::from_millis(499));
+        assert!(h.poll().is_empty());
+        h.advance(Duration::from_millis(1));
+        let response = fetch_response(&h.poll(), 12);
+        assert!(fetched_records(&response.responses[0].partitions[0]).is_empty());
+    }
+
+    #[test]
+    fn a_fetch_outside_the_log_says_where_the_log_is() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"a".to_vec(); 10]);
+        h.log.log_start.insert(1, 4);
+        for (offset, version) in [(2, 5), (11, 12), (-1, 12)] {
+            h.send(ApiKey::Fetch, version, &fetch("orders", offset, 500));
+            let response = fetch_response(&h.poll(), version);
+            let data = &response.responses[0].partitions[0];
+            assert_eq!(data.error_code, error_code::OFFSET_OUT_OF_RANGE, "{offset}");
+            assert_eq!((data.log_start_offset, data.high_watermark), (4, 10));
+        }
+        h.send(ApiKey::Fetch, 12, &fetch("nosuch", 0, 500));
+        let response = fetch_response(&h.poll(), 12);
+        assert_eq!(
+            response.responses[0].partitions[0].error_code,
+            error_code::UNKNOWN_TOPIC_OR_PARTITION
+        );
+    }
+
+    #[test]
+    fn every_offered_version_of_every_answer_encodes() {
+        // The schema encoder refuses a field set outside its versions (a broker bug that
+        // would end the connection): each answer, with errors and records, in each version.
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"a".to_vec()]);
+        for version in 3..=9 {
+            let parts = [
+                ("orders", 0, batch(&[b"x"])),
+                ("orders", 1, batch(&[b"y"])),
+                ("nosuch", 0, batch(&[b"z"])),
+            ];
+            h.send(ApiKey::Produce, version, &produce(1, &parts));
+            h.order();
+            let (_, response) = produce_response(&h.poll(), version);
+            assert_eq!(response.responses.len(), 2, "version {version}");
+        }
+        for version in 4..=12 {
+            h.send(ApiKey::Fetch, version, &fetch("orders", 0, 0));
+            assert!(
+                !fetched_records(&fetch_response(&h.poll(), version).responses[0].partitions[0])
+                    .is_empty()
+            );
+            h.send(ApiKey::Fetch, version, &fetch("orders", 1_000, 0));
+            fetch_response(&h.poll(), version);
+        }
+        for version in 1..=7 {
+            let request = ListOffsetsRequest::default().with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name("nosuch"))
+                    .with_partitions(vec![ListOffsetsPartition::default().with_timestamp(-1)]),
+            ]);
+            h.send(ApiKey::ListOffsets, version, &request);
+            assert!(!h.poll().is_empty());
+        }
+    }
+
+    #[test]
+    fn list_offsets_gives_the_start_and_the_end() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"a".to_vec(); 10]);
+        h.log.log_start.insert(1, 4);
+        let request = ListOffsetsRequest::default().with_topics(vec![
+            ListOffsetsTopic::default()
+                .with_name(name("orders"))
+                .with_partitions(
+                    [-2, -1, 1_700_000_000_000]
+                        .into_iter()
+                        .map(|timestamp| {
+                            ListOffsetsPartition::default()
+                                .with_partition_index(0)
+                                .with_timestamp(timestamp)
+                        })
+                        .collect(),
+                ),
+        ]);
+        for version in [1, 7] {
+            h.send(ApiKey::ListOffsets, version, &request);
+            let out = h.poll();
+            let (_, mut body) = response_body(&out, ApiKey::ListOffsets, version).unwrap();
+            let response = ListOffsetsResponse::decode(&mut body, version).unwrap();
+            let offsets: Vec<(i16, i64)> = response.topics[0]
+                .partitions
+                .iter()
+                .map(|p| (p.error_code, p.offset))
+                .collect();
+            assert_eq!(offsets, vec![(0, 4), (0, 10), (0, -1)]);
+        }
+    }
+}

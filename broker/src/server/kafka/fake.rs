@@ -1,0 +1,181 @@
+//! A log in memory behind [`KafkaContext`], for the sans-IO tests of the Kafka protocol:
+//! batches are ordered when a test says so, room and replicas are what it sets.
+
+use std::collections::HashMap;
+
+use shared_log::layout::CompletionStatus;
+use shared_log::pool::TopicId;
+
+use super::records::{self, ProducedValues};
+use super::{FetchRefused, KafkaContext, KafkaNode, KafkaTopic, ProducerSession, PublishRefused};
+use crate::metrics::Metrics;
+use crate::server::state::{ConnId, RoutedOutcome};
+
+static METRICS: std::sync::LazyLock<Metrics> = std::sync::LazyLock::new(Metrics::default);
+
+/// An ordered batch: its first position and its messages.
+pub type Batch = (u64, Vec<Vec<u8>>);
+
+/// A committed batch the test has not ordered yet.
+#[derive(Debug, Clone)]
+pub struct Undecided {
+    pub slot: u64,
+    pub topic: TopicId,
+    pub conn: ConnId,
+    pub values: Vec<Vec<u8>>,
+}
+
+#[derive(Debug)]
+pub struct FakeLog {
+    /// (id, name, replicas).
+    pub topics: Vec<(TopicId, String, usize)>,
+    /// Ordered batches per topic.
+    pub logs: HashMap<TopicId, Vec<Batch>>,
+    pub undecided: Vec<Undecided>,
+    pub next_slot: u64,
+    /// When set, every write finds the pool full.
+    pub full: bool,
+    /// Position below which the replicas hold each topic.
+    pub replicated: HashMap<TopicId, u64>,
+    /// First readable position per topic (0 when absent).
+    pub log_start: HashMap<TopicId, u64>,
+}
+
+impl FakeLog {
+    /// Topics "orders" (1, rf 1) and "payments" (2, rf 2), empty.
+    pub fn two_topics() -> FakeLog {
+        FakeLog {
+            topics: vec![(1, "orders".into(), 0), (2, "payments".into(), 1)],
+            logs: HashMap::new(),
+            undecided: Vec::new(),
+            next_slot: 0,
+            full: false,
+            replicated: HashMap::new(),
+            log_start: HashMap::new(),
+        }
+    }
+
+    fn end(&self, topic: TopicId) -> u64 {
+        self.logs
+            .get(&topic)
+            .and_then(|batches| batches.last())
+            .map_or(0, |(start, messages)| start + messages.len() as u64)
+    }
+
+    /// Appends a batch to the log as another publisher would.
+    pub fn append(&mut self, topic: TopicId, messages: Vec<Vec<u8>>) -> u64 {
+        let start = self.end(topic);
+        self.logs.entry(topic).or_default().push((start, messages));
+        start
+    }
+
+    /// Orders every undecided batch, in commit order; returns the decisions.
+    pub fn order_all(&mut self) -> Vec<RoutedOutcome> {
+        let undecided = std::mem::take(&mut self.undecided);
+        undecided
+            .into_iter()
+            .map(|batch| {
+                let start = self.append(batch.topic, batch.values);
+                RoutedOutcome {
+                    conn: batch.conn,
+                    slot: batch.slot,
+                    status: CompletionStatus::Ordered,
+                    global_start: Some(start),
+                }
+            })
+            .collect()
+    }
+}
+
+impl KafkaContext for FakeLog {
+    fn node(&self) -> KafkaNode {
+        KafkaNode {
+            id: 3,
+            host: "10.0.0.7".into(),
+            port: 9092,
+        }
+    }
+
+    fn topics(&self) -> Vec<(TopicId, String)> {
+        self.topics
+            .iter()
+            .map(|(id, name, _)| (*id, name.clone()))
+            .collect()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &METRICS
+    }
+
+    fn find_topic(&self, name: &str) -> Option<KafkaTopic> {
+        self.topics
+            .iter()
+            .find(|(_, known, _)| known == name)
+            .map(|&(id, _, replicas)| KafkaTopic { id, replicas })
+    }
+
+    fn publish(
+        &mut self,
+        topic: TopicId,
+        _session: ProducerSession,
+        values: &ProducedValues<'_>,
+        conn: ConnId,
+    ) -> Result<u64, PublishRefused> {
+        if self.full {
+            return Err(PublishRefused::NoRoom);
+        }
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        self.undecided.push(Undecided {
+            slot,
+            topic,
+            conn,
+            values: values.values.iter().map(|v| v.to_vec()).collect(),
+        });
+        Ok(slot)
+    }
+
+    fn replicated_position(&mut self, topic: TopicId, _replicas: usize) -> u64 {
+        self.replicated.get(&topic).copied().unwrap_or(0)
+    }
+
+    fn log_end(&self, topic: TopicId) -> Option<u64> {
+        Some(self.end(topic))
+    }
+
+    fn log_bounds(&self, topic: TopicId) -> Result<(u64, u64), String> {
+        Ok((
+            self.log_start.get(&topic).copied().unwrap_or(0),
+            self.end(topic),
+        ))
+    }
+
+    fn fetch(
+        &self,
+        topic: TopicId,
+        position: u64,
+        max_bytes: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), FetchRefused> {
+        let (log_start, log_end) = self.log_bounds(topic).expect("a known topic");
+        if position < log_start || position > log_end {
+            return Err(FetchRefused::OutOfRange { log_start, log_end });
+        }
+        let start = out.len();
+        for (first, messages) in self.logs.get(&topic).into_iter().flatten() {
+            if first + messages.len() as u64 <= position {
+                continue;
+            }
+            if out.len() > start && (out.len() - start) as u64 >= max_bytes {
+                break;
+            }
+            records::encode_batch(
+                out,
+                *first,
+                messages.len(),
+                messages.iter().map(Vec::as_slice),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,131 @@
+//! The log as Kafka requests reach it: a produced partition written as one batch, and the
+//! log's batches read out as record batches. A thin adapter over [`BrokerState`].
+
+use shared_log::coherence::SharedMemory;
+use shared_log::pool::TopicId;
+use shared_log::reader::ReadError;
+use shared_log::writer::{AppendError, BatchMeta};
+
+use super::records::{self, ProducedValues};
+use super::{FetchRefused, ProducerSession, PublishRefused};
+use crate::metrics::Metrics;
+use crate::server::state::{BrokerState, ConnId};
+
+/// Writes `values` as `session`'s next batch of `topic` (length-prefixed messages, copied
+/// once, from the request into the pool) and commits it for connection `conn`.
+pub fn publish_values<M: SharedMemory + Clone>(
+    state: &mut BrokerState<M>,
+    topic: TopicId,
+    session: ProducerSession,
+    values: &ProducedValues<'_>,
+    conn: ConnId,
+) -> Result<u64, PublishRefused> {
+    let batch_bytes_max = state
+        .open_writer(topic)
+        .map_err(|e| PublishRefused::Failed(format!("the topic cannot be written: {e}")))?;
+    let payload_bytes = values.payload_bytes();
+    if payload_bytes > batch_bytes_max {
+        return Err(PublishRefused::TooLarge {
+            payload_bytes,
+            batch_bytes_max,
+        });
+    }
+    let reservation = match state.begin_batch(topic, payload_bytes) {
+        Ok(reservation) => reservation,
+        Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
+            Metrics::inc(&state.metrics().ring_full_waits);
+            return Err(PublishRefused::NoRoom);
+        }
+        Err(AppendError::ClaimMoved(moved)) => {
+            state.record_claim_moved(moved);
+            return Err(PublishRefused::Failed(
+                "another process took this broker's id over".into(),
+            ));
+        }
+        Err(other) => return Err(PublishRefused::Failed(other.to_string())),
+    };
+    let checksum = state.fill_batch(topic, &reservation, |payload| {
+        values.write_payload(payload);
+        wire::payload::checksum(payload)
+    });
+    let meta = BatchMeta {
+        client_id: session.client_id,
+        session_epoch: session.session_epoch,
+        batch_seq: session.next_seq,
+        message_count: values.values.len() as u32,
+        checksum,
+    };
+    let slot = state
+        .commit_batch(topic, reservation, meta, conn)
+        .map_err(|moved| {
+            state.record_claim_moved(moved);
+            PublishRefused::Failed("another process took this broker's id over".into())
+        })?;
+    let metrics = state.metrics();
+    Metrics::inc(&metrics.batches_received);
+    metrics
+        .bytes_received
+        .fetch_add(payload_bytes, std::sync::atomic::Ordering::Relaxed);
+    Ok(slot)
+}
+
+/// The first position of `topic` not yet ordered.
+pub fn log_end<M: SharedMemory + Clone>(state: &BrokerState<M>, topic: TopicId) -> Option<u64> {
+    Some(state.log_end(topic).1)
+}
+
+/// Appends `topic`'s batches from the one that holds `position` to `out`, as record
+/// batches (each batch's messages as records from its first global position on), until
+/// `max_bytes` of payload were read (the first batch whole).
+pub fn fetch_record_batches<M: SharedMemory + Clone>(
+    state: &BrokerState<M>,
+    topic: TopicId,
+    position: u64,
+    max_bytes: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), FetchRefused> {
+    let failed = |e: ReadError| FetchRefused::Failed(e.to_string());
+    let mut reader = state.open_reader(topic).map_err(failed)?;
+    let out_of_range = |reader: &shared_log::reader::LogReader<M>| FetchRefused::OutOfRange {
+        log_start: reader.log_start(),
+        log_end: reader.log_end().1,
+    };
+    match reader.seek(position) {
+        Ok(()) => {}
+        Err(ReadError::Truncated { .. } | ReadError::BeyondEnd { .. }) => {
+            return Err(out_of_range(&reader));
+        }
+        Err(other) => return Err(failed(other)),
+    }
+    let start = out.len();
+    let mut last_batch_at = start;
+    loop {
+        let read = (out.len() - start) as u64;
+        if read >= max_bytes && read > 0 {
+            return Ok(());
+        }
+        let polled = reader.poll_within(64, max_bytes.saturating_sub(read).max(1), |batch| {
+            last_batch_at = out.len();
+            records::encode_batch(
+                out,
+                batch.global_start,
+                batch.message_count as usize,
+                batch.messages(),
+            );
+        });
+        match polled {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // The last batch handed out was overwritten while it was copied: not served.
+            Err(ReadError::Overwritten { .. }) => {
+                out.truncate(last_batch_at);
+                return Ok(());
+            }
+            Err(ReadError::Truncated { .. }) if out.len() == start => {
+                return Err(out_of_range(&reader));
+            }
+            Err(ReadError::Truncated { .. }) => return Ok(()),
+            Err(other) => return Err(failed(other)),
+        }
+    }
+}
