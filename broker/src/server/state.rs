@@ -63,7 +63,9 @@ struct PendingRoute {
 pub struct RoutedOutcome {
     /// The connection that committed the batch (it may have closed since).
     pub conn: ConnId,
-    /// The ring slot the batch was committed in.
+    /// The topic whose ring holds the batch (a Kafka connection writes several).
+    pub topic: TopicId,
+    /// The ring slot the batch was committed in (slots count per topic).
     pub slot: u64,
     /// What the sequencer decided.
     pub status: CompletionStatus,
@@ -459,7 +461,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         self.replicated.clear();
         let mut read = 0;
         let mut lag = 0;
-        for state in self.topics.values_mut() {
+        for (&topic, state) in self.topics.iter_mut() {
             let pending = &mut state.pending;
             let orphaned = &mut state.orphaned;
             let metrics = &self.metrics;
@@ -476,6 +478,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
                         // routes.
                         Some(route) if route.slot == outcome.slot => out.push(RoutedOutcome {
                             conn: route.conn,
+                            topic,
                             slot: outcome.slot,
                             status: outcome.status,
                             global_start: outcome.global_start,

@@ -290,7 +290,8 @@ impl KafkaSession {
                 else {
                     continue;
                 };
-                if slot != outcome.slot {
+                // Slots count per topic: both must match.
+                if slot != outcome.slot || topic.id != outcome.topic {
                     continue;
                 }
                 part.state = match (outcome.status, outcome.global_start) {
@@ -814,6 +815,33 @@ mod tests {
             "the values, in order"
         );
         assert!(!h.session.pending());
+    }
+
+    #[test]
+    fn each_topics_decision_reaches_its_own_partition() {
+        // Ring slots count per topic: the first batch of each topic is slot 0 of its ring.
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"old".to_vec(); 5]);
+        let request = produce(
+            1,
+            &[
+                ("orders", 0, batch(&[b"o"])),
+                ("payments", 0, batch(&[b"p"])),
+            ],
+        );
+        h.send(ApiKey::Produce, 9, &request);
+        for outcome in h.log.order_topic(2) {
+            h.session.on_outcome(&outcome);
+        }
+        assert!(h.poll().is_empty(), "orders is not decided yet");
+        h.order();
+        let (_, response) = produce_response(&h.poll(), 9);
+        let offsets: Vec<(TopicName, i64)> = response
+            .responses
+            .iter()
+            .map(|t| (t.name.clone(), t.partition_responses[0].base_offset))
+            .collect();
+        assert_eq!(offsets, vec![(name("orders"), 5), (name("payments"), 0)]);
     }
 
     #[test]

@@ -32,7 +32,8 @@ pub struct FakeLog {
     /// Ordered batches per topic.
     pub logs: HashMap<TopicId, Vec<Batch>>,
     pub undecided: Vec<Undecided>,
-    pub next_slot: u64,
+    /// The next ring slot of each topic (slots count per topic, as in the pool).
+    pub next_slot: HashMap<TopicId, u64>,
     /// When set, every write finds the pool full.
     pub full: bool,
     /// Position below which the replicas hold each topic.
@@ -48,7 +49,7 @@ impl FakeLog {
             topics: vec![(1, "orders".into(), 0), (2, "payments".into(), 1)],
             logs: HashMap::new(),
             undecided: Vec::new(),
-            next_slot: 0,
+            next_slot: HashMap::new(),
             full: false,
             replicated: HashMap::new(),
             log_start: HashMap::new(),
@@ -71,13 +72,28 @@ impl FakeLog {
 
     /// Orders every undecided batch, in commit order; returns the decisions.
     pub fn order_all(&mut self) -> Vec<RoutedOutcome> {
-        let undecided = std::mem::take(&mut self.undecided);
-        undecided
+        self.order(|_| true)
+    }
+
+    /// Orders the undecided batches of `topic` only (each topic's ring is decided on its
+    /// own); returns the decisions.
+    pub fn order_topic(&mut self, topic: TopicId) -> Vec<RoutedOutcome> {
+        self.order(|batch| batch.topic == topic)
+    }
+
+    fn order(&mut self, which: impl Fn(&Undecided) -> bool) -> Vec<RoutedOutcome> {
+        let (chosen, rest) = std::mem::take(&mut self.undecided)
+            .into_iter()
+            .partition(|batch| which(batch));
+        self.undecided = rest;
+        let chosen: Vec<Undecided> = chosen;
+        chosen
             .into_iter()
             .map(|batch| {
                 let start = self.append(batch.topic, batch.values);
                 RoutedOutcome {
                     conn: batch.conn,
+                    topic: batch.topic,
                     slot: batch.slot,
                     status: CompletionStatus::Ordered,
                     global_start: Some(start),
@@ -124,8 +140,9 @@ impl KafkaContext for FakeLog {
         if self.full {
             return Err(PublishRefused::NoRoom);
         }
-        let slot = self.next_slot;
-        self.next_slot += 1;
+        let next = self.next_slot.entry(topic).or_default();
+        let slot = *next;
+        *next += 1;
         self.undecided.push(Undecided {
             slot,
             topic,
