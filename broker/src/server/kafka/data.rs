@@ -36,6 +36,11 @@ pub const FETCH_WAIT_MAX_MS: u64 = 30_000;
 /// served whole, as Kafka does, even when it is larger).
 pub const FETCH_BYTES_MAX: u64 = 4 << 20;
 
+/// The longest a written batch waits for the sequencer's decision before its Produce is
+/// answered REQUEST_TIMED_OUT (or the request's `timeout_ms`, if longer): the sequencer
+/// decides in microseconds, so only a cluster without one waits this long.
+pub const UNDECIDED_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A topic as a Kafka answer needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KafkaTopic {
@@ -97,6 +102,15 @@ pub(super) enum Answer {
     Fetch(PendingFetch),
 }
 
+impl Answer {
+    fn waits_for_room(&self) -> bool {
+        matches!(self, Answer::Produce(produce) if produce
+            .parts
+            .iter()
+            .any(|part| matches!(part.state, PartState::WaitingForRoom { .. })))
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct PendingProduce {
     header: RequestHeader,
@@ -107,6 +121,9 @@ pub(super) struct PendingProduce {
     /// REQUEST_TIMED_OUT (and are not in the log), as are acks=all ones still waiting for
     /// replicas (which are).
     deadline: Timestamp,
+    /// When it arrived, and its `timeout_ms` (see [`UNDECIDED_MAX`]).
+    received: Timestamp,
+    timeout: std::time::Duration,
     parts: Vec<ProducePart>,
 }
 
@@ -119,8 +136,13 @@ struct ProducePart {
 
 #[derive(Debug)]
 enum PartState {
-    /// Waits for room in the pool, with its records.
-    WaitingForRoom { topic: KafkaTopic, records: Bytes },
+    /// Waits for room in the pool, with its records (checked when they arrived).
+    WaitingForRoom {
+        topic: KafkaTopic,
+        records: Bytes,
+        /// Its wait was counted in the metrics.
+        counted: bool,
+    },
     /// Committed in ring slot `slot`, waiting for the sequencer.
     InFlight {
         topic: KafkaTopic,
@@ -156,6 +178,9 @@ pub(super) struct PendingFetch {
     version: i16,
     request: FetchRequest,
     deadline: Timestamp,
+    /// Each partition's log end when the answer was last built and found short of
+    /// `min_bytes`: it is built again only once one of them moved (or the wait is over).
+    ends_tried: Option<Vec<Option<u64>>>,
 }
 
 impl KafkaSession {
@@ -190,7 +215,18 @@ impl KafkaSession {
                     (Some(_), _, None) => {
                         PartState::refused(error_code::INVALID_RECORD, "no records")
                     }
-                    (Some(topic), _, Some(records)) => PartState::WaitingForRoom { topic, records },
+                    (Some(topic), _, Some(records)) => match records::produced_values(&records) {
+                        Err(error) => PartState::refused(error.error_code(), error.to_string()),
+                        Ok(produced) if produced.producer.producer_id >= 0 => PartState::refused(
+                            error_code::INVALID_RECORD,
+                            "idempotent producers are not taken yet (no InitProducerId): turn enable.idempotence off",
+                        ),
+                        Ok(_) => PartState::WaitingForRoom {
+                            topic,
+                            records,
+                            counted: false,
+                        },
+                    },
                 };
                 parts.push(ProducePart {
                     topic: topic_data.name.clone(),
@@ -204,6 +240,8 @@ impl KafkaSession {
             version,
             acks: request.acks,
             deadline: now + std::time::Duration::from_millis(timeout_ms),
+            received: now,
+            timeout: std::time::Duration::from_millis(timeout_ms),
             parts,
         }));
         self.write_waiting(context);
@@ -218,24 +256,20 @@ impl KafkaSession {
                 continue;
             };
             for part in &mut produce.parts {
-                let PartState::WaitingForRoom { topic, records } = &part.state else {
+                let PartState::WaitingForRoom {
+                    topic,
+                    records,
+                    counted,
+                } = &mut part.state
+                else {
                     continue;
                 };
                 let topic = *topic;
-                let produced = match records::produced_values(records) {
-                    Ok(produced) => produced,
-                    Err(error) => {
-                        part.state = PartState::refused(error.error_code(), error.to_string());
-                        continue;
-                    }
-                };
-                if produced.producer.producer_id >= 0 {
-                    part.state = PartState::refused(
-                        error_code::INVALID_RECORD,
-                        "idempotent producers are not taken yet (no InitProducerId): turn enable.idempotence off",
-                    );
+                // Checked when it arrived; taken apart again only to be written.
+                let Ok(produced) = records::produced_values(records) else {
+                    part.state = PartState::refused(error_code::INVALID_RECORD, "records changed");
                     continue;
-                }
+                };
                 let message_count = produced.values.len() as u32;
                 let session = self
                     .producers
@@ -254,7 +288,12 @@ impl KafkaSession {
                             message_count,
                         };
                     }
-                    Err(PublishRefused::NoRoom) => return,
+                    Err(PublishRefused::NoRoom) => {
+                        if !std::mem::replace(counted, true) {
+                            crate::metrics::Metrics::inc(&context.metrics().ring_full_waits);
+                        }
+                        return;
+                    }
                     Err(PublishRefused::TooLarge {
                         payload_bytes,
                         batch_bytes_max,
@@ -324,7 +363,15 @@ impl KafkaSession {
 
     /// Moves what waits on: batches waiting for room, acks=all answers waiting for the
     /// replicas, Fetches waiting for records, deadlines.
-    pub(super) fn poll(&mut self, context: &mut dyn KafkaContext, now: Timestamp) {
+    ///
+    /// Fetch answers are built only while `output_room` (the connection's unsent output is
+    /// below its mark), so that a client that does not read holds one built answer at most.
+    pub(super) fn poll(
+        &mut self,
+        context: &mut dyn KafkaContext,
+        now: Timestamp,
+        output_room: bool,
+    ) {
         self.write_waiting(context);
         for answer in &mut self.answers {
             match answer {
@@ -360,6 +407,18 @@ impl KafkaSession {
                                     "no room in the pool within timeout_ms; not written",
                                 );
                             }
+                            PartState::InFlight { .. }
+                                if now.saturating_duration_since(produce.received)
+                                    >= UNDECIDED_MAX.max(produce.timeout) =>
+                            {
+                                // No sequencer decides (none holds the lease): the answer,
+                                // and every later one of the connection, must not wait for
+                                // ever. A late decision then finds no part and is dropped.
+                                part.state = PartState::refused(
+                                    error_code::REQUEST_TIMED_OUT,
+                                    "written, but the sequencer did not decide it in time; it may yet be in the log",
+                                );
+                            }
                             _ => {}
                         }
                     }
@@ -372,6 +431,9 @@ impl KafkaSession {
                     }
                 }
                 Answer::Fetch(fetch) => {
+                    if !output_room {
+                        continue;
+                    }
                     if let Some(frame) = try_fetch(fetch, &*context, now) {
                         *answer = Answer::Ready(frame);
                     }
@@ -398,6 +460,7 @@ impl KafkaSession {
             version,
             request,
             deadline: now + std::time::Duration::from_millis(wait_ms),
+            ends_tried: None,
         };
         self.answers
             .push_back(match try_fetch(&mut fetch, context, now) {
@@ -422,10 +485,30 @@ impl KafkaSession {
         }
     }
 
-    /// Whether another request may be taken now.
+    /// Whether another request may be taken now: fewer than [`ANSWERS_MAX`] answers wait,
+    /// and no batch waits for room in the pool (so a connection holds at most one request
+    /// frame's records while the pool is full).
     pub(super) fn has_room(&self) -> bool {
-        self.answers.len() < ANSWERS_MAX
+        self.answers.len() < ANSWERS_MAX && !self.answers.iter().any(Answer::waits_for_room)
     }
+}
+
+/// Refuses a Fetch that names a partition twice (Kafka keys a Fetch's partitions by topic
+/// and partition; here each entry would be read and answered again).
+pub(super) fn check_fetch(request: &FetchRequest) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for topic in &request.topics {
+        for partition in &topic.partitions {
+            if !seen.insert((topic.topic.0.as_str(), partition.partition)) {
+                return Err(format!(
+                    "topic {:?} partition {} named twice",
+                    topic.topic.0.as_str(),
+                    partition.partition
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The Produce response once every part is answered (nothing for acks=0, which Kafka never
@@ -480,25 +563,37 @@ fn try_fetch(
     let min_bytes = u64::try_from(request.min_bytes).unwrap_or(0);
     let mut total_max = u64::try_from(request.max_bytes)
         .unwrap_or(0)
-        .clamp(1, FETCH_BYTES_MAX);
-    if !due {
-        // Cheap test first: does any partition have records past its offset at all?
-        let any_new = request.topics.iter().any(|t| {
-            t.partitions.iter().any(|p| {
-                match context.find_topic(t.topic.0.as_str()) {
-                    None => true,
-                    Some(_) if p.partition != 0 => true,
-                    // Records past the offset, or an offset outside the log (answered
-                    // with its error at once).
-                    Some(topic) => context
-                        .log_end(topic.id)
-                        .is_none_or(|end| u64::try_from(p.fetch_offset) != Ok(end)),
-                }
+        .min(FETCH_BYTES_MAX);
+    if !due && min_bytes > 0 {
+        // Cheap test first (one frontier read a partition): is there anything to answer
+        // that was not there when the answer was last found short?
+        let ends: Vec<Option<u64>> = request
+            .topics
+            .iter()
+            .flat_map(|t| {
+                let topic = context.find_topic(t.topic.0.as_str());
+                t.partitions.iter().map(move |p| {
+                    topic
+                        .filter(|_| p.partition == 0)
+                        .and_then(|topic| context.log_end(topic.id))
+                })
             })
-        });
-        if !any_new {
+            .collect();
+        if fetch.ends_tried.as_ref() == Some(&ends) {
             return None;
         }
+        // Records past an offset, an offset outside the log or an unknown partition (both
+        // answered at once with their error).
+        let answerable = request
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter())
+            .zip(&ends)
+            .any(|(p, end)| end.is_none_or(|end| u64::try_from(p.fetch_offset) != Ok(end)));
+        if !answerable {
+            return None;
+        }
+        fetch.ends_tried = Some(ends);
     }
     let mut bytes = 0u64;
     let mut failed = false;
@@ -531,12 +626,26 @@ fn try_fetch(
                 .with_high_watermark(log_end as i64)
                 .with_last_stable_offset(log_end as i64)
                 .with_log_start_offset(log_start as i64);
+            // Only the answer's first records may exceed what is left of `max_bytes` (one
+            // batch whole, as Kafka does); past it, partitions get their offsets only.
             let partition_max = u64::try_from(partition.partition_max_bytes)
                 .unwrap_or(0)
-                .min(total_max);
+                .min(if bytes == 0 {
+                    total_max.max(1)
+                } else {
+                    total_max
+                });
             let mut out = Vec::new();
             let position = u64::try_from(partition.fetch_offset).unwrap_or(u64::MAX);
-            match context.fetch(topic.id, position, partition_max, &mut out) {
+            let fetched = if partition_max == 0 {
+                match u64::try_from(partition.fetch_offset) {
+                    Ok(offset) if (log_start..=log_end).contains(&offset) => Ok(()),
+                    _ => Err(FetchRefused::OutOfRange { log_start, log_end }),
+                }
+            } else {
+                context.fetch(topic.id, position, partition_max, &mut out)
+            };
+            match fetched {
                 Ok(()) => {}
                 Err(FetchRefused::OutOfRange { log_start, log_end }) => {
                     failed = true;
@@ -563,7 +672,7 @@ fn try_fetch(
                 .with_partitions(partitions),
         );
     }
-    if !(due || failed || bytes >= min_bytes.max(1)) {
+    if !(due || failed || bytes >= min_bytes) {
         return None;
     }
     Some(respond(
@@ -720,7 +829,7 @@ mod tests {
         }
 
         fn poll(&mut self) -> Vec<u8> {
-            self.session.poll(&mut self.log, self.now);
+            self.session.poll(&mut self.log, self.now, true);
             let mut out = Vec::new();
             self.session.take_ready(&mut out);
             out
@@ -1083,6 +1192,96 @@ mod tests {
             h.send(ApiKey::ListOffsets, version, &request);
             assert!(!h.poll().is_empty());
         }
+    }
+
+    #[test]
+    fn a_fetch_answer_stays_within_max_bytes_past_its_first_batch() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![vec![1u8; 3_000]]);
+        h.log.append(2, vec![vec![2u8; 3_000]]);
+        // 1000 bytes asked for: the first partition's batch whole, the second none (its
+        // offsets still said).
+        let two = FetchRequest::default()
+            .with_max_bytes(1_000)
+            .with_min_bytes(1)
+            .with_topics(
+                ["orders", "payments"]
+                    .into_iter()
+                    .map(|topic| {
+                        FetchTopic::default()
+                            .with_topic(name(topic))
+                            .with_partitions(vec![
+                                FetchPartition::default().with_partition_max_bytes(1 << 20),
+                            ])
+                    })
+                    .collect(),
+            );
+        h.send(ApiKey::Fetch, 12, &two);
+        let response = fetch_response(&h.poll(), 12);
+        let first = &response.responses[0].partitions[0];
+        let second = &response.responses[1].partitions[0];
+        assert_eq!(fetched_records(first).len(), 1);
+        assert!(fetched_records(second).is_empty());
+        assert_eq!((second.error_code, second.high_watermark), (0, 1));
+        // min_bytes 0 is answered at once, even with nothing new.
+        let mut now = fetch("orders", 1, 30_000);
+        now.min_bytes = 0;
+        h.send(ApiKey::Fetch, 12, &now);
+        assert!(!h.poll().is_empty());
+    }
+
+    #[test]
+    fn a_fetch_naming_a_partition_twice_is_malformed() {
+        let mut h = Harness::new();
+        let mut twice = fetch("orders", 0, 0);
+        let partition = twice.topics[0].partitions[0].clone();
+        twice.topics[0].partitions.push(partition);
+        let frame = request_frame(ApiKey::Fetch, 12, 1, &twice);
+        assert!(matches!(
+            h.session.on_request(&frame[4..], &mut h.log, h.now),
+            Err(super::super::KafkaError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_batch_no_sequencer_decides_is_answered_timed_out() {
+        let mut h = Harness::new();
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(1, &[("orders", 0, batch(&[b"x"]))]),
+        );
+        h.send(ApiKey::ApiVersions, 3, &ApiVersionsRequest::default());
+        h.advance(UNDECIDED_MAX - Duration::from_millis(1));
+        assert!(h.poll().is_empty());
+        h.advance(Duration::from_millis(1));
+        let out = h.poll();
+        let frames = frames(&out);
+        assert_eq!(frames.len(), 2, "the answers behind it leave too");
+        let (_, response) = produce_response(frames[0], 9);
+        assert_eq!(
+            response.responses[0].partition_responses[0].error_code,
+            error_code::REQUEST_TIMED_OUT
+        );
+        // A late decision finds nothing to answer.
+        h.order();
+        assert!(h.poll().is_empty());
+        assert!(!h.session.pending());
+    }
+
+    #[test]
+    fn while_a_batch_waits_for_room_no_further_request_is_taken() {
+        let mut h = Harness::new();
+        h.log.full = true;
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(1, &[("orders", 0, batch(&[b"1"]))]),
+        );
+        assert!(!h.session.has_room());
+        h.log.full = false;
+        h.poll();
+        assert!(h.session.has_room());
     }
 
     #[test]

@@ -278,6 +278,7 @@ impl KafkaSession {
             ApiKey::Fetch => {
                 let request = FetchRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("Fetch request", e))?;
+                data::check_fetch(&request).map_err(|e| malformed("Fetch request", e))?;
                 self.on_fetch(header, api_version, request, context, now);
                 Ok(None)
             }
@@ -515,7 +516,7 @@ impl KafkaConnection {
         }
         // Waiting answers move on; requests left whole in the input while the output was
         // full raise no new edge.
-        self.session.poll(context, now);
+        self.session.poll(context, now, !self.output_full());
         self.session.take_ready(&mut self.output);
         if let Err(error) = self.answer_complete(context, now) {
             self.fail(&error, context);

@@ -255,7 +255,11 @@ pub fn produced_values(records: &[u8]) -> Result<ProducedValues<'_>, RecordError
             producer_epoch: be_i16(bytes, PRODUCER_EPOCH_AT),
             base_sequence: be_i32(bytes, BASE_SEQUENCE_AT),
         };
-        producer.get_or_insert(fields);
+        // The first batch's fields, unless a later one is an idempotent producer's (which
+        // is refused as a whole).
+        if producer.is_none() || fields.producer_id >= 0 {
+            producer = Some(fields);
+        }
         let count = be_i32(bytes, RECORD_COUNT_AT);
         let last_offset_delta = be_i32(bytes, LAST_OFFSET_DELTA_AT);
         if count <= 0 || last_offset_delta != count - 1 {
@@ -340,9 +344,10 @@ fn varint_bytes(value: i64) -> usize {
     (64 - raw.max(1).leading_zeros() as usize).div_ceil(7)
 }
 
-/// Appends one record batch to `out` holding the `count` `messages` (values without keys
-/// or headers, offsets from `base_offset` on, no timestamp: -1), as a Fetch serves a batch
-/// of the log.
+/// Appends one record batch to `out` holding `messages` (values without keys or headers,
+/// offsets from `base_offset` on, no timestamp: -1), as a Fetch serves a batch of the log.
+/// `count` is how many the caller expects; the header says how many there were (a batch
+/// overwritten while it is read may yield fewer, and is then discarded by the caller).
 pub fn encode_batch<'m>(
     out: &mut Vec<u8>,
     base_offset: u64,
@@ -383,10 +388,13 @@ pub fn encode_batch<'m>(
         out.extend_from_slice(value);
         put_varint(out, 0);
     }
-    debug_assert_eq!(
-        written, count,
-        "the count a batch announces is the records it holds"
-    );
+    if written != count {
+        let written = written as i32;
+        out[start + LAST_OFFSET_DELTA_AT..start + LAST_OFFSET_DELTA_AT + 4]
+            .copy_from_slice(&(written - 1).to_be_bytes());
+        out[start + RECORD_COUNT_AT..start + RECORD_COUNT_AT + 4]
+            .copy_from_slice(&written.to_be_bytes());
+    }
     let length = (out.len() - start - LOG_OVERHEAD_BYTES) as i32;
     out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
     let crc = crc32c::crc32c(&out[start + CRC_START..]);
@@ -538,6 +546,15 @@ pub(super) mod tests {
         let values = produced_values(&out).unwrap().values;
         assert_eq!(values.len(), 5);
         assert_eq!(values[4], b"next");
+    }
+
+    #[test]
+    fn a_batch_says_how_many_records_it_holds_when_fewer_came() {
+        // A payload overwritten while it is read may yield fewer messages than its count.
+        let mut out = Vec::new();
+        encode_batch(&mut out, 7, 3, [&b"a"[..], b"b"].into_iter());
+        let values = produced_values(&out).unwrap().values;
+        assert_eq!(values, vec![&b"a"[..], b"b"]);
     }
 
     #[test]
