@@ -37,3 +37,20 @@ prepare_hugepages() {
         echo "not root: hugepages are not reserved; tests that need them print 'skipped' (run as root to include them)"
     fi
 }
+
+# Kafka client libraries no one here wrote, for the Kafka listener's tests and demo:
+# confluent-kafka (librdkafka, bundled in its wheel) and kafka-python, pinned, in a virtual
+# environment of Debian's Python at target/kafka-py (KAFKA_PYTHON names its interpreter).
+KAFKA_PY_PACKAGES=(confluent-kafka==2.16.2 kafka-python==3.0.12)
+ensure_kafka_clients() {
+    ensure_packages python3 python3-venv
+    local venv=target/kafka-py
+    if ! "$venv/bin/python" -c 'import confluent_kafka, kafka' >/dev/null 2>&1; then
+        echo "installing ${KAFKA_PY_PACKAGES[*]} into $venv"
+        rm -rf "$venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "${KAFKA_PY_PACKAGES[@]}"
+    fi
+    KAFKA_PYTHON="$(pwd)/$venv/bin/python"
+    export KAFKA_PYTHON
+}

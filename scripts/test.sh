@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_cargo
-# kcat: a Kafka client no one here wrote, for the Kafka listener's tests.
+# kcat, confluent-kafka (librdkafka) and kafka-python: Kafka clients no one here wrote, for
+# the Kafka listener's tests (target/kafka-py, KAFKA_PYTHON).
 ensure_packages build-essential pkg-config util-linux python3 kcat
+ensure_kafka_clients
 . scripts/lab.sh
 ensure_xdp_build_deps
 # 64 pages for the tests, 128 for the 256 MiB cluster pool.

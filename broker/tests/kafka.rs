@@ -293,3 +293,52 @@ fn kcat_produces_and_consumes_beside_our_own_clients() {
     }
     assert_eq!(seen, values);
 }
+
+#[test]
+fn librdkafka_and_kafka_python_produce_and_read_back_every_acknowledged_record() {
+    let Ok(python) = std::env::var("KAFKA_PYTHON") else {
+        eprintln!(
+            "SKIPPED: KAFKA_PYTHON is not set (./scripts/test.sh installs confluent-kafka and \
+             kafka-python and sets it)"
+        );
+        return;
+    };
+    let cluster = cluster();
+    let head = &cluster.brokers()[0];
+    support::create_topic(
+        head.local_addr(),
+        "libraries",
+        Order::TotalSessionFifo,
+        Retention::StallLimited,
+    );
+    let bootstrap: Vec<String> = cluster
+        .brokers()
+        .iter()
+        .map(|b| b.kafka_addr().unwrap().to_string())
+        .collect();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
+    let output = Command::new("timeout")
+        .args([
+            "120",
+            &python,
+            script,
+            "--topic",
+            "libraries",
+            "--records",
+            "500",
+        ])
+        .args(["--bootstrap", &bootstrap.join(",")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "kafka-clients.py: {stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["acknowledged"], 2000);
+    assert_eq!(summary["confluent-kafka"]["read"], 2000);
+    assert_eq!(summary["kafka-python"]["read"], 2000);
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Kafka clients no one here wrote, against Embarcadero-rs brokers' Kafka listeners.
+
+    kafka-clients.py --bootstrap HOST:PORT[,HOST:PORT...] --topic T [--records N]
+
+confluent-kafka (librdkafka) and kafka-python each produce N records (acks=all and acks=1),
+through every broker given in turn; then both libraries read the topic back from its start
+(partition 0 assigned by hand: consumer groups are not served yet). Checked: every
+acknowledged record is in the topic exactly once, at the offset its acknowledgement gave,
+with its bytes; each producer's records are in the order it sent them; both readers see the
+same log. Prints one JSON summary line; exits 1 when a check fails.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import confluent_kafka
+import kafka
+
+
+def produce_confluent(bootstrap, topic, records, prefix):
+    """Produces with librdkafka (acks=all); returns {value: offset} of acknowledged ones."""
+    acked, failed = {}, []
+
+    def report(error, message):
+        if error is not None:
+            failed.append(str(error))
+        else:
+            acked[message.value()] = message.offset()
+
+    producer = confluent_kafka.Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": False,
+            "linger.ms": 5,
+            "message.timeout.ms": 30000,
+        }
+    )
+    for i in range(records):
+        producer.produce(topic, value=f"{prefix}-{i}".encode(), on_delivery=report)
+        producer.poll(0)
+    left = producer.flush(30)
+    return acked, failed + ([f"{left} records never acknowledged"] if left else [])
+
+
+def produce_kafka_python(bootstrap, topic, records, prefix):
+    """Produces with kafka-python (acks=1); returns {value: offset} of acknowledged ones."""
+    producer = kafka.KafkaProducer(
+        bootstrap_servers=bootstrap.split(","), acks=1, linger_ms=5, request_timeout_ms=30000
+    )
+    futures = [
+        (f"{prefix}-{i}".encode(), producer.send(topic, value=f"{prefix}-{i}".encode()))
+        for i in range(records)
+    ]
+    acked, failed = {}, []
+    for value, future in futures:
+        try:
+            acked[value] = future.get(timeout=30).offset
+        except Exception as error:  # noqa: BLE001 - the library's error is the report
+            failed.append(repr(error))
+    producer.close(timeout=10)
+    return acked, failed
+
+
+def read_confluent(bootstrap, topic, end):
+    """Reads offsets [0, end) with librdkafka; returns [(offset, value)]."""
+    consumer = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "embarcadero-kafka-clients",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.assign([confluent_kafka.TopicPartition(topic, 0, confluent_kafka.OFFSET_BEGINNING)])
+    seen = []
+    deadline = time.monotonic() + 60
+    while len(seen) < end and time.monotonic() < deadline:
+        message = consumer.poll(1.0)
+        if message is None:
+            continue
+        if message.error():
+            raise RuntimeError(f"confluent-kafka consumer: {message.error()}")
+        seen.append((message.offset(), message.value()))
+    consumer.close()
+    return seen
+
+
+def read_kafka_python(bootstrap, topic, end):
+    """Reads offsets [0, end) with kafka-python; returns [(offset, value)]."""
+    consumer = kafka.KafkaConsumer(
+        bootstrap_servers=bootstrap.split(","), group_id=None, enable_auto_commit=False
+    )
+    partition = kafka.TopicPartition(topic, 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    seen = []
+    deadline = time.monotonic() + 60
+    while len(seen) < end and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=1000).values():
+            seen.extend((record.offset, record.value) for record in records)
+    consumer.close()
+    return seen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--records", type=int, default=1000)
+    args = parser.parse_args()
+    brokers = args.bootstrap.split(",")
+    problems = []
+    acked = {}
+    producers = []
+    for index, broker in enumerate(brokers):
+        for library, produce in (
+            ("confluent-kafka", produce_confluent),
+            ("kafka-python", produce_kafka_python),
+        ):
+            prefix = f"{library}-via-{index}"
+            got, failed = produce(broker, args.topic, args.records, prefix)
+            problems += [f"{prefix}: {failure}" for failure in failed[:5]]
+            acked.update(got)
+            producers.append((prefix, got))
+    end = max(acked.values(), default=-1) + 1
+    readers = {
+        "confluent-kafka": read_confluent(args.bootstrap, args.topic, end),
+        "kafka-python": read_kafka_python(args.bootstrap, args.topic, end),
+    }
+    summary = {"sent": len(producers) * args.records, "acknowledged": len(acked)}
+    for reader, seen in readers.items():
+        offsets = [offset for offset, _ in seen]
+        values = [value for _, value in seen]
+        at = dict(seen)
+        lost = [v for v, offset in acked.items() if at.get(offset) != v]
+        ours = [value for value in values if value in acked]
+        duplicates = len(ours) - len(set(ours))
+        gaps = sum(1 for a, b in zip(offsets, offsets[1:]) if b != a + 1)
+        order_violations = 0
+        for prefix, got in producers:
+            mine = [offset for offset, value in seen if value.startswith(prefix.encode() + b"-")]
+            sent_order = [got[v] for v in sorted(got, key=lambda v: int(v.rsplit(b"-", 1)[1]))]
+            order_violations += int(mine != sorted(mine)) + int(sent_order != sorted(sent_order))
+        summary[reader] = {
+            "read": len(seen),
+            "acknowledged_missing_or_wrong": len(lost),
+            "duplicates": duplicates,
+            "offset_gaps": gaps,
+            "order_violations": order_violations,
+        }
+        if len(seen) < end:
+            problems.append(f"{reader} read {len(seen)} of {end} records")
+        if lost or duplicates or gaps or order_violations:
+            problems.append(f"{reader}: {summary[reader]}")
+    if readers["confluent-kafka"] != readers["kafka-python"]:
+        problems.append("the two readers saw different logs")
+    if len(acked) != summary["sent"]:
+        problems.append(f"{summary['sent'] - len(acked)} records not acknowledged")
+    summary["problems"] = problems
+    print(json.dumps(summary))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
