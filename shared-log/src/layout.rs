@@ -275,8 +275,10 @@ pub struct BatchHeader {
     pub checksum: u32,
     /// Ordering level the publisher asked for; must equal the topic's.
     pub order: u8,
+    /// [`BATCH_SEQ_COUNTS_MESSAGES`] or 0.
+    pub flags: u8,
     /// Reserved, zero.
-    pub reserved: [u8; 15],
+    pub reserved: [u8; 14],
     /// Slot sequence number plus one: lap-unique, so a slot left from the previous lap is
     /// never mistaken for a new one.
     pub ready: u64,
@@ -287,6 +289,11 @@ impl Record for BatchHeader {
         self.ready
     }
 }
+
+/// Batch flag: the session numbers messages, not batches (a Kafka idempotent producer's
+/// sequences): the batch after sequence `s` of `n` messages is `s + n`, not `s + 1`. Zero in
+/// pools written before it, which then number batches, as they did.
+pub const BATCH_SEQ_COUNTS_MESSAGES: u8 = 1;
 
 /// What became of a committed batch; stored as a `u32` code in its completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -387,8 +394,9 @@ pub struct GoiEntry {
     pub checksum: u32,
     /// Broker whose payload log holds the batch.
     pub broker: u16,
-    /// Reserved, zero.
-    pub reserved0: u16,
+    /// The batch header's flags ([`BATCH_SEQ_COUNTS_MESSAGES`] or 0), for a standby that
+    /// rebuilds sessions from the GOI.
+    pub flags: u16,
     /// Reserved, zero.
     pub reserved1: u32,
     /// Ordinal of the batch in the total order plus one.

@@ -70,6 +70,8 @@ pub struct OrderedBatch<'a> {
     pub session_epoch: u32,
     /// Publisher batch sequence.
     pub batch_seq: u64,
+    /// The batch's flags (see [`crate::layout::BATCH_SEQ_COUNTS_MESSAGES`]).
+    pub flags: u8,
     /// CRC-32C of the payload.
     pub checksum: u32,
     /// Where the payload lies in the pool (a send straight from the pool names it so).
@@ -343,6 +345,7 @@ impl<M: SharedMemory> LogReader<M> {
                         client_id: entry.client_id,
                         session_epoch: entry.session_epoch,
                         batch_seq: entry.batch_seq,
+                        flags: entry.flags as u8,
                         checksum: entry.checksum,
                         pool_offset: offset,
                         blog_offset: entry.blog_offset,

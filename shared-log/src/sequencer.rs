@@ -37,9 +37,9 @@ use std::time::Duration;
 use crate::Order;
 use crate::coherence::SharedMemory;
 use crate::layout::{
-    BatchHeader, Completion, CompletionStatus, FRONTIER_ORDERED, FRONTIER_WRITTEN, GoiEntry,
-    LEASE_EPOCH_OFFSET, LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES, Record, SESSION_RECORDS,
-    SequencerLease, SessionRecord, TakenOver,
+    BATCH_SEQ_COUNTS_MESSAGES, BatchHeader, Completion, CompletionStatus, FRONTIER_ORDERED,
+    FRONTIER_WRITTEN, GoiEntry, LEASE_EPOCH_OFFSET, LEASE_HEARTBEAT_OFFSET, PAYLOAD_ALIGN_BYTES,
+    Record, SESSION_RECORDS, SequencerLease, SessionRecord, TakenOver,
 };
 use crate::pool::{
     Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready, set_ready, write_body,
@@ -478,9 +478,10 @@ impl<M: SharedMemory> Sequencer<M> {
                 continue;
             };
             let key = (entry.client_id, entry.session_epoch);
+            let span = sequence_span(entry.flags as u8, entry.message_count);
             state
                 .sessions
-                .ordered(key, entry.batch_seq, entry.global_start);
+                .ordered(key, entry.batch_seq, span, entry.global_start);
             state.recovered.insert(
                 (entry.broker, entry.blog_offset),
                 Recovered {
@@ -844,7 +845,7 @@ impl<M: SharedMemory> Sequencer<M> {
         while let Some(gap) = next(&mut self.topics[index].sessions) {
             let skipped = gap.to - gap.from;
             log::warn!(
-                "sequencer: topic {} session {:?}: gap of {skipped} batches from seq {} \
+                "sequencer: topic {} session {:?}: gap of {skipped} sequences from seq {} \
                  given up; later arrivals of them are rejected",
                 self.topics[index].topic,
                 gap.key,
@@ -878,7 +879,7 @@ impl<M: SharedMemory> Sequencer<M> {
             session_epoch: header.session_epoch,
             checksum: header.checksum,
             broker,
-            reserved0: 0,
+            flags: u16::from(header.flags),
             reserved1: 0,
             ready: ordinal + 1,
         };
@@ -889,7 +890,10 @@ impl<M: SharedMemory> Sequencer<M> {
         );
         state.pending_goi.push(ordinal);
         let key = (header.client_id, header.session_epoch);
-        let copies = state.sessions.ordered(key, header.batch_seq, global_start);
+        let span = sequence_span(header.flags, header.message_count);
+        let copies = state
+            .sessions
+            .ordered(key, header.batch_seq, span, global_start);
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
@@ -1127,6 +1131,16 @@ pub fn read_lease<M: SharedMemory>(pool: &Pool<M>) -> Option<Lease> {
         heartbeat: lease.heartbeat,
         lease_ms: lease.lease_ms,
     })
+}
+
+/// How far a batch moves its session's sequence: 1 (a batch), or its message count when
+/// the session numbers messages ([`BATCH_SEQ_COUNTS_MESSAGES`]; at least 1).
+fn sequence_span(flags: u8, message_count: u32) -> u64 {
+    if flags & BATCH_SEQ_COUNTS_MESSAGES != 0 {
+        u64::from(message_count.max(1))
+    } else {
+        1
+    }
 }
 
 #[cfg(test)]

@@ -69,15 +69,16 @@ struct Session {
 }
 
 impl Session {
-    /// Remembers that `seq` was ordered at `global_start`: in the dedup window (the oldest
-    /// leaves past `window` entries, raising the floor) and in the highest sequence.
-    fn remember(&mut self, seq: u64, global_start: u64, window: usize) {
+    /// Remembers that `seq` (moving the sequence `span` on) was ordered at `global_start`:
+    /// in the dedup window (the oldest leaves past `window` entries, raising the floor) and
+    /// in the highest sequence.
+    fn remember(&mut self, seq: u64, span: u64, global_start: u64, window: usize) {
         self.ordered.insert(seq, global_start);
         if self.ordered.len() > window {
             let (oldest, _) = self.ordered.pop_first().expect("non-empty");
             self.window_floor = self.window_floor.max(oldest + 1);
         }
-        self.next_seq = self.next_seq.max(seq + 1);
+        self.next_seq = self.next_seq.max(seq.saturating_add(span));
     }
 }
 
@@ -143,13 +144,15 @@ impl<T> SessionTable<T> {
     }
 
     /// Records that `key`'s batch `seq` was placed at `global_start`; returns the parked
-    /// duplicates of it, to be answered with that position.
-    pub fn ordered(&mut self, key: SessionKey, seq: u64, global_start: u64) -> Vec<T> {
+    /// duplicates of it, to be answered with that position. `span` is how far it moves the
+    /// session's sequence: 1 where sessions number batches, its message count where they
+    /// number messages (a Kafka idempotent producer's).
+    pub fn ordered(&mut self, key: SessionKey, seq: u64, span: u64, global_start: u64) -> Vec<T> {
         let window = self.limits.dedup_window;
         let session = self.sessions.entry(key).or_default();
-        session.remember(seq, global_start, window);
+        session.remember(seq, span, global_start, window);
         if self.fifo {
-            session.next_expected = seq + 1;
+            session.next_expected = seq.saturating_add(span);
         }
         let copies = self.held_duplicates.remove(&(key, seq)).unwrap_or_default();
         self.held_duplicates_count -= copies.len();
@@ -345,16 +348,39 @@ mod tests {
     }
 
     #[test]
+    fn a_session_that_numbers_messages_expects_each_batch_after_the_last_ones_messages() {
+        // Sequences 0 (3 messages), 3 (2 messages), 5: a Kafka idempotent producer's.
+        let mut table = table(true);
+        assert_eq!(classify(&mut table, KEY, 5, 0), Verdict::Held);
+        assert_eq!(classify(&mut table, KEY, 0, 0), Verdict::Order);
+        table.ordered(KEY, 0, 3, 100);
+        assert_eq!(table.next_in_order(KEY), None, "3 is not there yet");
+        assert_eq!(classify(&mut table, KEY, 3, 0), Verdict::Order);
+        table.ordered(KEY, 3, 2, 103);
+        assert_eq!(table.next_in_order(KEY), Some(5));
+        table.ordered(KEY, 5, 1, 105);
+        // A resent batch is a duplicate at its first position; a sequence inside a batch
+        // is none the producer sent.
+        assert_eq!(
+            classify(&mut table, KEY, 3, 0),
+            Verdict::Duplicate(Some(103))
+        );
+        assert_eq!(classify(&mut table, KEY, 4, 0), Verdict::RejectedGap);
+        // What a session record keeps for a standby: the next sequence after the messages.
+        assert_eq!(table.progress(KEY).map(|(next, _)| next), Some(6));
+    }
+
+    #[test]
     fn order_5_holds_batches_ahead_of_a_gap_and_drains_them_when_it_closes() {
         let mut table = table(true);
         assert_eq!(classify(&mut table, KEY, 1, 0), Verdict::Held);
         assert_eq!(classify(&mut table, KEY, 2, 0), Verdict::Held);
         assert_eq!(classify(&mut table, KEY, 0, 0), Verdict::Order);
-        table.ordered(KEY, 0, 10);
+        table.ordered(KEY, 0, 1, 10);
         assert_eq!(table.next_in_order(KEY), Some(1));
-        table.ordered(KEY, 1, 11);
+        table.ordered(KEY, 1, 1, 11);
         assert_eq!(table.next_in_order(KEY), Some(2));
-        table.ordered(KEY, 2, 12);
+        table.ordered(KEY, 2, 1, 12);
         assert_eq!(table.next_in_order(KEY), None);
         assert_eq!(table.held(), 0);
     }
@@ -377,7 +403,7 @@ mod tests {
             })
         );
         assert_eq!(table.next_in_order(KEY), Some(2));
-        table.ordered(KEY, 2, 0);
+        table.ordered(KEY, 2, 1, 0);
         assert_eq!(classify(&mut table, KEY, 1, 200), Verdict::RejectedGap);
         assert_eq!(table.give_up_expired(Timestamp::from_nanos(u64::MAX)), None);
     }
@@ -396,7 +422,7 @@ mod tests {
             "the oldest held batch's session"
         );
         assert_eq!(table.next_in_order(KEY), Some(5));
-        table.ordered(KEY, 5, 0);
+        table.ordered(KEY, 5, 1, 0);
         assert_eq!(table.next_in_order(KEY), Some(6));
         assert_eq!(table.give_up_over_limit(), None, "2 held now");
     }
@@ -406,7 +432,7 @@ mod tests {
         let mut table = table(false);
         for seq in 0..6 {
             assert_eq!(classify(&mut table, KEY, seq, 0), Verdict::Order);
-            table.ordered(KEY, seq, 100 + seq);
+            table.ordered(KEY, seq, 1, 100 + seq);
         }
         assert_eq!(
             classify(&mut table, KEY, 5, 0),
@@ -433,9 +459,9 @@ mod tests {
             Verdict::DuplicateOfHeld
         );
         assert_eq!(classify(&mut table, KEY, 0, 0), Verdict::Order);
-        assert!(table.ordered(KEY, 0, 0).is_empty());
+        assert!(table.ordered(KEY, 0, 1, 0).is_empty());
         assert_eq!(table.next_in_order(KEY), Some(1));
-        assert_eq!(table.ordered(KEY, 1, 42), vec![99], "the parked resend");
+        assert_eq!(table.ordered(KEY, 1, 1, 42), vec![99], "the parked resend");
     }
 
     #[test]
@@ -443,7 +469,7 @@ mod tests {
         let mut table = table(true);
         for client in 0..3 {
             assert_eq!(classify(&mut table, (client, 1), 0, 0), Verdict::Order);
-            table.ordered((client, 1), 0, client);
+            table.ordered((client, 1), 0, 1, client);
         }
         assert_eq!(table.len(), 2, "bounded");
         assert_eq!(table.evicted(), 1);
@@ -461,8 +487,8 @@ mod tests {
     fn after_a_restore_the_window_starts_at_the_lowest_known_position() {
         let mut table = table(true);
         table.restore(KEY, 20, 0);
-        table.ordered(KEY, 18, 1);
-        table.ordered(KEY, 19, 2);
+        table.ordered(KEY, 18, 1, 1);
+        table.ordered(KEY, 19, 1, 2);
         table.finish_restore();
         assert_eq!(table.progress(KEY), Some((20, 18)));
         assert_eq!(

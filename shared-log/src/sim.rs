@@ -745,6 +745,7 @@ impl World {
             batch_seq: inbound.key.2,
             message_count: inbound.message_count,
             checksum: wire::payload::checksum(&inbound.payload),
+            seq_counts_messages: false,
         };
         let slot = writer
             .commit(reservation, meta)

@@ -126,6 +126,9 @@ pub struct BatchMeta {
     pub message_count: u32,
     /// CRC-32C of the payload.
     pub checksum: u32,
+    /// The session numbers messages, not batches (see
+    /// [`BATCH_SEQ_COUNTS_MESSAGES`](crate::layout::BATCH_SEQ_COUNTS_MESSAGES)).
+    pub seq_counts_messages: bool,
 }
 
 /// The sequencer's decision on one committed batch.
@@ -480,7 +483,12 @@ impl<M: SharedMemory> TopicWriter<M> {
             session_epoch: meta.session_epoch,
             checksum: meta.checksum,
             order: self.order as u8,
-            reserved: [0; 15],
+            flags: if meta.seq_counts_messages {
+                crate::layout::BATCH_SEQ_COUNTS_MESSAGES
+            } else {
+                0
+            },
+            reserved: [0; 14],
             ready: slot + 1,
         };
         publish(
@@ -617,6 +625,7 @@ mod tests {
             batch_seq,
             message_count: 1,
             checksum: 0,
+            seq_counts_messages: false,
         }
     }
 

@@ -59,6 +59,7 @@ fn meta(client_id: u64, batch_seq: u64, payload: &[u8], messages: u32) -> BatchM
         batch_seq,
         message_count: messages,
         checksum: wire::payload::checksum(payload),
+        seq_counts_messages: false,
     }
 }
 
@@ -293,7 +294,8 @@ fn impossible_batch_header_is_rejected_and_corrupts_nothing() {
             session_epoch: 1,
             checksum: 0,
             order: order as u8,
-            reserved: [0; 15],
+            flags: 0,
+            reserved: [0; 14],
             ready: slot as u64 + 1,
         };
         publish(mem, g.ring_slot_offset(topic, 0, slot as u64), &header);

@@ -389,6 +389,7 @@ mod tests {
             client_id: 9,
             session_epoch: 1,
             batch_seq: ordinal,
+            flags: 0,
             checksum: crc32c::crc32c(payload),
             payload,
         }

@@ -62,8 +62,11 @@ pub struct RecordHeader {
     pub checksum: u32,
     /// Broker whose payload log held the batch.
     pub broker: u16,
+    /// The batch's flags (`shared_log::layout::BATCH_SEQ_COUNTS_MESSAGES`: its session numbers
+    /// messages; zero in files written before it).
+    pub flags: u8,
     /// Reserved, zero.
-    pub reserved: [u8; 6],
+    pub reserved: [u8; 5],
 }
 
 const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES);
@@ -87,7 +90,8 @@ impl RecordHeader {
             message_count: batch.message_count,
             checksum: batch.checksum,
             broker: batch.broker,
-            reserved: [0; 6],
+            flags: batch.flags,
+            reserved: [0; 5],
         };
         header.header_crc = header.crc();
         header
@@ -111,6 +115,7 @@ impl RecordHeader {
             client_id: self.client_id,
             session_epoch: self.session_epoch,
             batch_seq: self.batch_seq,
+            flags: self.flags,
             checksum: self.checksum,
             payload,
         }
@@ -1115,6 +1120,9 @@ pub fn restore<M: SharedMemory + Clone>(
                 batch_seq: record.header.batch_seq,
                 message_count: record.header.message_count,
                 checksum: record.header.checksum,
+                seq_counts_messages: record.header.flags
+                    & shared_log::layout::BATCH_SEQ_COUNTS_MESSAGES
+                    != 0,
             };
             let writer = &mut writers[usize::from(record.header.broker % brokers)];
             loop {
@@ -1203,6 +1211,7 @@ mod tests {
             client_id: 7,
             session_epoch: 3,
             batch_seq: ordinal,
+            flags: 0,
             checksum: crc32c::crc32c(payload),
             pool_offset: 0,
             blog_offset: 0,

@@ -161,6 +161,7 @@ mod tests {
             batch_seq: 0,
             message_count: 1,
             checksum: wire::payload::checksum(&payload),
+            seq_counts_messages: false,
         };
         writer.append(meta, &payload).expect("room for one batch");
 
