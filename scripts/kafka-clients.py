@@ -3,8 +3,9 @@
 
     kafka-clients.py --bootstrap HOST:PORT[,HOST:PORT...] --topic T [--records N]
 
-confluent-kafka (librdkafka) and kafka-python each produce N records (acks=all and acks=1),
-through every broker given in turn; then both libraries read the topic back from its start
+confluent-kafka (librdkafka) produces N records with acks=all, and N more as an idempotent
+producer (enable.idempotence: InitProducerId, sequences, acks=all); kafka-python produces N
+with acks=1; all through every broker given in turn; then both libraries read the topic back from its start
 (partition 0 assigned by hand: consumer groups are not served yet). Checked: every
 acknowledged record is in the topic exactly once, at the offset its acknowledgement gave,
 with its bytes; each producer's records are in the order it sent them; both readers see the
@@ -20,7 +21,7 @@ import confluent_kafka
 import kafka
 
 
-def produce_confluent(bootstrap, topic, records, prefix):
+def produce_confluent(bootstrap, topic, records, prefix, idempotent=False):
     """Produces with librdkafka (acks=all); returns {value: offset} of acknowledged ones."""
     acked, failed = {}, []
 
@@ -34,7 +35,7 @@ def produce_confluent(bootstrap, topic, records, prefix):
         {
             "bootstrap.servers": bootstrap,
             "acks": "all",
-            "enable.idempotence": False,
+            "enable.idempotence": idempotent,
             "linger.ms": 5,
             "message.timeout.ms": 30000,
         }
@@ -119,6 +120,10 @@ def main():
     for index, broker in enumerate(brokers):
         for library, produce in (
             ("confluent-kafka", produce_confluent),
+            (
+                "confluent-kafka-idempotent",
+                lambda *a: produce_confluent(*a, idempotent=True),
+            ),
             ("kafka-python", produce_kafka_python),
         ):
             prefix = f"{library}-via-{index}"

@@ -295,7 +295,7 @@ fn kcat_produces_and_consumes_beside_our_own_clients() {
 }
 
 #[test]
-fn librdkafka_and_kafka_python_produce_and_read_back_every_acknowledged_record() {
+fn librdkafka_plain_and_idempotent_and_kafka_python_produce_and_read_back_every_record() {
     let Ok(python) = std::env::var("KAFKA_PYTHON") else {
         eprintln!(
             "SKIPPED: KAFKA_PYTHON is not set (./scripts/test.sh installs confluent-kafka and \
@@ -338,7 +338,7 @@ fn librdkafka_and_kafka_python_produce_and_read_back_every_acknowledged_record()
         String::from_utf8_lossy(&output.stderr)
     );
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(summary["acknowledged"], 2000);
-    assert_eq!(summary["confluent-kafka"]["read"], 2000);
-    assert_eq!(summary["kafka-python"]["read"], 2000);
+    assert_eq!(summary["acknowledged"], 3000);
+    assert_eq!(summary["confluent-kafka"]["read"], 3000);
+    assert_eq!(summary["kafka-python"]["read"], 3000);
 }

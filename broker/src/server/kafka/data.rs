@@ -12,8 +12,9 @@ use kafka_protocol::messages::list_offsets_response::{
 };
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{
-    ApiKey, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, ProduceRequest,
-    ProduceResponse, RequestHeader, TopicName,
+    ApiKey, FetchRequest, FetchResponse, InitProducerIdRequest, InitProducerIdResponse,
+    ListOffsetsRequest, ListOffsetsResponse, ProduceRequest, ProduceResponse, ProducerId,
+    RequestHeader, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use shared_log::layout::CompletionStatus;
@@ -59,6 +60,22 @@ pub struct ProducerSession {
     pub session_epoch: u32,
     /// The next batch's sequence.
     pub next_seq: u64,
+    /// The sequences number records (an idempotent producer's), not batches.
+    pub seq_counts_messages: bool,
+}
+
+impl ProducerSession {
+    /// The session of an idempotent producer's batch: its producer id and epoch (from
+    /// InitProducerId), numbered by Kafka's record sequences; `None` for a plain producer.
+    fn idempotent(producer: &records::ProducerFields) -> Option<ProducerSession> {
+        let client_id = u64::try_from(producer.producer_id).ok()?;
+        Some(ProducerSession {
+            client_id,
+            session_epoch: u32::from(producer.producer_epoch as u16),
+            next_seq: u64::try_from(producer.base_sequence).ok()?,
+            seq_counts_messages: true,
+        })
+    }
 }
 
 /// Why a batch was not written.
@@ -217,10 +234,16 @@ impl KafkaSession {
                     }
                     (Some(topic), _, Some(records)) => match records::produced_values(&records) {
                         Err(error) => PartState::refused(error.error_code(), error.to_string()),
-                        Ok(produced) if produced.producer.producer_id >= 0 => PartState::refused(
-                            error_code::INVALID_RECORD,
-                            "idempotent producers are not taken yet (no InitProducerId): turn enable.idempotence off",
-                        ),
+                        Ok(produced)
+                            if produced.producer.producer_id >= 0
+                                && (produced.producer.producer_epoch < 0
+                                    || produced.producer.base_sequence < 0) =>
+                        {
+                            PartState::refused(
+                                error_code::INVALID_RECORD,
+                                "an idempotent producer's batch needs an epoch and a base sequence",
+                            )
+                        }
                         Ok(_) => PartState::WaitingForRoom {
                             topic,
                             records,
@@ -271,17 +294,29 @@ impl KafkaSession {
                     continue;
                 };
                 let message_count = produced.values.len() as u32;
-                let session = self
-                    .producers
-                    .entry(topic.id)
-                    .or_insert_with(|| ProducerSession {
-                        client_id: super::producer_client_id(),
-                        session_epoch: 1,
-                        next_seq: 0,
-                    });
-                match context.publish(topic.id, *session, &produced, conn) {
+                // An idempotent producer's batch is numbered by its own sequence, in the
+                // producer's session (shared by its connections, on every broker); a plain
+                // producer's in this connection's session of the topic.
+                let idempotent = ProducerSession::idempotent(&produced.producer);
+                let session = match idempotent {
+                    Some(session) => session,
+                    None => *self
+                        .producers
+                        .entry(topic.id)
+                        .or_insert_with(|| ProducerSession {
+                            client_id: super::producer_client_id(),
+                            session_epoch: 1,
+                            next_seq: 0,
+                            seq_counts_messages: false,
+                        }),
+                };
+                match context.publish(topic.id, session, &produced, conn) {
                     Ok(slot) => {
-                        session.next_seq += 1;
+                        if idempotent.is_none()
+                            && let Some(plain) = self.producers.get_mut(&topic.id)
+                        {
+                            plain.next_seq += 1;
+                        }
                         part.state = PartState::InFlight {
                             topic,
                             slot,
@@ -349,6 +384,14 @@ impl KafkaSession {
                             }
                         }
                     }
+                    (CompletionStatus::RejectedGap, _) => PartState::refused(
+                        error_code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+                        "the producer's earlier sequences were given up before this batch came; it is not in the log",
+                    ),
+                    (CompletionStatus::RejectedOutsideWindow, _) => PartState::refused(
+                        error_code::DUPLICATE_SEQUENCE_NUMBER,
+                        "older than the producer's deduplication window: an earlier copy may be in the log; this one was not written",
+                    ),
                     (status, _) => PartState::refused(
                         error_code::UNKNOWN_SERVER_ERROR,
                         format!(
@@ -683,6 +726,32 @@ fn try_fetch(
     ))
 }
 
+/// InitProducerId: a producer id for an idempotent producer, new (epoch 0), or the same
+/// with its epoch raised when the producer asks for that (KIP-360). Its batches then form
+/// one session of the sequencer, numbered by their record sequences, whichever broker and
+/// connection they come through. A transactional id is refused: transactions are not
+/// served.
+pub(super) fn init_producer_id(request: &InitProducerIdRequest) -> InitProducerIdResponse {
+    let response = InitProducerIdResponse::default();
+    if request.transactional_id.is_some() {
+        log::info!("kafka: InitProducerId with a transactional id refused (no transactions)");
+        return response
+            .with_error_code(error_code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+    }
+    if request.producer_id.0 >= 0 && (0..i16::MAX).contains(&request.producer_epoch) {
+        return response
+            .with_producer_id(request.producer_id)
+            .with_producer_epoch(request.producer_epoch + 1);
+    }
+    // A positive i64: the sequencer's publisher ids of idempotent producers.
+    let id = (super::producer_client_id() >> 1) as i64;
+    response
+        .with_producer_id(ProducerId(id))
+        .with_producer_epoch(0)
+}
+
 /// ListOffsets: the earliest (-2) and latest (-1) offsets; a lookup by time finds none,
 /// since records carry no timestamp yet (Kafka's answer when no record is that new: -1).
 pub(super) fn list_offsets(
@@ -738,6 +807,7 @@ mod tests {
     use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
     use kafka_protocol::messages::{ApiVersionsRequest, ApiVersionsResponse};
+    use kafka_protocol::protocol::StrBytes;
     use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
     use kafka_protocol::records::RecordBatchDecoder;
 
@@ -951,6 +1021,131 @@ mod tests {
             .map(|t| (t.name.clone(), t.partition_responses[0].base_offset))
             .collect();
         assert_eq!(offsets, vec![(name("orders"), 5), (name("payments"), 0)]);
+    }
+
+    /// A batch of an idempotent producer: `values` from sequence `base_sequence` on.
+    fn idempotent_batch(
+        values: &[&[u8]],
+        producer_id: i64,
+        epoch: i16,
+        base_sequence: i32,
+    ) -> Bytes {
+        let mut out = batch(values).to_vec();
+        out[43..51].copy_from_slice(&producer_id.to_be_bytes());
+        out[51..53].copy_from_slice(&epoch.to_be_bytes());
+        out[53..57].copy_from_slice(&base_sequence.to_be_bytes());
+        let crc = crc32c::crc32c(&out[21..]);
+        out[17..21].copy_from_slice(&crc.to_be_bytes());
+        Bytes::from(out)
+    }
+
+    fn init_producer_id(
+        h: &mut Harness,
+        request: &InitProducerIdRequest,
+        version: i16,
+    ) -> InitProducerIdResponse {
+        h.send(ApiKey::InitProducerId, version, request);
+        let out = h.poll();
+        let (_, mut body) = response_body(&out, ApiKey::InitProducerId, version).unwrap();
+        InitProducerIdResponse::decode(&mut body, version).unwrap()
+    }
+
+    #[test]
+    fn init_producer_id_gives_an_id_raises_its_epoch_and_refuses_transactions() {
+        let mut h = Harness::new();
+        let fresh = init_producer_id(
+            &mut h,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            4,
+        );
+        assert_eq!(fresh.error_code, 0);
+        assert!(fresh.producer_id.0 >= 0);
+        assert_eq!(fresh.producer_epoch, 0);
+        let other = init_producer_id(
+            &mut h,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+            0,
+        );
+        assert_ne!(other.producer_id, fresh.producer_id);
+        let bumped = init_producer_id(
+            &mut h,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(None)
+                .with_producer_id(fresh.producer_id)
+                .with_producer_epoch(0),
+            4,
+        );
+        assert_eq!(
+            (bumped.producer_id, bumped.producer_epoch),
+            (fresh.producer_id, 1)
+        );
+        let transactional = init_producer_id(
+            &mut h,
+            &InitProducerIdRequest::default()
+                .with_transactional_id(Some(kafka_protocol::messages::TransactionalId(
+                    StrBytes::from_static_str("tx"),
+                )))
+                .with_producer_id(ProducerId(-1)),
+            4,
+        );
+        assert_eq!(
+            transactional.error_code,
+            error_code::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+        );
+    }
+
+    #[test]
+    fn an_idempotent_producers_resend_is_answered_with_the_first_copys_offset() {
+        let mut h = Harness::new();
+        h.log.append(1, vec![b"earlier".to_vec()]);
+        let first = produce(
+            -1,
+            &[("orders", 0, idempotent_batch(&[b"a", b"b"], 77, 0, 0))],
+        );
+        h.send(ApiKey::Produce, 9, &first);
+        h.order();
+        let (_, response) = produce_response(&h.poll(), 9);
+        assert_eq!(response.responses[0].partition_responses[0].base_offset, 1);
+        // The same batch again, on another connection (a retry after a reconnect): the
+        // same session, so the same offset and no second copy.
+        let mut again = KafkaSession::new(8);
+        let frame = request_frame(ApiKey::Produce, 9, 5, &first);
+        again.on_request(&frame[4..], &mut h.log, h.now).unwrap();
+        for outcome in h.log.order_all() {
+            again.on_outcome(&outcome);
+        }
+        again.poll(&mut h.log, h.now, true);
+        let mut out = Vec::new();
+        again.take_ready(&mut out);
+        let (_, response) = produce_response(&out, 9);
+        let part = &response.responses[0].partition_responses[0];
+        assert_eq!((part.error_code, part.base_offset), (0, 1));
+        assert_eq!(h.log.logs[&1].len(), 2, "one copy");
+        let session = h.log.placed.keys().next().copied().unwrap();
+        assert_eq!(
+            session,
+            (1, 77, 0, 0),
+            "the producer's id, epoch and first sequence"
+        );
+        // Two batches in one partition whose sequences do not follow: refused.
+        let mut gap = idempotent_batch(&[b"c"], 77, 0, 2).to_vec();
+        gap.extend_from_slice(&idempotent_batch(&[b"d"], 77, 0, 9));
+        h.send(
+            ApiKey::Produce,
+            9,
+            &produce(-1, &[("orders", 0, Bytes::from(gap))]),
+        );
+        let (_, response) = produce_response(&h.poll(), 9);
+        assert_eq!(
+            response.responses[0].partition_responses[0].error_code,
+            error_code::INVALID_RECORD
+        );
     }
 
     #[test]

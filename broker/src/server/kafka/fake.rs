@@ -21,6 +21,7 @@ pub type Batch = (u64, Vec<Vec<u8>>);
 pub struct Undecided {
     pub slot: u64,
     pub topic: TopicId,
+    pub session: ProducerSession,
     pub conn: ConnId,
     pub values: Vec<Vec<u8>>,
 }
@@ -40,6 +41,9 @@ pub struct FakeLog {
     pub replicated: HashMap<TopicId, u64>,
     /// First readable position per topic (0 when absent).
     pub log_start: HashMap<TopicId, u64>,
+    /// Where each batch of a session that numbers messages was placed, by (topic, client,
+    /// epoch, sequence): a resend is answered as a duplicate, as the sequencer does.
+    pub placed: HashMap<(TopicId, u64, u32, u64), u64>,
 }
 
 impl FakeLog {
@@ -53,6 +57,7 @@ impl FakeLog {
             full: false,
             replicated: HashMap::new(),
             log_start: HashMap::new(),
+            placed: HashMap::new(),
         }
     }
 
@@ -90,12 +95,28 @@ impl FakeLog {
         chosen
             .into_iter()
             .map(|batch| {
-                let start = self.append(batch.topic, batch.values);
+                let session = batch.session;
+                let key = (
+                    batch.topic,
+                    session.client_id,
+                    session.session_epoch,
+                    session.next_seq,
+                );
+                let (status, start) = match self.placed.get(&key) {
+                    Some(&start) if session.seq_counts_messages => {
+                        (CompletionStatus::Duplicate, start)
+                    }
+                    _ => {
+                        let start = self.append(batch.topic, batch.values);
+                        self.placed.insert(key, start);
+                        (CompletionStatus::Ordered, start)
+                    }
+                };
                 RoutedOutcome {
                     conn: batch.conn,
                     topic: batch.topic,
                     slot: batch.slot,
-                    status: CompletionStatus::Ordered,
+                    status,
                     global_start: Some(start),
                 }
             })
@@ -133,7 +154,7 @@ impl KafkaContext for FakeLog {
     fn publish(
         &mut self,
         topic: TopicId,
-        _session: ProducerSession,
+        session: ProducerSession,
         values: &ProducedValues<'_>,
         conn: ConnId,
     ) -> Result<u64, PublishRefused> {
@@ -146,6 +167,7 @@ impl KafkaContext for FakeLog {
         self.undecided.push(Undecided {
             slot,
             topic,
+            session,
             conn,
             values: values.values.iter().map(|v| v.to_vec()).collect(),
         });

@@ -53,7 +53,7 @@ pub fn publish_values<M: SharedMemory + Clone>(
         batch_seq: session.next_seq,
         message_count: values.values.len() as u32,
         checksum,
-        seq_counts_messages: false,
+        seq_counts_messages: session.seq_counts_messages,
     };
     let slot = state
         .commit_batch(topic, reservation, meta, conn)

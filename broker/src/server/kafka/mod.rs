@@ -21,8 +21,9 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, ListOffsetsRequest,
-    MetadataRequest, MetadataResponse, ProduceRequest, RequestHeader, ResponseHeader, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, InitProducerIdRequest,
+    ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest, RequestHeader,
+    ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -60,6 +61,12 @@ mod error_code {
     pub const INVALID_RECORD: i16 = 87;
     /// A broker-side failure with no better code.
     pub const UNKNOWN_SERVER_ERROR: i16 = -1;
+    /// An idempotent producer's batch whose earlier sequences were given up.
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    /// An idempotent producer's batch older than what is remembered of it.
+    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+    /// Transactions (a transactional id) are not served.
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     /// The topic does not exist.
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     /// The request's API version is not one this broker speaks.
@@ -73,12 +80,13 @@ mod error_code {
 /// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
 /// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
 /// (one offset per partition).
-const SUPPORTED: [(ApiKey, i16, i16); 5] = [
+const SUPPORTED: [(ApiKey, i16, i16); 6] = [
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
@@ -281,6 +289,12 @@ impl KafkaSession {
                 data::check_fetch(&request).map_err(|e| malformed("Fetch request", e))?;
                 self.on_fetch(header, api_version, request, context, now);
                 Ok(None)
+            }
+            ApiKey::InitProducerId => {
+                let request = InitProducerIdRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("InitProducerId request", e))?;
+                let response = data::init_producer_id(&request);
+                Ok(Some(respond(&header, key, api_version, &response)))
             }
             ApiKey::ListOffsets => {
                 let request = ListOffsetsRequest::decode(&mut body, api_version)
@@ -738,6 +752,7 @@ mod tests {
                     (ApiKey::ListOffsets as i16, 1, 7),
                     (ApiKey::Metadata as i16, 0, 12),
                     (ApiKey::ApiVersions as i16, 0, 4),
+                    (ApiKey::InitProducerId as i16, 0, 4),
                 ]
             );
         }

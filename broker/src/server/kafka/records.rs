@@ -255,10 +255,22 @@ pub fn produced_values(records: &[u8]) -> Result<ProducedValues<'_>, RecordError
             producer_epoch: be_i16(bytes, PRODUCER_EPOCH_AT),
             base_sequence: be_i32(bytes, BASE_SEQUENCE_AT),
         };
-        // The first batch's fields, unless a later one is an idempotent producer's (which
-        // is refused as a whole).
-        if producer.is_none() || fields.producer_id >= 0 {
-            producer = Some(fields);
+        // An idempotent producer's batches of one partition are written as one batch, so
+        // they must follow each other: same producer, sequences without a gap.
+        match &producer {
+            None => producer = Some(fields),
+            Some(first) if first.producer_id < 0 && fields.producer_id < 0 => {}
+            Some(first)
+                if fields.producer_id == first.producer_id
+                    && fields.producer_epoch == first.producer_epoch
+                    && i64::from(fields.base_sequence)
+                        == i64::from(first.base_sequence) + values.len() as i64 => {}
+            Some(_) => {
+                return Err(RecordError::Invalid {
+                    batch,
+                    what: "its producer or sequence does not follow the batch before it".into(),
+                });
+            }
         }
         let count = be_i32(bytes, RECORD_COUNT_AT);
         let last_offset_delta = be_i32(bytes, LAST_OFFSET_DELTA_AT);
