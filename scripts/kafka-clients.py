@@ -2,6 +2,7 @@
 """Kafka clients no one here wrote, against Embarcadero-rs brokers' Kafka listeners.
 
     kafka-clients.py --bootstrap HOST:PORT[,HOST:PORT...] --topic T [--records N]
+    kafka-clients.py --bootstrap ... --topic T --failover [--records N]
 
 confluent-kafka (librdkafka) produces N records with acks=all, and N more as an idempotent
 producer (enable.idempotence: InitProducerId, sequences, acks=all); kafka-python produces N
@@ -10,6 +11,11 @@ with acks=1; all through every broker given in turn; then both libraries read th
 acknowledged record is in the topic exactly once, at the offset its acknowledgement gave,
 with its bytes; each producer's records are in the order it sent them; both readers see the
 same log. Prints one JSON summary line; exits 1 when a check fails.
+
+With --failover, one idempotent confluent-kafka producer sends N records paced over about
+two seconds through the whole bootstrap list (the test kills a broker meanwhile: the
+producer must go on through another, and its resends be deduplicated); the same checks
+follow, with librdkafka reading back.
 """
 
 import argparse
@@ -21,7 +27,7 @@ import confluent_kafka
 import kafka
 
 
-def produce_confluent(bootstrap, topic, records, prefix, idempotent=False):
+def produce_confluent(bootstrap, topic, records, prefix, idempotent=False, pace_s=0.0):
     """Produces with librdkafka (acks=all); returns {value: offset} of acknowledged ones."""
     acked, failed = {}, []
 
@@ -43,6 +49,8 @@ def produce_confluent(bootstrap, topic, records, prefix, idempotent=False):
     for i in range(records):
         producer.produce(topic, value=f"{prefix}-{i}".encode(), on_delivery=report)
         producer.poll(0)
+        if pace_s:
+            time.sleep(pace_s)
     left = producer.flush(30)
     return acked, failed + ([f"{left} records never acknowledged"] if left else [])
 
@@ -112,11 +120,21 @@ def main():
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--records", type=int, default=1000)
+    parser.add_argument("--failover", action="store_true")
     args = parser.parse_args()
-    brokers = args.bootstrap.split(",")
+    brokers = [] if args.failover else args.bootstrap.split(",")
     problems = []
     acked = {}
     producers = []
+    if args.failover:
+        print("producing", flush=True)
+        prefix = "confluent-kafka-idempotent-failover"
+        got, failed = produce_confluent(
+            args.bootstrap, args.topic, args.records, prefix, True, 2.0 / args.records
+        )
+        problems += [f"{prefix}: {failure}" for failure in failed[:5]]
+        acked.update(got)
+        producers.append((prefix, got))
     for index, broker in enumerate(brokers):
         for library, produce in (
             ("confluent-kafka", produce_confluent),
@@ -132,10 +150,9 @@ def main():
             acked.update(got)
             producers.append((prefix, got))
     end = max(acked.values(), default=-1) + 1
-    readers = {
-        "confluent-kafka": read_confluent(args.bootstrap, args.topic, end),
-        "kafka-python": read_kafka_python(args.bootstrap, args.topic, end),
-    }
+    readers = {"confluent-kafka": read_confluent(args.bootstrap, args.topic, end)}
+    if not args.failover:
+        readers["kafka-python"] = read_kafka_python(args.bootstrap, args.topic, end)
     summary = {"sent": len(producers) * args.records, "acknowledged": len(acked)}
     for reader, seen in readers.items():
         offsets = [offset for offset, _ in seen]
@@ -161,7 +178,7 @@ def main():
             problems.append(f"{reader} read {len(seen)} of {end} records")
         if lost or duplicates or gaps or order_violations:
             problems.append(f"{reader}: {summary[reader]}")
-    if readers["confluent-kafka"] != readers["kafka-python"]:
+    if len(readers) == 2 and readers["confluent-kafka"] != readers["kafka-python"]:
         problems.append("the two readers saw different logs")
     if len(acked) != summary["sent"]:
         problems.append(f"{summary['sent'] - len(acked)} records not acknowledged")

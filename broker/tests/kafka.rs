@@ -22,8 +22,12 @@ use shared_log::layout::Geometry;
 use wire::{Order, Retention};
 
 fn cluster() -> InProcessCluster {
+    cluster_of(2)
+}
+
+fn cluster_of(brokers: u32) -> InProcessCluster {
     let geometry = Geometry {
-        brokers_max: 2,
+        brokers_max: brokers,
         topics_max: 4,
         ring_slots: 64,
         goi_entries: 1 << 12,
@@ -341,4 +345,82 @@ fn librdkafka_plain_and_idempotent_and_kafka_python_produce_and_read_back_every_
     assert_eq!(summary["acknowledged"], 3000);
     assert_eq!(summary["confluent-kafka"]["read"], 3000);
     assert_eq!(summary["kafka-python"]["read"], 3000);
+}
+
+#[test]
+fn an_idempotent_producer_goes_on_through_another_broker_when_its_broker_dies() {
+    let Ok(python) = std::env::var("KAFKA_PYTHON") else {
+        eprintln!(
+            "SKIPPED: KAFKA_PYTHON is not set (./scripts/test.sh installs confluent-kafka and \
+             sets it)"
+        );
+        return;
+    };
+    // Brokers 1 and 2 take the producer; broker 0, the head, keeps the sequencer.
+    let mut cluster = cluster_of(3);
+    let head = cluster.brokers()[0].local_addr();
+    support::create_topic(
+        head,
+        "failover",
+        Order::TotalSessionFifo,
+        Retention::StallLimited,
+    );
+    let bootstrap = [1, 2]
+        .map(|i| cluster.brokers()[i].kafka_addr().unwrap().to_string())
+        .join(",");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
+    let mut child = Command::new("timeout")
+        .args(["120", &python, script, "--failover", "--topic", "failover"])
+        .args(["--records", "2000", "--bootstrap", &bootstrap])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the producer has been at it for a while (about a third of its two seconds),
+    // kill the broker it writes through (the one its first metadata named), so that
+    // batches are in flight there.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "producing");
+    std::thread::sleep(Duration::from_millis(700));
+    let written = |cluster: &InProcessCluster, id: usize| {
+        cluster.brokers()[id]
+            .metrics()
+            .batches_received
+            .load(Ordering::Relaxed)
+    };
+    let (dying, surviving) = if written(&cluster, 1) > 0 {
+        (1, 2)
+    } else {
+        (2, 1)
+    };
+    let written_before = written(&cluster, dying);
+    assert!(cluster.kill_broker(dying as u16));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    println!("{rest}");
+    assert!(
+        status.success(),
+        "kafka-clients.py --failover: {rest} {stderr}"
+    );
+    assert!(
+        written_before > 0,
+        "the producer wrote through broker {dying} before it died"
+    );
+    let summary: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(summary["acknowledged"], 2000);
+    assert_eq!(summary["confluent-kafka"]["read"], 2000);
+    assert!(
+        written(&cluster, surviving) > 0,
+        "the producer went on through broker {surviving}"
+    );
 }
