@@ -288,8 +288,9 @@ impl KafkaSession {
                     continue;
                 };
                 let topic = *topic;
-                // Checked when it arrived; taken apart again only to be written.
-                let Ok(produced) = records::produced_values(records) else {
+                // Checked when it arrived (the bytes are shared, never written since): taken
+                // apart again only to be written, without a second CRC pass.
+                let Ok(produced) = records::checked_values(records) else {
                     part.state = PartState::refused(error_code::INVALID_RECORD, "records changed");
                     continue;
                 };
@@ -886,7 +887,7 @@ mod tests {
             self.correlation += 1;
             let frame = request_frame(key, version, self.correlation, body);
             self.session
-                .on_request(&frame[4..], &mut self.log, self.now)
+                .on_request(Bytes::copy_from_slice(&frame[4..]), &mut self.log, self.now)
                 .expect("a well-formed request");
         }
 
@@ -1116,7 +1117,9 @@ mod tests {
         // same session, so the same offset and no second copy.
         let mut again = KafkaSession::new(8);
         let frame = request_frame(ApiKey::Produce, 9, 5, &first);
-        again.on_request(&frame[4..], &mut h.log, h.now).unwrap();
+        again
+            .on_request(Bytes::copy_from_slice(&frame[4..]), &mut h.log, h.now)
+            .unwrap();
         for outcome in h.log.order_all() {
             again.on_outcome(&outcome);
         }
@@ -1433,7 +1436,8 @@ mod tests {
         twice.topics[0].partitions.push(partition);
         let frame = request_frame(ApiKey::Fetch, 12, 1, &twice);
         assert!(matches!(
-            h.session.on_request(&frame[4..], &mut h.log, h.now),
+            h.session
+                .on_request(Bytes::copy_from_slice(&frame[4..]), &mut h.log, h.now),
             Err(super::super::KafkaError::Malformed { .. })
         ));
     }

@@ -43,10 +43,7 @@ pub fn publish_values<M: SharedMemory + Clone>(
         }
         Err(other) => return Err(PublishRefused::Failed(other.to_string())),
     };
-    let checksum = state.fill_batch(topic, &reservation, |payload| {
-        values.write_payload(payload);
-        wire::payload::checksum(payload)
-    });
+    let checksum = state.fill_batch(topic, &reservation, |payload| values.write_payload(payload));
     let meta = BatchMeta {
         client_id: session.client_id,
         session_epoch: session.session_epoch,

@@ -203,10 +203,11 @@ impl KafkaSession {
     }
 
     /// Takes one request frame (without its size prefix); its answer is queued, ready or
-    /// waiting (see [`Self::take_ready`]).
+    /// waiting (see [`Self::take_ready`]). The frame is shared, not copied: a Produce's
+    /// records are slices of it.
     pub fn on_request(
         &mut self,
-        frame: &[u8],
+        frame: Bytes,
         context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> Result<(), KafkaError> {
@@ -220,11 +221,11 @@ impl KafkaSession {
     /// Answers a request at once, or queues its waiting answer and returns `None`.
     fn answer(
         &mut self,
-        frame: &[u8],
+        frame: Bytes,
         context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> Result<Option<Vec<u8>>, KafkaError> {
-        let mut body = Bytes::copy_from_slice(frame);
+        let mut body = frame.clone();
         if body.len() < 4 {
             return Err(malformed(
                 "request header",
@@ -469,13 +470,17 @@ const OUTPUT_HIGH_WATER_BYTES: usize = 4 << 20;
 pub struct KafkaConnection {
     id: ConnId,
     session: KafkaSession,
-    input: Vec<u8>,
+    /// Bytes read and not yet taken as whole requests (frames are split off it, not copied).
+    input: BytesMut,
     output: Vec<u8>,
     sent: usize,
     /// When the request now in the input began to arrive.
     request_started: Option<Timestamp>,
     ended: bool,
 }
+
+/// Bytes a read asks the stream for at most.
+const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// How long one request may take to arrive once its first byte did.
 pub const REQUEST_DEADLINE_MS: u64 = 30_000;
@@ -486,7 +491,7 @@ impl KafkaConnection {
         KafkaConnection {
             id,
             session: KafkaSession::new(id),
-            input: Vec::new(),
+            input: BytesMut::new(),
             output: Vec::new(),
             sent: 0,
             request_started: None,
@@ -596,20 +601,24 @@ impl KafkaConnection {
         context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> (InputState, bool) {
-        let mut buffer = [0u8; 16 << 10];
         let mut read_any = false;
         let state = loop {
             if self.reading_paused() {
                 break InputState::Paused;
             }
-            match stream.recv(&mut buffer) {
+            // Read straight into the input's free room (no copy through a stack buffer).
+            let filled = self.input.len();
+            self.input.resize(filled + READ_CHUNK_BYTES, 0);
+            let received = stream.recv(&mut self.input[filled..]);
+            let n = *received.as_ref().unwrap_or(&0);
+            self.input.truncate(filled + n);
+            match received {
                 Ok(0) => break InputState::Ended,
-                Ok(n) => {
+                Ok(_) => {
                     read_any = true;
-                    if self.input.is_empty() {
+                    if filled == 0 {
                         self.request_started = Some(now);
                     }
-                    self.input.extend_from_slice(&buffer[..n]);
                     if let Err(error) = self.answer_complete(context, now) {
                         self.fail(&error, context);
                         break InputState::Ended;
@@ -633,9 +642,9 @@ impl KafkaConnection {
         context: &mut dyn KafkaContext,
         now: Timestamp,
     ) -> Result<(), KafkaError> {
-        let mut taken = 0;
+        let mut taken = false;
         while !self.reading_paused() {
-            let rest = &self.input[taken..];
+            let rest = &self.input[..];
             if rest.len() < 4 {
                 break;
             }
@@ -650,16 +659,16 @@ impl KafkaConnection {
             if rest.len() < 4 + size {
                 break;
             }
-            self.session.on_request(&rest[4..4 + size], context, now)?;
+            let frame = self.input.split_to(4 + size).freeze().slice(4..);
+            self.session.on_request(frame, context, now)?;
             self.session.take_ready(&mut self.output);
             context
                 .metrics()
                 .kafka_requests
                 .fetch_add(1, Ordering::Relaxed);
-            taken += 4 + size;
+            taken = true;
         }
-        if taken > 0 {
-            self.input.drain(..taken);
+        if taken {
             self.request_started = (!self.input.is_empty()).then_some(now);
         }
         Ok(())
@@ -719,7 +728,11 @@ mod tests {
 
     fn answer(frame: &[u8]) -> Result<Vec<u8>, KafkaError> {
         let mut session = KafkaSession::new(1);
-        session.on_request(&frame[4..], &mut topics(), Timestamp::now())?;
+        session.on_request(
+            Bytes::copy_from_slice(&frame[4..]),
+            &mut topics(),
+            Timestamp::now(),
+        )?;
         let mut out = Vec::new();
         session.take_ready(&mut out);
         Ok(out)
@@ -878,7 +891,7 @@ mod tests {
         // Cut inside the body.
         assert!(matches!(
             KafkaSession::new(1).on_request(
-                &frame[4..frame.len() - 3],
+                Bytes::copy_from_slice(&frame[4..frame.len() - 3]),
                 &mut topics(),
                 Timestamp::now()
             ),
@@ -897,7 +910,11 @@ mod tests {
         assert!(matches!(answer(&future), Err(KafkaError::Malformed { .. })));
         // No header at all.
         assert!(matches!(
-            KafkaSession::new(1).on_request(&[0, 3], &mut topics(), Timestamp::now()),
+            KafkaSession::new(1).on_request(
+                Bytes::from_static(&[0, 3]),
+                &mut topics(),
+                Timestamp::now()
+            ),
             Err(KafkaError::Malformed { .. })
         ));
     }
