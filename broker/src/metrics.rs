@@ -196,7 +196,7 @@ impl Metrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let name = "embarcadero_ack_latency_us";
         out.push_str(&format!(
-            "# HELP {name} Time from a batch fully received to its ACK sent.\n# TYPE {name} histogram\n"
+            "# HELP {name} Time from a batch fully received to its ACK sent (Kafka: a Produce request received to its answer queued).\n# TYPE {name} histogram\n"
         ));
         let mut cumulative = 0;
         for (i, bound) in ACK_LATENCY_BUCKETS_US.iter().enumerate() {

@@ -471,6 +471,11 @@ impl KafkaSession {
                         .iter()
                         .all(|p| matches!(p.state, PartState::Answered { .. }))
                     {
+                        if produce.acks != 0 {
+                            // Kafka answers count with our Acks (received to answered).
+                            let latency = now.saturating_duration_since(produce.received);
+                            context.metrics().observe_ack_latency(latency);
+                        }
                         *answer = Answer::Ready(produce_response(produce));
                     }
                 }
