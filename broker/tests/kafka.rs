@@ -26,6 +26,12 @@ fn cluster() -> InProcessCluster {
 }
 
 fn cluster_of(brokers: u32) -> InProcessCluster {
+    cluster_with(brokers, false)
+}
+
+/// `brokers` brokers with Kafka listeners; `auto_create`: the head creates topics that
+/// clients name (`--auto-create-topics`).
+fn cluster_with(brokers: u32, auto_create: bool) -> InProcessCluster {
     let geometry = Geometry {
         brokers_max: brokers,
         topics_max: 4,
@@ -35,6 +41,7 @@ fn cluster_of(brokers: u32) -> InProcessCluster {
     };
     InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
         options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
+        options.settings.auto_create_topics = auto_create;
     })
     .unwrap()
 }
@@ -215,6 +222,12 @@ fn kcat(args: &[&str], input: &[u8]) -> String {
     stdout
 }
 
+/// kcat reads `topic` from its start to its end through `broker`: "offset value" lines.
+fn read_all(broker: &str, topic: &str) -> String {
+    let args = ["-C", "-b", broker, "-t", topic, "-o", "beginning", "-e"];
+    kcat(&[&args[..], &["-f", "%o %s\n"]].concat(), b"")
+}
+
 #[test]
 fn kcat_produces_and_consumes_beside_our_own_clients() {
     if kcat_missing() {
@@ -243,21 +256,7 @@ fn kcat_produces_and_consumes_beside_our_own_clients() {
     // kcat reads the whole topic back: every record once, offsets 0..203 without a gap,
     // each producer's records in the order sent.
     let addr = other.kafka_addr().unwrap().to_string();
-    let read = kcat(
-        &[
-            "-C",
-            "-b",
-            &addr,
-            "-t",
-            "events",
-            "-o",
-            "beginning",
-            "-e",
-            "-f",
-            "%o %s\n",
-        ],
-        b"",
-    );
+    let read = read_all(&addr, "events");
     let records: Vec<(u64, String)> = read
         .lines()
         .map(|line| {
@@ -423,4 +422,32 @@ fn an_idempotent_producer_goes_on_through_another_broker_when_its_broker_dies() 
         written(&cluster, surviving) > 0,
         "the producer went on through broker {surviving}"
     );
+}
+
+#[test]
+fn kcat_producing_to_a_new_topic_creates_it_on_the_head_only() {
+    if kcat_missing() {
+        return;
+    }
+    let cluster = cluster_with(2, true);
+    let head = cluster.brokers()[0].kafka_addr().unwrap().to_string();
+    let other = cluster.brokers()[1].kafka_addr().unwrap().to_string();
+    kcat(&["-P", "-b", &head, "-t", "fresh"], b"one\ntwo\n");
+    let read = read_all(&other, "fresh");
+    assert_eq!(read, "0 one\n1 two\n");
+    // A broker that does not hold the sequencer lease creates nothing: kcat gives up.
+    let mut refused = Command::new("timeout")
+        .args(["20", "kcat", "-P", "-b", &other, "-t", "elsewhere"])
+        .args(["-X", "message.timeout.ms=2000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    refused.stdin.take().unwrap().write_all(b"lost\n").unwrap();
+    let output = refused.wait_with_output().unwrap();
+    assert!(!output.status.success(), "the record had nowhere to go");
+    let listing = kcat(&["-L", "-J", "-b", &head], b"");
+    assert!(listing.contains("\"fresh\""));
+    assert!(!listing.contains("\"elsewhere\""), "{listing} {output:?}");
 }

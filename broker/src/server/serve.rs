@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
+use crate::server::kafka::admin::{CreateRefused, TopicCreation};
 use crate::server::kafka::records::ProducedValues;
 use crate::server::kafka::{
     FetchRefused, KafkaConnection, KafkaContext, KafkaNode, KafkaTopic, ProducerSession,
@@ -202,6 +203,10 @@ impl KafkaContext for KafkaView<'_> {
 
     fn metrics(&self) -> &Metrics {
         self.state.metrics()
+    }
+
+    fn create_topic(&mut self, creation: &TopicCreation) -> Result<KafkaTopic, CreateRefused> {
+        crate::server::kafka::log_io::create_topic(self.state, creation)
     }
 
     fn find_topic(&self, name: &str) -> Option<KafkaTopic> {

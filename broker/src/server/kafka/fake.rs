@@ -144,6 +144,21 @@ impl KafkaContext for FakeLog {
         &METRICS
     }
 
+    fn create_topic(
+        &mut self,
+        creation: &super::admin::TopicCreation,
+    ) -> Result<KafkaTopic, super::admin::CreateRefused> {
+        if self.find_topic(&creation.name).is_some() {
+            return Err(super::admin::CreateRefused::Exists);
+        }
+        let replicas = usize::from(creation.replication_factor.unwrap_or(1)) - 1;
+        let id = self.topics.iter().map(|t| t.0).max().unwrap_or(0) + 1;
+        if !creation.validate_only {
+            self.topics.push((id, creation.name.clone(), replicas));
+        }
+        Ok(KafkaTopic { id, replicas })
+    }
+
     fn find_topic(&self, name: &str) -> Option<KafkaTopic> {
         self.topics
             .iter()

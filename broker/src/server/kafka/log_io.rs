@@ -6,8 +6,9 @@ use shared_log::pool::TopicId;
 use shared_log::reader::ReadError;
 use shared_log::writer::{AppendError, BatchMeta};
 
+use super::admin::{CreateRefused, TopicCreation};
 use super::records::{self, ProducedValues};
-use super::{FetchRefused, ProducerSession, PublishRefused};
+use super::{FetchRefused, KafkaTopic, ProducerSession, PublishRefused};
 use crate::metrics::Metrics;
 use crate::server::state::{BrokerState, ConnId};
 
@@ -133,5 +134,49 @@ pub fn fetch_record_batches<M: SharedMemory + Clone>(
                 return Ok(());
             }
         }
+    }
+}
+
+/// Creates a topic for a Kafka client (see [`super::admin`]): order 5, ack 1, the
+/// replication factor asked for or the broker's; only where this broker creates topics.
+pub fn create_topic<M: SharedMemory + Clone>(
+    state: &mut BrokerState<M>,
+    creation: &TopicCreation,
+) -> Result<KafkaTopic, CreateRefused> {
+    if !state.creates_topics() || (creation.on_first_use && !state.settings().auto_create_topics) {
+        return Err(CreateRefused::NotCreator);
+    }
+    wire::Topic::new(&creation.name).map_err(|e| CreateRefused::InvalidName(e.to_string()))?;
+    if matches!(state.find_topic(&creation.name), Ok(Some(_))) {
+        return Err(CreateRefused::Exists);
+    }
+    let replication_factor = creation
+        .replication_factor
+        .unwrap_or(state.settings().replication_factor);
+    let replicas = usize::from(replication_factor.saturating_sub(1));
+    if creation.validate_only {
+        return Ok(KafkaTopic { id: 0, replicas });
+    }
+    let config = shared_log::pool::TopicConfig {
+        order: wire::Order::TotalSessionFifo,
+        ack: 1,
+        replication_factor,
+        retention: shared_log::Retention::StallLimited,
+        history: shared_log::HistoryRetention::UNLIMITED,
+    };
+    match state.create_topic(&creation.name, config) {
+        Ok(id) => {
+            log::info!(
+                "created topic {:?} (order 5, ack 1, replication factor {replication_factor}) for a Kafka client",
+                creation.name
+            );
+            Ok(KafkaTopic { id, replicas })
+        }
+        Err(e @ shared_log::pool::PoolError::TopicTableFull { .. }) => {
+            crate::metrics::Metrics::inc(&state.metrics().topics_refused);
+            Err(CreateRefused::TableFull(e.to_string()))
+        }
+        Err(shared_log::pool::PoolError::TopicConflict { .. }) => Err(CreateRefused::Exists),
+        Err(other) => Err(CreateRefused::Failed(other.to_string())),
     }
 }

@@ -21,9 +21,9 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, InitProducerIdRequest,
-    ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest, RequestHeader,
-    ResponseHeader, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, CreateTopicsRequest, FetchRequest,
+    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
+    RequestHeader, ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, InputState, Service};
 use crate::server::state::{ConnId, RoutedOutcome};
 
+pub mod admin;
 pub mod data;
 #[cfg(test)]
 mod fake;
@@ -67,6 +68,22 @@ mod error_code {
     pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
     /// Transactions (a transactional id) are not served.
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    /// A topic name a topic may not have.
+    pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
+    /// CreateTopics: the topic exists.
+    pub const TOPIC_ALREADY_EXISTS: i16 = 36;
+    /// CreateTopics: other than one partition.
+    pub const INVALID_PARTITIONS: i16 = 37;
+    /// CreateTopics: a replication factor below 1 or above 255.
+    pub const INVALID_REPLICATION_FACTOR: i16 = 38;
+    /// CreateTopics: replica assignments.
+    pub const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+    /// CreateTopics: topic configs.
+    pub const INVALID_CONFIG: i16 = 40;
+    /// CreateTopics on a broker that does not create topics.
+    pub const NOT_CONTROLLER: i16 = 41;
+    /// CreateTopics: the pool's topic table is full.
+    pub const POLICY_VIOLATION: i16 = 44;
     /// The topic does not exist.
     pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
     /// The request's API version is not one this broker speaks.
@@ -80,13 +97,14 @@ mod error_code {
 /// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
 /// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
 /// (one offset per partition).
-const SUPPORTED: [(ApiKey, i16, i16); 6] = [
+const SUPPORTED: [(ApiKey, i16, i16); 7] = [
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
     (ApiKey::Metadata, 0, 12),
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::CreateTopics, 0, 7),
 ];
 
 /// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
@@ -129,6 +147,11 @@ pub trait KafkaContext {
     fn metrics(&self) -> &Metrics;
     /// The topic named `name`.
     fn find_topic(&self, name: &str) -> Option<KafkaTopic>;
+    /// Creates a topic (see [`admin`]).
+    fn create_topic(
+        &mut self,
+        creation: &admin::TopicCreation,
+    ) -> Result<KafkaTopic, admin::CreateRefused>;
     /// Writes `values` as `session`'s next batch of `topic` for connection `conn`; the
     /// sequencer's decision comes back to it by the returned ring slot.
     fn publish(
@@ -291,6 +314,12 @@ impl KafkaSession {
                 self.on_fetch(header, api_version, request, context, now);
                 Ok(None)
             }
+            ApiKey::CreateTopics => {
+                let request = CreateTopicsRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("CreateTopics request", e))?;
+                let response = admin::create_topics(&request, context);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
             ApiKey::InitProducerId => {
                 let request = InitProducerIdRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("InitProducerId request", e))?;
@@ -366,8 +395,17 @@ fn topic_uuid(topic: TopicId) -> uuid::Uuid {
 fn metadata(
     request: &MetadataRequest,
     version: i16,
-    context: &dyn KafkaContext,
+    context: &mut dyn KafkaContext,
 ) -> MetadataResponse {
+    // From version 4 a client says whether a topic it names may be created on first use
+    // (a producer's Metadata does); where this broker creates topics so, it is.
+    if version >= 4 && request.allow_auto_topic_creation {
+        for wanted in request.topics.iter().flatten() {
+            if let Some(name) = &wanted.name {
+                admin::find_or_create(name.0.as_str(), true, context);
+            }
+        }
+    }
     let node = context.node();
     let topics = context.topics();
     let describe = |id: TopicId, name: &str| {
@@ -766,6 +804,7 @@ mod tests {
                     (ApiKey::Metadata as i16, 0, 12),
                     (ApiKey::ApiVersions as i16, 0, 4),
                     (ApiKey::InitProducerId as i16, 0, 4),
+                    (ApiKey::CreateTopics as i16, 0, 7),
                 ]
             );
         }
@@ -818,8 +857,10 @@ mod tests {
             MetadataRequestTopic::default()
                 .with_name(Some(TopicName(StrBytes::from_static_str(name))))
         };
+        // A consumer's Metadata: nothing is created for it.
         let asked = MetadataRequest::default()
-            .with_topics(Some(vec![wanted("payments"), wanted("nosuch")]));
+            .with_topics(Some(vec![wanted("payments"), wanted("nosuch")]))
+            .with_allow_auto_topic_creation(false);
         let out = answer(&request(ApiKey::Metadata, 12, 1, &asked)).unwrap();
         let (_, mut body) = response(&out, ApiKey::Metadata, 12);
         let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
