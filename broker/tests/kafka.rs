@@ -451,3 +451,94 @@ fn kcat_producing_to_a_new_topic_creates_it_on_the_head_only() {
     assert!(listing.contains("\"fresh\""));
     assert!(!listing.contains("\"elsewhere\""), "{listing} {output:?}");
 }
+
+#[test]
+fn acks_all_on_a_replicated_topic_is_answered_once_the_replica_holds_the_records() {
+    if kcat_missing() {
+        return;
+    }
+    let dir =
+        std::env::temp_dir().join(format!("embarcadero-kafka-acks-all-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let replica_dir = dir.clone();
+    let geometry = Geometry {
+        brokers_max: 2,
+        topics_max: 4,
+        ring_slots: 64,
+        goi_entries: 1 << 12,
+        blog_bytes: 1 << 20,
+    };
+    // Broker 1 keeps a replica of every topic.
+    let mut cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
+        if options.settings.broker_id == 1 {
+            options.replica = Some(broker::server::replica::ReplicaConfig {
+                dir: replica_dir.clone(),
+                sync_bytes: 1 << 20,
+                sync_interval_us: 1_000,
+                segment_bytes: broker::server::replica::SEGMENT_BYTES_DEFAULT,
+            });
+        }
+    })
+    .unwrap();
+    let head = cluster.brokers()[0].local_addr();
+    let kafka = cluster.brokers()[0].kafka_addr().unwrap().to_string();
+    let mut admin = support::Client::connect(head);
+    let create = wire::CreateTopicRepr {
+        topic: wire::Topic::new("durable").unwrap(),
+        order: Order::TotalSessionFifo,
+        ack: wire::AckLevel::Replicated,
+        replication_factor: 1,
+        retention: Retention::StallLimited,
+        history: wire::HistoryRetention::UNLIMITED,
+    };
+    admin.send(&wire::Frame::CreateTopic(create).to_bytes());
+    assert!(matches!(admin.frame(), wire::Frame::TopicOk(_)));
+    // acks=all (kcat's default): every record acknowledged is in the replica file.
+    let lines: String = (0..200).map(|i| format!("durable-{i}\n")).collect();
+    kcat(
+        &["-P", "-b", &kafka, "-t", "durable", "-X", "acks=all"],
+        lines.as_bytes(),
+    );
+    // The only topic: whichever id the pool gave it, its records are the replica's.
+    let replicated: u64 = (0..geometry.topics_max)
+        .filter_map(|topic| broker::server::replica::read_records(&dir, topic).ok())
+        .flatten()
+        .map(|r| u64::from(r.header.message_count))
+        .sum();
+    assert_eq!(replicated, 200, "acknowledged, so in the replica");
+    // Without the replica no acks=all answer comes (REQUEST_TIMED_OUT after timeout_ms);
+    // acks=1 still is answered.
+    assert!(cluster.kill_broker(1));
+    let mut waiting = Command::new("timeout")
+        .args([
+            "20", "kcat", "-P", "-b", &kafka, "-t", "durable", "-X", "acks=all",
+        ])
+        .args([
+            "-X",
+            "request.timeout.ms=1000",
+            "-X",
+            "message.timeout.ms=2500",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    waiting
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"unreplicated\n")
+        .unwrap();
+    let output = waiting.wait_with_output().unwrap();
+    assert!(
+        !output.status.success(),
+        "acks=all acknowledged with no replica: {output:?}"
+    );
+    kcat(
+        &["-P", "-b", &kafka, "-t", "durable", "-X", "acks=1"],
+        b"ordered\n",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
