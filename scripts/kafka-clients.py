@@ -7,7 +7,9 @@
 confluent-kafka (librdkafka) produces N records with acks=all, and N more as an idempotent
 producer (enable.idempotence: InitProducerId, sequences, acks=all); kafka-python produces N
 with acks=1; all through every broker given in turn; then both libraries read the topic back from its start
-(partition 0 assigned by hand: consumer groups are not served yet). Checked: every
+(partition 0 assigned by hand: group membership is not served). Then a consumer of a new
+group reads half the topic through the first broker and commits, and a second one of the
+group, through the last broker, starts at the committed offset. Checked: every
 acknowledged record is in the topic exactly once, at the offset its acknowledgement gave,
 with its bytes; each producer's records are in the order it sent them; both readers see the
 same log. Prints one JSON summary line; exits 1 when a check fails.
@@ -115,6 +117,61 @@ def read_kafka_python(bootstrap, topic, end):
     return seen
 
 
+def resume_from_commit(first, second, topic, end):
+    """A consumer of a new group reads half of [0, end) through `first` and commits; a
+    second consumer of the group, through `second`, starts where the commit says (the
+    commit is in the shared log, not in one broker). Returns what both saw."""
+    group = f"embarcadero-resume-{time.time_ns()}"
+
+    def consumer(bootstrap):
+        c = confluent_kafka.Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        c.assign([confluent_kafka.TopicPartition(topic, 0)])  # from the committed offset
+        return c
+
+    def next_message(c):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            message = c.poll(1.0)
+            if message is not None and not message.error():
+                return message
+        raise RuntimeError("no message within 30 s")
+
+    reader = consumer(first)
+    half = max(1, end // 2)
+    first_offset = next_message(reader).offset()
+    last = first_offset
+    while last < half - 1:
+        last = next_message(reader).offset()
+    committed = last + 1
+    reader.commit(
+        offsets=[confluent_kafka.TopicPartition(topic, 0, committed)], asynchronous=False
+    )
+    reader.close()
+    resumed = consumer(second)
+    read_back = resumed.committed([confluent_kafka.TopicPartition(topic, 0)], timeout=10)[0]
+    resumed_at = next_message(resumed).offset()
+    resumed.close()
+    python_reader = kafka.KafkaConsumer(
+        bootstrap_servers=second.split(","), group_id=group, enable_auto_commit=False
+    )
+    python_committed = python_reader.committed(kafka.TopicPartition(topic, 0))
+    python_reader.close()
+    return {
+        "started_at": first_offset,
+        "committed": committed,
+        "committed_read_back": read_back.offset,
+        "resumed_at": resumed_at,
+        "kafka_python_committed": python_committed,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True)
@@ -178,6 +235,16 @@ def main():
             problems.append(f"{reader} read {len(seen)} of {end} records")
         if lost or duplicates or gaps or order_violations:
             problems.append(f"{reader}: {summary[reader]}")
+    if not args.failover and len(brokers) >= 2:
+        resume = resume_from_commit(brokers[0], brokers[-1], args.topic, end)
+        summary["group_resume"] = resume
+        if not (
+            resume["started_at"] == 0
+            and resume["committed_read_back"] == resume["committed"]
+            and resume["resumed_at"] == resume["committed"]
+            and resume["kafka_python_committed"] == resume["committed"]
+        ):
+            problems.append(f"a group did not resume from its commit: {resume}")
     if len(readers) == 2 and readers["confluent-kafka"] != readers["kafka-python"]:
         problems.append("the two readers saw different logs")
     if len(acked) != summary["sent"]:

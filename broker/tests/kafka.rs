@@ -114,16 +114,19 @@ fn a_kafka_client_learns_the_apis_the_brokers_and_the_topics() {
         let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
         assert_eq!(metadata.brokers.len(), 1);
         assert_eq!(metadata.brokers[0].port, i32::from(addr.port()));
-        assert_eq!(metadata.topics.len(), 1);
+        // The topic created, and the internal one of committed offsets.
+        let names: Vec<(&str, bool)> = metadata
+            .topics
+            .iter()
+            .map(|t| (t.name.as_ref().unwrap().0.as_str(), t.is_internal))
+            .collect();
         assert_eq!(
-            metadata.topics[0].name.as_ref().unwrap().0.as_str(),
-            "orders"
+            names,
+            vec![("__embarcadero_offsets", true), ("orders", false)]
         );
+        let orders = &metadata.topics[1];
         // Every broker leads the partition in the metadata it serves.
-        assert_eq!(
-            metadata.topics[0].partitions[0].leader_id,
-            metadata.brokers[0].node_id
-        );
+        assert_eq!(orders.partitions[0].leader_id, metadata.brokers[0].node_id);
         assert!(!body.has_remaining());
     }
 }
@@ -187,9 +190,13 @@ fn kcat_lists_the_brokers_and_topics() {
     );
     let listing: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(listing["brokers"][0]["name"], addr.to_string());
-    assert_eq!(listing["topics"][0]["topic"], "payments");
-    assert_eq!(listing["topics"][0]["partitions"][0]["partition"], 0);
-    assert_eq!(listing["topics"][0]["partitions"][0]["leader"], 0);
+    let topics = listing["topics"].as_array().unwrap();
+    let payments = topics
+        .iter()
+        .find(|t| t["topic"] == "payments")
+        .unwrap_or_else(|| panic!("payments listed: {stdout}"));
+    assert_eq!(payments["partitions"][0]["partition"], 0);
+    assert_eq!(payments["partitions"][0]["leader"], 0);
 }
 
 fn kcat_missing() -> bool {

@@ -14,6 +14,8 @@ use std::time::Duration;
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
 use crate::server::kafka::admin::{CreateRefused, TopicCreation};
+use crate::server::kafka::log_io::OffsetsFollower;
+use crate::server::kafka::offsets::Committed;
 use crate::server::kafka::records::ProducedValues;
 use crate::server::kafka::{
     FetchRefused, KafkaConnection, KafkaContext, KafkaNode, KafkaTopic, ProducerSession,
@@ -190,6 +192,7 @@ pub struct LoopContext {
 struct KafkaView<'a> {
     state: &'a mut BrokerState<PoolMemory>,
     node: &'a KafkaNode,
+    offsets: &'a mut OffsetsFollower,
 }
 
 impl KafkaContext for KafkaView<'_> {
@@ -203,6 +206,18 @@ impl KafkaContext for KafkaView<'_> {
 
     fn metrics(&self) -> &Metrics {
         self.state.metrics()
+    }
+
+    fn offsets_topic(&mut self) -> Option<KafkaTopic> {
+        crate::server::kafka::log_io::offsets_topic(self.state)
+    }
+
+    fn committed(&mut self, group: &str, topic: &str, partition: i32) -> Option<Committed> {
+        self.offsets.catch_up(self.state);
+        self.offsets
+            .cache
+            .committed(group, topic, partition)
+            .cloned()
     }
 
     fn create_topic(&mut self, creation: &TopicCreation) -> Result<KafkaTopic, CreateRefused> {
@@ -336,6 +351,8 @@ pub struct ServeLoop<T> {
     service_ids: Vec<ConnId>,
     /// This broker as Kafka clients see it, when it has a Kafka listener.
     kafka_node: Option<KafkaNode>,
+    /// Kafka consumers' committed offsets, as read from the log so far.
+    kafka_offsets: OffsetsFollower,
 }
 
 impl<T> std::fmt::Debug for ServeLoop<T> {
@@ -359,9 +376,15 @@ impl<T: Transport> ServeLoop<T> {
             sequencer,
             kafka_node,
         } = context;
+        let mut state = BrokerState::new(pool, options.settings.clone(), metrics)
+            .with_claim_token(claim.token());
+        if kafka_node.is_some() {
+            // Kafka consumers commit through any broker: the broker that creates topics
+            // makes the offsets topic at once, so that the others find it.
+            crate::server::kafka::log_io::offsets_topic(&mut state);
+        }
         ServeLoop {
-            state: BrokerState::new(pool, options.settings.clone(), metrics)
-                .with_claim_token(claim.token()),
+            state,
             transport,
             clients: HashMap::new(),
             next_id: 1,
@@ -372,6 +395,7 @@ impl<T: Transport> ServeLoop<T> {
             sequencer,
             service_ids: Vec::new(),
             kafka_node,
+            kafka_offsets: OffsetsFollower::default(),
         }
     }
 
@@ -614,6 +638,7 @@ impl<T: Transport> ServeLoop<T> {
                     let mut view = KafkaView {
                         state: &mut self.state,
                         node,
+                        offsets: &mut self.kafka_offsets,
                     };
                     connection.service(&mut stream, &mut view, now, ready.readable, ready.writable)
                 }

@@ -142,6 +142,18 @@ pub(super) struct PendingProduce {
     received: Timestamp,
     timeout: std::time::Duration,
     parts: Vec<ProducePart>,
+    /// The answer it gets once every part is answered.
+    reply: Reply,
+}
+
+/// What a write of records answers once they are in the log.
+#[derive(Debug)]
+pub(super) enum Reply {
+    /// A Produce response, a partition per part.
+    Produce,
+    /// An OffsetCommit response: every partition of the request (`Some`: answered with this
+    /// code at once; `None`: committed by the one part, the commit records' batch).
+    OffsetCommit(super::offsets::CommitAnswers),
 }
 
 #[derive(Debug)]
@@ -266,6 +278,40 @@ impl KafkaSession {
             received: now,
             timeout: std::time::Duration::from_millis(timeout_ms),
             parts,
+            reply: Reply::Produce,
+        }));
+        self.write_waiting(context);
+    }
+
+    /// Queues a write of `records` (one record batch) to `topic` whose answer is `reply`,
+    /// once ordered (and held by the topic's replicas).
+    pub(super) fn write_records(
+        &mut self,
+        (header, version): (RequestHeader, i16),
+        topic: (TopicName, KafkaTopic),
+        records: Bytes,
+        reply: Reply,
+        context: &mut dyn KafkaContext,
+        now: Timestamp,
+    ) {
+        let timeout = UNDECIDED_MAX;
+        self.answers.push_back(Answer::Produce(PendingProduce {
+            header,
+            version,
+            acks: -1,
+            deadline: now + timeout,
+            received: now,
+            timeout,
+            parts: vec![ProducePart {
+                topic: topic.0,
+                partition: 0,
+                state: PartState::WaitingForRoom {
+                    topic: topic.1,
+                    records,
+                    counted: false,
+                },
+            }],
+            reply,
         }));
         self.write_waiting(context);
     }
@@ -565,6 +611,13 @@ pub(super) fn check_fetch(request: &FetchRequest) -> Result<(), String> {
 fn produce_response(produce: &PendingProduce) -> Vec<u8> {
     if produce.acks == 0 {
         return Vec::new();
+    }
+    if let Reply::OffsetCommit(topics) = &produce.reply {
+        let written = match produce.parts.first().map(|part| &part.state) {
+            Some(PartState::Answered { error_code, .. }) => *error_code,
+            _ => error_code::UNKNOWN_SERVER_ERROR,
+        };
+        return super::offsets::commit_response(&produce.header, produce.version, topics, written);
     }
     let mut responses: Vec<TopicProduceResponse> = Vec::new();
     for part in &produce.parts {

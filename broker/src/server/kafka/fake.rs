@@ -144,6 +144,31 @@ impl KafkaContext for FakeLog {
         &METRICS
     }
 
+    fn offsets_topic(&mut self) -> Option<KafkaTopic> {
+        let name = super::offsets::OFFSETS_TOPIC;
+        if self.find_topic(name).is_none() {
+            let id = self.topics.iter().map(|t| t.0).max().unwrap_or(0) + 1;
+            self.topics.push((id, name.into(), 0));
+        }
+        self.find_topic(name)
+    }
+
+    fn committed(
+        &mut self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Option<super::offsets::Committed> {
+        let offsets = self.find_topic(super::offsets::OFFSETS_TOPIC)?;
+        let mut cache = super::offsets::OffsetsCache::default();
+        for (_, messages) in self.logs.get(&offsets.id).into_iter().flatten() {
+            for message in messages {
+                cache.apply(message);
+            }
+        }
+        cache.committed(group, topic, partition).cloned()
+    }
+
     fn create_topic(
         &mut self,
         creation: &super::admin::TopicCreation,

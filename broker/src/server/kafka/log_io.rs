@@ -180,3 +180,79 @@ pub fn create_topic<M: SharedMemory + Clone>(
         Err(other) => Err(CreateRefused::Failed(other.to_string())),
     }
 }
+
+/// The offsets topic ([`super::offsets::OFFSETS_TOPIC`]): found, or created where this
+/// broker creates topics (order 5, ack 1, the broker's replication factor).
+pub fn offsets_topic<M: SharedMemory + Clone>(state: &mut BrokerState<M>) -> Option<KafkaTopic> {
+    let name = super::offsets::OFFSETS_TOPIC;
+    if let Ok(Some((id, config))) = state.find_topic(name) {
+        let replicas = usize::from(config.replication_factor.saturating_sub(1));
+        return Some(KafkaTopic { id, replicas });
+    }
+    let creation = TopicCreation {
+        name: name.to_owned(),
+        replication_factor: None,
+        validate_only: false,
+        on_first_use: false,
+    };
+    create_topic(state, &creation).ok()
+}
+
+/// The committed offsets of Kafka consumers, following the offsets topic in the shared log
+/// (every broker's commits, in order).
+#[derive(Debug, Default)]
+pub struct OffsetsFollower {
+    /// The latest commits read.
+    pub cache: super::offsets::OffsetsCache,
+    reader: Option<shared_log::reader::LogReader<shared_log::coherence::PoolMemory>>,
+}
+
+impl OffsetsFollower {
+    /// Reads the commits written since the last call.
+    pub fn catch_up(&mut self, state: &BrokerState<shared_log::coherence::PoolMemory>) {
+        if self.reader.is_none() {
+            let Ok(Some((topic, _))) = state.find_topic(super::offsets::OFFSETS_TOPIC) else {
+                return;
+            };
+            self.reader = state.open_reader(topic).ok();
+        }
+        let Some(reader) = &mut self.reader else {
+            return;
+        };
+        loop {
+            let mut batches: Vec<Vec<Vec<u8>>> = Vec::new();
+            let polled = reader.poll(256, |batch| {
+                batches.push(batch.messages().map(<[u8]>::to_vec).collect());
+            });
+            let good = match &polled {
+                Ok(_) => batches.len(),
+                // The last batch handed out was overwritten while read: not taken.
+                Err(ReadError::Overwritten { .. }) => batches.len().saturating_sub(1),
+                Err(_) => 0,
+            };
+            batches[..good]
+                .iter()
+                .flatten()
+                .for_each(|message| self.cache.apply(message));
+            match polled {
+                Ok(0) => return,
+                Ok(_) => {}
+                // The commits overwritten before they were read are gone: go on from the
+                // oldest still held.
+                Err(ReadError::Truncated { log_start, .. }) => {
+                    log::warn!(
+                        "kafka offsets: commits before position {log_start} were overwritten before this broker read them"
+                    );
+                    if reader.seek(log_start).is_err() {
+                        return;
+                    }
+                }
+                Err(ReadError::Overwritten { .. }) => {}
+                Err(other) => {
+                    log::warn!("kafka offsets: cannot read the offsets topic: {other}");
+                    return;
+                }
+            }
+        }
+    }
+}

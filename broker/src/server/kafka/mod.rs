@@ -22,8 +22,9 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, CreateTopicsRequest, FetchRequest,
-    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, ProduceRequest,
-    RequestHeader, ResponseHeader, TopicName,
+    FindCoordinatorRequest, InitProducerIdRequest, ListOffsetsRequest, MetadataRequest,
+    MetadataResponse, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader,
+    ResponseHeader, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -38,6 +39,7 @@ pub mod data;
 #[cfg(test)]
 mod fake;
 pub mod log_io;
+pub mod offsets;
 pub mod records;
 
 pub use data::{FetchRefused, KafkaTopic, ProducerSession, PublishRefused};
@@ -62,6 +64,10 @@ mod error_code {
     pub const INVALID_RECORD: i16 = 87;
     /// A broker-side failure with no better code.
     pub const UNKNOWN_SERVER_ERROR: i16 = -1;
+    /// No coordinator (transactions), or the offsets topic is not there yet.
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    /// A commit from a group member: membership is not served.
+    pub const ILLEGAL_GENERATION: i16 = 22;
     /// An idempotent producer's batch whose earlier sequences were given up.
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     /// An idempotent producer's batch older than what is remembered of it.
@@ -97,7 +103,7 @@ mod error_code {
 /// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
 /// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
 /// (one offset per partition).
-const SUPPORTED: [(ApiKey, i16, i16); 7] = [
+const SUPPORTED: [(ApiKey, i16, i16); 10] = [
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
@@ -105,6 +111,9 @@ const SUPPORTED: [(ApiKey, i16, i16); 7] = [
     (ApiKey::ApiVersions, 0, 4),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::CreateTopics, 0, 7),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 7),
 ];
 
 /// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
@@ -147,6 +156,12 @@ pub trait KafkaContext {
     fn metrics(&self) -> &Metrics;
     /// The topic named `name`.
     fn find_topic(&self, name: &str) -> Option<KafkaTopic>;
+    /// The topic of committed offsets ([`offsets::OFFSETS_TOPIC`]), created if it is not
+    /// there and this broker creates topics.
+    fn offsets_topic(&mut self) -> Option<KafkaTopic>;
+    /// The latest commit of `group` for `topic`'s `partition`.
+    fn committed(&mut self, group: &str, topic: &str, partition: i32)
+    -> Option<offsets::Committed>;
     /// Creates a topic (see [`admin`]).
     fn create_topic(
         &mut self,
@@ -314,6 +329,24 @@ impl KafkaSession {
                 self.on_fetch(header, api_version, request, context, now);
                 Ok(None)
             }
+            ApiKey::FindCoordinator => {
+                let request = FindCoordinatorRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("FindCoordinator request", e))?;
+                let response = offsets::find_coordinator(&request, api_version, context);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
+            ApiKey::OffsetCommit => {
+                let request = OffsetCommitRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("OffsetCommit request", e))?;
+                self.on_offset_commit(header, api_version, request, context, now);
+                Ok(None)
+            }
+            ApiKey::OffsetFetch => {
+                let request = OffsetFetchRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("OffsetFetch request", e))?;
+                let response = offsets::offset_fetch(&request, context);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
             ApiKey::CreateTopics => {
                 let request = CreateTopicsRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("CreateTopics request", e))?;
@@ -412,6 +445,7 @@ fn metadata(
         MetadataResponseTopic::default()
             .with_name(Some(TopicName(StrBytes::from_string(name.to_owned()))))
             .with_topic_id(topic_uuid(id))
+            .with_is_internal(name == offsets::OFFSETS_TOPIC)
             .with_partitions(vec![
                 MetadataResponsePartition::default()
                     .with_partition_index(0)
@@ -805,6 +839,9 @@ mod tests {
                     (ApiKey::ApiVersions as i16, 0, 4),
                     (ApiKey::InitProducerId as i16, 0, 4),
                     (ApiKey::CreateTopics as i16, 0, 7),
+                    (ApiKey::FindCoordinator as i16, 0, 4),
+                    (ApiKey::OffsetCommit as i16, 2, 8),
+                    (ApiKey::OffsetFetch as i16, 1, 7),
                 ]
             );
         }
