@@ -65,13 +65,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Room for a topic per run (payload logs of ~10 MiB per broker); the deadlines of a broker
+# Room for a topic per run and the Kafka listener's offsets topic (payload logs of ~9 MiB
+# per broker); the deadlines of a broker
 # facing the network, at their defaults except the Hello deadline (2 s, so the run stays
 # short).
 scripts/cluster.sh start --brokers 2 --base-port "$base_port" --pool-bytes 256M \
     --dir "$cluster_dir" --hold-timeout-ms 10000 \
     --kafka-base-port $((base_port + 200)) \
-    --broker-args "--topics-max 10 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
+    --broker-args "--topics-max 11 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
 brokers=$(cat "$cluster_dir/brokers")
 pool=$(cat "$cluster_dir/pool")
 

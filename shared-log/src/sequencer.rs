@@ -732,8 +732,7 @@ impl<M: SharedMemory> Sequencer<M> {
         let verdict = self.classify(index, key, seq, now, held);
         match verdict {
             Verdict::Order => {
-                self.order_batch(index, broker, slot, header);
-                1 + self.drain_session(index, key)
+                self.order_batch(index, broker, slot, header) + self.drain_session(index, key)
             }
             Verdict::Duplicate(position) => {
                 self.stats.duplicates += 1;
@@ -828,8 +827,7 @@ impl<M: SharedMemory> Sequencer<M> {
     fn drain_session(&mut self, index: usize, key: SessionKey) -> u64 {
         let mut decided = 0;
         while let Some(held) = self.topics[index].sessions.next_in_order(key) {
-            self.order_batch(index, held.broker, held.slot, held.header);
-            decided += 1;
+            decided += self.order_batch(index, held.broker, held.slot, held.header);
         }
         decided
     }
@@ -843,7 +841,7 @@ impl<M: SharedMemory> Sequencer<M> {
     ) -> u64 {
         let mut decided = 0;
         while let Some(gap) = next(&mut self.topics[index].sessions) {
-            let skipped = gap.to - gap.from;
+            let skipped = gap.to.saturating_sub(gap.from);
             log::warn!(
                 "sequencer: topic {} session {:?}: gap of {skipped} sequences from seq {} \
                  given up; later arrivals of them are rejected",
@@ -859,9 +857,11 @@ impl<M: SharedMemory> Sequencer<M> {
         decided
     }
 
-    fn order_batch(&mut self, index: usize, broker: u16, slot: u64, header: BatchHeader) {
+    /// Places a batch in the order; returns the batches it decided (itself, and the held
+    /// ones its span stranded).
+    fn order_batch(&mut self, index: usize, broker: u16, slot: u64, header: BatchHeader) -> u64 {
         if !self.may_write() {
-            return;
+            return 0;
         }
         let geometry = *self.pool.geometry();
         let state = &mut self.topics[index];
@@ -894,6 +894,7 @@ impl<M: SharedMemory> Sequencer<M> {
         let copies = state
             .sessions
             .ordered(key, header.batch_seq, span, global_start);
+        let stranded = state.sessions.take_stranded();
         state.rings[broker as usize].ordered_batches += 1;
         self.stats.batches_ordered += 1;
         self.stats.messages_ordered += u64::from(header.message_count);
@@ -911,6 +912,15 @@ impl<M: SharedMemory> Sequencer<M> {
             let status = CompletionStatus::Duplicate;
             self.complete(index, copy.broker, copy.slot, status, Some(global_start));
         }
+        // Held batches inside this one's span (a client that numbers messages sent
+        // overlapping sequences): never placed, rejected as a late batch of a gap is.
+        let decided = 1 + stranded.len() as u64;
+        for held in stranded {
+            self.stats.rejected_gap += 1;
+            let status = CompletionStatus::RejectedGap;
+            self.complete(index, held.broker, held.slot, status, None);
+        }
+        decided
     }
 
     fn complete(

@@ -95,6 +95,10 @@ pub struct SessionTable<T> {
     hold_queue: VecDeque<(Timestamp, SessionKey, u64)>,
     held_duplicates: HashMap<(SessionKey, u64), Vec<T>>,
     held_duplicates_count: usize,
+    /// Held batches (and their parked copies) that an ordered batch overlapped: a session
+    /// numbering messages whose client sent overlapping sequences. They can never be placed;
+    /// the sequencer rejects them ([`Self::take_stranded`]).
+    stranded: Vec<T>,
     activity: u64,
     evicted: u64,
 }
@@ -110,6 +114,7 @@ impl<T> SessionTable<T> {
             hold_queue: VecDeque::new(),
             held_duplicates: HashMap::new(),
             held_duplicates_count: 0,
+            stranded: Vec::new(),
             activity: 0,
             evicted: 0,
         }
@@ -156,7 +161,39 @@ impl<T> SessionTable<T> {
         }
         let copies = self.held_duplicates.remove(&(key, seq)).unwrap_or_default();
         self.held_duplicates_count -= copies.len();
+        if self.fifo && span > 1 {
+            self.strand_below(key);
+        }
         copies
+    }
+
+    /// Moves `key`'s held batches below its next expected sequence (inside the span of a
+    /// batch just placed) to the stranded ones: none can ever be placed, and left held they
+    /// would pull the gap rule backwards.
+    fn strand_below(&mut self, key: SessionKey) {
+        let next = self.sessions[&key].next_expected;
+        let below: Vec<u64> = self
+            .held
+            .range((key, 0)..(key, next))
+            .map(|(&(_, seq), _)| seq)
+            .collect();
+        for seq in below {
+            if let Some(item) = self.held.remove(&(key, seq)) {
+                self.stranded.push(item);
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.held -= 1;
+                }
+            }
+            let copies = self.held_duplicates.remove(&(key, seq)).unwrap_or_default();
+            self.held_duplicates_count -= copies.len();
+            self.stranded.extend(copies);
+        }
+    }
+
+    /// The batches stranded since the last call (see `stranded`): each must be completed
+    /// as rejected.
+    pub fn take_stranded(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.stranded)
     }
 
     /// After a takeover, once every ordered batch the pool still lists was passed to
@@ -368,6 +405,20 @@ mod tests {
         assert_eq!(classify(&mut table, KEY, 4, 0), Verdict::RejectedGap);
         // What a session record keeps for a standby: the next sequence after the messages.
         assert_eq!(table.progress(KEY).map(|(next, _)| next), Some(6));
+    }
+
+    #[test]
+    fn a_held_batch_inside_an_ordered_batchs_span_is_stranded_not_left_to_pull_back_the_gap() {
+        // Sequence 1 (held) lies inside sequence 0's three messages: a client's overlap.
+        let mut table = table(true);
+        assert_eq!(classify(&mut table, KEY, 1, 0), Verdict::Held);
+        assert_eq!(classify(&mut table, KEY, 0, 0), Verdict::Order);
+        table.ordered(KEY, 0, 3, 100);
+        assert_eq!(table.take_stranded(), vec![1]);
+        assert_eq!(table.held(), 0);
+        assert_eq!(table.next_in_order(KEY), None);
+        assert_eq!(table.give_up_expired(Timestamp::from_nanos(1_000)), None);
+        assert_eq!(classify(&mut table, KEY, 3, 0), Verdict::Order);
     }
 
     #[test]

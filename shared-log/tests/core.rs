@@ -871,3 +871,42 @@ fn a_session_numbering_messages_keeps_its_order_and_a_standby_goes_on_from_its_m
     let bytes: Vec<Vec<u8>> = log.iter().map(|(.., data)| data.clone()).collect();
     assert_eq!(bytes, sent, "every batch once, bytes intact");
 }
+
+#[test]
+fn a_held_batch_overlapped_by_an_ordered_one_is_rejected_and_the_gap_rule_stays_put() {
+    // A client numbering messages sends sequence 1 (held: 0 is missing), then sequence 0
+    // of three messages, which covers 1: 1 can never be placed.
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool
+        .create_topic("overlap", config(Order::TotalSessionFifo))
+        .unwrap();
+    let counted = |seq: u64, data: &[u8], messages: u32| BatchMeta {
+        seq_counts_messages: true,
+        ..meta(4, seq, data, messages)
+    };
+    let config = SequencerConfig {
+        hold_timeout_ns: 1_000,
+        ..SequencerConfig::default()
+    };
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, config).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let (one, zero) = (payload(1, 1), payload(0, 3));
+    writer.append(counted(1, &one, 1), &one).unwrap();
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(1)), 0);
+    writer.append(counted(0, &zero, 3), &zero).unwrap();
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(2)), 2);
+    let statuses: Vec<_> = outcomes(&mut writer).iter().map(|o| o.status).collect();
+    assert_eq!(
+        statuses,
+        vec![CompletionStatus::RejectedGap, CompletionStatus::Ordered]
+    );
+    assert_eq!(sequencer.stats().held, 0);
+    // Past the hold timeout nothing is given up (no gap pulled backwards), and 3 follows.
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(5_000)), 0);
+    assert_eq!(sequencer.stats().gaps_resolved, 0);
+    let three = payload(3, 1);
+    writer.append(counted(3, &three, 1), &three).unwrap();
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(6_000)), 1);
+    let log = read_all(&pool, topic);
+    assert_eq!(log.iter().map(|b| b.2).collect::<Vec<_>>(), vec![0, 3]);
+}

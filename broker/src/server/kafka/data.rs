@@ -435,9 +435,12 @@ impl KafkaSession {
                         error_code::OUT_OF_ORDER_SEQUENCE_NUMBER,
                         "the producer's earlier sequences were given up before this batch came; it is not in the log",
                     ),
+                    // Not written. Clients take DUPLICATE_SEQUENCE_NUMBER for success, so the
+                    // answer makes the producer start a new epoch (a new session from 0),
+                    // which also recovers from a sequence that wrapped past i32::MAX.
                     (CompletionStatus::RejectedOutsideWindow, _) => PartState::refused(
-                        error_code::DUPLICATE_SEQUENCE_NUMBER,
-                        "older than the producer's deduplication window: an earlier copy may be in the log; this one was not written",
+                        error_code::UNKNOWN_PRODUCER_ID,
+                        "older than the producer's deduplication window (or its sequence wrapped): not written; start a new epoch",
                     ),
                     (status, _) => PartState::refused(
                         error_code::UNKNOWN_SERVER_ERROR,

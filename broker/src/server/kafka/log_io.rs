@@ -224,11 +224,11 @@ impl OffsetsFollower {
             let polled = reader.poll(256, |batch| {
                 batches.push(batch.messages().map(<[u8]>::to_vec).collect());
             });
+            // Every batch handed out is good, except the last when it was overwritten while
+            // it was read (a poll hands out batches before it meets a truncation or damage).
             let good = match &polled {
-                Ok(_) => batches.len(),
-                // The last batch handed out was overwritten while read: not taken.
                 Err(ReadError::Overwritten { .. }) => batches.len().saturating_sub(1),
-                Err(_) => 0,
+                _ => batches.len(),
             };
             batches[..good]
                 .iter()
@@ -248,6 +248,13 @@ impl OffsetsFollower {
                     }
                 }
                 Err(ReadError::Overwritten { .. }) => {}
+                // A damaged batch: its commits are lost; the ones after it are not.
+                Err(ReadError::Corrupt { ordinal, what }) => {
+                    log::warn!(
+                        "kafka offsets: batch {ordinal} of the offsets topic skipped: {what}"
+                    );
+                    reader.set_next_ordinal(ordinal + 1);
+                }
                 Err(other) => {
                     log::warn!("kafka offsets: cannot read the offsets topic: {other}");
                     return;

@@ -70,8 +70,13 @@ mod error_code {
     pub const ILLEGAL_GENERATION: i16 = 22;
     /// An idempotent producer's batch whose earlier sequences were given up.
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
-    /// An idempotent producer's batch older than what is remembered of it.
-    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+    /// An idempotent producer's batch older than what is remembered of it: not written,
+    /// and the producer must start a new epoch.
+    pub const UNKNOWN_PRODUCER_ID: i16 = 59;
+    /// An OffsetCommit's metadata longer than [`offsets::METADATA_BYTES_MAX`].
+    pub const OFFSET_METADATA_TOO_LARGE: i16 = 12;
+    /// A group id longer than [`offsets::GROUP_BYTES_MAX`].
+    pub const INVALID_GROUP_ID: i16 = 24;
     /// Transactions (a transactional id) are not served.
     pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
     /// A topic name a topic may not have.

@@ -12,7 +12,7 @@
 //! Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup) is not served: a commit
 //! from a group member (a generation from JoinGroup) is refused with `ILLEGAL_GENERATION`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use kafka_protocol::messages::find_coordinator_response::Coordinator;
@@ -39,8 +39,14 @@ pub const OFFSETS_TOPIC: &str = "__embarcadero_offsets";
 const COMMIT_RECORD_VERSION: u8 = 1;
 
 /// Committed (group, topic, partition)s a broker keeps in memory at most; past it, the
-/// oldest group's are forgotten (and read again as none).
+/// oldest commits are forgotten (and read again as none).
 pub const COMMITS_MAX: usize = 100_000;
+
+/// The longest group id taken (bytes).
+pub const GROUP_BYTES_MAX: usize = 1024;
+
+/// The longest commit metadata taken (bytes; Kafka's default `offset.metadata.max.bytes`).
+pub const METADATA_BYTES_MAX: usize = 4096;
 
 /// An OffsetCommit's partitions by topic, each with its own error (`None`: committed with
 /// the others, by the one batch of commit records).
@@ -132,8 +138,11 @@ impl CommitRecord {
 /// The latest commits, as read from [`OFFSETS_TOPIC`] so far.
 #[derive(Debug, Default)]
 pub struct OffsetsCache {
+    /// The latest commit of each key, with its age.
     commits: HashMap<(String, String, i32), (Committed, u64)>,
-    /// Commits taken, in order (their age, for eviction past [`COMMITS_MAX`]).
+    /// The keys by age, oldest first (eviction past [`COMMITS_MAX`] in O(log n)).
+    by_age: BTreeMap<u64, (String, String, i32)>,
+    /// Commits taken, in order (their age).
     applied: u64,
 }
 
@@ -145,16 +154,16 @@ impl OffsetsCache {
         };
         self.applied += 1;
         let key = (record.group, record.topic, record.partition);
-        if !self.commits.contains_key(&key) && self.commits.len() >= COMMITS_MAX {
-            let oldest = self
-                .commits
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                self.commits.remove(&oldest);
-            }
+        if !self.commits.contains_key(&key)
+            && self.commits.len() >= COMMITS_MAX
+            && let Some((_, oldest)) = self.by_age.pop_first()
+        {
+            self.commits.remove(&oldest);
         }
+        if let Some((_, age)) = self.commits.get(&key) {
+            self.by_age.remove(age);
+        }
+        self.by_age.insert(self.applied, key.clone());
         self.commits.insert(key, (record.committed, self.applied));
     }
 
@@ -252,6 +261,7 @@ impl KafkaSession {
     ) {
         // A group member's commit (its generation from JoinGroup): membership is not served.
         let member = request.generation_id_or_member_epoch >= 0;
+        let group_too_long = request.group_id.0.len() > GROUP_BYTES_MAX;
         let mut commits = Vec::new();
         let topics: CommitAnswers = request
             .topics
@@ -262,8 +272,13 @@ impl KafkaSession {
                     .partitions
                     .iter()
                     .map(|p| {
-                        let error = if member {
+                        let metadata_bytes = p.committed_metadata.as_ref().map_or(0, |m| m.len());
+                        let error = if group_too_long {
+                            Some(error_code::INVALID_GROUP_ID)
+                        } else if member {
                             Some(error_code::ILLEGAL_GENERATION)
+                        } else if metadata_bytes > METADATA_BYTES_MAX {
+                            Some(error_code::OFFSET_METADATA_TOO_LARGE)
                         } else if !known || p.partition_index != 0 {
                             Some(error_code::UNKNOWN_TOPIC_OR_PARTITION)
                         } else {
@@ -431,7 +446,13 @@ mod tests {
             cache.apply(&commit(&format!("group-{i}"), i));
         }
         assert_eq!(cache.commits.len(), COMMITS_MAX);
+        assert_eq!(cache.by_age.len(), COMMITS_MAX);
         assert!(cache.committed("g", "t", 0).is_none(), "the oldest went");
+        // A key committed again is young again.
+        cache.apply(&commit("group-0", 100));
+        cache.apply(&commit("newcomer", 1));
+        assert!(cache.committed("group-0", "t", 0).is_some());
+        assert!(cache.committed("group-1", "t", 0).is_none());
     }
 }
 
@@ -555,6 +576,21 @@ mod session_tests {
             (
                 commit("orders", 2, 1, -1),
                 error_code::UNKNOWN_TOPIC_OR_PARTITION,
+            ),
+            (
+                commit("orders", 0, 1, -1).with_group_id(GroupId(StrBytes::from_string(
+                    "g".repeat(GROUP_BYTES_MAX + 1),
+                ))),
+                error_code::INVALID_GROUP_ID,
+            ),
+            (
+                {
+                    let mut long = commit("orders", 0, 1, -1);
+                    long.topics[0].partitions[0].committed_metadata =
+                        Some(StrBytes::from_string("m".repeat(METADATA_BYTES_MAX + 1)));
+                    long
+                },
+                error_code::OFFSET_METADATA_TOO_LARGE,
             ),
         ] {
             let body = call(&mut session, &mut log, ApiKey::OffsetCommit, 8, &request);
