@@ -7,7 +7,8 @@
 #   1. our own load generator publishes about 1,000 messages to topic kafka-demo (order 5);
 #   2. kcat (librdkafka) produces N lines through broker 0 and reads them back;
 #   3. confluent-kafka (librdkafka, plain and idempotent) and kafka-python each produce N
-#      records through every broker, and both read the topic back (scripts/kafka-clients.py).
+#      records through every broker, and both read the topic back; a consumer group commits
+#      through broker 0 and resumes through broker 3 (scripts/kafka-clients.py).
 # Prints what each step sent, had acknowledged and read, with duplicates and order
 # violations, and leaves the summary at target/kafka-demo/summary.json. Exits non-zero when
 # a record was lost, duplicated or misordered. See docs/kafka.md for what is served.
@@ -101,6 +102,11 @@ for reader in ("confluent-kafka", "kafka-python"):
           f"{libraries['acknowledged']} acknowledged, {r['read']} read, "
           f"{r['acknowledged_missing_or_wrong']} missing, {r['duplicates']} duplicates, "
           f"{r['order_violations']} order violations")
+resume = libraries.get("group_resume")
+if resume:
+    print(f"   a group committed offset {resume['committed']} through broker 0 and resumed at "
+          f"{resume['resumed_at']} through broker 3 (read back: confluent-kafka "
+          f"{resume['committed_read_back']}, kafka-python {resume['kafka_python_committed']})")
 if problems:
     print("PROBLEMS:", *problems, sep="\n  ")
     sys.exit(1)
