@@ -20,6 +20,10 @@
 #                       topics (each closed),
 #                       a client that never reads its responses (left open, no longer read),
 #                       then a fresh client's ApiVersions (answered)
+#   kafka-hoard         16 Kafka connections with 32 Fetches each waiting on the offsets topic,
+#                       never read, while another commits offsets for a new group each time
+#                       (every commit acknowledged, the hoarders left open, a fresh client's
+#                       ApiVersions answered)
 # XDP backend (as root), in the namespace lab: the SYN flood and the host's own traffic
 # (scripts/test-bypass.sh syn-flood and host-traffic), and slowloris over XDP.
 #
@@ -65,14 +69,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Room for a topic per run and the Kafka listener's offsets topic (payload logs of ~9 MiB
+# Room for a topic per run and the Kafka listener's offsets topic (payload logs of ~8 MiB
 # per broker); the deadlines of a broker
 # facing the network, at their defaults except the Hello deadline (2 s, so the run stays
 # short).
 scripts/cluster.sh start --brokers 2 --base-port "$base_port" --pool-bytes 256M \
     --dir "$cluster_dir" --hold-timeout-ms 10000 \
     --kafka-base-port $((base_port + 200)) \
-    --broker-args "--topics-max 11 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
+    --broker-args "--topics-max 12 --goi-entries 65536 --hello-timeout-ms 2000" >/dev/null
 brokers=$(cat "$cluster_dir/brokers")
 pool=$(cat "$cluster_dir/pool")
 
@@ -124,6 +128,9 @@ attack late-subscriber 'from_zero == "PositionTruncated" and log_start > 0 and f
     "$target/hostile" late-subscriber --broker "$head" --topic hostile-baseline
 attack kafka-garbage 'malformed_closed == 5 and unread_left_open and unread_requests_sent > 0 and fresh_answered' -- \
     "$target/hostile" kafka-garbage --kafka 127.0.0.1:$((base_port + 200)) --duration-s "$duration"
+attack kafka-hoard 'hoarders_open == hoarders and commits_acked > 0 and commits_refused == 0 and fresh_answered' -- \
+    "$target/hostile" kafka-hoard --kafka 127.0.0.1:$((base_port + 200)) --connections 16 \
+    --duration-s "$duration"
 
 # Operator mistakes: each command must be refused with its exit code (broker --help: 4
 # --format of a live pool, 3 an id a live broker holds) while the cluster runs on.

@@ -101,6 +101,19 @@ enum Attack {
         #[arg(long, default_value_t = 4.0)]
         duration_s: f64,
     },
+    /// Kafka clients that hoard answers: `--connections` connections each send 32 Fetch
+    /// requests that wait (30 s, at the end of the offsets topic) and never read, while
+    /// another commits offsets for a new group each time, reading its answers, for the
+    /// attack's duration (each commit moves the end the fetches wait on). The hoarders must
+    /// stay open, every commit be acknowledged, and a fresh connection's ApiVersions answered.
+    KafkaHoard {
+        #[arg(long)]
+        kafka: SocketAddr,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 4.0)]
+        duration_s: f64,
+    },
 }
 
 /// The broker and topic of an attack.
@@ -567,19 +580,175 @@ fn metrics_silent(
 /// A Kafka request frame in version 0's layout (header v1, a null client id): size, API
 /// key, version, correlation id, then `body`.
 fn kafka_frame(api_key: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
+    kafka_frame_of(api_key, 0, correlation_id, body)
+}
+
+/// A Kafka request frame of `version` (a version whose header is v1, not flexible).
+fn kafka_frame_of(api_key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(14 + body.len());
     frame.extend_from_slice(&((10 + body.len()) as i32).to_be_bytes());
     frame.extend_from_slice(&api_key.to_be_bytes());
-    frame.extend_from_slice(&0i16.to_be_bytes());
+    frame.extend_from_slice(&version.to_be_bytes());
     frame.extend_from_slice(&correlation_id.to_be_bytes());
     frame.extend_from_slice(&(-1i16).to_be_bytes());
     frame.extend_from_slice(body);
     frame
 }
 
-/// Kafka API keys the attack uses.
+/// Kafka API keys the attacks use.
 const KAFKA_API_VERSIONS: i16 = 18;
 const KAFKA_METADATA: i16 = 3;
+const KAFKA_FETCH: i16 = 1;
+const KAFKA_OFFSET_COMMIT: i16 = 8;
+
+/// The Kafka listener's internal topic of committed offsets.
+const KAFKA_OFFSETS_TOPIC: &str = "__embarcadero_offsets";
+
+/// A Kafka string (an i16 length, then the bytes).
+fn kafka_string(out: &mut Vec<u8>, text: &str) {
+    out.extend_from_slice(&(text.len() as i16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+/// A Fetch (version 4) of `topic`'s partition 0 from `offset`, waiting up to `wait_ms`.
+fn kafka_fetch_v4(topic: &str, offset: i64, wait_ms: i32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(-1i32).to_be_bytes()); // replica id
+    body.extend_from_slice(&wait_ms.to_be_bytes());
+    body.extend_from_slice(&1i32.to_be_bytes()); // min bytes
+    body.extend_from_slice(&(4i32 << 20).to_be_bytes()); // max bytes
+    body.push(0); // isolation level
+    body.extend_from_slice(&1i32.to_be_bytes()); // one topic
+    kafka_string(&mut body, topic);
+    body.extend_from_slice(&1i32.to_be_bytes()); // one partition
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes());
+    body.extend_from_slice(&(4i32 << 20).to_be_bytes()); // partition max bytes
+    body
+}
+
+/// An OffsetCommit (version 2) of `group`: `topic`'s partition 0 at `offset`.
+fn kafka_offset_commit_v2(group: &str, topic: &str, offset: i64) -> Vec<u8> {
+    let mut body = Vec::new();
+    kafka_string(&mut body, group);
+    body.extend_from_slice(&(-1i32).to_be_bytes()); // generation: not a group member
+    kafka_string(&mut body, ""); // member id
+    body.extend_from_slice(&(-1i64).to_be_bytes()); // retention
+    body.extend_from_slice(&1i32.to_be_bytes()); // one topic
+    kafka_string(&mut body, topic);
+    body.extend_from_slice(&1i32.to_be_bytes()); // one partition
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes());
+    body.extend_from_slice(&(-1i16).to_be_bytes()); // metadata: null
+    body
+}
+
+/// Reads one Kafka response frame from `stream` (its bytes after the size prefix).
+fn kafka_response(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+    let mut size = [0u8; 4];
+    stream
+        .read_exact(&mut size)
+        .map_err(|e| format!("response size: {e}"))?;
+    let size =
+        usize::try_from(i32::from_be_bytes(size)).map_err(|_| "negative size".to_string())?;
+    let mut frame = vec![0u8; size];
+    stream
+        .read_exact(&mut frame)
+        .map_err(|e| format!("response: {e}"))?;
+    Ok(frame)
+}
+
+/// Whether a well-behaved client's ApiVersions on `fresh` is answered within 2 s.
+fn fresh_client_answered(mut fresh: TcpStream) -> Result<bool, String> {
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    fresh
+        .write_all(&kafka_frame(KAFKA_API_VERSIONS, 77, &[]))
+        .map_err(|e| format!("ApiVersions: send: {e}"))?;
+    Ok(kafka_response(&mut fresh).is_ok_and(|frame| {
+        frame.len() >= 6
+            && i32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) == 77
+            && i16::from_be_bytes([frame[4], frame[5]]) == 0
+    }))
+}
+
+fn kafka_hoard(
+    kafka: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> Result<serde_json::Value, String> {
+    let connect = || {
+        TcpStream::connect_timeout(&kafka, Duration::from_secs(2))
+            .map_err(|e| format!("connect {kafka}: {e}"))
+    };
+    // The hoarders: 32 waiting Fetches each, never read.
+    let fetch = kafka_frame_of(
+        KAFKA_FETCH,
+        4,
+        1,
+        &kafka_fetch_v4(KAFKA_OFFSETS_TOPIC, 0, 30_000),
+    );
+    let mut hoarders = Vec::new();
+    for _ in 0..connections {
+        let mut stream = connect()?;
+        for _ in 0..32 {
+            stream
+                .write_all(&fetch)
+                .map_err(|e| format!("hoarder: send: {e}"))?;
+        }
+        hoarders.push(stream);
+    }
+    // The committer: a new group each time, reading each answer.
+    let mut committer = connect()?;
+    committer
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .map_err(|e| format!("timeout: {e}"))?;
+    let started = Instant::now();
+    let (mut acked, mut refused) = (0u64, 0u64);
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < duration {
+        let group = format!("hoard-{acked}-{refused}");
+        let commit = kafka_frame_of(
+            KAFKA_OFFSET_COMMIT,
+            2,
+            7,
+            &kafka_offset_commit_v2(&group, KAFKA_OFFSETS_TOPIC, 0),
+        );
+        let sent = Instant::now();
+        committer
+            .write_all(&commit)
+            .map_err(|e| format!("commit: send: {e}"))?;
+        let answer = kafka_response(&mut committer)?;
+        slowest = slowest.max(sent.elapsed());
+        // correlation id, topics (1), name, partitions (1), partition, error code.
+        let code_at = 4 + 4 + 2 + KAFKA_OFFSETS_TOPIC.len() + 4 + 4;
+        match answer.get(code_at..code_at + 2) {
+            Some([0, 0]) => acked += 1,
+            _ => refused += 1,
+        }
+    }
+    // Still open: a write is taken, or would block.
+    let mut hoarders_open = 0;
+    for stream in &mut hoarders {
+        let _ = stream.set_nonblocking(true);
+        match stream.write(&fetch) {
+            Ok(_) => hoarders_open += 1,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => hoarders_open += 1,
+            Err(_) => {}
+        }
+    }
+    let answered = fresh_client_answered(connect()?)?;
+    Ok(serde_json::json!({
+        "hoarders": connections,
+        "hoarders_open": hoarders_open,
+        "fetches_waiting_sent": connections * 32,
+        "commits_acked": acked,
+        "commits_refused": refused,
+        "slowest_commit_ms": slowest.as_millis() as u64,
+        "fresh_answered": answered,
+    }))
+}
 
 /// Whether the peer closed `stream` within `within` (end of stream or a reset), reading
 /// and dropping whatever it sent first.
@@ -664,17 +833,7 @@ fn kafka_garbage(kafka: SocketAddr, duration: Duration) -> Result<serde_json::Va
         Err(e) => e.kind() == ErrorKind::WouldBlock,
     };
     // A well-behaved client now.
-    let mut fresh = connect()?;
-    fresh
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| format!("timeout: {e}"))?;
-    fresh
-        .write_all(&kafka_frame(KAFKA_API_VERSIONS, 77, &[]))
-        .map_err(|e| format!("ApiVersions: send: {e}"))?;
-    let mut head = [0u8; 10];
-    let answered = fresh.read_exact(&mut head).is_ok()
-        && i32::from_be_bytes([head[4], head[5], head[6], head[7]]) == 77
-        && i16::from_be_bytes([head[8], head[9]]) == 0;
+    let answered = fresh_client_answered(connect()?)?;
     Ok(serde_json::json!({
         "closed": closed,
         "malformed_closed": closed.values().filter(|v| **v == serde_json::Value::Bool(true)).count(),
@@ -777,6 +936,11 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
         } => metrics_silent(*metrics, *connections, seconds(*duration_s)),
         Attack::LateSubscriber { on } => late_subscriber(target(&on.broker), &on.topic, on.order),
         Attack::KafkaGarbage { kafka, duration_s } => kafka_garbage(*kafka, seconds(*duration_s)),
+        Attack::KafkaHoard {
+            kafka,
+            connections,
+            duration_s,
+        } => kafka_hoard(*kafka, *connections, seconds(*duration_s)),
     }
 }
 
