@@ -206,6 +206,9 @@ pub(super) struct PendingFetch {
     header: RequestHeader,
     version: i16,
     request: FetchRequest,
+    /// Each requested topic, looked up once when the request came (topics are never
+    /// deleted; one that did not exist is answered at once).
+    topics: Vec<Option<KafkaTopic>>,
     deadline: Timestamp,
     /// Each partition's log end when the answer was last built and found short of
     /// `min_bytes`: it is built again only once one of them moved (or the wait is over).
@@ -553,10 +556,16 @@ impl KafkaSession {
         let wait_ms = u64::try_from(request.max_wait_ms)
             .unwrap_or(0)
             .min(FETCH_WAIT_MAX_MS);
+        let topics = request
+            .topics
+            .iter()
+            .map(|t| context.find_topic(t.topic.0.as_str()))
+            .collect();
         let mut fetch = PendingFetch {
             header,
             version,
             request,
+            topics,
             deadline: now + std::time::Duration::from_millis(wait_ms),
             ends_tried: None,
         };
@@ -675,8 +684,8 @@ fn try_fetch(
         let ends: Vec<Option<u64>> = request
             .topics
             .iter()
-            .flat_map(|t| {
-                let topic = context.find_topic(t.topic.0.as_str());
+            .zip(&fetch.topics)
+            .flat_map(|(t, &topic)| {
                 t.partitions.iter().map(move |p| {
                     topic
                         .filter(|_| p.partition == 0)
@@ -703,8 +712,7 @@ fn try_fetch(
     let mut bytes = 0u64;
     let mut failed = false;
     let mut responses = Vec::new();
-    for topic_request in &request.topics {
-        let topic = context.find_topic(topic_request.topic.0.as_str());
+    for (topic_request, &topic) in request.topics.iter().zip(&fetch.topics) {
         let mut partitions = Vec::new();
         for partition in &topic_request.partitions {
             let mut data = PartitionData::default()
