@@ -1,7 +1,6 @@
 //! [`PublisherConfig`] and [`SubscriberConfig`], with their defaults and validation.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use wire::{AckLevel, BATCH_BYTES_HARD_MAX, BATCH_BYTES_MIN, FROM_END, Order, Topic};
@@ -332,20 +331,10 @@ pub(crate) fn order(order: u8) -> Result<Order, ClientError> {
     Order::try_from(order).map_err(|_| invalid("order", order, "0, 1, 2 or 5"))
 }
 
-/// A client id unlikely to collide with another process's: the clock's nanoseconds mixed
-/// with the process id and a per-process counter (so two calls in one process always
-/// differ), through the splitmix64 finaliser so nearby inputs give unrelated ids.
+/// A client id unlikely to collide with another process's (see
+/// [`wire::unique_client_id`]).
 pub fn default_client_id() -> u64 {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let mut z = nanos ^ (u64::from(std::process::id()) << 40) ^ call.rotate_right(8);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    wire::unique_client_id()
 }
 
 /// The current Unix time in seconds (wrapping into u32), a session epoch that grows with

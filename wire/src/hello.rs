@@ -609,6 +609,26 @@ impl HelloOkRepr {
     }
 }
 
+/// A publisher id unlikely to be any other publisher's, for a new session: the clock's
+/// nanoseconds mixed with the process id and a per-process counter (so two calls in one
+/// process always differ), through the splitmix64 finaliser so that nearby inputs give
+/// unrelated ids. Our own clients draw theirs so, and so does a broker for a Kafka
+/// producer's session.
+pub fn unique_client_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let mut z = nanos ^ (u64::from(std::process::id()) << 40) ^ call.rotate_right(8);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,7 +49,7 @@ pub use error_frame::{ERROR_FIXED_BYTES, ErrorFrame, ErrorFrameRepr};
 pub use frame::{FRAME_HEADER_BYTES, Frame, FrameHeader, FrameHeaderRepr, FrameKind};
 pub use hello::{
     FROM_END, HELLO_FIXED_BYTES, HELLO_OK_BYTES, Hello, HelloOk, HelloOkRepr, HelloRepr, MAGIC,
-    PRELUDE_BYTES, PROTOCOL_VERSION, Role,
+    PRELUDE_BYTES, PROTOCOL_VERSION, Role, unique_client_id,
 };
 pub use limits::{
     BATCH_BYTES_DEFAULT, BATCH_BYTES_HARD_MAX, BATCH_BYTES_MIN, FRAME_BYTES_DEFAULT,

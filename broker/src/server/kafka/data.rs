@@ -354,7 +354,7 @@ impl KafkaSession {
                         .producers
                         .entry(topic.id)
                         .or_insert_with(|| ProducerSession {
-                            client_id: super::producer_client_id(),
+                            client_id: wire::unique_client_id(),
                             session_epoch: 1,
                             next_seq: 0,
                             seq_counts_messages: false,
@@ -816,7 +816,7 @@ pub(super) fn init_producer_id(request: &InitProducerIdRequest) -> InitProducerI
             .with_producer_epoch(request.producer_epoch + 1);
     }
     // A positive i64: the sequencer's publisher ids of idempotent producers.
-    let id = (super::producer_client_id() >> 1) as i64;
+    let id = (wire::unique_client_id() >> 1) as i64;
     response
         .with_producer_id(ProducerId(id))
         .with_producer_epoch(0)

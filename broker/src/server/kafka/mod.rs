@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::api_versions_response::ApiVersion;
@@ -219,20 +219,6 @@ pub struct KafkaSession {
     /// The session this connection's batches of each topic are numbered in (at most one
     /// per topic of the pool).
     producers: HashMap<TopicId, ProducerSession>,
-}
-
-/// A publisher id for a Kafka producer's session, unlikely to be any other publisher's:
-/// the clock's nanoseconds and a per-process counter through the splitmix64 finaliser.
-fn producer_client_id() -> u64 {
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut z = nanos ^ CALLS.fetch_add(1, Ordering::Relaxed).rotate_right(17);
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 impl KafkaSession {
