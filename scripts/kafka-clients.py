@@ -7,9 +7,12 @@
 confluent-kafka (librdkafka) produces N records with acks=all, and N more as an idempotent
 producer (enable.idempotence: InitProducerId, sequences, acks=all); kafka-python produces N
 with acks=1; all through every broker given in turn; then both libraries read the topic back from its start
-(partition 0 assigned by hand: group membership is not served). Then a consumer of a new
-group reads half the topic through the first broker and commits, and a second one of the
-group, through the last broker, starts at the committed offset. Checked: every
+(partition 0 assigned by hand). Then a consumer of a new group reads half the topic through
+the first broker and commits, and a second one of the group, through the last broker,
+starts at the committed offset. Then two consumers of another group subscribe through the
+first and the last broker: one gets the partition, reads half, commits and leaves, and the
+other takes over from the commit (group membership, coordinated by one broker for all);
+a kafka-python consumer of the group then subscribes at the end. Checked: every
 acknowledged record is in the topic exactly once, at the offset its acknowledgement gave,
 with its bytes; each producer's records are in the order it sent them; both readers see the
 same log. Prints one JSON summary line; exits 1 when a check fails.
@@ -172,6 +175,82 @@ def resume_from_commit(first, second, topic, end):
     }
 
 
+def subscribed_group(first, second, topic, end):
+    """Two librdkafka consumers of a new group subscribe to the topic, through different
+    brokers: exactly one gets its partition. It reads half, commits and leaves; the other
+    one is given the partition and goes on from the commit to the end, commits and leaves.
+    Then a kafka-python consumer of the group subscribes and is placed at the end. Returns
+    what they saw."""
+    group = f"embarcadero-subscribe-{time.time_ns()}"
+
+    def consumer(bootstrap):
+        c = confluent_kafka.Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 500,
+            }
+        )
+        c.subscribe([topic])
+        return c
+
+    members = [consumer(first), consumer(second)]
+    seen = [[], []]
+    half = max(1, end // 2)
+    deadline = time.monotonic() + 60
+    while sum(map(len, seen)) < half and time.monotonic() < deadline:
+        for index, member in enumerate(members):
+            room = half - sum(map(len, seen))
+            for message in member.consume(num_messages=max(1, room), timeout=0.1):
+                if not message.error():
+                    seen[index].append(message.offset())
+    holder = 0 if seen[0] else 1
+    other = 1 - holder
+    committed = seen[holder][-1] + 1 if seen[holder] else 0
+    members[holder].commit(
+        offsets=[confluent_kafka.TopicPartition(topic, 0, committed)], asynchronous=False
+    )
+    members[holder].close()
+    before_handover = len(seen[other])
+    deadline = time.monotonic() + 60
+    while (not seen[other] or seen[other][-1] < end - 1) and time.monotonic() < deadline:
+        for message in members[other].consume(num_messages=500, timeout=0.5):
+            if not message.error():
+                seen[other].append(message.offset())
+    resumed_at = seen[other][before_handover] if len(seen[other]) > before_handover else None
+    members[other].commit(
+        offsets=[confluent_kafka.TopicPartition(topic, 0, end)], asynchronous=False
+    )
+    members[other].close()
+    late = kafka.KafkaConsumer(
+        bootstrap_servers=second.split(","),
+        group_id=group,
+        enable_auto_commit=False,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
+    late.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not late.assignment() and time.monotonic() < deadline:
+        late.poll(timeout_ms=200)
+    partition = kafka.TopicPartition(topic, 0)
+    late_position = late.position(partition) if partition in late.assignment() else None
+    late.close()
+    return {
+        "first_holder_read": len(seen[holder]),
+        "first_holder_started_at": seen[holder][0] if seen[holder] else None,
+        "other_read_before_handover": before_handover,
+        "committed": committed,
+        "resumed_at": resumed_at,
+        "other_read": len(seen[other]) - before_handover,
+        "other_last": seen[other][-1] if seen[other] else None,
+        "kafka_python_position": late_position,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True)
@@ -245,6 +324,17 @@ def main():
             and resume["kafka_python_committed"] == resume["committed"]
         ):
             problems.append(f"a group did not resume from its commit: {resume}")
+        subscribed = subscribed_group(brokers[0], brokers[-1], args.topic, end)
+        summary["group_subscribe"] = subscribed
+        if not (
+            subscribed["first_holder_started_at"] == 0
+            and subscribed["other_read_before_handover"] == 0
+            and subscribed["resumed_at"] == subscribed["committed"]
+            and subscribed["other_last"] == end - 1
+            and subscribed["other_read"] == end - subscribed["committed"]
+            and subscribed["kafka_python_position"] == end
+        ):
+            problems.append(f"a subscribed group did not share its partition: {subscribed}")
     if len(readers) == 2 and readers["confluent-kafka"] != readers["kafka-python"]:
         problems.append("the two readers saw different logs")
     if len(acked) != summary["sent"]:

@@ -301,6 +301,8 @@ fn publish_details<M: SharedMemory>(
         pid: claimant.details.pid,
         listen_ip: 0,
         listen_port: 0,
+        kafka_port: 0,
+        kafka_ip: 0,
         ready: claimant.token,
     };
     let details = &bytemuck::bytes_of(&record)
@@ -340,18 +342,23 @@ pub fn advertisable(addr: SocketAddr) -> Result<SocketAddrV4, &'static str> {
 }
 
 /// Advertises where clients reach the holder of the claim `token` holds on `broker` (other
-/// brokers name it in redirects). `Err` holds the owner found when the claim is not
-/// `token`'s any more.
+/// brokers name it in redirects), and where Kafka clients do, if it has a Kafka listener
+/// (other brokers name it in Kafka metadata). `Err` holds the owner found when the claim
+/// is not `token`'s any more.
 pub fn advertise<M: SharedMemory>(
     pool: &Pool<M>,
     broker: u16,
     token: u64,
     addr: SocketAddrV4,
+    kafka: Option<SocketAddrV4>,
 ) -> Result<(), u64> {
     check_owner(pool, broker, token)?;
+    let kafka = kafka.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let mut bytes = [0u8; 12];
     bytes[..4].copy_from_slice(&u32::from(*addr.ip()).to_le_bytes());
-    bytes[4..].copy_from_slice(&u64::from(addr.port()).to_le_bytes());
+    bytes[4..6].copy_from_slice(&addr.port().to_le_bytes());
+    bytes[6..8].copy_from_slice(&kafka.port().to_le_bytes());
+    bytes[8..].copy_from_slice(&u32::from(*kafka.ip()).to_le_bytes());
     let offset = claim_offset(broker) + CLAIM_LISTEN_OFFSET;
     pool.mem().write(offset, &bytes);
     pool.mem().flush(offset, bytes.len() as u64);
@@ -366,10 +373,44 @@ pub fn advertised<M: SharedMemory>(
     host_id: u64,
 ) -> Option<SocketAddrV4> {
     let (record, published) = read_record(pool, broker);
-    let port = u16::try_from(record.listen_port).ok()?;
-    let ip = Ipv4Addr::from(record.listen_ip);
+    reachable(
+        &record,
+        published,
+        record.listen_ip,
+        record.listen_port,
+        host_id,
+    )
+}
+
+/// Where Kafka clients of a broker on host `host_id` reach the holder of `broker`'s claim,
+/// if it is held, published and advertises a Kafka listener (see [`advertised`]).
+pub fn advertised_kafka<M: SharedMemory>(
+    pool: &Pool<M>,
+    broker: u16,
+    host_id: u64,
+) -> Option<SocketAddrV4> {
+    let (record, published) = read_record(pool, broker);
+    reachable(
+        &record,
+        published,
+        record.kafka_ip,
+        record.kafka_port,
+        host_id,
+    )
+}
+
+/// `ip`:`port` of `record`, if the line is published, both are set, and the address is
+/// reachable from `host_id` (a loopback address only from the claimant's own host).
+fn reachable(
+    record: &BrokerClaim,
+    published: bool,
+    ip: u32,
+    port: u16,
+    host_id: u64,
+) -> Option<SocketAddrV4> {
+    let ip = Ipv4Addr::from(ip);
     let reachable = !ip.is_loopback() || record.host_id == host_id;
-    (published && record.listen_ip != 0 && port != 0 && reachable)
+    (published && !ip.is_unspecified() && port != 0 && reachable)
         .then(|| SocketAddrV4::new(ip, port))
 }
 
@@ -760,12 +801,17 @@ mod tests {
         try_claim(&a, 1, 0, &claimant(0x11, 101, 300)).unwrap();
         assert_eq!(advertised(&b, 1, host), None, "held, not advertised yet");
         assert_eq!(
-            advertise(&a, 1, 0x12, addr),
+            advertise(&a, 1, 0x12, addr, None),
             Err(0x11),
             "only by its holder"
         );
-        advertise(&a, 1, 0x11, addr).unwrap();
+        advertise(&a, 1, 0x11, addr, None).unwrap();
         assert_eq!(advertised(&b, 1, host), Some(addr));
+        assert_eq!(advertised_kafka(&b, 1, host), None, "no Kafka listener");
+        let kafka = SocketAddrV4::new(Ipv4Addr::new(10, 77, 1, 3), 9092);
+        advertise(&a, 1, 0x11, addr, Some(kafka)).unwrap();
+        assert_eq!(advertised(&b, 1, host), Some(addr));
+        assert_eq!(advertised_kafka(&b, 1, host), Some(kafka));
         assert_eq!(
             advertised(&b, 1, host + 1),
             Some(addr),
@@ -774,12 +820,16 @@ mod tests {
         assert_eq!(advertised(&b, 2, host), None);
         // A loopback address only from the same host.
         let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9301);
-        advertise(&a, 1, 0x11, local).unwrap();
+        let local_kafka = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9092);
+        advertise(&a, 1, 0x11, local, Some(local_kafka)).unwrap();
         assert_eq!(advertised(&b, 1, host), Some(local));
         assert_eq!(advertised(&b, 1, host + 1), None);
+        assert_eq!(advertised_kafka(&b, 1, host), Some(local_kafka));
+        assert_eq!(advertised_kafka(&b, 1, host + 1), None);
         // A new holder starts unadvertised.
         try_claim(&b, 1, 0x11, &claimant(0x13, 102, 300)).unwrap();
         assert_eq!(advertised(&a, 1, host), None);
+        assert_eq!(advertised_kafka(&a, 1, host), None);
     }
 
     #[test]

@@ -185,7 +185,12 @@ pub struct BrokerClaim {
     /// it listens; 0 while not advertised (an IPv6 or unspecified listen address).
     pub listen_ip: u32,
     /// The port of `listen_ip`; 0 while not advertised.
-    pub listen_port: u64,
+    pub listen_port: u16,
+    /// The port of the claimant's Kafka listener; 0 when it has none (or it is not
+    /// advertised).
+    pub kafka_port: u16,
+    /// The IPv4 address Kafka clients reach the claimant at; 0 when not advertised.
+    pub kafka_ip: u32,
     /// `owner` once the other fields are published.
     pub ready: u64,
 }
@@ -206,11 +211,12 @@ pub fn claim_offset(broker: u16) -> u64 {
 pub const CLAIM_OWNER_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, owner) as u64;
 /// Offset of the claim's heartbeat word.
 pub const CLAIM_HEARTBEAT_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, heartbeat) as u64;
-/// Offset of `listen_ip` in a [`BrokerClaim`] (`listen_port` follows it).
+/// Offset of `listen_ip` in a [`BrokerClaim`] (`listen_port`, `kafka_port` and `kafka_ip`
+/// follow it).
 pub const CLAIM_LISTEN_OFFSET: u64 = std::mem::offset_of!(BrokerClaim, listen_ip) as u64;
 const _: () = assert!(
-    std::mem::offset_of!(BrokerClaim, listen_port) as u64 == CLAIM_LISTEN_OFFSET + 4,
-    "the advertised address is one write"
+    std::mem::offset_of!(BrokerClaim, kafka_ip) as u64 == CLAIM_LISTEN_OFFSET + 8,
+    "the advertised addresses are one write"
 );
 
 /// One entry of the topic table. Written once by the head broker when it creates the topic.

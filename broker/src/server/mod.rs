@@ -439,7 +439,6 @@ fn launch(
         None => options.listen,
     };
     let advertised = options.advertise.unwrap_or(local_addr);
-    claim.advertise(advertised);
     let kafka_addr = kafka_listener.as_ref().map(|(addr, _)| *addr);
     let kafka_node = match kafka_addr {
         None => None,
@@ -461,6 +460,11 @@ fn launch(
             })
         }
     };
+    let kafka_advertised = kafka_node.as_ref().and_then(|node| {
+        let ip: std::net::IpAddr = node.host.parse().ok()?;
+        Some(SocketAddr::new(ip, node.port))
+    });
+    claim.advertise(advertised, kafka_advertised);
     let metrics_addr = spawn_metrics(options, metrics, stop, threads)?;
     let sequencer = spawn_sequencer(&pool, options, metrics, stop, threads)?;
     if let Some(config) = options.replica.clone() {

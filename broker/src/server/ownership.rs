@@ -118,18 +118,34 @@ impl ClaimGuard {
     }
 
     /// Advertises `addr` in the claim, where other brokers find it to redirect subscribers
-    /// here (one [`claim::advertisable`] refuses is not advertised: say so, with the flag
-    /// that fixes it). When the claim is not this broker's any more, the broker is ended.
-    pub fn advertise(&self, addr: SocketAddr) {
+    /// here, and `kafka`, the Kafka listener's address, where they find it to name this
+    /// broker in Kafka metadata (one [`claim::advertisable`] refuses is not advertised: say
+    /// so, with the flag that fixes it). When the claim is not this broker's any more, the
+    /// broker is ended.
+    pub fn advertise(&self, addr: SocketAddr, kafka: Option<SocketAddr>) {
+        let kafka = kafka.and_then(|kafka| match claim::advertisable(kafka) {
+            Ok(v4) => Some(v4),
+            Err(why) => {
+                log::info!(
+                    "broker {}: Kafka listener {kafka} is not advertised to other brokers \
+                     ({why}): their Kafka metadata does not name this broker",
+                    self.broker
+                );
+                None
+            }
+        });
         match claim::advertisable(addr) {
             Ok(v4) => {
-                if claim::advertise(&self.pool, self.broker, self.claimant.token, v4).is_err() {
+                if claim::advertise(&self.pool, self.broker, self.claimant.token, v4, kafka)
+                    .is_err()
+                {
                     self.lost();
                 }
             }
             Err(why) => log::info!(
                 "broker {}: {addr} is not advertised to other brokers ({why}): they cannot \
-                 redirect subscribers here (--advertise names an address)",
+                 redirect subscribers here, nor name its Kafka listener (--advertise names \
+                 an address)",
                 self.broker
             ),
         }

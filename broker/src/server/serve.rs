@@ -14,17 +14,20 @@ use std::time::Duration;
 use crate::metrics::Metrics;
 use crate::server::connection::{ByteStream, Connection, InputState, PayloadTarget, Service};
 use crate::server::kafka::admin::{CreateRefused, TopicCreation};
+use crate::server::kafka::groups::Groups;
 use crate::server::kafka::log_io::OffsetsFollower;
 use crate::server::kafka::offsets::Committed;
+use crate::server::kafka::peers::KafkaPeers;
 use crate::server::kafka::records::ProducedValues;
 use crate::server::kafka::{
     FetchRefused, KafkaConnection, KafkaContext, KafkaNode, KafkaTopic, ProducerSession,
     PublishRefused,
 };
-use crate::server::ownership::{ClaimGuard, LoopClaimCheck};
+use crate::server::ownership::{ClaimGuard, LoopClaimCheck, host_id};
 use crate::server::sequencing::SequencerDriver;
 use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
+use shared_log::claim;
 use shared_log::coherence::PoolMemory;
 use shared_log::pool::{Pool, TopicId};
 use units::Timestamp;
@@ -193,11 +196,38 @@ struct KafkaView<'a> {
     state: &'a mut BrokerState<PoolMemory>,
     node: &'a KafkaNode,
     offsets: &'a mut OffsetsFollower,
+    groups: &'a mut Groups,
+    peers: &'a mut KafkaPeers,
 }
 
 impl KafkaContext for KafkaView<'_> {
     fn node(&self) -> KafkaNode {
         self.node.clone()
+    }
+
+    fn brokers(&mut self) -> Vec<KafkaNode> {
+        let now = Timestamp::now();
+        if self.peers.due(now) {
+            let pool = self.state.pool();
+            let me = self.state.settings().broker_id;
+            let brokers = u16::try_from(pool.geometry().brokers_max).unwrap_or(u16::MAX);
+            let host = host_id();
+            self.peers.observe(
+                (0..brokers).filter(|&b| b != me).map(|broker| {
+                    (
+                        broker,
+                        claim::read_claim(pool, broker),
+                        claim::advertised_kafka(pool, broker, host),
+                    )
+                }),
+                now,
+            );
+        }
+        self.peers.live(self.node)
+    }
+
+    fn groups(&mut self) -> &mut Groups {
+        self.groups
     }
 
     fn topics(&self) -> Vec<(TopicId, String)> {
@@ -353,6 +383,10 @@ pub struct ServeLoop<T> {
     kafka_node: Option<KafkaNode>,
     /// Kafka consumers' committed offsets, as read from the log so far.
     kafka_offsets: OffsetsFollower,
+    /// The consumer groups this broker coordinates.
+    kafka_groups: Groups,
+    /// The other brokers' Kafka listeners.
+    kafka_peers: KafkaPeers,
 }
 
 impl<T> std::fmt::Debug for ServeLoop<T> {
@@ -396,6 +430,8 @@ impl<T: Transport> ServeLoop<T> {
             service_ids: Vec::new(),
             kafka_node,
             kafka_offsets: OffsetsFollower::default(),
+            kafka_groups: Groups::new(wire::unique_client_id()),
+            kafka_peers: KafkaPeers::default(),
         }
     }
 
@@ -639,6 +675,8 @@ impl<T: Transport> ServeLoop<T> {
                         state: &mut self.state,
                         node,
                         offsets: &mut self.kafka_offsets,
+                        groups: &mut self.kafka_groups,
+                        peers: &mut self.kafka_peers,
                     };
                     connection.service(&mut stream, &mut view, now, ready.readable, ready.writable)
                 }

@@ -404,8 +404,7 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
         *next = (*next).max(seq + 1);
     }
 
-    /// The pool (for unit tests that read what the connections wrote).
-    #[cfg(test)]
+    /// The pool (claims are read from it; unit tests read what the connections wrote).
     pub(crate) fn pool(&self) -> &Pool<M> {
         &self.pool
     }

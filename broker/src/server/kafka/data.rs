@@ -117,6 +117,10 @@ pub(super) enum Answer {
     Produce(PendingProduce),
     /// A Fetch waiting for records or for its wait to end.
     Fetch(PendingFetch),
+    /// A JoinGroup waiting for its group to form.
+    Join(super::groups::PendingJoin),
+    /// A follower's SyncGroup waiting for the leader's assignment.
+    Sync(super::groups::PendingSync),
 }
 
 impl Answer {
@@ -536,6 +540,16 @@ impl KafkaSession {
                         continue;
                     }
                     if let Some(frame) = try_fetch(fetch, &*context, now) {
+                        *answer = Answer::Ready(frame);
+                    }
+                }
+                Answer::Join(join) => {
+                    if let Some(frame) = super::groups::poll_join(join, context, now) {
+                        *answer = Answer::Ready(frame);
+                    }
+                }
+                Answer::Sync(sync) => {
+                    if let Some(frame) = super::groups::poll_sync(sync, context, now) {
                         *answer = Answer::Ready(frame);
                     }
                 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use shared_log::layout::CompletionStatus;
 use shared_log::pool::TopicId;
 
+use super::groups::Groups;
 use super::records::{self, ProducedValues};
 use super::{FetchRefused, KafkaContext, KafkaNode, KafkaTopic, ProducerSession, PublishRefused};
 use crate::metrics::Metrics;
@@ -44,6 +45,10 @@ pub struct FakeLog {
     /// Where each batch of a session that numbers messages was placed, by (topic, client,
     /// epoch, sequence): a resend is answered as a duplicate, as the sequencer does.
     pub placed: HashMap<(TopicId, u64, u32, u64), u64>,
+    /// The consumer groups (this broker coordinates them unless `coordinator` says).
+    pub groups: Groups,
+    /// The other live brokers with a Kafka listener.
+    pub peers: Vec<KafkaNode>,
 }
 
 impl FakeLog {
@@ -58,6 +63,8 @@ impl FakeLog {
             replicated: HashMap::new(),
             log_start: HashMap::new(),
             placed: HashMap::new(),
+            groups: Groups::new(0xfeed),
+            peers: Vec::new(),
         }
     }
 
@@ -131,6 +138,17 @@ impl KafkaContext for FakeLog {
             host: "10.0.0.7".into(),
             port: 9092,
         }
+    }
+
+    fn brokers(&mut self) -> Vec<KafkaNode> {
+        let mut brokers = self.peers.clone();
+        brokers.push(self.node());
+        brokers.sort_by_key(|node| node.id);
+        brokers
+    }
+
+    fn groups(&mut self) -> &mut Groups {
+        &mut self.groups
     }
 
     fn topics(&self) -> Vec<(TopicId, String)> {

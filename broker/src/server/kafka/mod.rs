@@ -22,9 +22,9 @@ use kafka_protocol::messages::metadata_response::{
 };
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, CreateTopicsRequest, FetchRequest,
-    FindCoordinatorRequest, InitProducerIdRequest, ListOffsetsRequest, MetadataRequest,
-    MetadataResponse, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader,
-    ResponseHeader, TopicName,
+    FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest,
+    LeaveGroupRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest,
+    OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SyncGroupRequest, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -38,8 +38,10 @@ pub mod admin;
 pub mod data;
 #[cfg(test)]
 mod fake;
+pub mod groups;
 pub mod log_io;
 pub mod offsets;
+pub mod peers;
 pub mod records;
 
 pub use data::{FetchRefused, KafkaTopic, ProducerSession, PublishRefused};
@@ -66,8 +68,24 @@ mod error_code {
     pub const UNKNOWN_SERVER_ERROR: i16 = -1;
     /// No coordinator (transactions), or the offsets topic is not there yet.
     pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
-    /// A commit from a group member: membership is not served.
+    /// A group member's generation is not its group's.
     pub const ILLEGAL_GENERATION: i16 = 22;
+    /// Group requests to a broker that does not coordinate groups now.
+    pub const NOT_COORDINATOR: i16 = 16;
+    /// A member whose protocols do not match its group's.
+    pub const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
+    /// A member not in its group (any more).
+    pub const UNKNOWN_MEMBER_ID: i16 = 25;
+    /// A session timeout outside the range taken.
+    pub const INVALID_SESSION_TIMEOUT: i16 = 26;
+    /// The group is rebalancing: join again.
+    pub const REBALANCE_IN_PROGRESS: i16 = 27;
+    /// A request field over its limit.
+    pub const INVALID_REQUEST: i16 = 42;
+    /// A new member must join again with the member id given.
+    pub const MEMBER_ID_REQUIRED: i16 = 79;
+    /// The group (or the coordinator) has all the members it takes.
+    pub const GROUP_MAX_SIZE_REACHED: i16 = 81;
     /// An idempotent producer's batch whose earlier sequences were given up.
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     /// An idempotent producer's batch older than what is remembered of it: not written,
@@ -108,7 +126,7 @@ mod error_code {
 /// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
 /// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
 /// (one offset per partition).
-const SUPPORTED: [(ApiKey, i16, i16); 10] = [
+const SUPPORTED: [(ApiKey, i16, i16); 14] = [
     (ApiKey::Produce, 3, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
@@ -119,6 +137,10 @@ const SUPPORTED: [(ApiKey, i16, i16); 10] = [
     (ApiKey::FindCoordinator, 0, 4),
     (ApiKey::OffsetCommit, 2, 8),
     (ApiKey::OffsetFetch, 1, 7),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
 ];
 
 /// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
@@ -155,6 +177,10 @@ pub enum KafkaError {
 pub trait KafkaContext {
     /// This broker's node id and where Kafka clients reach it.
     fn node(&self) -> KafkaNode;
+    /// The live brokers with a Kafka listener, this one included, by id.
+    fn brokers(&mut self) -> Vec<KafkaNode>;
+    /// The consumer groups this broker coordinates.
+    fn groups(&mut self) -> &mut groups::Groups;
     /// Every topic, by id and name.
     fn topics(&self) -> Vec<(TopicId, String)>;
     /// The broker's metrics.
@@ -356,9 +382,43 @@ impl KafkaSession {
                 let response = data::list_offsets(&request, context);
                 Ok(Some(respond(&header, key, api_version, &response)))
             }
+            ApiKey::JoinGroup => {
+                let request = JoinGroupRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("JoinGroup request", e))?;
+                self.on_join_group(header, api_version, request, context, now);
+                Ok(None)
+            }
+            ApiKey::SyncGroup => {
+                let request = SyncGroupRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("SyncGroup request", e))?;
+                self.on_sync_group(header, api_version, request, context, now);
+                Ok(None)
+            }
+            ApiKey::Heartbeat => {
+                let request = HeartbeatRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("Heartbeat request", e))?;
+                let response = groups::heartbeat(&request, context, now);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
+            ApiKey::LeaveGroup => {
+                let request = LeaveGroupRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("LeaveGroup request", e))?;
+                let response = groups::leave_group(&request, api_version, context, now);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
             _ => Err(KafkaError::UnsupportedApi(api_key)),
         }
     }
+}
+
+/// The broker that coordinates consumer groups: the live one with the lowest id (every
+/// broker picks the same once they see the same live brokers).
+fn coordinator(context: &mut dyn KafkaContext) -> KafkaNode {
+    context
+        .brokers()
+        .into_iter()
+        .min_by_key(|node| node.id)
+        .unwrap_or_else(|| context.node())
 }
 
 fn malformed(what: &'static str, detail: impl std::fmt::Display) -> KafkaError {
@@ -479,13 +539,18 @@ fn metadata(
             })
             .collect(),
     };
-    MetadataResponse::default()
-        .with_brokers(vec![
+    let brokers = context
+        .brokers()
+        .into_iter()
+        .map(|broker| {
             MetadataResponseBroker::default()
-                .with_node_id(BrokerId(node.id))
-                .with_host(StrBytes::from_string(node.host.clone()))
-                .with_port(i32::from(node.port)),
-        ])
+                .with_node_id(BrokerId(broker.id))
+                .with_host(StrBytes::from_string(broker.host))
+                .with_port(i32::from(broker.port))
+        })
+        .collect();
+    MetadataResponse::default()
+        .with_brokers(brokers)
         .with_cluster_id(Some(StrBytes::from_static_str("embarcadero")))
         .with_controller_id(BrokerId(node.id))
         .with_topics(described)
@@ -833,6 +898,10 @@ mod tests {
                     (ApiKey::FindCoordinator as i16, 0, 4),
                     (ApiKey::OffsetCommit as i16, 2, 8),
                     (ApiKey::OffsetFetch as i16, 1, 7),
+                    (ApiKey::JoinGroup as i16, 0, 9),
+                    (ApiKey::SyncGroup as i16, 0, 5),
+                    (ApiKey::Heartbeat as i16, 0, 4),
+                    (ApiKey::LeaveGroup as i16, 0, 5),
                 ]
             );
         }
@@ -967,11 +1036,11 @@ mod tests {
             Err(KafkaError::Malformed { .. })
         ));
         // An API this broker does not offer.
-        let mut join = frame.clone();
-        join[4..6].copy_from_slice(&(ApiKey::JoinGroup as i16).to_be_bytes());
+        let mut describe = frame.clone();
+        describe[4..6].copy_from_slice(&(ApiKey::DescribeGroups as i16).to_be_bytes());
         assert_eq!(
-            answer(&join),
-            Err(KafkaError::UnsupportedApi(ApiKey::JoinGroup as i16))
+            answer(&describe),
+            Err(KafkaError::UnsupportedApi(ApiKey::DescribeGroups as i16))
         );
         // A version outside what ApiVersions offered.
         let mut future = frame.clone();

@@ -3,14 +3,16 @@
 //!
 //! A commit is written to the log like any message: one record per partition, in the
 //! internal topic [`OFFSETS_TOPIC`], in the total order, on its replicas where it has any.
-//! So it survives the broker that took it, and every broker can answer for every group:
-//! each one names itself the coordinator, and reads the commits back from the shared log
-//! ([`OffsetsCache`] follows the topic). The latest commit of a (group, topic, partition)
-//! wins. The topic is not compacted: once its log wraps, older commits are gone (a group
-//! that has not committed for that long starts again from `auto.offset.reset`).
+//! So it survives the broker that took it, and every broker can answer OffsetFetch for
+//! every group: it reads the commits back from the shared log ([`OffsetsCache`] follows
+//! the topic). The latest commit of a (group, topic, partition) wins. The topic is not
+//! compacted: once its log wraps, older commits are gone (a group that has not committed
+//! for that long starts again from `auto.offset.reset`).
 //!
-//! Group membership (JoinGroup, SyncGroup, Heartbeat, LeaveGroup) is not served: a commit
-//! from a group member (a generation from JoinGroup) is refused with `ILLEGAL_GENERATION`.
+//! FindCoordinator names the broker that coordinates group membership (`groups`); a
+//! member's commit (a generation from JoinGroup) is taken there only, and only from a
+//! member of the group's current generation. A commit without a generation (a consumer
+//! that assigns its partitions itself) is taken by any broker.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -175,14 +177,14 @@ impl OffsetsCache {
     }
 }
 
-/// FindCoordinator: every broker coordinates every group (the commits are in the shared
-/// log); transactions have no coordinator.
+/// FindCoordinator: the broker that coordinates groups (see `groups`); transactions have
+/// no coordinator.
 pub(super) fn find_coordinator(
     request: &FindCoordinatorRequest,
     version: i16,
-    context: &dyn KafkaContext,
+    context: &mut dyn KafkaContext,
 ) -> FindCoordinatorResponse {
-    let node = context.node();
+    let node = super::coordinator(context);
     let answer = |key: &StrBytes| {
         let coordinator = Coordinator::default()
             .with_key(key.clone())
@@ -259,8 +261,24 @@ impl KafkaSession {
         context: &mut dyn KafkaContext,
         now: Timestamp,
     ) {
-        // A group member's commit (its generation from JoinGroup): membership is not served.
-        let member = request.generation_id_or_member_epoch >= 0;
+        // A group member's commit (its generation from JoinGroup) is checked against the
+        // group's membership, by its coordinator.
+        let member = if request.generation_id_or_member_epoch < 0 {
+            None
+        } else if !super::groups::coordinates(context) {
+            Some(error_code::NOT_COORDINATOR)
+        } else {
+            context
+                .groups()
+                .heartbeat(
+                    request.group_id.0.as_str(),
+                    request.generation_id_or_member_epoch,
+                    request.member_id.as_str(),
+                    now,
+                )
+                .err()
+                .map(|refused| refused.code())
+        };
         let group_too_long = request.group_id.0.len() > GROUP_BYTES_MAX;
         let mut commits = Vec::new();
         let topics: CommitAnswers = request
@@ -275,8 +293,8 @@ impl KafkaSession {
                         let metadata_bytes = p.committed_metadata.as_ref().map_or(0, |m| m.len());
                         let error = if group_too_long {
                             Some(error_code::INVALID_GROUP_ID)
-                        } else if member {
-                            Some(error_code::ILLEGAL_GENERATION)
+                        } else if member.is_some() {
+                            member
                         } else if metadata_bytes > METADATA_BYTES_MAX {
                             Some(error_code::OFFSET_METADATA_TOO_LARGE)
                         } else if !known || p.partition_index != 0 {
@@ -467,7 +485,7 @@ mod session_tests {
     use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion};
 
     use super::super::fake::FakeLog;
-    use super::super::{request_frame, response_body};
+    use super::super::{KafkaNode, request_frame, response_body};
     use super::*;
 
     fn call<R: Encodable + HeaderVersion>(
@@ -568,7 +586,7 @@ mod session_tests {
         let mut log = FakeLog::two_topics();
         let mut session = KafkaSession::new(1);
         for (request, code) in [
-            (commit("orders", 0, 1, 3), error_code::ILLEGAL_GENERATION),
+            (commit("orders", 0, 1, 3), error_code::UNKNOWN_MEMBER_ID),
             (
                 commit("nosuch", 0, 1, -1),
                 error_code::UNKNOWN_TOPIC_OR_PARTITION,
@@ -597,6 +615,24 @@ mod session_tests {
             let response = OffsetCommitResponse::decode(&mut Bytes::from(body), 8).unwrap();
             assert_eq!(response.topics[0].partitions[0].error_code, code);
         }
+        // A member's commit goes to the coordinator: broker 1 is, when it is alive.
+        log.peers.push(KafkaNode {
+            id: 1,
+            host: "10.0.0.5".into(),
+            port: 9092,
+        });
+        let body = call(
+            &mut session,
+            &mut log,
+            ApiKey::OffsetCommit,
+            8,
+            &commit("orders", 0, 1, 3),
+        );
+        let response = OffsetCommitResponse::decode(&mut Bytes::from(body), 8).unwrap();
+        assert_eq!(
+            response.topics[0].partitions[0].error_code,
+            error_code::NOT_COORDINATOR
+        );
         assert!(
             log.find_topic(OFFSETS_TOPIC).is_none(),
             "nothing was written"
@@ -604,7 +640,7 @@ mod session_tests {
     }
 
     #[test]
-    fn every_broker_coordinates_groups_and_none_transactions() {
+    fn the_lowest_live_broker_coordinates_groups_and_none_transactions() {
         let mut log = FakeLog::two_topics();
         let mut session = KafkaSession::new(1);
         for version in 0..=4 {
@@ -652,5 +688,23 @@ mod session_tests {
             };
             assert_eq!(error, error_code::COORDINATOR_NOT_AVAILABLE);
         }
+        // Broker 1 is alive and has a Kafka listener: it coordinates.
+        log.peers.push(KafkaNode {
+            id: 1,
+            host: "10.0.0.5".into(),
+            port: 9093,
+        });
+        let body = call(
+            &mut session,
+            &mut log,
+            ApiKey::FindCoordinator,
+            3,
+            &Find::default().with_key(StrBytes::from_static_str("billing")),
+        );
+        let response = FindCoordinatorResponse::decode(&mut Bytes::from(body), 3).unwrap();
+        assert_eq!(
+            (response.node_id, response.host.as_str(), response.port),
+            (BrokerId(1), "10.0.0.5", 9093)
+        );
     }
 }
