@@ -3,6 +3,7 @@
 
     kafka-clients.py --bootstrap HOST:PORT[,HOST:PORT...] --topic T [--records N]
     kafka-clients.py --bootstrap ... --topic T --failover [--records N]
+    kafka-clients.py --bootstrap ... --topic T --group-failover [--records N]
 
 confluent-kafka (librdkafka) produces N records with acks=all, and N more as an idempotent
 producer (enable.idempotence: InitProducerId, sequences, acks=all); kafka-python produces N
@@ -21,6 +22,12 @@ With --failover, one idempotent confluent-kafka producer sends N records paced o
 two seconds through the whole bootstrap list (the test kills a broker meanwhile: the
 producer must go on through another, and its resends be deduplicated); the same checks
 follow, with librdkafka reading back.
+
+With --group-failover, N records are produced, then one librdkafka consumer of a new group
+subscribes and reads them, committing after each batch; halfway it prints "consuming" (the
+test kills the group coordinator then). It must find the next coordinator, join again and
+resume from its last commit: every record read, the last commit at the end, and any record
+read twice read again from a commit.
 """
 
 import argparse
@@ -251,13 +258,89 @@ def subscribed_group(first, second, topic, end):
     }
 
 
+def group_failover(bootstrap, topic, records):
+    """Produces `records`, then one librdkafka consumer of a new group subscribes and reads
+    them, committing after each batch; halfway it prints "consuming" (the test then kills
+    the group coordinator) and goes on: it must find the new coordinator, join again, and
+    resume from its last commit. Returns what it saw."""
+    acked, failed = produce_confluent(bootstrap, topic, records, "group-failover")
+    group = f"embarcadero-failover-{time.time_ns()}"
+    assignments = []
+    consumer = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
+    consumer.subscribe(
+        [topic], on_assign=lambda _, parts: assignments.append([p.offset for p in parts])
+    )
+    seen, commits, attempted, commit_failures, told = [], [], set(), 0, False
+    deadline = time.monotonic() + 90
+    while not (commits and commits[-1] == records) and time.monotonic() < deadline:
+        batch = [m for m in consumer.consume(num_messages=100, timeout=0.5) if not m.error()]
+        if not batch:
+            if seen and seen[-1] == records - 1 and (not commits or commits[-1] != records):
+                batch_end = records
+            else:
+                continue
+        else:
+            seen.extend(m.offset() for m in batch)
+            batch_end = batch[-1].offset() + 1
+        attempted.add(batch_end)  # a commit whose answer was lost may still have landed
+        try:
+            consumer.commit(
+                offsets=[confluent_kafka.TopicPartition(topic, 0, batch_end)], asynchronous=False
+            )
+            commits.append(batch_end)
+        except confluent_kafka.KafkaException:
+            commit_failures += 1
+        if not told and len(seen) >= records // 2:
+            print("consuming", flush=True)
+            told = True
+            time.sleep(0.2)
+    committed = consumer.committed([confluent_kafka.TopicPartition(topic, 0)], timeout=10)[0]
+    consumer.close()
+    # A step back in what was read must start at a commit (at-least-once, from the commit).
+    rereads_from = [b for a, b in zip(seen, seen[1:]) if b <= a]
+    return {
+        "acknowledged": len(acked),
+        "produce_failures": failed[:5],
+        "read": len(seen),
+        "distinct": len(set(seen)),
+        "rereads_from": rereads_from,
+        "rereads_not_at_a_commit": [b for b in rereads_from if b not in attempted],
+        "commits": len(commits),
+        "commit_failures": commit_failures,
+        "committed": committed.offset,
+        "assignments": len(assignments),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic", required=True)
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--failover", action="store_true")
+    parser.add_argument("--group-failover", action="store_true")
     args = parser.parse_args()
+    if args.group_failover:
+        summary = group_failover(args.bootstrap, args.topic, args.records)
+        problems = []
+        if summary["acknowledged"] != args.records or summary["produce_failures"]:
+            problems.append("records not acknowledged")
+        if summary["distinct"] != args.records or summary["committed"] != args.records:
+            problems.append("the group did not read and commit every record")
+        if summary["rereads_not_at_a_commit"]:
+            problems.append("a record was read again from elsewhere than the last commit")
+        summary["problems"] = problems
+        print(json.dumps(summary))
+        return 1 if problems else 0
     brokers = [] if args.failover else args.bootstrap.split(",")
     problems = []
     acked = {}

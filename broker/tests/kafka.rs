@@ -85,7 +85,11 @@ fn a_kafka_client_learns_the_apis_the_brokers_and_the_topics() {
         Order::Total,
         Retention::StallLimited,
     );
-    for broker in cluster.brokers() {
+    let listeners: Vec<(i32, i32)> = (0..)
+        .zip(cluster.brokers())
+        .map(|(id, b)| (id, i32::from(b.kafka_addr().unwrap().port())))
+        .collect();
+    for (id, broker) in (0..).zip(cluster.brokers()) {
         let addr = broker.kafka_addr().expect("a Kafka listener");
         let mut stream = connect(addr);
         let mut body = call(
@@ -112,8 +116,13 @@ fn a_kafka_client_learns_the_apis_the_brokers_and_the_topics() {
             &MetadataRequest::default().with_topics(None),
         );
         let metadata = MetadataResponse::decode(&mut body, 12).unwrap();
-        assert_eq!(metadata.brokers.len(), 1);
-        assert_eq!(metadata.brokers[0].port, i32::from(addr.port()));
+        // Every live broker, with its Kafka listener (from the claims in the pool).
+        let named: Vec<(i32, i32)> = metadata
+            .brokers
+            .iter()
+            .map(|b| (b.node_id.0, b.port))
+            .collect();
+        assert_eq!(named, listeners);
         // The topic created, and the internal one of committed offsets.
         let names: Vec<(&str, bool)> = metadata
             .topics
@@ -126,7 +135,7 @@ fn a_kafka_client_learns_the_apis_the_brokers_and_the_topics() {
         );
         let orders = &metadata.topics[1];
         // Every broker leads the partition in the metadata it serves.
-        assert_eq!(orders.partitions[0].leader_id, metadata.brokers[0].node_id);
+        assert_eq!(orders.partitions[0].leader_id.0, id);
         assert!(!body.has_remaining());
     }
 }
@@ -548,4 +557,82 @@ fn acks_all_on_a_replicated_topic_is_answered_once_the_replica_holds_the_records
         b"ordered\n",
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_consumer_group_goes_on_with_the_next_coordinator_when_its_coordinator_dies() {
+    let Ok(python) = std::env::var("KAFKA_PYTHON") else {
+        eprintln!(
+            "SKIPPED: KAFKA_PYTHON is not set (./scripts/test.sh installs confluent-kafka and \
+             sets it)"
+        );
+        return;
+    };
+    // Broker 0, the head, holds the sequencer lease and coordinates groups (the lowest
+    // id); brokers 1 and 2 stand by. Broker 0 dies while the group reads: broker 1 takes
+    // the sequencer over and coordinates.
+    let geometry = Geometry {
+        brokers_max: 3,
+        topics_max: 4,
+        ring_slots: 64,
+        goi_entries: 1 << 12,
+        blog_bytes: 1 << 20,
+    };
+    let mut cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
+        options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
+        options.standby = true;
+        options.claim_lease_ms = 300;
+    })
+    .unwrap();
+    support::create_topic(
+        cluster.brokers()[0].local_addr(),
+        "grouped",
+        Order::TotalSessionFifo,
+        Retention::StallLimited,
+    );
+    let bootstrap = [1, 2]
+        .map(|i| cluster.brokers()[i].kafka_addr().unwrap().to_string())
+        .join(",");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
+    let mut child = Command::new("timeout")
+        .args([
+            "150",
+            &python,
+            script,
+            "--group-failover",
+            "--topic",
+            "grouped",
+        ])
+        .args(["--records", "2000", "--bootstrap", &bootstrap])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "consuming");
+    assert!(cluster.kill_broker(0));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    println!("{rest}");
+    assert!(
+        status.success(),
+        "kafka-clients.py --group-failover: {rest} {stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(summary["distinct"], 2000);
+    assert_eq!(summary["committed"], 2000);
+    assert!(
+        summary["assignments"].as_u64().unwrap() >= 2,
+        "the group formed again under the next coordinator: {rest}"
+    );
 }
