@@ -37,7 +37,7 @@ ensure_packages build-essential pkg-config util-linux kcat time
 ensure_kafka_clients
 . scripts/lab.sh
 ensure_xdp_build_deps
-prepare_hugepages 300
+prepare_hugepages 600
 cargo build --release -q -p broker -p client
 
 out=target/bench/kafka

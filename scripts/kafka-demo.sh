@@ -30,7 +30,7 @@ ensure_packages build-essential pkg-config util-linux curl kcat
 ensure_kafka_clients
 . scripts/lab.sh
 ensure_xdp_build_deps
-prepare_hugepages 300
+prepare_hugepages 600
 
 echo "== building (release)"
 cargo build --release -q -p broker -p client
@@ -107,6 +107,12 @@ if resume:
     print(f"   a group committed offset {resume['committed']} through broker 0 and resumed at "
           f"{resume['resumed_at']} through broker 3 (read back: confluent-kafka "
           f"{resume['committed_read_back']}, kafka-python {resume['kafka_python_committed']})")
+subscribed = libraries.get("group_subscribe")
+if subscribed:
+    print(f"   two consumers of a group subscribed through brokers 0 and 3: one read "
+          f"{subscribed['first_holder_read']} and committed {subscribed['committed']}, the other "
+          f"took over at {subscribed['resumed_at']} and read {subscribed['other_read']} to the "
+          f"end; a kafka-python member then started at {subscribed['kafka_python_position']}")
 if problems:
     print("PROBLEMS:", *problems, sep="\n  ")
     sys.exit(1)
