@@ -127,7 +127,7 @@ fn lose_and_rebuild(dir: &Path, segment_bytes: u64, history: HistoryRetention) -
                 batch_seq: seq,
                 message_count: 1 + (seq % 3) as u32,
                 checksum: wire::payload::checksum(&data),
-                seq_counts_messages: false,
+                flags: 0,
             };
             writers[(seq as usize + client as usize) % 3]
                 .append(meta, &data)
@@ -227,7 +227,7 @@ fn a_pool_lost_after_retention_deleted_history_is_rebuilt_from_where_the_replica
         batch_seq: 0,
         message_count: 2,
         checksum: wire::payload::checksum(&data),
-        seq_counts_messages: false,
+        flags: 0,
     };
     writer.append(meta, &data).unwrap();
     let mut placed = None;

@@ -636,3 +636,74 @@ fn a_consumer_group_goes_on_with_the_next_coordinator_when_its_coordinator_dies(
         "the group formed again under the next coordinator: {rest}"
     );
 }
+
+#[test]
+fn kcat_records_keep_their_keys_headers_and_timestamps_as_produced() {
+    if kcat_missing() {
+        return;
+    }
+    let cluster = cluster();
+    let head = &cluster.brokers()[0];
+    let order = Order::TotalSessionFifo;
+    support::create_topic(head.local_addr(), "keyed", order, Retention::StallLimited);
+    let addr = head.kafka_addr().unwrap().to_string();
+    // Keys (-K:), one header on every record (-H), 50 records.
+    let input: String = (0..50)
+        .map(|i| format!("user-{}:event-{i}\n", i % 7))
+        .collect();
+    kcat(
+        &["-P", "-b", &addr, "-t", "keyed", "-K:", "-H", "source=kcat"],
+        input.as_bytes(),
+    );
+    let read = kcat(
+        &[
+            "-C",
+            "-b",
+            &addr,
+            "-t",
+            "keyed",
+            "-o",
+            "beginning",
+            "-e",
+            "-f",
+            "%o|%k|%s|%h|%T\n",
+        ],
+        b"",
+    );
+    let lines: Vec<&str> = read.lines().collect();
+    assert_eq!(lines.len(), 50, "{read}");
+    for (i, line) in lines.iter().enumerate() {
+        let fields: Vec<&str> = line.split('|').collect();
+        assert_eq!(
+            fields[..4],
+            [
+                i.to_string().as_str(),
+                format!("user-{}", i % 7).as_str(),
+                format!("event-{i}").as_str(),
+                "source=kcat"
+            ],
+            "{line}"
+        );
+        let timestamp_ms: i64 = fields[4].parse().unwrap();
+        assert!(
+            timestamp_ms > 1_700_000_000_000,
+            "the producer's timestamp: {line}"
+        );
+    }
+    // Our own subscriber reads the values as messages.
+    let mut subscriber = support::subscriber(head.local_addr(), "keyed", order, 0);
+    let mut seen = Vec::new();
+    while seen.len() < 50 {
+        match subscriber.receive() {
+            support::Received::Delivery(_, payload) => {
+                for message in wire::payload::messages(&payload) {
+                    seen.push(String::from_utf8(message.unwrap().to_vec()).unwrap());
+                }
+            }
+            support::Received::Frame(_) => {}
+            other => panic!("subscriber: {}", matches!(other, support::Received::Closed)),
+        }
+    }
+    let expected: Vec<String> = (0..50).map(|i| format!("event-{i}")).collect();
+    assert_eq!(seen, expected);
+}

@@ -197,7 +197,7 @@ fn a_second_process_attaches_and_reads_in_order_while_the_first_writes() {
                     batch_seq: next[b],
                     message_count: messages,
                     checksum: wire::payload::checksum(&payload),
-                    seq_counts_messages: false,
+                    flags: 0,
                 };
                 match writer.append(meta, &payload) {
                     Ok(_) => next[b] += 1,

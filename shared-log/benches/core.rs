@@ -110,7 +110,7 @@ fn sequencing_rate(mode: CoherenceMode) -> f64 {
                     batch_seq: seqs[b],
                     message_count: 1,
                     checksum,
-                    seq_counts_messages: false,
+                    flags: 0,
                 };
                 writer.append(meta, &data).expect("room after completions");
                 seqs[b] += 1;
@@ -148,7 +148,7 @@ fn payload_path(mode: CoherenceMode, verify_checksums: bool) -> f64 {
                     batch_seq: seqs[b],
                     message_count: BIG_MESSAGES as u32,
                     checksum,
-                    seq_counts_messages: false,
+                    flags: 0,
                 };
                 let mut reservation = writer.reserve(data.len() as u64).expect("room");
                 writer.write_payload(&mut reservation, &data);

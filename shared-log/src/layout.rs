@@ -281,7 +281,7 @@ pub struct BatchHeader {
     pub checksum: u32,
     /// Ordering level the publisher asked for; must equal the topic's.
     pub order: u8,
-    /// [`BATCH_SEQ_COUNTS_MESSAGES`] or 0.
+    /// [`BATCH_SEQ_COUNTS_MESSAGES`], [`BATCH_RECORD_BATCHES`], both or 0.
     pub flags: u8,
     /// Reserved, zero.
     pub reserved: [u8; 14],
@@ -300,6 +300,11 @@ impl Record for BatchHeader {
 /// sequences): the batch after sequence `s` of `n` messages is `s + n`, not `s + 1`. Zero in
 /// pools written before it, which then number batches, as they did.
 pub const BATCH_SEQ_COUNTS_MESSAGES: u8 = 1;
+
+/// Batch flag: the payload is Kafka record batches (magic 2, `wire::record_batch`) as a
+/// Kafka producer sent them, one message per record, instead of length-prefixed messages
+/// (`wire::payload`). Zero in pools written before it, whose payloads are all messages.
+pub const BATCH_RECORD_BATCHES: u8 = 2;
 
 /// What became of a committed batch; stored as a `u32` code in its completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

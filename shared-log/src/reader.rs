@@ -8,7 +8,7 @@
 //! ever passed off as good.
 
 use crate::coherence::SharedMemory;
-use crate::layout::{FRONTIER_WRITTEN, GoiEntry};
+use crate::layout::{BATCH_RECORD_BATCHES, FRONTIER_WRITTEN, GoiEntry};
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, read_if_ready};
 
 /// Why the log cannot be read at a position.
@@ -70,7 +70,8 @@ pub struct OrderedBatch<'a> {
     pub session_epoch: u32,
     /// Publisher batch sequence.
     pub batch_seq: u64,
-    /// The batch's flags (see [`crate::layout::BATCH_SEQ_COUNTS_MESSAGES`]).
+    /// The batch's flags (see [`crate::layout::BATCH_SEQ_COUNTS_MESSAGES`] and
+    /// [`BATCH_RECORD_BATCHES`]).
     pub flags: u8,
     /// CRC-32C of the payload.
     pub checksum: u32,
@@ -78,14 +79,59 @@ pub struct OrderedBatch<'a> {
     pub pool_offset: u64,
     /// Its place in its broker's payload log (compared with [`LogReader::overwrite_limit`]).
     pub blog_offset: u64,
-    /// The payload: length-prefixed messages (see `wire::payload`).
+    /// The payload: length-prefixed messages (see `wire::payload`), or Kafka record
+    /// batches when the flags have [`BATCH_RECORD_BATCHES`].
     pub payload: &'a [u8],
 }
 
 impl<'a> OrderedBatch<'a> {
-    /// The batch's messages. The payload was validated before it was handed out.
-    pub fn messages(&self) -> impl Iterator<Item = &'a [u8]> {
-        wire::payload::messages(self.payload).map_while(Result::ok)
+    /// Whether the payload is Kafka record batches ([`BATCH_RECORD_BATCHES`]).
+    pub fn is_record_batches(&self) -> bool {
+        self.flags & BATCH_RECORD_BATCHES != 0
+    }
+
+    /// The batch's messages: each message, or each record's value (a null value reads as
+    /// an empty message; keys, headers and timestamps are Kafka's to read). The payload's
+    /// framing was validated before it was handed out; a record that does not read ends
+    /// the messages (only an uncompressed batch's records read).
+    pub fn messages(&self) -> Messages<'a> {
+        if self.is_record_batches() {
+            let records = wire::record_batch::batches(self.payload)
+                .map_while(Result::ok)
+                .flat_map(|batch| batch.records().map_while(Result::ok))
+                .map(|record| record.value.unwrap_or_default());
+            Messages::Records(Box::new(records))
+        } else {
+            Messages::Native(wire::payload::messages(self.payload))
+        }
+    }
+}
+
+/// The messages of an [`OrderedBatch`], in either payload format.
+pub enum Messages<'a> {
+    /// Length-prefixed messages.
+    Native(wire::payload::Messages<'a>),
+    /// Record values of Kafka record batches.
+    Records(Box<dyn Iterator<Item = &'a [u8]> + 'a>),
+}
+
+impl<'a> Iterator for Messages<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Messages::Native(messages) => messages.next()?.ok(),
+            Messages::Records(records) => records.next(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Messages<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Messages::Native(_) => "Messages::Native",
+            Messages::Records(_) => "Messages::Records",
+        })
     }
 }
 
@@ -335,8 +381,13 @@ impl<M: SharedMemory> LogReader<M> {
                             ));
                         }
                     }
-                    wire::payload::validate(payload, entry.message_count)
-                        .map_err(|e| e.to_string())?;
+                    if entry.flags as u8 & BATCH_RECORD_BATCHES != 0 {
+                        wire::record_batch::validate(payload, entry.message_count)
+                            .map_err(|e| e.to_string())?;
+                    } else {
+                        wire::payload::validate(payload, entry.message_count)
+                            .map_err(|e| e.to_string())?;
+                    }
                     f(&OrderedBatch {
                         ordinal,
                         global_start: entry.global_start,

@@ -745,7 +745,7 @@ impl World {
             batch_seq: inbound.key.2,
             message_count: inbound.message_count,
             checksum: wire::payload::checksum(&inbound.payload),
-            seq_counts_messages: false,
+            flags: 0,
         };
         let slot = writer
             .commit(reservation, meta)

@@ -126,9 +126,10 @@ pub struct BatchMeta {
     pub message_count: u32,
     /// CRC-32C of the payload.
     pub checksum: u32,
-    /// The session numbers messages, not batches (see
-    /// [`BATCH_SEQ_COUNTS_MESSAGES`](crate::layout::BATCH_SEQ_COUNTS_MESSAGES)).
-    pub seq_counts_messages: bool,
+    /// [`BATCH_SEQ_COUNTS_MESSAGES`](crate::layout::BATCH_SEQ_COUNTS_MESSAGES) (the session
+    /// numbers messages) and [`BATCH_RECORD_BATCHES`](crate::layout::BATCH_RECORD_BATCHES)
+    /// (the payload's format), or 0.
+    pub flags: u8,
 }
 
 /// The sequencer's decision on one committed batch.
@@ -483,11 +484,7 @@ impl<M: SharedMemory> TopicWriter<M> {
             session_epoch: meta.session_epoch,
             checksum: meta.checksum,
             order: self.order as u8,
-            flags: if meta.seq_counts_messages {
-                crate::layout::BATCH_SEQ_COUNTS_MESSAGES
-            } else {
-                0
-            },
+            flags: meta.flags,
             reserved: [0; 14],
             ready: slot + 1,
         };
@@ -625,7 +622,7 @@ mod tests {
             batch_seq,
             message_count: 1,
             checksum: 0,
-            seq_counts_messages: false,
+            flags: 0,
         }
     }
 

@@ -59,7 +59,7 @@ fn meta(client_id: u64, batch_seq: u64, payload: &[u8], messages: u32) -> BatchM
         batch_seq,
         message_count: messages,
         checksum: wire::payload::checksum(payload),
-        seq_counts_messages: false,
+        flags: 0,
     }
 }
 
@@ -838,7 +838,7 @@ fn a_session_numbering_messages_keeps_its_order_and_a_standby_goes_on_from_its_m
         .create_topic("kafka", config(Order::TotalSessionFifo))
         .unwrap();
     let counted = |seq: u64, data: &[u8]| BatchMeta {
-        seq_counts_messages: true,
+        flags: shared_log::layout::BATCH_SEQ_COUNTS_MESSAGES,
         ..meta(9, seq, data, 2)
     };
     let mut old = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
@@ -881,7 +881,7 @@ fn a_held_batch_overlapped_by_an_ordered_one_is_rejected_and_the_gap_rule_stays_
         .create_topic("overlap", config(Order::TotalSessionFifo))
         .unwrap();
     let counted = |seq: u64, data: &[u8], messages: u32| BatchMeta {
-        seq_counts_messages: true,
+        flags: shared_log::layout::BATCH_SEQ_COUNTS_MESSAGES,
         ..meta(4, seq, data, messages)
     };
     let config = SequencerConfig {
@@ -909,4 +909,47 @@ fn a_held_batch_overlapped_by_an_ordered_one_is_rejected_and_the_gap_rule_stays_
     assert_eq!(sequencer.poll(Timestamp::from_nanos(6_000)), 1);
     let log = read_all(&pool, topic);
     assert_eq!(log.iter().map(|b| b.2).collect::<Vec<_>>(), vec![0, 3]);
+}
+
+#[test]
+fn a_batch_of_kafka_record_batches_is_stored_as_it_came_and_read_as_its_values() {
+    use shared_log::layout::BATCH_RECORD_BATCHES;
+    use shared_log::reader::ReadError;
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("kafka", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let mut records = Vec::new();
+    wire::record_batch::encode(&mut records, 0, [&b"one"[..], b"two"].into_iter());
+    wire::record_batch::encode(&mut records, 0, [&b"three"[..]].into_iter());
+    let kafka = |count| BatchMeta {
+        flags: BATCH_RECORD_BATCHES,
+        ..meta(1, 0, &records, count)
+    };
+    writer.append(kafka(3), &records).unwrap();
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(1)), 1);
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    let mut seen = Vec::new();
+    reader
+        .poll(usize::MAX, |batch| {
+            assert!(batch.is_record_batches());
+            assert_eq!(batch.payload, &records[..], "stored as it came");
+            seen.extend(batch.messages().map(<[u8]>::to_vec));
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+    );
+    // An entry whose count the batches do not hold is corrupt, not served.
+    let second = BatchMeta {
+        batch_seq: 1,
+        ..kafka(4)
+    };
+    writer.append(second, &records).unwrap();
+    assert_eq!(sequencer.poll(Timestamp::from_nanos(2)), 1);
+    assert!(matches!(
+        reader.poll(usize::MAX, |_| panic!("not served")),
+        Err(ReadError::Corrupt { .. })
+    ));
 }

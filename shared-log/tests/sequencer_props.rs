@@ -144,7 +144,7 @@ impl Harness {
             batch_seq: sent.key.2,
             message_count: sent.message_count,
             checksum: wire::payload::checksum(&sent.payload),
-            seq_counts_messages: false,
+            flags: 0,
         };
         for _ in 0..1_000 {
             match self.writers[usize::from(broker)].append(meta, &sent.payload) {

@@ -25,6 +25,7 @@ mod frame;
 mod hello;
 mod limits;
 pub mod payload;
+pub mod record_batch;
 mod redirect;
 mod topic;
 mod types;

@@ -1120,9 +1120,7 @@ pub fn restore<M: SharedMemory + Clone>(
                 batch_seq: record.header.batch_seq,
                 message_count: record.header.message_count,
                 checksum: record.header.checksum,
-                seq_counts_messages: record.header.flags
-                    & shared_log::layout::BATCH_SEQ_COUNTS_MESSAGES
-                    != 0,
+                flags: record.header.flags,
             };
             let writer = &mut writers[usize::from(record.header.broker % brokers)];
             loop {

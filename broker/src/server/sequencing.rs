@@ -161,7 +161,7 @@ mod tests {
             batch_seq: 0,
             message_count: 1,
             checksum: wire::payload::checksum(&payload),
-            seq_counts_messages: false,
+            flags: 0,
         };
         writer.append(meta, &payload).expect("room for one batch");
 

@@ -18,7 +18,7 @@ use crate::server::kafka::groups::Groups;
 use crate::server::kafka::log_io::OffsetsFollower;
 use crate::server::kafka::offsets::Committed;
 use crate::server::kafka::peers::KafkaPeers;
-use crate::server::kafka::records::ProducedValues;
+use crate::server::kafka::records::Produced;
 use crate::server::kafka::{
     FetchRefused, KafkaConnection, KafkaContext, KafkaNode, KafkaTopic, ProducerSession,
     PublishRefused,
@@ -266,10 +266,10 @@ impl KafkaContext for KafkaView<'_> {
         &mut self,
         topic: TopicId,
         session: ProducerSession,
-        values: &ProducedValues<'_>,
+        produced: &Produced<'_>,
         conn: ConnId,
     ) -> Result<u64, PublishRefused> {
-        crate::server::kafka::log_io::publish_values(self.state, topic, session, values, conn)
+        crate::server::kafka::log_io::publish_records(self.state, topic, session, produced, conn)
     }
 
     fn replicated_position(&mut self, topic: TopicId, replicas: usize) -> u64 {

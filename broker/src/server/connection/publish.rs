@@ -530,7 +530,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             batch_seq: header.batch_seq,
             message_count: header.message_count,
             checksum: header.checksum,
-            seq_counts_messages: false,
+            flags: 0,
         };
         let slot = match state.commit_batch(publisher.topic, reservation, meta, self.id) {
             Ok(slot) => slot,

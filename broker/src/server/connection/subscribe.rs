@@ -241,6 +241,31 @@ fn queue_deliveries(
     from_pool: bool,
     wanted: u64,
 ) -> Result<(), usize> {
+    if batch.is_record_batches() {
+        // A Kafka producer's batch: its records' values, as messages (a copy; the reader's
+        // overwrite check after this callback still covers the bytes read).
+        let mut payload = Vec::with_capacity(batch.payload.len());
+        let mut message_count = 0u32;
+        for value in batch.messages() {
+            wire::payload::push_message(&mut payload, value);
+            message_count += 1;
+        }
+        if message_count != batch.message_count {
+            log::error!(
+                "batch {}: its record batches read as {message_count} records, its entry says {}",
+                batch.ordinal,
+                batch.message_count
+            );
+        }
+        let messages = OrderedBatch {
+            message_count,
+            flags: batch.flags & !shared_log::layout::BATCH_RECORD_BATCHES,
+            checksum: wire::payload::checksum(&payload),
+            payload: &payload,
+            ..*batch
+        };
+        return queue_deliveries(output, &messages, limit, positions, false, wanted);
+    }
     let skip = if positions {
         wanted.saturating_sub(batch.global_start)
     } else {

@@ -21,7 +21,7 @@ use shared_log::layout::CompletionStatus;
 use shared_log::pool::TopicId;
 use units::Timestamp;
 
-use super::records;
+use super::records::{self, Check};
 use super::{KafkaContext, KafkaSession, error_code, respond};
 use crate::server::state::RoutedOutcome;
 
@@ -251,24 +251,26 @@ impl KafkaSession {
                     (Some(_), _, None) => {
                         PartState::refused(error_code::INVALID_RECORD, "no records")
                     }
-                    (Some(topic), _, Some(records)) => match records::produced_values(&records) {
-                        Err(error) => PartState::refused(error.error_code(), error.to_string()),
-                        Ok(produced)
-                            if produced.producer.producer_id >= 0
-                                && (produced.producer.producer_epoch < 0
-                                    || produced.producer.base_sequence < 0) =>
-                        {
-                            PartState::refused(
-                                error_code::INVALID_RECORD,
-                                "an idempotent producer's batch needs an epoch and a base sequence",
-                            )
+                    (Some(topic), _, Some(records)) => {
+                        match records::check_produced(&records, Check::Full) {
+                            Err(error) => PartState::refused(error.error_code(), error.to_string()),
+                            Ok(produced)
+                                if produced.producer.producer_id >= 0
+                                    && (produced.producer.producer_epoch < 0
+                                        || produced.producer.base_sequence < 0) =>
+                            {
+                                PartState::refused(
+                                    error_code::INVALID_RECORD,
+                                    "an idempotent producer's batch needs an epoch and a base sequence",
+                                )
+                            }
+                            Ok(_) => PartState::WaitingForRoom {
+                                topic,
+                                records,
+                                counted: false,
+                            },
                         }
-                        Ok(_) => PartState::WaitingForRoom {
-                            topic,
-                            records,
-                            counted: false,
-                        },
-                    },
+                    }
                 };
                 parts.push(ProducePart {
                     topic: topic_data.name.clone(),
@@ -343,11 +345,11 @@ impl KafkaSession {
                 let topic = *topic;
                 // Checked when it arrived (the bytes are shared, never written since): taken
                 // apart again only to be written, without a second CRC pass.
-                let Ok(produced) = records::checked_values(records) else {
+                let Ok(produced) = records::check_produced(records, Check::Again) else {
                     part.state = PartState::refused(error_code::INVALID_RECORD, "records changed");
                     continue;
                 };
-                let message_count = produced.values.len() as u32;
+                let message_count = produced.record_count;
                 // An idempotent producer's batch is numbered by its own sequence, in the
                 // producer's session (shared by its connections, on every broker); a plain
                 // producer's in this connection's session of the topic.
@@ -906,7 +908,7 @@ mod tests {
 
     fn batch(values: &[&[u8]]) -> Bytes {
         let mut out = Vec::new();
-        records::encode_batch(&mut out, 0, values.len(), values.iter().copied());
+        wire::record_batch::encode(&mut out, 0, values.iter().copied());
         Bytes::from(out)
     }
 
@@ -1350,12 +1352,32 @@ mod tests {
     }
 
     #[test]
-    fn records_the_log_cannot_hold_are_refused_with_the_reason() {
+    fn records_with_keys_headers_and_null_values_are_taken() {
         let mut h = Harness::new();
         let keyed = Bytes::from(client_batch(
-            &[record(0, Some(b"k"), Some(b"v"))],
+            &[
+                record(0, Some(b"k"), Some(b"v")),
+                record(1, Some(b"gone"), None),
+            ],
             kafka_protocol::records::Compression::None,
         ));
+        h.send(ApiKey::Produce, 9, &produce(1, &[("orders", 0, keyed)]));
+        h.order();
+        let (_, response) = produce_response(&h.poll(), 9);
+        let orders = &response.responses[0].partition_responses[0];
+        assert_eq!((orders.error_code, orders.base_offset), (0, 0));
+        // The log's messages are the values (a null one empty); the batch is stored whole.
+        assert_eq!(h.log.logs[&1][0].1, vec![b"v".to_vec(), Vec::new()]);
+    }
+
+    #[test]
+    fn records_the_log_cannot_hold_are_refused_with_the_reason() {
+        let mut h = Harness::new();
+        let mut transactional = batch(&[b"v"]).to_vec();
+        transactional[wire::record_batch::ATTRIBUTES_AT + 1] |= 0x10;
+        let crc = crc32c::crc32c(&transactional[wire::record_batch::CRC_START..]);
+        transactional[wire::record_batch::CRC_AT..wire::record_batch::CRC_AT + 4]
+            .copy_from_slice(&crc.to_be_bytes());
         let mut corrupt = batch(&[b"v"]).to_vec();
         let last = corrupt.len() - 2;
         corrupt[last] ^= 1;
@@ -1364,7 +1386,10 @@ mod tests {
             9,
             &produce(
                 1,
-                &[("orders", 0, keyed), ("payments", 0, Bytes::from(corrupt))],
+                &[
+                    ("orders", 0, Bytes::from(transactional)),
+                    ("payments", 0, Bytes::from(corrupt)),
+                ],
             ),
         );
         let (_, response) = produce_response(&h.poll(), 9);
@@ -1374,7 +1399,7 @@ mod tests {
             orders
                 .error_message
                 .as_ref()
-                .is_some_and(|m| m.contains("keys and headers are not stored"))
+                .is_some_and(|m| m.contains("transactions are not supported"))
         );
         assert_eq!(
             response.responses[1].partition_responses[0].error_code,

@@ -7,7 +7,7 @@ use shared_log::layout::CompletionStatus;
 use shared_log::pool::TopicId;
 
 use super::groups::Groups;
-use super::records::{self, ProducedValues};
+use super::records::Produced;
 use super::{FetchRefused, KafkaContext, KafkaNode, KafkaTopic, ProducerSession, PublishRefused};
 use crate::metrics::Metrics;
 use crate::server::state::{ConnId, RoutedOutcome};
@@ -213,7 +213,7 @@ impl KafkaContext for FakeLog {
         &mut self,
         topic: TopicId,
         session: ProducerSession,
-        values: &ProducedValues<'_>,
+        produced: &Produced<'_>,
         conn: ConnId,
     ) -> Result<u64, PublishRefused> {
         if self.full {
@@ -227,7 +227,10 @@ impl KafkaContext for FakeLog {
             topic,
             session,
             conn,
-            values: values.values.iter().map(|v| v.to_vec()).collect(),
+            values: wire::record_batch::batches(produced.bytes)
+                .flat_map(|batch| batch.expect("checked").records())
+                .map(|record| record.expect("checked").value.unwrap_or_default().to_vec())
+                .collect(),
         });
         Ok(slot)
     }
@@ -266,12 +269,7 @@ impl KafkaContext for FakeLog {
             if out.len() > start && (out.len() - start) as u64 >= max_bytes {
                 break;
             }
-            records::encode_batch(
-                out,
-                *first,
-                messages.len(),
-                messages.iter().map(Vec::as_slice),
-            );
+            wire::record_batch::encode(out, *first, messages.iter().map(Vec::as_slice));
         }
         Ok(())
     }

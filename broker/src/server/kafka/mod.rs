@@ -198,13 +198,14 @@ pub trait KafkaContext {
         &mut self,
         creation: &admin::TopicCreation,
     ) -> Result<KafkaTopic, admin::CreateRefused>;
-    /// Writes `values` as `session`'s next batch of `topic` for connection `conn`; the
-    /// sequencer's decision comes back to it by the returned ring slot.
+    /// Writes `produced` (its record batches, as they came) as `session`'s next batch of
+    /// `topic` for connection `conn`; the sequencer's decision comes back to it by the
+    /// returned ring slot.
     fn publish(
         &mut self,
         topic: TopicId,
         session: ProducerSession,
-        values: &records::ProducedValues<'_>,
+        produced: &records::Produced<'_>,
         conn: ConnId,
     ) -> Result<u64, PublishRefused>;
     /// The position below which `topic` is held by `replicas` replica files.

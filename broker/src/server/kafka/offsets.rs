@@ -32,7 +32,7 @@ use kafka_protocol::protocol::StrBytes;
 use units::Timestamp;
 
 use super::data::Reply;
-use super::{KafkaContext, KafkaSession, error_code, records, respond};
+use super::{KafkaContext, KafkaSession, error_code, respond};
 
 /// The internal topic that holds committed offsets.
 pub const OFFSETS_TOPIC: &str = "__embarcadero_offsets";
@@ -337,12 +337,7 @@ impl KafkaSession {
         };
         let encoded: Vec<Vec<u8>> = commits.iter().map(CommitRecord::encode).collect();
         let mut batch = Vec::new();
-        records::encode_batch(
-            &mut batch,
-            0,
-            encoded.len(),
-            encoded.iter().map(Vec::as_slice),
-        );
+        wire::record_batch::encode(&mut batch, 0, encoded.iter().map(Vec::as_slice));
         let name = TopicName(StrBytes::from_static_str(OFFSETS_TOPIC));
         self.write_records(
             (header, version),

@@ -1,61 +1,21 @@
-//! Kafka record batches (magic 2), the unit Kafka clients produce and fetch: a checked view
-//! of the batches in a Produce request, and the encoder that serves the log's batches to a
-//! Fetch.
+//! Kafka record batches (magic 2) as the Kafka listener takes them from producers: the
+//! checks a produced partition's batches pass before the log stores them as they came
+//! (`wire::record_batch` reads their framing and records; the log's entry marks the
+//! payload as record batches, `shared_log::layout::BATCH_RECORD_BATCHES`).
 //!
-//! ```text
-//! batch   = base_offset:i64 | batch_length:i32 | partition_leader_epoch:i32 | magic:i8
-//!           | crc:u32 | attributes:i16 | last_offset_delta:i32 | base_timestamp:i64
-//!           | max_timestamp:i64 | producer_id:i64 | producer_epoch:i16 | base_sequence:i32
-//!           | record_count:i32 | record*
-//! record  = length:varint | attributes:i8 | timestamp_delta:varlong | offset_delta:varint
-//!           | key_length:varint | key | value_length:varint | value
-//!           | header_count:varint | header*
-//! ```
-//!
-//! Integers are big-endian; varints are zigzag LEB128. `batch_length` counts the bytes after
-//! it; the CRC-32C covers the bytes from `attributes` to the end, so a server may set the
-//! base offset (and the leader epoch) without touching it.
-//!
-//! What the log stores is a message's bytes: a record's value. A record with a key or
-//! headers, a compressed, transactional or control batch is refused with its reason (none
-//! is stored yet, and dropping any of it silently would lose what the client sent).
+//! Keys, headers, timestamps and null values are stored with the records and served back
+//! to Kafka consumers as they came; our own subscribers read each record's value as a
+//! message. Compressed, transactional and control batches are refused with their reason
+//! (the log would have to decompress a batch to count and serve its records).
 
-/// Bytes of a batch up to and including `batch_length`: what `batch_length` does not count.
-pub const LOG_OVERHEAD_BYTES: usize = 12;
-/// Bytes of a batch's header, up to and including `record_count`.
-pub const BATCH_HEADER_BYTES: usize = 61;
-/// Where the part the CRC covers begins (`attributes`).
-const CRC_START: usize = 21;
-/// A batch's CRC.
-const CRC_AT: usize = 17;
-/// The magic byte of record batches.
-const MAGIC_AT: usize = 16;
-const ATTRIBUTES_AT: usize = 21;
-const LAST_OFFSET_DELTA_AT: usize = 23;
-const PRODUCER_ID_AT: usize = 43;
-const PRODUCER_EPOCH_AT: usize = 51;
-const BASE_SEQUENCE_AT: usize = 53;
-const RECORD_COUNT_AT: usize = 57;
+use wire::record_batch::{self, BatchView, RecordBatchError};
 
 /// Why produced records cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
-    /// The bytes end inside a batch or a record.
-    #[error("record batch {batch}: cut off ({what})")]
-    Truncated {
-        /// Index of the batch in the request's records.
-        batch: usize,
-        /// What was being read.
-        what: &'static str,
-    },
-    /// Not a record batch of magic 2 (the only format of Produce from version 3 on).
-    #[error("record batch {batch}: magic {magic}, only 2 is taken")]
-    Magic {
-        /// Index of the batch.
-        batch: usize,
-        /// The magic byte found.
-        magic: i8,
-    },
+    /// The batches' framing or a record is broken.
+    #[error(transparent)]
+    Framing(#[from] RecordBatchError),
     /// The CRC-32C does not match the batch.
     #[error("record batch {batch}: CRC {found:#010x}, the batch says {stored:#010x}")]
     Crc {
@@ -65,14 +25,6 @@ pub enum RecordError {
         found: u32,
         /// CRC in the batch.
         stored: u32,
-    },
-    /// A length, count or delta that contradicts the batch.
-    #[error("record batch {batch}: {what}")]
-    Invalid {
-        /// Index of the batch.
-        batch: usize,
-        /// What is wrong.
-        what: String,
     },
     /// The batch is compressed.
     #[error(
@@ -90,23 +42,11 @@ pub enum RecordError {
         /// Index of the batch.
         batch: usize,
     },
-    /// A record with a key or headers.
-    #[error(
-        "record batch {batch}, record {record}: keys and headers are not stored; produce values only"
-    )]
-    KeyOrHeaders {
+    /// An idempotent producer's batches that do not follow each other.
+    #[error("record batch {batch}: its producer or sequence does not follow the batch before it")]
+    ProducerBreak {
         /// Index of the batch.
         batch: usize,
-        /// Index of the record in its batch.
-        record: usize,
-    },
-    /// A record without a value (a tombstone: nothing to store).
-    #[error("record batch {batch}, record {record}: a null value has nothing to store")]
-    NullValue {
-        /// Index of the batch.
-        batch: usize,
-        /// Index of the record in its batch.
-        record: usize,
     },
     /// No batch at all.
     #[error("no record batch")]
@@ -117,15 +57,16 @@ impl RecordError {
     /// The Kafka error code a Produce answers with.
     pub fn error_code(&self) -> i16 {
         match self {
-            RecordError::Truncated { .. } | RecordError::Crc { .. } => {
+            RecordError::Framing(RecordBatchError::Truncated { .. }) | RecordError::Crc { .. } => {
                 super::error_code::CORRUPT_MESSAGE
             }
-            RecordError::Magic { .. } => super::error_code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+            RecordError::Framing(RecordBatchError::Magic { .. }) => {
+                super::error_code::UNSUPPORTED_FOR_MESSAGE_FORMAT
+            }
             RecordError::Compressed { .. } => super::error_code::UNSUPPORTED_COMPRESSION_TYPE,
-            RecordError::Transactional { .. }
-            | RecordError::Invalid { .. }
-            | RecordError::KeyOrHeaders { .. }
-            | RecordError::NullValue { .. }
+            RecordError::Framing(_)
+            | RecordError::Transactional { .. }
+            | RecordError::ProducerBreak { .. }
             | RecordError::Empty => super::error_code::INVALID_RECORD,
         }
     }
@@ -142,138 +83,61 @@ pub struct ProducerFields {
     pub base_sequence: i32,
 }
 
-/// The records of one partition of a Produce request, checked: their values, in order.
+/// The record batches of one partition of a Produce request, checked: what the log stores
+/// (the bytes as they came) and what it needs to know of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProducedValues<'a> {
-    /// Each record's value.
-    pub values: Vec<&'a [u8]>,
+pub struct Produced<'a> {
+    /// The batches, back to back, as the producer sent them.
+    pub bytes: &'a [u8],
+    /// Records in all.
+    pub record_count: u32,
     /// The first batch's producer fields.
     pub producer: ProducerFields,
+    /// CRC-32C of `bytes` (the log's checksum of the batch), from the batches' own CRCs.
+    pub checksum: u32,
 }
 
-impl ProducedValues<'_> {
-    /// Bytes of these values as length-prefixed messages (see `wire::payload`).
-    pub fn payload_bytes(&self) -> u64 {
-        self.values
-            .iter()
-            .map(|v| (wire::payload::MESSAGE_PREFIX_BYTES + v.len()) as u64)
-            .sum()
-    }
+/// How much of a produced partition to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Everything: each batch's CRC, framing and records (as they arrive).
+    Full,
+    /// The framing and the producer fields only, of bytes that passed [`Check::Full`]
+    /// before (a second look without a second pass over every byte).
+    Again,
+}
 
-    /// Writes the values as length-prefixed messages into `dest`, which is
-    /// [`Self::payload_bytes`] long; returns the payload's CRC-32C (`wire::payload::checksum`),
-    /// taken as each message is written, while it is in cache.
-    pub fn write_payload(&self, dest: &mut [u8]) -> u32 {
-        let mut at = 0;
-        let mut checksum = 0;
-        for value in &self.values {
-            let prefix = wire::payload::MESSAGE_PREFIX_BYTES;
-            let message = &mut dest[at..at + prefix + value.len()];
-            message[..prefix].copy_from_slice(&(value.len() as u32).to_le_bytes());
-            message[prefix..].copy_from_slice(value);
-            checksum = wire::payload::checksum_append(checksum, message);
-            at += prefix + value.len();
+/// Checks the record batches of one partition of a Produce request.
+pub fn check_produced(records: &[u8], check: Check) -> Result<Produced<'_>, RecordError> {
+    let mut producer: Option<ProducerFields> = None;
+    let mut record_count = 0u32;
+    for batch in record_batch::batches(records) {
+        let batch = batch?;
+        let index = batch.index;
+        if check == Check::Full {
+            let (found, stored) = (batch.computed_crc(), batch.stored_crc());
+            if found != stored {
+                return Err(RecordError::Crc {
+                    batch: index,
+                    found,
+                    stored,
+                });
+            }
         }
-        debug_assert_eq!(at, dest.len());
-        checksum
-    }
-}
-
-fn be_i16(bytes: &[u8], at: usize) -> i16 {
-    i16::from_be_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn be_i32(bytes: &[u8], at: usize) -> i32 {
-    i32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be_i64(bytes: &[u8], at: usize) -> i64 {
-    i64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// A zigzag varint of at most `max_bytes` bytes from `bytes[*at..]`; `None` when cut off or
-/// longer.
-fn varint(bytes: &[u8], at: &mut usize, max_bytes: usize) -> Option<i64> {
-    let mut raw = 0u64;
-    for index in 0..max_bytes {
-        let byte = *bytes.get(*at)?;
-        *at += 1;
-        raw |= u64::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            return Some((raw >> 1) as i64 ^ -((raw & 1) as i64));
-        }
-    }
-    None
-}
-
-fn varint32(bytes: &[u8], at: &mut usize) -> Option<i32> {
-    varint(bytes, at, 5).and_then(|v| i32::try_from(v).ok())
-}
-
-/// Checks the record batches of one partition of a Produce request and takes out their
-/// values, in order.
-pub fn produced_values(records: &[u8]) -> Result<ProducedValues<'_>, RecordError> {
-    values_of(records, true)
-}
-
-/// The values of records [`produced_values`] already checked, without checking their CRC
-/// again (a second pass over every byte): the framing is still checked as it is walked.
-pub fn checked_values(records: &[u8]) -> Result<ProducedValues<'_>, RecordError> {
-    values_of(records, false)
-}
-
-fn values_of(records: &[u8], check_crc: bool) -> Result<ProducedValues<'_>, RecordError> {
-    let mut values = Vec::new();
-    let mut producer = None;
-    let mut rest = records;
-    let mut batch = 0;
-    while !rest.is_empty() {
-        let truncated = |what| RecordError::Truncated { batch, what };
-        if rest.len() < LOG_OVERHEAD_BYTES {
-            return Err(truncated("batch length"));
-        }
-        let length = be_i32(rest, 8);
-        let size = usize::try_from(length)
-            .ok()
-            .map(|length| length + LOG_OVERHEAD_BYTES)
-            .filter(|&size| size >= BATCH_HEADER_BYTES)
-            .ok_or_else(|| RecordError::Invalid {
-                batch,
-                what: format!("batch length {length}"),
-            })?;
-        let bytes = rest.get(..size).ok_or_else(|| truncated("batch"))?;
-        rest = &rest[size..];
-        let magic = bytes[MAGIC_AT] as i8;
-        if magic != 2 {
-            return Err(RecordError::Magic { batch, magic });
-        }
-        let stored = u32::from_be_bytes(bytes[CRC_AT..CRC_AT + 4].try_into().expect("4 bytes"));
-        let found = if check_crc {
-            crc32c::crc32c(&bytes[CRC_START..])
-        } else {
-            stored
-        };
-        if found != stored {
-            return Err(RecordError::Crc {
-                batch,
-                found,
-                stored,
-            });
-        }
-        let attributes = be_i16(bytes, ATTRIBUTES_AT);
+        let batch_records = batch.checked_record_count()?;
+        let attributes = batch.attributes();
         let codec = (attributes & 0x7) as u8;
         if codec != 0 {
-            return Err(RecordError::Compressed { batch, codec });
+            return Err(RecordError::Compressed {
+                batch: index,
+                codec,
+            });
         }
         // Bit 4: transactional; bit 5: a control batch (transaction markers).
         if attributes & 0x30 != 0 {
-            return Err(RecordError::Transactional { batch });
+            return Err(RecordError::Transactional { batch: index });
         }
-        let fields = ProducerFields {
-            producer_id: be_i64(bytes, PRODUCER_ID_AT),
-            producer_epoch: be_i16(bytes, PRODUCER_EPOCH_AT),
-            base_sequence: be_i32(bytes, BASE_SEQUENCE_AT),
-        };
+        let fields = producer_fields(&batch);
         // An idempotent producer's batches of one partition are written as one batch, so
         // they must follow each other: same producer, sequences without a gap.
         match &producer {
@@ -283,153 +147,37 @@ fn values_of(records: &[u8], check_crc: bool) -> Result<ProducedValues<'_>, Reco
                 if fields.producer_id == first.producer_id
                     && fields.producer_epoch == first.producer_epoch
                     && i64::from(fields.base_sequence)
-                        == i64::from(first.base_sequence) + values.len() as i64 => {}
-            Some(_) => {
-                return Err(RecordError::Invalid {
-                    batch,
-                    what: "its producer or sequence does not follow the batch before it".into(),
-                });
+                        == i64::from(first.base_sequence) + i64::from(record_count) => {}
+            Some(_) => return Err(RecordError::ProducerBreak { batch: index }),
+        }
+        if check == Check::Full {
+            for record in batch.records() {
+                record?;
             }
         }
-        let count = be_i32(bytes, RECORD_COUNT_AT);
-        let last_offset_delta = be_i32(bytes, LAST_OFFSET_DELTA_AT);
-        if count <= 0 || last_offset_delta != count - 1 {
-            return Err(RecordError::Invalid {
-                batch,
-                what: format!("{count} records, last offset delta {last_offset_delta}"),
-            });
-        }
-        let mut at = BATCH_HEADER_BYTES;
-        for record in 0..count as usize {
-            let length = varint32(bytes, &mut at).ok_or_else(|| truncated("record length"))?;
-            let end = usize::try_from(length)
-                .ok()
-                .and_then(|length| at.checked_add(length))
-                .filter(|&end| end <= bytes.len())
-                .ok_or_else(|| truncated("record"))?;
-            let body = &bytes[..end];
-            let invalid = |what: String| RecordError::Invalid { batch, what };
-            at += 1; // attributes (unused in magic 2)
-            varint(body, &mut at, 10)
-                .ok_or_else(|| invalid(format!("record {record}: timestamp delta")))?;
-            let offset_delta = varint32(body, &mut at)
-                .ok_or_else(|| invalid(format!("record {record}: offset delta")))?;
-            if offset_delta != record as i32 {
-                return Err(invalid(format!(
-                    "record {record} has offset delta {offset_delta}"
-                )));
-            }
-            let key_length = varint32(body, &mut at)
-                .ok_or_else(|| invalid(format!("record {record}: key length")))?;
-            if key_length != -1 {
-                return Err(RecordError::KeyOrHeaders { batch, record });
-            }
-            let value_length = varint32(body, &mut at)
-                .ok_or_else(|| invalid(format!("record {record}: value length")))?;
-            if value_length == -1 {
-                return Err(RecordError::NullValue { batch, record });
-            }
-            let value_end = usize::try_from(value_length)
-                .ok()
-                .and_then(|length| at.checked_add(length))
-                .filter(|&value_end| value_end <= end)
-                .ok_or_else(|| invalid(format!("record {record}: value length {value_length}")))?;
-            let value = &body[at..value_end];
-            at = value_end;
-            let headers = varint32(body, &mut at)
-                .ok_or_else(|| invalid(format!("record {record}: header count")))?;
-            if headers != 0 {
-                return Err(RecordError::KeyOrHeaders { batch, record });
-            }
-            if at != end {
-                return Err(invalid(format!(
-                    "record {record}: {} bytes past its fields",
-                    end as i64 - at as i64
-                )));
-            }
-            values.push(value);
-        }
-        if at != bytes.len() {
-            return Err(RecordError::Invalid {
-                batch,
-                what: format!("{} bytes after record {}", bytes.len() - at, count - 1),
-            });
-        }
-        batch += 1;
+        record_count = record_count
+            .checked_add(batch_records)
+            .ok_or(RecordError::Framing(RecordBatchError::Invalid {
+                batch: index,
+                what: "more than 2^32 records".into(),
+            }))?;
     }
     let producer = producer.ok_or(RecordError::Empty)?;
-    Ok(ProducedValues { values, producer })
+    Ok(Produced {
+        bytes: records,
+        record_count,
+        producer,
+        checksum: record_batch::payload_checksum(records)?,
+    })
 }
 
-fn put_varint(out: &mut Vec<u8>, value: i64) {
-    let mut raw = ((value << 1) ^ (value >> 63)) as u64;
-    while raw >= 0x80 {
-        out.push((raw as u8) | 0x80);
-        raw >>= 7;
+fn producer_fields(batch: &BatchView<'_>) -> ProducerFields {
+    let (producer_id, producer_epoch, base_sequence) = batch.producer();
+    ProducerFields {
+        producer_id,
+        producer_epoch,
+        base_sequence,
     }
-    out.push(raw as u8);
-}
-
-fn varint_bytes(value: i64) -> usize {
-    let raw = ((value << 1) ^ (value >> 63)) as u64;
-    (64 - raw.max(1).leading_zeros() as usize).div_ceil(7)
-}
-
-/// Appends one record batch to `out` holding `messages` (values without keys or headers,
-/// offsets from `base_offset` on, no timestamp: -1), as a Fetch serves a batch of the log.
-/// `count` is how many the caller expects; the header says how many there were (a batch
-/// overwritten while it is read may yield fewer, and is then discarded by the caller).
-pub fn encode_batch<'m>(
-    out: &mut Vec<u8>,
-    base_offset: u64,
-    count: usize,
-    messages: impl Iterator<Item = &'m [u8]>,
-) {
-    let start = out.len();
-    out.extend_from_slice(&(base_offset as i64).to_be_bytes());
-    out.extend_from_slice(&0i32.to_be_bytes()); // batch length, set below
-    out.extend_from_slice(&0i32.to_be_bytes()); // partition leader epoch
-    out.push(2); // magic
-    out.extend_from_slice(&0u32.to_be_bytes()); // crc, set below
-    out.extend_from_slice(&0i16.to_be_bytes()); // attributes: no compression, create time
-    out.extend_from_slice(&(count as i32 - 1).to_be_bytes());
-    out.extend_from_slice(&(-1i64).to_be_bytes()); // base timestamp: none stored
-    out.extend_from_slice(&(-1i64).to_be_bytes()); // max timestamp
-    out.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
-    out.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
-    out.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
-    out.extend_from_slice(&(count as i32).to_be_bytes());
-    let mut written = 0;
-    for (delta, value) in messages.enumerate() {
-        written += 1;
-        // attributes, timestamp delta 0, offset delta, key -1, value, no headers
-        let body_bytes = 1
-            + 1
-            + varint_bytes(delta as i64)
-            + 1
-            + varint_bytes(value.len() as i64)
-            + value.len()
-            + 1;
-        put_varint(out, body_bytes as i64);
-        out.push(0);
-        put_varint(out, 0);
-        put_varint(out, delta as i64);
-        put_varint(out, -1);
-        put_varint(out, value.len() as i64);
-        out.extend_from_slice(value);
-        put_varint(out, 0);
-    }
-    if written != count {
-        let written = written as i32;
-        out[start + LAST_OFFSET_DELTA_AT..start + LAST_OFFSET_DELTA_AT + 4]
-            .copy_from_slice(&(written - 1).to_be_bytes());
-        out[start + RECORD_COUNT_AT..start + RECORD_COUNT_AT + 4]
-            .copy_from_slice(&written.to_be_bytes());
-    }
-    let length = (out.len() - start - LOG_OVERHEAD_BYTES) as i32;
-    out[start + 8..start + 12].copy_from_slice(&length.to_be_bytes());
-    let crc = crc32c::crc32c(&out[start + CRC_START..]);
-    out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -470,85 +218,83 @@ pub(super) mod tests {
         out.to_vec()
     }
 
-    #[test]
-    fn values_of_a_client_batch_come_out_in_order() {
-        let records = [
-            record(0, None, Some(b"first")),
-            record(1, None, Some(b"")),
-            record(2, None, Some(&[7u8; 300])),
-        ];
-        let bytes = client_batch(&records, Compression::None);
-        let produced = produced_values(&bytes).unwrap();
-        assert_eq!(
-            produced.values,
-            vec![&b"first"[..], &b""[..], &[7u8; 300][..]]
-        );
-        assert_eq!(produced.producer.producer_id, -1);
-        let mut payload = vec![0u8; produced.payload_bytes() as usize];
-        let checksum = produced.write_payload(&mut payload);
-        assert_eq!(checksum, wire::payload::checksum(&payload));
-        let messages: Vec<&[u8]> = wire::payload::messages(&payload)
-            .map(Result::unwrap)
-            .collect();
-        assert_eq!(messages, produced.values);
+    fn values(produced: &Produced<'_>) -> Vec<Option<Vec<u8>>> {
+        record_batch::batches(produced.bytes)
+            .flat_map(|b| b.unwrap().records())
+            .map(|r| r.unwrap().value.map(<[u8]>::to_vec))
+            .collect()
     }
 
     #[test]
-    fn two_batches_in_one_partition_are_one_run_of_values() {
+    fn a_client_batch_is_taken_as_it_came_with_its_count_and_checksum() {
+        let records = [
+            record(0, None, Some(b"first")),
+            record(1, Some(b"key"), Some(b"")),
+            record(2, None, None),
+            record(3, None, Some(&[7u8; 300])),
+        ];
+        let bytes = client_batch(&records, Compression::None);
+        let produced = check_produced(&bytes, Check::Full).unwrap();
+        assert_eq!(produced.bytes, &bytes[..]);
+        assert_eq!(produced.record_count, 4);
+        assert_eq!(produced.producer.producer_id, -1);
+        assert_eq!(produced.checksum, wire::payload::checksum(&bytes));
+        assert_eq!(
+            values(&produced),
+            vec![
+                Some(b"first".to_vec()),
+                Some(vec![]),
+                None,
+                Some(vec![7u8; 300])
+            ]
+        );
+        assert_eq!(check_produced(&bytes, Check::Again), Ok(produced));
+    }
+
+    #[test]
+    fn two_batches_in_one_partition_are_one_run_of_records() {
         let mut bytes = client_batch(&[record(0, None, Some(b"a"))], Compression::None);
         bytes.extend(client_batch(
             &[record(0, None, Some(b"b")), record(1, None, Some(b"c"))],
             Compression::None,
         ));
-        assert_eq!(
-            produced_values(&bytes).unwrap().values,
-            vec![&b"a"[..], b"b", b"c"]
-        );
+        let produced = check_produced(&bytes, Check::Full).unwrap();
+        assert_eq!(produced.record_count, 3);
+        assert_eq!(produced.checksum, wire::payload::checksum(&bytes));
     }
 
     #[test]
     fn what_the_log_cannot_hold_is_refused_with_its_reason() {
-        let keyed = client_batch(&[record(0, Some(b"k"), Some(b"v"))], Compression::None);
-        assert_eq!(
-            produced_values(&keyed),
-            Err(RecordError::KeyOrHeaders {
-                batch: 0,
-                record: 0
-            })
-        );
-        let tombstone = client_batch(&[record(0, None, None)], Compression::None);
-        assert!(matches!(
-            produced_values(&tombstone),
-            Err(RecordError::NullValue { .. })
-        ));
         let mut compressed = client_batch(&[record(0, None, Some(b"v"))], Compression::None);
-        compressed[ATTRIBUTES_AT + 1] |= 1;
-        let crc = crc32c::crc32c(&compressed[CRC_START..]);
-        compressed[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        compressed[record_batch::ATTRIBUTES_AT + 1] |= 1;
+        let crc = crc32c::crc32c(&compressed[record_batch::CRC_START..]);
+        compressed[record_batch::CRC_AT..record_batch::CRC_AT + 4]
+            .copy_from_slice(&crc.to_be_bytes());
         assert_eq!(
-            produced_values(&compressed),
+            check_produced(&compressed, Check::Full),
             Err(RecordError::Compressed { batch: 0, codec: 1 })
         );
-        assert_eq!(produced_values(&[]), Err(RecordError::Empty));
+        assert_eq!(check_produced(&[], Check::Full), Err(RecordError::Empty));
     }
 
     #[test]
     fn a_flipped_bit_or_a_cut_is_refused() {
-        // One batch of two records (the crate's encoder starts a batch per timestamp; a
-        // batch's base offset is outside its CRC, since a server sets it).
         let mut bytes = Vec::new();
-        encode_batch(&mut bytes, 0, 2, [&b"hello"[..], b"world"].into_iter());
-        for at in CRC_START..bytes.len() {
+        record_batch::encode(&mut bytes, 0, [&b"hello"[..], b"world"].into_iter());
+        for at in record_batch::CRC_START..bytes.len() {
             let mut flipped = bytes.clone();
             flipped[at] ^= 0x10;
-            let verdict = produced_values(&flipped);
+            let verdict = check_produced(&flipped, Check::Full);
             assert!(
                 matches!(verdict, Err(RecordError::Crc { .. })),
                 "flip at {at}: {verdict:?}"
             );
         }
         for cut in 1..bytes.len() {
-            assert!(produced_values(&bytes[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                check_produced(&bytes[..cut], Check::Full).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -557,13 +303,8 @@ pub(super) mod tests {
         let messages: Vec<Vec<u8>> =
             vec![b"one".to_vec(), vec![], vec![9u8; 200], vec![1u8; 70_000]];
         let mut out = Vec::new();
-        encode_batch(
-            &mut out,
-            42,
-            messages.len(),
-            messages.iter().map(Vec::as_slice),
-        );
-        encode_batch(&mut out, 46, 1, [&b"next"[..]].into_iter());
+        record_batch::encode(&mut out, 42, messages.iter().map(Vec::as_slice));
+        record_batch::encode(&mut out, 46, [&b"next"[..]].into_iter());
         let mut buf = bytes::Bytes::from(out.clone());
         let first = RecordBatchDecoder::decode(&mut buf).unwrap();
         let offsets: Vec<i64> = first.records.iter().map(|r| r.offset).collect();
@@ -575,39 +316,31 @@ pub(super) mod tests {
         let second = RecordBatchDecoder::decode(&mut buf).unwrap();
         assert_eq!(second.records[0].offset, 46);
         // Our own view reads them back too.
-        let values = produced_values(&out).unwrap().values;
-        assert_eq!(values.len(), 5);
-        assert_eq!(values[4], b"next");
+        assert_eq!(check_produced(&out, Check::Full).unwrap().record_count, 5);
     }
 
     #[test]
-    fn a_batch_says_how_many_records_it_holds_when_fewer_came() {
-        // A payload overwritten while it is read may yield fewer messages than its count.
-        let mut out = Vec::new();
-        encode_batch(&mut out, 7, 3, [&b"a"[..], b"b"].into_iter());
-        let values = produced_values(&out).unwrap().values;
-        assert_eq!(values, vec![&b"a"[..], b"b"]);
-    }
-
-    #[test]
-    fn varints_match_kafkas() {
-        for value in [
-            0i64,
-            -1,
-            1,
-            63,
-            64,
-            -65,
-            300,
-            i32::MAX as i64,
-            i32::MIN as i64,
-        ] {
-            let mut out = Vec::new();
-            put_varint(&mut out, value);
-            assert_eq!(out.len(), varint_bytes(value), "{value}");
-            let mut at = 0;
-            assert_eq!(varint(&out, &mut at, 10), Some(value));
-            assert_eq!(at, out.len());
+    fn a_client_batch_with_its_offsets_set_decodes_with_keys_and_timestamps() {
+        let records = [record(0, Some(b"k0"), Some(b"v0")), record(1, None, None)];
+        let mut bytes = client_batch(&records, Compression::None);
+        record_batch::set_base_offsets(&mut bytes, 500).unwrap();
+        // The crate's encoder starts a batch per timestamp: two batches here.
+        let mut buf = bytes::Bytes::from(bytes);
+        let mut decoded = Vec::new();
+        while !buf.is_empty() {
+            decoded.extend(RecordBatchDecoder::decode(&mut buf).unwrap().records);
         }
+        type Read<'r> = (i64, Option<&'r [u8]>, Option<&'r [u8]>, i64);
+        let read: Vec<Read<'_>> = decoded
+            .iter()
+            .map(|r| (r.offset, r.key.as_deref(), r.value.as_deref(), r.timestamp))
+            .collect();
+        assert_eq!(
+            read,
+            vec![
+                (500, Some(&b"k0"[..]), Some(&b"v0"[..]), 1_700_000_000_000),
+                (501, None, None, 1_700_000_000_001)
+            ]
+        );
     }
 }
