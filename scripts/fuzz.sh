@@ -6,7 +6,7 @@
 #                     [--fresh-corpus] [TARGET...]
 #
 # Targets (fuzz/fuzz_targets/): frame_decoder, hello, control, ack, batch, delivery,
-# connection; all of them when none is named. Each runs for N seconds (default 60), or for
+# record_batch (Kafka record batches), connection; all of them when none is named. Each runs for N seconds (default 60), or for
 # exactly N inputs with --runs-per-target, with a 5 s limit per input (a slower input is a
 # hang, and fails like a crash). --seed S fixes libFuzzer's random seed (default: a new one
 # each run). --fresh-corpus starts from the seed inputs alone (in target/fuzz/fresh-corpus,
@@ -27,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ALL_TARGETS=(frame_decoder hello control ack batch delivery connection)
+ALL_TARGETS=(frame_decoder hello control ack batch delivery record_batch connection)
 seconds=60
 runs=
 seed=0

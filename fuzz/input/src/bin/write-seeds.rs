@@ -151,6 +151,14 @@ fn body(frame: Frame) -> Vec<u8> {
     frame.to_bytes()[wire::FRAME_HEADER_BYTES..].to_vec()
 }
 
+/// Two record batches back to back, as a Kafka producer's Produce may carry them.
+fn record_batches() -> Vec<u8> {
+    let mut out = Vec::new();
+    wire::record_batch::encode(&mut out, 0, [&b"first"[..], b""].into_iter());
+    wire::record_batch::encode(&mut out, 0, [&[7u8; 40][..]].into_iter());
+    out
+}
+
 fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let publisher = [
         Frame::Hello(publisher_hello(7, Order::TotalSessionFifo)).to_bytes(),
@@ -231,6 +239,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             "three-messages",
             batch_frame[wire::FRAME_HEADER_BYTES..].to_vec(),
         ),
+        ("record_batch", "two-batches", record_batches()),
         (
             "delivery",
             "two-messages",
