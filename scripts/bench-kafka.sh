@@ -7,13 +7,14 @@
 # One broker (scripts/cluster.sh, kernel TCP, Kafka listener on P+1000) pinned to CPU 1;
 # every client pinned to CPU 0. 1 KiB messages, order 5, ack 1 (acks=1).
 #   ingest:  our loadgen (`--test publish`, 1 connection, default batching) for S seconds;
-#            kcat -P of N lines (librdkafka, linger 5 ms, batches up to 1 MB); the
-#            confluent-kafka Python producer of N records (scripts/kafka-bench.py ingest).
-#            Each with the client's CPU seconds and the broker's, per GB.
-#   latency: loadgen `--test latency` at 10,000 msgs/s, one message per batch; the
-#            confluent-kafka producer at 10,000 records/s, open loop, linger 0
-#            (scripts/kafka-bench.py latency): ack p50 / p99 / p99.9 from each message's
-#            due time.
+#            a C producer on librdkafka of 4N records (scripts/kafka-producer.c, built here
+#            against Debian's librdkafka-dev: linger 5 ms, batches up to 1 MB, no copy of
+#            its own); kcat -P of N lines (librdkafka); the confluent-kafka Python producer
+#            of N records (scripts/kafka-bench.py ingest). Each with the client's CPU
+#            seconds and the broker's, per GB.
+#   latency: loadgen `--test latency` at 10,000 msgs/s, one message per batch; the C
+#            producer and the confluent-kafka producer at 10,000 records/s, open loop,
+#            linger 0: ack p50 / p99 / p99.9 from each message's due time.
 # Writes target/bench/kafka.json and prints a table. A benchmark, not a test: it reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,12 +34,14 @@ while [[ $# -gt 0 ]]; do
 done
 
 ensure_cargo
-ensure_packages build-essential pkg-config util-linux kcat time
+ensure_packages build-essential pkg-config util-linux kcat time librdkafka-dev
 ensure_kafka_clients
 . scripts/lab.sh
 ensure_xdp_build_deps
 prepare_hugepages 600
 cargo build --release -q -p broker -p client
+mkdir -p target/bench
+cc -O2 -Wall -Wextra -pthread -o target/bench/kafka-producer scripts/kafka-producer.c -lrdkafka
 
 out=target/bench/kafka
 mkdir -p "$out"
@@ -70,6 +73,9 @@ echo "== our protocol: loadgen publish, $duration s"
 measure loadgen taskset -c 0 ./target/release/loadgen --brokers "\$BROKERS" --topic bench \\
     --test publish --order 5 --ack 1 --message-bytes 1024 --connections-per-broker 1 \\
     --duration-s $duration --json $out/loadgen.json > $out/loadgen.log
+echo "== C producer (librdkafka), $((records * 4)) records"
+measure cproducer taskset -c 0 ./target/bench/kafka-producer ingest "\$kafka" bench \
+    $((records * 4)) 1024 > $out/cproducer.json
 echo "== kcat -P, $records records"
 measure kcat taskset -c 0 kcat -P -b "\$kafka" -t bench \\
     -X linger.ms=5 -X batch.size=1000000 -X queue.buffering.max.kbytes=1048576 < $input
@@ -80,6 +86,9 @@ echo "== latency at 10,000 msgs/s: loadgen"
 taskset -c 0 ./target/release/loadgen --brokers "\$BROKERS" --topic bench-latency --test latency \\
     --order 5 --ack 1 --message-bytes 1024 --rate-msgs-per-s 10000 --duration-s $duration \\
     --messages-per-batch 1 --json $out/loadgen-latency.json > $out/loadgen-latency.log
+echo "== latency at 10,000 records/s: C producer (librdkafka)"
+taskset -c 0 ./target/bench/kafka-producer latency "\$kafka" bench-latency 10000 $duration 1024 \
+    > $out/cproducer-latency.json
 echo "== latency at 10,000 records/s: confluent-kafka"
 taskset -c 0 "$KAFKA_PYTHON" scripts/kafka-bench.py latency --bootstrap "\$kafka" \\
     --topic bench-latency --rate 10000 --duration-s $duration > $out/confluent-latency.json
@@ -102,6 +111,13 @@ entries.append({"test": "ingest", "client": "loadgen (our protocol)",
                 "mb_per_s": round(loadgen["mb_per_s"], 1),
                 "client_cpu_s_per_gb": round(client_cpu / gb, 2),
                 "broker_cpu_s_per_gb": round(broker_cpu / gb, 2)})
+cproducer = json.load(open(f"{out}/cproducer.json"))
+gb = cproducer["acked"] * 1024 / 1e9
+elapsed, client_cpu, broker_cpu = read_time("cproducer")
+entries.append({"test": "ingest", "client": "C producer (librdkafka)",
+                "mb_per_s": cproducer["mb_per_s"],
+                "client_cpu_s_per_gb": round(client_cpu / gb, 2),
+                "broker_cpu_s_per_gb": round(broker_cpu / gb, 2)})
 gb = records * 1024 / 1e9
 elapsed, client_cpu, broker_cpu = read_time("kcat")
 entries.append({"test": "ingest", "client": "kcat -P (librdkafka)",
@@ -119,6 +135,10 @@ ack = ours["ack_latency_from_intended_us"]
 entries.append({"test": "latency", "client": "loadgen (our protocol)", "rate_per_s": 10000,
                 "ack_p50_us": ack.get("p50"), "ack_p99_us": ack.get("p99"),
                 "ack_p999_us": ack.get("p999")})
+c_latency = json.load(open(f"{out}/cproducer-latency.json"))
+entries.append({"test": "latency", "client": "C producer (librdkafka)", "rate_per_s": 10000,
+                "ack_p50_us": c_latency["ack_p50_us"], "ack_p99_us": c_latency["ack_p99_us"],
+                "ack_p999_us": c_latency["ack_p999_us"]})
 kafka = json.load(open(f"{out}/confluent-latency.json"))
 entries.append({"test": "latency", "client": "confluent-kafka (Python)", "rate_per_s": 10000,
                 "ack_p50_us": kafka["ack_p50_us"], "ack_p99_us": kafka["ack_p99_us"],

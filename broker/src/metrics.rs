@@ -68,6 +68,9 @@ pub struct Metrics {
     pub sequencer_takeovers: AtomicU64,
     /// Gauge, a [`SequencerRole`] code: whether this broker holds the sequencer lease.
     pub sequencer_role: AtomicU64,
+    /// Sequencer agents of this broker that hold the lease now (the network loop's and the
+    /// standby thread's may overlap for a moment when one takes over from the other).
+    pub sequencer_holders: AtomicU64,
     /// XDP backend: frames the kernel dropped before they reached the AF_XDP socket's rx
     /// ring (rx ring full, no fill-ring frame, or larger than a UMEM frame).
     pub xdp_rx_dropped: AtomicU64,
@@ -141,9 +144,10 @@ impl Metrics {
         }
     }
 
-    /// Records this broker's role.
+    /// Records this broker's role (sequentially consistent with `sequencer_holders`: see
+    /// `SequencerDriver`'s drop).
     pub fn set_sequencer_role(&self, role: SequencerRole) {
-        self.sequencer_role.store(role as u64, Ordering::Relaxed);
+        self.sequencer_role.store(role as u64, Ordering::SeqCst);
     }
 }
 

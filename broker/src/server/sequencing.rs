@@ -67,6 +67,7 @@ impl SequencerDriver {
     /// Drives `sequencer`, which holds the lease: the broker's role says so from now on.
     pub fn new(mut sequencer: Sequencer<PoolMemory>, metrics: Arc<Metrics>) -> SequencerDriver {
         sequencer.set_pause_guard(Box::new(Timestamp::now));
+        metrics.sequencer_holders.fetch_add(1, Ordering::SeqCst);
         metrics.set_sequencer_role(SequencerRole::Holding);
         SequencerDriver {
             sequencer,
@@ -111,7 +112,20 @@ impl SequencerDriver {
 
 impl Drop for SequencerDriver {
     fn drop(&mut self) {
-        self.metrics.set_sequencer_role(SequencerRole::StandingBy);
+        // The broker stands by once its last holder is gone. A holder created meanwhile
+        // (this broker's standby taking over from its fenced network-loop sequencer) sets
+        // Holding after it counts itself, so the check after the store sees it.
+        if self
+            .metrics
+            .sequencer_holders
+            .fetch_sub(1, Ordering::SeqCst)
+            == 1
+        {
+            self.metrics.set_sequencer_role(SequencerRole::StandingBy);
+            if self.metrics.sequencer_holders.load(Ordering::SeqCst) > 0 {
+                self.metrics.set_sequencer_role(SequencerRole::Holding);
+            }
+        }
     }
 }
 
@@ -177,6 +191,27 @@ mod tests {
             Some(1),
             "read by the clock, then ordered"
         );
+    }
+
+    /// The network loop's sequencer fenced by the broker's own standby, which took the lease
+    /// over: the broker still holds it (and creates topics) after the fenced one is dropped.
+    #[test]
+    fn a_broker_holds_the_lease_while_any_of_its_sequencers_does() {
+        use shared_log::sequencer::SequencerConfig;
+        // Two pools: what is counted is the broker's holders, not one pool's lease.
+        let metrics = Arc::new(Metrics::default());
+        let (one, two) = (
+            shared_log::heap::small_test_pool(),
+            shared_log::heap::small_test_pool(),
+        );
+        let first = Sequencer::new(one, 0, 1, SequencerConfig::default()).unwrap();
+        let inline = SequencerDriver::new(first, Arc::clone(&metrics));
+        let second = Sequencer::new(two, 0, 1, SequencerConfig::default()).unwrap();
+        let standby = SequencerDriver::new(second, Arc::clone(&metrics));
+        drop(inline);
+        assert_eq!(metrics.sequencer_role(), SequencerRole::Holding);
+        drop(standby);
+        assert_eq!(metrics.sequencer_role(), SequencerRole::StandingBy);
     }
 
     #[test]

@@ -143,6 +143,10 @@ const SUPPORTED: [(ApiKey, i16, i16); 14] = [
     (ApiKey::LeaveGroup, 0, 5),
 ];
 
+/// Bytes one service of a connection reads at most before the loop goes on (a fast
+/// producer's input waits in its socket for the next pass).
+const READ_BYTES_PER_SERVICE: usize = 1 << 20;
+
 /// The largest request frame taken: a Produce of librdkafka's default `message.max.bytes`
 /// (1,000,000) or the Java client's `max.request.size` (1 MiB) with room to spare.
 pub const REQUEST_BYTES_MAX: usize = 2 << 20;
@@ -731,8 +735,14 @@ impl KafkaConnection {
         now: Timestamp,
     ) -> (InputState, bool) {
         let mut read_any = false;
+        let mut read_bytes = 0;
         let state = loop {
             if self.reading_paused() {
+                break InputState::Paused;
+            }
+            // The loop's other connections (and the sequencer, when it runs in the loop)
+            // come first once a pass read this much: a fast producer does not hold the loop.
+            if read_bytes >= READ_BYTES_PER_SERVICE {
                 break InputState::Paused;
             }
             // Read straight into the input's free room (no copy through a stack buffer).
@@ -745,6 +755,7 @@ impl KafkaConnection {
                 Ok(0) => break InputState::Ended,
                 Ok(_) => {
                     read_any = true;
+                    read_bytes += n;
                     if filled == 0 {
                         self.request_started = Some(now);
                     }

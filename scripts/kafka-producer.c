@@ -1,0 +1,178 @@
+/*
+ * A lean librdkafka producer for scripts/bench-kafka.sh: what a C application that produces
+ * with librdkafka costs, without kcat's line parsing or a Python layer.
+ *
+ *   kafka-producer ingest  BOOTSTRAP TOPIC RECORDS RECORD_BYTES
+ *   kafka-producer latency BOOTSTRAP TOPIC RATE_PER_S SECONDS RECORD_BYTES
+ *
+ * ingest: RECORDS records of RECORD_BYTES, acks=1, linger 5 ms, batches up to 1 MB, every
+ * record pointing at one buffer (librdkafka copies it into its batch once; no copy here).
+ * latency: records paced open loop at RATE_PER_S (each due at start + i / rate; the sender
+ * sleeps until then, or sends at once when late), acks=1, linger 0; a second thread serves
+ * the delivery reports as they arrive, and each ack's latency is taken from its record's due
+ * time (so a stall is not hidden): p50 / p99 / p99.9.
+ * Prints one JSON line; exits 1 when a record is not acknowledged.
+ */
+#include <librdkafka/rdkafka.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static _Atomic uint64_t acked, failed;
+static uint64_t *latencies_ns;
+static _Atomic uint64_t latency_count;
+static _Atomic int producing_done;
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void delivered(rd_kafka_t *rk, const rd_kafka_message_t *message, void *opaque) {
+    (void)rk;
+    (void)opaque;
+    if (message->err) {
+        if (failed++ < 5)
+            fprintf(stderr, "kafka-producer: %s\n", rd_kafka_err2str(message->err));
+        return;
+    }
+    acked++;
+    if (latencies_ns && message->_private) {
+        uint64_t due = (uint64_t)(uintptr_t)message->_private;
+        latencies_ns[latency_count++] = now_ns() - due;
+    }
+}
+
+/* Serves delivery reports as they come (latency mode), so that an ack is timed when it
+ * arrives, not when the sending thread next looks. */
+static void *serve_reports(void *rk) {
+    while (!producing_done)
+        rd_kafka_poll(rk, 10);
+    return NULL;
+}
+
+static rd_kafka_t *producer(const char *bootstrap, const char *linger_ms) {
+    char error[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    const char *settings[][2] = {
+        {"bootstrap.servers", bootstrap},
+        {"acks", "1"},
+        {"linger.ms", linger_ms},
+        {"batch.size", "1000000"},
+        {"queue.buffering.max.kbytes", "1048576"},
+        {"queue.buffering.max.messages", "1000000"},
+        {"compression.type", "none"},
+        {"socket.nagle.disable", "true"},
+    };
+    for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+        if (rd_kafka_conf_set(conf, settings[i][0], settings[i][1], error, sizeof error)) {
+            fprintf(stderr, "kafka-producer: %s\n", error);
+            exit(2);
+        }
+    }
+    rd_kafka_conf_set_dr_msg_cb(conf, delivered);
+    rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, error, sizeof error);
+    if (!rk) {
+        fprintf(stderr, "kafka-producer: %s\n", error);
+        exit(2);
+    }
+    return rk;
+}
+
+static int compare(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double percentile_us(double p) {
+    if (!latency_count)
+        return -1;
+    uint64_t index = (uint64_t)(p * (double)(latency_count - 1));
+    return (double)latencies_ns[index] / 1000.0;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 6 && !strcmp(argv[1], "ingest")) {
+        uint64_t records = strtoull(argv[4], NULL, 10);
+        size_t record_bytes = strtoull(argv[5], NULL, 10);
+        char *value = malloc(record_bytes);
+        memset(value, 'x', record_bytes);
+        rd_kafka_t *rk = producer(argv[2], "5");
+        rd_kafka_topic_t *topic = rd_kafka_topic_new(rk, argv[3], NULL);
+        uint64_t start = now_ns();
+        for (uint64_t i = 0; i < records; i++) {
+            while (rd_kafka_produce(topic, 0, 0, value, record_bytes, NULL,
+                                    0, NULL) == -1)
+                rd_kafka_poll(rk, 1);
+            if ((i & 1023) == 0)
+                rd_kafka_poll(rk, 0);
+        }
+        rd_kafka_flush(rk, 60000);
+        double seconds = (double)(now_ns() - start) / 1e9;
+        printf("{\"records\": %llu, \"acked\": %llu, \"failed\": %llu, \"seconds\": %.3f, "
+               "\"mb_per_s\": %.1f}\n",
+               (unsigned long long)records, (unsigned long long)acked,
+               (unsigned long long)failed, seconds,
+               (double)acked * (double)record_bytes / 1e6 / seconds);
+        rd_kafka_topic_destroy(topic);
+        rd_kafka_destroy(rk);
+        return acked == records ? 0 : 1;
+    }
+    if (argc == 7 && !strcmp(argv[1], "latency")) {
+        double rate = strtod(argv[4], NULL);
+        double duration = strtod(argv[5], NULL);
+        size_t record_bytes = strtoull(argv[6], NULL, 10);
+        uint64_t records = (uint64_t)(rate * duration);
+        latencies_ns = calloc(records + 1, sizeof *latencies_ns);
+        char *value = malloc(record_bytes);
+        memset(value, 'x', record_bytes);
+        rd_kafka_t *rk = producer(argv[2], "0");
+        rd_kafka_topic_t *topic = rd_kafka_topic_new(rk, argv[3], NULL);
+        /* A first record and its ack: the connection is up before the clock starts. */
+        rd_kafka_produce(topic, 0, 0, value, record_bytes, NULL, 0, NULL);
+        rd_kafka_flush(rk, 10000);
+        acked = 0;
+        pthread_t reports;
+        pthread_create(&reports, NULL, serve_reports, rk);
+        uint64_t start = now_ns();
+        for (uint64_t i = 0; i < records; i++) {
+            uint64_t due = start + (uint64_t)((double)i * 1e9 / rate);
+            struct timespec at = {.tv_sec = (time_t)(due / 1000000000ull),
+                                  .tv_nsec = (long)(due % 1000000000ull)};
+            /* Sleeps until the due time (late: sends at once). */
+            while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &at, NULL) != 0) {
+            }
+            while (rd_kafka_produce(topic, 0, 0, value, record_bytes, NULL, 0,
+                                    (void *)(uintptr_t)due) == -1) {
+                struct timespec pause = {.tv_sec = 0, .tv_nsec = 100000};
+                nanosleep(&pause, NULL);
+            }
+        }
+        while (acked + failed < records && now_ns() - start < (uint64_t)(duration + 30) * 1000000000ull) {
+            struct timespec pause = {.tv_sec = 0, .tv_nsec = 1000000};
+            nanosleep(&pause, NULL);
+        }
+        producing_done = 1;
+        pthread_join(reports, NULL);
+        rd_kafka_flush(rk, 30000);
+        uint64_t count = latency_count;
+        qsort(latencies_ns, count, sizeof *latencies_ns, compare);
+        printf("{\"records\": %llu, \"acked\": %llu, \"failed\": %llu, \"ack_p50_us\": %.0f, "
+               "\"ack_p99_us\": %.0f, \"ack_p999_us\": %.0f}\n",
+               (unsigned long long)records, (unsigned long long)acked,
+               (unsigned long long)failed, percentile_us(0.5), percentile_us(0.99),
+               percentile_us(0.999));
+        rd_kafka_topic_destroy(topic);
+        rd_kafka_destroy(rk);
+        return acked == records ? 0 : 1;
+    }
+    fprintf(stderr, "usage: kafka-producer ingest BOOTSTRAP TOPIC RECORDS RECORD_BYTES\n"
+                    "       kafka-producer latency BOOTSTRAP TOPIC RATE_PER_S SECONDS "
+                    "RECORD_BYTES\n");
+    return 2;
+}
