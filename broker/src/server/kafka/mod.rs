@@ -1181,6 +1181,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fast_client_is_read_a_bounded_amount_per_pass() {
+        // ApiVersions requests: small answers, so that only the read budget stops a pass.
+        let frame = request(ApiKey::ApiVersions, 3, 1, &ApiVersionsRequest::default());
+        let requests = 3 * READ_BYTES_PER_SERVICE / frame.len();
+        let mut stream = Chunks {
+            input: vec![frame.repeat(requests)],
+            written: Vec::new(),
+            writable_bytes: usize::MAX,
+        };
+        let total = requests * frame.len();
+        let mut connection = KafkaConnection::new(1);
+        let service = connection.service(&mut stream, &mut topics(), Timestamp::now(), true, true);
+        assert_eq!(service.input, Some(InputState::Paused));
+        let left = stream.input.first().map_or(0, Vec::len);
+        let read = total - left;
+        assert!(
+            (READ_BYTES_PER_SERVICE..READ_BYTES_PER_SERVICE + READ_CHUNK_BYTES).contains(&read),
+            "read {read} bytes in one pass"
+        );
+    }
+
+    #[test]
     fn a_client_that_does_not_read_its_responses_stops_being_read() {
         let frame = request(ApiKey::Metadata, 12, 1, &MetadataRequest::default());
         let out_bytes = answer(&frame).unwrap().len();
@@ -1193,13 +1215,24 @@ mod tests {
         let mut connection = KafkaConnection::new(1);
         let service = connection.service(&mut stream, &mut topics(), Timestamp::now(), true, true);
         assert_eq!(service.input, Some(InputState::Paused));
+        // Each pass reads at most READ_BYTES_PER_SERVICE; the passes go on until the output
+        // reaches its mark. (The socket said it would block, so the loop does not offer it
+        // as writable.)
+        let mut passes = 0;
+        while connection
+            .service(&mut stream, &mut topics(), Timestamp::now(), true, false)
+            .worked()
+        {
+            passes += 1;
+            assert!(
+                passes < 1_000,
+                "reading stops once the output is at its mark"
+            );
+        }
         assert!(!stream.input.is_empty(), "requests are left in the socket");
         // What it holds for the client stays near the mark (one response over at most),
         // and a pass that could not read is not work (the loop would spin on it).
         assert!(connection.output.len() < OUTPUT_HIGH_WATER_BYTES + out_bytes);
-        // (The socket said it would block, so the loop does not offer it as writable.)
-        let again = connection.service(&mut stream, &mut topics(), Timestamp::now(), true, false);
-        assert!(!again.worked());
         // Once the client reads, the rest is answered, in order, with no new input edge
         // for the requests already buffered.
         stream.writable_bytes = usize::MAX;
