@@ -410,6 +410,27 @@ pub struct CookieCounts {
     pub dropped_after_refusal: u64,
 }
 
+impl CookieCounts {
+    /// The counts of two sets of flows together.
+    pub fn plus(self, other: CookieCounts) -> CookieCounts {
+        CookieCounts {
+            adopted: self.adopted + other.adopted,
+            refused: self.refused + other.refused,
+            table_full: self.table_full + other.table_full,
+            flow_open_failed: self.flow_open_failed + other.flow_open_failed,
+            unsound: self.unsound + other.unsound,
+            held_dropped: self.held_dropped + other.held_dropped,
+            timed_out: self.timed_out + other.timed_out,
+            dropped_after_refusal: self.dropped_after_refusal + other.dropped_after_refusal,
+        }
+    }
+}
+
+/// The (source, destination) ports of a frame's TCP segment over IPv4, if it is one.
+pub fn segment_ports(frame: &[u8]) -> Option<(u16, u16)> {
+    parse_segment(frame).map(|segment| (segment.source.1, segment.destination.1))
+}
+
 /// The adopted connections of one listening port.
 #[derive(Debug)]
 pub struct CookieFlows {
@@ -454,6 +475,11 @@ impl CookieFlows {
     /// The next frame to hand smoltcp before any received one.
     pub fn next_injected(&mut self) -> Option<Vec<u8>> {
         self.inject.pop_front()
+    }
+
+    /// The listening port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Flows that ended since the last call (to remove from the XDP program's table).

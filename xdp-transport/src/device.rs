@@ -32,8 +32,8 @@ pub trait Burst {
     /// clients have a smoltcp socket. Returns the adoptions given up, whose half-open
     /// sockets must be aborted.
     fn housekeeping(&mut self, now: Instant, peers: &Peers) -> Vec<Remote>;
-    /// The connection with `remote` ended.
-    fn connection_closed(&mut self, remote: Remote);
+    /// The connection with `remote` on our `local_port` ended.
+    fn connection_closed(&mut self, remote: Remote, local_port: u16);
     /// What the hooks did, for the metrics.
     fn hook_counts(&self) -> (CookieCounts, NeighbourCounts);
 }
@@ -202,8 +202,8 @@ impl Burst for XskDevice {
         self.hooks.get_mut().housekeeping(now, peers)
     }
 
-    fn connection_closed(&mut self, remote: Remote) {
-        self.hooks.get_mut().connection_closed(remote);
+    fn connection_closed(&mut self, remote: Remote, local_port: u16) {
+        self.hooks.get_mut().connection_closed(remote, local_port);
     }
 
     fn hook_counts(&self) -> (CookieCounts, NeighbourCounts) {

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use smoltcp::time::{Duration, Instant};
 
-use crate::cookie::{CookieCounts, CookieFlows, Remote, Rx, Tx};
+use crate::cookie::{self, CookieCounts, CookieFlows, Remote, Rx, Tx};
 use crate::neighbour::{self, ARP_FRAME_BYTES, KernelNeighbour, NeighbourCounts, Neighbours};
 use crate::netlink::NeighbourSocket;
 
@@ -95,7 +95,8 @@ impl Peers {
 /// The hooks of one device.
 #[derive(Debug)]
 pub struct Hooks {
-    cookies: CookieFlows,
+    /// The adoptions of each listening port (the broker's own, and its Kafka listener's).
+    cookies: Vec<CookieFlows>,
     neighbours: Neighbours,
     /// smoltcp's neighbour cache size (for the warning when it is full).
     neighbour_cache_entries: usize,
@@ -104,7 +105,6 @@ pub struct Hooks {
     flows: Option<xdp_prog::Flows>,
     ifindex: u32,
     local_ip: Ipv4Addr,
-    local_port: u16,
     kernel: Vec<KernelNeighbour>,
     now: Instant,
     warnings: Warnings,
@@ -113,7 +113,7 @@ pub struct Hooks {
 }
 
 /// Settings of [`Hooks`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HookConfig {
     /// The interface's index.
     pub ifindex: u32,
@@ -121,16 +121,31 @@ pub struct HookConfig {
     pub mac: [u8; 6],
     /// The broker's address.
     pub ip: Ipv4Addr,
-    /// The broker's port.
-    pub port: u16,
+    /// The broker's listening ports (its own protocol's, and its Kafka listener's if any).
+    pub ports: Vec<u16>,
     /// The interface's MSS (its MTU - 40).
     pub mss: u16,
-    /// Most adopted connections (pending and open) at a time.
+    /// Most adopted connections (pending and open) at a time, per port.
     pub flows_max: usize,
     /// Most neighbours smoltcp may be looking for at a time.
     pub neighbours_max: usize,
     /// How many neighbours smoltcp's cache holds (`smoltcp::config`).
     pub neighbour_cache_entries: usize,
+}
+
+/// The adoptions of the port a segment of `frame` goes to (`destination`) or comes from;
+/// with one port, that one without looking (the common case pays no second parse).
+fn cookies_of<'c>(
+    cookies: &'c mut [CookieFlows],
+    frame: &[u8],
+    destination: bool,
+) -> Option<&'c mut CookieFlows> {
+    if let [only] = cookies {
+        return Some(only);
+    }
+    let (source, to) = cookie::segment_ports(frame)?;
+    let port = if destination { to } else { source };
+    cookies.iter_mut().find(|c| c.port() == port)
 }
 
 /// The XDP program's key of the flow from `remote` to `local`.
@@ -152,7 +167,11 @@ impl Hooks {
         flows: Option<xdp_prog::Flows>,
     ) -> Hooks {
         Hooks {
-            cookies: CookieFlows::new(config.port, config.mss, config.flows_max),
+            cookies: config
+                .ports
+                .iter()
+                .map(|&port| CookieFlows::new(port, config.mss, config.flows_max))
+                .collect(),
             neighbours: Neighbours::new(
                 config.ifindex,
                 config.mac,
@@ -166,7 +185,6 @@ impl Hooks {
             flows,
             ifindex: config.ifindex,
             local_ip: config.ip,
-            local_port: config.port,
             kernel: Vec::new(),
             now: Instant::ZERO,
             warnings: Warnings::default(),
@@ -176,7 +194,12 @@ impl Hooks {
 
     /// Counts for the metrics.
     pub fn counts(&self) -> (CookieCounts, NeighbourCounts) {
-        (self.cookies.counts(), self.neighbours.counts())
+        let cookies = self
+            .cookies
+            .iter()
+            .map(CookieFlows::counts)
+            .fold(CookieCounts::default(), CookieCounts::plus);
+        (cookies, self.neighbours.counts())
     }
 
     /// The next frame to hand smoltcp before any received one: neighbours first (so that
@@ -185,15 +208,19 @@ impl Hooks {
         if let Some(reply) = self.arp_replies.pop_front() {
             return Some(reply.to_vec());
         }
-        self.cookies.next_injected()
+        self.cookies.iter_mut().find_map(CookieFlows::next_injected)
     }
 
     /// A received frame (in place). An adoption opens its flow in the XDP program's table.
     pub fn on_rx(&mut self, frame: &mut [u8], now: Instant) -> Rx {
         self.now = now;
-        let (flows, local) = (&self.flows, (self.local_ip, self.local_port));
+        let flows = &self.flows;
         let mut refused = None;
-        let verdict = self.cookies.on_rx(frame, now, &mut |remote| {
+        let Some(cookies) = cookies_of(&mut self.cookies, frame, true) else {
+            return Rx::Deliver;
+        };
+        let local = (self.local_ip, cookies.port());
+        let verdict = cookies.on_rx(frame, now, &mut |remote| {
             let Some(flows) = flows else {
                 return true;
             };
@@ -230,13 +257,18 @@ impl Hooks {
             }
             return Tx::Swallow;
         }
-        self.cookies.on_tx(frame)
+        match cookies_of(&mut self.cookies, frame, false) {
+            Some(cookies) => cookies.on_tx(frame),
+            None => Tx::Send,
+        }
     }
 
-    /// The connection with `remote` ended: the flow is forgotten here and in the XDP
-    /// program.
-    pub fn connection_closed(&mut self, remote: Remote) {
-        self.cookies.close(remote);
+    /// The connection with `remote` on `local_port` ended: the flow is forgotten here and
+    /// in the XDP program.
+    pub fn connection_closed(&mut self, remote: Remote, local_port: u16) {
+        if let Some(cookies) = self.cookies.iter_mut().find(|c| c.port() == local_port) {
+            cookies.close(remote);
+        }
         self.forget_closed();
     }
 
@@ -300,9 +332,11 @@ impl Hooks {
                 self.warn(Trouble::NetlinkSend, text);
             }
         }
-        self.cookies.expire(now, |remote| peers.has_socket(remote));
+        for cookies in &mut self.cookies {
+            cookies.expire(now, |remote| peers.has_socket(remote));
+        }
         self.forget_closed();
-        let table_full = self.cookies.counts().table_full;
+        let table_full = self.counts().0.table_full;
         if table_full > self.table_full_seen {
             let refused = table_full - self.table_full_seen;
             self.table_full_seen = table_full;
@@ -310,22 +344,31 @@ impl Hooks {
                 Trouble::Adoptions,
                 format!(
                     "{refused} connection(s) refused with a RST: all {} adoptions in use (raise --xdp-sockets)",
-                    self.cookies.len()
+                    self.cookies.iter().map(CookieFlows::len).sum::<usize>()
                 ),
             );
         }
-        self.cookies.take_aborted()
+        self.cookies
+            .iter_mut()
+            .flat_map(CookieFlows::take_aborted)
+            .collect()
     }
 
     fn forget_closed(&mut self) {
-        let local = (self.local_ip, self.local_port);
-        for remote in self.cookies.take_closed() {
-            let Some(flows) = &self.flows else {
-                continue;
-            };
-            if let Err(error) = flows.remove(&flow_key(remote, local)) {
-                self.warn(Trouble::FlowClose, error.to_string());
+        let mut failed = None;
+        for cookies in &mut self.cookies {
+            let local = (self.local_ip, cookies.port());
+            for remote in cookies.take_closed() {
+                let Some(flows) = &self.flows else {
+                    continue;
+                };
+                if let Err(error) = flows.remove(&flow_key(remote, local)) {
+                    failed = Some(error.to_string());
+                }
             }
+        }
+        if let Some(error) = failed {
+            self.warn(Trouble::FlowClose, error);
         }
     }
 

@@ -90,9 +90,9 @@ struct Args {
     /// Address to accept clients on, e.g. 127.0.0.1:9000.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Also accept Kafka clients (plaintext) on this address, e.g. 127.0.0.1:9092. So far
-    /// they get ApiVersions and Metadata (each topic one partition, led by this broker);
-    /// kernel TCP backend only.
+    /// Also accept Kafka clients (plaintext) on this address, e.g. 127.0.0.1:9092: produce,
+    /// fetch, topics, consumer groups and committed offsets (each topic one partition, its
+    /// total order; see docs/kafka.md). With --net xdp: --listen's address, another port.
     #[arg(long)]
     kafka_listen: Option<SocketAddr>,
     /// The IPv4 address and port clients reach this broker at, which the other brokers name
@@ -282,7 +282,7 @@ past its claim lease; the pool file was removed, replaced or truncated); 2 bad f
 file; 3 the id is held by a live broker; 4 --format refused: live brokers use the pool. The
 error is on stderr, and with --error-json also on stdout as one JSON line whose \"kind\" is
 one of: usage, pool, pool_in_use, broker_id_taken, claim, listen, metrics, sequencer, bypass,
-limits, kafka_on_bypass, kafka_host_unknown, restore, claim_lost, pool_file_gone, thread_ended.";
+limits, kafka_address_on_bypass, kafka_host_unknown, restore, claim_lost, pool_file_gone, thread_ended.";
 
 /// An error the broker ends with: the line on stderr, the exit code, and, with
 /// `--error-json`, the same as one JSON object on stdout.
@@ -354,7 +354,9 @@ impl Ending {
             StartError::Limits(limit) => Ending::new(EXIT_USAGE, "limits", error)
                 .with("option", limit.option)
                 .with("value", limit.value),
-            StartError::KafkaOnBypass => Ending::new(EXIT_USAGE, "kafka_on_bypass", error),
+            StartError::KafkaAddressOnBypass { .. } => {
+                Ending::new(EXIT_USAGE, "kafka_address_on_bypass", error)
+            }
             StartError::KafkaHostUnknown { addr } => {
                 Ending::new(EXIT_USAGE, "kafka_host_unknown", error).with("addr", addr.to_string())
             }

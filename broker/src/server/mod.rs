@@ -201,11 +201,16 @@ pub enum StartError {
         /// The Kafka listener's address.
         addr: SocketAddr,
     },
-    /// `--kafka-listen` with `--net xdp`.
+    /// `--kafka-listen` with `--net xdp` on another address than `--listen`'s, or its port.
     #[error(
-        "--kafka-listen is served by the kernel TCP backend only, so far: start this broker without --net xdp, or without --kafka-listen"
+        "--kafka-listen {kafka} with --net xdp: the Kafka listener must be on the broker's own address ({listen}'s, or 0.0.0.0 for it) with another port, nonzero (the XDP program steers both ports of that address)"
     )]
-    KafkaOnBypass,
+    KafkaAddressOnBypass {
+        /// The Kafka listener's address.
+        kafka: SocketAddr,
+        /// The broker's own listen address.
+        listen: SocketAddr,
+    },
 }
 
 /// Which step of opening the pool failed (see [`StartError::Pool`]).
@@ -422,14 +427,19 @@ fn launch(
         )?),
         NetBackend::Xdp(_) => None,
     };
-    let kafka_listener = match (options.kafka_listen, &options.net) {
-        (None, _) => None,
-        (Some(_), NetBackend::Xdp(_)) => return Err(StartError::KafkaOnBypass),
-        (Some(addr), NetBackend::Kernel) => Some(
-            mio::net::TcpListener::bind(addr)
+    let (kafka_listener, kafka_addr) = match (options.kafka_listen, &options.net) {
+        (None, _) => (None, None),
+        // The bypass backend's smoltcp sockets listen on the Kafka port too.
+        (Some(kafka), NetBackend::Xdp(_)) => {
+            let addr = bypass_kafka_address(kafka, options.listen)?;
+            (None, Some(addr))
+        }
+        (Some(addr), NetBackend::Kernel) => {
+            let (bound, listener) = mio::net::TcpListener::bind(addr)
                 .and_then(|l| Ok((l.local_addr()?, l)))
-                .map_err(|source| StartError::Listen { addr, source })?,
-        ),
+                .map_err(|source| StartError::Listen { addr, source })?;
+            (Some(listener), Some(bound))
+        }
     };
     let local_addr = match &listener {
         Some(listener) => listener.local_addr().map_err(|source| StartError::Listen {
@@ -439,7 +449,6 @@ fn launch(
         None => options.listen,
     };
     let advertised = options.advertise.unwrap_or(local_addr);
-    let kafka_addr = kafka_listener.as_ref().map(|(addr, _)| *addr);
     let kafka_node = match kafka_addr {
         None => None,
         Some(addr) => {
@@ -488,7 +497,7 @@ fn launch(
     } else if let Some(listener) = listener {
         let transport = kernel::KernelTransport::new(
             listener,
-            kafka_listener.map(|(_, l)| l),
+            kafka_listener,
             options.socket_buffer_bytes,
             broker_id,
         )
@@ -518,6 +527,20 @@ fn launch(
         kafka_addr,
         xdp,
     })
+}
+
+/// The Kafka listener's address on the bypass backend: `--listen`'s address (a wildcard
+/// Kafka address means it) with the Kafka port, which must differ from `--listen`'s.
+fn bypass_kafka_address(kafka: SocketAddr, listen: SocketAddr) -> Result<SocketAddr, StartError> {
+    let ip = if kafka.ip().is_unspecified() {
+        listen.ip()
+    } else {
+        kafka.ip()
+    };
+    if ip != listen.ip() || kafka.port() == 0 || kafka.port() == listen.port() {
+        return Err(StartError::KafkaAddressOnBypass { kafka, listen });
+    }
+    Ok(SocketAddr::new(ip, kafka.port()))
 }
 
 /// Serves the metrics endpoint, if asked; returns its address.

@@ -207,7 +207,8 @@ pub fn spawn(
     options: &BrokerOptions,
     xdp: &XdpOptions,
 ) -> Result<(JoinHandle<()>, Attached), BypassError> {
-    let link = inspect(options.listen, xdp)?;
+    // The Kafka listener's address was checked at start: ours, with its own port.
+    let link = inspect(options.listen, options.kafka_listen.map(|a| a.port()), xdp)?;
     let iface = xdp.iface.as_str();
     // Opened here, in the broker's network namespace, before anything is attached.
     let netlink = NeighbourSocket::open().map_err(BypassError::Netlink)?;
@@ -215,10 +216,10 @@ pub fn spawn(
         mss: link.mss,
         window_shift: cookie::window_shift(xdp.socket_buffer_bytes),
         window: u16::try_from(xdp.socket_buffer_bytes).unwrap_or(u16::MAX),
-        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time, see
-        // the hooks) and closes each; twice that is headroom.
-        flows_max: u32::try_from(xdp.sockets * 4).unwrap_or(u32::MAX),
-        ..SteerConfig::new(vec![link.port], vec![link.ip])
+        // Userspace opens at most one flow per adoption (`--xdp-sockets` x 2 at a time per
+        // port, see the hooks) and closes each; twice that is headroom.
+        flows_max: u32::try_from(xdp.sockets * 4 * link.ports().len()).unwrap_or(u32::MAX),
+        ..SteerConfig::new(link.ports(), vec![link.ip])
     };
     // A program there already (another broker's, or a crashed one's leftover) is reported
     // as such before any socket is bound to a queue that broker may hold.
@@ -240,7 +241,7 @@ pub fn spawn(
             ifindex: link.ifindex,
             mac: link.mac,
             ip: link.ip,
-            port: link.port,
+            ports: link.ports(),
             mss: link.mss,
             flows_max: xdp.sockets * 2,
             neighbours_max: xdp.sockets.max(64),
@@ -265,12 +266,17 @@ fn announce(broker: u16, link: &Link, xdp: &XdpOptions, steering: &XdpSteering) 
         ip,
         prefix,
         port,
+        kafka_port,
         mtu,
         queue_count,
         ..
     } = link;
+    let kafka = match kafka_port {
+        Some(kafka) => format!(" (Kafka clients on port {kafka})"),
+        None => String::new(),
+    };
     log::info!(
-        "broker {broker}: XDP program on {} in {} mode, {queue_count} AF_XDP socket(s) on queue(s) 0..{} (copy mode, {} frames of {FRAME_BYTES} B each{busy_poll}), {ip}/{prefix} port {port}, MTU {mtu}",
+        "broker {broker}: XDP program on {} in {} mode, {queue_count} AF_XDP socket(s) on queue(s) 0..{} (copy mode, {} frames of {FRAME_BYTES} B each{busy_poll}), {ip}/{prefix} port {port}{kafka}, MTU {mtu}",
         xdp.iface,
         steering.mode(),
         queue_count - 1,
@@ -292,6 +298,8 @@ struct Link {
     ip: Ipv4Addr,
     prefix: u8,
     port: u16,
+    /// The Kafka listener's port (on the same address), if any.
+    kafka_port: Option<u16>,
     mac: [u8; 6],
     mtu: usize,
     /// The MTU less the IPv4 and TCP headers.
@@ -299,9 +307,20 @@ struct Link {
     queue_count: u32,
 }
 
+impl Link {
+    /// The ports the XDP program steers: ours, and the Kafka listener's.
+    fn ports(&self) -> Vec<u16> {
+        std::iter::once(self.port).chain(self.kafka_port).collect()
+    }
+}
+
 /// Checks the interface against the listen address and the options: the address is on
 /// it, the broker takes every rx queue, and a packet fits a UMEM frame.
-fn inspect(listen: SocketAddr, xdp: &XdpOptions) -> Result<Link, BypassError> {
+fn inspect(
+    listen: SocketAddr,
+    kafka_port: Option<u16>,
+    xdp: &XdpOptions,
+) -> Result<Link, BypassError> {
     let (ip, port) = match listen {
         SocketAddr::V4(v4) if !v4.ip().is_unspecified() => (*v4.ip(), v4.port()),
         other => return Err(BypassError::ListenAddress(other)),
@@ -359,6 +378,7 @@ fn inspect(listen: SocketAddr, xdp: &XdpOptions) -> Result<Link, BypassError> {
         ip,
         prefix,
         port,
+        kafka_port,
         mac,
         mtu,
         mss: u16::try_from(mtu.saturating_sub(40)).unwrap_or(u16::MAX),
@@ -410,6 +430,7 @@ fn spawn_loop(
         ip: link.ip,
         prefix: link.prefix,
         port: link.port,
+        kafka_port: link.kafka_port,
     };
     let sockets = SocketPoolConfig {
         sockets: xdp.sockets,

@@ -104,14 +104,17 @@ pub struct Endpoint {
     pub ip: Ipv4Addr,
     /// Prefix length of the interface's subnet.
     pub prefix: u8,
-    /// TCP port.
+    /// TCP port of our own protocol.
     pub port: u16,
+    /// TCP port of the Kafka listener, if the broker has one (on the same address).
+    pub kafka_port: Option<u16>,
 }
 
 /// smoltcp socket pool settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SocketPoolConfig {
-    /// TCP sockets (the most connections at a time).
+    /// TCP sockets (the most connections at a time; with a Kafka listener, a quarter of
+    /// them, at least one, listen on its port).
     pub sockets: usize,
     /// Receive and send buffer of each socket, in bytes.
     pub buffer_bytes: usize,
@@ -164,9 +167,11 @@ pub struct BypassTransport<D> {
     iface: Interface,
     sockets: SocketSet<'static>,
     slots: Vec<(SocketHandle, Slot)>,
+    /// The port each slot listens on (its connection's local port).
+    slot_ports: Vec<u16>,
     /// Where each connection's socket is in `slots`.
     active: HashMap<ConnId, usize>,
-    port: u16,
+    kafka_port: Option<u16>,
     /// smoltcp's clock starts here.
     started: Timestamp,
     housekept_at: Timestamp,
@@ -217,9 +222,18 @@ impl<D: Device + Burst> BypassTransport<D> {
         });
         let mut set = SocketSet::new(Vec::with_capacity(sockets.sockets));
         let mut slots = Vec::with_capacity(sockets.sockets);
-        for _ in 0..sockets.sockets {
+        let kafka_sockets = endpoint
+            .kafka_port
+            .map_or(0, |_| (sockets.sockets / 4).max(1));
+        let slot_ports: Vec<u16> = (0..sockets.sockets)
+            .map(|index| match endpoint.kafka_port {
+                Some(kafka) if index < kafka_sockets => kafka,
+                _ => endpoint.port,
+            })
+            .collect();
+        for &port in &slot_ports {
             let mut socket = new_socket(sockets.buffer_bytes);
-            listen(&mut socket, endpoint.port);
+            listen(&mut socket, port);
             slots.push((set.add(socket), Slot::Listening));
         }
         let started = Timestamp::now();
@@ -228,8 +242,9 @@ impl<D: Device + Burst> BypassTransport<D> {
             iface,
             sockets: set,
             slots,
+            slot_ports,
             active: HashMap::with_capacity(sockets.sockets),
-            port: endpoint.port,
+            kafka_port: endpoint.kafka_port,
             started,
             housekept_at: started,
             drops: DropWatch::new(started),
@@ -389,7 +404,10 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                 continue;
             }
             let Some(target) = sink.target(id) else {
-                self.between.push(handle);
+                // Only our own protocol's frames are worth a stop of the ingress.
+                if Some(self.slot_ports[index]) != self.kafka_port {
+                    self.between.push(handle);
+                }
                 continue;
             };
             self.empty.push(handle);
@@ -422,6 +440,12 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
         let mut worked = false;
         for (index, (handle, slot)) in self.slots.iter_mut().enumerate() {
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
+            let port = self.slot_ports[index];
+            let protocol = if Some(port) == self.kafka_port {
+                Protocol::Kafka
+            } else {
+                Protocol::Native
+            };
             match *slot {
                 Slot::Active => {}
                 Slot::Listening => match socket.state() {
@@ -429,8 +453,7 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                         let Some(peer) = socket.remote_endpoint() else {
                             continue;
                         };
-                        // The bypass backend listens for our protocol only (so far).
-                        match admit(IpAddr::from(peer.addr), Protocol::Native) {
+                        match admit(IpAddr::from(peer.addr), protocol) {
                             Ok(id) => {
                                 *slot = Slot::Active;
                                 self.active.insert(id, index);
@@ -445,17 +468,17 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
                         worked = true;
                     }
                     // A handshake that failed (RST): listen again.
-                    tcp::State::Closed => listen(socket, self.port),
+                    tcp::State::Closed => listen(socket, port),
                     _ => {}
                 },
                 Slot::Closing => {
                     if matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait) {
                         if let Some(endpoint) = socket.remote_endpoint() {
                             let IpAddress::Ipv4(ip) = endpoint.addr;
-                            self.device.connection_closed((ip, endpoint.port));
+                            self.device.connection_closed((ip, endpoint.port), port);
                         }
                         socket.abort();
-                        listen(socket, self.port);
+                        listen(socket, port);
                         *slot = Slot::Listening;
                         worked = true;
                     }
@@ -497,7 +520,8 @@ impl<D: Device + Burst> Transport for BypassTransport<D> {
             let socket = self.sockets.get_mut::<tcp::Socket<'_>>(*handle);
             if let Some(endpoint) = socket.remote_endpoint() {
                 let IpAddress::Ipv4(ip) = endpoint.addr;
-                self.device.connection_closed((ip, endpoint.port));
+                self.device
+                    .connection_closed((ip, endpoint.port), self.slot_ports[index]);
             }
             // smoltcp sends one RST at its next poll and drops the unsent bytes.
             socket.abort();
