@@ -82,16 +82,24 @@ measure kcat taskset -c 0 kcat -P -b "\$kafka" -t bench \\
 echo "== confluent-kafka (Python) producer, $records records"
 measure confluent taskset -c 0 "$KAFKA_PYTHON" scripts/kafka-bench.py ingest \\
     --bootstrap "\$kafka" --topic bench --records $records > $out/confluent.json
+metrics_url=http://127.0.0.1:$((base_port + 100))/metrics
+scrape() { curl -sf --max-time 5 "\$metrics_url" > $out/\$1.metrics; }
 echo "== latency at 10,000 msgs/s: loadgen"
+scrape loadgen-latency.before
 taskset -c 0 ./target/release/loadgen --brokers "\$BROKERS" --topic bench-latency --test latency \\
     --order 5 --ack 1 --message-bytes 1024 --rate-msgs-per-s 10000 --duration-s $duration \\
     --messages-per-batch 1 --json $out/loadgen-latency.json > $out/loadgen-latency.log
+scrape loadgen-latency.after
 echo "== latency at 10,000 records/s: C producer (librdkafka)"
-taskset -c 0 ./target/bench/kafka-producer latency "\$kafka" bench-latency 10000 $duration 1024 \
+scrape cproducer-latency.before
+taskset -c 0 ./target/bench/kafka-producer latency "\$kafka" bench-latency 10000 $duration 1024 \\
     > $out/cproducer-latency.json
+scrape cproducer-latency.after
 echo "== latency at 10,000 records/s: confluent-kafka"
+scrape confluent-latency.before
 taskset -c 0 "$KAFKA_PYTHON" scripts/kafka-bench.py latency --bootstrap "\$kafka" \\
     --topic bench-latency --rate 10000 --duration-s $duration > $out/confluent-latency.json
+scrape confluent-latency.after
 EOF
 chmod +x "$steps"
 ./scripts/cluster.sh run --brokers 1 --cpus 1 --base-port "$base_port" \
@@ -130,19 +138,42 @@ entries.append({"test": "ingest", "client": "confluent-kafka (Python)",
                 "mb_per_s": confluent["mb_per_s"],
                 "client_cpu_s_per_gb": round(client_cpu / gb, 2),
                 "broker_cpu_s_per_gb": round(broker_cpu / gb, 2)})
+def broker_side(name):
+    # The broker's own ack latency (received to answered, embarcadero_ack_latency_us) over
+    # the run: the histogram's buckets after less before; a percentile is reported as the
+    # upper bound of the bucket it falls in.
+    def buckets(path):
+        found = {}
+        for line in open(path):
+            if line.startswith("embarcadero_ack_latency_us_bucket"):
+                bound = line.split('le="')[1].split('"')[0]
+                found[bound] = float(line.rsplit(" ", 1)[1])
+        return found
+    before = buckets(f"{out}/{name}.before.metrics")
+    after = buckets(f"{out}/{name}.after.metrics")
+    counts = sorted(((float("inf") if b == "+Inf" else float(b)), after[b] - before.get(b, 0))
+                    for b in after)
+    total = counts[-1][1] if counts else 0
+    def at(p):
+        for bound, cumulative in counts:
+            if total and cumulative >= p * total:
+                return None if bound == float("inf") else int(bound)
+        return None
+    return {"broker_acks": int(total), "broker_p50_us_at_most": at(0.5),
+            "broker_p99_us_at_most": at(0.99)}
 ours = json.load(open(f"{out}/loadgen-latency.json"))
 ack = ours["ack_latency_from_intended_us"]
 entries.append({"test": "latency", "client": "loadgen (our protocol)", "rate_per_s": 10000,
                 "ack_p50_us": ack.get("p50"), "ack_p99_us": ack.get("p99"),
-                "ack_p999_us": ack.get("p999")})
+                "ack_p999_us": ack.get("p999"), **broker_side("loadgen-latency")})
 c_latency = json.load(open(f"{out}/cproducer-latency.json"))
 entries.append({"test": "latency", "client": "C producer (librdkafka)", "rate_per_s": 10000,
                 "ack_p50_us": c_latency["ack_p50_us"], "ack_p99_us": c_latency["ack_p99_us"],
-                "ack_p999_us": c_latency["ack_p999_us"]})
+                "ack_p999_us": c_latency["ack_p999_us"], **broker_side("cproducer-latency")})
 kafka = json.load(open(f"{out}/confluent-latency.json"))
 entries.append({"test": "latency", "client": "confluent-kafka (Python)", "rate_per_s": 10000,
                 "ack_p50_us": kafka["ack_p50_us"], "ack_p99_us": kafka["ack_p99_us"],
-                "ack_p999_us": kafka["ack_p999_us"]})
+                "ack_p999_us": kafka["ack_p999_us"], **broker_side("confluent-latency")})
 json.dump({"pinning": "broker on CPU 1, clients on CPU 0", "entries": entries},
           open("target/bench/kafka.json", "w"), indent=2)
 base = entries[0]["mb_per_s"]
@@ -153,6 +184,7 @@ for e in entries:
               f"client {e['client_cpu_s_per_gb']:5.2f} s/GB  broker {e['broker_cpu_s_per_gb']:5.2f} s/GB")
     else:
         print(f"latency  {e['client']:28} p50 {e['ack_p50_us']} us  p99 {e['ack_p99_us']} us  "
-              f"p99.9 {e['ack_p999_us']} us")
+              f"p99.9 {e['ack_p999_us']} us  (broker side: p50 <= {e['broker_p50_us_at_most']} us, "
+              f"p99 <= {e['broker_p99_us_at_most']} us, {e['broker_acks']} answers)")
 print("target/bench/kafka.json")
 PY
