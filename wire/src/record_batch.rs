@@ -144,6 +144,20 @@ impl<'a> BatchView<'a> {
     }
 }
 
+/// Iterates over `count` records that fill `bytes` exactly: a compressed batch's records
+/// once decompressed (`batch` is the batch's index, for errors).
+pub fn records_in(bytes: &[u8], count: u32, batch: usize) -> Records<'_> {
+    Records {
+        bytes,
+        batch,
+        at: 0,
+        next: 0,
+        count,
+        failed: false,
+        broken: None,
+    }
+}
+
 /// Iterates over the batches of a payload; yields an error (once) at the first whose
 /// framing is broken.
 pub fn batches(payload: &[u8]) -> Batches<'_> {

@@ -240,6 +240,14 @@ impl KafkaSession {
                         error_code::INVALID_REQUIRED_ACKS,
                         format!("acks {} (0, 1 or -1 are taken)", request.acks),
                     ),
+                    // Offered so that clients see the older codecs served (librdkafka compresses
+                    // with them only for a broker with Produce 0); message sets are not.
+                    _ if version < 3 => PartState::refused(
+                        error_code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+                        format!(
+                            "Produce version {version} carries message sets of magic 0 or 1; this broker takes record batches (magic 2), from Produce version 3"
+                        ),
+                    ),
                     (None, _, _) => PartState::refused(
                         error_code::UNKNOWN_TOPIC_OR_PARTITION,
                         "no such topic (topics are created with CreateTopic or the broker's auto-creation)",
@@ -1347,6 +1355,22 @@ mod tests {
         assert_eq!(
             response.responses[0].partition_responses[0].error_code,
             error_code::REQUEST_TIMED_OUT
+        );
+        assert!(h.log.undecided.is_empty());
+    }
+
+    #[test]
+    fn produce_before_version_3_is_answered_that_its_format_is_not_served() {
+        let mut h = Harness::new();
+        h.send(
+            ApiKey::Produce,
+            2,
+            &produce(1, &[("orders", 0, batch(&[b"v"]))]),
+        );
+        let (_, response) = produce_response(&h.poll(), 2);
+        assert_eq!(
+            response.responses[0].partition_responses[0].error_code,
+            error_code::UNSUPPORTED_FOR_MESSAGE_FORMAT
         );
         assert!(h.log.undecided.is_empty());
     }

@@ -35,6 +35,7 @@ use crate::server::connection::{ByteStream, InputState, Service};
 use crate::server::state::{ConnId, RoutedOutcome};
 
 pub mod admin;
+pub mod compression;
 pub mod data;
 #[cfg(test)]
 mod fake;
@@ -123,11 +124,14 @@ mod error_code {
 
 /// The APIs this broker speaks, with the versions of each (those that current clients use:
 /// librdkafka 2.x, kafka-python, the Java client 3.x and 4.x).
-/// Produce from version 3 (record batches of magic 2), Fetch from 4 (the first with record
-/// batches) to 12 (the last that names topics; 13 names them by id), ListOffsets from 1
-/// (one offset per partition).
+/// Record batches (magic 2) come with Produce 3 and Fetch 4; Fetch goes to 12 (the last
+/// that names topics; 13 names them by id), ListOffsets from 1 (one offset per partition).
+/// Produce 0 to 2 are offered too, and their requests answered
+/// UNSUPPORTED_FOR_MESSAGE_FORMAT per partition: librdkafka compresses with gzip, snappy or
+/// lz4 only for a broker whose Produce versions include 0, and it picks the highest
+/// version both sides speak.
 const SUPPORTED: [(ApiKey, i16, i16); 14] = [
-    (ApiKey::Produce, 3, 9),
+    (ApiKey::Produce, 0, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
     (ApiKey::Metadata, 0, 12),
@@ -900,7 +904,7 @@ mod tests {
             assert_eq!(
                 offered,
                 vec![
-                    (ApiKey::Produce as i16, 3, 9),
+                    (ApiKey::Produce as i16, 0, 9),
                     (ApiKey::Fetch as i16, 4, 12),
                     (ApiKey::ListOffsets as i16, 1, 7),
                     (ApiKey::Metadata as i16, 0, 12),

@@ -3,12 +3,14 @@
 //! (`wire::record_batch` reads their framing and records; the log's entry marks the
 //! payload as record batches, `shared_log::layout::BATCH_RECORD_BATCHES`).
 //!
-//! Keys, headers, timestamps and null values are stored with the records and served back
-//! to Kafka consumers as they came; our own subscribers read each record's value as a
-//! message. Compressed, transactional and control batches are refused with their reason
-//! (the log would have to decompress a batch to count and serve its records).
+//! Keys, headers, timestamps, null values and compression are stored with the records and
+//! served back to Kafka consumers as they came; our own subscribers read each record's
+//! value as a message (a compressed batch decompressed on its way to them, see
+//! [`stored_values`]). Transactional and control batches are refused with their reason.
 
 use wire::record_batch::{self, BatchView, RecordBatchError};
+
+use super::compression::{self, DECOMPRESSED_BYTES_MAX, DecompressError};
 
 /// Why produced records cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -26,15 +28,13 @@ pub enum RecordError {
         /// CRC in the batch.
         stored: u32,
     },
-    /// The batch is compressed.
-    #[error(
-        "record batch {batch}: compression codec {codec} is not taken yet; produce uncompressed"
-    )]
+    /// The batch's compressed records do not read.
+    #[error("record batch {batch}: {error}")]
     Compressed {
         /// Index of the batch.
         batch: usize,
-        /// The codec (1 gzip, 2 snappy, 3 lz4, 4 zstd).
-        codec: u8,
+        /// Why.
+        error: DecompressError,
     },
     /// A transactional or control batch.
     #[error("record batch {batch}: transactions are not supported")]
@@ -63,7 +63,11 @@ impl RecordError {
             RecordError::Framing(RecordBatchError::Magic { .. }) => {
                 super::error_code::UNSUPPORTED_FOR_MESSAGE_FORMAT
             }
-            RecordError::Compressed { .. } => super::error_code::UNSUPPORTED_COMPRESSION_TYPE,
+            RecordError::Compressed { error, .. } => match error {
+                DecompressError::UnknownCodec(_) => super::error_code::UNSUPPORTED_COMPRESSION_TYPE,
+                DecompressError::Corrupt { .. } => super::error_code::CORRUPT_MESSAGE,
+                DecompressError::TooLarge { .. } => super::error_code::MESSAGE_TOO_LARGE,
+            },
             RecordError::Framing(_)
             | RecordError::Transactional { .. }
             | RecordError::ProducerBreak { .. }
@@ -100,7 +104,8 @@ pub struct Produced<'a> {
 /// How much of a produced partition to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// Everything: each batch's CRC, framing and records (as they arrive).
+    /// Everything: each batch's CRC, framing and records, compressed ones decompressed
+    /// (as they arrive).
     Full,
     /// The framing and the producer fields only, of bytes that passed [`Check::Full`]
     /// before (a second look without a second pass over every byte).
@@ -111,6 +116,7 @@ pub enum Check {
 pub fn check_produced(records: &[u8], check: Check) -> Result<Produced<'_>, RecordError> {
     let mut producer: Option<ProducerFields> = None;
     let mut record_count = 0u32;
+    let mut decompressed_bytes = 0;
     for batch in record_batch::batches(records) {
         let batch = batch?;
         let index = batch.index;
@@ -127,10 +133,10 @@ pub fn check_produced(records: &[u8], check: Check) -> Result<Produced<'_>, Reco
         let batch_records = batch.checked_record_count()?;
         let attributes = batch.attributes();
         let codec = (attributes & 0x7) as u8;
-        if codec != 0 {
+        if codec > 4 {
             return Err(RecordError::Compressed {
                 batch: index,
-                codec,
+                error: DecompressError::UnknownCodec(codec),
             });
         }
         // Bit 4: transactional; bit 5: a control batch (transaction markers).
@@ -151,8 +157,17 @@ pub fn check_produced(records: &[u8], check: Check) -> Result<Produced<'_>, Reco
             Some(_) => return Err(RecordError::ProducerBreak { batch: index }),
         }
         if check == Check::Full {
-            for record in batch.records() {
-                record?;
+            if codec == 0 {
+                for record in batch.records() {
+                    record?;
+                }
+            } else {
+                let limit = DECOMPRESSED_BYTES_MAX - decompressed_bytes;
+                let records = decompress_records(&batch, codec, limit)?;
+                decompressed_bytes += records.len();
+                for record in record_batch::records_in(&records, batch_records, index) {
+                    record?;
+                }
             }
         }
         record_count = record_count
@@ -169,6 +184,46 @@ pub fn check_produced(records: &[u8], check: Check) -> Result<Produced<'_>, Reco
         producer,
         checksum: record_batch::payload_checksum(records)?,
     })
+}
+
+/// A compressed batch's records, decompressed into at most `limit` bytes.
+fn decompress_records(
+    batch: &BatchView<'_>,
+    codec: u8,
+    limit: usize,
+) -> Result<Vec<u8>, RecordError> {
+    compression::decompress(
+        codec,
+        &batch.bytes[record_batch::BATCH_HEADER_BYTES..],
+        limit,
+    )
+    .map_err(|error| RecordError::Compressed {
+        batch: batch.index,
+        error,
+    })
+}
+
+/// Hands each record's value of stored record batches to `each`, in order (a null value as
+/// an empty one), decompressing compressed batches; returns how many there were.
+pub fn stored_values(payload: &[u8], mut each: impl FnMut(&[u8])) -> Result<u32, RecordError> {
+    let mut count = 0;
+    for batch in record_batch::batches(payload) {
+        let batch = batch?;
+        let batch_records = batch.checked_record_count()?;
+        let codec = (batch.attributes() & 0x7) as u8;
+        let decompressed;
+        let records = if codec == 0 {
+            batch.records()
+        } else {
+            decompressed = decompress_records(&batch, codec, DECOMPRESSED_BYTES_MAX)?;
+            record_batch::records_in(&decompressed, batch_records, batch.index)
+        };
+        for record in records {
+            each(record?.value.unwrap_or_default());
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 fn producer_fields(batch: &BatchView<'_>) -> ProducerFields {
@@ -263,17 +318,86 @@ pub(super) mod tests {
         assert_eq!(produced.checksum, wire::payload::checksum(&bytes));
     }
 
+    /// One batch of `values` whose records are `compress`ed as codec `codec` (its length
+    /// and CRC set to match), as a client that compresses sends it.
+    fn compressed_batch(
+        values: &[&[u8]],
+        codec: u8,
+        compress: impl Fn(&[u8]) -> Vec<u8>,
+    ) -> Vec<u8> {
+        let mut plain = Vec::new();
+        record_batch::encode(&mut plain, 0, values.iter().copied());
+        let mut batch = plain[..record_batch::BATCH_HEADER_BYTES].to_vec();
+        batch.extend(compress(&plain[record_batch::BATCH_HEADER_BYTES..]));
+        let length = (batch.len() - record_batch::LOG_OVERHEAD_BYTES) as i32;
+        batch[8..12].copy_from_slice(&length.to_be_bytes());
+        batch[record_batch::ATTRIBUTES_AT + 1] |= codec;
+        let crc = crc32c::crc32c(&batch[record_batch::CRC_START..]);
+        batch[record_batch::CRC_AT..record_batch::CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        batch
+    }
+
+    #[test]
+    fn compressed_batches_are_taken_as_they_came_and_their_values_read_back() {
+        let values: Vec<Vec<u8>> = (0..50)
+            .map(|i| format!("value-{i}").repeat(i).into_bytes())
+            .collect();
+        let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        for codec in 1..=4 {
+            let batch = compressed_batch(&values, codec, |data| {
+                compression::tests::compress(codec, data)
+            });
+            let produced = check_produced(&batch, Check::Full).unwrap();
+            assert_eq!(produced.record_count, 50, "codec {codec}");
+            assert_eq!(produced.checksum, wire::payload::checksum(&batch));
+            let mut read = Vec::new();
+            assert_eq!(stored_values(&batch, |v| read.push(v.to_vec())), Ok(50));
+            assert_eq!(read, values, "codec {codec}");
+        }
+    }
+
     #[test]
     fn what_the_log_cannot_hold_is_refused_with_its_reason() {
-        let mut compressed = client_batch(&[record(0, None, Some(b"v"))], Compression::None);
-        compressed[record_batch::ATTRIBUTES_AT + 1] |= 1;
-        let crc = crc32c::crc32c(&compressed[record_batch::CRC_START..]);
-        compressed[record_batch::CRC_AT..record_batch::CRC_AT + 4]
-            .copy_from_slice(&crc.to_be_bytes());
+        // A codec Kafka does not define.
+        let unknown = compressed_batch(&[b"v"], 5, <[u8]>::to_vec);
+        let refused = check_produced(&unknown, Check::Full).unwrap_err();
         assert_eq!(
-            check_produced(&compressed, Check::Full),
-            Err(RecordError::Compressed { batch: 0, codec: 1 })
+            refused,
+            RecordError::Compressed {
+                batch: 0,
+                error: DecompressError::UnknownCodec(5)
+            }
         );
+        assert_eq!(
+            refused.error_code(),
+            super::super::error_code::UNSUPPORTED_COMPRESSION_TYPE
+        );
+        // gzip that is not gzip: corrupt.
+        let garbage = compressed_batch(&[b"v"], 1, |data| data.to_vec());
+        let refused = check_produced(&garbage, Check::Full).unwrap_err();
+        assert_eq!(
+            refused.error_code(),
+            super::super::error_code::CORRUPT_MESSAGE
+        );
+        // A bomb: a few KiB that decompress past the bound.
+        let zeros = vec![0u8; DECOMPRESSED_BYTES_MAX];
+        let bomb = compressed_batch(&[&zeros, &zeros], 4, |data| {
+            compression::tests::compress(4, data)
+        });
+        assert!(bomb.len() < 1 << 20);
+        let refused = check_produced(&bomb, Check::Full).unwrap_err();
+        assert_eq!(
+            refused.error_code(),
+            super::super::error_code::MESSAGE_TOO_LARGE
+        );
+        // Records that do not fill the decompressed bytes as the header says.
+        let short = compressed_batch(&[b"a", b"b"], 3, |data| {
+            compression::tests::compress(3, &data[..data.len() - 2])
+        });
+        assert!(matches!(
+            check_produced(&short, Check::Full),
+            Err(RecordError::Framing(_))
+        ));
         assert_eq!(check_produced(&[], Check::Full), Err(RecordError::Empty));
     }
 
