@@ -1256,3 +1256,232 @@ mod tests {
         assert!(connection.output.capacity() < 2 * OUTPUT_HIGH_WATER_BYTES + 2 * out_bytes);
     }
 }
+
+/// Every served API's requests, valid and then mutated (bytes flipped, cut, repeated), go
+/// through one session: each is answered or refused with a [`KafkaError`], never a panic,
+/// and every answer is whole frames. Deterministic: a seed reproduces any failure.
+#[cfg(test)]
+mod mutation_tests {
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
+    use kafka_protocol::messages::leave_group_request::MemberIdentity;
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::sync_group_request::SyncGroupRequestAssignment;
+    use kafka_protocol::messages::{
+        CreateTopicsRequest, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
+        ListOffsetsRequest, OffsetCommitRequest, OffsetFetchRequest, SyncGroupRequest,
+    };
+
+    use super::fake::FakeLog;
+    use super::*;
+
+    fn name(text: &str) -> TopicName {
+        TopicName(StrBytes::from_string(text.to_owned()))
+    }
+
+    fn group() -> GroupId {
+        GroupId(StrBytes::from_static_str("billing"))
+    }
+
+    /// One valid request frame (with its size prefix) of each served API.
+    fn valid_frames() -> Vec<Vec<u8>> {
+        let mut batch = Vec::new();
+        wire::record_batch::encode(&mut batch, 0, [&b"one"[..], b"two"].into_iter());
+        let produce = ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(1000)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(name("orders"))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default().with_records(Some(Bytes::from(batch))),
+                    ]),
+            ]);
+        let fetch = FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(name("orders"))
+                    .with_partitions(vec![
+                        FetchPartition::default().with_partition_max_bytes(1 << 20),
+                    ]),
+            ]);
+        let list_offsets = ListOffsetsRequest::default().with_topics(vec![
+            ListOffsetsTopic::default()
+                .with_name(name("orders"))
+                .with_partitions(vec![ListOffsetsPartition::default().with_timestamp(-2)]),
+        ]);
+        let commit = OffsetCommitRequest::default()
+            .with_group_id(group())
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![
+                OffsetCommitRequestTopic::default()
+                    .with_name(name("orders"))
+                    .with_partitions(vec![
+                        OffsetCommitRequestPartition::default().with_committed_offset(1),
+                    ]),
+            ]);
+        let offset_fetch = OffsetFetchRequest::default()
+            .with_group_id(group())
+            .with_topics(Some(vec![
+                OffsetFetchRequestTopic::default()
+                    .with_name(name("orders"))
+                    .with_partition_indexes(vec![0]),
+            ]));
+        let join = JoinGroupRequest::default()
+            .with_group_id(group())
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(StrBytes::from_static_str("member-1"))
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(Bytes::from_static(b"meta")),
+            ]);
+        let sync = SyncGroupRequest::default()
+            .with_group_id(group())
+            .with_generation_id(1)
+            .with_member_id(StrBytes::from_static_str("member-1"))
+            .with_assignments(vec![
+                SyncGroupRequestAssignment::default()
+                    .with_member_id(StrBytes::from_static_str("member-1"))
+                    .with_assignment(Bytes::from_static(b"orders")),
+            ]);
+        let heartbeat = HeartbeatRequest::default()
+            .with_group_id(group())
+            .with_generation_id(1)
+            .with_member_id(StrBytes::from_static_str("member-1"));
+        let leave = LeaveGroupRequest::default()
+            .with_group_id(group())
+            .with_members(vec![
+                MemberIdentity::default().with_member_id(StrBytes::from_static_str("member-1")),
+            ]);
+        let create = CreateTopicsRequest::default().with_topics(vec![
+            CreatableTopic::default()
+                .with_name(name("fresh"))
+                .with_num_partitions(1)
+                .with_replication_factor(1),
+        ]);
+        vec![
+            request_frame(ApiKey::ApiVersions, 3, 1, &ApiVersionsRequest::default()),
+            request_frame(
+                ApiKey::Metadata,
+                12,
+                2,
+                &MetadataRequest::default().with_topics(None),
+            ),
+            request_frame(ApiKey::Produce, 9, 3, &produce),
+            request_frame(ApiKey::Fetch, 12, 4, &fetch),
+            request_frame(ApiKey::ListOffsets, 7, 5, &list_offsets),
+            request_frame(
+                ApiKey::InitProducerId,
+                4,
+                6,
+                &InitProducerIdRequest::default(),
+            ),
+            request_frame(ApiKey::CreateTopics, 7, 7, &create),
+            request_frame(
+                ApiKey::FindCoordinator,
+                4,
+                8,
+                &FindCoordinatorRequest::default()
+                    .with_coordinator_keys(vec![StrBytes::from_static_str("billing")]),
+            ),
+            request_frame(ApiKey::OffsetCommit, 8, 9, &commit),
+            request_frame(ApiKey::OffsetFetch, 7, 10, &offset_fetch),
+            request_frame(ApiKey::JoinGroup, 9, 11, &join),
+            request_frame(ApiKey::SyncGroup, 5, 12, &sync),
+            request_frame(ApiKey::Heartbeat, 4, 13, &heartbeat),
+            request_frame(ApiKey::LeaveGroup, 5, 14, &leave),
+        ]
+    }
+
+    /// splitmix64: the mutations of a seed.
+    fn next(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn mutate(frame: &[u8], seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut body = frame[4..].to_vec();
+        for _ in 0..=next(&mut state) % 4 {
+            let at = (next(&mut state) as usize) % body.len().max(1);
+            match next(&mut state) % 4 {
+                0 if !body.is_empty() => body[at] ^= 1 << (next(&mut state) % 8),
+                1 if !body.is_empty() => body[at] = next(&mut state) as u8,
+                2 => body.truncate(at),
+                _ => {
+                    let piece: Vec<u8> = body[at..].iter().take(16).copied().collect();
+                    body.splice(at..at, piece);
+                }
+            }
+        }
+        body
+    }
+
+    /// Splits `out` into frames; panics unless it is whole frames.
+    fn check_frames(mut out: &[u8], seed: u64) {
+        while !out.is_empty() {
+            assert!(out.len() >= 8, "seed {seed}: a frame cut short");
+            let size = i32::from_be_bytes(out[..4].try_into().unwrap());
+            let size = usize::try_from(size).expect("a positive size");
+            assert!(out.len() >= 4 + size, "seed {seed}: a frame cut short");
+            out = &out[4 + size..];
+        }
+    }
+
+    #[test]
+    fn mutated_requests_of_every_api_are_answered_or_refused_never_a_panic() {
+        let frames = valid_frames();
+        let mut log = FakeLog::two_topics();
+        let mut session = KafkaSession::new(7);
+        let mut now = Timestamp::from_nanos(1_000_000_000);
+        // The valid ones first: each is answered.
+        for frame in &frames {
+            session
+                .on_request(Bytes::copy_from_slice(&frame[4..]), &mut log, now)
+                .expect("a valid request");
+        }
+        let (mut answered, mut refused) = (0, 0);
+        for seed in 0..20_000u64 {
+            let frame = &frames[(seed as usize) % frames.len()];
+            let body = mutate(frame, seed);
+            // A session is closed after an error, as its connection would be.
+            match session.on_request(Bytes::from(body), &mut log, now) {
+                Ok(()) => answered += 1,
+                Err(_) => {
+                    refused += 1;
+                    session = KafkaSession::new(7);
+                }
+            }
+            for outcome in log.order_all() {
+                session.on_outcome(&outcome);
+            }
+            now += std::time::Duration::from_millis(50);
+            session.poll(&mut log, now, true);
+            let mut out = Vec::new();
+            session.take_ready(&mut out);
+            check_frames(&out, seed);
+            // Bounded: answers do not pile up past the connection's limit.
+            if !session.has_room() {
+                session = KafkaSession::new(7);
+            }
+        }
+        assert!(
+            answered > 1_000 && refused > 1_000,
+            "{answered} answered, {refused} refused"
+        );
+    }
+}
