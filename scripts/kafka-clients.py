@@ -36,6 +36,7 @@ import sys
 import time
 
 import confluent_kafka
+import confluent_kafka.admin
 import kafka
 
 
@@ -216,6 +217,10 @@ def subscribed_group(first, second, topic, end):
                     seen[index].append(message.offset())
     holder = 0 if seen[0] else 1
     other = 1 - holder
+    # An admin client sees the group and both members (ListGroups, DescribeGroups).
+    admin = confluent_kafka.admin.AdminClient({"bootstrap.servers": second})
+    listed = admin.list_consumer_groups().result(timeout=10)
+    described = admin.describe_consumer_groups([group])[group].result(timeout=10)
     committed = seen[holder][-1] + 1 if seen[holder] else 0
     members[holder].commit(
         offsets=[confluent_kafka.TopicPartition(topic, 0, committed)], asynchronous=False
@@ -255,6 +260,9 @@ def subscribed_group(first, second, topic, end):
         "other_read": len(seen[other]) - before_handover,
         "other_last": seen[other][-1] if seen[other] else None,
         "kafka_python_position": late_position,
+        "admin_listed": group in [g.group_id for g in listed.valid],
+        "admin_members": len(described.members),
+        "admin_state": str(described.state),
     }
 
 
@@ -416,6 +424,8 @@ def main():
             and subscribed["other_last"] == end - 1
             and subscribed["other_read"] == end - subscribed["committed"]
             and subscribed["kafka_python_position"] == end
+            and subscribed["admin_listed"]
+            and subscribed["admin_members"] == 2
         ):
             problems.append(f"a subscribed group did not share its partition: {subscribed}")
     if len(readers) == 2 and readers["confluent-kafka"] != readers["kafka-python"]:

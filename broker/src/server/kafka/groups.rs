@@ -21,11 +21,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
+use kafka_protocol::messages::describe_groups_response::{
+    DescribedGroup as DescribedGroupResponse, DescribedGroupMember,
+};
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
+use kafka_protocol::messages::list_groups_response::ListedGroup;
 use kafka_protocol::messages::{
-    ApiKey, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest, JoinGroupResponse,
-    LeaveGroupRequest, LeaveGroupResponse, RequestHeader, SyncGroupRequest, SyncGroupResponse,
+    ApiKey, DescribeGroupsRequest, DescribeGroupsResponse, GroupId, HeartbeatRequest,
+    HeartbeatResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+    ListGroupsRequest, ListGroupsResponse, RequestHeader, SyncGroupRequest, SyncGroupResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 use units::Timestamp;
@@ -159,6 +164,34 @@ pub struct JoinTicket {
     pub ticket: u64,
 }
 
+/// A group as DescribeGroups shows it (see [`Groups::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribedGroup {
+    /// Kafka's name of its state.
+    pub state: &'static str,
+    /// Its protocol type.
+    pub protocol_type: String,
+    /// Its protocol (empty before it first formed).
+    pub protocol: String,
+    /// Its members.
+    pub members: Vec<DescribedMember>,
+}
+
+/// A member as DescribeGroups shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribedMember {
+    /// Its member id.
+    pub member_id: String,
+    /// Its static instance id, if any.
+    pub instance_id: Option<String>,
+    /// The client id it joined with.
+    pub client_id: String,
+    /// Its metadata for the group's protocol.
+    pub metadata: Bytes,
+    /// Its assignment (empty until the leader gave one).
+    pub assignment: Bytes,
+}
+
 #[derive(Debug)]
 enum Phase {
     /// Members join (again); the group forms when all did, or at `deadline`. A group that
@@ -176,6 +209,8 @@ enum Phase {
 #[derive(Debug)]
 struct Member {
     instance_id: Option<String>,
+    /// The client id of its JoinGroup (for DescribeGroups).
+    client_id: String,
     session_timeout: Duration,
     rebalance_timeout: Duration,
     protocols: Vec<(String, Bytes)>,
@@ -296,6 +331,7 @@ impl Groups {
         self.next_ticket += 1;
         match group.members.get_mut(&member_id) {
             Some(member) => {
+                member.client_id = client_name(&join.client_id);
                 member.protocols = join.protocols;
                 member.session_timeout = session_timeout;
                 member.rebalance_timeout = rebalance_timeout;
@@ -316,6 +352,7 @@ impl Groups {
                     member_id.clone(),
                     Member {
                         instance_id: join.instance_id,
+                        client_id: client_name(&join.client_id),
                         session_timeout,
                         rebalance_timeout,
                         protocols: join.protocols,
@@ -424,6 +461,59 @@ impl Groups {
         }
     }
 
+    /// The groups (id, protocol type, state), as ListGroups names them.
+    pub fn list(&mut self, now: Timestamp) -> Vec<(String, String, &'static str)> {
+        self.sweep(now);
+        let mut left = 0;
+        for group in self.groups.values_mut() {
+            left += group.tick(now);
+        }
+        self.members -= left;
+        self.groups.retain(|_, group| !group.members.is_empty());
+        let mut listed: Vec<_> = self
+            .groups
+            .iter()
+            .map(|(id, group)| (id.clone(), group.protocol_type.clone(), group.phase.name()))
+            .collect();
+        listed.sort();
+        listed
+    }
+
+    /// A group as DescribeGroups shows it: its state, protocol type and protocol, and each
+    /// member (id, instance id, client id, metadata for the group's protocol, assignment);
+    /// `None` for a group this broker does not have.
+    pub fn describe(&mut self, group_id: &str, now: Timestamp) -> Option<DescribedGroup> {
+        self.sweep(now);
+        let group = self.groups.get_mut(group_id)?;
+        self.members -= group.tick(now);
+        if group.members.is_empty() {
+            self.groups.remove(group_id);
+            return None;
+        }
+        let members = group
+            .members
+            .iter()
+            .map(|(id, member)| DescribedMember {
+                member_id: id.clone(),
+                instance_id: member.instance_id.clone(),
+                client_id: member.client_id.clone(),
+                metadata: member
+                    .protocols
+                    .iter()
+                    .find(|(name, _)| *name == group.protocol)
+                    .map(|(_, metadata)| metadata.clone())
+                    .unwrap_or_default(),
+                assignment: member.assignment.clone(),
+            })
+            .collect();
+        Some(DescribedGroup {
+            state: group.phase.name(),
+            protocol_type: group.protocol_type.clone(),
+            protocol: group.protocol.clone(),
+            members,
+        })
+    }
+
     /// Takes a Heartbeat, or checks a member's OffsetCommit: `Ok` when the member is in the
     /// group's current generation and the group is not rebalancing.
     pub fn heartbeat(
@@ -530,6 +620,17 @@ impl Groups {
             !group.members.is_empty()
         });
         self.members -= left;
+    }
+}
+
+impl Phase {
+    /// Kafka's name of the state (a group without members is forgotten, so never "Empty").
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Joining { .. } => "PreparingRebalance",
+            Phase::Syncing => "CompletingRebalance",
+            Phase::Stable => "Stable",
+        }
     }
 }
 
@@ -642,6 +743,15 @@ impl Group {
         self.protocol = protocol;
         self.leader = Some(leader);
     }
+}
+
+/// A client id as kept for DescribeGroups: at most [`NAME_BYTES_MAX`] bytes.
+fn client_name(client_id: &str) -> String {
+    let mut end = client_id.len().min(NAME_BYTES_MAX);
+    while !client_id.is_char_boundary(end) {
+        end -= 1;
+    }
+    client_id[..end].to_owned()
 }
 
 fn millis(ms: i32) -> Duration {
@@ -943,6 +1053,91 @@ pub(super) fn heartbeat(
     HeartbeatResponse::default().with_error_code(code)
 }
 
+/// ListGroups: the groups this broker coordinates (none elsewhere: clients ask every
+/// broker and put the answers together), by state (version 4 on) and type (5 on: all are
+/// "classic").
+pub(super) fn list_groups(
+    request: &ListGroupsRequest,
+    context: &mut dyn KafkaContext,
+    now: Timestamp,
+) -> ListGroupsResponse {
+    if !coordinates(context) {
+        return ListGroupsResponse::default();
+    }
+    let wanted_type = request.types_filter.is_empty()
+        || request
+            .types_filter
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case("classic"));
+    let groups = context
+        .groups()
+        .list(now)
+        .into_iter()
+        .filter(|_| wanted_type)
+        .filter(|(_, _, state)| {
+            request.states_filter.is_empty()
+                || request
+                    .states_filter
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(state))
+        })
+        .map(|(id, protocol_type, state)| {
+            ListedGroup::default()
+                .with_group_id(GroupId(StrBytes::from_string(id)))
+                .with_protocol_type(StrBytes::from_string(protocol_type))
+                .with_group_state(StrBytes::from_static_str(state))
+                .with_group_type(StrBytes::from_static_str("classic"))
+        })
+        .collect();
+    ListGroupsResponse::default().with_groups(groups)
+}
+
+/// DescribeGroups: each group's state, protocol and members; a group this broker does not
+/// have is "Dead" with no members, as Kafka answers.
+pub(super) fn describe_groups(
+    request: &DescribeGroupsRequest,
+    context: &mut dyn KafkaContext,
+    now: Timestamp,
+) -> DescribeGroupsResponse {
+    let coordinator = coordinates(context);
+    let groups = request
+        .groups
+        .iter()
+        .map(|id| {
+            let answer = DescribedGroupResponse::default()
+                .with_group_id(id.clone())
+                .with_authorized_operations(i32::MIN);
+            if !coordinator {
+                return answer.with_error_code(error_code::NOT_COORDINATOR);
+            }
+            match context.groups().describe(id.0.as_str(), now) {
+                None => answer.with_group_state(StrBytes::from_static_str("Dead")),
+                Some(group) => answer
+                    .with_group_state(StrBytes::from_static_str(group.state))
+                    .with_protocol_type(StrBytes::from_string(group.protocol_type))
+                    .with_protocol_data(StrBytes::from_string(group.protocol))
+                    .with_members(
+                        group
+                            .members
+                            .into_iter()
+                            .map(|m| {
+                                DescribedGroupMember::default()
+                                    .with_member_id(StrBytes::from_string(m.member_id))
+                                    .with_group_instance_id(
+                                        m.instance_id.map(StrBytes::from_string),
+                                    )
+                                    .with_client_id(StrBytes::from_string(m.client_id))
+                                    .with_member_metadata(m.metadata)
+                                    .with_member_assignment(m.assignment)
+                            })
+                            .collect(),
+                    ),
+            }
+        })
+        .collect();
+    DescribeGroupsResponse::default().with_groups(groups)
+}
+
 /// LeaveGroup: one member (versions 0-2) or several (3 on) leave; the others rebalance.
 pub(super) fn leave_group(
     request: &LeaveGroupRequest,
@@ -1239,6 +1434,10 @@ mod session_tests {
 
     const T0: Timestamp = Timestamp::from_nanos(1_000_000_000);
 
+    fn group_id(id: &'static str) -> GroupId {
+        GroupId(StrBytes::from_static_str(id))
+    }
+
     /// Sends a request; returns the answer's body if it is ready by `now`.
     fn send<R: Encodable + HeaderVersion>(
         session: &mut KafkaSession,
@@ -1373,6 +1572,58 @@ mod session_tests {
         let b_synced = ready(&mut b, &mut log, (ApiKey::SyncGroup, 5), at).unwrap();
         let b_synced = SyncGroupResponse::decode(&mut b_synced.clone(), 5).unwrap();
         assert_eq!(&b_synced.assignment[..], b"-");
+        // Admin tools see the group, its members and their assignments.
+        let listed = send(
+            &mut a,
+            &mut log,
+            (ApiKey::ListGroups, 5),
+            &ListGroupsRequest::default(),
+            at,
+        );
+        let listed = ListGroupsResponse::decode(&mut listed.unwrap(), 5).unwrap();
+        let names: Vec<(&str, &str)> = listed
+            .groups
+            .iter()
+            .map(|g| (g.group_id.0.as_str(), g.group_state.as_str()))
+            .collect();
+        assert_eq!(names, vec![("billing", "Stable")]);
+        let filtered = ListGroupsRequest::default()
+            .with_states_filter(vec![StrBytes::from_static_str("PreparingRebalance")]);
+        let none = send(&mut a, &mut log, (ApiKey::ListGroups, 5), &filtered, at);
+        assert!(
+            ListGroupsResponse::decode(&mut none.unwrap(), 5)
+                .unwrap()
+                .groups
+                .is_empty()
+        );
+        let describe = DescribeGroupsRequest::default()
+            .with_groups(vec![group_id("billing"), group_id("nobody")]);
+        let described = send(&mut a, &mut log, (ApiKey::DescribeGroups, 5), &describe, at);
+        let described = DescribeGroupsResponse::decode(&mut described.unwrap(), 5).unwrap();
+        let billing = &described.groups[0];
+        assert_eq!(
+            (billing.group_state.as_str(), billing.protocol_data.as_str()),
+            ("Stable", "range")
+        );
+        let mut members: Vec<(&str, &str, &[u8])> = billing
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.member_id.as_str(),
+                    m.client_id.as_str(),
+                    &m.member_assignment[..],
+                )
+            })
+            .collect();
+        members.sort();
+        let mut expected = vec![
+            (a_id.as_str(), "embarcadero", &b"orders"[..]),
+            (b_id.as_str(), "embarcadero", &b"-"[..]),
+        ];
+        expected.sort();
+        assert_eq!(members, expected);
+        assert_eq!(described.groups[1].group_state.as_str(), "Dead");
         // The members commit and heartbeat in their generation.
         let commit = |member: &str, generation: i32| {
             OffsetCommitRequest::default()

@@ -21,10 +21,11 @@ use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, CreateTopicsRequest, FetchRequest,
-    FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest, JoinGroupRequest,
-    LeaveGroupRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest,
-    OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader, SyncGroupRequest, TopicName,
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, CreateTopicsRequest,
+    DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
+    InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest,
+    ListOffsetsRequest, MetadataRequest, MetadataResponse, OffsetCommitRequest, OffsetFetchRequest,
+    ProduceRequest, RequestHeader, ResponseHeader, SyncGroupRequest, TopicName,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Message, StrBytes};
 use shared_log::pool::TopicId;
@@ -130,7 +131,7 @@ mod error_code {
 /// UNSUPPORTED_FOR_MESSAGE_FORMAT per partition: librdkafka compresses with gzip, snappy or
 /// lz4 only for a broker whose Produce versions include 0, and it picks the highest
 /// version both sides speak.
-const SUPPORTED: [(ApiKey, i16, i16); 14] = [
+const SUPPORTED: [(ApiKey, i16, i16); 16] = [
     (ApiKey::Produce, 0, 9),
     (ApiKey::Fetch, 4, 12),
     (ApiKey::ListOffsets, 1, 7),
@@ -145,6 +146,8 @@ const SUPPORTED: [(ApiKey, i16, i16); 14] = [
     (ApiKey::SyncGroup, 0, 5),
     (ApiKey::Heartbeat, 0, 4),
     (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::ListGroups, 0, 5),
+    (ApiKey::DescribeGroups, 0, 5),
 ];
 
 /// Bytes one service of a connection reads at most before the loop goes on (a fast
@@ -407,6 +410,18 @@ impl KafkaSession {
                 let request = HeartbeatRequest::decode(&mut body, api_version)
                     .map_err(|e| malformed("Heartbeat request", e))?;
                 let response = groups::heartbeat(&request, context, now);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
+            ApiKey::ListGroups => {
+                let request = ListGroupsRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("ListGroups request", e))?;
+                let response = groups::list_groups(&request, context, now);
+                Ok(Some(respond(&header, key, api_version, &response)))
+            }
+            ApiKey::DescribeGroups => {
+                let request = DescribeGroupsRequest::decode(&mut body, api_version)
+                    .map_err(|e| malformed("DescribeGroups request", e))?;
+                let response = groups::describe_groups(&request, context, now);
                 Ok(Some(respond(&header, key, api_version, &response)))
             }
             ApiKey::LeaveGroup => {
@@ -918,6 +933,8 @@ mod tests {
                     (ApiKey::SyncGroup as i16, 0, 5),
                     (ApiKey::Heartbeat as i16, 0, 4),
                     (ApiKey::LeaveGroup as i16, 0, 5),
+                    (ApiKey::ListGroups as i16, 0, 5),
+                    (ApiKey::DescribeGroups as i16, 0, 5),
                 ]
             );
         }
@@ -1052,11 +1069,11 @@ mod tests {
             Err(KafkaError::Malformed { .. })
         ));
         // An API this broker does not offer.
-        let mut describe = frame.clone();
-        describe[4..6].copy_from_slice(&(ApiKey::DescribeGroups as i16).to_be_bytes());
+        let mut delete = frame.clone();
+        delete[4..6].copy_from_slice(&(ApiKey::DeleteTopics as i16).to_be_bytes());
         assert_eq!(
-            answer(&describe),
-            Err(KafkaError::UnsupportedApi(ApiKey::DescribeGroups as i16))
+            answer(&delete),
+            Err(KafkaError::UnsupportedApi(ApiKey::DeleteTopics as i16))
         );
         // A version outside what ApiVersions offered.
         let mut future = frame.clone();
@@ -1186,8 +1203,12 @@ mod tests {
 
     #[test]
     fn a_fast_client_is_read_a_bounded_amount_per_pass() {
-        // ApiVersions requests: small answers, so that only the read budget stops a pass.
-        let frame = request(ApiKey::ApiVersions, 3, 1, &ApiVersionsRequest::default());
+        // Heartbeats of a long member id: answers far smaller than the requests, so that
+        // only the read budget stops a pass.
+        let heartbeat = HeartbeatRequest::default()
+            .with_member_id(StrBytes::from_string("m".repeat(200)))
+            .with_generation_id(1);
+        let frame = request(ApiKey::Heartbeat, 4, 1, &heartbeat);
         let requests = 3 * READ_BYTES_PER_SERVICE / frame.len();
         let mut stream = Chunks {
             input: vec![frame.repeat(requests)],
@@ -1401,6 +1422,19 @@ mod mutation_tests {
             request_frame(ApiKey::SyncGroup, 5, 12, &sync),
             request_frame(ApiKey::Heartbeat, 4, 13, &heartbeat),
             request_frame(ApiKey::LeaveGroup, 5, 14, &leave),
+            request_frame(
+                ApiKey::ListGroups,
+                5,
+                15,
+                &kafka_protocol::messages::ListGroupsRequest::default(),
+            ),
+            request_frame(
+                ApiKey::DescribeGroups,
+                5,
+                16,
+                &kafka_protocol::messages::DescribeGroupsRequest::default()
+                    .with_groups(vec![group()]),
+            ),
         ]
     }
 
