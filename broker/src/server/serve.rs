@@ -602,7 +602,7 @@ impl<T: Transport> ServeLoop<T> {
             *next_id += 1;
             let connection = match protocol {
                 Protocol::Kafka if kafka => {
-                    ClientConnection::Kafka(Box::new(KafkaConnection::new(id)))
+                    ClientConnection::Kafka(Box::new(KafkaConnection::new(id).with_peer(address)))
                 }
                 _ => ClientConnection::Native(Box::new(Connection::new(id, state, now))),
             };

@@ -42,6 +42,9 @@ use super::{KafkaContext, KafkaSession, error_code, respond};
 pub const MEMBERS_MAX: usize = 4096;
 /// Members of one group, at most.
 pub const GROUP_MEMBERS_MAX: usize = 1000;
+/// Members that the clients of one address may hold at most (a quarter of all), so that
+/// one host cannot take every place of the table.
+pub const MEMBERS_PER_HOST_MAX: usize = MEMBERS_MAX / 4;
 /// The most bytes of protocol metadata one member joins with, and of one member's
 /// assignment.
 pub const MEMBER_BYTES_MAX: usize = 16 << 10;
@@ -85,7 +88,9 @@ pub enum GroupError {
     )]
     InvalidGroupId,
     /// The group, or this coordinator, has all the members it takes.
-    #[error("no room for another member ({GROUP_MEMBERS_MAX} per group, {MEMBERS_MAX} in all)")]
+    #[error(
+        "no room for another member ({GROUP_MEMBERS_MAX} per group, {MEMBERS_PER_HOST_MAX} per client address, {MEMBERS_MAX} in all)"
+    )]
     GroupFull,
     /// A field larger than its limit.
     #[error("{0}")]
@@ -123,6 +128,8 @@ pub struct Join {
     pub instance_id: Option<String>,
     /// The client id of its request header (the prefix of a new member's id).
     pub client_id: String,
+    /// The client's address (empty when unknown).
+    pub client_host: String,
     /// Milliseconds without a request after which it leaves the group.
     pub session_timeout_ms: i32,
     /// Milliseconds the group waits for it to join again in a rebalance.
@@ -186,6 +193,8 @@ pub struct DescribedMember {
     pub instance_id: Option<String>,
     /// The client id it joined with.
     pub client_id: String,
+    /// The address it joined from.
+    pub client_host: String,
     /// Its metadata for the group's protocol.
     pub metadata: Bytes,
     /// Its assignment (empty until the leader gave one).
@@ -211,6 +220,8 @@ struct Member {
     instance_id: Option<String>,
     /// The client id of its JoinGroup (for DescribeGroups).
     client_id: String,
+    /// The client's address.
+    client_host: String,
     session_timeout: Duration,
     rebalance_timeout: Duration,
     protocols: Vec<(String, Bytes)>,
@@ -302,6 +313,17 @@ impl Groups {
                 return Err(GroupError::MemberIdRequired(member_id));
             }
         }
+        // Counted at each join (they are rare) rather than kept up to date at every way a
+        // member goes.
+        let host_members = if join.client_host.is_empty() {
+            0
+        } else {
+            self.groups
+                .values()
+                .flat_map(|g| g.members.values())
+                .filter(|m| m.client_host == join.client_host)
+                .count()
+        };
         let group = self
             .groups
             .entry(join.group.clone())
@@ -341,7 +363,10 @@ impl Groups {
                 member.last_seen = now;
             }
             None => {
-                if self.members >= MEMBERS_MAX || group.members.len() >= GROUP_MEMBERS_MAX {
+                if self.members >= MEMBERS_MAX
+                    || host_members >= MEMBERS_PER_HOST_MAX
+                    || group.members.len() >= GROUP_MEMBERS_MAX
+                {
                     if group.members.is_empty() {
                         self.groups.remove(&join.group);
                     }
@@ -353,6 +378,7 @@ impl Groups {
                     Member {
                         instance_id: join.instance_id,
                         client_id: client_name(&join.client_id),
+                        client_host: join.client_host,
                         session_timeout,
                         rebalance_timeout,
                         protocols: join.protocols,
@@ -497,6 +523,7 @@ impl Groups {
                 member_id: id.clone(),
                 instance_id: member.instance_id.clone(),
                 client_id: member.client_id.clone(),
+                client_host: member.client_host.clone(),
                 metadata: member
                     .protocols
                     .iter()
@@ -935,6 +962,7 @@ impl KafkaSession {
                 .client_id
                 .as_ref()
                 .map_or_else(String::new, |id| id.to_string()),
+            client_host: self.peer.clone(),
             session_timeout_ms: request.session_timeout_ms,
             // Version 0 has no rebalance timeout: the session timeout is it.
             rebalance_timeout_ms: if version == 0 {
@@ -1127,6 +1155,7 @@ pub(super) fn describe_groups(
                                         m.instance_id.map(StrBytes::from_string),
                                     )
                                     .with_client_id(StrBytes::from_string(m.client_id))
+                                    .with_client_host(StrBytes::from_string(m.client_host))
                                     .with_member_metadata(m.metadata)
                                     .with_member_assignment(m.assignment)
                             })
@@ -1195,6 +1224,7 @@ mod tests {
             member_id: member_id.into(),
             instance_id: None,
             client_id: "app".into(),
+            client_host: "10.0.0.1".into(),
             session_timeout_ms: 10_000,
             rebalance_timeout_ms: 5_000,
             protocol_type: "consumer".into(),
@@ -1395,6 +1425,26 @@ mod tests {
         elsewhere.group = "other".into();
         assert!(groups.join(elsewhere, at(0)).is_ok());
         assert_eq!(groups.members(), GROUP_MEMBERS_MAX + 1);
+    }
+
+    #[test]
+    fn one_client_address_holds_at_most_its_share_of_the_members() {
+        let mut groups = Groups::new(1);
+        let from = |host: &str, group: usize, n: usize| {
+            let mut j = join(&format!("m{n}"), &["range"]);
+            j.group = format!("g{group}");
+            j.client_host = host.into();
+            j
+        };
+        for n in 0..MEMBERS_PER_HOST_MAX {
+            groups.join(from("10.0.0.1", n / 500, n), at(0)).unwrap();
+        }
+        assert_eq!(
+            groups.join(from("10.0.0.1", 99, 99_999), at(0)),
+            Err(GroupError::GroupFull)
+        );
+        assert!(groups.join(from("10.0.0.2", 99, 99_999), at(0)).is_ok());
+        assert_eq!(groups.members(), MEMBERS_PER_HOST_MAX + 1);
     }
 
     #[test]

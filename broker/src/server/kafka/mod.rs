@@ -257,6 +257,8 @@ pub struct KafkaSession {
     /// The session this connection's batches of each topic are numbered in (at most one
     /// per topic of the pool).
     producers: HashMap<TopicId, ProducerSession>,
+    /// The client's address, as text (empty when unknown).
+    peer: String,
 }
 
 impl KafkaSession {
@@ -266,6 +268,7 @@ impl KafkaSession {
             conn,
             answers: VecDeque::new(),
             producers: HashMap::new(),
+            peer: String::new(),
         }
     }
 
@@ -639,6 +642,13 @@ pub const REQUEST_DEADLINE_MS: u64 = 30_000;
 
 impl KafkaConnection {
     /// A new connection with id `id`.
+    /// The same, for a client at `peer` (named in DescribeGroups, and its share of the
+    /// group members counted by it).
+    pub fn with_peer(mut self, peer: std::net::IpAddr) -> KafkaConnection {
+        self.session.peer = peer.to_string();
+        self
+    }
+
     pub fn new(id: ConnId) -> KafkaConnection {
         KafkaConnection {
             id,
