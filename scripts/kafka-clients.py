@@ -87,16 +87,24 @@ def produce_kafka_python(bootstrap, topic, records, prefix):
     return acked, failed
 
 
+def confluent_consumer(bootstrap, group, member=False):
+    """A librdkafka consumer of `group` that commits by hand and starts at the earliest
+    offset when the group has no commit; a `member` (one that subscribes) with a short
+    session, so that a member that leaves or dies is noticed within seconds."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+    }
+    if member:
+        config.update({"session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+    return confluent_kafka.Consumer(config)
+
+
 def read_confluent(bootstrap, topic, end):
     """Reads offsets [0, end) with librdkafka; returns [(offset, value)]."""
-    consumer = confluent_kafka.Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "embarcadero-kafka-clients",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    consumer = confluent_consumer(bootstrap, "embarcadero-kafka-clients")
     consumer.assign([confluent_kafka.TopicPartition(topic, 0, confluent_kafka.OFFSET_BEGINNING)])
     seen = []
     deadline = time.monotonic() + 60
@@ -135,14 +143,7 @@ def resume_from_commit(first, second, topic, end):
     group = f"embarcadero-resume-{time.time_ns()}"
 
     def consumer(bootstrap):
-        c = confluent_kafka.Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            }
-        )
+        c = confluent_consumer(bootstrap, group)
         c.assign([confluent_kafka.TopicPartition(topic, 0)])  # from the committed offset
         return c
 
@@ -192,16 +193,7 @@ def subscribed_group(first, second, topic, end):
     group = f"embarcadero-subscribe-{time.time_ns()}"
 
     def consumer(bootstrap):
-        c = confluent_kafka.Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": 6000,
-                "heartbeat.interval.ms": 500,
-            }
-        )
+        c = confluent_consumer(bootstrap, group, member=True)
         c.subscribe([topic])
         return c
 
@@ -274,16 +266,7 @@ def group_failover(bootstrap, topic, records):
     acked, failed = produce_confluent(bootstrap, topic, records, "group-failover")
     group = f"embarcadero-failover-{time.time_ns()}"
     assignments = []
-    consumer = confluent_kafka.Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 500,
-        }
-    )
+    consumer = confluent_consumer(bootstrap, group, member=True)
     consumer.subscribe(
         [topic], on_assign=lambda _, parts: assignments.append([p.offset for p in parts])
     )

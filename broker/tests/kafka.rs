@@ -10,6 +10,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use broker::server::BrokerOptions;
 use broker::server::in_process::InProcessCluster;
 use broker::server::kafka::{request_frame, response_body};
 use bytes::{Buf, Bytes};
@@ -26,12 +27,12 @@ fn cluster() -> InProcessCluster {
 }
 
 fn cluster_of(brokers: u32) -> InProcessCluster {
-    cluster_with(brokers, false)
+    cluster_with(brokers, |_| {})
 }
 
-/// `brokers` brokers with Kafka listeners; `auto_create`: the head creates topics that
-/// clients name (`--auto-create-topics`).
-fn cluster_with(brokers: u32, auto_create: bool) -> InProcessCluster {
+/// `brokers` brokers with Kafka listeners, each broker's options then adjusted by
+/// `configure`.
+fn cluster_with(brokers: u32, configure: impl Fn(&mut BrokerOptions)) -> InProcessCluster {
     let geometry = Geometry {
         brokers_max: brokers,
         topics_max: 4,
@@ -41,9 +42,50 @@ fn cluster_with(brokers: u32, auto_create: bool) -> InProcessCluster {
     };
     InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
         options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
-        options.settings.auto_create_topics = auto_create;
+        configure(options);
     })
     .unwrap()
+}
+
+/// Runs scripts/kafka-clients.py with `args` (within `timeout_s` seconds); once it prints
+/// `cue`, runs `at_cue` (which kills a broker). Asserts that the script exited 0, and
+/// returns what `at_cue` returned and the JSON summary the script printed last.
+fn clients_with_cue<T>(
+    python: &str,
+    timeout_s: &str,
+    args: &[&str],
+    cue: &str,
+    at_cue: impl FnOnce() -> T,
+) -> (T, serde_json::Value) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
+    let mut child = Command::new("timeout")
+        .args([timeout_s, python, script])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), cue);
+    let at = at_cue();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    println!("{rest}");
+    assert!(
+        status.success(),
+        "kafka-clients.py {args:?}: {rest} {stderr}"
+    );
+    (at, serde_json::from_str(rest.trim()).unwrap())
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
@@ -393,54 +435,32 @@ fn an_idempotent_producer_goes_on_through_another_broker_when_its_broker_dies() 
     let bootstrap = [1, 2]
         .map(|i| cluster.brokers()[i].kafka_addr().unwrap().to_string())
         .join(",");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
-    let mut child = Command::new("timeout")
-        .args(["120", &python, script, "--failover", "--topic", "failover"])
-        .args(["--records", "2000", "--bootstrap", &bootstrap])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Once the producer has been at it for a while (about a third of its two seconds),
-    // kill the broker it writes through (the one its first metadata named), so that
-    // batches are in flight there.
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "producing");
-    std::thread::sleep(Duration::from_millis(700));
     let written = |cluster: &InProcessCluster, id: usize| {
         cluster.brokers()[id]
             .metrics()
             .batches_received
             .load(Ordering::Relaxed)
     };
-    let dying = if written(&cluster, 1) > 0 { 1 } else { 2 };
-    let written_before = written(&cluster, dying);
-    // The others' batches so far (the offsets topic's, the head's own) are not the
-    // producer's going on.
-    let others_before: Vec<u64> = (0..3).map(|id| written(&cluster, id)).collect();
-    assert!(cluster.kill_broker(dying as u16));
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    println!("{rest}");
-    assert!(
-        status.success(),
-        "kafka-clients.py --failover: {rest} {stderr}"
-    );
+    let args = ["--failover", "--topic", "failover", "--records", "2000"];
+    let args = [&args[..], &["--bootstrap", &bootstrap]].concat();
+    let ((dying, written_before, others_before), summary) =
+        clients_with_cue(&python, "120", &args, "producing", || {
+            // Once the producer has been at it for a while (about a third of its two
+            // seconds), kill the broker it writes through (the one its first metadata
+            // named), so that batches are in flight there.
+            std::thread::sleep(Duration::from_millis(700));
+            let dying = if written(&cluster, 1) > 0 { 1 } else { 2 };
+            // The others' batches so far (the offsets topic's, the head's own) are not
+            // the producer's going on.
+            let others_before: Vec<u64> = (0..3).map(|id| written(&cluster, id)).collect();
+            let written_before = written(&cluster, dying);
+            assert!(cluster.kill_broker(dying as u16));
+            (dying, written_before, others_before)
+        });
     assert!(
         written_before > 0,
         "the producer wrote through broker {dying} before it died"
     );
-    let summary: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
     assert_eq!(summary["acknowledged"], 2000);
     assert_eq!(summary["confluent-kafka"]["read"], 2000);
     // Metadata names every live broker, so the producer goes on through either survivor.
@@ -458,7 +478,7 @@ fn kcat_producing_to_a_new_topic_creates_it_on_the_head_only() {
     if kcat_missing() {
         return;
     }
-    let cluster = cluster_with(2, true);
+    let cluster = cluster_with(2, |options| options.settings.auto_create_topics = true);
     let head = cluster.brokers()[0].kafka_addr().unwrap().to_string();
     let other = cluster.brokers()[1].kafka_addr().unwrap().to_string();
     kcat(&["-P", "-b", &head, "-t", "fresh"], b"one\ntwo\n");
@@ -584,19 +604,10 @@ fn a_consumer_group_goes_on_with_the_next_coordinator_when_its_coordinator_dies(
     // Broker 0, the head, holds the sequencer lease and coordinates groups (the lowest
     // id); brokers 1 and 2 stand by. Broker 0 dies while the group reads: broker 1 takes
     // the sequencer over and coordinates.
-    let geometry = Geometry {
-        brokers_max: 3,
-        topics_max: 4,
-        ring_slots: 64,
-        goi_entries: 1 << 12,
-        blog_bytes: 1 << 20,
-    };
-    let mut cluster = InProcessCluster::start(geometry, CoherenceMode::NonCoherent, |options| {
-        options.kafka_listen = Some("127.0.0.1:0".parse().unwrap());
+    let mut cluster = cluster_with(3, |options| {
         options.standby = true;
         options.claim_lease_ms = 300;
-    })
-    .unwrap();
+    });
     support::create_topic(
         cluster.brokers()[0].local_addr(),
         "grouped",
@@ -606,47 +617,22 @@ fn a_consumer_group_goes_on_with_the_next_coordinator_when_its_coordinator_dies(
     let bootstrap = [1, 2]
         .map(|i| cluster.brokers()[i].kafka_addr().unwrap().to_string())
         .join(",");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka-clients.py");
-    let mut child = Command::new("timeout")
-        .args([
-            "150",
-            &python,
-            script,
-            "--group-failover",
-            "--topic",
-            "grouped",
-        ])
-        .args(["--records", "2000", "--bootstrap", &bootstrap])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    assert_eq!(line.trim(), "consuming");
-    assert!(cluster.kill_broker(0));
-    let mut rest = String::new();
-    stdout.read_to_string(&mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    println!("{rest}");
-    assert!(
-        status.success(),
-        "kafka-clients.py --group-failover: {rest} {stderr}"
-    );
-    let summary: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    let args = [
+        "--group-failover",
+        "--topic",
+        "grouped",
+        "--records",
+        "2000",
+    ];
+    let args = [&args[..], &["--bootstrap", &bootstrap]].concat();
+    let ((), summary) = clients_with_cue(&python, "150", &args, "consuming", || {
+        assert!(cluster.kill_broker(0));
+    });
     assert_eq!(summary["distinct"], 2000);
     assert_eq!(summary["committed"], 2000);
     assert!(
         summary["assignments"].as_u64().unwrap() >= 2,
-        "the group formed again under the next coordinator: {rest}"
+        "the group formed again under the next coordinator: {summary}"
     );
 }
 

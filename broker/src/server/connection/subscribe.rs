@@ -245,10 +245,11 @@ fn queue_deliveries(
         // A Kafka producer's batch: its records' values, as messages (a copy; the reader's
         // overwrite check after this callback still covers the bytes read).
         let mut payload = Vec::with_capacity(batch.payload.len());
+        let mut message_count = 0u32;
         let read = crate::server::kafka::records::stored_values(batch.payload, |value| {
             wire::payload::push_message(&mut payload, value);
+            message_count += 1;
         });
-        let message_count = wire::payload::messages(&payload).count() as u32;
         if read.as_ref().ok() != Some(&batch.message_count) {
             log::error!(
                 "batch {}: its record batches read as {message_count} records ({read:?}), its entry says {}",

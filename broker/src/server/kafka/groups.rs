@@ -489,13 +489,9 @@ impl Groups {
 
     /// The groups (id, protocol type, state), as ListGroups names them.
     pub fn list(&mut self, now: Timestamp) -> Vec<(String, String, &'static str)> {
-        self.sweep(now);
-        let mut left = 0;
-        for group in self.groups.values_mut() {
-            left += group.tick(now);
-        }
-        self.members -= left;
-        self.groups.retain(|_, group| !group.members.is_empty());
+        // Every group looked at now, not once per interval: the list is of groups as they
+        // are.
+        self.look_at_all(now);
         let mut listed: Vec<_> = self
             .groups
             .iter()
@@ -640,6 +636,11 @@ impl Groups {
         {
             return;
         }
+        self.look_at_all(now);
+    }
+
+    /// Moves every group on at `now` (see `Group::tick`), and forgets those left empty.
+    fn look_at_all(&mut self, now: Timestamp) {
         self.swept = Some(now);
         let mut left = 0;
         self.groups.retain(|_, group| {
