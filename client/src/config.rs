@@ -63,8 +63,9 @@ pub struct PublisherConfig {
     pub in_flight_batches_max: usize,
     /// How the window up to `in_flight_batches_max` is chosen. Default
     /// [`InFlightWindow::Fixed`]: always the maximum. [`InFlightWindow::Adaptive`] starts at
-    /// the maximum and settles on the smallest window that keeps the acknowledged
-    /// throughput (within 7%), which bounds latency at saturation by what the path needs:
+    /// 16 batches (at most the maximum), halves while the acknowledged throughput holds
+    /// (within 7%), grows while growing pays (10%), and so settles near the smallest window
+    /// that keeps the throughput, which bounds latency at saturation by what the path needs:
     /// for a publisher that sends as fast as it can. A publisher paced near the path's
     /// capacity falls behind its schedule for good when the window costs it a few percent,
     /// so it is not the default.

@@ -241,9 +241,9 @@ pub(crate) struct Cli {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) in_flight_batches: u32,
     /// How each publisher chooses its window up to --in-flight-batches: `adaptive` starts at
-    /// the largest and settles on the smallest window that keeps the acknowledged
-    /// throughput within 7% without making the publisher wait for window space longer, which
-    /// keeps latency at saturation down to what the path needs; `fixed` always uses
+    /// 16 batches, halves while the acknowledged throughput holds (within 7%) and grows
+    /// while growing pays (10%), settling near the smallest window that keeps the
+    /// throughput, which keeps latency at saturation down to what the path needs; `fixed` always uses
     /// --in-flight-batches. `auto` is adaptive for an unpaced run and fixed for a paced one:
     /// a paced publisher near the path's capacity falls behind its schedule for good when
     /// the window costs it a few percent (docs/results.md).
