@@ -49,8 +49,9 @@ pub enum InFlightWindow {
 /// broker's) still goes out at once.
 pub const WINDOW_MIN: usize = 8;
 
-/// Where an adaptive window starts (at most the maximum): 1 MiB of 64 KiB batches, what one
-/// connection to a broker with a core of its own needs for full speed, twice over.
+/// Where an adaptive window starts (at most the maximum): 1 MiB of 64 KiB batches, which gave
+/// one connection to a broker with a core of its own its full speed in every measurement
+/// here (docs/results.md).
 pub const WINDOW_START: usize = 16;
 
 /// A measurement period lasts at least this long, so that scheduling noise averages out.
