@@ -4,7 +4,7 @@
 #
 #   ./scripts/bench-latency.sh [--quick] [--duration-s N] [--peak-duration-s N]
 #                              [--paths "loopback lab"] [--rates "1000 10000 100000"]
-#                              [--base-port P] [--prefix P]
+#                              [--base-port P] [--prefix P] [--guest-halt-poll-ns N|keep]
 #
 # For each path (loopback: scripts/cluster.sh with 1 and 4 brokers; lab: scripts/lab.sh
 # namespaces, 1 broker on the kernel backend and 1 on the XDP backend):
@@ -26,6 +26,12 @@
 # in well under a minute (after the build).
 # --base-port P: ports P to P+500 are used (default 9700); --prefix: the lab's namespace
 # prefix and the hugepage pool's name (default emblat).
+# --guest-halt-poll-ns N: on a VM with the cpuidle-haltpoll driver, how long an idle vCPU
+# polls before it halts, set for the run and restored after (default `keep`: as the machine
+# is). A wake-up that comes while the vCPU halts costs an exit to the hypervisor (30-50 us
+# per wake-up on the VM this was written on, whose command line sets 0), and every round
+# trip here wakes an idle CPU at least twice, floors included; 200000 is the kernel's own
+# default, closer to how an idle core of a bare-metal server wakes.
 # A benchmark, not a test: it asserts nothing about speed, it reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +45,7 @@ loopback_brokers="1 4"
 base_port=9700
 prefix=emblat
 floor_rates="1000 10000"
+halt_poll_ns=keep
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) duration=1; peak_duration=1; paths=loopback; rates="1000 10000"; loopback_brokers=1
@@ -49,7 +56,8 @@ while [[ $# -gt 0 ]]; do
         --rates) rates=$2; shift 2 ;;
         --base-port) base_port=$2; shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --guest-halt-poll-ns) halt_poll_ns=$2; shift 2 ;;
+        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-latency: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -84,6 +92,8 @@ pool=/dev/hugepages/$prefix-pool
 [[ -d /dev/hugepages ]] && mount | grep -q " /dev/hugepages type hugetlbfs" || pool=/dev/shm/$prefix-pool
 server_pids=()
 lab_up=0
+halt_poll_param=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+halt_poll_before=
 cleanup() {
     local pid
     for pid in "${server_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -91,9 +101,16 @@ cleanup() {
     scripts/cluster.sh stop --dir "$work/cluster" > /dev/null 2>&1 || true
     [[ $lab_up -eq 0 ]] || scripts/lab.sh down --prefix "$prefix" > /dev/null 2>&1 || true
     rm -f "$pool"
+    [[ -z $halt_poll_before ]] || echo "$halt_poll_before" > "$halt_poll_param"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+if [[ $halt_poll_ns != keep && -w $halt_poll_param ]]; then
+    [[ $halt_poll_ns =~ ^[0-9]+$ ]] || { echo "bench-latency: --guest-halt-poll-ns takes a number or keep" >&2; exit 2; }
+    halt_poll_before=$(cat "$halt_poll_param")
+    echo "$halt_poll_ns" > "$halt_poll_param"
+fi
+[[ ! -r $halt_poll_param ]] || pinning="$pinning; guest halt polling $(cat "$halt_poll_param") ns (${halt_poll_before:-unchanged} before the run)"
 
 # Steal (the hypervisor running others on our CPUs) and total jiffies, from /proc/stat.
 steal_snapshot() { awk '/^cpu /{s=0; for(i=2;i<=NF;i++) s+=$i; print $9, s; exit}' /proc/stat; }
