@@ -258,6 +258,22 @@ fn kcat_missing() -> bool {
     false
 }
 
+/// With kcat installed, a cluster (`cluster()`) with the order-5 topic `topic` made on its
+/// head; `None` without kcat (after a SKIPPED line).
+fn kcat_cluster(topic: &str) -> Option<InProcessCluster> {
+    if kcat_missing() {
+        return None;
+    }
+    let cluster = cluster();
+    support::create_topic(
+        cluster.brokers()[0].local_addr(),
+        topic,
+        Order::TotalSessionFifo,
+        Retention::StallLimited,
+    );
+    Some(cluster)
+}
+
 /// Runs kcat with `args` (20 s at most), feeding it `input`; returns its standard output.
 fn kcat(args: &[&str], input: &[u8]) -> String {
     let mut child = Command::new("timeout")
@@ -308,14 +324,12 @@ fn subscribe_values(broker: SocketAddr, topic: &str, order: Order, count: usize)
 
 #[test]
 fn kcat_produces_and_consumes_beside_our_own_clients() {
-    if kcat_missing() {
+    let Some(cluster) = kcat_cluster("events") else {
         return;
-    }
-    let cluster = cluster();
+    };
     let head = &cluster.brokers()[0];
     let other = &cluster.brokers()[1];
     let order = Order::TotalSessionFifo;
-    support::create_topic(head.local_addr(), "events", order, Retention::StallLimited);
     // Our own publisher first: 3 messages at positions 0..3.
     let mut native = support::publisher(other.local_addr(), "events", order, 41);
     native.batch(0, &[b"native-0", b"native-1"]);
@@ -638,13 +652,11 @@ fn a_consumer_group_goes_on_with_the_next_coordinator_when_its_coordinator_dies(
 
 #[test]
 fn kcat_records_keep_their_keys_headers_and_timestamps_as_produced() {
-    if kcat_missing() {
+    let Some(cluster) = kcat_cluster("keyed") else {
         return;
-    }
-    let cluster = cluster();
+    };
     let head = &cluster.brokers()[0];
     let order = Order::TotalSessionFifo;
-    support::create_topic(head.local_addr(), "keyed", order, Retention::StallLimited);
     let addr = head.kafka_addr().unwrap().to_string();
     // Keys (-K:), one header on every record (-H), 50 records.
     let input: String = (0..50)
@@ -696,19 +708,75 @@ fn kcat_records_keep_their_keys_headers_and_timestamps_as_produced() {
 }
 
 #[test]
-fn kcat_compressed_batches_are_stored_as_compressed_and_read_back_by_every_reader() {
-    if kcat_missing() {
+fn kcat_starts_at_a_time_the_first_record_produced_at_or_after_it() {
+    let Some(cluster) = kcat_cluster("timed") else {
         return;
-    }
-    let cluster = cluster();
+    };
     let head = &cluster.brokers()[0];
     let order = Order::TotalSessionFifo;
-    support::create_topic(
-        head.local_addr(),
-        "squeezed",
-        order,
-        Retention::StallLimited,
-    );
+    let addr = head.kafka_addr().unwrap().to_string();
+    // Three rounds of 20 records, 50 ms apart, with our own client's batches (no
+    // timestamps) before and between them.
+    let mut native = support::publisher(head.local_addr(), "timed", order, 43);
+    for round in 0..3u64 {
+        native.batch(round, &[b"native"]);
+        native.acks_through(round);
+        let lines: String = (0..20).map(|i| format!("round-{round}-{i}\n")).collect();
+        kcat(&["-P", "-b", &addr, "-t", "timed"], lines.as_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // kcat -C from `offset` with `tail` after it.
+    let consume = |offset: &str, tail: &[&str]| {
+        let mut args = vec!["-C", "-b", addr.as_str(), "-t", "timed", "-o", offset];
+        args.extend_from_slice(tail);
+        kcat(&args, b"")
+    };
+    let read = consume("beginning", &["-e", "-f", "%o %T %s\n"]);
+    let records: Vec<(u64, i64, String)> = read
+        .lines()
+        .map(|line| {
+            let mut fields = line.splitn(3, ' ');
+            let offset = fields.next().unwrap().parse().unwrap();
+            let timestamp = fields.next().unwrap().parse().unwrap();
+            (offset, timestamp, fields.next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(records.len(), 63, "{read}");
+    // Each round's first record: kcat -o s@T starts at it, whether T is its own timestamp
+    // or one just after the round before.
+    for round in 0..3 {
+        let first = records
+            .iter()
+            .find(|(_, _, v)| v == &format!("round-{round}-0"))
+            .unwrap();
+        let before = records
+            .iter()
+            .filter(|(offset, t, v)| *offset < first.0 && v.starts_with("round") && *t < first.1)
+            .map(|(_, t, _)| *t)
+            .max()
+            .unwrap_or(0);
+        for at in [first.1, before + 1] {
+            let started = consume(&format!("s@{at}"), &["-c", "1", "-f", "%o %s\n"]);
+            assert_eq!(
+                started.trim(),
+                format!("{} round-{round}-0", first.0),
+                "s@{at}: {read}"
+            );
+        }
+    }
+    // After every record: the end (kcat reads nothing before -e ends it).
+    let last = records.iter().map(|(_, t, _)| *t).max().unwrap();
+    let started = consume(&format!("s@{}", last + 1), &["-e", "-f", "%o\n"]);
+    assert_eq!(started.trim(), "", "{read}");
+}
+
+#[test]
+fn kcat_compressed_batches_are_stored_as_compressed_and_read_back_by_every_reader() {
+    let Some(cluster) = kcat_cluster("squeezed") else {
+        return;
+    };
+    let head = &cluster.brokers()[0];
+    let order = Order::TotalSessionFifo;
     let addr = head.kafka_addr().unwrap().to_string();
     let value = |codec: &str, i: usize| format!("{codec}-{i}-{}", "x".repeat(2000));
     let codecs = ["gzip", "snappy", "lz4", "zstd"];

@@ -33,6 +33,10 @@ pub const MAGIC_AT: usize = 16;
 pub const ATTRIBUTES_AT: usize = 21;
 /// Where the last offset delta is.
 pub const LAST_OFFSET_DELTA_AT: usize = 23;
+/// Where the base timestamp is.
+pub const BASE_TIMESTAMP_AT: usize = 27;
+/// Where the max timestamp is.
+pub const MAX_TIMESTAMP_AT: usize = 35;
 /// Where the producer id is.
 pub const PRODUCER_ID_AT: usize = 43;
 /// Where the producer epoch is.
@@ -104,6 +108,19 @@ impl<'a> BatchView<'a> {
     /// The attributes (bits 0-2: compression codec; 4: transactional; 5: control).
     pub fn attributes(&self) -> i16 {
         be_i16(self.bytes, ATTRIBUTES_AT)
+    }
+
+    /// The base offset (a stored batch's is set when it is fetched).
+    pub fn base_offset(&self) -> i64 {
+        be_i64(self.bytes, 0)
+    }
+
+    /// The timestamp of the first record, and the greatest of any record (-1: none).
+    pub fn timestamps(&self) -> (i64, i64) {
+        (
+            be_i64(self.bytes, BASE_TIMESTAMP_AT),
+            be_i64(self.bytes, MAX_TIMESTAMP_AT),
+        )
     }
 
     /// The producer id (-1: not an idempotent producer's), epoch and base sequence.

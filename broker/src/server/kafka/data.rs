@@ -846,8 +846,9 @@ pub(super) fn init_producer_id(request: &InitProducerIdRequest) -> InitProducerI
         .with_producer_epoch(0)
 }
 
-/// ListOffsets: the earliest (-2) and latest (-1) offsets; a lookup by time finds none,
-/// since records carry no timestamp yet (Kafka's answer when no record is that new: -1).
+/// ListOffsets: the earliest (-2) and latest (-1) offsets, and by time the first record
+/// whose timestamp is at or after the one asked for ([`offset_for_time`]), with its
+/// timestamp (none: -1, Kafka's answer when no record is that new).
 pub(super) fn list_offsets(
     request: &ListOffsetsRequest,
     context: &dyn KafkaContext,
@@ -874,14 +875,22 @@ pub(super) fn list_offsets(
                             return response.with_error_code(error_code::UNKNOWN_SERVER_ERROR);
                         }
                     };
-                    let offset = match partition.timestamp {
-                        -2 => Some(start),
-                        -1 => Some(end),
-                        _ => None,
-                    };
-                    match offset {
-                        Some(offset) => response.with_offset(offset as i64),
-                        None => response,
+                    match partition.timestamp {
+                        -2 => response.with_offset(start as i64),
+                        -1 => response.with_offset(end as i64),
+                        target if target >= 0 => {
+                            match offset_for_time(context, topic.id, start, end, target) {
+                                Ok(Some((offset, timestamp))) => {
+                                    response.with_offset(offset).with_timestamp(timestamp)
+                                }
+                                Ok(None) => response,
+                                Err(error) => {
+                                    log::warn!("ListOffsets by time failed: {error}");
+                                    response.with_error_code(error_code::UNKNOWN_SERVER_ERROR)
+                                }
+                            }
+                        }
+                        _ => response,
                     }
                 })
                 .collect();
@@ -891,6 +900,85 @@ pub(super) fn list_offsets(
         })
         .collect();
     ListOffsetsResponse::default().with_topics(topics)
+}
+
+/// How many bytes of batches a lookup by time reads at a time while it walks over batches
+/// without timestamps, and how many reads it makes at most (16 MiB in all).
+const TIME_LOOKUP_READ_BYTES: u64 = 256 * 1024;
+const TIME_LOOKUP_READS_MAX: u32 = 64;
+
+/// The first record of `topic` (positions `start` to `end`) whose timestamp is at or after
+/// `target`, as (offset, timestamp). The batch is found by bisecting positions on the
+/// batches' max timestamps; like Kafka's time index this takes timestamps that grow with
+/// offsets (a batch older than one before it may be passed over). Our own client's batches
+/// carry no timestamps: a probe that lands on one walks on to the next batch that has them
+/// (none before the upper bound: the answer lies below). The reads are bounded
+/// ([`TIME_LOOKUP_READS_MAX`]); past that, batches not yet seen count as without
+/// timestamps. Then the batch's records from `start` on are walked
+/// ([`records::first_at_or_after`]).
+fn offset_for_time(
+    context: &dyn KafkaContext,
+    topic: TopicId,
+    start: u64,
+    end: u64,
+    target: i64,
+) -> Result<Option<(i64, i64)>, String> {
+    let mut read = Vec::new();
+    let mut found = Vec::new();
+    let mut reads_left = TIME_LOOKUP_READS_MAX;
+    let (mut low, mut high) = (start, end);
+    while low < high {
+        let probe = low + (high - low) / 2;
+        // (end position, max timestamp) of the first batch with timestamps from `probe`
+        // on, below `high`; its bytes in `read[at..]`.
+        let mut position = probe;
+        let mut timed = None;
+        while timed.is_none() && position < high && reads_left > 0 {
+            reads_left -= 1;
+            read.clear();
+            let bytes = if position == probe {
+                1
+            } else {
+                TIME_LOOKUP_READ_BYTES
+            };
+            context
+                .fetch(topic, position, bytes, &mut read)
+                .map_err(|refused| format!("{refused:?}"))?;
+            let walked = position;
+            for batch in wire::record_batch::batches(&read) {
+                let batch = batch.map_err(|e| e.to_string())?;
+                let first = u64::try_from(batch.base_offset()).map_err(|_| "negative offset")?;
+                let count = batch.checked_record_count().map_err(|e| e.to_string())?;
+                if first >= high {
+                    break;
+                }
+                let batch_end = first + u64::from(count);
+                let max_timestamp = batch.timestamps().1;
+                if max_timestamp >= 0 {
+                    let at = batch.bytes.as_ptr() as usize - read.as_ptr() as usize;
+                    timed = Some((batch_end, max_timestamp, at..at + batch.bytes.len()));
+                    break;
+                }
+                position = batch_end;
+            }
+            if position == walked {
+                break;
+            }
+        }
+        if reads_left == 0 && timed.is_none() {
+            log::warn!("topic {topic}: a lookup by time read its limit of batches");
+        }
+        match timed {
+            Some((_, max_timestamp, bytes)) if max_timestamp >= target => {
+                high = probe;
+                found.clear();
+                found.extend_from_slice(&read[bytes]);
+            }
+            Some((batch_end, _, _)) => low = batch_end.max(probe + 1),
+            None => high = probe,
+        }
+    }
+    records::first_at_or_after(&found, target, start as i64).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1646,5 +1734,73 @@ mod tests {
                 .collect();
             assert_eq!(offsets, vec![(0, 4), (0, 10), (0, -1)]);
         }
+    }
+
+    #[test]
+    fn list_offsets_by_time_finds_the_first_record_at_or_after_it() {
+        use kafka_protocol::records::{Compression, Record};
+        let mut h = Harness::new();
+        // Kafka batches of records with these timestamps, between batches of our own client
+        // (no timestamps): positions 0-2 ours, 3-4 [1000, 1001], 5-7 [1005, 1006, 1007],
+        // 8-9 ours, 10 [2000].
+        let kafka_batch = |h: &mut Harness, timestamps: &[i64]| {
+            let records: Vec<Record> = (0..timestamps.len())
+                .map(|i| Record {
+                    sequence: i as i32,
+                    timestamp: timestamps[i],
+                    ..record(i as i64, None, Some(b"v"))
+                })
+                .collect();
+            let start = h.log.append(1, vec![b"v".to_vec(); timestamps.len()]);
+            h.log
+                .produced
+                .insert((1, start), client_batch(&records, Compression::None));
+        };
+        h.log.append(1, vec![b"ours".to_vec(); 3]);
+        kafka_batch(&mut h, &[1000, 1001]);
+        kafka_batch(&mut h, &[1005, 1006, 1007]);
+        h.log.append(1, vec![b"ours".to_vec(); 2]);
+        kafka_batch(&mut h, &[2000]);
+        let ask = |h: &mut Harness, targets: &[i64]| -> Vec<(i64, i64)> {
+            let request = ListOffsetsRequest::default().with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name("orders"))
+                    .with_partitions(
+                        targets
+                            .iter()
+                            .map(|&timestamp| {
+                                ListOffsetsPartition::default()
+                                    .with_partition_index(0)
+                                    .with_timestamp(timestamp)
+                            })
+                            .collect(),
+                    ),
+            ]);
+            h.send(ApiKey::ListOffsets, 7, &request);
+            let out = h.poll();
+            let (_, mut body) = response_body(&out, ApiKey::ListOffsets, 7).unwrap();
+            let response = ListOffsetsResponse::decode(&mut body, 7).unwrap();
+            response.topics[0]
+                .partitions
+                .iter()
+                .inspect(|p| assert_eq!(p.error_code, 0))
+                .map(|p| (p.offset, p.timestamp))
+                .collect()
+        };
+        assert_eq!(
+            ask(&mut h, &[0, 1001, 1002, 1007, 1008, 2000, 2001]),
+            vec![
+                (3, 1000),
+                (4, 1001),
+                (5, 1005),
+                (7, 1007),
+                (10, 2000),
+                (10, 2000),
+                (-1, -1)
+            ]
+        );
+        // From the log's start on: what was before it is not found.
+        h.log.log_start.insert(1, 6);
+        assert_eq!(ask(&mut h, &[0, 1007]), vec![(6, 1006), (7, 1007)]);
     }
 }

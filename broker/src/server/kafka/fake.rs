@@ -25,6 +25,8 @@ pub struct Undecided {
     pub session: ProducerSession,
     pub conn: ConnId,
     pub values: Vec<Vec<u8>>,
+    /// Its record batches as produced (Fetch serves them with their offsets set).
+    pub records: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -33,6 +35,9 @@ pub struct FakeLog {
     pub topics: Vec<(TopicId, String, usize)>,
     /// Ordered batches per topic.
     pub logs: HashMap<TopicId, Vec<Batch>>,
+    /// The record batches of each batch a Kafka client produced, by (topic, first
+    /// position); the others are served as our own client's are.
+    pub produced: HashMap<(TopicId, u64), Vec<u8>>,
     pub undecided: Vec<Undecided>,
     /// The next ring slot of each topic (slots count per topic, as in the pool).
     pub next_slot: HashMap<TopicId, u64>,
@@ -57,6 +62,7 @@ impl FakeLog {
         FakeLog {
             topics: vec![(1, "orders".into(), 0), (2, "payments".into(), 1)],
             logs: HashMap::new(),
+            produced: HashMap::new(),
             undecided: Vec::new(),
             next_slot: HashMap::new(),
             full: false,
@@ -115,6 +121,7 @@ impl FakeLog {
                     }
                     _ => {
                         let start = self.append(batch.topic, batch.values);
+                        self.produced.insert((batch.topic, start), batch.records);
                         self.placed.insert(key, start);
                         (CompletionStatus::Ordered, start)
                     }
@@ -231,6 +238,7 @@ impl KafkaContext for FakeLog {
                 .flat_map(|batch| batch.expect("checked").records())
                 .map(|record| record.expect("checked").value.unwrap_or_default().to_vec())
                 .collect(),
+            records: produced.bytes.to_vec(),
         });
         Ok(slot)
     }
@@ -269,7 +277,15 @@ impl KafkaContext for FakeLog {
             if out.len() > start && (out.len() - start) as u64 >= max_bytes {
                 break;
             }
-            wire::record_batch::encode(out, *first, messages.iter().map(Vec::as_slice));
+            match self.produced.get(&(topic, *first)) {
+                Some(records) => {
+                    let at = out.len();
+                    out.extend_from_slice(records);
+                    wire::record_batch::set_base_offsets(&mut out[at..], *first)
+                        .expect("checked when produced");
+                }
+                None => wire::record_batch::encode(out, *first, messages.iter().map(Vec::as_slice)),
+            }
         }
         Ok(())
     }

@@ -203,27 +203,64 @@ fn decompress_records(
     })
 }
 
+/// A stored batch's records: read in place, or from `decompressed` once its records are
+/// decompressed (within [`DECOMPRESSED_BYTES_MAX`]).
+fn records_of<'b>(
+    batch: &BatchView<'b>,
+    decompressed: &'b mut Vec<u8>,
+) -> Result<record_batch::Records<'b>, RecordError> {
+    let codec = (batch.attributes() & 0x7) as u8;
+    if codec == 0 {
+        return Ok(batch.records());
+    }
+    let count = batch.checked_record_count()?;
+    *decompressed = decompress_records(batch, codec, DECOMPRESSED_BYTES_MAX)?;
+    let decompressed: &'b [u8] = decompressed;
+    Ok(record_batch::records_in(decompressed, count, batch.index))
+}
+
 /// Hands each record's value of stored record batches to `each`, in order (a null value as
 /// an empty one), decompressing compressed batches; returns how many there were.
 pub fn stored_values(payload: &[u8], mut each: impl FnMut(&[u8])) -> Result<u32, RecordError> {
     let mut count = 0;
     for batch in record_batch::batches(payload) {
         let batch = batch?;
-        let batch_records = batch.checked_record_count()?;
-        let codec = (batch.attributes() & 0x7) as u8;
-        let decompressed;
-        let records = if codec == 0 {
-            batch.records()
-        } else {
-            decompressed = decompress_records(&batch, codec, DECOMPRESSED_BYTES_MAX)?;
-            record_batch::records_in(&decompressed, batch_records, batch.index)
-        };
-        for record in records {
+        let mut decompressed = Vec::new();
+        for record in records_of(&batch, &mut decompressed)? {
             each(record?.value.unwrap_or_default());
             count += 1;
         }
     }
     Ok(count)
+}
+
+/// The first record of `payload`'s record batches at offset `from` or later whose timestamp
+/// is at or after `target`, as (offset, timestamp): each record's timestamp is its batch's base timestamp plus its
+/// delta (the producer's create time), its offset the batch's base offset plus its delta.
+/// A compressed batch is decompressed within [`DECOMPRESSED_BYTES_MAX`], and only a batch
+/// whose max timestamp reaches `target`.
+pub fn first_at_or_after(
+    payload: &[u8],
+    target: i64,
+    from: i64,
+) -> Result<Option<(i64, i64)>, RecordError> {
+    for batch in record_batch::batches(payload) {
+        let batch = batch?;
+        let (base_timestamp, max_timestamp) = batch.timestamps();
+        if max_timestamp < target {
+            continue;
+        }
+        let mut decompressed = Vec::new();
+        for record in records_of(&batch, &mut decompressed)? {
+            let record = record?;
+            let timestamp = base_timestamp.saturating_add(record.timestamp_delta);
+            let offset = batch.base_offset() + i64::from(record.offset_delta);
+            if timestamp >= target && offset >= from {
+                return Ok(Some((offset, timestamp)));
+            }
+        }
+    }
+    Ok(None)
 }
 
 fn producer_fields(batch: &BatchView<'_>) -> ProducerFields {
@@ -281,6 +318,50 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_lookup_by_time_finds_the_first_record_at_or_after_it() {
+        // record(i) has timestamp 1_700_000_000_000 + i; the encoder puts records whose
+        // offsets and sequences go up together into one batch: two batches, of 2 and 3.
+        let records: Vec<Record> = (0..5)
+            .map(|i| Record {
+                sequence: i as i32,
+                ..record(i, None, Some(b"v"))
+            })
+            .collect();
+        for codec in [0, 1, 4] {
+            let batch = |records: &[Record]| {
+                let plain = client_batch(records, Compression::None);
+                match codec {
+                    0 => plain,
+                    _ => recompressed(&plain, codec, |data| {
+                        compression::tests::compress(codec, data)
+                    }),
+                }
+            };
+            let mut payload = batch(&records[..2]);
+            payload.extend(batch(&records[2..]));
+            assert_eq!(record_batch::set_base_offsets(&mut payload, 40), Ok(45));
+            assert_eq!(record_batch::batches(&payload).count(), 2);
+            let at = |target| first_at_or_after(&payload, target, 0).unwrap();
+            assert_eq!(at(0), Some((40, 1_700_000_000_000)), "codec {codec}");
+            assert_eq!(
+                at(1_700_000_000_001),
+                Some((41, 1_700_000_000_001)),
+                "codec {codec}"
+            );
+            assert_eq!(at(1_700_000_000_003), Some((43, 1_700_000_000_003)));
+            assert_eq!(at(1_700_000_000_005), None);
+            assert_eq!(
+                first_at_or_after(&payload, 0, 42).unwrap(),
+                Some((42, 1_700_000_000_002))
+            );
+        }
+        // Our own client's batches carry no timestamps (-1): never at or after a time.
+        let mut ours = Vec::new();
+        record_batch::encode(&mut ours, 7, [b"a".as_slice()].into_iter());
+        assert_eq!(first_at_or_after(&ours, 0, 0).unwrap(), None);
+    }
+
+    #[test]
     fn a_client_batch_is_taken_as_it_came_with_its_count_and_checksum() {
         let records = [
             record(0, None, Some(b"first")),
@@ -327,6 +408,11 @@ pub(super) mod tests {
     ) -> Vec<u8> {
         let mut plain = Vec::new();
         record_batch::encode(&mut plain, 0, values.iter().copied());
+        recompressed(&plain, codec, compress)
+    }
+
+    /// The uncompressed batch `plain` with its records `compress`ed as codec `codec`.
+    fn recompressed(plain: &[u8], codec: u8, compress: impl Fn(&[u8]) -> Vec<u8>) -> Vec<u8> {
         let mut batch = plain[..record_batch::BATCH_HEADER_BYTES].to_vec();
         batch.extend(compress(&plain[record_batch::BATCH_HEADER_BYTES..]));
         let length = (batch.len() - record_batch::LOG_OVERHEAD_BYTES) as i32;
