@@ -945,6 +945,8 @@ fn offset_for_time(
                 .fetch(topic, position, bytes, &mut read)
                 .map_err(|refused| format!("{refused:?}"))?;
             let walked = position;
+            // The batches lie back to back from the start of `read`.
+            let mut at = 0;
             for batch in wire::record_batch::batches(&read) {
                 let batch = batch.map_err(|e| e.to_string())?;
                 let first = u64::try_from(batch.base_offset()).map_err(|_| "negative offset")?;
@@ -955,10 +957,10 @@ fn offset_for_time(
                 let batch_end = first + u64::from(count);
                 let max_timestamp = batch.timestamps().1;
                 if max_timestamp >= 0 {
-                    let at = batch.bytes.as_ptr() as usize - read.as_ptr() as usize;
                     timed = Some((batch_end, max_timestamp, at..at + batch.bytes.len()));
                     break;
                 }
+                at += batch.bytes.len();
                 position = batch_end;
             }
             if position == walked {
@@ -1802,5 +1804,14 @@ mod tests {
         // From the log's start on: what was before it is not found.
         h.log.log_start.insert(1, 6);
         assert_eq!(ask(&mut h, &[0, 1007]), vec![(6, 1006), (7, 1007)]);
+        // 400 of our batches of 2 KiB (positions 11-410) take several reads to walk over.
+        for _ in 0..400 {
+            h.log.append(1, vec![vec![b'o'; 2048]]);
+        }
+        kafka_batch(&mut h, &[3000]);
+        assert_eq!(
+            ask(&mut h, &[2001, 3000, 3001]),
+            vec![(411, 3000), (411, 3000), (-1, -1)]
+        );
     }
 }
