@@ -848,11 +848,15 @@ pub(super) fn init_producer_id(request: &InitProducerIdRequest) -> InitProducerI
 
 /// ListOffsets: the earliest (-2) and latest (-1) offsets, and by time the first record
 /// whose timestamp is at or after the one asked for ([`offset_for_time`]), with its
-/// timestamp (none: -1, Kafka's answer when no record is that new).
+/// timestamp (none: -1, Kafka's answer when no record is that new). The lookups of one
+/// request share one read budget ([`TIME_LOOKUP_BUDGET_BYTES`]).
 pub(super) fn list_offsets(
     request: &ListOffsetsRequest,
     context: &dyn KafkaContext,
 ) -> ListOffsetsResponse {
+    // Shared by every lookup by time of the request: asking for one partition many times
+    // does not multiply the work.
+    let mut budget = TIME_LOOKUP_BUDGET_BYTES;
     let topics = request
         .topics
         .iter()
@@ -879,7 +883,8 @@ pub(super) fn list_offsets(
                         -2 => response.with_offset(start as i64),
                         -1 => response.with_offset(end as i64),
                         target if target >= 0 => {
-                            match offset_for_time(context, topic.id, start, end, target) {
+                            let bounds = (start, end);
+                            match offset_for_time(context, topic.id, bounds, target, &mut budget) {
                                 Ok(Some((offset, timestamp))) => {
                                     response.with_offset(offset).with_timestamp(timestamp)
                                 }
@@ -902,39 +907,42 @@ pub(super) fn list_offsets(
     ListOffsetsResponse::default().with_topics(topics)
 }
 
-/// How many bytes of batches a lookup by time reads at a time while it walks over batches
-/// without timestamps, and how many reads it makes at most (16 MiB in all).
+/// How many bytes of batches a lookup by time asks for at a time while it walks over batches
+/// without timestamps (a read returns at least one whole batch of the log, however large).
 const TIME_LOOKUP_READ_BYTES: u64 = 256 * 1024;
-const TIME_LOOKUP_READS_MAX: u32 = 64;
+/// How many bytes all the lookups by time of one ListOffsets request may read together.
+const TIME_LOOKUP_BUDGET_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The first record of `topic` (positions `start` to `end`) whose timestamp is at or after
 /// `target`, as (offset, timestamp). The batch is found by bisecting positions on the
-/// batches' max timestamps; like Kafka's time index this takes timestamps that grow with
-/// offsets (a batch older than one before it may be passed over). Our own client's batches
-/// carry no timestamps: a probe that lands on one walks on to the next batch that has them
-/// (none before the upper bound: the answer lies below). The reads are bounded
-/// ([`TIME_LOOKUP_READS_MAX`]); past that, batches not yet seen count as without
-/// timestamps. Then the batch's records from `start` on are walked
-/// ([`records::first_at_or_after`]).
+/// record batches' max timestamps; like Kafka's time index this takes timestamps that grow
+/// with offsets (a batch older than one before it may be passed over). Our own client's
+/// batches carry no timestamps: a probe that lands on one walks on to the next record batch
+/// that has them (none before the upper bound: the answer lies below). The reads take from
+/// `budget` (bytes); when it runs out first, the answer is the first position not yet known
+/// to be older, with timestamp -1: a reader starting there misses nothing. Then the found
+/// batch's records from `start` on are walked ([`records::first_at_or_after`]).
 fn offset_for_time(
     context: &dyn KafkaContext,
     topic: TopicId,
-    start: u64,
-    end: u64,
+    (start, end): (u64, u64),
     target: i64,
+    budget: &mut u64,
 ) -> Result<Option<(i64, i64)>, String> {
     let mut read = Vec::new();
     let mut found = Vec::new();
-    let mut reads_left = TIME_LOOKUP_READS_MAX;
     let (mut low, mut high) = (start, end);
     while low < high {
         let probe = low + (high - low) / 2;
-        // (end position, max timestamp) of the first batch with timestamps from `probe`
-        // on, below `high`; its bytes in `read[at..]`.
+        // (end position, max timestamp, bytes in `read`) of the first record batch with
+        // timestamps that ends after `probe`, below `high`.
         let mut position = probe;
         let mut timed = None;
-        while timed.is_none() && position < high && reads_left > 0 {
-            reads_left -= 1;
+        while timed.is_none() && position < high {
+            if *budget == 0 {
+                log::warn!("topic {topic}: a lookup by time read its limit; answered {low}");
+                return Ok(Some((low as i64, -1)));
+            }
             read.clear();
             let bytes = if position == probe {
                 1
@@ -942,33 +950,36 @@ fn offset_for_time(
                 TIME_LOOKUP_READ_BYTES
             };
             context
-                .fetch(topic, position, bytes, &mut read)
+                .fetch(topic, position, bytes.min(*budget), &mut read)
                 .map_err(|refused| format!("{refused:?}"))?;
+            *budget = budget.saturating_sub((read.len() as u64).max(1));
             let walked = position;
-            // The batches lie back to back from the start of `read`.
+            // The record batches lie back to back from the start of `read`; a batch of the
+            // log may hold several, and it is read whole from its first.
             let mut at = 0;
             for batch in wire::record_batch::batches(&read) {
                 let batch = batch.map_err(|e| e.to_string())?;
+                let bytes = at..at + batch.bytes.len();
+                at = bytes.end;
                 let first = u64::try_from(batch.base_offset()).map_err(|_| "negative offset")?;
                 let count = batch.checked_record_count().map_err(|e| e.to_string())?;
+                let batch_end = first + u64::from(count);
+                if batch_end <= position {
+                    continue;
+                }
                 if first >= high {
                     break;
                 }
-                let batch_end = first + u64::from(count);
                 let max_timestamp = batch.timestamps().1;
                 if max_timestamp >= 0 {
-                    timed = Some((batch_end, max_timestamp, at..at + batch.bytes.len()));
+                    timed = Some((batch_end, max_timestamp, bytes));
                     break;
                 }
-                at += batch.bytes.len();
                 position = batch_end;
             }
             if position == walked {
                 break;
             }
-        }
-        if reads_left == 0 && timed.is_none() {
-            log::warn!("topic {topic}: a lookup by time read its limit of batches");
         }
         match timed {
             Some((_, max_timestamp, bytes)) if max_timestamp >= target => {
@@ -1812,6 +1823,65 @@ mod tests {
         assert_eq!(
             ask(&mut h, &[2001, 3000, 3001]),
             vec![(411, 3000), (411, 3000), (-1, -1)]
+        );
+        // One batch of the log holding two record batches (one Produce of both): the
+        // lookup reads it whole from its first and still looks at the second.
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record {
+                sequence: i as i32 % 5,
+                timestamp: if i < 5 { 4000 + i } else { 5000 + i },
+                ..record(i % 5, None, Some(b"v"))
+            })
+            .collect();
+        let mut both = client_batch(&records[..5], Compression::None);
+        both.extend(client_batch(&records[5..], Compression::None));
+        let start = h.log.append(1, vec![b"v".to_vec(); 10]);
+        h.log.produced.insert((1, start), both);
+        assert_eq!(start, 412);
+        assert_eq!(
+            ask(&mut h, &[4002, 4500, 5009, 5010]),
+            vec![(414, 4002), (417, 5005), (421, 5009), (-1, -1)]
+        );
+    }
+
+    #[test]
+    fn list_offsets_by_time_past_its_read_budget_answers_a_position_it_has_not_passed() {
+        use kafka_protocol::records::{Compression, Record};
+        let mut h = Harness::new();
+        // 10,000 of our batches of 2 KiB (20 MiB, more than a request may read), then a
+        // Kafka record at 10,000.
+        for _ in 0..10_000 {
+            h.log.append(1, vec![vec![b'o'; 2048]]);
+        }
+        let record = Record {
+            sequence: 0,
+            timestamp: 7000,
+            ..record(0, None, Some(b"v"))
+        };
+        let start = h.log.append(1, vec![b"v".to_vec()]);
+        h.log
+            .produced
+            .insert((1, start), client_batch(&[record], Compression::None));
+        let request = ListOffsetsRequest::default().with_topics(vec![
+            ListOffsetsTopic::default()
+                .with_name(name("orders"))
+                .with_partitions(vec![
+                    ListOffsetsPartition::default()
+                        .with_partition_index(0)
+                        .with_timestamp(7000),
+                ]),
+        ]);
+        h.send(ApiKey::ListOffsets, 7, &request);
+        let out = h.poll();
+        let (_, mut body) = response_body(&out, ApiKey::ListOffsets, 7).unwrap();
+        let response = ListOffsetsResponse::decode(&mut body, 7).unwrap();
+        let partition = &response.topics[0].partitions[0];
+        assert_eq!(partition.error_code, 0);
+        assert_eq!(partition.timestamp, -1, "not found, only bounded");
+        assert!(
+            (0..=10_000).contains(&partition.offset),
+            "a reader from {} misses nothing",
+            partition.offset
         );
     }
 }
