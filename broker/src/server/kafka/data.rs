@@ -1103,6 +1103,55 @@ mod tests {
         fn advance(&mut self, by: Duration) {
             self.now += by;
         }
+
+        /// Appends `records` (record batches as a client produced them, `count` records in
+        /// all) to "orders" as one batch of the log; returns its first position.
+        fn append_produced(&mut self, records: Vec<u8>, count: usize) -> u64 {
+            let start = self.log.append(1, vec![b"v".to_vec(); count]);
+            self.log.produced.insert((1, start), records);
+            start
+        }
+
+        /// ListOffsets (`version`) of "orders" partition 0 at each of `timestamps`.
+        fn list_offsets(
+            &mut self,
+            version: i16,
+            timestamps: &[i64],
+        ) -> Vec<ListOffsetsPartitionResponse> {
+            let request = ListOffsetsRequest::default().with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name("orders"))
+                    .with_partitions(
+                        timestamps
+                            .iter()
+                            .map(|&timestamp| {
+                                ListOffsetsPartition::default()
+                                    .with_partition_index(0)
+                                    .with_timestamp(timestamp)
+                            })
+                            .collect(),
+                    ),
+            ]);
+            self.send(ApiKey::ListOffsets, version, &request);
+            let out = self.poll();
+            let (_, mut body) = response_body(&out, ApiKey::ListOffsets, version).unwrap();
+            let response = ListOffsetsResponse::decode(&mut body, version).unwrap();
+            response.topics[0].partitions.clone()
+        }
+    }
+
+    /// One record batch as a client encodes it, of records with these timestamps.
+    fn timed_batch(timestamps: &[i64]) -> Vec<u8> {
+        let records: Vec<kafka_protocol::records::Record> = (0..timestamps.len())
+            .map(|i| kafka_protocol::records::Record {
+                // The encoder puts records whose offsets and sequences go up together into
+                // one batch.
+                sequence: i as i32,
+                timestamp: timestamps[i],
+                ..record(i as i64, None, Some(b"v"))
+            })
+            .collect();
+        client_batch(&records, kafka_protocol::records::Compression::None)
     }
 
     /// Splits concatenated response frames.
@@ -1721,27 +1770,9 @@ mod tests {
         let mut h = Harness::new();
         h.log.append(1, vec![b"a".to_vec(); 10]);
         h.log.log_start.insert(1, 4);
-        let request = ListOffsetsRequest::default().with_topics(vec![
-            ListOffsetsTopic::default()
-                .with_name(name("orders"))
-                .with_partitions(
-                    [-2, -1, 1_700_000_000_000]
-                        .into_iter()
-                        .map(|timestamp| {
-                            ListOffsetsPartition::default()
-                                .with_partition_index(0)
-                                .with_timestamp(timestamp)
-                        })
-                        .collect(),
-                ),
-        ]);
         for version in [1, 7] {
-            h.send(ApiKey::ListOffsets, version, &request);
-            let out = h.poll();
-            let (_, mut body) = response_body(&out, ApiKey::ListOffsets, version).unwrap();
-            let response = ListOffsetsResponse::decode(&mut body, version).unwrap();
-            let offsets: Vec<(i16, i64)> = response.topics[0]
-                .partitions
+            let offsets: Vec<(i16, i64)> = h
+                .list_offsets(version, &[-2, -1, 1_700_000_000_000])
                 .iter()
                 .map(|p| (p.error_code, p.offset))
                 .collect();
@@ -1751,50 +1782,17 @@ mod tests {
 
     #[test]
     fn list_offsets_by_time_finds_the_first_record_at_or_after_it() {
-        use kafka_protocol::records::{Compression, Record};
         let mut h = Harness::new();
         // Kafka batches of records with these timestamps, between batches of our own client
         // (no timestamps): positions 0-2 ours, 3-4 [1000, 1001], 5-7 [1005, 1006, 1007],
         // 8-9 ours, 10 [2000].
-        let kafka_batch = |h: &mut Harness, timestamps: &[i64]| {
-            let records: Vec<Record> = (0..timestamps.len())
-                .map(|i| Record {
-                    sequence: i as i32,
-                    timestamp: timestamps[i],
-                    ..record(i as i64, None, Some(b"v"))
-                })
-                .collect();
-            let start = h.log.append(1, vec![b"v".to_vec(); timestamps.len()]);
-            h.log
-                .produced
-                .insert((1, start), client_batch(&records, Compression::None));
-        };
         h.log.append(1, vec![b"ours".to_vec(); 3]);
-        kafka_batch(&mut h, &[1000, 1001]);
-        kafka_batch(&mut h, &[1005, 1006, 1007]);
+        h.append_produced(timed_batch(&[1000, 1001]), 2);
+        h.append_produced(timed_batch(&[1005, 1006, 1007]), 3);
         h.log.append(1, vec![b"ours".to_vec(); 2]);
-        kafka_batch(&mut h, &[2000]);
+        h.append_produced(timed_batch(&[2000]), 1);
         let ask = |h: &mut Harness, targets: &[i64]| -> Vec<(i64, i64)> {
-            let request = ListOffsetsRequest::default().with_topics(vec![
-                ListOffsetsTopic::default()
-                    .with_name(name("orders"))
-                    .with_partitions(
-                        targets
-                            .iter()
-                            .map(|&timestamp| {
-                                ListOffsetsPartition::default()
-                                    .with_partition_index(0)
-                                    .with_timestamp(timestamp)
-                            })
-                            .collect(),
-                    ),
-            ]);
-            h.send(ApiKey::ListOffsets, 7, &request);
-            let out = h.poll();
-            let (_, mut body) = response_body(&out, ApiKey::ListOffsets, 7).unwrap();
-            let response = ListOffsetsResponse::decode(&mut body, 7).unwrap();
-            response.topics[0]
-                .partitions
+            h.list_offsets(7, targets)
                 .iter()
                 .inspect(|p| assert_eq!(p.error_code, 0))
                 .map(|p| (p.offset, p.timestamp))
@@ -1819,24 +1817,16 @@ mod tests {
         for _ in 0..400 {
             h.log.append(1, vec![vec![b'o'; 2048]]);
         }
-        kafka_batch(&mut h, &[3000]);
+        h.append_produced(timed_batch(&[3000]), 1);
         assert_eq!(
             ask(&mut h, &[2001, 3000, 3001]),
             vec![(411, 3000), (411, 3000), (-1, -1)]
         );
         // One batch of the log holding two record batches (one Produce of both): the
         // lookup reads it whole from its first and still looks at the second.
-        let records: Vec<Record> = (0..10)
-            .map(|i| Record {
-                sequence: i as i32 % 5,
-                timestamp: if i < 5 { 4000 + i } else { 5000 + i },
-                ..record(i % 5, None, Some(b"v"))
-            })
-            .collect();
-        let mut both = client_batch(&records[..5], Compression::None);
-        both.extend(client_batch(&records[5..], Compression::None));
-        let start = h.log.append(1, vec![b"v".to_vec(); 10]);
-        h.log.produced.insert((1, start), both);
+        let mut both = timed_batch(&[4000, 4001, 4002, 4003, 4004]);
+        both.extend(timed_batch(&[5005, 5006, 5007, 5008, 5009]));
+        let start = h.append_produced(both, 10);
         assert_eq!(start, 412);
         assert_eq!(
             ask(&mut h, &[4002, 4500, 5009, 5010]),
@@ -1846,36 +1836,14 @@ mod tests {
 
     #[test]
     fn list_offsets_by_time_past_its_read_budget_answers_a_position_it_has_not_passed() {
-        use kafka_protocol::records::{Compression, Record};
         let mut h = Harness::new();
         // 10,000 of our batches of 2 KiB (20 MiB, more than a request may read), then a
         // Kafka record at 10,000.
         for _ in 0..10_000 {
             h.log.append(1, vec![vec![b'o'; 2048]]);
         }
-        let record = Record {
-            sequence: 0,
-            timestamp: 7000,
-            ..record(0, None, Some(b"v"))
-        };
-        let start = h.log.append(1, vec![b"v".to_vec()]);
-        h.log
-            .produced
-            .insert((1, start), client_batch(&[record], Compression::None));
-        let request = ListOffsetsRequest::default().with_topics(vec![
-            ListOffsetsTopic::default()
-                .with_name(name("orders"))
-                .with_partitions(vec![
-                    ListOffsetsPartition::default()
-                        .with_partition_index(0)
-                        .with_timestamp(7000),
-                ]),
-        ]);
-        h.send(ApiKey::ListOffsets, 7, &request);
-        let out = h.poll();
-        let (_, mut body) = response_body(&out, ApiKey::ListOffsets, 7).unwrap();
-        let response = ListOffsetsResponse::decode(&mut body, 7).unwrap();
-        let partition = &response.topics[0].partitions[0];
+        h.append_produced(timed_batch(&[7000]), 1);
+        let partition = &h.list_offsets(7, &[7000])[0];
         assert_eq!(partition.error_code, 0);
         assert_eq!(partition.timestamp, -1, "not found, only bounded");
         assert!(
