@@ -398,11 +398,22 @@ mod tests {
         duration: Duration,
         path: impl Fn(usize) -> (f64, f64),
     ) -> Vec<usize> {
+        run_timed(window, connections, duration, |_, w| path(w))
+    }
+
+    /// [`run`] on a path that also changes with the time since the start:
+    /// `path(now, window)`.
+    fn run_timed(
+        window: &mut Window,
+        connections: usize,
+        duration: Duration,
+        path: impl Fn(Timestamp, usize) -> (f64, f64),
+    ) -> Vec<usize> {
         let mut now = Timestamp::ZERO;
         let end = now + duration;
         let mut seen = vec![window.current()];
         while now < end {
-            let (rate, wait_share) = path(window.current());
+            let (rate, wait_share) = path(now, window.current());
             let gap = Duration::from_secs_f64(BATCH_BYTES as f64 / rate);
             window.on_held(now + gap.mul_f64(1.0 - wait_share));
             now += gap;
@@ -475,52 +486,33 @@ mod tests {
         assert_eq!(window.current(), WINDOW_MIN, "{seen:?}");
     }
 
-    /// The window after `duration` of a run whose path gives `rate(now, window)` bytes/s,
-    /// the publisher waiting half of the time for window space.
-    fn window_after(
-        window: &mut Window,
-        duration: Duration,
-        rate: impl Fn(Timestamp, usize) -> f64,
-    ) -> usize {
-        let mut now = Timestamp::ZERO;
-        while now < Timestamp::ZERO + duration {
-            let gap = Duration::from_secs_f64(BATCH_BYTES as f64 / rate(now, window.current()));
-            window.on_held(now + gap.mul_f64(0.5));
-            now += gap;
-            window.on_sealed(now);
-            window.on_acked(BATCH_BYTES, 1, now);
-        }
-        window.current()
-    }
-
     #[test]
     fn a_slow_start_is_not_taken_for_the_widest_windows_rate() {
         // For its first 150 ms the path gives half its rate; then a window needs 16 batches
         // for the full rate. Measured during the ramp, 64 batches would look no faster than 8.
-        let rate = |now: Timestamp, window: usize| {
+        let path = |now: Timestamp, window: usize| {
             let ramp = if now < Timestamp::ZERO + Duration::from_millis(150) {
                 0.5
             } else {
                 1.0
             };
-            ramp * 1e9 * (window.min(16) as f64 / 16.0)
+            (ramp * 1e9 * (window.min(16) as f64 / 16.0), 0.5)
         };
         let mut window = Window::starting_at(InFlightWindow::Adaptive, 64, 64);
-        assert!(window_after(&mut window, Duration::from_millis(1200), rate) >= 16);
+        let seen = run_timed(&mut window, 1, Duration::from_millis(1200), path);
+        assert!(window.current() >= 16, "{seen:?}");
     }
 
     #[test]
     fn a_step_up_must_pay_more_than_the_noise() {
         // The path needs 16 batches; above that the rate is 7% higher: within one period's
         // noise on a shared core, not worth the queued acks.
-        let rate = |_: Timestamp, window: usize| match window {
-            0..=16 => 1e9 * window as f64 / 16.0,
-            _ => 1.07e9,
+        let path = |window: usize| match window {
+            0..=16 => (1e9 * window as f64 / 16.0, 0.5),
+            _ => (1.07e9, 0.5),
         };
         let mut window = Window::new(InFlightWindow::Adaptive, 64);
-        let seen = run(&mut window, 1, Duration::from_secs(10), |w| {
-            (rate(Timestamp::ZERO, w), 0.5)
-        });
+        let seen = run(&mut window, 1, Duration::from_secs(10), path);
         // A kept step to 20 would be followed at once by a trial of 25.
         assert!(!seen.contains(&25), "{seen:?}");
         assert_eq!(window.current(), 16, "{seen:?}");
@@ -530,9 +522,10 @@ mod tests {
     fn a_step_down_that_cost_is_soon_followed_by_a_step_up() {
         // The path needs 32 batches; from the start (16) the halving costs, and the window
         // grows within a second instead of after 16 periods.
-        let rate = |_: Timestamp, window: usize| 1e9 * (window.min(32) as f64 / 32.0);
+        let path = |window: usize| (1e9 * (window.min(32) as f64 / 32.0), 0.5);
         let mut window = Window::new(InFlightWindow::Adaptive, 64);
-        assert!(window_after(&mut window, Duration::from_millis(1500), rate) >= 20);
+        let seen = run(&mut window, 1, Duration::from_millis(1500), path);
+        assert!(window.current() >= 20, "{seen:?}");
     }
 
     #[test]
