@@ -176,6 +176,8 @@ struct Args {
     #[serde(deserialize_with = "size_text")]
     batch_bytes_max: Option<String>,
     /// What polling threads do when idle: spin, yield, or sleep (backoff, for shared cores).
+    /// Default: spin with --net xdp (the loop owns its pinned core; with no connection open
+    /// it backs off), sleep with --net kernel. Brokers that share a core want sleep.
     #[arg(long, value_enum)]
     idle: Option<IdleStrategy>,
     /// Where the head runs its sequencer: inline (in the network loop: a batch is received,
@@ -612,7 +614,9 @@ fn configure(cli: Args) -> Result<(PoolSpec, BrokerOptions, Vec<PathBuf>), Strin
             args.socket_buffer_bytes.as_deref(),
             4 << 20,
         )?,
-        idle: args.idle.unwrap_or_default(),
+        idle: args
+            .idle
+            .unwrap_or(IdleStrategy::default_for(matches!(net, NetBackend::Xdp(_)))),
         sequencer_placement: args.sequencer_placement.unwrap_or_default(),
         sequencer: SequencerConfig {
             hold_timeout_ns: args

@@ -36,7 +36,9 @@ use units::Timestamp;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IdleStrategy {
-    /// Never wait: lowest latency, burns the core.
+    /// Never wait while a connection is open: lowest latency, burns the core (the xdp
+    /// backend's default: its loop owns its pinned core). With none open it backs off as
+    /// `sleep` does.
     Spin,
     /// Yield the core to other threads between polls.
     Yield,
@@ -45,11 +47,26 @@ pub enum IdleStrategy {
     Sleep,
 }
 
+impl IdleStrategy {
+    /// The default of a network backend: a kernel-bypass loop busy-polls its pinned core
+    /// (every wake-up from a sleep costs what the bypass path is there to save); kernel
+    /// sockets wake the loop through epoll, so it sleeps.
+    pub fn default_for(bypass: bool) -> IdleStrategy {
+        if bypass {
+            IdleStrategy::Spin
+        } else {
+            IdleStrategy::Sleep
+        }
+    }
+}
+
 /// The backoff of one polling thread.
 #[derive(Debug)]
 pub struct Idle {
     strategy: IdleStrategy,
     empty_polls: u32,
+    /// Whether the thread serves anyone now; `Spin` backs off while nobody is served.
+    serving: bool,
 }
 
 /// Polls spun before sleeping. Few: brokers, their sequencer and clients often share a
@@ -65,7 +82,14 @@ impl Idle {
         Idle {
             strategy,
             empty_polls: 0,
+            serving: true,
         }
+    }
+
+    /// Tells whether the thread serves anyone (a network loop: a connection is open). A
+    /// spinning thread that serves nobody backs off instead of burning its core.
+    pub fn set_serving(&mut self, serving: bool) {
+        self.serving = serving;
     }
 
     /// Records whether the last poll found work.
@@ -79,7 +103,7 @@ impl Idle {
 
     /// How long the next wait may block (zero: poll again at once).
     pub fn timeout(&self) -> Duration {
-        match self.strategy {
+        match self.effective() {
             IdleStrategy::Spin | IdleStrategy::Yield => Duration::ZERO,
             IdleStrategy::Sleep if self.empty_polls < SPIN_POLLS => Duration::ZERO,
             IdleStrategy::Sleep => {
@@ -89,9 +113,17 @@ impl Idle {
         }
     }
 
+    /// The strategy in force: `Spin` serving nobody backs off as `Sleep`.
+    fn effective(&self) -> IdleStrategy {
+        match self.strategy {
+            IdleStrategy::Spin if !self.serving => IdleStrategy::Sleep,
+            strategy => strategy,
+        }
+    }
+
     /// Waits as the strategy says (for threads without an event source).
     pub fn wait(&self) {
-        match self.strategy {
+        match self.effective() {
             IdleStrategy::Spin => std::hint::spin_loop(),
             IdleStrategy::Yield => std::thread::yield_now(),
             IdleStrategy::Sleep => match self.timeout() {
@@ -862,6 +894,36 @@ pub fn open_pool(spec: &PoolSpec) -> Result<Pool<PoolMemory>, StartError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spin_backs_off_while_it_serves_nobody_and_sleep_always_does() {
+        let idle_after = |strategy, serving, empty_polls| {
+            let mut idle = Idle::new(strategy);
+            idle.set_serving(serving);
+            for _ in 0..empty_polls {
+                idle.record(false);
+            }
+            idle.timeout()
+        };
+        let backed_off = Duration::from_micros(32);
+        assert_eq!(idle_after(IdleStrategy::Spin, true, 100), Duration::ZERO);
+        assert_eq!(
+            idle_after(IdleStrategy::Spin, false, SPIN_POLLS),
+            backed_off
+        );
+        assert_eq!(idle_after(IdleStrategy::Spin, false, 100), SLEEP_MAX);
+        assert_eq!(
+            idle_after(IdleStrategy::Sleep, true, SPIN_POLLS),
+            backed_off
+        );
+        assert_eq!(
+            idle_after(IdleStrategy::Sleep, true, SPIN_POLLS - 1),
+            Duration::ZERO
+        );
+        assert_eq!(idle_after(IdleStrategy::Yield, false, 100), Duration::ZERO);
+        assert_eq!(IdleStrategy::default_for(true), IdleStrategy::Spin);
+        assert_eq!(IdleStrategy::default_for(false), IdleStrategy::Sleep);
+    }
 
     #[test]
     fn attaching_waits_for_a_pool_file_that_is_still_being_created() {

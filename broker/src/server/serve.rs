@@ -520,6 +520,7 @@ impl<T: Transport> ServeLoop<T> {
                 .filter_map(|c| c.connection.subscription());
             self.state.publish_subscriptions(subscriptions, now);
             self.idle.record(worked);
+            self.idle.set_serving(!self.clients.is_empty());
             timeout = self.next_timeout();
             if !worked && timeout == Duration::ZERO {
                 self.idle.wait();
