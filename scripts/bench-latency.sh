@@ -18,6 +18,9 @@
 #      outstanding) at 1,000 and 10,000 msgs/s, and Redis Streams XADD (redis-server from
 #      Debian on a private port, in memory, `redis-benchmark -c 1 -P 1`, 1 KiB field: closed
 #      loop, back to back).
+#   4. on the lab, the kernel backend once more with `--idle spin` at 10,000 msgs/s, beside
+#      the backends' defaults (kernel: sleep in epoll; xdp: busy-poll its core), so that the
+#      xdp figures can be read against a kernel broker that spins too.
 # Pinning: brokers and the floors' servers on CPU 1, loadgen and the floors' clients on CPU
 # 0 (printed with the figures). Each entry carries the CPU steal /proc/stat showed during it.
 # Writes target/bench/latency.json (a list of entries, see docs/results.md "Latency") and
@@ -57,7 +60,7 @@ while [[ $# -gt 0 ]]; do
         --base-port) base_port=$2; shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
         --guest-halt-poll-ns) halt_poll_ns=$2; shift 2 ;;
-        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-latency: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -121,11 +124,14 @@ steal_pct_since() {  # steal total (from steal_snapshot)
         "$1" "$2" "$steal" "$total"
 }
 
+# How the broker under test waits when idle (its --idle), recorded with each entry.
+broker_idle=sleep
+
 # Appends an entry made from a loadgen JSON: path backend brokers kind rate_label json steal
 add_loadgen_entry() {
-    python3 - "$@" "$pinning" "$duration" >> "$entries" <<'PY'
+    python3 - "$@" "$pinning" "$duration" "$broker_idle" >> "$entries" <<'PY'
 import json, sys
-path, backend, brokers, kind, rate_label, source, steal, pinning, duration = sys.argv[1:]
+path, backend, brokers, kind, rate_label, source, steal, pinning, duration, idle = sys.argv[1:]
 try:
     s = json.load(open(source))
 except (OSError, ValueError) as error:
@@ -135,7 +141,7 @@ ack = s.get("ack_latency_from_intended_us" if paced else "ack_latency_us") or {}
 e2e = s.get("e2e_latency_from_intended_us") or {}
 dist = s.get("latency_distributions_us") or {}
 print(json.dumps({
-    "backend": backend, "path": path, "brokers": int(brokers), "kind": kind,
+    "backend": backend, "path": path, "brokers": int(brokers), "kind": kind, "broker_idle": idle,
     "rate_msgs_per_s": s.get("rate_msgs_per_s", 0), "rate_label": rate_label,
     "latency_from": "due time" if paced else "sealing of the batch",
     "ack_p50_us": ack.get("p50"), "ack_p90_us": ack.get("p90"), "ack_p99_us": ack.get("p99"),
@@ -177,7 +183,7 @@ show_last() {
 import json, sys
 e = json.load(sys.stdin)
 f = lambda v: '-' if v is None else v
-print(f\"  {e['path']:<8} {e['backend']:<12} {e['brokers']} broker(s) {e['kind']:<6} {str(e['rate_label']):>12}: \"
+print(f\"  {e['path']:<8} {e['backend']:<12} {e['brokers']} broker(s) {e.get('broker_idle') or '-':<5} {e['kind']:<6} {str(e['rate_label']):>12}: \"
       f\"ack p50/p99/p99.9 {f(e['ack_p50_us'])}/{f(e['ack_p99_us'])}/{f(e['ack_p999_us'])} us, \"
       f\"e2e p50/p99 {f(e['e2e_p50_us'])}/{f(e['e2e_p99_us'])} us, {f(e['achieved_msgs_per_s'])} msgs/s, lost {f(e['lost'])}, steal {e['steal_pct']}%\")"
 }
@@ -304,8 +310,9 @@ if [[ " $paths " == *" lab "* ]]; then
         { cat "$work/lab.log"; exit 1; }
     broker_ip=10.77.0.2
     run_floors lab "$broker_ip" "$prefix-broker0" "$prefix-client"
-    for backend in kernel xdp; do
-        args=(--net "$backend" --id 0 --pool "$pool" --listen "$broker_ip:$lab_port"
+    for run in kernel:sleep xdp:spin kernel:spin; do
+        backend=${run%:*} broker_idle=${run#*:}
+        args=(--net "$backend" --idle "$broker_idle" --id 0 --pool "$pool" --listen "$broker_ip:$lab_port"
             --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 256M --topics-max "$topics_max")
         [[ $backend == xdp ]] && args+=(--iface "$prefix-b0" --xdp-mode driver --cores "$broker_cpu")
         ip netns exec "$prefix-broker0" taskset -c "$broker_cpu" target/release/broker "${args[@]}" \
@@ -315,7 +322,13 @@ if [[ " $paths " == *" lab "* ]]; then
         for _ in $(seq 100); do grep -q "^listening on" "$work/lab-broker-$backend.log" && break; sleep 0.1; done
         grep -q "^listening on" "$work/lab-broker-$backend.log" ||
             { tail -5 "$work/lab-broker-$backend.log"; echo "bench-latency: the $backend broker did not start" >&2; exit 1; }
-        run_rates lab "$backend" 1 "$broker_ip:$lab_port" "$prefix-client"
+        if [[ $run == kernel:spin ]]; then
+            run_loadgen lab "$backend" 1 paced 10000 "$work/lab-kernel-spin-10000.json" "$prefix-client" \
+                --brokers "$broker_ip:$lab_port" --test latency --duration-s "$duration" --drain-timeout-s 10 \
+                --topic lat-lab-kernel-spin --rate-msgs-per-s 10000 --messages-per-batch 1
+        else
+            run_rates lab "$backend" 1 "$broker_ip:$lab_port" "$prefix-client"
+        fi
         kill "$broker_pid" 2>/dev/null || true
         wait "$broker_pid" 2>/dev/null || true
         rm -f "$pool"
@@ -331,15 +344,16 @@ source, target, pinning, steal = sys.argv[1:]
 entries = [json.loads(line) for line in open(source)]
 json.dump(entries, open(target, "w"), indent=2)
 f = lambda v: "-" if v is None else str(v)
-print(f"\n{'path':<8} {'backend':<12} {'brk':>3} {'rate msgs/s':>12} {'batch':>6} {'achieved':>9} "
+print(f"\n{'path':<8} {'backend':<12} {'brk':>3} {'idle':>5} {'rate msgs/s':>12} {'batch':>6} {'achieved':>9} "
       f"{'ack p50':>8} {'p99':>7} {'p99.9':>7} {'e2e p50':>8} {'p99':>7} {'acked':>8} {'lost':>5} {'steal%':>6}")
 for e in entries:
     rate = "peak" if e["kind"] == "peak" else e["rate_label"]
     batch = "-" if e["kind"] == "floor" else ("1" if e.get("messages_per_batch") == 1 else "64KiB")
-    print(f"{e['path']:<8} {e['backend']:<12} {e['brokers']:>3} {rate:>12} {batch:>6} {f(e['achieved_msgs_per_s']):>9} "
+    print(f"{e['path']:<8} {e['backend']:<12} {e['brokers']:>3} {e.get('broker_idle') or '-':>5} {rate:>12} {batch:>6} {f(e['achieved_msgs_per_s']):>9} "
           f"{f(e['ack_p50_us']):>8} {f(e['ack_p99_us']):>7} {f(e['ack_p999_us']):>7} {f(e['e2e_p50_us']):>8} "
           f"{f(e['e2e_p99_us']):>7} {f(e['msgs_acked']):>8} {f(e['lost']):>5} {e['steal_pct']:>6}")
 print("latencies in us; paced runs from each message's due time, peak runs from sealing (unpaced);")
+print("idle: the broker's --idle (kernel default sleep, xdp default spin); - for floors")
 print("batch: 1 = one message per batch, 64KiB = the publish test's batching (64 KiB, linger 500 us)")
 print(f"pinning: {pinning}")
 print(f"CPU steal over the whole run: {steal}%" + ("  (above 10%: the host is busy, figures are not trustworthy)" if float(steal) > 10 else ""))
