@@ -194,6 +194,11 @@ pub struct Publisher {
     goodbye_timeout: Duration,
     client_id: u64,
     closed: bool,
+    /// Inside [`Publisher::burst`]: the batches sealed so far, written together when it ends.
+    held: Option<Vec<Transmit>>,
+    /// Vectored writes of several held batches, and the batches they took.
+    burst_writes: u64,
+    burst_write_batches: u64,
 }
 
 impl Publisher {
@@ -247,6 +252,9 @@ impl Publisher {
             goodbye_timeout: config.goodbye_timeout(),
             client_id: config.client_id,
             closed: false,
+            held: None,
+            burst_writes: 0,
+            burst_write_batches: 0,
         };
         // On an error, dropping the publisher says Goodbye and joins what was started.
         publisher.install_all(opened)?;
@@ -317,6 +325,7 @@ impl Publisher {
                 }
                 Err(error) if error.is_would_block() && self.blocking => {
                     self.dispatch();
+                    self.write_held();
                     let deadline = *deadline.get_or_insert(now + self.publish_timeout);
                     if !self.wait_event(deadline) {
                         return Err(ClientError::timeout(
@@ -332,6 +341,29 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// Runs `f`, which publishes, holding back the writes of the batches it seals until it
+    /// returns; then writes them together, the batches of one connection with one vectored
+    /// write. When many small batches fall due at once (a paced sender that woke late, one
+    /// message per batch), this costs one system call per connection instead of one per
+    /// batch. A publish that has to wait for window space writes what is held first, and so
+    /// does any other wait; a burst inside a burst joins the outer one. Returns what `f`
+    /// returns; what it held is written either way.
+    pub fn burst<T>(
+        &mut self,
+        f: impl FnOnce(&mut Publisher) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let outer = self.held.is_none();
+        if outer {
+            self.held = Some(Vec::new());
+        }
+        let result = f(self);
+        if outer {
+            self.write_held();
+            self.held = None;
+        }
+        result
     }
 
     /// Processes what the connections reported, runs due reconnection attempts, and seals
@@ -367,7 +399,11 @@ impl Publisher {
 
     /// A snapshot of the counters and ack latency percentiles.
     pub fn stats(&self) -> PublisherStats {
-        self.core.stats()
+        PublisherStats {
+            burst_writes: self.burst_writes,
+            burst_write_batches: self.burst_write_batches,
+            ..self.core.stats()
+        }
     }
 
     /// The ack latency histogram (microseconds), for merging across publishers.
@@ -429,11 +465,94 @@ impl Publisher {
     fn dispatch(&mut self) {
         while let Some(command) = self.core.take_command() {
             match command {
-                Command::Transmit(batch) => self.transmit(batch),
+                Command::Transmit(batch) => match &mut self.held {
+                    Some(held) => held.push(batch),
+                    None => self.transmit(batch),
+                },
                 Command::Connect(request) => self.start_connect(request),
-                Command::Goodbye(conn) => self.send_goodbye(conn),
+                Command::Goodbye(conn) => {
+                    // A connection's batches go out before its Goodbye.
+                    self.write_held();
+                    self.send_goodbye(conn);
+                }
                 Command::Close(conn) => self.release(conn),
             }
+        }
+    }
+
+    /// Writes the batches a burst holds: each connection's in order, several at once.
+    fn write_held(&mut self) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
+        let mut batches = std::mem::take(held);
+        // By connection: the round-robin interleaves them. The sort is stable, so each
+        // connection's batches stay in their order (connections are independent streams;
+        // the sequencer puts a session's batches back in order across them).
+        batches.sort_by_key(|b| b.conn);
+        let mut batches = batches.into_iter().peekable();
+        let mut run = Vec::new();
+        while let Some(first) = batches.next() {
+            let conn = first.conn;
+            run.push(first);
+            while let Some(next) = batches.next_if(|b| b.conn == conn) {
+                run.push(next);
+            }
+            self.transmit_run(&mut run);
+        }
+    }
+
+    /// Writes a run of batches of one connection: those that may go out from this thread
+    /// with one vectored write, the rest (and what the socket did not take) by the I/O
+    /// thread, in order.
+    fn transmit_run(&mut self, run: &mut Vec<Transmit>) {
+        if run.len() == 1 {
+            self.transmit(run.remove(0));
+            return;
+        }
+        let outstanding = self.core.outstanding_batches();
+        let Some(connection) = self.connections.get_mut(&run[0].conn) else {
+            run.clear();
+            return;
+        };
+        if !connection.writable {
+            run.clear();
+            return;
+        }
+        let direct = if connection.queued_batches == 0 {
+            run.iter()
+                .take(VECTORED_BATCHES_MAX)
+                .take_while(|b| b.bytes.len() <= DIRECT_WRITE_BYTES_MAX || outstanding <= 1)
+                .count()
+        } else {
+            0
+        };
+        let written = write_vectored_without_blocking(
+            &connection.stream,
+            run[..direct].iter().map(|b| b.bytes.as_slice()),
+        );
+        let (whole, into_next) =
+            split_written(run[..direct].iter().map(|b| b.bytes.len()), written);
+        if whole > 1 {
+            self.burst_writes += 1;
+            self.burst_write_batches += whole as u64;
+        }
+        let mut batches = run.drain(..);
+        let now = Timestamp::now();
+        for batch in batches.by_ref().take(whole) {
+            let (conn, seq) = (batch.conn, batch.seq);
+            // The bytes go back to the core's pool only once nobody else holds them.
+            drop(batch);
+            self.core.on_written(conn, seq, now);
+        }
+        let mut from = into_next;
+        for batch in batches {
+            if let Some(connection) = self.connections.get_mut(&batch.conn) {
+                connection.queued_batches += 1;
+            }
+            self.io
+                .write(batch.conn, WriteCommand::Batch { batch, from });
+            from = 0;
         }
     }
 
@@ -593,6 +712,8 @@ impl Publisher {
     /// attempts, the give-up deadline) meanwhile; false when the deadline passed without an
     /// event and without the publisher failing.
     fn wait_event(&mut self, deadline: Timestamp) -> bool {
+        // Nothing waits on acks for batches a burst still holds.
+        self.write_held();
         loop {
             let wake = self
                 .core
@@ -731,6 +852,49 @@ fn close_unwanted(event: IoEvent) {
 /// cost the load generator more CPU than the write itself, and with it the tail latency.
 const DIRECT_WRITE_BYTES_MAX: usize = 16 << 10;
 
+/// Most batches in one vectored write (the kernel takes at most 1,024 buffers, IOV_MAX).
+const VECTORED_BATCHES_MAX: usize = 512;
+
+/// How `written` bytes of buffers of lengths `lens`, written in order, fall: the number of
+/// buffers written whole, and how far into the next one the write got.
+fn split_written(lens: impl IntoIterator<Item = usize>, mut written: usize) -> (usize, usize) {
+    let mut whole = 0;
+    for len in lens {
+        if written < len {
+            return (whole, written);
+        }
+        written -= len;
+        whole += 1;
+    }
+    (whole, 0)
+}
+
+/// Writes `buffers` in order with vectored writes, as much as the socket takes without
+/// blocking; returns how much that was. Stops at the first error, as
+/// [`write_without_blocking`] does.
+fn write_vectored_without_blocking<'a>(
+    stream: &TcpStream,
+    buffers: impl Iterator<Item = &'a [u8]>,
+) -> usize {
+    let mut slices: Vec<std::io::IoSlice<'a>> = buffers.map(std::io::IoSlice::new).collect();
+    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let socket = socket2::SockRef::from(stream);
+    let mut remaining = &mut slices[..];
+    let mut written = 0;
+    while written < total {
+        match socket.send_vectored_with_flags(remaining, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(0) => break,
+            Ok(n) => {
+                written += n;
+                std::io::IoSlice::advance_slices(&mut remaining, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    written
+}
+
 /// Writes as much of `bytes` as the socket takes without blocking (MSG_DONTWAIT: the
 /// socket's own mode does not matter); returns how much that was. Stops at the first error:
 /// the I/O thread, which writes the rest, meets it again and reports it.
@@ -746,4 +910,19 @@ fn write_without_blocking(stream: &TcpStream, bytes: &[u8]) -> usize {
         }
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_falls_on_whole_buffers_then_into_the_next() {
+        assert_eq!(split_written([3, 4, 5], 0), (0, 0));
+        assert_eq!(split_written([3, 4, 5], 2), (0, 2));
+        assert_eq!(split_written([3, 4, 5], 3), (1, 0));
+        assert_eq!(split_written([3, 4, 5], 8), (2, 1));
+        assert_eq!(split_written([3, 4, 5], 12), (3, 0));
+        assert_eq!(split_written([], 0), (0, 0));
+    }
 }

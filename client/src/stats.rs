@@ -138,6 +138,11 @@ pub struct PublisherStats {
     pub in_flight_window: usize,
     /// How often the adaptive window changed.
     pub in_flight_window_changes: u64,
+    /// Vectored writes that took several batches of a burst at once
+    /// ([`Publisher::burst`](crate::Publisher::burst)).
+    pub burst_writes: u64,
+    /// Batches those writes took.
+    pub burst_write_batches: u64,
     /// Ack latency, from sealing a batch (the first time) to receiving its acknowledgement.
     pub ack_latency_us: LatencySummary,
 }

@@ -368,6 +368,9 @@ impl PublisherCore {
             batches_resent: c.batches_resent,
             session_rollovers: c.session_rollovers,
             ack_latency_us: LatencySummary::of(&self.latency_us),
+            // Counted by the socket adapter (the core sees no writes).
+            burst_writes: 0,
+            burst_write_batches: 0,
             in_flight_window: self.window.current(),
             in_flight_window_changes: self.window.changes(),
         }

@@ -22,6 +22,10 @@ use crate::pacing::Pacing;
 use crate::plan::{Plan, Stop};
 use crate::progress::Progress;
 
+/// Most messages a paced publisher writes in one burst (what fell due while it slept or
+/// stalled), so that it still looks at its acks now and then when far behind.
+const BURST_MESSAGES_MAX: u64 = 1024;
+
 /// What one publisher thread did.
 struct PublisherOutcome {
     stats: client::PublisherStats,
@@ -385,15 +389,37 @@ impl PublisherRun<'_> {
             if over {
                 break;
             }
-            let sent = pacing
-                .wait_for(publisher, seq)
-                .and_then(|()| publisher.publish(factory.message(seq)));
+            if let Err(error) = pacing.wait_for(publisher, seq) {
+                return (seq, Some(error));
+            }
+            let first = seq;
+            let sent = if pacing.due(seq).is_none() {
+                publisher.publish(factory.message(seq)).map(|()| seq += 1)
+            } else {
+                // Every message due by now goes out in one burst: a paced sender that woke
+                // late (or a fast schedule) writes what fell due with one system call per
+                // connection.
+                let now = Timestamp::now();
+                publisher.burst(|publisher| {
+                    loop {
+                        publisher.publish(factory.message(seq))?;
+                        seq += 1;
+                        let more = pacing
+                            .due(seq)
+                            .is_some_and(|due| due <= now && deadline.is_none_or(|d| due < d));
+                        if !more || seq >= limit || seq - first >= BURST_MESSAGES_MAX {
+                            return Ok(());
+                        }
+                    }
+                })
+            };
+            self.progress
+                .published
+                .fetch_add(seq - first, Ordering::Relaxed);
             if let Err(error) = sent {
                 return (seq, Some(error));
             }
-            seq += 1;
-            self.progress.published.fetch_add(1, Ordering::Relaxed);
-            if seq % 1024 == 0 {
+            if seq / 1024 != first / 1024 {
                 watch.look(publisher, self.progress);
             }
         }
