@@ -6,7 +6,9 @@
 //! others, whose writes the I/O thread overlaps with the caller's work, or a full socket
 //! buffer) it goes to the publisher's one I/O thread ([`crate::publisher_io`]), which writes
 //! each connection's batches in order without blocking on any socket and decodes what the
-//! brokers send (Acks, Errors and Goodbye, timestamped on arrival). A connection the core
+//! brokers send (Acks, Errors and Goodbye, timestamped on arrival). Inside
+//! [`Publisher::burst`] the batches wait until the burst ends (or something would wait) and
+//! go out together, one vectored write per connection. A connection the core
 //! asks for is opened by a short-lived connector thread (one round over the candidate
 //! brokers). Both report to the publisher over one channel; the publisher's own thread owns
 //! the protocol state and is the only one that changes it.
@@ -194,7 +196,7 @@ pub struct Publisher {
     goodbye_timeout: Duration,
     client_id: u64,
     closed: bool,
-    /// Inside [`Publisher::burst`]: the batches sealed so far, written together when it ends.
+    /// Inside [`Publisher::burst`]: the batches sent so far, written together when it ends.
     held: Option<Vec<Transmit>>,
     /// Vectored writes of several held batches, and the batches they took.
     burst_writes: u64,
@@ -325,7 +327,6 @@ impl Publisher {
                 }
                 Err(error) if error.is_would_block() && self.blocking => {
                     self.dispatch();
-                    self.write_held();
                     let deadline = *deadline.get_or_insert(now + self.publish_timeout);
                     if !self.wait_event(deadline) {
                         return Err(ClientError::timeout(
@@ -337,19 +338,26 @@ impl Publisher {
                 }
                 Err(error) => {
                     self.dispatch();
+                    // The caller publishes again once acks make room: by then what a burst
+                    // holds must be on its way, or no ack ever comes.
+                    if error.is_would_block() && self.write_held() {
+                        self.dispatch();
+                    }
                     return Err(error);
                 }
             }
         }
     }
 
-    /// Runs `f`, which publishes, holding back the writes of the batches it seals until it
-    /// returns; then writes them together, the batches of one connection with one vectored
-    /// write. When many small batches fall due at once (a paced sender that woke late, one
-    /// message per batch), this costs one system call per connection instead of one per
-    /// batch. A publish that has to wait for window space writes what is held first, and so
-    /// does any other wait; a burst inside a burst joins the outer one. Returns what `f`
-    /// returns; what it held is written either way.
+    /// Runs `f`, which publishes, holding back the writes of the batches sent meanwhile
+    /// (those its publishes seal, and any resend) until it returns; then writes them
+    /// together, the batches of one connection with one vectored write. When many small
+    /// batches fall due at once (a paced sender that woke late, one message per batch), this
+    /// costs one system call per connection instead of one per batch. What is held is
+    /// written before anything waits (a blocking publish waiting for window space, a flush)
+    /// and before a non-blocking publish returns `WouldBlock`; a burst inside a burst joins
+    /// the outer one. Returns what `f` returns; what it held is written either way, also
+    /// when `f` panics.
     pub fn burst<T>(
         &mut self,
         f: impl FnOnce(&mut Publisher) -> Result<T, ClientError>,
@@ -358,12 +366,11 @@ impl Publisher {
         if outer {
             self.held = Some(Vec::new());
         }
-        let result = f(self);
-        if outer {
-            self.write_held();
-            self.held = None;
-        }
-        result
+        let burst = Burst {
+            publisher: self,
+            outer,
+        };
+        f(&mut *burst.publisher)
     }
 
     /// Processes what the connections reported, runs due reconnection attempts, and seals
@@ -481,10 +488,15 @@ impl Publisher {
     }
 
     /// Writes the batches a burst holds: each connection's in order, several at once.
-    fn write_held(&mut self) {
+    /// Returns whether there were any (writing them may have finished batches, at ack 0, and
+    /// given the core commands to carry out).
+    fn write_held(&mut self) -> bool {
         let Some(held) = self.held.as_mut() else {
-            return;
+            return false;
         };
+        if held.is_empty() {
+            return false;
+        }
         let mut batches = std::mem::take(held);
         // By connection: the round-robin interleaves them. The sort is stable, so each
         // connection's batches stay in their order (connections are independent streams;
@@ -500,6 +512,7 @@ impl Publisher {
             }
             self.transmit_run(&mut run);
         }
+        true
     }
 
     /// Writes a run of batches of one connection: those that may go out from this thread
@@ -510,7 +523,6 @@ impl Publisher {
             self.transmit(run.remove(0));
             return;
         }
-        let outstanding = self.core.outstanding_batches();
         let Some(connection) = self.connections.get_mut(&run[0].conn) else {
             run.clear();
             return;
@@ -519,23 +531,33 @@ impl Publisher {
             run.clear();
             return;
         }
+        // The direct part: the small batches in front (with two or more outstanding, a large
+        // one goes to the I/O thread, as in `transmit`), written while the socket takes them
+        // whole, at most VECTORED_BATCHES_MAX a call.
         let direct = if connection.queued_batches == 0 {
             run.iter()
-                .take(VECTORED_BATCHES_MAX)
-                .take_while(|b| b.bytes.len() <= DIRECT_WRITE_BYTES_MAX || outstanding <= 1)
+                .take_while(|b| b.bytes.len() <= DIRECT_WRITE_BYTES_MAX)
                 .count()
         } else {
             0
         };
-        let written = write_vectored_without_blocking(
-            &connection.stream,
-            run[..direct].iter().map(|b| b.bytes.as_slice()),
-        );
-        let (whole, into_next) =
-            split_written(run[..direct].iter().map(|b| b.bytes.len()), written);
-        if whole > 1 {
-            self.burst_writes += 1;
-            self.burst_write_batches += whole as u64;
+        let (mut whole, mut into_next) = (0, 0);
+        while whole < direct {
+            let chunk = &run[whole..direct.min(whole + VECTORED_BATCHES_MAX)];
+            let written = write_vectored_without_blocking(
+                &connection.stream,
+                chunk.iter().map(|b| b.bytes.as_slice()),
+            );
+            let (taken, into) = split_written(chunk.iter().map(|b| b.bytes.len()), written);
+            if taken > 1 {
+                self.burst_writes += 1;
+                self.burst_write_batches += taken as u64;
+            }
+            whole += taken;
+            if taken < chunk.len() {
+                into_next = into;
+                break;
+            }
         }
         let mut batches = run.drain(..);
         let now = Timestamp::now();
@@ -712,8 +734,12 @@ impl Publisher {
     /// attempts, the give-up deadline) meanwhile; false when the deadline passed without an
     /// event and without the publisher failing.
     fn wait_event(&mut self, deadline: Timestamp) -> bool {
-        // Nothing waits on acks for batches a burst still holds.
-        self.write_held();
+        // Nothing waits on acks for batches a burst still holds. Writing them is progress
+        // (at ack 0 it finishes them): the caller looks again before waiting.
+        if self.write_held() {
+            self.dispatch();
+            return true;
+        }
         loop {
             let wake = self
                 .core
@@ -851,6 +877,23 @@ fn close_unwanted(event: IoEvent) {
 /// is queued before them: at 100,000 one-message batches/s, handing each to the I/O thread
 /// cost the load generator more CPU than the write itself, and with it the tail latency.
 const DIRECT_WRITE_BYTES_MAX: usize = 16 << 10;
+
+/// A burst in progress ([`Publisher::burst`]): when it ends, also by a panic, the outermost
+/// one writes what is held and carries out what that gave the core to do.
+struct Burst<'a> {
+    publisher: &'a mut Publisher,
+    outer: bool,
+}
+
+impl Drop for Burst<'_> {
+    fn drop(&mut self) {
+        if self.outer {
+            self.publisher.write_held();
+            self.publisher.held = None;
+            self.publisher.dispatch();
+        }
+    }
+}
 
 /// Most batches in one vectored write (the kernel takes at most 1,024 buffers, IOV_MAX).
 const VECTORED_BATCHES_MAX: usize = 512;

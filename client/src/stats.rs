@@ -138,10 +138,10 @@ pub struct PublisherStats {
     pub in_flight_window: usize,
     /// How often the adaptive window changed.
     pub in_flight_window_changes: u64,
-    /// Vectored writes that took several batches of a burst at once
-    /// ([`Publisher::burst`](crate::Publisher::burst)).
+    /// Vectored writes of a burst ([`Publisher::burst`](crate::Publisher::burst)) that took
+    /// two or more of its batches whole.
     pub burst_writes: u64,
-    /// Batches those writes took.
+    /// Batches those writes took whole.
     pub burst_write_batches: u64,
     /// Ack latency, from sealing a batch (the first time) to receiving its acknowledgement.
     pub ack_latency_us: LatencySummary,

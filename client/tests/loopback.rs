@@ -403,6 +403,76 @@ fn a_burst_writes_its_batches_together_and_each_arrives_whole_and_in_order() {
     subscriber.close().unwrap();
 }
 
+/// A publisher of one 1 KiB message per batch, with a window of 4 batches.
+fn small_window_publisher(
+    peers: &[TestPeer],
+    change: impl FnOnce(&mut PublisherConfig),
+) -> Publisher {
+    let mut config = config(peers);
+    config.in_flight_batches_max = 4;
+    config.batch_bytes_max = 1_028;
+    config.publish_timeout_ms = 3_000;
+    change(&mut config);
+    Publisher::connect(config).unwrap()
+}
+
+/// Publishes `count` messages of 1 KiB in one burst, each through `publish` (which may
+/// retry on WouldBlock).
+fn publish_burst(
+    publisher: &mut Publisher,
+    count: u64,
+    mut publish: impl FnMut(&mut Publisher, &[u8]) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let mut factory = MessageFactory::new(0, 1_024).unwrap();
+    publisher
+        .burst(|publisher| (0..count).try_for_each(|seq| publish(publisher, factory.message(seq))))
+}
+
+#[test]
+fn a_burst_past_the_window_writes_what_it_holds_before_waiting() {
+    let peers = TestPeer::cluster(1, |_| {});
+    // At ack 0 a batch is done once written, and nothing (no ack, no I/O event) follows
+    // a direct write: a wait for window space that did not look again after writing what
+    // the burst held waited out its timeout.
+    let mut publisher = small_window_publisher(&peers, |c| c.ack = 0);
+    let publish = |p: &mut Publisher, m: &[u8]| p.publish(m);
+    publish_burst(&mut publisher, 10, publish).unwrap();
+    // A session rolled over inside a burst (at ack 0, by the write): its Goodbye and new
+    // connection are carried out before anything waits.
+    let mut publisher = small_window_publisher(&peers, |c| {
+        c.ack = 0;
+        c.session_batches_max = 4;
+    });
+    publish_burst(&mut publisher, 10, publish).unwrap();
+    // A flush inside a burst.
+    let mut publisher = small_window_publisher(&peers, |c| c.ack = 0);
+    publisher
+        .burst(|p| {
+            p.publish(b"a")?;
+            p.publish(b"b")?;
+            p.flush()
+        })
+        .unwrap();
+    // Non-blocking: WouldBlock comes after what the burst holds is on its way, so the
+    // acks that make room come.
+    let mut publisher = small_window_publisher(&peers, |c| c.blocking = false);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    publish_burst(&mut publisher, 20, |p, m| {
+        loop {
+            match p.publish(m) {
+                Err(e) if e.is_would_block() && Instant::now() < deadline => {
+                    p.poll()?;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                other => return other,
+            }
+        }
+    })
+    .unwrap();
+    publisher.close().unwrap();
+    assert_eq!(publisher.stats().batches_acked, 20);
+}
+
 #[test]
 fn publisher_and_subscriber_can_move_between_threads() {
     fn assert_send<T: Send>() {}
