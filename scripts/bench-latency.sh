@@ -18,9 +18,9 @@
 #      outstanding) at 1,000 and 10,000 msgs/s, and Redis Streams XADD (redis-server from
 #      Debian on a private port, in memory, `redis-benchmark -c 1 -P 1`, 1 KiB field: closed
 #      loop, back to back).
-#   4. on the lab, the kernel backend once more with `--idle spin` at 10,000 msgs/s, beside
-#      the backends' defaults (kernel: sleep in epoll; xdp: busy-poll its core), so that the
-#      xdp figures can be read against a kernel broker that spins too.
+#   4. one kernel broker once more with `--idle spin` at 10,000 msgs/s on each path, beside
+#      the backends' defaults (kernel: sleep in epoll; xdp: busy-poll its core): a broker
+#      that owns its core, and the kernel broker the xdp figures can be read against.
 # Pinning: brokers and the floors' servers on CPU 1, loadgen and the floors' clients on CPU
 # 0 (printed with the figures). Each entry carries the CPU steal /proc/stat showed during it.
 # Writes target/bench/latency.json (a list of entries, see docs/results.md "Latency") and
@@ -301,6 +301,15 @@ if [[ " $paths " == *" loopback "* ]]; then
         run_rates loopback kernel "$brokers" "$(cat "$work/cluster/brokers")" ""
         scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
     done
+    # One broker on a core of its own that it busy-polls, beside the default.
+    broker_idle=spin
+    scripts/cluster.sh start --brokers 1 --base-port "$cluster_port" --pool "$pool" --pool-bytes 256M \
+        --broker-args "--topics-max $topics_max --idle spin" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
+    run_loadgen loopback kernel 1 paced 10000 "$work/loopback-kernel-spin-10000.json" "" \
+        --brokers "$(cat "$work/cluster/brokers")" --test latency --duration-s "$duration" --drain-timeout-s 10 \
+        --topic lat-loopback-kernel-spin --rate-msgs-per-s 10000 --messages-per-batch 1
+    scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
+    broker_idle=sleep
 fi
 
 if [[ " $paths " == *" lab "* ]]; then
