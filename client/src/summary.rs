@@ -103,6 +103,12 @@ pub struct Summary {
     /// Acknowledged batches the brokers found already in the log (resends whose first copy
     /// had arrived): acknowledged with the original position, not written twice.
     pub duplicate_acks: u64,
+    /// Vectored writes of the publishers' bursts that took two or more batches at once (a
+    /// paced publisher sends every message that is due in one burst; see
+    /// [`Publisher::burst`](crate::Publisher::burst)).
+    pub burst_writes: u64,
+    /// Batches those writes took.
+    pub burst_write_batches: u64,
     /// The longest a publisher went without a new acknowledgement while it still had
     /// messages to send, in milliseconds, looked at every 1,024 messages (a failover shows
     /// here as the time until the first ack after it).
@@ -179,6 +185,8 @@ mod tests {
             "reconnects",
             "batches_resent",
             "duplicate_acks",
+            "burst_writes",
+            "burst_write_batches",
             "ack_gap_max_ms",
             "connect_ms",
             "in_flight_window",

@@ -66,7 +66,9 @@ JSON (--json FILE)
   reconnects (connections the publishers opened again after one failed), batches_resent
   (batches sent again because their connection failed before the ack), duplicate_acks
   (acknowledged batches a broker found already in the log: resends whose first copy had
-  arrived, acknowledged with the original position and not written twice), ack_gap_max_ms
+  arrived, acknowledged with the original position and not written twice), burst_writes and
+  burst_write_batches (a paced publisher sends what is due in one burst: the writes that
+  took two or more batches at once, and those batches), ack_gap_max_ms
   (the longest a publisher waited for a new ack while sending, looked at every 1,024
   messages: after a failover, the time to its first ack), connect_ms (how long the
   publishers took to open their connections, Hello/HelloOk included), in_flight_window
@@ -361,6 +363,7 @@ mod tests {
             "reconnects",
             "batches_resent",
             "duplicate_acks",
+            "burst_writes",
             "in_flight_window",
         ] {
             assert!(help.contains(field), "{field} missing from --help");

@@ -222,6 +222,8 @@ fn add_outcome(plan: &Plan, outcome: &PublisherOutcome, summary: &mut Summary) {
     summary.reconnects += stats.reconnects;
     summary.batches_resent += stats.batches_resent;
     summary.duplicate_acks += stats.batches_duplicate;
+    summary.burst_writes += stats.burst_writes;
+    summary.burst_write_batches += stats.burst_write_batches;
     summary.in_flight_window = summary.in_flight_window.max(stats.in_flight_window as u64);
     summary.in_flight_window_changes += stats.in_flight_window_changes;
     summary.ack_gap_max_ms = summary

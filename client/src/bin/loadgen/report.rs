@@ -99,6 +99,12 @@ fn publisher_rows(summary: &Summary) -> Vec<Row> {
             percentiles(&summary.e2e_latency_from_intended_us),
         ));
     }
+    if summary.burst_writes > 0 {
+        rows.push((
+            "batches written in bursts / writes",
+            format!("{} / {}", summary.burst_write_batches, summary.burst_writes),
+        ));
+    }
     rows.push((
         "loadgen CPU cores",
         format!("{:.3}", summary.loadgen_cpu_cores),
