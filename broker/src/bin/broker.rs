@@ -177,7 +177,9 @@ struct Args {
     batch_bytes_max: Option<String>,
     /// What polling threads do when idle: spin, yield, or sleep (backoff, for shared cores).
     /// Default: spin with --net xdp (the loop owns its pinned core; with no connection open
-    /// it backs off), sleep with --net kernel. Brokers that share a core want sleep.
+    /// it backs off; a head allowed more than one CPU runs its sequencer on a thread of its
+    /// own, which then spins too), sleep with --net kernel. Brokers that share a core want
+    /// sleep.
     #[arg(long, value_enum)]
     idle: Option<IdleStrategy>,
     /// Where the head runs its sequencer: inline (in the network loop: a batch is received,
