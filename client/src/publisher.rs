@@ -14,6 +14,7 @@
 //! the protocol state and is the only one that changes it.
 
 use std::collections::BTreeMap;
+use std::io::IoSlice;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -544,10 +545,9 @@ impl Publisher {
         let (mut whole, mut into_next) = (0, 0);
         while whole < direct {
             let chunk = &run[whole..direct.min(whole + VECTORED_BATCHES_MAX)];
-            let written = write_vectored_without_blocking(
-                &connection.stream,
-                chunk.iter().map(|b| b.bytes.as_slice()),
-            );
+            let mut slices: Vec<IoSlice<'_>> =
+                chunk.iter().map(|b| IoSlice::new(&b.bytes)).collect();
+            let written = write_without_blocking(&connection.stream, &mut slices);
             let (taken, into) = split_written(chunk.iter().map(|b| b.bytes.len()), written);
             if taken > 1 {
                 self.burst_writes += 1;
@@ -562,20 +562,31 @@ impl Publisher {
         let mut batches = run.drain(..);
         let now = Timestamp::now();
         for batch in batches.by_ref().take(whole) {
-            let (conn, seq) = (batch.conn, batch.seq);
-            // The bytes go back to the core's pool only once nobody else holds them.
-            drop(batch);
-            self.core.on_written(conn, seq, now);
+            self.finish_written(batch, now);
         }
         let mut from = into_next;
         for batch in batches {
-            if let Some(connection) = self.connections.get_mut(&batch.conn) {
-                connection.queued_batches += 1;
-            }
-            self.io
-                .write(batch.conn, WriteCommand::Batch { batch, from });
+            self.queue_for_io(batch, from);
             from = 0;
         }
+    }
+
+    /// Tells the core that `batch` went out whole.
+    fn finish_written(&mut self, batch: Transmit, now: Timestamp) {
+        let (conn, seq) = (batch.conn, batch.seq);
+        // The bytes go back to the core's pool only once nobody else holds them.
+        drop(batch);
+        self.core.on_written(conn, seq, now);
+    }
+
+    /// Hands `batch`, of which `from` bytes went out already, to the I/O thread, behind what
+    /// its connection has queued there.
+    fn queue_for_io(&mut self, batch: Transmit, from: usize) {
+        if let Some(connection) = self.connections.get_mut(&batch.conn) {
+            connection.queued_batches += 1;
+        }
+        self.io
+            .write(batch.conn, WriteCommand::Batch { batch, from });
     }
 
     /// Writes `batch` from this thread when it is small or the only one outstanding and the
@@ -597,18 +608,13 @@ impl Publisher {
         let mut from = 0;
         if direct && connection.queued_batches == 0 {
             // An error here is left to the I/O thread, which meets it again and reports it.
-            from = write_without_blocking(&connection.stream, &batch.bytes);
+            from = write_without_blocking(&connection.stream, &mut [IoSlice::new(&batch.bytes)]);
             if from == batch.bytes.len() {
-                let (conn, seq) = (batch.conn, batch.seq);
-                // The bytes go back to the core's pool only once nobody else holds them.
-                drop(batch);
-                self.core.on_written(conn, seq, Timestamp::now());
+                self.finish_written(batch, Timestamp::now());
                 return;
             }
         }
-        connection.queued_batches += 1;
-        self.io
-            .write(batch.conn, WriteCommand::Batch { batch, from });
+        self.queue_for_io(batch, from);
     }
 
     /// Queues Goodbye, the last thing `conn` writes.
@@ -912,42 +918,22 @@ fn split_written(lens: impl IntoIterator<Item = usize>, mut written: usize) -> (
     (whole, 0)
 }
 
-/// Writes `buffers` in order with vectored writes, as much as the socket takes without
-/// blocking; returns how much that was. Stops at the first error, as
-/// [`write_without_blocking`] does.
-fn write_vectored_without_blocking<'a>(
-    stream: &TcpStream,
-    buffers: impl Iterator<Item = &'a [u8]>,
-) -> usize {
-    let mut slices: Vec<std::io::IoSlice<'a>> = buffers.map(std::io::IoSlice::new).collect();
+/// Writes `slices` in order (one `sendmsg` each time, MSG_DONTWAIT: the socket's own mode
+/// does not matter) as far as the socket takes them without blocking; returns how many
+/// bytes that was. Stops at the first error: the I/O thread, which writes the rest, meets
+/// it again and reports it.
+fn write_without_blocking(stream: &TcpStream, slices: &mut [IoSlice<'_>]) -> usize {
     let total: usize = slices.iter().map(|s| s.len()).sum();
     let socket = socket2::SockRef::from(stream);
-    let mut remaining = &mut slices[..];
+    let mut remaining = slices;
     let mut written = 0;
     while written < total {
         match socket.send_vectored_with_flags(remaining, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
             Ok(0) => break,
             Ok(n) => {
                 written += n;
-                std::io::IoSlice::advance_slices(&mut remaining, n);
+                IoSlice::advance_slices(&mut remaining, n);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    written
-}
-
-/// Writes as much of `bytes` as the socket takes without blocking (MSG_DONTWAIT: the
-/// socket's own mode does not matter); returns how much that was. Stops at the first error:
-/// the I/O thread, which writes the rest, meets it again and reports it.
-fn write_without_blocking(stream: &TcpStream, bytes: &[u8]) -> usize {
-    let socket = socket2::SockRef::from(stream);
-    let mut written = 0;
-    while written < bytes.len() {
-        match socket.send_with_flags(&bytes[written..], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
-            Ok(0) => break,
-            Ok(n) => written += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }

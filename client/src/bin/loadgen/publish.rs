@@ -379,13 +379,15 @@ impl PublisherRun<'_> {
             Stop::Duration(duration) => Some(start + duration),
             Stop::TotalBytes(_) => None,
         };
+        // Paced, the run ends with the last message due before the deadline (exactly rate x
+        // duration messages).
+        let due_in_run = |due: Timestamp| deadline.is_none_or(|d| due < d);
         let mut seq = 0u64;
         while seq < limit {
-            // Paced, the run ends with the last message due before the deadline (exactly
-            // rate x duration messages). Unpaced, reading the clock for every message costs
-            // more than the message; every 256th will do.
+            // Unpaced, reading the clock for every message costs more than the message;
+            // every 256th will do.
             let over = match pacing.due(seq) {
-                Some(due) => deadline.is_some_and(|d| due >= d),
+                Some(due) => !due_in_run(due),
                 None => seq % 256 == 0 && deadline.is_some_and(|d| Timestamp::now() >= d),
             };
             if over {
@@ -408,7 +410,7 @@ impl PublisherRun<'_> {
                         seq += 1;
                         let more = pacing
                             .due(seq)
-                            .is_some_and(|due| due <= now && deadline.is_none_or(|d| due < d));
+                            .is_some_and(|due| due <= now && due_in_run(due));
                         if !more || seq >= limit || seq - first >= BURST_MESSAGES_MAX {
                             return Ok(());
                         }
