@@ -188,6 +188,14 @@ print(f\"  {e['path']:<8} {e['backend']:<12} {e['brokers']} broker(s) {e.get('br
       f\"e2e p50/p99 {f(e['e2e_p50_us'])}/{f(e['e2e_p99_us'])} us, {f(e['achieved_msgs_per_s'])} msgs/s, lost {f(e['lost'])}, steal {e['steal_pct']}%\")"
 }
 
+# A paced run of one message per batch. path backend brokers targets netns rate tag
+run_one_message_batches() {
+    local path=$1 backend=$2 brokers=$3 targets=$4 netns=$5 rate=$6 tag=$7
+    run_loadgen "$path" "$backend" "$brokers" paced "$rate" "$work/$tag-$rate.json" "$netns" \
+        --brokers "$targets" --test latency --duration-s "$duration" --drain-timeout-s 10 \
+        --topic "lat-$tag-$rate" --rate-msgs-per-s "$rate" --messages-per-batch 1
+}
+
 # Peak, then the paced runs. path backend brokers targets netns
 run_rates() {
     local path=$1 backend=$2 brokers=$3 targets=$4 netns=$5 tag="$1-$2-$3" peak rate
@@ -196,8 +204,7 @@ run_rates() {
     peak=$(python3 -c "import json, sys; print(int(json.load(open(sys.argv[1])).get('msgs_per_s', 0)))" "$work/$tag-peak.json" 2>/dev/null || echo 0)
     local paced=(--brokers "$targets" --test latency --duration-s "$duration" --drain-timeout-s 10)
     for rate in $rates; do
-        run_loadgen "$path" "$backend" "$brokers" paced "$rate" "$work/$tag-$rate.json" "$netns" \
-            "${paced[@]}" --topic "lat-$tag-$rate" --rate-msgs-per-s "$rate" --messages-per-batch 1
+        run_one_message_batches "$path" "$backend" "$brokers" "$targets" "$netns" "$rate" "$tag"
     done
     [[ $peak -ge 2 ]] || return 0
     rate=$((peak / 2))
@@ -295,21 +302,20 @@ echo "pinning: $pinning"
 if [[ " $paths " == *" loopback "* ]]; then
     echo "== loopback"
     run_floors loopback 127.0.0.1 "" ""
-    for brokers in $loopback_brokers; do
+    # Each broker count with the default, then one broker on a core of its own that it
+    # busy-polls.
+    for run in $(printf '%s:sleep ' $loopback_brokers) 1:spin; do
+        brokers=${run%:*} broker_idle=${run#*:}
         scripts/cluster.sh start --brokers "$brokers" --base-port "$cluster_port" --pool "$pool" --pool-bytes 256M \
-            --broker-args "--topics-max $topics_max" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
-        run_rates loopback kernel "$brokers" "$(cat "$work/cluster/brokers")" ""
+            --broker-args "--topics-max $topics_max --idle $broker_idle" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
+        targets=$(cat "$work/cluster/brokers")
+        if [[ $broker_idle == spin ]]; then
+            run_one_message_batches loopback kernel 1 "$targets" "" 10000 loopback-kernel-1-spin
+        else
+            run_rates loopback kernel "$brokers" "$targets" ""
+        fi
         scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
     done
-    # One broker on a core of its own that it busy-polls, beside the default.
-    broker_idle=spin
-    scripts/cluster.sh start --brokers 1 --base-port "$cluster_port" --pool "$pool" --pool-bytes 256M \
-        --broker-args "--topics-max $topics_max --idle spin" --cpus "$broker_cpu" --dir "$work/cluster" > "$work/cluster.log" 2>&1 || { cat "$work/cluster.log"; exit 1; }
-    run_loadgen loopback kernel 1 paced 10000 "$work/loopback-kernel-spin-10000.json" "" \
-        --brokers "$(cat "$work/cluster/brokers")" --test latency --duration-s "$duration" --drain-timeout-s 10 \
-        --topic lat-loopback-kernel-spin --rate-msgs-per-s 10000 --messages-per-batch 1
-    scripts/cluster.sh stop --dir "$work/cluster" > /dev/null
-    broker_idle=sleep
 fi
 
 if [[ " $paths " == *" lab "* ]]; then
@@ -324,17 +330,15 @@ if [[ " $paths " == *" lab "* ]]; then
         args=(--net "$backend" --idle "$broker_idle" --id 0 --pool "$pool" --listen "$broker_ip:$lab_port"
             --metrics "$broker_ip:$((lab_port + 1))" --head --format --pool-bytes 256M --topics-max "$topics_max")
         [[ $backend == xdp ]] && args+=(--iface "$prefix-b0" --xdp-mode driver --cores "$broker_cpu")
-        ip netns exec "$prefix-broker0" taskset -c "$broker_cpu" target/release/broker "${args[@]}" \
-            > "$work/lab-broker-$backend.log" 2>&1 &
+        log=$work/lab-broker-$backend-$broker_idle.log
+        ip netns exec "$prefix-broker0" taskset -c "$broker_cpu" target/release/broker "${args[@]}" > "$log" 2>&1 &
         broker_pid=$!
         server_pids+=("$broker_pid")
-        for _ in $(seq 100); do grep -q "^listening on" "$work/lab-broker-$backend.log" && break; sleep 0.1; done
-        grep -q "^listening on" "$work/lab-broker-$backend.log" ||
-            { tail -5 "$work/lab-broker-$backend.log"; echo "bench-latency: the $backend broker did not start" >&2; exit 1; }
+        for _ in $(seq 100); do grep -q "^listening on" "$log" && break; sleep 0.1; done
+        grep -q "^listening on" "$log" ||
+            { tail -5 "$log"; echo "bench-latency: the $backend broker did not start" >&2; exit 1; }
         if [[ $run == kernel:spin ]]; then
-            run_loadgen lab "$backend" 1 paced 10000 "$work/lab-kernel-spin-10000.json" "$prefix-client" \
-                --brokers "$broker_ip:$lab_port" --test latency --duration-s "$duration" --drain-timeout-s 10 \
-                --topic lat-lab-kernel-spin --rate-msgs-per-s 10000 --messages-per-batch 1
+            run_one_message_batches lab "$backend" 1 "$broker_ip:$lab_port" "$prefix-client" 10000 lab-kernel-1-spin
         else
             run_rates lab "$backend" 1 "$broker_ip:$lab_port" "$prefix-client"
         fi
