@@ -16,8 +16,10 @@
 #      batching (the publish test's defaults: 64 KiB batches, linger 500 us);
 #   3. the floors: `pingpong` (1 KiB kernel TCP round trips, paced closed loop, one message
 #      outstanding) at 1,000 and 10,000 msgs/s, and Redis Streams XADD (redis-server from
-#      Debian on a private port, in memory, `redis-benchmark -c 1 -P 1`, 1 KiB field: closed
-#      loop, back to back).
+#      Debian on a private port, in memory, 1 KiB field) twice: paced as the brokers are
+#      (`pingpong run --protocol redis-xadd`: open loop at 1,000 and 10,000 msgs/s, latency
+#      from the due time), and back to back (`redis-benchmark -c 1 -P 1`: closed loop, which
+#      keeps both CPUs busy and so never pays an idle CPU's wake-up).
 #   4. one kernel broker once more with `--idle spin` at 10,000 msgs/s on each path, beside
 #      the backends' defaults (kernel: sleep in epoll; xdp: busy-poll its core): a broker
 #      that owns its core, and the kernel broker the xdp figures can be read against.
@@ -212,9 +214,39 @@ run_rates() {
         "${paced[@]}" --topic "lat-$tag-half" --rate-msgs-per-s "$rate" --batch-bytes 64KiB --linger-us 500
 }
 
-# Floors on a path: pingpong and Redis XADD. path server_ip server_netns client_netns
+# One paced `pingpong run` of run_floors (it sees run_floors' client_wrap): path name rate
+# pingpong-args...; appends the entry.
+run_floor_client() {
+    local path=$1 name=$2 rate=$3 steal0 total0
+    shift 3
+    local json=$work/$path-$name-$rate.json
+    read -r steal0 total0 < <(steal_snapshot)
+    timeout $((duration + 30)) "${client_wrap[@]}" taskset -c "$client_cpu" target/release/pingpong run \
+        --rate-msgs-per-s "$rate" --duration-s "$duration" --json "$json" "$@" > /dev/null 2> "$json.log" ||
+        echo "  (pingpong exited non-zero: see $json.log)"
+    python3 - "$json" "$path" "$rate" "$(steal_pct_since "$steal0" "$total0")" "$pinning" "$name" >> "$entries" <<'PY'
+import json, sys
+source, path, rate, steal, pinning, name = sys.argv[1:]
+try:
+    r = json.load(open(source))
+except (OSError, ValueError):
+    r = {"latency_us": {}, "messages": None, "msgs_per_s": 0, "method": None}
+lat = r["latency_us"]
+print(json.dumps({"backend": "redis-xadd" if name == "redis" else "tcp-pingpong", "path": path, "brokers": 0,
+    "kind": "floor", "rate_msgs_per_s": int(rate), "rate_label": rate, "latency_from": "due time",
+    "method": r.get("method"), "ack_p50_us": lat.get("p50"), "ack_p90_us": lat.get("p90"),
+    "ack_p99_us": lat.get("p99"), "ack_p999_us": lat.get("p999"), "ack_max_us": lat.get("max"),
+    "e2e_p50_us": None, "e2e_p99_us": None, "e2e_p999_us": None, "msgs_acked": r.get("messages"), "lost": None,
+    "achieved_msgs_per_s": round(r.get("msgs_per_s", 0)), "cpu_pinning": pinning, "steal_pct": float(steal),
+    "ack_distribution_us": r.get("latency_distribution_us"), "e2e_distribution_us": None}))
+PY
+    show_last
+}
+
+# Floors on a path: pingpong, and Redis XADD paced as the brokers are (pingpong --protocol
+# redis-xadd) and back to back (redis-benchmark). path server_ip server_netns client_netns
 run_floors() {
-    local path=$1 ip=$2 server_ns=$3 client_ns=$4 steal0 total0 server_wrap=() client_wrap=()
+    local path=$1 ip=$2 server_ns=$3 client_ns=$4 steal0 total0 server_wrap=() client_wrap=() rate
     [[ -z $server_ns ]] || server_wrap=(ip netns exec "$server_ns")
     [[ -z $client_ns ]] || client_wrap=(ip netns exec "$client_ns")
     "${server_wrap[@]}" taskset -c "$broker_cpu" target/release/pingpong serve --listen "$ip:$pingpong_port" \
@@ -222,30 +254,8 @@ run_floors() {
     local serve_pid=$!
     server_pids+=("$serve_pid")
     sleep 0.3
-    local rate
     for rate in $floor_rates; do
-        read -r steal0 total0 < <(steal_snapshot)
-        local json=$work/$path-pingpong-$rate.json
-        timeout $((duration + 30)) "${client_wrap[@]}" taskset -c "$client_cpu" target/release/pingpong run \
-            --connect "$ip:$pingpong_port" --rate-msgs-per-s "$rate" --duration-s "$duration" \
-            --json "$json" > /dev/null 2> "$json.log" || echo "  (pingpong exited non-zero: see $json.log)"
-        python3 - "$json" "$path" "$rate" "$(steal_pct_since "$steal0" "$total0")" "$pinning" >> "$entries" <<'PY'
-import json, sys
-source, path, rate, steal, pinning = sys.argv[1:]
-try:
-    r = json.load(open(source))
-except (OSError, ValueError):
-    r = {"latency_us": {}, "messages": None, "msgs_per_s": 0, "method": None}
-lat = r["latency_us"]
-print(json.dumps({"backend": "tcp-pingpong", "path": path, "brokers": 0, "kind": "floor",
-    "rate_msgs_per_s": int(rate), "rate_label": rate, "latency_from": "due time", "method": r.get("method"),
-    "ack_p50_us": lat.get("p50"), "ack_p90_us": lat.get("p90"), "ack_p99_us": lat.get("p99"),
-    "ack_p999_us": lat.get("p999"), "ack_max_us": lat.get("max"), "e2e_p50_us": None, "e2e_p99_us": None,
-    "e2e_p999_us": None, "msgs_acked": r.get("messages"), "lost": None,
-    "achieved_msgs_per_s": round(r.get("msgs_per_s", 0)), "cpu_pinning": pinning, "steal_pct": float(steal),
-    "ack_distribution_us": r.get("latency_distribution_us"), "e2e_distribution_us": None}))
-PY
-        show_last
+        run_floor_client "$path" pingpong "$rate" --connect "$ip:$pingpong_port"
     done
     kill "$serve_pid" 2>/dev/null || true
     wait "$serve_pid" 2>/dev/null || true
@@ -259,6 +269,9 @@ PY
     for _ in $(seq 50); do
         "${client_wrap[@]}" redis-cli -h "$ip" -p "$redis_port" ping > /dev/null 2>&1 && break
         sleep 0.1
+    done
+    for rate in $floor_rates; do
+        run_floor_client "$path" redis "$rate" --connect "$ip:$redis_port" --protocol redis-xadd
     done
     # About --duration-s worth of requests at ~15,000 round trips a second.
     requests=$((duration * 15000))

@@ -44,8 +44,10 @@ def runs(path):
     return [e for e in entries if e.get("rate_label") == rate and e.get("ack_distribution_us")]
 
 def label(e):
-    if e["backend"] in ("tcp-pingpong",):
+    if e["backend"] == "tcp-pingpong":
         return "TCP ping-pong (floor)"
+    if e["backend"] == "redis-xadd":
+        return "Redis XADD, paced open loop"
     return f"{e['backend']}, {e['brokers']} broker{'s' if e['brokers'] > 1 else ''}"
 
 def curve(e):
@@ -62,7 +64,7 @@ for axis, path in zip(axes[0], paths):
         x, y = curve(e)
         line, = axis.plot(x, y, label=label(e) + (" (after)" if old else ""))
         for o in old:
-            if (o["path"], o["backend"], o["brokers"]) == (e["path"], e["backend"], e["brokers"]) and o["backend"] != "tcp-pingpong":
+            if (o["path"], o["backend"], o["brokers"]) == (e["path"], e["backend"], e["brokers"]) and o["brokers"] > 0:
                 ox, oy = curve(o)
                 axis.plot(ox, oy, linestyle="--", color=line.get_color(), label=label(o) + " (before)")
     axis.set_xscale("log")

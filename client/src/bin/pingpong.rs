@@ -1,6 +1,7 @@
-//! `pingpong`: the latency floor of kernel TCP on a path, for `scripts/bench-latency.sh`.
-//! `pingpong serve` echoes every byte it reads; `pingpong run` sends fixed-size messages to
-//! it on a schedule and measures each echo. See `pingpong --help`.
+//! `pingpong`: the latency floors of a path, for `scripts/bench-latency.sh`. `pingpong
+//! serve` echoes every byte it reads; `pingpong run` sends fixed-size messages to it on a
+//! schedule and measures each echo, or, with `--protocol redis-xadd`, sends each message to
+//! a Redis server as an XADD and measures each reply. See `pingpong --help`.
 
 #![forbid(unsafe_code)]
 
@@ -14,14 +15,16 @@ use std::time::Duration;
 
 use units::Timestamp;
 
-use clap::{Parser, Subcommand};
-use client::pacing::{Schedule, SleepPlanner, set_timer_slack_min, sleep_until};
+use clap::{Parser, Subcommand, ValueEnum};
+use client::pacing::{Schedule, SleepPlanner, record_since, set_timer_slack_min, sleep_until};
 use client::{LatencySummary, PercentilePoint, latency_histogram, percentile_distribution};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 
 const ABOUT: &str = "TCP ping-pong over kernel sockets: the floor under a broker's ack \
 latency on the same path. `serve` echoes; `run` sends --message-bytes messages at \
---rate-msgs-per-s, one at a time, and reports the round trip of each.";
+--rate-msgs-per-s, one at a time, and reports the round trip of each (an echo, or with \
+--protocol redis-xadd the reply of a Redis server to an XADD of the message).";
 
 const AFTER_HELP: &str = "\
 METHOD
@@ -35,8 +38,17 @@ METHOD
   goes as soon as the echo is in (no schedule: latency from the write) until --duration-s
   is over. Both ends set TCP_NODELAY.
 
+REDIS (--protocol redis-xadd)
+  Against a Redis server (--connect its address), open loop as the brokers' publishers
+  are measured: message i, `XADD bench-stream MAXLEN ~ 100000 * m <message>`, is written
+  at its due time whatever is still outstanding, a second thread reads the replies (Redis
+  answers in order) and reply i is measured from the due time of message i. So Redis is
+  measured as the brokers are, where `redis-benchmark` sends back to back and never lets
+  either end go idle. Needs --rate-msgs-per-s above 0. An error reply ends the run (exit
+  code 1) with Redis's message.
+
 JSON (stdout, and --json FILE)
-  backend (tcp-pingpong), target, message_bytes, rate_msgs_per_s, method, messages (round
+  backend (tcp-pingpong, or redis-xadd), target, message_bytes, rate_msgs_per_s, method, messages (round
   trips completed), seconds, msgs_per_s, latency_us {count, p50, p90, p99, p999, max,
   mean}, latency_distribution_us (list of {percentile, value_us, count}).
 
@@ -77,9 +89,13 @@ enum Command {
         /// How long to send, in seconds.
         #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
         duration_s: f64,
-        /// How long an echo (and the connect) may take, in milliseconds.
+        /// How long an echo or a reply (and the connect) may take, in milliseconds.
         #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_ms: u64,
+        /// What the server at --connect speaks: `echo` (a `pingpong serve`) or
+        /// `redis-xadd` (a Redis server; each message is the field of an XADD).
+        #[arg(long, value_enum, default_value_t = Protocol::Echo)]
+        protocol: Protocol,
         /// Write the JSON report to this file too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -103,23 +119,52 @@ fn parse_seconds(value: &str) -> Result<f64, String> {
     }
 }
 
+/// What `pingpong run` talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Protocol {
+    /// A `pingpong serve`: the message comes back.
+    Echo,
+    /// A Redis server: the message goes into a stream with XADD; the reply is its ID.
+    RedisXadd,
+}
+
 /// Why a ping-pong run failed.
 #[derive(Debug, thiserror::Error)]
 enum PingPongError {
-    #[error("{doing} {addr}: {source}; is `pingpong serve --listen {addr}` running and reachable?")]
+    #[error(
+        "{doing} {addr}: {source}; is the server (`pingpong serve --listen {addr}`, or redis-server with --protocol redis-xadd) running and reachable?"
+    )]
     Io {
         addr: SocketAddr,
         doing: &'static str,
         source: io::Error,
     },
     #[error(
-        "the echo of message {seq} from {addr} did not come within {timeout_ms} ms; the server or the path is stuck"
+        "the answer to message {seq} from {addr} did not come within {timeout_ms} ms; the server or the path is stuck"
     )]
-    EchoTimeout {
+    AnswerTimeout {
         addr: SocketAddr,
         seq: u64,
         timeout_ms: u64,
     },
+    #[error("the Redis server at {addr} answered message {seq} with an error: {reply}")]
+    RedisError {
+        addr: SocketAddr,
+        seq: u64,
+        reply: String,
+    },
+    #[error("the Redis server at {addr} sent a reply to message {seq} that is not RESP: {problem}")]
+    RedisReply {
+        addr: SocketAddr,
+        seq: u64,
+        problem: &'static str,
+    },
+    #[error(
+        "--protocol redis-xadd sends open loop and needs a schedule: give --rate-msgs-per-s above 0 (redis-benchmark measures back to back)"
+    )]
+    RedisUnpaced,
+    #[error("the thread reading Redis's replies panicked")]
+    ReaderPanicked,
     #[error("writing the JSON report to {path}: {source}; check that its directory exists")]
     Report { path: PathBuf, source: io::Error },
 }
@@ -151,10 +196,12 @@ fn main() -> ExitCode {
             rate_msgs_per_s,
             duration_s,
             timeout_ms,
+            protocol,
             json,
         } => {
             let plan = RunPlan {
                 addr: connect,
+                protocol,
                 message_bytes,
                 rate_msgs_per_s,
                 duration: Duration::from_secs_f64(duration_s),
@@ -240,8 +287,10 @@ fn echo(mut stream: TcpStream, peer: SocketAddr, idle_exit: Duration) {
 }
 
 /// A `pingpong run`, resolved.
+#[derive(Debug, Clone)]
 struct RunPlan {
     addr: SocketAddr,
+    protocol: Protocol,
     message_bytes: usize,
     rate_msgs_per_s: u64,
     duration: Duration,
@@ -251,28 +300,59 @@ struct RunPlan {
 /// Sends messages on the schedule until the duration is over, one outstanding at a time.
 fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let addr = plan.addr;
-    let io_error = |doing| {
-        move |source| PingPongError::Io {
-            addr,
-            doing,
-            source,
-        }
-    };
-    let mut stream =
-        TcpStream::connect_timeout(&addr, plan.timeout).map_err(io_error("connecting to"))?;
+    let mut stream = TcpStream::connect_timeout(&addr, plan.timeout)
+        .map_err(|source| plan.io_error("connecting to", source))?;
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_read_timeout(Some(plan.timeout)))
-        .map_err(io_error("setting up the connection to"))?;
+        .map_err(|source| plan.io_error("setting up the connection to", source))?;
     if plan.rate_msgs_per_s > 0
         && let Err(error) = set_timer_slack_min()
     {
         eprintln!("pingpong: timer slack stays at the default (sleeps may end late): {error}");
     }
+    let start = Timestamp::now();
+    let (histogram, messages) = match plan.protocol {
+        Protocol::Echo => echo_closed_loop(&mut stream, plan, start)?,
+        Protocol::RedisXadd => redis_open_loop(stream, plan, start)?,
+    };
+    let seconds = Timestamp::now()
+        .saturating_duration_since(start)
+        .as_secs_f64();
+    let (backend, method) = match plan.protocol {
+        Protocol::Echo => (
+            "tcp-pingpong",
+            "closed loop, one message outstanding, open-loop schedule, latency from the due time",
+        ),
+        Protocol::RedisXadd => (
+            "redis-xadd",
+            "open loop, XADD sent on the schedule whatever is outstanding, latency from the due time to the reply",
+        ),
+    };
+    Ok(Report {
+        backend,
+        target: addr.to_string(),
+        message_bytes: plan.message_bytes,
+        rate_msgs_per_s: plan.rate_msgs_per_s,
+        method,
+        messages,
+        seconds,
+        msgs_per_s: messages as f64 / seconds.max(1e-9),
+        latency_us: LatencySummary::of(&histogram),
+        latency_distribution_us: percentile_distribution(&histogram),
+    })
+}
+
+/// The echo method: one message outstanding, each sent at its due time or as soon as the
+/// echo of the one before is in. Returns the round trips and how many completed.
+fn echo_closed_loop(
+    stream: &mut TcpStream,
+    plan: &RunPlan,
+    start: Timestamp,
+) -> Result<(Histogram<u64>, u64), PingPongError> {
     let message = vec![0x5a; plan.message_bytes];
     let mut echoed = vec![0; plan.message_bytes];
     let mut histogram = latency_histogram();
-    let start = Timestamp::now();
     let schedule = Schedule::new(start, plan.rate_msgs_per_s, 1);
     let mut planner = schedule.map_or_else(SleepPlanner::default, |s| {
         SleepPlanner::for_interval(s.interval())
@@ -294,40 +374,218 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
             None if Timestamp::now() >= end => break,
             None => Timestamp::now(),
         };
-        stream.write_all(&message).map_err(io_error("writing to"))?;
-        stream.read_exact(&mut echoed).map_err(|source| {
-            if matches!(
-                source.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) {
-                PingPongError::EchoTimeout {
-                    addr,
-                    seq,
-                    timeout_ms: plan.timeout.as_millis() as u64,
-                }
-            } else {
-                io_error("reading the echo from")(source)
-            }
-        })?;
+        stream
+            .write_all(&message)
+            .map_err(|source| plan.io_error("writing to", source))?;
+        stream
+            .read_exact(&mut echoed)
+            .map_err(|source| plan.read_error(seq, source))?;
         let latency = Timestamp::now().saturating_duration_since(from);
         histogram.saturating_record((latency.as_micros() as u64).max(1));
         seq += 1;
     }
-    let seconds = Timestamp::now()
-        .saturating_duration_since(start)
-        .as_secs_f64();
-    Ok(Report {
-        backend: "tcp-pingpong",
-        target: addr.to_string(),
-        message_bytes: plan.message_bytes,
-        rate_msgs_per_s: plan.rate_msgs_per_s,
-        method: "closed loop, one message outstanding, open-loop schedule, latency from the due time",
-        messages: seq,
-        seconds,
-        msgs_per_s: seq as f64 / seconds.max(1e-9),
-        latency_us: LatencySummary::of(&histogram),
-        latency_distribution_us: percentile_distribution(&histogram),
-    })
+    Ok((histogram, seq))
+}
+
+/// The Redis method: open loop. This thread writes each XADD at its due time whatever is
+/// outstanding (as the brokers' publishers do); a reader thread takes the replies, which
+/// Redis sends in order, and measures reply `i` from the due time of message `i`.
+fn redis_open_loop(
+    stream: TcpStream,
+    plan: &RunPlan,
+    start: Timestamp,
+) -> Result<(Histogram<u64>, u64), PingPongError> {
+    let Some(schedule) = Schedule::new(start, plan.rate_msgs_per_s, 1) else {
+        return Err(PingPongError::RedisUnpaced);
+    };
+    let end = start + plan.duration;
+    let messages = (0..).take_while(|&seq| schedule.due(0, seq) < end).count() as u64;
+    let request = redis_xadd_request(&vec![0x5a; plan.message_bytes]);
+    let reader_stream = stream
+        .try_clone()
+        .map_err(|source| plan.io_error("setting up the connection to", source))?;
+    let reader_plan = plan.clone();
+    let reader = thread::Builder::new()
+        .name("redis-replies".into())
+        .spawn(move || read_redis_replies(reader_stream, &reader_plan, schedule, messages))
+        .map_err(|source| plan.io_error("starting the reply reader for", source))?;
+    let mut planner = SleepPlanner::for_interval(schedule.interval());
+    let mut writer = &stream;
+    for seq in 0..messages {
+        let Ok(()) = sleep_until::<Infallible>(&mut planner, schedule.due(0, seq), || Ok(()));
+        writer
+            .write_all(&request)
+            .map_err(|source| plan.io_error("writing to", source))?;
+    }
+    let histogram = reader.join().map_err(|_| PingPongError::ReaderPanicked)??;
+    Ok((histogram, messages))
+}
+
+/// Reads `messages` replies in order, each measured from its message's due time.
+fn read_redis_replies(
+    mut stream: TcpStream,
+    plan: &RunPlan,
+    schedule: Schedule,
+    messages: u64,
+) -> Result<Histogram<u64>, PingPongError> {
+    let addr = plan.addr;
+    let mut histogram = latency_histogram();
+    let mut pending = Vec::with_capacity(64 << 10);
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut seq = 0;
+    while seq < messages {
+        let read = stream
+            .read(&mut chunk)
+            .map_err(|source| plan.read_error(seq, source))?;
+        if read == 0 {
+            return Err(plan.read_error(
+                seq,
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                ),
+            ));
+        }
+        let at = Timestamp::now();
+        pending.extend_from_slice(&chunk[..read]);
+        let mut taken = 0;
+        loop {
+            let reply = redis_reply(&pending[taken..])
+                .map_err(|problem| PingPongError::RedisReply { addr, seq, problem })?;
+            let Some(RedisReply { len, error }) = reply else {
+                break;
+            };
+            if let Some(reply) = error {
+                return Err(PingPongError::RedisError { addr, seq, reply });
+            }
+            if seq == messages {
+                return Err(PingPongError::RedisReply {
+                    addr,
+                    seq,
+                    problem: "a reply to a message never sent",
+                });
+            }
+            record_since(&mut histogram, &schedule, 0, seq..seq + 1, at);
+            seq += 1;
+            taken += len;
+        }
+        pending.drain(..taken);
+    }
+    Ok(histogram)
+}
+
+impl RunPlan {
+    fn io_error(&self, doing: &'static str, source: io::Error) -> PingPongError {
+        PingPongError::Io {
+            addr: self.addr,
+            doing,
+            source,
+        }
+    }
+
+    /// A failed read of the answer to message `seq`: a timeout, or the connection's end.
+    fn read_error(&self, seq: u64, source: io::Error) -> PingPongError {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            PingPongError::AnswerTimeout {
+                addr: self.addr,
+                seq,
+                timeout_ms: self.timeout.as_millis() as u64,
+            }
+        } else {
+            self.io_error("reading the answer from", source)
+        }
+    }
+}
+
+/// `XADD bench-stream MAXLEN ~ 100000 * m <message>` in RESP, as `redis-benchmark` sends it
+/// in `scripts/bench-latency.sh` (the stream trimmed so a long run stays small).
+fn redis_xadd_request(message: &[u8]) -> Vec<u8> {
+    let args: [&[u8]; 8] = [
+        b"XADD",
+        b"bench-stream",
+        b"MAXLEN",
+        b"~",
+        b"100000",
+        b"*",
+        b"m",
+        message,
+    ];
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg);
+        request.extend_from_slice(b"\r\n");
+    }
+    request
+}
+
+/// One whole RESP reply at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct RedisReply {
+    /// Its length in bytes, terminators included.
+    len: usize,
+    /// The server's message, for an error reply.
+    error: Option<String>,
+}
+
+/// The longest reply line taken (an XADD's reply is an ID of a few dozen bytes).
+const REDIS_LINE_BYTES_MAX: usize = 512;
+
+/// The first reply in `bytes`: `Ok(None)` while it is incomplete, `Err` for what an XADD's
+/// reply cannot be (an array, an unknown type, a line without its end).
+fn redis_reply(bytes: &[u8]) -> Result<Option<RedisReply>, &'static str> {
+    let Some(line_end) = bytes.windows(2).position(|pair| pair == b"\r\n") else {
+        return if bytes.len() > REDIS_LINE_BYTES_MAX {
+            Err("a reply line longer than 512 bytes")
+        } else {
+            Ok(None)
+        };
+    };
+    if line_end > REDIS_LINE_BYTES_MAX {
+        return Err("a reply line longer than 512 bytes");
+    }
+    let (kind, rest) = bytes[..line_end]
+        .split_first()
+        .ok_or("an empty reply line")?;
+    let line_len = line_end + 2;
+    match kind {
+        b'+' | b':' => Ok(Some(RedisReply {
+            len: line_len,
+            error: None,
+        })),
+        b'-' => Ok(Some(RedisReply {
+            len: line_len,
+            error: Some(String::from_utf8_lossy(rest).into_owned()),
+        })),
+        b'$' => {
+            let value_len: i64 = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .ok_or("a bulk string length that is not a number")?;
+            if value_len == -1 {
+                return Ok(Some(RedisReply {
+                    len: line_len,
+                    error: None,
+                }));
+            }
+            let value_len = usize::try_from(value_len)
+                .ok()
+                .filter(|&len| len <= REDIS_LINE_BYTES_MAX)
+                .ok_or("a bulk string length out of range")?;
+            let len = line_len + value_len + 2;
+            if bytes.len() < len {
+                return Ok(None);
+            }
+            if &bytes[len - 2..len] != b"\r\n" {
+                return Err("a bulk string without its CRLF");
+            }
+            Ok(Some(RedisReply { len, error: None }))
+        }
+        _ => Err("a reply of a type XADD does not send"),
+    }
 }
 
 fn print_report(report: &Report, json: Option<PathBuf>) -> Result<(), PingPongError> {
@@ -338,5 +596,70 @@ fn print_report(report: &Report, json: Option<PathBuf>) -> Result<(), PingPongEr
             std::fs::write(&path, text).map_err(|source| PingPongError::Report { path, source })
         }
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_xadd_request_is_an_array_of_bulk_strings() {
+        assert_eq!(
+            redis_xadd_request(b"ab"),
+            b"*8\r\n$4\r\nXADD\r\n$12\r\nbench-stream\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n\
+              $6\r\n100000\r\n$1\r\n*\r\n$1\r\nm\r\n$2\r\nab\r\n"
+        );
+    }
+
+    #[test]
+    fn a_reply_is_whole_only_with_its_last_byte() {
+        let reply = b"$15\r\n1700000000000-0\r\n";
+        for cut in 0..reply.len() {
+            assert_eq!(redis_reply(&reply[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(
+            redis_reply(reply),
+            Ok(Some(RedisReply {
+                len: reply.len(),
+                error: None
+            }))
+        );
+        assert_eq!(
+            redis_reply(b"+OK\r\n$-1\r\n"),
+            Ok(Some(RedisReply {
+                len: 5,
+                error: None
+            }))
+        );
+        assert_eq!(
+            redis_reply(b"$-1\r\n"),
+            Ok(Some(RedisReply {
+                len: 5,
+                error: None
+            }))
+        );
+    }
+
+    #[test]
+    fn an_error_reply_carries_the_servers_message() {
+        assert_eq!(
+            redis_reply(b"-ERR wrong number of arguments\r\n"),
+            Ok(Some(RedisReply {
+                len: 32,
+                error: Some("ERR wrong number of arguments".into())
+            }))
+        );
+    }
+
+    #[test]
+    fn what_xadd_does_not_send_is_refused() {
+        assert!(redis_reply(b"*1\r\n").is_err());
+        assert!(redis_reply(b"\r\n").is_err());
+        assert!(redis_reply(b"$x\r\n").is_err());
+        assert!(redis_reply(b"$-2\r\n").is_err());
+        assert!(redis_reply(b"$100000\r\n").is_err());
+        assert!(redis_reply(b"$2\r\nabcd").is_err());
+        assert!(redis_reply(&[b'+'; 600]).is_err());
     }
 }
