@@ -23,6 +23,10 @@
 #   4. one kernel broker once more with `--idle spin` at 10,000 msgs/s on each path, beside
 #      the backends' defaults (kernel: sleep in epoll; xdp: busy-poll its core): a broker
 #      that owns its core, and the kernel broker the xdp figures can be read against.
+#   5. before and after the runs, the machine's noise: `pingpong noise` spinning on both
+#      CPUs at once for --duration-s, the time a thread that never sleeps loses to
+#      interrupts, other threads and the hypervisor, and the wait percentiles this puts under
+#      any latency measured through the CPU (entries with kind "noise").
 # Pinning: brokers and the floors' servers on CPU 1, loadgen and the floors' clients on CPU
 # 0 (printed with the figures). Each entry carries the CPU steal /proc/stat showed during it.
 # Writes target/bench/latency.json (a list of entries, see docs/results.md "Latency") and
@@ -214,6 +218,35 @@ run_rates() {
         "${paced[@]}" --topic "lat-$tag-half" --rate-msgs-per-s "$rate" --batch-bytes 64KiB --linger-us 500
 }
 
+# The machine's own noise: `pingpong noise` spinning on both CPUs at once for --duration-s
+# (how much of its CPU a thread that never sleeps gets, and the wait percentiles that bound
+# any latency measured through that CPU). when: before / after the runs
+run_noise() {
+    local when=$1 cpu pids=()
+    for cpu in "$client_cpu" "$broker_cpu"; do
+        taskset -c "$cpu" target/release/pingpong noise --duration-s "$duration" --json "$work/noise-$when-$cpu.json" \
+            > /dev/null 2> "$work/noise-$when-$cpu.log" &
+        pids+=($!)
+    done
+    for cpu in "${pids[@]}"; do wait "$cpu" || echo "  (pingpong noise exited non-zero: see $work/noise-$when-*.log)"; done
+    for cpu in "$client_cpu" "$broker_cpu"; do
+        python3 - "$work/noise-$when-$cpu.json" "$when" "$cpu" >> "$entries" <<'PY'
+import json, sys
+source, when, cpu = sys.argv[1:]
+try:
+    r = json.load(open(source))
+except (OSError, ValueError):
+    r = {}
+r.update({"backend": "cpu-noise", "kind": "noise", "path": "machine", "brokers": 0, "cpu": int(cpu), "when": when})
+print(json.dumps(r))
+e = r
+print(f"  cpu {cpu} noise ({when}): lost {e.get('lost_pct', 0):.1f}%, gaps >100 us {e.get('gaps_over_100us')}, "
+      f">1 ms {e.get('gaps_over_1ms')}, max {e.get('gap_max_us')} us, wait p99/p99.9 {e.get('wait_p99_us')}/{e.get('wait_p999_us')} us",
+      file=sys.stderr)
+PY
+    done
+}
+
 # One paced `pingpong run` of run_floors (it sees run_floors' client_wrap): path name rate
 # pingpong-args...; appends the entry.
 run_floor_client() {
@@ -312,6 +345,8 @@ PY
 topics_max=$(( $(wc -w <<<"$rates") + 2 ))
 read -r run_steal0 run_total0 < <(steal_snapshot)
 echo "pinning: $pinning"
+echo "== the machine's noise"
+run_noise before
 if [[ " $paths " == *" loopback "* ]]; then
     echo "== loopback"
     run_floors loopback 127.0.0.1 "" ""
@@ -362,6 +397,7 @@ if [[ " $paths " == *" lab "* ]]; then
     scripts/lab.sh down --prefix "$prefix" > /dev/null 2>&1
     lab_up=0
 fi
+run_noise after
 run_steal=$(steal_pct_since "$run_steal0" "$run_total0")
 
 python3 - "$entries" "$out/latency.json" "$pinning" "$run_steal" <<'PY'
@@ -370,6 +406,8 @@ source, target, pinning, steal = sys.argv[1:]
 entries = [json.loads(line) for line in open(source)]
 json.dump(entries, open(target, "w"), indent=2)
 f = lambda v: "-" if v is None else str(v)
+noise = [e for e in entries if e["kind"] == "noise"]
+entries = [e for e in entries if e["kind"] != "noise"]
 print(f"\n{'path':<8} {'backend':<12} {'brk':>3} {'idle':>5} {'rate msgs/s':>12} {'batch':>6} {'achieved':>9} "
       f"{'ack p50':>8} {'p99':>7} {'p99.9':>7} {'e2e p50':>8} {'p99':>7} {'acked':>8} {'lost':>5} {'steal%':>6}")
 for e in entries:
@@ -382,6 +420,10 @@ print("latencies in us; paced runs from each message's due time, peak runs from 
 print("idle: the broker's --idle (kernel default sleep, xdp default spin); - for floors")
 print("batch: 1 = one message per batch, 64KiB = the publish test's batching (64 KiB, linger 500 us)")
 print(f"pinning: {pinning}")
+for e in noise:
+    print(f"CPU {e['cpu']} noise {e['when']} the runs ({e.get('seconds', 0):.0f} s spinning, both CPUs at once): "
+          f"lost {e.get('lost_pct', 0):.1f}%, gaps >100 us {e.get('gaps_over_100us')}, >1 ms {e.get('gaps_over_1ms')}, "
+          f"max {e.get('gap_max_us')} us; wait p99 / p99.9 {e.get('wait_p99_us')} / {e.get('wait_p999_us')} us")
 print(f"CPU steal over the whole run: {steal}%" + ("  (above 10%: the host is busy, figures are not trustworthy)" if float(steal) > 10 else ""))
 print(f"wrote {target}")
 PY

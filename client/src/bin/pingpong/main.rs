@@ -13,6 +13,9 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
+mod noise;
+mod redis;
+
 use units::Timestamp;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -37,6 +40,17 @@ METHOD
   it sends rate x duration of them however late. At --rate-msgs-per-s 0 the next message
   goes as soon as the echo is in (no schedule: latency from the write) until --duration-s
   is over. Both ends set TCP_NODELAY.
+
+NOISE (`pingpong noise`)
+  One thread reads the clock in a loop for --duration-s; every interval between two
+  readings above --gap-threshold-us is time its CPU did something else (interrupts, other
+  threads, the hypervisor: on a virtual machine its exits are invisible to the guest's
+  steal accounting). Reports the share of the run lost, the gaps above 100 us and 1 ms, the
+  longest ten, and wait_p99_us / wait_p999_us: for an event at a random instant, the 99th
+  and 99.9th percentile of the wait until this CPU runs the thread again, a lower bound on
+  any latency percentile measured through this CPU. JSON: backend (cpu-noise), seconds,
+  gap_threshold_us, gaps, gaps_not_kept, gaps_over_100us, gaps_over_1ms, lost_pct,
+  gap_max_us, wait_p99_us, wait_p999_us, largest_gaps_us.
 
 REDIS (--protocol redis-xadd)
   Against a Redis server (--connect its address), open loop as the brokers' publishers
@@ -74,6 +88,19 @@ enum Command {
         /// Exit after this many seconds without an open connection (every wait has an end).
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         idle_exit_s: u64,
+    },
+    /// Spin on one thread for --duration-s reading the clock, and report the gaps: how
+    /// much of its CPU a thread that never sleeps gets (pin it with taskset).
+    Noise {
+        /// How long to spin, in seconds.
+        #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
+        duration_s: f64,
+        /// An interval between two clock readings longer than this is a gap.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        gap_threshold_us: u64,
+        /// Write the JSON report to this file too.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Send messages to a `pingpong serve` and measure each echo.
     Run {
@@ -190,6 +217,17 @@ fn main() -> ExitCode {
             listen,
             idle_exit_s,
         } => serve(listen, Duration::from_secs(idle_exit_s)),
+        Command::Noise {
+            duration_s,
+            gap_threshold_us,
+            json,
+        } => {
+            let gaps = noise::spin(
+                Duration::from_secs_f64(duration_s),
+                Duration::from_micros(gap_threshold_us),
+            );
+            print_report(&gaps.summary(), json)
+        }
         Command::Run {
             connect,
             message_bytes,
@@ -400,7 +438,7 @@ fn redis_open_loop(
     };
     let end = start + plan.duration;
     let messages = (0..).take_while(|&seq| schedule.due(0, seq) < end).count() as u64;
-    let request = redis_xadd_request(&vec![0x5a; plan.message_bytes]);
+    let request = redis::xadd_request(&vec![0x5a; plan.message_bytes]);
     let reader_stream = stream
         .try_clone()
         .map_err(|source| plan.io_error("setting up the connection to", source))?;
@@ -450,9 +488,9 @@ fn read_redis_replies(
         pending.extend_from_slice(&chunk[..read]);
         let mut taken = 0;
         loop {
-            let reply = redis_reply(&pending[taken..])
+            let reply = redis::reply(&pending[taken..])
                 .map_err(|problem| PingPongError::RedisReply { addr, seq, problem })?;
-            let Some(RedisReply { len, error }) = reply else {
+            let Some(redis::Reply { len, error }) = reply else {
                 break;
             };
             if let Some(reply) = error {
@@ -500,95 +538,7 @@ impl RunPlan {
     }
 }
 
-/// `XADD bench-stream MAXLEN ~ 100000 * m <message>` in RESP, as `redis-benchmark` sends it
-/// in `scripts/bench-latency.sh` (the stream trimmed so a long run stays small).
-fn redis_xadd_request(message: &[u8]) -> Vec<u8> {
-    let args: [&[u8]; 8] = [
-        b"XADD",
-        b"bench-stream",
-        b"MAXLEN",
-        b"~",
-        b"100000",
-        b"*",
-        b"m",
-        message,
-    ];
-    let mut request = format!("*{}\r\n", args.len()).into_bytes();
-    for arg in args {
-        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        request.extend_from_slice(arg);
-        request.extend_from_slice(b"\r\n");
-    }
-    request
-}
-
-/// One whole RESP reply at the front of a buffer.
-#[derive(Debug, PartialEq, Eq)]
-struct RedisReply {
-    /// Its length in bytes, terminators included.
-    len: usize,
-    /// The server's message, for an error reply.
-    error: Option<String>,
-}
-
-/// The longest reply line taken (an XADD's reply is an ID of a few dozen bytes).
-const REDIS_LINE_BYTES_MAX: usize = 512;
-
-/// The first reply in `bytes`: `Ok(None)` while it is incomplete, `Err` for what an XADD's
-/// reply cannot be (an array, an unknown type, a line without its end).
-fn redis_reply(bytes: &[u8]) -> Result<Option<RedisReply>, &'static str> {
-    let Some(line_end) = bytes.windows(2).position(|pair| pair == b"\r\n") else {
-        return if bytes.len() > REDIS_LINE_BYTES_MAX {
-            Err("a reply line longer than 512 bytes")
-        } else {
-            Ok(None)
-        };
-    };
-    if line_end > REDIS_LINE_BYTES_MAX {
-        return Err("a reply line longer than 512 bytes");
-    }
-    let (kind, rest) = bytes[..line_end]
-        .split_first()
-        .ok_or("an empty reply line")?;
-    let line_len = line_end + 2;
-    match kind {
-        b'+' | b':' => Ok(Some(RedisReply {
-            len: line_len,
-            error: None,
-        })),
-        b'-' => Ok(Some(RedisReply {
-            len: line_len,
-            error: Some(String::from_utf8_lossy(rest).into_owned()),
-        })),
-        b'$' => {
-            let value_len: i64 = std::str::from_utf8(rest)
-                .ok()
-                .and_then(|text| text.parse().ok())
-                .ok_or("a bulk string length that is not a number")?;
-            if value_len == -1 {
-                return Ok(Some(RedisReply {
-                    len: line_len,
-                    error: None,
-                }));
-            }
-            let value_len = usize::try_from(value_len)
-                .ok()
-                .filter(|&len| len <= REDIS_LINE_BYTES_MAX)
-                .ok_or("a bulk string length out of range")?;
-            let len = line_len + value_len + 2;
-            if bytes.len() < len {
-                return Ok(None);
-            }
-            if &bytes[len - 2..len] != b"\r\n" {
-                return Err("a bulk string without its CRLF");
-            }
-            Ok(Some(RedisReply { len, error: None }))
-        }
-        _ => Err("a reply of a type XADD does not send"),
-    }
-}
-
-fn print_report(report: &Report, json: Option<PathBuf>) -> Result<(), PingPongError> {
+fn print_report(report: &impl Serialize, json: Option<PathBuf>) -> Result<(), PingPongError> {
     let text = serde_json::to_string_pretty(report).unwrap_or_default() + "\n";
     print!("{text}");
     match json {
@@ -596,70 +546,5 @@ fn print_report(report: &Report, json: Option<PathBuf>) -> Result<(), PingPongEr
             std::fs::write(&path, text).map_err(|source| PingPongError::Report { path, source })
         }
         None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_xadd_request_is_an_array_of_bulk_strings() {
-        assert_eq!(
-            redis_xadd_request(b"ab"),
-            b"*8\r\n$4\r\nXADD\r\n$12\r\nbench-stream\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n\
-              $6\r\n100000\r\n$1\r\n*\r\n$1\r\nm\r\n$2\r\nab\r\n"
-        );
-    }
-
-    #[test]
-    fn a_reply_is_whole_only_with_its_last_byte() {
-        let reply = b"$15\r\n1700000000000-0\r\n";
-        for cut in 0..reply.len() {
-            assert_eq!(redis_reply(&reply[..cut]), Ok(None), "cut at {cut}");
-        }
-        assert_eq!(
-            redis_reply(reply),
-            Ok(Some(RedisReply {
-                len: reply.len(),
-                error: None
-            }))
-        );
-        assert_eq!(
-            redis_reply(b"+OK\r\n$-1\r\n"),
-            Ok(Some(RedisReply {
-                len: 5,
-                error: None
-            }))
-        );
-        assert_eq!(
-            redis_reply(b"$-1\r\n"),
-            Ok(Some(RedisReply {
-                len: 5,
-                error: None
-            }))
-        );
-    }
-
-    #[test]
-    fn an_error_reply_carries_the_servers_message() {
-        assert_eq!(
-            redis_reply(b"-ERR wrong number of arguments\r\n"),
-            Ok(Some(RedisReply {
-                len: 32,
-                error: Some("ERR wrong number of arguments".into())
-            }))
-        );
-    }
-
-    #[test]
-    fn what_xadd_does_not_send_is_refused() {
-        assert!(redis_reply(b"*1\r\n").is_err());
-        assert!(redis_reply(b"\r\n").is_err());
-        assert!(redis_reply(b"$x\r\n").is_err());
-        assert!(redis_reply(b"$-2\r\n").is_err());
-        assert!(redis_reply(b"$100000\r\n").is_err());
-        assert!(redis_reply(b"$2\r\nabcd").is_err());
-        assert!(redis_reply(&[b'+'; 600]).is_err());
     }
 }
