@@ -270,7 +270,8 @@ print(json.dumps({"backend": "redis-xadd" if name == "redis" else "tcp-pingpong"
     "method": r.get("method"), "ack_p50_us": lat.get("p50"), "ack_p90_us": lat.get("p90"),
     "ack_p99_us": lat.get("p99"), "ack_p999_us": lat.get("p999"), "ack_max_us": lat.get("max"),
     "e2e_p50_us": None, "e2e_p99_us": None, "e2e_p999_us": None, "msgs_acked": r.get("messages"), "lost": None,
-    "achieved_msgs_per_s": round(r.get("msgs_per_s", 0)), "cpu_pinning": pinning, "steal_pct": float(steal),
+    "achieved_msgs_per_s": round(r.get("msgs_per_s", 0)), "client_cpu_cores": r.get("cpu_cores"),
+    "cpu_pinning": pinning, "steal_pct": float(steal),
     "ack_distribution_us": r.get("latency_distribution_us"), "e2e_distribution_us": None}))
 PY
     show_last
@@ -407,17 +408,22 @@ entries = [json.loads(line) for line in open(source)]
 json.dump(entries, open(target, "w"), indent=2)
 f = lambda v: "-" if v is None else str(v)
 noise = [e for e in entries if e["kind"] == "noise"]
+# The client's CPU (loadgen, or pingpong's client for the floors; redis-benchmark unmeasured).
+def cores(e):
+    value = e.get("loadgen_cpu_cores", e.get("client_cpu_cores"))
+    return "-" if value is None else f"{value:.2f}"
 entries = [e for e in entries if e["kind"] != "noise"]
 print(f"\n{'path':<8} {'backend':<12} {'brk':>3} {'idle':>5} {'rate msgs/s':>12} {'batch':>6} {'achieved':>9} "
-      f"{'ack p50':>8} {'p99':>7} {'p99.9':>7} {'e2e p50':>8} {'p99':>7} {'acked':>8} {'lost':>5} {'steal%':>6}")
+      f"{'ack p50':>8} {'p99':>7} {'p99.9':>7} {'e2e p50':>8} {'p99':>7} {'acked':>8} {'lost':>5} {'cores':>5} {'steal%':>6}")
 for e in entries:
     rate = "peak" if e["kind"] == "peak" else e["rate_label"]
     batch = "-" if e["kind"] == "floor" else ("1" if e.get("messages_per_batch") == 1 else "64KiB")
     print(f"{e['path']:<8} {e['backend']:<12} {e['brokers']:>3} {e.get('broker_idle') or '-':>5} {rate:>12} {batch:>6} {f(e['achieved_msgs_per_s']):>9} "
           f"{f(e['ack_p50_us']):>8} {f(e['ack_p99_us']):>7} {f(e['ack_p999_us']):>7} {f(e['e2e_p50_us']):>8} "
-          f"{f(e['e2e_p99_us']):>7} {f(e['msgs_acked']):>8} {f(e['lost']):>5} {e['steal_pct']:>6}")
+          f"{f(e['e2e_p99_us']):>7} {f(e['msgs_acked']):>8} {f(e['lost']):>5} {cores(e):>5} {e['steal_pct']:>6}")
 print("latencies in us; paced runs from each message's due time, peak runs from sealing (unpaced);")
 print("idle: the broker's --idle (kernel default sleep, xdp default spin); - for floors")
+print("cores: the client's own CPU (user + system) per second: loadgen, or pingpong's client for a floor")
 print("batch: 1 = one message per batch, 64KiB = the publish test's batching (64 KiB, linger 500 us)")
 print(f"pinning: {pinning}")
 for e in noise:

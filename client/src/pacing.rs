@@ -9,8 +9,8 @@
 //! subscriber in the same process can tell when any message was due from its
 //! (stream, sequence) alone.
 //!
-//! Everything here takes time as an input; the only I/O is [`sleep_until`] and
-//! [`set_timer_slack_min`].
+//! Everything here takes time as an input; the only I/O is [`sleep_until`],
+//! [`set_timer_slack_min`] and [`process_cpu_time`].
 
 use std::thread;
 use std::time::Duration;
@@ -210,6 +210,17 @@ pub fn sleep_until<E>(
 /// without the call.
 pub fn set_timer_slack_min() -> Result<(), std::io::Error> {
     nix::sys::prctl::set_timerslack(1).map_err(std::io::Error::from)
+}
+
+/// User plus system CPU time of this process (all its threads) so far, for a load tool to
+/// report what it cost the machine it measures.
+pub fn process_cpu_time() -> Result<Duration, nix::Error> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let duration = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec().max(0) as u64)
+            + Duration::from_micros(t.tv_usec().max(0) as u64)
+    };
+    Ok(duration(usage.user_time()) + duration(usage.system_time()))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use client::pacing::{Schedule, record_since};
+use client::pacing::{Schedule, process_cpu_time, record_since};
 use client::summary::Summary;
 use client::verify::{Expectation, MessageFactory};
 use client::{
@@ -158,16 +158,6 @@ fn run_publishers(
         }
     }
     (outcomes, started)
-}
-
-/// User plus system CPU time of this process (all threads) so far.
-fn process_cpu_time() -> Result<Duration, nix::Error> {
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
-    let duration = |t: nix::sys::time::TimeVal| {
-        Duration::from_secs(t.tv_sec().max(0) as u64)
-            + Duration::from_micros(t.tv_usec().max(0) as u64)
-    };
-    Ok(duration(usage.user_time()) + duration(usage.system_time()))
 }
 
 /// Adds the publishers' counters, latencies and errors to `summary`, with the throughput

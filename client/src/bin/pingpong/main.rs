@@ -19,7 +19,9 @@ mod redis;
 use units::Timestamp;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use client::pacing::{Schedule, SleepPlanner, record_since, set_timer_slack_min, sleep_until};
+use client::pacing::{
+    Schedule, SleepPlanner, process_cpu_time, record_since, set_timer_slack_min, sleep_until,
+};
 use client::{LatencySummary, PercentilePoint, latency_histogram, percentile_distribution};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -62,9 +64,11 @@ REDIS (--protocol redis-xadd)
   code 1) with Redis's message.
 
 JSON (stdout, and --json FILE)
-  backend (tcp-pingpong, or redis-xadd), target, message_bytes, rate_msgs_per_s, method, messages (round
-  trips completed), seconds, msgs_per_s, latency_us {count, p50, p90, p99, p999, max,
-  mean}, latency_distribution_us (list of {percentile, value_us, count}).
+  backend (tcp-pingpong, or redis-xadd), target, message_bytes, rate_msgs_per_s, method,
+  messages (round trips completed), seconds, msgs_per_s, cpu_cores (this process's user +
+  system CPU per second of the run: what the simplest client of the path costs, to read a
+  load generator's against), latency_us {count, p50, p90, p99, p999, max, mean},
+  latency_distribution_us (list of {percentile, value_us, count}).
 
 EXIT CODE
   0 when every round trip completed; 1 on a connection error or an echo that did not come
@@ -207,6 +211,8 @@ struct Report {
     messages: u64,
     seconds: f64,
     msgs_per_s: f64,
+    /// This process's user + system CPU over the run per second of it (null if unmeasured).
+    cpu_cores: Option<f64>,
     latency_us: LatencySummary,
     latency_distribution_us: Vec<PercentilePoint>,
 }
@@ -349,6 +355,7 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     {
         eprintln!("pingpong: timer slack stays at the default (sleeps may end late): {error}");
     }
+    let cpu_before = process_cpu_time();
     let start = Timestamp::now();
     let (histogram, messages) = match plan.protocol {
         Protocol::Echo => echo_closed_loop(&mut stream, plan, start)?,
@@ -357,6 +364,12 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let seconds = Timestamp::now()
         .saturating_duration_since(start)
         .as_secs_f64();
+    let cpu_cores = match (cpu_before, process_cpu_time()) {
+        (Ok(before), Ok(after)) => {
+            Some(after.saturating_sub(before).as_secs_f64() / seconds.max(1e-9))
+        }
+        _ => None,
+    };
     let (backend, method) = match plan.protocol {
         Protocol::Echo => (
             "tcp-pingpong",
@@ -376,6 +389,7 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
         messages,
         seconds,
         msgs_per_s: messages as f64 / seconds.max(1e-9),
+        cpu_cores,
         latency_us: LatencySummary::of(&histogram),
         latency_distribution_us: percentile_distribution(&histogram),
     })
