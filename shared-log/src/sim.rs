@@ -720,7 +720,7 @@ impl World {
             let Some(inbound) = agent.inbound.pop_front() else {
                 return Ok(());
             };
-            match agent.writers[inbound.topic].reserve(inbound.payload.len() as u64) {
+            match agent.writers[inbound.topic].reserve_at(inbound.payload.len() as u64, self.now) {
                 Ok(reservation) => agent.reservation = Some((inbound, reservation)),
                 Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
                     self.report.backpressure_waits += 1;

@@ -7,6 +7,9 @@
 //! allocation order once a batch is both committed and completed.
 
 use std::collections::VecDeque;
+use std::time::Duration;
+
+use units::Timestamp;
 
 use crate::Order;
 use crate::coherence::{CACHE_LINE_BYTES, SharedMemory};
@@ -15,6 +18,13 @@ use crate::layout::{
     BatchHeader, Completion, FRONTIER_ORDERED, FRONTIER_WRITTEN, PAYLOAD_ALIGN_BYTES, Record,
 };
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
+
+/// After a reclaim that left the payload log short of room, how long [`TopicWriter::reserve_at`]
+/// answers [`AppendError::LogFull`] before it reads the subscribers' floor again. A full log
+/// waits for subscribers to read on, which takes far longer; reading every broker's lines
+/// again on each retry (each pass of a busy-polling loop, for each connection waiting) took
+/// the core from the very deliveries that move the floor.
+pub const RECLAIM_RETRY_INTERVAL: Duration = Duration::from_micros(50);
 
 /// Why a batch cannot be appended now or ever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -189,6 +199,11 @@ pub struct TopicWriter<M> {
     claim_token: Option<u64>,
     /// Set once a check found the claim moved on: nothing is published any more.
     claim_moved: Option<ClaimMoved>,
+    /// [`TopicWriter::reserve_at`] reads the floor again from then on (see
+    /// [`RECLAIM_RETRY_INTERVAL`]).
+    reclaim_not_before: Timestamp,
+    /// Reads of the subscribers' floor so far (see [`TopicWriter::reclaims`]).
+    reclaims: u64,
 }
 
 impl<M: SharedMemory> TopicWriter<M> {
@@ -220,6 +235,8 @@ impl<M: SharedMemory> TopicWriter<M> {
             full_events: 0,
             claim_token: None,
             claim_moved: None,
+            reclaim_not_before: Timestamp::ZERO,
+            reclaims: 0,
         };
         writer.recover()?;
         Ok(writer)
@@ -365,8 +382,33 @@ impl<M: SharedMemory> TopicWriter<M> {
         self.allocations.front().map_or(self.blog_head, |a| a.start)
     }
 
-    /// Reserves log space and a ring slot for a payload of `payload_bytes`.
+    /// How many times a reservation read the subscribers' floor to reclaim space.
+    pub fn reclaims(&self) -> u64 {
+        self.reclaims
+    }
+
+    /// Reserves log space and a ring slot for a payload of `payload_bytes`, reclaiming space
+    /// whenever the log is short of it (for callers without a clock: tools and tests).
     pub fn reserve(&mut self, payload_bytes: u64) -> Result<Reservation, AppendError> {
+        self.reserve_inner(payload_bytes, None)
+    }
+
+    /// [`TopicWriter::reserve`] at `now`, for a caller that retries a refused reservation
+    /// soon and often (a network loop): after a reclaim that left the log short of room, the
+    /// next [`RECLAIM_RETRY_INTERVAL`] of retries answer [`AppendError::LogFull`] at once.
+    pub fn reserve_at(
+        &mut self,
+        payload_bytes: u64,
+        now: Timestamp,
+    ) -> Result<Reservation, AppendError> {
+        self.reserve_inner(payload_bytes, Some(now))
+    }
+
+    fn reserve_inner(
+        &mut self,
+        payload_bytes: u64,
+        now: Option<Timestamp>,
+    ) -> Result<Reservation, AppendError> {
         if let Some(moved) = self.claim_moved {
             return Err(moved.into());
         }
@@ -392,10 +434,15 @@ impl<M: SharedMemory> TopicWriter<M> {
             payload_start = payload_start.next_multiple_of(self.blog_bytes);
         }
         let end = (payload_start + payload_bytes).next_multiple_of(PAYLOAD_ALIGN_BYTES);
-        if end - self.blog_tail() > self.blog_bytes {
+        if end - self.blog_tail() > self.blog_bytes
+            && now.is_none_or(|now| now >= self.reclaim_not_before)
+        {
             // Space is reclaimed only here, when it is needed, against the subscribers' floor
             // as it is now: a subscriber that just connected is protected too.
             self.reclaim();
+            if let Some(now) = now {
+                self.reclaim_not_before = now + RECLAIM_RETRY_INTERVAL;
+            }
         }
         let tail = self.blog_tail();
         let used = start - tail;
@@ -523,6 +570,7 @@ impl<M: SharedMemory> TopicWriter<M> {
     /// Frees, in order, the oldest allocations whose payload nobody needs any more: aborted,
     /// not part of the log, or below the lowest ordinal a connected subscriber still needs.
     fn reclaim(&mut self) {
+        self.reclaims += 1;
         let floor = self.pool.retention_floor(self.topic);
         while let Some(front) = self.allocations.front() {
             let reclaimable = match front.state {

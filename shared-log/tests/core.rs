@@ -3,6 +3,7 @@
 //! error and corrupts nothing).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use shared_log::Order;
 use shared_log::coherence::{CoherenceMode, PoolMemory, SharedMemory};
@@ -828,6 +829,57 @@ fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
     // The subscriber leaves: nothing is held any more.
     pool.publish_subscribed(topic, 3, None);
     writer.append(meta(1, 3, &big, 1), &big).unwrap();
+}
+
+#[test]
+fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
+    let (_region, pool) = new_pool(geometry());
+    let topic = pool.create_topic("retry", config(Order::Total)).unwrap();
+    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
+    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let big = {
+        let mut p = Vec::new();
+        wire::payload::push_message(&mut p, &vec![6; 30 * 1024]);
+        p
+    };
+    pool.publish_subscribed(topic, 3, Some(0));
+    writer.append(meta(1, 0, &big, 1), &big).unwrap();
+    writer.append(meta(1, 1, &big, 1), &big).unwrap();
+    sequencer.poll(Timestamp::ZERO);
+    assert_eq!(outcomes(&mut writer).len(), 2);
+    let len = big.len() as u64;
+    // A writer without a clock looks every time it is short of room.
+    for _ in 0..2 {
+        assert!(matches!(
+            writer.reserve(len),
+            Err(AppendError::LogFull { .. })
+        ));
+    }
+    assert_eq!(writer.reclaims(), 2);
+    let start = Timestamp::from_nanos(1_000_000);
+    assert!(matches!(
+        writer.reserve_at(len, start),
+        Err(AppendError::LogFull { .. })
+    ));
+    assert_eq!(writer.reclaims(), 3, "a full log is looked at when needed");
+    // The subscriber reads on at once, but retries within the interval do not look again:
+    // still refused, and the floor not read.
+    pool.publish_subscribed(topic, 3, Some(1));
+    let interval = shared_log::writer::RECLAIM_RETRY_INTERVAL;
+    for step in [
+        Duration::ZERO,
+        interval / 2,
+        interval - Duration::from_nanos(1),
+    ] {
+        assert!(matches!(
+            writer.reserve_at(len, start + step),
+            Err(AppendError::LogFull { .. })
+        ));
+    }
+    assert_eq!(writer.reclaims(), 3);
+    // Once the interval is over, the next retry finds the room the subscriber freed.
+    writer.reserve_at(len, start + interval).unwrap();
+    assert_eq!(writer.reclaims(), 4);
 }
 
 #[test]

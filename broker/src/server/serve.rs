@@ -269,7 +269,14 @@ impl KafkaContext for KafkaView<'_> {
         produced: &Produced<'_>,
         conn: ConnId,
     ) -> Result<u64, PublishRefused> {
-        crate::server::kafka::log_io::publish_records(self.state, topic, session, produced, conn)
+        crate::server::kafka::log_io::publish_records(
+            self.state,
+            topic,
+            session,
+            produced,
+            conn,
+            Timestamp::now(),
+        )
     }
 
     fn replicated_position(&mut self, topic: TopicId, replicas: usize) -> u64 {

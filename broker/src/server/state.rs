@@ -280,13 +280,18 @@ impl<M: SharedMemory + Clone> BrokerState<M> {
     }
 
     /// Reserves room for a batch of `payload_bytes` in `topic`'s payload log (and a ring
-    /// slot, taken at commit). A full log or ring is backpressure, never loss.
+    /// slot, taken at commit) at `now`. A full log or ring is backpressure, never loss; a
+    /// full log is looked at again at most every [`RECLAIM_RETRY_INTERVAL`], however often
+    /// the caller retries.
+    ///
+    /// [`RECLAIM_RETRY_INTERVAL`]: shared_log::writer::RECLAIM_RETRY_INTERVAL
     pub fn begin_batch(
         &mut self,
         topic: TopicId,
         payload_bytes: u64,
+        now: Timestamp,
     ) -> Result<Reservation, AppendError> {
-        self.writer_mut(topic).reserve(payload_bytes)
+        self.writer_mut(topic).reserve_at(payload_bytes, now)
     }
 
     /// Runs `f` over a reservation's payload bytes in the pool (the network receive path).

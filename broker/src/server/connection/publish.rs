@@ -210,7 +210,7 @@ impl<M: SharedMemory + Clone> Connection<M> {
             return Step::Continue;
         };
         let (header, topic) = (*header, publisher.topic);
-        match state.begin_batch(topic, u64::from(header.payload_bytes)) {
+        match state.begin_batch(topic, u64::from(header.payload_bytes), now) {
             Ok(mut reservation) => {
                 if let Some(staged) = staged.take() {
                     // Received and checked in staging: into the pool in one copy.

@@ -7,6 +7,7 @@ use shared_log::pool::TopicId;
 use shared_log::reader::ReadError;
 use shared_log::writer::{AppendError, BatchMeta};
 
+use units::Timestamp;
 use wire::record_batch;
 
 use super::admin::{CreateRefused, TopicCreation};
@@ -18,13 +19,14 @@ use crate::server::state::{BrokerState, ConnId};
 /// Writes `produced` as `session`'s next batch of `topic`: its record batches as they came,
 /// copied once, from the request into the pool, marked as record batches
 /// ([`BATCH_RECORD_BATCHES`]), one message per record, with the checksum taken from their
-/// own CRCs (no second pass over the bytes). Commits it for connection `conn`.
+/// own CRCs (no second pass over the bytes). Commits it for connection `conn`, at `now`.
 pub fn publish_records<M: SharedMemory + Clone>(
     state: &mut BrokerState<M>,
     topic: TopicId,
     session: ProducerSession,
     produced: &Produced<'_>,
     conn: ConnId,
+    now: Timestamp,
 ) -> Result<u64, PublishRefused> {
     let batch_bytes_max = state
         .open_writer(topic)
@@ -36,7 +38,7 @@ pub fn publish_records<M: SharedMemory + Clone>(
             batch_bytes_max,
         });
     }
-    let reservation = match state.begin_batch(topic, payload_bytes) {
+    let reservation = match state.begin_batch(topic, payload_bytes, now) {
         Ok(reservation) => reservation,
         Err(AppendError::RingFull { .. } | AppendError::LogFull { .. }) => {
             return Err(PublishRefused::NoRoom);
