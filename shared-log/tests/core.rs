@@ -790,23 +790,49 @@ fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     assert_eq!(messages, vec![10, 11, 12]);
 }
 
-#[test]
-fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
-    let (_region, pool) = new_pool(geometry());
-    let topic = pool.create_topic("held", config(Order::Total)).unwrap();
+/// A 64 KiB payload log filled by two ordered 30 KiB batches (ordinals 0 and 1) that a
+/// subscriber on broker 3 still needs from ordinal 0 on.
+struct HeldLog {
+    _region: Arc<HeapRegion>,
+    pool: Pool<PoolMemory>,
+    topic: shared_log::pool::TopicId,
+    writer: TopicWriter<PoolMemory>,
+    sequencer: Sequencer<PoolMemory>,
+    big: Vec<u8>,
+}
+
+fn held_log(name: &str) -> HeldLog {
+    let (region, pool) = new_pool(geometry());
+    let topic = pool.create_topic(name, config(Order::Total)).unwrap();
     let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
     let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
-    let big = {
-        let mut p = Vec::new();
-        wire::payload::push_message(&mut p, &vec![5; 30 * 1024]);
-        p
-    };
-    // A subscriber on broker 3 still needs ordinal 0.
+    let mut big = Vec::new();
+    wire::payload::push_message(&mut big, &vec![5; 30 * 1024]);
     pool.publish_subscribed(topic, 3, Some(0));
     writer.append(meta(1, 0, &big, 1), &big).unwrap();
     writer.append(meta(1, 1, &big, 1), &big).unwrap();
     sequencer.poll(Timestamp::ZERO);
     assert_eq!(outcomes(&mut writer).len(), 2, "both ordered and completed");
+    HeldLog {
+        _region: region,
+        pool,
+        topic,
+        writer,
+        sequencer,
+        big,
+    }
+}
+
+#[test]
+fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
+    let HeldLog {
+        _region,
+        pool,
+        topic,
+        mut writer,
+        mut sequencer,
+        big,
+    } = held_log("held");
     assert!(
         matches!(
             writer.append(meta(1, 2, &big, 1), &big),
@@ -833,20 +859,14 @@ fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
 
 #[test]
 fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
-    let (_region, pool) = new_pool(geometry());
-    let topic = pool.create_topic("retry", config(Order::Total)).unwrap();
-    let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
-    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
-    let big = {
-        let mut p = Vec::new();
-        wire::payload::push_message(&mut p, &vec![6; 30 * 1024]);
-        p
-    };
-    pool.publish_subscribed(topic, 3, Some(0));
-    writer.append(meta(1, 0, &big, 1), &big).unwrap();
-    writer.append(meta(1, 1, &big, 1), &big).unwrap();
-    sequencer.poll(Timestamp::ZERO);
-    assert_eq!(outcomes(&mut writer).len(), 2);
+    let HeldLog {
+        _region,
+        pool,
+        topic,
+        mut writer,
+        big,
+        ..
+    } = held_log("retry");
     let len = big.len() as u64;
     // A writer without a clock looks every time it is short of room.
     for _ in 0..2 {
