@@ -91,9 +91,16 @@ assert len(paced) >= 3, paced
 for e in paced:
     assert e["passed"] and e["lost"] == 0 and e["msgs_acked"] > 0, e
     assert e["ack_p50_us"] and e["e2e_p50_us"] and e["ack_p50_us"] <= e["ack_p99_us"] <= e["ack_p999_us"], e
-for e in entries:
+noise = [e for e in entries if e["kind"] == "noise"]
+assert sorted((e["when"], e["cpu"]) for e in noise) == [("after", 0), ("after", 1), ("before", 0), ("before", 1)], noise
+for e in noise:
+    assert e["seconds"] > 0 and 0 <= e["lost_pct"] < 100 and e["wait_p99_us"] <= e["wait_p999_us"], e
+runs = [e for e in entries if e["kind"] != "noise"]
+for e in runs:
     assert e["ack_p50_us"] and e["msgs_acked"] and e["cpu_pinning"] and e["steal_pct"] is not None, e
-print(f"latency benchmark (quick): {len(entries)} entries, {len(paced)} paced runs, none lost")
+paced_redis = [e for e in runs if e["backend"] == "redis-xadd" and e["rate_label"] != "closed loop"]
+assert paced_redis and all(e["client_cpu_cores"] for e in paced_redis), paced_redis
+print(f"latency benchmark (quick): {len(runs)} runs, {len(paced)} paced, none lost; the noise of both CPUs")
 PY
 
 echo "== fault matrix: kills, pause, restart and pool loss under order 5, ack 2 (scripts/faults.sh)"
