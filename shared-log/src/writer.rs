@@ -19,11 +19,12 @@ use crate::layout::{
 };
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
 
-/// After a reclaim that left the payload log short of room, how long [`TopicWriter::reserve_at`]
-/// answers [`AppendError::LogFull`] before it reads the subscribers' floor again. A full log
-/// waits for subscribers to read on, which takes far longer; reading every broker's lines
-/// again on each retry (each pass of a busy-polling loop, for each connection waiting) took
-/// the core from the very deliveries that move the floor.
+/// How long [`TopicWriter::reserve_at`] reclaims against the subscribers' floor it last read
+/// before it reads the floor again. A log short of room waits for subscribers to read on,
+/// which takes far longer; reading every broker's lines again on each retry (each pass of a
+/// busy-polling loop, for each connection waiting) took the core from the very deliveries
+/// that move the floor. Space this writer frees itself (aborted batches, batches decided
+/// below the floor it read) is taken at once.
 pub const RECLAIM_RETRY_INTERVAL: Duration = Duration::from_micros(50);
 
 /// Why a batch cannot be appended now or ever.
@@ -199,8 +200,9 @@ pub struct TopicWriter<M> {
     claim_token: Option<u64>,
     /// Set once a check found the claim moved on: nothing is published any more.
     claim_moved: Option<ClaimMoved>,
-    /// [`TopicWriter::reserve_at`] reads the floor again from then on (see
-    /// [`RECLAIM_RETRY_INTERVAL`]).
+    /// The subscribers' floor last read, and when [`TopicWriter::reserve_at`] reads it again
+    /// (see [`RECLAIM_RETRY_INTERVAL`]).
+    floor_read: u64,
     reclaim_not_before: Timestamp,
     /// Reads of the subscribers' floor so far (see [`TopicWriter::reclaims`]).
     reclaims: u64,
@@ -235,6 +237,7 @@ impl<M: SharedMemory> TopicWriter<M> {
             full_events: 0,
             claim_token: None,
             claim_moved: None,
+            floor_read: 0,
             reclaim_not_before: Timestamp::ZERO,
             reclaims: 0,
         };
@@ -394,8 +397,10 @@ impl<M: SharedMemory> TopicWriter<M> {
     }
 
     /// [`TopicWriter::reserve`] at `now`, for a caller that retries a refused reservation
-    /// soon and often (a network loop): after a reclaim that left the log short of room, the
-    /// next [`RECLAIM_RETRY_INTERVAL`] of retries answer [`AppendError::LogFull`] at once.
+    /// soon and often (a network loop): the subscribers' floor is read at most once per
+    /// [`RECLAIM_RETRY_INTERVAL`], and retries in between reclaim against the floor read
+    /// last. A subscriber whose line appears meanwhile is protected from the next read on,
+    /// as one that appears just after any read is.
     pub fn reserve_at(
         &mut self,
         payload_bytes: u64,
@@ -434,15 +439,11 @@ impl<M: SharedMemory> TopicWriter<M> {
             payload_start = payload_start.next_multiple_of(self.blog_bytes);
         }
         let end = (payload_start + payload_bytes).next_multiple_of(PAYLOAD_ALIGN_BYTES);
-        if end - self.blog_tail() > self.blog_bytes
-            && now.is_none_or(|now| now >= self.reclaim_not_before)
-        {
+        if end - self.blog_tail() > self.blog_bytes {
             // Space is reclaimed only here, when it is needed, against the subscribers' floor
-            // as it is now: a subscriber that just connected is protected too.
-            self.reclaim();
-            if let Some(now) = now {
-                self.reclaim_not_before = now + RECLAIM_RETRY_INTERVAL;
-            }
+            // as it is now (or, with a clock, as it was at most an interval ago): a
+            // subscriber that just connected is protected too.
+            self.reclaim(now);
         }
         let tail = self.blog_tail();
         let used = start - tail;
@@ -569,9 +570,18 @@ impl<M: SharedMemory> TopicWriter<M> {
 
     /// Frees, in order, the oldest allocations whose payload nobody needs any more: aborted,
     /// not part of the log, or below the lowest ordinal a connected subscriber still needs.
-    fn reclaim(&mut self) {
-        self.reclaims += 1;
-        let floor = self.pool.retention_floor(self.topic);
+    fn reclaim(&mut self, now: Option<Timestamp>) {
+        let floor = match now {
+            Some(now) if now < self.reclaim_not_before => self.floor_read,
+            _ => {
+                self.reclaims += 1;
+                self.floor_read = self.pool.retention_floor(self.topic);
+                if let Some(now) = now {
+                    self.reclaim_not_before = now + RECLAIM_RETRY_INTERVAL;
+                }
+                self.floor_read
+            }
+        };
         while let Some(front) = self.allocations.front() {
             let reclaimable = match front.state {
                 AllocationState::InUse => false,

@@ -790,9 +790,9 @@ fn reader_seeks_by_position_and_refuses_beyond_the_end() {
     assert_eq!(messages, vec![10, 11, 12]);
 }
 
-/// A 64 KiB payload log filled by two ordered 30 KiB batches (ordinals 0 and 1) that a
-/// subscriber on broker 3 still needs from ordinal 0 on.
-struct HeldLog {
+/// A 64 KiB payload log filled by two 30 KiB batches (ordinals 0 and 1 once ordered),
+/// committed and not yet ordered; nobody subscribes.
+struct FullLog {
     _region: Arc<HeapRegion>,
     pool: Pool<PoolMemory>,
     topic: shared_log::pool::TopicId,
@@ -801,19 +801,16 @@ struct HeldLog {
     big: Vec<u8>,
 }
 
-fn held_log(name: &str) -> HeldLog {
+fn full_log(name: &str) -> FullLog {
     let (region, pool) = new_pool(geometry());
     let topic = pool.create_topic(name, config(Order::Total)).unwrap();
     let mut writer = TopicWriter::new(pool.clone(), topic, 0).unwrap();
-    let mut sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
+    let sequencer = Sequencer::new(pool.clone(), 0, 1, SequencerConfig::default()).unwrap();
     let mut big = Vec::new();
     wire::payload::push_message(&mut big, &vec![5; 30 * 1024]);
-    pool.publish_subscribed(topic, 3, Some(0));
     writer.append(meta(1, 0, &big, 1), &big).unwrap();
     writer.append(meta(1, 1, &big, 1), &big).unwrap();
-    sequencer.poll(Timestamp::ZERO);
-    assert_eq!(outcomes(&mut writer).len(), 2, "both ordered and completed");
-    HeldLog {
+    FullLog {
         _region: region,
         pool,
         topic,
@@ -823,9 +820,23 @@ fn held_log(name: &str) -> HeldLog {
     }
 }
 
+/// [`full_log`] with both batches ordered, and a subscriber on broker 3 that still needs
+/// them from ordinal 0 on.
+fn held_log(name: &str) -> FullLog {
+    let mut log = full_log(name);
+    log.pool.publish_subscribed(log.topic, 3, Some(0));
+    log.sequencer.poll(Timestamp::ZERO);
+    assert_eq!(
+        outcomes(&mut log.writer).len(),
+        2,
+        "both ordered and completed"
+    );
+    log
+}
+
 #[test]
 fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
-    let HeldLog {
+    let FullLog {
         _region,
         pool,
         topic,
@@ -859,7 +870,7 @@ fn a_connected_subscriber_holds_its_batches_until_it_has_read_them() {
 
 #[test]
 fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
-    let HeldLog {
+    let FullLog {
         _region,
         pool,
         topic,
@@ -882,8 +893,8 @@ fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
         Err(AppendError::LogFull { .. })
     ));
     assert_eq!(writer.reclaims(), 3, "a full log is looked at when needed");
-    // The subscriber reads on at once, but retries within the interval do not look again:
-    // still refused, and the floor not read.
+    // The subscriber reads on at once, but retries within the interval reclaim against the
+    // floor read last: still refused, and the floor not read again.
     pool.publish_subscribed(topic, 3, Some(1));
     let interval = shared_log::writer::RECLAIM_RETRY_INTERVAL;
     for step in [
@@ -900,6 +911,32 @@ fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
     // Once the interval is over, the next retry finds the room the subscriber freed.
     writer.reserve_at(len, start + interval).unwrap();
     assert_eq!(writer.reclaims(), 4);
+}
+
+#[test]
+fn space_the_writer_frees_itself_is_taken_within_the_interval_without_a_read() {
+    let FullLog {
+        _region,
+        mut writer,
+        mut sequencer,
+        big,
+        ..
+    } = full_log("own");
+    let start = Timestamp::from_nanos(1_000_000);
+    let len = big.len() as u64;
+    assert!(matches!(
+        writer.reserve_at(len, start),
+        Err(AppendError::LogFull { .. })
+    ));
+    assert_eq!(writer.reclaims(), 1);
+    // Ordered and completed a moment later: their room is free against the floor already
+    // read (nobody holds anything), without reading it again.
+    sequencer.poll(Timestamp::ZERO);
+    assert_eq!(outcomes(&mut writer).len(), 2);
+    writer
+        .reserve_at(len, start + Duration::from_micros(1))
+        .unwrap();
+    assert_eq!(writer.reclaims(), 1);
 }
 
 #[test]
