@@ -19,12 +19,12 @@ use crate::layout::{
 };
 use crate::pool::{Pool, PoolError, TopicId, invalidate_and_fence, publish, read_if_ready};
 
-/// How long [`TopicWriter::reserve_at`] reclaims against the subscribers' floor it last read
-/// before it reads the floor again. A log short of room waits for subscribers to read on,
-/// which takes far longer; reading every broker's lines again on each retry (each pass of a
-/// busy-polling loop, for each connection waiting) took the core from the very deliveries
-/// that move the floor. Space this writer frees itself (aborted batches, batches decided
-/// below the floor it read) is taken at once.
+/// After a reclaim, how long [`TopicWriter::reserve_at`] answers [`AppendError::LogFull`]
+/// to a reservation short of room instead of reclaiming again. Each reclaim reads every
+/// broker's retention lines (the subscribers' floor) afresh; a log short of room waits for
+/// subscribers to read on, which takes far longer, and reading the lines on each retry (each
+/// pass of a busy-polling loop, for each connection waiting) took the core from the very
+/// deliveries that move the floor.
 pub const RECLAIM_RETRY_INTERVAL: Duration = Duration::from_micros(50);
 
 /// Why a batch cannot be appended now or ever.
@@ -200,9 +200,7 @@ pub struct TopicWriter<M> {
     claim_token: Option<u64>,
     /// Set once a check found the claim moved on: nothing is published any more.
     claim_moved: Option<ClaimMoved>,
-    /// The subscribers' floor last read, and when [`TopicWriter::reserve_at`] reads it again
-    /// (see [`RECLAIM_RETRY_INTERVAL`]).
-    floor_read: u64,
+    /// When [`TopicWriter::reserve_at`] may reclaim again (see [`RECLAIM_RETRY_INTERVAL`]).
     reclaim_not_before: Timestamp,
     /// Reads of the subscribers' floor so far (see [`TopicWriter::reclaims`]).
     reclaims: u64,
@@ -237,7 +235,6 @@ impl<M: SharedMemory> TopicWriter<M> {
             full_events: 0,
             claim_token: None,
             claim_moved: None,
-            floor_read: 0,
             reclaim_not_before: Timestamp::ZERO,
             reclaims: 0,
         };
@@ -385,7 +382,7 @@ impl<M: SharedMemory> TopicWriter<M> {
         self.allocations.front().map_or(self.blog_head, |a| a.start)
     }
 
-    /// How many times a reservation read the subscribers' floor to reclaim space.
+    /// How many times a reservation reclaimed space (each a read of the subscribers' floor).
     pub fn reclaims(&self) -> u64 {
         self.reclaims
     }
@@ -397,10 +394,11 @@ impl<M: SharedMemory> TopicWriter<M> {
     }
 
     /// [`TopicWriter::reserve`] at `now`, for a caller that retries a refused reservation
-    /// soon and often (a network loop): the subscribers' floor is read at most once per
-    /// [`RECLAIM_RETRY_INTERVAL`], and retries in between reclaim against the floor read
-    /// last. A subscriber whose line appears meanwhile is protected from the next read on,
-    /// as one that appears just after any read is.
+    /// soon and often (a network loop): it reclaims at most once per
+    /// [`RECLAIM_RETRY_INTERVAL`], and a reservation short of room in between is refused
+    /// without reclaiming. Every reclaim reads the subscribers' floor afresh, so a
+    /// subscriber is protected from its line's publication on, as with
+    /// [`TopicWriter::reserve`].
     pub fn reserve_at(
         &mut self,
         payload_bytes: u64,
@@ -439,11 +437,15 @@ impl<M: SharedMemory> TopicWriter<M> {
             payload_start = payload_start.next_multiple_of(self.blog_bytes);
         }
         let end = (payload_start + payload_bytes).next_multiple_of(PAYLOAD_ALIGN_BYTES);
-        if end - self.blog_tail() > self.blog_bytes {
+        if end - self.blog_tail() > self.blog_bytes
+            && now.is_none_or(|now| now >= self.reclaim_not_before)
+        {
             // Space is reclaimed only here, when it is needed, against the subscribers' floor
-            // as it is now (or, with a clock, as it was at most an interval ago): a
-            // subscriber that just connected is protected too.
-            self.reclaim(now);
+            // as it is now: a subscriber that just connected is protected too.
+            self.reclaim();
+            if let Some(now) = now {
+                self.reclaim_not_before = now + RECLAIM_RETRY_INTERVAL;
+            }
         }
         let tail = self.blog_tail();
         let used = start - tail;
@@ -570,18 +572,9 @@ impl<M: SharedMemory> TopicWriter<M> {
 
     /// Frees, in order, the oldest allocations whose payload nobody needs any more: aborted,
     /// not part of the log, or below the lowest ordinal a connected subscriber still needs.
-    fn reclaim(&mut self, now: Option<Timestamp>) {
-        let floor = match now {
-            Some(now) if now < self.reclaim_not_before => self.floor_read,
-            _ => {
-                self.reclaims += 1;
-                self.floor_read = self.pool.retention_floor(self.topic);
-                if let Some(now) = now {
-                    self.reclaim_not_before = now + RECLAIM_RETRY_INTERVAL;
-                }
-                self.floor_read
-            }
-        };
+    fn reclaim(&mut self) {
+        self.reclaims += 1;
+        let floor = self.pool.retention_floor(self.topic);
         while let Some(front) = self.allocations.front() {
             let reclaimable = match front.state {
                 AllocationState::InUse => false,

@@ -893,8 +893,8 @@ fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
         Err(AppendError::LogFull { .. })
     ));
     assert_eq!(writer.reclaims(), 3, "a full log is looked at when needed");
-    // The subscriber reads on at once, but retries within the interval reclaim against the
-    // floor read last: still refused, and the floor not read again.
+    // The subscriber reads on at once, but retries within the interval do not reclaim:
+    // still refused, and the floor not read again.
     pool.publish_subscribed(topic, 3, Some(1));
     let interval = shared_log::writer::RECLAIM_RETRY_INTERVAL;
     for step in [
@@ -914,29 +914,41 @@ fn a_full_log_reads_the_floor_again_only_after_the_retry_interval() {
 }
 
 #[test]
-fn space_the_writer_frees_itself_is_taken_within_the_interval_without_a_read() {
+fn a_subscriber_that_appears_between_two_reclaims_is_protected_by_the_next() {
     let FullLog {
         _region,
+        pool,
+        topic,
         mut writer,
         mut sequencer,
         big,
-        ..
-    } = full_log("own");
+    } = full_log("falling");
     let start = Timestamp::from_nanos(1_000_000);
     let len = big.len() as u64;
+    // Nobody holds anything, but both batches wait to be ordered: no room yet.
     assert!(matches!(
         writer.reserve_at(len, start),
         Err(AppendError::LogFull { .. })
     ));
     assert_eq!(writer.reclaims(), 1);
-    // Ordered and completed a moment later: their room is free against the floor already
-    // read (nobody holds anything), without reading it again.
+    // Both are ordered, and a subscriber appears that needs them from ordinal 0 on: the
+    // floor falls. A retry within the interval frees nothing (the floor read before it
+    // appeared would have let it free both), and the next reclaim reads the new floor.
     sequencer.poll(Timestamp::ZERO);
     assert_eq!(outcomes(&mut writer).len(), 2);
-    writer
-        .reserve_at(len, start + Duration::from_micros(1))
-        .unwrap();
-    assert_eq!(writer.reclaims(), 1);
+    pool.publish_subscribed(topic, 3, Some(0));
+    let interval = shared_log::writer::RECLAIM_RETRY_INTERVAL;
+    for at in [start + interval / 2, start + interval] {
+        assert!(matches!(
+            writer.reserve_at(len, at),
+            Err(AppendError::LogFull { .. })
+        ));
+    }
+    assert_eq!(writer.reclaims(), 2);
+    let mut reader = LogReader::new(pool.clone(), topic, true).unwrap();
+    let mut read = Vec::new();
+    reader.poll(usize::MAX, |b| read.push(b.ordinal)).unwrap();
+    assert_eq!(read, vec![0, 1], "both batches intact for the subscriber");
 }
 
 #[test]

@@ -191,9 +191,11 @@ pub struct LoopContext {
     pub kafka_node: Option<KafkaNode>,
 }
 
-/// What Kafka answers need from the loop: the log, and this broker's node.
+/// What Kafka answers need from the loop: the log, and this broker's node, at the loop's
+/// time `now`.
 struct KafkaView<'a> {
     state: &'a mut BrokerState<PoolMemory>,
+    now: Timestamp,
     node: &'a KafkaNode,
     offsets: &'a mut OffsetsFollower,
     groups: &'a mut Groups,
@@ -206,7 +208,7 @@ impl KafkaContext for KafkaView<'_> {
     }
 
     fn brokers(&mut self) -> Vec<KafkaNode> {
-        let now = Timestamp::now();
+        let now = self.now;
         if self.peers.due(now) {
             let pool = self.state.pool();
             let me = self.state.settings().broker_id;
@@ -270,12 +272,7 @@ impl KafkaContext for KafkaView<'_> {
         conn: ConnId,
     ) -> Result<u64, PublishRefused> {
         crate::server::kafka::log_io::publish_records(
-            self.state,
-            topic,
-            session,
-            produced,
-            conn,
-            Timestamp::now(),
+            self.state, topic, session, produced, conn, self.now,
         )
     }
 
@@ -681,6 +678,7 @@ impl<T: Transport> ServeLoop<T> {
                     };
                     let mut view = KafkaView {
                         state: &mut self.state,
+                        now,
                         node,
                         offsets: &mut self.kafka_offsets,
                         groups: &mut self.kafka_groups,
