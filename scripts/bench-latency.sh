@@ -222,13 +222,13 @@ run_rates() {
 # (how much of its CPU a thread that never sleeps gets, and the wait percentiles that bound
 # any latency measured through that CPU). when: before / after the runs
 run_noise() {
-    local when=$1 cpu pids=()
+    local when=$1 cpu pid pids=()
     for cpu in "$client_cpu" "$broker_cpu"; do
         taskset -c "$cpu" target/release/pingpong noise --duration-s "$duration" --json "$work/noise-$when-$cpu.json" \
             > /dev/null 2> "$work/noise-$when-$cpu.log" &
         pids+=($!)
     done
-    for cpu in "${pids[@]}"; do wait "$cpu" || echo "  (pingpong noise exited non-zero: see $work/noise-$when-*.log)"; done
+    for pid in "${pids[@]}"; do wait "$pid" || echo "  (pingpong noise exited non-zero: see $work/noise-$when-*.log)"; done
     for cpu in "$client_cpu" "$broker_cpu"; do
         python3 - "$work/noise-$when-$cpu.json" "$when" "$cpu" >> "$entries" <<'PY'
 import json, sys
@@ -239,9 +239,8 @@ except (OSError, ValueError):
     r = {}
 r.update({"backend": "cpu-noise", "kind": "noise", "path": "machine", "brokers": 0, "cpu": int(cpu), "when": when})
 print(json.dumps(r))
-e = r
-print(f"  cpu {cpu} noise ({when}): lost {e.get('lost_pct', 0):.1f}%, gaps >100 us {e.get('gaps_over_100us')}, "
-      f">1 ms {e.get('gaps_over_1ms')}, max {e.get('gap_max_us')} us, wait p99/p99.9 {e.get('wait_p99_us')}/{e.get('wait_p999_us')} us",
+print(f"  cpu {cpu} noise ({when}): lost {r.get('lost_pct', 0):.1f}%, gaps >100 us {r.get('gaps_over_100us')}, "
+      f">1 ms {r.get('gaps_over_1ms')}, max {r.get('gap_max_us')} us, wait p99/p99.9 {r.get('wait_p99_us')}/{r.get('wait_p999_us')} us",
       file=sys.stderr)
 PY
     done

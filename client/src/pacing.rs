@@ -10,7 +10,7 @@
 //! (stream, sequence) alone.
 //!
 //! Everything here takes time as an input; the only I/O is [`sleep_until`],
-//! [`set_timer_slack_min`] and [`process_cpu_time`].
+//! [`set_timer_slack_min`] and [`CpuMeter`].
 
 use std::thread;
 use std::time::Duration;
@@ -212,9 +212,33 @@ pub fn set_timer_slack_min() -> Result<(), std::io::Error> {
     nix::sys::prctl::set_timerslack(1).map_err(std::io::Error::from)
 }
 
-/// User plus system CPU time of this process (all its threads) so far, for a load tool to
-/// report what it cost the machine it measures.
-pub fn process_cpu_time() -> Result<Duration, nix::Error> {
+/// This process's CPU (user + system, all its threads) over a stretch of wall time, as the
+/// cores it kept busy: for a load tool to report what it cost the machine it measures.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    cpu: Result<Duration, nix::Error>,
+    wall: Timestamp,
+}
+
+impl CpuMeter {
+    /// Starts measuring now.
+    pub fn start() -> CpuMeter {
+        CpuMeter {
+            cpu: process_cpu_time(),
+            wall: Timestamp::now(),
+        }
+    }
+
+    /// Cores busy on average since [`CpuMeter::start`]; an error when `getrusage` failed.
+    pub fn cores(&self) -> Result<f64, nix::Error> {
+        let used = process_cpu_time()?.saturating_sub(self.cpu?);
+        let wall = Timestamp::now().saturating_duration_since(self.wall);
+        Ok(used.as_secs_f64() / wall.as_secs_f64().max(1e-9))
+    }
+}
+
+/// User plus system CPU time of this process (all its threads) so far.
+fn process_cpu_time() -> Result<Duration, nix::Error> {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
     let duration = |t: nix::sys::time::TimeVal| {
         Duration::from_secs(t.tv_sec().max(0) as u64)

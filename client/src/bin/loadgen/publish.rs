@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
-use client::pacing::{Schedule, process_cpu_time, record_since};
+use client::pacing::{CpuMeter, Schedule, record_since};
 use client::summary::Summary;
 use client::verify::{Expectation, MessageFactory};
 use client::{
@@ -136,7 +136,7 @@ fn run_publishers(
     summary.connect_ms = Timestamp::now()
         .saturating_duration_since(connecting)
         .as_millis() as u64;
-    let cpu_before = process_cpu_time();
+    let cpu = CpuMeter::start();
     let started = Timestamp::now();
     let _ = start.set(started + START_LEAD);
     drop(gate_tx);
@@ -147,13 +147,9 @@ fn run_publishers(
             Err(_) => summary.errors.push("a publisher thread panicked".into()),
         }
     }
-    let wall = Timestamp::now().saturating_duration_since(started);
-    match (cpu_before, process_cpu_time()) {
-        (Ok(before), Ok(after)) => {
-            summary.loadgen_cpu_cores =
-                after.saturating_sub(before).as_secs_f64() / wall.as_secs_f64().max(1e-9);
-        }
-        (Err(error), _) | (_, Err(error)) => {
+    match cpu.cores() {
+        Ok(cores) => summary.loadgen_cpu_cores = cores,
+        Err(error) => {
             log::warn!("loadgen_cpu_cores is not measured: getrusage failed: {error}");
         }
     }

@@ -20,7 +20,7 @@ use units::Timestamp;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use client::pacing::{
-    Schedule, SleepPlanner, process_cpu_time, record_since, set_timer_slack_min, sleep_until,
+    CpuMeter, Schedule, SleepPlanner, record_since, set_timer_slack_min, sleep_until,
 };
 use client::{LatencySummary, PercentilePoint, latency_histogram, percentile_distribution};
 use hdrhistogram::Histogram;
@@ -341,7 +341,8 @@ struct RunPlan {
     timeout: Duration,
 }
 
-/// Sends messages on the schedule until the duration is over, one outstanding at a time.
+/// Sends messages on the schedule until the duration is over: to a `pingpong serve` one
+/// outstanding at a time, to Redis open loop.
 fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let addr = plan.addr;
     let mut stream = TcpStream::connect_timeout(&addr, plan.timeout)
@@ -355,7 +356,7 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     {
         eprintln!("pingpong: timer slack stays at the default (sleeps may end late): {error}");
     }
-    let cpu_before = process_cpu_time();
+    let cpu = CpuMeter::start();
     let start = Timestamp::now();
     let (histogram, messages) = match plan.protocol {
         Protocol::Echo => echo_closed_loop(&mut stream, plan, start)?,
@@ -364,12 +365,7 @@ fn run(plan: &RunPlan) -> Result<Report, PingPongError> {
     let seconds = Timestamp::now()
         .saturating_duration_since(start)
         .as_secs_f64();
-    let cpu_cores = match (cpu_before, process_cpu_time()) {
-        (Ok(before), Ok(after)) => {
-            Some(after.saturating_sub(before).as_secs_f64() / seconds.max(1e-9))
-        }
-        _ => None,
-    };
+    let cpu_cores = cpu.cores().ok();
     let (backend, method) = match plan.protocol {
         Protocol::Echo => (
             "tcp-pingpong",
