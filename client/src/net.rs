@@ -309,6 +309,40 @@ pub(crate) fn set_read_timeout(
         .map_err(|error| ClientError::io(addr, "setting the read timeout", error))
 }
 
+/// The read timeout a loop that reads until a deadline last set on its stream. Setting it
+/// is a system call, and a subscriber that reads one delivery per call would otherwise pay
+/// one per delivery: the timeout is kept in whole milliseconds (the kernel keeps it in
+/// jiffies anyway) and set only when that value changes.
+#[derive(Debug, Default)]
+pub(crate) struct ReadTimeout {
+    set: Option<Duration>,
+}
+
+impl ReadTimeout {
+    /// Makes reads on `stream` give up after `remaining`, rounded down to whole
+    /// milliseconds and at least [`READ_TIMEOUT_MIN`]: a read ends at most a millisecond
+    /// early (the caller's loop reads again) or, under a millisecond before the deadline,
+    /// up to a millisecond late.
+    pub(crate) fn ensure(
+        &mut self,
+        stream: &TcpStream,
+        addr: SocketAddr,
+        remaining: Duration,
+    ) -> Result<(), ClientError> {
+        let wanted = Duration::from_millis(remaining.as_millis() as u64).max(READ_TIMEOUT_MIN);
+        if self.set != Some(wanted) {
+            set_read_timeout(stream, addr, wanted)?;
+            self.set = Some(wanted);
+        }
+        Ok(())
+    }
+
+    /// Forgets the value: the stream's timeout was set elsewhere.
+    pub(crate) fn forget(&mut self) {
+        self.set = None;
+    }
+}
+
 /// The end of a bounded step, and the time the step was given (which its timeout error
 /// reports).
 #[derive(Debug, Clone, Copy)]
@@ -621,5 +655,42 @@ mod tests {
             check_hello_answer(addr(), None, order, ack),
             Err(ClientError::ConnectionClosed { .. })
         ));
+    }
+
+    #[test]
+    fn a_read_timeout_is_set_in_whole_milliseconds_and_only_when_it_changes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let ms = Duration::from_millis;
+        // Multiples of 20 ms read back as set whatever the kernel's tick (1, 4 or 10 ms).
+        let marker = ms(60);
+        let mut timeout = ReadTimeout::default();
+        timeout
+            .ensure(&stream, addr(), Duration::from_micros(100_900))
+            .unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), Some(ms(100)));
+        // Set elsewhere behind its back: the same whole millisecond is not set again...
+        stream.set_read_timeout(Some(marker)).unwrap();
+        timeout
+            .ensure(&stream, addr(), Duration::from_micros(100_100))
+            .unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), Some(marker));
+        // ...another is, and so is any value once forgotten.
+        timeout
+            .ensure(&stream, addr(), Duration::from_micros(80_999))
+            .unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), Some(ms(80)));
+        stream.set_read_timeout(Some(marker)).unwrap();
+        timeout.forget();
+        timeout.ensure(&stream, addr(), ms(80)).unwrap();
+        assert_eq!(stream.read_timeout().unwrap(), Some(ms(80)));
+        // Under a millisecond left (zero included, which the OS takes as "forever"): the
+        // shortest timeout, which the kernel rounds up to its tick.
+        timeout.ensure(&stream, addr(), Duration::ZERO).unwrap();
+        let shortest = stream.read_timeout().unwrap().unwrap();
+        assert!(
+            shortest >= READ_TIMEOUT_MIN && shortest <= ms(10),
+            "{shortest:?}"
+        );
     }
 }

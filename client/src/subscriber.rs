@@ -15,9 +15,7 @@ use wire::{
 
 use crate::config::SubscriberConfig;
 use crate::error::ClientError;
-use crate::net::{
-    FrameReader, Inbound, ReadOutcome, connect_and_hello, set_read_timeout, write_frame,
-};
+use crate::net::{FrameReader, Inbound, ReadOutcome, ReadTimeout, connect_and_hello, write_frame};
 
 /// One Delivery: a publisher's batch (or a contiguous slice of it), verified against its
 /// header's length, CRC-32C and message count.
@@ -228,6 +226,7 @@ pub struct Subscriber {
     addr: SocketAddr,
     stream: TcpStream,
     reader: FrameReader,
+    read_timeout: ReadTimeout,
     hello_ok: HelloOkRepr,
     checker: PositionChecker,
     stats: SubscriberStats,
@@ -281,6 +280,7 @@ impl Subscriber {
             addr,
             stream,
             reader,
+            read_timeout: ReadTimeout::default(),
             hello_ok,
             checker: PositionChecker::new(order, Some(first)),
             stats: SubscriberStats {
@@ -320,7 +320,7 @@ impl Subscriber {
         let deadline = Timestamp::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Timestamp::now());
-            if let Err(error) = set_read_timeout(&self.stream, self.addr, remaining) {
+            if let Err(error) = self.read_timeout.ensure(&self.stream, self.addr, remaining) {
                 return Err(self.fail(error));
             }
             let outcome = match self.reader.next(&mut &self.stream) {
@@ -420,6 +420,7 @@ impl Subscriber {
         self.closed = true;
         let said = write_frame(&self.stream, &Frame::Goodbye, self.addr, "sending Goodbye");
         if said.is_ok() && self.failure.is_none() {
+            self.read_timeout.forget();
             let deadline = Timestamp::now() + self.goodbye_timeout;
             loop {
                 let remaining = deadline.saturating_duration_since(Timestamp::now());
