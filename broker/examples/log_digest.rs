@@ -49,7 +49,7 @@ fn main() -> ExitCode {
                         record.extend_from_slice(&batch.session_epoch.to_le_bytes());
                         record.extend_from_slice(&batch.batch_seq.to_le_bytes());
                         record.extend_from_slice(&batch.checksum.to_le_bytes());
-                        digest = crc32c::crc32c_append(digest, &record);
+                        digest = wire::payload::checksum_append(digest, &record);
                     })
                     .map_err(|e| e.to_string())?;
                 if read == 0 {

@@ -9,6 +9,8 @@
 //! A payload is valid when its messages tile it exactly and their number matches the count
 //! announced in the batch header. Validation never panics and never reads out of bounds.
 
+use crc_fast::{CrcAlgorithm, Digest};
+
 /// Bytes of the length prefix in front of each message.
 pub const MESSAGE_PREFIX_BYTES: usize = 4;
 
@@ -134,12 +136,28 @@ pub fn push_message(payload: &mut Vec<u8>, message: &[u8]) {
 
 /// CRC-32C (Castagnoli) of a payload, the checksum carried in batch headers.
 pub fn checksum(payload: &[u8]) -> u32 {
-    crc32c::crc32c(payload)
+    // A 32-bit CRC in crc-fast's 64-bit result: the upper half is zero.
+    crc_fast::checksum(CrcAlgorithm::Crc32Iscsi, payload) as u32
 }
 
 /// The checksum of `a` followed by `more`, from `checksum(a)`.
 pub fn checksum_append(checksum_so_far: u32, more: &[u8]) -> u32 {
-    crc32c::crc32c_append(checksum_so_far, more)
+    // The running state is the checksum before its final inversion.
+    let mut digest =
+        Digest::new_with_init_state(CrcAlgorithm::Crc32Iscsi, u64::from(!checksum_so_far));
+    digest.update(more);
+    digest.finalize() as u32
+}
+
+/// The checksum of `a` followed by `b`, from `checksum(a)`, `checksum(b)` and the length of
+/// `b`, without reading either.
+pub fn checksum_combine(checksum_a: u32, checksum_b: u32, b_bytes: usize) -> u32 {
+    crc_fast::checksum_combine(
+        CrcAlgorithm::Crc32Iscsi,
+        checksum_a.into(),
+        checksum_b.into(),
+        b_bytes as u64,
+    ) as u32
 }
 
 #[cfg(test)]
@@ -219,5 +237,40 @@ mod tests {
     fn checksum_is_crc32c() {
         // The standard CRC-32C check value.
         assert_eq!(checksum(b"123456789"), 0xe306_9283);
+        assert_eq!(checksum(b""), 0);
+    }
+
+    /// CRC-32C one bit at a time, from its definition (reflected polynomial 0x82f63b78,
+    /// initial value and final inversion all ones).
+    fn crc32c_bitwise(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    proptest::proptest! {
+        // Lengths across the folding code's block sizes (16, 64, 256 bytes and more) and
+        // splits anywhere in them.
+        #[test]
+        fn checksum_append_and_combine_agree_with_the_definition(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..5000),
+            split in 0usize..5000,
+        ) {
+            let split = split.min(bytes.len());
+            let (a, b) = bytes.split_at(split);
+            let whole = crc32c_bitwise(&bytes);
+            proptest::prop_assert_eq!(checksum(&bytes), whole);
+            proptest::prop_assert_eq!(checksum_append(checksum(a), b), whole);
+            proptest::prop_assert_eq!(checksum_combine(checksum(a), checksum(b), b.len()), whole);
+        }
     }
 }

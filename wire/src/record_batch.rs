@@ -102,7 +102,7 @@ impl<'a> BatchView<'a> {
 
     /// The CRC-32C of the bytes the batch's CRC covers.
     pub fn computed_crc(&self) -> u32 {
-        crc32c::crc32c(&self.bytes[CRC_START..])
+        crate::payload::checksum(&self.bytes[CRC_START..])
     }
 
     /// The attributes (bits 0-2: compression codec; 4: transactional; 5: control).
@@ -269,9 +269,12 @@ pub fn payload_checksum(payload: &[u8]) -> Result<u32, RecordBatchError> {
     let mut checksum = 0;
     for batch in batches(payload) {
         let batch = batch?;
-        checksum = crc32c::crc32c_append(checksum, &batch.bytes[..CRC_START]);
-        checksum =
-            crc32c::crc32c_combine(checksum, batch.stored_crc(), batch.bytes.len() - CRC_START);
+        checksum = crate::payload::checksum_append(checksum, &batch.bytes[..CRC_START]);
+        checksum = crate::payload::checksum_combine(
+            checksum,
+            batch.stored_crc(),
+            batch.bytes.len() - CRC_START,
+        );
     }
     Ok(checksum)
 }
@@ -515,7 +518,7 @@ pub fn encode<'v>(out: &mut Vec<u8>, base_offset: u64, values: impl Iterator<Ite
     batch[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4]
         .copy_from_slice(&(count - 1).to_be_bytes());
     batch[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&count.to_be_bytes());
-    let crc = crc32c::crc32c(&batch[CRC_START..]);
+    let crc = crate::payload::checksum(&batch[CRC_START..]);
     batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
 }
 
@@ -561,13 +564,16 @@ mod tests {
     #[test]
     fn the_payload_checksum_comes_from_the_batch_crcs() {
         let payload = two_batches();
-        assert_eq!(payload_checksum(&payload), Ok(crc32c::crc32c(&payload)));
+        assert_eq!(
+            payload_checksum(&payload),
+            Ok(crate::payload::checksum(&payload))
+        );
     }
 
     #[test]
     fn base_offsets_are_set_without_breaking_the_crcs() {
         let mut payload = two_batches();
-        let checksum_before = crc32c::crc32c(&payload[CRC_START..]);
+        let checksum_before = crate::payload::checksum(&payload[CRC_START..]);
         assert_eq!(set_base_offsets(&mut payload, 1000), Ok(1004));
         let bases: Vec<i64> = batches(&payload)
             .map(|batch| be_i64(batch.unwrap().bytes, 0))

@@ -345,7 +345,7 @@ impl HistoryReader {
             payload.resize(header.payload_bytes as usize, 0);
             let payload_offset = self.offset + RECORD_HEADER_BYTES as u64;
             if !self.read_at(&mut payload, payload_offset)?
-                || crc32c::crc32c(&payload) != header.checksum
+                || wire::payload::checksum(&payload) != header.checksum
             {
                 return Err(self.damaged());
             }
@@ -390,7 +390,7 @@ mod tests {
             session_epoch: 1,
             batch_seq: ordinal,
             flags: 0,
-            checksum: crc32c::crc32c(payload),
+            checksum: wire::payload::checksum(payload),
             payload,
         }
     }

@@ -73,7 +73,7 @@ const _: () = assert!(std::mem::size_of::<RecordHeader>() == RECORD_HEADER_BYTES
 
 impl RecordHeader {
     fn crc(&self) -> u32 {
-        crc32c::crc32c(&bytemuck::bytes_of(self)[8..])
+        wire::payload::checksum(&bytemuck::bytes_of(self)[8..])
     }
 
     /// The header of `batch`'s record, with its CRC.
@@ -380,7 +380,8 @@ fn scan(
             break;
         }
         let mut payload = vec![0; header.payload_bytes as usize];
-        if read_full(&mut file, &mut payload, path)? || crc32c::crc32c(&payload) != header.checksum
+        if read_full(&mut file, &mut payload, path)?
+            || wire::payload::checksum(&payload) != header.checksum
         {
             break;
         }
@@ -1210,7 +1211,7 @@ mod tests {
             session_epoch: 3,
             batch_seq: ordinal,
             flags: 0,
-            checksum: crc32c::crc32c(payload),
+            checksum: wire::payload::checksum(payload),
             pool_offset: 0,
             blog_offset: 0,
             payload,

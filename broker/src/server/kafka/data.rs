@@ -1278,7 +1278,7 @@ mod tests {
         out[43..51].copy_from_slice(&producer_id.to_be_bytes());
         out[51..53].copy_from_slice(&epoch.to_be_bytes());
         out[53..57].copy_from_slice(&base_sequence.to_be_bytes());
-        let crc = crc32c::crc32c(&out[21..]);
+        let crc = wire::payload::checksum(&out[21..]);
         out[17..21].copy_from_slice(&crc.to_be_bytes());
         Bytes::from(out)
     }
@@ -1549,7 +1549,7 @@ mod tests {
         let mut h = Harness::new();
         let mut transactional = batch(&[b"v"]).to_vec();
         transactional[wire::record_batch::ATTRIBUTES_AT + 1] |= 0x10;
-        let crc = crc32c::crc32c(&transactional[wire::record_batch::CRC_START..]);
+        let crc = wire::payload::checksum(&transactional[wire::record_batch::CRC_START..]);
         transactional[wire::record_batch::CRC_AT..wire::record_batch::CRC_AT + 4]
             .copy_from_slice(&crc.to_be_bytes());
         let mut corrupt = batch(&[b"v"]).to_vec();

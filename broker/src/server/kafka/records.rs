@@ -418,7 +418,7 @@ pub(super) mod tests {
         let length = (batch.len() - record_batch::LOG_OVERHEAD_BYTES) as i32;
         batch[8..12].copy_from_slice(&length.to_be_bytes());
         batch[record_batch::ATTRIBUTES_AT + 1] |= codec;
-        let crc = crc32c::crc32c(&batch[record_batch::CRC_START..]);
+        let crc = wire::payload::checksum(&batch[record_batch::CRC_START..]);
         batch[record_batch::CRC_AT..record_batch::CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
         batch
     }
