@@ -232,6 +232,14 @@ pub struct SubscriberConfig {
     pub goodbye_timeout_ms: u64,
     /// `SO_SNDBUF` and `SO_RCVBUF` asked for.
     pub socket_buffer_bytes: usize,
+    /// Check each delivery's CRC-32C against its header (default). A subscriber whose
+    /// messages carry checksums of their own that it checks, as the loadgen's self-checking
+    /// messages do, may leave it off to read each byte once, as Kafka consumers may with
+    /// `check.crcs=false`; each delivery's length and message framing are still checked.
+    /// Off, a delivery torn by an overwrite in the broker's log (which the broker answers
+    /// by resetting the connection, possibly after the whole frame left) is handed out
+    /// when its framing holds: only the caller's own checks can refuse it.
+    pub verify_checksums: bool,
 }
 
 impl SubscriberConfig {
@@ -247,6 +255,7 @@ impl SubscriberConfig {
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             goodbye_timeout_ms: GOODBYE_TIMEOUT_MS_DEFAULT,
             socket_buffer_bytes: SOCKET_BUFFER_BYTES_DEFAULT,
+            verify_checksums: true,
         }
     }
 

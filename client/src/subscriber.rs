@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use units::Timestamp;
 use wire::{
     AckLevel, DeliveryHeaderRepr, Frame, HelloOkRepr, HelloRepr, Limits, Order, Role,
-    verify_payload,
+    verify_checksummed_payload, verify_payload,
 };
 
 use crate::config::SubscriberConfig;
@@ -231,6 +231,7 @@ pub struct Subscriber {
     checker: PositionChecker,
     stats: SubscriberStats,
     goodbye_timeout: Duration,
+    verify_checksums: bool,
     failure: Option<ClientError>,
     closed: bool,
 }
@@ -288,6 +289,7 @@ impl Subscriber {
                 ..SubscriberStats::default()
             },
             goodbye_timeout: config.goodbye_timeout(),
+            verify_checksums: config.verify_checksums,
             failure: None,
             closed: false,
         })
@@ -375,7 +377,7 @@ impl Subscriber {
         header: DeliveryHeaderRepr,
         payload: Vec<u8>,
     ) -> Result<DeliveredBatch, ClientError> {
-        if let Err(source) = verify_payload(&header, &payload) {
+        if let Err(source) = check_delivery(&header, &payload, self.verify_checksums) {
             self.stats.corrupt_batches += 1;
             return Err(ClientError::CorruptDelivery {
                 batch_seq: header.batch_seq,
@@ -450,9 +452,65 @@ impl Drop for Subscriber {
     }
 }
 
+/// A delivery's length and message framing, and its CRC-32C when `verify_checksums`.
+fn check_delivery(
+    header: &DeliveryHeaderRepr,
+    payload: &[u8],
+    verify_checksums: bool,
+) -> Result<(), wire::Error> {
+    if verify_checksums {
+        verify_payload(header, payload)
+    } else {
+        // The header's own checksum stands in for the computed one.
+        verify_checksummed_payload(header, header.checksum, payload)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_is_checked_whole_and_without_its_checksum_only_when_asked() {
+        let mut payload = Vec::new();
+        wire::payload::push_message(&mut payload, b"one");
+        wire::payload::push_message(&mut payload, b"two");
+        let header = DeliveryHeaderRepr {
+            global_start: Some(0),
+            message_count: 2,
+            payload_bytes: payload.len() as u32,
+            checksum: wire::payload::checksum(&payload),
+            client_id: 1,
+            session_epoch: 1,
+            batch_seq: 0,
+            broker_id: 0,
+        };
+        for verify in [true, false] {
+            assert_eq!(check_delivery(&header, &payload, verify), Ok(()));
+        }
+        let mut flipped = payload.clone();
+        flipped[5] ^= 1;
+        assert!(matches!(
+            check_delivery(&header, &flipped, true),
+            Err(wire::Error::ChecksumMismatch { .. })
+        ));
+        assert_eq!(check_delivery(&header, &flipped, false), Ok(()));
+        // Length and framing are checked either way.
+        let mut bad_prefix = payload.clone();
+        bad_prefix[0] = 200;
+        let short = &payload[..payload.len() - 1];
+        for verify in [true, false] {
+            let framing = DeliveryHeaderRepr {
+                checksum: wire::payload::checksum(&bad_prefix),
+                ..header
+            };
+            assert!(check_delivery(&framing, &bad_prefix, verify).is_err());
+            assert!(matches!(
+                check_delivery(&header, short, verify),
+                Err(wire::Error::PayloadLengthMismatch { .. })
+            ));
+        }
+    }
 
     #[test]
     fn in_order_positions_are_clean() {
