@@ -20,7 +20,7 @@ use smoltcp::wire::{
 
 use super::*;
 use crate::neighbour::arp_reply_frame;
-use crate::tcp::{abort_half_open, listen, new_socket};
+use crate::tcp::{ACK_DELAY, abort_half_open, listen, new_socket};
 
 /// The lab's MTU.
 const MTU: usize = 3500;
@@ -794,4 +794,65 @@ fn the_flow_hash_spreads_one_hosts_ports_over_the_low_bits() {
         .map(|n| hashing.hash_one((Ipv4Addr::from(0x0a00_0000 + n), 5555u16)) & 1023)
         .collect();
     assert!(hosts.len() > 600, "{} of 1024 buckets", hosts.len());
+}
+
+impl Broker {
+    /// Polls smoltcp at the current time until nothing happens, reading nothing.
+    fn poll_only(&mut self) {
+        let now = Instant::from_millis(i64::from(NOW_MS.get()));
+        for _ in 0..1000 {
+            self.wire.burst_over = false;
+            if self.iface.poll(now, &mut self.wire, &mut self.sockets) == PollResult::None {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn the_broker_acknowledges_every_other_full_segment_and_a_lone_one_after_the_delay() {
+    NOW_MS.set(1);
+    let offer = Offer {
+        mss: u16::try_from(MTU - 40).unwrap_or(u16::MAX),
+        window_shift: Some(CLIENT_WINDOW_SHIFT),
+        timestamps: true,
+    };
+    let mss = u16::try_from(MTU - 40).unwrap_or(u16::MAX);
+    let mut client = Client::after_syn_ack(offer, mss, window_shift(BUFFER_BYTES));
+    let mut broker = Broker::new(true);
+    // The handshake's last ACK: the hooks adopt the connection.
+    let handshake = client.frame(client.snd_nxt, &[]);
+    broker.wire.to_broker.push_back(handshake);
+    broker.poll_only();
+    for frame in std::mem::take(&mut broker.wire.to_client) {
+        client.receive(&frame);
+    }
+    assert_eq!(broker.wire.flows.counts(), ADOPTED_ONCE);
+    let send = |client: &mut Client, broker: &mut Broker, segments: usize| {
+        for _ in 0..segments {
+            let offset = client.snd_nxt.wrapping_sub(CLIENT_ISN.wrapping_add(1)) as usize;
+            let segment = client.data[offset..offset + client.payload_max].to_vec();
+            broker
+                .wire
+                .to_broker
+                .push_back(client.frame(client.snd_nxt, &segment));
+            client.snd_nxt = client.snd_nxt.wrapping_add(segment.len() as u32);
+        }
+        broker.poll_only();
+        let frames = std::mem::take(&mut broker.wire.to_client);
+        for frame in &frames {
+            client.receive(frame);
+        }
+        frames.len()
+    };
+    // Two full segments: one ACK, for both.
+    assert_eq!(send(&mut client, &mut broker, 2), 1);
+    assert_eq!(client.snd_una, client.snd_nxt);
+    // A lone one waits for the delay...
+    assert_eq!(send(&mut client, &mut broker, 1), 0);
+    assert_ne!(client.snd_una, client.snd_nxt);
+    // ...and is acknowledged once it has passed.
+    NOW_MS.set(NOW_MS.get() + ACK_DELAY.total_millis() as u32);
+    assert_eq!(send(&mut client, &mut broker, 0), 1);
+    assert_eq!(client.snd_una, client.snd_nxt);
 }
