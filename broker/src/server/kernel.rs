@@ -1,7 +1,6 @@
 //! The kernel TCP transport of the network loop: epoll (mio, edge-triggered) over the
 //! listening sockets (ours, and Kafka's when there is one) and every connection.
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,7 +13,7 @@ use units::Timestamp;
 
 use crate::metrics::Metrics;
 use crate::server::serve::{Ending, PayloadSink, Protocol, Readiness, Serviced, Transport};
-use crate::server::state::ConnId;
+use crate::server::state::{ConnId, ConnMap};
 
 /// The listener's token; connections have their ids as tokens, from 1.
 const LISTENER: Token = Token(0);
@@ -146,7 +145,7 @@ pub struct KernelTransport {
     /// The Kafka listener, when there is one, and whether it may have a connection waiting.
     kafka_listener: Option<(TcpListener, bool)>,
     socket_buffer_bytes: usize,
-    sockets: HashMap<ConnId, Socket>,
+    sockets: ConnMap<Socket>,
     /// For logs.
     broker: u16,
     logged_buffers: bool,
@@ -186,7 +185,7 @@ impl KernelTransport {
             listener_ready: true,
             kafka_listener,
             socket_buffer_bytes,
-            sockets: HashMap::new(),
+            sockets: ConnMap::default(),
             broker,
             logged_buffers: false,
         })

@@ -4,7 +4,6 @@
 //! A [`Transport`] is the only part that differs: epoll over kernel sockets
 //! ([`kernel`](super::kernel)) or smoltcp over AF_XDP ([`bypass`](super::bypass)).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use crate::server::kafka::{
 };
 use crate::server::ownership::{ClaimGuard, LoopClaimCheck, host_id};
 use crate::server::sequencing::SequencerDriver;
-use crate::server::state::{BrokerState, ConnId, RoutedOutcome};
+use crate::server::state::{BrokerState, ConnId, ConnMap, RoutedOutcome};
 use crate::server::{BrokerOptions, Idle};
 use shared_log::claim;
 use shared_log::coherence::PoolMemory;
@@ -148,7 +147,7 @@ pub trait PayloadSink {
 
 /// The loop's connections as a [`PayloadSink`], during one receive at `now`.
 struct Placement<'a> {
-    clients: &'a mut HashMap<ConnId, Client>,
+    clients: &'a mut ConnMap<Client>,
     state: &'a mut BrokerState<PoolMemory>,
     now: Timestamp,
 }
@@ -371,7 +370,7 @@ struct Client {
 pub struct ServeLoop<T> {
     state: BrokerState<PoolMemory>,
     transport: T,
-    clients: HashMap<ConnId, Client>,
+    clients: ConnMap<Client>,
     next_id: ConnId,
     idle: Idle,
     stop: Arc<AtomicBool>,
@@ -424,7 +423,7 @@ impl<T: Transport> ServeLoop<T> {
         ServeLoop {
             state,
             transport,
-            clients: HashMap::new(),
+            clients: ConnMap::default(),
             next_id: 1,
             idle: Idle::new(options.idle),
             stop: Arc::clone(claim.stop_flag()),

@@ -1,7 +1,6 @@
 //! The bypass transport of the network loop: smoltcp's TCP sockets over an AF_XDP device,
 //! polled by one pinned thread (rx burst -> smoltcp -> protocol -> smoltcp -> tx burst).
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use crate::metrics::Metrics;
 use crate::server::connection::ByteStream;
 use crate::server::serve::{Ending, PayloadSink, Protocol, Readiness, Serviced, Transport};
-use crate::server::state::ConnId;
+use crate::server::state::{ConnId, ConnIdHashing, ConnMap};
 use smoltcp::iface::{
     Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
 };
@@ -170,7 +169,7 @@ pub struct BypassTransport<D> {
     /// The port each slot listens on (its connection's local port).
     slot_ports: Vec<u16>,
     /// Where each connection's socket is in `slots`.
-    active: HashMap<ConnId, usize>,
+    active: ConnMap<usize>,
     kafka_port: Option<u16>,
     /// smoltcp's clock starts here.
     started: Timestamp,
@@ -243,7 +242,7 @@ impl<D: Device + Burst> BypassTransport<D> {
             sockets: set,
             slots,
             slot_ports,
-            active: HashMap::with_capacity(sockets.sockets),
+            active: ConnMap::with_capacity_and_hasher(sockets.sockets, ConnIdHashing),
             kafka_port: endpoint.kafka_port,
             started,
             housekept_at: started,
