@@ -320,9 +320,9 @@ pub(crate) struct ReadTimeout {
 
 impl ReadTimeout {
     /// Makes reads on `stream` give up after `remaining`, rounded down to whole
-    /// milliseconds and at least [`READ_TIMEOUT_MIN`]: a read ends at most a millisecond
-    /// early (the caller's loop reads again) or, under a millisecond before the deadline,
-    /// up to a millisecond late.
+    /// milliseconds and at least [`READ_TIMEOUT_MIN`], which the kernel rounds up to its
+    /// tick (1-10 ms): a read ends at most a millisecond early (the caller's loop reads
+    /// again), or up to a tick late near the deadline.
     pub(crate) fn ensure(
         &mut self,
         stream: &TcpStream,

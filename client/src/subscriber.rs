@@ -18,7 +18,8 @@ use crate::error::ClientError;
 use crate::net::{FrameReader, Inbound, ReadOutcome, ReadTimeout, connect_and_hello, write_frame};
 
 /// One Delivery: a publisher's batch (or a contiguous slice of it), verified against its
-/// header's length, CRC-32C and message count.
+/// header's length and message count, and its CRC-32C unless
+/// [`SubscriberConfig::verify_checksums`] is off.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveredBatch {
     /// Global position of the first message; `None` for order 0 topics.
@@ -33,6 +34,8 @@ pub struct DeliveredBatch {
     pub batch_seq: u64,
     /// Broker that received the batch.
     pub broker_id: u16,
+    /// The CRC-32C of the payload that the delivery's header announced.
+    pub checksum: u32,
     payload: Vec<u8>,
 }
 
@@ -46,6 +49,13 @@ impl DeliveredBatch {
     /// The raw payload (length-prefixed messages).
     pub fn payload(&self) -> &[u8] {
         &self.payload
+    }
+
+    /// Whether the payload matches the CRC-32C its header announced (reads every byte): for a
+    /// subscriber with [`SubscriberConfig::verify_checksums`] off that checks some
+    /// deliveries after all.
+    pub fn checksum_matches(&self) -> bool {
+        wire::payload::checksum(&self.payload) == self.checksum
     }
 
     /// Global position just past the last message, when the topic has positions.
@@ -405,6 +415,7 @@ impl Subscriber {
             session_epoch: header.session_epoch,
             batch_seq: header.batch_seq,
             broker_id: header.broker_id,
+            checksum: header.checksum,
             payload,
         };
         self.stats.batches += 1;
@@ -469,6 +480,25 @@ fn check_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivered_batch_checks_its_checksum_on_request() {
+        let mut payload = Vec::new();
+        wire::payload::push_message(&mut payload, b"one");
+        let mut batch = DeliveredBatch {
+            global_start: Some(0),
+            message_count: 1,
+            client_id: 1,
+            session_epoch: 1,
+            batch_seq: 0,
+            broker_id: 0,
+            checksum: wire::payload::checksum(&payload),
+            payload,
+        };
+        assert!(batch.checksum_matches());
+        batch.payload[5] ^= 1;
+        assert!(!batch.checksum_matches());
+    }
 
     #[test]
     fn a_delivery_is_checked_whole_and_without_its_checksum_only_when_asked() {

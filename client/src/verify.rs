@@ -325,6 +325,11 @@ impl Verifier {
         Verdict::Ok
     }
 
+    /// Whether `client_id` is one of the publishers whose messages this verifier checks.
+    pub fn knows(&self, client_id: u64) -> bool {
+        self.publishers.contains_key(&client_id)
+    }
+
     /// The counts so far.
     pub fn counts(&self) -> VerifyCounts {
         self.counts
@@ -369,6 +374,13 @@ mod tests {
             .unwrap()
             .message(seq)
             .to_vec()
+    }
+
+    #[test]
+    fn a_verifier_knows_only_its_publishers() {
+        let verifier = Verifier::new(OrderCheck::None, &[A, B]);
+        assert!(verifier.knows(A) && verifier.knows(B));
+        assert!(!verifier.knows(A + B + 1));
     }
 
     #[test]

@@ -147,6 +147,9 @@ struct CheckOutcome {
     counts: VerifyCounts,
     lost: u64,
     stats: client::SubscriberStats,
+    /// Deliveries of other publishers (an earlier run's, a Kafka client's) whose payload
+    /// does not match their CRC-32C.
+    foreign_corrupt_batches: u64,
     /// Each first delivery's latency from its due time (paced runs).
     e2e_from_intended_us: Histogram<u64>,
     error: Option<String>,
@@ -156,7 +159,8 @@ fn apply_check(summary: &mut Summary, outcome: CheckOutcome) {
     summary.lost = outcome.lost;
     summary.duplicates = outcome.counts.duplicates;
     summary.order_violations = outcome.counts.order_violations;
-    summary.corrupt = outcome.counts.corrupt + outcome.stats.corrupt_batches;
+    summary.corrupt =
+        outcome.counts.corrupt + outcome.stats.corrupt_batches + outcome.foreign_corrupt_batches;
     summary.foreign = outcome.counts.foreign;
     summary.messages_received = outcome.stats.messages;
     summary.bytes_received = outcome.stats.message_bytes;
@@ -180,6 +184,7 @@ struct Shared<'a> {
 struct Receipts {
     verifier: Verifier,
     e2e_from_intended_us: Histogram<u64>,
+    foreign_corrupt_batches: u64,
 }
 
 /// The publishers' expectations, once they are done, and how long the subscriber may take
@@ -222,6 +227,7 @@ fn check_deliveries(
         counts: VerifyCounts::default(),
         lost: 0,
         stats: client::SubscriberStats::default(),
+        foreign_corrupt_batches: 0,
         e2e_from_intended_us: latency_histogram(),
         error: None,
     };
@@ -235,7 +241,8 @@ fn check_deliveries(
     };
     let mut config = plan.subscriber_config(0);
     // The verifier checks every message's own CRC-32C, which with the framing covers every
-    // byte of a delivery: the delivery's CRC would read each byte a second time.
+    // byte of this run's deliveries: their CRC would read each byte a second time. Others'
+    // deliveries are checked against their CRC in `Receipts::verify`.
     config.verify_checksums = false;
     let connected = Subscriber::connect(config);
     if !plan.subscribe_after_publish {
@@ -251,14 +258,17 @@ fn check_deliveries(
     let mut receipts = Receipts {
         verifier: Verifier::new(plan.order_check(), client_ids),
         e2e_from_intended_us: latency_histogram(),
+        foreign_corrupt_batches: 0,
     };
     let (expected, error) = receive(shared, &mut subscriber, &mut receipts, expectations, known);
     outcome.error = error;
     let Receipts {
         verifier,
         e2e_from_intended_us,
+        foreign_corrupt_batches,
     } = receipts;
     outcome.e2e_from_intended_us = e2e_from_intended_us;
+    outcome.foreign_corrupt_batches = foreign_corrupt_batches;
     // The publishers may still be running when the subscriber fails early; wait for their
     // expectations so lost can be computed against them.
     let list = match expected {
@@ -309,6 +319,11 @@ impl Receipts {
     /// Verifies a batch received at `received_at`, and records the latency from the due time
     /// of each message delivered for the first time (when the run is paced).
     fn verify(&mut self, shared: &Shared, batch: &DeliveredBatch, received_at: Timestamp) {
+        // Messages of other publishers carry no checksum the verifier checks: the
+        // delivery's own is checked here (the subscriber leaves it to this check).
+        if !self.verifier.knows(batch.client_id) && !batch.checksum_matches() {
+            self.foreign_corrupt_batches += 1;
+        }
         let context = DeliveryContext {
             client_id: batch.client_id,
             batch_seq: batch.batch_seq,

@@ -62,8 +62,8 @@ JSON (--json FILE)
   time), rejected (messages of batches the broker did not order:
   SessionGapSkipped), lost (acknowledged, or written at ack 0, but never delivered within
   the drain timeout), duplicates, order_violations, order_check, corrupt (messages failing
-  their own checksum, which with the framing covers every byte of a delivery; in the
-  subscribe test, deliveries failing theirs), position_gaps, position_duplicates, foreign,
+  their own checksum, which with the framing covers every byte of this run's deliveries;
+  other publishers' deliveries, and in the subscribe test all, failing theirs), position_gaps, position_duplicates, foreign,
   reconnects (connections the publishers opened again after one failed), batches_resent
   (batches sent again because their connection failed before the ack), duplicate_acks
   (acknowledged batches a broker found already in the log: resends whose first copy had
