@@ -232,6 +232,12 @@ impl<D: Device + Burst> BypassTransport<D> {
             .collect();
         for &port in &slot_ports {
             let mut socket = new_socket(sockets.buffer_bytes);
+            if Some(port) == endpoint.kafka_port {
+                // Kafka clients may keep Nagle on (librdkafka's default) and hold a request's
+                // tail until what went before is acknowledged: each such request would wait
+                // out the ACK delay. Every segment is acknowledged at once here.
+                socket.set_ack_delay(None);
+            }
             listen(&mut socket, port);
             slots.push((set.add(socket), Slot::Listening));
         }
