@@ -312,7 +312,9 @@ pub(crate) fn set_read_timeout(
 /// The read timeout a loop that reads until a deadline last set on its stream. Setting it
 /// is a system call, and a subscriber that reads one delivery per call would otherwise pay
 /// one per delivery: the timeout is kept in whole milliseconds (the kernel keeps it in
-/// jiffies anyway) and set only when that value changes.
+/// jiffies anyway) and set only when that value changes. Every read timeout of a
+/// subscriber's stream after the handshake is set through it (`next_batch`, `close`), so the
+/// value it remembers is the stream's.
 #[derive(Debug, Default)]
 pub(crate) struct ReadTimeout {
     set: Option<Duration>,
@@ -335,11 +337,6 @@ impl ReadTimeout {
             self.set = Some(wanted);
         }
         Ok(())
-    }
-
-    /// Forgets the value: the stream's timeout was set elsewhere.
-    pub(crate) fn forget(&mut self) {
-        self.set = None;
     }
 }
 
@@ -675,14 +672,10 @@ mod tests {
             .ensure(&stream, addr(), Duration::from_micros(100_100))
             .unwrap();
         assert_eq!(stream.read_timeout().unwrap(), Some(marker));
-        // ...another is, and so is any value once forgotten.
+        // ...another is.
         timeout
             .ensure(&stream, addr(), Duration::from_micros(80_999))
             .unwrap();
-        assert_eq!(stream.read_timeout().unwrap(), Some(ms(80)));
-        stream.set_read_timeout(Some(marker)).unwrap();
-        timeout.forget();
-        timeout.ensure(&stream, addr(), ms(80)).unwrap();
         assert_eq!(stream.read_timeout().unwrap(), Some(ms(80)));
         // Under a millisecond left (zero included, which the OS takes as "forever"): the
         // shortest timeout, which the kernel rounds up to its tick.

@@ -433,14 +433,17 @@ impl Subscriber {
         self.closed = true;
         let said = write_frame(&self.stream, &Frame::Goodbye, self.addr, "sending Goodbye");
         if said.is_ok() && self.failure.is_none() {
-            self.read_timeout.forget();
             let deadline = Timestamp::now() + self.goodbye_timeout;
             loop {
                 let remaining = deadline.saturating_duration_since(Timestamp::now());
                 if remaining.is_zero() {
                     break;
                 }
-                if self.stream.set_read_timeout(Some(remaining)).is_err() {
+                if self
+                    .read_timeout
+                    .ensure(&self.stream, self.addr, remaining)
+                    .is_err()
+                {
                     break;
                 }
                 match self.reader.next(&mut &self.stream) {
